@@ -1,0 +1,195 @@
+//! The kernel/userspace ABI of ebpf-kube-proxy.
+//!
+//! Every struct that crosses the boundary lives here, `#[repr(C)]` with explicit padding and
+//! a size assertion, so that the eBPF programs and the agent can never disagree on a layout.
+//! The byte order of each field is stated in its doc comment: addresses and ports are kept
+//! in network order (as the kernel hands them to the socket hooks), everything else in host
+//! order. The model is Cilium's `lb4_key` / `lb4_service` / `lb4_backend` (`bpf/lib/lb.h`):
+//! a Service is a set of entries in one hash map, slot 0 describing the frontend and slots
+//! `1..=count` naming backends by id.
+//!
+//! Map names carry the `ekp_` prefix and a `_v1` suffix: an incompatible layout change gets
+//! new maps (and new pins) instead of misreading old ones. The kernel cuts object names at
+//! 15 characters, so they stay short.
+#![no_std]
+
+/// IANA protocol numbers as stored in keys and values.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Lookup scope of a frontend (Cilium's `LB_LOOKUP_SCOPE_EXT` / `_INT`): which of a
+/// Service's two endpoint views a lookup wants. Traffic arriving from outside the node uses
+/// the external view; processes on the node and pods (the socket programs) use the internal
+/// view.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Frontend flags (slot 0 `flags`): the kind of address.
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+
+/// Backend states (`BackendValue::state`).
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+
+/// errno the socket programs hand back for a Service without usable backends; kube-proxy
+/// REJECTs such traffic, which a client sees as ECONNREFUSED.
+pub const ECONNREFUSED: i32 = 111;
+
+/// Map names (also the pin file names under `<pin dir>/maps/`).
+pub const MAP_SERVICES: &str = "ekp_svc_v1";
+pub const MAP_BACKENDS: &str = "ekp_backend_v1";
+pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
+pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
+
+/// Every map the agent pins, for adoption and cleanup.
+pub const ALL_MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_REV_NAT, MAP_SOCK_REV_NAT];
+
+/// Default capacities (max_entries). The agent can override them at load time.
+pub const DEFAULT_SERVICES_MAX: u32 = 65536;
+pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
+pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
+pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
+
+/// Key of the services map: one frontend (slot 0) or one of its backend slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// 0 for the frontend entry, `1..=count` for backend slots. Host order.
+    pub slot: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the services map. Slot 0 fills `count`, `rev_nat_id`, `flags`; a backend slot
+/// fills `backend_id` (and repeats `rev_nat_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Backend slot: id in the backends map. Slot 0: unused (0). Host order.
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots; 0 means the Service has no usable backend and
+    /// connections are refused. Host order.
+    pub count: u16,
+    /// Id in the rev-NAT map (the frontend to show the application). Host order.
+    pub rev_nat_id: u16,
+    /// Slot 0: `SVC_FLAG_*` bits. Host order.
+    pub flags: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the backends map (key: backend id, `u32`, host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    /// Backend IPv4 address, network order.
+    pub addr: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+}
+
+/// Value of the rev-NAT map (key: rev-NAT id, `u16`, host order): the frontend that a
+/// translated socket's application must keep seeing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the socket rev-NAT LRU map, written by `connect4`/`sendmsg4`, read by
+/// `recvmsg4`/`getpeername4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// Socket cookie (`bpf_get_socket_cookie`). Host order.
+    pub cookie: u64,
+    /// Backend IPv4 address the socket talks to, network order.
+    pub addr: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the socket rev-NAT LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// The rev-NAT id that was current at translation time; a reply is only rewritten while
+    /// the rev-NAT map still holds this id with the same frontend. Host order.
+    pub rev_nat_id: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
+const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are `#[repr(C)]`, made only of integers and explicit padding
+    // arrays, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    /// The field offsets are part of the ABI (bpftool users and older pins rely on them).
+    #[test]
+    fn field_offsets_are_stable() {
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, slot), 6);
+        assert_eq!(offset_of!(ServiceKey, proto), 8);
+        assert_eq!(offset_of!(ServiceKey, scope), 9);
+        assert_eq!(offset_of!(ServiceValue, backend_id), 0);
+        assert_eq!(offset_of!(ServiceValue, count), 4);
+        assert_eq!(offset_of!(ServiceValue, rev_nat_id), 6);
+        assert_eq!(offset_of!(ServiceValue, flags), 8);
+        assert_eq!(offset_of!(BackendValue, port), 4);
+        assert_eq!(offset_of!(BackendValue, proto), 6);
+        assert_eq!(offset_of!(SockRevNatKey, addr), 8);
+        assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in ALL_MAPS {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Every map of the datapath. Layouts and names come from `proxy-common`; the names here
+//! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
+//! defaults: the agent sets the real `max_entries` at load time.
+
+use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use aya_ebpf::macros::btf_map;
+use proxy_common::{
+    BackendValue, DEFAULT_BACKENDS_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REV_NAT_MAX, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue,
+};
+
+/// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
+#[btf_map(name = "ekp_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX as usize }> =
+    HashMap::new();
+
+/// Backend id -> backend address. Written by the agent, read by all programs.
+#[btf_map(name = "ekp_backend_v1")]
+pub static BACKENDS: HashMap<u32, BackendValue, { DEFAULT_BACKENDS_MAX as usize }> = HashMap::new();
+
+/// Rev-NAT id -> frontend address. Written by the agent; read by the reverse programs to
+/// check that a remembered translation still belongs to a live frontend.
+#[btf_map(name = "ekp_revnat_v1")]
+pub static REV_NAT: HashMap<u16, RevNatValue, { DEFAULT_REV_NAT_MAX as usize }> = HashMap::new();
+
+/// (socket cookie, backend) -> frontend, for `recvmsg4`/`getpeername4`. Written by
+/// `connect4`/`sendmsg4`; LRU because sockets close without telling us.
+#[btf_map(name = "ekp_sk_rnat_v1")]
+pub static SOCK_REV_NAT: LruHashMap<
+    SockRevNatKey,
+    SockRevNatValue,
+    { DEFAULT_SOCK_REV_NAT_MAX as usize },
+> = LruHashMap::new();

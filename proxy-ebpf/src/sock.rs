@@ -1,0 +1,143 @@
+//! Socket-level load balancing (Cilium's `bpf_sock.c` model).
+//!
+//! `connect4` (TCP, connected UDP) and `sendmsg4` (unconnected UDP) replace a frontend
+//! address with a backend address before the kernel routes anything, and remember the
+//! translation per socket; `recvmsg4` and `getpeername4` show the application the frontend
+//! again. Lookups use the internal scope: these are processes on the node or in its pods.
+
+use aya_ebpf::EbpfContext;
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval};
+use aya_ebpf::macros::cgroup_sock_addr;
+use aya_ebpf::programs::SockAddrContext;
+use proxy_common::{
+    BackendValue, ECONNREFUSED, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, ServiceKey, SockRevNatKey,
+    SockRevNatValue,
+};
+
+use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_REV_NAT};
+
+/// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
+const PROCEED: i32 = 1;
+const FAIL: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn ekp_connect4(ctx: SockAddrContext) -> i32 {
+    match translate_forward(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ekp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    match translate_forward(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ekp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    translate_reverse(&ctx);
+    // recvmsg hooks may only return 1.
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
+    translate_reverse(&ctx);
+    // getpeername hooks may only return 1.
+    PROCEED
+}
+
+/// Frontend -> backend. Anything that is not a known frontend proceeds untouched.
+#[inline(always)]
+fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let (proto, addr, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    let proto = proto as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(PROCEED);
+    }
+    // user_port holds the network-order port in its low 16 bits.
+    let port = port as u16;
+    let mut key = ServiceKey {
+        addr,
+        port,
+        slot: 0,
+        proto,
+        scope: SCOPE_INTERNAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once; the agent replaces entries, never frees
+    // them under a reader in a way that matters for a plain copy.
+    let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
+    if frontend.count == 0 {
+        // kube-proxy REJECTs a Service without usable endpoints.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return Err(FAIL);
+    }
+    // SAFETY: a plain helper call.
+    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
+    key.slot = pick as u16 + 1;
+    // The agent writes slots before raising `count`, so a missing slot or backend is a
+    // transient race: proceed untranslated rather than fail the call.
+    let slot = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
+    let backend: BackendValue = unsafe { *BACKENDS.get_ptr(slot.backend_id).ok_or(PROCEED)? };
+
+    let rev_key = SockRevNatKey {
+        // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 2],
+    };
+    let rev_value = SockRevNatValue {
+        addr,
+        port,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // If the LRU cannot take the entry the connection still works; only the reverse view
+    // (getpeername, recvfrom's source) shows the backend.
+    let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+
+    // SAFETY: these context fields are writable in connect4 and sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = u32::from(backend.port);
+    }
+    Ok(PROCEED)
+}
+
+/// Backend -> frontend, for sockets that `translate_forward` rewrote.
+#[inline(always)]
+fn translate_reverse(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let key = SockRevNatKey {
+        // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        // SAFETY: valid context; these fields are readable in both reverse hooks.
+        addr: unsafe { (*sa).user_ip4 },
+        port: unsafe { (*sa).user_port } as u16,
+        _pad: [0; 2],
+    };
+    let Some(entry) = SOCK_REV_NAT.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: copied out at once.
+    let entry = unsafe { *entry };
+    // Only while the frontend still exists: a deleted Service's old translation must not
+    // keep relabelling traffic.
+    let live = REV_NAT
+        .get_ptr(entry.rev_nat_id)
+        .map(|f| unsafe { (*f).addr == entry.addr && (*f).port == entry.port })
+        .unwrap_or(false);
+    if !live {
+        let _ = SOCK_REV_NAT.remove(&key);
+        return;
+    }
+    // SAFETY: these context fields are writable in recvmsg4 and getpeername4.
+    unsafe {
+        (*sa).user_ip4 = entry.addr;
+        (*sa).user_port = u32::from(entry.port);
+    }
+}

@@ -1,0 +1,192 @@
+//! `ekp-peer`: the pods and clients of the demo and the privileged tests.
+//!
+//! - `serve --name NAME --tcp PORT... --udp PORT...`: answers every TCP connection with a
+//!   tiny HTTP response whose body is NAME, and every UDP datagram with NAME. Prints
+//!   `ready` once all sockets are bound, so callers wait for that instead of sleeping.
+//! - `tcp ADDR:PORT COUNT`, `udp ADDR:PORT COUNT [--connected]`: make COUNT requests (a
+//!   new socket each) and print one JSON line per request: what answered, the peer address
+//!   the application saw (getpeername / recvfrom), or the error and its errno.
+//!
+//! Not shipped in the container image; std and serde_json only.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("tcp") => client(&args[1..], tcp_request),
+        Some("udp") if args.iter().any(|a| a == "--connected") => {
+            client(&args[1..], udp_connected_request)
+        }
+        Some("udp") => client(&args[1..], udp_request),
+        _ => Err(
+            "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... | \
+                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected]"
+                .into(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ekp-peer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let mut name = None;
+    let (mut tcp_ports, mut udp_ports) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--name" => name = Some(value.clone()),
+            "--tcp" => tcp_ports.push(parse_port(value)?),
+            "--udp" => udp_ports.push(parse_port(value)?),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    let name = name.ok_or("--name is required")?;
+    let mut threads = Vec::new();
+    for port in tcp_ports {
+        let listener =
+            TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || serve_tcp(listener, &name)));
+    }
+    for port in udp_ports {
+        let socket =
+            UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind udp {port}: {e}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || serve_udp(socket, &name)));
+    }
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse().map_err(|_| format!("invalid port {s:?}"))
+}
+
+fn serve_tcp(listener: TcpListener, name: &str) {
+    for stream in listener.incoming().flatten() {
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let _ = answer_http(stream, &name);
+        });
+    }
+}
+
+/// Reads the request head (or until the client stops sending) and answers with NAME.
+fn answer_http(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = format!("{name}\n");
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())
+}
+
+fn serve_udp(socket: UdpSocket, name: &str) {
+    let mut buf = [0u8; 2048];
+    while let Ok((_, from)) = socket.recv_from(&mut buf) {
+        let _ = socket.send_to(name.as_bytes(), from);
+    }
+}
+
+/// One request's outcome, printed as a JSON line.
+struct Outcome {
+    answer: String,
+    /// The remote address as the application sees it.
+    peer: SocketAddr,
+}
+
+fn client(
+    args: &[String],
+    request: fn(SocketAddr) -> std::io::Result<Outcome>,
+) -> Result<(), String> {
+    let to: SocketAddr = args
+        .first()
+        .ok_or("missing ADDR:PORT")?
+        .parse()
+        .map_err(|e| format!("invalid ADDR:PORT: {e}"))?;
+    let count: u32 = args
+        .get(1)
+        .ok_or("missing COUNT")?
+        .parse()
+        .map_err(|e| format!("invalid COUNT: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    for _ in 0..count {
+        let line = match request(to) {
+            Ok(o) => {
+                serde_json::json!({"ok": true, "answer": o.answer, "peer": o.peer.to_string()})
+            }
+            Err(e) => serde_json::json!({
+                "ok": false,
+                "error": e.to_string(),
+                "errno": e.raw_os_error(),
+            }),
+        };
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn tcp_request(to: SocketAddr) -> std::io::Result<Outcome> {
+    let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: ekp-peer\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.trim().to_owned())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    Ok(Outcome { answer: body, peer })
+}
+
+fn udp_request(to: SocketAddr) -> std::io::Result<Outcome> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send_to(b"ping", to)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok(Outcome {
+        answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
+        peer: from,
+    })
+}
+
+fn udp_connected_request(to: SocketAddr) -> std::io::Result<Outcome> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(to)?;
+    socket.send(b"ping")?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf)?;
+    Ok(Outcome {
+        answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
+        peer: socket.peer_addr()?,
+    })
+}

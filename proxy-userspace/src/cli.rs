@@ -1,0 +1,186 @@
+//! The `ebpf-kube-proxy` command line (clap derive; kube-proxy's flag names where the
+//! meaning is the same).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{dataplane, list, run};
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/ebpf-kube-proxy";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ebpf-kube-proxy",
+    version,
+    about = "kube-proxy's job, done with BPF maps"
+)]
+struct Cli {
+    /// Where maps and links are pinned (bpffs).
+    #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Program the datapath and keep it in sync with the source of Services.
+    Run(RunArgs),
+    /// Show frontends and their backends, read from the pinned maps.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
+    Cleanup,
+}
+
+#[derive(Parser, Debug)]
+struct RunArgs {
+    /// Standalone source: a directory of Service and EndpointSlice manifests (YAML/JSON),
+    /// followed for creation, edits and deletion. Write files atomically (rename).
+    #[arg(long)]
+    manifests: PathBuf,
+
+    /// cgroup v2 directory the socket programs attach to [default: the cgroup v2 root].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+
+    /// This node's name [default: $NODE_NAME, else the hostname].
+    #[arg(long = "hostname-override")]
+    node_name: Option<String>,
+
+    /// Changes are batched; syncs are at least this far apart (kube-proxy's
+    /// --min-sync-period). Accepts e.g. 1s, 250ms.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_sync_period: Duration,
+
+    /// Full re-sync interval even without changes (kube-proxy's --sync-period).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?} (use ms, s or m)")),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EKP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let cgroup = match args.cgroup {
+                Some(c) => c,
+                None => dataplane::cgroup2_root()?,
+            };
+            let node_name = match args.node_name {
+                Some(n) => n,
+                None => default_node_name()?,
+            };
+            let config = run::Config {
+                manifests: args.manifests,
+                cgroup,
+                pin_dir: cli.pin_path,
+                node_name,
+                min_sync_period: args.min_sync_period,
+                sync_period: args.sync_period,
+                map_sizes: dataplane::MapSizes::default(),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(run::run(config))
+        }
+        Command::List { output } => {
+            let frontends = list::read(&cli.pin_path)?;
+            let text = match output {
+                Format::Text => list::render_text(&frontends),
+                Format::Json => list::render_json(&frontends)?,
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::Cleanup => {
+            let removed = dataplane::cleanup(&cli.pin_path)?;
+            for path in &removed {
+                println!("removed {}", path.display());
+            }
+            println!(
+                "cleanup: {} pins removed under {}",
+                removed.len(),
+                cli.pin_path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn default_node_name() -> Result<String> {
+    if let Ok(name) = std::env::var("NODE_NAME")
+        && !name.is_empty()
+    {
+        return Ok(name);
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname for the node name (use --hostname-override)")?;
+    Ok(hostname.trim().to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kube_proxy_flags() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

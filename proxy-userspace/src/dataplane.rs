@@ -1,0 +1,354 @@
+//! The only module that touches aya: loads the eBPF object, pins maps and links, attaches
+//! the socket programs, and reads and writes the maps.
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/ebpf-kube-proxy`):
+//! `maps/<map name>` and `links/<program name>`. A restart adopts both: the loader reuses
+//! pinned maps (no flush), and a pinned link gets the newly loaded program swapped in with
+//! `BPF_LINK_UPDATE`, so sockets never see a moment without the programs.
+
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap, Map, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::{
+    ALL_MAPS, BackendValue, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue,
+    ServiceKey, ServiceValue,
+};
+
+/// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// The socket programs, by their names in the object.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "ekp_connect4",
+    "ekp_sendmsg4",
+    "ekp_recvmsg4",
+    "ekp_getpeer4",
+];
+
+/// Map capacities (`max_entries`), set when the maps are first created.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub sock_rev_nat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: proxy_common::DEFAULT_SERVICES_MAX,
+            backends: proxy_common::DEFAULT_BACKENDS_MAX,
+            rev_nat: proxy_common::DEFAULT_REV_NAT_MAX,
+            sock_rev_nat: proxy_common::DEFAULT_SOCK_REV_NAT_MAX,
+        }
+    }
+}
+
+fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Everything the maps hold, as read back from the kernel.
+#[derive(Debug, Default)]
+pub struct MapContents {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, BackendValue)>,
+    pub rev_nat: Vec<(u16, RevNatValue)>,
+}
+
+/// Typed handles on the three maps the agent writes.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    rev_nat: HashMap<MapData, u16, RevNatValue>,
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pin_dir` (for `list`, or a second process).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<MapData> {
+            let path = maps_dir(pin_dir).join(name);
+            MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is ebpf-kube-proxy running with this --pin-path?)",
+                    path.display()
+                )
+            })
+        };
+        Ok(Maps {
+            services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?,
+            backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?,
+            rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Ok(Maps {
+            services: HashMap::try_from(take(MAP_SERVICES)?)?,
+            backends: HashMap::try_from(take(MAP_BACKENDS)?)?,
+            rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
+        })
+    }
+
+    /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors.
+    pub fn read(&self) -> MapContents {
+        MapContents {
+            services: self.services.iter().filter_map(|r| r.ok()).collect(),
+            backends: self.backends.iter().filter_map(|r| r.ok()).collect(),
+            rev_nat: self.rev_nat.iter().filter_map(|r| r.ok()).collect(),
+        }
+    }
+
+    pub fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
+        self.backends
+            .insert(id, value, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    pub fn delete_backend(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.backends.remove(&id)).with_context(|| format!("deleting backend {id}"))
+    }
+
+    pub fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .with_context(|| format!("writing services entry slot {}", key.slot))
+    }
+
+    pub fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
+        ignore_missing(self.services.remove(&key))
+            .with_context(|| format!("deleting services entry slot {}", key.slot))
+    }
+
+    pub fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
+        self.rev_nat
+            .insert(id, value, 0)
+            .with_context(|| format!("writing rev-NAT {id}"))
+    }
+
+    pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+        ignore_missing(self.rev_nat.remove(&id)).with_context(|| format!("deleting rev-NAT {id}"))
+    }
+}
+
+/// Deleting what is already gone is success: the goal state is reached.
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The loaded programs; dropping this only closes file descriptors (the pinned links keep
+/// the programs attached).
+pub struct Programs {
+    _ebpf: Ebpf,
+}
+
+/// Loads the object, reusing pinned maps, and attaches (or re-targets pinned) links on
+/// `cgroup`.
+pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Programs)> {
+    ensure_bpffs(pin_dir)?;
+    fs::create_dir_all(maps_dir(pin_dir))
+        .with_context(|| format!("creating {}", maps_dir(pin_dir).display()))?;
+    fs::create_dir_all(links_dir(pin_dir))?;
+
+    let pin_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+        .iter()
+        .map(|name| (*name, maps_dir(pin_dir).join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries(MAP_SERVICES, sizes.services)
+        .map_max_entries(MAP_BACKENDS, sizes.backends)
+        .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
+        .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat);
+    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+
+    let cgroup_dir =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    for name in SOCK_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading program {name} (verifier)"))?;
+        let link_pin = links_dir(pin_dir).join(name);
+        if link_pin.exists() {
+            let link = bpf_sys::obj_get(&link_pin)?;
+            bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd())
+                .with_context(|| format!("updating pinned link {}", link_pin.display()))?;
+            tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
+        } else {
+            // A BPF link on a cgroup always coexists with other programs; the kernel
+            // rejects the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(&link_pin)
+                .with_context(|| format!("pinning link {}", link_pin.display()))?;
+            tracing::info!(program = name, cgroup = %cgroup.display(), "attached");
+        }
+    }
+    let maps = Maps::take(&mut ebpf)?;
+    Ok((maps, Programs { _ebpf: ebpf }))
+}
+
+/// Removes every pin the agent made: links first (which detaches the programs once no
+/// process holds them), then maps. Returns what was removed.
+pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for dir in [links_dir(pin_dir), maps_dir(pin_dir)] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            removed.push(path);
+        }
+        fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if pin_dir.exists() {
+        fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    Ok(removed)
+}
+
+/// The cgroup v2 mount point (from /proc/self/mountinfo), the default attach point.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            // "... <mount point> <options> - cgroup2 <source> <super options>"
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Pins need a bpf filesystem. Like Cilium, mount one at /sys/fs/bpf when it is missing.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mut probe = pin_dir;
+    while !probe.exists() {
+        probe = probe.parent().context("pin path has no existing parent")?;
+    }
+    if fs_magic(probe)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    if pin_dir.starts_with(bpffs) && probe.starts_with(bpffs) && probe == bpffs {
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+        return Ok(());
+    }
+    bail!(
+        "pin path {} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+        pin_dir.display()
+    )
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type)
+}
+
+/// The two bpf(2) commands aya 0.14 does not expose for pinned links.
+mod bpf_sys {
+    use super::*;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    /// `union bpf_attr`, large enough for both commands (the kernel ignores zeroed tails).
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+        // SAFETY: attr is a valid, fully initialised bpf_attr buffer of the given size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut Attr,
+                std::mem::size_of::<Attr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    /// Opens a pinned object.
+    pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        let mut attr = Attr([0; 128]);
+        // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
+        attr.0[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_OBJ_GET, &mut attr)
+            .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
+        // SAFETY: the kernel returned a new file descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Atomically replaces the program behind a link.
+    pub fn link_update(
+        link: std::os::fd::BorrowedFd<'_>,
+        program: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<()> {
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+        attr.0[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+        bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! ebpf-kube-proxy: the node agent.
+//!
+//! Data flows one way (DESIGN.md section 4):
+//! `manifests` (source) -> `translate` (pure: kube-proxy semantics) -> `sync` (diff, safe
+//! order) -> `dataplane` (aya). `cli` wires them; `list` reads the pinned maps back.
+
+pub mod abi;
+pub mod cli;
+pub mod dataplane;
+pub mod list;
+pub mod manifests;
+pub mod model;
+pub mod run;
+pub mod sync;
+pub mod translate;

@@ -1,0 +1,201 @@
+//! The desired dataplane state: what `translate` produces and `sync` applies.
+//!
+//! Plain values with a total order, so that two states can be diffed
+//! deterministically and printed the same way every time.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// L4 protocol of a frontend or backend. SCTP is not served (skipped by translate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number, as stored in the maps.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proxy_common::PROTO_TCP,
+            Protocol::Udp => proxy_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::PROTO_TCP => Some(Protocol::Tcp),
+            proxy_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Which view of a Service a lookup wants.
+///
+/// `Internal` is the east-west view used by the socket programs (ClusterIP, and pods or the
+/// node reaching NodePorts/LB IPs); `External` is what the TCX programs use for traffic
+/// arriving from outside the node. kube-proxy computes the two endpoint sets independently
+/// (internal/external traffic policy), so they are separate map entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    External,
+    Internal,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Scope::External => proxy_common::SCOPE_EXTERNAL,
+            Scope::Internal => proxy_common::SCOPE_INTERNAL,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::SCOPE_EXTERNAL => Some(Scope::External),
+            proxy_common::SCOPE_INTERNAL => Some(Scope::Internal),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::External => "external",
+            Scope::Internal => "internal",
+        })
+    }
+}
+
+/// What kind of Service address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// The flag bit stored in the frontend's slot 0.
+    pub fn flag(self) -> u16 {
+        match self {
+            FrontendKind::ClusterIp => proxy_common::SVC_FLAG_CLUSTER_IP,
+            FrontendKind::NodePort => proxy_common::SVC_FLAG_NODE_PORT,
+            FrontendKind::ExternalIp => proxy_common::SVC_FLAG_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => proxy_common::SVC_FLAG_LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_flags(flags: u16) -> Option<Self> {
+        [
+            FrontendKind::ClusterIp,
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIp,
+            FrontendKind::LoadBalancer,
+        ]
+        .into_iter()
+        .find(|k| flags & k.flag() != 0)
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// Address, port and protocol a client connects to, in one scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub scope: Scope,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// A backend (one endpoint address on one target port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// `namespace/name:port-name`, kube-proxy's ServicePortName.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's `name` (empty for a single unnamed port).
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// One desired frontend and the backends it balances over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub key: FrontendKey,
+    pub kind: FrontendKind,
+    pub service: ServicePortName,
+    /// Sorted and de-duplicated. Empty means "no usable endpoint": the datapath refuses.
+    pub backends: Vec<BackendAddr>,
+}
+
+/// Everything the dataplane should hold, keyed by frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// An input object that was left out of the desired state, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    /// `Service default/web` or `EndpointSlice default/web-abc12`.
+    pub object: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}

@@ -1,0 +1,258 @@
+//! Harness for the privileged tests: a namespace topology (xtask's fixture), a manifests
+//! directory, the real `ebpf-kube-proxy run` with its own cgroup and pins, and helpers to
+//! wait for the datapath and to drive `ekp-peer` clients. Everything is removed on drop.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xtask::netns::{self, Proc, Topology};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_ebpf-kube-proxy");
+pub const PEER: &str = env!("CARGO_BIN_EXE_ekp-peer");
+
+/// Waiting for a condition gives up after this long; it is a hang guard, not a timing.
+const CONDITION_LIMIT: Duration = Duration::from_secs(20);
+
+pub struct Harness {
+    pub prefix: String,
+    pub manifests: PathBuf,
+    pub pin_path: PathBuf,
+    agent: Option<Proc>,
+    pub topo: Topology,
+}
+
+impl Harness {
+    /// Root and kernel checks, then the topology with the given pods and an empty manifests
+    /// directory. The agent is not started yet.
+    pub fn new(tag: &str, pods: &[&str]) -> Self {
+        if let Err(e) = netns::require_privileges() {
+            panic!("privileged test `{tag}` cannot run: {e:#}");
+        }
+        ensure_bpffs();
+        let prefix = netns::unique_prefix(&format!("ekpt-{tag}"));
+        let topo = Topology::create(&prefix, pods)
+            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        fs::create_dir_all(&manifests).expect("creating the manifests directory");
+        Harness {
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            prefix,
+            manifests,
+            agent: None,
+            topo,
+        }
+    }
+
+    /// Starts `ebpf-kube-proxy run` on the manifests directory, attached to the test cgroup.
+    pub fn start_agent(&mut self) {
+        let mut command = Command::new(AGENT);
+        command
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(self.topo.cgroup.path())
+            .args([
+                "--hostname-override",
+                "node-1",
+                "--min-sync-period",
+                "100ms",
+            ])
+            .env("EKP_LOG", "info");
+        self.agent = Some(Proc::spawn(command, "ebpf-kube-proxy").expect("starting the agent"));
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.terminate();
+        }
+    }
+
+    /// Writes a manifest atomically (rename), as a ConfigMap volume update does.
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("writing manifest");
+        fs::rename(&tmp, self.manifests.join(file)).expect("renaming manifest into place");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        fs::remove_file(self.manifests.join(file)).expect("removing manifest");
+    }
+
+    /// `ebpf-kube-proxy list -o json` on this test's pins.
+    pub fn list(&self) -> Result<Vec<Value>, String> {
+        let out = Command::new(AGENT)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .args(["list", "-o", "json"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Waits until `list` shows `frontend` (e.g. "10.96.0.10:80", "TCP") with exactly
+    /// `backends` (addr:port, any order); an empty slice waits for "no backends", and
+    /// `None` waits for the frontend to be gone.
+    pub fn wait_for_frontend(&mut self, frontend: &str, proto: &str, backends: Option<&[&str]>) {
+        let mut want: Option<Vec<String>> =
+            backends.map(|b| b.iter().map(|s| s.to_string()).collect());
+        if let Some(w) = want.as_mut() {
+            w.sort();
+        }
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            // A dead agent will never converge; fail at once with its status.
+            if let Some(agent) = self.agent.as_mut()
+                && let Ok(Some(status)) = agent.child.try_wait()
+            {
+                panic!("ebpf-kube-proxy exited early: {status}");
+            }
+            match self.list() {
+                Ok(frontends) => {
+                    let found = frontends.iter().find(|f| {
+                        f["frontend"] == frontend
+                            && f["protocol"] == proto
+                            && f["scope"] == "internal"
+                    });
+                    let have = found.map(|f| {
+                        let mut b: Vec<String> = f["backends"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|b| b["address"].as_str().map(String::from))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        b.sort();
+                        b
+                    });
+                    if have == want {
+                        return;
+                    }
+                    last = format!("{frontends:?}");
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("frontend {frontend}/{proto} never reached backends {want:?}; last list: {last}");
+    }
+
+    /// Runs `ekp-peer <args>` as a client in the client namespace and test cgroup and
+    /// parses its JSON lines.
+    pub fn client(&self, args: &[&str]) -> Vec<Value> {
+        let out = self
+            .topo
+            .client_run(Path::new(PEER), args)
+            .unwrap_or_else(|e| panic!("client {args:?}: {e:#}"));
+        out.lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    pub fn serve(&self, tcp: &[u16], udp: &[u16]) -> Vec<Proc> {
+        self.topo
+            .serve(Path::new(PEER), tcp, udp)
+            .unwrap_or_else(|e| panic!("starting servers: {e:#}"))
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let cleanup = Command::new(AGENT)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("cleanup")
+            .output();
+        match cleanup {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("cleanup of {} failed: {other:?}", self.pin_path.display()),
+        }
+        let _ = fs::remove_dir_all(&self.manifests);
+        // The topology (namespaces, cgroup) drops after this.
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf once per test process, so that parallel agents never race
+/// to mount it themselves.
+fn ensure_bpffs() {
+    static ONCE: Mutex<bool> = Mutex::new(false);
+    let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return;
+    }
+    let fs_type = Command::new("stat")
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"])
+        .output()
+        .expect("stat /sys/fs/bpf");
+    if String::from_utf8_lossy(&fs_type.stdout).trim() != "bpf_fs" {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
+    }
+    *done = true;
+}
+
+/// Counts answers per responder among successful requests; panics on any failure.
+pub fn answers(lines: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in lines {
+        assert_eq!(line["ok"], true, "request failed: {line}");
+        *counts
+            .entry(line["answer"].as_str().unwrap_or("").to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A ClusterIP Service manifest. `ports`: (name, port, protocol).
+pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, u16, &str)]) -> String {
+    let ports: String = ports
+        .iter()
+        .map(|(n, p, proto)| format!("  - {{name: {n}, port: {p}, protocol: {proto}}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIP: {cluster_ip}\n  ports:\n{ports}"
+    )
+}
+
+/// An EndpointSlice for Service `service`. `ports`: (name, port, protocol); `endpoints`:
+/// (address, ready).
+pub fn slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&str, bool)],
+) -> String {
+    let ports: String = ports
+        .iter()
+        .map(|(n, p, proto)| format!("  - {{name: {n}, port: {p}, protocol: {proto}}}\n"))
+        .collect();
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(addr, ready)| {
+            format!("  - addresses: [\"{addr}\"]\n    conditions: {{ready: {ready}}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n{ports}endpoints:\n{endpoints}"
+    )
+}

@@ -1,0 +1,233 @@
+//! Privileged: the real binary on manifests, real sockets in network namespaces, the
+//! socket programs attached to a cgroup of the test's own.
+
+mod common;
+
+use common::{Harness, answers, service, slice};
+
+const VIP: &str = "10.96.0.10";
+/// ENETUNREACH: the client namespace has no route for an untranslated Service address.
+const ENETUNREACH: i64 = 101;
+const ECONNREFUSED: i64 = 111;
+
+fn web(h: &Harness, endpoints: &[(&str, bool)]) {
+    h.write_manifest("web-svc.yaml", &service("web", VIP, &[("http", 80, "TCP")]));
+    h.write_manifest(
+        "web-eps.yaml",
+        &slice("web-1", "web", &[("http", 8080, "TCP")], endpoints),
+    );
+}
+
+#[test]
+fn c02_tcp_connections_reach_every_backend_and_getpeername_shows_the_vip() {
+    let mut h = Harness::new("tcp", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+
+    let lines = h.client(&["tcp", "10.96.0.10:80", "200"]);
+    let counts = answers(&lines);
+    assert_eq!(counts.values().sum::<usize>(), 200);
+    for pod in ["pod-a", "pod-b"] {
+        let n = counts.get(pod).copied().unwrap_or(0);
+        assert!(
+            n >= 40,
+            "{pod} answered {n} of 200 connections (want >= 20%): {counts:?}"
+        );
+    }
+    for line in &lines {
+        assert_eq!(
+            line["peer"], "10.96.0.10:80",
+            "getpeername must show the Service address"
+        );
+    }
+}
+
+#[test]
+fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
+    let mut h = Harness::new("udp", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
+    h.write_manifest(
+        "dns-eps.yaml",
+        &slice(
+            "dns-1",
+            "dns",
+            &[("dns", 5353, "UDP")],
+            &[("10.244.0.10", true), ("10.244.0.11", true)],
+        ),
+    );
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+    );
+
+    let unconnected = h.client(&["udp", "10.96.0.10:53", "100"]);
+    let counts = answers(&unconnected);
+    assert_eq!(
+        counts.len(),
+        2,
+        "both backends answer unconnected sendto: {counts:?}"
+    );
+    for line in &unconnected {
+        assert_eq!(
+            line["peer"], "10.96.0.10:53",
+            "recvfrom must show the Service address"
+        );
+    }
+
+    let connected = h.client(&["udp", "10.96.0.10:53", "50", "--connected"]);
+    let counts = answers(&connected);
+    assert_eq!(counts.values().sum::<usize>(), 50, "{counts:?}");
+    for line in &connected {
+        assert_eq!(
+            line["peer"], "10.96.0.10:53",
+            "getpeername on a connected UDP socket"
+        );
+    }
+}
+
+#[test]
+fn c18_no_endpoints_means_econnrefused_for_tcp_and_udp() {
+    let mut h = Harness::new("refuse", &["pod-a"]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("empty", VIP, &[("http", 80, "TCP"), ("dns", 53, "UDP")]),
+    );
+    // Only a terminating, non-serving endpoint: nothing usable.
+    h.write_manifest(
+        "eps.yaml",
+        &slice(
+            "empty-1",
+            "empty",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            &[("10.244.0.10", false)],
+        ),
+    );
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&[]));
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&[]));
+
+    for args in [
+        &["tcp", "10.96.0.10:80", "5"][..],
+        &["udp", "10.96.0.10:53", "5"][..],
+        &["udp", "10.96.0.10:53", "5", "--connected"][..],
+    ] {
+        for line in h.client(args) {
+            assert_eq!(line["ok"], false, "{args:?}: {line}");
+            assert_eq!(
+                line["errno"], ECONNREFUSED,
+                "{args:?} must be refused: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn c04_tcp_and_udp_on_one_port_reach_their_own_backends() {
+    let mut h = Harness::new("proto", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[5353], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("dns", VIP, &[("dns-tcp", 53, "TCP"), ("dns", 53, "UDP")]),
+    );
+    // TCP endpoints are pod-a only, UDP endpoints pod-b only.
+    h.write_manifest(
+        "eps-tcp.yaml",
+        &slice(
+            "dns-tcp",
+            "dns",
+            &[("dns-tcp", 5353, "TCP")],
+            &[("10.244.0.10", true)],
+        ),
+    );
+    h.write_manifest(
+        "eps-udp.yaml",
+        &slice(
+            "dns-udp",
+            "dns",
+            &[("dns", 5353, "UDP")],
+            &[("10.244.0.11", true)],
+        ),
+    );
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:53", "TCP", Some(&["10.244.0.10:5353"]));
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
+
+    let tcp = answers(&h.client(&["tcp", "10.96.0.10:53", "20"]));
+    assert_eq!(tcp.keys().collect::<Vec<_>>(), ["pod-a"], "{tcp:?}");
+    let udp = answers(&h.client(&["udp", "10.96.0.10:53", "20"]));
+    assert_eq!(udp.keys().collect::<Vec<_>>(), ["pod-b"], "{udp:?}");
+}
+
+#[test]
+fn c26_endpoint_changes_and_service_deletion_follow_the_manifests() {
+    let mut h = Harness::new("change", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+
+    // pod-b removed from the slice: no new connection reaches it.
+    web(&h, &[("10.244.0.10", true)]);
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let only_a = answers(&h.client(&["tcp", "10.96.0.10:80", "50"]));
+    assert_eq!(only_a.keys().collect::<Vec<_>>(), ["pod-a"], "{only_a:?}");
+
+    // Added back: both again.
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    let both = answers(&h.client(&["tcp", "10.96.0.10:80", "100"]));
+    assert_eq!(both.len(), 2, "{both:?}");
+
+    // Service deleted: the address is no longer translated and dead-ends in the client's
+    // namespace (no route), exactly like an address no Service ever had.
+    h.remove_manifest("web-svc.yaml");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", None);
+    for line in h.client(&["tcp", "10.96.0.10:80", "3"]) {
+        assert_eq!(line["errno"], ENETUNREACH, "{line}");
+    }
+    // Backends of the deleted Service are gone from the maps too.
+    assert_eq!(h.list().expect("list"), Vec::<serde_json::Value>::new());
+}
+
+#[test]
+fn a_second_run_adopts_the_pins_and_keeps_serving() {
+    let mut h = Harness::new("adopt", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true)]);
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let before = h.list().expect("list");
+
+    // Stopped: pinned programs and maps keep translating.
+    h.stop_agent();
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
+        Some(&10)
+    );
+
+    // Restarted: the same ids (rev-NAT, backend) are adopted, not re-created.
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(h.list().expect("list"), before);
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
+        Some(&10)
+    );
+}

@@ -1,0 +1,7 @@
+//! Developer and CI tasks, and the network-namespace fixture shared by the demo and the
+//! privileged tests.
+
+pub mod cmd;
+pub mod ebpf;
+pub mod netns;
+pub mod toolchain;

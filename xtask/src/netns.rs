@@ -1,0 +1,355 @@
+//! Throwaway network namespaces, a test cgroup and processes inside them, for the demo and
+//! the privileged tests. Everything is named after a caller-chosen unique prefix and removed
+//! on drop, also when a test panics.
+//!
+//! Topology: a "node" namespace holding a bridge (10.244.0.1/24) and, attached to it by veth
+//! pairs, one namespace per pod (10.244.0.10, .11, ...) and a client namespace (10.244.0.2).
+//! No namespace has a default route: a packet for an address outside 10.244.0.0/24 (an
+//! untranslated Service address) fails with ENETUNREACH inside its namespace.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+
+/// Fails with a clear message unless we are root with the kernel features the privileged
+/// tests need (network namespaces, veth/bridge come with `ip`, cgroup v2, BPF syscall).
+pub fn require_privileges() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this needs root (network namespaces, cgroups, BPF): run as root, e.g. `sudo -E cargo xtask test`"
+        );
+    }
+    if !Path::new("/proc/self/ns/net").exists() {
+        bail!("kernel without network namespaces");
+    }
+    cgroup2_root().context("cgroup v2 is required for the socket programs")?;
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("kernel without BTF (/sys/kernel/btf/vmlinux): the eBPF programs need it");
+    }
+    Ok(())
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// A network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        cmd::output(&mut cmd::new("ip", &["netns", "add", name]))?;
+        let path = format!("/run/netns/{name}");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = cmd::output(&mut cmd::new("ip", &["netns", "del", name]));
+                return Err(e).with_context(|| format!("opening {path}"));
+            }
+        };
+        Ok(Netns {
+            name: name.to_owned(),
+            file,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        cmd::output(&mut cmd::new("ip", &all)).map(|_| ())
+    }
+
+    /// A command that runs inside this namespace (and `cgroup`, if given). `nsenter`-style,
+    /// but without remounting /sys the way `ip netns exec` does.
+    pub fn command(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<Command> {
+        let ns_fd = self.file.try_clone()?;
+        let procs = cgroup.map(Cgroup::procs_file).transpose()?;
+        let mut command = Command::new(program);
+        // SAFETY: the closure only makes async-signal-safe syscalls (write, setns) on file
+        // descriptors opened before fork.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    // "0" moves the writing process itself.
+                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(ns_fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = cmd::output(&mut cmd::new("ip", &["netns", "del", &self.name])) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// A cgroup v2 directory for the socket programs to attach to; its processes are killed
+/// and the directory removed on drop.
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(name: &str) -> Result<Self> {
+        let path = cgroup2_root()?.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn procs_file(&self) -> Result<File> {
+        let path = self.path.join("cgroup.procs");
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    fn is_empty(&self) -> bool {
+        fs::read_to_string(self.path.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        // Killed processes leave the cgroup asynchronously; wait for that, bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            eprintln!("cleanup: removing cgroup {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A child process that is killed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    label: String,
+}
+
+impl Proc {
+    /// Spawns `command` with stdout piped and waits until it prints `ready_line` (bounded).
+    pub fn spawn_ready(mut command: Command, label: &str, ready_line: &str) -> Result<Self> {
+        command.stdout(Stdio::piped()).stdin(Stdio::null());
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {label}: {}", cmd::display(&command)))?;
+        let mut proc = Proc {
+            child,
+            label: label.to_owned(),
+        };
+        let stdout: ChildStdout = proc.child.stdout.take().context("stdout was piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(line)) if line.trim() == ready_line => Ok(proc),
+            other => {
+                let status = proc.child.try_wait().ok().flatten();
+                bail!("{label} did not become ready (first line {other:?}, exit {status:?})")
+            }
+        }
+    }
+
+    /// Spawns `command` with inherited stdout/stderr.
+    pub fn spawn(mut command: Command, label: &str) -> Result<Self> {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {label}: {}", cmd::display(&command)))?;
+        Ok(Proc {
+            child,
+            label: label.to_owned(),
+        })
+    }
+
+    /// Kills with SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop with SIGTERM and waits (bounded), then kills.
+    pub fn terminate(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("{} ignored SIGTERM; killing it", self.label);
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// One pod: a namespace with `eth0` on the node bridge.
+pub struct Pod {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub ns: Netns,
+}
+
+/// The node namespace with its bridge, pods, a client and a cgroup for the socket
+/// programs. Drop order: pods and client, then the node, then the cgroup (fields drop in
+/// declaration order).
+pub struct Topology {
+    pub pods: Vec<Pod>,
+    pub client: Pod,
+    pub node: Netns,
+    pub cgroup: Cgroup,
+}
+
+pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+
+/// Pod `i` gets 10.244.0.(10 + i).
+pub fn pod_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 0, 10 + i as u8)
+}
+
+impl Topology {
+    /// Builds the namespaces `<prefix>-node`, `<prefix>-client`, `<prefix>-<pod name>` and
+    /// the cgroup `<prefix>`. `prefix` must be unique on the machine.
+    pub fn create(prefix: &str, pod_names: &[&str]) -> Result<Self> {
+        let cgroup = Cgroup::create(prefix)?;
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        node.ip(&["link", "set", "lo", "up"])?;
+        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        node.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
+        node.ip(&["link", "set", "br0", "up"])?;
+        let client = attach_pod(&node, prefix, "client", CLIENT_ADDR, 0)?;
+        let mut pods = Vec::new();
+        for (i, name) in pod_names.iter().enumerate() {
+            pods.push(attach_pod(&node, prefix, name, pod_addr(i), i + 1)?);
+        }
+        Ok(Topology {
+            pods,
+            client,
+            node,
+            cgroup,
+        })
+    }
+
+    /// Starts `ekp-peer serve` in every pod, answering with the pod's name on the given
+    /// TCP and UDP ports; returns once each one is listening.
+    pub fn serve(&self, peer: &Path, tcp: &[u16], udp: &[u16]) -> Result<Vec<Proc>> {
+        self.pods
+            .iter()
+            .map(|pod| {
+                let mut command = pod.ns.command(peer, None)?;
+                command.args(["serve", "--name", &pod.name]);
+                for port in tcp {
+                    command.args(["--tcp", &port.to_string()]);
+                }
+                for port in udp {
+                    command.args(["--udp", &port.to_string()]);
+                }
+                Proc::spawn_ready(command, &format!("server in {}", pod.name), "ready")
+            })
+            .collect()
+    }
+
+    /// Runs `ekp-peer <args>` in the client namespace and the test cgroup (where the
+    /// socket programs apply) and returns its stdout.
+    pub fn client_run(&self, peer: &Path, args: &[&str]) -> Result<String> {
+        let mut command = self.client.ns.command(peer, Some(&self.cgroup))?;
+        command.args(args);
+        cmd::output(&mut command)
+    }
+}
+
+fn attach_pod(node: &Netns, prefix: &str, name: &str, addr: Ipv4Addr, index: usize) -> Result<Pod> {
+    let ns = Netns::create(&format!("{prefix}-{name}"))?;
+    let host_side = format!("veth{index}");
+    node.ip(&[
+        "link",
+        "add",
+        &host_side,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    node.ip(&["link", "set", &host_side, "master", "br0", "up"])?;
+    ns.ip(&["link", "set", "lo", "up"])?;
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(Pod {
+        name: name.to_owned(),
+        addr,
+        ns,
+    })
+}
+
+/// A name prefix unique on this machine for this process: `<tag>-<pid>-<n>`, short enough
+/// for namespace and cgroup names.
+pub fn unique_prefix(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
