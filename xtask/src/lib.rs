@@ -5,3 +5,4 @@ pub mod cmd;
 pub mod ebpf;
 pub mod netns;
 pub mod toolchain;
+pub mod demo;

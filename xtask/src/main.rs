@@ -1,15 +1,15 @@
 //! `cargo xtask <task>`: setup, build-ebpf, demo, test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use xtask::{ebpf, toolchain};
+use xtask::{cmd, demo, ebpf, toolchain};
 
 const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | demo | test>
   setup       install rust-src, bpf-linker and bpftool if missing (idempotent)
   build-ebpf  build the eBPF object (release, BTF kept)
   demo        set up, build, and run the ClusterIP demo in throwaway network namespaces (root)
-  test        set up, build, and run every test, fmt and clippy (root for the privileged tests)";
+  test        set up, then fmt check, clippy, and every test (root for the privileged ones)";
 
 fn workspace() -> PathBuf {
     // xtask lives one level below the workspace root.
@@ -22,13 +22,23 @@ fn main() -> Result<()> {
     let Some(task) = args.first() else {
         bail!("{USAGE}");
     };
+    let root = workspace();
     match task.as_str() {
         "setup" => toolchain::setup(),
         "build-ebpf" => {
             toolchain::setup()?;
-            let obj = ebpf::build(&workspace())?;
+            let obj = ebpf::build(&root)?;
             println!("eBPF object: {}", obj.display());
             Ok(())
+        }
+        "demo" => {
+            toolchain::setup()?;
+            let bins = build_binaries(&root)?;
+            demo::run(&root, &bins)
+        }
+        "test" => {
+            toolchain::setup()?;
+            test(&root)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -36,4 +46,30 @@ fn main() -> Result<()> {
         }
         other => bail!("unknown task `{other}`\n{USAGE}"),
     }
+}
+
+/// Builds the agent and the peer (debug, the same artifacts the tests use).
+fn build_binaries(root: &Path) -> Result<demo::Binaries> {
+    cmd::run(
+        cmd::new("cargo", &["build", "--package", "proxy-userspace", "--bins"]).current_dir(root),
+    )?;
+    let dir = root.join("target/debug");
+    Ok(demo::Binaries {
+        agent: dir.join("ebpf-kube-proxy"),
+        peer: dir.join("ekp-peer"),
+        bpftool: toolchain::bpftool(),
+    })
+}
+
+/// Formatting, lints, then every test of the default members (unit tests, and the
+/// privileged namespace tests, which fail loudly when not run as root).
+fn test(root: &Path) -> Result<()> {
+    let cargo = |args: &[&str]| cmd::run(cmd::new("cargo", args).current_dir(root));
+    println!("== cargo fmt --check");
+    cargo(&["fmt", "--all", "--check"])?;
+    println!("== cargo clippy");
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    println!("== cargo test");
+    cargo(&["test"])?;
+    Ok(())
 }

@@ -1,0 +1,158 @@
+//! `cargo xtask demo`: the nginx example end to end, in throwaway network namespaces.
+//!
+//! Two "pods" answer HTTP with their names; `ebpf-kube-proxy run` reads
+//! `examples/nginx/` (copied to a temporary directory); a client in its own namespace and
+//! cgroup connects to the ClusterIP many times; then `ebpf-kube-proxy list` and bpftool's
+//! view of the services map are printed. Everything is removed at the end, also on error.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+use crate::netns::{self, Proc, Topology};
+
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub peer: PathBuf,
+    pub bpftool: PathBuf,
+}
+
+const CLUSTER_IP: &str = "10.96.0.80:80";
+const PODS: [&str; 2] = ["my-nginx-5b56ccd65f-4xq2v", "my-nginx-5b56ccd65f-9tkfz"];
+const CONNECTIONS: usize = 20;
+
+/// Removes the demo's pins and manifests copy when dropped (after the agent stopped).
+struct Leftovers<'a> {
+    agent: &'a Path,
+    pin_path: PathBuf,
+    manifests: PathBuf,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.agent)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("cleanup")
+            .output();
+        let _ = fs::remove_dir_all(&self.manifests);
+    }
+}
+
+pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
+    netns::require_privileges()?;
+    let prefix = netns::unique_prefix("ekp-demo");
+    step(&format!("creating namespaces {prefix}-*: node bridge 10.244.0.1/24, client 10.244.0.2, pods 10.244.0.10 and .11"));
+    let topo = Topology::create(&prefix, &PODS)?;
+    let _servers = topo.serve(&bins.peer, &[80], &[])?;
+
+    let leftovers = Leftovers {
+        agent: &bins.agent,
+        pin_path: PathBuf::from("/sys/fs/bpf").join(&prefix),
+        manifests: std::env::temp_dir().join(format!("{prefix}-manifests")),
+    };
+    fs::create_dir_all(&leftovers.manifests)?;
+    for entry in fs::read_dir(root.join("examples/nginx"))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            fs::copy(&path, leftovers.manifests.join(name))?;
+        }
+    }
+
+    step("starting ebpf-kube-proxy run --manifests <copy of examples/nginx>");
+    let mut agent_cmd = Command::new(&bins.agent);
+    agent_cmd
+        .arg("--pin-path")
+        .arg(&leftovers.pin_path)
+        .arg("run")
+        .arg("--manifests")
+        .arg(&leftovers.manifests)
+        .arg("--cgroup")
+        .arg(topo.cgroup.path())
+        .args(["--hostname-override", "node-1"]);
+    println!("  {}", cmd::display(&agent_cmd));
+    let mut agent = Proc::spawn(agent_cmd, "ebpf-kube-proxy")?;
+    wait_until_listed(&bins.agent, &leftovers.pin_path, &mut agent)?;
+
+    step(&format!("{CONNECTIONS} new TCP connections from the client pod to http://{CLUSTER_IP}/"));
+    let mut client = topo.client.ns.command(&bins.peer, Some(&topo.cgroup))?;
+    client.args(["tcp", CLUSTER_IP, &CONNECTIONS.to_string()]);
+    let out = cmd::output(&mut client)?;
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, line) in out.lines().enumerate() {
+        let answer = json_field(line, "answer").unwrap_or_else(|| format!("failed: {line}"));
+        let peer = json_field(line, "peer").unwrap_or_default();
+        println!("  connection {:>2}: peer {peer}, answered by {answer}", i + 1);
+        *tally.entry(answer).or_default() += 1;
+    }
+    println!("  answers per pod: {tally:?}");
+    if PODS.iter().any(|pod| !tally.contains_key(*pod)) {
+        bail!("not every pod answered: {tally:?}");
+    }
+
+    step("ebpf-kube-proxy list");
+    let list = cmd::output(
+        Command::new(&bins.agent)
+            .arg("--pin-path")
+            .arg(&leftovers.pin_path)
+            .arg("list"),
+    )?;
+    print!("{list}");
+
+    let services_map = leftovers.pin_path.join("maps/ekp_svc_v1");
+    step(&format!("bpftool map dump pinned {}", services_map.display()));
+    print!(
+        "{}",
+        cmd::output(
+            Command::new(&bins.bpftool)
+                .args(["map", "dump", "pinned"])
+                .arg(&services_map)
+        )?
+    );
+
+    step("stopping the agent and removing namespaces, cgroup and pins");
+    agent.terminate();
+    drop(leftovers);
+    drop(topo);
+    println!("demo finished: both pods answered through the ClusterIP");
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+/// Waits (bounded) until `list` shows the Service with both backends.
+fn wait_until_listed(agent_bin: &Path, pin_path: &Path, agent: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = agent.child.try_wait()? {
+            bail!("ebpf-kube-proxy exited: {status}");
+        }
+        let out = Command::new(agent_bin)
+            .arg("--pin-path")
+            .arg(pin_path)
+            .args(["list", "-o", "json"])
+            .output()
+            .context("running ebpf-kube-proxy list")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("\"10.96.0.80:80\"") && text.contains("10.244.0.10:80") && text.contains("10.244.0.11:80") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the Service never appeared in `list`: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The string field `key` of one of ekp-peer's JSON lines.
+fn json_field(line: &str, key: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    value.get(key)?.as_str().map(str::to_owned)
+}
