@@ -47,7 +47,9 @@ impl Drop for Leftovers<'_> {
 pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     netns::require_privileges()?;
     let prefix = netns::unique_prefix("ekp-demo");
-    step(&format!("creating namespaces {prefix}-*: node bridge 10.244.0.1/24, client 10.244.0.2, pods 10.244.0.10 and .11"));
+    step(&format!(
+        "creating namespaces {prefix}-*: node bridge 10.244.0.1/24, client 10.244.0.2, pods 10.244.0.10 and .11"
+    ));
     let topo = Topology::create(&prefix, &PODS)?;
     let _servers = topo.serve(&bins.peer, &[80], &[])?;
 
@@ -79,7 +81,9 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     let mut agent = Proc::spawn(agent_cmd, "ebpf-kube-proxy")?;
     wait_until_listed(&bins.agent, &leftovers.pin_path, &mut agent)?;
 
-    step(&format!("{CONNECTIONS} new TCP connections from the client pod to http://{CLUSTER_IP}/"));
+    step(&format!(
+        "{CONNECTIONS} new TCP connections from the client pod to http://{CLUSTER_IP}/"
+    ));
     let mut client = topo.client.ns.command(&bins.peer, Some(&topo.cgroup))?;
     client.args(["tcp", CLUSTER_IP, &CONNECTIONS.to_string()]);
     let out = cmd::output(&mut client)?;
@@ -87,7 +91,10 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     for (i, line) in out.lines().enumerate() {
         let answer = json_field(line, "answer").unwrap_or_else(|| format!("failed: {line}"));
         let peer = json_field(line, "peer").unwrap_or_default();
-        println!("  connection {:>2}: peer {peer}, answered by {answer}", i + 1);
+        println!(
+            "  connection {:>2}: peer {peer}, answered by {answer}",
+            i + 1
+        );
         *tally.entry(answer).or_default() += 1;
     }
     println!("  answers per pod: {tally:?}");
@@ -105,7 +112,10 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     print!("{list}");
 
     let services_map = leftovers.pin_path.join("maps/ekp_svc_v1");
-    step(&format!("bpftool map dump pinned {}", services_map.display()));
+    step(&format!(
+        "bpftool map dump pinned {}",
+        services_map.display()
+    ));
     print!(
         "{}",
         cmd::output(
@@ -141,7 +151,10 @@ fn wait_until_listed(agent_bin: &Path, pin_path: &Path, agent: &mut Proc) -> Res
             .output()
             .context("running ebpf-kube-proxy list")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        if text.contains("\"10.96.0.80:80\"") && text.contains("10.244.0.10:80") && text.contains("10.244.0.11:80") {
+        if text.contains("\"10.96.0.80:80\"")
+            && text.contains("10.244.0.10:80")
+            && text.contains("10.244.0.11:80")
+        {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -2,7 +2,7 @@
 //! privileged tests.
 
 pub mod cmd;
+pub mod demo;
 pub mod ebpf;
 pub mod netns;
 pub mod toolchain;
-pub mod demo;

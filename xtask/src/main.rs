@@ -51,7 +51,11 @@ fn main() -> Result<()> {
 /// Builds the agent and the peer (debug, the same artifacts the tests use).
 fn build_binaries(root: &Path) -> Result<demo::Binaries> {
     cmd::run(
-        cmd::new("cargo", &["build", "--package", "proxy-userspace", "--bins"]).current_dir(root),
+        cmd::new(
+            "cargo",
+            &["build", "--package", "proxy-userspace", "--bins"],
+        )
+        .current_dir(root),
     )?;
     let dir = root.join("target/debug");
     Ok(demo::Binaries {
