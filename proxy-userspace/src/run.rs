@@ -101,10 +101,10 @@ fn sync_once(config: &Config, syncer: &mut Syncer, reported: &mut BTreeSet<Skipp
 /// Logs each problem once while it lasts, and says when it is gone.
 fn report_skipped(reported: &mut BTreeSet<Skipped>, current: BTreeSet<Skipped>) {
     for s in current.difference(reported) {
-        tracing::error!(object = %s.object, "skipped: {}", s.reason);
+        tracing::error!("skipped {}: {}", s.object, s.reason);
     }
     for s in reported.difference(&current) {
-        tracing::info!(object = %s.object, "no longer skipped");
+        tracing::info!("no longer skipped: {}", s.object);
     }
     *reported = current;
 }

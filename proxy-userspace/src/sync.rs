@@ -150,9 +150,11 @@ impl Programmed {
                 }
             }
             Op::DeleteFrontend { frontend } => {
+                // Slot 0 is gone: reset all its fields, as `from_maps` would see them.
                 if let Some(f) = self.frontends.get_mut(frontend) {
                     f.count = 0;
                     f.flags = 0;
+                    f.rev_nat_id = 0;
                 }
             }
             Op::DeleteRevNat { id } => {
@@ -196,6 +198,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         .map(|(id, b)| (*b, *id))
         .collect();
     let mut used_backend_ids: BTreeSet<u32> = programmed.backends.keys().copied().collect();
+    let mut backend_cursor = 1;
     let wanted_backends: BTreeSet<BackendAddr> = desired
         .frontends
         .values()
@@ -205,10 +208,11 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         if backend_ids.contains_key(backend) {
             continue;
         }
-        let Some(id) = next_free_u32(&used_backend_ids) else {
+        let Some(id) = next_free_u32(&used_backend_ids, backend_cursor) else {
             bail!("no free backend id for {backend}");
         };
         used_backend_ids.insert(id);
+        backend_cursor = id.saturating_add(1);
         backend_ids.insert(*backend, id);
         ops.push(Op::PutBackend {
             id,
@@ -218,6 +222,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
 
     // Rev-NAT ids: keep each live frontend's id; allocate for new ones.
     let mut used_rev_nat: BTreeSet<u16> = programmed.rev_nat_ids.clone();
+    let mut rev_nat_cursor = 1;
     used_rev_nat.extend(programmed.frontends.values().map(|f| f.rev_nat_id));
     let mut slot_ops = Vec::new();
     let mut rev_nat_ops = Vec::new();
@@ -228,13 +233,14 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         let rev_nat_id = match current {
             Some(f) if f.rev_nat_id != 0 => f.rev_nat_id,
             _ => {
-                let Some(id) = next_free_u16(&used_rev_nat) else {
+                let Some(id) = next_free_u16(&used_rev_nat, rev_nat_cursor) else {
                     bail!(
                         "no free rev-NAT id for frontend {key} ({})",
                         frontend.service
                     );
                 };
                 used_rev_nat.insert(id);
+                rev_nat_cursor = id.saturating_add(1);
                 id
             }
         };
@@ -327,17 +333,23 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     Ok(ops)
 }
 
-fn next_free_u32(used: &BTreeSet<u32>) -> Option<u32> {
-    next_free_id(used.iter().map(|v| u64::from(*v)), u64::from(u32::MAX)).map(|v| v as u32)
+fn next_free_u32(used: &BTreeSet<u32>, from: u32) -> Option<u32> {
+    let used = used.range(from..).map(|v| u64::from(*v));
+    next_free_id(used, u64::from(from), u64::from(u32::MAX)).map(|v| v as u32)
 }
 
-fn next_free_u16(used: &BTreeSet<u16>) -> Option<u16> {
-    next_free_id(used.iter().map(|v| u64::from(*v)), u64::from(u16::MAX)).map(|v| v as u16)
+fn next_free_u16(used: &BTreeSet<u16>, from: u16) -> Option<u16> {
+    let used = used.range(from..).map(|v| u64::from(*v));
+    next_free_id(used, u64::from(from), u64::from(u16::MAX)).map(|v| v as u16)
 }
 
-/// Smallest id in `1..=max` absent from the sorted `used` ids.
-fn next_free_id(used: impl Iterator<Item = u64>, max: u64) -> Option<u64> {
-    let mut candidate = 1;
+/// Smallest id in `from..=max` absent from the sorted `used` ids (all >= `from`).
+///
+/// Within one plan ids are only taken, never freed, so the smallest free id only grows:
+/// callers continue from just after the last id they took, which keeps a large first sync
+/// linear instead of rescanning from 1 for every new id.
+fn next_free_id(used: impl Iterator<Item = u64>, from: u64, max: u64) -> Option<u64> {
+    let mut candidate = from.max(1);
     for id in used {
         if id < candidate {
             continue;
@@ -433,5 +445,726 @@ impl Syncer {
             Op::DeleteRevNat { id } => self.maps.delete_rev_nat(*id),
             Op::DeleteBackend { id } => self.maps.delete_backend(*id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+
+    use proxy_common::{BackendValue, RevNatValue, SVC_FLAG_CLUSTER_IP, ServiceKey};
+
+    use super::*;
+    use crate::model::{Frontend, FrontendKind, Protocol, Scope, ServicePortName};
+
+    // ---- objects in ------------------------------------------------------------------------
+
+    /// The internal-scope TCP frontend 10.96.0.<host>:80.
+    fn fkey(host: u8) -> FrontendKey {
+        FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, host),
+            port: 80,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
+    /// The TCP backend 10.244.0.<host>:8080.
+    fn backend(host: u8) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 0, host),
+            port: 8080,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// The ClusterIP frontend `fkey(host)` of Service `default/svc-<host>`, over the
+    /// backends with the given hosts.
+    fn frontend(host: u8, backends: &[u8]) -> Frontend {
+        let mut backends: Vec<BackendAddr> = backends.iter().map(|h| backend(*h)).collect();
+        backends.sort();
+        backends.dedup();
+        Frontend {
+            key: fkey(host),
+            kind: FrontendKind::ClusterIp,
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: format!("svc-{host}"),
+                port: String::new(),
+            },
+            backends,
+        }
+    }
+
+    fn desired(frontends: &[Frontend]) -> DesiredState {
+        DesiredState {
+            frontends: frontends.iter().map(|f| (f.key, f.clone())).collect(),
+        }
+    }
+
+    // ---- ops out ---------------------------------------------------------------------------
+
+    fn put_backend(id: u32, host: u8) -> Op {
+        Op::PutBackend {
+            id,
+            backend: backend(host),
+        }
+    }
+
+    fn put_slot(frontend: u8, slot: u16, backend_id: u32, rev_nat_id: u16) -> Op {
+        Op::PutSlot {
+            frontend: fkey(frontend),
+            slot,
+            backend_id,
+            rev_nat_id,
+        }
+    }
+
+    fn put_rev_nat(id: u16, frontend: u8) -> Op {
+        Op::PutRevNat {
+            id,
+            frontend: fkey(frontend),
+        }
+    }
+
+    /// Slot 0 of a ClusterIP frontend.
+    fn put_frontend(frontend: u8, count: u16, rev_nat_id: u16) -> Op {
+        Op::PutFrontend {
+            frontend: fkey(frontend),
+            count,
+            rev_nat_id,
+            flags: SVC_FLAG_CLUSTER_IP,
+        }
+    }
+
+    fn delete_slot(frontend: u8, slot: u16) -> Op {
+        Op::DeleteSlot {
+            frontend: fkey(frontend),
+            slot,
+        }
+    }
+
+    fn delete_frontend(frontend: u8) -> Op {
+        Op::DeleteFrontend {
+            frontend: fkey(frontend),
+        }
+    }
+
+    fn delete_rev_nat(id: u16) -> Op {
+        Op::DeleteRevNat { id }
+    }
+
+    fn delete_backend(id: u32) -> Op {
+        Op::DeleteBackend { id }
+    }
+
+    // ---- running plans ---------------------------------------------------------------------
+
+    /// Plans `desired`, applies every op to the mirror, and returns the ops.
+    fn sync(mirror: &mut Programmed, desired: &DesiredState) -> Vec<Op> {
+        let ops = plan(mirror, desired).expect("plan");
+        for op in &ops {
+            mirror.apply(op);
+        }
+        ops
+    }
+
+    fn index_of(ops: &[Op], op: &Op) -> usize {
+        ops.iter()
+            .position(|o| o == op)
+            .unwrap_or_else(|| panic!("{op:?} missing from {ops:#?}"))
+    }
+
+    fn rev_nat_id_of(mirror: &Programmed, frontend: u8) -> u16 {
+        mirror.frontends[&fkey(frontend)].rev_nat_id
+    }
+
+    fn backend_id_of(mirror: &Programmed, host: u8) -> u32 {
+        let wanted = backend(host);
+        let ids: Vec<u32> = mirror
+            .backends
+            .iter()
+            .filter(|(_, b)| **b == wanted)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(ids.len(), 1, "backend {wanted} has ids {ids:?}");
+        ids[0]
+    }
+
+    /// Backend id per live slot (`1..=count`) of a frontend.
+    fn live_slots(mirror: &Programmed, frontend: u8) -> Vec<u32> {
+        let f = &mirror.frontends[&fkey(frontend)];
+        (1..=f.count).map(|slot| f.slots[&slot]).collect()
+    }
+
+    /// The three maps, written with the same encoding as `Syncer::write`, so that
+    /// `Programmed::from_maps` can be compared with the mirror, and what a lock-free reader
+    /// sees can be checked after every single write.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: HashMap<ServiceKey, ServiceValue>,
+        backends: HashMap<u32, BackendValue>,
+        rev_nat: HashMap<u16, RevNatValue>,
+    }
+
+    impl FakeMaps {
+        fn write(&mut self, op: &Op) {
+            match op {
+                Op::PutBackend { id, backend } => {
+                    self.backends.insert(*id, abi::backend_value(backend));
+                }
+                Op::PutSlot {
+                    frontend,
+                    slot,
+                    backend_id,
+                    rev_nat_id,
+                } => {
+                    self.services.insert(
+                        abi::service_key(frontend, *slot),
+                        ServiceValue {
+                            backend_id: *backend_id,
+                            rev_nat_id: *rev_nat_id,
+                            ..Default::default()
+                        },
+                    );
+                }
+                Op::PutRevNat { id, frontend } => {
+                    self.rev_nat.insert(*id, abi::rev_nat_value(frontend));
+                }
+                Op::PutFrontend {
+                    frontend,
+                    count,
+                    rev_nat_id,
+                    flags,
+                } => {
+                    self.services.insert(
+                        abi::service_key(frontend, 0),
+                        ServiceValue {
+                            count: *count,
+                            rev_nat_id: *rev_nat_id,
+                            flags: *flags,
+                            ..Default::default()
+                        },
+                    );
+                }
+                Op::DeleteSlot { frontend, slot } => {
+                    self.services.remove(&abi::service_key(frontend, *slot));
+                }
+                Op::DeleteFrontend { frontend } => {
+                    self.services.remove(&abi::service_key(frontend, 0));
+                }
+                Op::DeleteRevNat { id } => {
+                    self.rev_nat.remove(id);
+                }
+                Op::DeleteBackend { id } => {
+                    self.backends.remove(id);
+                }
+            }
+        }
+
+        fn dump(&self) -> MapContents {
+            MapContents {
+                services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            }
+        }
+
+        /// What the socket programs rely on: every slot 0 has its slots `1..=count`, each
+        /// naming an existing backend, and its rev-NAT id names this frontend.
+        fn assert_readers_see_whole_services(&self, after: &Op) {
+            for (key, value) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+                for slot in 1..=value.count {
+                    let Some(entry) = self.services.get(&ServiceKey { slot, ..*key }) else {
+                        panic!(
+                            "after {after:?}: {key:?} has count {} but no slot {slot}",
+                            value.count
+                        );
+                    };
+                    assert!(
+                        self.backends.contains_key(&entry.backend_id),
+                        "after {after:?}: slot {slot} of {key:?} names missing backend {}",
+                        entry.backend_id
+                    );
+                }
+                let own = RevNatValue {
+                    addr: key.addr,
+                    port: key.port,
+                    _pad: [0; 2],
+                };
+                assert_eq!(
+                    self.rev_nat.get(&value.rev_nat_id),
+                    Some(&own),
+                    "after {after:?}: rev-NAT {} of {key:?}",
+                    value.rev_nat_id
+                );
+            }
+        }
+    }
+
+    // ---- write order -----------------------------------------------------------------------
+
+    #[test]
+    fn a_new_frontend_is_written_backends_then_slots_then_rev_nat_then_slot_0() {
+        let ops = plan(&Programmed::default(), &desired(&[frontend(1, &[1, 2])])).unwrap();
+        assert_eq!(
+            ops,
+            [
+                put_backend(1, 1),
+                put_backend(2, 2),
+                put_slot(1, 1, 1, 1),
+                put_slot(1, 2, 2, 1),
+                put_rev_nat(1, 1),
+                put_frontend(1, 2, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_frontend_without_backends_gets_slot_0_with_count_0_and_no_slots() {
+        let mut mirror = Programmed::default();
+        let ops = sync(&mut mirror, &desired(&[frontend(1, &[])]));
+        assert_eq!(ops, [put_rev_nat(1, 1), put_frontend(1, 0, 1)]);
+        let f = &mirror.frontends[&fkey(1)];
+        assert_eq!((f.count, f.slots.len()), (0, 0));
+        assert!(mirror.backends.is_empty());
+    }
+
+    #[test]
+    fn removing_a_backend_rewrites_slots_then_lowers_count_then_deletes_slots_then_the_backend() {
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &desired(&[frontend(1, &[1, 2, 3])]));
+        let ops = plan(&mirror, &desired(&[frontend(1, &[1, 3])])).unwrap();
+        // Backend 2 sat in slot 2: backend 3 moves down from slot 3 to slot 2.
+        assert_eq!(
+            ops,
+            [
+                put_slot(1, 2, 3, 1),
+                put_frontend(1, 2, 1),
+                delete_slot(1, 3),
+                delete_backend(2),
+            ]
+        );
+        assert!(index_of(&ops, &delete_backend(2)) > index_of(&ops, &put_frontend(1, 2, 1)));
+    }
+
+    #[test]
+    fn a_deleted_frontend_goes_slot_0_then_slots_then_rev_nat_then_its_unshared_backends() {
+        let mut mirror = Programmed::default();
+        sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1, 2]), frontend(2, &[2, 3])]),
+        );
+        let (a, b, c) = (
+            backend_id_of(&mirror, 1),
+            backend_id_of(&mirror, 2),
+            backend_id_of(&mirror, 3),
+        );
+        let rev_nat = rev_nat_id_of(&mirror, 1);
+        let ops = plan(&mirror, &desired(&[frontend(2, &[2, 3])])).unwrap();
+        // Backend 2 is still used by frontend 2: it stays.
+        assert_eq!(
+            ops,
+            [
+                delete_frontend(1),
+                delete_slot(1, 1),
+                delete_slot(1, 2),
+                delete_rev_nat(rev_nat),
+                delete_backend(a),
+            ]
+        );
+        assert!(!ops.contains(&delete_backend(b)) && !ops.contains(&delete_backend(c)));
+    }
+
+    // ---- mirror and idempotence ------------------------------------------------------------
+
+    /// Syncs `desired` into both the mirror and the fake maps, checking readers after every
+    /// write; then the mirror must be what a restart would adopt, and nothing is left to do.
+    fn step(maps: &mut FakeMaps, mirror: &mut Programmed, desired: &DesiredState) -> Vec<Op> {
+        let ops = plan(mirror, desired).expect("plan");
+        for op in &ops {
+            maps.write(op);
+            mirror.apply(op);
+            maps.assert_readers_see_whole_services(op);
+        }
+        assert_eq!(*mirror, Programmed::from_maps(&maps.dump()));
+        assert_eq!(
+            plan(mirror, desired).unwrap(),
+            [],
+            "after applying {ops:#?}"
+        );
+        ops
+    }
+
+    #[test]
+    fn planning_again_after_applying_a_plan_writes_nothing() {
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        let steps = [
+            ("add a frontend", vec![frontend(1, &[1, 2])]),
+            ("add a backend", vec![frontend(1, &[1, 2, 3])]),
+            ("remove a backend", vec![frontend(1, &[1, 3])]),
+            ("drop to zero backends", vec![frontend(1, &[])]),
+            ("remove the frontend", vec![]),
+        ];
+        for (what, frontends) in steps {
+            let ops = step(&mut maps, &mut mirror, &desired(&frontends));
+            assert!(!ops.is_empty(), "{what}: nothing written");
+        }
+        assert_eq!(mirror, Programmed::default());
+        assert!(maps.services.is_empty() && maps.backends.is_empty() && maps.rev_nat.is_empty());
+    }
+
+    #[test]
+    fn the_mirror_equals_a_fresh_adoption_after_every_single_write() {
+        // A sync can stop at any write (a failed syscall); the next sync plans from the
+        // mirror, a restart from the maps: both must agree at every point.
+        let mut node_port = frontend(5, &[1]);
+        node_port.kind = FrontendKind::NodePort;
+        let states = [
+            desired(&[frontend(1, &[1, 2]), frontend(2, &[2, 3]), frontend(5, &[])]),
+            desired(&[
+                frontend(1, &[1, 2, 4]),
+                frontend(2, &[3]),
+                frontend(5, &[1]),
+            ]),
+            desired(&[frontend(1, &[4]), frontend(3, &[3, 5]), node_port.clone()]),
+            desired(&[frontend(3, &[]), node_port]),
+            desired(&[]),
+        ];
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        for state in &states {
+            for op in plan(&mirror, state).unwrap() {
+                maps.write(&op);
+                mirror.apply(&op);
+                maps.assert_readers_see_whole_services(&op);
+                assert_eq!(mirror, Programmed::from_maps(&maps.dump()), "after {op:?}");
+            }
+            assert_eq!(plan(&mirror, state).unwrap(), []);
+        }
+    }
+
+    #[test]
+    fn a_frontend_wanted_again_after_an_interrupted_delete_leaves_no_orphan_rev_nat() {
+        let wanted = desired(&[frontend(1, &[1, 2])]);
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &wanted);
+        // The delete stops after its first write (slot 0): the slots are still there.
+        let ops = plan(&mirror, &desired(&[])).unwrap();
+        assert_eq!(ops[0], delete_frontend(1));
+        mirror.apply(&ops[0]);
+        // The frontend comes back: one sync completes it and drops the old rev-NAT entry.
+        sync(&mut mirror, &wanted);
+        assert_eq!(plan(&mirror, &wanted).unwrap(), []);
+        assert_eq!(
+            mirror.rev_nat_ids,
+            BTreeSet::from([rev_nat_id_of(&mirror, 1)])
+        );
+    }
+
+    // ---- ids -------------------------------------------------------------------------------
+
+    #[test]
+    fn ids_stay_put_and_new_ids_fill_the_smallest_hole() {
+        let mut mirror = Programmed::default();
+        sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1, 2]), frontend(2, &[3]), frontend(3, &[4])]),
+        );
+        let rev_nat_ids =
+            |m: &Programmed| [1, 2, 3, 4].map(|f| m.frontends.get(&fkey(f)).map(|f| f.rev_nat_id));
+        let backend_ids = |m: &Programmed| {
+            m.backends
+                .iter()
+                .map(|(id, b)| (*b, *id))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(rev_nat_ids(&mirror), [Some(1), Some(2), Some(3), None]);
+        assert_eq!(
+            backend_ids(&mirror),
+            BTreeMap::from([
+                (backend(1), 1),
+                (backend(2), 2),
+                (backend(3), 3),
+                (backend(4), 4)
+            ])
+        );
+
+        // Frontend 2 and its backend 3 go: nobody else's id moves.
+        sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1, 2]), frontend(3, &[4])]),
+        );
+        assert_eq!(rev_nat_ids(&mirror), [Some(1), None, Some(3), None]);
+        assert_eq!(
+            backend_ids(&mirror),
+            BTreeMap::from([(backend(1), 1), (backend(2), 2), (backend(4), 4)])
+        );
+
+        // Frontend 4 takes the free rev-NAT id 2; its backend 5 the free backend id 3, and
+        // backend 6 (added to frontend 1) the next free one, 5.
+        sync(
+            &mut mirror,
+            &desired(&[
+                frontend(1, &[1, 2, 6]),
+                frontend(3, &[4]),
+                frontend(4, &[5]),
+            ]),
+        );
+        assert_eq!(rev_nat_ids(&mirror), [Some(1), None, Some(3), Some(2)]);
+        assert_eq!(
+            backend_ids(&mirror),
+            BTreeMap::from([
+                (backend(1), 1),
+                (backend(2), 2),
+                (backend(5), 3),
+                (backend(4), 4),
+                (backend(6), 5),
+            ])
+        );
+    }
+
+    #[test]
+    fn ids_freed_by_a_plan_are_not_handed_out_in_the_same_plan() {
+        // Until the old frontend's slot 0 and slots are deleted (later in the same plan),
+        // its rev-NAT id and backend ids are still read by the datapath.
+        let mut mirror = Programmed::default();
+        sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1]), frontend(2, &[2])]),
+        );
+        assert_eq!(
+            (rev_nat_id_of(&mirror, 2), backend_id_of(&mirror, 2)),
+            (2, 2)
+        );
+
+        let ops = sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1]), frontend(3, &[3])]),
+        );
+        assert!(ops.contains(&put_backend(3, 3)), "{ops:#?}");
+        assert!(ops.contains(&put_rev_nat(3, 3)), "{ops:#?}");
+        assert!(ops.contains(&delete_rev_nat(2)) && ops.contains(&delete_backend(2)));
+
+        // The next plan may reuse them.
+        sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1]), frontend(3, &[3]), frontend(4, &[4])]),
+        );
+        assert_eq!(
+            (rev_nat_id_of(&mirror, 4), backend_id_of(&mirror, 4)),
+            (2, 2)
+        );
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_frontends_gets_one_backend_id() {
+        let mut mirror = Programmed::default();
+        let ops = sync(
+            &mut mirror,
+            &desired(&[frontend(1, &[1, 2]), frontend(2, &[2, 3])]),
+        );
+        let puts = ops
+            .iter()
+            .filter(|op| matches!(op, Op::PutBackend { .. }))
+            .count();
+        assert_eq!(puts, 3, "{ops:#?}");
+        let shared = backend_id_of(&mirror, 2);
+        assert_eq!(live_slots(&mirror, 1), [backend_id_of(&mirror, 1), shared]);
+        assert_eq!(live_slots(&mirror, 2), [shared, backend_id_of(&mirror, 3)]);
+    }
+
+    #[test]
+    fn the_next_free_id_is_the_smallest_unused_one_from_1() {
+        let rows: [(&str, Vec<u16>, Option<u16>); 6] = [
+            ("nothing used: 1", vec![], Some(1)),
+            ("0 is never handed out", vec![0], Some(1)),
+            ("after a run", vec![1, 2, 3], Some(4)),
+            ("the first hole", vec![1, 2, 4, 6], Some(3)),
+            ("the last id", (1..u16::MAX).collect(), Some(u16::MAX)),
+            ("all taken", (1..=u16::MAX).collect(), None),
+        ];
+        for (what, used, want) in rows {
+            let used: BTreeSet<u16> = used.into_iter().collect();
+            assert_eq!(next_free_u16(&used, 1), want, "{what}");
+            // Backend ids are u32: where u16 ids run out, 65536 is still free.
+            let used: BTreeSet<u32> = used.iter().map(|v| u32::from(*v)).collect();
+            let want = want.map(u32::from).unwrap_or(65536);
+            assert_eq!(next_free_u32(&used, 1), Some(want), "{what} (u32)");
+        }
+    }
+
+    #[test]
+    fn a_new_frontend_beyond_65535_fails_naming_the_frontend() {
+        let mut programmed = Programmed::default();
+        let mut wanted = DesiredState::default();
+        for id in 1..=u16::MAX {
+            let key = FrontendKey {
+                addr: Ipv4Addr::from(0x0a60_0000 + u32::from(id)),
+                port: 8000,
+                ..fkey(0)
+            };
+            programmed.frontends.insert(
+                key,
+                ProgrammedFrontend {
+                    rev_nat_id: id,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    count: 0,
+                    slots: BTreeMap::new(),
+                },
+            );
+            programmed.rev_nat_ids.insert(id);
+            wanted.frontends.insert(
+                key,
+                Frontend {
+                    key,
+                    ..frontend(0, &[])
+                },
+            );
+        }
+        assert_eq!(plan(&programmed, &wanted).unwrap(), []);
+
+        let mut late = frontend(1, &[1]);
+        late.service.name = "late".into();
+        wanted.frontends.insert(late.key, late);
+        let err = plan(&programmed, &wanted).unwrap_err().to_string();
+        assert!(err.contains("10.96.0.1:80/TCP"), "{err}");
+        assert!(err.contains("default/late"), "{err}");
+    }
+
+    // ---- adoption --------------------------------------------------------------------------
+
+    fn slot_0(frontend: &FrontendKey, count: u16, rev_nat_id: u16) -> (ServiceKey, ServiceValue) {
+        (
+            abi::service_key(frontend, 0),
+            ServiceValue {
+                count,
+                rev_nat_id,
+                flags: SVC_FLAG_CLUSTER_IP,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn slot(
+        frontend: &FrontendKey,
+        slot: u16,
+        backend_id: u32,
+        rev_nat_id: u16,
+    ) -> (ServiceKey, ServiceValue) {
+        (
+            abi::service_key(frontend, slot),
+            ServiceValue {
+                backend_id,
+                rev_nat_id,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn adoption_cleans_up_what_an_interrupted_sync_left() {
+        let sctp = ServiceKey {
+            proto: 132,
+            ..abi::service_key(&fkey(9), 0)
+        };
+        let contents = MapContents {
+            services: vec![
+                // Frontend 1 was shrunk to 2 backends; slot 3 was not deleted yet.
+                slot_0(&fkey(1), 2, 1),
+                slot(&fkey(1), 1, 1, 1),
+                slot(&fkey(1), 2, 2, 1),
+                slot(&fkey(1), 3, 3, 1),
+                // Frontend 2 was being deleted: slot 0 and slot 1 are gone.
+                slot(&fkey(2), 2, 2, 2),
+                // An SCTP Service written by some other version.
+                (sctp, slot_0(&fkey(9), 1, 1).1),
+                (ServiceKey { slot: 1, ..sctp }, slot(&fkey(9), 1, 9, 1).1),
+            ],
+            backends: vec![
+                (1, abi::backend_value(&backend(1))),
+                (2, abi::backend_value(&backend(2))),
+                (3, abi::backend_value(&backend(3))),
+                (
+                    9,
+                    BackendValue {
+                        proto: 132,
+                        ..abi::backend_value(&backend(9))
+                    },
+                ),
+            ],
+            rev_nat: vec![
+                (1, abi::rev_nat_value(&fkey(1))),
+                (2, abi::rev_nat_value(&fkey(2))),
+                // No frontend uses rev-NAT 7.
+                (7, abi::rev_nat_value(&fkey(7))),
+            ],
+        };
+        let adopted = Programmed::from_maps(&contents);
+        assert_eq!(
+            adopted,
+            Programmed {
+                frontends: BTreeMap::from([
+                    (
+                        fkey(1),
+                        ProgrammedFrontend {
+                            rev_nat_id: 1,
+                            flags: SVC_FLAG_CLUSTER_IP,
+                            count: 2,
+                            slots: BTreeMap::from([(1, 1), (2, 2), (3, 3)]),
+                        }
+                    ),
+                    (
+                        fkey(2),
+                        ProgrammedFrontend {
+                            rev_nat_id: 0,
+                            flags: 0,
+                            count: 0,
+                            slots: BTreeMap::from([(2, 2)]),
+                        }
+                    ),
+                ]),
+                backends: BTreeMap::from([(1, backend(1)), (2, backend(2)), (3, backend(3))]),
+                rev_nat_ids: BTreeSet::from([1, 2, 7]),
+            }
+        );
+
+        // Frontend 1 still wants backends 1 and 2; frontend 2 is gone.
+        let ops = plan(&adopted, &desired(&[frontend(1, &[1, 2])])).unwrap();
+        assert_eq!(
+            ops,
+            [
+                delete_slot(1, 3),
+                delete_slot(2, 2),
+                delete_rev_nat(2),
+                delete_rev_nat(7),
+                delete_backend(3),
+            ]
+        );
+    }
+
+    #[test]
+    fn adoption_completes_a_half_written_frontend_that_is_still_wanted() {
+        // The sync that created frontend 1 stopped before slot 0.
+        let contents = MapContents {
+            services: vec![slot(&fkey(1), 1, 1, 5)],
+            backends: vec![(1, abi::backend_value(&backend(1)))],
+            rev_nat: vec![(5, abi::rev_nat_value(&fkey(1)))],
+        };
+        let mut maps = FakeMaps {
+            services: contents.services.iter().copied().collect(),
+            backends: contents.backends.iter().copied().collect(),
+            rev_nat: contents.rev_nat.iter().copied().collect(),
+        };
+        let mut mirror = Programmed::from_maps(&contents);
+        let ops = step(&mut maps, &mut mirror, &desired(&[frontend(1, &[1])]));
+        let rev_nat = rev_nat_id_of(&mirror, 1);
+        assert!(
+            index_of(&ops, &put_rev_nat(rev_nat, 1)) < index_of(&ops, &put_frontend(1, 1, rev_nat))
+        );
+        assert_eq!(live_slots(&mirror, 1), [1]);
+        assert_eq!(mirror.rev_nat_ids, BTreeSet::from([rev_nat]));
     }
 }

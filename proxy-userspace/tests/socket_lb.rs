@@ -231,3 +231,77 @@ fn a_second_run_adopts_the_pins_and_keeps_serving() {
         Some(&10)
     );
 }
+
+#[test]
+fn c34_bad_manifests_are_named_and_the_good_service_keeps_working() {
+    let mut h = Harness::new("badinput", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true)]);
+    h.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+    );
+    h.write_manifest(
+        "bad-ip.yaml",
+        &service("bad-ip", "10.96.0.300", &[("http", 80, "TCP")]),
+    );
+    h.write_manifest(
+        "bad-port.yaml",
+        &service("bad-port", "10.96.0.11", &[("http", 70000, "TCP")]),
+    );
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    h.wait_for_log("broken.yaml document 1");
+    h.wait_for_log("Service default/bad-ip");
+    h.wait_for_log("bad-port");
+
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
+        Some(&10)
+    );
+    let listed: Vec<String> = h
+        .list()
+        .expect("list")
+        .iter()
+        .map(|f| f["frontend"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        listed,
+        ["10.96.0.10:80"],
+        "only the good Service is programmed"
+    );
+    // Each problem is reported once, not at every sync.
+    let log = h.agent_log();
+    assert_eq!(log.matches("Service default/bad-ip").count(), 1, "{log}");
+}
+
+#[test]
+fn cleanup_detaches_the_programs_and_removes_the_pins() {
+    let mut h = Harness::new("cleanup", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true)]);
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    h.stop_agent();
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "3"])).get("pod-a"),
+        Some(&3)
+    );
+
+    let out = std::process::Command::new(common::AGENT)
+        .arg("--pin-path")
+        .arg(&h.pin_path)
+        .arg("cleanup")
+        .output()
+        .expect("running cleanup");
+    assert!(out.status.success(), "cleanup failed: {out:?}");
+    assert!(
+        !h.pin_path.exists(),
+        "{} still exists",
+        h.pin_path.display()
+    );
+    // No program translates any more: the Service address dead-ends in the namespace.
+    for line in h.client(&["tcp", "10.96.0.10:80", "3"]) {
+        assert_eq!(line["errno"], ENETUNREACH, "{line}");
+    }
+}

@@ -68,7 +68,38 @@ impl Harness {
                 "100ms",
             ])
             .env("EKP_LOG", "info");
+        // The agent's log goes to a file the test can read (and that is shown on failure).
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log_path())
+            .expect("creating the agent log");
+        command.stderr(log);
         self.agent = Some(Proc::spawn(command, "ebpf-kube-proxy").expect("starting the agent"));
+    }
+
+    fn agent_log_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-agent.log", self.prefix))
+    }
+
+    /// Everything the agent logged so far (all runs).
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        while Instant::now() < deadline {
+            if self.agent_log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the agent never logged {needle:?}; log:\n{}",
+            self.agent_log()
+        );
     }
 
     pub fn stop_agent(&mut self) {
@@ -185,6 +216,10 @@ impl Drop for Harness {
             other => eprintln!("cleanup of {} failed: {other:?}", self.pin_path.display()),
         }
         let _ = fs::remove_dir_all(&self.manifests);
+        if std::thread::panicking() {
+            eprintln!("--- agent log of {} ---\n{}", self.prefix, self.agent_log());
+        }
+        let _ = fs::remove_file(self.agent_log_path());
         // The topology (namespaces, cgroup) drops after this.
     }
 }
@@ -223,8 +258,9 @@ pub fn answers(lines: &[Value]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// A ClusterIP Service manifest. `ports`: (name, port, protocol).
-pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, u16, &str)]) -> String {
+/// A ClusterIP Service manifest. `ports`: (name, port, protocol); the port is a u32 so that
+/// tests can write out-of-range ports.
+pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, u32, &str)]) -> String {
     let ports: String = ports
         .iter()
         .map(|(n, p, proto)| format!("  - {{name: {n}, port: {p}, protocol: {proto}}}\n"))
