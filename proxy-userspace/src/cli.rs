@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Program the datapath and keep it in sync with the source of Services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show frontends and their backends, read from the pinned maps.
     List {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
@@ -42,10 +42,28 @@ enum Command {
 
 #[derive(Parser, Debug)]
 struct RunArgs {
-    /// Standalone source: a directory of Service and EndpointSlice manifests (YAML/JSON),
-    /// followed for creation, edits and deletion. Write files atomically (rename).
+    /// Standalone source: a directory of Service, EndpointSlice and Node manifests
+    /// (YAML/JSON), followed for creation, edits and deletion. Write files atomically
+    /// (rename). Without it, the Kubernetes API is the source.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "master"])]
+    manifests: Option<PathBuf>,
+
+    /// kubeconfig file [default: $KUBECONFIG, else the in-cluster service account].
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+
+    /// API server address, overriding the kubeconfig (kube-proxy's --master). Needed in
+    /// clusters where the `kubernetes` Service is only reachable through this agent.
+    #[arg(long)]
+    master: Option<String>,
+
+    /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
+    healthz_bind_address: BindAddress,
+
+    /// `/metrics` address; empty disables (kube-proxy's flag).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+    metrics_bind_address: BindAddress,
 
     /// cgroup v2 directory the socket programs attach to [default: the cgroup v2 root].
     #[arg(long)]
@@ -63,6 +81,19 @@ struct RunArgs {
     /// Full re-sync interval even without changes (kube-proxy's --sync-period).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
+}
+
+/// A bind address, or none (the flag given as "").
+#[derive(Clone, Copy, Debug)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_bind(s: &str) -> Result<BindAddress, String> {
+    if s.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    s.parse()
+        .map(|a| BindAddress(Some(a)))
+        .map_err(|e| format!("invalid address {s:?}: {e} (use IP:PORT, or \"\" to disable)"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,14 +151,23 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Some(n) => n,
                 None => default_node_name()?,
             };
+            let source = match args.manifests {
+                Some(dir) => run::SourceConfig::Manifests(dir),
+                None => run::SourceConfig::Kube(crate::source::kube::Connection {
+                    kubeconfig: args.kubeconfig,
+                    master: args.master,
+                }),
+            };
             let config = run::Config {
-                manifests: args.manifests,
+                source,
                 cgroup,
                 pin_dir: cli.pin_path,
                 node_name,
                 min_sync_period: args.min_sync_period,
                 sync_period: args.sync_period,
                 map_sizes: dataplane::MapSizes::default(),
+                healthz_bind: args.healthz_bind_address.0,
+                metrics_bind: args.metrics_bind_address.0,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -182,5 +222,12 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn an_empty_bind_address_disables_the_server() {
+        assert!(parse_bind("").is_ok_and(|b| b.0.is_none()));
+        assert!(parse_bind("127.0.0.1:0").is_ok_and(|b| b.0.is_some()));
+        assert!(parse_bind("10256").is_err());
     }
 }

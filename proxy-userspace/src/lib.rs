@@ -1,15 +1,17 @@
 //! ebpf-kube-proxy: the node agent.
 //!
 //! Data flows one way (DESIGN.md section 4):
-//! `manifests` (source) -> `translate` (pure: kube-proxy semantics) -> `sync` (diff, safe
+//! `source` (manifests dir | Kubernetes API) -> `translate` (pure: kube-proxy semantics) -> `sync` (diff, safe
 //! order) -> `dataplane` (aya). `cli` wires them; `list` reads the pinned maps back.
 
 pub mod abi;
 pub mod cli;
 pub mod dataplane;
+pub mod http;
 pub mod list;
-pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod run;
+pub mod source;
 pub mod sync;
 pub mod translate;

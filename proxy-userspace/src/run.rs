@@ -1,42 +1,74 @@
-//! `run`: the agent's main loop for the standalone source.
+//! `run`: the agent's main loop, kube-proxy's bounded-frequency runner in small.
 //!
-//! Load the directory, translate, sync the difference; then wait for a change (batched:
-//! syncs are at least `min_sync_period` apart) or the periodic re-sync. Input problems are
+//! A change from the source queues a sync; syncs are at least `min_sync_period` apart (so
+//! bursts are batched), a full re-sync runs every `sync_period` even without changes, and a
+//! failed sync is retried after `min_sync_period` (at least a second). Each sync takes a
+//! snapshot of the source, translates it and writes only the difference. Input problems are
 //! logged once each, naming the object, and never stop the loop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use k8s_openapi::Metadata;
+use k8s_openapi::api::core::v1::Node;
 use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use crate::dataplane::{self, MapSizes};
-use crate::manifests;
+use crate::http::{self, Health};
+use crate::metrics::{KindLabel, MapLabel, Metrics};
 use crate::model::Skipped;
+use crate::source::kube::{self as kube_source, KubeSource};
+use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::translate::translate;
 
+/// Where Services and EndpointSlices come from.
+pub enum SourceConfig {
+    /// A directory of manifests (standalone mode).
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kube(kube_source::Connection),
+}
+
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub node_name: String,
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub map_sizes: MapSizes,
+    /// `/healthz` and `/livez`; `None` disables them.
+    pub healthz_bind: Option<SocketAddr>,
+    /// `/metrics`; `None` disables it.
+    pub metrics_bind: Option<SocketAddr>,
+}
+
+enum Source {
+    Manifests {
+        dir: PathBuf,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kube(KubeSource),
+}
+
+impl Source {
+    fn snapshot(&self, node_name: &str) -> Snapshot {
+        match self {
+            Source::Manifests { dir, .. } => manifests::snapshot(dir, node_name),
+            Source::Kube(kube) => kube.snapshot(),
+        }
+    }
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    if !config.manifests.is_dir() {
-        anyhow::bail!(
-            "--manifests {} is not a directory",
-            config.manifests.display()
-        );
-    }
     let (maps, _programs) = dataplane::start(&config.pin_dir, &config.cgroup, config.map_sizes)?;
     let mut syncer = Syncer::adopt(maps);
     tracing::info!(
@@ -48,31 +80,50 @@ pub async fn run(config: Config) -> Result<()> {
         "datapath ready; adopted what was pinned"
     );
 
-    // File events only say "something changed": the directory is re-read as a whole.
-    let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            // A full channel already holds a pending "changed".
-            let _ = changed_tx.try_send(());
-        }
-    })
-    .context("creating the file watcher")?;
-    watcher
-        .watch(&config.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    for (map, capacity) in map_capacities(&config.map_sizes) {
+        metrics
+            .map_capacity
+            .get_or_create(&MapLabel { map: map.into() })
+            .set(capacity);
+    }
+    // kube-proxy's health timeout is twice its sync period.
+    let health = Arc::new(Health::new(config.sync_period * 2));
+    health.queued(SystemTime::now());
+    if let Some(addr) = config.healthz_bind {
+        http::serve_health(addr, health.clone(), metrics.clone()).await?;
+    }
+    if let Some(addr) = config.metrics_bind {
+        http::serve_metrics(addr, health.clone(), metrics.clone()).await?;
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut reported = BTreeSet::new();
+    let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
+    let source = tokio::select! {
+        source = start_source(&config, changed_tx) => source?,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    };
+
+    let mut state = LoopState::default();
     loop {
         let started = Instant::now();
-        sync_once(&config, &mut syncer, &mut reported);
+        let ok = sync_once(&config, &source, &mut syncer, &mut state, &metrics, &health);
+        let wait = if ok {
+            config.sync_period
+        } else {
+            config.min_sync_period.max(Duration::from_secs(1))
+        };
         tokio::select! {
             _ = changed_rx.recv() => {}
-            _ = tokio::time::sleep(config.sync_period) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        let now = SystemTime::now();
+        health.queued(now);
+        metrics.last_queued_timestamp.set(unix_seconds(now));
         // Bounded frequency: batch whatever else changes until the minimum period is over.
         sleep_until(started + config.min_sync_period).await;
         while changed_rx.try_recv().is_ok() {}
@@ -81,30 +132,249 @@ pub async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-fn sync_once(config: &Config, syncer: &mut Syncer, reported: &mut BTreeSet<Skipped>) {
-    let (objects, mut skipped) = manifests::load_dir(&config.manifests);
-    let translation = translate(&objects.services, &objects.slices, &config.node_name);
-    skipped.extend(translation.skipped);
-    report_skipped(reported, skipped.into_iter().collect());
-    match syncer.sync(&translation.state) {
-        Ok(stats) if stats.writes > 0 => tracing::info!(
-            writes = stats.writes,
-            frontends = stats.frontends,
-            backends = stats.backends,
-            "synced"
-        ),
-        Ok(_) => tracing::debug!("in sync"),
-        Err(e) => tracing::error!("sync failed, retrying at the next change or period: {e:#}"),
+async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Source> {
+    match &config.source {
+        SourceConfig::Manifests(dir) => {
+            if !dir.is_dir() {
+                anyhow::bail!("--manifests {} is not a directory", dir.display());
+            }
+            // File events only say "something changed": the directory is re-read whole.
+            let mut watcher =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    if event.is_ok() {
+                        // A full channel already holds a pending "changed".
+                        let _ = changed.try_send(());
+                    }
+                })
+                .context("creating the file watcher")?;
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            Ok(Source::Manifests {
+                dir: dir.clone(),
+                _watcher: watcher,
+            })
+        }
+        SourceConfig::Kube(conn) => {
+            let client = kube_source::client(conn).await?;
+            let kube = KubeSource::start(client, &config.node_name, changed);
+            tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
+            kube.wait_until_ready().await?;
+            Ok(Source::Kube(kube))
+        }
     }
 }
 
+/// What the loop remembers between syncs.
+#[derive(Default)]
+struct LoopState {
+    reported: BTreeSet<Skipped>,
+    /// Last seen objects per kind, to count changes like kube-proxy's change trackers.
+    services: BTreeMap<(String, String), String>,
+    slices: BTreeMap<(String, String), String>,
+}
+
+/// One sync. Returns false when writing the maps failed (to retry sooner).
+fn sync_once(
+    config: &Config,
+    source: &Source,
+    syncer: &mut Syncer,
+    state: &mut LoopState,
+    metrics: &Metrics,
+    health: &Health,
+) -> bool {
+    let started = std::time::Instant::now();
+    let snapshot = source.snapshot(&config.node_name);
+    let service_changes = count_changes(&mut state.services, &snapshot.services);
+    let slice_changes = count_changes(&mut state.slices, &snapshot.slices);
+    metrics.service_changes.inc_by(service_changes.len() as u64);
+    metrics.endpoint_changes.inc_by(slice_changes.len() as u64);
+    health.set_node_eligible(node_eligible(snapshot.node.as_ref()));
+
+    let translation = translate(&snapshot.services, &snapshot.slices, &config.node_name);
+    let mut skipped = snapshot.skipped;
+    skipped.extend(translation.skipped);
+    report_skipped(&mut state.reported, skipped.into_iter().collect(), metrics);
+
+    match syncer.sync(&translation.state) {
+        Ok(stats) => {
+            let now = SystemTime::now();
+            health.updated(now);
+            metrics
+                .sync_duration
+                .observe(started.elapsed().as_secs_f64());
+            metrics.last_sync_timestamp.set(unix_seconds(now));
+            observe_programming_latency(&snapshot.slices, &slice_changes, now, metrics);
+            let programmed = syncer.programmed();
+            let service_entries: usize = programmed
+                .frontends
+                .values()
+                .map(|f| 1 + f.slots.len())
+                .sum();
+            for (map, n) in [
+                (proxy_common::MAP_SERVICES, service_entries),
+                (proxy_common::MAP_BACKENDS, programmed.backends.len()),
+                (proxy_common::MAP_REV_NAT, programmed.rev_nat_ids.len()),
+            ] {
+                metrics
+                    .map_entries
+                    .get_or_create(&MapLabel { map: map.into() })
+                    .set(n as i64);
+            }
+            if stats.writes > 0 {
+                tracing::info!(
+                    writes = stats.writes,
+                    frontends = stats.frontends,
+                    backends = stats.backends,
+                    "synced"
+                );
+            } else {
+                tracing::debug!("in sync");
+            }
+            true
+        }
+        Err(e) => {
+            metrics.sync_failures.inc();
+            tracing::error!("sync failed, retrying: {e:#}");
+            false
+        }
+    }
+}
+
+/// The (namespace, name) of objects added, changed or removed since the last call;
+/// remembers the current ones.
+fn count_changes<K>(
+    seen: &mut BTreeMap<(String, String), String>,
+    objects: &[K],
+) -> BTreeSet<(String, String)>
+where
+    K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> + serde::Serialize,
+{
+    let current: BTreeMap<(String, String), String> = objects
+        .iter()
+        .map(|o| {
+            let meta = o.metadata();
+            let key = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            // The resourceVersion identifies a version from the API; manifests have none,
+            // so their content stands in.
+            let version = meta
+                .resource_version
+                .clone()
+                .unwrap_or_else(|| serde_json::to_string(o).unwrap_or_default());
+            (key, version)
+        })
+        .collect();
+    let mut changed: BTreeSet<(String, String)> = current
+        .iter()
+        .filter(|(k, v)| seen.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    changed.extend(seen.keys().filter(|k| !current.contains_key(*k)).cloned());
+    *seen = current;
+    changed
+}
+
+/// kube-proxy's network programming latency: from the EndpointSlice controller's
+/// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it.
+fn observe_programming_latency(
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    changed: &BTreeSet<(String, String)>,
+    now: SystemTime,
+    metrics: &Metrics,
+) {
+    for slice in slices {
+        let key = (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        );
+        if !changed.contains(&key) {
+            continue;
+        }
+        let trigger = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        if let Some(trigger) = trigger
+            && let Ok(now) = jiff::Timestamp::try_from(now)
+        {
+            let seconds = now.duration_since(trigger).as_secs_f64();
+            if seconds >= 0.0 {
+                metrics.network_programming_duration.observe(seconds);
+            }
+        }
+    }
+}
+
+/// kube-proxy reports `nodeEligible: false` while the node is being deleted or the cluster
+/// autoscaler is removing it, so that load balancers stop sending traffic first.
+fn node_eligible(node: Option<&Node>) -> bool {
+    let Some(node) = node else {
+        return true;
+    };
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let autoscaler_taint = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| {
+            taints
+                .iter()
+                .any(|t| t.key == "ToBeDeletedByClusterAutoscaler")
+        });
+    !deleting && !autoscaler_taint
+}
+
 /// Logs each problem once while it lasts, and says when it is gone.
-fn report_skipped(reported: &mut BTreeSet<Skipped>, current: BTreeSet<Skipped>) {
+fn report_skipped(reported: &mut BTreeSet<Skipped>, current: BTreeSet<Skipped>, metrics: &Metrics) {
     for s in current.difference(reported) {
         tracing::error!("skipped {}: {}", s.object, s.reason);
     }
     for s in reported.difference(&current) {
         tracing::info!("no longer skipped: {}", s.object);
     }
+    let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+    for s in reported.iter().chain(current.iter()) {
+        by_kind.entry(object_kind(&s.object)).or_default();
+    }
+    for s in &current {
+        *by_kind.entry(object_kind(&s.object)).or_default() += 1;
+    }
+    for (kind, n) in by_kind {
+        metrics
+            .skipped_objects
+            .get_or_create(&KindLabel { kind })
+            .set(n);
+    }
     *reported = current;
+}
+
+/// "Service default/web" -> "Service"; a file path -> "file".
+fn object_kind(object: &str) -> String {
+    match object.split_once(' ') {
+        Some((kind, _)) if kind.chars().next().is_some_and(char::is_uppercase) => kind.to_owned(),
+        _ => "file".to_owned(),
+    }
+}
+
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 4] {
+    [
+        (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
+        (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
+        (proxy_common::MAP_REV_NAT, i64::from(sizes.rev_nat)),
+        (
+            proxy_common::MAP_SOCK_REV_NAT,
+            i64::from(sizes.sock_rev_nat),
+        ),
+    ]
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }

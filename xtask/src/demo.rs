@@ -76,7 +76,9 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         .arg(&leftovers.manifests)
         .arg("--cgroup")
         .arg(topo.cgroup.path())
-        .args(["--hostname-override", "node-1"]);
+        .args(["--hostname-override", "node-1"])
+        .args(["--healthz-bind-address", "127.0.0.1:0"])
+        .args(["--metrics-bind-address", "127.0.0.1:0"]);
     println!("  {}", cmd::display(&agent_cmd));
     let mut agent = Proc::spawn(agent_cmd, "ebpf-kube-proxy")?;
     wait_until_listed(&bins.agent, &leftovers.pin_path, &mut agent)?;

@@ -66,6 +66,11 @@ impl Harness {
                 "node-1",
                 "--min-sync-period",
                 "100ms",
+                // Loopback, any free port: tests run in parallel on one host.
+                "--healthz-bind-address",
+                "127.0.0.1:0",
+                "--metrics-bind-address",
+                "127.0.0.1:0",
             ])
             .env("EKP_LOG", "info");
         // The agent's log goes to a file the test can read (and that is shown on failure).

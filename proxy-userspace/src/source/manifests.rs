@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
+use super::Snapshot;
 use crate::model::Skipped;
 
 /// The objects found in a manifests directory.
@@ -88,6 +89,21 @@ pub fn load_dir(dir: &Path) -> (Objects, Vec<Skipped>) {
         }
     }
     (objects, skipped)
+}
+
+/// The directory as a snapshot; the Node is the one named `node_name`, if present.
+pub fn snapshot(dir: &Path, node_name: &str) -> Snapshot {
+    let (objects, skipped) = load_dir(dir);
+    let node = objects
+        .nodes
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name));
+    Snapshot {
+        services: objects.services,
+        slices: objects.slices,
+        node,
+        skipped,
+    }
 }
 
 fn is_manifest(path: &Path) -> bool {

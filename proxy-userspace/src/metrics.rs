@@ -1,0 +1,183 @@
+//! Prometheus metrics: kube-proxy's names where the meaning is the same (so existing
+//! dashboards keep working), `ebpf_kube_proxy_*` for what is ours. Counters get the
+//! `_total` suffix from the OpenMetrics encoder.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub sync_duration: Histogram,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub last_queued_timestamp: Gauge<f64, AtomicU64>,
+    pub network_programming_duration: Histogram,
+    pub endpoint_changes: Counter,
+    pub service_changes: Counter,
+    pub no_local_endpoints: Family<PolicyLabel, Gauge>,
+    pub healthz: Family<CodeLabel, Counter>,
+    pub livez: Family<CodeLabel, Counter>,
+    pub sync_failures: Counter,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub skipped_objects: Family<KindLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        // kube-proxy's buckets: 1 ms .. ~16 s.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let network_programming_duration = Histogram::new([
+            0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+            120.0, 300.0,
+        ]);
+        let mut m = Metrics {
+            sync_duration,
+            last_sync_timestamp: Gauge::default(),
+            last_queued_timestamp: Gauge::default(),
+            network_programming_duration,
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            sync_failures: Counter::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            skipped_objects: Family::default(),
+            registry: Registry::default(),
+        };
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_sync_timestamp.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            m.last_queued_timestamp.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming_duration.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules EndpointSlice changes",
+            m.endpoint_changes.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_sync_failures",
+            "Syncs that failed to write the maps (retried)",
+            m.sync_failures.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_map_entries",
+            "Entries in use per BPF map, as the agent programmed them",
+            m.map_entries.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_map_capacity",
+            "max_entries per BPF map",
+            m.map_capacity.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_skipped_objects",
+            "Input objects currently skipped, by kind of object",
+            m.skipped_objects.clone(),
+        );
+        m
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_kube_proxys_metric_names() {
+        let m = Metrics::new();
+        m.endpoint_changes.inc();
+        m.healthz
+            .get_or_create(&CodeLabel { code: "200".into() })
+            .inc();
+        m.sync_duration.observe(0.002);
+        let text = m.encode();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "kubeproxy_network_programming_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
+            "kubeproxy_sync_proxy_rules_service_changes_total 0",
+            "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
