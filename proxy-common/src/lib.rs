@@ -29,6 +29,12 @@ pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
 pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// sessionAffinity ClientIP: a client keeps its backend while it reconnects within
+/// slot 0's `affinity_timeout`.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 4;
+/// With `count == 0`: the Service has endpoints, but none this traffic may use (a `Local`
+/// traffic policy and none on this node): drop, as kube-proxy does, instead of refusing.
+pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 5;
 
 /// Backend states (`BackendValue::state`).
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
@@ -36,21 +42,33 @@ pub const BACKEND_STATE_ACTIVE: u8 = 0;
 /// errno the socket programs hand back for a Service without usable backends; kube-proxy
 /// REJECTs such traffic, which a client sees as ECONNREFUSED.
 pub const ECONNREFUSED: i32 = 111;
+/// errno for traffic kube-proxy would DROP (`SVC_FLAG_DROP_EMPTY`). A socket hook cannot
+/// drop a packet that was never sent; failing the call with "no route to host" (as Cilium's
+/// socket LB does) is the closest a client can see without hanging, and is not a refusal.
+pub const EHOSTUNREACH: i32 = 113;
 
 /// Map names (also the pin file names under `<pin dir>/maps/`).
 pub const MAP_SERVICES: &str = "ekp_svc_v1";
 pub const MAP_BACKENDS: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
+pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_REV_NAT, MAP_SOCK_REV_NAT];
+pub const ALL_MAPS: [&str; 5] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_REV_NAT,
+    MAP_SOCK_REV_NAT,
+    MAP_AFFINITY,
+];
 
 /// Default capacities (max_entries). The agent can override them at load time.
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
 pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
 pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
 
 /// Key of the services map: one frontend (slot 0) or one of its backend slots.
 #[repr(C)]
@@ -83,7 +101,9 @@ pub struct ServiceValue {
     pub rev_nat_id: u16,
     /// Slot 0: `SVC_FLAG_*` bits. Host order.
     pub flags: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Slot 0 with `SVC_FLAG_AFFINITY`: the sessionAffinity timeout in seconds. Host order.
+    pub affinity_timeout: u32,
 }
 
 /// Value of the backends map (key: backend id, `u32`, host order).
@@ -139,7 +159,31 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 
+/// Key of the session-affinity LRU map (Cilium's `lb4_affinity_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Who the client is: the network namespace cookie for the socket programs (one per pod,
+    /// so one per pod IP, which is what kube-proxy's ClientIP keys on). Host order.
+    pub client: u64,
+    /// The frontend's rev-NAT id. Host order.
+    pub rev_nat_id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the session-affinity LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// The backend this client sticks to. Host order.
+    pub backend_id: u32,
+    /// When the client last used it, seconds of `bpf_ktime_get_ns` (monotonic). Host order.
+    pub last_used: u32,
+}
+
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
@@ -158,6 +202,8 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -177,6 +223,9 @@ mod tests {
         assert_eq!(offset_of!(ServiceValue, count), 4);
         assert_eq!(offset_of!(ServiceValue, rev_nat_id), 6);
         assert_eq!(offset_of!(ServiceValue, flags), 8);
+        assert_eq!(offset_of!(ServiceValue, affinity_timeout), 12);
+        assert_eq!(offset_of!(AffinityKey, rev_nat_id), 8);
+        assert_eq!(offset_of!(AffinityValue, last_used), 4);
         assert_eq!(offset_of!(BackendValue, port), 4);
         assert_eq!(offset_of!(BackendValue, proto), 6);
         assert_eq!(offset_of!(SockRevNatKey, addr), 8);

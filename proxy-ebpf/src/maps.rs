@@ -5,9 +5,9 @@
 use aya_ebpf::btf_maps::{HashMap, LruHashMap};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
-    BackendValue, DEFAULT_BACKENDS_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REV_NAT_MAX, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX, RevNatValue, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -32,3 +32,10 @@ pub static SOCK_REV_NAT: LruHashMap<
     SockRevNatValue,
     { DEFAULT_SOCK_REV_NAT_MAX as usize },
 > = LruHashMap::new();
+
+/// (client, rev-NAT id) -> the backend a sessionAffinity ClientIP client sticks to.
+/// Written by the programs on selection; the agent deletes entries whose backend left the
+/// Service. LRU: idle clients age out.
+#[btf_map(name = "ekp_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX as usize }> =
+    LruHashMap::new();

@@ -15,8 +15,8 @@ use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    ALL_MAPS, BackendValue, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue,
-    ServiceKey, ServiceValue,
+    ALL_MAPS, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES,
+    MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
 };
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
@@ -37,6 +37,7 @@ pub struct MapSizes {
     pub backends: u32,
     pub rev_nat: u32,
     pub sock_rev_nat: u32,
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -46,6 +47,7 @@ impl Default for MapSizes {
             backends: proxy_common::DEFAULT_BACKENDS_MAX,
             rev_nat: proxy_common::DEFAULT_REV_NAT_MAX,
             sock_rev_nat: proxy_common::DEFAULT_SOCK_REV_NAT_MAX,
+            affinity: proxy_common::DEFAULT_AFFINITY_MAX,
         }
     }
 }
@@ -179,7 +181,8 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
         .map_max_entries(MAP_SERVICES, sizes.services)
         .map_max_entries(MAP_BACKENDS, sizes.backends)
         .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
-        .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat);
+        .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat)
+        .map_max_entries(MAP_AFFINITY, sizes.affinity);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
     let cgroup_dir =

@@ -361,7 +361,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 4] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 5] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -370,6 +370,7 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 4] {
             proxy_common::MAP_SOCK_REV_NAT,
             i64::from(sizes.sock_rev_nat),
         ),
+        (proxy_common::MAP_AFFINITY, i64::from(sizes.affinity)),
     ]
 }
 
