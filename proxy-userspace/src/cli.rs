@@ -57,6 +57,11 @@ struct RunArgs {
     #[arg(long)]
     master: Option<String>,
 
+    /// NodePorts are served on this node's addresses within these CIDRs, comma-separated
+    /// (kube-proxy's flag) [default: every IPv4 address of the Node object].
+    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
+    nodeport_addresses: Vec<(std::net::Ipv4Addr, u8)>,
+
     /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: BindAddress,
@@ -81,6 +86,18 @@ struct RunArgs {
     /// Full re-sync interval even without changes (kube-proxy's --sync-period).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not an IPv4 CIDR such as 10.0.0.0/8"))?;
+    let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let prefix: u8 = prefix.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if prefix > 32 {
+        return Err(format!("{s:?}: prefix length above 32"));
+    }
+    Ok((addr, prefix))
 }
 
 /// A bind address, or none (the flag given as "").
@@ -166,6 +183,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 min_sync_period: args.min_sync_period,
                 sync_period: args.sync_period,
                 map_sizes: dataplane::MapSizes::default(),
+                node_port_cidrs: args.nodeport_addresses,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
             };
@@ -222,6 +240,17 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn nodeport_addresses_are_ipv4_cidrs() {
+        assert_eq!(
+            parse_cidr("10.0.0.0/8"),
+            Ok((std::net::Ipv4Addr::new(10, 0, 0, 0), 8))
+        );
+        assert!(parse_cidr("10.0.0.0").is_err());
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("primary").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! pinned maps (no flush), and a pinned link gets the newly loaded program swapped in with
 //! `BPF_LINK_UPDATE`, so sockets never see a moment without the programs.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -15,8 +16,8 @@ use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    ALL_MAPS, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES,
-    MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT,
+    MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
 };
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
@@ -73,6 +74,7 @@ pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u16, RevNatValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 impl Maps {
@@ -91,6 +93,7 @@ impl Maps {
             services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?,
             backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?,
             rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
+            affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?))?,
         })
     }
 
@@ -103,6 +106,7 @@ impl Maps {
             services: HashMap::try_from(take(MAP_SERVICES)?)?,
             backends: HashMap::try_from(take(MAP_BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
+            affinity: HashMap::try_from(take(MAP_AFFINITY)?)?,
         })
     }
 
@@ -140,6 +144,22 @@ impl Maps {
         self.rev_nat
             .insert(id, value, 0)
             .with_context(|| format!("writing rev-NAT {id}"))
+    }
+
+    /// Deletes the session-affinity entries that stick a client of rev-NAT id `.0` to
+    /// backend `.1`: that backend left the frontend. Returns how many went.
+    pub fn forget_affinity(&mut self, stale: &BTreeSet<(u16, u32)>) -> Result<usize> {
+        let doomed: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| stale.contains(&(k.rev_nat_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            ignore_missing(self.affinity.remove(key)).context("deleting an affinity entry")?;
+        }
+        Ok(doomed.len())
     }
 
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {

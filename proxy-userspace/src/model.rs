@@ -170,14 +170,47 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// What a frontend without backends does with a connection. kube-proxy tells "nothing
+/// to reach anywhere" (REJECT) apart from "nothing to reach from this node under a `Local`
+/// policy" (DROP), and clients see the difference: an error at once versus a timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WhenEmpty {
+    /// No usable endpoint at all: kube-proxy REJECTs, the client gets ECONNREFUSED (a TCP
+    /// RST or an ICMP port unreachable on the wire).
+    Refuse,
+    /// A `Local` traffic policy whose endpoints are all on other nodes: kube-proxy DROPs,
+    /// so that a load balancer's health check, not a refusal, steers traffic elsewhere.
+    Drop,
+}
+
 /// One desired frontend and the backends it balances over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub key: FrontendKey,
     pub kind: FrontendKind,
     pub service: ServicePortName,
-    /// Sorted and de-duplicated. Empty means "no usable endpoint": the datapath refuses.
+    /// Sorted and de-duplicated. Empty means "no usable endpoint": see `when_empty`.
     pub backends: Vec<BackendAddr>,
+    /// What to do while `backends` is empty. Always `Refuse` when there are backends, so
+    /// that two equal states compare equal.
+    pub when_empty: WhenEmpty,
+    /// `sessionAffinity: ClientIP` timeout in seconds (1..=86400): a client keeps its
+    /// backend while it reconnects within this time. `None` for affinity `None`.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// What translate needs to know about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node's name, compared with an endpoint's `nodeName` (traffic policy `Local`) and
+    /// with `hints.forNodes` (topology).
+    pub name: String,
+    /// The Node's `topology.kubernetes.io/zone` label, compared with `hints.forZones`.
+    /// `None` when the label is missing or empty: zone hints are then never used.
+    pub zone: Option<String>,
+    /// The IPv4 addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`
+    /// applied to the node's addresses), sorted; one NodePort frontend per address.
+    pub node_port_addresses: Vec<Ipv4Addr>,
 }
 
 /// Everything the dataplane should hold, keyed by frontend.

@@ -27,7 +27,7 @@ use crate::model::Skipped;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
-use crate::translate::translate;
+use crate::translate::{node_info, translate};
 
 /// Where Services and EndpointSlices come from.
 pub enum SourceConfig {
@@ -45,6 +45,9 @@ pub struct Config {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub map_sizes: MapSizes,
+    /// kube-proxy's `--nodeport-addresses`: NodePorts are served on the node's addresses in
+    /// these CIDRs (all of them when empty).
+    pub node_port_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
     /// `/healthz` and `/livez`; `None` disables them.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
@@ -191,7 +194,12 @@ fn sync_once(
     metrics.endpoint_changes.inc_by(slice_changes.len() as u64);
     health.set_node_eligible(node_eligible(snapshot.node.as_ref()));
 
-    let translation = translate(&snapshot.services, &snapshot.slices, &config.node_name);
+    let node = node_info(
+        &config.node_name,
+        snapshot.node.as_ref(),
+        &config.node_port_cidrs,
+    );
+    let translation = translate(&snapshot.services, &snapshot.slices, &node);
     let mut skipped = snapshot.skipped;
     skipped.extend(translation.skipped);
     report_skipped(&mut state.reported, skipped.into_iter().collect(), metrics);

@@ -12,17 +12,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
-use proxy_common::ServiceValue;
+use proxy_common::{
+    BackendValue, RevNatValue, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, ServiceValue,
+};
 
 use crate::abi;
 use crate::dataplane::{MapContents, Maps};
-use crate::model::{BackendAddr, DesiredState, FrontendKey};
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, WhenEmpty};
 
 /// One frontend as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
     pub rev_nat_id: u16,
     pub flags: u16,
+    /// Slot 0's sessionAffinity timeout (seconds; 0 without `SVC_FLAG_AFFINITY`).
+    pub affinity_timeout: u32,
     /// Slot 0's `count`: slots `1..=count` are live.
     pub count: u16,
     /// Backend id per slot number (may hold slots above `count` left by an interrupted sync).
@@ -60,6 +64,7 @@ pub enum Op {
         count: u16,
         rev_nat_id: u16,
         flags: u16,
+        affinity_timeout: u32,
     },
     DeleteSlot {
         frontend: FrontendKey,
@@ -74,6 +79,68 @@ pub enum Op {
     DeleteBackend {
         id: u32,
     },
+}
+
+/// One operation in the map ABI's terms: which entry of which map gets which bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    PutBackend(u32, BackendValue),
+    DeleteBackend(u32),
+    PutRevNat(u16, RevNatValue),
+    DeleteRevNat(u16),
+}
+
+impl Op {
+    /// The map entry this operation writes or deletes.
+    pub fn encode(&self) -> MapWrite {
+        match self {
+            Op::PutBackend { id, backend } => {
+                MapWrite::PutBackend(*id, abi::backend_value(backend))
+            }
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+                rev_nat_id,
+            } => MapWrite::PutService(
+                abi::service_key(frontend, *slot),
+                ServiceValue {
+                    backend_id: *backend_id,
+                    rev_nat_id: *rev_nat_id,
+                    ..Default::default()
+                },
+            ),
+            Op::PutRevNat { id, frontend } => {
+                MapWrite::PutRevNat(*id, abi::rev_nat_value(frontend))
+            }
+            Op::PutFrontend {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout,
+            } => MapWrite::PutService(
+                abi::service_key(frontend, 0),
+                ServiceValue {
+                    count: *count,
+                    rev_nat_id: *rev_nat_id,
+                    flags: *flags,
+                    affinity_timeout: *affinity_timeout,
+                    ..Default::default()
+                },
+            ),
+            Op::DeleteSlot { frontend, slot } => {
+                MapWrite::DeleteService(abi::service_key(frontend, *slot))
+            }
+            Op::DeleteFrontend { frontend } => {
+                MapWrite::DeleteService(abi::service_key(frontend, 0))
+            }
+            Op::DeleteRevNat { id } => MapWrite::DeleteRevNat(*id),
+            Op::DeleteBackend { id } => MapWrite::DeleteBackend(*id),
+        }
+    }
 }
 
 impl Programmed {
@@ -93,6 +160,7 @@ impl Programmed {
                     .or_insert_with(|| empty_frontend(value));
                 f.rev_nat_id = value.rev_nat_id;
                 f.flags = value.flags;
+                f.affinity_timeout = value.affinity_timeout;
                 f.count = value.count;
             } else {
                 slot_entries.push((frontend, key.slot, value.backend_id));
@@ -138,11 +206,13 @@ impl Programmed {
                 count,
                 rev_nat_id,
                 flags,
+                affinity_timeout,
             } => {
                 let f = self.frontend_mut(frontend);
                 f.count = *count;
                 f.rev_nat_id = *rev_nat_id;
                 f.flags = *flags;
+                f.affinity_timeout = *affinity_timeout;
             }
             Op::DeleteSlot { frontend, slot } => {
                 if let Some(f) = self.frontends.get_mut(frontend) {
@@ -155,6 +225,7 @@ impl Programmed {
                     f.count = 0;
                     f.flags = 0;
                     f.rev_nat_id = 0;
+                    f.affinity_timeout = 0;
                 }
             }
             Op::DeleteRevNat { id } => {
@@ -180,6 +251,7 @@ fn empty_frontend(value: &ServiceValue) -> ProgrammedFrontend {
     ProgrammedFrontend {
         rev_nat_id: value.rev_nat_id,
         flags: 0,
+        affinity_timeout: 0,
         count: 0,
         slots: BTreeMap::new(),
     }
@@ -269,15 +341,20 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
                 });
             }
         }
-        let flags = frontend.kind.flag();
-        let unchanged = current
-            .is_some_and(|f| f.count == count && f.rev_nat_id == rev_nat_id && f.flags == flags);
+        let (flags, affinity_timeout) = slot0_settings(frontend);
+        let unchanged = current.is_some_and(|f| {
+            f.count == count
+                && f.rev_nat_id == rev_nat_id
+                && f.flags == flags
+                && f.affinity_timeout == affinity_timeout
+        });
         if !unchanged {
             frontend_ops.push(Op::PutFrontend {
                 frontend: *key,
                 count,
                 rev_nat_id,
                 flags,
+                affinity_timeout,
             });
         }
         if let Some(slots) = existing_slots {
@@ -331,6 +408,49 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
             .map(|(id, _)| Op::DeleteBackend { id: *id }),
     );
     Ok(ops)
+}
+
+/// (rev-NAT id, backend id) pairs that session-affinity entries must no longer use: the
+/// backend left an affinity frontend, or the frontend went away or dropped affinity. The
+/// datapath only checks that a remembered backend still exists, so the agent removes these
+/// (kube-proxy's `recent` lists go with their endpoint chains the same way).
+pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeSet<(u16, u32)> {
+    let ids: BTreeMap<&BackendAddr, u32> =
+        programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
+    let mut stale = BTreeSet::new();
+    for (key, f) in &programmed.frontends {
+        if f.flags & SVC_FLAG_AFFINITY == 0 {
+            continue;
+        }
+        let keep: BTreeSet<u32> = match desired.frontends.get(key) {
+            Some(d) if d.affinity_timeout.is_some() => d
+                .backends
+                .iter()
+                .filter_map(|b| ids.get(b).copied())
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        stale.extend(
+            f.slots
+                .values()
+                .filter(|id| !keep.contains(id))
+                .map(|id| (f.rev_nat_id, *id)),
+        );
+    }
+    stale
+}
+
+/// Slot 0's flags and affinity timeout for a desired frontend: its kind, ClientIP affinity,
+/// and whether an empty backend set drops (a `Local` policy) instead of refusing.
+fn slot0_settings(frontend: &Frontend) -> (u16, u32) {
+    let mut flags = frontend.kind.flag();
+    if frontend.affinity_timeout.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if frontend.backends.is_empty() && frontend.when_empty == WhenEmpty::Drop {
+        flags |= SVC_FLAG_DROP_EMPTY;
+    }
+    (flags, frontend.affinity_timeout.unwrap_or(0))
 }
 
 fn next_free_u32(used: &BTreeSet<u32>, from: u32) -> Option<u32> {
@@ -390,9 +510,17 @@ impl Syncer {
     /// Writes the difference between what is programmed and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let ops = plan(&self.programmed, desired)?;
+        let stale_affinity = stale_affinity(&self.programmed, desired);
         for op in &ops {
             self.write(op)?;
             self.programmed.apply(op);
+        }
+        if !stale_affinity.is_empty() {
+            let forgotten = self.maps.forget_affinity(&stale_affinity)?;
+            tracing::debug!(
+                forgotten,
+                "session-affinity entries of removed backends deleted"
+            );
         }
         Ok(SyncStats {
             writes: ops.len(),
@@ -402,48 +530,13 @@ impl Syncer {
     }
 
     fn write(&mut self, op: &Op) -> Result<()> {
-        match op {
-            Op::PutBackend { id, backend } => {
-                self.maps.put_backend(*id, abi::backend_value(backend))
-            }
-            Op::PutSlot {
-                frontend,
-                slot,
-                backend_id,
-                rev_nat_id,
-            } => self.maps.put_service(
-                abi::service_key(frontend, *slot),
-                ServiceValue {
-                    backend_id: *backend_id,
-                    rev_nat_id: *rev_nat_id,
-                    ..Default::default()
-                },
-            ),
-            Op::PutRevNat { id, frontend } => {
-                self.maps.put_rev_nat(*id, abi::rev_nat_value(frontend))
-            }
-            Op::PutFrontend {
-                frontend,
-                count,
-                rev_nat_id,
-                flags,
-            } => self.maps.put_service(
-                abi::service_key(frontend, 0),
-                ServiceValue {
-                    count: *count,
-                    rev_nat_id: *rev_nat_id,
-                    flags: *flags,
-                    ..Default::default()
-                },
-            ),
-            Op::DeleteSlot { frontend, slot } => {
-                self.maps.delete_service(abi::service_key(frontend, *slot))
-            }
-            Op::DeleteFrontend { frontend } => {
-                self.maps.delete_service(abi::service_key(frontend, 0))
-            }
-            Op::DeleteRevNat { id } => self.maps.delete_rev_nat(*id),
-            Op::DeleteBackend { id } => self.maps.delete_backend(*id),
+        match op.encode() {
+            MapWrite::PutService(key, value) => self.maps.put_service(key, value),
+            MapWrite::DeleteService(key) => self.maps.delete_service(key),
+            MapWrite::PutBackend(id, value) => self.maps.put_backend(id, value),
+            MapWrite::DeleteBackend(id) => self.maps.delete_backend(id),
+            MapWrite::PutRevNat(id, value) => self.maps.put_rev_nat(id, value),
+            MapWrite::DeleteRevNat(id) => self.maps.delete_rev_nat(id),
         }
     }
 }
@@ -494,6 +587,8 @@ mod tests {
                 port: String::new(),
             },
             backends,
+            when_empty: WhenEmpty::Refuse,
+            affinity_timeout: None,
         }
     }
 
@@ -535,6 +630,7 @@ mod tests {
             count,
             rev_nat_id,
             flags: SVC_FLAG_CLUSTER_IP,
+            affinity_timeout: 0,
         }
     }
 
@@ -610,55 +706,24 @@ mod tests {
 
     impl FakeMaps {
         fn write(&mut self, op: &Op) {
-            match op {
-                Op::PutBackend { id, backend } => {
-                    self.backends.insert(*id, abi::backend_value(backend));
+            match op.encode() {
+                MapWrite::PutService(key, value) => {
+                    self.services.insert(key, value);
                 }
-                Op::PutSlot {
-                    frontend,
-                    slot,
-                    backend_id,
-                    rev_nat_id,
-                } => {
-                    self.services.insert(
-                        abi::service_key(frontend, *slot),
-                        ServiceValue {
-                            backend_id: *backend_id,
-                            rev_nat_id: *rev_nat_id,
-                            ..Default::default()
-                        },
-                    );
+                MapWrite::DeleteService(key) => {
+                    self.services.remove(&key);
                 }
-                Op::PutRevNat { id, frontend } => {
-                    self.rev_nat.insert(*id, abi::rev_nat_value(frontend));
+                MapWrite::PutBackend(id, value) => {
+                    self.backends.insert(id, value);
                 }
-                Op::PutFrontend {
-                    frontend,
-                    count,
-                    rev_nat_id,
-                    flags,
-                } => {
-                    self.services.insert(
-                        abi::service_key(frontend, 0),
-                        ServiceValue {
-                            count: *count,
-                            rev_nat_id: *rev_nat_id,
-                            flags: *flags,
-                            ..Default::default()
-                        },
-                    );
+                MapWrite::DeleteBackend(id) => {
+                    self.backends.remove(&id);
                 }
-                Op::DeleteSlot { frontend, slot } => {
-                    self.services.remove(&abi::service_key(frontend, *slot));
+                MapWrite::PutRevNat(id, value) => {
+                    self.rev_nat.insert(id, value);
                 }
-                Op::DeleteFrontend { frontend } => {
-                    self.services.remove(&abi::service_key(frontend, 0));
-                }
-                Op::DeleteRevNat { id } => {
-                    self.rev_nat.remove(id);
-                }
-                Op::DeleteBackend { id } => {
-                    self.backends.remove(id);
+                MapWrite::DeleteRevNat(id) => {
+                    self.rev_nat.remove(&id);
                 }
             }
         }
@@ -1011,6 +1076,7 @@ mod tests {
                 ProgrammedFrontend {
                     rev_nat_id: id,
                     flags: SVC_FLAG_CLUSTER_IP,
+                    affinity_timeout: 0,
                     count: 0,
                     slots: BTreeMap::new(),
                 },
@@ -1112,6 +1178,7 @@ mod tests {
                         ProgrammedFrontend {
                             rev_nat_id: 1,
                             flags: SVC_FLAG_CLUSTER_IP,
+                            affinity_timeout: 0,
                             count: 2,
                             slots: BTreeMap::from([(1, 1), (2, 2), (3, 3)]),
                         }
@@ -1121,6 +1188,7 @@ mod tests {
                         ProgrammedFrontend {
                             rev_nat_id: 0,
                             flags: 0,
+                            affinity_timeout: 0,
                             count: 0,
                             slots: BTreeMap::from([(2, 2)]),
                         }
@@ -1166,5 +1234,94 @@ mod tests {
         );
         assert_eq!(live_slots(&mirror, 1), [1]);
         assert_eq!(mirror.rev_nat_ids, BTreeSet::from([rev_nat]));
+    }
+
+    /// Frontend `host` with ClientIP affinity (timeout 10800 s) over `backends`.
+    fn sticky(host: u8, backends: &[u8]) -> Frontend {
+        Frontend {
+            affinity_timeout: Some(10800),
+            ..frontend(host, backends)
+        }
+    }
+
+    #[test]
+    fn slot_0_carries_the_affinity_timeout_and_the_drop_flag() {
+        let dropping = Frontend {
+            when_empty: WhenEmpty::Drop,
+            ..frontend(1, &[])
+        };
+        assert_eq!(
+            slot0_settings(&dropping),
+            (SVC_FLAG_CLUSTER_IP | SVC_FLAG_DROP_EMPTY, 0)
+        );
+        // With backends, "drop when empty" has nothing to say.
+        let served = Frontend {
+            when_empty: WhenEmpty::Drop,
+            ..sticky(1, &[2])
+        };
+        assert_eq!(
+            slot0_settings(&served),
+            (SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY, 10800)
+        );
+    }
+
+    #[test]
+    fn c21_switching_affinity_rewrites_slot_0_only() {
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &desired(&[frontend(1, &[2, 3])]));
+        let rev_nat_id = rev_nat_id_of(&mirror, 1);
+        let ops = sync(&mut mirror, &desired(&[sticky(1, &[2, 3])]));
+        assert_eq!(
+            ops,
+            [Op::PutFrontend {
+                frontend: fkey(1),
+                count: 2,
+                rev_nat_id,
+                flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
+                affinity_timeout: 10800,
+            }]
+        );
+        let ops = sync(&mut mirror, &desired(&[frontend(1, &[2, 3])]));
+        assert_eq!(ops, [put_frontend(1, 2, rev_nat_id)]);
+    }
+
+    #[test]
+    fn affinity_entries_are_stale_once_their_backend_leaves_the_frontend() {
+        let mut mirror = Programmed::default();
+        sync(
+            &mut mirror,
+            &desired(&[sticky(1, &[2, 3]), frontend(4, &[2, 3])]),
+        );
+        let rev = rev_nat_id_of(&mirror, 1);
+        let (b2, b3) = (backend_id_of(&mirror, 2), backend_id_of(&mirror, 3));
+
+        type Row = (&'static str, DesiredState, BTreeSet<(u16, u32)>);
+        let rows: [Row; 5] = [
+            ("unchanged", desired(&[sticky(1, &[2, 3])]), BTreeSet::new()),
+            (
+                "backend 3 removed",
+                desired(&[sticky(1, &[2])]),
+                BTreeSet::from([(rev, b3)]),
+            ),
+            (
+                "backend 3 replaced by 5",
+                desired(&[sticky(1, &[2, 5])]),
+                BTreeSet::from([(rev, b3)]),
+            ),
+            (
+                "affinity switched off",
+                desired(&[frontend(1, &[2, 3])]),
+                BTreeSet::from([(rev, b2), (rev, b3)]),
+            ),
+            (
+                "frontend deleted",
+                desired(&[]),
+                BTreeSet::from([(rev, b2), (rev, b3)]),
+            ),
+        ];
+        for (what, wanted, stale) in rows {
+            // Frontend 4 has no affinity: its backends never make entries stale.
+            assert_eq!(stale_affinity(&mirror, &wanted), stale, "{what}");
+        }
     }
 }

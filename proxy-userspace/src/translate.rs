@@ -3,17 +3,25 @@
 //! This is the only module that knows what a Service *means*. It follows kube-proxy's
 //! `pkg/proxy`: which Services and ports are proxied (`servicechangetracker.go`,
 //! `serviceport.go`, `util.ShouldSkipService`), how EndpointSlices become endpoints per service
-//! port (`endpointslicecache.go`), and which endpoints are usable (`topology.go`,
-//! `CategorizeEndpoints`).
+//! port (`endpointslicecache.go`), which endpoints are usable (`topology.go`,
+//! `CategorizeEndpoints`), and which address gets which endpoint set (the iptables proxier's
+//! `syncProxyRules`).
 //!
-//! In scope today: IPv4 ClusterIP frontends with internal traffic policy Cluster. NodePort,
-//! externalIPs, LoadBalancer, traffic policy Local, topology hints and session affinity come
-//! later; `cluster_endpoints` is where traffic policy and topology plug in.
+//! Frontends (one per IPv4 address, port and protocol; scope = who asks, docs/decisions.md):
+//! - the cluster IP: internal scope only, with the endpoints of `internalTrafficPolicy`;
+//! - each externalIP, each LoadBalancer ingress IP (`ipMode` VIP or unset) and, for NodePort
+//!   and LoadBalancer Services, the `nodePort` on each of [`NodeInfo::node_port_addresses`]:
+//!   an external-scope frontend with the endpoints of `externalTrafficPolicy`, and an
+//!   internal-scope one with the cluster endpoints. kube-proxy's "EXT" chain sends traffic
+//!   from local pods and from the node itself to the cluster endpoints even under
+//!   `externalTrafficPolicy: Local` (it "simulates going up-and-out to an external
+//!   load-balancer and coming back in"), so pods reach every endpoint (C11).
 //!
 //! Bad input never aborts the translation: the offending object, port or endpoint is left out
 //! and reported in [`Translation::skipped`] with the object's name, and everything else still
 //! translates (BEHAVIOUR C34). Normal cases that kube-proxy ignores on purpose (headless and
-//! ExternalName Services, another proxy's Services, IPv6 and FQDN slices) are not reported.
+//! ExternalName Services, another proxy's Services, IPv6 addresses, FQDN slices, `ipMode:
+//! Proxy` and hostname-only load balancer ingress) are not reported.
 //!
 //! Decisions where kube-proxy is silent or can't be followed literally:
 //! - `metadata.namespace` absent means `default`: manifests for the standalone source often
@@ -24,20 +32,31 @@
 //! - An address listed in several slices is categorized per copy and then de-duplicated, so it
 //!   is a backend if any copy is usable. (kube-proxy keeps an arbitrary copy.)
 //! - Two Services claiming the same frontend (only possible in manifests, the API server
-//!   refuses it): the first in (namespace, name) order keeps it, the other is reported.
+//!   refuses it): the first in (namespace, name) order keeps it, the other is reported. One
+//!   service port claiming a frontend twice (an externalIP listed twice, or also being the
+//!   LB IP) keeps the first claim silently, in kube-proxy's rule order: cluster IP,
+//!   externalIPs, LB IPs, NodePorts.
+//! - Enum fields the API server would have refused (`type`, the traffic policies,
+//!   `sessionAffinity`, its timeout) skip the whole Service with the reason, rather than
+//!   guessing: kube-proxy never sees such values and would silently read them as the default.
+//! - A `nodePort` on a Service of type ClusterIP is ignored (the API server clears it when the
+//!   type changes; kube-proxy would serve it). LoadBalancer ingress IPs are served whatever the
+//!   type, as kube-proxy does (the API server clears the status when the type changes).
+//! - The local-traffic detector is assumed configured (kube-proxy's default with a cluster
+//!   CIDR): the socket programs see every local pod, so all pod traffic is "internal".
 
 use std::cmp::Ordering;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol, Scope,
-    ServicePortName, Skipped,
+    BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, NodeInfo, Protocol, Scope,
+    ServicePortName, Skipped, WhenEmpty,
 };
 
 /// Objects with this label belong to another service proxy (kube-proxy's informers filter them).
@@ -46,7 +65,13 @@ const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Names the Service an EndpointSlice belongs to.
 const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The Node label topology hints (`hints.forZones`) are matched against.
+const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 const DEFAULT_NAMESPACE: &str = "default";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when absent and its upper bound
+/// (the API's `DefaultClientIPServiceAffinitySeconds` / `MaxClientIPServiceAffinitySeconds`).
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86400;
 
 /// Result of one translation: the desired state and the input that was left out.
 #[derive(Debug, Default)]
@@ -56,13 +81,60 @@ pub struct Translation {
     pub skipped: Vec<Skipped>,
 }
 
-/// Translates Services and EndpointSlices into the desired ClusterIP frontends.
+/// What translate needs from this node's Node object (`None` when it is not known yet: no
+/// zone, so no zone hints, and no NodePort addresses).
 ///
-/// `_node_name` is the local node; it will select local endpoints (traffic policy Local) and
-/// topology hints, which are not implemented yet.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], _node_name: &str) -> Translation {
+/// The NodePort addresses follow `--nodeport-addresses` for IPv4: the node's `InternalIP` and
+/// `ExternalIP` addresses, kept when they fall in one of `node_port_cidrs`. An empty list
+/// means all of them, as kube-proxy does when the flag names no IPv4 CIDR (its iptables-mode
+/// default); its `primary` (the nftables-mode default) is the caller passing a `/32` of the
+/// node's primary IPv4 address. Unlike kube-proxy, which matches the host's interface
+/// addresses, this reads the Node object, so translate stays pure; addresses that are not
+/// parsable IPv4 ones are left out. Sorted and de-duplicated.
+pub fn node_info(name: &str, node: Option<&Node>, node_port_cidrs: &[(Ipv4Addr, u8)]) -> NodeInfo {
+    let Some(node) = node else {
+        return NodeInfo {
+            name: name.to_owned(),
+            ..NodeInfo::default()
+        };
+    };
+    let addresses: BTreeSet<Ipv4Addr> = node
+        .status
+        .iter()
+        .flat_map(|status| status.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| match parse_ip_sloppy(&a.address) {
+            Some(IpAddr::V4(addr)) => Some(addr),
+            _ => None,
+        })
+        .filter(|&addr| {
+            node_port_cidrs.is_empty()
+                || node_port_cidrs
+                    .iter()
+                    .any(|&(network, prefix)| cidr_contains(network, prefix, addr))
+        })
+        .collect();
+    NodeInfo {
+        name: name.to_owned(),
+        zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
+        node_port_addresses: addresses.into_iter().collect(),
+    }
+}
+
+/// Whether `addr` is in `network/prefix` (host bits of `network` ignored, like Go's
+/// `ParseCIDR`). A prefix above 32 is no IPv4 CIDR and contains nothing.
+fn cidr_contains(network: Ipv4Addr, prefix: u8, addr: Ipv4Addr) -> bool {
+    if prefix > 32 {
+        return false;
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    (u32::from(network) ^ u32::from(addr)) & mask == 0
+}
+
+/// Translates Services and EndpointSlices into the desired frontends of this node.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Translation {
     let mut skipped = Vec::new();
-    let endpoints = index_endpoints(slices, &mut skipped);
+    let endpoints = index_endpoints(slices, node, &mut skipped);
 
     // Fixed order, so that a conflict between two Services always resolves the same way.
     let mut ordered: Vec<&Service> = services.iter().collect();
@@ -70,7 +142,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], _node_name: &st
 
     let mut state = DesiredState::default();
     for service in ordered {
-        add_service(service, &endpoints, &mut state, &mut skipped);
+        add_service(service, &endpoints, node, &mut state, &mut skipped);
     }
 
     skipped.sort();
@@ -78,7 +150,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], _node_name: &st
     Translation { state, skipped }
 }
 
-/// An endpoint address on a concrete port, with the conditions kube-proxy reads.
+/// An endpoint address on a concrete port, with what kube-proxy reads of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Endpoint {
     addr: Ipv4Addr,
@@ -86,6 +158,37 @@ struct Endpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `nodeName` is this node: a candidate for traffic policy `Local`.
+    local: bool,
+    /// `hints.forZones` seen from this node's zone.
+    zone_hint: Hint,
+    /// `hints.forNodes` seen from this node.
+    node_hint: Hint,
+}
+
+/// One kind of topology hint of an endpoint, seen from this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hint {
+    /// The endpoint carries no hint of this kind.
+    Absent,
+    /// Hinted, but for other zones (nodes) only.
+    Elsewhere,
+    /// Hinted for this node's zone (this node).
+    Here,
+}
+
+impl Hint {
+    /// Like kube-proxy's `Has` on the hint set: any listed name counts as "hinted".
+    fn read<'a>(names: impl Iterator<Item = &'a str>, ours: &str) -> Self {
+        let mut hint = Hint::Absent;
+        for name in names {
+            if name == ours {
+                return Hint::Here;
+            }
+            hint = Hint::Elsewhere;
+        }
+        hint
+    }
 }
 
 /// One endpoint reachable through one slice port. kube-proxy keys endpoints by
@@ -103,7 +206,11 @@ type EndpointIndex = BTreeMap<(String, String), Vec<PortEndpoint>>;
 
 /// Reads every IPv4 EndpointSlice once, reporting its problems once, and groups its endpoints
 /// by the Service named in its `kubernetes.io/service-name` label.
-fn index_endpoints(slices: &[EndpointSlice], skipped: &mut Vec<Skipped>) -> EndpointIndex {
+fn index_endpoints(
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    skipped: &mut Vec<Skipped>,
+) -> EndpointIndex {
     let mut index = EndpointIndex::new();
     for slice in slices {
         // IPv6 slices belong to the IPv6 side of a dual-stack Service; FQDN slices are not
@@ -123,15 +230,18 @@ fn index_endpoints(slices: &[EndpointSlice], skipped: &mut Vec<Skipped>) -> Endp
         };
 
         let ports = slice_ports(slice, &object, skipped);
-        let endpoints = slice_endpoints(slice, &object, skipped);
+        let endpoints = slice_endpoints(slice, node, &object, skipped);
         let entry = index
             .entry((namespace.to_owned(), service.to_owned()))
             .or_default();
         for (port_name, proto, port) in &ports {
-            entry.extend(endpoints.iter().map(|&(addr, conditions)| PortEndpoint {
+            entry.extend(endpoints.iter().map(|&endpoint| PortEndpoint {
                 port_name: port_name.clone(),
                 proto: *proto,
-                endpoint: conditions.at(addr, *port),
+                endpoint: Endpoint {
+                    port: *port,
+                    ..endpoint
+                },
             }));
         }
     }
@@ -166,34 +276,19 @@ fn slice_ports(
     ports
 }
 
-/// An endpoint's conditions, read as kube-proxy reads them (absent ready and serving mean
-/// true, absent terminating means false, as the API documents).
-#[derive(Clone, Copy, Debug)]
-struct Conditions {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-impl Conditions {
-    fn at(self, addr: Ipv4Addr, port: u16) -> Endpoint {
-        Endpoint {
-            addr,
-            port,
-            ready: self.ready,
-            serving: self.serving,
-            terminating: self.terminating,
-        }
-    }
-}
-
-/// The usable addresses of a slice's endpoints. Like kube-proxy, only an endpoint's first
-/// address is used (the API allows exactly one for IPv4 slices).
+/// The usable endpoints of a slice, port still 0. Like kube-proxy, only an endpoint's first
+/// address is used (the API allows exactly one for IPv4 slices), absent `ready` and `serving`
+/// mean true and absent `terminating` means false, as the API documents. `ready` is taken as
+/// published: for a Service with `publishNotReadyAddresses` the EndpointSlice controller
+/// already publishes every endpoint as ready, and kube-proxy does nothing more (C28).
 fn slice_endpoints(
     slice: &EndpointSlice,
+    node: &NodeInfo,
     object: &str,
     skipped: &mut Vec<Skipped>,
-) -> Vec<(Ipv4Addr, Conditions)> {
+) -> Vec<Endpoint> {
+    // A missing zone label compares like Go's missing map entry: as "".
+    let zone = node.zone.as_deref().unwrap_or_default();
     let mut endpoints = Vec::new();
     for endpoint in slice.endpoints.iter().flatten() {
         let Some(address) = endpoint.addresses.first() else {
@@ -214,25 +309,182 @@ fn slice_endpoints(
             }
         };
         let conditions = endpoint.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-        endpoints.push((
+        let hints = endpoint.hints.as_ref();
+        endpoints.push(Endpoint {
             addr,
-            Conditions {
-                ready,
-                serving,
-                terminating,
-            },
-        ));
+            port: 0,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
+            zone_hint: Hint::read(
+                hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.as_str()),
+                zone,
+            ),
+            node_hint: Hint::read(
+                hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.as_str()),
+                &node.name,
+            ),
+        });
     }
     endpoints
 }
 
-/// Adds one frontend per service port on the Service's IPv4 cluster IP.
+/// The Service type, as far as frontends are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// The Service-wide settings that shape every port's frontends (kube-proxy's
+/// `newBaseServiceInfo`).
+#[derive(Clone, Copy, Debug)]
+struct Policy {
+    type_: ServiceType,
+    /// `internalTrafficPolicy: Local`: the cluster IP reaches local endpoints only.
+    internal_local: bool,
+    /// `externalTrafficPolicy: Local` on an externally reachable Service (kube-proxy's
+    /// `apiservice.ExternalPolicyLocal`): traffic from outside reaches local endpoints only.
+    external_local: bool,
+    /// `allocateLoadBalancerNodePorts` (default true): a LoadBalancer without NodePorts is
+    /// normal when false.
+    allocates_node_ports: bool,
+    affinity_timeout: Option<u32>,
+}
+
+impl Policy {
+    /// Reads the Service-wide settings, or every reason the Service can't be served.
+    fn read(spec: &ServiceSpec) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let type_ = match spec.type_.as_deref() {
+            None | Some("" | "ClusterIP") => ServiceType::ClusterIp,
+            Some("NodePort") => ServiceType::NodePort,
+            Some("LoadBalancer") => ServiceType::LoadBalancer,
+            Some(other) => {
+                problems.push(format!(
+                    "type {other:?} is not supported (ClusterIP, NodePort, LoadBalancer or ExternalName)"
+                ));
+                ServiceType::ClusterIp
+            }
+        };
+        let internal_local = read_traffic_policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+            &mut problems,
+        );
+        let external_local = read_traffic_policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+            &mut problems,
+        );
+        // kube-proxy's apiservice.ExternallyAccessible: the policy only applies where there
+        // is external traffic at all.
+        let externally_accessible = match type_ {
+            ServiceType::NodePort | ServiceType::LoadBalancer => true,
+            ServiceType::ClusterIp => spec
+                .external_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.is_empty()),
+        };
+        let affinity_timeout = match read_affinity(spec) {
+            Ok(timeout) => timeout,
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Policy {
+            type_,
+            internal_local,
+            external_local: external_local && externally_accessible,
+            allocates_node_ports: spec.allocate_load_balancer_node_ports.unwrap_or(true),
+            affinity_timeout,
+        })
+    }
+
+    /// The port's `nodePort` when its Service has NodePorts: `Ok(None)` when it has none on
+    /// purpose, `Err` when one is missing or out of range.
+    fn node_port(&self, port: &ServicePort) -> Result<Option<u16>, String> {
+        if self.type_ == ServiceType::ClusterIp {
+            return Ok(None);
+        }
+        match port.node_port {
+            // 0 is Go's "not allocated".
+            None | Some(0) => {
+                if self.type_ == ServiceType::LoadBalancer && !self.allocates_node_ports {
+                    Ok(None)
+                } else {
+                    Err("nodePort is missing".to_owned())
+                }
+            }
+            Some(number) => port_number(number)
+                .map(Some)
+                .map_err(|reason| format!("nodePort {reason}")),
+        }
+    }
+}
+
+/// `true` for `Local`; absent or empty is the API default `Cluster`.
+fn read_traffic_policy(field: &str, value: Option<&str>, problems: &mut Vec<String>) -> bool {
+    match value {
+        None | Some("" | "Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            problems.push(format!(
+                "{field} {other:?} is not supported (Cluster or Local)"
+            ));
+            false
+        }
+    }
+}
+
+/// The ClientIP affinity timeout, defaulted like the API server does (10800 s).
+fn read_affinity(spec: &ServiceSpec) -> Result<Option<u32>, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => Ok(None),
+        Some("ClientIP") => {
+            let seconds = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds);
+            match seconds {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT)),
+                Some(seconds) => u32::try_from(seconds)
+                    .ok()
+                    .filter(|s| (1..=MAX_AFFINITY_TIMEOUT).contains(s))
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is out of range 1-{MAX_AFFINITY_TIMEOUT}"
+                        )
+                    }),
+            }
+        }
+        Some(other) => Err(format!(
+            "sessionAffinity {other:?} is not supported (None or ClientIP)"
+        )),
+    }
+}
+
+/// Adds the frontends of every service port of one Service.
 fn add_service(
     service: &Service,
     index: &EndpointIndex,
+    node: &NodeInfo,
     state: &mut DesiredState,
     skipped: &mut Vec<Skipped>,
 ) {
@@ -253,9 +505,18 @@ fn add_service(
         return;
     };
     let object = format!("Service {namespace}/{name}");
+    let policy = match Policy::read(spec) {
+        Ok(policy) => policy,
+        Err(problems) => {
+            skipped.extend(problems.into_iter().map(|reason| skip(&object, reason)));
+            return;
+        }
+    };
     let Some(cluster_ip) = cluster_ipv4(spec, &object, skipped) else {
         return;
     };
+    let external_ips = external_ipv4s(spec, &object, skipped);
+    let load_balancer_ips = load_balancer_ipv4s(service, &object, skipped);
     let endpoints = index
         .get(&(namespace.to_owned(), name.to_owned()))
         .map_or(&[][..], Vec::as_slice);
@@ -269,27 +530,76 @@ fn add_service(
                 continue;
             }
         };
+        let node_port = policy.node_port(port).unwrap_or_else(|reason| {
+            skipped.push(skip(&port_object, reason));
+            None
+        });
         let service = ServicePortName {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             port: port.name.clone().unwrap_or_default(),
         };
-        let frontend = Frontend {
-            key: FrontendKey {
-                addr: cluster_ip,
-                port: number,
-                proto,
-                scope: Scope::Internal,
-            },
-            kind: FrontendKind::ClusterIp,
-            backends: backends(endpoints, &service.port, proto),
-            service,
+        let views = Views::of(endpoints, &service.port, proto);
+        let internal = if policy.internal_local {
+            &views.local
+        } else {
+            &views.cluster
         };
-        insert_frontend(state, frontend, &port_object, skipped);
+        let external = if policy.external_local {
+            &views.local
+        } else {
+            &views.cluster
+        };
+        let frontend = |addr, port, scope, kind, backends: &Backends| Frontend {
+            key: FrontendKey {
+                addr,
+                port,
+                proto,
+                scope,
+            },
+            kind,
+            service: service.clone(),
+            backends: backends.list.clone(),
+            when_empty: backends.when_empty,
+            affinity_timeout: policy.affinity_timeout,
+        };
+
+        let cluster_ip_frontend = frontend(
+            cluster_ip,
+            number,
+            Scope::Internal,
+            FrontendKind::ClusterIp,
+            internal,
+        );
+        insert_frontend(state, cluster_ip_frontend, &port_object, skipped);
+
+        // kube-proxy's rule order: externalIPs, LB IPs, then NodePorts.
+        let external_addresses = external_ips
+            .iter()
+            .map(|&addr| (addr, number, FrontendKind::ExternalIp))
+            .chain(
+                load_balancer_ips
+                    .iter()
+                    .map(|&addr| (addr, number, FrontendKind::LoadBalancer)),
+            )
+            .chain(node_port.into_iter().flat_map(|node_port| {
+                node.node_port_addresses
+                    .iter()
+                    .map(move |&addr| (addr, node_port, FrontendKind::NodePort))
+            }));
+        for (addr, port, kind) in external_addresses {
+            let from_outside = frontend(addr, port, Scope::External, kind, external);
+            insert_frontend(state, from_outside, &port_object, skipped);
+            // Pods and the node itself: kube-proxy's EXT chain short-circuits them to the
+            // cluster endpoints whatever the policies (C11).
+            let from_inside = frontend(addr, port, Scope::Internal, kind, &views.cluster);
+            insert_frontend(state, from_inside, &port_object, skipped);
+        }
     }
 }
 
-/// Keeps the first claim on a frontend; a second one is reported instead of overwriting it.
+/// Keeps the first claim on a frontend; a second one by another service port is reported
+/// instead of overwriting it, a repeated one by the same service port is redundant.
 fn insert_frontend(
     state: &mut DesiredState,
     frontend: Frontend,
@@ -300,6 +610,7 @@ fn insert_frontend(
         Entry::Vacant(slot) => {
             slot.insert(frontend);
         }
+        Entry::Occupied(taken) if taken.get().service == frontend.service => {}
         Entry::Occupied(taken) => {
             let reason = format!(
                 "{} is already served by {}",
@@ -311,15 +622,58 @@ fn insert_frontend(
     }
 }
 
-/// The backends of one service port: the cluster endpoints on the slice ports with the
-/// service port's name and protocol, sorted and de-duplicated.
-fn backends(endpoints: &[PortEndpoint], port_name: &str, proto: Protocol) -> Vec<BackendAddr> {
-    let candidates: Vec<Endpoint> = endpoints
-        .iter()
-        .filter(|e| e.port_name == port_name && e.proto == proto)
-        .map(|e| e.endpoint)
-        .collect();
-    let unique: BTreeSet<BackendAddr> = cluster_endpoints(&candidates)
+/// The backends of one endpoint view and what to do while there are none.
+#[derive(Clone, Debug)]
+struct Backends {
+    /// Sorted and de-duplicated.
+    list: Vec<BackendAddr>,
+    when_empty: WhenEmpty,
+}
+
+/// The two endpoint sets kube-proxy's `CategorizeEndpoints` computes for a service port.
+struct Views {
+    /// For traffic policy `Cluster`: topology applies. Empty only when the service port has
+    /// no usable endpoint anywhere, which kube-proxy REJECTs.
+    cluster: Backends,
+    /// For traffic policy `Local`: this node's endpoints, no topology. Empty while the
+    /// service port has usable endpoints elsewhere is a DROP; with none anywhere, a REJECT
+    /// (the iptables proxier's `hasEndpoints` test comes first).
+    local: Backends,
+}
+
+impl Views {
+    /// The views of the endpoints on the slice ports with this service port's name and
+    /// protocol.
+    fn of(endpoints: &[PortEndpoint], port_name: &str, proto: Protocol) -> Self {
+        let candidates: Vec<Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.port_name == port_name && e.proto == proto)
+            .map(|e| e.endpoint)
+            .collect();
+        let usable_anywhere = candidates
+            .iter()
+            .any(|e| e.ready || (e.serving && e.terminating));
+        let local = backend_list(local_endpoints(&candidates), proto);
+        let local_when_empty = if usable_anywhere && local.is_empty() {
+            WhenEmpty::Drop
+        } else {
+            WhenEmpty::Refuse
+        };
+        Views {
+            cluster: Backends {
+                list: backend_list(cluster_endpoints(&candidates), proto),
+                when_empty: WhenEmpty::Refuse,
+            },
+            local: Backends {
+                list: local,
+                when_empty: local_when_empty,
+            },
+        }
+    }
+}
+
+fn backend_list(endpoints: Vec<&Endpoint>, proto: Protocol) -> Vec<BackendAddr> {
+    let unique: BTreeSet<BackendAddr> = endpoints
         .into_iter()
         .map(|e| BackendAddr {
             addr: e.addr,
@@ -330,12 +684,15 @@ fn backends(endpoints: &[PortEndpoint], port_name: &str, proto: Protocol) -> Vec
     unique.into_iter().collect()
 }
 
-/// kube-proxy's `CategorizeEndpoints` for traffic policy Cluster without topology hints: the
-/// ready endpoints; if there are none, the serving-terminating ones, so that connections keep
-/// working while the last pods of a rollout drain (C17); never non-serving ones. An empty
-/// result makes the datapath refuse connections (C18).
+/// kube-proxy's cluster endpoints: the ready endpoints the topology admits; if there are
+/// none, the serving-terminating ones (topology ignored), so that connections keep working
+/// while the last pods of a rollout drain (C17); never non-serving ones (C18).
 fn cluster_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
-    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    let topology = Topology::of(endpoints);
+    let ready: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| e.ready && topology.admits(e))
+        .collect();
     if !ready.is_empty() {
         return ready;
     }
@@ -343,6 +700,65 @@ fn cluster_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
         .iter()
         .filter(|e| e.serving && e.terminating)
         .collect()
+}
+
+/// kube-proxy's local endpoints: this node's ready endpoints; if there are none, this node's
+/// serving-terminating ones, even while other nodes have ready ones. Hints don't apply.
+fn local_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.local && e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints
+        .iter()
+        .filter(|e| e.local && e.serving && e.terminating)
+        .collect()
+}
+
+/// Which ready endpoints the cluster view keeps (kube-proxy's `topologyModeFromHints` and
+/// `availableForTopology`, 1.35, where the `PreferSameTrafficDistribution` gate is GA).
+///
+/// Only the hints count: kube-proxy reads neither `trafficDistribution` nor the
+/// `topology-mode` annotation, which tell the EndpointSlice controller to write hints.
+/// Looking at ready endpoints only:
+/// 1. every one has a `forNodes` hint and at least one names this node: those named for it;
+/// 2. else every one has a `forZones` hint and at least one names this node's zone (a node
+///    without the zone label matches no zone): those hinted for it;
+/// 3. else all of them.
+///
+/// Hints never restrict the local view, so `Local` traffic policies ignore them, and the
+/// serving-terminating fallback ignores them too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    All,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn of(endpoints: &[Endpoint]) -> Self {
+        let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+        let decides = |hint: fn(&Endpoint) -> Hint| {
+            !ready.is_empty()
+                && ready.iter().all(|e| hint(e) != Hint::Absent)
+                && ready.iter().any(|e| hint(e) == Hint::Here)
+        };
+        if decides(|e| e.node_hint) {
+            Topology::SameNode
+        } else if decides(|e| e.zone_hint) {
+            Topology::SameZone
+        } else {
+            Topology::All
+        }
+    }
+
+    fn admits(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Topology::All => true,
+            Topology::SameNode => endpoint.node_hint == Hint::Here,
+            Topology::SameZone => endpoint.zone_hint == Hint::Here,
+        }
+    }
 }
 
 /// The Service's IPv4 cluster IP. Invalid addresses are reported; IPv6 ones belong to the
@@ -369,6 +785,61 @@ fn cluster_ipv4(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) ->
     chosen
 }
 
+/// The Service's IPv4 externalIPs (any type may have them). IPv6 ones belong to the other
+/// family; invalid ones are reported and left out.
+fn external_ipv4s(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) -> Vec<Ipv4Addr> {
+    let mut addresses = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match parse_ip_sloppy(ip) {
+            Some(IpAddr::V4(addr)) => addresses.push(addr),
+            Some(IpAddr::V6(_)) => {}
+            None => skipped.push(skip(object, format!("invalid externalIP {ip:?}"))),
+        }
+    }
+    addresses
+}
+
+/// The IPv4 LoadBalancer ingress IPs to intercept (kube-proxy's `IsVIPMode`): `ipMode` `VIP`
+/// or unset. With `Proxy` the load balancer itself forwards to the nodes or pods, so its
+/// address must stay the real one, e.g. for the PROXY protocol or TLS termination (C31).
+/// Hostname-only entries (DNS-based load balancers) have nothing to intercept.
+fn load_balancer_ipv4s(
+    service: &Service,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Ipv4Addr> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_ref());
+    let mut addresses = Vec::new();
+    for entry in ingress.into_iter().flatten() {
+        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        match entry.ip_mode.as_deref() {
+            None | Some("VIP") => {}
+            Some("Proxy") => continue,
+            Some(other) => {
+                let reason = format!(
+                    "loadBalancer ingress {ip:?}: ipMode {other:?} is not supported (VIP or Proxy)"
+                );
+                skipped.push(skip(object, reason));
+                continue;
+            }
+        }
+        match parse_ip_sloppy(ip) {
+            Some(IpAddr::V4(addr)) => addresses.push(addr),
+            Some(IpAddr::V6(_)) => {}
+            None => skipped.push(skip(
+                object,
+                format!("invalid loadBalancer ingress IP {ip:?}"),
+            )),
+        }
+    }
+    addresses
+}
 /// kube-proxy's `ShouldSkipService` test on the primary cluster IP: `None` or empty means
 /// headless (DNS only, nothing to proxy).
 fn is_headless(spec: &ServiceSpec) -> bool {
@@ -491,10 +962,19 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1 as core;
     use k8s_openapi::api::discovery::v1 as discovery;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use std::slice;
 
-    const NODE: &str = "n1";
+    /// The local node N1 of BEHAVIOUR.md: zone-a, NodePorts on 192.0.2.1.
+    fn n1() -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            zone: Some("zone-a".into()),
+            node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+        }
+    }
 
     // ---- objects in ------------------------------------------------------------------------
 
@@ -528,6 +1008,18 @@ mod tests {
         /// Sets the targetPort of the last port added.
         fn target_port(self, target: IntOrString) -> Self;
         fn label(self, key: &str, value: &str) -> Self;
+        /// Sets the nodePort of the last port added.
+        fn node_port(self, node_port: i32) -> Self;
+        fn external_ips(self, ips: &[&str]) -> Self;
+        fn external_traffic_policy(self, policy: &str) -> Self;
+        fn internal_traffic_policy(self, policy: &str) -> Self;
+        /// `sessionAffinity`, and `sessionAffinityConfig.clientIP.timeoutSeconds` if given.
+        fn affinity(self, affinity: &str, timeout: Option<i32>) -> Self;
+        /// A `status.loadBalancer.ingress` entry; an empty `ip_mode` means absent.
+        fn ingress(self, ip: &str, ip_mode: &str) -> Self;
+        fn raw_ingress(self, ingress: core::LoadBalancerIngress) -> Self;
+        fn allocate_load_balancer_node_ports(self, allocate: bool) -> Self;
+        fn publish_not_ready_addresses(self) -> Self;
     }
 
     impl ServiceBuilder for Service {
@@ -565,6 +1057,59 @@ mod tests {
         fn label(mut self, key: &str, value: &str) -> Self {
             let labels = self.metadata.labels.get_or_insert_with(BTreeMap::new);
             labels.insert(key.into(), value.into());
+            self
+        }
+        fn node_port(mut self, node_port: i32) -> Self {
+            if let Some(port) = spec(&mut self).ports.as_mut().and_then(|p| p.last_mut()) {
+                port.node_port = Some(node_port);
+            }
+            self
+        }
+        fn external_ips(mut self, ips: &[&str]) -> Self {
+            spec(&mut self).external_ips = Some(ips.iter().map(|ip| ip.to_string()).collect());
+            self
+        }
+        fn external_traffic_policy(mut self, policy: &str) -> Self {
+            spec(&mut self).external_traffic_policy = some(policy);
+            self
+        }
+        fn internal_traffic_policy(mut self, policy: &str) -> Self {
+            spec(&mut self).internal_traffic_policy = some(policy);
+            self
+        }
+        fn affinity(mut self, affinity: &str, timeout: Option<i32>) -> Self {
+            let spec = spec(&mut self);
+            spec.session_affinity = some(affinity);
+            spec.session_affinity_config = timeout.map(|seconds| core::SessionAffinityConfig {
+                client_ip: Some(core::ClientIPConfig {
+                    timeout_seconds: Some(seconds),
+                }),
+            });
+            self
+        }
+        fn ingress(self, ip: &str, ip_mode: &str) -> Self {
+            self.raw_ingress(core::LoadBalancerIngress {
+                ip: some(ip),
+                ip_mode: some(ip_mode),
+                ..core::LoadBalancerIngress::default()
+            })
+        }
+        fn raw_ingress(mut self, ingress: core::LoadBalancerIngress) -> Self {
+            self.status
+                .get_or_insert_with(core::ServiceStatus::default)
+                .load_balancer
+                .get_or_insert_with(core::LoadBalancerStatus::default)
+                .ingress
+                .get_or_insert_with(Vec::new)
+                .push(ingress);
+            self
+        }
+        fn allocate_load_balancer_node_ports(mut self, allocate: bool) -> Self {
+            spec(&mut self).allocate_load_balancer_node_ports = Some(allocate);
+            self
+        }
+        fn publish_not_ready_addresses(mut self) -> Self {
+            spec(&mut self).publish_not_ready_addresses = Some(true);
             self
         }
     }
@@ -626,6 +1171,33 @@ mod tests {
         fn not_ready(self, addr: &str) -> Self {
             self.endpoint(&[addr], conditions(false, false, false))
         }
+        /// Puts the last endpoint added on node `node`.
+        fn on(self, node: &str) -> Self {
+            self.last_endpoint(|e| e.node_name = Some(node.into()))
+        }
+        /// Gives the last endpoint added `hints.forZones`.
+        fn for_zones(self, zones: &[&str]) -> Self {
+            self.last_endpoint(|e| {
+                e.hints.get_or_insert_with(Default::default).for_zones = Some(
+                    zones
+                        .iter()
+                        .map(|&name| discovery::ForZone { name: name.into() })
+                        .collect(),
+                );
+            })
+        }
+        /// Gives the last endpoint added `hints.forNodes`.
+        fn for_nodes(self, nodes: &[&str]) -> Self {
+            self.last_endpoint(|e| {
+                e.hints.get_or_insert_with(Default::default).for_nodes = Some(
+                    nodes
+                        .iter()
+                        .map(|&name| discovery::ForNode { name: name.into() })
+                        .collect(),
+                );
+            })
+        }
+        fn last_endpoint(self, change: impl FnOnce(&mut discovery::Endpoint)) -> Self;
     }
 
     impl SliceBuilder for EndpointSlice {
@@ -656,23 +1228,50 @@ mod tests {
                 });
             self
         }
+        fn last_endpoint(mut self, change: impl FnOnce(&mut discovery::Endpoint)) -> Self {
+            if let Some(endpoint) = self.endpoints.as_mut().and_then(|e| e.last_mut()) {
+                change(endpoint);
+            }
+            self
+        }
     }
 
     // ---- results out -----------------------------------------------------------------------
 
-    /// Each frontend as one line, `frontend -> backend, backend`, in frontend order.
+    /// Each frontend as one line in frontend order: `int|ext frontend -> backend, backend`,
+    /// `(refuse)` or `(drop)` when there is no backend, then the affinity timeout if any.
     fn rows(t: &Translation) -> Vec<String> {
+        t.state.frontends.values().map(row).collect()
+    }
+
+    fn row(f: &Frontend) -> String {
+        let scope = match f.key.scope {
+            Scope::Internal => "int",
+            Scope::External => "ext",
+        };
+        let backends = match (f.backends.is_empty(), f.when_empty) {
+            (true, WhenEmpty::Refuse) => "(refuse)".to_owned(),
+            (true, WhenEmpty::Drop) => "(drop)".to_owned(),
+            (false, _) => {
+                let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+                backends.join(", ")
+            }
+        };
+        let affinity = f
+            .affinity_timeout
+            .map(|seconds| format!(" (affinity {seconds}s)"))
+            .unwrap_or_default();
+        format!("{scope} {} -> {backends}{affinity}", f.key)
+    }
+
+    /// Each frontend with its kind: `int|ext frontend kind`.
+    fn kinds(t: &Translation) -> Vec<String> {
         t.state
             .frontends
             .values()
             .map(|f| {
-                let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
-                let backends = if backends.is_empty() {
-                    "(none)".to_owned()
-                } else {
-                    backends.join(", ")
-                };
-                format!("{} -> {backends}", f.key)
+                let scope = &row(f)[..3];
+                format!("{scope} {} {}", f.key, f.kind)
             })
             .collect()
     }
@@ -683,7 +1282,11 @@ mod tests {
 
     /// Translates and checks that nothing was skipped: the common case of a valid input.
     fn clean(services: &[Service], slices: &[EndpointSlice]) -> Vec<String> {
-        let t = translate(services, slices, NODE);
+        clean_on(&n1(), services, slices)
+    }
+
+    fn clean_on(node: &NodeInfo, services: &[Service], slices: &[EndpointSlice]) -> Vec<String> {
+        let t = translate(services, slices, node);
         assert_eq!(skipped(&t), Vec::<String>::new());
         rows(&t)
     }
@@ -703,7 +1306,7 @@ mod tests {
             &[slice("default", "web-1", "web")
                 .port("http", 80, "TCP")
                 .ready("10.0.0.1")],
-            NODE,
+            &n1(),
         );
         let key = FrontendKey {
             addr: Ipv4Addr::new(10, 96, 0, 10),
@@ -724,6 +1327,8 @@ mod tests {
                 port: 80,
                 proto: Protocol::Tcp,
             }],
+            when_empty: WhenEmpty::Refuse,
+            affinity_timeout: None,
         };
         assert_eq!(t.state.frontends, BTreeMap::from([(key, want)]));
         assert!(t.skipped.is_empty());
@@ -738,7 +1343,7 @@ mod tests {
             .ready("10.0.0.2");
         assert_eq!(
             clean(&[web()], &[endpoints]),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP, 10.0.0.3:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP, 10.0.0.3:80/TCP"]
         );
     }
 
@@ -753,7 +1358,7 @@ mod tests {
             .ready("10.0.0.1");
         assert_eq!(
             clean(&[service], &[endpoints]),
-            ["10.96.0.10:443/TCP -> 10.0.0.1:8443/TCP"]
+            ["int 10.96.0.10:443/TCP -> 10.0.0.1:8443/TCP"]
         );
     }
 
@@ -775,7 +1380,7 @@ mod tests {
         ];
         assert_eq!(
             clean(&[service], &endpoints),
-            ["10.96.0.10:443/TCP -> 10.0.0.1:8443/TCP, 10.0.0.2:9443/TCP"]
+            ["int 10.96.0.10:443/TCP -> 10.0.0.1:8443/TCP, 10.0.0.2:9443/TCP"]
         );
     }
 
@@ -793,8 +1398,8 @@ mod tests {
         assert_eq!(
             clean(&[service], &[endpoints]),
             [
-                "10.96.0.53:53/TCP -> 10.0.0.1:5353/TCP",
-                "10.96.0.53:53/UDP -> 10.0.0.1:53/UDP",
+                "int 10.96.0.53:53/TCP -> 10.0.0.1:5353/TCP",
+                "int 10.96.0.53:53/UDP -> 10.0.0.1:53/UDP",
             ]
         );
     }
@@ -806,7 +1411,7 @@ mod tests {
             &[slice("default", "web-1", "web")
                 .port("http", 80, "TCP")
                 .ready("10.0.0.1")],
-            NODE,
+            &n1(),
         );
         let udp = FrontendKey {
             addr: Ipv4Addr::new(10, 96, 0, 10),
@@ -815,7 +1420,7 @@ mod tests {
             scope: Scope::Internal,
         };
         assert!(!t.state.frontends.contains_key(&udp));
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
     }
 
     #[test]
@@ -828,7 +1433,7 @@ mod tests {
             .not_ready("10.0.0.4");
         assert_eq!(
             clean(&[web()], &[endpoints]),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -841,7 +1446,7 @@ mod tests {
             .not_ready("10.0.0.4");
         assert_eq!(
             clean(&[web()], &[endpoints]),
-            ["10.96.0.10:80/TCP -> 10.0.0.2:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.2:80/TCP"]
         );
     }
 
@@ -866,7 +1471,7 @@ mod tests {
         for (case, slices) in cases {
             assert_eq!(
                 clean(&[web()], &slices),
-                ["10.96.0.10:80/TCP -> (none)"],
+                ["int 10.96.0.10:80/TCP -> (refuse)"],
                 "{case}"
             );
         }
@@ -922,7 +1527,7 @@ mod tests {
             .port("http", 80, "TCP");
         assert_eq!(
             clean(&[changed], &endpoints),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -941,7 +1546,7 @@ mod tests {
         }
         assert_eq!(
             clean(&[web()], &endpoints),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -966,7 +1571,7 @@ mod tests {
         assert_eq!(
             clean(&[web()], &endpoints),
             [
-                "10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.1:9090/TCP, 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP"
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.1:9090/TCP, 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP"
             ]
         );
     }
@@ -983,7 +1588,7 @@ mod tests {
         ];
         assert_eq!(
             clean(&[web()], &endpoints),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -1002,7 +1607,7 @@ mod tests {
         ];
         assert_eq!(
             clean(&[web()], &endpoints),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -1021,8 +1626,8 @@ mod tests {
         assert_eq!(
             clean(&[service], &[endpoints]),
             [
-                "10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP",
-                "10.96.0.10:9100/TCP -> (none)",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP",
+                "int 10.96.0.10:9100/TCP -> (refuse)",
             ]
         );
     }
@@ -1039,12 +1644,12 @@ mod tests {
             (
                 "no conditions: ready",
                 none,
-                "10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
             ),
             (
                 "terminating, serving absent: serving, used as fallback",
                 terminating_serving_unknown,
-                "10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
             ),
         ];
         for (case, conditions, want) in cases {
@@ -1062,7 +1667,7 @@ mod tests {
             .endpoint(&["10.0.0.1", "10.0.0.2"], conditions(true, true, false));
         assert_eq!(
             clean(&[web()], &[endpoints]),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -1083,7 +1688,7 @@ mod tests {
         ];
         assert_eq!(
             clean(&[web()], &endpoints),
-            ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
         );
     }
 
@@ -1105,7 +1710,10 @@ mod tests {
                 .ready("web.example.com"),
         ];
         assert_eq!(clean(&[v6_only], &endpoints), Vec::<String>::new());
-        assert_eq!(clean(&[web()], &endpoints), ["10.96.0.10:80/TCP -> (none)"]);
+        assert_eq!(
+            clean(&[web()], &endpoints),
+            ["int 10.96.0.10:80/TCP -> (refuse)"]
+        );
     }
 
     #[test]
@@ -1129,7 +1737,7 @@ mod tests {
                 .port("http", 80, "TCP");
             assert_eq!(
                 clean(&[service], &endpoints),
-                ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"],
+                ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"],
                 "{order:?}"
             );
         }
@@ -1145,7 +1753,7 @@ mod tests {
             .ready("10.0.0.010");
         assert_eq!(
             clean(&[service], &[endpoints]),
-            ["172.30.0.41:80/TCP -> 10.0.0.10:80/TCP"]
+            ["int 172.30.0.41:80/TCP -> 10.0.0.10:80/TCP"]
         );
     }
 
@@ -1183,8 +1791,8 @@ mod tests {
                 .port("http", 80, "TCP"),
             web(),
         ];
-        let t = translate(&services, &[], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&services, &[], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             [r#"Service default/broken: invalid clusterIP "10.96.0.300""#]
@@ -1197,8 +1805,8 @@ mod tests {
             .cluster_ip("10.96.0.10")
             .cluster_ips(&["10.96.0.10", "fd00::zz"])
             .port("http", 80, "TCP");
-        let t = translate(&[service], &[], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             [r#"Service default/web: invalid clusterIP "fd00::zz""#]
@@ -1211,8 +1819,8 @@ mod tests {
             .cluster_ip("10.96.0.10")
             .cluster_ips(&["10.96.0.10", "10.96.0.11"])
             .port("http", 80, "TCP");
-        let t = translate(&[service], &[], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1228,8 +1836,8 @@ mod tests {
             .port("zero", 0, "TCP")
             .port("", 70000, "TCP")
             .port("http", 80, "TCP");
-        let t = translate(&[service], &[], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1250,8 +1858,8 @@ mod tests {
             .port("sctp", 9000, "SCTP")
             .port("http", 80, "TCP")
             .ready("10.0.0.1");
-        let t = translate(&[service], &[endpoints], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        let t = translate(&[service], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1269,8 +1877,8 @@ mod tests {
             .ready("10.0.0.999")
             .ready("fd00::2")
             .endpoint(&[], conditions(true, true, false));
-        let t = translate(&[web()], &[endpoints], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        let t = translate(&[web()], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1292,8 +1900,8 @@ mod tests {
                 ..discovery::EndpointPort::default()
             })
             .ready("10.0.0.1");
-        let t = translate(&[web()], &[endpoints], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        let t = translate(&[web()], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1316,12 +1924,12 @@ mod tests {
             .port("admin", 81, "TCP")
             .ready("bogus")
             .ready("10.0.0.1");
-        let t = translate(&[broken.clone(), service, broken], &[endpoints], NODE);
+        let t = translate(&[broken.clone(), service, broken], &[endpoints], &n1());
         assert_eq!(
             rows(&t),
             [
-                "10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
-                "10.96.0.10:81/TCP -> 10.0.0.1:81/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "int 10.96.0.10:81/TCP -> 10.0.0.1:81/TCP",
             ]
         );
         assert_eq!(
@@ -1339,8 +1947,8 @@ mod tests {
             .port("http", 80, "TCP")
             .ready("10.0.0.1");
         orphan.metadata.labels = None;
-        let t = translate(&[web()], &[orphan], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&[web()], &[orphan], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             ["EndpointSlice default/orphan: has no kubernetes.io/service-name label"]
@@ -1357,8 +1965,8 @@ mod tests {
             .port("http", 80, "TCP")
             .ready("10.0.0.1");
         endpoints.metadata.name = Some(String::new());
-        let t = translate(&[service, web()], &[endpoints], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> (none)"]);
+        let t = translate(&[service, web()], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"]);
         assert_eq!(
             skipped(&t),
             [
@@ -1384,8 +1992,8 @@ mod tests {
                 .port("http", 80, "TCP")
                 .ready("10.0.0.2"),
         ];
-        let t = translate(&services, &endpoints, NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        let t = translate(&services, &endpoints, &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
         assert_eq!(
             skipped(&t),
             ["Service shop/web port http: 10.96.0.10:80/TCP is already served by default/web:http"]
@@ -1400,8 +2008,8 @@ mod tests {
             .port("http", 80, "TCP")
             .ready("10.0.0.1");
         endpoints.metadata.namespace = None;
-        let t = translate(&[service], &[endpoints], NODE);
-        assert_eq!(rows(&t), ["10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
+        let t = translate(&[service], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]);
         let frontend = t
             .state
             .frontends
@@ -1412,14 +2020,999 @@ mod tests {
     }
 
     #[test]
-    fn node_port_and_load_balancer_services_get_their_cluster_ip_frontend() {
-        for type_ in ["NodePort", "LoadBalancer", ""] {
-            let service = web().type_(type_);
+    fn node_port_and_load_balancer_services_keep_their_cluster_ip_frontend() {
+        let cases = [
+            ("type absent", web().type_(""), vec![]),
+            (
+                "NodePort without nodePort",
+                web().type_("NodePort"),
+                vec!["Service default/web port http: nodePort is missing"],
+            ),
+            (
+                "LoadBalancer without nodePort",
+                web().type_("LoadBalancer"),
+                vec!["Service default/web port http: nodePort is missing"],
+            ),
+        ];
+        for (case, service, want_skipped) in cases {
+            let t = translate(&[service], &[], &n1());
+            assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> (refuse)"], "{case}");
+            assert_eq!(skipped(&t), want_skipped, "{case}");
+        }
+    }
+
+    // ---- external frontends and traffic policies --------------------------------------------
+
+    /// Endpoint A on the other node N2, B on this node N1 (BEHAVIOUR C10).
+    fn a_on_n2_b_on_n1() -> EndpointSlice {
+        slice("default", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .ready("10.0.0.1")
+            .on("n2")
+            .ready("10.0.0.2")
+            .on("n1")
+    }
+
+    /// Port 80 reachable as NodePort 30080, externalIP 198.51.100.10 and LB IP 203.0.113.10.
+    fn exposed(external_traffic_policy: &str) -> Service {
+        svc("default", "web")
+            .type_("LoadBalancer")
+            .cluster_ip("10.96.0.10")
+            .port("http", 80, "TCP")
+            .target_port(IntOrString::Int(8080))
+            .node_port(30080)
+            .external_ips(&["198.51.100.10"])
+            .ingress("203.0.113.10", "")
+            .external_traffic_policy(external_traffic_policy)
+    }
+
+    fn only(scope: &str, rows: Vec<String>) -> Vec<String> {
+        rows.into_iter().filter(|r| r.starts_with(scope)).collect()
+    }
+
+    #[test]
+    fn c08_node_port_with_policy_cluster_reaches_every_endpoint() {
+        let service = web()
+            .type_("NodePort")
+            .target_port(IntOrString::Int(8080))
+            .node_port(30080);
+        assert_eq!(
+            clean(&[service], &[a_on_n2_b_on_n1()]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+    }
+
+    #[test]
+    fn c08_one_node_port_frontend_pair_per_node_port_address() {
+        let service = web().type_("NodePort").node_port(30080);
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        let two_addresses = NodeInfo {
+            node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
+            ..n1()
+        };
+        assert_eq!(
+            clean_on(
+                &two_addresses,
+                slice::from_ref(&service),
+                slice::from_ref(&endpoints)
+            ),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP",
+                "ext 192.0.2.2:30080/TCP -> 10.0.0.1:80/TCP",
+                "int 192.0.2.2:30080/TCP -> 10.0.0.1:80/TCP",
+            ]
+        );
+        let no_addresses = NodeInfo {
+            node_port_addresses: vec![],
+            ..n1()
+        };
+        assert_eq!(
+            clean_on(&no_addresses, &[service], &[endpoints]),
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+        );
+    }
+
+    /// The node reaching its own IP:nodePort goes through the socket programs: internal scope.
+    #[test]
+    fn c09_the_node_itself_reaches_its_node_port_through_the_internal_frontend() {
+        for policy in ["Cluster", "Local"] {
+            let service = web()
+                .type_("NodePort")
+                .target_port(IntOrString::Int(8080))
+                .node_port(30080)
+                .external_traffic_policy(policy);
+            let t = translate(&[service], &[a_on_n2_b_on_n1()], &n1());
+            let key = FrontendKey {
+                addr: Ipv4Addr::new(192, 0, 2, 1),
+                port: 30080,
+                proto: Protocol::Tcp,
+                scope: Scope::Internal,
+            };
             assert_eq!(
-                clean(&[service], &[]),
-                ["10.96.0.10:80/TCP -> (none)"],
-                "type {type_:?}"
+                t.state.frontends.get(&key).map(row).as_deref(),
+                Some("int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP"),
+                "{policy}"
             );
         }
+    }
+
+    #[test]
+    fn c10_policy_local_sends_outside_traffic_to_local_endpoints_only() {
+        assert_eq!(
+            only("ext", clean(&[exposed("Local")], &[a_on_n2_b_on_n1()])),
+            [
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.2:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "ext 203.0.113.10:80/TCP -> 10.0.0.2:8080/TCP",
+            ]
+        );
+        assert_eq!(
+            only("ext", clean(&[exposed("Cluster")], &[a_on_n2_b_on_n1()])),
+            [
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+    }
+
+    /// kube-proxy falls back to local serving-terminating endpoints on its own, even while
+    /// other nodes have ready ones.
+    #[test]
+    fn c10_policy_local_falls_back_to_local_serving_terminating() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .ready("10.0.0.1")
+            .on("n2")
+            .serving_terminating("10.0.0.2")
+            .on("n1")
+            .terminating_not_serving("10.0.0.3")
+            .on("n1");
+        assert_eq!(
+            clean(&[exposed("Local")], &[endpoints]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.2:8080/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "int 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP",
+                "ext 203.0.113.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "int 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP",
+            ]
+        );
+    }
+
+    #[test]
+    fn c11_pods_and_the_node_reach_external_addresses_through_cluster_endpoints() {
+        for policy in ["Local", "Cluster"] {
+            assert_eq!(
+                only("int", clean(&[exposed(policy)], &[a_on_n2_b_on_n1()])),
+                [
+                    "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                    "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                    "int 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                    "int 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                ],
+                "{policy}"
+            );
+        }
+    }
+
+    /// Even with `internalTrafficPolicy: Local`, kube-proxy's EXT chain uses the cluster
+    /// endpoints for pods; only the cluster IP follows the internal policy.
+    #[test]
+    fn c11_internal_policy_local_does_not_restrict_external_addresses() {
+        let service = exposed("Cluster").internal_traffic_policy("Local");
+        assert_eq!(
+            clean(&[service], &[a_on_n2_b_on_n1()]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+    }
+
+    #[test]
+    fn c12_policy_local_without_local_endpoint_drops_outside_traffic() {
+        let remote_only = slice("default", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .ready("10.0.0.1")
+            .on("n2");
+        assert_eq!(
+            clean(&[exposed("Local")], &[remote_only]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP",
+                "ext 192.0.2.1:30080/TCP -> (drop)",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> (drop)",
+                "int 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP",
+                "ext 203.0.113.10:80/TCP -> (drop)",
+                "int 203.0.113.10:80/TCP -> 10.0.0.1:8080/TCP",
+            ]
+        );
+    }
+
+    /// kube-proxy's `hasEndpoints` test comes before the traffic policy: REJECT everywhere.
+    #[test]
+    fn c06_no_usable_endpoint_anywhere_refuses_on_every_frontend() {
+        let cases = [
+            ("no EndpointSlice", vec![]),
+            (
+                "only a local endpoint that is not serving",
+                vec![
+                    slice("default", "web-1", "web")
+                        .port("http", 8080, "TCP")
+                        .terminating_not_serving("10.0.0.2")
+                        .on("n1"),
+                ],
+            ),
+        ];
+        for (case, slices) in cases {
+            for policy in ["Local", "Cluster"] {
+                let service = exposed(policy).internal_traffic_policy(policy);
+                assert_eq!(
+                    clean(&[service], &slices),
+                    [
+                        "int 10.96.0.10:80/TCP -> (refuse)",
+                        "ext 192.0.2.1:30080/TCP -> (refuse)",
+                        "int 192.0.2.1:30080/TCP -> (refuse)",
+                        "ext 198.51.100.10:80/TCP -> (refuse)",
+                        "int 198.51.100.10:80/TCP -> (refuse)",
+                        "ext 203.0.113.10:80/TCP -> (refuse)",
+                        "int 203.0.113.10:80/TCP -> (refuse)",
+                    ],
+                    "{case}, policies {policy}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn c14_internal_policy_local_uses_only_local_endpoints() {
+        let service = web()
+            .target_port(IntOrString::Int(8080))
+            .internal_traffic_policy("Local");
+        let cases = [
+            (
+                "local and remote ready",
+                a_on_n2_b_on_n1(),
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+            ),
+            (
+                "local serving-terminating, remote ready: the local fallback",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("10.0.0.1")
+                    .on("n2")
+                    .serving_terminating("10.0.0.2")
+                    .on("n1"),
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+            ),
+            (
+                "an endpoint without nodeName is not local",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("10.0.0.1")
+                    .ready("10.0.0.2")
+                    .on("n1"),
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+            ),
+        ];
+        for (case, endpoints, want) in cases {
+            assert_eq!(
+                clean(slice::from_ref(&service), &[endpoints]),
+                [want],
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn c15_internal_policy_local_without_local_endpoint_drops() {
+        let service = web()
+            .target_port(IntOrString::Int(8080))
+            .internal_traffic_policy("Local");
+        let cases = [
+            (
+                "ready endpoints on other nodes only",
+                vec![
+                    slice("default", "web-1", "web")
+                        .port("http", 8080, "TCP")
+                        .ready("10.0.0.1")
+                        .on("n2"),
+                ],
+                "int 10.96.0.10:80/TCP -> (drop)",
+            ),
+            (
+                "remote serving-terminating, local not serving",
+                vec![
+                    slice("default", "web-1", "web")
+                        .port("http", 8080, "TCP")
+                        .serving_terminating("10.0.0.1")
+                        .on("n2")
+                        .terminating_not_serving("10.0.0.2")
+                        .on("n1"),
+                ],
+                "int 10.96.0.10:80/TCP -> (drop)",
+            ),
+            (
+                "no usable endpoint anywhere: refused like any Service",
+                vec![
+                    slice("default", "web-1", "web")
+                        .port("http", 8080, "TCP")
+                        .not_ready("10.0.0.1")
+                        .on("n2"),
+                ],
+                "int 10.96.0.10:80/TCP -> (refuse)",
+            ),
+            (
+                "no EndpointSlice",
+                vec![],
+                "int 10.96.0.10:80/TCP -> (refuse)",
+            ),
+        ];
+        for (case, slices, want) in cases {
+            assert_eq!(clean(slice::from_ref(&service), &slices), [want], "{case}");
+        }
+    }
+
+    /// `apiservice.ExternallyAccessible`: a ClusterIP Service with externalIPs has external
+    /// traffic, so its externalTrafficPolicy counts.
+    #[test]
+    fn c10_policy_local_applies_to_external_ips_of_a_cluster_ip_service() {
+        let service = web()
+            .target_port(IntOrString::Int(8080))
+            .external_ips(&["198.51.100.10"])
+            .external_traffic_policy("Local");
+        assert_eq!(
+            clean(&[service], &[a_on_n2_b_on_n1()]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 198.51.100.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "int 198.51.100.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+    }
+
+    #[test]
+    fn c23_external_ips_are_translated_for_any_type() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        for type_ in ["ClusterIP", ""] {
+            let service = web().type_(type_).external_ips(&[
+                "198.51.100.10",
+                "fd00::10",
+                "198.51.100.010",
+                "bogus",
+            ]);
+            let t = translate(&[service], slice::from_ref(&endpoints), &n1());
+            assert_eq!(
+                rows(&t),
+                [
+                    "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                    "ext 198.51.100.10:80/TCP -> 10.0.0.1:80/TCP",
+                    "int 198.51.100.10:80/TCP -> 10.0.0.1:80/TCP",
+                ],
+                "type {type_:?}"
+            );
+            assert_eq!(
+                kinds(&t),
+                [
+                    "int 10.96.0.10:80/TCP ClusterIP",
+                    "ext 198.51.100.10:80/TCP ExternalIP",
+                    "int 198.51.100.10:80/TCP ExternalIP",
+                ]
+            );
+            assert_eq!(
+                skipped(&t),
+                [r#"Service default/web: invalid externalIP "bogus""#]
+            );
+        }
+    }
+
+    #[test]
+    fn c31_load_balancer_ip_mode_proxy_is_not_intercepted() {
+        let service = web()
+            .type_("LoadBalancer")
+            .node_port(30080)
+            .ingress("203.0.113.1", "Proxy")
+            .ingress("203.0.113.2", "VIP")
+            .ingress("203.0.113.3", "")
+            .ingress("fd00::3", "VIP")
+            .raw_ingress(core::LoadBalancerIngress {
+                hostname: Some("lb.example.com".into()),
+                ..core::LoadBalancerIngress::default()
+            });
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        let t = translate(&[service], &[endpoints], &n1());
+        assert_eq!(
+            kinds(&t),
+            [
+                "int 10.96.0.10:80/TCP ClusterIP",
+                "ext 192.0.2.1:30080/TCP NodePort",
+                "int 192.0.2.1:30080/TCP NodePort",
+                "ext 203.0.113.2:80/TCP LoadBalancer",
+                "int 203.0.113.2:80/TCP LoadBalancer",
+                "ext 203.0.113.3:80/TCP LoadBalancer",
+                "int 203.0.113.3:80/TCP LoadBalancer",
+            ]
+        );
+        assert!(t.skipped.is_empty(), "{:?}", skipped(&t));
+    }
+
+    #[test]
+    fn bad_load_balancer_ingress_is_reported_and_left_out() {
+        let service = web()
+            .type_("LoadBalancer")
+            .allocate_load_balancer_node_ports(false)
+            .ingress("203.0.113.999", "")
+            .ingress("203.0.113.4", "Passthrough")
+            .ingress("203.0.113.5", "VIP");
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(
+            rows(&t),
+            [
+                "int 10.96.0.10:80/TCP -> (refuse)",
+                "ext 203.0.113.5:80/TCP -> (refuse)",
+                "int 203.0.113.5:80/TCP -> (refuse)",
+            ]
+        );
+        assert_eq!(
+            skipped(&t),
+            [
+                r#"Service default/web: invalid loadBalancer ingress IP "203.0.113.999""#,
+                r#"Service default/web: loadBalancer ingress "203.0.113.4": ipMode "Passthrough" is not supported (VIP or Proxy)"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_ip_type_never_gets_node_port_frontends() {
+        let service = web().type_("ClusterIP").node_port(30080);
+        assert_eq!(
+            clean(&[service], &[]),
+            ["int 10.96.0.10:80/TCP -> (refuse)"]
+        );
+    }
+
+    #[test]
+    fn missing_or_out_of_range_node_port_is_skipped_for_that_port_only() {
+        let service = svc("default", "web")
+            .type_("NodePort")
+            .cluster_ip("10.96.0.10")
+            .port("http", 80, "TCP")
+            .port("admin", 81, "TCP")
+            .node_port(70000)
+            .port("metrics", 82, "TCP")
+            .node_port(30082);
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(
+            rows(&t),
+            [
+                "int 10.96.0.10:80/TCP -> (refuse)",
+                "int 10.96.0.10:81/TCP -> (refuse)",
+                "int 10.96.0.10:82/TCP -> (refuse)",
+                "ext 192.0.2.1:30082/TCP -> (refuse)",
+                "int 192.0.2.1:30082/TCP -> (refuse)",
+            ]
+        );
+        assert_eq!(
+            skipped(&t),
+            [
+                "Service default/web port admin: nodePort 70000 is out of range 1-65535",
+                "Service default/web port http: nodePort is missing",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_without_node_port_allocation_has_no_node_port_frontend() {
+        let without = web()
+            .type_("LoadBalancer")
+            .allocate_load_balancer_node_ports(false)
+            .ingress("203.0.113.10", "");
+        assert_eq!(
+            clean(slice::from_ref(&without), &[]),
+            [
+                "int 10.96.0.10:80/TCP -> (refuse)",
+                "ext 203.0.113.10:80/TCP -> (refuse)",
+                "int 203.0.113.10:80/TCP -> (refuse)",
+            ]
+        );
+        // A nodePort set by hand is still served.
+        assert_eq!(
+            clean(&[without.node_port(30080)], &[]),
+            [
+                "int 10.96.0.10:80/TCP -> (refuse)",
+                "ext 192.0.2.1:30080/TCP -> (refuse)",
+                "int 192.0.2.1:30080/TCP -> (refuse)",
+                "ext 203.0.113.10:80/TCP -> (refuse)",
+                "int 203.0.113.10:80/TCP -> (refuse)",
+            ]
+        );
+    }
+
+    #[test]
+    fn node_port_protocols_are_separate_frontends() {
+        let service = svc("kube-system", "dns")
+            .type_("NodePort")
+            .cluster_ip("10.96.0.53")
+            .port("dns-tcp", 53, "TCP")
+            .node_port(30053)
+            .port("dns", 53, "UDP")
+            .node_port(30053);
+        let endpoints = slice("kube-system", "dns-1", "dns")
+            .port("dns-tcp", 53, "TCP")
+            .port("dns", 53, "UDP")
+            .ready("10.0.0.1");
+        assert_eq!(
+            clean(&[service], &[endpoints]),
+            [
+                "int 10.96.0.53:53/TCP -> 10.0.0.1:53/TCP",
+                "int 10.96.0.53:53/UDP -> 10.0.0.1:53/UDP",
+                "ext 192.0.2.1:30053/TCP -> 10.0.0.1:53/TCP",
+                "int 192.0.2.1:30053/TCP -> 10.0.0.1:53/TCP",
+                "ext 192.0.2.1:30053/UDP -> 10.0.0.1:53/UDP",
+                "int 192.0.2.1:30053/UDP -> 10.0.0.1:53/UDP",
+            ]
+        );
+    }
+
+    #[test]
+    fn two_services_on_one_node_port_keep_the_first_and_report_the_second() {
+        let services = [
+            svc("shop", "web")
+                .type_("NodePort")
+                .cluster_ip("10.96.0.11")
+                .port("http", 80, "TCP")
+                .node_port(30080),
+            web().type_("NodePort").node_port(30080),
+        ];
+        let t = translate(&services, &[], &n1());
+        assert_eq!(
+            rows(&t),
+            [
+                "int 10.96.0.10:80/TCP -> (refuse)",
+                "int 10.96.0.11:80/TCP -> (refuse)",
+                "ext 192.0.2.1:30080/TCP -> (refuse)",
+                "int 192.0.2.1:30080/TCP -> (refuse)",
+            ]
+        );
+        assert_eq!(
+            t.state
+                .frontends
+                .values()
+                .map(|f| f.service.to_string())
+                .collect::<Vec<_>>(),
+            [
+                "default/web:http",
+                "shop/web:http",
+                "default/web:http",
+                "default/web:http"
+            ]
+        );
+        assert_eq!(
+            skipped(&t),
+            [
+                "Service shop/web port http: 192.0.2.1:30080/TCP is already served by default/web:http"
+            ]
+        );
+    }
+
+    #[test]
+    fn one_address_claimed_twice_by_one_service_port_is_served_once() {
+        let service = web()
+            .type_("LoadBalancer")
+            .allocate_load_balancer_node_ports(false)
+            .external_ips(&["203.0.113.10", "203.0.113.10"])
+            .ingress("203.0.113.10", "");
+        let t = translate(&[service], &[], &n1());
+        assert_eq!(
+            kinds(&t),
+            [
+                "int 10.96.0.10:80/TCP ClusterIP",
+                "ext 203.0.113.10:80/TCP ExternalIP",
+                "int 203.0.113.10:80/TCP ExternalIP",
+            ]
+        );
+        assert!(t.skipped.is_empty(), "{:?}", skipped(&t));
+    }
+
+    #[test]
+    fn values_the_api_server_refuses_skip_the_whole_service() {
+        let cases = [
+            (
+                web().type_("Nodeport"),
+                r#"type "Nodeport" is not supported (ClusterIP, NodePort, LoadBalancer or ExternalName)"#,
+            ),
+            (
+                web().internal_traffic_policy("local"),
+                r#"internalTrafficPolicy "local" is not supported (Cluster or Local)"#,
+            ),
+            (
+                web().external_traffic_policy("Global"),
+                r#"externalTrafficPolicy "Global" is not supported (Cluster or Local)"#,
+            ),
+            (
+                web().affinity("Cookie", None),
+                r#"sessionAffinity "Cookie" is not supported (None or ClientIP)"#,
+            ),
+        ];
+        let other = svc("default", "other")
+            .cluster_ip("10.96.0.11")
+            .port("http", 80, "TCP");
+        for (service, reason) in cases {
+            let t = translate(&[service, other.clone()], &[], &n1());
+            assert_eq!(rows(&t), ["int 10.96.0.11:80/TCP -> (refuse)"], "{reason}");
+            assert_eq!(skipped(&t), [format!("Service default/web: {reason}")]);
+        }
+    }
+
+    // ---- session affinity ------------------------------------------------------------------
+
+    #[test]
+    fn c19_client_ip_affinity_defaults_to_10800_seconds_on_every_frontend() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        let service = web()
+            .type_("NodePort")
+            .node_port(30080)
+            .affinity("ClientIP", None);
+        assert_eq!(
+            clean(&[service], &[endpoints]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
+            ]
+        );
+    }
+
+    #[test]
+    fn c20_client_ip_affinity_keeps_its_timeout() {
+        for seconds in [2, 1, 86400] {
+            let service = web().affinity("ClientIP", Some(seconds));
+            assert_eq!(
+                clean(&[service], &[]),
+                [format!(
+                    "int 10.96.0.10:80/TCP -> (refuse) (affinity {seconds}s)"
+                )]
+            );
+        }
+        // An empty sessionAffinityConfig gets the default, as the API server would default it.
+        let mut service = web().affinity("ClientIP", None);
+        spec(&mut service).session_affinity_config = Some(core::SessionAffinityConfig::default());
+        assert_eq!(
+            clean(&[service], &[]),
+            ["int 10.96.0.10:80/TCP -> (refuse) (affinity 10800s)"]
+        );
+    }
+
+    #[test]
+    fn c20_affinity_timeout_out_of_range_skips_the_service() {
+        for seconds in [0, -1, 86401] {
+            let t = translate(&[web().affinity("ClientIP", Some(seconds))], &[], &n1());
+            assert_eq!(rows(&t), Vec::<String>::new());
+            assert_eq!(
+                skipped(&t),
+                [format!(
+                    "Service default/web: sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is out of range 1-86400"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn c21_switching_affinity_changes_only_the_timeout() {
+        let endpoints = [slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1")];
+        let states = [
+            (web(), "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"),
+            (
+                web().affinity("None", Some(60)),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+            ),
+            (
+                web().affinity("ClientIP", Some(60)),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP (affinity 60s)",
+            ),
+            (
+                web().affinity("None", None),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+            ),
+        ];
+        for (service, want) in states {
+            assert_eq!(clean(&[service], &endpoints), [want]);
+        }
+    }
+
+    // ---- publishNotReadyAddresses ----------------------------------------------------------
+
+    /// The EndpointSlice controller publishes every endpoint of such a Service as ready
+    /// (serving still follows the pod); kube-proxy reads only the slice.
+    #[test]
+    fn c28_publish_not_ready_addresses_serves_what_the_slice_marks_ready() {
+        let service = web().publish_not_ready_addresses();
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .endpoint(&["10.0.0.1"], conditions(true, false, false))
+            .not_ready("10.0.0.2");
+        assert_eq!(
+            clean(&[service], &[endpoints]),
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+        );
+    }
+
+    // ---- topology hints --------------------------------------------------------------------
+
+    #[test]
+    fn c29_topology_hints_as_kube_proxy_reads_them() {
+        let zone = |hinted: &[(&str, &[&str])]| {
+            hinted.iter().fold(
+                slice("default", "web-1", "web").port("http", 80, "TCP"),
+                |slice, (addr, zones)| {
+                    let slice = slice.ready(addr);
+                    if zones.is_empty() {
+                        slice
+                    } else {
+                        slice.for_zones(zones)
+                    }
+                },
+            )
+        };
+        let unknown_zone = NodeInfo { zone: None, ..n1() };
+        let cases = [
+            (
+                "every ready endpoint hinted, some for our zone: only those",
+                n1(),
+                zone(&[
+                    ("10.0.0.1", &["zone-a"]),
+                    ("10.0.0.2", &["zone-b"]),
+                    ("10.0.0.3", &["zone-b", "zone-a"]),
+                ]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.3:80/TCP",
+            ),
+            (
+                "one ready endpoint without hints: all",
+                n1(),
+                zone(&[("10.0.0.1", &["zone-a"]), ("10.0.0.2", &[])]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP",
+            ),
+            (
+                "no endpoint hinted for our zone: all",
+                n1(),
+                zone(&[("10.0.0.1", &["zone-b"]), ("10.0.0.2", &["zone-c"])]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP",
+            ),
+            (
+                "our zone unknown: all",
+                unknown_zone,
+                zone(&[("10.0.0.1", &["zone-a"]), ("10.0.0.2", &["zone-b"])]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP",
+            ),
+            (
+                "endpoints that are not ready need no hints",
+                n1(),
+                zone(&[("10.0.0.1", &["zone-a"]), ("10.0.0.2", &["zone-b"])])
+                    .serving_terminating("10.0.0.3")
+                    .not_ready("10.0.0.4"),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+            ),
+            (
+                "a node hint for us on one ready endpoint only: zone hints decide",
+                n1(),
+                zone(&[("10.0.0.1", &["zone-a"]), ("10.0.0.2", &["zone-b"])]).for_nodes(&["n1"]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+            ),
+            (
+                "node hints on every ready endpoint, none for us: zone hints decide",
+                n1(),
+                slice("default", "web-1", "web")
+                    .port("http", 80, "TCP")
+                    .ready("10.0.0.1")
+                    .for_zones(&["zone-a"])
+                    .for_nodes(&["n2"])
+                    .ready("10.0.0.2")
+                    .for_zones(&["zone-b"])
+                    .for_nodes(&["n3"]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+            ),
+            (
+                "only serving-terminating endpoints: the fallback ignores hints",
+                n1(),
+                slice("default", "web-1", "web")
+                    .port("http", 80, "TCP")
+                    .serving_terminating("10.0.0.1")
+                    .for_zones(&["zone-b"])
+                    .serving_terminating("10.0.0.2")
+                    .for_zones(&["zone-a"]),
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP, 10.0.0.2:80/TCP",
+            ),
+        ];
+        for (case, node, endpoints, want) in cases {
+            assert_eq!(clean_on(&node, &[web()], &[endpoints]), [want], "{case}");
+        }
+    }
+
+    #[test]
+    fn c29_node_hints_for_this_node_select_its_endpoints() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1")
+            .for_nodes(&["n2"])
+            .for_zones(&["zone-a"])
+            .ready("10.0.0.2")
+            .for_nodes(&["n1"])
+            .for_zones(&["zone-b"]);
+        assert_eq!(
+            clean(&[web()], &[endpoints]),
+            ["int 10.96.0.10:80/TCP -> 10.0.0.2:80/TCP"]
+        );
+    }
+
+    /// Hints shape the cluster view wherever it is used (ClusterIP, and external traffic under
+    /// policy Cluster), never the local view.
+    #[test]
+    fn c29_hints_do_not_apply_to_local_traffic_policies() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1")
+            .on("n2")
+            .for_zones(&["zone-a"])
+            .ready("10.0.0.2")
+            .on("n1")
+            .for_zones(&["zone-b"]);
+        let service = web()
+            .type_("NodePort")
+            .node_port(30080)
+            .internal_traffic_policy("Local");
+        assert_eq!(
+            clean(slice::from_ref(&service), slice::from_ref(&endpoints)),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:80/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP",
+            ]
+        );
+        let external_local = service
+            .internal_traffic_policy("Cluster")
+            .external_traffic_policy("Local");
+        assert_eq!(
+            clean(&[external_local], &[endpoints]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.2:80/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP",
+            ]
+        );
+    }
+
+    // ---- node info -------------------------------------------------------------------------
+
+    fn node_object(addresses: &[(&str, &str)], zone: Option<&str>) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some("n1".into()),
+                labels: zone
+                    .map(|zone| BTreeMap::from([(LABEL_TOPOLOGY_ZONE.into(), zone.into())])),
+                ..ObjectMeta::default()
+            },
+            status: Some(core::NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|&(type_, address)| core::NodeAddress {
+                            type_: type_.into(),
+                            address: address.into(),
+                        })
+                        .collect(),
+                ),
+                ..core::NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn typical_node() -> Node {
+        node_object(
+            &[
+                ("InternalIP", "10.1.0.5"),
+                ("ExternalIP", "192.0.2.1"),
+                ("InternalIP", "fd00::5"),
+                ("Hostname", "n1"),
+                ("InternalDNS", "n1.internal"),
+                ("InternalIP", "10.1.0.05"),
+                ("ExternalIP", "not-an-ip"),
+            ],
+            Some("zone-a"),
+        )
+    }
+
+    #[test]
+    fn node_info_reads_the_ipv4_node_addresses_and_the_zone() {
+        assert_eq!(
+            node_info("n1", Some(&typical_node()), &[]),
+            NodeInfo {
+                name: "n1".into(),
+                zone: Some("zone-a".into()),
+                node_port_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
+            }
+        );
+    }
+
+    #[test]
+    fn node_info_keeps_the_addresses_in_the_node_port_cidrs() {
+        type Cidr = (Ipv4Addr, u8);
+        let internal = Ipv4Addr::new(10, 1, 0, 5);
+        let external = Ipv4Addr::new(192, 0, 2, 1);
+        let cases: [(&str, Vec<Cidr>, Vec<Ipv4Addr>); 6] = [
+            ("no CIDR: all", vec![], vec![internal, external]),
+            (
+                "0.0.0.0/0: all",
+                vec![(Ipv4Addr::UNSPECIFIED, 0)],
+                vec![internal, external],
+            ),
+            (
+                "one /8",
+                vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
+                vec![internal],
+            ),
+            (
+                "a /32 (kube-proxy's primary)",
+                vec![(external, 32)],
+                vec![external],
+            ),
+            (
+                "host bits are ignored",
+                vec![(Ipv4Addr::new(192, 0, 2, 77), 24)],
+                vec![external],
+            ),
+            (
+                "no address inside, or no valid prefix",
+                vec![(Ipv4Addr::new(172, 16, 0, 0), 12), (external, 33)],
+                vec![],
+            ),
+        ];
+        for (case, cidrs, want) in cases {
+            assert_eq!(
+                node_info("n1", Some(&typical_node()), &cidrs).node_port_addresses,
+                want,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_info_without_zone_label_or_node_object() {
+        let unlabelled = node_object(&[("InternalIP", "10.1.0.5")], None);
+        assert_eq!(node_info("n1", Some(&unlabelled), &[]).zone, None);
+        let empty_label = node_object(&[("InternalIP", "10.1.0.5")], Some(""));
+        assert_eq!(node_info("n1", Some(&empty_label), &[]).zone, None);
+        assert_eq!(
+            node_info("n1", None, &[(Ipv4Addr::UNSPECIFIED, 0)]),
+            NodeInfo {
+                name: "n1".into(),
+                zone: None,
+                node_port_addresses: vec![],
+            }
+        );
     }
 }

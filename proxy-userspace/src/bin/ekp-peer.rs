@@ -6,6 +6,7 @@
 //! - `tcp ADDR:PORT COUNT`, `udp ADDR:PORT COUNT [--connected]`: make COUNT requests (a
 //!   new socket each) and print one JSON line per request: what answered, the peer address
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
+//!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
 //!
 //! Not shipped in the container image; std and serde_json only.
 
@@ -135,8 +136,22 @@ fn client(
         .ok_or("missing COUNT")?
         .parse()
         .map_err(|e| format!("invalid COUNT: {e}"))?;
+    let pace = match args.iter().position(|a| a == "--every-ms") {
+        Some(i) => {
+            let ms: u64 = args
+                .get(i + 1)
+                .ok_or("--every-ms needs a value")?
+                .parse()
+                .map_err(|e| format!("invalid --every-ms: {e}"))?;
+            Some(Duration::from_millis(ms))
+        }
+        None => None,
+    };
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
+        if let Some(pace) = pace {
+            std::thread::sleep(pace);
+        }
         let line = match request(to) {
             Ok(o) => {
                 serde_json::json!({"ok": true, "answer": o.answer, "peer": o.peer.to_string()})

@@ -107,6 +107,30 @@ impl Harness {
         );
     }
 
+    /// SIGKILL, as a crash or an OOM kill would end it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// Starts `ekp-peer <args>` as a client in the background (client namespace, test
+    /// cgroup). Its JSON lines go to a file (a pipe nobody reads would block it), read by
+    /// `BackgroundClient::lines` once it is done.
+    pub fn spawn_client(&self, name: &str, args: &[&str]) -> BackgroundClient {
+        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", self.prefix));
+        let file = fs::File::create(&output).expect("creating the client output file");
+        let mut command = self
+            .topo
+            .client
+            .ns
+            .command(PEER, Some(&self.topo.cgroup))
+            .expect("client command");
+        command.args(args).stdout(file);
+        let child = command.spawn().expect("starting the client");
+        BackgroundClient { child, output }
+    }
+
     pub fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             agent.terminate();
@@ -249,6 +273,41 @@ fn ensure_bpffs() {
         assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
     }
     *done = true;
+}
+
+/// A client running beside the test; killed and its output removed on drop.
+pub struct BackgroundClient {
+    child: std::process::Child,
+    output: PathBuf,
+}
+
+impl BackgroundClient {
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the client to finish and parses its JSON lines.
+    pub fn lines(mut self) -> Vec<Value> {
+        let status = self.child.wait().expect("waiting for the client");
+        assert!(status.success(), "client failed: {status}");
+        fs::read_to_string(&self.output)
+            .expect("reading the client output")
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for BackgroundClient {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.output);
+    }
 }
 
 /// Counts answers per responder among successful requests; panics on any failure.
