@@ -52,13 +52,19 @@ impl Harness {
 
     /// Starts `ebpf-kube-proxy run` on the manifests directory, attached to the test cgroup.
     pub fn start_agent(&mut self) {
+        let manifests = self.manifests.clone();
+        self.start_agent_with(&["--manifests".as_ref(), manifests.as_os_str()]);
+    }
+
+    /// Starts `ebpf-kube-proxy run <source_args>` (e.g. `--kubeconfig FILE`), attached to the
+    /// test cgroup, with this test's pins and loopback-only HTTP endpoints.
+    pub fn start_agent_with(&mut self, source_args: &[&std::ffi::OsStr]) {
         let mut command = Command::new(AGENT);
         command
             .arg("--pin-path")
             .arg(&self.pin_path)
             .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(source_args)
             .arg("--cgroup")
             .arg(self.topo.cgroup.path())
             .args([

@@ -1,0 +1,217 @@
+//! Privileged: the real binary against the API stand-in (tests/support/apiserver.rs) through
+//! a kubeconfig, with real traffic in network namespaces. No kube-apiserver can be installed
+//! on our machines; the stand-in speaks its list/watch protocol (see its module docs).
+
+mod common;
+mod support;
+
+use common::{Harness, answers};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use support::apiserver::{ApiResource, ApiServer};
+
+const NS: &str = "default";
+
+fn service(name: &str, cluster_ip: &str, labels: serde_json::Value) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+    }))
+    .expect("a valid Service")
+}
+
+fn slice(name: &str, service: &str, ready: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = ready
+        .iter()
+        .map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}, "nodeName": "node-1"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+/// The stand-in, a client for it, and the agent started on its kubeconfig.
+async fn agent_on_apiserver(h: &mut Harness) -> (ApiServer, kube::Client) {
+    let server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    // Inside the harness's temporary directory, which it removes.
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    h.start_agent_with(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
+    (server, client)
+}
+
+async fn replace_slice(api: &Api<EndpointSlice>, name: &str, wanted: EndpointSlice) {
+    let mut wanted = wanted;
+    let current = api.get(name).await.expect("get slice");
+    wanted.metadata.resource_version = current.metadata.resource_version;
+    api.replace(name, &PostParams::default(), &wanted)
+        .await
+        .expect("replace slice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c26_services_and_slices_from_the_api_program_the_vip_and_follow_scaling() {
+    let mut h = Harness::new("kube", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    let (_server, client) = agent_on_apiserver(&mut h).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+
+    let pp = PostParams::default();
+    services
+        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    slices
+        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
+        Some(&10)
+    );
+
+    // Scale up: both pods.
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "100"])).len(),
+        2
+    );
+
+    // Scale down to pod-b only.
+    replace_slice(&slices, "web-1", slice("web-1", "web", &["10.244.0.11"])).await;
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.11:8080"]));
+    let only_b = answers(&h.client(&["tcp", "10.96.0.10:80", "20"]));
+    assert_eq!(only_b.keys().collect::<Vec<_>>(), ["pod-b"]);
+
+    // Delete the Service: no frontend any more.
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete svc");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_relist_converges_without_a_moment_where_the_vip_stops_working() {
+    let mut h = Harness::new("relist", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    let (server, client) = agent_on_apiserver(&mut h).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    let pp = PostParams::default();
+    services
+        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    slices
+        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+
+    // A client keeps connecting through the re-list.
+    let client_run = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "1500", "--every-ms", "1"]);
+    let lists_before = server.list_requests(ApiResource::EndpointSlices);
+    server.compact();
+    // A change made after the compaction must arrive through the re-listed watch.
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    assert!(
+        server.list_requests(ApiResource::EndpointSlices) > lists_before,
+        "the agent's watcher never re-listed after the 410"
+    );
+
+    let lines = client_run.lines();
+    let failed: Vec<_> = lines.iter().filter(|l| l["ok"] != true).collect();
+    assert!(
+        failed.is_empty(),
+        "{} connections failed during the re-list, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c25_service_proxy_name_label_hides_the_service_until_removed() {
+    let mut h = Harness::new("proxyname", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    let (_server, client) = agent_on_apiserver(&mut h).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    let pp = PostParams::default();
+    let labelled = service(
+        "other",
+        "10.96.0.30",
+        serde_json::json!({"service.kubernetes.io/service-proxy-name": "someone-else"}),
+    );
+    services.create(&pp, &labelled).await.expect("create svc");
+    slices
+        .create(&pp, &slice("other-1", "other", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    // A second, unlabelled Service proves the agent has synced everything it was sent.
+    services
+        .create(&pp, &service("marker", "10.96.0.31", serde_json::json!({})))
+        .await
+        .expect("create marker");
+    slices
+        .create(&pp, &slice("marker-1", "marker", &["10.244.0.10"]))
+        .await
+        .expect("create marker slice");
+    h.wait_for_frontend("10.96.0.31:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let listed = h.list().expect("list");
+    assert!(
+        !listed.iter().any(|f| f["frontend"] == "10.96.0.30:80"),
+        "a Service of another proxy must not be programmed: {listed:?}"
+    );
+
+    // Label removed: now it is ours.
+    let mut unlabelled = services.get("other").await.expect("get");
+    unlabelled.metadata.labels = None;
+    services
+        .replace("other", &pp, &unlabelled)
+        .await
+        .expect("replace");
+    h.wait_for_frontend("10.96.0.30:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.30:80", "5"])).get("pod-a"),
+        Some(&5)
+    );
+}
