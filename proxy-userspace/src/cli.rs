@@ -74,8 +74,9 @@ struct RunArgs {
     #[arg(long)]
     cgroup: Option<PathBuf>,
 
-    /// This node's name [default: $NODE_NAME, else the hostname].
-    #[arg(long = "hostname-override")]
+    /// This node's name [default: $NODE_NAME, else the hostname]. `--hostname-override`
+    /// is kube-proxy's name for it.
+    #[arg(long = "node-name", alias = "hostname-override")]
     node_name: Option<String>,
 
     /// Changes are batched; syncs are at least this far apart (kube-proxy's

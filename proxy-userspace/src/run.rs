@@ -22,7 +22,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::dataplane::{self, MapSizes};
 use crate::http::{self, Health};
-use crate::metrics::{KindLabel, MapLabel, Metrics};
+use crate::metrics::{KindLabel, MapLabel, Metrics, PolicyLabel};
 use crate::model::Skipped;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
@@ -200,6 +200,7 @@ fn sync_once(
         &config.node_port_cidrs,
     );
     let translation = translate(&snapshot.services, &snapshot.slices, &node);
+    record_no_local_endpoints(&translation.state, metrics);
     let mut skipped = snapshot.skipped;
     skipped.extend(translation.skipped);
     report_skipped(&mut state.reported, skipped.into_iter().collect(), metrics);
@@ -315,6 +316,28 @@ fn observe_programming_latency(
                 metrics.network_programming_duration.observe(seconds);
             }
         }
+    }
+}
+
+/// kube-proxy's `sync_proxy_rules_no_local_endpoints`: Services whose `Local` traffic
+/// policy finds no endpoint on this node (their frontends drop), per policy.
+fn record_no_local_endpoints(state: &crate::model::DesiredState, metrics: &Metrics) {
+    use crate::model::{Scope, WhenEmpty};
+    let mut services: [BTreeSet<&crate::model::ServicePortName>; 2] = Default::default();
+    for f in state.frontends.values() {
+        if f.backends.is_empty() && f.when_empty == WhenEmpty::Drop {
+            let i = usize::from(f.key.scope == Scope::External);
+            services[i].insert(&f.service);
+        }
+    }
+    for (policy, set) in ["internal", "external"].into_iter().zip(services) {
+        let label = PolicyLabel {
+            traffic_policy: policy.into(),
+        };
+        metrics
+            .no_local_endpoints
+            .get_or_create(&label)
+            .set(set.len() as i64);
     }
 }
 

@@ -2,44 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
-use common::{Harness, service, slice};
-
-/// The address the agent logged for a server ("serving healthz on http://127.0.0.1:PORT").
-fn served_address(h: &Harness, what: &str) -> String {
-    let needle = format!("serving {what} on http://");
-    h.wait_for_log(&needle);
-    let log = h.agent_log();
-    let start = log.find(&needle).map(|i| i + needle.len()).unwrap_or(0);
-    log[start..]
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_owned()
-}
-
-/// A plain HTTP/1.0 GET on loopback: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream =
-        TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("reading response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
+use common::{Harness, http_get as get, service, slice};
 
 #[test]
 fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() {
@@ -60,7 +23,7 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     h.start_agent();
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
 
-    let healthz = served_address(&h, "healthz");
+    let healthz = h.served_address("healthz");
     let (code, body) = get(&healthz, "/healthz");
     assert_eq!(code, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("healthz body is JSON");
@@ -74,7 +37,7 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     let (code, body) = get(&healthz, "/livez");
     assert_eq!(code, 200, "{body}");
 
-    let metrics = served_address(&h, "metrics");
+    let metrics = h.served_address("metrics");
     let (code, text) = get(&metrics, "/metrics");
     assert_eq!(code, 200);
     for line in [

@@ -215,3 +215,88 @@ async fn c25_service_proxy_name_label_hides_the_service_until_removed() {
         Some(&5)
     );
 }
+
+/// One sample of a scraped metric (unlabelled), parsed as Prometheus text.
+fn metric(h: &Harness, name: &str) -> f64 {
+    let (code, text) = common::http_get(&h.served_address("metrics"), "/metrics");
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}\n{text}"));
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.is_empty())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name} has an unexpected type: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards() {
+    let mut h = Harness::new("outage", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    let (mut server, client) = agent_on_apiserver(&mut h).await;
+    let pp = PostParams::default();
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    services
+        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    slices
+        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let healthz = h.served_address("healthz");
+    let changes_before = metric(&h, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    let synced_before = metric(&h, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+
+    // The agent's API server goes away for 10 s; another instance (same store) takes a
+    // change meanwhile. A client keeps connecting across the whole outage.
+    let replica = server.replica().await.expect("starting a replica");
+    let replica_slices: Api<EndpointSlice> = Api::namespaced(replica.client().await, NS);
+    let client_run = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "6000", "--every-ms", "2"]);
+    server.stop().await;
+    let outage_end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    replace_slice(
+        &replica_slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+    // Health while the API is away: nothing was queued, so 200 throughout.
+    while tokio::time::Instant::now() < outage_end {
+        let (code, body) = common::http_get(&healthz, "/healthz");
+        assert_eq!(code, 200, "healthz during the outage: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
+        Some(&10),
+        "during the outage the last known state keeps serving"
+    );
+    server.restart().await.expect("restarting the API stand-in");
+
+    // Back: the change made meanwhile is applied.
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    let lines = client_run.lines();
+    let failed: Vec<_> = lines.iter().filter(|l| l["ok"] != true).collect();
+    assert!(
+        failed.is_empty(),
+        "{} connections failed across the outage, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    assert!(metric(&h, "kubeproxy_sync_proxy_rules_endpoint_changes_total") > changes_before);
+    assert!(metric(&h, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > synced_before);
+    drop(replica);
+}

@@ -68,7 +68,7 @@ impl Harness {
             .arg("--cgroup")
             .arg(self.topo.cgroup.path())
             .args([
-                "--hostname-override",
+                "--node-name",
                 "node-1",
                 "--min-sync-period",
                 "100ms",
@@ -135,6 +135,20 @@ impl Harness {
         command.args(args).stdout(file);
         let child = command.spawn().expect("starting the client");
         BackgroundClient { child, output }
+    }
+
+    /// The address the agent logged for one of its HTTP servers ("serving healthz on
+    /// http://127.0.0.1:PORT"), once it did.
+    pub fn served_address(&self, what: &str) -> String {
+        let needle = format!("serving {what} on http://");
+        self.wait_for_log(&needle);
+        let log = self.agent_log();
+        let start = log.find(&needle).map(|i| i + needle.len()).unwrap_or(0);
+        log[start..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_owned()
     }
 
     pub fn stop_agent(&mut self) {
@@ -257,6 +271,28 @@ impl Drop for Harness {
         let _ = fs::remove_file(self.agent_log_path());
         // The topology (namespaces, cgroup) drops after this.
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// Mounts bpffs at /sys/fs/bpf once per test process, so that parallel agents never race

@@ -335,6 +335,20 @@ preferences: {{}}
         }
     }
 
+    /// A second apiserver on the same store, like another instance of an HA control plane:
+    /// writes made through it while this one is stopped are what a watcher of this one must
+    /// catch up on when it returns. Keep it alive until the end of the test (dropping any
+    /// instance ends the open watches of all).
+    pub async fn replica(&self) -> io::Result<ApiServer> {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let address = listener.local_addr()?;
+        Ok(ApiServer {
+            shared: self.shared.clone(),
+            address,
+            serving: Some(serve(listener, self.shared.clone())),
+        })
+    }
+
     /// Serves again on the same address after [`ApiServer::stop`].
     pub async fn restart(&mut self) -> io::Result<()> {
         if self.serving.is_none() {
