@@ -76,7 +76,7 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         .arg(&leftovers.manifests)
         .arg("--cgroup")
         .arg(topo.cgroup.path())
-        .args(["--hostname-override", "node-1"])
+        .args(["--node-name", "node-1"])
         .args(["--healthz-bind-address", "127.0.0.1:0"])
         .args(["--metrics-bind-address", "127.0.0.1:0"]);
     println!("  {}", cmd::display(&agent_cmd));

@@ -1,15 +1,16 @@
-//! `cargo xtask <task>`: setup, build-ebpf, demo, test.
+//! `cargo xtask <task>`: setup, build-ebpf, demo, test, chart-test.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use xtask::{cmd, demo, ebpf, toolchain};
+use xtask::{chart, cmd, demo, ebpf, toolchain};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | demo | test>
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | demo | test | chart-test>
   setup       install rust-src, bpf-linker and bpftool if missing (idempotent)
   build-ebpf  build the eBPF object (release, BTF kept)
   demo        set up, build, and run the ClusterIP demo in throwaway network namespaces (root)
-  test        set up, then fmt check, clippy, and every test (root for the privileged ones)";
+  test        set up, then fmt check, clippy, chart checks, and every test (root for the privileged ones)
+  chart-test  install helm and kubernetes-validate if missing, then the Helm chart checks";
 
 fn workspace() -> PathBuf {
     // xtask lives one level below the workspace root.
@@ -39,6 +40,10 @@ fn main() -> Result<()> {
         "test" => {
             toolchain::setup()?;
             test(&root)
+        }
+        "chart-test" => {
+            chart::setup()?;
+            chart::chart_tests(&root)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -73,6 +78,9 @@ fn test(root: &Path) -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     println!("== cargo clippy");
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    println!("== chart checks");
+    chart::setup()?;
+    chart::chart_tests(root)?;
     println!("== cargo test");
     cargo(&["test"])?;
     Ok(())
