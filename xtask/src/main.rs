@@ -82,6 +82,76 @@ fn test(root: &Path) -> Result<()> {
     chart::setup()?;
     chart::chart_tests(root)?;
     println!("== cargo test");
-    cargo(&["test"])?;
+    let (passed, failed) = cargo_test(root)?;
+    // One closing line for the whole run, so that CI reads the total and not the count of
+    // whichever test binary happened to run last.
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
     Ok(())
+}
+
+/// `cargo test`, echoing its output and adding up its `test result:` lines.
+fn cargo_test(root: &Path) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = cmd::new("cargo", &["test"])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some((p, f)) = parse_test_result(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed: {status}");
+    }
+    Ok((passed, failed))
+}
+
+/// "test result: ok. 8 passed; 0 failed; 0 ignored; ..." -> (8, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_result_lines_are_added_up() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.84s"
+            ),
+            Some((8, 0))
+        );
+        assert_eq!(
+            parse_test_result(
+                "test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some((7, 1))
+        );
+        assert_eq!(parse_test_result("running 8 tests"), None);
+    }
 }
