@@ -62,6 +62,27 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     nodeport_addresses: Vec<(std::net::Ipv4Addr, u8)>,
 
+    /// Capacity (max_entries) of the services map: one entry per frontend plus one per
+    /// backend slot. Applies when the maps are created; pinned maps keep their size.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
+    map_size_services: u32,
+
+    /// Capacity of the backends map (distinct endpoint address:port/protocol).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_BACKENDS_MAX)]
+    map_size_backends: u32,
+
+    /// Capacity of the rev-NAT map (one per frontend; ids are 16-bit, so at most 65535 are used).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_REV_NAT_MAX)]
+    map_size_rev_nat: u32,
+
+    /// Capacity of the socket rev-NAT LRU (one per translated socket and backend).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SOCK_REV_NAT_MAX)]
+    map_size_sock_rev_nat: u32,
+
+    /// Capacity of the session-affinity LRU (one per client and affinity frontend).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_AFFINITY_MAX)]
+    map_size_affinity: u32,
+
     /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: BindAddress,
@@ -183,7 +204,13 @@ fn dispatch(cli: Cli) -> Result<()> {
                 node_name,
                 min_sync_period: args.min_sync_period,
                 sync_period: args.sync_period,
-                map_sizes: dataplane::MapSizes::default(),
+                map_sizes: dataplane::MapSizes {
+                    services: args.map_size_services,
+                    backends: args.map_size_backends,
+                    rev_nat: args.map_size_rev_nat,
+                    sock_rev_nat: args.map_size_sock_rev_nat,
+                    affinity: args.map_size_affinity,
+                },
                 node_port_cidrs: args.nodeport_addresses,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
