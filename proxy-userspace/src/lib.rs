@@ -5,6 +5,7 @@
 //! order) -> `dataplane` (aya). `cli` wires them; `list` reads the pinned maps back.
 
 pub mod abi;
+pub mod capacity;
 pub mod cli;
 pub mod dataplane;
 pub mod http;

@@ -25,9 +25,12 @@ pub struct MapLabel {
     pub map: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct SkipLabel {
+    /// "Service", "EndpointSlice", "Node", or "file" for a document that did not parse.
     pub kind: String,
+    /// "invalid" (bad input) or "capacity" (a map is full).
+    pub reason: String,
 }
 
 /// Every metric the agent exports.
@@ -45,7 +48,7 @@ pub struct Metrics {
     pub sync_failures: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
-    pub skipped_objects: Family<KindLabel, Gauge>,
+    pub skipped_objects: Family<SkipLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -140,7 +143,7 @@ impl Metrics {
         );
         m.registry.register(
             "ebpf_kube_proxy_skipped_objects",
-            "Input objects currently skipped, by kind of object",
+            "Input objects currently skipped, by kind of object and reason",
             m.skipped_objects.clone(),
         );
         m

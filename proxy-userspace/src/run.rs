@@ -20,9 +20,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
 use crate::http::{self, Health};
-use crate::metrics::{KindLabel, MapLabel, Metrics, PolicyLabel};
+use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
@@ -177,7 +178,8 @@ struct LoopState {
     slices: BTreeMap<(String, String), String>,
 }
 
-/// One sync. Returns false when writing the maps failed (to retry sooner).
+/// One sync. Returns false when the next one should come soon: writing the maps failed, or
+/// something did not fit and this sync's deletions may have made room.
 fn sync_once(
     config: &Config,
     source: &Source,
@@ -201,11 +203,18 @@ fn sync_once(
     );
     let translation = translate(&snapshot.services, &snapshot.slices, &node);
     record_no_local_endpoints(&translation.state, metrics);
-    let mut skipped = snapshot.skipped;
+    let (fitted, over_capacity) = capacity::fit(
+        syncer.programmed(),
+        &translation.state,
+        &Capacity::from(&config.map_sizes),
+    );
+    let mut skipped: BTreeSet<Skipped> = snapshot.skipped.into_iter().collect();
     skipped.extend(translation.skipped);
-    report_skipped(&mut state.reported, skipped.into_iter().collect(), metrics);
+    let over_capacity: BTreeSet<Skipped> = over_capacity.into_iter().collect();
+    skipped.extend(over_capacity.iter().cloned());
+    report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
 
-    match syncer.sync(&translation.state) {
+    match syncer.sync(&fitted) {
         Ok(stats) => {
             let now = SystemTime::now();
             health.updated(now);
@@ -230,6 +239,8 @@ fn sync_once(
                     .get_or_create(&MapLabel { map: map.into() })
                     .set(n as i64);
             }
+            // Deletions may have made room for what did not fit: look again soon.
+            let retry_soon = !over_capacity.is_empty() && stats.writes > 0;
             if stats.writes > 0 {
                 tracing::info!(
                     writes = stats.writes,
@@ -240,7 +251,7 @@ fn sync_once(
             } else {
                 tracing::debug!("in sync");
             }
-            true
+            !retry_soon
         }
         Err(e) => {
             metrics.sync_failures.inc();
@@ -361,25 +372,34 @@ fn node_eligible(node: Option<&Node>) -> bool {
 }
 
 /// Logs each problem once while it lasts, and says when it is gone.
-fn report_skipped(reported: &mut BTreeSet<Skipped>, current: BTreeSet<Skipped>, metrics: &Metrics) {
+fn report_skipped(
+    reported: &mut BTreeSet<Skipped>,
+    current: BTreeSet<Skipped>,
+    over_capacity: &BTreeSet<Skipped>,
+    metrics: &Metrics,
+) {
     for s in current.difference(reported) {
         tracing::error!("skipped {}: {}", s.object, s.reason);
     }
     for s in reported.difference(&current) {
         tracing::info!("no longer skipped: {}", s.object);
     }
-    let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
-    for s in reported.iter().chain(current.iter()) {
-        by_kind.entry(object_kind(&s.object)).or_default();
-    }
+    let label = |s: &Skipped| SkipLabel {
+        kind: object_kind(&s.object),
+        reason: if over_capacity.contains(s) {
+            "capacity"
+        } else {
+            "invalid"
+        }
+        .into(),
+    };
+    // Series that drop to zero are set to zero, not left at their last value.
+    let mut counts: BTreeMap<SkipLabel, i64> = reported.iter().map(|s| (label(s), 0)).collect();
     for s in &current {
-        *by_kind.entry(object_kind(&s.object)).or_default() += 1;
+        *counts.entry(label(s)).or_default() += 1;
     }
-    for (kind, n) in by_kind {
-        metrics
-            .skipped_objects
-            .get_or_create(&KindLabel { kind })
-            .set(n);
+    for (label, n) in counts {
+        metrics.skipped_objects.get_or_create(&label).set(n);
     }
     *reported = current;
 }

@@ -1,0 +1,313 @@
+//! Fitting the desired state into the maps' capacities, before anything is written.
+//!
+//! BPF hash maps have a fixed `max_entries`; a write into a full map fails. Writing blindly
+//! would stop a sync halfway at whatever object happened to come first, every time. So
+//! frontends are admitted up front, with the peak usage of a sync in mind (new entries are
+//! written before old ones are deleted): frontends that are already programmed come first and
+//! keep at least what they have, new ones are admitted in key order while they fit, and each
+//! one that does not is named with the map that is full. Deletions in the same sync free room
+//! for the next one, which then admits what was left out.
+
+use std::collections::BTreeSet;
+
+use crate::dataplane::MapSizes;
+use crate::model::{BackendAddr, DesiredState, Frontend, Skipped};
+use crate::sync::Programmed;
+
+/// Usable entries per map the agent writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+    pub rev_nat: usize,
+}
+
+impl From<&MapSizes> for Capacity {
+    fn from(sizes: &MapSizes) -> Self {
+        Capacity {
+            services: sizes.services as usize,
+            backends: sizes.backends as usize,
+            // Rev-NAT ids are 16-bit and start at 1.
+            rev_nat: (sizes.rev_nat as usize).min(usize::from(u16::MAX)),
+        }
+    }
+}
+
+/// What a sync would add to the maps, tallied as frontends are admitted.
+struct Peak {
+    services: usize,
+    backends: BTreeSet<BackendAddr>,
+    rev_nat: usize,
+}
+
+/// The part of `desired` that fits, and the frontends that do not (named).
+pub fn fit(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    capacity: &Capacity,
+) -> (DesiredState, Vec<Skipped>) {
+    let mut peak = Peak {
+        services: programmed
+            .frontends
+            .values()
+            .map(|f| usize::from(f.flags != 0) + f.slots.len())
+            .sum(),
+        backends: programmed.backends.values().copied().collect(),
+        rev_nat: programmed.rev_nat_ids.len(),
+    };
+    let is_programmed = |f: &&Frontend| {
+        programmed
+            .frontends
+            .get(&f.key)
+            .is_some_and(|p| p.flags != 0)
+    };
+    let existing = desired.frontends.values().filter(is_programmed);
+    let new = desired.frontends.values().filter(|f| !is_programmed(f));
+
+    let mut fitted = DesiredState::default();
+    let mut skipped = Vec::new();
+    for frontend in existing.chain(new) {
+        let current = programmed
+            .frontends
+            .get(&frontend.key)
+            .filter(|p| p.flags != 0);
+        let current_slots = current.map_or(0, |p| p.slots.len());
+        let new_backends: BTreeSet<BackendAddr> = frontend
+            .backends
+            .iter()
+            .filter(|b| !peak.backends.contains(b))
+            .copied()
+            .collect();
+        let services_growth =
+            usize::from(current.is_none()) + frontend.backends.len().saturating_sub(current_slots);
+        let rev_nat_growth = usize::from(current.is_none());
+        let full = if peak.services + services_growth > capacity.services {
+            Some(("services", capacity.services))
+        } else if peak.backends.len() + new_backends.len() > capacity.backends {
+            Some(("backends", capacity.backends))
+        } else if peak.rev_nat + rev_nat_growth > capacity.rev_nat {
+            Some(("rev-NAT", capacity.rev_nat))
+        } else {
+            None
+        };
+        let Some((map, entries)) = full else {
+            peak.services += services_growth;
+            peak.backends.extend(new_backends);
+            peak.rev_nat += rev_nat_growth;
+            fitted.frontends.insert(frontend.key, frontend.clone());
+            continue;
+        };
+        let object = format!(
+            "Service {}/{}",
+            frontend.service.namespace, frontend.service.name
+        );
+        match current {
+            // Already programmed: it keeps the backends it has rather than lose service.
+            Some(p) => {
+                let kept: Vec<BackendAddr> = (1..=p.count)
+                    .filter_map(|slot| p.slots.get(&slot))
+                    .filter_map(|id| programmed.backends.get(id))
+                    .copied()
+                    .collect();
+                skipped.push(Skipped {
+                    object,
+                    reason: format!(
+                        "frontend {} ({}): {} backends do not fit, the {map} map is full \
+                         ({entries} entries); keeping the {} it has",
+                        frontend.key,
+                        frontend.kind,
+                        frontend.backends.len(),
+                        kept.len()
+                    ),
+                });
+                fitted.frontends.insert(
+                    frontend.key,
+                    Frontend {
+                        backends: kept,
+                        ..frontend.clone()
+                    },
+                );
+            }
+            None => skipped.push(Skipped {
+                object,
+                reason: format!(
+                    "frontend {} ({}) not programmed: the {map} map is full ({entries} entries)",
+                    frontend.key, frontend.kind
+                ),
+            }),
+        }
+    }
+    (fitted, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{FrontendKey, FrontendKind, Protocol, Scope, ServicePortName, WhenEmpty};
+    use crate::sync::plan;
+
+    fn frontend(host: u8, backends: &[u8]) -> Frontend {
+        Frontend {
+            key: FrontendKey {
+                addr: Ipv4Addr::new(10, 96, 0, host),
+                port: 80,
+                proto: Protocol::Tcp,
+                scope: Scope::Internal,
+            },
+            kind: FrontendKind::ClusterIp,
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: format!("svc-{host}"),
+                port: String::new(),
+            },
+            backends: backends
+                .iter()
+                .map(|h| BackendAddr {
+                    addr: Ipv4Addr::new(10, 244, 0, *h),
+                    port: 8080,
+                    proto: Protocol::Tcp,
+                })
+                .collect(),
+            when_empty: WhenEmpty::Refuse,
+            affinity_timeout: None,
+        }
+    }
+
+    fn desired(frontends: &[Frontend]) -> DesiredState {
+        DesiredState {
+            frontends: frontends.iter().map(|f| (f.key, f.clone())).collect(),
+        }
+    }
+
+    /// Programs `state` into an empty mirror (as if a sync had written it).
+    fn programmed(state: &DesiredState) -> Programmed {
+        let mut mirror = Programmed::default();
+        for op in plan(&mirror, state).expect("plan") {
+            mirror.apply(&op);
+        }
+        mirror
+    }
+
+    const ROOMY: Capacity = Capacity {
+        services: 100,
+        backends: 100,
+        rev_nat: 100,
+    };
+
+    #[test]
+    fn everything_fits_in_roomy_maps() {
+        let want = desired(&[frontend(1, &[1, 2]), frontend(2, &[3])]);
+        let (fitted, skipped) = fit(&Programmed::default(), &want, &ROOMY);
+        assert_eq!(fitted, want);
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn a_new_frontend_that_does_not_fit_is_named_and_the_others_are_untouched() {
+        let cap = Capacity {
+            services: 8,
+            ..ROOMY
+        };
+        let before = desired(&[frontend(1, &[1, 2]), frontend(2, &[3, 4])]); // 3 + 3 entries
+        let mirror = programmed(&before);
+        let mut want = before.clone();
+        let late = frontend(3, &[5, 6]); // 3 more: 9 > 8
+        want.frontends.insert(late.key, late);
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(
+            fitted, before,
+            "existing frontends unchanged, the new one left out"
+        );
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].object, "Service default/svc-3");
+        assert!(
+            skipped[0]
+                .reason
+                .contains("the services map is full (8 entries)"),
+            "{}",
+            skipped[0].reason
+        );
+    }
+
+    #[test]
+    fn room_freed_by_a_deletion_admits_the_waiting_frontend_at_the_next_sync() {
+        let cap = Capacity {
+            services: 6,
+            ..ROOMY
+        };
+        let mirror = programmed(&desired(&[frontend(1, &[1, 2]), frontend(2, &[3, 4])]));
+        // Frontend 1 goes, frontend 3 arrives in the same sync: writes come before deletes,
+        // so 3 waits for one sync.
+        let want = desired(&[frontend(2, &[3, 4]), frontend(3, &[5, 6])]);
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, desired(&[frontend(2, &[3, 4])]));
+        assert_eq!(skipped.len(), 1);
+        // That sync deletes frontend 1; the next one has room.
+        let mirror = programmed(&fitted);
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, want);
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn a_programmed_frontend_that_cannot_grow_keeps_its_backends() {
+        let cap = Capacity {
+            services: 4,
+            ..ROOMY
+        };
+        let mirror = programmed(&desired(&[frontend(1, &[1, 2])])); // 3 entries
+        let want = desired(&[frontend(1, &[1, 2, 3, 4])]); // would need 5
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, desired(&[frontend(1, &[1, 2])]));
+        assert!(
+            skipped[0].reason.contains("4 backends do not fit"),
+            "{}",
+            skipped[0].reason
+        );
+        assert!(skipped[0].reason.contains("keeping the 2 it has"));
+    }
+
+    #[test]
+    fn the_backends_and_rev_nat_maps_are_limits_too() {
+        let want = desired(&[frontend(1, &[1, 2]), frontend(2, &[3, 4])]);
+        let (fitted, skipped) = fit(
+            &Programmed::default(),
+            &want,
+            &Capacity {
+                backends: 3,
+                ..ROOMY
+            },
+        );
+        assert_eq!(fitted, desired(&[frontend(1, &[1, 2])]));
+        assert!(
+            skipped[0]
+                .reason
+                .contains("the backends map is full (3 entries)")
+        );
+        let (fitted, skipped) = fit(
+            &Programmed::default(),
+            &want,
+            &Capacity {
+                rev_nat: 1,
+                ..ROOMY
+            },
+        );
+        assert_eq!(fitted, desired(&[frontend(1, &[1, 2])]));
+        assert!(
+            skipped[0]
+                .reason
+                .contains("the rev-NAT map is full (1 entries)")
+        );
+    }
+
+    #[test]
+    fn rev_nat_ids_are_16_bit() {
+        let sizes = MapSizes {
+            rev_nat: 1 << 20,
+            ..MapSizes::default()
+        };
+        assert_eq!(Capacity::from(&sizes).rev_nat, 65535);
+    }
+}
