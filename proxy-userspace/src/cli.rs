@@ -62,6 +62,11 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     nodeport_addresses: Vec<(std::net::Ipv4Addr, u8)>,
 
+    /// Also intercept, at the socket layer, externalIPs this node does not own (kube-proxy's
+    /// behaviour, which lets a Service capture traffic to any address: CVE-2020-8554).
+    #[arg(long)]
+    socket_lb_external_ips: bool,
+
     /// Capacity (max_entries) of the services map: one entry per frontend plus one per
     /// backend slot. Applies when the maps are created; pinned maps keep their size.
     #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
@@ -212,6 +217,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     affinity: args.map_size_affinity,
                 },
                 node_port_cidrs: args.nodeport_addresses,
+                socket_lb_external_ips: args.socket_lb_external_ips,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
             };

@@ -13,6 +13,7 @@ pub mod list;
 pub mod metrics;
 pub mod model;
 pub mod run;
+pub mod safety;
 pub mod source;
 pub mod sync;
 pub mod translate;

@@ -25,6 +25,7 @@ use crate::dataplane::{self, MapSizes};
 use crate::http::{self, Health};
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
+use crate::safety;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
@@ -49,6 +50,9 @@ pub struct Config {
     /// kube-proxy's `--nodeport-addresses`: NodePorts are served on the node's addresses in
     /// these CIDRs (all of them when empty).
     pub node_port_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
+    /// Serve externalIPs that are not this node's to its own processes and pods too, as
+    /// kube-proxy does (see `safety`: CVE-2020-8554).
+    pub socket_lb_external_ips: bool,
     /// `/healthz` and `/livez`; `None` disables them.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
@@ -201,7 +205,11 @@ fn sync_once(
         snapshot.node.as_ref(),
         &config.node_port_cidrs,
     );
-    let translation = translate(&snapshot.services, &snapshot.slices, &node);
+    let mut translation = translate(&snapshot.services, &snapshot.slices, &node);
+    if !config.socket_lb_external_ips {
+        let own = node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses;
+        safety::keep_external_ips_of_this_node(&mut translation.state, &own);
+    }
     record_no_local_endpoints(&translation.state, metrics);
     let (fitted, over_capacity) = capacity::fit(
         syncer.programmed(),

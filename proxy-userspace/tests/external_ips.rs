@@ -1,0 +1,86 @@
+//! Privileged: externalIPs at the socket layer (issue 7's CVE-2020-8554 safety).
+
+mod common;
+
+use common::{Harness, answers, slice};
+
+const ENETUNREACH: i64 = 101;
+
+/// A ClusterIP Service with two externalIPs: a foreign one (TEST-NET-2, never routed
+/// anywhere from the client namespace) and this node's own address.
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7, 10.244.0.1]
+  ports: [{name: http, port: 80, protocol: TCP}]
+";
+
+/// This node, owning 10.244.0.1 (the node namespace's bridge address).
+const NODE: &str = "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status:
+  addresses: [{type: InternalIP, address: 10.244.0.1}]
+";
+
+fn setup(h: &Harness) {
+    h.write_manifest("svc.yaml", SERVICE);
+    h.write_manifest("node.yaml", NODE);
+    h.write_manifest(
+        "eps.yaml",
+        &slice(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.244.0.10", true)],
+        ),
+    );
+}
+
+#[test]
+fn cve_2020_8554_foreign_external_ips_are_not_hijacked_by_default() {
+    let mut h = Harness::new("extip", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    setup(&h);
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    // The node's own externalIP is served to its pods, like kube-proxy.
+    h.wait_for_frontend("10.244.0.1:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(
+        answers(&h.client(&["tcp", "10.244.0.1:80", "5"])).get("pod-a"),
+        Some(&5)
+    );
+    // The foreign one is left alone by the socket programs (its external-scope entry stays,
+    // for traffic arriving from outside): the connection goes where it was addressed (here:
+    // nowhere, the client namespace has no route to it).
+    let listed = h.list().expect("list");
+    assert!(
+        !listed
+            .iter()
+            .any(|f| f["frontend"] == "198.51.100.7:80" && f["scope"] == "internal"),
+        "{listed:?}"
+    );
+    for line in h.client(&["tcp", "198.51.100.7:80", "2"]) {
+        assert_eq!(line["errno"], ENETUNREACH, "{line}");
+    }
+}
+
+#[test]
+fn socket_lb_external_ips_opt_in_serves_foreign_external_ips_as_kube_proxy_does() {
+    let mut h = Harness::new("extipon", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    setup(&h);
+    let manifests = h.manifests.clone();
+    h.start_agent_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--socket-lb-external-ips".as_ref(),
+    ]);
+    h.wait_for_frontend("198.51.100.7:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(
+        answers(&h.client(&["tcp", "198.51.100.7:80", "5"])).get("pod-a"),
+        Some(&5)
+    );
+}
