@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -15,9 +16,13 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
+
+use crate::model::BackendAddr;
+use crate::{abi, sockdiag};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT,
-    MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
+    MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue,
 };
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
@@ -75,6 +80,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u16, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
 }
 
 impl Maps {
@@ -94,6 +100,7 @@ impl Maps {
             backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?,
             rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?))?,
+            sock_rev_nat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REV_NAT)?))?,
         })
     }
 
@@ -107,6 +114,7 @@ impl Maps {
             backends: HashMap::try_from(take(MAP_BACKENDS)?)?,
             rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?)?,
+            sock_rev_nat: HashMap::try_from(take(MAP_SOCK_REV_NAT)?)?,
         })
     }
 
@@ -160,6 +168,27 @@ impl Maps {
             ignore_missing(self.affinity.remove(key)).context("deleting an affinity entry")?;
         }
         Ok(doomed.len())
+    }
+
+    /// Destroys the connected UDP sockets that the socket programs pointed at a backend
+    /// which has left the frontend (rev-NAT id) they were translated for. Returns how many.
+    pub fn destroy_udp_sockets(&self, departed: &BTreeSet<(u16, BackendAddr)>) -> usize {
+        let peers: BTreeSet<(Ipv4Addr, u16)> =
+            departed.iter().map(|(_, b)| (b.addr, b.port)).collect();
+        let translated = |socket: &sockdiag::UdpSocket| {
+            let key = SockRevNatKey {
+                cookie: socket.cookie,
+                addr: abi::addr_to_net(socket.peer.0),
+                port: abi::port_to_net(socket.peer.1),
+                _pad: [0; 2],
+            };
+            self.sock_rev_nat.get(&key, 0).is_ok_and(|entry| {
+                departed.iter().any(|(rev_nat_id, b)| {
+                    *rev_nat_id == entry.rev_nat_id && (b.addr, b.port) == socket.peer
+                })
+            })
+        };
+        sockdiag::destroy_udp_sockets(&peers, &translated)
     }
 
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {

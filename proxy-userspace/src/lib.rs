@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod safety;
+pub mod sockdiag;
 pub mod source;
 pub mod sync;
 pub mod translate;

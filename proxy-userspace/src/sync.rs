@@ -415,29 +415,58 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
 /// datapath only checks that a remembered backend still exists, so the agent removes these
 /// (kube-proxy's `recent` lists go with their endpoint chains the same way).
 pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeSet<(u16, u32)> {
+    departed(programmed, desired, |f, d| {
+        f.flags & SVC_FLAG_AFFINITY != 0 && d.is_none_or(|d| d.affinity_timeout.is_some())
+    })
+    .into_iter()
+    .chain(
+        // Affinity switched off: every entry of the frontend goes.
+        programmed.frontends.iter().flat_map(|(key, f)| {
+            let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
+                && desired
+                    .frontends
+                    .get(key)
+                    .is_some_and(|d| d.affinity_timeout.is_none());
+            f.slots
+                .values()
+                .filter(move |_| switched_off)
+                .map(move |id| (f.rev_nat_id, *id))
+        }),
+    )
+    .collect()
+}
+
+/// (rev-NAT id, backend id) pairs whose backend left its frontend, or whose frontend went
+/// away, among the frontends `consider(programmed, desired)` selects.
+pub fn departed(
+    programmed: &Programmed,
+    desired: &DesiredState,
+    consider: impl Fn(&ProgrammedFrontend, Option<&Frontend>) -> bool,
+) -> BTreeSet<(u16, u32)> {
     let ids: BTreeMap<&BackendAddr, u32> =
         programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
-    let mut stale = BTreeSet::new();
+    let mut gone = BTreeSet::new();
     for (key, f) in &programmed.frontends {
-        if f.flags & SVC_FLAG_AFFINITY == 0 {
+        let wanted = desired.frontends.get(key);
+        if !consider(f, wanted) {
             continue;
         }
-        let keep: BTreeSet<u32> = match desired.frontends.get(key) {
-            Some(d) if d.affinity_timeout.is_some() => d
-                .backends
-                .iter()
-                .filter_map(|b| ids.get(b).copied())
-                .collect(),
-            _ => BTreeSet::new(),
-        };
-        stale.extend(
+        let keep: BTreeSet<u32> = wanted
+            .map(|d| {
+                d.backends
+                    .iter()
+                    .filter_map(|b| ids.get(b).copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        gone.extend(
             f.slots
                 .values()
                 .filter(|id| !keep.contains(id))
                 .map(|id| (f.rev_nat_id, *id)),
         );
     }
-    stale
+    gone
 }
 
 /// Slot 0's flags and affinity timeout for a desired frontend: its kind, ClientIP affinity,
@@ -511,9 +540,25 @@ impl Syncer {
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let ops = plan(&self.programmed, desired)?;
         let stale_affinity = stale_affinity(&self.programmed, desired);
+        // Connected UDP sockets pointed at a departed backend must reconnect (C27).
+        let departed_udp: BTreeSet<(u16, BackendAddr)> =
+            departed(&self.programmed, desired, |_, _| true)
+                .into_iter()
+                .filter_map(|(rev_nat_id, id)| {
+                    self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
+                })
+                .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
+                .collect();
         for op in &ops {
             self.write(op)?;
             self.programmed.apply(op);
+        }
+        if !departed_udp.is_empty() {
+            let destroyed = self.maps.destroy_udp_sockets(&departed_udp);
+            tracing::info!(
+                destroyed,
+                "connected UDP sockets of departed backends closed"
+            );
         }
         if !stale_affinity.is_empty() {
             let forgotten = self.maps.forget_affinity(&stale_affinity)?;

@@ -7,6 +7,8 @@
 //!   new socket each) and print one JSON line per request: what answered, the peer address
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
 //!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
+//!   `udp ... --keep-socket` uses one socket for all requests, like a resolver, and replaces
+//!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it).
 //!
 //! Not shipped in the container image; std and serde_json only.
 
@@ -21,14 +23,21 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
-        Some("tcp") => client(&args[1..], tcp_request),
-        Some("udp") if args.iter().any(|a| a == "--connected") => {
-            client(&args[1..], udp_connected_request)
+        Some("tcp") => client(&args[1..], &mut tcp_request),
+        Some("udp") => {
+            let connected = args.iter().any(|a| a == "--connected");
+            if args.iter().any(|a| a == "--keep-socket") {
+                let mut kept = KeptUdp::new(connected);
+                client(&args[1..], &mut |to| kept.request(to))
+            } else if connected {
+                client(&args[1..], &mut udp_connected_request)
+            } else {
+                client(&args[1..], &mut udp_request)
+            }
         }
-        Some("udp") => client(&args[1..], udp_request),
         _ => Err(
             "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... | \
-                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected]"
+                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket]"
                 .into(),
         ),
     };
@@ -124,7 +133,7 @@ struct Outcome {
 
 fn client(
     args: &[String],
-    request: fn(SocketAddr) -> std::io::Result<Outcome>,
+    request: &mut dyn FnMut(SocketAddr) -> std::io::Result<Outcome>,
 ) -> Result<(), String> {
     let to: SocketAddr = args
         .first()
@@ -191,6 +200,57 @@ fn udp_request(to: SocketAddr) -> std::io::Result<Outcome> {
         answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
         peer: from,
     })
+}
+
+/// One UDP socket kept across requests (connected or not), replaced after an error.
+struct KeptUdp {
+    connected: bool,
+    socket: Option<UdpSocket>,
+}
+
+impl KeptUdp {
+    fn new(connected: bool) -> Self {
+        KeptUdp {
+            connected,
+            socket: None,
+        }
+    }
+
+    fn request(&mut self, to: SocketAddr) -> std::io::Result<Outcome> {
+        let result = self.exchange(to);
+        if result.is_err() {
+            self.socket = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, to: SocketAddr) -> std::io::Result<Outcome> {
+        let socket = match self.socket.take() {
+            Some(s) => s,
+            None => {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                if self.connected {
+                    s.connect(to)?;
+                }
+                s
+            }
+        };
+        let mut buf = [0u8; 2048];
+        let (n, peer) = if self.connected {
+            socket.send(b"ping")?;
+            let n = socket.recv(&mut buf)?;
+            (n, socket.peer_addr()?)
+        } else {
+            socket.send_to(b"ping", to)?;
+            socket.recv_from(&mut buf)?
+        };
+        self.socket = Some(socket);
+        Ok(Outcome {
+            answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
+            peer,
+        })
+    }
 }
 
 fn udp_connected_request(to: SocketAddr) -> std::io::Result<Outcome> {

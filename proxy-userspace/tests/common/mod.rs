@@ -328,6 +328,23 @@ impl BackgroundClient {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How many requests it has reported so far.
+    pub fn lines_so_far(&self) -> usize {
+        fs::read_to_string(&self.output).map_or(0, |s| s.lines().count())
+    }
+
+    /// Waits (bounded) until it has reported `n` requests.
+    pub fn wait_for_lines(&self, n: usize) {
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        while self.lines_so_far() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the client never reported {n} requests"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the client to finish and parses its JSON lines.
     pub fn lines(mut self) -> Vec<Value> {
         let status = self.child.wait().expect("waiting for the client");

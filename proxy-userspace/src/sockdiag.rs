@@ -1,0 +1,330 @@
+//! Closing connected UDP sockets whose backend went away (BEHAVIOUR C27).
+//!
+//! `connect4` fixes a connected UDP socket's peer once; unlike unconnected `sendto` (where
+//! `sendmsg4` selects per datagram) it would keep sending to a deleted pod forever.
+//! kube-proxy flushes the conntrack entries of such flows; the socket-level equivalent (as in
+//! Cilium) is to destroy the sockets through sock_diag (`SOCK_DESTROY`, kernel option
+//! `INET_DIAG_DESTROY`): the application sees an error (ECONNABORTED) and reconnects, and its
+//! next `connect()` selects a live backend.
+//!
+//! Sockets live in every pod's network namespace, so each namespace is visited from a thread
+//! of its own (`setns` changes only the calling thread). Namespaces are found through
+//! `/run/netns` (where CNI plugins pin pod namespaces) and `/proc/*/ns/net`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::mem::size_of;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_ESTABLISHED: u32 = 1;
+
+/// `struct inet_diag_sockid`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Request {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+/// `struct nlmsghdr`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NlHeader {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+/// The part of `struct inet_diag_msg` we read.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: SockId,
+}
+
+/// A connected UDP socket, as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpSocket {
+    pub cookie: u64,
+    pub peer: (Ipv4Addr, u16),
+    id_raw: [u8; size_of::<SockId>()],
+}
+
+/// Destroys, in every network namespace, the connected UDP sockets whose peer is one of
+/// `backends` and for which `translated(socket)` says the socket programs chose that
+/// backend. Returns how many were destroyed. Namespaces that cannot be entered are
+/// skipped (logged at debug level).
+pub fn destroy_udp_sockets(
+    backends: &BTreeSet<(Ipv4Addr, u16)>,
+    translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
+) -> usize {
+    if backends.is_empty() {
+        return 0;
+    }
+    let namespaces = network_namespaces();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = namespaces
+            .iter()
+            .map(|ns| {
+                scope.spawn(move || -> io::Result<usize> {
+                    enter(ns)?;
+                    let diag = open_diag()?;
+                    let mut destroyed = 0;
+                    for socket in dump_connected_udp(&diag)? {
+                        if backends.contains(&socket.peer) && translated(&socket) {
+                            destroy(&diag, &socket)?;
+                            destroyed += 1;
+                        }
+                    }
+                    Ok(destroyed)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .zip(&namespaces)
+            .map(|(w, ns)| match w.join() {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::debug!(namespace = %ns.display(), "sock_diag: {e}");
+                    0
+                }
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
+/// One path per distinct network namespace: pinned ones first, then those of processes.
+fn network_namespaces() -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut paths = Vec::new();
+    let pinned = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()));
+    let of_processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    for path in pinned.chain(of_processes) {
+        if let Ok(meta) = std::fs::metadata(&path)
+            && seen.insert((meta.dev(), meta.ino()))
+        {
+            paths.push(path);
+        }
+    }
+    paths
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &PathBuf) -> io::Result<()> {
+    let ns = File::open(path)?;
+    // SAFETY: setns on a valid namespace fd affects only this thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn open_diag() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn as_bytes<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: T is a #[repr(C)] plain-data struct without padding holes that matter here
+    // (every field is an integer); reading its bytes is sound.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+fn read_struct<T: Copy + Default>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    let mut value = T::default();
+    // SAFETY: T is plain data; exactly size_of::<T>() bytes are copied into it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut value as *mut T).cast::<u8>(),
+            size_of::<T>(),
+        )
+    };
+    Some(value)
+}
+
+fn send(diag: &OwnedFd, kind: u16, flags: u16, request: &Request) -> io::Result<()> {
+    let header = NlHeader {
+        len: (size_of::<NlHeader>() + size_of::<Request>()) as u32,
+        kind,
+        flags,
+        seq: 1,
+        pid: 0,
+    };
+    let mut message = as_bytes(&header).to_vec();
+    message.extend_from_slice(as_bytes(request));
+    // SAFETY: sending an initialised buffer on a netlink socket.
+    let sent = unsafe { libc::send(diag.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives netlink messages until DONE (dump) or the first ERROR/ACK; calls `each` with
+/// (type, payload).
+fn receive(diag: &OwnedFd, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into a buffer we own, of the given length.
+        let n = unsafe {
+            libc::recv(
+                diag.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buffer[..n as usize];
+        while let Some(header) = read_struct::<NlHeader>(rest) {
+            let len = header.len as usize;
+            if len < size_of::<NlHeader>() || len > rest.len() {
+                return Err(io::Error::other("malformed netlink message"));
+            }
+            let payload = &rest[size_of::<NlHeader>()..len];
+            match header.kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let code = read_struct::<i32>(payload).unwrap_or(0);
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                kind => each(kind, payload),
+            }
+            // Messages are 4-byte aligned.
+            let advance = (len + 3) & !3;
+            rest = rest.get(advance..).unwrap_or(&[]);
+        }
+    }
+}
+
+fn dump_connected_udp(diag: &OwnedFd) -> io::Result<Vec<UdpSocket>> {
+    let request = Request {
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_UDP as u8,
+        states: 1 << TCP_ESTABLISHED,
+        ..Default::default()
+    };
+    send(
+        diag,
+        SOCK_DIAG_BY_FAMILY,
+        (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+        &request,
+    )?;
+    let mut sockets = Vec::new();
+    receive(diag, |kind, payload| {
+        if kind != SOCK_DIAG_BY_FAMILY {
+            return;
+        }
+        let Some(msg) = read_struct::<DiagMsg>(payload) else {
+            return;
+        };
+        let mut id_raw = [0u8; size_of::<SockId>()];
+        id_raw.copy_from_slice(as_bytes(&msg.id));
+        sockets.push(UdpSocket {
+            cookie: u64::from(msg.id.cookie[0]) | (u64::from(msg.id.cookie[1]) << 32),
+            peer: (
+                Ipv4Addr::from(msg.id.dst[0].to_ne_bytes()),
+                u16::from_be(msg.id.dport),
+            ),
+            id_raw,
+        });
+    })?;
+    Ok(sockets)
+}
+
+fn destroy(diag: &OwnedFd, socket: &UdpSocket) -> io::Result<()> {
+    let request = Request {
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_UDP as u8,
+        states: u32::MAX,
+        id: read_struct::<SockId>(&socket.id_raw).unwrap_or_default(),
+        ..Default::default()
+    };
+    send(
+        diag,
+        SOCK_DESTROY,
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+        &request,
+    )?;
+    receive(diag, |_, _| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_kernel_uapi() {
+        assert_eq!(size_of::<SockId>(), 48);
+        assert_eq!(size_of::<Request>(), 56);
+        assert_eq!(size_of::<NlHeader>(), 16);
+        assert_eq!(size_of::<DiagMsg>(), 52);
+    }
+}

@@ -1,0 +1,106 @@
+//! Privileged: UDP clients that keep one socket while their backend is replaced (C27).
+
+mod common;
+
+use common::{Harness, service, slice};
+use serde_json::Value;
+
+/// What a client sees of its destroyed socket: ECONNABORTED if it was waiting in recv,
+/// EDESTADDRREQ from its next send (the socket is disconnected).
+const ECONNABORTED: i64 = 103;
+const EDESTADDRREQ: i64 = 89;
+
+fn dns_on(h: &Harness, pod: &str) {
+    h.write_manifest(
+        "eps.yaml",
+        &slice("dns-1", "dns", &[("dns", 5353, "UDP")], &[(pod, true)]),
+    );
+}
+
+/// Answers after the first answer from `to`, and the errors on the way.
+fn after_switch<'a>(lines: &'a [Value], to: &str) -> (Vec<&'a Value>, Vec<&'a Value>) {
+    let first = lines
+        .iter()
+        .position(|l| l["answer"] == to)
+        .unwrap_or_else(|| panic!("never answered by {to}: {lines:?}"));
+    let errors = lines.iter().filter(|l| l["ok"] != true).collect();
+    (lines[first..].iter().collect(), errors)
+}
+
+#[test]
+fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced() {
+    let mut h = Harness::new("staleudp", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
+    );
+    dns_on(&h, "10.244.0.10");
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
+
+    // Two resolvers with one socket each: connected, and unconnected (sendto).
+    let args = |extra: &'static str| {
+        let mut a = vec![
+            "udp",
+            "10.96.0.10:53",
+            "800",
+            "--keep-socket",
+            "--every-ms",
+            "5",
+        ];
+        if !extra.is_empty() {
+            a.push(extra);
+        }
+        a
+    };
+    let connected = h.spawn_client("connected", &args("--connected"));
+    let unconnected = h.spawn_client("unconnected", &args(""));
+    connected.wait_for_lines(50);
+    unconnected.wait_for_lines(50);
+
+    // pod-a is replaced by pod-b. pod-a keeps running (as a terminating pod does), so a
+    // socket left pointing at it would keep getting answers from it.
+    dns_on(&h, "10.244.0.11");
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
+
+    for (what, client) in [("connected", connected), ("unconnected", unconnected)] {
+        let lines = client.lines();
+        assert_eq!(lines[0]["answer"], "pod-a", "{what} starts on pod-a");
+        let (after, errors) = after_switch(&lines, "pod-b");
+        assert!(
+            after
+                .iter()
+                .all(|l| l["ok"] != true || l["answer"] == "pod-b"),
+            "{what}: traffic went back to the removed backend: {after:?}"
+        );
+        assert!(
+            after.len() >= 100,
+            "{what}: the switch came too late to judge"
+        );
+        // The peer stays the Service address throughout.
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l["ok"] == true)
+                .all(|l| l["peer"] == "10.96.0.10:53")
+        );
+        match what {
+            // Its socket was destroyed once and replaced by the client.
+            "connected" => {
+                assert_eq!(errors.len(), 1, "{errors:?}");
+                let errno = errors[0]["errno"].as_i64();
+                assert!(
+                    errno == Some(ECONNABORTED) || errno == Some(EDESTADDRREQ),
+                    "{errors:?}"
+                );
+            }
+            // Selection happens per datagram: nothing to destroy, no error.
+            _ => assert!(errors.is_empty(), "{errors:?}"),
+        }
+    }
+    assert!(
+        h.agent_log()
+            .contains("connected UDP sockets of departed backends closed")
+    );
+}
