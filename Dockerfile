@@ -26,7 +26,10 @@ RUN cargo build --release --locked -p proxy-userspace --bin ebpf-kube-proxy \
  && install -D -m 0755 target/release/ebpf-kube-proxy /out/ebpf-kube-proxy
 
 # bookworm-slim rather than distroless: the chart's init containers use its sh, stat and
-# mount; the binary needs only glibc.
+# mount; the binary needs only glibc. `cleanup-iptables` runs Debian's iptables, nft and ip.
 FROM docker.io/library/debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables nftables iproute2 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ebpf-kube-proxy /usr/local/bin/ebpf-kube-proxy
 ENTRYPOINT ["/usr/local/bin/ebpf-kube-proxy"]

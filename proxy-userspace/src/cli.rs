@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{dataplane, list, run};
+use crate::{dataplane, kube_proxy_cleanup, list, run};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/ebpf-kube-proxy";
 
@@ -38,6 +38,13 @@ enum Command {
     },
     /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
     Cleanup,
+    /// Remove what kube-proxy left in the kernel (its iptables chains and the jumps to them,
+    /// its nftables tables, the IPVS dummy interface), as `kube-proxy --cleanup` does.
+    CleanupIptables {
+        /// Print what would be removed and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -248,6 +255,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::CleanupIptables { dry_run } => kube_proxy_cleanup::run(dry_run),
     }
 }
 

@@ -7,7 +7,9 @@
 //!   never edited) and linked into the rustup sysroot;
 //! - `bpf-linker` is built from crates.io against rustc's own shared LLVM;
 //! - a TCX-aware `bpftool` (>= 7.5) is unpacked from bookworm-backports into our tools
-//!   directory.
+//!   directory;
+//! - Debian's `iptables` and `nftables` (the `cleanup-iptables` tests load kube-proxy rule
+//!   sets with them) are installed with apt-get when missing: the base image has neither.
 //!
 //! A second run finds everything in place and only checks versions.
 
@@ -62,6 +64,7 @@ pub fn setup() -> Result<()> {
     ensure_rust_src().context("setting up rust-src (needed for -Z build-std=core)")?;
     ensure_bpf_linker().context("setting up bpf-linker")?;
     ensure_bpftool().context("setting up bpftool >= 7.5")?;
+    ensure_netfilter_tools().context("installing iptables and nftables")?;
     Ok(())
 }
 
@@ -203,6 +206,45 @@ fn ensure_bpftool() -> Result<()> {
             link.display()
         ),
     }
+}
+
+/// Programs of Debian's `iptables` and `nftables` packages the privileged tests run.
+const NETFILTER_TOOLS: &[&str] = &[
+    "iptables-legacy-restore",
+    "iptables-nft-restore",
+    "ip6tables-nft-restore",
+    "nft",
+];
+
+fn ensure_netfilter_tools() -> Result<()> {
+    let present = |tool: &str| {
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(tool).exists())
+    };
+    if NETFILTER_TOOLS.iter().all(|tool| present(tool)) {
+        println!("setup: iptables and nftables: present");
+        return Ok(());
+    }
+    println!("setup: installing Debian's iptables and nftables");
+    let apt = |args: &[&str]| {
+        let mut c = cmd::new("apt-get", args);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    cmd::output(&mut apt(&["update", "-q"]))?;
+    cmd::output(&mut apt(&[
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "iptables",
+        "nftables",
+    ]))?;
+    if let Some(tool) = NETFILTER_TOOLS.iter().find(|tool| !present(tool)) {
+        bail!("{tool} is still missing after installing iptables and nftables");
+    }
+    Ok(())
 }
 
 fn bpftool_version(bin: &Path) -> Option<(u32, u32)> {
