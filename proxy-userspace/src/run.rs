@@ -177,6 +177,8 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
 #[derive(Default)]
 struct LoopState {
     reported: BTreeSet<Skipped>,
+    /// Objects left out on purpose (IPv6 only), already noted at debug level.
+    ignored: BTreeSet<Skipped>,
     /// Last seen objects per kind, to count changes like kube-proxy's change trackers.
     services: BTreeMap<(String, String), String>,
     slices: BTreeMap<(String, String), String>,
@@ -211,6 +213,13 @@ fn sync_once(
         safety::keep_external_ips_of_this_node(&mut translation.state, &own);
     }
     record_no_local_endpoints(&translation.state, metrics);
+    let ignored: BTreeSet<Skipped> = std::mem::take(&mut translation.ignored)
+        .into_iter()
+        .collect();
+    for s in ignored.difference(&state.ignored) {
+        tracing::debug!("not served: {}: {}", s.object, s.reason);
+    }
+    state.ignored = ignored;
     let (fitted, over_capacity) = capacity::fit(
         syncer.programmed(),
         &translation.state,

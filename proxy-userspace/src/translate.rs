@@ -21,7 +21,10 @@
 //! and reported in [`Translation::skipped`] with the object's name, and everything else still
 //! translates (BEHAVIOUR C34). Normal cases that kube-proxy ignores on purpose (headless and
 //! ExternalName Services, another proxy's Services, IPv6 addresses, FQDN slices, `ipMode:
-//! Proxy` and hostname-only load balancer ingress) are not reported.
+//! Proxy` and hostname-only load balancer ingress) are not reported as problems; the objects
+//! this IPv4 proxy leaves out whole for their address family (single-stack IPv6 Services,
+//! IPv6 and FQDN slices) are listed in [`Translation::ignored`], for a debug-level note, never
+//! an error: kube-proxy's IPv4 proxier leaves them out without one.
 //!
 //! Decisions where kube-proxy is silent or can't be followed literally:
 //! - `metadata.namespace` absent means `default`: manifests for the standalone source often
@@ -31,6 +34,13 @@
 //!   IP per family. A Service is headless when its primary cluster IP is `None` or empty.
 //! - An address listed in several slices is categorized per copy and then de-duplicated, so it
 //!   is a backend if any copy is usable. (kube-proxy keeps an arbitrary copy.)
+//! - Two Services with the same namespace and name (only possible in manifests, e.g. one
+//!   without `namespace` and one in `default`) are taken in the order of their content, so
+//!   that the result never depends on the order of the input.
+//! - A frontend holds at most 65535 backends (slots `1..=count`, a 16-bit count): beyond that
+//!   the first 65535 in address order are served and the service port is reported. The API
+//!   limits a slice to 1000 endpoints, not a Service; a slice over that limit is served whole,
+//!   like kube-proxy takes what it is given (the map sizes are `capacity`'s business).
 //! - Two Services claiming the same frontend (only possible in manifests, the API server
 //!   refuses it): the first in (namespace, name) order keeps it, the other is reported. One
 //!   service port claiming a frontend twice (an externalIP listed twice, or also being the
@@ -39,6 +49,7 @@
 //! - Enum fields the API server would have refused (`type`, the traffic policies,
 //!   `sessionAffinity`, its timeout) skip the whole Service with the reason, rather than
 //!   guessing: kube-proxy never sees such values and would silently read them as the default.
+//!   Likewise an `addressType` other than IPv4, IPv6 or FQDN skips its slice with the reason.
 //! - A `nodePort` on a Service of type ClusterIP is ignored (the API server clears it when the
 //!   type changes; kube-proxy would serve it). LoadBalancer ingress IPs are served whatever the
 //!   type, as kube-proxy does (the API server clears the status when the type changes).
@@ -59,6 +70,9 @@ use crate::model::{
     ServicePortName, Skipped, WhenEmpty,
 };
 
+/// A frontend's backends sit in slots `1..=count` and `count` is 16 bits (proxy-common's
+/// service value), so this is the most one frontend can hold.
+const MAX_BACKENDS_PER_FRONTEND: usize = u16::MAX as usize;
 /// Objects with this label belong to another service proxy (kube-proxy's informers filter them).
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Set by the EndpointSlice controller on slices of headless Services; filtered like the above.
@@ -79,6 +93,10 @@ pub struct Translation {
     pub state: DesiredState,
     /// Sorted and de-duplicated, so that a caller can log and count each problem once.
     pub skipped: Vec<Skipped>,
+    /// Objects left out whole on purpose because of their address family (single-stack IPv6
+    /// Services, IPv6 and FQDN slices): not problems, worth a debug-level note. Sorted and
+    /// de-duplicated like `skipped`.
+    pub ignored: Vec<Skipped>,
 }
 
 /// What translate needs from this node's Node object (`None` when it is not known yet: no
@@ -134,20 +152,37 @@ fn cidr_contains(network: Ipv4Addr, prefix: u8, addr: Ipv4Addr) -> bool {
 /// Translates Services and EndpointSlices into the desired frontends of this node.
 pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Translation {
     let mut skipped = Vec::new();
-    let endpoints = index_endpoints(slices, node, &mut skipped);
+    let mut ignored = Vec::new();
+    let endpoints = index_endpoints(slices, node, &mut skipped, &mut ignored);
 
-    // Fixed order, so that a conflict between two Services always resolves the same way.
+    // Fixed order, so that a conflict between two Services always resolves the same way,
+    // whatever order they came in (two with the same name: by content).
     let mut ordered: Vec<&Service> = services.iter().collect();
-    ordered.sort_by(|a, b| compare_names(&a.metadata, &b.metadata));
+    ordered.sort_by(|a, b| {
+        compare_names(&a.metadata, &b.metadata).then_with(|| compare_content(a, b))
+    });
 
     let mut state = DesiredState::default();
     for service in ordered {
-        add_service(service, &endpoints, node, &mut state, &mut skipped);
+        add_service(
+            service,
+            &endpoints,
+            node,
+            &mut state,
+            &mut skipped,
+            &mut ignored,
+        );
     }
 
     skipped.sort();
     skipped.dedup();
-    Translation { state, skipped }
+    ignored.sort();
+    ignored.dedup();
+    Translation {
+        state,
+        skipped,
+        ignored,
+    }
 }
 
 /// An endpoint address on a concrete port, with what kube-proxy reads of it.
@@ -205,25 +240,44 @@ struct PortEndpoint {
 type EndpointIndex = BTreeMap<(String, String), Vec<PortEndpoint>>;
 
 /// Reads every IPv4 EndpointSlice once, reporting its problems once, and groups its endpoints
-/// by the Service named in its `kubernetes.io/service-name` label.
+/// by the Service named in its `kubernetes.io/service-name` label. A slice whose Service does
+/// not exist is indexed all the same and simply never looked up, as in kube-proxy: it is
+/// served as soon as its Service appears.
 fn index_endpoints(
     slices: &[EndpointSlice],
     node: &NodeInfo,
     skipped: &mut Vec<Skipped>,
+    ignored: &mut Vec<Skipped>,
 ) -> EndpointIndex {
     let mut index = EndpointIndex::new();
     for slice in slices {
-        // IPv6 slices belong to the IPv6 side of a dual-stack Service; FQDN slices are not
-        // proxied by kube-proxy at all.
-        if !is_for_this_proxy(&slice.metadata) || slice.address_type != "IPv4" {
+        if !is_for_this_proxy(&slice.metadata) {
             continue;
         }
         let namespace = namespace(&slice.metadata);
-        let Some(name) = name(&slice.metadata) else {
+        let object = format!(
+            "EndpointSlice {namespace}/{}",
+            name(&slice.metadata).unwrap_or("<unnamed>")
+        );
+        // IPv6 slices belong to the IPv6 side of a dual-stack Service; FQDN slices are not
+        // proxied by kube-proxy at all. Other values the API server refuses.
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            family @ ("IPv6" | "FQDN") => {
+                let reason = format!("addressType {family}: this proxy serves IPv4 only");
+                ignored.push(skip(&object, reason));
+                continue;
+            }
+            other => {
+                let reason = format!("addressType {other:?} is not supported (IPv4, IPv6 or FQDN)");
+                skipped.push(skip(&object, reason));
+                continue;
+            }
+        }
+        if name(&slice.metadata).is_none() {
             skipped.push(missing_name("EndpointSlice", namespace));
             continue;
-        };
-        let object = format!("EndpointSlice {namespace}/{name}");
+        }
         let Some(service) = label(&slice.metadata, LABEL_SERVICE_NAME) else {
             skipped.push(skip(&object, format!("has no {LABEL_SERVICE_NAME} label")));
             continue;
@@ -487,6 +541,7 @@ fn add_service(
     node: &NodeInfo,
     state: &mut DesiredState,
     skipped: &mut Vec<Skipped>,
+    ignored: &mut Vec<Skipped>,
 ) {
     let meta = &service.metadata;
     // No spec means no cluster IP: nothing to proxy, like a headless Service.
@@ -513,6 +568,15 @@ fn add_service(
         }
     };
     let Some(cluster_ip) = cluster_ipv4(spec, &object, skipped) else {
+        // kube-proxy's IPv4 proxier finds no cluster IP of its family and says nothing.
+        let listed = listed_cluster_ips(spec);
+        if listed
+            .iter()
+            .any(|ip| matches!(parse_ip_sloppy(ip), Some(IpAddr::V6(_))))
+        {
+            let reason = format!("IPv6 only (clusterIPs {listed:?}): this proxy serves IPv4 only");
+            ignored.push(skip(&object, reason));
+        }
         return;
     };
     let external_ips = external_ipv4s(spec, &object, skipped);
@@ -539,7 +603,9 @@ fn add_service(
             name: name.to_owned(),
             port: port.name.clone().unwrap_or_default(),
         };
-        let views = Views::of(endpoints, &service.port, proto);
+        let mut views = Views::of(endpoints, &service.port, proto);
+        views.cluster.limit(&port_object, skipped);
+        views.local.limit(&port_object, skipped);
         let internal = if policy.internal_local {
             &views.local
         } else {
@@ -628,6 +694,23 @@ struct Backends {
     /// Sorted and de-duplicated.
     list: Vec<BackendAddr>,
     when_empty: WhenEmpty,
+}
+
+impl Backends {
+    /// Keeps the first [`MAX_BACKENDS_PER_FRONTEND`] backends (address order) and reports the
+    /// service port when there are more: a count that does not fit in 16 bits must never
+    /// wrap, nor fail the sync of every other Service.
+    fn limit(&mut self, object: &str, skipped: &mut Vec<Skipped>) {
+        if self.list.len() > MAX_BACKENDS_PER_FRONTEND {
+            let reason = format!(
+                "{} backends, more than a frontend holds ({MAX_BACKENDS_PER_FRONTEND}); \
+                 serving the first {MAX_BACKENDS_PER_FRONTEND} in address order",
+                self.list.len()
+            );
+            skipped.push(skip(object, reason));
+            self.list.truncate(MAX_BACKENDS_PER_FRONTEND);
+        }
+    }
 }
 
 /// The two endpoint sets kube-proxy's `CategorizeEndpoints` computes for a service port.
@@ -765,12 +848,8 @@ impl Topology {
 /// other family of a dual-stack Service and are ignored; kube-proxy serves one address per
 /// family, so further IPv4 ones (refused by the API server) are reported.
 fn cluster_ipv4(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) -> Option<Ipv4Addr> {
-    let listed: Vec<&str> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        _ => spec.cluster_ip.as_deref().into_iter().collect(),
-    };
     let mut chosen: Option<Ipv4Addr> = None;
-    for ip in listed {
+    for ip in listed_cluster_ips(spec) {
         match (parse_ip_sloppy(ip), chosen) {
             (Some(IpAddr::V4(addr)), None) => chosen = Some(addr),
             (Some(IpAddr::V4(addr)), Some(first)) if addr != first => {
@@ -783,6 +862,14 @@ fn cluster_ipv4(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) ->
         }
     }
     chosen
+}
+
+/// `spec.clusterIPs` if set, else `spec.clusterIP`.
+fn listed_cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    }
 }
 
 /// The Service's IPv4 externalIPs (any type may have them). IPv6 ones belong to the other
@@ -945,6 +1032,14 @@ fn compare_names(a: &ObjectMeta, b: &ObjectMeta) -> Ordering {
     (namespace(a), name(a)).cmp(&(namespace(b), name(b)))
 }
 
+/// A total order on the content of two Services, for the rare tie of equal names. JSON with
+/// sorted maps is a canonical form of a k8s-openapi object.
+fn compare_content(a: &Service, b: &Service) -> Ordering {
+    serde_json::to_string(a)
+        .ok()
+        .cmp(&serde_json::to_string(b).ok())
+}
+
 fn skip(object: &str, reason: String) -> Skipped {
     Skipped {
         object: object.to_owned(),
@@ -959,6 +1054,12 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
     )
 }
 
+// The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
+#[cfg(test)]
+mod bad_input;
+#[cfg(test)]
+mod proptests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -968,7 +1069,7 @@ mod tests {
     use std::slice;
 
     /// The local node N1 of BEHAVIOUR.md: zone-a, NodePorts on 192.0.2.1.
-    fn n1() -> NodeInfo {
+    pub(super) fn n1() -> NodeInfo {
         NodeInfo {
             name: "n1".into(),
             zone: Some("zone-a".into()),
@@ -979,7 +1080,7 @@ mod tests {
     // ---- objects in ------------------------------------------------------------------------
 
     /// A ClusterIP Service without address or ports yet.
-    fn svc(namespace: &str, name: &str) -> Service {
+    pub(super) fn svc(namespace: &str, name: &str) -> Service {
         Service {
             metadata: ObjectMeta {
                 namespace: Some(namespace.into()),
@@ -999,7 +1100,7 @@ mod tests {
         (!value.is_empty()).then(|| value.to_owned())
     }
 
-    trait ServiceBuilder: Sized {
+    pub(super) trait ServiceBuilder: Sized {
         fn cluster_ip(self, ip: &str) -> Self;
         fn cluster_ips(self, ips: &[&str]) -> Self;
         fn type_(self, type_: &str) -> Self;
@@ -1119,7 +1220,7 @@ mod tests {
     }
 
     /// An IPv4 EndpointSlice of Service `service`, without ports or endpoints yet.
-    fn slice(namespace: &str, name: &str, service: &str) -> EndpointSlice {
+    pub(super) fn slice(namespace: &str, name: &str, service: &str) -> EndpointSlice {
         EndpointSlice {
             address_type: "IPv4".into(),
             metadata: ObjectMeta {
@@ -1135,7 +1236,11 @@ mod tests {
         }
     }
 
-    fn conditions(ready: bool, serving: bool, terminating: bool) -> discovery::EndpointConditions {
+    pub(super) fn conditions(
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+    ) -> discovery::EndpointConditions {
         discovery::EndpointConditions {
             ready: Some(ready),
             serving: Some(serving),
@@ -1143,7 +1248,7 @@ mod tests {
         }
     }
 
-    trait SliceBuilder: Sized {
+    pub(super) trait SliceBuilder: Sized {
         fn address_type(self, address_type: &str) -> Self;
         fn label(self, key: &str, value: &str) -> Self;
         fn raw_port(self, port: discovery::EndpointPort) -> Self;
@@ -1240,7 +1345,7 @@ mod tests {
 
     /// Each frontend as one line in frontend order: `int|ext frontend -> backend, backend`,
     /// `(refuse)` or `(drop)` when there is no backend, then the affinity timeout if any.
-    fn rows(t: &Translation) -> Vec<String> {
+    pub(super) fn rows(t: &Translation) -> Vec<String> {
         t.state.frontends.values().map(row).collect()
     }
 
@@ -1276,7 +1381,7 @@ mod tests {
             .collect()
     }
 
-    fn skipped(t: &Translation) -> Vec<String> {
+    pub(super) fn skipped(t: &Translation) -> Vec<String> {
         t.skipped.iter().map(ToString::to_string).collect()
     }
 
@@ -1291,7 +1396,7 @@ mod tests {
         rows(&t)
     }
 
-    fn web() -> Service {
+    pub(super) fn web() -> Service {
         svc("default", "web")
             .cluster_ip("10.96.0.10")
             .port("http", 80, "TCP")

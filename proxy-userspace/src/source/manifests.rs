@@ -3,7 +3,10 @@
 //! real Kubernetes types. Running without a cluster is the embedded default.
 //!
 //! A document that does not parse is reported by file and position and skipped; the rest
-//! of the directory still loads.
+//! of the directory still loads. A YAML syntax error ends its file (the stream cannot be
+//! resumed), so the documents after it in that file are not read; other files are. Documents
+//! of other kinds are reported by kind and name. Nothing in a file can make loading panic
+//! (property tests below: arbitrary bytes and mutated manifests).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -159,7 +162,11 @@ fn into_objects(
         .and_then(|v| v.as_str())
         .unwrap_or("<unnamed>")
         .to_owned();
-    let what = format!("{kind} {name} ({origin})");
+    let what = if kind.is_empty() {
+        format!("document without kind ({origin})")
+    } else {
+        format!("{kind} {name} ({origin})")
+    };
     let typed = |skipped: &mut Vec<Skipped>| -> Option<Object> {
         let result = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => serde_yaml_ng::from_value::<Service>(doc.clone())
@@ -208,17 +215,21 @@ fn into_objects(
     typed(skipped).into_iter().collect()
 }
 
+/// Kind, namespace and name. An absent or empty namespace is `default`, as `kubectl apply`
+/// and translate read it, so the same object written with and without its namespace is one
+/// object defined twice (reported), not two.
 fn object_key(object: &Object) -> (u8, String, String) {
     let (kind, meta) = match object {
         Object::Service(s) => (0, &s.metadata),
         Object::Slice(s) => (1, &s.metadata),
         Object::Node(n) => (2, &n.metadata),
     };
-    (
-        kind,
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+    let namespace = match meta.namespace.as_deref() {
+        _ if kind == 2 => String::new(),
+        None | Some("") => "default".to_owned(),
+        Some(namespace) => namespace.to_owned(),
+    };
+    (kind, namespace, meta.name.clone().unwrap_or_default())
 }
 
 fn describe(object: &Object) -> String {
@@ -372,5 +383,213 @@ endpoints:
         assert!(objects.services.is_empty());
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].object.starts_with("directory "));
+    }
+
+    /// The bad-input rows that stop at the manifests source (BEHAVIOUR C34): each is one
+    /// report naming its file or object, and the good Service beside them loads.
+    #[test]
+    fn c34_unparsable_yaml_and_unknown_kinds_are_reported_once_each() {
+        let dir = dir_with(&[
+            (
+                "a-tab.yaml",
+                "apiVersion: v1\nkind: Service\n\tmetadata: {name: x}\n",
+            ),
+            ("b-unclosed.yaml", "{kind: Service, metadata: {name: y}\n"),
+            (
+                "c-second-doc.yaml",
+                &format!("{SERVICE}---\nkind: [\n---\n{SLICE}"),
+            ),
+            ("d-scalar.yaml", "just a sentence\n"),
+            (
+                "e-ingress.yaml",
+                "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop}\n",
+            ),
+            (
+                "f-old-slice.yaml",
+                "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old}\naddressType: IPv4\nendpoints: []\n",
+            ),
+            ("g-binary.json", "\u{0}\u{1}{\"kind\""),
+        ]);
+        fs::write(
+            dir.path().join("h-latin1.yaml"),
+            b"kind: Service\nname: caf\xe9\n",
+        )
+        .expect("write test manifest");
+        let (objects, skipped) = load_dir(dir.path());
+        // The first document of c-second-doc.yaml is read; the syntax error ends that file.
+        assert_eq!(objects.services.len(), 1);
+        assert!(objects.slices.is_empty());
+        let reports: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        let want = [
+            ("a-tab.yaml document 1: not valid YAML", 1),
+            ("b-unclosed.yaml document 1: not valid YAML", 1),
+            ("c-second-doc.yaml document 2: not valid YAML", 1),
+            ("document without kind (", 1),
+            ("Ingress shop (", 1),
+            ("apiVersion/kind networking.k8s.io/v1/Ingress", 1),
+            ("EndpointSlice old (", 1),
+            ("g-binary.json document 1: not valid YAML", 1),
+            ("h-latin1.yaml: cannot be read", 1),
+        ];
+        for (needle, times) in want {
+            let found = reports.iter().filter(|r| r.contains(needle)).count();
+            assert_eq!(found, times, "{needle:?} in {reports:#?}");
+        }
+        assert_eq!(skipped.len(), 8, "{reports:#?}");
+    }
+
+    #[test]
+    fn one_object_with_and_without_its_namespace_is_defined_twice() {
+        let without = SERVICE.replace("namespace: default", "namespace: \"\"");
+        let dir = dir_with(&[("1.yaml", &without), ("2.yaml", SERVICE)]);
+        let (objects, skipped) = load_dir(dir.path());
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].reason.contains("and again in"), "{skipped:?}");
+    }
+
+    /// Property tests (issue 7): nothing in a manifests directory makes loading panic, and a
+    /// bad file never costs a good one. 256 cases each by default; longer:
+    /// `PROPTEST_CASES=100000 cargo test -p proxy-userspace --lib proptests`.
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::{Index, select};
+
+        /// A Service in a file of its own, loaded last (file names are read in order).
+        const GOOD: &str = "apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: default}
+spec:
+  clusterIP: 10.96.0.99
+  ports: [{name: http, port: 80}]
+";
+
+        /// What `load_dir` does with one file's text, without the file.
+        fn load_text(text: &str) -> Vec<Skipped> {
+            let mut skipped = Vec::new();
+            for (index, doc) in parse_documents(text, "t.yaml", &mut skipped) {
+                let origin = format!("t.yaml document {}", index + 1);
+                let objects = into_objects(doc, &origin, &mut skipped);
+                for object in &objects {
+                    let _ = (object_key(object), describe(object));
+                }
+            }
+            skipped
+        }
+
+        /// One edit of a document: characters and lines, with a bias to YAML's own syntax.
+        #[derive(Clone, Debug)]
+        enum Mutation {
+            Replace(Index, char),
+            Insert(Index, char),
+            Delete(Index),
+            DeleteLine(Index),
+            DuplicateLine(Index),
+            Indent(Index),
+        }
+
+        fn yaml_char() -> impl Strategy<Value = char> {
+            prop_oneof![
+                3 => select(&[
+                    ':', '-', ' ', '\n', '\t', '{', '}', '[', ']', '\'', '"', '&', '*', '!',
+                    '#', '|', '>', '%', '@', '`', ',', '?', '0', 'a',
+                ][..]),
+                1 => any::<char>(),
+            ]
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            prop_oneof![
+                (any::<Index>(), yaml_char()).prop_map(|(i, c)| Mutation::Replace(i, c)),
+                (any::<Index>(), yaml_char()).prop_map(|(i, c)| Mutation::Insert(i, c)),
+                any::<Index>().prop_map(Mutation::Delete),
+                any::<Index>().prop_map(Mutation::DeleteLine),
+                any::<Index>().prop_map(Mutation::DuplicateLine),
+                any::<Index>().prop_map(Mutation::Indent),
+            ]
+        }
+
+        fn mutate(text: &str, mutations: &[Mutation]) -> String {
+            let mut chars: Vec<char> = text.chars().collect();
+            for mutation in mutations {
+                let mut lines: Vec<String> = chars
+                    .split(|c| *c == '\n')
+                    .map(|l| l.iter().collect())
+                    .collect();
+                match mutation {
+                    Mutation::Replace(i, c) if !chars.is_empty() => {
+                        let at = i.index(chars.len());
+                        chars[at] = *c;
+                    }
+                    Mutation::Insert(i, c) => {
+                        let at = i.index(chars.len() + 1);
+                        chars.insert(at, *c);
+                    }
+                    Mutation::Delete(i) if !chars.is_empty() => {
+                        chars.remove(i.index(chars.len()));
+                    }
+                    Mutation::DeleteLine(i) => {
+                        lines.remove(i.index(lines.len()));
+                        chars = lines.join("\n").chars().collect();
+                    }
+                    Mutation::DuplicateLine(i) => {
+                        let at = i.index(lines.len());
+                        lines.insert(at, lines[at].clone());
+                        chars = lines.join("\n").chars().collect();
+                    }
+                    Mutation::Indent(i) => {
+                        let at = i.index(lines.len());
+                        lines[at].insert_str(0, "  ");
+                        chars = lines.join("\n").chars().collect();
+                    }
+                    _ => {}
+                }
+            }
+            chars.into_iter().collect()
+        }
+
+        proptest! {
+            #[test]
+            fn parsing_never_panics_on_arbitrary_text(text in any::<String>()) {
+                load_text(&text);
+            }
+
+            #[test]
+            fn parsing_never_panics_on_yaml_shaped_text(
+                text in "([a-zA-Z0-9:{}\\[\\],'\"&*!|>#?.-]| |\n|  ){0,300}"
+            ) {
+                load_text(&text);
+            }
+
+            #[test]
+            fn loading_never_panics_on_arbitrary_bytes(bytes in vec(any::<u8>(), 0..1024)) {
+                let dir = dir_with(&[]);
+                fs::write(dir.path().join("bytes.yaml"), &bytes).expect("write test manifest");
+                load_dir(dir.path());
+            }
+
+            #[test]
+            fn mutated_manifests_never_panic_and_never_cost_the_good_file(
+                mutations in vec(mutation(), 1..10)
+            ) {
+                let mutated = mutate(&format!("{SERVICE}---\n{SLICE}"), &mutations);
+                let dir = dir_with(&[("a-mutated.yaml", &mutated), ("z-good.yaml", GOOD)]);
+                let (objects, skipped) = load_dir(dir.path());
+                let good: Service = serde_yaml_ng::from_str(GOOD).expect("GOOD is valid");
+                prop_assert!(
+                    objects.services.contains(&good),
+                    "the good Service is lost beside {:?}: {:?}", mutated, skipped
+                );
+                for report in &skipped {
+                    prop_assert!(
+                        !report.object.contains("z-good.yaml"),
+                        "the good file is blamed: {}", report
+                    );
+                    prop_assert!(!report.reason.is_empty());
+                }
+            }
+        }
     }
 }
