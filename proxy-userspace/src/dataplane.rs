@@ -20,9 +20,9 @@ use aya::{Ebpf, EbpfLoader};
 use crate::model::BackendAddr;
 use crate::{abi, sockdiag};
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT,
-    MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_NAT_CT,
+    MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue,
 };
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
@@ -44,6 +44,7 @@ pub struct MapSizes {
     pub rev_nat: u32,
     pub sock_rev_nat: u32,
     pub affinity: u32,
+    pub nat_ct: u32,
 }
 
 impl Default for MapSizes {
@@ -54,6 +55,7 @@ impl Default for MapSizes {
             rev_nat: proxy_common::DEFAULT_REV_NAT_MAX,
             sock_rev_nat: proxy_common::DEFAULT_SOCK_REV_NAT_MAX,
             affinity: proxy_common::DEFAULT_AFFINITY_MAX,
+            nat_ct: proxy_common::DEFAULT_NAT_CT_MAX,
         }
     }
 }
@@ -231,7 +233,8 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
         .map_max_entries(MAP_BACKENDS, sizes.backends)
         .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
         .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat)
-        .map_max_entries(MAP_AFFINITY, sizes.affinity);
+        .map_max_entries(MAP_AFFINITY, sizes.affinity)
+        .map_max_entries(MAP_NAT_CT, sizes.nat_ct);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
     let cgroup_dir =
