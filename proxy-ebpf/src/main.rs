@@ -3,10 +3,12 @@
 //! - `sock`: socket-level load balancing for east-west traffic (cgroup `connect4`,
 //!   `sendmsg4`, `recvmsg4`, `getpeername4`): a Service address is rewritten to a backend
 //!   once per connection (per datagram for unconnected UDP), and back for the application.
+//! - `lb`: backend selection (random, session affinity), shared by both.
 //! - `maps`: every map, declared once.
 #![no_std]
 #![no_main]
 
+mod lb;
 mod maps;
 mod sock;
 
