@@ -28,6 +28,11 @@ use proxy_common::{
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
+/// The embedded eBPF object (for the packet-level tests, which load it without pins).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// The socket programs, by their names in the object.
 pub const SOCK_PROGRAMS: [&str; 4] = [
     "ekp_connect4",
@@ -35,6 +40,11 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "ekp_recvmsg4",
     "ekp_getpeer4",
 ];
+
+/// The north-south TCX programs (`ekp_tcx_in` on the devices' ingress, `ekp_tcx_out` on
+/// their egress). The object carries them and `start` creates and pins their maps with the
+/// others, but they are not loaded or attached yet (`--devices` comes with that step).
+pub const TCX_PROGRAMS: [&str; 2] = ["ekp_tcx_in", "ekp_tcx_out"];
 
 /// Map capacities (`max_entries`), set when the maps are first created.
 #[derive(Clone, Copy, Debug)]
