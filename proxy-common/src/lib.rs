@@ -36,8 +36,15 @@ pub const SVC_FLAG_AFFINITY: u16 = 1 << 4;
 /// traffic policy and none on this node): drop, as kube-proxy does, instead of refusing.
 pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 5;
 
-/// Backend states (`BackendValue::state`).
-pub const BACKEND_STATE_ACTIVE: u8 = 0;
+/// Backend flags (`BackendValue::flags`).
+///
+/// The endpoint runs on this node (its EndpointSlice `nodeName` is this node's name). The
+/// north-south programs source-NAT traffic they send to a backend *without* this bit (a pod
+/// on another node) so that its replies come back through this node (C08), and leave the
+/// client address alone for a local one. `externalTrafficPolicy: Local` frontends only ever
+/// have local backends (translate guarantees it), so they never SNAT (C10). The agent sets
+/// the bit from the endpoint's `nodeName`; until it does, every backend counts as remote.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// errno the socket programs hand back for a Service without usable backends; kube-proxy
 /// REJECTs such traffic, which a client sees as ECONNREFUSED.
@@ -53,14 +60,18 @@ pub const MAP_BACKENDS: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
 pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
+pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
+pub const MAP_CONFIG: &str = "ekp_config_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 5] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
     MAP_SOCK_REV_NAT,
     MAP_AFFINITY,
+    MAP_NAT_CT,
+    MAP_CONFIG,
 ];
 
 /// Default capacities (max_entries). The agent can override them at load time.
@@ -69,6 +80,47 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
 pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
 pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
+/// Two entries per north-south flow (one per direction).
+pub const DEFAULT_NAT_CT_MAX: u32 = 262144;
+
+/// Which TCX program looks a north-south conntrack entry up (`NatCtKey::dir`): the one on
+/// the node's devices' ingress, or the one on their egress.
+pub const CT_DIR_IN: u8 = 0;
+pub const CT_DIR_OUT: u8 = 1;
+
+/// Conntrack entry flags (`NatCtValue::flags`).
+///
+/// The entry translates the reply direction of a flow (backend -> client); without it, the
+/// entry translates the original direction (client -> frontend).
+pub const CT_FLAG_REPLY: u16 = 1 << 0;
+/// The flow is source-NATed to the node's address (a remote backend behind an
+/// `externalTrafficPolicy: Cluster` frontend); both of its entries are looked up at ingress.
+pub const CT_FLAG_SNAT: u16 = 1 << 1;
+/// A reply was seen: the backend answered (TCP: the connection got past the handshake).
+pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 2;
+/// A TCP FIN or RST was seen in either direction: the flow is closing.
+pub const CT_FLAG_CLOSING: u16 = 1 << 3;
+
+/// Idle lifetimes of a conntrack entry in seconds (Cilium's defaults): after this long
+/// without a packet, a new packet with the same tuple starts a new flow (a new backend) and
+/// the SNAT port of the flow may be given to another one.
+pub const CT_LIFETIME_TCP: u32 = 21600;
+/// A TCP flow whose backend has not answered yet (a SYN flood must not hold ports for hours).
+pub const CT_LIFETIME_TCP_SYN: u32 = 60;
+/// UDP.
+pub const CT_LIFETIME_NONTCP: u32 = 60;
+/// A TCP flow that saw a FIN or RST.
+pub const CT_LIFETIME_CLOSING: u32 = 10;
+
+/// Default SNAT source-port range (inclusive): above Linux's default ephemeral range
+/// (`net.ipv4.ip_local_port_range` = 32768-60999) and above the NodePort range
+/// (30000-32767), so a translated flow never takes a port the host's own connections or a
+/// NodePort could use.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
+/// How many random ports the SNAT allocator tries before it gives up on a new flow (the
+/// packet is dropped; the client retransmits).
+pub const SNAT_PORT_RETRIES: u32 = 16;
 
 /// Key of the services map: one frontend (slot 0) or one of its backend slots.
 #[repr(C)]
@@ -116,8 +168,8 @@ pub struct BackendValue {
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// `BACKEND_STATE_*`.
-    pub state: u8,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u8,
 }
 
 /// Value of the rev-NAT map (key: rev-NAT id, `u16`, host order): the frontend that a
@@ -181,6 +233,68 @@ pub struct AffinityValue {
     pub last_used: u32,
 }
 
+/// Key of the north-south conntrack/NAT LRU map: a flow's 5-tuple as it arrives at the
+/// program that must translate it (Cilium's `ipv4_ct_tuple` + `ipv4_nat_entry` in one map).
+///
+/// A new flow gets two entries: its original direction (client -> frontend, looked up at
+/// ingress) and its reply direction, keyed by the tuple the reply carries *after* the
+/// backend answered (backend -> client, looked up at egress, for a local backend; backend ->
+/// node address and SNAT port, looked up at ingress, for a source-NATed remote one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatCtKey {
+    /// Source IPv4 address, network order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network order.
+    pub daddr: u32,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `CT_DIR_IN` or `CT_DIR_OUT`: the hook that looks this entry up.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the north-south conntrack/NAT map: the complete rewrite of a matching packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatCtValue {
+    /// New source IPv4 address, network order.
+    pub saddr: u32,
+    /// New destination IPv4 address, network order.
+    pub daddr: u32,
+    /// New source port, network order.
+    pub sport: u16,
+    /// New destination port, network order.
+    pub dport: u16,
+    /// The backend the flow was balanced to; an original-direction entry whose backend left
+    /// the backends map (or changed address) is a new flow again. Host order.
+    pub backend_id: u32,
+    /// The frontend's rev-NAT id. Host order.
+    pub rev_nat_id: u16,
+    /// `CT_FLAG_*` bits. Host order.
+    pub flags: u16,
+    /// Last packet of the flow, seconds of `bpf_ktime_get_ns` (monotonic). Host order.
+    pub last_seen: u32,
+}
+
+/// The only entry (key 0, `u32`) of the north-south config array: what the TCX programs
+/// need to know about this node. Written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The node's IPv4 address that traffic to remote backends is source-NATed to, network
+    /// order. 0: not configured; flows that need SNAT are then left untranslated.
+    pub snat_addr: u32,
+    /// First SNAT source port (inclusive), host order. See `DEFAULT_SNAT_PORT_MIN`.
+    pub snat_port_min: u16,
+    /// Last SNAT source port (inclusive), host order; `>= snat_port_min`.
+    pub snat_port_max: u16,
+}
+
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 8);
@@ -189,6 +303,9 @@ const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
+const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -204,6 +321,9 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for NatCtKey {}
+    unsafe impl aya::Pod for NatCtValue {}
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -228,6 +348,21 @@ mod tests {
         assert_eq!(offset_of!(AffinityValue, last_used), 4);
         assert_eq!(offset_of!(BackendValue, port), 4);
         assert_eq!(offset_of!(BackendValue, proto), 6);
+        assert_eq!(offset_of!(BackendValue, flags), 7);
+        assert_eq!(offset_of!(NatCtKey, daddr), 4);
+        assert_eq!(offset_of!(NatCtKey, sport), 8);
+        assert_eq!(offset_of!(NatCtKey, dport), 10);
+        assert_eq!(offset_of!(NatCtKey, proto), 12);
+        assert_eq!(offset_of!(NatCtKey, dir), 13);
+        assert_eq!(offset_of!(NatCtValue, daddr), 4);
+        assert_eq!(offset_of!(NatCtValue, sport), 8);
+        assert_eq!(offset_of!(NatCtValue, dport), 10);
+        assert_eq!(offset_of!(NatCtValue, backend_id), 12);
+        assert_eq!(offset_of!(NatCtValue, rev_nat_id), 16);
+        assert_eq!(offset_of!(NatCtValue, flags), 18);
+        assert_eq!(offset_of!(NatCtValue, last_seen), 20);
+        assert_eq!(offset_of!(NodeConfig, snat_port_min), 4);
+        assert_eq!(offset_of!(NodeConfig, snat_port_max), 6);
         assert_eq!(offset_of!(SockRevNatKey, addr), 8);
         assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
     }

@@ -3,11 +3,23 @@
 //! - `sock`: socket-level load balancing for east-west traffic (cgroup `connect4`,
 //!   `sendmsg4`, `recvmsg4`, `getpeername4`): a Service address is rewritten to a backend
 //!   once per connection (per datagram for unconnected UDP), and back for the application.
+//! - `nodeport`: north-south load balancing (TCX `ekp_tcx_in` / `ekp_tcx_out` on the node's
+//!   devices): NodePort, externalIP and LoadBalancer traffic from outside the node is DNATed
+//!   to a backend (and SNATed to the node for a remote one), replies are translated back.
+//!   Its parts: `nat` (conntrack/NAT entries, SNAT ports, rewrites), `csum` (checksum
+//!   updates), `parse` (bounds-checked header access), `fib` (forwarding past the stack).
+//! - `lb`: backend selection (random, session affinity), shared by both.
 //! - `maps`: every map, declared once.
 #![no_std]
 #![no_main]
 
+mod csum;
+mod fib;
+mod lb;
 mod maps;
+mod nat;
+mod nodeport;
+mod parse;
 mod sock;
 
 #[cfg(not(test))]

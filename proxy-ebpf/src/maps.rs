@@ -2,12 +2,13 @@
 //! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
 //! defaults: the agent sets the real `max_entries` at load time.
 
-use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
-    DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX, RevNatValue, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
+    NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -39,3 +40,15 @@ pub static SOCK_REV_NAT: LruHashMap<
 #[btf_map(name = "ekp_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX as usize }> =
     LruHashMap::new();
+
+/// North-south flows: 5-tuple as it reaches the translating hook -> the rewrite (two entries
+/// per flow, one per direction). Written and read by `ekp_tcx_in`/`ekp_tcx_out`; LRU because
+/// flows end without telling us (idle entries also expire by `CT_LIFETIME_*`).
+#[btf_map(name = "ekp_nat_ct_v1")]
+pub static NAT_CT: LruHashMap<NatCtKey, NatCtValue, { DEFAULT_NAT_CT_MAX as usize }> =
+    LruHashMap::new();
+
+/// This node's north-south settings (one entry, key 0): the SNAT address and port range.
+/// Written by the agent, read by `ekp_tcx_in`.
+#[btf_map(name = "ekp_config_v1")]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -6,19 +6,16 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::helpers::generated::{
-    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    bpf_set_retval,
-};
+use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP,
-    SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue,
+    BackendValue, ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, REV_NAT, SERVICES, SOCK_REV_NAT};
+use crate::lb;
+use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_REV_NAT};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
@@ -86,11 +83,13 @@ fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         unsafe { bpf_set_retval(-errno) };
         return Err(FAIL);
     }
-    let backend_id = if frontend.flags & SVC_FLAG_AFFINITY != 0 {
-        sticky_backend(ctx, &mut key, &frontend)?
-    } else {
-        random_backend(&mut key, &frontend)?
-    };
+    // The affinity client is the socket's network namespace: one per pod, hence one per
+    // pod IP, which is what kube-proxy's ClientIP keys on.
+    // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
+    let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // The agent writes slots before raising `count`, so a missing slot is a transient race:
+    // proceed untranslated rather than fail the call.
+    let backend_id = lb::select_backend(client, &mut key, &frontend).ok_or(PROCEED)?;
     // SAFETY: copied out at once.
     let backend: BackendValue = unsafe { *BACKENDS.get_ptr(backend_id).ok_or(PROCEED)? };
 
@@ -116,56 +115,6 @@ fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         (*sa).user_port = u32::from(backend.port);
     }
     Ok(PROCEED)
-}
-
-/// A uniformly random backend slot of the frontend `key` (slot 0) describes.
-#[inline(always)]
-fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Result<u32, i32> {
-    // SAFETY: a plain helper call.
-    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count);
-    key.slot = pick as u16 + 1;
-    // The agent writes slots before raising `count`, so a missing slot is a transient race:
-    // proceed untranslated rather than fail the call.
-    // SAFETY: copied out at once.
-    let slot = unsafe { *SERVICES.get_ptr(&*key).ok_or(PROCEED)? };
-    Ok(slot.backend_id)
-}
-
-/// sessionAffinity ClientIP: the backend this client used within the timeout, else a new
-/// random one that is remembered. The client is the socket's network namespace (one per
-/// pod, hence one per pod IP).
-#[inline(always)]
-fn sticky_backend(
-    ctx: &SockAddrContext,
-    key: &mut ServiceKey,
-    frontend: &ServiceValue,
-) -> Result<u32, i32> {
-    let affinity_key = AffinityKey {
-        // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
-        client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        rev_nat_id: frontend.rev_nat_id,
-        _pad: [0; 6],
-    };
-    // SAFETY: a plain helper call.
-    let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
-    if let Some(entry) = AFFINITY.get_ptr_mut(&affinity_key) {
-        // SAFETY: the entry stays valid for this program run; a racing update of
-        // `last_used` from another CPU is harmless.
-        let remembered = unsafe { *entry };
-        let fresh = now.wrapping_sub(remembered.last_used) <= frontend.affinity_timeout;
-        if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
-            unsafe { (*entry).last_used = now };
-            return Ok(remembered.backend_id);
-        }
-    }
-    let backend_id = random_backend(key, frontend)?;
-    let value = AffinityValue {
-        backend_id,
-        last_used: now,
-    };
-    // Without room in the LRU the connection still works, only without stickiness.
-    let _ = AFFINITY.insert(&affinity_key, &value, 0);
-    Ok(backend_id)
 }
 
 /// Backend -> frontend, for sockets that `translate_forward` rewrote.

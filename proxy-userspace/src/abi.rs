@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{BACKEND_STATE_ACTIVE, BackendValue, RevNatValue, ServiceKey};
+use proxy_common::{BackendValue, RevNatValue, ServiceKey};
 
 use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
 
@@ -45,15 +45,19 @@ pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
     })
 }
 
+/// The backends-map value of `backend`. `flags` stays 0 for now: the agent does not yet set
+/// `BACKEND_FLAG_LOCAL` (from the endpoint's `nodeName`); until it does, the north-south
+/// programs treat every backend as remote.
 pub fn backend_value(backend: &BackendAddr) -> BackendValue {
     BackendValue {
         addr: addr_to_net(backend.addr),
         port: port_to_net(backend.port),
         proto: backend.proto.number(),
-        state: BACKEND_STATE_ACTIVE,
+        flags: 0,
     }
 }
 
+/// The backend a backends-map value names; its `flags` are not part of the identity.
 pub fn backend_of(value: &BackendValue) -> Option<BackendAddr> {
     Some(BackendAddr {
         addr: addr_from_net(value.addr),

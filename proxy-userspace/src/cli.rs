@@ -95,6 +95,11 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::DEFAULT_AFFINITY_MAX)]
     map_size_affinity: u32,
 
+    /// Capacity of the north-south conntrack/NAT LRU (two entries per NodePort, externalIP
+    /// or LoadBalancer flow).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_NAT_CT_MAX)]
+    map_size_nat_ct: u32,
+
     /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: BindAddress,
@@ -222,6 +227,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     rev_nat: args.map_size_rev_nat,
                     sock_rev_nat: args.map_size_sock_rev_nat,
                     affinity: args.map_size_affinity,
+                    nat_ct: args.map_size_nat_ct,
                 },
                 node_port_cidrs: args.nodeport_addresses,
                 socket_lb_external_ips: args.socket_lb_external_ips,

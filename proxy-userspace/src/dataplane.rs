@@ -20,13 +20,18 @@ use aya::{Ebpf, EbpfLoader};
 use crate::model::BackendAddr;
 use crate::{abi, sockdiag};
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_REV_NAT,
-    MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_NAT_CT,
+    MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue,
 };
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// The embedded eBPF object (for the packet-level tests, which load it without pins).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
 
 /// The socket programs, by their names in the object.
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -36,6 +41,11 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "ekp_getpeer4",
 ];
 
+/// The north-south TCX programs (`ekp_tcx_in` on the devices' ingress, `ekp_tcx_out` on
+/// their egress). The object carries them and `start` creates and pins their maps with the
+/// others, but they are not loaded or attached yet (`--devices` comes with that step).
+pub const TCX_PROGRAMS: [&str; 2] = ["ekp_tcx_in", "ekp_tcx_out"];
+
 /// Map capacities (`max_entries`), set when the maps are first created.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -44,6 +54,7 @@ pub struct MapSizes {
     pub rev_nat: u32,
     pub sock_rev_nat: u32,
     pub affinity: u32,
+    pub nat_ct: u32,
 }
 
 impl Default for MapSizes {
@@ -54,6 +65,7 @@ impl Default for MapSizes {
             rev_nat: proxy_common::DEFAULT_REV_NAT_MAX,
             sock_rev_nat: proxy_common::DEFAULT_SOCK_REV_NAT_MAX,
             affinity: proxy_common::DEFAULT_AFFINITY_MAX,
+            nat_ct: proxy_common::DEFAULT_NAT_CT_MAX,
         }
     }
 }
@@ -231,7 +243,8 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
         .map_max_entries(MAP_BACKENDS, sizes.backends)
         .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
         .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat)
-        .map_max_entries(MAP_AFFINITY, sizes.affinity);
+        .map_max_entries(MAP_AFFINITY, sizes.affinity)
+        .map_max_entries(MAP_NAT_CT, sizes.nat_ct);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
     let cgroup_dir =

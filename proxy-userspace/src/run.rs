@@ -429,7 +429,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 5] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 6] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -439,6 +439,7 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 5] {
             i64::from(sizes.sock_rev_nat),
         ),
         (proxy_common::MAP_AFFINITY, i64::from(sizes.affinity)),
+        (proxy_common::MAP_NAT_CT, i64::from(sizes.nat_ct)),
     ]
 }
 

@@ -1,0 +1,77 @@
+//! Backend selection shared by the socket programs and the north-south programs (Cilium's
+//! `lib/lb.h`): a random slot of the frontend, or the slot a sessionAffinity ClientIP client
+//! used last within the timeout.
+
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{AffinityKey, AffinityValue, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue};
+
+use crate::maps::{AFFINITY, BACKENDS, SERVICES};
+
+/// Seconds of the monotonic clock, the unit of every `last_used` / `last_seen` field.
+#[inline(always)]
+pub fn now_secs() -> u32 {
+    // SAFETY: a plain helper call.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+/// The backend id for a new connection to the frontend `key` (slot 0) describes. `client`
+/// identifies the client for session affinity; it is only used with `SVC_FLAG_AFFINITY`.
+/// `None` when a slot is missing, which the agent's write order makes a transient race:
+/// callers then leave the connection untranslated.
+#[inline(always)]
+pub fn select_backend(
+    client: impl FnOnce() -> u64,
+    key: &mut ServiceKey,
+    frontend: &ServiceValue,
+) -> Option<u32> {
+    if frontend.flags & SVC_FLAG_AFFINITY != 0 {
+        sticky_backend(client(), key, frontend)
+    } else {
+        random_backend(key, frontend)
+    }
+}
+
+/// A uniformly random backend slot of the frontend `key` (slot 0) describes.
+#[inline(always)]
+fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
+    // SAFETY: a plain helper call. Callers handle `count == 0`; `checked_rem` keeps a
+    // panic path (which the verifier rejects) out of the program regardless.
+    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(frontend.count))?;
+    key.slot = pick as u16 + 1;
+    // SAFETY: copied out at once.
+    let slot = unsafe { *SERVICES.get_ptr(&*key)? };
+    Some(slot.backend_id)
+}
+
+/// sessionAffinity ClientIP: the backend this client used within the timeout, else a new
+/// random one that is remembered. `client` is the socket's network namespace cookie for
+/// the socket programs (one per pod, hence one per pod IP) and the client's IPv4 address
+/// for the north-south programs; the frontends differ (scopes have their own rev-NAT ids),
+/// so the two kinds of client never share an entry.
+#[inline(always)]
+fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
+    let affinity_key = AffinityKey {
+        client,
+        rev_nat_id: frontend.rev_nat_id,
+        _pad: [0; 6],
+    };
+    let now = now_secs();
+    if let Some(entry) = AFFINITY.get_ptr_mut(&affinity_key) {
+        // SAFETY: the entry stays valid for this program run; a racing update of
+        // `last_used` from another CPU is harmless.
+        let remembered = unsafe { *entry };
+        let fresh = now.wrapping_sub(remembered.last_used) <= frontend.affinity_timeout;
+        if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
+            unsafe { (*entry).last_used = now };
+            return Some(remembered.backend_id);
+        }
+    }
+    let backend_id = random_backend(key, frontend)?;
+    let value = AffinityValue {
+        backend_id,
+        last_used: now,
+    };
+    // Without room in the LRU the connection still works, only without stickiness.
+    let _ = AFFINITY.insert(&affinity_key, &value, 0);
+    Some(backend_id)
+}

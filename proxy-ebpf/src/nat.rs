@@ -1,0 +1,255 @@
+//! North-south connection tracking and NAT (Cilium's `lib/conntrack.h` + `lib/nat.h`,
+//! folded into one LRU map).
+//!
+//! A translated flow has two entries in `NAT_CT`, each keyed by the 5-tuple a packet
+//! carries when it reaches the program that must translate it, each holding the complete
+//! rewrite for that direction:
+//!
+//! | flow | original direction (ingress) | reply direction |
+//! |---|---|---|
+//! | local backend | client -> frontend  =>  client -> backend | backend -> client (egress)  =>  frontend -> client |
+//! | remote backend, SNAT | client -> frontend  =>  node:port -> backend | backend -> node:port (ingress)  =>  frontend -> client |
+//!
+//! The two entries of a flow are each other's inverse: the key of one is the value of the
+//! other with source and destination swapped, so each can find and refresh its partner.
+
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use aya_ebpf::programs::TcContext;
+use proxy_common::{
+    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
+    CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey,
+    NatCtValue, NodeConfig, PROTO_TCP, SNAT_PORT_RETRIES,
+};
+
+use crate::csum::{self, RewriteError};
+use crate::maps::{BACKENDS, NAT_CT};
+use crate::parse::{
+    IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet, TCP_FIN, TCP_RST,
+};
+
+/// The conntrack key of `pkt` as seen by the hook `dir`.
+#[inline(always)]
+pub fn key_of(pkt: &Packet, dir: u8) -> NatCtKey {
+    NatCtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The key of the other entry of the flow `entry` (stored under `key`) belongs to: the
+/// tuple a packet has after `entry`'s rewrite, reversed. Reply entries pair with an
+/// original-direction entry at ingress; an original-direction entry's reply comes back at
+/// ingress when source-NATed (to the node's address) and leaves at egress otherwise.
+#[inline(always)]
+fn pair_key(key: &NatCtKey, entry: &NatCtValue) -> NatCtKey {
+    let dir = if entry.flags & (CT_FLAG_REPLY | CT_FLAG_SNAT) != 0 {
+        CT_DIR_IN
+    } else {
+        CT_DIR_OUT
+    };
+    NatCtKey {
+        saddr: entry.daddr,
+        daddr: entry.saddr,
+        sport: entry.dport,
+        dport: entry.sport,
+        proto: key.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The entry that undoes `entry`: what the partner stored under `pair_key` must hold.
+#[inline(always)]
+fn pair_value(key: &NatCtKey, entry: &NatCtValue) -> NatCtValue {
+    NatCtValue {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        backend_id: entry.backend_id,
+        rev_nat_id: entry.rev_nat_id,
+        flags: entry.flags ^ CT_FLAG_REPLY,
+        last_seen: entry.last_seen,
+    }
+}
+
+/// How long `entry` lives without packets (`CT_LIFETIME_*`).
+#[inline(always)]
+fn lifetime(proto: u8, flags: u16) -> u32 {
+    if flags & CT_FLAG_CLOSING != 0 {
+        CT_LIFETIME_CLOSING
+    } else if proto != PROTO_TCP {
+        CT_LIFETIME_NONTCP
+    } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+        CT_LIFETIME_TCP
+    } else {
+        CT_LIFETIME_TCP_SYN
+    }
+}
+
+#[inline(always)]
+pub fn expired(proto: u8, entry: &NatCtValue, now: u32) -> bool {
+    now.wrapping_sub(entry.last_seen) > lifetime(proto, entry.flags)
+}
+
+/// An original-direction entry is only followed while its backend still exists with the
+/// same address: a backend that left the Service gets no new packets (its flows are
+/// re-balanced, as kube-proxy flushes conntrack for removed UDP endpoints).
+#[inline(always)]
+pub fn backend_alive(entry: &NatCtValue) -> bool {
+    match BACKENDS.get_ptr(entry.backend_id) {
+        // SAFETY: copied out at once.
+        Some(b) => unsafe { (*b).addr == entry.daddr && (*b).port == entry.dport },
+        None => false,
+    }
+}
+
+/// Records that a packet of the flow passed through `entry` (the live entry under `key`,
+/// copied in `seen`): last-seen time, reply seen, TCP closing. At most once a second per
+/// flow (or when a flag changes) the partner entry is refreshed too — and recreated if the
+/// LRU evicted it — so that both directions expire together.
+#[inline(always)]
+pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Packet, now: u32) {
+    let mut add = 0;
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        add |= CT_FLAG_CLOSING;
+    }
+    if seen.flags & CT_FLAG_REPLY != 0 {
+        add |= CT_FLAG_SEEN_REPLY;
+    }
+    let flags = seen.flags | add;
+    if seen.last_seen == now && flags == seen.flags {
+        return;
+    }
+    // SAFETY: a map value pointer, valid for this program run; racing writers only store
+    // the same kind of refresh.
+    unsafe {
+        (*entry).last_seen = now;
+        (*entry).flags = flags;
+    }
+    let mut updated = *seen;
+    updated.last_seen = now;
+    updated.flags = flags;
+    let partner_key = pair_key(key, &updated);
+    let expected = pair_value(key, &updated);
+    match NAT_CT.get_ptr_mut(&partner_key) {
+        Some(partner) => {
+            // SAFETY: as above.
+            let p = unsafe { *partner };
+            // Refresh only our own partner; a stranger under that key (the port was
+            // reused after this flow expired) keeps its entry.
+            if p.saddr == expected.saddr
+                && p.daddr == expected.daddr
+                && p.sport == expected.sport
+                && p.dport == expected.dport
+            {
+                unsafe {
+                    (*partner).last_seen = now;
+                    (*partner).flags = p.flags | add;
+                }
+            }
+        }
+        None => {
+            let _ = NAT_CT.insert(&partner_key, &expected, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+/// Records a new flow: the reply entry first (a reply can never beat its entry), then the
+/// original-direction entry. For a source-NATed flow, `forward.sport` is 0 on entry and the
+/// allocated port on success. `Err` when no SNAT port is free or the map refuses.
+#[inline(always)]
+pub fn create(
+    key: &NatCtKey,
+    forward: &mut NatCtValue,
+    config: Option<&NodeConfig>,
+    now: u32,
+) -> Result<(), ()> {
+    let reply = pair_value(key, forward);
+    let mut reply_key = pair_key(key, forward);
+    match config {
+        Some(config) => {
+            let port = allocate_port(&mut reply_key, &reply, config, now)?;
+            forward.sport = port;
+        }
+        None => {
+            NAT_CT
+                .insert(&reply_key, &reply, u64::from(BPF_ANY))
+                .map_err(|_| ())?;
+        }
+    }
+    NAT_CT
+        .insert(key, &*forward, u64::from(BPF_ANY))
+        .map_err(|_| ())
+}
+
+/// Picks a SNAT source port (network order) for the reply tuple `reply_key` (backend ->
+/// node address) and claims it by inserting the reply entry: the port is random in the
+/// configured range, and is taken only if no live flow holds the same reply tuple, so two
+/// flows can never share one (`BPF_NOEXIST` makes check and claim one atomic step). A
+/// port whose flow expired is reused. Bounded retries; `Err` when all were taken.
+#[inline(always)]
+fn allocate_port(
+    reply_key: &mut NatCtKey,
+    reply: &NatCtValue,
+    config: &NodeConfig,
+    now: u32,
+) -> Result<u16, ()> {
+    let min = u32::from(config.snat_port_min);
+    let max = u32::from(config.snat_port_max);
+    if min == 0 || max < min {
+        return Err(());
+    }
+    let span = max - min + 1;
+    for _ in 0..SNAT_PORT_RETRIES {
+        // SAFETY: a plain helper call. (`checked_rem`: a panic path would not verify.)
+        let pick = unsafe { bpf_get_prandom_u32() }
+            .checked_rem(span)
+            .ok_or(())?;
+        let port = (min + pick) as u16;
+        reply_key.dport = port.to_be();
+        if NAT_CT
+            .insert(&*reply_key, reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port.to_be());
+        }
+        let stale = match NAT_CT.get_ptr(&*reply_key) {
+            // SAFETY: copied out at once.
+            Some(holder) => expired(reply_key.proto, unsafe { &*holder }, now),
+            None => false,
+        };
+        if stale
+            && NAT_CT
+                .insert(&*reply_key, reply, u64::from(BPF_ANY))
+                .is_ok()
+        {
+            return Ok(port.to_be());
+        }
+    }
+    Err(())
+}
+
+/// Rewrites `pkt`'s addresses and ports to those of `entry`, checksums included.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<(), RewriteError> {
+    if entry.saddr != pkt.saddr {
+        csum::set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, entry.saddr)?;
+    }
+    if entry.daddr != pkt.daddr {
+        csum::set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.daddr)?;
+    }
+    if entry.sport != pkt.sport {
+        csum::set_port(ctx, pkt, L4_SPORT_OFF, pkt.sport, entry.sport)?;
+    }
+    if entry.dport != pkt.dport {
+        csum::set_port(ctx, pkt, L4_DPORT_OFF, pkt.dport, entry.dport)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! North-south load balancing on the node's devices (Cilium's `lib/nodeport.h` model):
+//! packets from outside the node to a NodePort on a node address, an externalIP or a
+//! LoadBalancer ingress IP are DNATed to a backend, source-NATed to the node when that
+//! backend is on another node, and their replies are translated back through `NAT_CT`.
+//!
+//! - `ekp_tcx_in` (TCX ingress): tracked flows first (the original direction of a flow, and
+//!   replies from remote backends to the SNAT address); then new flows to a frontend of the
+//!   external scope.
+//! - `ekp_tcx_out` (TCX egress): replies of local backends to external clients, whose source
+//!   goes back to the frontend.
+//!
+//! What is not a translatable packet (not IPv4, IP options, fragments, truncated headers,
+//! other protocols) or not ours (no flow, no frontend) passes unchanged with no verdict of
+//! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
+
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::macros::classifier;
+use aya_ebpf::programs::TcContext;
+use proxy_common::{
+    BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT,
+    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey,
+};
+
+use crate::fib;
+use crate::lb::{self, now_secs};
+use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES};
+use crate::nat;
+use crate::parse::{self, Packet};
+
+/// "Not decided here": `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`. The packet goes on to
+/// the next program on the hook, then to the stack, exactly like a pass when ours is the
+/// only one. `TC_ACT_OK` (`TCX_PASS`) would end the chain: a host firewall or a monitor
+/// attached after these programs would never see the node's traffic.
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[classifier]
+pub fn ekp_tcx_in(ctx: TcContext) -> i32 {
+    match try_tcx_in(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[classifier]
+pub fn ekp_tcx_out(ctx: TcContext) -> i32 {
+    match try_tcx_out(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_tcx_in(ctx: &TcContext) -> Result<i32, i32> {
+    let pkt = parse::ipv4_l4(ctx).ok_or(PASS)?;
+    let now = now_secs();
+    let key = nat::key_of(&pkt, CT_DIR_IN);
+    if let Some(entry) = NAT_CT.get_ptr_mut(&key) {
+        // SAFETY: copied out at once.
+        let seen = unsafe { *entry };
+        // An original-direction entry that expired, or whose backend is gone, is a new
+        // flow; a reply entry is followed as long as it exists (its tuple names our SNAT
+        // port, nothing else can own it).
+        let is_reply = seen.flags & CT_FLAG_REPLY != 0;
+        if is_reply || (!nat::expired(pkt.proto, &seen, now) && nat::backend_alive(&seen)) {
+            nat::touch(&key, entry, &seen, &pkt, now);
+            return translate(ctx, &pkt, &seen);
+        }
+    }
+    new_flow(ctx, &pkt, now)
+}
+
+#[inline(always)]
+fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
+    let pkt = parse::ipv4_l4(ctx).ok_or(PASS)?;
+    let key = nat::key_of(&pkt, CT_DIR_OUT);
+    let entry = NAT_CT.get_ptr_mut(&key).ok_or(PASS)?;
+    // SAFETY: copied out at once.
+    let seen = unsafe { *entry };
+    nat::touch(&key, entry, &seen, &pkt, now_secs());
+    nat::rewrite(ctx, &pkt, &seen).map_err(|_| DROP)?;
+    Ok(PASS)
+}
+
+/// Applies a flow's rewrite; a source-NATed packet is forwarded past the stack.
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i32> {
+    nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
+    if entry.flags & CT_FLAG_SNAT == 0 {
+        return Ok(PASS);
+    }
+    let redirected = fib::redirect(
+        ctx,
+        pkt.proto,
+        entry.saddr,
+        entry.daddr,
+        entry.sport,
+        entry.dport,
+        pkt.ttl,
+    )
+    .map_err(|_| DROP)?;
+    Ok(redirected.unwrap_or(PASS))
+}
+
+/// A packet that belongs to no tracked flow: to a frontend of the external scope, a new
+/// flow; otherwise none of our business.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
+    let mut key = ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        slot: 0,
+        proto: pkt.proto,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PASS)? };
+    // SAFETY: copied out at once.
+    let config: Option<NodeConfig> = CONFIG.get_ptr(0).map(|c| unsafe { *c });
+    if frontend.count == 0 {
+        return Err(refuse(pkt, frontend.flags, config.as_ref()));
+    }
+    let client = || u64::from(pkt.saddr);
+    let backend_id = lb::select_backend(client, &mut key, &frontend).ok_or(PASS)?;
+    // SAFETY: copied out at once.
+    let backend: BackendValue = unsafe { *BACKENDS.get_ptr(backend_id).ok_or(PASS)? };
+
+    // A backend on another node is reached with the node's address as source, so that its
+    // replies come back here to be translated (C08). `Local` frontends only have local
+    // backends and keep the client's address (C10); so does `Cluster` traffic to a local
+    // backend (see docs/decisions.md).
+    let snat = backend.flags & BACKEND_FLAG_LOCAL == 0;
+    let snat_config = match config {
+        Some(c) if snat && c.snat_addr != 0 => Some(c),
+        // Needs SNAT but the agent has not configured an address: not translatable yet.
+        _ if snat => return Ok(PASS),
+        _ => None,
+    };
+    let mut forward = NatCtValue {
+        saddr: snat_config.map(|c| c.snat_addr).unwrap_or(pkt.saddr),
+        daddr: backend.addr,
+        // The SNAT port is chosen by `nat::create`.
+        sport: if snat { 0 } else { pkt.sport },
+        dport: backend.port,
+        backend_id,
+        rev_nat_id: frontend.rev_nat_id,
+        flags: if snat { CT_FLAG_SNAT } else { 0 },
+        last_seen: now,
+    };
+    let ct_key = nat::key_of(pkt, CT_DIR_IN);
+    // No free SNAT port (or no room in the map): drop this packet of a new flow; the
+    // client retransmits.
+    nat::create(&ct_key, &mut forward, snat_config.as_ref(), now).map_err(|_| DROP)?;
+    translate(ctx, pkt, &forward)
+}
+
+/// A frontend without usable backends. `SVC_FLAG_DROP_EMPTY` (a `Local` policy with no
+/// endpoint on this node, C12): drop, as kube-proxy does. Otherwise the client must be
+/// refused at once (C06): kube-proxy REJECTs with an ICMP port unreachable / TCP RST. A
+/// packet to one of this node's own addresses gets exactly that from the kernel when it is
+/// passed on unchanged, since nothing listens on a NodePort. An externalIP or LB IP the
+/// node does not own would instead be forwarded (or looped) by the stack, so it is dropped:
+/// generating the RST / ICMP error in the program (Cilium's `tail_no_service_ipv4`) is
+/// left to do.
+#[inline(always)]
+fn refuse(pkt: &Packet, flags: u16, config: Option<&NodeConfig>) -> i32 {
+    if flags & SVC_FLAG_DROP_EMPTY != 0 {
+        return DROP;
+    }
+    // NodePort frontends exist only on the node's NodePort addresses (translate builds
+    // them from the node's own addresses); another frontend may sit on the SNAT address.
+    let node_address = flags & SVC_FLAG_NODE_PORT != 0
+        || config.is_some_and(|c| c.snat_addr != 0 && c.snat_addr == pkt.daddr);
+    if node_address { PASS } else { DROP }
+}

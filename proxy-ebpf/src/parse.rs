@@ -1,0 +1,121 @@
+//! Bounds-checked access to Ethernet / IPv4 / TCP / UDP headers for the TCX programs.
+//!
+//! Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which fails instead of
+//! reading past the packet, and no packet pointer is kept across the rewrite helpers (which
+//! invalidate them). Only the packets the north-south datapath can translate are parsed:
+//! anything else — not IPv4 over Ethernet, IP options, fragments, truncated headers, other
+//! protocols — yields `None`, and the programs pass it on untouched.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+/// Ethernet header length: the programs run on Ethernet devices (no VLAN tag in the frame;
+/// hardware-accelerated tags are outside the packet data).
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets of the fields the programs rewrite.
+pub const ETH_DST_OFF: usize = 0;
+pub const ETH_SRC_OFF: usize = 6;
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IP_TTL_OFF: usize = IP_OFF + 8;
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SADDR_OFF: usize = IP_OFF + 12;
+pub const IP_DADDR_OFF: usize = IP_OFF + 16;
+/// The L4 header follows a 20-byte IPv4 header: packets with options are not translated.
+pub const L4_OFF: usize = IP_OFF + IPV4_HLEN;
+pub const L4_SPORT_OFF: usize = L4_OFF;
+pub const L4_DPORT_OFF: usize = L4_OFF + 2;
+const IPV4_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_FLAGS_OFF: usize = L4_OFF + 13;
+const TCP_CSUM_OFF: usize = L4_OFF + 16;
+const UDP_CSUM_OFF: usize = L4_OFF + 6;
+/// Version 4, header length 5 words: the only first byte accepted.
+const IPV4_NO_OPTIONS: u8 = 0x45;
+/// More-fragments flag and fragment offset (host order).
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// The IPv4 header as on the wire (multi-byte fields in network order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// What the programs need from a translatable packet. Addresses and ports in network order.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    pub ttl: u8,
+    /// Offset of the L4 checksum field.
+    pub l4_csum_off: usize,
+}
+
+impl Packet {
+    pub fn is_udp(&self) -> bool {
+        self.proto == PROTO_UDP
+    }
+}
+
+/// Parses an unfragmented IPv4 TCP or UDP packet without IP options whose headers are all
+/// within the packet and within the IP total length; `None` for anything else.
+#[inline(always)]
+pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: Ipv4Hdr = ctx.load(IP_OFF).ok()?;
+    if ip.ver_ihl != IPV4_NO_OPTIONS || u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
+        return None;
+    }
+    let tot_len = usize::from(u16::from_be(ip.tot_len));
+    // The IP datagram must be in the frame (trailing Ethernet padding is fine).
+    if IP_OFF + tot_len > ctx.len() as usize {
+        return None;
+    }
+    let (l4_hlen, l4_csum_off) = match ip.proto {
+        PROTO_TCP => (TCP_HLEN, TCP_CSUM_OFF),
+        PROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
+        _ => return None,
+    };
+    if tot_len < IPV4_HLEN + l4_hlen {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(L4_OFF).ok()?;
+    let tcp_flags = if ip.proto == PROTO_TCP {
+        ctx.load::<u8>(TCP_FLAGS_OFF).ok()?
+    } else {
+        0
+    };
+    Some(Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports[0],
+        dport: ports[1],
+        proto: ip.proto,
+        tcp_flags,
+        ttl: ip.ttl,
+        l4_csum_off,
+    })
+}

@@ -1,0 +1,524 @@
+//! Packet-level tests of the TCX programs with `BPF_PROG_TEST_RUN`: the kernel runs a
+//! program on a packet we build, without any device, and hands back the verdict and the
+//! packet as the program left it. Nothing is sent anywhere.
+//!
+//! - [`Datapath`] loads the agent's embedded eBPF object with aya 0.14 (`TestRun` on
+//!   `SchedClassifier`), verifier included, *without pins* (nothing appears under
+//!   /sys/fs/bpf), and fills the maps directly.
+//! - [`in_private_netns`] runs a test in a network namespace of its own (one thread
+//!   unshares it), so that the FIB lookups of the programs see only what the test set up.
+//! - [`Frame`] builds Ethernet/IPv4/TCP/UDP packets with correct checksums, and
+//!   [`verify_checksums`] recomputes them (RFC 1071) from a program's output.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::{
+    BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES,
+    MAP_SOCK_REV_NAT, NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    ServiceKey, ServiceValue,
+};
+use proxy_userspace::dataplane;
+
+/// tc verdicts. `TCX_NEXT` is `TC_ACT_UNSPEC`: no verdict, the packet continues to the next
+/// program on the hook and then to the stack (a pass that does not end the TCX chain).
+pub const TCX_NEXT: i32 = -1;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// Fails the test with a clear message unless it runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "these tests load eBPF programs and run them with BPF_PROG_TEST_RUN, which needs \
+             root (CAP_BPF + CAP_NET_ADMIN); run them as root"
+        );
+    }
+}
+
+/// Runs `test` on a thread in a fresh network namespace (only `lo`, down), so that the
+/// programs' FIB lookups and any device the test creates concern nobody else. The
+/// namespace goes away with the thread.
+pub fn in_private_netns<F: FnOnce() + Send + 'static>(test: F) {
+    require_root();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "unshare(CLONE_NEWNET) failed: {} (the tests need network namespaces)",
+                std::io::Error::last_os_error()
+            );
+        }
+        test();
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs `ip ARGS` in the calling thread's network namespace (a child inherits it).
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// ifindex of a device in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("no NUL in a device name");
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(index, 0, "no device {name}");
+    index
+}
+
+/// The MAC address of a device in the calling thread's network namespace (asked of `ip`:
+/// sysfs shows the namespace it was mounted in).
+pub fn mac_of(name: &str) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", name])
+        .output()
+        .expect("running ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {name} in {text:?}"));
+    parse_mac(mac)
+}
+
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let mut mac = [0; 6];
+    for (byte, part) in mac.iter_mut().zip(s.split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("hex MAC byte");
+    }
+    mac
+}
+
+/// The kernel's monotonic clock in seconds, the unit of `last_seen` in the conntrack map.
+pub fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// What a program did with a packet.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: i32,
+    pub packet: Vec<u8>,
+}
+
+/// The loaded object: the two TCX programs and typed handles on the maps they use.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, BackendValue>,
+    pub config: Array<MapData, NodeConfig>,
+    pub nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
+}
+
+impl Datapath {
+    /// Loads the embedded object, without pins and with small maps (the LRU maps are
+    /// preallocated), and runs the verifier on both TCX programs.
+    pub fn load() -> Self {
+        require_root();
+        let mut loader = EbpfLoader::new();
+        for map in [
+            MAP_SERVICES,
+            MAP_BACKENDS,
+            MAP_REV_NAT,
+            MAP_SOCK_REV_NAT,
+            MAP_AFFINITY,
+            MAP_NAT_CT,
+        ] {
+            loader.map_max_entries(map, 1024);
+        }
+        let mut ebpf = loader
+            .load(dataplane::object())
+            .expect("loading the embedded eBPF object (maps, BTF)");
+        for name in dataplane::TCX_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .expect("a classifier");
+            if let Err(e) = program.load() {
+                match e {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => panic!("the verifier rejected {name}: {io_error}\n{verifier_log}"),
+                    other => panic!("loading {name}: {other}"),
+                }
+            }
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .unwrap_or_else(|| panic!("map {name} missing from the object"))
+        };
+        let services = HashMap::try_from(take(MAP_SERVICES)).expect("services map type");
+        let backends = HashMap::try_from(take(MAP_BACKENDS)).expect("backends map type");
+        let config = Array::try_from(take(MAP_CONFIG)).expect("config map type");
+        let nat_ct = HashMap::try_from(take(MAP_NAT_CT)).expect("nat ct map type");
+        Datapath {
+            ebpf,
+            services,
+            backends,
+            config,
+            nat_ct,
+        }
+    }
+
+    /// Runs `program` on `packet`; `ifindex` is the device the packet is on (0: `lo`).
+    pub fn run(&self, program: &str, packet: &[u8], ifindex: u32) -> Outcome {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .unwrap_or_else(|| panic!("program {program} missing"))
+            .try_into()
+            .expect("a classifier");
+        // struct __sk_buff, zeroed but for ingress_ifindex and ifindex (the only fields
+        // besides a few others that BPF_PROG_TEST_RUN accepts).
+        let mut skb = [0u32; 48];
+        skb[9] = ifindex;
+        skb[10] = ifindex;
+        let ctx: Vec<u8> = skb.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(&ctx[..]),
+            ..TestRunOptions::default()
+        };
+        let result = program.test_run(opts).unwrap_or_else(|e| {
+            let cause = std::error::Error::source(&e).map(|c| c.to_string());
+            panic!(
+                "BPF_PROG_TEST_RUN on a {}-byte packet failed: {e} ({})",
+                packet.len(),
+                cause.unwrap_or_default()
+            )
+        });
+        out.truncate(result.data_size_out as usize);
+        Outcome {
+            verdict: result.return_value as i32,
+            packet: out,
+        }
+    }
+
+    pub fn ingress(&self, packet: &[u8]) -> Outcome {
+        self.run("ekp_tcx_in", packet, 0)
+    }
+
+    pub fn egress(&self, packet: &[u8]) -> Outcome {
+        self.run("ekp_tcx_out", packet, 0)
+    }
+
+    /// An external-scope frontend (slot 0) and its backend slots, in the agent's order.
+    pub fn frontend(&mut self, frontend: Frontend, backend_ids: &[u32]) {
+        for (i, id) in backend_ids.iter().enumerate() {
+            let slot = ServiceValue {
+                backend_id: *id,
+                rev_nat_id: frontend.rev_nat_id,
+                ..Default::default()
+            };
+            self.services
+                .insert(frontend.key(i as u16 + 1), slot, 0)
+                .expect("writing a backend slot");
+        }
+        let master = ServiceValue {
+            count: backend_ids.len() as u16,
+            rev_nat_id: frontend.rev_nat_id,
+            flags: frontend.flags,
+            affinity_timeout: frontend.affinity_timeout,
+            ..Default::default()
+        };
+        self.services
+            .insert(frontend.key(0), master, 0)
+            .expect("writing a frontend");
+    }
+
+    pub fn backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, proto: u8, flags: u8) {
+        let value = BackendValue {
+            addr: u32::from_ne_bytes(addr.octets()),
+            port: port.to_be(),
+            proto,
+            flags,
+        };
+        self.backends
+            .insert(id, value, 0)
+            .expect("writing a backend");
+    }
+
+    pub fn remove_backend(&mut self, id: u32) {
+        self.backends.remove(&id).expect("deleting a backend");
+    }
+
+    pub fn snat(&mut self, addr: Ipv4Addr, port_min: u16, port_max: u16) {
+        let value = NodeConfig {
+            snat_addr: u32::from_ne_bytes(addr.octets()),
+            snat_port_min: port_min,
+            snat_port_max: port_max,
+        };
+        self.config.set(0, value, 0).expect("writing the config");
+    }
+
+    pub fn ct_entries(&self) -> Vec<(NatCtKey, NatCtValue)> {
+        self.nat_ct.iter().filter_map(|r| r.ok()).collect()
+    }
+}
+
+/// An external-scope frontend as the agent writes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    pub affinity_timeout: u32,
+}
+
+impl Frontend {
+    pub fn key(&self, slot: u16) -> ServiceKey {
+        ServiceKey {
+            addr: u32::from_ne_bytes(self.addr.octets()),
+            port: self.port.to_be(),
+            slot,
+            proto: self.proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Internet checksum (RFC 1071) over `data`, with a starting partial `sum`.
+pub fn checksum(sum: u32, data: &[u8]) -> u16 {
+    let mut sum = sum;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_header_sum(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: usize) -> u32 {
+    let mut sum = 0u32;
+    for pair in [saddr, daddr] {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        sum += u32::from(u16::from_be_bytes([pair[2], pair[3]]));
+    }
+    sum + u32::from(proto) + l4_len as u32
+}
+
+/// Recomputes the IPv4 header checksum and the TCP/UDP checksum (pseudo-header included)
+/// of an Ethernet frame from its bytes; panics naming the first one that is wrong. A UDP
+/// checksum of 0 ("none") is accepted as such.
+pub fn verify_checksums(frame: &[u8]) {
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(checksum(0, &ip[..ihl]), 0, "IPv4 header checksum is wrong");
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &ip[ihl..tot_len];
+    let proto = ip[9];
+    let saddr = [ip[12], ip[13], ip[14], ip[15]];
+    let daddr = [ip[16], ip[17], ip[18], ip[19]];
+    if proto == PROTO_UDP && l4[6] == 0 && l4[7] == 0 {
+        return;
+    }
+    let sum = pseudo_header_sum(saddr, daddr, proto, l4.len());
+    assert_eq!(
+        checksum(sum, l4),
+        0,
+        "L4 checksum (protocol {proto}) is wrong"
+    );
+}
+
+/// One Ethernet + IPv4 + TCP/UDP frame, built with correct checksums.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ttl: u8,
+    pub id: u16,
+    /// TCP flags byte (ignored for UDP).
+    pub tcp_flags: u8,
+    /// UDP only: send a zero ("no") checksum.
+    pub udp_no_checksum: bool,
+    pub payload: Vec<u8>,
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+
+impl Frame {
+    pub fn tcp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0, 0x02],
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto: PROTO_TCP,
+            ttl: 64,
+            id: 0x1234,
+            tcp_flags: TCP_SYN,
+            udp_no_checksum: false,
+            payload: b"GET / HTTP/1.1\r\n".to_vec(),
+        }
+    }
+
+    pub fn udp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            proto: PROTO_UDP,
+            payload: b"dns query".to_vec(),
+            ..Frame::tcp(saddr, sport, daddr, dport)
+        }
+    }
+
+    /// The same frame with source and destination swapped (a reply).
+    pub fn reply(&self) -> Self {
+        Frame {
+            dst_mac: self.src_mac,
+            src_mac: self.dst_mac,
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            tcp_flags: TCP_SYN | TCP_ACK,
+            payload: b"HTTP/1.1 200 OK\r\n".to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// This frame with another 4-tuple, everything else equal.
+    pub fn with_tuple(&self, saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            saddr,
+            sport,
+            daddr,
+            dport,
+            ..self.clone()
+        }
+    }
+
+    pub fn l4_bytes(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.sport.to_be_bytes());
+        l4.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == PROTO_TCP {
+            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.push(5 << 4); // data offset
+            l4.push(self.tcp_flags);
+            l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+            l4.extend_from_slice(&[0, 0]); // checksum
+            l4.extend_from_slice(&[0, 0]); // urgent pointer
+        } else {
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(&self.payload);
+        let csum_off = if self.proto == PROTO_TCP { 16 } else { 6 };
+        if !(self.proto == PROTO_UDP && self.udp_no_checksum) {
+            let sum = pseudo_header_sum(
+                self.saddr.octets(),
+                self.daddr.octets(),
+                self.proto,
+                l4.len(),
+            );
+            let mut csum = checksum(sum, &l4);
+            if csum == 0 && self.proto == PROTO_UDP {
+                csum = 0xffff;
+            }
+            l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+        }
+        l4
+    }
+
+    /// The frame's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let mut ip = vec![
+            0x45,
+            0,
+            0,
+            0,
+            (self.id >> 8) as u8,
+            self.id as u8,
+            0x40, // don't fragment
+            0,
+            self.ttl,
+            self.proto,
+            0,
+            0,
+        ];
+        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&self.saddr.octets());
+        ip.extend_from_slice(&self.daddr.octets());
+        let csum = checksum(0, &ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        frame
+    }
+}
+
+/// The 4-tuple of an Ethernet/IPv4/TCP-or-UDP frame without IP options.
+pub fn tuple_of(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    let ip = &frame[14..];
+    let l4 = &ip[20..];
+    (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        u16::from_be_bytes([l4[0], l4[1]]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    )
+}
+
+/// A readable diff of two frames for assertion messages.
+pub fn hex(frame: &[u8]) -> String {
+    frame
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
