@@ -23,6 +23,11 @@ struct Cli {
     #[arg(long, global = true, default_value = DEFAULT_PIN_PATH)]
     pin_path: PathBuf,
 
+    /// Log format on stderr: `text`, or `json` (one object per line, for log collectors).
+    /// The level comes from `EKP_LOG` (a tracing filter, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    logging_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +40,9 @@ enum Command {
     List {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
+        /// Show how full each map is (conntrack, affinity, socket rev-NAT included) instead.
+        #[arg(long)]
+        maps: bool,
     },
     /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
     Cleanup,
@@ -153,6 +161,12 @@ fn parse_bind(s: &str) -> Result<BindAddress, String> {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Text,
     Json,
@@ -176,7 +190,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.logging_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -186,14 +200,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EKP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
@@ -240,11 +258,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .context("starting the async runtime")?
                 .block_on(run::run(config))
         }
-        Command::List { output } => {
-            let frontends = list::read(&cli.pin_path)?;
-            let text = match output {
-                Format::Text => list::render_text(&frontends),
-                Format::Json => list::render_json(&frontends)?,
+        Command::List { output, maps } => {
+            let text = if maps {
+                let fills = dataplane::map_fill(&cli.pin_path)?;
+                match output {
+                    Format::Text => list::render_maps_text(&fills),
+                    Format::Json => list::render_maps_json(&fills)?,
+                }
+            } else {
+                let frontends = list::read(&cli.pin_path)?;
+                match output {
+                    Format::Text => list::render_text(&frontends),
+                    Format::Json => list::render_json(&frontends)?,
+                }
             };
             print!("{text}");
             Ok(())

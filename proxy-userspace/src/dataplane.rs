@@ -279,6 +279,44 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
     Ok((maps, Programs { _ebpf: ebpf }))
 }
 
+/// How full one pinned map is.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
+/// Entries and capacity of every pinned map under `pin_dir` (arrays count as full).
+pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
+    let mut fills = Vec::new();
+    for name in ALL_MAPS {
+        let path = maps_dir(pin_dir).join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading map info of {}", path.display()))?;
+        let is_array = matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)
+        );
+        let entries = if is_array {
+            u64::from(info.max_entries())
+        } else {
+            let fd = info.fd()?;
+            bpf_sys::count_keys(fd.as_fd(), info.key_size())
+                .with_context(|| format!("counting the entries of {name}"))?
+        };
+        fills.push(MapFill {
+            map: name.to_owned(),
+            entries,
+            capacity: info.max_entries(),
+        });
+    }
+    Ok(fills)
+}
+
 /// Removes every pin the agent made: links first (which detaches the programs once no
 /// process holds them), then maps. Returns what was removed.
 pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
@@ -367,6 +405,7 @@ fn fs_magic(path: &Path) -> Result<i64> {
 mod bpf_sys {
     use super::*;
 
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -402,6 +441,32 @@ mod bpf_sys {
             .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?;
         // SAFETY: the kernel returned a new file descriptor that we now own.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Counts a hash map's keys by walking them with `BPF_MAP_GET_NEXT_KEY`. Entries that
+    /// come and go meanwhile (LRU maps in use) make this an estimate, as any dump is.
+    pub fn count_keys(map: std::os::fd::BorrowedFd<'_>, key_size: u32) -> Result<u64> {
+        let mut key = vec![0u8; key_size as usize];
+        let mut next = vec![0u8; key_size as usize];
+        let mut count = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = Attr([0; 128]);
+            // struct { __u32 map_fd; __u32 pad; __aligned_u64 key; __aligned_u64 next_key; }
+            attr.0[..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+            let key_ptr = if first { 0 } else { key.as_ptr() as u64 };
+            attr.0[8..16].copy_from_slice(&key_ptr.to_ne_bytes());
+            attr.0[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(_) => {
+                    count += 1;
+                    std::mem::swap(&mut key, &mut next);
+                    first = false;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+                Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+            }
+        }
     }
 
     /// Atomically replaces the program behind a link.

@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::dataplane::Maps;
+use proxy_common::{SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY};
+
+use crate::dataplane::{MapFill, Maps};
 use crate::model::FrontendKind;
 use crate::sync::Programmed;
 
@@ -21,6 +23,11 @@ pub struct ListedFrontend {
     pub scope: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// sessionAffinity ClientIP timeout in seconds, if set.
+    pub affinity_timeout: Option<u32>,
+    /// What happens without backends: "refuse" (no endpoint at all) or "drop" (a `Local`
+    /// traffic policy with none on this node).
+    pub when_empty: String,
     pub backends: Vec<ListedBackend>,
 }
 
@@ -49,6 +56,13 @@ pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
             kind: FrontendKind::from_flags(f.flags)
                 .map(|k| k.to_string())
                 .unwrap_or_else(|| format!("flags={:#x}", f.flags)),
+            affinity_timeout: (f.flags & SVC_FLAG_AFFINITY != 0).then_some(f.affinity_timeout),
+            when_empty: if f.flags & SVC_FLAG_DROP_EMPTY != 0 {
+                "drop"
+            } else {
+                "refuse"
+            }
+            .into(),
             backends: (1..=f.count)
                 .map(|slot| {
                     let id = f.slots.get(&slot).copied().unwrap_or(0);
@@ -81,8 +95,17 @@ pub fn render_text(frontends: &[ListedFrontend]) -> String {
             "{:<5} {:<24} {:<9} {:<12} ",
             f.id, frontend, f.scope, f.kind
         );
+        let affinity = f
+            .affinity_timeout
+            .map(|t| format!(" (affinity {t}s)"))
+            .unwrap_or_default();
         if f.backends.is_empty() {
-            let _ = writeln!(out, "{head}(none: connections refused)");
+            let what = if f.when_empty == "drop" {
+                "none here: traffic dropped (Local policy)"
+            } else {
+                "none: connections refused"
+            };
+            let _ = writeln!(out, "{head}({what})");
         }
         for (i, b) in f.backends.iter().enumerate() {
             let lead = if i == 0 {
@@ -90,8 +113,34 @@ pub fn render_text(frontends: &[ListedFrontend]) -> String {
             } else {
                 " ".repeat(head.len())
             };
-            let _ = writeln!(out, "{lead}{}: {} => {}", b.slot, b.id, b.address);
+            let tail = if i == 0 { affinity.as_str() } else { "" };
+            let _ = writeln!(out, "{lead}{}: {} => {}{tail}", b.slot, b.id, b.address);
         }
     }
     out
+}
+
+/// `list --maps`: how full each pinned map is.
+pub fn render_maps_text(fills: &[MapFill]) -> String {
+    let mut out = format!(
+        "{:<18} {:>10} {:>10} {:>6}\n",
+        "MAP", "ENTRIES", "CAPACITY", "USED"
+    );
+    for f in fills {
+        let used = if f.capacity == 0 {
+            0.0
+        } else {
+            f.entries as f64 * 100.0 / f64::from(f.capacity)
+        };
+        let _ = writeln!(
+            out,
+            "{:<18} {:>10} {:>10} {:>5.1}%",
+            f.map, f.entries, f.capacity, used
+        );
+    }
+    out
+}
+
+pub fn render_maps_json(fills: &[MapFill]) -> Result<String> {
+    Ok(serde_json::to_string_pretty(fills)? + "\n")
 }
