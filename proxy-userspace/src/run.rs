@@ -57,6 +57,8 @@ pub struct Config {
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
     pub metrics_bind: Option<SocketAddr>,
+    /// What the eBPF programs log (`LOG_LEVEL_*`), written to the log switch at start.
+    pub bpf_log_level: u8,
 }
 
 enum Source {
@@ -77,7 +79,12 @@ impl Source {
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    let (maps, _programs) = dataplane::start(&config.pin_dir, &config.cgroup, config.map_sizes)?;
+    let (maps, _programs) = dataplane::start(
+        &config.pin_dir,
+        &config.cgroup,
+        config.map_sizes,
+        config.bpf_log_level,
+    )?;
     let mut syncer = Syncer::adopt(maps);
     tracing::info!(
         frontends = syncer.programmed().frontends.len(),
@@ -149,7 +156,9 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
             // File events only say "something changed": the directory is re-read whole.
             let mut watcher =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok() {
+                    // Reading the directory (ours included) reports access events: only a
+                    // creation, a change or a removal is a change.
+                    if event.is_ok_and(|e| !e.kind.is_access() && !e.kind.is_other()) {
                         // A full channel already holds a pending "changed".
                         let _ = changed.try_send(());
                     }

@@ -51,3 +51,49 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     }
     assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds "));
 }
+
+/// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds` of a scrape.
+fn last_queued(metrics_addr: &str) -> String {
+    let (_, text) = get(metrics_addr, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("no last-queued metric in:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn an_idle_agent_queues_no_sync_and_an_edit_queues_one() {
+    let mut h = Harness::new("idle", &["pod-a"]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("web", "10.96.0.10", &[("http", 80, "TCP")]),
+    );
+    h.write_manifest(
+        "eps.yaml",
+        &slice(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[("10.244.0.10", true)],
+        ),
+    );
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let metrics = h.served_address("metrics");
+    let before = last_queued(&metrics);
+    // Nothing changes for 15 minimum sync periods (the agent reads the directory itself
+    // meanwhile, which must not count as a change).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(last_queued(&metrics), before, "an idle agent queued a sync");
+    h.write_manifest(
+        "eps.yaml",
+        &slice(
+            "web-1",
+            "web",
+            &[("http", 8081, "TCP")],
+            &[("10.244.0.10", true)],
+        ),
+    );
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8081"]));
+    assert_ne!(last_queued(&metrics), before, "the edit was not queued");
+}

@@ -56,6 +56,27 @@ async fn agent_on_apiserver(h: &mut Harness) -> (ApiServer, kube::Client) {
     (server, client)
 }
 
+/// Creates Service `web` (10.96.0.10:80) with slice `web-1` on pod-a, and waits until the
+/// agent programs it.
+async fn create_web_on_pod_a(
+    h: &mut Harness,
+    client: &kube::Client,
+) -> (Api<Service>, Api<EndpointSlice>) {
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let pp = PostParams::default();
+    services
+        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    slices
+        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    (services, slices)
+}
+
 async fn replace_slice(api: &Api<EndpointSlice>, name: &str, wanted: EndpointSlice) {
     let mut wanted = wanted;
     let current = api.get(name).await.expect("get slice");
@@ -70,19 +91,7 @@ async fn c26_services_and_slices_from_the_api_program_the_vip_and_follow_scaling
     let mut h = Harness::new("kube", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[]);
     let (_server, client) = agent_on_apiserver(&mut h).await;
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
-
-    let pp = PostParams::default();
-    services
-        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
-        .await
-        .expect("create svc");
-    slices
-        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
-        .await
-        .expect("create slice");
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let (services, slices) = create_web_on_pod_a(&mut h, &client).await;
     assert_eq!(
         answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
         Some(&10)
@@ -124,18 +133,7 @@ async fn a_410_relist_converges_without_a_moment_where_the_vip_stops_working() {
     let mut h = Harness::new("relist", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[]);
     let (server, client) = agent_on_apiserver(&mut h).await;
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
-    let pp = PostParams::default();
-    services
-        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
-        .await
-        .expect("create svc");
-    slices
-        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
-        .await
-        .expect("create slice");
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let (_services, slices) = create_web_on_pod_a(&mut h, &client).await;
 
     // A client keeps connecting through the re-list.
     let client_run = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "1500", "--every-ms", "1"]);
@@ -240,18 +238,7 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
     let mut h = Harness::new("outage", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[]);
     let (mut server, client) = agent_on_apiserver(&mut h).await;
-    let pp = PostParams::default();
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
-    services
-        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
-        .await
-        .expect("create svc");
-    slices
-        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
-        .await
-        .expect("create slice");
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    create_web_on_pod_a(&mut h, &client).await;
     let healthz = h.served_address("healthz");
     let changes_before = metric(&h, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
     let synced_before = metric(&h, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
