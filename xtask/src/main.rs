@@ -1,16 +1,20 @@
-//! `cargo xtask <task>`: setup, build-ebpf, demo, test, chart-test.
+//! `cargo xtask <task>`: setup, build-ebpf, demo, test, chart-test, bench.
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use xtask::{chart, cmd, demo, ebpf, toolchain};
 
-const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | demo | test | chart-test>
+const USAGE: &str = "usage: cargo xtask <setup | build-ebpf | demo | test | chart-test | bench>
   setup       install rust-src, bpf-linker and bpftool if missing (idempotent)
   build-ebpf  build the eBPF object (release, BTF kept)
   demo        set up, build, and run the ClusterIP demo in throwaway network namespaces (root)
   test        set up, then fmt check, clippy, chart checks, and every test (root for the privileged ones)
-  chart-test  install helm and kubernetes-validate if missing, then the Helm chart checks";
+  chart-test  install helm and kubernetes-validate if missing, then the Helm chart checks
+  bench       latency and programming time against kube-proxy's iptables and nftables rules (root;
+              --quick, --services 1,5000,30000, --out DIR; see xtask/src/bench/mod.rs)";
 
 fn workspace() -> PathBuf {
     // xtask lives one level below the workspace root.
@@ -44,6 +48,10 @@ fn main() -> Result<()> {
         "chart-test" => {
             chart::setup()?;
             chart::chart_tests(&root)
+        }
+        "bench" => {
+            toolchain::setup()?;
+            bench::run(&root, &args[1..])
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -81,6 +89,8 @@ fn test(root: &Path) -> Result<()> {
     println!("== chart checks");
     chart::setup()?;
     chart::chart_tests(root)?;
+    println!("== cargo xtask bench --quick (outputs checked, numbers not judged)");
+    bench::smoke(root)?;
     println!("== cargo test");
     let (passed, failed) = cargo_test(root)?;
     // One closing line for the whole run, so that CI reads the total and not the count of

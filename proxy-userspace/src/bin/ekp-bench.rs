@@ -1,0 +1,396 @@
+//! `ekp-bench`: the servers and the latency client of `cargo xtask bench`.
+//!
+//! The client measures in-process with the monotonic clock, one operation after the other,
+//! so that no process start ever enters a sample:
+//!
+//! - `connect ADDR`: a new TCP socket and `connect` per operation (closed with RST, so that
+//!   no TIME_WAIT piles up on the client);
+//! - `crr ADDR`: connect, one request, the response, close (the server closes first, as an
+//!   HTTP/1.0 server does), a new connection each time;
+//! - `rr ADDR`: request/response on one established connection;
+//! - `udp ADDR`: a new unconnected UDP socket per request (`sendto`, `recvfrom`), like a
+//!   DNS client.
+//!
+//! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
+//! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary. The
+//! output is one JSON object: samples, errors, p50/p90/p99/mean in µs, rate.
+//!
+//! `wait ADDR --answer NAME|any` prints `ready`, then makes request after request until
+//! NAME answers and prints the CLOCK_MONOTONIC time (ns) of that answer, so that a caller
+//! that noted the same clock before a change gets the time the change took to take effect.
+//!
+//! `serve --name NAME --tcp PORT --udp PORT` answers every request with NAME and a newline:
+//! on TCP, `K` asks for an answer and keeps the connection, `C` for an answer and a close.
+//! A few threads block in `accept` on the same socket, so no thread is spawned per
+//! connection. Prints `ready` once bound.
+//!
+//! Not shipped in the container image; std, libc (SO_LINGER, the monotonic clock) and
+//! serde_json only.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const SERVER_THREADS: usize = 4;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("wait") => wait(&args[1..]),
+        Some(kind @ ("connect" | "crr" | "rr" | "udp")) => measure(kind, &args[1..]),
+        _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
+                  (connect|crr|rr|udp) ADDR:PORT [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
+                  wait ADDR:PORT --answer NAME|any [--timeout-ms T]"
+            .into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ekp-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Servers
+
+fn serve(args: &[String]) -> Result<(), String> {
+    let mut name = None;
+    let (mut tcp_ports, mut udp_ports) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--name" => name = Some(value.clone()),
+            "--tcp" => tcp_ports.push(parse::<u16>(value, "port")?),
+            "--udp" => udp_ports.push(parse::<u16>(value, "port")?),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    let name = name.ok_or("--name is required")?;
+    let reply: &'static [u8] = Box::leak(format!("{name}\n").into_bytes().into_boxed_slice());
+    let mut threads = Vec::new();
+    for port in tcp_ports {
+        let listener =
+            TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
+        for _ in 0..SERVER_THREADS {
+            let listener = listener.try_clone().map_err(|e| e.to_string())?;
+            threads.push(std::thread::spawn(move || {
+                loop {
+                    if let Ok((stream, _)) = listener.accept() {
+                        let _ = answer_tcp(stream, reply);
+                    }
+                }
+            }));
+        }
+    }
+    for port in udp_ports {
+        let socket =
+            UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind udp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(reply, from);
+            }
+        }));
+    }
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// `K`: answer, keep the connection; `C`: answer and close; EOF: close.
+fn answer_tcp(mut stream: TcpStream, reply: &[u8]) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = [0u8; 64];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for &byte in &buf[..n] {
+            match byte {
+                b'K' => stream.write_all(reply)?,
+                b'C' => return stream.write_all(reply),
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client
+
+struct Options {
+    target: SocketAddr,
+    count: usize,
+    warmup: usize,
+    timeout: Duration,
+    raw: bool,
+}
+
+fn options(args: &[String]) -> Result<(Options, Vec<(String, String)>), String> {
+    let target = args
+        .first()
+        .ok_or("missing ADDR:PORT")?
+        .parse()
+        .map_err(|e| format!("invalid ADDR:PORT: {e}"))?;
+    let mut o = Options {
+        target,
+        count: 1000,
+        warmup: 50,
+        timeout: Duration::from_secs(1),
+        raw: false,
+    };
+    let mut rest = Vec::new();
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        if flag == "--raw" {
+            o.raw = true;
+            continue;
+        }
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--count" => o.count = parse(value, "count")?,
+            "--warmup" => o.warmup = parse(value, "warmup")?,
+            "--timeout-ms" => o.timeout = Duration::from_millis(parse(value, "timeout")?),
+            _ => rest.push((flag.clone(), value.clone())),
+        }
+    }
+    Ok((o, rest))
+}
+
+fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("invalid {what} {s:?}"))
+}
+
+fn measure(kind: &str, args: &[String]) -> Result<(), String> {
+    let (o, rest) = options(args)?;
+    if let Some((flag, _)) = rest.first() {
+        return Err(format!("unknown flag {flag}"));
+    }
+    let mut samples: Vec<u64> = Vec::with_capacity(o.count);
+    let mut errors = 0u64;
+    let mut first_error: Option<String> = None;
+    let mut record = |i: usize, started: Instant, result: std::io::Result<()>| {
+        let elapsed = started.elapsed().as_nanos() as u64;
+        match result {
+            Ok(()) if i >= o.warmup => samples.push(elapsed),
+            Ok(()) => {}
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    };
+    let total = o.warmup + o.count;
+    let mut measured_from = Instant::now();
+    match kind {
+        "rr" => {
+            let mut stream = TcpStream::connect_timeout(&o.target, o.timeout)
+                .map_err(|e| format!("connecting to {}: {e}", o.target))?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(o.timeout))
+                .map_err(|e| e.to_string())?;
+            for i in 0..total {
+                if i == o.warmup {
+                    measured_from = Instant::now();
+                }
+                let started = Instant::now();
+                let result = exchange(&mut stream, b'K').map(|_| ());
+                record(i, started, result);
+            }
+        }
+        _ => {
+            let op: fn(&Options) -> std::io::Result<()> = match kind {
+                "connect" => connect_once,
+                "crr" => |o| crr_once(o).map(|_| ()),
+                _ => |o| udp_once(o).map(|_| ()),
+            };
+            for i in 0..total {
+                if i == o.warmup {
+                    measured_from = Instant::now();
+                }
+                let started = Instant::now();
+                let result = op(&o);
+                record(i, started, result);
+            }
+        }
+    }
+    let elapsed = measured_from.elapsed().as_secs_f64();
+    let summary = summarize(kind, &o, samples, errors, first_error, elapsed);
+    println!("{summary}");
+    Ok(())
+}
+
+fn summarize(
+    kind: &str,
+    o: &Options,
+    mut samples: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: f64,
+) -> serde_json::Value {
+    let raw = o.raw.then(|| samples.clone());
+    samples.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        if samples.is_empty() {
+            return None;
+        }
+        // Nearest rank.
+        let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+        Some(samples[rank.clamp(1, samples.len()) - 1] as f64 / 1000.0)
+    };
+    let mean = (!samples.is_empty())
+        .then(|| samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1000.0);
+    let mut v = serde_json::json!({
+        "kind": kind,
+        "target": o.target.to_string(),
+        "samples": samples.len(),
+        "errors": errors,
+        "first_error": first_error,
+        "p50_us": pct(50.0),
+        "p90_us": pct(90.0),
+        "p99_us": pct(99.0),
+        "mean_us": mean,
+        "rate_per_s": if elapsed > 0.0 { samples.len() as f64 / elapsed } else { 0.0 },
+    });
+    if let Some(raw) = raw {
+        v["samples_ns"] = serde_json::json!(raw);
+    }
+    v
+}
+
+fn connect_once(o: &Options) -> std::io::Result<()> {
+    let stream = TcpStream::connect_timeout(&o.target, o.timeout)?;
+    reset_on_close(&stream);
+    Ok(())
+}
+
+/// SO_LINGER {on, 0}: close sends RST and leaves no TIME_WAIT behind.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Connect, ask, read the answer up to the server's close; returns the answer.
+fn crr_once(o: &Options) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&o.target, o.timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(o.timeout))?;
+    stream.write_all(b"C")?;
+    let mut answer = Vec::with_capacity(64);
+    stream.read_to_end(&mut answer)?;
+    answer_text(&answer)
+}
+
+/// Sends `request` and reads one answer line.
+fn exchange(stream: &mut TcpStream, request: u8) -> std::io::Result<String> {
+    stream.write_all(&[request])?;
+    let mut answer = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    while !answer.ends_with(b"\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    answer_text(&answer)
+}
+
+fn udp_once(o: &Options) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(o.timeout))?;
+    socket.send_to(b"K", o.target)?;
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    answer_text(&buf[..n])
+}
+
+fn answer_text(bytes: &[u8]) -> std::io::Result<String> {
+    let text = String::from_utf8_lossy(bytes).trim().to_owned();
+    if text.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "empty answer",
+        ));
+    }
+    Ok(text)
+}
+
+/// CLOCK_MONOTONIC in ns: the same clock in every process of the machine.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn wait(args: &[String]) -> Result<(), String> {
+    let (mut o, rest) = options(args)?;
+    let mut answer = None;
+    let mut limit = Duration::from_secs(60);
+    for (flag, value) in rest {
+        match flag.as_str() {
+            "--answer" => answer = Some(value),
+            "--limit-ms" => limit = Duration::from_millis(parse(&value, "limit")?),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    let answer = answer.ok_or("--answer is required")?;
+    o.timeout = o.timeout.min(Duration::from_millis(200));
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut attempts = 0u64;
+    let mut last_error = String::new();
+    while started.elapsed() < limit {
+        attempts += 1;
+        match crr_once(&o) {
+            Ok(got) if answer == "any" || got == answer => {
+                let seen = monotonic_ns();
+                let v = serde_json::json!({"seen_ns": seen, "attempts": attempts, "answer": got});
+                println!("{v}");
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                last_error = e.to_string();
+                // Not programmed yet: do not take a core from whoever is programming.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+    Err(format!(
+        "{answer} did not answer at {} within {limit:?} ({attempts} attempts, last error: {last_error})",
+        o.target
+    ))
+}

@@ -1,0 +1,136 @@
+//! The standalone source's view of the Services: JSON manifests (`kind: List`) that
+//! `ebpf-kube-proxy run --manifests` reads. The measured Service's EndpointSlice has a
+//! file of its own, rewritten atomically (write beside the directory, rename into it) for
+//! an endpoint change.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::scenario::Service;
+
+pub const MEASURED_SLICE_FILE: &str = "measured-endpointslice.json";
+
+fn service(svc: &Service) -> Value {
+    let ports: Vec<Value> = svc
+        .ports
+        .iter()
+        .map(|p| {
+            json!({"name": p.name, "port": p.port, "protocol": p.proto.api(), "targetPort": p.target})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": svc.name, "namespace": svc.namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": svc.vip.to_string(),
+            "clusterIPs": [svc.vip.to_string()],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": ports,
+        }
+    })
+}
+
+fn slice(svc: &Service) -> Value {
+    let ports: Vec<Value> = svc
+        .ports
+        .iter()
+        .map(|p| json!({"name": p.name, "port": p.target, "protocol": p.proto.api()}))
+        .collect();
+    let endpoints: Vec<Value> = svc
+        .endpoints
+        .iter()
+        .map(|ip| {
+            json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "bench-node",
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{}-bench", svc.name),
+            "namespace": svc.namespace,
+            "labels": {
+                "kubernetes.io/service-name": svc.name,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+/// Writes `dir/name` through a temporary file beside `dir` (same filesystem) and a rename,
+/// so that the agent's watcher sees one event, the rename, and never a half-written file.
+fn write_atomically(dir: &Path, name: &str, value: &Value) -> Result<()> {
+    let dir_name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("manifests");
+    let tmp = dir
+        .parent()
+        .context("the manifests directory has a parent")?
+        .join(format!(".{dir_name}-{name}.tmp"));
+    let text = serde_json::to_string(value)?;
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+/// The whole directory for `services` (the measured Service last).
+pub fn write_all(dir: &Path, services: &[Service]) -> Result<()> {
+    let (measured, fillers) = services.split_last().context("no Services")?;
+    write_atomically(
+        dir,
+        "services.json",
+        &list(services.iter().map(service).collect()),
+    )?;
+    write_atomically(
+        dir,
+        "endpointslices.json",
+        &list(fillers.iter().map(slice).collect()),
+    )?;
+    write_measured_slice(dir, measured)
+}
+
+pub fn write_measured_slice(dir: &Path, measured: &Service) -> Result<()> {
+    write_atomically(dir, MEASURED_SLICE_FILE, &slice(measured))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::super::scenario;
+    use super::*;
+
+    #[test]
+    fn the_measured_slice_names_both_ports_and_every_endpoint() {
+        let svc =
+            scenario::measured(&[Ipv4Addr::new(10, 244, 0, 10), Ipv4Addr::new(10, 244, 0, 11)]);
+        let v = slice(&svc);
+        assert_eq!(
+            v["metadata"]["labels"]["kubernetes.io/service-name"],
+            "measured"
+        );
+        assert_eq!(v["ports"][0]["protocol"], "UDP");
+        assert_eq!(v["ports"][1]["port"], 8080);
+        assert_eq!(v["endpoints"][1]["addresses"][0], "10.244.0.11");
+        let s = service(&svc);
+        assert_eq!(s["spec"]["clusterIP"], "10.100.0.10");
+        assert_eq!(s["spec"]["ports"][1]["targetPort"], 8080);
+    }
+}

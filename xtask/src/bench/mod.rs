@@ -1,0 +1,439 @@
+//! `cargo xtask bench`: latency and programming time of this project against the rules
+//! kube-proxy's iptables and nftables modes write, on the same topology, in the same run.
+//!
+//! ```text
+//! cargo xtask bench [--services 1,1000,10000] [--quick] [--out DIR] [--samples K]
+//!                   [--rounds R] [--changes C] [--iptables system|legacy|nft]
+//!                   [--debug | --release]
+//! cargo xtask bench --dump-rules N --out DIR   # the iptables/nftables input, for review
+//! cargo xtask bench --render [--out DIR]       # redraw latest.md and the charts from latest.json
+//! ```
+//!
+//! For each N: N Services with 2 endpoints each, the measured one evaluated last by
+//! iptables (see `scenario`); every mode programmed from empty and timed (see `runner`);
+//! latency measured with `ekp-bench` in rounds that interleave the modes, so that machine
+//! noise hits them alike; endpoint changes timed; the agent's memory read. Results go to
+//! `<out>/latest.json` (everything), `latest.md` (tables and ratios), `latency.png` and
+//! `programming.png`. The iptables and nftables rules come from `iptables` and `nftables`,
+//! which write what kube-proxy writes (unit-tested against kube-proxy's own test data).
+//!
+//! Everything lives in network namespaces that are deleted at the end, also on error or
+//! Ctrl-C (SIGINT stops the loops; the guards' `Drop` removes namespaces, the cgroup, the
+//! agent's pins and the manifests directory). Not a pass/fail test: no number is asserted.
+//!
+//! The agent and `ekp-bench` are built in release mode by default (the numbers a node
+//! would see); `--quick` (N = 1 and 100, few samples) uses the debug build the tests use.
+
+mod hash;
+mod iptables;
+mod manifests;
+mod nftables;
+mod plot;
+mod report;
+mod runner;
+mod scenario;
+mod topology;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use xtask::{cmd, netns};
+
+/// The four ways the client reaches the measured Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    Ebpf,
+    Iptables,
+    Nftables,
+    Direct,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Ebpf, Mode::Iptables, Mode::Nftables, Mode::Direct];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Direct => "direct",
+        }
+    }
+}
+
+/// The latency measurements (ekp-bench's client modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    Connect,
+    Crr,
+    Rr,
+    Udp,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [Metric::Connect, Metric::Crr, Metric::Rr, Metric::Udp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Connect => "connect",
+            Metric::Crr => "crr",
+            Metric::Rr => "rr",
+            Metric::Udp => "udp",
+        }
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT sets a flag instead of killing us, so that the loops stop and `Drop` cleans up.
+fn install_sigint_handler() {
+    let handler: extern "C" fn(libc::c_int) = on_sigint;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+pub struct Options {
+    pub settings: runner::Settings,
+    /// "system" (`iptables-restore` as installed), "legacy" or "nft".
+    pub iptables: String,
+    pub out: PathBuf,
+    pub release: bool,
+    pub quick: bool,
+}
+
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--iptables system|legacy|nft] [--debug | --release]";
+
+pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Options {
+        settings: if quick {
+            runner::Settings {
+                services: vec![1, 100],
+                samples: 300,
+                rounds: 3,
+                warmup: 20,
+                changes: 1,
+            }
+        } else {
+            runner::Settings {
+                services: vec![1, 1000, 10000],
+                samples: 10000,
+                rounds: 10,
+                warmup: 50,
+                changes: 3,
+            }
+        },
+        out: root.join("bench/results"),
+        iptables: "system".into(),
+        release: !quick,
+        quick,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+                .cloned()
+        };
+        match arg.as_str() {
+            "--quick" => {}
+            "--debug" => o.release = false,
+            "--release" => o.release = true,
+            "--services" => {
+                o.settings.services = value("--services")?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--services takes numbers, e.g. 1,5000,30000")?;
+                if o.settings.services.iter().any(|&n| n == 0 || n > 60000) {
+                    bail!("--services: each N must be between 1 and 60000");
+                }
+            }
+            "--out" => o.out = PathBuf::from(value("--out")?),
+            "--iptables" => {
+                o.iptables = value("--iptables")?;
+                if !["system", "legacy", "nft"].contains(&o.iptables.as_str()) {
+                    bail!("--iptables takes system, legacy or nft");
+                }
+            }
+            "--samples" => o.settings.samples = value("--samples")?.parse()?,
+            "--rounds" => o.settings.rounds = value("--rounds")?.parse()?,
+            "--changes" => o.settings.changes = value("--changes")?.parse()?,
+            "-h" | "--help" => bail!("{USAGE}"),
+            other => bail!("unknown option {other}\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+fn first_line(program: &str, args: &[&str]) -> Option<String> {
+    cmd::output(&mut cmd::new(program, args))
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+}
+
+fn iptables_binaries(choice: &str) -> (&'static str, &'static str) {
+    match choice {
+        "legacy" => ("iptables-legacy", "iptables-legacy-restore"),
+        "nft" => ("iptables-nft", "iptables-nft-restore"),
+        _ => ("iptables", "iptables-restore"),
+    }
+}
+
+fn machine(iptables: &str) -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": cores,
+        "kernel": kernel,
+        "iptables": first_line(iptables, &["--version"]),
+        "nft": first_line("nft", &["--version"]),
+        "loadavg_at_start": load,
+    })
+}
+
+/// Fails with what to install when iptables-restore or nft is missing.
+fn require_tools(iptables_restore: &str) -> Result<()> {
+    for (tool, package) in [(iptables_restore, "iptables"), ("nft", "nftables")] {
+        if cmd::capture(&mut cmd::new(tool, &["--version"])).is_err() {
+            bail!(
+                "`{tool}` is missing: install the Debian package `{package}` (apt-get install {package})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Builds the agent and ekp-bench (release unless `release` is false).
+fn build(root: &Path, release: bool, iptables_restore: &str) -> Result<runner::Binaries> {
+    let mut args = vec!["build", "--package", "proxy-userspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cmd::run(cmd::new("cargo", &args).current_dir(root))?;
+    let dir = root.join(if release {
+        "target/release"
+    } else {
+        "target/debug"
+    });
+    Ok(runner::Binaries {
+        agent: dir.join("ebpf-kube-proxy"),
+        bench: dir.join("ekp-bench"),
+        iptables_restore: iptables_restore.to_owned(),
+    })
+}
+
+/// `--dump-rules N`: writes what the iptables and nftables modes load for N Services (full
+/// and endpoint-change syncs) to `--out`, for review against kube-proxy; runs nothing.
+fn dump_rules(out: &Path, n: usize) -> Result<()> {
+    let pods = [topology::PODS[0].addr, topology::PODS[1].addr];
+    let mut services = scenario::services(n, &pods);
+    let old = services.last().context("no Services")?.clone();
+    let new = scenario::measured(&[topology::PODS[0].addr, topology::PODS[2].addr]);
+    *services.last_mut().context("no Services")? = new.clone();
+    let stale_ipt: Vec<String> = old
+        .ports
+        .iter()
+        .map(|p| iptables::sep_chain(&old, p, &format!("{}:{}", pods[1], p.target)))
+        .collect();
+    let stale_nft: Vec<String> = old
+        .ports
+        .iter()
+        .map(|p| nftables::endpoint_chain(&old, p, &pods[1].to_string()))
+        .collect();
+    let before = scenario::services(n, &pods);
+    std::fs::create_dir_all(out)?;
+    let files = [
+        (
+            "iptables-full.txt",
+            iptables::restore(&before, &iptables::Sync::Full { jumps: true }),
+        ),
+        (
+            "iptables-endpoint-change.txt",
+            iptables::restore(
+                &services,
+                &iptables::Sync::Partial {
+                    changed: &[scenario::MEASURED_NAME],
+                    stale_chains: &stale_ipt,
+                },
+            ),
+        ),
+        ("nftables-full.nft", nftables::full(&before)),
+        (
+            "nftables-endpoint-change.nft",
+            nftables::partial(&new, &stale_nft),
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(out.join(name), text)?;
+        println!("{}", out.join(name).display());
+    }
+    Ok(())
+}
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    if let Some(i) = args.iter().position(|a| a == "--render") {
+        // Redraw latest.md and the charts from latest.json (after a change to the report).
+        let options = parse_options(root, &[&args[..i], &args[i + 1..]].concat())?;
+        let path = options.out.join("latest.json");
+        let results: Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        return write_outputs(&options.out, &results);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--dump-rules") {
+        let n = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .context("--dump-rules needs a number of Services")?;
+        let options = parse_options(root, &[&args[..i], &args[i + 2..]].concat())?;
+        return dump_rules(&options.out, n);
+    }
+    let options = parse_options(root, args)?;
+    netns::require_privileges()?;
+    let (iptables, iptables_restore) = iptables_binaries(&options.iptables);
+    require_tools(iptables_restore)?;
+    install_sigint_handler();
+    let started = std::time::Instant::now();
+    let bins = build(root, options.release, iptables_restore)?;
+    let profile = if options.release { "release" } else { "debug" };
+    let machine = machine(iptables);
+    println!(
+        "bench: N = {:?}, {} samples per metric and mode, {} rounds; {}",
+        options.settings.services,
+        options.settings.samples,
+        options.settings.rounds,
+        report::machine_line(&machine)
+    );
+    let points = {
+        let mut runner = runner::Runner::new(&bins, &options.settings)?;
+        runner.run()?
+        // The runner drops here: agent stopped, pins, namespaces and cgroup removed.
+    };
+    let results = report::to_json(&points, &options.settings, machine, profile, options.quick);
+    write_outputs(&options.out, &results)?;
+    println!(
+        "\nbench: done in {:.0} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        options.out.display()
+    );
+    Ok(())
+}
+
+fn write_outputs(out: &Path, results: &Value) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("latest.json"),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    std::fs::write(out.join("latest.md"), report::markdown(results))?;
+    plot::latency_chart(&out.join("latency.png"), results)?;
+    plot::programming_chart(&out.join("programming.png"), results)?;
+    Ok(())
+}
+
+/// The test suite's check that the benchmark still runs: `bench --quick` into a
+/// temporary directory, then the outputs exist and parse. No number is judged.
+pub fn smoke(root: &Path) -> Result<()> {
+    let out = std::env::temp_dir().join(format!("ekp-bench-smoke-{}", std::process::id()));
+    let result = (|| {
+        run(
+            root,
+            &["--quick".into(), "--out".into(), out.display().to_string()],
+        )?;
+        check_outputs(&out)
+    })();
+    let _ = std::fs::remove_dir_all(&out);
+    result
+}
+
+fn check_outputs(out: &Path) -> Result<()> {
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("latest.json"))?)
+        .context("latest.json does not parse")?;
+    let points = json["points"]
+        .as_array()
+        .context("latest.json has no points")?;
+    if points.is_empty() {
+        bail!("latest.json has no points");
+    }
+    for point in points {
+        for mode in report::MODES {
+            if !point["modes"][mode]["crr"]["samples"].is_u64() {
+                bail!(
+                    "latest.json: no crr samples for {mode} at N={}",
+                    point["services"]
+                );
+            }
+        }
+    }
+    let md = std::fs::read_to_string(out.join("latest.md"))?;
+    if !md.contains("| ebpf | iptables | nftables | direct |") {
+        bail!("latest.md has no results table");
+    }
+    for png in ["latency.png", "programming.png"] {
+        let bytes = std::fs::read(out.join(png))?;
+        if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            bail!("{png} is not a PNG");
+        }
+    }
+    println!("bench --quick: outputs present and parseable");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_default_quick_and_explicit() {
+        let root = Path::new("/repo");
+        let o = parse_options(root, &[]).unwrap();
+        assert_eq!(o.settings.services, vec![1, 1000, 10000]);
+        assert!(o.release);
+        let o = parse_options(root, &["--quick".into()]).unwrap();
+        assert_eq!(o.settings.services, vec![1, 100]);
+        assert!(!o.release);
+        let o = parse_options(
+            root,
+            &[
+                "--services".into(),
+                "1,5000,30000".into(),
+                "--out".into(),
+                "/tmp/x".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(o.settings.services, vec![1, 5000, 30000]);
+        assert_eq!(o.out, PathBuf::from("/tmp/x"));
+        assert!(parse_options(root, &["--services".into(), "0".into()]).is_err());
+        assert!(parse_options(root, &["--bogus".into()]).is_err());
+    }
+}

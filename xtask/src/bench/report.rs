@@ -1,0 +1,376 @@
+//! Results as JSON (the source of truth), and the markdown table drawn from it.
+
+use std::fmt::Write;
+
+use serde_json::{Value, json};
+
+use super::runner::{Latency, PointResult, Settings};
+use super::{Metric, Mode};
+
+/// Nearest-rank percentile of unsorted samples, in µs.
+pub fn percentile(samples_ns: &[u64], p: f64) -> f64 {
+    if samples_ns.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = samples_ns.to_vec();
+    sorted.sort_unstable();
+    percentile_sorted(&sorted, p)
+}
+
+fn percentile_sorted(sorted: &[u64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+}
+
+fn round(x: f64, digits: i32) -> Value {
+    if !x.is_finite() {
+        return Value::Null;
+    }
+    let f = 10f64.powi(digits);
+    json!((x * f).round() / f)
+}
+
+fn latency_json(l: &Latency) -> Value {
+    let mut sorted = l.samples_ns.clone();
+    sorted.sort_unstable();
+    let (p50, p90, p99, mean) = if sorted.is_empty() {
+        (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
+    } else {
+        (
+            percentile_sorted(&sorted, 50.0),
+            percentile_sorted(&sorted, 90.0),
+            percentile_sorted(&sorted, 99.0),
+            sorted.iter().sum::<u64>() as f64 / sorted.len() as f64 / 1000.0,
+        )
+    };
+    json!({
+        "samples": sorted.len(),
+        "errors": l.errors,
+        "first_error": l.first_error,
+        "p50_us": round(p50, 1),
+        "p90_us": round(p90, 1),
+        "p99_us": round(p99, 1),
+        "mean_us": round(mean, 1),
+        "rate_per_s": round(if l.busy_s > 0.0 { sorted.len() as f64 / l.busy_s } else { f64::NAN }, 0),
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+pub const NODEPORT_EBPF: &str = "n/a (north-south datapath not implemented yet)";
+const NODEPORT_OTHERS: &str =
+    "not measured (nothing to compare with until the eBPF north-south datapath exists)";
+
+pub fn to_json(
+    points: &[PointResult],
+    settings: &Settings,
+    machine: Value,
+    profile: &str,
+    quick: bool,
+) -> Value {
+    let points: Vec<Value> = points
+        .iter()
+        .map(|point| {
+            let mut modes = serde_json::Map::new();
+            for (mode, r) in &point.modes {
+                let mut m = serde_json::Map::new();
+                for (metric, l) in &r.latency {
+                    m.insert(metric.name().into(), latency_json(l));
+                }
+                m.insert(
+                    "programming_ms".into(),
+                    r.programming_ms.map_or(Value::Null, |x| round(x, 2)),
+                );
+                m.insert(
+                    "load_ms".into(),
+                    r.load_ms.map_or(Value::Null, |x| round(x, 2)),
+                );
+                m.insert(
+                    "endpoint_change_ms".into(),
+                    json!(
+                        r.endpoint_change_ms
+                            .iter()
+                            .map(|x| round(*x, 2))
+                            .collect::<Vec<_>>()
+                    ),
+                );
+                m.insert(
+                    "endpoint_change_median_ms".into(),
+                    round(median(&r.endpoint_change_ms), 2),
+                );
+                m.insert("agent_rss_kib".into(), json!(r.agent_rss_kib));
+                m.insert(
+                    "bpf_maps".into(),
+                    r.bpf_maps.map_or(
+                        Value::Null,
+                        |(count, bytes)| json!({"count": count, "memlock_bytes": bytes}),
+                    ),
+                );
+                m.insert(
+                    "ruleset".into(),
+                    r.ruleset.map_or(
+                        Value::Null,
+                        |(lines, bytes)| json!({"lines": lines, "bytes": bytes}),
+                    ),
+                );
+                m.insert(
+                    "nodeport".into(),
+                    json!(match mode {
+                        Mode::Ebpf => NODEPORT_EBPF,
+                        Mode::Direct => "n/a",
+                        _ => NODEPORT_OTHERS,
+                    }),
+                );
+                modes.insert(mode.name().into(), Value::Object(m));
+            }
+            let modes = Value::Object(modes);
+            json!({"services": point.services, "ratios": ratios(&modes), "modes": modes})
+        })
+        .collect();
+    json!({
+        "schema": 1,
+        "generated_unix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "machine": machine,
+        "settings": {
+            "services": settings.services,
+            "samples_per_metric_and_mode": settings.samples,
+            "rounds": settings.rounds,
+            "warmup_per_batch": settings.warmup,
+            "endpoint_changes": settings.changes,
+            "agent_build": profile,
+            "quick": quick,
+        },
+        "points": points,
+    })
+}
+
+/// Ratios of p50 and p99 latencies between modes.
+fn ratios(modes: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for metric in Metric::ALL {
+        for p in ["p50_us", "p99_us"] {
+            let get = |mode: &str| modes[mode][metric.name()][p].as_f64();
+            let mut r = serde_json::Map::new();
+            for (a, b) in [
+                ("ebpf", "direct"),
+                ("ebpf", "iptables"),
+                ("nftables", "direct"),
+                ("nftables", "iptables"),
+                ("iptables", "direct"),
+            ] {
+                if let (Some(x), Some(y)) = (get(a), get(b))
+                    && y > 0.0
+                {
+                    r.insert(format!("{a}/{b}"), round(x / y, 3));
+                }
+            }
+            out.insert(
+                format!("{}_{}", metric.name(), p.trim_end_matches("_us")),
+                Value::Object(r),
+            );
+        }
+    }
+    Value::Object(out)
+}
+
+fn num(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "n/a".into(),
+    }
+}
+
+fn pcts(v: &Value) -> String {
+    if v.is_null() {
+        return "n/a".into();
+    }
+    let errors = v["errors"].as_u64().unwrap_or(0);
+    let mut s = format!(
+        "{} / {} / {}",
+        num(&v["p50_us"], 1),
+        num(&v["p90_us"], 1),
+        num(&v["p99_us"], 1)
+    );
+    if errors > 0 {
+        let _ = write!(s, " ({errors} err)");
+    }
+    s
+}
+
+pub const MODES: [&str; 4] = ["ebpf", "iptables", "nftables", "direct"];
+
+/// The machine line shown with every table.
+pub fn machine_line(machine: &Value) -> String {
+    format!(
+        "{}, {} cores, Linux {}; {}; {}",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["iptables"].as_str().unwrap_or("iptables ?"),
+        machine["nft"].as_str().unwrap_or("nft ?"),
+    )
+}
+
+/// The results page: one table per N, then the ratios.
+pub fn markdown(results: &Value) -> String {
+    let mut md = String::new();
+    let settings = &results["settings"];
+    let _ = writeln!(md, "# ebpf-kube-proxy benchmark\n");
+    let _ = writeln!(md, "Machine: {}.\n", machine_line(&results["machine"]));
+    let _ = writeln!(
+        md,
+        "Settings: {} samples per latency metric and mode (request/response on one connection: 2.5x), \
+         in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode; \
+         agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
+        settings["samples_per_metric_and_mode"],
+        settings["rounds"],
+        settings["warmup_per_batch"],
+        settings["endpoint_changes"],
+        settings["agent_build"].as_str().unwrap_or("?"),
+        if settings["quick"].as_bool() == Some(true) {
+            " (--quick: too few samples for stable percentiles)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "Latencies in µs as p50 / p90 / p99. `ebpf`: socket-level translation by this project; \
+         `iptables`, `nftables`: the rules kube-proxy writes, DNAT at the client's OUTPUT hook; \
+         `direct`: the client connects to the pod address (the floor).\n"
+    );
+    for point in results["points"].as_array().into_iter().flatten() {
+        let n = &point["services"];
+        let m = &point["modes"];
+        let _ = writeln!(md, "## {n} Services\n");
+        let _ = writeln!(md, "| | {} |", MODES.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(MODES.len()));
+        let row = |md: &mut String, label: &str, cell: &dyn Fn(&Value) -> String| {
+            let cells: Vec<String> = MODES.iter().map(|mode| cell(&m[*mode])).collect();
+            let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
+        };
+        for (metric, label) in [
+            (Metric::Connect, "TCP connect"),
+            (Metric::Crr, "TCP connect+request+response+close"),
+            (Metric::Rr, "TCP request/response, established"),
+            (Metric::Udp, "UDP request/response, new socket"),
+        ] {
+            row(&mut md, &format!("{label} (µs)"), &|v| {
+                pcts(&v[metric.name()])
+            });
+        }
+        row(&mut md, "new connections/s (one client)", &|v| {
+            num(&v["crr"]["rate_per_s"], 0)
+        });
+        row(&mut md, "programming from empty (ms)", &|v| {
+            let mut s = num(&v["programming_ms"], 1);
+            if v["load_ms"].is_number() {
+                let _ = write!(s, " (load {})", num(&v["load_ms"], 1));
+            }
+            s
+        });
+        row(&mut md, "one endpoint change (ms, median)", &|v| {
+            num(&v["endpoint_change_median_ms"], 1)
+        });
+        row(
+            &mut md,
+            "controller RSS (MiB)",
+            &|v| match v["agent_rss_kib"].as_f64() {
+                Some(kib) => format!("{:.1}", kib / 1024.0),
+                None => "n/a".into(),
+            },
+        );
+        row(
+            &mut md,
+            "BPF maps memlock (MiB)",
+            &|v| match v["bpf_maps"]["memlock_bytes"].as_f64() {
+                Some(b) => format!("{:.1} ({} maps)", b / 1048576.0, v["bpf_maps"]["count"]),
+                None => "n/a".into(),
+            },
+        );
+        row(
+            &mut md,
+            "ruleset input (lines / KiB)",
+            &|v| match v["ruleset"]["lines"].as_u64() {
+                Some(lines) => format!(
+                    "{lines} / {:.0}",
+                    v["ruleset"]["bytes"].as_f64().unwrap_or(0.0) / 1024.0
+                ),
+                None => "n/a".into(),
+            },
+        );
+        row(&mut md, "NodePort from an external client", &|v| {
+            v["nodeport"].as_str().unwrap_or("n/a").to_owned()
+        });
+        let _ = writeln!(md);
+        let r = &point["ratios"];
+        let _ = writeln!(
+            md,
+            "| ratio, p50 / p99 | ebpf/direct | ebpf/iptables | nftables/direct | nftables/iptables | iptables/direct |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for metric in Metric::ALL {
+            let cells: Vec<String> = [
+                "ebpf/direct",
+                "ebpf/iptables",
+                "nftables/direct",
+                "nftables/iptables",
+                "iptables/direct",
+            ]
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} / {}",
+                    num(&r[format!("{}_p50", metric.name())][*k], 2),
+                    num(&r[format!("{}_p99", metric.name())][*k], 2)
+                )
+            })
+            .collect();
+            let _ = writeln!(md, "| {} | {} |", metric.name(), cells.join(" | "));
+        }
+        let _ = writeln!(md);
+    }
+    md.push_str(NOTES);
+    md
+}
+
+pub const NOTES: &str = "## How it is measured\n\n\
+- Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine.\n\
+- N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
+- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr`. Modes are interleaved in rounds with a rotating order; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
+- Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached, first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
+- One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
+- iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
+- Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(percentile(&samples, 50.0), 50.0);
+        assert_eq!(percentile(&samples, 99.0), 99.0);
+        assert_eq!(percentile(&samples, 100.0), 100.0);
+        assert_eq!(percentile(&[7000], 90.0), 7.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

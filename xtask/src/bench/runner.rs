@@ -1,0 +1,642 @@
+//! One benchmark run: for each N, program every mode from empty (timed), measure latency
+//! in rounds that interleave the modes, time endpoint changes, read the agent's memory.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xtask::{cmd, netns};
+
+use super::iptables::{self, Sync};
+use super::manifests;
+use super::nftables;
+use super::scenario::{self, MEASURED_NAME, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT};
+use super::topology::{PODS, Topology};
+use super::{Metric, Mode, check_interrupted};
+
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub bench: PathBuf,
+    /// `iptables-restore`, or the `-legacy` / `-nft` variant asked for.
+    pub iptables_restore: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub services: Vec<usize>,
+    /// Measured operations per mode and N for connect, crr and udp (rr gets 2.5 times).
+    pub samples: usize,
+    pub rounds: usize,
+    pub warmup: usize,
+    pub changes: usize,
+}
+
+/// Latency samples of one metric, merged over the batches.
+#[derive(Default, Debug, Clone)]
+pub struct Latency {
+    pub samples_ns: Vec<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Time spent in the measured loops (for the rate).
+    pub busy_s: f64,
+}
+
+#[derive(Default, Debug)]
+pub struct ModeResult {
+    pub latency: BTreeMap<Metric, Latency>,
+    pub programming_ms: Option<f64>,
+    /// For iptables/nftables: how long iptables-restore / nft ran in that programming.
+    pub load_ms: Option<f64>,
+    pub endpoint_change_ms: Vec<f64>,
+    pub agent_rss_kib: Option<u64>,
+    pub bpf_maps: Option<(usize, u64)>,
+    /// For iptables/nftables: lines and bytes of the full ruleset input.
+    pub ruleset: Option<(usize, usize)>,
+}
+
+#[derive(Debug)]
+pub struct PointResult {
+    pub services: usize,
+    pub modes: BTreeMap<Mode, ModeResult>,
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `ekp-bench wait` reports in.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A child that is killed and reaped on drop.
+struct Guarded(Child);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `ekp-bench wait`, started and ready.
+struct Waiter {
+    child: Guarded,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Waiter {
+    fn spawn(mut command: Command) -> Result<Self> {
+        command.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = Guarded(
+            command
+                .spawn()
+                .with_context(|| format!("starting {}", cmd::display(&command)))?,
+        );
+        let stdout = child.0.stdout.take().context("stdout was piped")?;
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("ekp-bench wait did not start: {line:?}");
+        }
+        Ok(Waiter { child, stdout })
+    }
+
+    /// Waits for the answer; `alive` is polled meanwhile (the agent may die).
+    fn finish(mut self, mut alive: impl FnMut() -> Result<()>) -> Result<u64> {
+        loop {
+            check_interrupted()?;
+            if let Some(status) = self.child.0.try_wait()? {
+                let mut line = String::new();
+                self.stdout.read_line(&mut line)?;
+                if !status.success() {
+                    bail!("the change never took effect (ekp-bench wait: {status})");
+                }
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("ekp-bench wait printed {line:?}"))?;
+                return v["seen_ns"].as_u64().context("no seen_ns");
+            }
+            alive()?;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+/// Runs `command` with `input` on stdin; fails with its stderr.
+fn run_with_input(command: &mut Command, input: &str) -> Result<()> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", cmd::display(command)))?;
+    let mut stdin = child.stdin.take().context("stdin was piped")?;
+    // A writer thread: the child may print errors before reading everything.
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let head: String = stderr.lines().take(5).collect::<Vec<_>>().join("\n");
+        bail!("`{}` failed: {}: {head}", cmd::display(command), out.status);
+    }
+    Ok(())
+}
+
+/// The agent process, its pins and its manifests directory; all removed on drop.
+struct Agent {
+    bin: PathBuf,
+    pin_path: PathBuf,
+    manifests: PathBuf,
+    cgroup: PathBuf,
+    proc: Option<netns::Proc>,
+    /// When the agent last started or was handed a change: it batches what comes within
+    /// its --min-sync-period (1 s) of its last sync.
+    last_sync: Instant,
+}
+
+impl Agent {
+    fn start(&mut self, n: usize) -> Result<()> {
+        let pow2 = |x: usize| x.next_power_of_two().max(65536).to_string();
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--node-name", "bench-node"])
+            .args(["--healthz-bind-address", ""])
+            .args(["--metrics-bind-address", ""])
+            .args(["--map-size-services", &pow2(4 * n + 16)])
+            .args(["--map-size-backends", &pow2(2 * n + 16)])
+            .env("EKP_LOG", "warn");
+        self.proc = Some(netns::Proc::spawn(command, "ebpf-kube-proxy")?);
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn alive(&mut self) -> Result<()> {
+        if let Some(proc) = &mut self.proc
+            && let Some(status) = proc.child.try_wait()?
+        {
+            bail!("ebpf-kube-proxy exited: {status}");
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
+
+    /// Stops the agent and removes its pins (the next start is from empty).
+    fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate();
+        }
+        let _ = Command::new(&self.bin)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("cleanup")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The BPF maps `pid` holds (from /proc/<pid>/fdinfo): how many, and their `memlock`.
+fn bpf_maps(pid: u32) -> Option<(usize, u64)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut memlock = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()? {
+        let Ok(text) = std::fs::read_to_string(entry.ok()?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            memlock += bytes;
+        }
+    }
+    Some((seen.len(), memlock))
+}
+
+pub struct Runner<'a> {
+    bins: &'a Binaries,
+    settings: &'a Settings,
+    topo: Topology,
+    agent: Agent,
+}
+
+fn pod(name: &str) -> Ipv4Addr {
+    PODS.iter()
+        .find(|p| p.name == name)
+        .map(|p| p.addr)
+        .expect("known pod")
+}
+
+fn target(mode: Mode) -> SocketAddr {
+    match mode {
+        Mode::Direct => SocketAddr::V4(SocketAddrV4::new(pod("pod-a"), TARGET_PORT)),
+        _ => SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT)),
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl<'a> Runner<'a> {
+    pub fn new(bins: &'a Binaries, settings: &'a Settings) -> Result<Self> {
+        let prefix = netns::unique_prefix("ekp-bench");
+        println!(
+            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.5), cgroup {prefix}"
+        );
+        let topo = Topology::create(&prefix, &bins.bench)?;
+        let agent = Agent {
+            bin: bins.agent.clone(),
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&prefix),
+            manifests: std::env::temp_dir().join(format!("{prefix}-manifests")),
+            cgroup: topo.cgroup.path().to_path_buf(),
+            proc: None,
+            last_sync: Instant::now(),
+        };
+        std::fs::create_dir_all(&agent.manifests)?;
+        Ok(Runner {
+            bins,
+            settings,
+            topo,
+            agent,
+        })
+    }
+
+    fn client(&self, mode: Mode, program: &Path) -> Result<Command> {
+        self.topo.client_command(mode, program)
+    }
+
+    fn in_client(&self, mode: Mode, program: &str) -> Result<Command> {
+        self.topo.client(mode).command(program, None)
+    }
+
+    fn waiter(&self, mode: Mode, answer: &str) -> Result<Waiter> {
+        let mut command = self.client(mode, &self.bins.bench)?;
+        command.args([
+            "wait",
+            &target(mode).to_string(),
+            "--answer",
+            answer,
+            "--limit-ms",
+            "900000",
+        ]);
+        Waiter::spawn(command)
+    }
+
+    pub fn run(&mut self) -> Result<Vec<PointResult>> {
+        let mut results = Vec::new();
+        for &n in &self.settings.services.clone() {
+            check_interrupted()?;
+            results.push(self.point(n)?);
+        }
+        self.agent.stop();
+        Ok(results)
+    }
+
+    fn point(&mut self, n: usize) -> Result<PointResult> {
+        let started = Instant::now();
+        println!("\n== N = {n} Services");
+        let measured_pods = [pod("pod-a"), pod("pod-b")];
+        let mut services = scenario::services(n, &measured_pods);
+        let mut modes: BTreeMap<Mode, ModeResult> = Mode::ALL
+            .iter()
+            .map(|&m| (m, ModeResult::default()))
+            .collect();
+
+        // Programming from empty, one mode after the other.
+        for mode in [Mode::Ebpf, Mode::Iptables, Mode::Nftables] {
+            check_interrupted()?;
+            print!("  programming {:<9} ", mode.name());
+            let _ = std::io::stdout().flush();
+            let result = modes.get_mut(&mode).expect("all modes");
+            let ms = self
+                .program(mode, &services, result)
+                .with_context(|| format!("programming {n} Services in mode {}", mode.name()))?;
+            println!("{ms:>10.1} ms");
+        }
+        self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
+
+        self.latency(n, &mut modes)?;
+        self.endpoint_changes(&mut services, &mut modes)?;
+        self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
+        println!("  N = {n} done in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(PointResult { services: n, modes })
+    }
+
+    fn read_memory(&self, result: &mut ModeResult) {
+        if let Some(pid) = self.agent.pid() {
+            let rss = rss_kib(pid);
+            result.agent_rss_kib = result.agent_rss_kib.max(rss);
+            result.bpf_maps = bpf_maps(pid).or(result.bpf_maps);
+        }
+    }
+
+    /// From empty to the measured Service answering; returns the time in ms.
+    fn program(
+        &mut self,
+        mode: Mode,
+        services: &[Service],
+        result: &mut ModeResult,
+    ) -> Result<f64> {
+        let elapsed = match mode {
+            Mode::Ebpf => {
+                self.agent.stop();
+                manifests::write_all(&self.agent.manifests, services)?;
+                let waiter = self.waiter(mode, "any")?;
+                let t0 = monotonic_ns();
+                self.agent.start(services.len())?;
+                let agent = &mut self.agent;
+                let seen = waiter.finish(|| agent.alive())?;
+                agent.last_sync = Instant::now();
+                seen - t0
+            }
+            Mode::Iptables => {
+                // Empty tables: a restore without --noflush flushes them and deletes our chains.
+                run_with_input(
+                    &mut self.in_client(mode, &self.bins.iptables_restore)?,
+                    "*filter\nCOMMIT\n*nat\nCOMMIT\n",
+                )?;
+                let text = iptables::restore(services, &Sync::Full { jumps: true });
+                result.ruleset = Some((text.lines().count(), text.len()));
+                let waiter = self.waiter(mode, "any")?;
+                let t0 = monotonic_ns();
+                let mut restore = self.in_client(mode, &self.bins.iptables_restore)?;
+                restore.args(["-w", "5", "--noflush", "--counters"]);
+                run_with_input(&mut restore, &text)?;
+                result.load_ms = Some(ms(monotonic_ns() - t0));
+                waiter.finish(|| Ok(()))? - t0
+            }
+            Mode::Nftables => {
+                let mut delete = self.in_client(mode, "nft")?;
+                delete.args(["delete", "table", "ip", "kube-proxy"]);
+                let _ = cmd::capture(&mut delete);
+                let text = nftables::full(services);
+                result.ruleset = Some((text.lines().count(), text.len()));
+                let waiter = self.waiter(mode, "any")?;
+                let t0 = monotonic_ns();
+                let mut load = self.in_client(mode, "nft")?;
+                load.args(["-f", "-"]);
+                run_with_input(&mut load, &text)?;
+                result.load_ms = Some(ms(monotonic_ns() - t0));
+                waiter.finish(|| Ok(()))? - t0
+            }
+            Mode::Direct => return Ok(0.0),
+        };
+        result.programming_ms = Some(ms(elapsed));
+        Ok(ms(elapsed))
+    }
+
+    /// Rounds; in each, every mode (in a rotating order) runs one batch of each metric.
+    fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<()> {
+        let s = self.settings;
+        let rounds = s.rounds.max(1);
+        let per_batch = |metric: Metric| {
+            let total = match metric {
+                Metric::Rr => s.samples * 5 / 2,
+                _ => s.samples,
+            };
+            total.div_ceil(rounds).max(1)
+        };
+        let t = Instant::now();
+        for round in 0..rounds {
+            let mut order = Mode::ALL.to_vec();
+            let len = order.len();
+            order.rotate_left(round % len);
+            for mode in order {
+                for metric in Metric::ALL {
+                    check_interrupted()?;
+                    let batch = self
+                        .batch(mode, metric, per_batch(metric))
+                        .with_context(|| format!("N={n} {} {}", mode.name(), metric.name()))?;
+                    let entry = modes
+                        .get_mut(&mode)
+                        .expect("all modes")
+                        .latency
+                        .entry(metric)
+                        .or_default();
+                    entry.samples_ns.extend(batch.samples_ns);
+                    entry.errors += batch.errors;
+                    entry.busy_s += batch.busy_s;
+                    if entry.first_error.is_none() {
+                        entry.first_error = batch.first_error;
+                    }
+                }
+            }
+            print!(
+                "\r  latency round {}/{rounds} ({:.0} s)",
+                round + 1,
+                t.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stdout().flush();
+        }
+        println!();
+        for mode in Mode::ALL {
+            let result = &modes[&mode];
+            let p50 = |metric: Metric| {
+                result
+                    .latency
+                    .get(&metric)
+                    .map(|l| super::report::percentile(&l.samples_ns, 50.0))
+                    .unwrap_or(f64::NAN)
+            };
+            let errors: u64 = result.latency.values().map(|l| l.errors).sum();
+            println!(
+                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs{}",
+                mode.name(),
+                p50(Metric::Connect),
+                p50(Metric::Crr),
+                p50(Metric::Rr),
+                p50(Metric::Udp),
+                if errors > 0 {
+                    format!("  ({errors} errors)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
+        let mut command = self.client(mode, &self.bins.bench)?;
+        command.args([
+            metric.name(),
+            &target(mode).to_string(),
+            "--count",
+            &count.to_string(),
+            "--warmup",
+            &self.settings.warmup.to_string(),
+            "--timeout-ms",
+            "2000",
+            "--raw",
+        ]);
+        let out = cmd::output(&mut command)?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("ekp-bench printed {out:?}"))?;
+        let samples_ns: Vec<u64> = v["samples_ns"]
+            .as_array()
+            .context("no samples_ns")?
+            .iter()
+            .filter_map(|s| s.as_u64())
+            .collect();
+        let rate = v["rate_per_s"].as_f64().unwrap_or(0.0);
+        let busy_s = if rate > 0.0 {
+            samples_ns.len() as f64 / rate
+        } else {
+            0.0
+        };
+        Ok(Latency {
+            errors: v["errors"].as_u64().unwrap_or(0),
+            first_error: v["first_error"].as_str().map(str::to_owned),
+            samples_ns,
+            busy_s,
+        })
+    }
+
+    /// Swaps the measured Service's second endpoint (pod-b <-> pod-c), `changes` times, in
+    /// every mode, timing until a new connection reaches the new endpoint.
+    fn endpoint_changes(
+        &mut self,
+        services: &mut [Service],
+        modes: &mut BTreeMap<Mode, ModeResult>,
+    ) -> Result<()> {
+        for rep in 0..self.settings.changes {
+            let old = services.last().context("no Services")?.clone();
+            let (old_name, new_name) = if old.endpoints[1] == pod("pod-b") {
+                ("pod-b", "pod-c")
+            } else {
+                ("pod-c", "pod-b")
+            };
+            let new = scenario::measured(&[pod("pod-a"), pod(new_name)]);
+            *services.last_mut().context("no Services")? = new.clone();
+            let mut order = vec![Mode::Ebpf, Mode::Iptables, Mode::Nftables];
+            let len = order.len();
+            order.rotate_left(rep % len);
+            for mode in order {
+                check_interrupted()?;
+                let elapsed = match mode {
+                    Mode::Ebpf => {
+                        // The agent batches changes that come within --min-sync-period
+                        // (1 s, kube-proxy's default) of its last sync; start after that.
+                        let quiet = Duration::from_millis(1200);
+                        if let Some(left) = quiet.checked_sub(self.agent.last_sync.elapsed()) {
+                            std::thread::sleep(left);
+                        }
+                        let waiter = self.waiter(mode, new_name)?;
+                        let t0 = monotonic_ns();
+                        manifests::write_measured_slice(&self.agent.manifests, &new)?;
+                        let agent = &mut self.agent;
+                        let seen = waiter.finish(|| agent.alive())?;
+                        agent.last_sync = Instant::now();
+                        seen - t0
+                    }
+                    Mode::Iptables => {
+                        let stale: Vec<String> = old
+                            .ports
+                            .iter()
+                            .map(|p| {
+                                iptables::sep_chain(
+                                    &old,
+                                    p,
+                                    &format!("{}:{}", pod(old_name), p.target),
+                                )
+                            })
+                            .collect();
+                        let changed = [MEASURED_NAME];
+                        let text = iptables::restore(
+                            services,
+                            &Sync::Partial {
+                                changed: &changed,
+                                stale_chains: &stale,
+                            },
+                        );
+                        let waiter = self.waiter(mode, new_name)?;
+                        let t0 = monotonic_ns();
+                        let mut restore = self.in_client(mode, &self.bins.iptables_restore)?;
+                        restore.args(["-w", "5", "--noflush", "--counters"]);
+                        run_with_input(&mut restore, &text)?;
+                        waiter.finish(|| Ok(()))? - t0
+                    }
+                    Mode::Nftables => {
+                        let stale: Vec<String> = old
+                            .ports
+                            .iter()
+                            .map(|p| nftables::endpoint_chain(&old, p, &pod(old_name).to_string()))
+                            .collect();
+                        let text = nftables::partial(&new, &stale);
+                        let waiter = self.waiter(mode, new_name)?;
+                        let t0 = monotonic_ns();
+                        let mut load = self.in_client(mode, "nft")?;
+                        load.args(["-f", "-"]);
+                        run_with_input(&mut load, &text)?;
+                        waiter.finish(|| Ok(()))? - t0
+                    }
+                    Mode::Direct => continue,
+                };
+                modes
+                    .get_mut(&mode)
+                    .expect("all modes")
+                    .endpoint_change_ms
+                    .push(ms(elapsed));
+            }
+        }
+        let show = |mode: Mode| {
+            let v = &modes[&mode].endpoint_change_ms;
+            v.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  endpoint change (ms): ebpf [{}]  iptables [{}]  nftables [{}]",
+            show(Mode::Ebpf),
+            show(Mode::Iptables),
+            show(Mode::Nftables)
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! The Services of one benchmark point: N ClusterIP Services with two endpoints each. The
+//! last one is the measured Service, with a UDP and a TCP port (TCP last), so that it is
+//! the last Service rule kube-proxy's iptables mode evaluates: the worst case, as in
+//! kube-proxy's own scale tests. The other Services' endpoints are addresses nobody
+//! serves (they are never connected to); the measured Service's endpoints are real pods.
+
+use std::net::Ipv4Addr;
+
+/// The namespace of every benchmark Service.
+pub const NAMESPACE: &str = "bench";
+/// The measured Service's name and ClusterIP (the same at every N).
+pub const MEASURED_NAME: &str = "measured";
+pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
+/// Service port and the pods' target port, TCP and UDP alike.
+pub const SERVICE_PORT: u16 = 80;
+pub const TARGET_PORT: u16 = 8080;
+/// The cluster (pod) CIDR: kube-proxy's local-traffic detector (`--cluster-cidr`).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The service CIDR the filler ClusterIPs come from (and the route the iptables and
+/// nftables clients get for it).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// Lower case, as kube-proxy writes it into rules (`-p tcp`, `meta l4proto tcp`).
+    pub fn lower(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    /// As the Kubernetes API spells it.
+    pub fn api(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub name: &'static str,
+    pub proto: Proto,
+    pub port: u16,
+    pub target: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<Port>,
+    /// Ready endpoints, in EndpointSlice order; every port's target port on each.
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+impl Service {
+    /// kube-proxy's `ServicePortName.String()`: `namespace/name:port`.
+    pub fn port_name(&self, port: &Port) -> String {
+        format!("{}/{}:{}", self.namespace, self.name, port.name)
+    }
+}
+
+/// Filler Service `i` (0-based): ClusterIP 10.96.0.0 + i + 1, endpoints in 10.248.0.0/14.
+pub fn filler(i: usize) -> Service {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1);
+    let base = u32::from(Ipv4Addr::new(10, 248, 0, 0)) + 2 * i as u32 + 1;
+    Service {
+        namespace: NAMESPACE.into(),
+        name: format!("svc-{i:05}"),
+        vip,
+        ports: vec![Port {
+            name: "http",
+            proto: Proto::Tcp,
+            port: SERVICE_PORT,
+            target: TARGET_PORT,
+        }],
+        endpoints: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
+    }
+}
+
+/// The measured Service with the given endpoints.
+pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
+    Service {
+        namespace: NAMESPACE.into(),
+        name: MEASURED_NAME.into(),
+        vip: MEASURED_VIP,
+        ports: vec![
+            Port {
+                name: "udp",
+                proto: Proto::Udp,
+                port: SERVICE_PORT,
+                target: TARGET_PORT,
+            },
+            Port {
+                name: "tcp",
+                proto: Proto::Tcp,
+                port: SERVICE_PORT,
+                target: TARGET_PORT,
+            },
+        ],
+        endpoints: endpoints.to_vec(),
+    }
+}
+
+/// N Services: N-1 fillers, then the measured one.
+pub fn services(n: usize, measured_endpoints: &[Ipv4Addr]) -> Vec<Service> {
+    let mut all: Vec<Service> = (0..n.saturating_sub(1)).map(filler).collect();
+    all.push(measured(measured_endpoints));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_measured_service_comes_last_and_fillers_do_not_collide() {
+        let pods = [Ipv4Addr::new(10, 244, 0, 10), Ipv4Addr::new(10, 244, 0, 11)];
+        let all = services(30000, &pods);
+        assert_eq!(all.len(), 30000);
+        assert_eq!(all.last().map(|s| s.name.as_str()), Some(MEASURED_NAME));
+        let vips: std::collections::HashSet<_> = all.iter().map(|s| s.vip).collect();
+        assert_eq!(vips.len(), all.len());
+        let last_filler = &all[all.len() - 2];
+        // Still inside 10.96.0.0/12 and away from the measured ClusterIP.
+        assert!(last_filler.vip < Ipv4Addr::new(10, 100, 0, 0));
+        assert!(last_filler.endpoints[1] < Ipv4Addr::new(10, 252, 0, 0));
+        assert_eq!(services(1, &pods).len(), 1);
+    }
+}
