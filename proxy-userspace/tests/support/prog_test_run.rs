@@ -15,6 +15,7 @@ use std::process::Command;
 
 use aya::maps::{Array, HashMap, MapData};
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions};
+use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES,
@@ -187,6 +188,22 @@ impl Datapath {
 
     /// Runs `program` on `packet`; `ifindex` is the device the packet is on (0: `lo`).
     pub fn run(&self, program: &str, packet: &[u8], ifindex: u32) -> Outcome {
+        self.try_run(program, packet, ifindex).unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN on a {}-byte packet failed: {e}",
+                packet.len()
+            )
+        })
+    }
+
+    /// [`Datapath::run`], with the kernel's refusal to run the program on `packet` as an
+    /// error instead of a panic (`EINVAL` for a frame shorter than its network header).
+    pub fn try_run(
+        &self,
+        program: &str,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<Outcome, std::io::Error> {
         let program: &SchedClassifier = self
             .ebpf
             .program(program)
@@ -206,19 +223,15 @@ impl Datapath {
             ctx_in: (ifindex != 0).then_some(&ctx[..]),
             ..TestRunOptions::default()
         };
-        let result = program.test_run(opts).unwrap_or_else(|e| {
-            let cause = std::error::Error::source(&e).map(|c| c.to_string());
-            panic!(
-                "BPF_PROG_TEST_RUN on a {}-byte packet failed: {e} ({})",
-                packet.len(),
-                cause.unwrap_or_default()
-            )
-        });
+        let result = program.test_run(opts).map_err(|e| match e {
+            ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error,
+            other => std::io::Error::other(other),
+        })?;
         out.truncate(result.data_size_out as usize);
-        Outcome {
+        Ok(Outcome {
             verdict: result.return_value as i32,
             packet: out,
-        }
+        })
     }
 
     pub fn ingress(&self, packet: &[u8]) -> Outcome {
@@ -281,6 +294,13 @@ impl Datapath {
     pub fn ct_entries(&self) -> Vec<(NatCtKey, NatCtValue)> {
         self.nat_ct.iter().filter_map(|r| r.ok()).collect()
     }
+
+    /// The loaded object, for the maps the helpers above leave in it (bpf_log.rs: the log
+    /// switch and aya-log's ring buffer).
+    #[allow(dead_code)] // used by bpf_log.rs only
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
 }
 
 /// An external-scope frontend as the agent writes it.
@@ -324,7 +344,9 @@ pub fn checksum(sum: u32, data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn pseudo_header_sum(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: usize) -> u32 {
+/// One's-complement sum of the TCP/UDP pseudo-header (RFC 793 / RFC 768), to start
+/// [`checksum`] with.
+pub fn pseudo_header_sum(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: usize) -> u32 {
     let mut sum = 0u32;
     for pair in [saddr, daddr] {
         sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
