@@ -62,9 +62,10 @@ pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
 pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
+pub const MAP_LOG: &str = "ekp_log_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -72,7 +73,18 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_AFFINITY,
     MAP_NAT_CT,
     MAP_CONFIG,
+    MAP_LOG,
 ];
+
+/// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
+/// Each level includes the ones below it. Off is the default (a zeroed map entry): the
+/// programs then only pay one array lookup per log point.
+pub const LOG_LEVEL_OFF: u8 = 0;
+/// Errors and unusual events: a slot or backend missing under a lookup (a writer race),
+/// no free SNAT port for a new north-south flow.
+pub const LOG_LEVEL_ERROR: u8 = 1;
+/// Per connection / per new flow: frontend hits with the chosen backend, refusals, drops.
+pub const LOG_LEVEL_DEBUG: u8 = 2;
 
 /// Default capacities (max_entries). The agent can override them at load time.
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
@@ -295,6 +307,17 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
 }
 
+/// The only entry (key 0, `u32`) of the log switch array: how much the programs log.
+/// Written by the agent at start (`run --bpf-log-level`) and by `bpf-log` at any time; read
+/// by every program before it logs anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LogConfig {
+    /// `LOG_LEVEL_*`.
+    pub level: u8,
+    pub _pad: [u8; 7],
+}
+
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 8);
@@ -306,6 +329,7 @@ const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -324,6 +348,7 @@ mod user {
     unsafe impl aya::Pod for NatCtKey {}
     unsafe impl aya::Pod for NatCtValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for LogConfig {}
 }
 
 #[cfg(test)]
@@ -363,6 +388,7 @@ mod tests {
         assert_eq!(offset_of!(NatCtValue, last_seen), 20);
         assert_eq!(offset_of!(NodeConfig, snat_port_min), 4);
         assert_eq!(offset_of!(NodeConfig, snat_port_max), 6);
+        assert_eq!(offset_of!(LogConfig, level), 0);
         assert_eq!(offset_of!(SockRevNatKey, addr), 8);
         assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
     }

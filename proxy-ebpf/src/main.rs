@@ -10,12 +10,14 @@
 //!   updates), `parse` (bounds-checked header access), `fib` (forwarding past the stack).
 //! - `lb`: backend selection (random, session affinity), shared by both.
 //! - `maps`: every map, declared once.
+//! - `log`: logging behind the agent's switch (off by default).
 #![no_std]
 #![no_main]
 
 mod csum;
 mod fib;
 mod lb;
+mod log;
 mod maps;
 mod nat;
 mod nodeport;

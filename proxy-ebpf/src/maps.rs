@@ -7,8 +7,8 @@ use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
-    NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue,
+    LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -52,3 +52,10 @@ pub static NAT_CT: LruHashMap<NatCtKey, NatCtValue, { DEFAULT_NAT_CT_MAX as usiz
 /// Written by the agent, read by `ekp_tcx_in`.
 #[btf_map(name = "ekp_config_v1")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// The log switch (one entry, key 0): how much the programs log (`LOG_LEVEL_*`, off when
+/// zero). Written by the agent (`run --bpf-log-level`, `bpf-log`), read by every program
+/// before a log point. (aya-log's own ring buffer, `AYA_LOGS`, is declared by
+/// aya-log-ebpf: one per loaded object, read by the agent that loaded it.)
+#[btf_map(name = "ekp_log_v1")]
+pub static LOG: Array<LogConfig, 1> = Array::new();

@@ -161,32 +161,41 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
     }
 }
 
+/// Why `create` could not record a flow.
+pub enum CreateError {
+    /// Every SNAT port tried was held by a live flow (or the range is unusable).
+    NoSnatPort,
+    /// The map refused an entry.
+    MapFull,
+}
+
 /// Records a new flow: the reply entry first (a reply can never beat its entry), then the
 /// original-direction entry. For a source-NATed flow, `forward.sport` is 0 on entry and the
-/// allocated port on success. `Err` when no SNAT port is free or the map refuses.
+/// allocated port on success.
 #[inline(always)]
 pub fn create(
     key: &NatCtKey,
     forward: &mut NatCtValue,
     config: Option<&NodeConfig>,
     now: u32,
-) -> Result<(), ()> {
+) -> Result<(), CreateError> {
     let reply = pair_value(key, forward);
     let mut reply_key = pair_key(key, forward);
     match config {
         Some(config) => {
-            let port = allocate_port(&mut reply_key, &reply, config, now)?;
+            let port = allocate_port(&mut reply_key, &reply, config, now)
+                .map_err(|_| CreateError::NoSnatPort)?;
             forward.sport = port;
         }
         None => {
             NAT_CT
                 .insert(&reply_key, &reply, u64::from(BPF_ANY))
-                .map_err(|_| ())?;
+                .map_err(|_| CreateError::MapFull)?;
         }
     }
     NAT_CT
         .insert(key, &*forward, u64::from(BPF_ANY))
-        .map_err(|_| ())
+        .map_err(|_| CreateError::MapFull)
 }
 
 /// Picks a SNAT source port (network order) for the reply tuple `reply_key` (backend ->

@@ -23,8 +23,9 @@ use proxy_common::{
 
 use crate::fib;
 use crate::lb::{self, now_secs};
+use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES};
-use crate::nat;
+use crate::nat::{self, CreateError};
 use crate::parse::{self, Packet};
 
 /// "Not decided here": `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`. The packet goes on to
@@ -117,12 +118,41 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
     // SAFETY: copied out at once.
     let config: Option<NodeConfig> = CONFIG.get_ptr(0).map(|c| unsafe { *c });
     if frontend.count == 0 {
-        return Err(refuse(pkt, frontend.flags, config.as_ref()));
+        let verdict = refuse(pkt, frontend.flags, config.as_ref());
+        log_debug!(
+            ctx,
+            "tcx_in: {:i}:{} -> {:i}:{}/{} has no usable backend: {}",
+            log::ip(pkt.saddr),
+            u16::from_be(pkt.sport),
+            log::ip(pkt.daddr),
+            u16::from_be(pkt.dport),
+            log::proto(pkt.proto),
+            if verdict == DROP {
+                "dropped"
+            } else {
+                "passed on to be refused"
+            }
+        );
+        return Err(verdict);
     }
     let client = || u64::from(pkt.saddr);
-    let backend_id = lb::select_backend(client, &mut key, &frontend).ok_or(PASS)?;
+    let selected = lb::select_backend(client, &mut key, &frontend);
+    let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
+    else {
+        log_error!(
+            ctx,
+            "tcx_in: {:i}:{}/{}: slot {} of {} -> backend {} missing (0: no slot), left untranslated",
+            log::ip(pkt.daddr),
+            u16::from_be(pkt.dport),
+            log::proto(pkt.proto),
+            key.slot,
+            frontend.count,
+            selected.unwrap_or(0)
+        );
+        return Err(PASS);
+    };
     // SAFETY: copied out at once.
-    let backend: BackendValue = unsafe { *BACKENDS.get_ptr(backend_id).ok_or(PASS)? };
+    let backend: BackendValue = unsafe { *backend };
 
     // A backend on another node is reached with the node's address as source, so that its
     // replies come back here to be translated (C08). `Local` frontends only have local
@@ -149,7 +179,36 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
     let ct_key = nat::key_of(pkt, CT_DIR_IN);
     // No free SNAT port (or no room in the map): drop this packet of a new flow; the
     // client retransmits.
-    nat::create(&ct_key, &mut forward, snat_config.as_ref(), now).map_err(|_| DROP)?;
+    if let Err(e) = nat::create(&ct_key, &mut forward, snat_config.as_ref(), now) {
+        log_error!(
+            ctx,
+            "tcx_in: {:i}:{} -> {:i}:{}/{}: {}, new flow dropped",
+            log::ip(pkt.saddr),
+            u16::from_be(pkt.sport),
+            log::ip(pkt.daddr),
+            u16::from_be(pkt.dport),
+            log::proto(pkt.proto),
+            match e {
+                CreateError::NoSnatPort => "no free SNAT port",
+                CreateError::MapFull => "conntrack map refused the entry",
+            }
+        );
+        return Err(DROP);
+    }
+    log_debug!(
+        ctx,
+        "tcx_in: new flow {:i}:{} -> {:i}:{}/{} => {:i}:{} -> {:i}:{} (backend {})",
+        log::ip(pkt.saddr),
+        u16::from_be(pkt.sport),
+        log::ip(pkt.daddr),
+        u16::from_be(pkt.dport),
+        log::proto(pkt.proto),
+        log::ip(forward.saddr),
+        u16::from_be(forward.sport),
+        log::ip(forward.daddr),
+        u16::from_be(forward.dport),
+        backend_id
+    );
     translate(ctx, pkt, &forward)
 }
 

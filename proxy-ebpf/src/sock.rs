@@ -15,6 +15,7 @@ use proxy_common::{
 };
 
 use crate::lb;
+use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_REV_NAT};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
@@ -23,14 +24,14 @@ const FAIL: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn ekp_connect4(ctx: SockAddrContext) -> i32 {
-    match translate_forward(&ctx) {
+    match translate_forward::<false>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ekp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    match translate_forward(&ctx) {
+    match translate_forward::<true>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -50,8 +51,15 @@ pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Frontend -> backend. Anything that is not a known frontend proceeds untouched.
+///
+/// `SENDMSG` only names the program in log lines, but it also makes the two programs'
+/// copies distinct functions: each log point then has a single call site and is inlined.
+/// Shared by both programs, LLVM outlines a log point into a BPF subprogram whose unused
+/// result it drops, and the verifier rejects the garbage left in r0 ("cannot return stack
+/// pointer to the caller").
 #[inline(always)]
-fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
+fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let hook = if SENDMSG { "sendmsg4" } else { "connect4" };
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let (proto, addr, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
@@ -81,6 +89,15 @@ fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
             ECONNREFUSED
         };
         unsafe { bpf_set_retval(-errno) };
+        log_debug!(
+            ctx,
+            "{}: {:i}:{}/{} has no usable backend: failed with errno {}",
+            hook,
+            log::ip(addr),
+            u16::from_be(port),
+            log::proto(proto),
+            errno
+        );
         return Err(FAIL);
     }
     // The affinity client is the socket's network namespace: one per pod, hence one per
@@ -89,9 +106,24 @@ fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
     let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The agent writes slots before raising `count`, so a missing slot is a transient race:
     // proceed untranslated rather than fail the call.
-    let backend_id = lb::select_backend(client, &mut key, &frontend).ok_or(PROCEED)?;
+    let selected = lb::select_backend(client, &mut key, &frontend);
+    let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
+    else {
+        log_error!(
+            ctx,
+            "{}: {:i}:{}/{}: slot {} of {} -> backend {} missing (0: no slot), left untranslated",
+            hook,
+            log::ip(addr),
+            u16::from_be(port),
+            log::proto(proto),
+            key.slot,
+            frontend.count,
+            selected.unwrap_or(0)
+        );
+        return Err(PROCEED);
+    };
     // SAFETY: copied out at once.
-    let backend: BackendValue = unsafe { *BACKENDS.get_ptr(backend_id).ok_or(PROCEED)? };
+    let backend: BackendValue = unsafe { *backend };
 
     let rev_key = SockRevNatKey {
         // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
@@ -114,6 +146,17 @@ fn translate_forward(ctx: &SockAddrContext) -> Result<i32, i32> {
         (*sa).user_ip4 = backend.addr;
         (*sa).user_port = u32::from(backend.port);
     }
+    log_debug!(
+        ctx,
+        "{}: {:i}:{}/{} -> {:i}:{} (backend {})",
+        hook,
+        log::ip(addr),
+        u16::from_be(port),
+        log::proto(proto),
+        log::ip(backend.addr),
+        u16::from_be(backend.port),
+        backend_id
+    );
     Ok(PROCEED)
 }
 

@@ -53,6 +53,13 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Switch the eBPF programs' logging at run time, in the pinned `ekp_log_v1` map: `off`,
+    /// `error` (unusual events), `debug` (every translated connection and new flow). The
+    /// records appear in the running agent's log (target `ebpf`). Without a level, show it.
+    BpfLog {
+        #[arg(value_enum)]
+        level: Option<BpfLogLevel>,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -133,6 +140,10 @@ struct RunArgs {
     /// Full re-sync interval even without changes (kube-proxy's --sync-period).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
+
+    /// eBPF programs' logging, applied at start (`bpf-log` changes it while running).
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
+    bpf_log_level: BpfLogLevel,
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -170,6 +181,34 @@ enum LogFormat {
 enum Format {
     Text,
     Json,
+}
+
+/// What the eBPF programs log (`LOG_LEVEL_*` in the `ekp_log_v1` map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BpfLogLevel {
+    Off,
+    Error,
+    Debug,
+}
+
+impl BpfLogLevel {
+    const ALL: [BpfLogLevel; 3] = [BpfLogLevel::Off, BpfLogLevel::Error, BpfLogLevel::Debug];
+
+    fn raw(self) -> u8 {
+        match self {
+            BpfLogLevel::Off => proxy_common::LOG_LEVEL_OFF,
+            BpfLogLevel::Error => proxy_common::LOG_LEVEL_ERROR,
+            BpfLogLevel::Debug => proxy_common::LOG_LEVEL_DEBUG,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BpfLogLevel::Off => "off",
+            BpfLogLevel::Error => "error",
+            BpfLogLevel::Debug => "debug",
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -251,6 +290,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 socket_lb_external_ips: args.socket_lb_external_ips,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
+                bpf_log_level: args.bpf_log_level.raw(),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -288,6 +328,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CleanupIptables { dry_run } => kube_proxy_cleanup::run(dry_run),
+        Command::BpfLog { level } => {
+            if let Some(level) = level {
+                dataplane::set_bpf_log_level(&cli.pin_path, level.raw())?;
+            }
+            let raw = dataplane::pinned_bpf_log_level(&cli.pin_path)?;
+            let name = BpfLogLevel::ALL
+                .into_iter()
+                .find(|l| l.raw() == raw)
+                .map_or_else(|| format!("unknown ({raw})"), |l| l.name().to_owned());
+            println!("eBPF log level: {name}");
+            Ok(())
+        }
     }
 }
 

@@ -25,6 +25,9 @@ use proxy_common::{
     SockRevNatKey, SockRevNatValue,
 };
 
+mod logs;
+pub use logs::{pinned_level as pinned_bpf_log_level, set_pinned_level as set_bpf_log_level};
+
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
@@ -219,12 +222,20 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 /// The loaded programs; dropping this only closes file descriptors (the pinned links keep
 /// the programs attached).
 pub struct Programs {
+    _logs: Option<logs::Forwarder>,
     _ebpf: Ebpf,
 }
 
 /// Loads the object, reusing pinned maps, and attaches (or re-targets pinned) links on
-/// `cgroup`.
-pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Programs)> {
+/// `cgroup`. `bpf_log_level` (`LOG_LEVEL_*`) is written to the log switch before any
+/// program attaches, and the programs' log records are forwarded to `tracing` (target
+/// `ebpf`) on the current tokio runtime.
+pub fn start(
+    pin_dir: &Path,
+    cgroup: &Path,
+    sizes: MapSizes,
+    bpf_log_level: u8,
+) -> Result<(Maps, Programs)> {
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(maps_dir(pin_dir))
         .with_context(|| format!("creating {}", maps_dir(pin_dir).display()))?;
@@ -246,6 +257,8 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
         .map_max_entries(MAP_AFFINITY, sizes.affinity)
         .map_max_entries(MAP_NAT_CT, sizes.nat_ct);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
+    let log_forwarder = logs::forward(&mut ebpf);
 
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -276,7 +289,13 @@ pub fn start(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result<(Maps, Pr
         }
     }
     let maps = Maps::take(&mut ebpf)?;
-    Ok((maps, Programs { _ebpf: ebpf }))
+    Ok((
+        maps,
+        Programs {
+            _logs: log_forwarder,
+            _ebpf: ebpf,
+        },
+    ))
 }
 
 /// How full one pinned map is.
