@@ -64,6 +64,8 @@ pub struct Config {
 enum Source {
     Manifests {
         dir: PathBuf,
+        /// Parsed files, re-parsed only when they change.
+        cache: std::sync::Mutex<manifests::Cache>,
         _watcher: notify::RecommendedWatcher,
     },
     Kube(KubeSource),
@@ -72,7 +74,10 @@ enum Source {
 impl Source {
     fn snapshot(&self, node_name: &str) -> Snapshot {
         match self {
-            Source::Manifests { dir, .. } => manifests::snapshot(dir, node_name),
+            Source::Manifests { dir, cache, .. } => {
+                let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                manifests::snapshot(&mut cache, dir, node_name)
+            }
             Source::Kube(kube) => kube.snapshot(),
         }
     }
@@ -168,6 +173,7 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
                 .watch(dir, notify::RecursiveMode::NonRecursive)
                 .with_context(|| format!("watching {}", dir.display()))?;
             Ok(Source::Manifests {
+                cache: std::sync::Mutex::new(manifests::Cache::default()),
                 dir: dir.clone(),
                 _watcher: watcher,
             })

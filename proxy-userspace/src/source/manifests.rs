@@ -28,52 +28,89 @@ pub struct Objects {
 }
 
 /// One object and where it came from, before duplicates are resolved.
+#[derive(Clone)]
 enum Object {
     Service(Box<Service>),
     Slice(Box<EndpointSlice>),
     Node(Box<Node>),
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file in `dir` (not recursive; hidden entries,
-/// such as a ConfigMap volume's `..data`, are skipped), in name order.
-pub fn load_dir(dir: &Path) -> (Objects, Vec<Skipped>) {
-    let mut skipped = Vec::new();
-    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_manifest(p))
-            .collect(),
-        Err(e) => {
-            skipped.push(Skipped {
-                object: format!("directory {}", dir.display()),
-                reason: format!("cannot be read: {e}"),
-            });
-            Vec::new()
-        }
-    };
-    files.sort();
+/// What one file holds: its objects (with their origin, `<file> document N`) and what in it
+/// could not be read.
+#[derive(Clone, Default)]
+struct FileContents {
+    objects: Vec<(Object, String)>,
+    skipped: Vec<Skipped>,
+}
 
-    // Keyed by kind/namespace/name: a later file overrides an earlier one, reported.
-    let mut found: BTreeMap<(u8, String, String), (Object, String)> = BTreeMap::new();
-    for file in &files {
-        let text = match fs::read_to_string(file) {
-            Ok(t) => t,
+/// A file's identity and version as the filesystem reports them. An atomic replacement
+/// (rename) changes the inode, an edit in place the modification time or size.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+/// Parsed files kept between reads of the directory: a file is parsed again only when it
+/// changed, so a sync after one edit in a directory of thousands of Services costs one parse
+/// (and the in-memory merge), not thousands.
+#[derive(Default)]
+pub struct Cache {
+    files: std::collections::HashMap<PathBuf, (FileStamp, FileContents)>,
+    /// Files parsed so far (tests check that unchanged files are not parsed again).
+    #[cfg(test)]
+    parses: usize,
+}
+
+impl Cache {
+    /// Reads every `*.yaml`, `*.yml` and `*.json` file in `dir` (not recursive; hidden
+    /// entries, such as a ConfigMap volume's `..data`, are skipped), in name order.
+    pub fn load(&mut self, dir: &Path) -> (Objects, Vec<Skipped>) {
+        let mut skipped = Vec::new();
+        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_manifest(p))
+                .collect(),
             Err(e) => {
                 skipped.push(Skipped {
-                    object: format!("file {}", file.display()),
+                    object: format!("directory {}", dir.display()),
                     reason: format!("cannot be read: {e}"),
                 });
-                continue;
+                Vec::new()
             }
         };
-        for (index, doc) in parse_documents(&text, &file.display().to_string(), &mut skipped) {
-            let origin = format!("{} document {}", file.display(), index + 1);
-            for object in into_objects(doc, &origin, &mut skipped) {
-                let key = object_key(&object);
-                let name = describe(&object);
-                if let Some((_, earlier)) = found.insert(key, (object, origin.clone())) {
+        files.sort();
+        self.files
+            .retain(|path, _| files.binary_search(path).is_ok());
+
+        // Keyed by kind/namespace/name: a later file overrides an earlier one, reported.
+        let mut found: BTreeMap<(u8, String, String), (Object, String)> = BTreeMap::new();
+        for file in &files {
+            let contents = self.contents(file);
+            skipped.extend(contents.skipped.iter().cloned());
+            for (object, origin) in &contents.objects {
+                let key = object_key(object);
+                if let Some((_, earlier)) = found.insert(key, (object.clone(), origin.clone())) {
                     skipped.push(Skipped {
-                        object: name,
+                        object: describe(object),
                         reason: format!(
                             "defined in {earlier} and again in {origin}; using {origin}"
                         ),
@@ -81,22 +118,82 @@ pub fn load_dir(dir: &Path) -> (Objects, Vec<Skipped>) {
                 }
             }
         }
+
+        let mut objects = Objects::default();
+        for (object, _) in found.into_values() {
+            match object {
+                Object::Service(s) => objects.services.push(*s),
+                Object::Slice(s) => objects.slices.push(*s),
+                Object::Node(n) => objects.nodes.push(*n),
+            }
+        }
+        (objects, skipped)
     }
 
-    let mut objects = Objects::default();
-    for (object, _) in found.into_values() {
-        match object {
-            Object::Service(s) => objects.services.push(*s),
-            Object::Slice(s) => objects.slices.push(*s),
-            Object::Node(n) => objects.nodes.push(*n),
+    /// The file's contents, parsed now or taken from the cache when it did not change.
+    fn contents(&mut self, file: &Path) -> &FileContents {
+        // A file that cannot be stat'ed gets the unknown stamp, which never matches: it is
+        // parsed (and its error reported) every time.
+        let stamp = FileStamp::of(file).unwrap_or_else(FileStamp::unknown);
+        let entry = self
+            .files
+            .entry(file.to_path_buf())
+            .or_insert_with(|| (FileStamp::unknown(), FileContents::default()));
+        if entry.0 != stamp || stamp == FileStamp::unknown() {
+            *entry = (stamp, parse_file(file));
+            #[cfg(test)]
+            {
+                self.parses += 1;
+            }
+        }
+        &entry.1
+    }
+}
+
+impl FileStamp {
+    /// A stamp no real file has.
+    fn unknown() -> Self {
+        FileStamp {
+            dev: u64::MAX,
+            ino: u64::MAX,
+            len: u64::MAX,
+            mtime_ns: i128::MIN,
+            ctime_ns: i128::MIN,
         }
     }
-    (objects, skipped)
+}
+
+/// Parses one manifest file.
+fn parse_file(file: &Path) -> FileContents {
+    let mut contents = FileContents::default();
+    let text = match fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            contents.skipped.push(Skipped {
+                object: format!("file {}", file.display()),
+                reason: format!("cannot be read: {e}"),
+            });
+            return contents;
+        }
+    };
+    let name = file.display().to_string();
+    for (index, doc) in parse_documents(&text, &name, &mut contents.skipped) {
+        let origin = format!("{name} document {}", index + 1);
+        for object in into_objects(doc, &origin, &mut contents.skipped) {
+            contents.objects.push((object, origin.clone()));
+        }
+    }
+    contents
+}
+
+/// Reads a manifests directory once (no cache); see [`Cache::load`].
+pub fn load_dir(dir: &Path) -> (Objects, Vec<Skipped>) {
+    Cache::default().load(dir)
 }
 
 /// The directory as a snapshot; the Node is the one named `node_name`, if present.
-pub fn snapshot(dir: &Path, node_name: &str) -> Snapshot {
-    let (objects, skipped) = load_dir(dir);
+pub fn snapshot(cache: &mut Cache, dir: &Path, node_name: &str) -> Snapshot {
+    let (objects, skipped) = cache.load(dir);
     let node = objects
         .nodes
         .into_iter()
@@ -375,6 +472,35 @@ endpoints:
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert_eq!(skipped[0].object, "Service default/web");
         assert!(skipped[0].reason.contains("2-again.json"));
+    }
+
+    #[test]
+    fn the_cache_parses_only_files_that_changed_and_forgets_removed_ones() {
+        let dir = dir_with(&[("a.yaml", SERVICE), ("b.yaml", SLICE)]);
+        let mut cache = Cache::default();
+        let (objects, _) = cache.load(dir.path());
+        assert_eq!((objects.services.len(), objects.slices.len()), (1, 1));
+        assert_eq!(cache.parses, 2);
+
+        // Nothing changed: nothing parsed, same objects.
+        let (again, _) = cache.load(dir.path());
+        assert_eq!(cache.parses, 2);
+        assert_eq!(again.services, objects.services);
+
+        // A file replaced by rename (new inode) is parsed again, and only that one.
+        let tmp = dir.path().join(".b.tmp");
+        fs::write(&tmp, SLICE.replace("10.244.0.10", "10.244.0.99")).expect("write");
+        fs::rename(&tmp, dir.path().join("b.yaml")).expect("rename");
+        let (changed, _) = cache.load(dir.path());
+        assert_eq!(cache.parses, 3);
+        let endpoints = changed.slices[0].endpoints.as_deref().unwrap_or_default();
+        assert_eq!(endpoints[0].addresses, vec!["10.244.0.99"]);
+
+        // A removed file's objects are gone.
+        fs::remove_file(dir.path().join("a.yaml")).expect("remove");
+        let (fewer, _) = cache.load(dir.path());
+        assert!(fewer.services.is_empty());
+        assert_eq!(cache.files.len(), 1);
     }
 
     #[test]
