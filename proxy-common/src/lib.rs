@@ -43,7 +43,7 @@ pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 5;
 /// on another node) so that its replies come back through this node (C08), and leave the
 /// client address alone for a local one. `externalTrafficPolicy: Local` frontends only ever
 /// have local backends (translate guarantees it), so they never SNAT (C10). The agent sets
-/// the bit from the endpoint's `nodeName`; until it does, every backend counts as remote.
+/// the bit from the endpoint's `nodeName` (translate's `DesiredState::local_backends`).
 pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
 /// errno the socket programs hand back for a Service without usable backends; kube-proxy

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{BackendValue, RevNatValue, ServiceKey};
+use proxy_common::{BACKEND_FLAG_LOCAL, BackendValue, RevNatValue, ServiceKey};
 
 use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
 
@@ -45,16 +45,20 @@ pub fn frontend_of(key: &ServiceKey) -> Option<FrontendKey> {
     })
 }
 
-/// The backends-map value of `backend`. `flags` stays 0 for now: the agent does not yet set
-/// `BACKEND_FLAG_LOCAL` (from the endpoint's `nodeName`); until it does, the north-south
-/// programs treat every backend as remote.
-pub fn backend_value(backend: &BackendAddr) -> BackendValue {
+/// The backends-map value of `backend`; `local` (its endpoint runs on this node) sets
+/// `BACKEND_FLAG_LOCAL`, which spares its north-south traffic the SNAT.
+pub fn backend_value(backend: &BackendAddr, local: bool) -> BackendValue {
     BackendValue {
         addr: addr_to_net(backend.addr),
         port: port_to_net(backend.port),
         proto: backend.proto.number(),
-        flags: 0,
+        flags: if local { BACKEND_FLAG_LOCAL } else { 0 },
     }
+}
+
+/// Whether a backends-map value carries `BACKEND_FLAG_LOCAL`.
+pub fn backend_is_local(value: &BackendValue) -> bool {
+    value.flags & BACKEND_FLAG_LOCAL != 0
 }
 
 /// The backend a backends-map value names; its `flags` are not part of the identity.

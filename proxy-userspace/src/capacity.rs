@@ -64,7 +64,10 @@ pub fn fit(
     let existing = desired.frontends.values().filter(is_programmed);
     let new = desired.frontends.values().filter(|f| !is_programmed(f));
 
-    let mut fitted = DesiredState::default();
+    let mut fitted = DesiredState {
+        local_backends: desired.local_backends.clone(),
+        ..DesiredState::default()
+    };
     let mut skipped = Vec::new();
     for frontend in existing.chain(new) {
         let current = programmed
@@ -178,6 +181,7 @@ mod tests {
     fn desired(frontends: &[Frontend]) -> DesiredState {
         DesiredState {
             frontends: frontends.iter().map(|f| (f.key, f.clone())).collect(),
+            ..DesiredState::default()
         }
     }
 

@@ -141,6 +141,23 @@ struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
 
+    /// Network devices, comma-separated, whose traffic to NodePorts, externalIPs and
+    /// LoadBalancer IPs is translated by the north-south TCX programs (Cilium's flag;
+    /// kube-proxy has none). Without it, only the node's processes and pods reach Services.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+
+    /// Address that traffic to backends on other nodes is source-NATed to, so that their
+    /// replies come back through this node [default: the first IPv4 address of the first
+    /// of --devices].
+    #[arg(long, requires = "devices")]
+    snat_address: Option<std::net::Ipv4Addr>,
+
+    /// Source ports for that SNAT (inclusive). Keep it clear of
+    /// net.ipv4.ip_local_port_range and of the NodePort range (a warning says when it is not).
+    #[arg(long, default_value = "61000-65535", value_parser = crate::devices::parse_port_range)]
+    snat_port_range: (u16, u16),
+
     /// eBPF programs' logging, applied at start (`bpf-log` changes it while running).
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     bpf_log_level: BpfLogLevel,
@@ -291,6 +308,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
                 bpf_log_level: args.bpf_log_level.raw(),
+                north_south: (!args.devices.is_empty()).then(|| run::NorthSouthConfig {
+                    devices: args.devices.clone(),
+                    snat_address: args.snat_address,
+                    snat_ports: args.snat_port_range,
+                }),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -2,9 +2,10 @@
 //! the socket programs, and reads and writes the maps.
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/ebpf-kube-proxy`):
-//! `maps/<map name>` and `links/<program name>`. A restart adopts both: the loader reuses
-//! pinned maps (no flush), and a pinned link gets the newly loaded program swapped in with
-//! `BPF_LINK_UPDATE`, so sockets never see a moment without the programs.
+//! `maps/<map name>`, `links/<program name>` for the socket programs and
+//! `links/<program name>@<device>` for the TCX programs. A restart adopts both: the loader
+//! reuses pinned maps (no flush), and a pinned link gets the newly loaded program swapped in
+//! with `BPF_LINK_UPDATE`, so neither sockets nor packets see a moment without the programs.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -13,16 +14,19 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::maps::{Array, HashMap, Map, MapData};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
+};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::model::BackendAddr;
 use crate::{abi, sockdiag};
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_NAT_CT,
-    MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, RevNatValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, NodeConfig, RevNatValue, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue,
 };
 
 mod logs;
@@ -45,9 +49,27 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
 ];
 
 /// The north-south TCX programs (`ekp_tcx_in` on the devices' ingress, `ekp_tcx_out` on
-/// their egress). The object carries them and `start` creates and pins their maps with the
-/// others, but they are not loaded or attached yet (`--devices` comes with that step).
+/// their egress), attached by `start` to the `--devices`.
 pub const TCX_PROGRAMS: [&str; 2] = ["ekp_tcx_in", "ekp_tcx_out"];
+
+/// The hook of each TCX program.
+const TCX_HOOKS: [(&str, TcAttachType); 2] = [
+    ("ekp_tcx_in", TcAttachType::Ingress),
+    ("ekp_tcx_out", TcAttachType::Egress),
+];
+
+/// What the north-south programs serve: the devices they attach to and what they need to
+/// know about the node.
+#[derive(Clone, Debug)]
+pub struct NorthSouth {
+    pub devices: Vec<String>,
+    pub node_config: NodeConfig,
+}
+
+/// Pin file name of a TCX program's link on one device: `ekp_tcx_in@eth0`.
+fn tcx_link_name(program: &str, device: &str) -> String {
+    format!("{program}@{device}")
+}
 
 /// Map capacities (`max_entries`), set when the maps are first created.
 #[derive(Clone, Copy, Debug)]
@@ -227,14 +249,17 @@ pub struct Programs {
 }
 
 /// Loads the object, reusing pinned maps, and attaches (or re-targets pinned) links on
-/// `cgroup`. `bpf_log_level` (`LOG_LEVEL_*`) is written to the log switch before any
-/// program attaches, and the programs' log records are forwarded to `tracing` (target
-/// `ebpf`) on the current tokio runtime.
+/// `cgroup`, and, with `north_south`, on its devices (after writing the node config, so
+/// that no packet meets the programs before they know the SNAT address). `bpf_log_level`
+/// (`LOG_LEVEL_*`) is written to the log switch before any program attaches, and the
+/// programs' log records are forwarded to `tracing` (target `ebpf`) on the current tokio
+/// runtime.
 pub fn start(
     pin_dir: &Path,
     cgroup: &Path,
     sizes: MapSizes,
     bpf_log_level: u8,
+    north_south: Option<&NorthSouth>,
 ) -> Result<(Maps, Programs)> {
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(maps_dir(pin_dir))
@@ -288,6 +313,12 @@ pub fn start(
             tracing::info!(program = name, cgroup = %cgroup.display(), "attached");
         }
     }
+    let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
+    detach_other_devices(pin_dir, devices)?;
+    if let Some(north_south) = north_south {
+        write_node_config(&mut ebpf, north_south.node_config)?;
+        attach_tcx(&mut ebpf, pin_dir, &north_south.devices)?;
+    }
     let maps = Maps::take(&mut ebpf)?;
     Ok((
         maps,
@@ -296,6 +327,89 @@ pub fn start(
             _ebpf: ebpf,
         },
     ))
+}
+
+/// Writes the only entry of the north-south config array.
+fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
+    let map = ebpf
+        .map_mut(MAP_CONFIG)
+        .with_context(|| format!("map {MAP_CONFIG} missing from the eBPF object"))?;
+    let mut array: Array<_, NodeConfig> = Array::try_from(map)?;
+    array
+        .set(0, config, 0)
+        .with_context(|| format!("writing {MAP_CONFIG}"))
+}
+
+/// Loads the TCX programs and attaches them to each device's ingress and egress, at the
+/// end of the TCX chain (`LinkOrder::default()`: after what is already there, so that a
+/// firewall attached before us still sees the untranslated packets). A pinned link is
+/// adopted with `BPF_LINK_UPDATE`, as the cgroup links are; one the kernel detached (its
+/// device went away and came back) is replaced by a new one.
+fn attach_tcx(ebpf: &mut Ebpf, pin_dir: &Path, devices: &[String]) -> Result<()> {
+    for (name, hook) in TCX_HOOKS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading program {name} (verifier)"))?;
+        for device in devices {
+            let link_pin = links_dir(pin_dir).join(tcx_link_name(name, device));
+            if link_pin.exists() {
+                let link = bpf_sys::obj_get(&link_pin)?;
+                match bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd()) {
+                    Ok(()) => {
+                        tracing::info!(program = name, device = %device, link = %link_pin.display(), "adopted pinned link");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(program = name, device = %device, "pinned link cannot be updated ({e:#}); attaching anew");
+                        fs::remove_file(&link_pin)
+                            .with_context(|| format!("unpinning {}", link_pin.display()))?;
+                    }
+                }
+            }
+            let id = program
+                .attach_with_options(
+                    device,
+                    hook,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {name} to device {device} (TCX)"))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(&link_pin)
+                .with_context(|| format!("pinning link {}", link_pin.display()))?;
+            tracing::info!(program = name, device = %device, "attached");
+        }
+    }
+    Ok(())
+}
+
+/// Unpins (and so detaches) the TCX links of devices that are no longer in `--devices`:
+/// the operator took them out of north-south service.
+fn detach_other_devices(pin_dir: &Path, devices: &[String]) -> Result<()> {
+    let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        let Some((program, device)) = file.split_once('@') else {
+            continue;
+        };
+        if TCX_PROGRAMS.contains(&program) && !devices.iter().any(|d| d == device) {
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            tracing::info!(
+                program,
+                device,
+                "detached from a device no longer in --devices"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// How full one pinned map is.

@@ -8,6 +8,7 @@ pub mod abi;
 pub mod capacity;
 pub mod cli;
 pub mod dataplane;
+pub mod devices;
 pub mod http;
 pub mod kube_proxy_cleanup;
 pub mod list;

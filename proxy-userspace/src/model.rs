@@ -3,7 +3,7 @@
 //! Plain values with a total order, so that two states can be diffed
 //! deterministically and printed the same way every time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -217,6 +217,11 @@ pub struct NodeInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// The backends (among those the frontends use) whose endpoint runs on this node
+    /// (`nodeName` is this node's name). The north-south programs source-NAT traffic to the
+    /// others so that their replies come back through this node (C08), and keep the
+    /// client's address for these (C10).
+    pub local_backends: BTreeSet<BackendAddr>,
 }
 
 /// An input object that was left out of the desired state, and why.

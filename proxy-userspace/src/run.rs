@@ -7,7 +7,7 @@
 //! logged once each, naming the object, and never stop the loop.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,16 +20,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use proxy_common::NodeConfig;
+
 use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
 use crate::http::{self, Health};
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
-use crate::safety;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::translate::{node_info, translate};
+use crate::{abi, devices, safety};
 
 /// Where Services and EndpointSlices come from.
 pub enum SourceConfig {
@@ -59,6 +61,63 @@ pub struct Config {
     pub metrics_bind: Option<SocketAddr>,
     /// What the eBPF programs log (`LOG_LEVEL_*`), written to the log switch at start.
     pub bpf_log_level: u8,
+    /// The north-south programs (NodePort, externalIPs, LoadBalancer IPs from outside the
+    /// node); `None` (no `--devices`) serves only the socket programs.
+    pub north_south: Option<NorthSouthConfig>,
+}
+
+/// `--devices` and the SNAT settings, as given.
+#[derive(Clone, Debug)]
+pub struct NorthSouthConfig {
+    pub devices: Vec<String>,
+    /// `--snat-address`; default: the first IPv4 address of the first device.
+    pub snat_address: Option<Ipv4Addr>,
+    /// `--snat-port-range`, inclusive.
+    pub snat_ports: (u16, u16),
+}
+
+impl NorthSouthConfig {
+    /// The devices and the node config the programs read. A missing SNAT address is not an
+    /// error (a device may carry only LoadBalancer traffic to local pods); flows that need
+    /// SNAT are then left untranslated, which the warning says.
+    fn resolve(&self) -> Result<dataplane::NorthSouth> {
+        let Some(first) = self.devices.first() else {
+            anyhow::bail!("--devices names no device");
+        };
+        let snat_addr = match self.snat_address {
+            Some(addr) => Some(addr),
+            None => devices::first_ipv4(first)
+                .with_context(|| format!("reading the addresses of {first}"))?,
+        };
+        if snat_addr.is_none() {
+            tracing::warn!(
+                device = %first,
+                "no SNAT address (the device has no IPv4 address, and no --snat-address): \
+                 NodePort traffic to backends on other nodes will not be translated"
+            );
+        }
+        // The SNAT ports must not be ports the host's own connections may pick: a flow of
+        // the host and a translated flow with the same tuple would steal each other's
+        // replies.
+        match devices::ephemeral_ports() {
+            Ok(ephemeral) if devices::overlap(ephemeral, self.snat_ports) => tracing::warn!(
+                snat_ports = ?self.snat_ports,
+                ephemeral_ports = ?ephemeral,
+                "the SNAT port range overlaps net.ipv4.ip_local_port_range: host connections \
+                 and translated flows may collide; narrow one of them"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot check the SNAT port range: {e:#}"),
+        }
+        Ok(dataplane::NorthSouth {
+            devices: self.devices.clone(),
+            node_config: NodeConfig {
+                snat_addr: snat_addr.map_or(0, abi::addr_to_net),
+                snat_port_min: self.snat_ports.0,
+                snat_port_max: self.snat_ports.1,
+            },
+        })
+    }
 }
 
 enum Source {
@@ -84,12 +143,26 @@ impl Source {
 }
 
 pub async fn run(config: Config) -> Result<()> {
+    let north_south = config
+        .north_south
+        .as_ref()
+        .map(NorthSouthConfig::resolve)
+        .transpose()?;
     let (maps, _programs) = dataplane::start(
         &config.pin_dir,
         &config.cgroup,
         config.map_sizes,
         config.bpf_log_level,
+        north_south.as_ref(),
     )?;
+    if let Some(ns) = &north_south {
+        tracing::info!(
+            devices = ?ns.devices,
+            snat_address = %abi::addr_from_net(ns.node_config.snat_addr),
+            snat_ports = ?(ns.node_config.snat_port_min, ns.node_config.snat_port_max),
+            "north-south programs attached"
+        );
+    }
     let mut syncer = Syncer::adopt(maps);
     tracing::info!(
         frontends = syncer.programmed().frontends.len(),

@@ -38,6 +38,9 @@ pub struct ProgrammedFrontend {
 pub struct Programmed {
     pub frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     pub backends: BTreeMap<u32, BackendAddr>,
+    /// Ids of the backends written with `BACKEND_FLAG_LOCAL`: a backend whose endpoint moves
+    /// to or from this node keeps its id but must be rewritten.
+    pub local_backends: BTreeSet<u32>,
     /// Rev-NAT ids present in the rev-NAT map (some may be orphans of an interrupted sync).
     pub rev_nat_ids: BTreeSet<u16>,
 }
@@ -48,6 +51,8 @@ pub enum Op {
     PutBackend {
         id: u32,
         backend: BackendAddr,
+        /// The endpoint runs on this node (`BACKEND_FLAG_LOCAL`).
+        local: bool,
     },
     PutSlot {
         frontend: FrontendKey,
@@ -96,8 +101,8 @@ impl Op {
     /// The map entry this operation writes or deletes.
     pub fn encode(&self) -> MapWrite {
         match self {
-            Op::PutBackend { id, backend } => {
-                MapWrite::PutBackend(*id, abi::backend_value(backend))
+            Op::PutBackend { id, backend, local } => {
+                MapWrite::PutBackend(*id, abi::backend_value(backend, *local))
             }
             Op::PutSlot {
                 frontend,
@@ -178,6 +183,9 @@ impl Programmed {
         for (id, value) in &contents.backends {
             if let Some(backend) = abi::backend_of(value) {
                 p.backends.insert(*id, backend);
+                if abi::backend_is_local(value) {
+                    p.local_backends.insert(*id);
+                }
             }
         }
         p.rev_nat_ids = contents.rev_nat.iter().map(|(id, _)| *id).collect();
@@ -187,8 +195,13 @@ impl Programmed {
     /// Keeps the mirror exact after `op` was written.
     pub fn apply(&mut self, op: &Op) {
         match op {
-            Op::PutBackend { id, backend } => {
+            Op::PutBackend { id, backend, local } => {
                 self.backends.insert(*id, *backend);
+                if *local {
+                    self.local_backends.insert(*id);
+                } else {
+                    self.local_backends.remove(id);
+                }
             }
             Op::PutSlot {
                 frontend,
@@ -233,6 +246,7 @@ impl Programmed {
             }
             Op::DeleteBackend { id } => {
                 self.backends.remove(id);
+                self.local_backends.remove(id);
             }
         }
         // A frontend with neither slot 0 nor slots is gone.
@@ -263,7 +277,8 @@ fn empty_frontend(value: &ServiceValue) -> ProgrammedFrontend {
 pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> {
     let mut ops = Vec::new();
 
-    // Backend ids: keep the id of every backend that is already programmed.
+    // Backend ids: keep the id of every backend that is already programmed; rewrite it in
+    // place when its locality changed (one map update, atomic for readers).
     let mut backend_ids: BTreeMap<BackendAddr, u32> = programmed
         .backends
         .iter()
@@ -277,7 +292,15 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         .flat_map(|f| f.backends.iter().copied())
         .collect();
     for backend in &wanted_backends {
-        if backend_ids.contains_key(backend) {
+        let local = desired.local_backends.contains(backend);
+        if let Some(id) = backend_ids.get(backend) {
+            if programmed.local_backends.contains(id) != local {
+                ops.push(Op::PutBackend {
+                    id: *id,
+                    backend: *backend,
+                    local,
+                });
+            }
             continue;
         }
         let Some(id) = next_free_u32(&used_backend_ids, backend_cursor) else {
@@ -289,6 +312,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         ops.push(Op::PutBackend {
             id,
             backend: *backend,
+            local,
         });
     }
 
@@ -640,6 +664,7 @@ mod tests {
     fn desired(frontends: &[Frontend]) -> DesiredState {
         DesiredState {
             frontends: frontends.iter().map(|f| (f.key, f.clone())).collect(),
+            ..DesiredState::default()
         }
     }
 
@@ -649,6 +674,7 @@ mod tests {
         Op::PutBackend {
             id,
             backend: backend(host),
+            local: false,
         }
     }
 
@@ -1195,14 +1221,14 @@ mod tests {
                 (ServiceKey { slot: 1, ..sctp }, slot(&fkey(9), 1, 9, 1).1),
             ],
             backends: vec![
-                (1, abi::backend_value(&backend(1))),
-                (2, abi::backend_value(&backend(2))),
-                (3, abi::backend_value(&backend(3))),
+                (1, abi::backend_value(&backend(1), false)),
+                (2, abi::backend_value(&backend(2), false)),
+                (3, abi::backend_value(&backend(3), false)),
                 (
                     9,
                     BackendValue {
                         proto: 132,
-                        ..abi::backend_value(&backend(9))
+                        ..abi::backend_value(&backend(9), false)
                     },
                 ),
             ],
@@ -1240,6 +1266,7 @@ mod tests {
                     ),
                 ]),
                 backends: BTreeMap::from([(1, backend(1)), (2, backend(2)), (3, backend(3))]),
+                local_backends: BTreeSet::new(),
                 rev_nat_ids: BTreeSet::from([1, 2, 7]),
             }
         );
@@ -1263,7 +1290,7 @@ mod tests {
         // The sync that created frontend 1 stopped before slot 0.
         let contents = MapContents {
             services: vec![slot(&fkey(1), 1, 1, 5)],
-            backends: vec![(1, abi::backend_value(&backend(1)))],
+            backends: vec![(1, abi::backend_value(&backend(1), false))],
             rev_nat: vec![(5, abi::rev_nat_value(&fkey(1)))],
         };
         let mut maps = FakeMaps {
@@ -1368,5 +1395,49 @@ mod tests {
             // Frontend 4 has no affinity: its backends never make entries stale.
             assert_eq!(stale_affinity(&mirror, &wanted), stale, "{what}");
         }
+    }
+
+    // ---- locality --------------------------------------------------------------------------
+
+    #[test]
+    fn a_locality_change_rewrites_the_backend_under_its_id() {
+        let local_2 = |frontends: &[Frontend]| DesiredState {
+            local_backends: BTreeSet::from([backend(2)]),
+            ..desired(frontends)
+        };
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        let ops = step(&mut maps, &mut mirror, &local_2(&[frontend(1, &[1, 2])]));
+        let b2 = backend_id_of(&mirror, 2);
+        assert!(
+            ops.contains(&Op::PutBackend {
+                id: b2,
+                backend: backend(2),
+                local: true,
+            }),
+            "{ops:#?}"
+        );
+        assert_eq!(maps.backends[&b2].flags, proxy_common::BACKEND_FLAG_LOCAL);
+        assert_eq!(maps.backends[&backend_id_of(&mirror, 1)].flags, 0);
+        assert_eq!(mirror.local_backends, BTreeSet::from([b2]));
+        // A restart reads the flag back: nothing to write.
+        assert_eq!(Programmed::from_maps(&maps.dump()), mirror);
+        assert_eq!(
+            plan(&mirror, &local_2(&[frontend(1, &[1, 2])])).unwrap(),
+            []
+        );
+
+        // The pod of backend 2 is now on another node: same id, flag cleared, no slot moves.
+        let ops = step(&mut maps, &mut mirror, &desired(&[frontend(1, &[1, 2])]));
+        assert_eq!(
+            ops,
+            [Op::PutBackend {
+                id: b2,
+                backend: backend(2),
+                local: false,
+            }]
+        );
+        assert_eq!(maps.backends[&b2].flags, 0);
+        assert!(mirror.local_backends.is_empty());
     }
 }

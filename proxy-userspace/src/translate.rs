@@ -174,6 +174,8 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
         );
     }
 
+    state.local_backends = local_backends(&state, &endpoints);
+
     skipped.sort();
     skipped.dedup();
     ignored.sort();
@@ -183,6 +185,27 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
         skipped,
         ignored,
     }
+}
+
+/// The backends in use whose endpoint runs on this node: the north-south programs keep the
+/// client's address for these and source-NAT traffic to the others (C08, C10).
+fn local_backends(state: &DesiredState, endpoints: &EndpointIndex) -> BTreeSet<BackendAddr> {
+    let in_use: BTreeSet<BackendAddr> = state
+        .frontends
+        .values()
+        .flat_map(|f| f.backends.iter().copied())
+        .collect();
+    endpoints
+        .values()
+        .flatten()
+        .filter(|e| e.endpoint.local)
+        .map(|e| BackendAddr {
+            addr: e.endpoint.addr,
+            port: e.endpoint.port,
+            proto: e.proto,
+        })
+        .filter(|b| in_use.contains(b))
+        .collect()
 }
 
 /// An endpoint address on a concrete port, with what kube-proxy reads of it.
@@ -2422,6 +2445,57 @@ mod tests {
                 [want],
                 "{case}"
             );
+        }
+    }
+
+    #[test]
+    fn local_backends_are_the_backends_in_use_whose_endpoint_is_on_this_node() {
+        let service = web().target_port(IntOrString::Int(8080));
+        let b = |host: u8| BackendAddr {
+            addr: Ipv4Addr::new(10, 0, 0, host),
+            port: 8080,
+            proto: Protocol::Tcp,
+        };
+        let cases = [
+            (
+                "one endpoint here, one on n2",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("10.0.0.1")
+                    .on("n2")
+                    .ready("10.0.0.2")
+                    .on("n1"),
+                BTreeSet::from([b(2)]),
+            ),
+            (
+                "an endpoint without nodeName is not local",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("10.0.0.1"),
+                BTreeSet::new(),
+            ),
+            (
+                "a local endpoint no frontend uses (not ready, others are) is left out",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("10.0.0.1")
+                    .on("n2")
+                    .not_ready("10.0.0.2")
+                    .on("n1"),
+                BTreeSet::new(),
+            ),
+            (
+                "a local endpoint on a port no Service port names is left out",
+                slice("default", "web-1", "web")
+                    .port("metrics", 9090, "TCP")
+                    .ready("10.0.0.2")
+                    .on("n1"),
+                BTreeSet::new(),
+            ),
+        ];
+        for (case, endpoints, want) in cases {
+            let t = translate(slice::from_ref(&service), &[endpoints], &n1());
+            assert_eq!(t.state.local_backends, want, "{case}");
         }
     }
 

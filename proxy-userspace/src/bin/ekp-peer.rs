@@ -3,6 +3,8 @@
 //! - `serve --name NAME --tcp PORT... --udp PORT...`: answers every TCP connection with a
 //!   tiny HTTP response whose body is NAME, and every UDP datagram with NAME. Prints
 //!   `ready` once all sockets are bound, so callers wait for that instead of sleeping.
+//!   `--echo-peer` appends the client address the server saw to the TCP answer
+//!   (`NAME ADDR`), for tests of source NAT.
 //! - `tcp ADDR:PORT COUNT`, `udp ADDR:PORT COUNT [--connected]`: make COUNT requests (a
 //!   new socket each) and print one JSON line per request: what answered, the peer address
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
             }
         }
         _ => Err(
-            "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... | \
+            "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
                   tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket]"
                 .into(),
         ),
@@ -53,8 +55,13 @@ fn main() -> ExitCode {
 fn serve(args: &[String]) -> Result<(), String> {
     let mut name = None;
     let (mut tcp_ports, mut udp_ports) = (Vec::new(), Vec::new());
+    let mut echo_peer = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--echo-peer" {
+            echo_peer = true;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--name" => name = Some(value.clone()),
@@ -69,7 +76,9 @@ fn serve(args: &[String]) -> Result<(), String> {
         let listener =
             TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
         let name = name.clone();
-        threads.push(std::thread::spawn(move || serve_tcp(listener, &name)));
+        threads.push(std::thread::spawn(move || {
+            serve_tcp(listener, &name, echo_peer)
+        }));
     }
     for port in udp_ports {
         let socket =
@@ -89,11 +98,14 @@ fn parse_port(s: &str) -> Result<u16, String> {
     s.parse().map_err(|_| format!("invalid port {s:?}"))
 }
 
-fn serve_tcp(listener: TcpListener, name: &str) {
+fn serve_tcp(listener: TcpListener, name: &str, echo_peer: bool) {
     for stream in listener.incoming().flatten() {
-        let name = name.to_owned();
+        let answer = match stream.peer_addr() {
+            Ok(peer) if echo_peer => format!("{name} {}", peer.ip()),
+            _ => name.to_owned(),
+        };
         std::thread::spawn(move || {
-            let _ = answer_http(stream, &name);
+            let _ = answer_http(stream, &answer);
         });
     }
 }

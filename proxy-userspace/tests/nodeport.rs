@@ -1,0 +1,412 @@
+//! Privileged: north-south NodePort traffic across two nodes (issue 4, C08 and C10), the
+//! seed's example rebuilt in network namespaces.
+//!
+//! Topology (every address lives in namespaces made here; none has a default route):
+//! a "fabric" namespace with a bridge joins `eth0` of node1 (192.168.77.11) and node2
+//! (192.168.77.12) and an external client (192.168.77.100). Each node has a pod bridge
+//! (10.244.1.1/24 on node1, 10.244.2.1/24 on node2) with one pod serving HTTP on 8080, and a
+//! route to the other node's pod range through the other node's `eth0`. One agent runs
+//! inside each node namespace, with its own pins and cgroup, `--devices eth0`, reading the
+//! same manifests.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xtask::netns::{self, Cgroup, Netns, Proc};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ebpf-kube-proxy");
+const PEER: &str = env!("CARGO_BIN_EXE_ekp-peer");
+
+/// Waiting for a condition gives up after this long; it is a hang guard, not a timing.
+const CONDITION_LIMIT: Duration = Duration::from_secs(20);
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
+const NODE_PORT: u16 = 30080;
+
+/// One node: its namespace, eth0 address, pod and agent.
+struct Node {
+    name: &'static str,
+    eth0: Ipv4Addr,
+    pin_path: PathBuf,
+    log: PathBuf,
+    agent: Option<Proc>,
+    _server: Option<Proc>,
+    _pod: Netns,
+    ns: Netns,
+    cgroup: Cgroup,
+}
+
+/// The two nodes, the client and the fabric; agents stopped, pins removed and namespaces
+/// deleted on drop (nodes first: their veths go with them).
+struct Cluster {
+    manifests: PathBuf,
+    nodes: Vec<Node>,
+    client: Netns,
+    _fabric: Netns,
+}
+
+fn ip(ns: &Netns, args: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    ns.ip(&args)
+        .unwrap_or_else(|e| panic!("ip -n {} {args:?}: {e:#}", ns.name()));
+}
+
+fn sysctl(ns: &Netns, setting: &str) {
+    let mut command = ns.command("sysctl", None).expect("sysctl command");
+    command.args(["-q", "-w", setting]);
+    xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("sysctl {setting}: {e:#}"));
+}
+
+/// Puts a veth between `ns` (as `inner`) and `host` (as `outer`, enslaved to `bridge`).
+fn veth(host: &Netns, outer: &str, bridge: &str, ns: &Netns, inner: &str) {
+    ip(
+        host,
+        &format!(
+            "link add {outer} type veth peer name {inner} netns {}",
+            ns.name()
+        ),
+    );
+    ip(host, &format!("link set {outer} master {bridge} up"));
+    ip(ns, &format!("link set {inner} up"));
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Self {
+        if let Err(e) = netns::require_privileges() {
+            panic!("privileged test `{tag}` cannot run: {e:#}");
+        }
+        ensure_bpffs();
+        let prefix = netns::unique_prefix(&format!("ekpt-{tag}"));
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        fs::create_dir_all(&manifests).expect("creating the manifests directory");
+
+        let fabric = Netns::create(&format!("{prefix}-fab")).expect("fabric namespace");
+        ip(&fabric, "link add br0 type bridge");
+        ip(&fabric, "link set br0 up");
+
+        let client = Netns::create(&format!("{prefix}-cl")).expect("client namespace");
+        ip(&client, "link set lo up");
+        veth(&fabric, "p-cl", "br0", &client, "eth0");
+        ip(&client, &format!("addr add {CLIENT}/24 dev eth0"));
+
+        let mut nodes = Vec::new();
+        for (i, name) in [(1u8, "node-1"), (2, "node-2")] {
+            let other = 3 - i;
+            let eth0 = Ipv4Addr::new(192, 168, 77, 10 + i);
+            let ns = Netns::create(&format!("{prefix}-n{i}")).expect("node namespace");
+            ip(&ns, "link set lo up");
+            veth(&fabric, &format!("p-n{i}"), "br0", &ns, "eth0");
+            ip(&ns, &format!("addr add {eth0}/24 dev eth0"));
+            ip(&ns, "link add brpod type bridge");
+            ip(&ns, &format!("addr add 10.244.{i}.1/24 dev brpod"));
+            ip(&ns, "link set brpod up");
+            ip(
+                &ns,
+                &format!("route add 10.244.{other}.0/24 via 192.168.77.1{other}"),
+            );
+            sysctl(&ns, "net.ipv4.ip_forward=1");
+
+            let pod = Netns::create(&format!("{prefix}-p{i}")).expect("pod namespace");
+            ip(&pod, "link set lo up");
+            veth(&ns, "vpod", "brpod", &pod, "eth0");
+            ip(&pod, &format!("addr add 10.244.{i}.10/24 dev eth0"));
+            ip(&pod, &format!("route add 10.244.0.0/16 via 10.244.{i}.1"));
+            ip(&pod, &format!("route add 192.168.77.0/24 via 10.244.{i}.1"));
+            let mut serve = pod.command(PEER, None).expect("server command");
+            serve.args([
+                "serve",
+                "--name",
+                &format!("pod-{i}"),
+                "--tcp",
+                "8080",
+                "--echo-peer",
+            ]);
+            let server = Proc::spawn_ready(serve, &format!("pod-{i}"), "ready")
+                .unwrap_or_else(|e| panic!("starting pod-{i}: {e:#}"));
+
+            let cgroup = Cgroup::create(&format!("{prefix}-n{i}")).expect("node cgroup");
+            nodes.push(Node {
+                name,
+                eth0,
+                pin_path: PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-n{i}")),
+                log: std::env::temp_dir().join(format!("{prefix}-n{i}-agent.log")),
+                agent: None,
+                _server: Some(server),
+                _pod: pod,
+                ns,
+                cgroup,
+            });
+        }
+        Cluster {
+            manifests,
+            nodes,
+            client,
+            _fabric: fabric,
+        }
+    }
+
+    /// Writes a manifest atomically (rename), as a ConfigMap volume update does.
+    fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("writing manifest");
+        fs::rename(&tmp, self.manifests.join(file)).expect("renaming manifest into place");
+    }
+
+    /// Starts one agent inside each node namespace (so `--devices eth0` names that node's
+    /// eth0), in the node's own cgroup, with its own pins and no HTTP endpoints.
+    fn start_agents(&mut self) {
+        for node in &mut self.nodes {
+            let mut command = node
+                .ns
+                .command(AGENT, Some(&node.cgroup))
+                .expect("agent command");
+            command
+                .arg("--pin-path")
+                .arg(&node.pin_path)
+                .arg("run")
+                .arg("--manifests")
+                .arg(&self.manifests)
+                .arg("--cgroup")
+                .arg(node.cgroup.path())
+                .args([
+                    "--node-name",
+                    node.name,
+                    "--devices",
+                    "eth0",
+                    "--min-sync-period",
+                    "100ms",
+                    "--healthz-bind-address",
+                    "",
+                    "--metrics-bind-address",
+                    "",
+                ])
+                .env("EKP_LOG", "info");
+            let log = fs::File::create(&node.log).expect("creating the agent log");
+            command.stderr(log);
+            node.agent = Some(Proc::spawn(command, node.name).expect("starting the agent"));
+        }
+    }
+
+    /// Waits until node `i`'s agent shows the external-scope NodePort frontend on its own
+    /// eth0 address with exactly `backends`.
+    fn wait_for_node_port(&mut self, i: usize, backends: &[&str]) {
+        let node = &mut self.nodes[i];
+        let frontend = format!("{}:{NODE_PORT}", node.eth0);
+        let mut want: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+        want.sort();
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(agent) = node.agent.as_mut()
+                && let Ok(Some(status)) = agent.child.try_wait()
+            {
+                panic!(
+                    "{} agent exited early: {status}; log:\n{}",
+                    node.name,
+                    fs::read_to_string(&node.log).unwrap_or_default()
+                );
+            }
+            match list(&node.pin_path) {
+                Ok(frontends) => {
+                    let have = frontends
+                        .iter()
+                        .find(|f| {
+                            f["frontend"] == frontend.as_str()
+                                && f["protocol"] == "TCP"
+                                && f["scope"] == "external"
+                        })
+                        .map(|f| {
+                            let mut b: Vec<String> = f["backends"]
+                                .as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|b| b["address"].as_str().map(String::from))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            b.sort();
+                            b
+                        });
+                    if have.as_ref() == Some(&want) {
+                        return;
+                    }
+                    last = format!("{frontends:?}");
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{} never served {frontend} with {want:?}; last list: {last}",
+            node.name
+        );
+    }
+
+    /// `count` HTTP requests from the external client to `to`; answers ("pod-N PEER")
+    /// counted.
+    fn requests(&self, to: &str, count: u32) -> std::collections::BTreeMap<String, usize> {
+        let mut command = self.client.command(PEER, None).expect("client command");
+        command.args(["tcp", to, &count.to_string()]);
+        let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("client: {e:#}"));
+        let mut counts = std::collections::BTreeMap::new();
+        for line in out.lines() {
+            let line: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
+            assert_eq!(line["ok"], true, "request failed: {line}\n{}", self.logs());
+            *counts
+                .entry(line["answer"].as_str().unwrap_or("").to_owned())
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {} agent log ---\n{}",
+                    n.name,
+                    fs::read_to_string(&n.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for node in &mut self.nodes {
+            if let Some(mut agent) = node.agent.take() {
+                agent.terminate();
+            }
+            let cleanup = Command::new(AGENT)
+                .arg("--pin-path")
+                .arg(&node.pin_path)
+                .arg("cleanup")
+                .output();
+            match cleanup {
+                Ok(out) if out.status.success() => {}
+                other => eprintln!("cleanup of {} failed: {other:?}", node.pin_path.display()),
+            }
+            let _ = fs::remove_file(&node.log);
+        }
+        let _ = fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// `ebpf-kube-proxy list -o json` on one agent's pins.
+fn list(pin_path: &Path) -> Result<Vec<Value>, String> {
+    let out = Command::new(AGENT)
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(["list", "-o", "json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).
+fn ensure_bpffs() {
+    let fs_type = Command::new("stat")
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"])
+        .output()
+        .expect("stat /sys/fs/bpf");
+    if String::from_utf8_lossy(&fs_type.stdout).trim() != "bpf_fs" {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
+    }
+}
+
+fn service(policy: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: {policy}
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}, protocol: TCP}}]
+"
+    )
+}
+
+const ENDPOINTS: &str = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.10]
+    conditions: {ready: true}
+    nodeName: node-1
+  - addresses: [10.244.2.10]
+    conditions: {ready: true}
+    nodeName: node-2
+";
+
+fn node_manifest(name: &str, addr: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1
+kind: Node
+metadata: {{name: {name}}}
+status:
+  addresses: [{{type: InternalIP, address: {addr}}}]
+"
+    )
+}
+
+#[test]
+fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_address() {
+    let mut cluster = Cluster::new("nodeport");
+    cluster.write_manifest("svc.yaml", &service("Cluster"));
+    cluster.write_manifest("eps.yaml", ENDPOINTS);
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.start_agents();
+    cluster.wait_for_node_port(0, &["10.244.1.10:8080", "10.244.2.10:8080"]);
+    cluster.wait_for_node_port(1, &["10.244.1.10:8080", "10.244.2.10:8080"]);
+
+    // The seed's example: node1's NodePort reaches both pods. The local pod sees the client
+    // (no SNAT to a local backend); the remote one sees node1's address (C08).
+    let node1 = format!("192.168.77.11:{NODE_PORT}");
+    let counts = cluster.requests(&node1, 40);
+    let local = format!("pod-1 {CLIENT}");
+    let remote = "pod-2 192.168.77.11".to_owned();
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        [local.clone(), remote],
+        "{counts:?}"
+    );
+
+    // externalTrafficPolicy: Local: only node1's pod, and it sees the client (C10).
+    cluster.write_manifest("svc.yaml", &service("Local"));
+    cluster.wait_for_node_port(0, &["10.244.1.10:8080"]);
+    let counts = cluster.requests(&node1, 20);
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([(local, 20)]),
+        "{counts:?}"
+    );
+}
