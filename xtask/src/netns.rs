@@ -316,7 +316,15 @@ impl Topology {
     }
 }
 
-fn attach_pod(node: &Netns, prefix: &str, name: &str, addr: Ipv4Addr, index: usize) -> Result<Pod> {
+/// Creates the namespace `<prefix>-<name>` with `eth0` at `addr/24`, its peer `veth<index>`
+/// enslaved to `br0` of `node`.
+pub fn attach_to_bridge(
+    node: &Netns,
+    prefix: &str,
+    name: &str,
+    addr: Ipv4Addr,
+    index: usize,
+) -> Result<Netns> {
     let ns = Netns::create(&format!("{prefix}-{name}"))?;
     let host_side = format!("veth{index}");
     node.ip(&[
@@ -335,6 +343,11 @@ fn attach_pod(node: &Netns, prefix: &str, name: &str, addr: Ipv4Addr, index: usi
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(ns)
+}
+
+fn attach_pod(node: &Netns, prefix: &str, name: &str, addr: Ipv4Addr, index: usize) -> Result<Pod> {
+    let ns = attach_to_bridge(node, prefix, name, addr, index)?;
     Ok(Pod {
         name: name.to_owned(),
         addr,

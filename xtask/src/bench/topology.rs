@@ -19,7 +19,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use xtask::cmd;
-use xtask::netns::{Cgroup, Netns, Proc};
+use xtask::netns::{self, Cgroup, Netns, Proc};
 
 use super::Mode;
 use super::scenario::{SERVICE_CIDR, TARGET_PORT};
@@ -77,28 +77,6 @@ fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
     cmd::output(&mut command).map(|_| ())
 }
 
-fn attach(node: &Netns, prefix: &str, name: &str, addr: Ipv4Addr, index: usize) -> Result<Netns> {
-    let ns = Netns::create(&format!("{prefix}-{name}"))?;
-    let host_side = format!("veth{index}");
-    node.ip(&[
-        "link",
-        "add",
-        &host_side,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ])?;
-    node.ip(&["link", "set", &host_side, "master", "br0", "up"])?;
-    ns.ip(&["link", "set", "lo", "up"])?;
-    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    Ok(ns)
-}
-
 impl Topology {
     pub fn create(prefix: &str, ekp_bench: &Path) -> Result<Self> {
         let cgroup = Cgroup::create(prefix)?;
@@ -114,12 +92,14 @@ impl Topology {
         let mut pods = Vec::new();
         for pod in &PODS {
             index += 1;
-            pods.push(attach(&node, prefix, pod.name, pod.addr, index)?);
+            pods.push(netns::attach_to_bridge(
+                &node, prefix, pod.name, pod.addr, index,
+            )?);
         }
         let mut clients = Vec::new();
         for mode in Mode::ALL {
             index += 1;
-            let ns = attach(
+            let ns = netns::attach_to_bridge(
                 &node,
                 prefix,
                 &format!("c-{}", mode.name()),
