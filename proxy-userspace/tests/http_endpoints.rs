@@ -4,9 +4,8 @@ mod common;
 
 use common::{Harness, http_get as get, service, slice};
 
-#[test]
-fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() {
-    let mut h = Harness::new("http", &["pod-a"]);
+/// Service `web` (10.96.0.10:80) on pod-a, and the agent running with it programmed.
+fn start_with_web(h: &mut Harness) {
     h.write_manifest(
         "svc.yaml",
         &service("web", "10.96.0.10", &[("http", 80, "TCP")]),
@@ -22,6 +21,12 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     );
     h.start_agent();
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+}
+
+#[test]
+fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() {
+    let mut h = Harness::new("http", &["pod-a"]);
+    start_with_web(&mut h);
 
     let healthz = h.served_address("healthz");
     let (code, body) = get(&healthz, "/healthz");
@@ -64,21 +69,7 @@ fn last_queued(metrics_addr: &str) -> String {
 #[test]
 fn an_idle_agent_queues_no_sync_and_an_edit_queues_one() {
     let mut h = Harness::new("idle", &["pod-a"]);
-    h.write_manifest(
-        "svc.yaml",
-        &service("web", "10.96.0.10", &[("http", 80, "TCP")]),
-    );
-    h.write_manifest(
-        "eps.yaml",
-        &slice(
-            "web-1",
-            "web",
-            &[("http", 8080, "TCP")],
-            &[("10.244.0.10", true)],
-        ),
-    );
-    h.start_agent();
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    start_with_web(&mut h);
     let metrics = h.served_address("metrics");
     let before = last_queued(&metrics);
     // Nothing changes for 15 minimum sync periods (the agent reads the directory itself

@@ -9,6 +9,8 @@
 //! inside each node namespace, with its own pins and cgroup, `--devices eth0`, reading the
 //! same manifests.
 
+mod common;
+
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -287,15 +289,7 @@ impl Drop for Cluster {
             if let Some(mut agent) = node.agent.take() {
                 agent.terminate();
             }
-            let cleanup = Command::new(AGENT)
-                .arg("--pin-path")
-                .arg(&node.pin_path)
-                .arg("cleanup")
-                .output();
-            match cleanup {
-                Ok(out) if out.status.success() => {}
-                other => eprintln!("cleanup of {} failed: {other:?}", node.pin_path.display()),
-            }
+            common::cleanup_pins(&node.pin_path);
             let _ = fs::remove_file(&node.log);
         }
         let _ = fs::remove_dir_all(&self.manifests);

@@ -255,21 +255,27 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.stop_agent();
-        let cleanup = Command::new(AGENT)
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .arg("cleanup")
-            .output();
-        match cleanup {
-            Ok(out) if out.status.success() => {}
-            other => eprintln!("cleanup of {} failed: {other:?}", self.pin_path.display()),
-        }
+        cleanup_pins(&self.pin_path);
         let _ = fs::remove_dir_all(&self.manifests);
         if std::thread::panicking() {
             eprintln!("--- agent log of {} ---\n{}", self.prefix, self.agent_log());
         }
         let _ = fs::remove_file(self.agent_log_path());
         // The topology (namespaces, cgroup) drops after this.
+    }
+}
+
+/// `ebpf-kube-proxy cleanup` on a test's pins (detaches its programs); failures are
+/// reported, not raised, since this runs in Drop.
+pub fn cleanup_pins(pin_path: &Path) {
+    let cleanup = Command::new(AGENT)
+        .arg("--pin-path")
+        .arg(pin_path)
+        .arg("cleanup")
+        .output();
+    match cleanup {
+        Ok(out) if out.status.success() => {}
+        other => eprintln!("cleanup of {} failed: {other:?}", pin_path.display()),
     }
 }
 
