@@ -35,6 +35,10 @@ pub const SVC_FLAG_AFFINITY: u16 = 1 << 4;
 /// With `count == 0`: the Service has endpoints, but none this traffic may use (a `Local`
 /// traffic policy and none on this node): drop, as kube-proxy does, instead of refusing.
 pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 5;
+/// `loadBalancerSourceRanges` (external scope, LB IPs only): a new flow is admitted only if
+/// its client address matches an entry of `ekp_srcrange_v1` under this frontend's rev-NAT
+/// id; others are dropped, as kube-proxy's firewall chain does.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
 
 /// Backend flags (`BackendValue::flags`).
 ///
@@ -63,9 +67,10 @@ pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
 pub const MAP_LOG: &str = "ekp_log_v1";
+pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -74,6 +79,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_NAT_CT,
     MAP_CONFIG,
     MAP_LOG,
+    MAP_SOURCE_RANGES,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -94,6 +100,8 @@ pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
 /// Two entries per north-south flow (one per direction).
 pub const DEFAULT_NAT_CT_MAX: u32 = 262144;
+/// One entry per (frontend, source range) of LB IPs with `loadBalancerSourceRanges`.
+pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16384;
 
 /// Which TCX program looks a north-south conntrack entry up (`NatCtKey::dir`): the one on
 /// the node's devices' ingress, or the one on their egress.
@@ -307,6 +315,24 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
 }
 
+/// The data of a `ekp_srcrange_v1` key (an LPM trie: the kernel's key is this behind a
+/// 32-bit prefix length). The prefix covers the rev-NAT id and padding whole
+/// ([`SOURCE_RANGE_PREFIX_BASE`] bits) plus the range's own prefix length over `addr`, so
+/// that each frontend has its own ranges and a lookup with the client's full address finds
+/// the longest range that contains it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// The frontend's rev-NAT id. Host order (always matched whole).
+    pub rev_nat_id: u16,
+    pub _pad: [u8; 2],
+    /// The range's network address (lookups: the client's address), network order.
+    pub addr: u32,
+}
+
+/// Prefix bits of a [`SourceRangeKey`] before `addr`: the rev-NAT id and the padding.
+pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
+
 /// The only entry (key 0, `u32`) of the log switch array: how much the programs log.
 /// Written by the agent at start (`run --bpf-log-level`) and by `bpf-log` at any time; read
 /// by every program before it logs anything.
@@ -330,6 +356,7 @@ const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -349,6 +376,7 @@ mod user {
     unsafe impl aya::Pod for NatCtValue {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LogConfig {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -391,6 +419,7 @@ mod tests {
         assert_eq!(offset_of!(LogConfig, level), 0);
         assert_eq!(offset_of!(SockRevNatKey, addr), 8);
         assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
+        assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
 //! defaults: the agent sets the real `max_entries` at load time.
 
-use aya_ebpf::btf_maps::{Array, HashMap, LruHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
-    LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue,
+    DEFAULT_SOURCE_RANGES_MAX, LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -59,3 +59,9 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 /// aya-log-ebpf: one per loaded object, read by the agent that loaded it.)
 #[btf_map(name = "ekp_log_v1")]
 pub static LOG: Array<LogConfig, 1> = Array::new();
+
+/// (rev-NAT id, client range) -> 1: the `loadBalancerSourceRanges` of LB IP frontends that
+/// carry `SVC_FLAG_SOURCE_RANGES`. Written by the agent, read by `ekp_tcx_in` for new flows.
+#[btf_map(name = "ekp_srcrange_v1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
+    LpmTrie::new();

@@ -14,17 +14,19 @@
 //! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey,
+    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::fib;
 use crate::lb::{self, now_secs};
 use crate::log::{self, log_debug, log_error};
-use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES};
+use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
 use crate::parse::{self, Packet};
 
@@ -135,6 +137,18 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
         );
         return Err(verdict);
     }
+    if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(pkt, frontend.rev_nat_id) {
+        log_debug!(
+            ctx,
+            "tcx_in: {:i}:{} -> {:i}:{}/{} is outside loadBalancerSourceRanges: dropped",
+            log::ip(pkt.saddr),
+            u16::from_be(pkt.sport),
+            log::ip(pkt.daddr),
+            u16::from_be(pkt.dport),
+            log::proto(pkt.proto)
+        );
+        return Err(DROP);
+    }
     let client = || u64::from(pkt.saddr);
     let selected = lb::select_backend(client, &mut key, &frontend);
     let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
@@ -210,6 +224,21 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
         backend_id
     );
     translate(ctx, pkt, &forward)
+}
+
+/// Whether the client is inside one of the frontend's `loadBalancerSourceRanges` (C22):
+/// the longest-prefix match of (rev-NAT id, client address) finds an entry.
+#[inline(always)]
+fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_PREFIX_BASE + 32,
+        SourceRangeKey {
+            rev_nat_id,
+            _pad: [0; 2],
+            addr: pkt.saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// A frontend without usable backends. `SVC_FLAG_DROP_EMPTY` (a `Local` policy with no

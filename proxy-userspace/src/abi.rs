@@ -3,9 +3,12 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{BACKEND_FLAG_LOCAL, BackendValue, RevNatValue, ServiceKey};
+use proxy_common::{
+    BACKEND_FLAG_LOCAL, BackendValue, RevNatValue, SOURCE_RANGE_PREFIX_BASE, ServiceKey,
+    SourceRangeKey,
+};
 
-use crate::model::{BackendAddr, FrontendKey, Protocol, Scope};
+use crate::model::{BackendAddr, FrontendKey, Protocol, Scope, SourceRange};
 
 /// An IPv4 address as the kernel stores it: the four octets in memory order.
 pub fn addr_to_net(addr: Ipv4Addr) -> u32 {
@@ -78,6 +81,30 @@ pub fn rev_nat_value(frontend: &FrontendKey) -> RevNatValue {
     }
 }
 
+/// The `ekp_srcrange_v1` key (prefix length, data) of one source range of the frontend
+/// with `rev_nat_id`.
+pub fn source_range_key(rev_nat_id: u16, range: &SourceRange) -> (u32, SourceRangeKey) {
+    (
+        SOURCE_RANGE_PREFIX_BASE + u32::from(range.prefix),
+        SourceRangeKey {
+            rev_nat_id,
+            _pad: [0; 2],
+            addr: addr_to_net(range.addr),
+        },
+    )
+}
+
+/// (rev-NAT id, range) of an `ekp_srcrange_v1` key; `None` for a prefix this version
+/// never writes.
+pub fn source_range_of(prefix_len: u32, data: SourceRangeKey) -> Option<(u16, SourceRange)> {
+    let prefix = prefix_len.checked_sub(SOURCE_RANGE_PREFIX_BASE)?;
+    let prefix = u8::try_from(prefix).ok().filter(|p| *p <= 32)?;
+    Some((
+        data.rev_nat_id,
+        SourceRange::new(addr_from_net(data.addr), prefix),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +140,16 @@ mod tests {
         key.proto = proxy_common::PROTO_TCP;
         key.scope = 9;
         assert_eq!(frontend_of(&key), None);
+    }
+
+    #[test]
+    fn source_range_keys_round_trip() {
+        let range = SourceRange::new(Ipv4Addr::new(10, 1, 0, 0), 16);
+        let (prefix_len, data) = source_range_key(7, &range);
+        assert_eq!(prefix_len, 48);
+        assert_eq!(data.addr.to_ne_bytes(), [10, 1, 0, 0]);
+        assert_eq!(source_range_of(prefix_len, data), Some((7, range)));
+        assert_eq!(source_range_of(20, data), None);
+        assert_eq!(source_range_of(65, data), None);
     }
 }

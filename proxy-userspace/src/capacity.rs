@@ -20,6 +20,7 @@ pub struct Capacity {
     pub services: usize,
     pub backends: usize,
     pub rev_nat: usize,
+    pub source_ranges: usize,
 }
 
 impl From<&MapSizes> for Capacity {
@@ -29,6 +30,7 @@ impl From<&MapSizes> for Capacity {
             backends: sizes.backends as usize,
             // Rev-NAT ids are 16-bit and start at 1.
             rev_nat: (sizes.rev_nat as usize).min(usize::from(u16::MAX)),
+            source_ranges: sizes.source_ranges as usize,
         }
     }
 }
@@ -38,6 +40,7 @@ struct Peak {
     services: usize,
     backends: BTreeSet<BackendAddr>,
     rev_nat: usize,
+    source_ranges: usize,
 }
 
 /// The part of `desired` that fits, and the frontends that do not (named).
@@ -54,6 +57,7 @@ pub fn fit(
             .sum(),
         backends: programmed.backends.values().copied().collect(),
         rev_nat: programmed.rev_nat_ids.len(),
+        source_ranges: programmed.source_ranges.len(),
     };
     let is_programmed = |f: &&Frontend| {
         programmed
@@ -84,12 +88,16 @@ pub fn fit(
         let services_growth =
             usize::from(current.is_none()) + frontend.backends.len().saturating_sub(current_slots);
         let rev_nat_growth = usize::from(current.is_none());
+        // Ranges are replaced whole (new ones before old ones go): count all of them.
+        let source_ranges_growth = frontend.source_ranges.len();
         let full = if peak.services + services_growth > capacity.services {
             Some(("services", capacity.services))
         } else if peak.backends.len() + new_backends.len() > capacity.backends {
             Some(("backends", capacity.backends))
         } else if peak.rev_nat + rev_nat_growth > capacity.rev_nat {
             Some(("rev-NAT", capacity.rev_nat))
+        } else if peak.source_ranges + source_ranges_growth > capacity.source_ranges {
+            Some(("source ranges", capacity.source_ranges))
         } else {
             None
         };
@@ -97,6 +105,7 @@ pub fn fit(
             peak.services += services_growth;
             peak.backends.extend(new_backends);
             peak.rev_nat += rev_nat_growth;
+            peak.source_ranges += source_ranges_growth;
             fitted.frontends.insert(frontend.key, frontend.clone());
             continue;
         };
@@ -112,21 +121,36 @@ pub fn fit(
                     .filter_map(|id| programmed.backends.get(id))
                     .copied()
                     .collect();
+                let (what, wanted, has) = if map == "source ranges" {
+                    let has = programmed
+                        .source_ranges
+                        .iter()
+                        .filter(|(id, _)| *id == p.rev_nat_id)
+                        .count();
+                    ("source ranges", frontend.source_ranges.len(), has)
+                } else {
+                    ("backends", frontend.backends.len(), kept.len())
+                };
                 skipped.push(Skipped {
                     object,
                     reason: format!(
-                        "frontend {} ({}): {} backends do not fit, the {map} map is full \
-                         ({entries} entries); keeping the {} it has",
-                        frontend.key,
-                        frontend.kind,
-                        frontend.backends.len(),
-                        kept.len()
+                        "frontend {} ({}): {wanted} {what} do not fit, the {map} map is full \
+                         ({entries} entries); keeping the {has} it has",
+                        frontend.key, frontend.kind,
                     ),
                 });
+                // And the source ranges it has: the new ones may be what did not fit.
+                let kept_ranges = programmed
+                    .source_ranges
+                    .iter()
+                    .filter(|(id, _)| *id == p.rev_nat_id)
+                    .map(|(_, range)| *range)
+                    .collect();
                 fitted.frontends.insert(
                     frontend.key,
                     Frontend {
                         backends: kept,
+                        source_ranges: kept_ranges,
                         ..frontend.clone()
                     },
                 );
@@ -175,6 +199,7 @@ mod tests {
                 .collect(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -198,6 +223,7 @@ mod tests {
         services: 100,
         backends: 100,
         rev_nat: 100,
+        source_ranges: 100,
     };
 
     #[test]

@@ -115,6 +115,11 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::DEFAULT_NAT_CT_MAX)]
     map_size_nat_ct: u32,
 
+    /// Capacity of the loadBalancerSourceRanges LPM trie (one entry per LB IP frontend and
+    /// source range).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SOURCE_RANGES_MAX)]
+    map_size_source_ranges: u32,
+
     /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: BindAddress,
@@ -302,6 +307,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     sock_rev_nat: args.map_size_sock_rev_nat,
                     affinity: args.map_size_affinity,
                     nat_ct: args.map_size_nat_ct,
+                    source_ranges: args.map_size_source_ranges,
                 },
                 node_port_cidrs: args.nodeport_addresses,
                 socket_lb_external_ips: args.socket_lb_external_ips,

@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
@@ -21,12 +22,12 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader};
 
-use crate::model::BackendAddr;
+use crate::model::{BackendAddr, SourceRange};
 use crate::{abi, sockdiag};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, NodeConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES, NodeConfig,
+    RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 mod logs;
@@ -80,6 +81,7 @@ pub struct MapSizes {
     pub sock_rev_nat: u32,
     pub affinity: u32,
     pub nat_ct: u32,
+    pub source_ranges: u32,
 }
 
 impl Default for MapSizes {
@@ -91,6 +93,7 @@ impl Default for MapSizes {
             sock_rev_nat: proxy_common::DEFAULT_SOCK_REV_NAT_MAX,
             affinity: proxy_common::DEFAULT_AFFINITY_MAX,
             nat_ct: proxy_common::DEFAULT_NAT_CT_MAX,
+            source_ranges: proxy_common::DEFAULT_SOURCE_RANGES_MAX,
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct MapContents {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(u32, BackendValue)>,
     pub rev_nat: Vec<(u16, RevNatValue)>,
+    /// (rev-NAT id, range) of every `loadBalancerSourceRanges` entry.
+    pub source_ranges: Vec<(u16, SourceRange)>,
 }
 
 /// Typed handles on the three maps the agent writes.
@@ -118,6 +123,7 @@ pub struct Maps {
     rev_nat: HashMap<MapData, u16, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 impl Maps {
@@ -138,6 +144,7 @@ impl Maps {
             rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?))?,
             sock_rev_nat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REV_NAT)?))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
         })
     }
 
@@ -152,6 +159,7 @@ impl Maps {
             rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?)?,
             sock_rev_nat: HashMap::try_from(take(MAP_SOCK_REV_NAT)?)?,
+            source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
         })
     }
 
@@ -161,7 +169,24 @@ impl Maps {
             services: self.services.iter().filter_map(|r| r.ok()).collect(),
             backends: self.backends.iter().filter_map(|r| r.ok()).collect(),
             rev_nat: self.rev_nat.iter().filter_map(|r| r.ok()).collect(),
+            source_ranges: self
+                .source_ranges
+                .keys()
+                .filter_map(|r| r.ok())
+                .filter_map(|key| abi::source_range_of(key.prefix_len(), key.data()))
+                .collect(),
         }
+    }
+
+    pub fn put_source_range(&mut self, key: Key<SourceRangeKey>) -> Result<()> {
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .context("writing a loadBalancerSourceRanges entry")
+    }
+
+    pub fn delete_source_range(&mut self, key: Key<SourceRangeKey>) -> Result<()> {
+        ignore_missing(self.source_ranges.remove(&key))
+            .context("deleting a loadBalancerSourceRanges entry")
     }
 
     pub fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
@@ -280,7 +305,8 @@ pub fn start(
         .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
         .map_max_entries(MAP_SOCK_REV_NAT, sizes.sock_rev_nat)
         .map_max_entries(MAP_AFFINITY, sizes.affinity)
-        .map_max_entries(MAP_NAT_CT, sizes.nat_ct);
+        .map_max_entries(MAP_NAT_CT, sizes.nat_ct)
+        .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
     let log_forwarder = logs::forward(&mut ebpf);

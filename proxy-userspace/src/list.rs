@@ -28,6 +28,8 @@ pub struct ListedFrontend {
     /// What happens without backends: "refuse" (no endpoint at all) or "drop" (a `Local`
     /// traffic policy with none on this node).
     pub when_empty: String,
+    /// `loadBalancerSourceRanges` admitted by an LB IP frontend (empty: anyone).
+    pub source_ranges: Vec<String>,
     pub backends: Vec<ListedBackend>,
 }
 
@@ -38,6 +40,9 @@ pub struct ListedBackend {
     pub id: u32,
     /// `addr:port`, or `<missing>` if the slot names a backend id that does not exist.
     pub address: String,
+    /// The endpoint runs on this node: north-south traffic to it keeps the client address
+    /// (others are source-NATed to the node).
+    pub local: bool,
 }
 
 /// Reads the pinned maps under `pin_dir`.
@@ -63,6 +68,12 @@ pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
                 "refuse"
             }
             .into(),
+            source_ranges: programmed
+                .source_ranges
+                .iter()
+                .filter(|(id, _)| *id == f.rev_nat_id)
+                .map(|(_, range)| range.to_string())
+                .collect(),
             backends: (1..=f.count)
                 .map(|slot| {
                     let id = f.slots.get(&slot).copied().unwrap_or(0);
@@ -71,7 +82,13 @@ pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
                         .get(&id)
                         .map(|b| format!("{}:{}", b.addr, b.port))
                         .unwrap_or_else(|| "<missing>".into());
-                    ListedBackend { slot, id, address }
+                    let local = programmed.local_backends.contains(&id);
+                    ListedBackend {
+                        slot,
+                        id,
+                        address,
+                        local,
+                    }
                 })
                 .collect(),
         })
@@ -95,17 +112,20 @@ pub fn render_text(frontends: &[ListedFrontend]) -> String {
             "{:<5} {:<24} {:<9} {:<12} ",
             f.id, frontend, f.scope, f.kind
         );
-        let affinity = f
+        let mut notes = f
             .affinity_timeout
             .map(|t| format!(" (affinity {t}s)"))
             .unwrap_or_default();
+        if !f.source_ranges.is_empty() {
+            let _ = write!(notes, " (from {})", f.source_ranges.join(", "));
+        }
         if f.backends.is_empty() {
             let what = if f.when_empty == "drop" {
                 "none here: traffic dropped (Local policy)"
             } else {
                 "none: connections refused"
             };
-            let _ = writeln!(out, "{head}({what})");
+            let _ = writeln!(out, "{head}({what}){notes}");
         }
         for (i, b) in f.backends.iter().enumerate() {
             let lead = if i == 0 {
@@ -113,8 +133,13 @@ pub fn render_text(frontends: &[ListedFrontend]) -> String {
             } else {
                 " ".repeat(head.len())
             };
-            let tail = if i == 0 { affinity.as_str() } else { "" };
-            let _ = writeln!(out, "{lead}{}: {} => {}{tail}", b.slot, b.id, b.address);
+            let tail = if i == 0 { notes.as_str() } else { "" };
+            let local = if b.local { " (local)" } else { "" };
+            let _ = writeln!(
+                out,
+                "{lead}{}: {} => {}{local}{tail}",
+                b.slot, b.id, b.address
+            );
         }
     }
     out

@@ -197,6 +197,35 @@ pub struct Frontend {
     /// `sessionAffinity: ClientIP` timeout in seconds (1..=86400): a client keeps its
     /// backend while it reconnects within this time. `None` for affinity `None`.
     pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` of an external-scope LB IP frontend, sorted and
+    /// de-duplicated: new flows from other clients are dropped (C22). Empty: no filter.
+    pub source_ranges: Vec<SourceRange>,
+}
+
+/// An IPv4 CIDR of `loadBalancerSourceRanges`, host bits cleared (`10.1.2.3/8` is
+/// `10.0.0.0/8`, as Go's `ParseCIDR` reads it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl SourceRange {
+    /// The range of `addr/prefix` (`prefix` at most 32).
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Self {
+        let prefix = prefix.min(32);
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        SourceRange {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        }
+    }
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// What translate needs to know about the node it runs on.

@@ -338,6 +338,10 @@ fn sync_once(
                 (proxy_common::MAP_SERVICES, service_entries),
                 (proxy_common::MAP_BACKENDS, programmed.backends.len()),
                 (proxy_common::MAP_REV_NAT, programmed.rev_nat_ids.len()),
+                (
+                    proxy_common::MAP_SOURCE_RANGES,
+                    programmed.source_ranges.len(),
+                ),
             ] {
                 metrics
                     .map_entries
@@ -517,7 +521,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 6] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 7] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -528,6 +532,10 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 6] {
         ),
         (proxy_common::MAP_AFFINITY, i64::from(sizes.affinity)),
         (proxy_common::MAP_NAT_CT, i64::from(sizes.nat_ct)),
+        (
+            proxy_common::MAP_SOURCE_RANGES,
+            i64::from(sizes.source_ranges),
+        ),
     ]
 }
 

@@ -49,6 +49,7 @@ mod tests {
             backends: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         }
     }
 

@@ -8,17 +8,21 @@
 //! Order (DESIGN.md section 3): backends, backend slots, rev-NAT, slot 0 (the new `count`
 //! makes the new slots visible), slots above the new count; removed frontends go slot 0
 //! first, then their slots, then their rev-NAT entry; unreferenced backends last.
+//! `loadBalancerSourceRanges` entries are added before the slot 0 whose flag turns them on
+//! and removed last, so no allowed client is ever dropped in between.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
+use aya::maps::lpm_trie::Key;
 use proxy_common::{
-    BackendValue, RevNatValue, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, ServiceValue,
+    BackendValue, RevNatValue, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::abi;
 use crate::dataplane::{MapContents, Maps};
-use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, WhenEmpty};
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, SourceRange, WhenEmpty};
 
 /// One frontend as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct Programmed {
     pub local_backends: BTreeSet<u32>,
     /// Rev-NAT ids present in the rev-NAT map (some may be orphans of an interrupted sync).
     pub rev_nat_ids: BTreeSet<u16>,
+    /// `loadBalancerSourceRanges` entries by the rev-NAT id of their frontend.
+    pub source_ranges: BTreeSet<(u16, SourceRange)>,
 }
 
 /// One map write.
@@ -84,6 +90,14 @@ pub enum Op {
     DeleteBackend {
         id: u32,
     },
+    PutSourceRange {
+        rev_nat_id: u16,
+        range: SourceRange,
+    },
+    DeleteSourceRange {
+        rev_nat_id: u16,
+        range: SourceRange,
+    },
 }
 
 /// One operation in the map ABI's terms: which entry of which map gets which bytes.
@@ -95,6 +109,9 @@ pub enum MapWrite {
     DeleteBackend(u32),
     PutRevNat(u16, RevNatValue),
     DeleteRevNat(u16),
+    /// (prefix length, key data) of the LPM trie.
+    PutSourceRange(u32, SourceRangeKey),
+    DeleteSourceRange(u32, SourceRangeKey),
 }
 
 impl Op {
@@ -144,6 +161,14 @@ impl Op {
             }
             Op::DeleteRevNat { id } => MapWrite::DeleteRevNat(*id),
             Op::DeleteBackend { id } => MapWrite::DeleteBackend(*id),
+            Op::PutSourceRange { rev_nat_id, range } => {
+                let (prefix_len, data) = abi::source_range_key(*rev_nat_id, range);
+                MapWrite::PutSourceRange(prefix_len, data)
+            }
+            Op::DeleteSourceRange { rev_nat_id, range } => {
+                let (prefix_len, data) = abi::source_range_key(*rev_nat_id, range);
+                MapWrite::DeleteSourceRange(prefix_len, data)
+            }
         }
     }
 }
@@ -189,6 +214,7 @@ impl Programmed {
             }
         }
         p.rev_nat_ids = contents.rev_nat.iter().map(|(id, _)| *id).collect();
+        p.source_ranges = contents.source_ranges.iter().copied().collect();
         p
     }
 
@@ -247,6 +273,12 @@ impl Programmed {
             Op::DeleteBackend { id } => {
                 self.backends.remove(id);
                 self.local_backends.remove(id);
+            }
+            Op::PutSourceRange { rev_nat_id, range } => {
+                self.source_ranges.insert((*rev_nat_id, *range));
+            }
+            Op::DeleteSourceRange { rev_nat_id, range } => {
+                self.source_ranges.remove(&(*rev_nat_id, *range));
             }
         }
         // A frontend with neither slot 0 nor slots is gone.
@@ -324,6 +356,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     let mut rev_nat_ops = Vec::new();
     let mut frontend_ops = Vec::new();
     let mut shrink_ops = Vec::new();
+    let mut wanted_ranges: BTreeSet<(u16, SourceRange)> = BTreeSet::new();
     for (key, frontend) in &desired.frontends {
         let current = programmed.frontends.get(key).filter(|f| f.flags != 0);
         let rev_nat_id = match current {
@@ -365,6 +398,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
                 });
             }
         }
+        wanted_ranges.extend(frontend.source_ranges.iter().map(|r| (rev_nat_id, *r)));
         let (flags, affinity_timeout) = slot0_settings(frontend);
         let unchanged = current.is_some_and(|f| {
             f.count == count
@@ -392,6 +426,14 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     }
     ops.extend(slot_ops);
     ops.extend(rev_nat_ops);
+    ops.extend(
+        wanted_ranges
+            .difference(&programmed.source_ranges)
+            .map(|(rev_nat_id, range)| Op::PutSourceRange {
+                rev_nat_id: *rev_nat_id,
+                range: *range,
+            }),
+    );
     ops.extend(frontend_ops);
     ops.extend(shrink_ops);
 
@@ -430,6 +472,17 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
             .iter()
             .filter(|(_, b)| !wanted_backends.contains(b))
             .map(|(id, _)| Op::DeleteBackend { id: *id }),
+    );
+
+    // Source ranges no frontend wants: after the slot 0 that stopped using them.
+    ops.extend(
+        programmed
+            .source_ranges
+            .difference(&wanted_ranges)
+            .map(|(rev_nat_id, range)| Op::DeleteSourceRange {
+                rev_nat_id: *rev_nat_id,
+                range: *range,
+            }),
     );
     Ok(ops)
 }
@@ -502,6 +555,9 @@ fn slot0_settings(frontend: &Frontend) -> (u16, u32) {
     }
     if frontend.backends.is_empty() && frontend.when_empty == WhenEmpty::Drop {
         flags |= SVC_FLAG_DROP_EMPTY;
+    }
+    if !frontend.source_ranges.is_empty() {
+        flags |= SVC_FLAG_SOURCE_RANGES;
     }
     (flags, frontend.affinity_timeout.unwrap_or(0))
 }
@@ -606,6 +662,12 @@ impl Syncer {
             MapWrite::DeleteBackend(id) => self.maps.delete_backend(id),
             MapWrite::PutRevNat(id, value) => self.maps.put_rev_nat(id, value),
             MapWrite::DeleteRevNat(id) => self.maps.delete_rev_nat(id),
+            MapWrite::PutSourceRange(prefix_len, data) => {
+                self.maps.put_source_range(Key::new(prefix_len, data))
+            }
+            MapWrite::DeleteSourceRange(prefix_len, data) => {
+                self.maps.delete_source_range(Key::new(prefix_len, data))
+            }
         }
     }
 }
@@ -658,6 +720,7 @@ mod tests {
             backends,
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -773,6 +836,7 @@ mod tests {
         services: HashMap<ServiceKey, ServiceValue>,
         backends: HashMap<u32, BackendValue>,
         rev_nat: HashMap<u16, RevNatValue>,
+        source_ranges: HashMap<(u32, SourceRangeKey), ()>,
     }
 
     impl FakeMaps {
@@ -796,6 +860,12 @@ mod tests {
                 MapWrite::DeleteRevNat(id) => {
                     self.rev_nat.remove(&id);
                 }
+                MapWrite::PutSourceRange(prefix_len, data) => {
+                    self.source_ranges.insert((prefix_len, data), ());
+                }
+                MapWrite::DeleteSourceRange(prefix_len, data) => {
+                    self.source_ranges.remove(&(prefix_len, data));
+                }
             }
         }
 
@@ -804,6 +874,11 @@ mod tests {
                 services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+                source_ranges: self
+                    .source_ranges
+                    .keys()
+                    .filter_map(|(prefix_len, data)| abi::source_range_of(*prefix_len, *data))
+                    .collect(),
             }
         }
 
@@ -835,6 +910,15 @@ mod tests {
                     "after {after:?}: rev-NAT {} of {key:?}",
                     value.rev_nat_id
                 );
+                // A source-range filter with no range would drop every client.
+                if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+                    assert!(
+                        self.source_ranges
+                            .keys()
+                            .any(|(_, data)| data.rev_nat_id == value.rev_nat_id),
+                        "after {after:?}: {key:?} filters sources but has no range"
+                    );
+                }
             }
         }
     }
@@ -1238,6 +1322,7 @@ mod tests {
                 // No frontend uses rev-NAT 7.
                 (7, abi::rev_nat_value(&fkey(7))),
             ],
+            source_ranges: Vec::new(),
         };
         let adopted = Programmed::from_maps(&contents);
         assert_eq!(
@@ -1268,6 +1353,7 @@ mod tests {
                 backends: BTreeMap::from([(1, backend(1)), (2, backend(2)), (3, backend(3))]),
                 local_backends: BTreeSet::new(),
                 rev_nat_ids: BTreeSet::from([1, 2, 7]),
+                source_ranges: BTreeSet::new(),
             }
         );
 
@@ -1292,11 +1378,13 @@ mod tests {
             services: vec![slot(&fkey(1), 1, 1, 5)],
             backends: vec![(1, abi::backend_value(&backend(1), false))],
             rev_nat: vec![(5, abi::rev_nat_value(&fkey(1)))],
+            source_ranges: Vec::new(),
         };
         let mut maps = FakeMaps {
             services: contents.services.iter().copied().collect(),
             backends: contents.backends.iter().copied().collect(),
             rev_nat: contents.rev_nat.iter().copied().collect(),
+            source_ranges: HashMap::new(),
         };
         let mut mirror = Programmed::from_maps(&contents);
         let ops = step(&mut maps, &mut mirror, &desired(&[frontend(1, &[1])]));
@@ -1439,5 +1527,80 @@ mod tests {
         );
         assert_eq!(maps.backends[&b2].flags, 0);
         assert!(mirror.local_backends.is_empty());
+    }
+
+    fn ranged(host: u8, ranges: &[(u8, u8)]) -> Frontend {
+        Frontend {
+            source_ranges: ranges
+                .iter()
+                .map(|(a, prefix)| SourceRange::new(Ipv4Addr::new(*a, 0, 0, 0), *prefix))
+                .collect(),
+            ..frontend(host, &[1])
+        }
+    }
+
+    #[test]
+    fn source_ranges_come_before_the_flag_and_go_after_it() {
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        // `step` checks after every write that a flagged slot 0 has its ranges.
+        let ops = step(&mut maps, &mut mirror, &desired(&[ranged(1, &[(10, 8)])]));
+        let id = rev_nat_id_of(&mirror, 1);
+        let range = |a: u8, prefix| SourceRange::new(Ipv4Addr::new(a, 0, 0, 0), prefix);
+        let put_range = Op::PutSourceRange {
+            rev_nat_id: id,
+            range: range(10, 8),
+        };
+        let flagged = Op::PutFrontend {
+            frontend: fkey(1),
+            count: 1,
+            rev_nat_id: id,
+            flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_SOURCE_RANGES,
+            affinity_timeout: 0,
+        };
+        assert!(index_of(&ops, &put_range) < index_of(&ops, &flagged));
+        assert_ne!(mirror.frontends[&fkey(1)].flags & SVC_FLAG_SOURCE_RANGES, 0);
+
+        // Another range replaces the first: added first, the old one deleted last.
+        let ops = step(&mut maps, &mut mirror, &desired(&[ranged(1, &[(172, 12)])]));
+        assert_eq!(
+            ops,
+            [
+                Op::PutSourceRange {
+                    rev_nat_id: id,
+                    range: range(172, 12),
+                },
+                Op::DeleteSourceRange {
+                    rev_nat_id: id,
+                    range: range(10, 8),
+                },
+            ]
+        );
+
+        // The filter goes: slot 0 loses the flag before the range is deleted.
+        let ops = step(&mut maps, &mut mirror, &desired(&[frontend(1, &[1])]));
+        let unflagged = Op::PutFrontend {
+            frontend: fkey(1),
+            count: 1,
+            rev_nat_id: id,
+            flags: SVC_FLAG_CLUSTER_IP,
+            affinity_timeout: 0,
+        };
+        assert_eq!(
+            ops,
+            [
+                unflagged,
+                Op::DeleteSourceRange {
+                    rev_nat_id: id,
+                    range: range(172, 12),
+                },
+            ]
+        );
+
+        // A deleted frontend takes its ranges along; a restart adopts the ranges.
+        step(&mut maps, &mut mirror, &desired(&[ranged(1, &[(10, 8)])]));
+        assert_eq!(Programmed::from_maps(&maps.dump()), mirror);
+        step(&mut maps, &mut mirror, &desired(&[]));
+        assert!(maps.source_ranges.is_empty() && mirror.source_ranges.is_empty());
     }
 }

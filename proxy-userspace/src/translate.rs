@@ -604,6 +604,7 @@ fn add_service(
     };
     let external_ips = external_ipv4s(spec, &object, skipped);
     let load_balancer_ips = load_balancer_ipv4s(service, &object, skipped);
+    let lb_source_ranges = source_ranges::of(spec, &object, skipped);
     let endpoints = index
         .get(&(namespace.to_owned(), name.to_owned()))
         .map_or(&[][..], Vec::as_slice);
@@ -651,6 +652,7 @@ fn add_service(
             backends: backends.list.clone(),
             when_empty: backends.when_empty,
             affinity_timeout: policy.affinity_timeout,
+            source_ranges: Vec::new(),
         };
 
         let cluster_ip_frontend = frontend(
@@ -677,7 +679,10 @@ fn add_service(
                     .map(move |&addr| (addr, node_port, FrontendKind::NodePort))
             }));
         for (addr, port, kind) in external_addresses {
-            let from_outside = frontend(addr, port, Scope::External, kind, external);
+            let mut from_outside = frontend(addr, port, Scope::External, kind, external);
+            if kind == FrontendKind::LoadBalancer {
+                from_outside.source_ranges = lb_source_ranges.clone();
+            }
             insert_frontend(state, from_outside, &port_object, skipped);
             // Pods and the node itself: kube-proxy's EXT chain short-circuits them to the
             // cluster endpoints whatever the policies (C11).
@@ -1078,6 +1083,8 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
 }
 
 // The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
+mod source_ranges;
+
 #[cfg(test)]
 mod bad_input;
 #[cfg(test)]
@@ -1457,6 +1464,7 @@ mod tests {
             }],
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            source_ranges: Vec::new(),
         };
         assert_eq!(t.state.frontends, BTreeMap::from([(key, want)]));
         assert!(t.skipped.is_empty());
@@ -2633,6 +2641,42 @@ mod tests {
             ]
         );
         assert!(t.skipped.is_empty(), "{:?}", skipped(&t));
+    }
+
+    #[test]
+    fn c22_source_ranges_filter_only_the_external_view_of_lb_ips() {
+        let mut service = web()
+            .type_("LoadBalancer")
+            .node_port(30080)
+            .external_ips(&["198.51.100.10"])
+            .ingress("203.0.113.2", "");
+        spec(&mut service).load_balancer_source_ranges = Some(vec![
+            "10.1.0.0/16".into(),
+            " 192.168.0.7/24".into(),
+            "bad".into(),
+        ]);
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        let t = translate(&[service], &[endpoints], &n1());
+        let filtered: Vec<String> = t
+            .state
+            .frontends
+            .values()
+            .filter(|f| !f.source_ranges.is_empty())
+            .map(|f| {
+                let ranges: Vec<String> = f.source_ranges.iter().map(|r| r.to_string()).collect();
+                format!("{} {} {}", f.key.scope, f.key, ranges.join(","))
+            })
+            .collect();
+        assert_eq!(
+            filtered,
+            ["external 203.0.113.2:80/TCP 10.1.0.0/16,192.168.0.0/24"]
+        );
+        assert_eq!(
+            skipped(&t),
+            [r#"Service default/web: loadBalancerSourceRanges entry "bad" is not a CIDR: ignored"#]
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ use prog_test_run::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
     CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGES,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -443,6 +444,57 @@ fn c06_frontend_without_endpoints_is_refused_by_the_kernel_on_node_addresses() {
             "an externalIP the node does not own"
         );
         assert!(dp.ct_entries().is_empty());
+    });
+}
+
+/// C22: an LB IP with `loadBalancerSourceRanges` admits new flows from inside a range
+/// (longest prefix within the frontend's own ranges) and drops the others untouched; the
+/// ranges of another frontend do not count.
+#[test]
+fn c22_source_ranges_admit_clients_inside_and_drop_the_rest() {
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        dp.backend(LOCAL_ID, LOCAL_POD, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+        let lb = Frontend {
+            addr: EXTERNAL_IP,
+            port: 80,
+            rev_nat_id: 9,
+            flags: SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SOURCE_RANGES,
+            ..node_port(PROTO_TCP, 0)
+        };
+        dp.frontend(lb, &[LOCAL_ID]);
+        dp.source_range(9, Ipv4Addr::new(198, 51, 100, 0), 28);
+        dp.source_range(9, Ipv4Addr::new(10, 0, 0, 0), 8);
+        // Another frontend's range: not this one's business.
+        dp.source_range(7, Ipv4Addr::new(192, 0, 2, 0), 24);
+
+        for (client, admitted) in [
+            (CLIENT, true),                           // 198.51.100.7 in /28
+            (Ipv4Addr::new(10, 9, 8, 7), true),       // in 10/8
+            (Ipv4Addr::new(198, 51, 100, 77), false), // beyond the /28
+            (Ipv4Addr::new(192, 0, 2, 50), false),    // only in frontend 7's range
+            (Ipv4Addr::new(11, 0, 0, 1), false),
+        ] {
+            let frame = Frame::tcp(client, CLIENT_PORT, EXTERNAL_IP, 80);
+            let out = dp.ingress(&frame.bytes());
+            if admitted {
+                assert_eq!(out.verdict, TCX_NEXT, "{client}");
+                assert_eq!(
+                    tuple_of(&out.packet).2,
+                    LOCAL_POD,
+                    "{client} reaches the backend"
+                );
+                verify_checksums(&out.packet);
+            } else {
+                assert_eq!(out.verdict, TC_ACT_SHOT, "{client} is outside every range");
+                assert_eq!(out.packet, frame.bytes(), "{client}: dropped untouched");
+            }
+        }
+        assert_eq!(
+            dp.ct_entries().len(),
+            4,
+            "two admitted flows, two entries each"
+        );
     });
 }
 

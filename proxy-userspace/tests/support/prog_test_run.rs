@@ -13,14 +13,15 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData};
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES,
-    MAP_SOCK_REV_NAT, NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    ServiceKey, ServiceValue,
+    MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP,
+    SCOPE_EXTERNAL, SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey,
 };
 use proxy_userspace::dataplane;
 
@@ -132,6 +133,7 @@ pub struct Datapath {
     pub backends: HashMap<MapData, u32, BackendValue>,
     pub config: Array<MapData, NodeConfig>,
     pub nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 impl Datapath {
@@ -147,6 +149,7 @@ impl Datapath {
             MAP_SOCK_REV_NAT,
             MAP_AFFINITY,
             MAP_NAT_CT,
+            MAP_SOURCE_RANGES,
         ] {
             loader.map_max_entries(map, 1024);
         }
@@ -177,12 +180,15 @@ impl Datapath {
         let backends = HashMap::try_from(take(MAP_BACKENDS)).expect("backends map type");
         let config = Array::try_from(take(MAP_CONFIG)).expect("config map type");
         let nat_ct = HashMap::try_from(take(MAP_NAT_CT)).expect("nat ct map type");
+        let source_ranges =
+            LpmTrie::try_from(take(MAP_SOURCE_RANGES)).expect("source ranges map type");
         Datapath {
             ebpf,
             services,
             backends,
             config,
             nat_ct,
+            source_ranges,
         }
     }
 
@@ -289,6 +295,23 @@ impl Datapath {
             snat_port_max: port_max,
         };
         self.config.set(0, value, 0).expect("writing the config");
+    }
+
+    /// Admits clients in `addr/prefix` to the frontend with `rev_nat_id` (which must carry
+    /// `SVC_FLAG_SOURCE_RANGES` for the range to matter).
+    #[allow(dead_code)] // used by tcx_packets.rs only
+    pub fn source_range(&mut self, rev_nat_id: u16, addr: Ipv4Addr, prefix: u8) {
+        let key = Key::new(
+            SOURCE_RANGE_PREFIX_BASE + u32::from(prefix),
+            SourceRangeKey {
+                rev_nat_id,
+                _pad: [0; 2],
+                addr: u32::from_ne_bytes(addr.octets()),
+            },
+        );
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .expect("writing a source range");
     }
 
     pub fn ct_entries(&self) -> Vec<(NatCtKey, NatCtValue)> {
