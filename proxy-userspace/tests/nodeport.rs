@@ -1,5 +1,6 @@
-//! Privileged: north-south NodePort traffic across two nodes (issue 4, C08 and C10), the
-//! seed's example rebuilt in network namespaces.
+//! Privileged: north-south traffic across two nodes (issue 4), the seed's NodePort example
+//! rebuilt in network namespaces (C08, C10), and the other north-south cases (C06, C09,
+//! C11, C12, C22, C23, C31) on LoadBalancer, externalIP and NodePort Services.
 //!
 //! Topology (every address lives in namespaces made here; none has a default route):
 //! a "fabric" namespace with a bridge joins `eth0` of node1 (192.168.77.11) and node2
@@ -7,7 +8,8 @@
 //! (10.244.1.1/24 on node1, 10.244.2.1/24 on node2) with one pod serving HTTP on 8080, and a
 //! route to the other node's pod range through the other node's `eth0`. One agent runs
 //! inside each node namespace, with its own pins and cgroup, `--devices eth0`, reading the
-//! same manifests.
+//! same manifests. Clients that must reach an LB IP or externalIP route it via node1;
+//! nothing routes anywhere else, so an untranslated packet dead-ends inside the fabric.
 
 mod common;
 
@@ -37,7 +39,7 @@ struct Node {
     log: PathBuf,
     agent: Option<Proc>,
     _server: Option<Proc>,
-    _pod: Netns,
+    pod: Netns,
     ns: Netns,
     cgroup: Cgroup,
 }
@@ -45,10 +47,13 @@ struct Node {
 /// The two nodes, the client and the fabric; agents stopped, pins removed and namespaces
 /// deleted on drop (nodes first: their veths go with them).
 struct Cluster {
+    prefix: String,
     manifests: PathBuf,
     nodes: Vec<Node>,
     client: Netns,
-    _fabric: Netns,
+    /// More external clients, made by [`Cluster::add_client`]; dropped before the fabric.
+    extra_clients: Vec<Netns>,
+    fabric: Netns,
 }
 
 fn ip(ns: &Netns, args: &str) {
@@ -138,17 +143,35 @@ impl Cluster {
                 log: std::env::temp_dir().join(format!("{prefix}-n{i}-agent.log")),
                 agent: None,
                 _server: Some(server),
-                _pod: pod,
+                pod,
                 ns,
                 cgroup,
             });
         }
         Cluster {
+            prefix,
             manifests,
             nodes,
             client,
-            _fabric: fabric,
+            extra_clients: Vec::new(),
+            fabric,
         }
+    }
+
+    /// Another external client on the fabric, at `addr`; returns its index for
+    /// [`Cluster::extra_client`].
+    fn add_client(&mut self, addr: Ipv4Addr) -> usize {
+        let i = self.extra_clients.len();
+        let ns = Netns::create(&format!("{}-x{i}", self.prefix)).expect("client namespace");
+        ip(&ns, "link set lo up");
+        veth(&self.fabric, &format!("p-x{i}"), "br0", &ns, "eth0");
+        ip(&ns, &format!("addr add {addr}/24 dev eth0"));
+        self.extra_clients.push(ns);
+        i
+    }
+
+    fn extra_client(&self, i: usize) -> &Netns {
+        &self.extra_clients[i]
     }
 
     /// Writes a manifest atomically (rename), as a ConfigMap volume update does.
@@ -196,8 +219,14 @@ impl Cluster {
     /// Waits until node `i`'s agent shows the external-scope NodePort frontend on its own
     /// eth0 address with exactly `backends`.
     fn wait_for_node_port(&mut self, i: usize, backends: &[&str]) {
+        let frontend = format!("{}:{NODE_PORT}", self.nodes[i].eth0);
+        self.wait_for(i, &frontend, "external", backends);
+    }
+
+    /// Waits until node `i`'s agent shows the TCP `frontend` (`addr:port`) of `scope` with
+    /// exactly `backends`.
+    fn wait_for(&mut self, i: usize, frontend: &str, scope: &str, backends: &[&str]) {
         let node = &mut self.nodes[i];
-        let frontend = format!("{}:{NODE_PORT}", node.eth0);
         let mut want: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
         want.sort();
         let deadline = Instant::now() + CONDITION_LIMIT;
@@ -217,9 +246,9 @@ impl Cluster {
                     let have = frontends
                         .iter()
                         .find(|f| {
-                            f["frontend"] == frontend.as_str()
+                            f["frontend"] == frontend
                                 && f["protocol"] == "TCP"
-                                && f["scope"] == "external"
+                                && f["scope"] == scope
                         })
                         .map(|f| {
                             let mut b: Vec<String> = f["backends"]
@@ -251,19 +280,50 @@ impl Cluster {
     /// `count` HTTP requests from the external client to `to`; answers ("pod-N PEER")
     /// counted.
     fn requests(&self, to: &str, count: u32) -> std::collections::BTreeMap<String, usize> {
-        let mut command = self.client.command(PEER, None).expect("client command");
-        command.args(["tcp", to, &count.to_string()]);
-        let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("client: {e:#}"));
+        self.requests_from(&self.client, None, to, count)
+    }
+
+    /// `count` HTTP requests from a process in `ns` (and in `cgroup`, where the socket
+    /// programs of that node's agent apply); every one must succeed.
+    fn requests_from(
+        &self,
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        to: &str,
+        count: u32,
+    ) -> std::collections::BTreeMap<String, usize> {
         let mut counts = std::collections::BTreeMap::new();
-        for line in out.lines() {
-            let line: Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
-            assert_eq!(line["ok"], true, "request failed: {line}\n{}", self.logs());
+        for line in self.attempts(ns, cgroup, to, count) {
+            assert_eq!(
+                line["ok"],
+                true,
+                "request to {to} failed: {line}\n{}",
+                self.logs()
+            );
             *counts
                 .entry(line["answer"].as_str().unwrap_or("").to_owned())
                 .or_insert(0) += 1;
         }
         counts
+    }
+
+    /// `count` HTTP requests from `ns` (in `cgroup`), one JSON outcome line each.
+    fn attempts(&self, ns: &Netns, cgroup: Option<&Cgroup>, to: &str, count: u32) -> Vec<Value> {
+        let mut command = ns.command(PEER, cgroup).expect("client command");
+        command.args(["tcp", to, &count.to_string()]);
+        let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("client: {e:#}"));
+        out.lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// The one request from `ns` to `to` fails; returns its outcome line.
+    fn fails(&self, ns: &Netns, cgroup: Option<&Cgroup>, to: &str) -> Value {
+        let line = self.attempts(ns, cgroup, to, 1).remove(0);
+        assert_eq!(line["ok"], false, "{to} answered: {line}\n{}", self.logs());
+        line
     }
 
     fn logs(&self) -> String {
@@ -285,6 +345,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
+        self.extra_clients.clear();
         for node in &mut self.nodes {
             if let Some(mut agent) = node.agent.take() {
                 agent.terminate();
@@ -404,3 +465,165 @@ fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_addres
         "{counts:?}"
     );
 }
+
+/// The north-south cases beside the seed's example, on one LoadBalancer Service and two
+/// NodePort ones:
+/// - C22: the LB IP admits the client inside `loadBalancerSourceRanges` and drops one
+///   outside; pods are not filtered (socket layer, docs/decisions.md);
+/// - C23: an externalIP that no node owns, routed to node1, is served (no source ranges);
+/// - C31: an LB IP with `ipMode: Proxy` is not intercepted, from outside or from a pod;
+/// - C06: a NodePort without endpoints is refused at once;
+/// - C12: `externalTrafficPolicy: Local` with the only endpoint on node2: node1 drops,
+///   node2 serves with the client's address;
+/// - C09: the node itself reaches its own NodePort; C11: a pod on node1 reaches the `Local`
+///   Service's NodePort on node1 through the cluster endpoints (pod-2).
+#[test]
+fn load_balancer_external_ip_and_node_port_cases() {
+    let mut cluster = Cluster::new("nscases");
+    let outsider = Ipv4Addr::new(192, 168, 77, 101);
+    let xb = cluster.add_client(outsider);
+    for ns in [&cluster.client, cluster.extra_client(xb)] {
+        ip(ns, "route add 203.0.113.0/24 via 192.168.77.11");
+        ip(ns, "route add 198.51.100.0/24 via 192.168.77.11");
+    }
+    cluster.write_manifest("svc.yaml", LOAD_BALANCER);
+    cluster.write_manifest("eps.yaml", ENDPOINTS);
+    cluster.write_manifest("others.yaml", EMPTY_AND_LOCAL);
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.start_agents();
+    let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for(0, "203.0.113.10:80", "external", &both);
+    cluster.wait_for(0, "198.51.100.10:80", "external", &both);
+    cluster.wait_for(0, "192.168.77.11:30081", "external", &[]);
+    cluster.wait_for(0, "192.168.77.11:30082", "external", &[]);
+    cluster.wait_for(0, "192.168.77.11:30082", "internal", &["10.244.2.10:8080"]);
+    cluster.wait_for(1, "192.168.77.12:30082", "external", &["10.244.2.10:8080"]);
+    let node1 = &cluster.nodes[0];
+    let frontends = list(&node1.pin_path).expect("list");
+    let lb = frontends
+        .iter()
+        .find(|f| f["frontend"] == "203.0.113.10:80" && f["scope"] == "external")
+        .expect("the LB IP frontend");
+    assert_eq!(lb["sourceRanges"], serde_json::json!(["192.168.77.100/32"]));
+
+    // C22: inside the range, served by both pods; outside, dropped (a timeout, not a
+    // refusal); a pod on node1 is not filtered.
+    let counts = cluster.requests("203.0.113.10:80", 30);
+    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
+    assert_eq!(
+        served,
+        [format!("pod-1 {CLIENT}").as_str(), "pod-2 192.168.77.11"],
+        "{counts:?}"
+    );
+    let dropped = cluster.fails(cluster.extra_client(xb), None, "203.0.113.10:80");
+    assert!(dropped["errno"].is_null(), "not a timeout: {dropped}");
+    let from_pod = cluster.requests_from(&node1.pod, Some(&node1.cgroup), "203.0.113.10:80", 10);
+    assert_eq!(from_pod.values().sum::<usize>(), 10, "{from_pod:?}");
+
+    // C23: the externalIP is served to the outsider too (source ranges are for LB IPs).
+    let counts = cluster.requests_from(cluster.extra_client(xb), None, "198.51.100.10:80", 30);
+    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
+    assert_eq!(
+        served,
+        [format!("pod-1 {outsider}").as_str(), "pod-2 192.168.77.11"],
+        "{counts:?}"
+    );
+
+    // C31: ipMode Proxy has no frontend; the packet goes on as addressed and dead-ends at
+    // node1 (no route there), and a pod's connect fails in its own namespace.
+    assert!(
+        frontends.iter().all(|f| f["frontend"] != "203.0.113.11:80"),
+        "{frontends:?}"
+    );
+    for (who, ns, cgroup) in [
+        ("external client", &cluster.client, None),
+        ("pod on node1", &node1.pod, Some(&node1.cgroup)),
+    ] {
+        let failed = cluster.fails(ns, cgroup, "203.0.113.11:80");
+        let errno = failed["errno"].as_i64();
+        assert!(
+            matches!(errno, Some(101 | 113)),
+            "{who}: want ENETUNREACH or EHOSTUNREACH, got {failed}"
+        );
+    }
+
+    // C06: refused at once (TCP RST from node1's stack).
+    let refused = cluster.fails(&cluster.client, None, "192.168.77.11:30081");
+    assert_eq!(refused["errno"], 111, "{refused}");
+
+    // C12: node1 has no endpoint of the Local Service: dropped; node2 serves, keeping the
+    // client's address.
+    let dropped = cluster.fails(&cluster.client, None, "192.168.77.11:30082");
+    assert!(dropped["errno"].is_null(), "not a timeout: {dropped}");
+    let counts = cluster.requests("192.168.77.12:30082", 10);
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([(format!("pod-2 {CLIENT}"), 10)])
+    );
+
+    // C09: node1 itself to its own NodePort: both pods.
+    let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "192.168.77.11:30080", 30);
+    let pods: std::collections::BTreeSet<&str> =
+        counts.keys().filter_map(|a| a.split(' ').next()).collect();
+    assert_eq!(pods, ["pod-1", "pod-2"].into(), "{counts:?}");
+
+    // C11: a pod on node1 to node1's NodePort of the Local Service: the cluster endpoints.
+    let counts = cluster.requests_from(&node1.pod, Some(&node1.cgroup), "192.168.77.11:30082", 10);
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([("pod-2 10.244.1.10".to_owned(), 10)])
+    );
+}
+
+const LOAD_BALANCER: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: Cluster
+  externalIPs: [198.51.100.10]
+  loadBalancerSourceRanges: [192.168.77.100/32]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]
+status:
+  loadBalancer:
+    ingress:
+      - {ip: 203.0.113.10}
+      - {ip: 203.0.113.11, ipMode: Proxy}
+";
+
+const EMPTY_AND_LOCAL: &str = "apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30082, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-1
+  namespace: default
+  labels: {kubernetes.io/service-name: local}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.2.10]
+    conditions: {ready: true}
+    nodeName: node-2
+";
