@@ -127,6 +127,17 @@ impl HealthCheckServers {
                 continue;
             }
             match self.open_server(check, addresses) {
+                Ok(server) if addresses.is_empty() => {
+                    // kube-proxy does the same when no interface address is in the CIDRs.
+                    tracing::warn!(
+                        service = %format!("{}/{}", check.namespace, check.name),
+                        port = check.port,
+                        "health check node port listens nowhere: the Node has no address \
+                         within --nodeport-addresses"
+                    );
+                    self.failed.remove(&service);
+                    self.open.insert(service, server);
+                }
                 Ok(server) => {
                     tracing::info!(
                         service = %format!("{}/{}", check.namespace, check.name),
