@@ -25,6 +25,12 @@ pub struct MapLabel {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthCheckLabel {
+    /// "open" (listening) or "failed" (the port could not be bound; retried at every sync).
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct SkipLabel {
     /// "Service", "EndpointSlice", "Node", or "file" for a document that did not parse.
@@ -49,6 +55,7 @@ pub struct Metrics {
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub skipped_objects: Family<SkipLabel, Gauge>,
+    pub health_check_node_ports: Family<HealthCheckLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -79,6 +86,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             skipped_objects: Family::default(),
+            health_check_node_ports: Family::default(),
             registry: Registry::default(),
         };
         m.registry.register(
@@ -145,6 +153,11 @@ impl Metrics {
             "ebpf_kube_proxy_skipped_objects",
             "Input objects currently skipped, by kind of object and reason",
             m.skipped_objects.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_health_check_node_ports",
+            "healthCheckNodePort servers of Services with externalTrafficPolicy Local, by state",
+            m.health_check_node_ports.clone(),
         );
         m
     }

@@ -24,13 +24,14 @@ use proxy_common::NodeConfig;
 
 use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
+use crate::healthcheck::{self, HealthCheckServers};
 use crate::http::{self, Health};
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
-use crate::translate::{node_info, translate};
+use crate::translate::{health_checks, node_info, translate};
 use crate::{abi, devices, safety};
 
 /// Where Services and EndpointSlices come from.
@@ -200,9 +201,18 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     let mut state = LoopState::default();
+    let mut health_check_servers = HealthCheckServers::new(health.clone());
     loop {
         let started = Instant::now();
-        let ok = sync_once(&config, &source, &mut syncer, &mut state, &metrics, &health);
+        let ok = sync_once(
+            &config,
+            &source,
+            &mut syncer,
+            &mut state,
+            &metrics,
+            &health,
+            &mut health_check_servers,
+        );
         let wait = if ok {
             config.sync_period
         } else {
@@ -281,6 +291,7 @@ fn sync_once(
     state: &mut LoopState,
     metrics: &Metrics,
     health: &Health,
+    health_check_servers: &mut HealthCheckServers,
 ) -> bool {
     let started = std::time::Instant::now();
     let snapshot = source.snapshot(&config.node_name);
@@ -315,6 +326,8 @@ fn sync_once(
     );
     let mut skipped: BTreeSet<Skipped> = snapshot.skipped.into_iter().collect();
     skipped.extend(translation.skipped);
+    let health_checks = health_checks(&snapshot.services, &snapshot.slices, &node);
+    skipped.extend(health_checks.skipped);
     let over_capacity: BTreeSet<Skipped> = over_capacity.into_iter().collect();
     skipped.extend(over_capacity.iter().cloned());
     report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
@@ -328,6 +341,9 @@ fn sync_once(
                 .observe(started.elapsed().as_secs_f64());
             metrics.last_sync_timestamp.set(unix_seconds(now));
             observe_programming_latency(&snapshot.slices, &slice_changes, now, metrics);
+            // Like kube-proxy, after the rules are in place.
+            let addresses = healthcheck::listen_addresses(&config.node_port_cidrs, &node);
+            health_check_servers.sync(&health_checks.checks, &addresses, metrics);
             let programmed = syncer.programmed();
             let service_entries: usize = programmed
                 .frontends

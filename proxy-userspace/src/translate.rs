@@ -1082,6 +1082,10 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
     )
 }
 
+// Health-check node ports (C12, C13): the same objects, read for the health-check servers.
+mod health;
+pub use health::{HealthCheck, HealthChecks, health_checks};
+
 // The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
 mod source_ranges;
 

@@ -59,7 +59,26 @@ impl Harness {
     /// Starts `ebpf-kube-proxy run <source_args>` (e.g. `--kubeconfig FILE`), attached to the
     /// test cgroup, with this test's pins and loopback-only HTTP endpoints.
     pub fn start_agent_with(&mut self, source_args: &[&std::ffi::OsStr]) {
-        let mut command = Command::new(AGENT);
+        self.spawn_agent(Command::new(AGENT), source_args);
+    }
+
+    /// Starts the agent on the manifests directory inside the node namespace (whose bridge
+    /// has `netns::BRIDGE_ADDR`), with `extra` arguments: for tests of servers the agent
+    /// opens itself, such as health-check node ports, which must not touch the host's
+    /// namespace. Its `/healthz` and `/metrics` are then in that namespace too.
+    pub fn start_agent_in_node(&mut self, extra: &[&str]) {
+        let command = self
+            .topo
+            .node
+            .command(AGENT, None)
+            .expect("agent command in the node namespace");
+        let manifests = self.manifests.clone();
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        self.spawn_agent(command, &args);
+    }
+
+    fn spawn_agent(&mut self, mut command: Command, source_args: &[&std::ffi::OsStr]) {
         command
             .arg("--pin-path")
             .arg(&self.pin_path)

@@ -1,0 +1,428 @@
+//! healthCheckNodePort servers (C12, C13): one HTTP server per LoadBalancer Service with
+//! `externalTrafficPolicy: Local`, which the cloud load balancer probes to learn which
+//! nodes have endpoints of it. kube-proxy's `pkg/proxy/healthcheck/service_health.go`.
+//!
+//! After every successful sync the run loop hands over the current [`HealthCheck`]s:
+//! servers of Services that are gone, or whose port changed, are closed; new ones are
+//! opened; every server's count is updated. Any method and any path answers with
+//! `X-Load-Balancing-Endpoint-Weight: <n>` and kube-proxy's JSON body; 200 when this node has
+//! a ready endpoint of the Service and the agent is healthy (the same health as `/healthz`,
+//! without the node's eligibility), 503 otherwise.
+//!
+//! Addresses: kube-proxy listens on all addresses unless `--nodeport-addresses` is set, then
+//! on the node's addresses in those CIDRs; here those are the Node object's addresses that
+//! NodePorts are served on (see `translate::node_info`). When they change, the servers are
+//! reopened on the new ones.
+//!
+//! A port that cannot be bound (taken by another process, or by two Services in a
+//! hand-written manifest) does not stop anything: it is logged once while it lasts, counted
+//! in `ebpf_kube_proxy_health_check_node_ports{state="failed"}`, and tried again at every
+//! sync, like kube-proxy does (it also emits a `FailedToStartServiceHealthcheck` event; this
+//! agent writes no events yet). Closing is asynchronous (the server stops accepting and
+//! closes idle connections at once, in-flight requests finish), so a port handed from one
+//! Service to another in the same sync may fail once and be bound at the next sync.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+use crate::http::Health;
+use crate::metrics::{HealthCheckLabel, Metrics};
+use crate::model::NodeInfo;
+use crate::translate::HealthCheck;
+
+/// The header GCE's weighted load balancing reads; kube-proxy sets it to the count.
+const ENDPOINT_WEIGHT: HeaderName = HeaderName::from_static("x-load-balancing-endpoint-weight");
+
+/// (namespace, name) of a Service.
+type ServiceName = (String, String);
+
+/// The addresses health-check servers listen on: all of them (`0.0.0.0`) when
+/// `--nodeport-addresses` is not given, else the node's NodePort addresses.
+pub fn listen_addresses(node_port_cidrs: &[(Ipv4Addr, u8)], node: &NodeInfo) -> Vec<Ipv4Addr> {
+    if node_port_cidrs.is_empty() {
+        vec![Ipv4Addr::UNSPECIFIED]
+    } else {
+        node.node_port_addresses.clone()
+    }
+}
+
+/// The open servers, and the Services whose port could not be bound.
+pub struct HealthCheckServers {
+    health: Arc<Health>,
+    open: BTreeMap<ServiceName, Server>,
+    /// The error of the last attempt, to log each failure once while it lasts.
+    failed: BTreeMap<ServiceName, String>,
+}
+
+/// One Service's server: a listener per address, all sharing the count.
+struct Server {
+    port: u16,
+    addresses: Vec<Ipv4Addr>,
+    state: Arc<ServiceState>,
+    /// Dropping these stops the listeners.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+/// What the handler reads.
+struct ServiceState {
+    namespace: String,
+    name: String,
+    local_endpoints: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct HandlerState {
+    service: Arc<ServiceState>,
+    health: Arc<Health>,
+}
+
+impl HealthCheckServers {
+    pub fn new(health: Arc<Health>) -> Self {
+        HealthCheckServers {
+            health,
+            open: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the servers match `checks` on `addresses` (kube-proxy's `SyncServices` then
+    /// `SyncEndpoints`). Must run inside the tokio runtime.
+    pub fn sync(&mut self, checks: &[HealthCheck], addresses: &[Ipv4Addr], metrics: &Metrics) {
+        let wanted: BTreeMap<ServiceName, &HealthCheck> = checks
+            .iter()
+            .map(|c| ((c.namespace.clone(), c.name.clone()), c))
+            .collect();
+        self.open.retain(|service, server| {
+            let keep = wanted
+                .get(service)
+                .is_some_and(|c| c.port == server.port && server.addresses == addresses);
+            if !keep {
+                tracing::info!(
+                    service = %format!("{}/{}", service.0, service.1),
+                    port = server.port,
+                    "closing health check node port"
+                );
+            }
+            keep
+        });
+        self.failed
+            .retain(|service, _| wanted.contains_key(service));
+
+        for (service, check) in wanted {
+            if let Some(server) = self.open.get(&service) {
+                server
+                    .state
+                    .local_endpoints
+                    .store(check.local_endpoints, Ordering::Relaxed);
+                continue;
+            }
+            match self.open_server(check, addresses) {
+                Ok(server) if addresses.is_empty() => {
+                    // kube-proxy does the same when no interface address is in the CIDRs.
+                    tracing::warn!(
+                        service = %format!("{}/{}", check.namespace, check.name),
+                        port = check.port,
+                        "health check node port listens nowhere: the Node has no address \
+                         within --nodeport-addresses"
+                    );
+                    self.failed.remove(&service);
+                    self.open.insert(service, server);
+                }
+                Ok(server) => {
+                    tracing::info!(
+                        service = %format!("{}/{}", check.namespace, check.name),
+                        port = check.port,
+                        addresses = ?addresses,
+                        local_endpoints = check.local_endpoints,
+                        "serving health check node port"
+                    );
+                    self.failed.remove(&service);
+                    self.open.insert(service, server);
+                }
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    if self.failed.get(&service) != Some(&error) {
+                        tracing::error!(
+                            "Service {}/{}: cannot serve healthCheckNodePort {} (retried at \
+                             every sync): {error}",
+                            check.namespace,
+                            check.name,
+                            check.port
+                        );
+                    }
+                    self.failed.insert(service, error);
+                }
+            }
+        }
+
+        for (state, n) in [("open", self.open.len()), ("failed", self.failed.len())] {
+            metrics
+                .health_check_node_ports
+                .get_or_create(&HealthCheckLabel {
+                    state: state.into(),
+                })
+                .set(n as i64);
+        }
+    }
+
+    /// Binds every address, then serves them all; on any failure nothing stays open, so
+    /// that the next attempt starts clean.
+    fn open_server(&self, check: &HealthCheck, addresses: &[Ipv4Addr]) -> Result<Server> {
+        let listeners = addresses
+            .iter()
+            .map(|&addr| bind(SocketAddr::from((addr, check.port))))
+            .collect::<Result<Vec<_>>>()?;
+        let state = Arc::new(ServiceState {
+            namespace: check.namespace.clone(),
+            name: check.name.clone(),
+            local_endpoints: AtomicUsize::new(check.local_endpoints),
+        });
+        let app = Router::new().fallback(answer).with_state(HandlerState {
+            service: state.clone(),
+            health: self.health.clone(),
+        });
+        let mut stop = Vec::new();
+        for listener in listeners {
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            stop.push(stop_tx);
+            let app = app.clone();
+            let service = format!("{}/{}", check.namespace, check.name);
+            tokio::spawn(async move {
+                let shutdown = async {
+                    // A send or a drop of the sender: either means stop.
+                    let _ = stop_rx.await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!("health check server of Service {service} stopped: {e}");
+                }
+            });
+        }
+        Ok(Server {
+            port: check.port,
+            addresses: addresses.to_vec(),
+            state,
+            _stop: stop,
+        })
+    }
+}
+
+/// Binds now, so that a taken port is known in this sync.
+fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener).with_context(|| format!("serving {addr}"))
+}
+
+/// kube-proxy's `hcHandler.ServeHTTP`, for any method and path.
+async fn answer(State(state): State<HandlerState>) -> Response {
+    let count = state.service.local_endpoints.load(Ordering::Relaxed);
+    let (healthy, _, _) = state.health.status(SystemTime::now());
+    let code = if count > 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = body(
+        &state.service.namespace,
+        &state.service.name,
+        count,
+        healthy,
+    );
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (ENDPOINT_WEIGHT, count.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// kube-proxy's body byte for byte: tab-indented, no final newline.
+fn body(namespace: &str, name: &str, count: usize, healthy: bool) -> String {
+    // Names are DNS labels; JSON-quoting them keeps any other string valid JSON too.
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\
+         \"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
+        quote(namespace),
+        quote(name)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn check(name: &str, port: u16, local_endpoints: usize) -> HealthCheck {
+        HealthCheck {
+            namespace: "default".into(),
+            name: name.into(),
+            port,
+            local_endpoints,
+        }
+    }
+
+    /// A port free on loopback right now.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// `GET path` on 127.0.0.1:port: (status, headers, body), or the connect error.
+    async fn get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, head.to_lowercase(), body.to_owned()))
+    }
+
+    /// Waits (bounded) until nothing listens on the port any more.
+    async fn wait_closed(port: u16) {
+        for _ in 0..200 {
+            if get(port, "/").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("port {port} still answers");
+    }
+
+    fn gauge(metrics: &Metrics, state: &str) -> i64 {
+        metrics
+            .health_check_node_ports
+            .get_or_create(&HealthCheckLabel {
+                state: state.into(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn the_body_is_kube_proxys_byte_for_byte() {
+        assert_eq!(
+            body("shop", "web", 2, true),
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"web\"\n\t},\n\t\
+             \"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+    }
+
+    #[test]
+    fn listens_everywhere_unless_nodeport_addresses_are_given() {
+        let node = NodeInfo {
+            node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            ..NodeInfo::default()
+        };
+        assert_eq!(listen_addresses(&[], &node), [Ipv4Addr::UNSPECIFIED]);
+        let cidrs = [(Ipv4Addr::new(192, 0, 2, 0), 24)];
+        assert_eq!(
+            listen_addresses(&cidrs, &node),
+            [Ipv4Addr::new(192, 0, 2, 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn c13_answers_any_path_with_the_count_and_closes_when_the_service_goes() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Metrics::new();
+        let mut servers = HealthCheckServers::new(health.clone());
+        let port = free_port();
+        let loopback = [Ipv4Addr::LOCALHOST];
+
+        servers.sync(&[check("web", port, 2)], &loopback, &metrics);
+        let (code, head, body) = get(port, "/anything").await.expect("served");
+        assert_eq!(code, 200, "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        assert!(
+            head.contains("x-load-balancing-endpoint-weight: 2"),
+            "{head}"
+        );
+        assert_eq!(body, super::body("default", "web", 2, true));
+        assert_eq!(gauge(&metrics, "open"), 1);
+
+        // C12: no local endpoint left: 503, weight 0, same server.
+        servers.sync(&[check("web", port, 0)], &loopback, &metrics);
+        let (code, head, body) = get(port, "/healthz").await.expect("served");
+        assert_eq!(code, 503);
+        assert!(
+            head.contains("x-load-balancing-endpoint-weight: 0"),
+            "{head}"
+        );
+        assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+
+        // An agent that is not keeping up fails every check, endpoints or not.
+        servers.sync(&[check("web", port, 1)], &loopback, &metrics);
+        health.queued(SystemTime::now() - Duration::from_secs(120));
+        let (code, _, body) = get(port, "/").await.expect("served");
+        assert_eq!(code, 503);
+        assert!(body.contains("\"serviceProxyHealthy\": false"), "{body}");
+        health.updated(SystemTime::now());
+
+        servers.sync(&[], &loopback, &metrics);
+        wait_closed(port).await;
+        assert_eq!(gauge(&metrics, "open"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_port_change_moves_the_server() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Metrics::new();
+        let mut servers = HealthCheckServers::new(health);
+        let (first, second) = (free_port(), free_port());
+        let loopback = [Ipv4Addr::LOCALHOST];
+        servers.sync(&[check("web", first, 1)], &loopback, &metrics);
+        assert_eq!(get(first, "/").await.expect("served").0, 200);
+        servers.sync(&[check("web", second, 1)], &loopback, &metrics);
+        wait_closed(first).await;
+        assert_eq!(get(second, "/").await.expect("served").0, 200);
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_reported_and_retried_at_the_next_sync() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Metrics::new();
+        let mut servers = HealthCheckServers::new(health);
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = squatter.local_addr().expect("addr").port();
+        let loopback = [Ipv4Addr::LOCALHOST];
+        let checks = [check("web", port, 1), check("api", free_port(), 1)];
+
+        servers.sync(&checks, &loopback, &metrics);
+        assert_eq!(gauge(&metrics, "failed"), 1);
+        assert_eq!(gauge(&metrics, "open"), 1, "the other Service is served");
+
+        drop(squatter);
+        servers.sync(&checks, &loopback, &metrics);
+        assert_eq!(gauge(&metrics, "failed"), 0);
+        assert_eq!(gauge(&metrics, "open"), 2);
+        assert_eq!(get(port, "/").await.expect("served").0, 200);
+    }
+}
