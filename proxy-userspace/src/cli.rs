@@ -148,14 +148,16 @@ struct RunArgs {
 
     /// Network devices, comma-separated, whose traffic to NodePorts, externalIPs and
     /// LoadBalancer IPs is translated by the north-south TCX programs (Cilium's flag;
-    /// kube-proxy has none). Without it, only the node's processes and pods reach Services.
+    /// kube-proxy has none). Default: the devices carrying the Node's InternalIP/ExternalIP
+    /// addresses and those with an IPv4 default route. Empty (`--devices ''`): none, only
+    /// the node's processes and pods reach Services.
     #[arg(long, value_delimiter = ',')]
-    devices: Vec<String>,
+    devices: Option<Vec<String>>,
 
     /// Address that traffic to backends on other nodes is source-NATed to, so that their
-    /// replies come back through this node [default: the first IPv4 address of the first
-    /// of --devices].
-    #[arg(long, requires = "devices")]
+    /// replies come back through this node [default: the Node's first address found on a
+    /// device, else the first IPv4 address of the first device].
+    #[arg(long)]
     snat_address: Option<std::net::Ipv4Addr>,
 
     /// Source ports for that SNAT (inclusive). Keep it clear of
@@ -166,6 +168,29 @@ struct RunArgs {
     /// eBPF programs' logging, applied at start (`bpf-log` changes it while running).
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     bpf_log_level: BpfLogLevel,
+}
+
+/// `--devices` absent: detect; empty: no north-south programs; else the devices named.
+fn north_south(
+    devices: Option<Vec<String>>,
+    snat_address: Option<std::net::Ipv4Addr>,
+    snat_ports: (u16, u16),
+) -> Option<run::NorthSouthConfig> {
+    let devices = match devices {
+        None => None,
+        Some(list) => {
+            let named: Vec<String> = list.into_iter().filter(|d| !d.is_empty()).collect();
+            if named.is_empty() {
+                return None;
+            }
+            Some(named)
+        }
+    };
+    Some(run::NorthSouthConfig {
+        devices,
+        snat_address,
+        snat_ports,
+    })
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -314,11 +339,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
                 bpf_log_level: args.bpf_log_level.raw(),
-                north_south: (!args.devices.is_empty()).then(|| run::NorthSouthConfig {
-                    devices: args.devices.clone(),
-                    snat_address: args.snat_address,
-                    snat_ports: args.snat_port_range,
-                }),
+                north_south: north_south(
+                    args.devices.clone(),
+                    args.snat_address,
+                    args.snat_port_range,
+                ),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -405,6 +430,25 @@ mod tests {
         assert!(parse_cidr("10.0.0.0").is_err());
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("primary").is_err());
+    }
+
+    #[test]
+    fn devices_are_detected_unless_named_and_empty_turns_them_off() {
+        use clap::Parser;
+        let devices = |extra: &[&str]| {
+            let argv = ["ebpf-kube-proxy", "run", "--manifests", "/m"];
+            let cli = Cli::try_parse_from(argv.iter().chain(extra)).expect("parsing");
+            let Command::Run(args) = cli.command else {
+                panic!("not run");
+            };
+            north_south(args.devices, None, (61000, 65535)).map(|ns| ns.devices)
+        };
+        assert_eq!(devices(&[]), Some(None), "absent: detect");
+        assert_eq!(devices(&["--devices", ""]), None, "empty: off");
+        assert_eq!(
+            devices(&["--devices", "eth0,ens5"]),
+            Some(Some(vec!["eth0".into(), "ens5".into()]))
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The node's devices for the north-south programs (`run --devices`): the address traffic to
-//! remote backends is source-NATed to, and the SNAT port range checked against the host's
-//! own ephemeral ports.
+//! The node's devices for the north-south programs (`run --devices`): which devices they
+//! attach to when the flag is not given, the address traffic to remote backends is
+//! source-NATed to, and the SNAT port range checked against the host's own ephemeral ports.
 
 use std::ffi::CStr;
 use std::fs;
@@ -11,15 +11,77 @@ use anyhow::{Context, Result};
 /// Where the kernel keeps the host's ephemeral port range (per network namespace).
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
+/// Where the kernel lists the IPv4 routes of the main table (of this network namespace).
+const IPV4_ROUTES: &str = "/proc/net/route";
+
+/// The devices `run` attaches to without `--devices` (Cilium's detection): those carrying
+/// one of `node_addresses` (the Node's InternalIP and ExternalIP addresses), in that order,
+/// then those with an IPv4 default route; never `lo`, never one without an IPv4 address.
+/// The SNAT address is the first node address found on a device.
+pub fn detect(node_addresses: &[Ipv4Addr]) -> Result<(Vec<String>, Option<Ipv4Addr>)> {
+    let addresses = ipv4_addresses()?;
+    let mut devices: Vec<String> = Vec::new();
+    let mut snat = None;
+    for node_address in node_addresses {
+        let carriers = addresses
+            .iter()
+            .filter(|(d, a)| a == node_address && d != "lo");
+        for (device, _) in carriers {
+            snat.get_or_insert(*node_address);
+            if !devices.contains(device) {
+                devices.push(device.clone());
+            }
+        }
+    }
+    let routes =
+        fs::read_to_string(IPV4_ROUTES).with_context(|| format!("reading {IPV4_ROUTES}"))?;
+    for device in default_route_devices(&routes) {
+        if device != "lo"
+            && !devices.contains(&device)
+            && addresses.iter().any(|(d, _)| *d == device)
+        {
+            devices.push(device);
+        }
+    }
+    Ok((devices, snat))
+}
+
+/// The devices of the IPv4 default routes in `/proc/net/route`'s text (destination and mask
+/// zero), in table order.
+fn default_route_devices(routes: &str) -> Vec<String> {
+    let mut devices = Vec::new();
+    for line in routes.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        let (Some(device), Some(&"00000000"), Some(&"00000000")) =
+            (fields.first(), fields.get(1), fields.get(7))
+        else {
+            continue;
+        };
+        if !devices.iter().any(|d| d == device) {
+            devices.push((*device).to_owned());
+        }
+    }
+    devices
+}
+
 /// The first IPv4 address of `device`, in the kernel's order (the primary address unless
 /// the device has several); `None` when it has none.
 pub fn first_ipv4(device: &str) -> Result<Option<Ipv4Addr>> {
+    Ok(ipv4_addresses()?
+        .into_iter()
+        .find(|(d, _)| d == device)
+        .map(|(_, a)| a))
+}
+
+/// Every (device, IPv4 address) of this network namespace, in the kernel's order.
+fn ipv4_addresses() -> Result<Vec<(String, Ipv4Addr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a list we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return Err(std::io::Error::last_os_error()).context("getifaddrs");
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut entry = list;
     while !entry.is_null() {
         // SAFETY: a non-null entry of the list getifaddrs returned, alive until freeifaddrs.
@@ -36,13 +98,15 @@ pub fn first_ipv4(device: &str) -> Result<Option<Ipv4Addr>> {
                 i32::from((*ifa.ifa_addr).sa_family),
             )
         };
-        if family != libc::AF_INET || name.to_bytes() != device.as_bytes() {
+        if family != libc::AF_INET {
             continue;
         }
         // SAFETY: AF_INET: the sockaddr is a sockaddr_in.
         let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-        break;
+        found.push((
+            name.to_string_lossy().into_owned(),
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        ));
     }
     // SAFETY: the list came from getifaddrs and is not used any more.
     unsafe { libc::freeifaddrs(list) };
@@ -110,6 +174,25 @@ mod tests {
         assert!(overlap((61000, 65535), (32768, 61000)));
         assert!(overlap((61000, 65535), (1024, 65535)));
         assert!(overlap((62000, 62000), (61000, 65535)));
+    }
+
+    #[test]
+    fn default_routes_are_read_from_procfs() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            bond1\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth2\t00000000\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        assert_eq!(default_route_devices(routes), ["eth0", "bond1"]);
+        assert!(default_route_devices("Iface\n").is_empty());
+    }
+
+    #[test]
+    fn detection_finds_the_device_of_a_node_address_and_never_lo() {
+        let (devices, snat) = detect(&[Ipv4Addr::LOCALHOST]).expect("detect");
+        assert!(!devices.iter().any(|d| d == "lo"), "{devices:?}");
+        // 127.0.0.1 is on lo only: not a device to attach to, nor a SNAT address.
+        assert_eq!(snat, None);
     }
 
     #[test]

@@ -63,29 +63,49 @@ pub struct Config {
     /// What the eBPF programs log (`LOG_LEVEL_*`), written to the log switch at start.
     pub bpf_log_level: u8,
     /// The north-south programs (NodePort, externalIPs, LoadBalancer IPs from outside the
-    /// node); `None` (no `--devices`) serves only the socket programs.
+    /// node); `None` (`--devices ''`) serves only the socket programs.
     pub north_south: Option<NorthSouthConfig>,
 }
 
 /// `--devices` and the SNAT settings, as given.
 #[derive(Clone, Debug)]
 pub struct NorthSouthConfig {
-    pub devices: Vec<String>,
-    /// `--snat-address`; default: the first IPv4 address of the first device.
+    /// `None`: detect them from the Node's addresses and the default route.
+    pub devices: Option<Vec<String>>,
+    /// `--snat-address`; default: the Node's first address on a device, else the first
+    /// IPv4 address of the first device.
     pub snat_address: Option<Ipv4Addr>,
     /// `--snat-port-range`, inclusive.
     pub snat_ports: (u16, u16),
 }
 
 impl NorthSouthConfig {
-    /// The devices and the node config the programs read. A missing SNAT address is not an
-    /// error (a device may carry only LoadBalancer traffic to local pods); flows that need
-    /// SNAT are then left untranslated, which the warning says.
-    fn resolve(&self) -> Result<dataplane::NorthSouth> {
-        let Some(first) = self.devices.first() else {
+    /// The devices and the node config the programs read; `None` when detection finds no
+    /// device. A missing SNAT address is not an error (a device may carry only LoadBalancer
+    /// traffic to local pods); flows that need SNAT are then left untranslated, which the
+    /// warning says.
+    fn resolve(&self, node_addresses: &[Ipv4Addr]) -> Result<Option<dataplane::NorthSouth>> {
+        let (devices, node_snat) = match &self.devices {
+            Some(listed) => (listed.clone(), None),
+            None => {
+                let (found, snat) = devices::detect(node_addresses)
+                    .context("detecting the devices for north-south traffic")?;
+                if found.is_empty() {
+                    tracing::warn!(
+                        node_addresses = ?node_addresses,
+                        "no device carries the Node's addresses or a default route: no \
+                         north-south programs (name them with --devices)"
+                    );
+                    return Ok(None);
+                }
+                tracing::info!(devices = ?found, "north-south devices detected");
+                (found, snat)
+            }
+        };
+        let Some(first) = devices.first() else {
             anyhow::bail!("--devices names no device");
         };
-        let snat_addr = match self.snat_address {
+        let snat_addr = match self.snat_address.or(node_snat) {
             Some(addr) => Some(addr),
             None => devices::first_ipv4(first)
                 .with_context(|| format!("reading the addresses of {first}"))?,
@@ -110,14 +130,14 @@ impl NorthSouthConfig {
             Ok(_) => {}
             Err(e) => tracing::warn!("cannot check the SNAT port range: {e:#}"),
         }
-        Ok(dataplane::NorthSouth {
-            devices: self.devices.clone(),
+        Ok(Some(dataplane::NorthSouth {
+            devices,
             node_config: NodeConfig {
                 snat_addr: snat_addr.map_or(0, abi::addr_to_net),
                 snat_port_min: self.snat_ports.0,
                 snat_port_max: self.snat_ports.1,
             },
-        })
+        }))
     }
 }
 
@@ -144,36 +164,6 @@ impl Source {
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    let north_south = config
-        .north_south
-        .as_ref()
-        .map(NorthSouthConfig::resolve)
-        .transpose()?;
-    let (maps, _programs) = dataplane::start(
-        &config.pin_dir,
-        &config.cgroup,
-        config.map_sizes,
-        config.bpf_log_level,
-        north_south.as_ref(),
-    )?;
-    if let Some(ns) = &north_south {
-        tracing::info!(
-            devices = ?ns.devices,
-            snat_address = %abi::addr_from_net(ns.node_config.snat_addr),
-            snat_ports = ?(ns.node_config.snat_port_min, ns.node_config.snat_port_max),
-            "north-south programs attached"
-        );
-    }
-    let mut syncer = Syncer::adopt(maps);
-    tracing::info!(
-        frontends = syncer.programmed().frontends.len(),
-        backends = syncer.programmed().backends.len(),
-        pin_path = %config.pin_dir.display(),
-        cgroup = %config.cgroup.display(),
-        node = %config.node_name,
-        "datapath ready; adopted what was pinned"
-    );
-
     let metrics = Arc::new(Metrics::new());
     for (map, capacity) in map_capacities(&config.map_sizes) {
         metrics
@@ -199,6 +189,43 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
+
+    // The programs of a previous run keep serving from the pinned maps until the new ones
+    // are swapped in; detecting devices needs the Node's addresses, hence the source first.
+    let node_addresses = node_info(
+        &config.node_name,
+        source.snapshot(&config.node_name).node.as_ref(),
+        &[],
+    )
+    .node_port_addresses;
+    let north_south = match &config.north_south {
+        Some(ns) => ns.resolve(&node_addresses)?,
+        None => None,
+    };
+    let (maps, _programs) = dataplane::start(
+        &config.pin_dir,
+        &config.cgroup,
+        config.map_sizes,
+        config.bpf_log_level,
+        north_south.as_ref(),
+    )?;
+    if let Some(ns) = &north_south {
+        tracing::info!(
+            devices = ?ns.devices,
+            snat_address = %abi::addr_from_net(ns.node_config.snat_addr),
+            snat_ports = ?(ns.node_config.snat_port_min, ns.node_config.snat_port_max),
+            "north-south programs attached"
+        );
+    }
+    let mut syncer = Syncer::adopt(maps);
+    tracing::info!(
+        frontends = syncer.programmed().frontends.len(),
+        backends = syncer.programmed().backends.len(),
+        pin_path = %config.pin_dir.display(),
+        cgroup = %config.cgroup.display(),
+        node = %config.node_name,
+        "datapath ready; adopted what was pinned"
+    );
 
     let mut state = LoopState::default();
     let mut health_check_servers = HealthCheckServers::new(health.clone());

@@ -1,6 +1,6 @@
 //! Privileged: north-south traffic across two nodes (issue 4), the seed's NodePort example
 //! rebuilt in network namespaces (C08, C10), and the other north-south cases (C06, C09,
-//! C11, C12, C22, C23, C31) on LoadBalancer, externalIP and NodePort Services.
+//! C11, C12, C22, C23, C31, C32) on LoadBalancer, externalIP and NodePort Services.
 //!
 //! Topology (every address lives in namespaces made here; none has a default route):
 //! a "fabric" namespace with a bridge joins `eth0` of node1 (192.168.77.11) and node2
@@ -130,6 +130,8 @@ impl Cluster {
                 &format!("pod-{i}"),
                 "--tcp",
                 "8080",
+                "--udp",
+                "5353",
                 "--echo-peer",
             ]);
             let server = Proc::spawn_ready(serve, &format!("pod-{i}"), "ready")
@@ -184,36 +186,49 @@ impl Cluster {
     /// Starts one agent inside each node namespace (so `--devices eth0` names that node's
     /// eth0), in the node's own cgroup, with its own pins and no HTTP endpoints.
     fn start_agents(&mut self) {
-        for node in &mut self.nodes {
-            let mut command = node
-                .ns
-                .command(AGENT, Some(&node.cgroup))
-                .expect("agent command");
-            command
-                .arg("--pin-path")
-                .arg(&node.pin_path)
-                .arg("run")
-                .arg("--manifests")
-                .arg(&self.manifests)
-                .arg("--cgroup")
-                .arg(node.cgroup.path())
-                .args([
-                    "--node-name",
-                    node.name,
-                    "--devices",
-                    "eth0",
-                    "--min-sync-period",
-                    "100ms",
-                    "--healthz-bind-address",
-                    "",
-                    "--metrics-bind-address",
-                    "",
-                ])
-                .env("EKP_LOG", "info");
-            let log = fs::File::create(&node.log).expect("creating the agent log");
-            command.stderr(log);
-            node.agent = Some(Proc::spawn(command, node.name).expect("starting the agent"));
+        for i in 0..self.nodes.len() {
+            self.start_agent(i, Some("eth0"));
         }
+    }
+
+    /// Starts node `i`'s agent with `--devices <devices>`, or without the flag (detection).
+    /// Its log is appended to, so that restarts keep what came before.
+    fn start_agent(&mut self, i: usize, devices: Option<&str>) {
+        let manifests = self.manifests.clone();
+        let node = &mut self.nodes[i];
+        let mut command = node
+            .ns
+            .command(AGENT, Some(&node.cgroup))
+            .expect("agent command");
+        command
+            .arg("--pin-path")
+            .arg(&node.pin_path)
+            .arg("run")
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--cgroup")
+            .arg(node.cgroup.path())
+            .args([
+                "--node-name",
+                node.name,
+                "--min-sync-period",
+                "100ms",
+                "--healthz-bind-address",
+                "",
+                "--metrics-bind-address",
+                "",
+            ])
+            .env("EKP_LOG", "info");
+        if let Some(devices) = devices {
+            command.args(["--devices", devices]);
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("opening the agent log");
+        command.stderr(log);
+        node.agent = Some(Proc::spawn(command, node.name).expect("starting the agent"));
     }
 
     /// Waits until node `i`'s agent shows the external-scope NodePort frontend on its own
@@ -476,7 +491,8 @@ fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_addres
 /// - C12: `externalTrafficPolicy: Local` with the only endpoint on node2: node1 drops,
 ///   node2 serves with the client's address;
 /// - C09: the node itself reaches its own NodePort; C11: a pod on node1 reaches the `Local`
-///   Service's NodePort on node1 through the cluster endpoints (pod-2).
+///   Service's NodePort on node1 through the cluster endpoints (pod-2);
+/// - C32: a host process bound to the NodePort's port does not get the NodePort's traffic.
 #[test]
 fn load_balancer_external_ip_and_node_port_cases() {
     let mut cluster = Cluster::new("nscases");
@@ -572,6 +588,29 @@ fn load_balancer_external_ip_and_node_port_cases() {
         counts.keys().filter_map(|a| a.split(' ').next()).collect();
     assert_eq!(pods, ["pod-1", "pod-2"].into(), "{counts:?}");
 
+    // C32: a host process may bind the NodePort's port (neither kube-proxy nor this agent
+    // refuses the bind), but traffic to the NodePort keeps going to the Service.
+    let mut squatter = node1.ns.command(PEER, None).expect("host process command");
+    squatter.args([
+        "serve",
+        "--name",
+        "host-process",
+        "--tcp",
+        &NODE_PORT.to_string(),
+    ]);
+    let _squatter = Proc::spawn_ready(squatter, "host process", "ready")
+        .unwrap_or_else(|e| panic!("binding the NodePort's port on node1: {e:#}"));
+    let counts = cluster.requests("192.168.77.11:30080", 20);
+    assert!(
+        counts.keys().all(|answer| answer.starts_with("pod-")),
+        "{counts:?}"
+    );
+    let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "192.168.77.11:30080", 20);
+    assert!(
+        counts.keys().all(|answer| answer.starts_with("pod-")),
+        "{counts:?}"
+    );
+
     // C11: a pod on node1 to node1's NodePort of the Local Service: the cluster endpoints.
     let counts = cluster.requests_from(&node1.pod, Some(&node1.cgroup), "192.168.77.11:30082", 10);
     assert_eq!(
@@ -626,4 +665,165 @@ endpoints:
   - addresses: [10.244.2.10]
     conditions: {ready: true}
     nodeName: node-2
+";
+
+/// Without `--devices` the agent finds the node's device from the Node's address (these
+/// node namespaces have no default route), adopts its pinned TCX links across SIGKILL
+/// restarts while an external client opens TCP connections and sends UDP requests to the
+/// NodePort without one failing (C33 with a NodePort), applies a Service added while it was
+/// down, and detaches from the device when restarted with `--devices ''`.
+#[test]
+fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
+    use std::os::unix::fs::MetadataExt;
+
+    let mut cluster = Cluster::new("nprestart");
+    cluster.write_manifest("svc.yaml", &service_with_udp());
+    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
+        "ports: [{name: http, port: 8080, protocol: TCP}]",
+        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
+    ));
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.start_agent(0, None);
+    let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for_node_port(0, &both);
+    let links = cluster.nodes[0].pin_path.join("links");
+    let tcx_links = || -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&links)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.contains('@'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    assert_eq!(tcx_links(), ["ekp_tcx_in@eth0", "ekp_tcx_out@eth0"]);
+    let pin_inode = || {
+        fs::metadata(links.join("ekp_tcx_in@eth0"))
+            .expect("the pinned TCX link")
+            .ino()
+    };
+    let attached = pin_inode();
+
+    let client = |name: &str, args: &[&str]| {
+        let mut command = cluster.client.command(PEER, None).expect("client command");
+        command.args(args);
+        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", cluster.prefix));
+        common::BackgroundClient::spawn(command, output)
+    };
+    let node_port = format!("192.168.77.11:{NODE_PORT}");
+    let mut tcp = client("tcp", &["tcp", &node_port, "3000", "--every-ms", "1"]);
+    let mut udp = client(
+        "udp",
+        &["udp", "192.168.77.11:30053", "3000", "--every-ms", "1"],
+    );
+
+    let mut restarts_under_load = 0;
+    let mut round = 0;
+    while tcp.running() && udp.running() {
+        if let Some(mut agent) = cluster.nodes[0].agent.take() {
+            agent.kill();
+        }
+        if round == 2 {
+            cluster.write_manifest("later.yaml", LATER);
+        }
+        cluster.start_agent(0, None);
+        cluster.wait_for_node_port(0, &both);
+        if round >= 2 {
+            cluster.wait_for(0, "192.168.77.11:30090", "external", &["10.244.1.10:8080"]);
+        }
+        if tcp.running() && udp.running() {
+            restarts_under_load += 1;
+        }
+        round += 1;
+    }
+    assert!(
+        restarts_under_load >= 5,
+        "only {restarts_under_load} restarts happened while the clients ran"
+    );
+    assert!(
+        round > 2,
+        "the change made while the agent was down was never exercised"
+    );
+    for (what, client) in [("TCP", tcp), ("UDP", udp)] {
+        let lines = client.lines();
+        assert_eq!(lines.len(), 3000, "{what}");
+        let failed: Vec<&Value> = lines.iter().filter(|l| l["ok"] != true).collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of 3000 failed, e.g. {}\n{}",
+            failed.len(),
+            failed[0],
+            cluster.logs()
+        );
+    }
+    assert_eq!(
+        pin_inode(),
+        attached,
+        "the link was adopted, never re-pinned"
+    );
+    let counts = cluster.requests("192.168.77.11:30090", 5);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        [&format!("pod-1 {CLIENT}")]
+    );
+
+    // Taken out of north-south service: the links go, and node1's own stack refuses the
+    // NodePort nobody listens on.
+    if let Some(mut agent) = cluster.nodes[0].agent.take() {
+        agent.kill();
+    }
+    cluster.start_agent(0, Some(""));
+    cluster.wait_for(0, &node_port, "external", &both);
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while !tcx_links().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "TCX links still pinned: {:?}",
+            tcx_links()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = cluster.fails(&cluster.client, None, &node_port);
+    assert_eq!(refused["errno"], 111, "{refused}");
+}
+
+fn service_with_udp() -> String {
+    service("Cluster").replace(
+        "ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]",
+        "ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}",
+    )
+}
+
+const LATER: &str = "apiVersion: v1
+kind: Service
+metadata: {name: later, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: later-1
+  namespace: default
+  labels: {kubernetes.io/service-name: later}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.10]
+    conditions: {ready: true}
+    nodeName: node-1
 ";

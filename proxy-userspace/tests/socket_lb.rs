@@ -300,7 +300,16 @@ fn cleanup_detaches_the_programs_and_removes_the_pins() {
         "{} still exists",
         h.pin_path.display()
     );
-    // No program translates any more: the Service address dead-ends in the namespace.
+    // No program translates any more: the Service address dead-ends in the namespace. The
+    // kernel releases an unpinned link in deferred work, so the detach is waited for
+    // (bounded), then must hold.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.client(&["tcp", "10.96.0.10:80", "1"])[0]["errno"] != ENETUNREACH {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the programs still translate after cleanup"
+        );
+    }
     for line in h.client(&["tcp", "10.96.0.10:80", "3"]) {
         assert_eq!(line["errno"], ENETUNREACH, "{line}");
     }

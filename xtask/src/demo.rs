@@ -78,7 +78,9 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         .arg(topo.cgroup.path())
         .args(["--node-name", "node-1"])
         .args(["--healthz-bind-address", "127.0.0.1:0"])
-        .args(["--metrics-bind-address", "127.0.0.1:0"]);
+        .args(["--metrics-bind-address", "127.0.0.1:0"])
+        // The agent runs in the host's namespace: no north-south programs on its devices.
+        .args(["--devices", ""]);
     println!("  {}", cmd::display(&agent_cmd));
     let mut agent = Proc::spawn(agent_cmd, "ebpf-kube-proxy")?;
     wait_until_listed(&bins.agent, &leftovers.pin_path, &mut agent)?;

@@ -96,6 +96,10 @@ impl Harness {
                 "127.0.0.1:0",
                 "--metrics-bind-address",
                 "127.0.0.1:0",
+                // No north-south programs: the agent may run in the host's namespace, whose
+                // devices a test must never touch.
+                "--devices",
+                "",
             ])
             .env("EKP_LOG", "info");
         // The agent's log goes to a file the test can read (and that is shown on failure).
@@ -143,17 +147,15 @@ impl Harness {
     /// cgroup). Its JSON lines go to a file (a pipe nobody reads would block it), read by
     /// `BackgroundClient::lines` once it is done.
     pub fn spawn_client(&self, name: &str, args: &[&str]) -> BackgroundClient {
-        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", self.prefix));
-        let file = fs::File::create(&output).expect("creating the client output file");
         let mut command = self
             .topo
             .client
             .ns
             .command(PEER, Some(&self.topo.cgroup))
             .expect("client command");
-        command.args(args).stdout(file);
-        let child = command.spawn().expect("starting the client");
-        BackgroundClient { child, output }
+        command.args(args);
+        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", self.prefix));
+        BackgroundClient::spawn(command, output)
     }
 
     /// The address the agent logged for one of its HTTP servers ("serving healthz on
@@ -349,6 +351,14 @@ pub struct BackgroundClient {
 }
 
 impl BackgroundClient {
+    /// Starts `command` (an `ekp-peer` client) with its JSON lines going to `output`.
+    pub fn spawn(mut command: Command, output: PathBuf) -> Self {
+        let file = fs::File::create(&output).expect("creating the client output file");
+        command.stdout(file);
+        let child = command.spawn().expect("starting the client");
+        BackgroundClient { child, output }
+    }
+
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

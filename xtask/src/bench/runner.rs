@@ -181,6 +181,8 @@ impl Agent {
             .args(["--node-name", "bench-node"])
             .args(["--healthz-bind-address", ""])
             .args(["--metrics-bind-address", ""])
+            // The agent runs in the host's namespace: no north-south programs on its devices.
+            .args(["--devices", ""])
             .args(["--map-size-services", &pow2(4 * n + 16)])
             .args(["--map-size-backends", &pow2(2 * n + 16)])
             .env("EKP_LOG", "warn");
