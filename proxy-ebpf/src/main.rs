@@ -7,7 +7,8 @@
 //!   devices): NodePort, externalIP and LoadBalancer traffic from outside the node is DNATed
 //!   to a backend (and SNATed to the node for a remote one), replies are translated back.
 //!   Its parts: `nat` (conntrack/NAT entries, SNAT ports, rewrites), `csum` (checksum
-//!   updates), `parse` (bounds-checked header access), `fib` (forwarding past the stack).
+//!   updates), `parse` (bounds-checked header access), `fib` (forwarding past the stack),
+//!   `icmp` (ICMP errors about translated flows).
 //! - `lb`: backend selection (random, session affinity), shared by both.
 //! - `maps`: every map, declared once.
 //! - `log`: logging behind the agent's switch (off by default).
@@ -16,6 +17,7 @@
 
 mod csum;
 mod fib;
+mod icmp;
 mod lb;
 mod log;
 mod maps;

@@ -9,6 +9,8 @@
 //! - `ekp_tcx_out` (TCX egress): replies of local backends to external clients, whose source
 //!   goes back to the frontend.
 //!
+//! Both translate ICMP errors about a tracked flow too (`icmp`).
+//!
 //! What is not a translatable packet (not IPv4, IP options, fragments, truncated headers,
 //! other protocols) or not ours (no flow, no frontend) passes unchanged with no verdict of
 //! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
@@ -24,6 +26,7 @@ use proxy_common::{
 };
 
 use crate::fib;
+use crate::icmp;
 use crate::lb::{self, now_secs};
 use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
@@ -53,7 +56,9 @@ pub fn ekp_tcx_out(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tcx_in(ctx: &TcContext) -> Result<i32, i32> {
-    let pkt = parse::ipv4_l4(ctx).ok_or(PASS)?;
+    let Some(pkt) = parse::ipv4_l4(ctx) else {
+        return Ok(icmp::translate_error(ctx, CT_DIR_IN, PASS, DROP).unwrap_or(PASS));
+    };
     let now = now_secs();
     let key = nat::key_of(&pkt, CT_DIR_IN);
     if let Some(entry) = NAT_CT.get_ptr_mut(&key) {
@@ -73,7 +78,9 @@ fn try_tcx_in(ctx: &TcContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
-    let pkt = parse::ipv4_l4(ctx).ok_or(PASS)?;
+    let Some(pkt) = parse::ipv4_l4(ctx) else {
+        return Ok(icmp::translate_error(ctx, CT_DIR_OUT, PASS, DROP).unwrap_or(PASS));
+    };
     let key = nat::key_of(&pkt, CT_DIR_OUT);
     let entry = NAT_CT.get_ptr_mut(&key).ok_or(PASS)?;
     // SAFETY: copied out at once.

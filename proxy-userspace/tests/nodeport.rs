@@ -123,6 +123,8 @@ impl Cluster {
             ip(&pod, &format!("addr add 10.244.{i}.10/24 dev eth0"));
             ip(&pod, &format!("route add 10.244.0.0/16 via 10.244.{i}.1"));
             ip(&pod, &format!("route add 192.168.77.0/24 via 10.244.{i}.1"));
+            // Port-unreachable errors are tested one per request, not rate-limited.
+            sysctl(&pod, "net.ipv4.icmp_ratelimit=0");
             let mut serve = pod.command(PEER, None).expect("server command");
             serve.args([
                 "serve",
@@ -324,8 +326,13 @@ impl Cluster {
 
     /// `count` HTTP requests from `ns` (in `cgroup`), one JSON outcome line each.
     fn attempts(&self, ns: &Netns, cgroup: Option<&Cgroup>, to: &str, count: u32) -> Vec<Value> {
+        self.peer(ns, cgroup, &["tcp", to, &count.to_string()])
+    }
+
+    /// `ekp-peer <args>` as a client in `ns` (in `cgroup`): its JSON outcome lines.
+    fn peer(&self, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Vec<Value> {
         let mut command = ns.command(PEER, cgroup).expect("client command");
-        command.args(["tcp", to, &count.to_string()]);
+        command.args(args);
         let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("client: {e:#}"));
         out.lines()
             .map(|line| {
@@ -492,7 +499,8 @@ fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_addres
 ///   node2 serves with the client's address;
 /// - C09: the node itself reaches its own NodePort; C11: a pod on node1 reaches the `Local`
 ///   Service's NodePort on node1 through the cluster endpoints (pod-2);
-/// - C32: a host process bound to the NodePort's port does not get the NodePort's traffic.
+/// - C32: a host process bound to the NodePort's port does not get the NodePort's traffic;
+/// - ICMP port unreachable from local and remote pods reaches the client translated.
 #[test]
 fn load_balancer_external_ip_and_node_port_cases() {
     let mut cluster = Cluster::new("nscases");
@@ -568,6 +576,17 @@ fn load_balancer_external_ip_and_node_port_cases() {
         );
     }
 
+    // ICMP errors about translated flows: both pods answer a UDP datagram to a closed port
+    // with "port unreachable" quoting what they got; translated back, the client's
+    // connected socket sees ECONNREFUSED (untranslated, it would wait for a timeout).
+    for line in cluster.peer(
+        &cluster.client,
+        None,
+        &["udp", "192.168.77.11:30099", "12", "--connected"],
+    ) {
+        assert_eq!(line["errno"], 111, "{line}\n{}", cluster.logs());
+    }
+
     // C06: refused at once (TCP RST from node1's stack).
     let refused = cluster.fails(&cluster.client, None, "192.168.77.11:30081");
     assert_eq!(refused["errno"], 111, "{refused}");
@@ -637,6 +656,30 @@ status:
 ";
 
 const EMPTY_AND_LOCAL: &str = "apiVersion: v1
+kind: Service
+metadata: {name: closed, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.13
+  ports: [{name: dns, port: 53, targetPort: 5999, nodePort: 30099, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: closed-1
+  namespace: default
+  labels: {kubernetes.io/service-name: closed}
+addressType: IPv4
+ports: [{name: dns, port: 5999, protocol: UDP}]
+endpoints:
+  - addresses: [10.244.1.10]
+    conditions: {ready: true}
+    nodeName: node-1
+  - addresses: [10.244.2.10]
+    conditions: {ready: true}
+    nodeName: node-2
+---
+apiVersion: v1
 kind: Service
 metadata: {name: empty, namespace: default}
 spec:

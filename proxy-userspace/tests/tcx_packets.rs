@@ -13,7 +13,8 @@ use std::net::Ipv4Addr;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCX_NEXT, hex,
-    ifindex, in_private_netns, ip, mac_of, monotonic_secs, parse_mac, tuple_of, verify_checksums,
+    icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, monotonic_secs, parse_mac,
+    tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
@@ -672,5 +673,98 @@ fn conntrack_records_replies_and_tcp_closing_on_both_entries() {
             all.iter().all(|f| f & CT_FLAG_CLOSING != 0),
             "a FIN marks both entries closing: {all:?}"
         );
+    });
+}
+
+/// `got` is `input` with the outer addresses and the quoted 4-tuple replaced, checksums
+/// (outer IPv4, ICMP, quoted IPv4) recomputed correctly, and not one other byte changed.
+fn assert_icmp_rewritten(
+    got: &[u8],
+    input: &[u8],
+    outer: (Ipv4Addr, Ipv4Addr),
+    quoted: (Ipv4Addr, u16, Ipv4Addr, u16),
+    what: &str,
+) {
+    assert_eq!(icmp_tuples(got), (outer, quoted), "{what}");
+    verify_icmp_checksums(got);
+    let mut want = input.to_vec();
+    want[26..30].copy_from_slice(&outer.0.octets());
+    want[30..34].copy_from_slice(&outer.1.octets());
+    want[54..58].copy_from_slice(&quoted.0.octets());
+    want[58..62].copy_from_slice(&quoted.2.octets());
+    want[62..64].copy_from_slice(&quoted.1.to_be_bytes());
+    want[64..66].copy_from_slice(&quoted.3.to_be_bytes());
+    // The three checksums were verified above.
+    for off in [24, 25, 36, 37, 52, 53] {
+        want[off] = got[off];
+    }
+    assert!(
+        got == want.as_slice(),
+        "{what}: other bytes changed\n got:\n{}\nwant:\n{}",
+        hex(got),
+        hex(&want)
+    );
+}
+
+/// ICMP errors about translated flows reach the other end in its own terms: a local pod's
+/// port unreachable leaves from the frontend, quoting what the client sent; a remote
+/// backend's "fragmentation needed" (or a router's on its way) to the SNAT address goes
+/// back to the client; errors about untracked flows pass untouched.
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    in_private_netns(|| {
+        // Local backend, UDP: the pod has nothing on the port and says so.
+        let dp = datapath_with(PROTO_UDP, LOCAL_ID);
+        let query = Frame::udp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&query.bytes());
+        assert_eq!(out.verdict, TCX_NEXT);
+        let delivered = query.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT);
+        let unreachable = icmp_error(LOCAL_POD, CLIENT, 3, 3, [0; 4], &delivered, 8 + 9);
+        let out = dp.egress(&unreachable);
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_icmp_rewritten(
+            &out.packet,
+            &unreachable,
+            (NODE, CLIENT),
+            (CLIENT, CLIENT_PORT, NODE, NODE_PORT),
+            "port unreachable from the local pod",
+        );
+        // At ingress the same bytes are nobody's business.
+        let out = dp.ingress(&unreachable);
+        assert_eq!((out.verdict, out.packet), (TCX_NEXT, unreachable.clone()));
+
+        // Remote backend, TCP with SNAT: errors arrive at the node's SNAT address.
+        let dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&syn.bytes());
+        let (_, snat_port, _, _) = tuple_of(&out.packet);
+        let sent = syn.with_tuple(NODE, snat_port, REMOTE_POD, POD_PORT);
+        let router = Ipv4Addr::new(10, 244, 0, 254);
+        for (from, outer_source) in [(REMOTE_POD, NODE), (router, router)] {
+            // Fragmentation needed, next-hop MTU 1400, quoting the whole TCP header.
+            let mtu = [0, 0, 0x05, 0x78];
+            let too_big = icmp_error(from, NODE, 3, 4, mtu, &sent, 20);
+            let out = dp.ingress(&too_big);
+            // No route to the client in this namespace: handed to the stack.
+            assert_eq!(out.verdict, TCX_NEXT, "from {from}");
+            assert_icmp_rewritten(
+                &out.packet,
+                &too_big,
+                (outer_source, CLIENT),
+                (CLIENT, CLIENT_PORT, NODE, NODE_PORT),
+                &format!("fragmentation needed from {from}"),
+            );
+        }
+
+        // Errors quoting a flow nobody tracks, and an echo request, pass untouched.
+        let stranger = Frame::tcp(NODE, 40001, REMOTE_POD, POD_PORT);
+        let untracked = icmp_error(REMOTE_POD, NODE, 3, 3, [0; 4], &stranger, 8);
+        let echo = icmp_error(CLIENT, NODE, 8, 0, [0, 1, 0, 1], &syn, 8);
+        for (what, frame) in [("untracked", untracked), ("echo", echo)] {
+            let out = dp.ingress(&frame);
+            assert_eq!((out.verdict, &out.packet), (TCX_NEXT, &frame), "{what}");
+            let out = dp.egress(&frame);
+            assert_eq!((out.verdict, &out.packet), (TCX_NEXT, &frame), "{what}");
+        }
     });
 }

@@ -542,6 +542,69 @@ impl Frame {
     }
 }
 
+/// An ICMP error frame (`icmp_type`, `code`) from `saddr` to `daddr` quoting the IPv4
+/// header and the first `quote_l4` bytes of transport header and data of `quoted`, with
+/// correct checksums. `rest` is the type's 4 bytes after the checksum (the next-hop MTU of
+/// "fragmentation needed").
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn icmp_error(
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &Frame,
+    quote_l4: usize,
+) -> Vec<u8> {
+    let packet = quoted.bytes();
+    let quote = &packet[14..(14 + 20 + quote_l4).min(packet.len())];
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let csum = checksum(0, &icmp);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut ip = vec![0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&saddr.octets());
+    ip.extend_from_slice(&daddr.octets());
+    let csum = checksum(0, &ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&quoted.src_mac);
+    frame.extend_from_slice(&quoted.dst_mac);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// Verifies an ICMP error frame's checksums: the outer IPv4 header, the ICMP message and the
+/// quoted IPv4 header; panics naming the first one that is wrong.
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn verify_icmp_checksums(frame: &[u8]) {
+    let ip = &frame[14..];
+    assert_eq!(
+        checksum(0, &ip[..20]),
+        0,
+        "outer IPv4 header checksum is wrong"
+    );
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    assert_eq!(checksum(0, &ip[20..tot_len]), 0, "ICMP checksum is wrong");
+    assert_eq!(
+        checksum(0, &ip[28..48]),
+        0,
+        "quoted IPv4 header checksum is wrong"
+    );
+}
+
+/// (outer source, outer destination, quoted 4-tuple) of an ICMP error frame.
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn icmp_tuples(frame: &[u8]) -> ((Ipv4Addr, Ipv4Addr), (Ipv4Addr, u16, Ipv4Addr, u16)) {
+    let outer = tuple_of(frame);
+    let quoted = tuple_of(&frame[28..]);
+    ((outer.0, outer.2), quoted)
+}
+
 /// The 4-tuple of an Ethernet/IPv4/TCP-or-UDP frame without IP options.
 pub fn tuple_of(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
     let ip = &frame[14..];

@@ -1,0 +1,191 @@
+//! ICMP errors about translated flows (Cilium's ICMP handling in `lib/nat.h`): a
+//! "destination unreachable" (port unreachable, fragmentation needed, ...) or "time
+//! exceeded" quotes the header of the packet that caused it, and that packet was
+//! translated. The error must reach the flow's other end in that end's terms, or the
+//! client never learns its path MTU, nor that the port is closed.
+//!
+//! The quoted packet travelled opposite to the error, so the quoted 5-tuple, reversed, is the
+//! tuple a normal packet of the error's direction carries: its conntrack entry at this hook
+//! holds the rewrite. The error gets it inside out: its outer destination becomes the
+//! entry's destination (the end that sent the quoted packet, as that end knows itself), its
+//! outer source the entry's source if the flow's endpoint sent the error itself (a router
+//! on the way keeps its address), and the quoted header the entry's rewrite reversed.
+//!
+//! Checksums: the outer IPv4 header is patched for its addresses; the quoted IPv4 header
+//! for its own, which leaves its one's-complement sum, and so the ICMP checksum, unchanged;
+//! the quoted ports are patched into the ICMP checksum. The quoted transport checksum is
+//! left as it was: it covers data the error does not carry, and receivers match ICMP errors
+//! to sockets by addresses and ports only.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP};
+
+use crate::csum::RewriteError;
+use crate::fib;
+use crate::maps::NAT_CT;
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, L4_OFF};
+
+pub const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP header: type, code, checksum, 4 bytes that depend on the type.
+const ICMP_HLEN: usize = 8;
+const ICMP_CSUM_OFF: usize = L4_OFF + 2;
+/// The quoted IPv4 header (without options: others are not ours) and its first 8 bytes of
+/// transport header, which hold the ports.
+const INNER_IP_OFF: usize = L4_OFF + ICMP_HLEN;
+const INNER_CSUM_OFF: usize = INNER_IP_OFF + 10;
+const INNER_SADDR_OFF: usize = INNER_IP_OFF + 12;
+const INNER_DADDR_OFF: usize = INNER_IP_OFF + 16;
+const INNER_SPORT_OFF: usize = INNER_IP_OFF + 20;
+const INNER_DPORT_OFF: usize = INNER_IP_OFF + 22;
+const INNER_END: usize = INNER_IP_OFF + 28;
+const IPV4_NO_OPTIONS: u8 = 0x45;
+const ETH_P_IP: u16 = 0x0800;
+/// More-fragments flag and fragment offset (host order).
+const IP_MF_OFFSET: u16 = 0x3fff;
+
+/// An ICMP error about a TCP or UDP packet. Addresses and ports in network order.
+struct IcmpError {
+    saddr: u32,
+    daddr: u32,
+    ttl: u8,
+    /// The quoted packet's tuple.
+    inner_saddr: u32,
+    inner_daddr: u32,
+    inner_sport: u16,
+    inner_dport: u16,
+    inner_proto: u8,
+}
+
+/// Translates an ICMP error about a flow tracked at hook `dir`; `None` when the packet is
+/// no such error (the caller passes it on untouched), else the program's verdict.
+#[inline(always)]
+pub fn translate_error(ctx: &TcContext, dir: u8, pass: i32, drop: i32) -> Option<i32> {
+    let error = parse(ctx)?;
+    // The quoted packet reversed: the tuple of a normal packet of this direction.
+    let key = NatCtKey {
+        saddr: error.inner_daddr,
+        daddr: error.inner_saddr,
+        sport: error.inner_dport,
+        dport: error.inner_sport,
+        proto: error.inner_proto,
+        dir,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    let entry: NatCtValue = unsafe { *NAT_CT.get_ptr(&key)? };
+    if rewrite(ctx, &error, &key, &entry).is_err() {
+        return Some(drop);
+    }
+    if entry.flags & CT_FLAG_SNAT == 0 {
+        return Some(pass);
+    }
+    // Its source may be a node address now: forwarded past the stack, like the flow's own
+    // packets (see `fib`).
+    let saddr = if error.saddr == key.saddr {
+        entry.saddr
+    } else {
+        error.saddr
+    };
+    match fib::redirect(ctx, PROTO_ICMP, saddr, entry.daddr, 0, 0, error.ttl) {
+        Ok(verdict) => Some(verdict.unwrap_or(pass)),
+        Err(_) => Some(drop),
+    }
+}
+
+/// An unfragmented IPv4 ICMP destination-unreachable or time-exceeded message without IP
+/// options, quoting an IPv4 TCP or UDP header without options; `None` for anything else.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<IcmpError> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let outer: [u8; 20] = ctx.load(IP_OFF).ok()?;
+    let frag_off = u16::from_be_bytes([outer[6], outer[7]]);
+    if outer[0] != IPV4_NO_OPTIONS || outer[9] != PROTO_ICMP || frag_off & IP_MF_OFFSET != 0 {
+        return None;
+    }
+    let tot_len = usize::from(u16::from_be_bytes([outer[2], outer[3]]));
+    if IP_OFF + tot_len > ctx.len() as usize || IP_OFF + tot_len < INNER_END {
+        return None;
+    }
+    let icmp_type: u8 = ctx.load(L4_OFF).ok()?;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner: [u8; 20] = ctx.load(INNER_IP_OFF).ok()?;
+    let inner_proto = inner[9];
+    if inner[0] != IPV4_NO_OPTIONS || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(INNER_SPORT_OFF).ok()?;
+    let word = |b: &[u8; 20], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    Some(IcmpError {
+        saddr: word(&outer, 12),
+        daddr: word(&outer, 16),
+        ttl: outer[8],
+        inner_saddr: word(&inner, 12),
+        inner_daddr: word(&inner, 16),
+        inner_sport: ports[0],
+        inner_dport: ports[1],
+        inner_proto,
+    })
+}
+
+/// Applies `entry` (stored under `key`) to the error inside out.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    error: &IcmpError,
+    key: &NatCtKey,
+    entry: &NatCtValue,
+) -> Result<(), RewriteError> {
+    // Outer header: to the end that sent the quoted packet; from the flow's other end if
+    // that end is who complained.
+    if entry.daddr != error.daddr {
+        set_outer_addr(ctx, IP_DADDR_OFF, error.daddr, entry.daddr)?;
+    }
+    if error.saddr == key.saddr && entry.saddr != error.saddr {
+        set_outer_addr(ctx, IP_SADDR_OFF, error.saddr, entry.saddr)?;
+    }
+    // The quoted packet, as its sender sent it: the entry's rewrite reversed.
+    if entry.daddr != error.inner_saddr {
+        set_inner_addr(ctx, INNER_SADDR_OFF, error.inner_saddr, entry.daddr)?;
+    }
+    if entry.saddr != error.inner_daddr {
+        set_inner_addr(ctx, INNER_DADDR_OFF, error.inner_daddr, entry.saddr)?;
+    }
+    if entry.dport != error.inner_sport {
+        set_inner_port(ctx, INNER_SPORT_OFF, error.inner_sport, entry.dport)?;
+    }
+    if entry.sport != error.inner_dport {
+        set_inner_port(ctx, INNER_DPORT_OFF, error.inner_dport, entry.sport)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_outer_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), RewriteError> {
+    ctx.store(off, &new, 0)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)?;
+    Ok(())
+}
+
+/// A quoted address, with the quoted header's checksum: their sum, and the ICMP checksum
+/// over them, stay as they were.
+#[inline(always)]
+fn set_inner_addr(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), RewriteError> {
+    ctx.store(off, &new, 0)?;
+    ctx.l3_csum_replace(INNER_CSUM_OFF, u64::from(old), u64::from(new), 4)?;
+    Ok(())
+}
+
+/// A quoted port, patched into the ICMP checksum (no pseudo-header).
+#[inline(always)]
+fn set_inner_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(), RewriteError> {
+    ctx.store(off, &new, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, u64::from(old), u64::from(new), 2)?;
+    Ok(())
+}
