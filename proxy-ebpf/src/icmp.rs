@@ -1,4 +1,14 @@
-//! ICMP errors about translated flows (Cilium's ICMP handling in `lib/nat.h`): a
+//! ICMP for the north-south programs: the refusal they send themselves, and the errors
+//! about translated flows they translate.
+//!
+//! **Refusal** (C06): a frontend without backends on an address this node does not own (an
+//! externalIP or LB IP routed here) is answered with ICMP port unreachable from that
+//! address, as kube-proxy's `REJECT` answers (for TCP too: the client's connect fails with
+//! ECONNREFUSED). The packet itself becomes the answer and goes back out of the device it
+//! came in on (Cilium's `tail_no_service_ipv4`); the node's stack cannot answer for an
+//! address it does not have.
+//!
+//! **Errors about translated flows** (Cilium's ICMP handling in `lib/nat.h`): a
 //! "destination unreachable" (port unreachable, fragmentation needed, ...) or "time
 //! exceeded" quotes the header of the packet that caused it, and that packet was
 //! translated. The error must reach the flow's other end in that end's terms, or the
@@ -17,16 +27,24 @@
 //! left as it was: it covers data the error does not carry, and receivers match ICMP errors
 //! to sockets by addresses and ports only.
 
+use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::__sk_buff;
+use aya_ebpf::helpers::generated::{bpf_redirect, bpf_skb_change_tail};
 use aya_ebpf::programs::TcContext;
 use proxy_common::{CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP};
 
 use crate::csum::RewriteError;
 use crate::fib;
 use crate::maps::NAT_CT;
-use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, L4_OFF};
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, L4_OFF, Packet, TCP_RST};
 
 pub const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+/// What an error quotes of the packet it is about: its IPv4 header and 8 bytes (RFC 792).
+const QUOTE_LEN: usize = 28;
+/// The refusal: Ethernet, IPv4, ICMP header, the quote.
+const REJECT_LEN: usize = IP_OFF + 20 + ICMP_HLEN + QUOTE_LEN;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// ICMP header: type, code, checksum, 4 bytes that depend on the type.
 const ICMP_HLEN: usize = 8;
@@ -188,4 +206,65 @@ fn set_inner_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(),
     ctx.store(off, &new, 0)?;
     ctx.l4_csum_replace(ICMP_CSUM_OFF, u64::from(old), u64::from(new), 2)?;
     Ok(())
+}
+
+/// Turns `pkt` into an ICMP port unreachable from its destination to its source and sends
+/// it back out of the device it arrived on. RSTs and packets from addresses that cannot
+/// be answered (0.0.0.0, broadcast, multicast) are dropped instead.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteError> {
+    let source = u32::from_be(pkt.saddr);
+    let unanswerable = source == 0 || source == u32::MAX || source >> 28 == 0xe;
+    if unanswerable || pkt.tcp_flags & TCP_RST != 0 {
+        return Ok(drop);
+    }
+    let macs: [u8; 12] = ctx.load(0)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(IP_OFF)?;
+    let mut frame = [0u8; REJECT_LEN];
+    // Back to the sender: the Ethernet addresses swapped.
+    frame[..6].copy_from_slice(&macs[6..]);
+    frame[6..12].copy_from_slice(&macs[..6]);
+    frame[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let ip = IP_OFF;
+    frame[ip] = IPV4_NO_OPTIONS;
+    // Precedence "internetwork control", as the kernel's own ICMP errors.
+    frame[ip + 1] = 0xc0;
+    frame[ip + 2..ip + 4].copy_from_slice(&((REJECT_LEN - IP_OFF) as u16).to_be_bytes());
+    frame[ip + 8] = 64;
+    frame[ip + 9] = PROTO_ICMP;
+    frame[ip + 12..ip + 16].copy_from_slice(&pkt.daddr.to_ne_bytes());
+    frame[ip + 16..ip + 20].copy_from_slice(&pkt.saddr.to_ne_bytes());
+    let ip_csum = checksum(&frame[ip..ip + 20]);
+    frame[ip + 10..ip + 12].copy_from_slice(&ip_csum.to_be_bytes());
+    let icmp = L4_OFF;
+    frame[icmp] = ICMP_DEST_UNREACH;
+    frame[icmp + 1] = ICMP_PORT_UNREACH;
+    frame[INNER_IP_OFF..].copy_from_slice(&quote);
+    let icmp_csum = checksum(&frame[icmp..]);
+    frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
+
+    // SAFETY: the context is a valid __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain helper call on this program's skb.
+    if unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, REJECT_LEN as u32, 0) } != 0 {
+        return Ok(drop);
+    }
+    ctx.store(0, &frame, 0)?;
+    // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The Internet checksum (RFC 1071) of `bytes` (an even length), in host order.
+#[inline(always)]
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }

@@ -127,7 +127,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
     // SAFETY: copied out at once.
     let config: Option<NodeConfig> = CONFIG.get_ptr(0).map(|c| unsafe { *c });
     if frontend.count == 0 {
-        let verdict = refuse(pkt, frontend.flags, config.as_ref());
+        let verdict = refuse(ctx, pkt, frontend.flags, config.as_ref());
         log_debug!(
             ctx,
             "tcx_in: {:i}:{} -> {:i}:{}/{} has no usable backend: {}",
@@ -136,10 +136,10 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
             log::ip(pkt.daddr),
             u16::from_be(pkt.dport),
             log::proto(pkt.proto),
-            if verdict == DROP {
-                "dropped"
-            } else {
-                "passed on to be refused"
+            match verdict {
+                DROP => "dropped",
+                PASS => "passed on to be refused",
+                _ => "refused with ICMP port unreachable",
             }
         );
         return Err(verdict);
@@ -250,14 +250,13 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 
 /// A frontend without usable backends. `SVC_FLAG_DROP_EMPTY` (a `Local` policy with no
 /// endpoint on this node, C12): drop, as kube-proxy does. Otherwise the client must be
-/// refused at once (C06): kube-proxy REJECTs with an ICMP port unreachable / TCP RST. A
-/// packet to one of this node's own addresses gets exactly that from the kernel when it is
-/// passed on unchanged, since nothing listens on a NodePort. An externalIP or LB IP the
-/// node does not own would instead be forwarded (or looped) by the stack, so it is dropped:
-/// generating the RST / ICMP error in the program (Cilium's `tail_no_service_ipv4`) is
-/// left to do.
+/// refused at once (C06), as kube-proxy's REJECT does. A packet to one of this node's own
+/// addresses gets that from the kernel when it is passed on unchanged, since nothing
+/// listens on a NodePort (TCP RST / ICMP port unreachable). An externalIP or LB IP the node
+/// does not own would instead be forwarded (or looped) by the stack, so the program
+/// answers it with ICMP port unreachable itself (`icmp::reject`).
 #[inline(always)]
-fn refuse(pkt: &Packet, flags: u16, config: Option<&NodeConfig>) -> i32 {
+fn refuse(ctx: &TcContext, pkt: &Packet, flags: u16, config: Option<&NodeConfig>) -> i32 {
     if flags & SVC_FLAG_DROP_EMPTY != 0 {
         return DROP;
     }
@@ -265,5 +264,8 @@ fn refuse(pkt: &Packet, flags: u16, config: Option<&NodeConfig>) -> i32 {
     // them from the node's own addresses); another frontend may sit on the SNAT address.
     let node_address = flags & SVC_FLAG_NODE_PORT != 0
         || config.is_some_and(|c| c.snat_addr != 0 && c.snat_addr == pkt.daddr);
-    if node_address { PASS } else { DROP }
+    if node_address {
+        return PASS;
+    }
+    icmp::reject(ctx, pkt, DROP).unwrap_or(DROP)
 }

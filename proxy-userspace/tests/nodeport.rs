@@ -494,7 +494,7 @@ fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_addres
 ///   outside; pods are not filtered (socket layer, docs/decisions.md);
 /// - C23: an externalIP that no node owns, routed to node1, is served (no source ranges);
 /// - C31: an LB IP with `ipMode: Proxy` is not intercepted, from outside or from a pod;
-/// - C06: a NodePort without endpoints is refused at once;
+/// - C06: a NodePort, and an externalIP no node owns, without endpoints are refused at once;
 /// - C12: `externalTrafficPolicy: Local` with the only endpoint on node2: node1 drops,
 ///   node2 serves with the client's address;
 /// - C09: the node itself reaches its own NodePort; C11: a pod on node1 reaches the `Local`
@@ -587,9 +587,20 @@ fn load_balancer_external_ip_and_node_port_cases() {
         assert_eq!(line["errno"], 111, "{line}\n{}", cluster.logs());
     }
 
-    // C06: refused at once (TCP RST from node1's stack).
+    // C06: refused at once: TCP RST from node1's stack for its NodePort; ICMP port
+    // unreachable from the program for an externalIP node1 does not own, TCP and UDP.
     let refused = cluster.fails(&cluster.client, None, "192.168.77.11:30081");
     assert_eq!(refused["errno"], 111, "{refused}");
+    let refused = cluster.fails(&cluster.client, None, "198.51.100.20:80");
+    assert_eq!(refused["errno"], 111, "{refused}");
+    let client = &cluster.client;
+    for line in cluster.peer(
+        client,
+        None,
+        &["udp", "198.51.100.20:53", "3", "--connected"],
+    ) {
+        assert_eq!(line["errno"], 111, "{line}");
+    }
 
     // C12: node1 has no endpoint of the Local Service: dropped; node2 serves, keeping the
     // client's address.
@@ -656,6 +667,16 @@ status:
 ";
 
 const EMPTY_AND_LOCAL: &str = "apiVersion: v1
+kind: Service
+metadata: {name: empty-external, namespace: default}
+spec:
+  clusterIP: 10.96.0.14
+  externalIPs: [198.51.100.20]
+  ports:
+    - {name: http, port: 80, protocol: TCP}
+    - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: closed, namespace: default}
 spec:

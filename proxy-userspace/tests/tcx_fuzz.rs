@@ -9,9 +9,11 @@
 //!   byte-identical with `TCX_NEXT`;
 //! - a translatable frame neither tracked (no conntrack entry under its key before the run)
 //!   nor to a frontend: byte-identical, `TCX_NEXT`, and no conntrack entry created;
-//! - to a frontend without backends: byte-identical, dropped (`SVC_FLAG_DROP_EMPTY`, or an
-//!   address the node does not own) or `TCX_NEXT` (a node address: the kernel refuses it),
-//!   and no conntrack entry;
+//! - to a frontend without backends: byte-identical and dropped (`SVC_FLAG_DROP_EMPTY`),
+//!   byte-identical and `TCX_NEXT` (a node address: the kernel refuses it), or, on an
+//!   address the node does not own, turned into exactly the ICMP port unreachable that
+//!   refuses it and redirected (dropped unchanged when it cannot be answered: a TCP RST, a
+//!   source that is no unicast address); no conntrack entry in any case;
 //! - tracked, or to a frontend with backends: rewritten exactly as the conntrack entry under
 //!   its key says after the run, and that entry agrees with the setup (a backend of the
 //!   frontend as destination, the client or the SNAT address and a port of the range as
@@ -50,7 +52,7 @@ use std::time::Instant;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN,
-    TCX_NEXT, checksum, hex, ifindex, in_private_netns, ip, pseudo_header_sum,
+    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, pseudo_header_sum,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
@@ -179,10 +181,33 @@ fn frontends() -> Vec<(Frontend, Vec<u32>)> {
     ]
 }
 
-/// A frontend without backends drops unless the kernel can refuse the packet itself, i.e.
-/// unless it is addressed to one of this node's addresses (docs/decisions.md, C06/C12).
-fn refusal_drops(fe: &Frontend) -> bool {
-    fe.flags & SVC_FLAG_DROP_EMPTY != 0 || (fe.flags & SVC_FLAG_NODE_PORT == 0 && fe.addr != NODE)
+/// What a frontend without backends does with a packet (docs/decisions.md, C06/C12).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `SVC_FLAG_DROP_EMPTY`.
+    Drop,
+    /// On one of this node's addresses: the kernel refuses it.
+    Pass,
+    /// Elsewhere: the program answers with ICMP port unreachable.
+    Answer,
+}
+
+fn refusal(fe: &Frontend) -> Refusal {
+    if fe.flags & SVC_FLAG_DROP_EMPTY != 0 {
+        Refusal::Drop
+    } else if fe.flags & SVC_FLAG_NODE_PORT != 0 || fe.addr == NODE {
+        Refusal::Pass
+    } else {
+        Refusal::Answer
+    }
+}
+
+/// Whether the program may answer `input` (from `tuple`'s source) with an ICMP error: not a
+/// TCP RST, and from a unicast address.
+fn answerable(input: &[u8], tuple: &Tuple) -> bool {
+    let source = u32::from(tuple.saddr);
+    let rst = tuple.proto == PROTO_TCP && input[L4_OFF + 13] & 0x04 != 0;
+    !(rst || source == 0 || source == u32::MAX || source >> 28 == 0xe)
 }
 
 /// xorshift64*: tiny, seedable, good enough to pick bytes and mutations.
@@ -506,6 +531,7 @@ enum Seen {
     NotOurs,
     RefusedDropped,
     RefusedPassed,
+    RefusedAnswered,
     NewFlow,
     TrackedFlow,
 }
@@ -518,6 +544,7 @@ impl Seen {
             Seen::NotOurs => "no frontend, no flow: unchanged",
             Seen::RefusedDropped => "frontend without backends: dropped",
             Seen::RefusedPassed => "frontend without backends: passed on",
+            Seen::RefusedAnswered => "frontend without backends: answered with ICMP",
             Seen::NewFlow => "new flow: translated",
             Seen::TrackedFlow => "tracked flow: translated",
         }
@@ -683,15 +710,32 @@ impl Fuzzer {
                     unchanged(TCX_NEXT, "no frontend and no flow")?;
                     Some(Seen::NotOurs)
                 }
-                Some((fe, backends)) if backends.is_empty() => {
-                    if refusal_drops(fe) {
-                        unchanged(TC_ACT_SHOT, "a frontend without backends, dropped")?;
-                        Some(Seen::RefusedDropped)
-                    } else {
+                Some((fe, backends)) if backends.is_empty() => match refusal(fe) {
+                    Refusal::Pass => {
                         unchanged(TCX_NEXT, "a frontend without backends on a node address")?;
                         Some(Seen::RefusedPassed)
                     }
-                }
+                    Refusal::Answer if answerable(input, &tuple) => {
+                        let want =
+                            icmp_error_quoting(tuple.daddr, tuple.saddr, 3, 3, [0; 4], input, 8);
+                        if out.verdict != TC_ACT_REDIRECT || out.packet != want {
+                            return Err(fail(
+                                format!(
+                                    "a frontend without backends elsewhere: not answered with \
+                                     port unreachable (verdict {}); want:\n{}",
+                                    out.verdict,
+                                    hex(&want)
+                                ),
+                                &out,
+                            ));
+                        }
+                        Some(Seen::RefusedAnswered)
+                    }
+                    _ => {
+                        unchanged(TC_ACT_SHOT, "a frontend without backends, dropped")?;
+                        Some(Seen::RefusedDropped)
+                    }
+                },
                 Some(_) => None,
             };
             if let Some(seen) = seen {
@@ -1303,6 +1347,7 @@ fn random_and_mutated_packets_change_only_service_traffic_and_keep_checksums_val
                 Seen::NotOurs,
                 Seen::RefusedDropped,
                 Seen::RefusedPassed,
+                Seen::RefusedAnswered,
                 Seen::NewFlow,
                 Seen::TrackedFlow,
             ] {

@@ -399,10 +399,11 @@ fn c12_local_policy_without_local_endpoints_drops() {
 }
 
 /// C06: nothing listens on the NodePort, so the kernel answers the packet it is handed with
-/// a TCP RST / ICMP port unreachable; an address the node does not own cannot be refused
-/// that way and is dropped (an in-program RST/ICMP reply is left to do).
+/// a TCP RST / ICMP port unreachable; an address the node does not own is answered by the
+/// program itself with ICMP port unreachable from that address, sent back where the packet
+/// came from (kube-proxy's REJECT); a RST is never answered.
 #[test]
-fn c06_frontend_without_endpoints_is_refused_by_the_kernel_on_node_addresses() {
+fn c06_frontend_without_endpoints_is_refused() {
     in_private_netns(|| {
         let mut dp = Datapath::load();
         dp.snat(NODE, 61000, 65535);
@@ -439,10 +440,42 @@ fn c06_frontend_without_endpoints_is_refused_by_the_kernel_on_node_addresses() {
             assert_eq!(out.verdict, TCX_NEXT, "{what}");
             assert_eq!(out.packet, frame.bytes(), "{what}: passed on unchanged");
         }
-        let out = dp.ingress(&Frame::tcp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80).bytes());
+        let udp_elsewhere = Frontend {
+            proto: PROTO_UDP,
+            ..elsewhere
+        };
+        dp.frontend(udp_elsewhere, &[]);
+        for syn in [
+            Frame::tcp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80),
+            Frame {
+                payload: Vec::new(),
+                ..Frame::udp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80)
+            },
+        ] {
+            let out = dp.ingress(&syn.bytes());
+            assert_eq!(
+                out.verdict, TC_ACT_REDIRECT,
+                "an externalIP the node does not own, protocol {}",
+                syn.proto
+            );
+            let want = icmp_error(EXTERNAL_IP, CLIENT, 3, 3, [0; 4], &syn, 8);
+            assert!(
+                out.packet == want,
+                "port unreachable, protocol {}\n got:\n{}\nwant:\n{}",
+                syn.proto,
+                hex(&out.packet),
+                hex(&want)
+            );
+            verify_icmp_checksums(&out.packet);
+        }
+        let rst = Frame {
+            tcp_flags: 0x04,
+            ..Frame::tcp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80)
+        };
         assert_eq!(
-            out.verdict, TC_ACT_SHOT,
-            "an externalIP the node does not own"
+            dp.ingress(&rst.bytes()).verdict,
+            TC_ACT_SHOT,
+            "a RST is not answered"
         );
         assert!(dp.ct_entries().is_empty());
     });

@@ -556,8 +556,29 @@ pub fn icmp_error(
     quoted: &Frame,
     quote_l4: usize,
 ) -> Vec<u8> {
-    let packet = quoted.bytes();
-    let quote = &packet[14..(14 + 20 + quote_l4).min(packet.len())];
+    icmp_error_quoting(
+        saddr,
+        daddr,
+        icmp_type,
+        code,
+        rest,
+        &quoted.bytes(),
+        quote_l4,
+    )
+}
+
+/// [`icmp_error`] about an Ethernet frame given as bytes (IPv4 without options): sent back
+/// to where it came from, its Ethernet addresses swapped.
+pub fn icmp_error_quoting(
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+    quote_l4: usize,
+) -> Vec<u8> {
+    let quote = &quoted[14..(14 + 20 + quote_l4).min(quoted.len())];
     let mut icmp = vec![icmp_type, code, 0, 0];
     icmp.extend_from_slice(&rest);
     icmp.extend_from_slice(quote);
@@ -570,8 +591,8 @@ pub fn icmp_error(
     let csum = checksum(0, &ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     let mut frame = Vec::new();
-    frame.extend_from_slice(&quoted.src_mac);
-    frame.extend_from_slice(&quoted.dst_mac);
+    frame.extend_from_slice(&quoted[6..12]);
+    frame.extend_from_slice(&quoted[..6]);
     frame.extend_from_slice(&0x0800u16.to_be_bytes());
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&icmp);
