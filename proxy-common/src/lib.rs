@@ -68,9 +68,10 @@ pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
 pub const MAP_LOG: &str = "ekp_log_v1";
 pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
+pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -80,6 +81,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_CONFIG,
     MAP_LOG,
     MAP_SOURCE_RANGES,
+    MAP_SOCK_CONFIG,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -333,6 +335,17 @@ pub struct SourceRangeKey {
 /// Prefix bits of a [`SourceRangeKey`] before `addr`: the rev-NAT id and the padding.
 pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
 
+/// The only entry (key 0, `u32`) of the socket programs' config array. Written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockConfig {
+    /// Host-namespace-only socket LB (for service meshes, whose sidecars must see the
+    /// Service address): the network namespace cookie of the node's own namespace; the
+    /// socket programs translate only sockets of that namespace, and pods' traffic is
+    /// translated per packet on their devices instead. 0: every namespace. Host order.
+    pub host_netns_cookie: u64,
+}
+
 /// The only entry (key 0, `u32`) of the log switch array: how much the programs log.
 /// Written by the agent at start (`run --bpf-log-level`) and by `bpf-log` at any time; read
 /// by every program before it logs anything.
@@ -357,6 +370,7 @@ const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SockConfig>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -377,6 +391,7 @@ mod user {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LogConfig {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SockConfig {}
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -65,3 +65,8 @@ pub static LOG: Array<LogConfig, 1> = Array::new();
 #[btf_map(name = "ekp_srcrange_v1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
+
+/// The socket programs' settings (one entry, key 0): host-namespace-only mode. Written by
+/// the agent, read by `connect4`/`sendmsg4`.
+#[btf_map(name = "ekp_sockcfg_v1")]
+pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();

@@ -11,6 +11,11 @@
 //!
 //! Both translate ICMP errors about a tracked flow too (`icmp`).
 //!
+//! `ekp_pod_in` / `ekp_pod_out` are the same on pods' devices, for the host-namespace-only
+//! socket LB: a pod's packets to frontends of the *internal* scope are DNATed (never
+//! SNATed) as they leave the pod, and the backends' replies translated back as they enter
+//! it.
+//!
 //! What is not a translatable packet (not IPv4, IP options, fragments, truncated headers,
 //! other protocols) or not ours (no flow, no frontend) passes unchanged with no verdict of
 //! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
@@ -21,8 +26,8 @@ use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::fib;
@@ -42,7 +47,7 @@ const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]
 pub fn ekp_tcx_in(ctx: TcContext) -> i32 {
-    match try_tcx_in(&ctx) {
+    match try_tcx_in::<SCOPE_EXTERNAL>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -54,8 +59,26 @@ pub fn ekp_tcx_out(ctx: TcContext) -> i32 {
     }
 }
 
+/// `ekp_tcx_in` for pods' devices (host-namespace-only socket LB): what a pod sends is
+/// looked up in the internal scope, like the socket programs would, and never source-NATed
+/// (pod addresses are routable in the cluster).
+#[classifier]
+pub fn ekp_pod_in(ctx: TcContext) -> i32 {
+    match try_tcx_in::<SCOPE_INTERNAL>(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `ekp_tcx_out` for pods' devices: replies of backends to a pod get the frontend back.
+#[classifier]
+pub fn ekp_pod_out(ctx: TcContext) -> i32 {
+    match try_tcx_out(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 #[inline(always)]
-fn try_tcx_in(ctx: &TcContext) -> Result<i32, i32> {
+fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
     let Some(pkt) = parse::ipv4_l4(ctx) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_IN, PASS, DROP).unwrap_or(PASS));
     };
@@ -73,7 +96,7 @@ fn try_tcx_in(ctx: &TcContext) -> Result<i32, i32> {
             return translate(ctx, &pkt, &seen);
         }
     }
-    new_flow(ctx, &pkt, now)
+    new_flow::<SCOPE>(ctx, &pkt, now)
 }
 
 #[inline(always)]
@@ -110,16 +133,16 @@ fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i
     Ok(redirected.unwrap_or(PASS))
 }
 
-/// A packet that belongs to no tracked flow: to a frontend of the external scope, a new
-/// flow; otherwise none of our business.
+/// A packet that belongs to no tracked flow: to a frontend of `SCOPE`, a new flow;
+/// otherwise none of our business.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
+fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
     let mut key = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         slot: 0,
         proto: pkt.proto,
-        scope: SCOPE_EXTERNAL,
+        scope: SCOPE,
         _pad: [0; 2],
     };
     // SAFETY: copied out at once.
@@ -179,7 +202,7 @@ fn new_flow(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<i32, i32> {
     // replies come back here to be translated (C08). `Local` frontends only have local
     // backends and keep the client's address (C10); so does `Cluster` traffic to a local
     // backend (see docs/decisions.md).
-    let snat = backend.flags & BACKEND_FLAG_LOCAL == 0;
+    let snat = SCOPE == SCOPE_EXTERNAL && backend.flags & BACKEND_FLAG_LOCAL == 0;
     let snat_config = match config {
         Some(c) if snat && c.snat_addr != 0 => Some(c),
         // Needs SNAT but the agent has not configured an address: not translatable yet.

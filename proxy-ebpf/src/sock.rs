@@ -4,6 +4,8 @@
 //! address with a backend address before the kernel routes anything, and remember the
 //! translation per socket; `recvmsg4` and `getpeername4` show the application the frontend
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
+//! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
+//! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
@@ -16,7 +18,7 @@ use proxy_common::{
 
 use crate::lb;
 use crate::log::{self, log_debug, log_error};
-use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_REV_NAT};
+use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
@@ -65,6 +67,14 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     let (proto, addr, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
     let proto = proto as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(PROCEED);
+    }
+    // SAFETY: copied out at once.
+    let host_only = SOCK_CONFIG
+        .get_ptr(0)
+        .map_or(0, |c| unsafe { (*c).host_netns_cookie });
+    // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
+    if host_only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != host_only {
         return Ok(PROCEED);
     }
     // user_port holds the network-order port in its low 16 bits.

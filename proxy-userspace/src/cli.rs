@@ -160,6 +160,23 @@ struct RunArgs {
     #[arg(long)]
     snat_address: Option<std::net::Ipv4Addr>,
 
+    /// Socket-level load balancing only for the node's own network namespace, as service
+    /// meshes need (their sidecars must see the Service address; Cilium's
+    /// socketLB.hostNamespaceOnly). Pods' traffic is then translated per packet on their
+    /// devices, named by --pod-devices.
+    #[arg(long)]
+    socket_lb_host_namespace_only: bool,
+
+    /// Pods' devices (host side), comma-separated names or prefixes ending in `*` (e.g.
+    /// `lxc*,cali*`), that get the per-packet programs of --socket-lb-host-namespace-only.
+    /// Devices that appear later are attached at the next sync.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "socket_lb_host_namespace_only"
+    )]
+    pod_devices: Vec<String>,
+
     /// Source ports for that SNAT (inclusive). Keep it clear of
     /// net.ipv4.ip_local_port_range and of the NodePort range (a warning says when it is not).
     #[arg(long, default_value = "61000-65535", value_parser = crate::devices::parse_port_range)]
@@ -344,6 +361,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                     args.snat_address,
                     args.snat_port_range,
                 ),
+                socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
+                pod_devices: args.pod_devices.clone(),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -23,11 +23,12 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 
 use crate::model::{BackendAddr, SourceRange};
-use crate::{abi, sockdiag};
+use crate::{abi, devices, sockdiag};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES, NodeConfig,
-    RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES,
+    NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
+    SourceRangeKey,
 };
 
 mod logs;
@@ -57,6 +58,13 @@ pub const TCX_PROGRAMS: [&str; 2] = ["ekp_tcx_in", "ekp_tcx_out"];
 const TCX_HOOKS: [(&str, TcAttachType); 2] = [
     ("ekp_tcx_in", TcAttachType::Ingress),
     ("ekp_tcx_out", TcAttachType::Egress),
+];
+
+/// The pod-device programs of the host-namespace-only socket LB and their hooks: a pod's
+/// packets leave it through the ingress of its device's host side.
+const POD_HOOKS: [(&str, TcAttachType); 2] = [
+    ("ekp_pod_in", TcAttachType::Ingress),
+    ("ekp_pod_out", TcAttachType::Egress),
 ];
 
 /// What the north-south programs serve: the devices they attach to and what they need to
@@ -270,7 +278,54 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
 /// the programs attached).
 pub struct Programs {
     _logs: Option<logs::Forwarder>,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    /// `--pod-devices` patterns (host-namespace-only socket LB); empty: no pod programs.
+    pod_devices: Vec<String>,
+    /// The ifindex of each pod device as attached by this process.
+    pod_ifindex: std::collections::BTreeMap<String, u32>,
+}
+
+impl Programs {
+    /// Attaches the pod programs to every device matching `--pod-devices` that does not
+    /// have them yet (pods come and go: called at every sync), re-attaches where a device
+    /// was recreated under the same name (the kernel detached its link), and unpins the
+    /// links of devices that went away or no longer match. Returns the devices served.
+    pub fn attach_pod_devices(&mut self) -> Result<Vec<String>> {
+        if self.pod_devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let links: Vec<(String, u32)> = devices::links()?
+            .into_iter()
+            .filter(|(d, _)| devices::matches(&self.pod_devices, d))
+            .collect();
+        let names: Vec<String> = links.iter().map(|(d, _)| d.clone()).collect();
+        let programs = POD_HOOKS.map(|(name, _)| name);
+        detach_other_devices(&self.pin_dir, &programs, &names)?;
+        self.pod_ifindex.retain(|d, _| names.contains(d));
+        let stale: Vec<String> = links
+            .iter()
+            .filter(|(d, index)| self.pod_ifindex.get(d) != Some(index))
+            .map(|(d, _)| d.clone())
+            .collect();
+        if !stale.is_empty() {
+            // A pin for a device we did not attach in this run (or that was recreated):
+            // attach anew rather than adopt a link the kernel may have detached.
+            detach_pins(&self.pin_dir, &programs, &stale)?;
+            attach_tc(&mut self.ebpf, &self.pin_dir, &POD_HOOKS, &stale)?;
+            for (d, index) in links.iter().filter(|(d, _)| stale.contains(d)) {
+                self.pod_ifindex.insert(d.clone(), *index);
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// The socket programs' settings: whether they serve only the node's own namespace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockSettings {
+    /// Host-namespace-only socket LB: the node's network namespace cookie.
+    pub host_netns_cookie: Option<u64>,
 }
 
 /// Loads the object, reusing pinned maps, and attaches (or re-targets pinned) links on
@@ -285,6 +340,8 @@ pub fn start(
     sizes: MapSizes,
     bpf_log_level: u8,
     north_south: Option<&NorthSouth>,
+    sock: SockSettings,
+    pod_devices: &[String],
 ) -> Result<(Maps, Programs)> {
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(maps_dir(pin_dir))
@@ -310,6 +367,7 @@ pub fn start(
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
     let log_forwarder = logs::forward(&mut ebpf);
+    write_sock_config(&mut ebpf, sock)?;
 
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -340,19 +398,88 @@ pub fn start(
         }
     }
     let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
-    detach_other_devices(pin_dir, devices)?;
+    detach_other_devices(pin_dir, &TCX_PROGRAMS, devices)?;
     if let Some(north_south) = north_south {
         write_node_config(&mut ebpf, north_south.node_config)?;
-        attach_tcx(&mut ebpf, pin_dir, &north_south.devices)?;
+        load_tc(&mut ebpf, &TCX_HOOKS)?;
+        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &north_south.devices)?;
+    }
+    // Pod links of a previous run are swapped to the new programs like the others
+    // (`Programs::attach_pod_devices` then serves the pods that came since).
+    let pod_programs = POD_HOOKS.map(|(name, _)| name);
+    let mut pod_ifindex = std::collections::BTreeMap::new();
+    if pod_devices.is_empty() {
+        detach_other_devices(pin_dir, &pod_programs, &[])?;
+    } else {
+        load_tc(&mut ebpf, &POD_HOOKS)?;
+        let pinned = pinned_devices(pin_dir, POD_HOOKS[0].0)?;
+        let present: Vec<(String, u32)> = devices::links()?
+            .into_iter()
+            .filter(|(d, _)| pinned.contains(d) && devices::matches(pod_devices, d))
+            .collect();
+        let adopt: Vec<String> = present.iter().map(|(d, _)| d.clone()).collect();
+        attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &adopt)?;
+        pod_ifindex.extend(present);
     }
     let maps = Maps::take(&mut ebpf)?;
     Ok((
         maps,
         Programs {
             _logs: log_forwarder,
-            _ebpf: ebpf,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            pod_devices: pod_devices.to_vec(),
+            pod_ifindex,
         },
     ))
+}
+
+/// Writes the only entry of the socket programs' config array.
+fn write_sock_config(ebpf: &mut Ebpf, sock: SockSettings) -> Result<()> {
+    let map = ebpf
+        .map_mut(MAP_SOCK_CONFIG)
+        .with_context(|| format!("map {MAP_SOCK_CONFIG} missing from the eBPF object"))?;
+    let mut array: Array<_, SockConfig> = Array::try_from(map)?;
+    let config = SockConfig {
+        host_netns_cookie: sock.host_netns_cookie.unwrap_or(0),
+    };
+    array
+        .set(0, config, 0)
+        .with_context(|| format!("writing {MAP_SOCK_CONFIG}"))
+}
+
+/// Unpins the links of `programs` on `devices`.
+fn detach_pins(pin_dir: &Path, programs: &[&str], devices: &[String]) -> Result<()> {
+    for program in programs {
+        for device in devices {
+            let path = links_dir(pin_dir).join(tcx_link_name(program, device));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("unpinning {}", path.display()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The devices that have a pinned link of `program`.
+fn pinned_devices(pin_dir: &Path, program: &str) -> Result<Vec<String>> {
+    let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else {
+        return Ok(Vec::new());
+    };
+    let mut devices = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        if let Some((p, device)) = name.to_str().and_then(|n| n.split_once('@'))
+            && p == program
+        {
+            devices.push(device.to_owned());
+        }
+    }
+    Ok(devices)
 }
 
 /// Writes the only entry of the north-south config array.
@@ -366,13 +493,9 @@ fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
         .with_context(|| format!("writing {MAP_CONFIG}"))
 }
 
-/// Loads the TCX programs and attaches them to each device's ingress and egress, at the
-/// end of the TCX chain (`LinkOrder::default()`: after what is already there, so that a
-/// firewall attached before us still sees the untranslated packets). A pinned link is
-/// adopted with `BPF_LINK_UPDATE`, as the cgroup links are; one the kernel detached (its
-/// device went away and came back) is replaced by a new one.
-fn attach_tcx(ebpf: &mut Ebpf, pin_dir: &Path, devices: &[String]) -> Result<()> {
-    for (name, hook) in TCX_HOOKS {
+/// Loads (verifies) the TC programs of `hooks`.
+fn load_tc(ebpf: &mut Ebpf, hooks: &[(&str, TcAttachType)]) -> Result<()> {
+    for (name, _) in hooks {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?
@@ -380,6 +503,26 @@ fn attach_tcx(ebpf: &mut Ebpf, pin_dir: &Path, devices: &[String]) -> Result<()>
         program
             .load()
             .with_context(|| format!("loading program {name} (verifier)"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the loaded programs of `hooks` to each device, at the end of the TCX chain
+/// (`LinkOrder::default()`: after what is already there, so that a firewall attached
+/// before us still sees the untranslated packets). A pinned link is adopted with
+/// `BPF_LINK_UPDATE`, as the cgroup links are; one the kernel detached (its device went
+/// away and came back) is replaced by a new one.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    hooks: &[(&str, TcAttachType)],
+    devices: &[String],
+) -> Result<()> {
+    for &(name, hook) in hooks {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
         for device in devices {
             let link_pin = links_dir(pin_dir).join(tcx_link_name(name, device));
             if link_pin.exists() {
@@ -412,9 +555,9 @@ fn attach_tcx(ebpf: &mut Ebpf, pin_dir: &Path, devices: &[String]) -> Result<()>
     Ok(())
 }
 
-/// Unpins (and so detaches) the TCX links of devices that are no longer in `--devices`:
-/// the operator took them out of north-south service.
-fn detach_other_devices(pin_dir: &Path, devices: &[String]) -> Result<()> {
+/// Unpins (and so detaches) the links of `programs` on devices not in `devices`: the
+/// operator took them out of north-south service, or the pod went away.
+fn detach_other_devices(pin_dir: &Path, programs: &[&str], devices: &[String]) -> Result<()> {
     let Ok(entries) = fs::read_dir(links_dir(pin_dir)) else {
         return Ok(());
     };
@@ -426,13 +569,9 @@ fn detach_other_devices(pin_dir: &Path, devices: &[String]) -> Result<()> {
         let Some((program, device)) = file.split_once('@') else {
             continue;
         };
-        if TCX_PROGRAMS.contains(&program) && !devices.iter().any(|d| d == device) {
+        if programs.contains(&program) && !devices.iter().any(|d| d == device) {
             fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-            tracing::info!(
-                program,
-                device,
-                "detached from a device no longer in --devices"
-            );
+            tracing::info!(program, device, "detached from a device no longer served");
         }
     }
     Ok(())

@@ -113,6 +113,62 @@ fn ipv4_addresses() -> Result<Vec<(String, Ipv4Addr)>> {
     Ok(found)
 }
 
+/// The (name, ifindex) of this network namespace's links (netlink, unlike
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in).
+pub fn links() -> Result<Vec<(String, u32)>> {
+    // SAFETY: if_nameindex returns a list terminated by a zero entry, or null on error; it
+    // is freed below with if_freenameindex.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(std::io::Error::last_os_error()).context("if_nameindex");
+    }
+    let mut names = Vec::new();
+    let mut entry = list;
+    // SAFETY: entries up to the terminating one (index 0) are valid, with NUL-terminated
+    // names.
+    unsafe {
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            let name = CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
+            names.push((name, (*entry).if_index));
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    Ok(names)
+}
+
+/// Whether `device` is named by one of `patterns`: a name, or a prefix ending in `*`.
+pub fn matches(patterns: &[String], device: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => device.starts_with(prefix),
+        None => p == device,
+    })
+}
+
+/// The cookie of the network namespace this process runs in (`SO_NETNS_COOKIE`), as the
+/// socket programs see it with `bpf_get_netns_cookie`.
+pub fn own_netns_cookie() -> Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and an out buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 /// An inclusive port range, `first-last` (the flag) or `first<whitespace>last` (procfs).
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let s = s.trim();
@@ -174,6 +230,27 @@ mod tests {
         assert!(overlap((61000, 65535), (32768, 61000)));
         assert!(overlap((61000, 65535), (1024, 65535)));
         assert!(overlap((62000, 62000), (61000, 65535)));
+    }
+
+    #[test]
+    fn device_patterns_are_names_or_prefixes() {
+        let patterns = ["lxc*".to_owned(), "eth1".to_owned()];
+        assert!(matches(&patterns, "lxc12ab"));
+        assert!(matches(&patterns, "eth1"));
+        assert!(!matches(&patterns, "eth10"));
+        assert!(!matches(&patterns, "vethlxc"));
+        assert!(!matches(&[], "lxc1"));
+    }
+
+    #[test]
+    fn this_namespace_has_lo_and_a_cookie() {
+        assert!(
+            links()
+                .expect("if_nameindex")
+                .iter()
+                .any(|(n, _)| n == "lo")
+        );
+        assert_ne!(own_netns_cookie().expect("SO_NETNS_COOKIE"), 0);
     }
 
     #[test]

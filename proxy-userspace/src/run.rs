@@ -65,6 +65,11 @@ pub struct Config {
     /// The north-south programs (NodePort, externalIPs, LoadBalancer IPs from outside the
     /// node); `None` (`--devices ''`) serves only the socket programs.
     pub north_south: Option<NorthSouthConfig>,
+    /// Socket LB for the node's own namespace only (service meshes): pods are translated
+    /// per packet on the devices matching `pod_devices`.
+    pub socket_lb_host_namespace_only: bool,
+    /// `--pod-devices`: names, or prefixes ending in `*`.
+    pub pod_devices: Vec<String>,
 }
 
 /// `--devices` and the SNAT settings, as given.
@@ -202,13 +207,29 @@ pub async fn run(config: Config) -> Result<()> {
         Some(ns) => ns.resolve(&node_addresses)?,
         None => None,
     };
-    let (maps, _programs) = dataplane::start(
+    let sock = dataplane::SockSettings {
+        host_netns_cookie: if config.socket_lb_host_namespace_only {
+            Some(devices::own_netns_cookie()?)
+        } else {
+            None
+        },
+    };
+    if config.socket_lb_host_namespace_only && config.pod_devices.is_empty() {
+        tracing::warn!(
+            "--socket-lb-host-namespace-only without --pod-devices: pods' traffic to Services \
+             is not translated"
+        );
+    }
+    let (maps, mut programs) = dataplane::start(
         &config.pin_dir,
         &config.cgroup,
         config.map_sizes,
         config.bpf_log_level,
         north_south.as_ref(),
+        sock,
+        &config.pod_devices,
     )?;
+    let mut pod_devices = serve_pod_devices(&mut programs, &[]);
     if let Some(ns) = &north_south {
         tracing::info!(
             devices = ?ns.devices,
@@ -231,6 +252,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut health_check_servers = HealthCheckServers::new(health.clone());
     loop {
         let started = Instant::now();
+        pod_devices = serve_pod_devices(&mut programs, &pod_devices);
         let ok = sync_once(
             &config,
             &source,
@@ -294,6 +316,23 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
             tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
             kube.wait_until_ready().await?;
             Ok(Source::Kube(kube))
+        }
+    }
+}
+
+/// Attaches the pod programs to pods' devices that appeared since `before` (logged), and
+/// returns the devices served now. A failure is logged and retried at the next sync.
+fn serve_pod_devices(programs: &mut dataplane::Programs, before: &[String]) -> Vec<String> {
+    match programs.attach_pod_devices() {
+        Ok(now) => {
+            if now.as_slice() != before {
+                tracing::info!(devices = ?now, "pod devices served");
+            }
+            now
+        }
+        Err(e) => {
+            tracing::error!("attaching to pod devices failed, retrying: {e:#}");
+            before.to_vec()
         }
     }
 }

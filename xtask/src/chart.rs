@@ -47,13 +47,15 @@ const REQUIRED: &[&str] = &[
 ];
 /// Where the chart mounts the host's cgroup v2 root in the pod.
 const CGROUP_MOUNT: &str = "/run/ebpf-kube-proxy/cgroupv2";
-/// Flags of agent features still being added: passed only when their value is set.
+/// Flags passed only when their value is set (optional features, and flags of features
+/// still being added).
 const PENDING_FLAGS: &[&str] = &[
     "--map-size-",
     "--nodeport-addresses",
     "--nodeport-range",
     "--devices",
     "--socket-lb-host-namespace-only",
+    "--pod-devices",
 ];
 
 /// The helm binary the project uses.
@@ -1152,7 +1154,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "nodePortAddresses": ["10.0.0.0/8", "192.168.0.0/16"],
                 "nodePortRange": "30000-32767",
                 "devices": ["eth0", "ens5"],
-                "socketLB": {"hostNamespaceOnly": true},
+                "socketLB": {"hostNamespaceOnly": true, "podDevices": ["lxc*", "cali*"]},
             },
             "extraArgs": ["--example-new-flag=1"],
             "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
@@ -1186,6 +1188,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "--nodeport-range=30000-32767",
                 "--devices=eth0,ens5",
                 "--socket-lb-host-namespace-only",
+                "--pod-devices=lxc*,cali*",
                 "--example-new-flag=1",
             ]
             .map(String::from);

@@ -110,6 +110,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if $c.socketLB.hostNamespaceOnly }}
 - "--socket-lb-host-namespace-only"
+{{- with $c.socketLB.podDevices }}
+- {{ printf "--pod-devices=%s" (join "," .) | quote }}
+{{- end }}
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
