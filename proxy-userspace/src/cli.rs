@@ -182,6 +182,11 @@ struct RunArgs {
     #[arg(long, default_value = "61000-65535", value_parser = crate::devices::parse_port_range)]
     snat_port_range: (u16, u16),
 
+    /// The cluster's NodePort range (the API server's --service-node-port-range), e.g.
+    /// 30000-32767: a warning says when the SNAT ports overlap it.
+    #[arg(long, value_parser = crate::devices::parse_port_range)]
+    nodeport_range: Option<(u16, u16)>,
+
     /// eBPF programs' logging, applied at start (`bpf-log` changes it while running).
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Off)]
     bpf_log_level: BpfLogLevel,
@@ -207,6 +212,7 @@ fn north_south(
         devices,
         snat_address,
         snat_ports,
+        node_port_range: None,
     })
 }
 
@@ -360,7 +366,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                     args.devices.clone(),
                     args.snat_address,
                     args.snat_port_range,
-                ),
+                )
+                .map(|ns| run::NorthSouthConfig {
+                    node_port_range: args.nodeport_range,
+                    ..ns
+                }),
                 socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
                 pod_devices: args.pod_devices.clone(),
             };

@@ -82,6 +82,9 @@ pub struct NorthSouthConfig {
     pub snat_address: Option<Ipv4Addr>,
     /// `--snat-port-range`, inclusive.
     pub snat_ports: (u16, u16),
+    /// `--nodeport-range`: the cluster's NodePort range, if given, checked against the SNAT
+    /// ports.
+    pub node_port_range: Option<(u16, u16)>,
 }
 
 impl NorthSouthConfig {
@@ -134,6 +137,17 @@ impl NorthSouthConfig {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!("cannot check the SNAT port range: {e:#}"),
+        }
+        // A NodePort in the SNAT range would have its replies taken for a translated
+        // flow's (the reply entry of a flow to node:port looks the same).
+        if let Some(node_ports) = self.node_port_range
+            && devices::overlap(node_ports, self.snat_ports)
+        {
+            tracing::warn!(
+                snat_ports = ?self.snat_ports,
+                node_ports = ?node_ports,
+                "the SNAT port range overlaps the NodePort range: narrow one of them"
+            );
         }
         Ok(Some(dataplane::NorthSouth {
             devices,

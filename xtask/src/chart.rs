@@ -49,13 +49,14 @@ const REQUIRED: &[&str] = &[
 const CGROUP_MOUNT: &str = "/run/ebpf-kube-proxy/cgroupv2";
 /// Flags passed only when their value is set (optional features, and flags of features
 /// still being added).
-const PENDING_FLAGS: &[&str] = &[
+const OPTIONAL_FLAGS: &[&str] = &[
     "--map-size-",
     "--nodeport-addresses",
     "--nodeport-range",
     "--devices",
     "--socket-lb-host-namespace-only",
     "--pod-devices",
+    "--bpf-log-level",
 ];
 
 /// The helm binary the project uses.
@@ -1134,7 +1135,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         },
     );
 
-    // --- 4. rollout, pending agent flags, extra args and env ----------------------------
+    // --- 4. rollout, optional agent flags, extra args and env ----------------------------
     let set = "flags";
     let flags_values = chart.values_file(
         set,
@@ -1150,7 +1151,9 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "minSyncPeriod": "250ms",
                 "syncPeriod": "1m",
                 "mapSizes": {"services": 131072, "backends": 1048576, "revNat": 65536,
-                             "sockRevNat": 262144, "affinity": 32768},
+                             "sockRevNat": 262144, "affinity": 32768, "natCt": 524288,
+                             "sourceRanges": 1024},
+                "bpfLogLevel": "error",
                 "nodePortAddresses": ["10.0.0.0/8", "192.168.0.0/16"],
                 "nodePortRange": "30000-32767",
                 "devices": ["eth0", "ens5"],
@@ -1167,7 +1170,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     check_rendering(&mut checks, set, &r);
     with(
         &mut checks,
-        "flags: pending agent flags rendered when set, in order",
+        "flags: optional agent flags rendered when set, in order",
         &r,
         |r| {
             let want = [
@@ -1181,12 +1184,15 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "--sync-period=1m",
                 "--map-size-affinity=32768",
                 "--map-size-backends=1048576",
+                "--map-size-nat-ct=524288",
                 "--map-size-rev-nat=65536",
                 "--map-size-services=131072",
                 "--map-size-sock-rev-nat=262144",
+                "--map-size-source-ranges=1024",
                 "--nodeport-addresses=10.0.0.0/8,192.168.0.0/16",
                 "--nodeport-range=30000-32767",
                 "--devices=eth0,ens5",
+                "--bpf-log-level=error",
                 "--socket-lb-host-namespace-only",
                 "--pod-devices=lxc*,cali*",
                 "--example-new-flag=1",
@@ -1231,17 +1237,17 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "defaults render none of the pending flags",
+        "defaults render none of the optional flags",
         &chart.render(REQUIRED),
         |r| {
             let args = r.args()?;
             let pending: Vec<&String> = args
                 .iter()
-                .filter(|a| PENDING_FLAGS.iter().any(|f| a.starts_with(f)))
+                .filter(|a| OPTIONAL_FLAGS.iter().any(|f| a.starts_with(f)))
                 .collect();
             ensure!(
                 pending.is_empty(),
-                "pending flags with default values: {pending:?}"
+                "optional flags with default values: {pending:?}"
             );
             Ok(())
         },

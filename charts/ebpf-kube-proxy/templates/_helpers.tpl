@@ -93,7 +93,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ printf "--min-sync-period=%s" $c.minSyncPeriod | quote }}
 - {{ printf "--sync-period=%s" $c.syncPeriod | quote }}
 {{- /* Flags other issues add to the agent: passed only when set. */}}
-{{- range $key, $flag := dict "services" "--map-size-services" "backends" "--map-size-backends" "revNat" "--map-size-rev-nat" "sockRevNat" "--map-size-sock-rev-nat" "affinity" "--map-size-affinity" }}
+{{- range $key, $flag := dict "services" "--map-size-services" "backends" "--map-size-backends" "revNat" "--map-size-rev-nat" "sockRevNat" "--map-size-sock-rev-nat" "affinity" "--map-size-affinity" "natCt" "--map-size-nat-ct" "sourceRanges" "--map-size-source-ranges" }}
 {{- $size := index $c.mapSizes $key }}
 {{- if $size }}
 - {{ printf "%s=%d" $flag (int64 $size) | quote }}
@@ -107,6 +107,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- with $c.devices }}
 - {{ printf "--devices=%s" (join "," .) | quote }}
+{{- end }}
+{{- with $c.bpfLogLevel }}
+- {{ printf "--bpf-log-level=%s" . | quote }}
 {{- end }}
 {{- if $c.socketLB.hostNamespaceOnly }}
 - "--socket-lb-host-namespace-only"
