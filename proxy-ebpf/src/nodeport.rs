@@ -26,8 +26,9 @@ use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    NatCtValue, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue, NodeConfig, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::fib;
@@ -201,9 +202,25 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     // A backend on another node is reached with the node's address as source, so that its
     // replies come back here to be translated (C08). `Local` frontends only have local
     // backends and keep the client's address (C10); so does `Cluster` traffic to a local
-    // backend (see docs/decisions.md).
-    let snat = SCOPE == SCOPE_EXTERNAL && backend.flags & BACKEND_FLAG_LOCAL == 0;
+    // backend (see docs/decisions.md). A pod that reaches itself through its Service
+    // (hairpin, C07, on pods' devices) would receive a packet from its own address, which
+    // its stack drops: it gets the Service address as source instead.
+    let hairpin = SCOPE == SCOPE_INTERNAL && backend.addr == pkt.saddr;
+    let snat = hairpin || (SCOPE == SCOPE_EXTERNAL && backend.flags & BACKEND_FLAG_LOCAL == 0);
     let snat_config = match config {
+        // The node's SNAT ports if north-south is configured (the array's entry is zero
+        // otherwise), else the default range.
+        _ if hairpin => Some(match config {
+            Some(c) if c.snat_port_min != 0 => NodeConfig {
+                snat_addr: pkt.daddr,
+                ..c
+            },
+            _ => NodeConfig {
+                snat_addr: pkt.daddr,
+                snat_port_min: DEFAULT_SNAT_PORT_MIN,
+                snat_port_max: DEFAULT_SNAT_PORT_MAX,
+            },
+        }),
         Some(c) if snat && c.snat_addr != 0 => Some(c),
         // Needs SNAT but the agent has not configured an address: not translatable yet.
         _ if snat => return Ok(PASS),

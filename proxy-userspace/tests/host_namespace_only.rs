@@ -7,8 +7,9 @@
 //! backend's address and the sidecar never sees the connection; in host-namespace-only mode
 //! it does, and without the sidecar the pod still reaches the backends, translated per
 //! packet on its device (`--pod-devices`), while the socket still shows the Service address.
-//! The node's own processes keep the socket LB. Traffic stays on the harness's bridge: the
-//! client routes the Service range to the node, nothing routes anywhere else.
+//! A pod reaching itself through its Service (hairpin) works too. The node's own processes
+//! keep the socket LB. Traffic stays on the harness's bridge: the pods route the Service
+//! range to the node, nothing routes anywhere else.
 
 mod common;
 
@@ -78,11 +79,10 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
         ),
     );
     // Pods reach Services through their node, as with any CNI.
-    h.topo
-        .client
-        .ns
-        .ip(&["route", "add", "10.96.0.0/16", "via", "10.244.0.1"])
-        .expect("route to the Service range");
+    for ns in [&h.topo.client.ns, &h.topo.pods[0].ns] {
+        ns.ip(&["route", "add", "10.96.0.0/16", "via", "10.244.0.1"])
+            .expect("route to the Service range");
+    }
     run(
         &h.topo.node,
         "sysctl",
@@ -158,6 +158,25 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
         lines
             .iter()
             .all(|l| l["ok"] == true && l["peer"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
+
+    // Hairpin: pod-a through its own Service reaches itself too (from the Service address,
+    // which its stack accepts, where its own address would be dropped), and pod-b.
+    let mut command = h.topo.pods[0]
+        .ns
+        .command(common::PEER, Some(&h.topo.cgroup))
+        .expect("client in pod-a");
+    command.args(["tcp", "10.96.0.10:80", "40"]);
+    let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("pod-a client: {e:#}"));
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect();
+    let counts = answers(&lines);
+    assert_eq!(
+        counts.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["pod-a", "pod-b"],
         "{lines:?}"
     );
 
