@@ -264,6 +264,8 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut state = LoopState::default();
     let mut health_check_servers = HealthCheckServers::new(health.clone());
+    let mut pod_scan = tokio::time::interval(POD_DEVICE_SCAN);
+    pod_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let started = Instant::now();
         pod_devices = serve_pod_devices(&mut programs, &pod_devices);
@@ -281,11 +283,22 @@ pub async fn run(config: Config) -> Result<()> {
         } else {
             config.min_sync_period.max(Duration::from_secs(1))
         };
-        tokio::select! {
-            _ = changed_rx.recv() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+        // Waiting for the next sync, new pods' devices are served within a second: a pod
+        // may call a Service as soon as it starts.
+        let deadline = tokio::time::Instant::now() + wait;
+        let stop = loop {
+            tokio::select! {
+                _ = changed_rx.recv() => break false,
+                _ = tokio::time::sleep_until(deadline) => break false,
+                _ = pod_scan.tick(), if !config.pod_devices.is_empty() => {
+                    pod_devices = serve_pod_devices(&mut programs, &pod_devices);
+                }
+                _ = sigterm.recv() => break true,
+                _ = sigint.recv() => break true,
+            }
+        };
+        if stop {
+            break;
         }
         let now = SystemTime::now();
         health.queued(now);
@@ -333,6 +346,9 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
         }
     }
 }
+
+/// How often pods' devices are looked for between syncs (host-namespace-only socket LB).
+const POD_DEVICE_SCAN: Duration = Duration::from_secs(1);
 
 /// Attaches the pod programs to pods' devices that appeared since `before` (logged), and
 /// returns the devices served now. A failure is logged and retried at the next sync.

@@ -180,6 +180,29 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
         "{lines:?}"
     );
 
+    // A pod that starts while the agent runs is served within a sync period's fraction.
+    let late = xtask::netns::attach_to_bridge(
+        &h.topo.node,
+        &h.prefix,
+        "late",
+        std::net::Ipv4Addr::new(10, 244, 0, 30),
+        9,
+    )
+    .expect("a pod started later");
+    late.ip(&["route", "add", "10.96.0.0/16", "via", "10.244.0.1"])
+        .expect("route to the Service range");
+    wait_for_pod_link(&h, "veth9");
+    let mut command = late
+        .command(common::PEER, Some(&h.topo.cgroup))
+        .expect("client in the late pod");
+    command.args(["tcp", "10.96.0.10:80", "10"]);
+    let out = xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("late client: {e:#}"));
+    assert_eq!(
+        out.lines().filter(|l| l.contains("\"ok\":true")).count(),
+        10,
+        "{out}"
+    );
+
     // The node's own processes keep the socket LB.
     let counts = answers(&node_client(&h, &["tcp", "10.96.0.10:80", "20"]));
     assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
