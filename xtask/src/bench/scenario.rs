@@ -74,6 +74,10 @@ impl Service {
     pub fn port_name(&self, port: &Port) -> String {
         format!("{}/{}:{}", self.namespace, self.name, port.name)
     }
+
+    pub fn is_node_port(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+    }
 }
 
 /// Filler Service `i` (0-based): ClusterIP 10.96.0.0 + i + 1, endpoints in 10.248.0.0/14.
