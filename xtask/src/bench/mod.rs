@@ -432,6 +432,9 @@ fn check_outputs(out: &Path) -> Result<()> {
     if !md.contains("| ebpf | iptables | nftables | direct |") {
         bail!("latest.md has no results table");
     }
+    if !md.contains("| NodePort TCP connect") {
+        bail!("latest.md has no NodePort rows");
+    }
     for png in ["latency.png", "programming.png"] {
         let bytes = std::fs::read(out.join(png))?;
         if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
