@@ -4,7 +4,9 @@
 //! `cluster IP` rule per service port, then the `KUBE-NODEPORTS` rule last;
 //! `KUBE-SVC-<hash>` with the masquerade rule for sources outside the cluster CIDR, then
 //! `-m statistic --mode random --probability 1/n` jumps and an unconditional last jump;
-//! `KUBE-SEP-<hash>` with the hairpin masquerade rule and `DNAT --to-destination`;
+//! `KUBE-SEP-<hash>` with the hairpin masquerade rule and `DNAT --to-destination`; for a
+//! NodePort, a `KUBE-NODEPORTS` rule to `KUBE-EXT-<hash>`, which marks for masquerade
+//! (`externalTrafficPolicy: Cluster`) and jumps to `KUBE-SVC-<hash>`;
 //! `KUBE-MARK-MASQ`, `KUBE-POSTROUTING`. Comments are dropped from the per-endpoint rules
 //! above 1000 endpoints (kube-proxy's "large cluster mode").
 //!
@@ -27,6 +29,12 @@ const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 pub fn svc_chain(svc: &Service, port: &Port) -> String {
     let hash = hash_base32(&format!("{}{}", svc.port_name(port), port.proto.lower()));
     format!("KUBE-SVC-{}", &hash[..16])
+}
+
+/// The chain a NodePort (and externalIPs, LB IPs) of the service port jumps to.
+pub fn ext_chain(svc: &Service, port: &Port) -> String {
+    let hash = hash_base32(&format!("{}{}", svc.port_name(port), port.proto.lower()));
+    format!("KUBE-EXT-{}", &hash[..16])
 }
 
 pub fn sep_chain(svc: &Service, port: &Port, endpoint: &str) -> String {
@@ -120,6 +128,14 @@ fn service_port(
         "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} -j {svc_chain}",
         svc.vip, port.port
     );
+    let ext_chain = port.node_port.map(|node_port| {
+        let chain = ext_chain(svc, port);
+        let _ = writeln!(
+            services_rules,
+            "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {chain}"
+        );
+        chain
+    });
     let Some((chains, rules)) = chains else {
         return;
     };
@@ -136,6 +152,9 @@ fn service_port(
             (sep_chain(svc, port, &endpoint), endpoint)
         })
         .collect();
+    if let Some(ext) = &ext_chain {
+        let _ = writeln!(chains, ":{ext} - [0:0]");
+    }
     let _ = writeln!(chains, ":{svc_chain} - [0:0]");
     for (sep, _) in &endpoints {
         let _ = writeln!(chains, ":{sep} - [0:0]");
@@ -145,6 +164,15 @@ fn service_port(
         "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
         svc.vip, port.port
     );
+    if let Some(ext) = &ext_chain {
+        // externalTrafficPolicy: Cluster: masquerade, since the endpoint may be on another
+        // node, then the cluster-wide endpoints.
+        let _ = writeln!(
+            rules,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(rules, "-A {ext} -j {svc_chain}");
+    }
     let n = endpoints.len();
     for (i, (sep, endpoint)) in endpoints.iter().enumerate() {
         rules.push_str("-A ");
@@ -275,6 +303,7 @@ mod tests {
                 proto: Proto::Tcp,
                 port: 80,
                 target: 80,
+                node_port: None,
             }],
             endpoints: endpoints.to_vec(),
         }
@@ -366,6 +395,43 @@ COMMIT
         assert!(services[services.len() - 2].contains("-d 10.100.0.10 --dport 80"));
         assert!(services[services.len() - 2].contains("-p tcp"));
         assert!(services[services.len() - 1].contains("KUBE-NODEPORTS"));
+    }
+
+    /// kube-proxy's test NodePort Service (ns1/svc1 p80, NodePort 3001): the rules of its
+    /// `TestNodePorts` case for `externalTrafficPolicy: Cluster`.
+    #[test]
+    fn a_node_port_goes_through_kube_nodeports_and_the_external_chain() {
+        let mut svc = ns1_svc1(&[Ipv4Addr::new(10, 180, 0, 1)]);
+        svc.ports[0].node_port = Some(3001);
+        let text = restore(&[svc], &Sync::Full { jumps: false });
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |line: &str| {
+            lines
+                .iter()
+                .position(|l| *l == line)
+                .unwrap_or_else(|| panic!("no {line:?} in\n{text}"))
+        };
+        let cluster_ip = at(
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
+        );
+        let node_port = at(
+            "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-XPGD46QRK7WJZT7O",
+        );
+        let masq = at(
+            "-A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment \"masquerade traffic for ns1/svc1:p80 external destinations\" -j KUBE-MARK-MASQ",
+        );
+        let jump = at("-A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVC-XPGD46QRK7WJZT7O");
+        assert!(cluster_ip < node_port && masq < jump);
+        assert!(
+            at(":KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]") < at(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]")
+        );
+        // Still the last rule of KUBE-SERVICES.
+        assert!(
+            lines
+                .iter()
+                .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
+                .is_some_and(|l| l.ends_with("-j KUBE-NODEPORTS"))
+        );
     }
 
     #[test]

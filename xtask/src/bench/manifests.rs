@@ -1,9 +1,10 @@
 //! The standalone source's view of the Services: JSON manifests (`kind: List`) that
 //! `ebpf-kube-proxy run --manifests` reads. The measured Service's EndpointSlice has a
 //! file of its own, rewritten atomically (write beside the directory, rename into it) for
-//! an endpoint change.
+//! an endpoint change. The Node gives the agent the address NodePorts are served on.
 
 use std::fs;
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -12,27 +13,47 @@ use serde_json::{Value, json};
 use super::scenario::Service;
 
 pub const MEASURED_SLICE_FILE: &str = "measured-endpointslice.json";
+/// The agent's `--node-name`, and the node every endpoint is on (all are local).
+pub const NODE_NAME: &str = "bench-node";
 
 fn service(svc: &Service) -> Value {
     let ports: Vec<Value> = svc
         .ports
         .iter()
         .map(|p| {
-            json!({"name": p.name, "port": p.port, "protocol": p.proto.api(), "targetPort": p.target})
+            let mut port = json!({"name": p.name, "port": p.port, "protocol": p.proto.api(), "targetPort": p.target});
+            if let Some(node_port) = p.node_port {
+                port["nodePort"] = json!(node_port);
+            }
+            port
         })
         .collect();
+    let mut spec = json!({
+        "type": "ClusterIP",
+        "clusterIP": svc.vip.to_string(),
+        "clusterIPs": [svc.vip.to_string()],
+        "ipFamilies": ["IPv4"],
+        "ipFamilyPolicy": "SingleStack",
+        "ports": ports,
+    });
+    if svc.is_node_port() {
+        spec["type"] = json!("NodePort");
+        spec["externalTrafficPolicy"] = json!("Cluster");
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": svc.name, "namespace": svc.namespace},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": svc.vip.to_string(),
-            "clusterIPs": [svc.vip.to_string()],
-            "ipFamilies": ["IPv4"],
-            "ipFamilyPolicy": "SingleStack",
-            "ports": ports,
-        }
+        "spec": spec,
+    })
+}
+
+fn node(address: Ipv4Addr) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE_NAME},
+        "status": {"addresses": [{"type": "InternalIP", "address": address.to_string()}]},
     })
 }
 
@@ -49,7 +70,7 @@ fn slice(svc: &Service) -> Value {
             json!({
                 "addresses": [ip.to_string()],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": "bench-node",
+                "nodeName": NODE_NAME,
             })
         })
         .collect();
@@ -90,9 +111,11 @@ fn write_atomically(dir: &Path, name: &str, value: &Value) -> Result<()> {
     fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming {}", tmp.display()))
 }
 
-/// The whole directory for `services` (the measured Service last).
-pub fn write_all(dir: &Path, services: &[Service]) -> Result<()> {
+/// The whole directory for `services` (the measured Service last) on a node whose
+/// InternalIP is `node_address`.
+pub fn write_all(dir: &Path, services: &[Service], node_address: Ipv4Addr) -> Result<()> {
     let (measured, fillers) = services.split_last().context("no Services")?;
+    write_atomically(dir, "node.json", &node(node_address))?;
     write_atomically(
         dir,
         "services.json",
@@ -132,5 +155,10 @@ mod tests {
         let s = service(&svc);
         assert_eq!(s["spec"]["clusterIP"], "10.100.0.10");
         assert_eq!(s["spec"]["ports"][1]["targetPort"], 8080);
+        assert_eq!(s["spec"]["type"], "NodePort");
+        assert_eq!(s["spec"]["ports"][1]["nodePort"], scenario::NODE_PORT);
+        let filler = service(&scenario::filler(0));
+        assert_eq!(filler["spec"]["type"], "ClusterIP");
+        assert!(filler["spec"]["ports"][0].get("nodePort").is_none());
     }
 }

@@ -10,9 +10,11 @@
 //! ```
 //!
 //! For each N: N Services with 2 endpoints each, the measured one evaluated last by
-//! iptables (see `scenario`); every mode programmed from empty and timed (see `runner`);
-//! latency measured with `ekp-bench` in rounds that interleave the modes, so that machine
-//! noise hits them alike; endpoint changes timed; the agent's memory read. Results go to
+//! iptables and of type NodePort (see `scenario`); every mode programmed from empty and
+//! timed (see `runner`); latency measured with `ekp-bench` in rounds that interleave the
+//! modes, so that machine noise hits them alike: to the ClusterIP from a process on the
+//! node, and to the NodePort from an external client through the node (see `topology`);
+//! endpoint changes timed; the agent's memory read. Results go to
 //! `<out>/latest.json` (everything), `latest.md` (tables and ratios), `latency.png` and
 //! `programming.png`. The iptables and nftables rules come from `iptables` and `nftables`,
 //! which write what kube-proxy writes (unit-tested against kube-proxy's own test data).
@@ -63,25 +65,53 @@ impl Mode {
     }
 }
 
-/// The latency measurements (ekp-bench's client modes).
+/// The latency measurements: ekp-bench's client modes from the mode's client to the
+/// ClusterIP, and new TCP connections from the external client to the NodePort.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Metric {
     Connect,
     Crr,
     Rr,
     Udp,
+    NodePortConnect,
+    NodePortCrr,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [Metric::Connect, Metric::Crr, Metric::Rr, Metric::Udp];
+    pub const ALL: [Metric; 6] = [
+        Metric::Connect,
+        Metric::Crr,
+        Metric::Rr,
+        Metric::Udp,
+        Metric::NodePortConnect,
+        Metric::NodePortCrr,
+    ];
 
+    /// The key in the results JSON.
     pub fn name(self) -> &'static str {
         match self {
             Metric::Connect => "connect",
             Metric::Crr => "crr",
             Metric::Rr => "rr",
             Metric::Udp => "udp",
+            Metric::NodePortConnect => "nodeport_connect",
+            Metric::NodePortCrr => "nodeport_crr",
         }
+    }
+
+    /// The `ekp-bench` client mode that measures it.
+    pub fn client_mode(self) -> &'static str {
+        match self {
+            Metric::Connect | Metric::NodePortConnect => "connect",
+            Metric::Crr | Metric::NodePortCrr => "crr",
+            Metric::Rr => "rr",
+            Metric::Udp => "udp",
+        }
+    }
+
+    /// Sent by the external client to the NodePort (north-south), not to the ClusterIP.
+    pub fn is_node_port(self) -> bool {
+        matches!(self, Metric::NodePortConnect | Metric::NodePortCrr)
     }
 }
 
@@ -386,17 +416,24 @@ fn check_outputs(out: &Path) -> Result<()> {
     }
     for point in points {
         for mode in report::MODES {
-            if !point["modes"][mode]["crr"]["samples"].is_u64() {
-                bail!(
-                    "latest.json: no crr samples for {mode} at N={}",
-                    point["services"]
-                );
+            for metric in ["crr", "nodeport_crr"] {
+                let latency = &point["modes"][mode][metric];
+                if latency["samples"].as_u64().unwrap_or(0) == 0 {
+                    bail!(
+                        "latest.json: no {metric} samples for {mode} at N={}: {}",
+                        point["services"],
+                        latency["first_error"]
+                    );
+                }
             }
         }
     }
     let md = std::fs::read_to_string(out.join("latest.md"))?;
     if !md.contains("| ebpf | iptables | nftables | direct |") {
         bail!("latest.md has no results table");
+    }
+    if !md.contains("| NodePort TCP connect") {
+        bail!("latest.md has no NodePort rows");
     }
     for png in ["latency.png", "programming.png"] {
         let bytes = std::fs::read(out.join(png))?;

@@ -5,7 +5,9 @@
 //! inet_service`, looked up once from the `services` chain; one `service-<hash>-ns/name/
 //! proto/port` chain per service port with the masquerade rule and `numgen random mod n
 //! vmap`; one `endpoint-<hash>-...` chain per endpoint with the hairpin masquerade rule and
-//! `dnat to`.
+//! `dnat to`; for a NodePort, an element of the `service-nodeports` verdict map (looked up
+//! when `fib daddr type local`) going to an `external-<hash>-...` chain, which marks for
+//! masquerade (`externalTrafficPolicy: Cluster`) and goes to the service chain.
 //!
 //! A full sync (first sync, or from empty) writes everything; a partial sync (kube-proxy's
 //! normal case) writes only the chains of the changed Services and the map elements that
@@ -34,6 +36,18 @@ pub fn service_chain(svc: &Service, port: &Port) -> String {
         port.name
     );
     format!("service-{}", hashed(&base))
+}
+
+/// The chain a NodePort (and externalIPs, LB IPs) of the service port goes to.
+pub fn external_chain(svc: &Service, port: &Port) -> String {
+    let base = format!(
+        "{}/{}/{}/{}",
+        svc.namespace,
+        svc.name,
+        port.proto.lower(),
+        port.name
+    );
+    format!("external-{}", hashed(&base))
 }
 
 pub fn endpoint_chain(svc: &Service, port: &Port, ip: &str) -> String {
@@ -218,6 +232,13 @@ fn service_port(out: &mut String, svc: &Service, port: &Port, elements: bool, fi
     }
     let _ = writeln!(out, "add chain {T} {chain}");
     let _ = writeln!(out, "flush chain {T} {chain}");
+    let external = port
+        .node_port
+        .map(|node_port| (external_chain(svc, port), node_port));
+    if let Some((external, _)) = &external {
+        let _ = writeln!(out, "add chain {T} {external}");
+        let _ = writeln!(out, "flush chain {T} {external}");
+    }
     if elements {
         // The cluster-ips set holds each ClusterIP once.
         if first_port {
@@ -228,6 +249,18 @@ fn service_port(out: &mut String, svc: &Service, port: &Port, elements: bool, fi
             "add element {T} service-ips {{ {} . {proto} . {} : goto {chain} }}",
             svc.vip, port.port
         );
+        if let Some((external, node_port)) = &external {
+            let _ = writeln!(
+                out,
+                "add element {T} service-nodeports {{ {proto} . {node_port} : goto {external} }}"
+            );
+        }
+    }
+    if let Some((external, _)) = &external {
+        // externalTrafficPolicy: Cluster: masquerade (the endpoint may be on another node),
+        // then the cluster-wide endpoints.
+        let _ = writeln!(out, "add rule {T} {external} jump mark-for-masquerade");
+        let _ = writeln!(out, "add rule {T} {external} goto {chain}");
     }
     let _ = writeln!(
         out,
@@ -300,6 +333,7 @@ mod tests {
                 proto: Proto::Tcp,
                 port: 80,
                 target: 80,
+                node_port: None,
             }],
             endpoints: vec![Ipv4Addr::new(10, 180, 0, 1)],
         }
@@ -369,6 +403,32 @@ add rule ip kube-proxy {e2b} meta l4proto tcp dnat to 10.248.0.2:8080
 "
         );
         assert_eq!(services, expected);
+    }
+
+    #[test]
+    fn a_node_port_is_a_service_nodeports_element_going_to_the_external_chain() {
+        let mut svc = ns1_svc1();
+        svc.ports[0].node_port = Some(3001);
+        let text = full(std::slice::from_ref(&svc));
+        let external = external_chain(&svc, &svc.ports[0]);
+        assert_eq!(external, "external-ULMVA6XW-ns1/svc1/tcp/p80");
+        for line in [
+            format!("add chain ip kube-proxy {external}"),
+            format!(
+                "add element ip kube-proxy service-nodeports {{ tcp . 3001 : goto {external} }}"
+            ),
+            format!("add rule ip kube-proxy {external} jump mark-for-masquerade"),
+            format!("add rule ip kube-proxy {external} goto service-ULMVA6XW-ns1/svc1/tcp/p80"),
+        ] {
+            assert!(
+                text.contains(&format!("{line}\n")),
+                "no {line:?} in\n{text}"
+            );
+        }
+        // A partial sync rewrites the external chain but adds no element.
+        let text = partial(&svc, &[]);
+        assert!(text.contains(&format!("add rule ip kube-proxy {external} goto ")));
+        assert!(!text.contains("add element"));
     }
 
     #[test]

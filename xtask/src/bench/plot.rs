@@ -8,7 +8,9 @@ use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use serde_json::Value;
 
-const SIZE: (u32, u32) = (1200, 900);
+/// Chart width, and the height of one row of panels.
+const WIDTH: u32 = 1200;
+const ROW_HEIGHT: u32 = 450;
 
 fn color(mode: &str) -> RGBColor {
     match mode {
@@ -176,10 +178,10 @@ fn draw_panel(area: &Area, results: &Value, panel: &Panel) -> Result<()> {
 
 fn render(path: &Path, grid: (usize, usize), panels: &[Panel], results: &Value) -> Result<()> {
     register_font();
-    let (w, h) = SIZE;
+    let (w, h) = (WIDTH, ROW_HEIGHT * grid.0 as u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
         let areas = root.split_evenly(grid);
         for (area, panel) in areas.iter().zip(panels) {
@@ -202,7 +204,8 @@ fn metric_pick(metric: &'static str, p: &'static str) -> impl Fn(&Value) -> Opti
     move |v: &Value| v[metric][p].as_f64()
 }
 
-/// `latency.png`: TCP connect and connect+request+response+close, p50 and p99, per mode.
+/// `latency.png`: TCP connect and connect+request+response+close to the ClusterIP, and
+/// connect+request+response+close to the NodePort from outside, p50 and p99, per mode.
 pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
     let modes = ["ebpf", "iptables", "nftables", "direct"];
     let picks = [
@@ -215,6 +218,14 @@ pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
         (
             "TCP connect+request+response+close, p99",
             metric_pick("crr", "p99_us"),
+        ),
+        (
+            "NodePort: TCP connect+request+response+close, p50",
+            metric_pick("nodeport_crr", "p50_us"),
+        ),
+        (
+            "NodePort: TCP connect+request+response+close, p99",
+            metric_pick("nodeport_crr", "p99_us"),
         ),
     ];
     let panels: Vec<Panel> = picks
@@ -231,7 +242,7 @@ pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
             pick,
         })
         .collect();
-    render(path, (2, 2), &panels, results)
+    render(path, (3, 2), &panels, results)
 }
 
 /// `programming.png`: programming from empty and one endpoint change, per mode.

@@ -4,8 +4,8 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
+use super::Metric;
 use super::runner::{Latency, PointResult, Settings};
-use super::{Metric, Mode};
 
 /// Nearest-rank percentile of unsorted samples, in µs.
 pub fn percentile(samples_ns: &[u64], p: f64) -> f64 {
@@ -69,10 +69,6 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-pub const NODEPORT_EBPF: &str = "n/a (north-south datapath not implemented yet)";
-const NODEPORT_OTHERS: &str =
-    "not measured (nothing to compare with until the eBPF north-south datapath exists)";
-
 pub fn to_json(
     points: &[PointResult],
     settings: &Settings,
@@ -125,14 +121,6 @@ pub fn to_json(
                         |(lines, bytes)| json!({"lines": lines, "bytes": bytes}),
                     ),
                 );
-                m.insert(
-                    "nodeport".into(),
-                    json!(match mode {
-                        Mode::Ebpf => NODEPORT_EBPF,
-                        Mode::Direct => "n/a",
-                        _ => NODEPORT_OTHERS,
-                    }),
-                );
                 modes.insert(mode.name().into(), Value::Object(m));
             }
             let modes = Value::Object(modes);
@@ -140,7 +128,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 1,
+        "schema": 2,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -250,9 +238,13 @@ pub fn markdown(results: &Value) -> String {
     );
     let _ = writeln!(
         md,
-        "Latencies in µs as p50 / p90 / p99. `ebpf`: socket-level translation by this project; \
-         `iptables`, `nftables`: the rules kube-proxy writes, DNAT at the client's OUTPUT hook; \
-         `direct`: the client connects to the pod address (the floor).\n"
+        "Latencies in µs as p50 / p90 / p99. ClusterIP, from a process on the node: `ebpf`: \
+         socket-level translation by this project; `iptables`, `nftables`: the rules kube-proxy \
+         writes, DNAT at the client's OUTPUT hook; `direct`: the client connects to the pod \
+         address (the floor). NodePort, from an external client through the node: `ebpf`: this \
+         project's TCX programs on the node's device; `iptables`, `nftables`: the same rules, \
+         DNAT at PREROUTING and masquerade (`externalTrafficPolicy: Cluster`); `direct`: the \
+         external client connects to the pod address, routed by the node.\n"
     );
     for point in results["points"].as_array().into_iter().flatten() {
         let n = &point["services"];
@@ -269,6 +261,14 @@ pub fn markdown(results: &Value) -> String {
             (Metric::Crr, "TCP connect+request+response+close"),
             (Metric::Rr, "TCP request/response, established"),
             (Metric::Udp, "UDP request/response, new socket"),
+            (
+                Metric::NodePortConnect,
+                "NodePort TCP connect, external client",
+            ),
+            (
+                Metric::NodePortCrr,
+                "NodePort connect+request+response+close, external client",
+            ),
         ] {
             row(&mut md, &format!("{label} (µs)"), &|v| {
                 pcts(&v[metric.name()])
@@ -276,6 +276,9 @@ pub fn markdown(results: &Value) -> String {
         }
         row(&mut md, "new connections/s (one client)", &|v| {
             num(&v["crr"]["rate_per_s"], 0)
+        });
+        row(&mut md, "NodePort new connections/s (one client)", &|v| {
+            num(&v["nodeport_crr"]["rate_per_s"], 0)
         });
         row(&mut md, "programming from empty (ms)", &|v| {
             let mut s = num(&v["programming_ms"], 1);
@@ -314,9 +317,6 @@ pub fn markdown(results: &Value) -> String {
                 None => "n/a".into(),
             },
         );
-        row(&mut md, "NodePort from an external client", &|v| {
-            v["nodeport"].as_str().unwrap_or("n/a").to_owned()
-        });
         let _ = writeln!(md);
         let r = &point["ratios"];
         let _ = writeln!(
@@ -351,9 +351,10 @@ pub fn markdown(results: &Value) -> String {
 
 pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine.\n\
+- NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the measured Service's NodePort on the node's `ext0` address. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
 - Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr`. Modes are interleaved in rounds with a rotating order; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
-- Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached, first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
+- Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
 - Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";

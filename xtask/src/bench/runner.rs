@@ -1,5 +1,6 @@
 //! One benchmark run: for each N, program every mode from empty (timed), measure latency
-//! in rounds that interleave the modes, time endpoint changes, read the agent's memory.
+//! (ClusterIP from each mode's client, NodePort from its external client) in rounds that
+//! interleave the modes, time endpoint changes, read the agent's memory.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +16,7 @@ use super::iptables::{self, Sync};
 use super::manifests;
 use super::nftables;
 use super::scenario::{self, MEASURED_NAME, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT};
-use super::topology::{PODS, Topology};
+use super::topology::{self, EXTERNAL_DEVICE, PODS, Topology};
 use super::{Metric, Mode, check_interrupted};
 
 pub struct Binaries {
@@ -167,9 +168,10 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(&mut self, n: usize) -> Result<()> {
+    /// Starts the agent with `command` (the agent binary in the eBPF mode's node namespace,
+    /// where `ext0` is).
+    fn start(&mut self, n: usize, mut command: Command) -> Result<()> {
         let pow2 = |x: usize| x.next_power_of_two().max(65536).to_string();
-        let mut command = Command::new(&self.bin);
         command
             .arg("--pin-path")
             .arg(&self.pin_path)
@@ -178,11 +180,12 @@ impl Agent {
             .arg(&self.manifests)
             .arg("--cgroup")
             .arg(&self.cgroup)
-            .args(["--node-name", "bench-node"])
+            .args(["--node-name", manifests::NODE_NAME])
             .args(["--healthz-bind-address", ""])
             .args(["--metrics-bind-address", ""])
-            // The agent runs in the host's namespace: no north-south programs on its devices.
-            .args(["--devices", ""])
+            // North-south programs on the node's external device only (a device the bench
+            // made, in a namespace it made); the socket programs on the bench's cgroup.
+            .args(["--devices", EXTERNAL_DEVICE])
             .args(["--map-size-services", &pow2(4 * n + 16)])
             .args(["--map-size-backends", &pow2(2 * n + 16)])
             .env("EKP_LOG", "warn");
@@ -259,11 +262,12 @@ fn bpf_maps(pid: u32) -> Option<(usize, u64)> {
     Some((seen.len(), memlock))
 }
 
+/// Field order is drop order: the agent (and its pins) before the namespaces it runs in.
 pub struct Runner<'a> {
     bins: &'a Binaries,
     settings: &'a Settings,
-    topo: Topology,
     agent: Agent,
+    topo: Topology,
 }
 
 fn pod(name: &str) -> Ipv4Addr {
@@ -273,7 +277,12 @@ fn pod(name: &str) -> Ipv4Addr {
         .expect("known pod")
 }
 
-fn target(mode: Mode) -> SocketAddr {
+/// Where `metric` sends in `mode`: the measured Service's ClusterIP or NodePort, or for
+/// `direct` pod-a itself.
+fn target(mode: Mode, metric: Metric) -> SocketAddr {
+    if metric.is_node_port() {
+        return topology::node_port_target(mode, pod("pod-a"));
+    }
     match mode {
         Mode::Direct => SocketAddr::V4(SocketAddrV4::new(pod("pod-a"), TARGET_PORT)),
         _ => SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT)),
@@ -288,7 +297,7 @@ impl<'a> Runner<'a> {
     pub fn new(bins: &'a Binaries, settings: &'a Settings) -> Result<Self> {
         let prefix = netns::unique_prefix("ekp-bench");
         println!(
-            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.5), cgroup {prefix}"
+            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.5, each the node of an external client on 192.168.1-4.0/24), cgroup {prefix}"
         );
         let topo = Topology::create(&prefix, &bins.bench)?;
         let agent = Agent {
@@ -308,8 +317,14 @@ impl<'a> Runner<'a> {
         })
     }
 
-    fn client(&self, mode: Mode, program: &Path) -> Result<Command> {
-        self.topo.client_command(mode, program)
+    /// `program` where `metric`'s client runs: the mode's client namespace (for eBPF, in the
+    /// cgroup), or for NodePort the external client namespace (outside the node: no cgroup).
+    fn client(&self, mode: Mode, metric: Metric, program: &Path) -> Result<Command> {
+        if metric.is_node_port() {
+            self.topo.external(mode).command(program, None)
+        } else {
+            self.topo.client_command(mode, program)
+        }
     }
 
     fn in_client(&self, mode: Mode, program: &str) -> Result<Command> {
@@ -317,14 +332,25 @@ impl<'a> Runner<'a> {
     }
 
     fn waiter(&self, mode: Mode, answer: &str) -> Result<Waiter> {
-        let mut command = self.client(mode, &self.bins.bench)?;
+        self.waiter_for(mode, Metric::Crr, answer, 900_000)
+    }
+
+    /// `ekp-bench wait` from `metric`'s client to its target, giving up after `limit_ms`.
+    fn waiter_for(
+        &self,
+        mode: Mode,
+        metric: Metric,
+        answer: &str,
+        limit_ms: u64,
+    ) -> Result<Waiter> {
+        let mut command = self.client(mode, metric, &self.bins.bench)?;
         command.args([
             "wait",
-            &target(mode).to_string(),
+            &target(mode, metric).to_string(),
             "--answer",
             answer,
             "--limit-ms",
-            "900000",
+            &limit_ms.to_string(),
         ]);
         Waiter::spawn(command)
     }
@@ -387,10 +413,15 @@ impl<'a> Runner<'a> {
         let elapsed = match mode {
             Mode::Ebpf => {
                 self.agent.stop();
-                manifests::write_all(&self.agent.manifests, services)?;
+                manifests::write_all(
+                    &self.agent.manifests,
+                    services,
+                    topology::node_external_addr(Mode::Ebpf),
+                )?;
+                let command = self.topo.client(mode).command(&self.bins.agent, None)?;
                 let waiter = self.waiter(mode, "any")?;
                 let t0 = monotonic_ns();
-                self.agent.start(services.len())?;
+                self.agent.start(services.len(), command)?;
                 let agent = &mut self.agent;
                 let seen = waiter.finish(|| agent.alive())?;
                 agent.last_sync = Instant::now();
@@ -434,6 +465,19 @@ impl<'a> Runner<'a> {
 
     /// Rounds; in each, every mode (in a rotating order) runs one batch of each metric.
     fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<()> {
+        // Programming waited for the ClusterIP; the NodePort comes from the same sync or
+        // restore, but is checked before it is measured (10 s: a hang guard).
+        for mode in Mode::ALL {
+            let waiter = self.waiter_for(mode, Metric::NodePortCrr, "any", 10_000)?;
+            let agent = &mut self.agent;
+            waiter.finish(|| agent.alive()).with_context(|| {
+                format!(
+                    "N={n} {}: the NodePort {} never answered",
+                    mode.name(),
+                    target(mode, Metric::NodePortCrr)
+                )
+            })?;
+        }
         let s = self.settings;
         let rounds = s.rounds.max(1);
         let per_batch = |metric: Metric| {
@@ -487,12 +531,14 @@ impl<'a> Runner<'a> {
             };
             let errors: u64 = result.latency.values().map(|l| l.errors).sum();
             println!(
-                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs{}",
+                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs{}",
                 mode.name(),
                 p50(Metric::Connect),
                 p50(Metric::Crr),
                 p50(Metric::Rr),
                 p50(Metric::Udp),
+                p50(Metric::NodePortConnect),
+                p50(Metric::NodePortCrr),
                 if errors > 0 {
                     format!("  ({errors} errors)")
                 } else {
@@ -504,10 +550,10 @@ impl<'a> Runner<'a> {
     }
 
     fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
-        let mut command = self.client(mode, &self.bins.bench)?;
+        let mut command = self.client(mode, metric, &self.bins.bench)?;
         command.args([
-            metric.name(),
-            &target(mode).to_string(),
+            metric.client_mode(),
+            &target(mode, metric).to_string(),
             "--count",
             &count.to_string(),
             "--warmup",

@@ -1,8 +1,11 @@
-//! The Services of one benchmark point: N ClusterIP Services with two endpoints each. The
-//! last one is the measured Service, with a UDP and a TCP port (TCP last), so that it is
-//! the last Service rule kube-proxy's iptables mode evaluates: the worst case, as in
-//! kube-proxy's own scale tests. The other Services' endpoints are addresses nobody
-//! serves (they are never connected to); the measured Service's endpoints are real pods.
+//! The Services of one benchmark point: N Services with two endpoints each. The last one is
+//! the measured Service, with a UDP and a TCP port (TCP last), so that it is the last
+//! Service rule kube-proxy's iptables mode evaluates: the worst case, as in kube-proxy's
+//! own scale tests. It is of type NodePort (`externalTrafficPolicy: Cluster`), so that an
+//! external client reaches it too; the N-1 others are ClusterIP Services, whose endpoints
+//! are addresses nobody serves (they are never connected to). A NodePort packet still
+//! walks every ClusterIP rule of `KUBE-SERVICES` before the `KUBE-NODEPORTS` jump, so its
+//! cost grows with N the same way.
 
 use std::net::Ipv4Addr;
 
@@ -14,6 +17,8 @@ pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
 /// Service port and the pods' target port, TCP and UDP alike.
 pub const SERVICE_PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 8080;
+/// The measured Service's NodePort, TCP and UDP alike.
+pub const NODE_PORT: u16 = 30080;
 /// The cluster (pod) CIDR: kube-proxy's local-traffic detector (`--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The service CIDR the filler ClusterIPs come from (and the route the iptables and
@@ -50,6 +55,8 @@ pub struct Port {
     pub proto: Proto,
     pub port: u16,
     pub target: u16,
+    /// The NodePort, for a Service of type NodePort.
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +74,10 @@ impl Service {
     pub fn port_name(&self, port: &Port) -> String {
         format!("{}/{}:{}", self.namespace, self.name, port.name)
     }
+
+    pub fn is_node_port(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+    }
 }
 
 /// Filler Service `i` (0-based): ClusterIP 10.96.0.0 + i + 1, endpoints in 10.248.0.0/14.
@@ -82,6 +93,7 @@ pub fn filler(i: usize) -> Service {
             proto: Proto::Tcp,
             port: SERVICE_PORT,
             target: TARGET_PORT,
+            node_port: None,
         }],
         endpoints: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
     }
@@ -99,12 +111,14 @@ pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
                 proto: Proto::Udp,
                 port: SERVICE_PORT,
                 target: TARGET_PORT,
+                node_port: Some(NODE_PORT),
             },
             Port {
                 name: "tcp",
                 proto: Proto::Tcp,
                 port: SERVICE_PORT,
                 target: TARGET_PORT,
+                node_port: Some(NODE_PORT),
             },
         ],
         endpoints: endpoints.to_vec(),

@@ -6,13 +6,24 @@
 //! the modes can be measured interleaved. The eBPF client also runs in a cgroup of its own,
 //! where the agent attaches its programs.
 //!
+//! For NodePort, each client namespace is also the node that an external client reaches:
+//! one external namespace per mode, joined to its mode's client namespace by a veth pair
+//! (`ext0` at 192.168.k.1/24 there, the client's `eth0` at 192.168.k.2/24), so that the
+//! external client's packets enter a namespace that forwards them to the pods (PREROUTING,
+//! FORWARD, POSTROUTING) and holds that mode's rules, or, for eBPF, the TCX programs on
+//! `ext0` (the agent runs in that namespace). The pods route the eBPF and `direct`
+//! external subnets back through their nodes, for the flows no one source-NATs (eBPF keeps
+//! the client address for a local endpoint; `direct` translates nothing); the iptables and
+//! nftables ones get no route back, since kube-proxy masquerades them.
+//!
 //! No namespace has a default route. The iptables and nftables clients route the service
 //! CIDR to the node (as a node's default route would), so that connect() reaches the
 //! OUTPUT hook where kube-proxy's rules DNAT. The node forwards nothing: it holds the
 //! service CIDR as a local route, so an untranslated packet (a client racing the
 //! programming) is refused at once (TCP RST, ICMP port unreachable) instead of timing out;
-//! forwarding errors would be rate-limited to one ICMP per second. Nothing leaves the
-//! namespaces. Everything is removed on drop, in reverse order of creation.
+//! forwarding errors would be rate-limited to one ICMP per second. The `direct` external
+//! client routes the pod subnet through its node. Nothing leaves the namespaces. Everything
+//! is removed on drop, in reverse order of creation.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -22,7 +33,7 @@ use xtask::cmd;
 use xtask::netns::{self, Cgroup, Netns, Proc};
 
 use super::Mode;
-use super::scenario::{SERVICE_CIDR, TARGET_PORT};
+use super::scenario::{NODE_PORT, SERVICE_CIDR, TARGET_PORT};
 
 pub const BRIDGE: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
@@ -51,9 +62,13 @@ pub struct Client {
     pub ns: Netns,
 }
 
-/// Field order is drop order: servers, clients, pods, node, cgroup.
+/// The device of a mode's node (its client namespace) that external clients come in on.
+pub const EXTERNAL_DEVICE: &str = "ext0";
+
+/// Field order is drop order: servers, external clients, clients, pods, node, cgroup.
 pub struct Topology {
     _servers: Vec<Proc>,
+    externals: Vec<Client>,
     pub clients: Vec<Client>,
     _pods: Vec<Netns>,
     _node: Netns,
@@ -68,6 +83,34 @@ fn client_addr(mode: Mode) -> Ipv4Addr {
         Mode::Direct => 5,
     };
     Ipv4Addr::new(10, 244, 0, last)
+}
+
+/// The /24 between a mode's node and its external client: 192.168.k.0/24.
+fn external_subnet(mode: Mode) -> u8 {
+    match mode {
+        Mode::Ebpf => 1,
+        Mode::Iptables => 2,
+        Mode::Nftables => 3,
+        Mode::Direct => 4,
+    }
+}
+
+/// The address of `mode`'s node on its external device: where NodePorts are served.
+pub fn node_external_addr(mode: Mode) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, external_subnet(mode), 1)
+}
+
+fn external_client_addr(mode: Mode) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, external_subnet(mode), 2)
+}
+
+/// Where `mode`'s external client sends: the NodePort on its node, or for `direct` the
+/// pod itself (routed through the node).
+pub fn node_port_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
+    match mode {
+        Mode::Direct => (pod, TARGET_PORT).into(),
+        _ => (node_external_addr(mode), NODE_PORT).into(),
+    }
 }
 
 /// Writes a sysctl inside `ns` (/proc/sys/net is per network namespace).
@@ -111,6 +154,28 @@ impl Topology {
             }
             clients.push(Client { mode, ns });
         }
+        let mut externals = Vec::new();
+        for client in &clients {
+            externals.push(Client {
+                mode: client.mode,
+                ns: attach_external(prefix, client)?,
+            });
+            // iptables and nftables masquerade NodePort traffic (externalTrafficPolicy:
+            // Cluster): no route back, so that a missing masquerade fails loudly.
+            if matches!(client.mode, Mode::Iptables | Mode::Nftables) {
+                continue;
+            }
+            let subnet = format!("192.168.{}.0/24", external_subnet(client.mode));
+            for pod in &pods {
+                pod.ip(&[
+                    "route",
+                    "add",
+                    &subnet,
+                    "via",
+                    &client_addr(client.mode).to_string(),
+                ])?;
+            }
+        }
         let mut servers = Vec::new();
         for (pod, ns) in PODS.iter().zip(&pods) {
             let mut command = ns.command(ekp_bench, None)?;
@@ -130,6 +195,7 @@ impl Topology {
         }
         Ok(Topology {
             _servers: servers,
+            externals,
             clients,
             _pods: pods,
             _node: node,
@@ -146,9 +212,67 @@ impl Topology {
             .ns
     }
 
+    /// `mode`'s external client namespace (outside the node, in front of `ext0`).
+    pub fn external(&self, mode: Mode) -> &Netns {
+        &self
+            .externals
+            .iter()
+            .find(|c| c.mode == mode)
+            .expect("every mode has an external client")
+            .ns
+    }
+
     /// A command in `mode`'s client namespace (and, for eBPF, in the cgroup).
     pub fn client_command(&self, mode: Mode, program: &Path) -> Result<std::process::Command> {
         let cgroup = (mode == Mode::Ebpf).then_some(&self.cgroup);
         self.client(mode).command(program, cgroup)
     }
+}
+
+/// The external client of `client`'s mode: a namespace `<prefix>-x-<mode>` whose `eth0` is
+/// the peer of the node's `ext0`; the node forwards between `ext0` and the pod bridge.
+fn attach_external(prefix: &str, client: &Client) -> Result<Netns> {
+    let node = &client.ns;
+    let ns = Netns::create(&format!("{prefix}-x-{}", client.mode.name()))?;
+    node.ip(&[
+        "link",
+        "add",
+        EXTERNAL_DEVICE,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    let node_addr = node_external_addr(client.mode);
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{node_addr}/24"),
+        "dev",
+        EXTERNAL_DEVICE,
+    ])?;
+    node.ip(&["link", "set", EXTERNAL_DEVICE, "up"])?;
+    sysctl(node, "net.ipv4.ip_forward", "1")?;
+    ns.ip(&["link", "set", "lo", "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", external_client_addr(client.mode)),
+        "dev",
+        "eth0",
+    ])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    if client.mode == Mode::Direct {
+        ns.ip(&[
+            "route",
+            "add",
+            "10.244.0.0/24",
+            "via",
+            &node_addr.to_string(),
+        ])?;
+    }
+    Ok(ns)
 }
