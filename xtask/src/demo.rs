@@ -1,9 +1,12 @@
 //! `cargo xtask demo`: the nginx example end to end, in throwaway network namespaces.
 //!
 //! Two "pods" answer HTTP with their names; `ebpf-kube-proxy run` reads
-//! `examples/nginx/` (copied to a temporary directory); a client in its own namespace and
-//! cgroup connects to the ClusterIP many times; then `ebpf-kube-proxy list` and bpftool's
-//! view of the services map are printed. Everything is removed at the end, also on error.
+//! `examples/nginx/` (copied to a temporary directory) inside the node's namespace, with
+//! its north-south programs on the node's `ext0`; a client pod (own namespace, in the
+//! cgroup) connects to the ClusterIP many times, and an external client to the NodePort
+//! (`curl http://<NodeIP>:30080`, the seed's example); then `ebpf-kube-proxy list`,
+//! bpftool's view of the services map and of the TCX attachments are printed. Everything
+//! is removed at the end, also on error.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,6 +26,10 @@ pub struct Binaries {
 }
 
 const CLUSTER_IP: &str = "10.96.0.80:80";
+/// The node's address towards the external client (the Node's InternalIP in the example).
+const NODE_IP: &str = "192.168.200.1";
+const EXTERNAL_CLIENT: &str = "192.168.200.2";
+const NODE_PORT: &str = "192.168.200.1:30080";
 const PODS: [&str; 2] = ["my-nginx-5b56ccd65f-4xq2v", "my-nginx-5b56ccd65f-9tkfz"];
 const CONNECTIONS: usize = 20;
 
@@ -52,6 +59,50 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     ));
     let topo = Topology::create(&prefix, &PODS)?;
     let _servers = topo.serve(&bins.peer, &[80], &[])?;
+    step(&format!(
+        "external client {prefix}-ext at {EXTERNAL_CLIENT}, on the node's ext0 ({NODE_IP}); no other route"
+    ));
+    let external = netns::Netns::create(&format!("{prefix}-ext"))?;
+    topo.node.ip(&[
+        "link",
+        "add",
+        "ext0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        external.name(),
+    ])?;
+    topo.node
+        .ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "ext0"])?;
+    topo.node.ip(&["link", "set", "ext0", "up"])?;
+    external.ip(&["link", "set", "lo", "up"])?;
+    external.ip(&[
+        "addr",
+        "add",
+        &format!("{EXTERNAL_CLIENT}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    external.ip(&["link", "set", "eth0", "up"])?;
+    // The node forwards between ext0 and the pods' bridge, and the pods answer external
+    // clients through their node, as pods do through their default route.
+    cmd::output(
+        topo.node
+            .command("sysctl", None)?
+            .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
+    )?;
+    for pod in &topo.pods {
+        pod.ns.ip(&[
+            "route",
+            "add",
+            "192.168.200.0/24",
+            "via",
+            &netns::BRIDGE_ADDR.to_string(),
+        ])?;
+    }
 
     let leftovers = Leftovers {
         agent: &bins.agent,
@@ -66,8 +117,10 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         }
     }
 
-    step("starting ebpf-kube-proxy run --manifests <copy of examples/nginx>");
-    let mut agent_cmd = Command::new(&bins.agent);
+    step(
+        "starting ebpf-kube-proxy run --manifests <copy of examples/nginx>, in the node's namespace",
+    );
+    let mut agent_cmd = topo.node.command(&bins.agent, None)?;
     agent_cmd
         .arg("--pin-path")
         .arg(&leftovers.pin_path)
@@ -79,8 +132,9 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         .args(["--node-name", "node-1"])
         .args(["--healthz-bind-address", "127.0.0.1:0"])
         .args(["--metrics-bind-address", "127.0.0.1:0"])
-        // The agent runs in the host's namespace: no north-south programs on its devices.
-        .args(["--devices", ""]);
+        // The default would find ext0 too (it carries the Node's address); named here so
+        // that the demo shows the flag.
+        .args(["--devices", "ext0"]);
     println!("  {}", cmd::display(&agent_cmd));
     let mut agent = Proc::spawn(agent_cmd, "ebpf-kube-proxy")?;
     wait_until_listed(&bins.agent, &leftovers.pin_path, &mut agent)?;
@@ -106,6 +160,22 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         bail!("not every pod answered: {tally:?}");
     }
 
+    step(&format!(
+        "{CONNECTIONS} new TCP connections from the external client to http://{NODE_PORT}/ (NodePort)"
+    ));
+    let mut client = external.command(&bins.peer, None)?;
+    client.args(["tcp", NODE_PORT, &CONNECTIONS.to_string()]);
+    let out = cmd::output(&mut client)?;
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for line in out.lines() {
+        let answer = json_field(line, "answer").unwrap_or_else(|| format!("failed: {line}"));
+        *tally.entry(answer).or_default() += 1;
+    }
+    println!("  answers per pod: {tally:?}");
+    if PODS.iter().any(|pod| !tally.contains_key(*pod)) {
+        bail!("not every pod answered through the NodePort: {tally:?}");
+    }
+
     step("ebpf-kube-proxy list");
     let list = cmd::output(
         Command::new(&bins.agent)
@@ -129,11 +199,17 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         )?
     );
 
+    step("bpftool net show (in the node's namespace): the TCX programs on ext0");
+    let mut net = topo.node.command(&bins.bpftool, None)?;
+    net.args(["net", "show", "dev", "ext0"]);
+    print!("{}", cmd::output(&mut net)?);
+
     step("stopping the agent and removing namespaces, cgroup and pins");
     agent.terminate();
     drop(leftovers);
+    drop(external);
     drop(topo);
-    println!("demo finished: both pods answered through the ClusterIP");
+    println!("demo finished: both pods answered through the ClusterIP and the NodePort");
     Ok(())
 }
 
