@@ -69,7 +69,7 @@ const POD_HOOKS: [(&str, TcAttachType); 2] = [
 
 /// What the north-south programs serve: the devices they attach to and what they need to
 /// know about the node.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NorthSouth {
     pub devices: Vec<String>,
     pub node_config: NodeConfig,
@@ -284,9 +284,46 @@ pub struct Programs {
     pod_devices: Vec<String>,
     /// The ifindex of each pod device as attached by this process.
     pod_ifindex: std::collections::BTreeMap<String, u32>,
+    /// What the north-south programs serve now (`None`: not attached).
+    north_south: Option<NorthSouth>,
+    /// The ifindex of each north-south device as attached.
+    node_ifindex: std::collections::BTreeMap<String, u32>,
+    tcx_loaded: bool,
 }
 
 impl Programs {
+    /// Serves `wanted` with the north-south programs when it differs from what they serve
+    /// (devices detected again: one appeared or went, was recreated, or the Node's address
+    /// moved): attaches to new or recreated devices, detaches from the others, rewrites the
+    /// node config. Returns whether anything changed.
+    pub fn serve_north_south(&mut self, wanted: Option<&NorthSouth>) -> Result<bool> {
+        let devices = wanted.map_or(&[][..], |ns| ns.devices.as_slice());
+        let links: Vec<(String, u32)> = devices::links()?
+            .into_iter()
+            .filter(|(d, _)| devices.contains(d))
+            .collect();
+        let recreated = |(d, index): &&(String, u32)| self.node_ifindex.get(d) != Some(index);
+        if self.north_south.as_ref() == wanted && !links.iter().any(|l| recreated(&l)) {
+            return Ok(false);
+        }
+        let stale: Vec<(String, u32)> = links.iter().filter(recreated).cloned().collect();
+        detach_other_devices(&self.pin_dir, &TCX_PROGRAMS, devices)?;
+        self.node_ifindex.retain(|d, _| devices.contains(d));
+        if let Some(ns) = wanted {
+            write_node_config(&mut self.ebpf, ns.node_config)?;
+            if !self.tcx_loaded {
+                load_tc(&mut self.ebpf, &TCX_HOOKS)?;
+                self.tcx_loaded = true;
+            }
+            let names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
+            detach_pins(&self.pin_dir, &TCX_PROGRAMS, &names)?;
+            attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &names)?;
+            self.node_ifindex.extend(stale);
+        }
+        self.north_south = wanted.cloned();
+        Ok(true)
+    }
+
     /// Attaches the pod programs to every device matching `--pod-devices` that does not
     /// have them yet (pods come and go: called at every sync), re-attaches where a device
     /// was recreated under the same name (the kernel detached its link), and unpins the
@@ -404,6 +441,10 @@ pub fn start(
         load_tc(&mut ebpf, &TCX_HOOKS)?;
         attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &north_south.devices)?;
     }
+    let node_ifindex = devices::links()?
+        .into_iter()
+        .filter(|(d, _)| devices.contains(d))
+        .collect();
     // Pod links of a previous run are swapped to the new programs like the others
     // (`Programs::attach_pod_devices` then serves the pods that came since).
     let pod_programs = POD_HOOKS.map(|(name, _)| name);
@@ -430,6 +471,9 @@ pub fn start(
             pin_dir: pin_dir.to_owned(),
             pod_devices: pod_devices.to_vec(),
             pod_ifindex,
+            north_south: north_south.cloned(),
+            node_ifindex,
+            tcx_loaded: north_south.is_some(),
         },
     ))
 }

@@ -93,32 +93,19 @@ impl NorthSouthConfig {
     /// traffic to local pods); flows that need SNAT are then left untranslated, which the
     /// warning says.
     fn resolve(&self, node_addresses: &[Ipv4Addr]) -> Result<Option<dataplane::NorthSouth>> {
-        let (devices, node_snat) = match &self.devices {
-            Some(listed) => (listed.clone(), None),
-            None => {
-                let (found, snat) = devices::detect(node_addresses)
-                    .context("detecting the devices for north-south traffic")?;
-                if found.is_empty() {
-                    tracing::warn!(
-                        node_addresses = ?node_addresses,
-                        "no device carries the Node's addresses or a default route: no \
-                         north-south programs (name them with --devices)"
-                    );
-                    return Ok(None);
-                }
-                tracing::info!(devices = ?found, "north-south devices detected");
-                (found, snat)
-            }
+        let Some(north_south) = self.compose(node_addresses)? else {
+            tracing::warn!(
+                node_addresses = ?node_addresses,
+                "no device carries the Node's addresses or a default route: no north-south \
+                 programs until one does (or name them with --devices)"
+            );
+            return Ok(None);
         };
-        let Some(first) = devices.first() else {
-            anyhow::bail!("--devices names no device");
-        };
-        let snat_addr = match self.snat_address.or(node_snat) {
-            Some(addr) => Some(addr),
-            None => devices::first_ipv4(first)
-                .with_context(|| format!("reading the addresses of {first}"))?,
-        };
-        if snat_addr.is_none() {
+        if self.devices.is_none() {
+            tracing::info!(devices = ?north_south.devices, "north-south devices detected");
+        }
+        let first = &north_south.devices[0];
+        if north_south.node_config.snat_addr == 0 {
             tracing::warn!(
                 device = %first,
                 "no SNAT address (the device has no IPv4 address, and no --snat-address): \
@@ -149,6 +136,30 @@ impl NorthSouthConfig {
                 "the SNAT port range overlaps the NodePort range: narrow one of them"
             );
         }
+        Ok(Some(north_south))
+    }
+
+    /// Whether the devices are detected (no `--devices`), and so followed while running.
+    fn detected(&self) -> bool {
+        self.devices.is_none()
+    }
+
+    /// The devices (named, or detected from `node_addresses` and the default route) and the
+    /// node config; `None` when detection finds no device.
+    fn compose(&self, node_addresses: &[Ipv4Addr]) -> Result<Option<dataplane::NorthSouth>> {
+        let (devices, node_snat) = match &self.devices {
+            Some(listed) => (listed.clone(), None),
+            None => devices::detect(node_addresses)
+                .context("detecting the devices for north-south traffic")?,
+        };
+        let Some(first) = devices.first() else {
+            return Ok(None);
+        };
+        let snat_addr = match self.snat_address.or(node_snat) {
+            Some(addr) => Some(addr),
+            None => devices::first_ipv4(first)
+                .with_context(|| format!("reading the addresses of {first}"))?,
+        };
         Ok(Some(dataplane::NorthSouth {
             devices,
             node_config: NodeConfig {
@@ -157,6 +168,30 @@ impl NorthSouthConfig {
                 snat_port_max: self.snat_ports.1,
             },
         }))
+    }
+}
+
+/// Detects the north-south devices again (no `--devices`) from the Node's current
+/// addresses and serves what changed; failures are logged and retried at the next sync.
+fn follow_devices(
+    config: &Config,
+    node_addresses: &[Ipv4Addr],
+    programs: &mut dataplane::Programs,
+) {
+    let Some(ns) = config.north_south.as_ref().filter(|ns| ns.detected()) else {
+        return;
+    };
+    let served = ns
+        .compose(node_addresses)
+        .and_then(|wanted| Ok((programs.serve_north_south(wanted.as_ref())?, wanted)));
+    match served {
+        Ok((true, wanted)) => tracing::info!(
+            devices = ?wanted.as_ref().map(|w| &w.devices),
+            snat_address = ?wanted.as_ref().map(|w| abi::addr_from_net(w.node_config.snat_addr)),
+            "north-south devices changed"
+        ),
+        Ok((false, _)) => {}
+        Err(e) => tracing::error!("following the north-south devices failed, retrying: {e:#}"),
     }
 }
 
@@ -278,6 +313,7 @@ pub async fn run(config: Config) -> Result<()> {
             &health,
             &mut health_check_servers,
         );
+        follow_devices(&config, &state.node_addresses, &mut programs);
         let wait = if ok {
             config.sync_period
         } else {
@@ -376,6 +412,8 @@ struct LoopState {
     /// Last seen objects per kind, to count changes like kube-proxy's change trackers.
     services: BTreeMap<(String, String), String>,
     slices: BTreeMap<(String, String), String>,
+    /// The Node's IPv4 addresses at the last sync, for device detection.
+    node_addresses: Vec<Ipv4Addr>,
 }
 
 /// One sync. Returns false when the next one should come soon: writing the maps failed, or
@@ -402,6 +440,8 @@ fn sync_once(
         snapshot.node.as_ref(),
         &config.node_port_cidrs,
     );
+    state.node_addresses =
+        node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses;
     let mut translation = translate(&snapshot.services, &snapshot.slices, &node);
     if !config.socket_lb_external_ips {
         let own = node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses;

@@ -755,21 +755,12 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     cluster.start_agent(0, None);
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
     cluster.wait_for_node_port(0, &both);
-    let links = cluster.nodes[0].pin_path.join("links");
-    let tcx_links = || -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&links)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n.contains('@'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    };
-    assert_eq!(tcx_links(), ["ekp_tcx_in@eth0", "ekp_tcx_out@eth0"]);
+    let pin_path = cluster.nodes[0].pin_path.clone();
+    let links = pin_path.join("links");
+    assert_eq!(
+        tcx_links(&pin_path),
+        ["ekp_tcx_in@eth0", "ekp_tcx_out@eth0"]
+    );
     let pin_inode = || {
         fs::metadata(links.join("ekp_tcx_in@eth0"))
             .expect("the pinned TCX link")
@@ -848,16 +839,27 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     cluster.start_agent(0, Some(""));
     cluster.wait_for(0, &node_port, "external", &both);
     let deadline = Instant::now() + CONDITION_LIMIT;
-    while !tcx_links().is_empty() {
+    while !tcx_links(&pin_path).is_empty() {
         assert!(
             Instant::now() < deadline,
             "TCX links still pinned: {:?}",
-            tcx_links()
+            tcx_links(&pin_path)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let refused = cluster.fails(&cluster.client, None, &node_port);
-    assert_eq!(refused["errno"], 111, "{refused}");
+    // The kernel releases an unpinned link in deferred work: wait (bounded) for the detach,
+    // then it must hold.
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while cluster.attempts(&cluster.client, None, &node_port, 1)[0]["ok"] == true {
+        assert!(
+            Instant::now() < deadline,
+            "still translated after the detach"
+        );
+    }
+    for _ in 0..3 {
+        let refused = cluster.fails(&cluster.client, None, &node_port);
+        assert_eq!(refused["errno"], 111, "{refused}");
+    }
 }
 
 fn service_with_udp() -> String {
@@ -891,3 +893,52 @@ endpoints:
     conditions: {ready: true}
     nodeName: node-1
 ";
+
+/// The TCX link pins (`<program>@<device>`) under an agent's pin path, sorted.
+fn tcx_links(pin_path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(pin_path.join("links"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.contains('@'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Detected devices are followed while the agent runs: with a Node address no device
+/// carries (and no default route in the node namespace) nothing is attached; once the Node
+/// shows eth0's address, eth0 gets the programs and the NodePort answers.
+#[test]
+fn detected_devices_follow_the_node_addresses() {
+    let mut cluster = Cluster::new("npfollow");
+    cluster.write_manifest("svc.yaml", &service("Cluster"));
+    cluster.write_manifest("eps.yaml", ENDPOINTS);
+    let elsewhere = Ipv4Addr::new(192, 168, 77, 99);
+    cluster.write_manifest("node-1.yaml", &node_manifest("node-1", elsewhere));
+    cluster.start_agent(0, None);
+    let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for(0, &format!("{elsewhere}:{NODE_PORT}"), "external", &both);
+    assert!(tcx_links(&cluster.nodes[0].pin_path).is_empty());
+
+    cluster.write_manifest(
+        "node-1.yaml",
+        &node_manifest("node-1", cluster.nodes[0].eth0),
+    );
+    cluster.wait_for_node_port(0, &both);
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while tcx_links(&cluster.nodes[0].pin_path) != ["ekp_tcx_in@eth0", "ekp_tcx_out@eth0"] {
+        assert!(
+            Instant::now() < deadline,
+            "eth0 never got the programs: {:?}\n{}",
+            tcx_links(&cluster.nodes[0].pin_path),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let counts = cluster.requests(&format!("192.168.77.11:{NODE_PORT}"), 20);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+}
