@@ -189,11 +189,21 @@ impl Programmed {
             }
         }
         p.rev_nat_ids = contents.rev_nat.iter().map(|(id, _)| *id).collect();
+        // As `apply` keeps it: a frontend with neither slot 0 nor slots is not there.
+        p.frontends
+            .retain(|_, f| f.flags != 0 || !f.slots.is_empty());
         p
     }
 
     /// Keeps the mirror exact after `op` was written.
     pub fn apply(&mut self, op: &Op) {
+        let touched = match op {
+            Op::PutSlot { frontend, .. }
+            | Op::PutFrontend { frontend, .. }
+            | Op::DeleteSlot { frontend, .. }
+            | Op::DeleteFrontend { frontend } => Some(*frontend),
+            _ => None,
+        };
         match op {
             Op::PutBackend { id, backend, local } => {
                 self.backends.insert(*id, *backend);
@@ -249,9 +259,16 @@ impl Programmed {
                 self.local_backends.remove(id);
             }
         }
-        // A frontend with neither slot 0 nor slots is gone.
-        self.frontends
-            .retain(|_, f| f.flags != 0 || !f.slots.is_empty());
+        // A frontend with neither slot 0 nor slots is gone. Only the one written can have
+        // become so: looking at all of them per write made a large first sync quadratic.
+        if let Some(key) = touched
+            && self
+                .frontends
+                .get(&key)
+                .is_some_and(|f| f.flags == 0 && f.slots.is_empty())
+        {
+            self.frontends.remove(&key);
+        }
     }
 
     fn frontend_mut(&mut self, key: &FrontendKey) -> &mut ProgrammedFrontend {
