@@ -177,6 +177,13 @@ fn parse_file(file: &Path) -> FileContents {
         }
     };
     let name = file.display().to_string();
+    let origin = format!("{name} document 1");
+    if file.extension().is_some_and(|e| e == "json")
+        && let Some(objects) = json_objects(&text, &origin)
+    {
+        contents.objects = objects;
+        return contents;
+    }
     for (index, doc) in parse_documents(&text, &name, &mut contents.skipped) {
         let origin = format!("{name} document {}", index + 1);
         for object in into_objects(doc, &origin, &mut contents.skipped) {
@@ -184,6 +191,44 @@ fn parse_file(file: &Path) -> FileContents {
         }
     }
     contents
+}
+
+/// A JSON file whose objects all read cleanly (one object or a `kind: List` of them).
+///
+/// JSON is YAML, but going through the YAML parser takes several times longer, which a
+/// directory of 10000 Services feels at every start. Anything else (an error, an unknown
+/// kind) is `None`: the file then goes the YAML way, which reports it the same as always.
+fn json_objects(text: &str, origin: &str) -> Option<Vec<(Object, String)>> {
+    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
+    let typed = |doc: serde_json::Value, origin: String| {
+        let object = match (doc.get("apiVersion")?.as_str()?, doc.get("kind")?.as_str()?) {
+            ("v1", "Service") => Object::Service(Box::new(serde_json::from_value(doc).ok()?)),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                Object::Slice(Box::new(serde_json::from_value(doc).ok()?))
+            }
+            ("v1", "Node") => Object::Node(Box::new(serde_json::from_value(doc).ok()?)),
+            _ => return None,
+        };
+        Some((object, origin))
+    };
+    let is_list = doc.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
+        && doc.get("kind").and_then(|v| v.as_str()) == Some("List");
+    if !is_list {
+        return Some(vec![typed(doc, origin.to_owned())?]);
+    }
+    let serde_json::Value::Object(mut list) = doc else {
+        return None;
+    };
+    let items = match list.remove("items") {
+        Some(serde_json::Value::Array(items)) => items,
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(_) => return None,
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| typed(item, format!("{origin} item {}", i + 1)))
+        .collect()
 }
 
 /// Reads a manifests directory once (no cache); see [`Cache::load`].
@@ -264,16 +309,31 @@ fn into_objects(
     } else {
         format!("{kind} {name} ({origin})")
     };
+    if api_version == "v1" && kind == "List" {
+        // Taken, not copied: a list of 10000 Services is most of a large directory.
+        let items = match doc {
+            serde_yaml_ng::Value::Mapping(mut map) => match map.remove("items") {
+                Some(serde_yaml_ng::Value::Sequence(items)) => items,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        return items
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, item)| into_objects(item, &format!("{origin} item {}", i + 1), skipped))
+            .collect();
+    }
     let typed = |skipped: &mut Vec<Skipped>| -> Option<Object> {
         let result = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => serde_yaml_ng::from_value::<Service>(doc.clone())
+            ("v1", "Service") => serde_yaml_ng::from_value::<Service>(doc)
                 .map(|s| Object::Service(Box::new(s))),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml_ng::from_value::<EndpointSlice>(doc.clone())
+                serde_yaml_ng::from_value::<EndpointSlice>(doc)
                     .map(|s| Object::Slice(Box::new(s)))
             }
             ("v1", "Node") => {
-                serde_yaml_ng::from_value::<Node>(doc.clone()).map(|n| Object::Node(Box::new(n)))
+                serde_yaml_ng::from_value::<Node>(doc).map(|n| Object::Node(Box::new(n)))
             }
             _ => {
                 skipped.push(Skipped {
@@ -297,18 +357,6 @@ fn into_objects(
             }
         }
     };
-    if api_version == "v1" && kind == "List" {
-        let items = doc
-            .get("items")
-            .and_then(|i| i.as_sequence())
-            .cloned()
-            .unwrap_or_default();
-        return items
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, item)| into_objects(item, &format!("{origin} item {}", i + 1), skipped))
-            .collect();
-    }
     typed(skipped).into_iter().collect()
 }
 
