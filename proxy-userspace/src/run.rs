@@ -536,3 +536,6 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod scale;
