@@ -1078,6 +1078,8 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
 }
 
 // The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
+pub mod incremental;
+
 #[cfg(test)]
 mod bad_input;
 #[cfg(test)]
