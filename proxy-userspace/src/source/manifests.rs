@@ -326,11 +326,11 @@ fn into_objects(
     }
     let typed = |skipped: &mut Vec<Skipped>| -> Option<Object> {
         let result = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => serde_yaml_ng::from_value::<Service>(doc)
-                .map(|s| Object::Service(Box::new(s))),
+            ("v1", "Service") => {
+                serde_yaml_ng::from_value::<Service>(doc).map(|s| Object::Service(Box::new(s)))
+            }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml_ng::from_value::<EndpointSlice>(doc)
-                    .map(|s| Object::Slice(Box::new(s)))
+                serde_yaml_ng::from_value::<EndpointSlice>(doc).map(|s| Object::Slice(Box::new(s)))
             }
             ("v1", "Node") => {
                 serde_yaml_ng::from_value::<Node>(doc).map(|n| Object::Node(Box::new(n)))
