@@ -20,6 +20,8 @@ use crate::abi;
 use crate::dataplane::{MapContents, Maps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, WhenEmpty};
 
+pub mod touched;
+
 /// One frontend as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
@@ -456,13 +458,28 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
 /// datapath only checks that a remembered backend still exists, so the agent removes these
 /// (kube-proxy's `recent` lists go with their endpoint chains the same way).
 pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeSet<(u16, u32)> {
-    departed(programmed, desired, |f, d| {
+    let ids: BTreeMap<&BackendAddr, u32> =
+        programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
+    stale_affinity_among(
+        programmed.frontends.iter(),
+        |b| ids.get(b).copied(),
+        desired,
+    )
+}
+
+/// [`stale_affinity`] among some of the programmed frontends.
+fn stale_affinity_among<'a>(
+    frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)> + Clone,
+    id_of: impl Fn(&BackendAddr) -> Option<u32>,
+    desired: &DesiredState,
+) -> BTreeSet<(u16, u32)> {
+    departed_among(frontends.clone(), id_of, desired, |f, d| {
         f.flags & SVC_FLAG_AFFINITY != 0 && d.is_none_or(|d| d.affinity_timeout.is_some())
     })
     .into_iter()
     .chain(
         // Affinity switched off: every entry of the frontend goes.
-        programmed.frontends.iter().flat_map(|(key, f)| {
+        frontends.flat_map(|(key, f)| {
             let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
                 && desired
                     .frontends
@@ -486,19 +503,29 @@ pub fn departed(
 ) -> BTreeSet<(u16, u32)> {
     let ids: BTreeMap<&BackendAddr, u32> =
         programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
+    departed_among(
+        programmed.frontends.iter(),
+        |b| ids.get(b).copied(),
+        desired,
+        consider,
+    )
+}
+
+/// [`departed`] among some of the programmed frontends.
+fn departed_among<'a>(
+    frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)>,
+    id_of: impl Fn(&BackendAddr) -> Option<u32>,
+    desired: &DesiredState,
+    consider: impl Fn(&ProgrammedFrontend, Option<&Frontend>) -> bool,
+) -> BTreeSet<(u16, u32)> {
     let mut gone = BTreeSet::new();
-    for (key, f) in &programmed.frontends {
+    for (key, f) in frontends {
         let wanted = desired.frontends.get(key);
         if !consider(f, wanted) {
             continue;
         }
         let keep: BTreeSet<u32> = wanted
-            .map(|d| {
-                d.backends
-                    .iter()
-                    .filter_map(|b| ids.get(b).copied())
-                    .collect()
-            })
+            .map(|d| d.backends.iter().filter_map(&id_of).collect())
             .unwrap_or_default();
         gone.extend(
             f.slots
@@ -564,13 +591,19 @@ pub struct SyncStats {
 pub struct Syncer {
     maps: Maps,
     programmed: Programmed,
+    index: touched::BackendIndex,
 }
 
 impl Syncer {
     /// Adopts whatever the (possibly pinned, pre-existing) maps hold.
     pub fn adopt(maps: Maps) -> Self {
         let programmed = Programmed::from_maps(&maps.read());
-        Syncer { maps, programmed }
+        let index = touched::BackendIndex::of(&programmed);
+        Syncer {
+            maps,
+            programmed,
+            index,
+        }
     }
 
     pub fn programmed(&self) -> &Programmed {
@@ -581,17 +614,46 @@ impl Syncer {
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let ops = plan(&self.programmed, desired)?;
         let stale_affinity = stale_affinity(&self.programmed, desired);
+        let departed = departed(&self.programmed, desired, |_, _| true);
+        self.execute(&ops, departed, stale_affinity)
+    }
+
+    /// [`Syncer::sync`] when the maps hold exactly the state of the previous sync (it
+    /// succeeded and was given all it wanted) and `desired` differs from it only where
+    /// `touched` says: the work follows the change, not the number of Services.
+    pub fn sync_touched(
+        &mut self,
+        desired: &DesiredState,
+        touched: touched::Touched<'_>,
+    ) -> Result<SyncStats> {
+        let ops = touched::plan(&self.programmed, &self.index, desired, touched)?;
+        let among = touched
+            .frontends
+            .iter()
+            .filter_map(|k| self.programmed.frontends.get_key_value(k));
+        let index = &self.index;
+        let stale_affinity = stale_affinity_among(among.clone(), |b| index.id(b), desired);
+        let departed = departed_among(among, |b| index.id(b), desired, |_, _| true);
+        self.execute(&ops, departed, stale_affinity)
+    }
+
+    fn execute(
+        &mut self,
+        ops: &[Op],
+        departed: BTreeSet<(u16, u32)>,
+        stale_affinity: BTreeSet<(u16, u32)>,
+    ) -> Result<SyncStats> {
         // Connected UDP sockets pointed at a departed backend must reconnect (C27).
-        let departed_udp: BTreeSet<(u16, BackendAddr)> =
-            departed(&self.programmed, desired, |_, _| true)
-                .into_iter()
-                .filter_map(|(rev_nat_id, id)| {
-                    self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
-                })
-                .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
-                .collect();
-        for op in &ops {
+        let departed_udp: BTreeSet<(u16, BackendAddr)> = departed
+            .into_iter()
+            .filter_map(|(rev_nat_id, id)| {
+                self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
+            })
+            .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
+            .collect();
+        for op in ops {
             self.write(op)?;
+            self.index.apply(&self.programmed, op);
             self.programmed.apply(op);
         }
         if !departed_udp.is_empty() {
