@@ -245,8 +245,7 @@ mod tests {
             frontend(2, &[3]),
             frontend(3, &[5, 3]),
         ]);
-        let touched: BTreeSet<FrontendKey> =
-            [1, 3, 4].map(|host| frontend(host, &[]).key).into();
+        let touched: BTreeSet<FrontendKey> = [1, 3, 4].map(|host| frontend(host, &[]).key).into();
         let known = |b: &BackendAddr| mirror.backends.values().any(|x| x == b);
         let mut admitted = 0;
         for services in 0..14 {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::Node;
 use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
@@ -30,8 +29,10 @@ use crate::model::Skipped;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
-use crate::translate::{node_info, translate};
-use crate::{abi, devices, safety};
+use crate::sync::touched::Touched;
+use crate::translate::incremental::Incremental;
+use crate::translate::node_info;
+use crate::{abi, devices};
 
 /// Where Services and EndpointSlices come from.
 pub enum SourceConfig {
@@ -200,17 +201,28 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     let mut state = LoopState::default();
+    // The first sync, the periodic one and a retry translate and diff everything; a change
+    // only what it touched.
+    let mut full = true;
     loop {
         let started = Instant::now();
-        let ok = sync_once(&config, &source, &mut syncer, &mut state, &metrics, &health);
+        let ok = sync_once(
+            &config,
+            &source,
+            &mut syncer,
+            &mut state,
+            &metrics,
+            &health,
+            full,
+        );
         let wait = if ok {
             config.sync_period
         } else {
             config.min_sync_period.max(Duration::from_secs(1))
         };
         tokio::select! {
-            _ = changed_rx.recv() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = changed_rx.recv() => full = false,
+            _ = tokio::time::sleep(wait) => full = true,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -267,13 +279,16 @@ struct LoopState {
     reported: BTreeSet<Skipped>,
     /// Objects left out on purpose (IPv6 only), already noted at debug level.
     ignored: BTreeSet<Skipped>,
-    /// Last seen objects per kind, to count changes like kube-proxy's change trackers.
-    services: BTreeMap<(String, String), String>,
-    slices: BTreeMap<(String, String), String>,
+    /// The translation, kept up to date change by change.
+    translation: Incremental,
+    /// The maps hold exactly `translation`'s state: the last sync succeeded and everything
+    /// fitted, so the next one may look at what changed only.
+    whole: bool,
 }
 
 /// One sync. Returns false when the next one should come soon: writing the maps failed, or
-/// something did not fit and this sync's deletions may have made room.
+/// something did not fit and this sync's deletions may have made room. `full`: translate
+/// and diff everything, not only what changed.
 fn sync_once(
     config: &Config,
     source: &Source,
@@ -281,13 +296,10 @@ fn sync_once(
     state: &mut LoopState,
     metrics: &Metrics,
     health: &Health,
+    full: bool,
 ) -> bool {
     let started = std::time::Instant::now();
     let snapshot = source.snapshot(&config.node_name);
-    let service_changes = count_changes(&mut state.services, &snapshot.services);
-    let slice_changes = count_changes(&mut state.slices, &snapshot.slices);
-    metrics.service_changes.inc_by(service_changes.len() as u64);
-    metrics.endpoint_changes.inc_by(slice_changes.len() as u64);
     health.set_node_eligible(node_eligible(snapshot.node.as_ref()));
 
     let node = node_info(
@@ -295,31 +307,61 @@ fn sync_once(
         snapshot.node.as_ref(),
         &config.node_port_cidrs,
     );
-    let mut translation = translate(&snapshot.services, &snapshot.slices, &node);
-    if !config.socket_lb_external_ips {
-        let own = node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses;
-        safety::keep_external_ips_of_this_node(&mut translation.state, &own);
+    let own = (!config.socket_lb_external_ips)
+        .then(|| node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses);
+    if full {
+        state.translation.forget();
     }
-    record_no_local_endpoints(&translation.state, metrics);
-    let ignored: BTreeSet<Skipped> = std::mem::take(&mut translation.ignored)
-        .into_iter()
-        .collect();
+    let changes =
+        state
+            .translation
+            .update(&snapshot.services, &snapshot.slices, &node, own.as_deref());
+    metrics
+        .service_changes
+        .inc_by(changes.services.len() as u64);
+    metrics.endpoint_changes.inc_by(changes.slices.len() as u64);
+    let desired = state.translation.state();
+    record_no_local_endpoints(desired, metrics);
+    let ignored: BTreeSet<Skipped> = state.translation.ignored().cloned().collect();
     for s in ignored.difference(&state.ignored) {
         tracing::debug!("not served: {}: {}", s.object, s.reason);
     }
     state.ignored = ignored;
-    let (fitted, over_capacity) = capacity::fit(
-        syncer.programmed(),
-        &translation.state,
-        &Capacity::from(&config.map_sizes),
-    );
+
+    let capacity = Capacity::from(&config.map_sizes);
+    let touched = (state.whole && !changes.all)
+        .then_some(Touched {
+            frontends: &changes.frontends,
+            local_backends: &changes.local_backends,
+        })
+        .filter(|t| {
+            capacity::fits_whole(
+                syncer.programmed(),
+                desired,
+                t.frontends,
+                |b| syncer.has_backend(b),
+                &capacity,
+            )
+        });
+    let (fitted, over_capacity) = match touched {
+        Some(_) => (None, Vec::new()),
+        None => {
+            let (fitted, over) = capacity::fit(syncer.programmed(), desired, &capacity);
+            (Some(fitted), over)
+        }
+    };
     let mut skipped: BTreeSet<Skipped> = snapshot.skipped.into_iter().collect();
-    skipped.extend(translation.skipped);
+    skipped.extend(state.translation.skipped().cloned());
     let over_capacity: BTreeSet<Skipped> = over_capacity.into_iter().collect();
     skipped.extend(over_capacity.iter().cloned());
     report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
 
-    match syncer.sync(&fitted) {
+    let result = match (&fitted, touched) {
+        (None, Some(touched)) => syncer.sync_touched(desired, touched),
+        _ => syncer.sync(fitted.as_ref().unwrap_or(desired)),
+    };
+    state.whole = result.is_ok() && over_capacity.is_empty();
+    match result {
         Ok(stats) => {
             let now = SystemTime::now();
             health.updated(now);
@@ -327,7 +369,7 @@ fn sync_once(
                 .sync_duration
                 .observe(started.elapsed().as_secs_f64());
             metrics.last_sync_timestamp.set(unix_seconds(now));
-            observe_programming_latency(&snapshot.slices, &slice_changes, now, metrics);
+            observe_programming_latency(&snapshot.slices, &changes.slices, now, metrics);
             let programmed = syncer.programmed();
             let service_entries: usize = programmed
                 .frontends
@@ -366,42 +408,6 @@ fn sync_once(
     }
 }
 
-/// The (namespace, name) of objects added, changed or removed since the last call;
-/// remembers the current ones.
-fn count_changes<K>(
-    seen: &mut BTreeMap<(String, String), String>,
-    objects: &[K],
-) -> BTreeSet<(String, String)>
-where
-    K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> + serde::Serialize,
-{
-    let current: BTreeMap<(String, String), String> = objects
-        .iter()
-        .map(|o| {
-            let meta = o.metadata();
-            let key = (
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            // The resourceVersion identifies a version from the API; manifests have none,
-            // so their content stands in.
-            let version = meta
-                .resource_version
-                .clone()
-                .unwrap_or_else(|| serde_json::to_string(o).unwrap_or_default());
-            (key, version)
-        })
-        .collect();
-    let mut changed: BTreeSet<(String, String)> = current
-        .iter()
-        .filter(|(k, v)| seen.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .collect();
-    changed.extend(seen.keys().filter(|k| !current.contains_key(*k)).cloned());
-    *seen = current;
-    changed
-}
-
 /// kube-proxy's network programming latency: from the EndpointSlice controller's
 /// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it.
 fn observe_programming_latency(
@@ -410,10 +416,17 @@ fn observe_programming_latency(
     now: SystemTime,
     metrics: &Metrics,
 ) {
+    if changed.is_empty() {
+        return;
+    }
+    let changed: BTreeSet<(&str, &str)> = changed
+        .iter()
+        .map(|(ns, n)| (ns.as_str(), n.as_str()))
+        .collect();
     for slice in slices {
         let key = (
-            slice.metadata.namespace.clone().unwrap_or_default(),
-            slice.metadata.name.clone().unwrap_or_default(),
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default(),
         );
         if !changed.contains(&key) {
             continue;

@@ -610,6 +610,11 @@ impl Syncer {
         &self.programmed
     }
 
+    /// Whether `backend` is in the maps.
+    pub fn has_backend(&self, backend: &BackendAddr) -> bool {
+        self.index.id(backend).is_some()
+    }
+
     /// Writes the difference between what is programmed and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let ops = plan(&self.programmed, desired)?;

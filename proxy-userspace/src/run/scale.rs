@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::sync::touched::{self, BackendIndex};
 use crate::sync::{Programmed, plan};
 
 fn service(i: usize) -> Value {
@@ -74,37 +75,60 @@ fn scale_phases_of_a_sync() {
     );
     write(&dir, "measured.json", &slice(n - 1, 1));
 
-    let sizes = MapSizes::default();
+    let capacity = Capacity::from(&MapSizes::default());
     let mut cache = manifests::Cache::default();
-    let mut state = LoopState::default();
+    let mut translation = Incremental::default();
     let mut programmed = Programmed::default();
-    for round in 0..3 {
+    let mut index = BackendIndex::default();
+    for round in 0..4 {
         println!("round {round}");
         if round > 0 {
-            write(&dir, "measured.json", &slice(n - 1, 1 + round));
+            write(&dir, "measured.json", &slice(n - 1, 1 + round as u32));
         }
+        let started = Instant::now();
         let snapshot = time("snapshot", || {
             manifests::snapshot(&mut cache, &dir, "bench-node")
         });
-        time("count_changes", || {
-            count_changes(&mut state.services, &snapshot.services);
-            count_changes(&mut state.slices, &snapshot.slices);
-        });
         let node = node_info("bench-node", snapshot.node.as_ref(), &[]);
-        let translation = time("translate", || {
-            translate(&snapshot.services, &snapshot.slices, &node)
+        let changes = time("translate (incremental)", || {
+            translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
         });
-        let (fitted, _) = time("fit", || {
-            capacity::fit(&programmed, &translation.state, &Capacity::from(&sizes))
+        let desired = translation.state();
+        let ops = if changes.all {
+            let (fitted, _) = time("fit", || capacity::fit(&programmed, desired, &capacity));
+            time("plan", || plan(&programmed, &fitted).expect("plan"))
+        } else {
+            let touched = Touched {
+                frontends: &changes.frontends,
+                local_backends: &changes.local_backends,
+            };
+            let fits = time("fits_whole", || {
+                capacity::fits_whole(
+                    &programmed,
+                    desired,
+                    touched.frontends,
+                    |b| index.id(b).is_some(),
+                    &capacity,
+                )
+            });
+            assert!(fits);
+            time("plan (touched)", || {
+                touched::plan(&programmed, &index, desired, touched).expect("plan")
+            })
+        };
+        time("apply", || {
+            for op in &ops {
+                index.apply(&programmed, op);
+                programmed.apply(op);
+            }
         });
-        let ops = time("plan", || plan(&programmed, &fitted).expect("plan"));
-        time("stale_affinity+departed", || {
-            crate::sync::stale_affinity(&programmed, &fitted);
-            crate::sync::departed(&programmed, &fitted, |_, _| true)
-        });
-        time("apply", || ops.iter().for_each(|op| programmed.apply(op)));
-        println!("{:>28}: {}", "ops", ops.len());
         time("drop snapshot", || drop(snapshot));
+        println!(
+            "{:>28}: {:8.2} ms, {} ops",
+            "sync",
+            started.elapsed().as_secs_f64() * 1e3,
+            ops.len()
+        );
     }
     let _ = fs::remove_dir_all(&dir);
 }

@@ -91,6 +91,12 @@ impl Incremental {
         self.ignored.keys()
     }
 
+    /// Makes the next update translate every group again (a periodic full re-sync), while
+    /// still telling which objects changed.
+    pub fn forget(&mut self) {
+        self.context = None;
+    }
+
     /// Brings the result up to date with the input. `own_addresses`: serve internal-scope
     /// externalIP frontends only for these addresses (`safety`); `None` serves all.
     pub fn update(
@@ -269,12 +275,10 @@ impl Incremental {
     fn contribute(&mut self, part: &Part, merge: &mut Merge) {
         let own = self.context.as_ref().and_then(|(_, own)| own.clone());
         for f in &part.frontends {
-            let hidden = own.as_ref().is_some_and(|own| {
-                f.kind == FrontendKind::ExternalIp
-                    && f.key.scope == Scope::Internal
-                    && !own.contains(&f.key.addr)
-            });
-            if !hidden {
+            if own
+                .as_deref()
+                .is_none_or(|own| crate::safety::is_served(f, own))
+            {
                 let before = self.state.frontends.insert(f.key, f.clone());
                 merge.frontends.entry(f.key).or_insert(before);
             }
