@@ -300,15 +300,15 @@ fn sync_once(
 ) -> bool {
     let started = std::time::Instant::now();
     let snapshot = source.snapshot(&config.node_name);
-    health.set_node_eligible(node_eligible(snapshot.node.as_ref()));
+    health.set_node_eligible(node_eligible(snapshot.node.as_deref()));
 
     let node = node_info(
         &config.node_name,
-        snapshot.node.as_ref(),
+        snapshot.node.as_deref(),
         &config.node_port_cidrs,
     );
     let own = (!config.socket_lb_external_ips)
-        .then(|| node_info(&config.node_name, snapshot.node.as_ref(), &[]).node_port_addresses);
+        .then(|| node_info(&config.node_name, snapshot.node.as_deref(), &[]).node_port_addresses);
     if full {
         state.translation.forget();
     }
@@ -411,7 +411,7 @@ fn sync_once(
 /// kube-proxy's network programming latency: from the EndpointSlice controller's
 /// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it.
 fn observe_programming_latency(
-    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
     changed: &BTreeSet<(String, String)>,
     now: SystemTime,
     metrics: &Metrics,

@@ -89,7 +89,7 @@ fn scale_phases_of_a_sync() {
         let snapshot = time("snapshot", || {
             manifests::snapshot(&mut cache, &dir, "bench-node")
         });
-        let node = node_info("bench-node", snapshot.node.as_ref(), &[]);
+        let node = node_info("bench-node", snapshot.node.as_deref(), &[]);
         let changes = time("translate (incremental)", || {
             translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
         });

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,20 +20,21 @@ use serde::Deserialize;
 use super::Snapshot;
 use crate::model::Skipped;
 
-/// The objects found in a manifests directory.
+/// The objects found in a manifests directory, shared with the cache: a snapshot of an
+/// unchanged file copies no object.
 #[derive(Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// One object and where it came from, before duplicates are resolved.
 #[derive(Clone)]
 enum Object {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    Slice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 /// What one file holds: its objects (with their origin, `<file> document N`) and what in it
@@ -74,9 +76,20 @@ impl FileStamp {
 #[derive(Default)]
 pub struct Cache {
     files: std::collections::HashMap<PathBuf, (FileStamp, FileContents)>,
+    /// The last merge of the files' objects, patched in place when files change.
+    merged: Option<Merged>,
     /// Files parsed so far (tests check that unchanged files are not parsed again).
     #[cfg(test)]
     parses: usize,
+}
+
+/// All files' objects by kind/namespace/name, a later file overriding an earlier one.
+struct Merged {
+    /// The files it was made of, in order.
+    files: Vec<PathBuf>,
+    found: BTreeMap<(u8, String, String), (Object, String)>,
+    /// Objects defined more than once, reported.
+    duplicates: Vec<Skipped>,
 }
 
 impl Cache {
@@ -101,15 +114,58 @@ impl Cache {
         self.files
             .retain(|path, _| files.binary_search(path).is_ok());
 
+        let mut replaced = Vec::new();
+        for file in &files {
+            if let Some(old) = self.refresh(file) {
+                replaced.push((file, old));
+            }
+            if let Some((_, contents)) = self.files.get(file) {
+                skipped.extend(contents.skipped.iter().cloned());
+            }
+        }
+        // A change of one file among thousands of objects patches the merge; anything
+        // that could involve an object defined twice merges again from scratch.
+        let patched = match self.merged.take() {
+            Some(mut merged) if merged.files == files && merged.duplicates.is_empty() => {
+                let ok = replaced.iter().all(|(file, old)| {
+                    let new = self.files.get(*file).map(|(_, c)| c);
+                    new.is_some_and(|new| patch(&mut merged.found, old, new))
+                });
+                ok.then_some(merged)
+            }
+            _ => None,
+        };
+        let merged = match patched {
+            Some(merged) => merged,
+            None => self.merge(files),
+        };
+        skipped.extend(merged.duplicates.iter().cloned());
+
+        let mut objects = Objects::default();
+        for (object, _) in merged.found.values() {
+            match object {
+                Object::Service(s) => objects.services.push(s.clone()),
+                Object::Slice(s) => objects.slices.push(s.clone()),
+                Object::Node(n) => objects.nodes.push(n.clone()),
+            }
+        }
+        self.merged = Some(merged);
+        (objects, skipped)
+    }
+
+    /// Merges all files' objects, in file order.
+    fn merge(&self, files: Vec<PathBuf>) -> Merged {
         // Keyed by kind/namespace/name: a later file overrides an earlier one, reported.
         let mut found: BTreeMap<(u8, String, String), (Object, String)> = BTreeMap::new();
+        let mut duplicates = Vec::new();
         for file in &files {
-            let contents = self.contents(file);
-            skipped.extend(contents.skipped.iter().cloned());
+            let Some((_, contents)) = self.files.get(file) else {
+                continue;
+            };
             for (object, origin) in &contents.objects {
                 let key = object_key(object);
                 if let Some((_, earlier)) = found.insert(key, (object.clone(), origin.clone())) {
-                    skipped.push(Skipped {
+                    duplicates.push(Skipped {
                         object: describe(object),
                         reason: format!(
                             "defined in {earlier} and again in {origin}; using {origin}"
@@ -118,20 +174,15 @@ impl Cache {
                 }
             }
         }
-
-        let mut objects = Objects::default();
-        for (object, _) in found.into_values() {
-            match object {
-                Object::Service(s) => objects.services.push(*s),
-                Object::Slice(s) => objects.slices.push(*s),
-                Object::Node(n) => objects.nodes.push(*n),
-            }
+        Merged {
+            files,
+            found,
+            duplicates,
         }
-        (objects, skipped)
     }
 
-    /// The file's contents, parsed now or taken from the cache when it did not change.
-    fn contents(&mut self, file: &Path) -> &FileContents {
+    /// Parses `file` again if it changed; returns what it held before then.
+    fn refresh(&mut self, file: &Path) -> Option<FileContents> {
         // A file that cannot be stat'ed gets the unknown stamp, which never matches: it is
         // parsed (and its error reported) every time.
         let stamp = FileStamp::of(file).unwrap_or_else(FileStamp::unknown);
@@ -139,15 +190,37 @@ impl Cache {
             .files
             .entry(file.to_path_buf())
             .or_insert_with(|| (FileStamp::unknown(), FileContents::default()));
-        if entry.0 != stamp || stamp == FileStamp::unknown() {
-            *entry = (stamp, parse_file(file));
-            #[cfg(test)]
-            {
-                self.parses += 1;
-            }
+        if entry.0 == stamp && stamp != FileStamp::unknown() {
+            return None;
         }
-        &entry.1
+        #[cfg(test)]
+        {
+            self.parses += 1;
+        }
+        let old = std::mem::replace(entry, (stamp, parse_file(file)));
+        Some(old.1)
     }
+}
+
+/// Swaps a file's old objects for its new ones in a merge without duplicates; false when
+/// that would define an object twice (the caller merges again, which reports it).
+fn patch(
+    found: &mut BTreeMap<(u8, String, String), (Object, String)>,
+    old: &FileContents,
+    new: &FileContents,
+) -> bool {
+    for (object, _) in &old.objects {
+        found.remove(&object_key(object));
+    }
+    for (object, origin) in &new.objects {
+        if found
+            .insert(object_key(object), (object.clone(), origin.clone()))
+            .is_some()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 impl FileStamp {
@@ -202,11 +275,11 @@ fn json_objects(text: &str, origin: &str) -> Option<Vec<(Object, String)>> {
     let doc: serde_json::Value = serde_json::from_str(text).ok()?;
     let typed = |doc: serde_json::Value, origin: String| {
         let object = match (doc.get("apiVersion")?.as_str()?, doc.get("kind")?.as_str()?) {
-            ("v1", "Service") => Object::Service(Box::new(serde_json::from_value(doc).ok()?)),
+            ("v1", "Service") => Object::Service(Arc::new(serde_json::from_value(doc).ok()?)),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                Object::Slice(Box::new(serde_json::from_value(doc).ok()?))
+                Object::Slice(Arc::new(serde_json::from_value(doc).ok()?))
             }
-            ("v1", "Node") => Object::Node(Box::new(serde_json::from_value(doc).ok()?)),
+            ("v1", "Node") => Object::Node(Arc::new(serde_json::from_value(doc).ok()?)),
             _ => return None,
         };
         Some((object, origin))
@@ -327,13 +400,13 @@ fn into_objects(
     let typed = |skipped: &mut Vec<Skipped>| -> Option<Object> {
         let result = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => {
-                serde_yaml_ng::from_value::<Service>(doc).map(|s| Object::Service(Box::new(s)))
+                serde_yaml_ng::from_value::<Service>(doc).map(|s| Object::Service(Arc::new(s)))
             }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml_ng::from_value::<EndpointSlice>(doc).map(|s| Object::Slice(Box::new(s)))
+                serde_yaml_ng::from_value::<EndpointSlice>(doc).map(|s| Object::Slice(Arc::new(s)))
             }
             ("v1", "Node") => {
-                serde_yaml_ng::from_value::<Node>(doc).map(|n| Object::Node(Box::new(n)))
+                serde_yaml_ng::from_value::<Node>(doc).map(|n| Object::Node(Arc::new(n)))
             }
             _ => {
                 skipped.push(Skipped {
@@ -552,6 +625,35 @@ endpoints:
     }
 
     #[test]
+    fn a_patched_merge_equals_a_fresh_load() {
+        let other = SERVICE.replace("name: web", "name: api");
+        let dir = dir_with(&[("a.yaml", SERVICE), ("b.yaml", SLICE), ("c.yaml", &other)]);
+        let mut cache = Cache::default();
+        let edits = [
+            ("b.yaml", SLICE.replace("10.244.0.10", "10.244.0.11")),
+            // Now defined twice, then once again.
+            ("b.yaml", format!("{SLICE}---\n{SERVICE}")),
+            ("b.yaml", SLICE.to_owned()),
+            ("c.yaml", other.replace("10.96.0.10", "10.96.0.11")),
+            ("c.yaml", "kind: [".to_owned()),
+            ("c.yaml", format!("{other}---\n{other}")),
+            ("c.yaml", other.clone()),
+        ];
+        for (file, text) in edits {
+            let tmp = dir.path().join(".tmp");
+            fs::write(&tmp, text).expect("write");
+            fs::rename(&tmp, dir.path().join(file)).expect("rename");
+            let (objects, mut skipped) = cache.load(dir.path());
+            let (fresh, mut fresh_skipped) = load_dir(dir.path());
+            assert_eq!(objects.services, fresh.services);
+            assert_eq!(objects.slices, fresh.slices);
+            skipped.sort();
+            fresh_skipped.sort();
+            assert_eq!(skipped, fresh_skipped);
+        }
+    }
+
+    #[test]
     fn missing_directory_is_reported_not_fatal() {
         let (objects, skipped) = load_dir(Path::new("/nonexistent/ekp-manifests"));
         assert!(objects.services.is_empty());
@@ -753,7 +855,7 @@ spec:
                 let (objects, skipped) = load_dir(dir.path());
                 let good: Service = serde_yaml_ng::from_str(GOOD).expect("GOOD is valid");
                 prop_assert!(
-                    objects.services.contains(&good),
+                    objects.services.iter().any(|s| **s == good),
                     "the good Service is lost beside {:?}: {:?}", mutated, skipped
                 );
                 for report in &skipped {

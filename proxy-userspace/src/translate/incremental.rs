@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use super::*;
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, NodeInfo, Skipped};
@@ -50,8 +51,9 @@ struct Part {
 
 #[derive(Debug, Default)]
 struct Group {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    /// In translate's order (see [`sort`]).
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
     /// The group translated on its own: the frontends it claims.
     alone: Part,
     /// What it adds to the result, among the other groups.
@@ -64,6 +66,9 @@ pub struct Incremental {
     /// The node and the addresses externalIPs are served for (`None`: all of them).
     context: Option<(NodeInfo, Option<Vec<Ipv4Addr>>)>,
     groups: BTreeMap<GroupKey, Group>,
+    /// The input of the last update: an object at the same place is the same object when it
+    /// is the same allocation, so a change is found without grouping everything again.
+    last: Lists,
     /// The groups claiming each frontend, the winner first.
     claims: BTreeMap<FrontendKey, BTreeSet<GroupKey>>,
     state: DesiredState,
@@ -101,8 +106,8 @@ impl Incremental {
     /// externalIP frontends only for these addresses (`safety`); `None` serves all.
     pub fn update(
         &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
         node: &NodeInfo,
         own_addresses: Option<&[Ipv4Addr]>,
     ) -> Changes {
@@ -113,45 +118,26 @@ impl Incremental {
         self.context = Some(context);
         changes.all = all;
 
-        let input = group(services, slices);
-        let mut changed: Vec<GroupKey> = Vec::new();
-        for (key, (services, slices)) in &input {
-            let same = !all
-                && self
-                    .groups
-                    .get(&(key.0.to_owned(), key.1.to_owned()))
-                    .is_some_and(|g| {
-                        g.services.len() == services.len()
-                            && g.slices.len() == slices.len()
-                            && g.services.iter().zip(services).all(|(a, b)| a == *b)
-                            && g.slices.iter().zip(slices).all(|(a, b)| a == *b)
-                    });
-            if !same {
-                changed.push((key.0.to_owned(), key.1.to_owned()));
+        let candidates = self.candidates(services, slices, all);
+        self.last = (services.to_vec(), slices.to_vec());
+        let mut changed: Vec<(GroupKey, Lists)> = Vec::new();
+        for (key, lists) in candidates {
+            match self.groups.get_mut(&key) {
+                Some(g) if !all && same(&g.services, &lists.0) && same(&g.slices, &lists.1) => {
+                    // Equal objects in new allocations (a re-list): keep the new ones.
+                    (g.services, g.slices) = lists;
+                }
+                _ => changed.push((key, lists)),
             }
         }
-        changed.extend(
-            self.groups
-                .keys()
-                .filter(|k| !input.contains_key(&(k.0.as_str(), k.1.as_str())))
-                .cloned(),
-        );
-        changed.sort();
 
         // New translations alone and new claims; the groups whose claims meet theirs are
         // merged again.
         let mut remerge: BTreeSet<GroupKey> = BTreeSet::new();
         let mut merge = Merge::default();
-        for key in &changed {
+        for (key, (services, slices)) in changed {
+            let key = &key;
             let old = self.groups.remove(key).unwrap_or_default();
-            let (services, slices): (Vec<Service>, Vec<EndpointSlice>) =
-                match input.get(&(key.0.as_str(), key.1.as_str())) {
-                    Some((services, slices)) => (
-                        services.iter().map(|s| Service::clone(s)).collect(),
-                        slices.iter().map(|s| EndpointSlice::clone(s)).collect(),
-                    ),
-                    None => (Vec::new(), Vec::new()),
-                };
             diff_objects(&old.services, &services, &mut changes.services);
             diff_objects(&old.slices, &slices, &mut changes.slices);
             for f in &old.alone.frontends {
@@ -217,6 +203,81 @@ impl Incremental {
             }
         }
         changes
+    }
+
+    /// The groups that may have changed, with their objects now. Found by place when the
+    /// input has the shape of the last one (a source that keeps its objects, like the
+    /// manifests cache and the reflector stores, changes few places); else by grouping it
+    /// all.
+    fn candidates(
+        &self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        all: bool,
+    ) -> BTreeMap<GroupKey, Lists> {
+        if !all && let Some(candidates) = self.moved(services, slices) {
+            return candidates;
+        }
+        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        for s in services {
+            candidates
+                .entry(service_group(s))
+                .or_default()
+                .0
+                .push(s.clone());
+        }
+        for s in slices {
+            candidates
+                .entry(slice_group(s))
+                .or_default()
+                .1
+                .push(s.clone());
+        }
+        for key in self.groups.keys() {
+            if !candidates.contains_key(key) {
+                candidates.insert(key.clone(), Lists::default());
+            }
+        }
+        for lists in candidates.values_mut() {
+            sort(lists);
+        }
+        candidates
+    }
+
+    /// The groups of the objects at the places that changed since the last input, with
+    /// those objects swapped in; `None` when the input grew or shrank.
+    fn moved(
+        &self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+    ) -> Option<BTreeMap<GroupKey, Lists>> {
+        let (last_services, last_slices) = &self.last;
+        if services.len() != last_services.len() || slices.len() != last_slices.len() {
+            return None;
+        }
+        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        for (old, new) in last_services.iter().zip(services) {
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            let from = candidates_entry(&mut candidates, &self.groups, service_group(old));
+            take_out(&mut from.0, old);
+            let to = candidates_entry(&mut candidates, &self.groups, service_group(new));
+            to.0.push(new.clone());
+        }
+        for (old, new) in last_slices.iter().zip(slices) {
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            let from = candidates_entry(&mut candidates, &self.groups, slice_group(old));
+            take_out(&mut from.1, old);
+            let to = candidates_entry(&mut candidates, &self.groups, slice_group(new));
+            to.1.push(new.clone());
+        }
+        for lists in candidates.values_mut() {
+            sort(lists);
+        }
+        Some(candidates)
     }
 
     /// `key`'s part among the groups before it: its translation alone, unless an earlier
@@ -370,60 +431,94 @@ impl<K: Ord> Counts<K> for BTreeMap<K, usize> {
     }
 }
 
-type Input<'a> = BTreeMap<(&'a str, &'a str), (Vec<&'a Service>, Vec<&'a EndpointSlice>)>;
+/// A group's Services and EndpointSlices.
+type Lists = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 
-/// The input by group, each group's objects in a fixed order (by name, then content), so
-/// that the same objects compare equal whatever order the source lists them in.
-fn group<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> Input<'a> {
-    let mut input: Input<'a> = BTreeMap::new();
-    for s in services {
-        let key = (namespace(&s.metadata), name(&s.metadata).unwrap_or(""));
-        input.entry(key).or_default().0.push(s);
+/// `key`'s entry among the candidates, starting from its stored objects.
+fn candidates_entry<'a>(
+    candidates: &'a mut BTreeMap<GroupKey, Lists>,
+    groups: &BTreeMap<GroupKey, Group>,
+    key: GroupKey,
+) -> &'a mut Lists {
+    candidates.entry(key).or_insert_with_key(|key| {
+        groups
+            .get(key)
+            .map(|g| (g.services.clone(), g.slices.clone()))
+            .unwrap_or_default()
+    })
+}
+
+/// Removes one `object` (this allocation) from `list`.
+fn take_out<T>(list: &mut Vec<Arc<T>>, object: &Arc<T>) {
+    if let Some(at) = list.iter().position(|o| Arc::ptr_eq(o, object)) {
+        list.remove(at);
     }
-    for s in slices {
-        let key = (
-            namespace(&s.metadata),
-            label(&s.metadata, LABEL_SERVICE_NAME).unwrap_or(""),
-        );
-        input.entry(key).or_default().1.push(s);
+}
+
+fn service_group(service: &Service) -> GroupKey {
+    let meta = &service.metadata;
+    (
+        namespace(meta).to_owned(),
+        name(meta).unwrap_or_default().to_owned(),
+    )
+}
+
+/// The group of the Service a slice's label names (no label: the unnamed group, where the
+/// slice only gets reported).
+fn slice_group(slice: &EndpointSlice) -> GroupKey {
+    let meta = &slice.metadata;
+    (
+        namespace(meta).to_owned(),
+        label(meta, LABEL_SERVICE_NAME)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Puts a group's objects in a fixed order: Services in translate's, slices by name, then
+/// content. The same objects then compare equal whatever order the source lists them in.
+fn sort((services, slices): &mut Lists) {
+    if services.len() > 1 {
+        services.sort_by(|a, b| {
+            compare_names(&a.metadata, &b.metadata).then_with(|| compare_content(a, b))
+        });
     }
-    for (services, slices) in input.values_mut() {
-        if services.len() > 1 {
-            services.sort_by(|a, b| {
-                compare_names(&a.metadata, &b.metadata).then_with(|| compare_content(a, b))
-            });
-        }
-        if slices.len() > 1 {
-            slices.sort_by(|a, b| {
-                (a.metadata.name.as_deref(), a.metadata.namespace.as_deref())
-                    .cmp(&(b.metadata.name.as_deref(), b.metadata.namespace.as_deref()))
-                    .then_with(|| {
-                        serde_json::to_string(a)
-                            .ok()
-                            .cmp(&serde_json::to_string(b).ok())
-                    })
-            });
-        }
+    if slices.len() > 1 {
+        slices.sort_by(|a, b| {
+            (a.metadata.name.as_deref(), a.metadata.namespace.as_deref())
+                .cmp(&(b.metadata.name.as_deref(), b.metadata.namespace.as_deref()))
+                .then_with(|| {
+                    serde_json::to_string(&**a)
+                        .ok()
+                        .cmp(&serde_json::to_string(&**b).ok())
+                })
+        });
     }
-    input
+}
+
+/// Whether two lists hold equal objects (the same allocations, or equal content).
+fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
 }
 
 /// `translate` of one group, with frontends `taken` by earlier groups; those are not in
 /// the result.
 fn translate_group(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
     node: &NodeInfo,
     taken: &BTreeMap<FrontendKey, Frontend>,
 ) -> Part {
     let mut skipped = Vec::new();
     let mut ignored = Vec::new();
-    let endpoints = index_endpoints(slices, node, &mut skipped, &mut ignored);
+    // A few slices of one Service: copied for the index, which takes them in a row.
+    let slices: Vec<EndpointSlice> = slices.iter().map(|s| EndpointSlice::clone(s)).collect();
+    let endpoints = index_endpoints(&slices, node, &mut skipped, &mut ignored);
     let mut state = DesiredState {
         frontends: taken.clone(),
         ..DesiredState::default()
     };
-    // `group` put them in translate's order.
+    // `sort` put them in translate's order.
     for service in services {
         add_service(
             service,
@@ -459,11 +554,11 @@ fn translate_group(
 }
 
 /// The (namespace, name) of objects that differ between `old` and `new`.
-fn diff_objects<K>(old: &[K], new: &[K], changed: &mut BTreeSet<(String, String)>)
+fn diff_objects<K>(old: &[Arc<K>], new: &[Arc<K>], changed: &mut BTreeSet<(String, String)>)
 where
     K: k8s_openapi::Metadata<Ty = ObjectMeta> + PartialEq,
 {
-    let keyed = |objects: &[K]| -> BTreeMap<(String, String), Vec<usize>> {
+    let keyed = |objects: &[Arc<K>]| -> BTreeMap<(String, String), Vec<usize>> {
         let mut map: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
         for (i, o) in objects.iter().enumerate() {
             map.entry(meta_key(o.metadata())).or_default().push(i);
@@ -512,6 +607,10 @@ mod tests {
         RemoveSlice(Index),
         Node(NodeInfo),
         OwnAddresses(Option<Vec<Ipv4Addr>>),
+        /// Every object again in a new allocation (a re-list).
+        Relist,
+        /// The same objects listed in another order.
+        Reverse,
         Nothing,
     }
 
@@ -528,18 +627,24 @@ mod tests {
                 0..=2,
             ))
             .prop_map(Edit::OwnAddresses),
+            1 => Just(Edit::Relist),
+            1 => Just(Edit::Reverse),
             1 => Just(Edit::Nothing),
         ]
     }
 
     /// Replaces the object at `i` (of one more than there are: appends).
-    fn put<T>(objects: &mut Vec<T>, i: &Index, object: T) {
+    fn put<T>(objects: &mut Vec<Arc<T>>, i: &Index, object: T) {
         let at = i.index(objects.len() + 1);
         if at == objects.len() {
-            objects.push(object);
+            objects.push(Arc::new(object));
         } else {
-            objects[at] = object;
+            objects[at] = Arc::new(object);
         }
+    }
+
+    fn owned<T: Clone>(objects: &[Arc<T>]) -> Vec<T> {
+        objects.iter().map(|o| T::clone(o)).collect()
     }
 
     fn full(
@@ -563,7 +668,9 @@ mod tests {
             first_node in node(),
             edits in vec(edit(), 1..12),
         ) {
-            let (mut services, mut slices, mut node) = (services, slices, first_node);
+            let mut services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+            let mut slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+            let mut node = first_node;
             let mut own: Option<Vec<Ipv4Addr>> = None;
             let mut incremental = Incremental::default();
             let mut previous = DesiredState::default();
@@ -579,9 +686,17 @@ mod tests {
                     }
                     Edit::Node(n) => node = n,
                     Edit::OwnAddresses(o) => own = o,
+                    Edit::Relist => {
+                        services = owned(&services).into_iter().map(Arc::new).collect();
+                        slices = owned(&slices).into_iter().map(Arc::new).collect();
+                    }
+                    Edit::Reverse => {
+                        services.reverse();
+                        slices.reverse();
+                    }
                     _ => {}
                 }
-                let want = full(&services, &slices, &node, own.as_deref());
+                let want = full(&owned(&services), &owned(&slices), &node, own.as_deref());
                 let changes = incremental.update(&services, &slices, &node, own.as_deref());
                 prop_assert_eq!(incremental.state(), &want.state, "state after step {}", step);
                 prop_assert_eq!(
