@@ -3,7 +3,11 @@
 //! A change from the source queues a sync; syncs are at least `min_sync_period` apart (so
 //! bursts are batched), a full re-sync runs every `sync_period` even without changes, and a
 //! failed sync is retried after `min_sync_period` (at least a second). Each sync takes a
-//! snapshot of the source, translates it and writes only the difference. Input problems are
+//! snapshot of the source (shared objects, no copies) and writes only the difference. A sync
+//! for a change translates, fits and plans only what the change touched
+//! (`translate::incremental`, `sync::touched`), so one endpoint change costs about the same
+//! at 10000 Services as at 10; the first sync, the periodic one and any sync after a failed
+//! or partial one (something did not fit) translate and diff everything. Input problems are
 //! logged once each, naming the object, and never stop the loop.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -300,6 +304,7 @@ fn sync_once(
 ) -> bool {
     let started = std::time::Instant::now();
     let snapshot = source.snapshot(&config.node_name);
+    let snapshot_taken = started.elapsed();
     health.set_node_eligible(node_eligible(snapshot.node.as_deref()));
 
     let node = node_info(
@@ -312,6 +317,7 @@ fn sync_once(
     if full {
         state.translation.forget();
     }
+    let translate_started = std::time::Instant::now();
     let changes =
         state
             .translation
@@ -356,11 +362,20 @@ fn sync_once(
     skipped.extend(over_capacity.iter().cloned());
     report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
 
+    let translated = translate_started.elapsed();
+    let write_started = std::time::Instant::now();
     let result = match (&fitted, touched) {
         (None, Some(touched)) => syncer.sync_touched(desired, touched),
         _ => syncer.sync(fitted.as_ref().unwrap_or(desired)),
     };
     state.whole = result.is_ok() && over_capacity.is_empty();
+    tracing::debug!(
+        snapshot = ?snapshot_taken,
+        translate = ?translated,
+        write = ?write_started.elapsed(),
+        touched = touched.is_some(),
+        "sync phases"
+    );
     match result {
         Ok(stats) => {
             let now = SystemTime::now();

@@ -66,9 +66,13 @@ pub struct Incremental {
     /// The node and the addresses externalIPs are served for (`None`: all of them).
     context: Option<(NodeInfo, Option<Vec<Ipv4Addr>>)>,
     groups: BTreeMap<GroupKey, Group>,
-    /// The input of the last update: an object at the same place is the same object when it
-    /// is the same allocation, so a change is found without grouping everything again.
-    last: Lists,
+    /// The input of the last update, as the addresses of its objects (compared, never
+    /// dereferenced): an object at the same place is the same object when it is the same
+    /// allocation, so a change is found without grouping or even touching the others.
+    /// Every object listed is held by its group, so no other object can take its address.
+    last: (Vec<usize>, Vec<usize>),
+    /// The group of each object of the last input, by address.
+    owners: HashMap<usize, GroupKey>,
     /// The groups claiming each frontend, the winner first.
     claims: BTreeMap<FrontendKey, BTreeSet<GroupKey>>,
     state: DesiredState,
@@ -119,7 +123,7 @@ impl Incremental {
         changes.all = all;
 
         let candidates = self.candidates(services, slices, all);
-        self.last = (services.to_vec(), slices.to_vec());
+        self.last = (addresses(services), addresses(slices));
         let mut changed: Vec<(GroupKey, Lists)> = Vec::new();
         for (key, lists) in candidates {
             match self.groups.get_mut(&key) {
@@ -210,7 +214,7 @@ impl Incremental {
     /// manifests cache and the reflector stores, changes few places); else by grouping it
     /// all.
     fn candidates(
-        &self,
+        &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
         all: bool,
@@ -219,19 +223,16 @@ impl Incremental {
             return candidates;
         }
         let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        self.owners.clear();
         for s in services {
-            candidates
-                .entry(service_group(s))
-                .or_default()
-                .0
-                .push(s.clone());
+            let key = service_group(s);
+            self.owners.insert(address(s), key.clone());
+            candidates.entry(key).or_default().0.push(s.clone());
         }
         for s in slices {
-            candidates
-                .entry(slice_group(s))
-                .or_default()
-                .1
-                .push(s.clone());
+            let key = slice_group(s);
+            self.owners.insert(address(s), key.clone());
+            candidates.entry(key).or_default().1.push(s.clone());
         }
         for key in self.groups.keys() {
             if !candidates.contains_key(key) {
@@ -245,34 +246,48 @@ impl Incremental {
     }
 
     /// The groups of the objects at the places that changed since the last input, with
-    /// those objects swapped in; `None` when the input grew or shrank.
+    /// those objects swapped in; `None` when the input grew or shrank (or an object is not
+    /// where it should be: then everything is grouped again).
     fn moved(
-        &self,
+        &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
     ) -> Option<BTreeMap<GroupKey, Lists>> {
-        let (last_services, last_slices) = &self.last;
-        if services.len() != last_services.len() || slices.len() != last_slices.len() {
+        if services.len() != self.last.0.len() || slices.len() != self.last.1.len() {
             return None;
         }
         let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
-        for (old, new) in last_services.iter().zip(services) {
-            if Arc::ptr_eq(old, new) {
+        for (i, new) in services.iter().enumerate() {
+            let old = self.last.0[i];
+            if address(new) == old {
                 continue;
             }
-            let from = candidates_entry(&mut candidates, &self.groups, service_group(old));
-            take_out(&mut from.0, old);
-            let to = candidates_entry(&mut candidates, &self.groups, service_group(new));
-            to.0.push(new.clone());
+            let from = self.owners.remove(&old)?;
+            take_out(
+                &mut candidates_entry(&mut candidates, &self.groups, from).0,
+                old,
+            )?;
+            let to = service_group(new);
+            self.owners.insert(address(new), to.clone());
+            candidates_entry(&mut candidates, &self.groups, to)
+                .0
+                .push(new.clone());
         }
-        for (old, new) in last_slices.iter().zip(slices) {
-            if Arc::ptr_eq(old, new) {
+        for (i, new) in slices.iter().enumerate() {
+            let old = self.last.1[i];
+            if address(new) == old {
                 continue;
             }
-            let from = candidates_entry(&mut candidates, &self.groups, slice_group(old));
-            take_out(&mut from.1, old);
-            let to = candidates_entry(&mut candidates, &self.groups, slice_group(new));
-            to.1.push(new.clone());
+            let from = self.owners.remove(&old)?;
+            take_out(
+                &mut candidates_entry(&mut candidates, &self.groups, from).1,
+                old,
+            )?;
+            let to = slice_group(new);
+            self.owners.insert(address(new), to.clone());
+            candidates_entry(&mut candidates, &self.groups, to)
+                .1
+                .push(new.clone());
         }
         for lists in candidates.values_mut() {
             sort(lists);
@@ -448,11 +463,20 @@ fn candidates_entry<'a>(
     })
 }
 
-/// Removes one `object` (this allocation) from `list`.
-fn take_out<T>(list: &mut Vec<Arc<T>>, object: &Arc<T>) {
-    if let Some(at) = list.iter().position(|o| Arc::ptr_eq(o, object)) {
-        list.remove(at);
-    }
+/// Removes the object at `at` (an address) from `list`; `None` when it is not there.
+fn take_out<T>(list: &mut Vec<Arc<T>>, at: usize) -> Option<()> {
+    let i = list.iter().position(|o| address(o) == at)?;
+    list.remove(i);
+    Some(())
+}
+
+/// An object's allocation, to tell the same object from an equal one.
+fn address<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+fn addresses<T>(objects: &[Arc<T>]) -> Vec<usize> {
+    objects.iter().map(address).collect()
 }
 
 fn service_group(service: &Service) -> GroupKey {
@@ -611,6 +635,8 @@ mod tests {
         Relist,
         /// The same objects listed in another order.
         Reverse,
+        /// One object listed twice (the same allocation).
+        Twice(Index),
         Nothing,
     }
 
@@ -629,6 +655,7 @@ mod tests {
             .prop_map(Edit::OwnAddresses),
             1 => Just(Edit::Relist),
             1 => Just(Edit::Reverse),
+            1 => any::<Index>().prop_map(Edit::Twice),
             1 => Just(Edit::Nothing),
         ]
     }
@@ -693,6 +720,14 @@ mod tests {
                     Edit::Reverse => {
                         services.reverse();
                         slices.reverse();
+                    }
+                    Edit::Twice(i) => {
+                        if !services.is_empty() {
+                            services.push(services[i.index(services.len())].clone());
+                        }
+                        if !slices.is_empty() {
+                            slices.push(slices[i.index(slices.len())].clone());
+                        }
                     }
                     _ => {}
                 }
