@@ -145,20 +145,18 @@ pub fn fit(
 
 /// Whether `fit` would admit all of `desired`, when it differs from what is programmed (and
 /// programmed whole) only in the `touched` frontends: the most a sync could add, counted
-/// over those alone, fits. `is_programmed` says whether a backend is in the maps. A `false`
-/// only means "ask `fit`".
+/// over those alone, fits. `service_entries` is what the services map holds (slot 0s and
+/// slots), `is_programmed` says whether a backend is in the maps. A `false` only means "ask
+/// `fit`".
 pub fn fits_whole(
     programmed: &Programmed,
+    service_entries: usize,
     desired: &DesiredState,
     touched: &BTreeSet<FrontendKey>,
     is_programmed: impl Fn(&BackendAddr) -> bool,
     capacity: &Capacity,
 ) -> bool {
-    let mut services: usize = programmed
-        .frontends
-        .values()
-        .map(|f| usize::from(f.flags != 0) + f.slots.len())
-        .sum();
+    let mut services = service_entries;
     let mut rev_nat = programmed.rev_nat_ids.len();
     let mut new_backends: BTreeSet<&BackendAddr> = BTreeSet::new();
     for frontend in touched.iter().filter_map(|k| desired.frontends.get(k)) {
@@ -247,6 +245,7 @@ mod tests {
         ]);
         let touched: BTreeSet<FrontendKey> = [1, 3, 4].map(|host| frontend(host, &[]).key).into();
         let known = |b: &BackendAddr| mirror.backends.values().any(|x| x == b);
+        let entries = crate::sync::service_entries(&mirror);
         let mut admitted = 0;
         for services in 0..14 {
             for backends in 0..8 {
@@ -256,7 +255,7 @@ mod tests {
                         backends,
                         rev_nat,
                     };
-                    if fits_whole(&mirror, &after, &touched, known, &cap) {
+                    if fits_whole(&mirror, entries, &after, &touched, known, &cap) {
                         admitted += 1;
                         assert_eq!(fit(&mirror, &after, &cap), (after.clone(), vec![]));
                     }
@@ -264,7 +263,9 @@ mod tests {
             }
         }
         assert!(admitted > 0);
-        assert!(fits_whole(&mirror, &after, &touched, known, &ROOMY));
+        assert!(fits_whole(
+            &mirror, entries, &after, &touched, known, &ROOMY
+        ));
     }
 
     #[test]

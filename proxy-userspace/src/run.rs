@@ -30,11 +30,12 @@ use crate::dataplane::{self, MapSizes};
 use crate::http::{self, Health};
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
+use crate::model::{FrontendKey, ServicePortName};
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::sync::touched::Touched;
-use crate::translate::incremental::Incremental;
+use crate::translate::incremental::{Changes, Incremental};
 use crate::translate::node_info;
 use crate::{abi, devices};
 
@@ -288,6 +289,8 @@ struct LoopState {
     /// The maps hold exactly `translation`'s state: the last sync succeeded and everything
     /// fitted, so the next one may look at what changed only.
     whole: bool,
+    /// The frontends that drop for want of a local endpoint, and their service port.
+    drops: BTreeMap<FrontendKey, ServicePortName>,
 }
 
 /// One sync. Returns false when the next one should come soon: writing the maps failed, or
@@ -327,7 +330,10 @@ fn sync_once(
         .inc_by(changes.services.len() as u64);
     metrics.endpoint_changes.inc_by(changes.slices.len() as u64);
     let desired = state.translation.state();
-    record_no_local_endpoints(desired, metrics);
+    if changes.all {
+        state.drops.clear();
+    }
+    record_no_local_endpoints(&mut state.drops, desired, &changes, metrics);
     let ignored: BTreeSet<Skipped> = state.translation.ignored().cloned().collect();
     for s in ignored.difference(&state.ignored) {
         tracing::debug!("not served: {}: {}", s.object, s.reason);
@@ -343,6 +349,7 @@ fn sync_once(
         .filter(|t| {
             capacity::fits_whole(
                 syncer.programmed(),
+                syncer.service_entries(),
                 desired,
                 t.frontends,
                 |b| syncer.has_backend(b),
@@ -384,15 +391,10 @@ fn sync_once(
                 .sync_duration
                 .observe(started.elapsed().as_secs_f64());
             metrics.last_sync_timestamp.set(unix_seconds(now));
-            observe_programming_latency(&snapshot.slices, &changes.slices, now, metrics);
+            observe_programming_latency(&changes.new_slices, now, metrics);
             let programmed = syncer.programmed();
-            let service_entries: usize = programmed
-                .frontends
-                .values()
-                .map(|f| 1 + f.slots.len())
-                .sum();
             for (map, n) in [
-                (proxy_common::MAP_SERVICES, service_entries),
+                (proxy_common::MAP_SERVICES, syncer.service_entries()),
                 (proxy_common::MAP_BACKENDS, programmed.backends.len()),
                 (proxy_common::MAP_REV_NAT, programmed.rev_nat_ids.len()),
             ] {
@@ -426,26 +428,11 @@ fn sync_once(
 /// kube-proxy's network programming latency: from the EndpointSlice controller's
 /// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it.
 fn observe_programming_latency(
-    slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
-    changed: &BTreeSet<(String, String)>,
+    changed: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
     now: SystemTime,
     metrics: &Metrics,
 ) {
-    if changed.is_empty() {
-        return;
-    }
-    let changed: BTreeSet<(&str, &str)> = changed
-        .iter()
-        .map(|(ns, n)| (ns.as_str(), n.as_str()))
-        .collect();
-    for slice in slices {
-        let key = (
-            slice.metadata.namespace.as_deref().unwrap_or_default(),
-            slice.metadata.name.as_deref().unwrap_or_default(),
-        );
-        if !changed.contains(&key) {
-            continue;
-        }
+    for slice in changed {
         let trigger = slice
             .metadata
             .annotations
@@ -464,15 +451,37 @@ fn observe_programming_latency(
 }
 
 /// kube-proxy's `sync_proxy_rules_no_local_endpoints`: Services whose `Local` traffic
-/// policy finds no endpoint on this node (their frontends drop), per policy.
-fn record_no_local_endpoints(state: &crate::model::DesiredState, metrics: &Metrics) {
+/// policy finds no endpoint on this node (their frontends drop), per policy. `drops` is
+/// kept up to date with the changed frontends (all of them when `changes.all`).
+fn record_no_local_endpoints(
+    drops: &mut BTreeMap<FrontendKey, ServicePortName>,
+    state: &crate::model::DesiredState,
+    changes: &Changes,
+    metrics: &Metrics,
+) {
     use crate::model::{Scope, WhenEmpty};
-    let mut services: [BTreeSet<&crate::model::ServicePortName>; 2] = Default::default();
-    for f in state.frontends.values() {
-        if f.backends.is_empty() && f.when_empty == WhenEmpty::Drop {
-            let i = usize::from(f.key.scope == Scope::External);
-            services[i].insert(&f.service);
+    let drops_now =
+        |f: &&crate::model::Frontend| f.backends.is_empty() && f.when_empty == WhenEmpty::Drop;
+    if changes.all {
+        drops.extend(
+            state
+                .frontends
+                .values()
+                .filter(drops_now)
+                .map(|f| (f.key, f.service.clone())),
+        );
+    } else {
+        for key in &changes.frontends {
+            drops.remove(key);
+            if let Some(f) = state.frontends.get(key).filter(drops_now) {
+                drops.insert(*key, f.service.clone());
+            }
         }
+    }
+    let mut services: [BTreeSet<&ServicePortName>; 2] = Default::default();
+    for (key, service) in drops.iter() {
+        let i = usize::from(key.scope == Scope::External);
+        services[i].insert(service);
     }
     for (policy, set) in ["internal", "external"].into_iter().zip(services) {
         let label = PolicyLabel {

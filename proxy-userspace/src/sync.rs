@@ -100,6 +100,20 @@ pub enum MapWrite {
 }
 
 impl Op {
+    /// The frontend whose entries this operation writes or deletes.
+    pub fn frontend(&self) -> Option<&FrontendKey> {
+        match self {
+            Op::PutSlot { frontend, .. }
+            | Op::PutFrontend { frontend, .. }
+            | Op::DeleteSlot { frontend, .. }
+            | Op::DeleteFrontend { frontend } => Some(frontend),
+            Op::PutBackend { .. }
+            | Op::PutRevNat { .. }
+            | Op::DeleteRevNat { .. }
+            | Op::DeleteBackend { .. } => None,
+        }
+    }
+
     /// The map entry this operation writes or deletes.
     pub fn encode(&self) -> MapWrite {
         match self {
@@ -199,13 +213,7 @@ impl Programmed {
 
     /// Keeps the mirror exact after `op` was written.
     pub fn apply(&mut self, op: &Op) {
-        let touched = match op {
-            Op::PutSlot { frontend, .. }
-            | Op::PutFrontend { frontend, .. }
-            | Op::DeleteSlot { frontend, .. }
-            | Op::DeleteFrontend { frontend } => Some(*frontend),
-            _ => None,
-        };
+        let touched = op.frontend().copied();
         match op {
             Op::PutBackend { id, backend, local } => {
                 self.backends.insert(*id, *backend);
@@ -587,11 +595,22 @@ pub struct SyncStats {
     pub backends: usize,
 }
 
+/// Entries of the services map: each frontend's slot 0 (while it has one) and slots.
+pub fn service_entries(programmed: &Programmed) -> usize {
+    programmed.frontends.values().map(frontend_entries).sum()
+}
+
+fn frontend_entries(f: &ProgrammedFrontend) -> usize {
+    usize::from(f.flags != 0) + f.slots.len()
+}
+
 /// Owns the maps and the mirror of their contents.
 pub struct Syncer {
     maps: Maps,
     programmed: Programmed,
     index: touched::BackendIndex,
+    /// `service_entries(programmed)`, kept as ops are applied.
+    service_entries: usize,
 }
 
 impl Syncer {
@@ -601,9 +620,15 @@ impl Syncer {
         let index = touched::BackendIndex::of(&programmed);
         Syncer {
             maps,
+            service_entries: service_entries(&programmed),
             programmed,
             index,
         }
+    }
+
+    /// Entries of the services map.
+    pub fn service_entries(&self) -> usize {
+        self.service_entries
     }
 
     pub fn programmed(&self) -> &Programmed {
@@ -659,7 +684,14 @@ impl Syncer {
         for op in ops {
             self.write(op)?;
             self.index.apply(&self.programmed, op);
+            let entries = |p: &Programmed| {
+                op.frontend()
+                    .and_then(|k| p.frontends.get(k))
+                    .map_or(0, frontend_entries)
+            };
+            self.service_entries -= entries(&self.programmed);
             self.programmed.apply(op);
+            self.service_entries += entries(&self.programmed);
         }
         if !departed_udp.is_empty() {
             let destroyed = self.maps.destroy_udp_sockets(&departed_udp);

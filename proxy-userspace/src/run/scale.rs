@@ -105,6 +105,7 @@ fn scale_phases_of_a_sync() {
             let fits = time("fits_whole", || {
                 capacity::fits_whole(
                     &programmed,
+                    crate::sync::service_entries(&programmed),
                     desired,
                     touched.frontends,
                     |b| index.id(b).is_some(),

@@ -99,8 +99,8 @@ impl KubeSource {
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            services: self.services.state(),
-            slices: self.slices.state(),
+            services: std::sync::Arc::new(self.services.state()),
+            slices: std::sync::Arc::new(self.slices.state()),
             node: self.nodes.state().first().cloned(),
             skipped: Vec::new(),
         }

@@ -15,18 +15,20 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::Snapshot;
+use super::{Shared, Snapshot};
 use crate::model::Skipped;
 
-/// The objects found in a manifests directory, shared with the cache: a snapshot of an
-/// unchanged file copies no object.
-#[derive(Debug, Default)]
+/// The objects found in a manifests directory, in kind/namespace/name order. Shared with
+/// the cache, lists included: taking them touches no object, which at 10000 Services is
+/// most of what a sync after one change would otherwise cost.
+#[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub nodes: Vec<Arc<Node>>,
+    pub services: Shared<Service>,
+    pub slices: Shared<EndpointSlice>,
+    pub nodes: Shared<Node>,
 }
 
 /// One object and where it came from, before duplicates are resolved.
@@ -90,6 +92,8 @@ struct Merged {
     found: BTreeMap<(u8, String, String), (Object, String)>,
     /// Objects defined more than once, reported.
     duplicates: Vec<Skipped>,
+    /// `found`'s objects by kind, kept equal to it.
+    objects: Objects,
 }
 
 impl Cache {
@@ -129,7 +133,7 @@ impl Cache {
             Some(mut merged) if merged.files == files && merged.duplicates.is_empty() => {
                 let ok = replaced.iter().all(|(file, old)| {
                     let new = self.files.get(*file).map(|(_, c)| c);
-                    new.is_some_and(|new| patch(&mut merged.found, old, new))
+                    new.is_some_and(|new| merged.patch(old, new))
                 });
                 ok.then_some(merged)
             }
@@ -141,14 +145,7 @@ impl Cache {
         };
         skipped.extend(merged.duplicates.iter().cloned());
 
-        let mut objects = Objects::default();
-        for (object, _) in merged.found.values() {
-            match object {
-                Object::Service(s) => objects.services.push(s.clone()),
-                Object::Slice(s) => objects.slices.push(s.clone()),
-                Object::Node(n) => objects.nodes.push(n.clone()),
-            }
-        }
+        let objects = merged.objects.clone();
         self.merged = Some(merged);
         (objects, skipped)
     }
@@ -174,10 +171,23 @@ impl Cache {
                 }
             }
         }
+        let mut objects = (Vec::new(), Vec::new(), Vec::new());
+        for (object, _) in found.values() {
+            match object {
+                Object::Service(s) => objects.0.push(s.clone()),
+                Object::Slice(s) => objects.1.push(s.clone()),
+                Object::Node(n) => objects.2.push(n.clone()),
+            }
+        }
         Merged {
             files,
             found,
             duplicates,
+            objects: Objects {
+                services: Arc::new(objects.0),
+                slices: Arc::new(objects.1),
+                nodes: Arc::new(objects.2),
+            },
         }
     }
 
@@ -202,25 +212,66 @@ impl Cache {
     }
 }
 
-/// Swaps a file's old objects for its new ones in a merge without duplicates; false when
-/// that would define an object twice (the caller merges again, which reports it).
-fn patch(
-    found: &mut BTreeMap<(u8, String, String), (Object, String)>,
-    old: &FileContents,
-    new: &FileContents,
-) -> bool {
-    for (object, _) in &old.objects {
-        found.remove(&object_key(object));
-    }
-    for (object, origin) in &new.objects {
-        if found
-            .insert(object_key(object), (object.clone(), origin.clone()))
-            .is_some()
-        {
-            return false;
+impl Merged {
+    /// Swaps a file's old objects for its new ones in a merge without duplicates; false when
+    /// that would define an object twice (the caller merges again, which reports it).
+    fn patch(&mut self, old: &FileContents, new: &FileContents) -> bool {
+        for (object, _) in &old.objects {
+            let key = object_key(object);
+            self.found.remove(&key);
+            match object {
+                Object::Service(_) => remove(&mut self.objects.services, &key),
+                Object::Slice(_) => remove(&mut self.objects.slices, &key),
+                Object::Node(_) => remove(&mut self.objects.nodes, &key),
+            }
         }
+        for (object, origin) in &new.objects {
+            let key = object_key(object);
+            if self
+                .found
+                .insert(key.clone(), (object.clone(), origin.clone()))
+                .is_some()
+            {
+                return false;
+            }
+            match object {
+                Object::Service(s) => insert(&mut self.objects.services, &key, s),
+                Object::Slice(s) => insert(&mut self.objects.slices, &key, s),
+                Object::Node(n) => insert(&mut self.objects.nodes, &key, n),
+            }
+        }
+        true
     }
-    true
+}
+
+/// Where `key` is, or goes, in a list in key order.
+fn position<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
+    list: &[Arc<T>],
+    key: &(u8, String, String),
+) -> Result<usize, usize> {
+    list.binary_search_by(|o| {
+        let (namespace, name) = name_key(key.0, o.metadata());
+        (namespace, name).cmp(&(key.1.as_str(), key.2.as_str()))
+    })
+}
+
+/// Takes the object with `key` out of its list. The list is shared with no snapshot by
+/// then (a sync drops its snapshot), so this does not copy it.
+fn remove<T>(list: &mut Shared<T>, key: &(u8, String, String))
+where
+    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
+{
+    if let Ok(i) = position(list, key) {
+        Arc::make_mut(list).remove(i);
+    }
+}
+
+fn insert<T>(list: &mut Shared<T>, key: &(u8, String, String), object: &Arc<T>)
+where
+    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
+{
+    let (Ok(i) | Err(i)) = position(list, key);
+    Arc::make_mut(list).insert(i, object.clone());
 }
 
 impl FileStamp {
@@ -314,8 +365,9 @@ pub fn snapshot(cache: &mut Cache, dir: &Path, node_name: &str) -> Snapshot {
     let (objects, skipped) = cache.load(dir);
     let node = objects
         .nodes
-        .into_iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node_name));
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .cloned();
     Snapshot {
         services: objects.services,
         slices: objects.slices,
@@ -442,12 +494,18 @@ fn object_key(object: &Object) -> (u8, String, String) {
         Object::Slice(s) => (1, &s.metadata),
         Object::Node(n) => (2, &n.metadata),
     };
+    let (namespace, name) = name_key(kind, meta);
+    (kind, namespace.to_owned(), name.to_owned())
+}
+
+/// The namespace and name of [`object_key`], borrowed.
+fn name_key(kind: u8, meta: &ObjectMeta) -> (&str, &str) {
     let namespace = match meta.namespace.as_deref() {
-        _ if kind == 2 => String::new(),
-        None | Some("") => "default".to_owned(),
-        Some(namespace) => namespace.to_owned(),
+        _ if kind == 2 => "",
+        None | Some("") => "default",
+        Some(namespace) => namespace,
     };
-    (kind, namespace, meta.name.clone().unwrap_or_default())
+    (namespace, meta.name.as_deref().unwrap_or_default())
 }
 
 fn describe(object: &Object) -> String {

@@ -13,13 +13,16 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::Skipped;
 
+/// A list of objects, shared (see [`Snapshot`]).
+pub type Shared<T> = Arc<Vec<Arc<T>>>;
+
 /// The objects the agent translates, at one instant. Shared with the source, which keeps
 /// an unchanged object in the same allocation from one snapshot to the next: taking one
 /// copies no object, and a change is found by place (`translate::incremental`).
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub services: Shared<Service>,
+    pub slices: Shared<EndpointSlice>,
     /// This node's Node object, if the source has it.
     pub node: Option<Arc<Node>>,
     /// Input the source could not read (unparsable documents and the like).

@@ -37,6 +37,8 @@ pub struct Changes {
     /// Services and EndpointSlices added, changed or removed, by (namespace, name).
     pub services: BTreeSet<(String, String)>,
     pub slices: BTreeSet<(String, String)>,
+    /// The EndpointSlices added or changed, as they are now.
+    pub new_slices: Vec<Arc<EndpointSlice>>,
 }
 
 /// What one group adds to the result.
@@ -143,7 +145,16 @@ impl Incremental {
             let key = &key;
             let old = self.groups.remove(key).unwrap_or_default();
             diff_objects(&old.services, &services, &mut changes.services);
+            let before = changes.slices.len();
             diff_objects(&old.slices, &slices, &mut changes.slices);
+            if changes.slices.len() > before {
+                changes.new_slices.extend(
+                    slices
+                        .iter()
+                        .filter(|s| !old.slices.iter().any(|o| Arc::ptr_eq(o, s) || o == *s))
+                        .cloned(),
+                );
+            }
             for f in &old.alone.frontends {
                 if let Some(claimants) = self.claims.get_mut(&f.key) {
                     claimants.remove(key);
