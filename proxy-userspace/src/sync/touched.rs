@@ -133,9 +133,8 @@ pub fn plan(
     let used_elsewhere = |id: u32| {
         index.refs.get(&id).copied().unwrap_or(0) > refs_here.get(&id).copied().unwrap_or(0)
     };
-    let wanted = |b: &BackendAddr| {
-        wanted_here.contains(b) || index.id(b).is_some_and(|id| used_elsewhere(id))
-    };
+    let wanted =
+        |b: &BackendAddr| wanted_here.contains(b) || index.id(b).is_some_and(&used_elsewhere);
 
     // Backends, in the full plan's order: the new ones and those whose locality changed.
     let mut backend_ids: HashMap<BackendAddr, u32> = HashMap::new();
@@ -334,7 +333,7 @@ mod tests {
         BackendAddr {
             addr: Ipv4Addr::new(10, 244, 0, n),
             port: 8080,
-            proto: if n % 3 == 0 {
+            proto: if n.is_multiple_of(3) {
                 Protocol::Udp
             } else {
                 Protocol::Tcp

@@ -28,7 +28,8 @@ type GroupKey = (String, String);
 /// What changed in the desired state since the previous update.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Everything may have changed (first update, or the node changed): diff it all.
+    /// Everything may have changed (first update, the node changed, or `forget`): diff it
+    /// all.
     pub all: bool,
     /// Frontends added, removed or changed.
     pub frontends: BTreeSet<FrontendKey>,
