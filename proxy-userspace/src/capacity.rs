@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use crate::dataplane::MapSizes;
-use crate::model::{BackendAddr, DesiredState, Frontend, Skipped};
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, Skipped};
 use crate::sync::Programmed;
 
 /// Usable entries per map the agent writes.
@@ -167,6 +167,44 @@ pub fn fit(
     (fitted, skipped)
 }
 
+/// Whether `fit` would admit all of `desired`, when it differs from what is programmed (and
+/// programmed whole) only in the `touched` frontends: the most a sync could add, counted
+/// over those alone, fits. `service_entries` is what the services map holds (slot 0s and
+/// slots), `is_programmed` says whether a backend is in the maps. A `false` only means "ask
+/// `fit`".
+pub fn fits_whole(
+    programmed: &Programmed,
+    service_entries: usize,
+    desired: &DesiredState,
+    touched: &BTreeSet<FrontendKey>,
+    is_programmed: impl Fn(&BackendAddr) -> bool,
+    capacity: &Capacity,
+) -> bool {
+    let mut services = service_entries;
+    let mut rev_nat = programmed.rev_nat_ids.len();
+    let mut source_ranges = programmed.source_ranges.len();
+    let mut new_backends: BTreeSet<&BackendAddr> = BTreeSet::new();
+    for frontend in touched.iter().filter_map(|k| desired.frontends.get(k)) {
+        let current = programmed
+            .frontends
+            .get(&frontend.key)
+            .filter(|p| p.flags != 0);
+        services += usize::from(current.is_none())
+            + frontend
+                .backends
+                .len()
+                .saturating_sub(current.map_or(0, |p| p.slots.len()));
+        rev_nat += usize::from(current.is_none());
+        // As `fit` counts them: new ones are written before old ones go.
+        source_ranges += frontend.source_ranges.len();
+        new_backends.extend(frontend.backends.iter().filter(|b| !is_programmed(b)));
+    }
+    services <= capacity.services
+        && programmed.backends.len() + new_backends.len() <= capacity.backends
+        && rev_nat <= capacity.rev_nat
+        && source_ranges <= capacity.source_ranges
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -225,6 +263,41 @@ mod tests {
         rev_nat: 100,
         source_ranges: 100,
     };
+
+    #[test]
+    fn fits_whole_only_when_fit_would_admit_everything() {
+        let before = desired(&[frontend(1, &[1, 2]), frontend(2, &[3]), frontend(4, &[6])]);
+        let mirror = programmed(&before);
+        let after = desired(&[
+            frontend(1, &[1, 2, 4]),
+            frontend(2, &[3]),
+            frontend(3, &[5, 3]),
+        ]);
+        let touched: BTreeSet<FrontendKey> = [1, 3, 4].map(|host| frontend(host, &[]).key).into();
+        let known = |b: &BackendAddr| mirror.backends.values().any(|x| x == b);
+        let entries = crate::sync::service_entries(&mirror);
+        let mut admitted = 0;
+        for services in 0..14 {
+            for backends in 0..8 {
+                for rev_nat in 2..5 {
+                    let cap = Capacity {
+                        services,
+                        backends,
+                        rev_nat,
+                        source_ranges: 100,
+                    };
+                    if fits_whole(&mirror, entries, &after, &touched, known, &cap) {
+                        admitted += 1;
+                        assert_eq!(fit(&mirror, &after, &cap), (after.clone(), vec![]));
+                    }
+                }
+            }
+        }
+        assert!(admitted > 0);
+        assert!(fits_whole(
+            &mirror, entries, &after, &touched, known, &ROOMY
+        ));
+    }
 
     #[test]
     fn everything_fits_in_roomy_maps() {

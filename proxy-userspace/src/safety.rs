@@ -10,7 +10,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::model::{DesiredState, FrontendKind, Scope};
+use crate::model::{DesiredState, Frontend, FrontendKind, Scope};
 
 /// Removes internal-scope externalIP frontends whose address is not one of `node_addresses`.
 /// Returns how many were left out.
@@ -19,12 +19,15 @@ pub fn keep_external_ips_of_this_node(
     node_addresses: &[Ipv4Addr],
 ) -> usize {
     let before = state.frontends.len();
-    state.frontends.retain(|key, f| {
-        !(f.kind == FrontendKind::ExternalIp
-            && key.scope == Scope::Internal
-            && !node_addresses.contains(&key.addr))
-    });
+    state.frontends.retain(|_, f| is_served(f, node_addresses));
     before - state.frontends.len()
+}
+
+/// Whether `keep_external_ips_of_this_node` keeps `frontend`.
+pub fn is_served(frontend: &Frontend, node_addresses: &[Ipv4Addr]) -> bool {
+    !(frontend.kind == FrontendKind::ExternalIp
+        && frontend.key.scope == Scope::Internal
+        && !node_addresses.contains(&frontend.key.addr))
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ use crate::abi;
 use crate::dataplane::{MapContents, Maps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, SourceRange, WhenEmpty};
 
+pub mod touched;
+
 /// One frontend as programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
@@ -115,6 +117,22 @@ pub enum MapWrite {
 }
 
 impl Op {
+    /// The frontend whose entries this operation writes or deletes.
+    pub fn frontend(&self) -> Option<&FrontendKey> {
+        match self {
+            Op::PutSlot { frontend, .. }
+            | Op::PutFrontend { frontend, .. }
+            | Op::DeleteSlot { frontend, .. }
+            | Op::DeleteFrontend { frontend } => Some(frontend),
+            Op::PutBackend { .. }
+            | Op::PutRevNat { .. }
+            | Op::DeleteRevNat { .. }
+            | Op::DeleteBackend { .. }
+            | Op::PutSourceRange { .. }
+            | Op::DeleteSourceRange { .. } => None,
+        }
+    }
+
     /// The map entry this operation writes or deletes.
     pub fn encode(&self) -> MapWrite {
         match self {
@@ -215,11 +233,15 @@ impl Programmed {
         }
         p.rev_nat_ids = contents.rev_nat.iter().map(|(id, _)| *id).collect();
         p.source_ranges = contents.source_ranges.iter().copied().collect();
+        // As `apply` keeps it: a frontend with neither slot 0 nor slots is not there.
+        p.frontends
+            .retain(|_, f| f.flags != 0 || !f.slots.is_empty());
         p
     }
 
     /// Keeps the mirror exact after `op` was written.
     pub fn apply(&mut self, op: &Op) {
+        let touched = op.frontend().copied();
         match op {
             Op::PutBackend { id, backend, local } => {
                 self.backends.insert(*id, *backend);
@@ -281,9 +303,16 @@ impl Programmed {
                 self.source_ranges.remove(&(*rev_nat_id, *range));
             }
         }
-        // A frontend with neither slot 0 nor slots is gone.
-        self.frontends
-            .retain(|_, f| f.flags != 0 || !f.slots.is_empty());
+        // A frontend with neither slot 0 nor slots is gone. Only the one written can have
+        // become so: looking at all of them per write made a large first sync quadratic.
+        if let Some(key) = touched
+            && self
+                .frontends
+                .get(&key)
+                .is_some_and(|f| f.flags == 0 && f.slots.is_empty())
+        {
+            self.frontends.remove(&key);
+        }
     }
 
     fn frontend_mut(&mut self, key: &FrontendKey) -> &mut ProgrammedFrontend {
@@ -492,13 +521,28 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
 /// datapath only checks that a remembered backend still exists, so the agent removes these
 /// (kube-proxy's `recent` lists go with their endpoint chains the same way).
 pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeSet<(u16, u32)> {
-    departed(programmed, desired, |f, d| {
+    let ids: BTreeMap<&BackendAddr, u32> =
+        programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
+    stale_affinity_among(
+        programmed.frontends.iter(),
+        |b| ids.get(b).copied(),
+        desired,
+    )
+}
+
+/// [`stale_affinity`] among some of the programmed frontends.
+fn stale_affinity_among<'a>(
+    frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)> + Clone,
+    id_of: impl Fn(&BackendAddr) -> Option<u32>,
+    desired: &DesiredState,
+) -> BTreeSet<(u16, u32)> {
+    departed_among(frontends.clone(), id_of, desired, |f, d| {
         f.flags & SVC_FLAG_AFFINITY != 0 && d.is_none_or(|d| d.affinity_timeout.is_some())
     })
     .into_iter()
     .chain(
         // Affinity switched off: every entry of the frontend goes.
-        programmed.frontends.iter().flat_map(|(key, f)| {
+        frontends.flat_map(|(key, f)| {
             let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
                 && desired
                     .frontends
@@ -522,19 +566,29 @@ pub fn departed(
 ) -> BTreeSet<(u16, u32)> {
     let ids: BTreeMap<&BackendAddr, u32> =
         programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
+    departed_among(
+        programmed.frontends.iter(),
+        |b| ids.get(b).copied(),
+        desired,
+        consider,
+    )
+}
+
+/// [`departed`] among some of the programmed frontends.
+fn departed_among<'a>(
+    frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)>,
+    id_of: impl Fn(&BackendAddr) -> Option<u32>,
+    desired: &DesiredState,
+    consider: impl Fn(&ProgrammedFrontend, Option<&Frontend>) -> bool,
+) -> BTreeSet<(u16, u32)> {
     let mut gone = BTreeSet::new();
-    for (key, f) in &programmed.frontends {
+    for (key, f) in frontends {
         let wanted = desired.frontends.get(key);
         if !consider(f, wanted) {
             continue;
         }
         let keep: BTreeSet<u32> = wanted
-            .map(|d| {
-                d.backends
-                    .iter()
-                    .filter_map(|b| ids.get(b).copied())
-                    .collect()
-            })
+            .map(|d| d.backends.iter().filter_map(&id_of).collect())
             .unwrap_or_default();
         gone.extend(
             f.slots
@@ -599,39 +653,103 @@ pub struct SyncStats {
     pub backends: usize,
 }
 
+/// Entries of the services map: each frontend's slot 0 (while it has one) and slots.
+pub fn service_entries(programmed: &Programmed) -> usize {
+    programmed.frontends.values().map(frontend_entries).sum()
+}
+
+fn frontend_entries(f: &ProgrammedFrontend) -> usize {
+    usize::from(f.flags != 0) + f.slots.len()
+}
+
 /// Owns the maps and the mirror of their contents.
 pub struct Syncer {
     maps: Maps,
     programmed: Programmed,
+    index: touched::BackendIndex,
+    /// `service_entries(programmed)`, kept as ops are applied.
+    service_entries: usize,
 }
 
 impl Syncer {
     /// Adopts whatever the (possibly pinned, pre-existing) maps hold.
     pub fn adopt(maps: Maps) -> Self {
         let programmed = Programmed::from_maps(&maps.read());
-        Syncer { maps, programmed }
+        let index = touched::BackendIndex::of(&programmed);
+        Syncer {
+            maps,
+            service_entries: service_entries(&programmed),
+            programmed,
+            index,
+        }
+    }
+
+    /// Entries of the services map.
+    pub fn service_entries(&self) -> usize {
+        self.service_entries
     }
 
     pub fn programmed(&self) -> &Programmed {
         &self.programmed
     }
 
+    /// Whether `backend` is in the maps.
+    pub fn has_backend(&self, backend: &BackendAddr) -> bool {
+        self.index.id(backend).is_some()
+    }
+
     /// Writes the difference between what is programmed and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats> {
         let ops = plan(&self.programmed, desired)?;
         let stale_affinity = stale_affinity(&self.programmed, desired);
+        let departed = departed(&self.programmed, desired, |_, _| true);
+        self.execute(&ops, departed, stale_affinity)
+    }
+
+    /// [`Syncer::sync`] when the maps hold exactly the state of the previous sync (it
+    /// succeeded and was given all it wanted) and `desired` differs from it only where
+    /// `touched` says: the work follows the change, not the number of Services.
+    pub fn sync_touched(
+        &mut self,
+        desired: &DesiredState,
+        touched: touched::Touched<'_>,
+    ) -> Result<SyncStats> {
+        let ops = touched::plan(&self.programmed, &self.index, desired, touched)?;
+        let among = touched
+            .frontends
+            .iter()
+            .filter_map(|k| self.programmed.frontends.get_key_value(k));
+        let index = &self.index;
+        let stale_affinity = stale_affinity_among(among.clone(), |b| index.id(b), desired);
+        let departed = departed_among(among, |b| index.id(b), desired, |_, _| true);
+        self.execute(&ops, departed, stale_affinity)
+    }
+
+    fn execute(
+        &mut self,
+        ops: &[Op],
+        departed: BTreeSet<(u16, u32)>,
+        stale_affinity: BTreeSet<(u16, u32)>,
+    ) -> Result<SyncStats> {
         // Connected UDP sockets pointed at a departed backend must reconnect (C27).
-        let departed_udp: BTreeSet<(u16, BackendAddr)> =
-            departed(&self.programmed, desired, |_, _| true)
-                .into_iter()
-                .filter_map(|(rev_nat_id, id)| {
-                    self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
-                })
-                .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
-                .collect();
-        for op in &ops {
+        let departed_udp: BTreeSet<(u16, BackendAddr)> = departed
+            .into_iter()
+            .filter_map(|(rev_nat_id, id)| {
+                self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
+            })
+            .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
+            .collect();
+        for op in ops {
             self.write(op)?;
+            self.index.apply(&self.programmed, op);
+            let entries = |p: &Programmed| {
+                op.frontend()
+                    .and_then(|k| p.frontends.get(k))
+                    .map_or(0, frontend_entries)
+            };
+            self.service_entries -= entries(&self.programmed);
             self.programmed.apply(op);
+            self.service_entries += entries(&self.programmed);
         }
         if !departed_udp.is_empty() {
             let destroyed = self.maps.destroy_udp_sockets(&departed_udp);

@@ -1086,8 +1086,10 @@ fn missing_name(kind: &str, namespace: &str) -> Skipped {
 mod health;
 pub use health::{HealthCheck, HealthChecks, health_checks};
 
-// The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
+pub mod incremental;
 mod source_ranges;
+
+// The bad-input table of BEHAVIOUR C34 and the property tests, beside the table tests.
 
 #[cfg(test)]
 mod bad_input;

@@ -99,19 +99,12 @@ impl KubeSource {
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            services: cloned(&self.services),
-            slices: cloned(&self.slices),
-            node: self.nodes.state().first().map(|n| Node::clone(n)),
+            services: std::sync::Arc::new(self.services.state()),
+            slices: std::sync::Arc::new(self.slices.state()),
+            node: self.nodes.state().first().cloned(),
             skipped: Vec::new(),
         }
     }
-}
-
-fn cloned<K: Clone + Resource + 'static>(store: &Store<K>) -> Vec<K>
-where
-    K::DynamicType: Eq + Hash + Clone,
-{
-    store.state().iter().map(|k| K::clone(k)).collect()
 }
 
 /// One watcher into one store, in a task of its own. Errors (the API server away, a 410)

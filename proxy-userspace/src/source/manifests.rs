@@ -11,28 +11,32 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::Snapshot;
+use super::{Shared, Snapshot};
 use crate::model::Skipped;
 
-/// The objects found in a manifests directory.
-#[derive(Debug, Default)]
+/// The objects found in a manifests directory, in kind/namespace/name order. Shared with
+/// the cache, lists included: taking them touches no object, which at 10000 Services is
+/// most of what a sync after one change would otherwise cost.
+#[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Shared<Service>,
+    pub slices: Shared<EndpointSlice>,
+    pub nodes: Shared<Node>,
 }
 
 /// One object and where it came from, before duplicates are resolved.
 #[derive(Clone)]
 enum Object {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    Slice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 /// What one file holds: its objects (with their origin, `<file> document N`) and what in it
@@ -74,9 +78,22 @@ impl FileStamp {
 #[derive(Default)]
 pub struct Cache {
     files: std::collections::HashMap<PathBuf, (FileStamp, FileContents)>,
+    /// The last merge of the files' objects, patched in place when files change.
+    merged: Option<Merged>,
     /// Files parsed so far (tests check that unchanged files are not parsed again).
     #[cfg(test)]
     parses: usize,
+}
+
+/// All files' objects by kind/namespace/name, a later file overriding an earlier one.
+struct Merged {
+    /// The files it was made of, in order.
+    files: Vec<PathBuf>,
+    found: BTreeMap<(u8, String, String), (Object, String)>,
+    /// Objects defined more than once, reported.
+    duplicates: Vec<Skipped>,
+    /// `found`'s objects by kind, kept equal to it.
+    objects: Objects,
 }
 
 impl Cache {
@@ -101,15 +118,51 @@ impl Cache {
         self.files
             .retain(|path, _| files.binary_search(path).is_ok());
 
+        let mut replaced = Vec::new();
+        for file in &files {
+            if let Some(old) = self.refresh(file) {
+                replaced.push((file, old));
+            }
+            if let Some((_, contents)) = self.files.get(file) {
+                skipped.extend(contents.skipped.iter().cloned());
+            }
+        }
+        // A change of one file among thousands of objects patches the merge; anything
+        // that could involve an object defined twice merges again from scratch.
+        let patched = match self.merged.take() {
+            Some(mut merged) if merged.files == files && merged.duplicates.is_empty() => {
+                let ok = replaced.iter().all(|(file, old)| {
+                    let new = self.files.get(*file).map(|(_, c)| c);
+                    new.is_some_and(|new| merged.patch(old, new))
+                });
+                ok.then_some(merged)
+            }
+            _ => None,
+        };
+        let merged = match patched {
+            Some(merged) => merged,
+            None => self.merge(files),
+        };
+        skipped.extend(merged.duplicates.iter().cloned());
+
+        let objects = merged.objects.clone();
+        self.merged = Some(merged);
+        (objects, skipped)
+    }
+
+    /// Merges all files' objects, in file order.
+    fn merge(&self, files: Vec<PathBuf>) -> Merged {
         // Keyed by kind/namespace/name: a later file overrides an earlier one, reported.
         let mut found: BTreeMap<(u8, String, String), (Object, String)> = BTreeMap::new();
+        let mut duplicates = Vec::new();
         for file in &files {
-            let contents = self.contents(file);
-            skipped.extend(contents.skipped.iter().cloned());
+            let Some((_, contents)) = self.files.get(file) else {
+                continue;
+            };
             for (object, origin) in &contents.objects {
                 let key = object_key(object);
                 if let Some((_, earlier)) = found.insert(key, (object.clone(), origin.clone())) {
-                    skipped.push(Skipped {
+                    duplicates.push(Skipped {
                         object: describe(object),
                         reason: format!(
                             "defined in {earlier} and again in {origin}; using {origin}"
@@ -118,20 +171,28 @@ impl Cache {
                 }
             }
         }
-
-        let mut objects = Objects::default();
-        for (object, _) in found.into_values() {
+        let mut objects = (Vec::new(), Vec::new(), Vec::new());
+        for (object, _) in found.values() {
             match object {
-                Object::Service(s) => objects.services.push(*s),
-                Object::Slice(s) => objects.slices.push(*s),
-                Object::Node(n) => objects.nodes.push(*n),
+                Object::Service(s) => objects.0.push(s.clone()),
+                Object::Slice(s) => objects.1.push(s.clone()),
+                Object::Node(n) => objects.2.push(n.clone()),
             }
         }
-        (objects, skipped)
+        Merged {
+            files,
+            found,
+            duplicates,
+            objects: Objects {
+                services: Arc::new(objects.0),
+                slices: Arc::new(objects.1),
+                nodes: Arc::new(objects.2),
+            },
+        }
     }
 
-    /// The file's contents, parsed now or taken from the cache when it did not change.
-    fn contents(&mut self, file: &Path) -> &FileContents {
+    /// Parses `file` again if it changed; returns what it held before then.
+    fn refresh(&mut self, file: &Path) -> Option<FileContents> {
         // A file that cannot be stat'ed gets the unknown stamp, which never matches: it is
         // parsed (and its error reported) every time.
         let stamp = FileStamp::of(file).unwrap_or_else(FileStamp::unknown);
@@ -139,15 +200,78 @@ impl Cache {
             .files
             .entry(file.to_path_buf())
             .or_insert_with(|| (FileStamp::unknown(), FileContents::default()));
-        if entry.0 != stamp || stamp == FileStamp::unknown() {
-            *entry = (stamp, parse_file(file));
-            #[cfg(test)]
-            {
-                self.parses += 1;
+        if entry.0 == stamp && stamp != FileStamp::unknown() {
+            return None;
+        }
+        #[cfg(test)]
+        {
+            self.parses += 1;
+        }
+        let old = std::mem::replace(entry, (stamp, parse_file(file)));
+        Some(old.1)
+    }
+}
+
+impl Merged {
+    /// Swaps a file's old objects for its new ones in a merge without duplicates; false when
+    /// that would define an object twice (the caller merges again, which reports it).
+    fn patch(&mut self, old: &FileContents, new: &FileContents) -> bool {
+        for (object, _) in &old.objects {
+            let key = object_key(object);
+            self.found.remove(&key);
+            match object {
+                Object::Service(_) => remove(&mut self.objects.services, &key),
+                Object::Slice(_) => remove(&mut self.objects.slices, &key),
+                Object::Node(_) => remove(&mut self.objects.nodes, &key),
             }
         }
-        &entry.1
+        for (object, origin) in &new.objects {
+            let key = object_key(object);
+            if self
+                .found
+                .insert(key.clone(), (object.clone(), origin.clone()))
+                .is_some()
+            {
+                return false;
+            }
+            match object {
+                Object::Service(s) => insert(&mut self.objects.services, &key, s),
+                Object::Slice(s) => insert(&mut self.objects.slices, &key, s),
+                Object::Node(n) => insert(&mut self.objects.nodes, &key, n),
+            }
+        }
+        true
     }
+}
+
+/// Where `key` is, or goes, in a list in key order.
+fn position<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
+    list: &[Arc<T>],
+    key: &(u8, String, String),
+) -> Result<usize, usize> {
+    list.binary_search_by(|o| {
+        let (namespace, name) = name_key(key.0, o.metadata());
+        (namespace, name).cmp(&(key.1.as_str(), key.2.as_str()))
+    })
+}
+
+/// Takes the object with `key` out of its list. The list is shared with no snapshot by
+/// then (a sync drops its snapshot), so this does not copy it.
+fn remove<T>(list: &mut Shared<T>, key: &(u8, String, String))
+where
+    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
+{
+    if let Ok(i) = position(list, key) {
+        Arc::make_mut(list).remove(i);
+    }
+}
+
+fn insert<T>(list: &mut Shared<T>, key: &(u8, String, String), object: &Arc<T>)
+where
+    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
+{
+    let (Ok(i) | Err(i)) = position(list, key);
+    Arc::make_mut(list).insert(i, object.clone());
 }
 
 impl FileStamp {
@@ -177,6 +301,13 @@ fn parse_file(file: &Path) -> FileContents {
         }
     };
     let name = file.display().to_string();
+    let origin = format!("{name} document 1");
+    if file.extension().is_some_and(|e| e == "json")
+        && let Some(objects) = json_objects(&text, &origin)
+    {
+        contents.objects = objects;
+        return contents;
+    }
     for (index, doc) in parse_documents(&text, &name, &mut contents.skipped) {
         let origin = format!("{name} document {}", index + 1);
         for object in into_objects(doc, &origin, &mut contents.skipped) {
@@ -184,6 +315,44 @@ fn parse_file(file: &Path) -> FileContents {
         }
     }
     contents
+}
+
+/// A JSON file whose objects all read cleanly (one object or a `kind: List` of them).
+///
+/// JSON is YAML, but going through the YAML parser takes several times longer, which a
+/// directory of 10000 Services feels at every start. Anything else (an error, an unknown
+/// kind) is `None`: the file then goes the YAML way, which reports it the same as always.
+fn json_objects(text: &str, origin: &str) -> Option<Vec<(Object, String)>> {
+    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
+    let typed = |doc: serde_json::Value, origin: String| {
+        let object = match (doc.get("apiVersion")?.as_str()?, doc.get("kind")?.as_str()?) {
+            ("v1", "Service") => Object::Service(Arc::new(serde_json::from_value(doc).ok()?)),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                Object::Slice(Arc::new(serde_json::from_value(doc).ok()?))
+            }
+            ("v1", "Node") => Object::Node(Arc::new(serde_json::from_value(doc).ok()?)),
+            _ => return None,
+        };
+        Some((object, origin))
+    };
+    let is_list = doc.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
+        && doc.get("kind").and_then(|v| v.as_str()) == Some("List");
+    if !is_list {
+        return Some(vec![typed(doc, origin.to_owned())?]);
+    }
+    let serde_json::Value::Object(mut list) = doc else {
+        return None;
+    };
+    let items = match list.remove("items") {
+        Some(serde_json::Value::Array(items)) => items,
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(_) => return None,
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| typed(item, format!("{origin} item {}", i + 1)))
+        .collect()
 }
 
 /// Reads a manifests directory once (no cache); see [`Cache::load`].
@@ -196,8 +365,9 @@ pub fn snapshot(cache: &mut Cache, dir: &Path, node_name: &str) -> Snapshot {
     let (objects, skipped) = cache.load(dir);
     let node = objects
         .nodes
-        .into_iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node_name));
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .cloned();
     Snapshot {
         services: objects.services,
         slices: objects.slices,
@@ -264,16 +434,31 @@ fn into_objects(
     } else {
         format!("{kind} {name} ({origin})")
     };
+    if api_version == "v1" && kind == "List" {
+        // Taken, not copied: a list of 10000 Services is most of a large directory.
+        let items = match doc {
+            serde_yaml_ng::Value::Mapping(mut map) => match map.remove("items") {
+                Some(serde_yaml_ng::Value::Sequence(items)) => items,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        return items
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, item)| into_objects(item, &format!("{origin} item {}", i + 1), skipped))
+            .collect();
+    }
     let typed = |skipped: &mut Vec<Skipped>| -> Option<Object> {
         let result = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => serde_yaml_ng::from_value::<Service>(doc.clone())
-                .map(|s| Object::Service(Box::new(s))),
+            ("v1", "Service") => {
+                serde_yaml_ng::from_value::<Service>(doc).map(|s| Object::Service(Arc::new(s)))
+            }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml_ng::from_value::<EndpointSlice>(doc.clone())
-                    .map(|s| Object::Slice(Box::new(s)))
+                serde_yaml_ng::from_value::<EndpointSlice>(doc).map(|s| Object::Slice(Arc::new(s)))
             }
             ("v1", "Node") => {
-                serde_yaml_ng::from_value::<Node>(doc.clone()).map(|n| Object::Node(Box::new(n)))
+                serde_yaml_ng::from_value::<Node>(doc).map(|n| Object::Node(Arc::new(n)))
             }
             _ => {
                 skipped.push(Skipped {
@@ -297,18 +482,6 @@ fn into_objects(
             }
         }
     };
-    if api_version == "v1" && kind == "List" {
-        let items = doc
-            .get("items")
-            .and_then(|i| i.as_sequence())
-            .cloned()
-            .unwrap_or_default();
-        return items
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, item)| into_objects(item, &format!("{origin} item {}", i + 1), skipped))
-            .collect();
-    }
     typed(skipped).into_iter().collect()
 }
 
@@ -321,12 +494,18 @@ fn object_key(object: &Object) -> (u8, String, String) {
         Object::Slice(s) => (1, &s.metadata),
         Object::Node(n) => (2, &n.metadata),
     };
+    let (namespace, name) = name_key(kind, meta);
+    (kind, namespace.to_owned(), name.to_owned())
+}
+
+/// The namespace and name of [`object_key`], borrowed.
+fn name_key(kind: u8, meta: &ObjectMeta) -> (&str, &str) {
     let namespace = match meta.namespace.as_deref() {
-        _ if kind == 2 => String::new(),
-        None | Some("") => "default".to_owned(),
-        Some(namespace) => namespace.to_owned(),
+        _ if kind == 2 => "",
+        None | Some("") => "default",
+        Some(namespace) => namespace,
     };
-    (kind, namespace, meta.name.clone().unwrap_or_default())
+    (namespace, meta.name.as_deref().unwrap_or_default())
 }
 
 fn describe(object: &Object) -> String {
@@ -501,6 +680,35 @@ endpoints:
         let (fewer, _) = cache.load(dir.path());
         assert!(fewer.services.is_empty());
         assert_eq!(cache.files.len(), 1);
+    }
+
+    #[test]
+    fn a_patched_merge_equals_a_fresh_load() {
+        let other = SERVICE.replace("name: web", "name: api");
+        let dir = dir_with(&[("a.yaml", SERVICE), ("b.yaml", SLICE), ("c.yaml", &other)]);
+        let mut cache = Cache::default();
+        let edits = [
+            ("b.yaml", SLICE.replace("10.244.0.10", "10.244.0.11")),
+            // Now defined twice, then once again.
+            ("b.yaml", format!("{SLICE}---\n{SERVICE}")),
+            ("b.yaml", SLICE.to_owned()),
+            ("c.yaml", other.replace("10.96.0.10", "10.96.0.11")),
+            ("c.yaml", "kind: [".to_owned()),
+            ("c.yaml", format!("{other}---\n{other}")),
+            ("c.yaml", other.clone()),
+        ];
+        for (file, text) in edits {
+            let tmp = dir.path().join(".tmp");
+            fs::write(&tmp, text).expect("write");
+            fs::rename(&tmp, dir.path().join(file)).expect("rename");
+            let (objects, mut skipped) = cache.load(dir.path());
+            let (fresh, mut fresh_skipped) = load_dir(dir.path());
+            assert_eq!(objects.services, fresh.services);
+            assert_eq!(objects.slices, fresh.slices);
+            skipped.sort();
+            fresh_skipped.sort();
+            assert_eq!(skipped, fresh_skipped);
+        }
     }
 
     #[test]
@@ -705,7 +913,7 @@ spec:
                 let (objects, skipped) = load_dir(dir.path());
                 let good: Service = serde_yaml_ng::from_str(GOOD).expect("GOOD is valid");
                 prop_assert!(
-                    objects.services.contains(&good),
+                    objects.services.iter().any(|s| **s == good),
                     "the good Service is lost beside {:?}: {:?}", mutated, skipped
                 );
                 for report in &skipped {

@@ -6,18 +6,25 @@
 pub mod kube;
 pub mod manifests;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::Skipped;
 
-/// The objects the agent translates, at one instant.
+/// A list of objects, shared (see [`Snapshot`]).
+pub type Shared<T> = Arc<Vec<Arc<T>>>;
+
+/// The objects the agent translates, at one instant. Shared with the source, which keeps
+/// an unchanged object in the same allocation from one snapshot to the next: taking one
+/// copies no object, and a change is found by place (`translate::incremental`).
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Shared<Service>,
+    pub slices: Shared<EndpointSlice>,
     /// This node's Node object, if the source has it.
-    pub node: Option<Node>,
+    pub node: Option<Arc<Node>>,
     /// Input the source could not read (unparsable documents and the like).
     pub skipped: Vec<Skipped>,
 }

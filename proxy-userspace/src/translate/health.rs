@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -49,27 +50,48 @@ pub struct HealthChecks {
     pub skipped: Vec<Skipped>,
 }
 
-/// The health checks of this node's Services, with the local ready endpoint counts.
+/// The health checks of this node's Services, with the local ready endpoint counts. Runs at
+/// every sync: only the Services that need a check and their slices are looked at closely
+/// (usually none, so that one endpoint change stays cheap at 10000 Services).
 pub fn health_checks(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
     node: &NodeInfo,
 ) -> HealthChecks {
-    // translate reports the slices' problems already.
-    let endpoints = index_endpoints(slices, node, &mut Vec::new(), &mut Vec::new());
+    let mut skipped = Vec::new();
+    let mut wanted: Vec<(&Service, (String, String, u16))> = services
+        .iter()
+        .filter(|s| may_need_health_check(s))
+        .filter_map(|s| health_check_node_port(s, &mut skipped).map(|check| (s.as_ref(), check)))
+        .collect();
     // The order translate uses, so that two Services with the same name (manifests only)
     // resolve the same way here.
-    let mut ordered: Vec<&Service> = services.iter().collect();
-    ordered.sort_by(|a, b| {
+    wanted.sort_by(|(a, _), (b, _)| {
         compare_names(&a.metadata, &b.metadata).then_with(|| compare_content(a, b))
     });
+    let names: BTreeSet<(&str, &str)> = wanted
+        .iter()
+        .map(|(_, (namespace, name, _))| (namespace.as_str(), name.as_str()))
+        .collect();
+    let relevant: Vec<EndpointSlice> = slices
+        .iter()
+        .filter(|slice| {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(super::LABEL_SERVICE_NAME));
+            service.is_some_and(|service| {
+                names.contains(&(namespace(&slice.metadata), service.as_str()))
+            })
+        })
+        .map(|slice| EndpointSlice::clone(slice))
+        .collect();
+    // translate reports the slices' problems already.
+    let endpoints = index_endpoints(&relevant, node, &mut Vec::new(), &mut Vec::new());
 
     let mut checks = BTreeMap::new();
-    let mut skipped = Vec::new();
-    for service in ordered {
-        let Some((namespace, name, port)) = health_check_node_port(service, &mut skipped) else {
-            continue;
-        };
+    for (_, (namespace, name, port)) in wanted {
         let local_ready: BTreeSet<Ipv4Addr> = endpoints
             .get(&(namespace.clone(), name.clone()))
             .into_iter()
@@ -92,6 +114,14 @@ pub fn health_checks(
         checks: checks.into_values().collect(),
         skipped,
     }
+}
+
+/// A cheap first look: only a LoadBalancer with a `healthCheckNodePort` can need a check.
+fn may_need_health_check(service: &Service) -> bool {
+    service.spec.as_ref().is_some_and(|spec| {
+        spec.type_.as_deref() == Some("LoadBalancer")
+            && spec.health_check_node_port.is_some_and(|p| p != 0)
+    })
 }
 
 /// (namespace, name, port) when the Service needs a health-check node port.
@@ -161,8 +191,12 @@ mod tests {
     }
 
     /// Each check as `namespace/name :port n`.
+    fn shared<T: Clone>(objects: &[T]) -> Vec<Arc<T>> {
+        objects.iter().cloned().map(Arc::new).collect()
+    }
+
     fn rows(services: &[Service], slices: &[EndpointSlice]) -> Vec<String> {
-        let checks = health_checks(services, slices, &n1());
+        let checks = health_checks(&shared(services), &shared(slices), &n1());
         assert_eq!(checks.skipped, [], "nothing is reported for valid input");
         checks
             .checks
@@ -315,7 +349,7 @@ mod tests {
 
     #[test]
     fn an_out_of_range_port_is_reported_and_served_by_no_check() {
-        let checks = health_checks(&[with_hc_port(lb("Local"), 70000)], &[], &n1());
+        let checks = health_checks(&shared(&[with_hc_port(lb("Local"), 70000)]), &[], &n1());
         assert_eq!(checks.checks, []);
         let reports: Vec<String> = checks.skipped.iter().map(ToString::to_string).collect();
         assert_eq!(

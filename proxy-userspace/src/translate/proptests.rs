@@ -208,7 +208,7 @@ fn ingress() -> impl Strategy<Value = LoadBalancerIngress> {
         })
 }
 
-fn service() -> impl Strategy<Value = Service> {
+pub(super) fn service() -> impl Strategy<Value = Service> {
     (
         metadata(),
         option::weighted(0.95, spec()),
@@ -288,7 +288,7 @@ fn endpoint_port() -> impl Strategy<Value = EndpointPort> {
         })
 }
 
-fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
+pub(super) fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
     (
         metadata(),
         mostly(
@@ -317,7 +317,7 @@ fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
         })
 }
 
-fn node() -> impl Strategy<Value = NodeInfo> {
+pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
     (
         option::of(pick(&["zone-a", "zone-b"])),
         proptest::sample::subsequence(

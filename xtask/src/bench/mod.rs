@@ -4,6 +4,7 @@
 //! ```text
 //! cargo xtask bench [--services 1,1000,10000] [--quick] [--out DIR] [--samples K]
 //!                   [--rounds R] [--changes C] [--iptables system|legacy|nft]
+//!                   [--modes ebpf,direct]   # only these modes (the others' results empty)
 //!                   [--debug | --release]
 //! cargo xtask bench --dump-rules N --out DIR   # the iptables/nftables input, for review
 //! cargo xtask bench --render [--out DIR]       # redraw latest.md and the charts from latest.json
@@ -144,7 +145,7 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--iptables system|legacy|nft] [--debug | --release]";
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct] [--iptables system|legacy|nft] [--debug | --release]";
 
 pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
     let quick = args.iter().any(|a| a == "--quick");
@@ -156,6 +157,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 rounds: 3,
                 warmup: 20,
                 changes: 1,
+                modes: Mode::ALL.to_vec(),
             }
         } else {
             runner::Settings {
@@ -164,6 +166,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 rounds: 10,
                 warmup: 50,
                 changes: 3,
+                modes: Mode::ALL.to_vec(),
             }
         },
         out: root.join("bench/results"),
@@ -202,6 +205,18 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
             "--samples" => o.settings.samples = value("--samples")?.parse()?,
             "--rounds" => o.settings.rounds = value("--rounds")?.parse()?,
             "--changes" => o.settings.changes = value("--changes")?.parse()?,
+            "--modes" => {
+                let names = value("--modes")?;
+                o.settings.modes = names
+                    .split(',')
+                    .map(|name| {
+                        Mode::ALL
+                            .into_iter()
+                            .find(|m| m.name() == name.trim())
+                            .with_context(|| format!("--modes: unknown mode {name:?}\n{USAGE}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "-h" | "--help" => bail!("{USAGE}"),
             other => bail!("unknown option {other}\n{USAGE}"),
         }

@@ -34,6 +34,8 @@ pub struct Settings {
     pub rounds: usize,
     pub warmup: usize,
     pub changes: usize,
+    /// The modes measured (`--modes`); the others' results stay empty.
+    pub modes: Vec<Mode>,
 }
 
 /// Latency samples of one metric, merged over the batches.
@@ -378,6 +380,9 @@ impl<'a> Runner<'a> {
         // Programming from empty, one mode after the other.
         for mode in [Mode::Ebpf, Mode::Iptables, Mode::Nftables] {
             check_interrupted()?;
+            if !self.settings.modes.contains(&mode) {
+                continue;
+            }
             print!("  programming {:<9} ", mode.name());
             let _ = std::io::stdout().flush();
             let result = modes.get_mut(&mode).expect("all modes");
@@ -489,8 +494,11 @@ impl<'a> Runner<'a> {
         };
         let t = Instant::now();
         for round in 0..rounds {
-            let mut order = Mode::ALL.to_vec();
-            let len = order.len();
+            let mut order: Vec<Mode> = Mode::ALL
+                .into_iter()
+                .filter(|m| s.modes.contains(m))
+                .collect();
+            let len = order.len().max(1);
             order.rotate_left(round % len);
             for mode in order {
                 for metric in Metric::ALL {
@@ -601,8 +609,11 @@ impl<'a> Runner<'a> {
             };
             let new = scenario::measured(&[pod("pod-a"), pod(new_name)]);
             *services.last_mut().context("no Services")? = new.clone();
-            let mut order = vec![Mode::Ebpf, Mode::Iptables, Mode::Nftables];
-            let len = order.len();
+            let mut order: Vec<Mode> = [Mode::Ebpf, Mode::Iptables, Mode::Nftables]
+                .into_iter()
+                .filter(|m| self.settings.modes.contains(m))
+                .collect();
+            let len = order.len().max(1);
             order.rotate_left(rep % len);
             for mode in order {
                 check_interrupted()?;

@@ -1,0 +1,779 @@
+//! `translate`, kept up to date instead of recomputed: at 10000 Services a full translation
+//! takes tens of milliseconds, while one endpoint change touches one Service (issue 6).
+//!
+//! The input is cut into groups, one per (namespace, Service name): the Services of that
+//! name and the EndpointSlices whose `kubernetes.io/service-name` label names it. A group's
+//! translation depends on its own objects, the node, and one thing outside it: a frontend an
+//! earlier group (in (namespace, name) order) claims first wins it. So each group is
+//! translated alone and cached until one of its objects changes; a group that claims a
+//! frontend an earlier group claims too is translated again with the earlier claims in
+//! place, exactly as `translate` would meet them. The node (and the externalIP filter of
+//! `safety`) applies to every group: when it changes, everything is translated again.
+//!
+//! The result equals `translate` followed by the filter, for every sequence of inputs
+//! (property test below); [`Changes`] says which frontends and local backends differ from the
+//! previous result, so that fitting and planning can look at those only.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use super::*;
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, NodeInfo, Skipped};
+
+/// (namespace, Service name); the name is empty for objects without one (they translate to
+/// reports only).
+type GroupKey = (String, String);
+
+/// What changed in the desired state since the previous update.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Everything may have changed (first update, the node changed, or `forget`): diff it
+    /// all.
+    pub all: bool,
+    /// Frontends added, removed or changed.
+    pub frontends: BTreeSet<FrontendKey>,
+    /// Backends that became local or stopped being local.
+    pub local_backends: BTreeSet<BackendAddr>,
+    /// Services and EndpointSlices added, changed or removed, by (namespace, name).
+    pub services: BTreeSet<(String, String)>,
+    pub slices: BTreeSet<(String, String)>,
+    /// The EndpointSlices added or changed, as they are now.
+    pub new_slices: Vec<Arc<EndpointSlice>>,
+}
+
+/// What one group adds to the result.
+#[derive(Clone, Debug, Default)]
+struct Part {
+    frontends: Vec<Frontend>,
+    skipped: Vec<Skipped>,
+    ignored: Vec<Skipped>,
+    /// Backends of the group's endpoints on this node, used or not.
+    local: BTreeSet<BackendAddr>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    /// In translate's order (see [`sort`]).
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// The group translated on its own: the frontends it claims.
+    alone: Part,
+    /// What it adds to the result, among the other groups.
+    part: Part,
+}
+
+/// The translation state carried from one update to the next.
+#[derive(Default)]
+pub struct Incremental {
+    /// The node and the addresses externalIPs are served for (`None`: all of them).
+    context: Option<(NodeInfo, Option<Vec<Ipv4Addr>>)>,
+    groups: BTreeMap<GroupKey, Group>,
+    /// The input of the last update, as the addresses of its objects (compared, never
+    /// dereferenced): an object at the same place is the same object when it is the same
+    /// allocation, so a change is found without grouping or even touching the others.
+    /// Every object listed is held by its group, so no other object can take its address.
+    last: (Vec<usize>, Vec<usize>),
+    /// The group of each object of the last input, by address.
+    owners: HashMap<usize, GroupKey>,
+    /// The groups claiming each frontend, the winner first.
+    claims: BTreeMap<FrontendKey, BTreeSet<GroupKey>>,
+    state: DesiredState,
+    /// How many frontends use each backend (before the externalIP filter, as `translate`).
+    in_use: HashMap<BackendAddr, usize>,
+    /// How many groups have each backend on this node.
+    local: HashMap<BackendAddr, usize>,
+    skipped: BTreeMap<Skipped, usize>,
+    ignored: BTreeMap<Skipped, usize>,
+}
+
+impl Incremental {
+    /// The desired state after the last update.
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// The input left out, sorted and de-duplicated (as [`Translation::skipped`]).
+    pub fn skipped(&self) -> impl Iterator<Item = &Skipped> {
+        self.skipped.keys()
+    }
+
+    /// As [`Translation::ignored`].
+    pub fn ignored(&self) -> impl Iterator<Item = &Skipped> {
+        self.ignored.keys()
+    }
+
+    /// Makes the next update translate every group again (a periodic full re-sync), while
+    /// still telling which objects changed.
+    pub fn forget(&mut self) {
+        self.context = None;
+    }
+
+    /// Brings the result up to date with the input. `own_addresses`: serve internal-scope
+    /// externalIP frontends only for these addresses (`safety`); `None` serves all.
+    pub fn update(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeInfo,
+        own_addresses: Option<&[Ipv4Addr]>,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let context = (node.clone(), own_addresses.map(<[Ipv4Addr]>::to_vec));
+        // Every group's translation depends on the node: a new one translates all again.
+        let all = self.context.as_ref() != Some(&context);
+        self.context = Some(context);
+        changes.all = all;
+
+        let candidates = self.candidates(services, slices, all);
+        self.last = (addresses(services), addresses(slices));
+        let mut changed: Vec<(GroupKey, Lists)> = Vec::new();
+        for (key, lists) in candidates {
+            match self.groups.get_mut(&key) {
+                Some(g) if !all && same(&g.services, &lists.0) && same(&g.slices, &lists.1) => {
+                    // Equal objects in new allocations (a re-list): keep the new ones.
+                    (g.services, g.slices) = lists;
+                }
+                _ => changed.push((key, lists)),
+            }
+        }
+
+        // New translations alone and new claims; the groups whose claims meet theirs are
+        // merged again.
+        let mut remerge: BTreeSet<GroupKey> = BTreeSet::new();
+        let mut merge = Merge::default();
+        for (key, (services, slices)) in changed {
+            let key = &key;
+            let old = self.groups.remove(key).unwrap_or_default();
+            diff_objects(&old.services, &services, &mut changes.services);
+            let before = changes.slices.len();
+            diff_objects(&old.slices, &slices, &mut changes.slices);
+            if changes.slices.len() > before {
+                changes.new_slices.extend(
+                    slices
+                        .iter()
+                        .filter(|s| !old.slices.iter().any(|o| Arc::ptr_eq(o, s) || o == *s))
+                        .cloned(),
+                );
+            }
+            for f in &old.alone.frontends {
+                if let Some(claimants) = self.claims.get_mut(&f.key) {
+                    claimants.remove(key);
+                    remerge.extend(claimants.iter().cloned());
+                    if claimants.is_empty() {
+                        self.claims.remove(&f.key);
+                    }
+                }
+            }
+            self.withdraw(&old.part, &mut merge);
+            if services.is_empty() && slices.is_empty() {
+                continue;
+            }
+            let alone = translate_group(&services, &slices, node, &BTreeMap::new());
+            for f in &alone.frontends {
+                let claimants = self.claims.entry(f.key).or_default();
+                remerge.extend(claimants.iter().cloned());
+                claimants.insert(key.clone());
+            }
+            remerge.insert(key.clone());
+            self.groups.insert(
+                key.clone(),
+                Group {
+                    services,
+                    slices,
+                    alone,
+                    part: Part::default(),
+                },
+            );
+        }
+
+        // All old parts out first (a frontend may move to an earlier group), then the new
+        // ones in.
+        let mut parts = Vec::new();
+        for key in &remerge {
+            let Some(old) = self
+                .groups
+                .get_mut(key)
+                .map(|g| std::mem::take(&mut g.part))
+            else {
+                continue;
+            };
+            self.withdraw(&old, &mut merge);
+            parts.push((key, self.merged_part(key, node)));
+        }
+        for (key, part) in parts {
+            self.contribute(&part, &mut merge);
+            if let Some(group) = self.groups.get_mut(key) {
+                group.part = part;
+            }
+        }
+
+        for (key, before) in merge.frontends {
+            if self.state.frontends.get(&key) != before.as_ref() {
+                changes.frontends.insert(key);
+            }
+        }
+        for (b, was) in merge.local {
+            if self.state.local_backends.contains(&b) != was {
+                changes.local_backends.insert(b);
+            }
+        }
+        changes
+    }
+
+    /// The groups that may have changed, with their objects now. Found by place when the
+    /// input has the shape of the last one (a source that keeps its objects, like the
+    /// manifests cache and the reflector stores, changes few places); else by grouping it
+    /// all.
+    fn candidates(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        all: bool,
+    ) -> BTreeMap<GroupKey, Lists> {
+        if !all && let Some(candidates) = self.moved(services, slices) {
+            return candidates;
+        }
+        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        self.owners.clear();
+        for s in services {
+            let key = service_group(s);
+            self.owners.insert(address(s), key.clone());
+            candidates.entry(key).or_default().0.push(s.clone());
+        }
+        for s in slices {
+            let key = slice_group(s);
+            self.owners.insert(address(s), key.clone());
+            candidates.entry(key).or_default().1.push(s.clone());
+        }
+        for key in self.groups.keys() {
+            if !candidates.contains_key(key) {
+                candidates.insert(key.clone(), Lists::default());
+            }
+        }
+        for lists in candidates.values_mut() {
+            sort(lists);
+        }
+        candidates
+    }
+
+    /// The groups of the objects at the places that changed since the last input, with
+    /// those objects swapped in; `None` when the input grew or shrank (or an object is not
+    /// where it should be: then everything is grouped again).
+    fn moved(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+    ) -> Option<BTreeMap<GroupKey, Lists>> {
+        if services.len() != self.last.0.len() || slices.len() != self.last.1.len() {
+            return None;
+        }
+        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        for (i, new) in services.iter().enumerate() {
+            let old = self.last.0[i];
+            if address(new) == old {
+                continue;
+            }
+            let from = self.owners.remove(&old)?;
+            take_out(
+                &mut candidates_entry(&mut candidates, &self.groups, from).0,
+                old,
+            )?;
+            let to = service_group(new);
+            self.owners.insert(address(new), to.clone());
+            candidates_entry(&mut candidates, &self.groups, to)
+                .0
+                .push(new.clone());
+        }
+        for (i, new) in slices.iter().enumerate() {
+            let old = self.last.1[i];
+            if address(new) == old {
+                continue;
+            }
+            let from = self.owners.remove(&old)?;
+            take_out(
+                &mut candidates_entry(&mut candidates, &self.groups, from).1,
+                old,
+            )?;
+            let to = slice_group(new);
+            self.owners.insert(address(new), to.clone());
+            candidates_entry(&mut candidates, &self.groups, to)
+                .1
+                .push(new.clone());
+        }
+        for lists in candidates.values_mut() {
+            sort(lists);
+        }
+        Some(candidates)
+    }
+
+    /// `key`'s part among the groups before it: its translation alone, unless an earlier
+    /// group claims one of its frontends first; then again with those claims in place.
+    fn merged_part(&self, key: &GroupKey, node: &NodeInfo) -> Part {
+        let Some(group) = self.groups.get(key) else {
+            return Part::default();
+        };
+        let mut taken = BTreeMap::new();
+        for f in &group.alone.frontends {
+            let winner = self
+                .claims
+                .get(&f.key)
+                .and_then(|c| c.first())
+                .filter(|w| *w != key);
+            if let Some(winner) = winner
+                && let Some(frontend) = self
+                    .groups
+                    .get(winner)
+                    .and_then(|w| w.alone.frontends.iter().find(|wf| wf.key == f.key))
+            {
+                taken.insert(f.key, frontend.clone());
+            }
+        }
+        if taken.is_empty() {
+            return group.alone.clone();
+        }
+        translate_group(&group.services, &group.slices, node, &taken)
+    }
+
+    /// Takes a part out of the result.
+    fn withdraw(&mut self, part: &Part, merge: &mut Merge) {
+        for f in &part.frontends {
+            let removed = self.state.frontends.remove(&f.key);
+            merge.frontends.entry(f.key).or_insert(removed);
+            for b in &f.backends {
+                if self.in_use.down(b) {
+                    self.local_changed(*b, merge);
+                }
+            }
+        }
+        for b in &part.local {
+            if self.local.down(b) {
+                self.local_changed(*b, merge);
+            }
+        }
+        for s in &part.skipped {
+            self.skipped.down(s);
+        }
+        for s in &part.ignored {
+            self.ignored.down(s);
+        }
+    }
+
+    /// Puts a part into the result.
+    fn contribute(&mut self, part: &Part, merge: &mut Merge) {
+        let own = self.context.as_ref().and_then(|(_, own)| own.clone());
+        for f in &part.frontends {
+            if own
+                .as_deref()
+                .is_none_or(|own| crate::safety::is_served(f, own))
+            {
+                let before = self.state.frontends.insert(f.key, f.clone());
+                merge.frontends.entry(f.key).or_insert(before);
+            }
+            for b in &f.backends {
+                if self.in_use.up(*b) {
+                    self.local_changed(*b, merge);
+                }
+            }
+        }
+        for b in &part.local {
+            if self.local.up(*b) {
+                self.local_changed(*b, merge);
+            }
+        }
+        for s in &part.skipped {
+            self.skipped.up(s.clone());
+        }
+        for s in &part.ignored {
+            self.ignored.up(s.clone());
+        }
+    }
+
+    /// A backend's use or locality changed: it is local when both hold.
+    fn local_changed(&mut self, b: BackendAddr, merge: &mut Merge) {
+        let was = self.state.local_backends.contains(&b);
+        merge.local.entry(b).or_insert(was);
+        if self.in_use.contains_key(&b) && self.local.contains_key(&b) {
+            self.state.local_backends.insert(b);
+        } else {
+            self.state.local_backends.remove(&b);
+        }
+    }
+}
+
+/// What one update touched, with the value before it was first touched.
+#[derive(Default)]
+struct Merge {
+    frontends: BTreeMap<FrontendKey, Option<Frontend>>,
+    local: BTreeMap<BackendAddr, bool>,
+}
+
+/// The multisets above: a map from item to how many times it is there.
+trait Counts<K> {
+    /// Counts one more; true when it is the first.
+    fn up(&mut self, key: K) -> bool;
+    /// Counts one less; true when it was the last.
+    fn down(&mut self, key: &K) -> bool;
+}
+
+impl<K: std::hash::Hash + Eq> Counts<K> for HashMap<K, usize> {
+    fn up(&mut self, key: K) -> bool {
+        let n = self.entry(key).or_default();
+        *n += 1;
+        *n == 1
+    }
+    fn down(&mut self, key: &K) -> bool {
+        match self.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.remove(key);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<K: Ord> Counts<K> for BTreeMap<K, usize> {
+    fn up(&mut self, key: K) -> bool {
+        let n = self.entry(key).or_default();
+        *n += 1;
+        *n == 1
+    }
+    fn down(&mut self, key: &K) -> bool {
+        match self.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.remove(key);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A group's Services and EndpointSlices.
+type Lists = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+
+/// `key`'s entry among the candidates, starting from its stored objects.
+fn candidates_entry<'a>(
+    candidates: &'a mut BTreeMap<GroupKey, Lists>,
+    groups: &BTreeMap<GroupKey, Group>,
+    key: GroupKey,
+) -> &'a mut Lists {
+    candidates.entry(key).or_insert_with_key(|key| {
+        groups
+            .get(key)
+            .map(|g| (g.services.clone(), g.slices.clone()))
+            .unwrap_or_default()
+    })
+}
+
+/// Removes the object at `at` (an address) from `list`; `None` when it is not there.
+fn take_out<T>(list: &mut Vec<Arc<T>>, at: usize) -> Option<()> {
+    let i = list.iter().position(|o| address(o) == at)?;
+    list.remove(i);
+    Some(())
+}
+
+/// An object's allocation, to tell the same object from an equal one.
+fn address<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+fn addresses<T>(objects: &[Arc<T>]) -> Vec<usize> {
+    objects.iter().map(address).collect()
+}
+
+fn service_group(service: &Service) -> GroupKey {
+    let meta = &service.metadata;
+    (
+        namespace(meta).to_owned(),
+        name(meta).unwrap_or_default().to_owned(),
+    )
+}
+
+/// The group of the Service a slice's label names (no label: the unnamed group, where the
+/// slice only gets reported).
+fn slice_group(slice: &EndpointSlice) -> GroupKey {
+    let meta = &slice.metadata;
+    (
+        namespace(meta).to_owned(),
+        label(meta, LABEL_SERVICE_NAME)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Puts a group's objects in a fixed order: Services in translate's, slices by name, then
+/// content. The same objects then compare equal whatever order the source lists them in.
+fn sort((services, slices): &mut Lists) {
+    if services.len() > 1 {
+        services.sort_by(|a, b| {
+            compare_names(&a.metadata, &b.metadata).then_with(|| compare_content(a, b))
+        });
+    }
+    if slices.len() > 1 {
+        slices.sort_by(|a, b| {
+            (a.metadata.name.as_deref(), a.metadata.namespace.as_deref())
+                .cmp(&(b.metadata.name.as_deref(), b.metadata.namespace.as_deref()))
+                .then_with(|| {
+                    serde_json::to_string(&**a)
+                        .ok()
+                        .cmp(&serde_json::to_string(&**b).ok())
+                })
+        });
+    }
+}
+
+/// Whether two lists hold equal objects (the same allocations, or equal content).
+fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+}
+
+/// `translate` of one group, with frontends `taken` by earlier groups; those are not in
+/// the result.
+fn translate_group(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    node: &NodeInfo,
+    taken: &BTreeMap<FrontendKey, Frontend>,
+) -> Part {
+    let mut skipped = Vec::new();
+    let mut ignored = Vec::new();
+    // A few slices of one Service: copied for the index, which takes them in a row.
+    let slices: Vec<EndpointSlice> = slices.iter().map(|s| EndpointSlice::clone(s)).collect();
+    let endpoints = index_endpoints(&slices, node, &mut skipped, &mut ignored);
+    let mut state = DesiredState {
+        frontends: taken.clone(),
+        ..DesiredState::default()
+    };
+    // `sort` put them in translate's order.
+    for service in services {
+        add_service(
+            service,
+            &endpoints,
+            node,
+            &mut state,
+            &mut skipped,
+            &mut ignored,
+        );
+    }
+    for key in taken.keys() {
+        state.frontends.remove(key);
+    }
+    skipped.sort();
+    skipped.dedup();
+    ignored.sort();
+    ignored.dedup();
+    Part {
+        frontends: state.frontends.into_values().collect(),
+        skipped,
+        ignored,
+        local: endpoints
+            .values()
+            .flatten()
+            .filter(|e| e.endpoint.local)
+            .map(|e| BackendAddr {
+                addr: e.endpoint.addr,
+                port: e.endpoint.port,
+                proto: e.proto,
+            })
+            .collect(),
+    }
+}
+
+/// The (namespace, name) of objects that differ between `old` and `new`.
+fn diff_objects<K>(old: &[Arc<K>], new: &[Arc<K>], changed: &mut BTreeSet<(String, String)>)
+where
+    K: k8s_openapi::Metadata<Ty = ObjectMeta> + PartialEq,
+{
+    let keyed = |objects: &[Arc<K>]| -> BTreeMap<(String, String), Vec<usize>> {
+        let mut map: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+        for (i, o) in objects.iter().enumerate() {
+            map.entry(meta_key(o.metadata())).or_default().push(i);
+        }
+        map
+    };
+    let (old_keys, new_keys) = (keyed(old), keyed(new));
+    for (key, indices) in &new_keys {
+        let same = old_keys.get(key).is_some_and(|o| {
+            o.len() == indices.len() && o.iter().zip(indices).all(|(a, b)| old[*a] == new[*b])
+        });
+        if !same {
+            changed.insert(key.clone());
+        }
+    }
+    changed.extend(old_keys.into_keys().filter(|k| !new_keys.contains_key(k)));
+}
+
+/// An object's (namespace, name) as the API has them (not defaulted), as the change
+/// counters always named them.
+fn meta_key(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Incremental == full (issue 6): over random sequences of edits (objects added, changed,
+/// removed, the node changed), the state, the reports and the changes are what a full
+/// translation says. `PROPTEST_CASES=10000 cargo test -p proxy-userspace --lib incremental`
+/// for a longer run.
+#[cfg(test)]
+mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::super::proptests::{endpoint_slice, node, service};
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Edit {
+        PutService(Index, Box<Service>),
+        RemoveService(Index),
+        PutSlice(Index, Box<EndpointSlice>),
+        RemoveSlice(Index),
+        Node(NodeInfo),
+        OwnAddresses(Option<Vec<Ipv4Addr>>),
+        /// Every object again in a new allocation (a re-list).
+        Relist,
+        /// The same objects listed in another order.
+        Reverse,
+        /// One object listed twice (the same allocation).
+        Twice(Index),
+        Nothing,
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            4 => (any::<Index>(), service()).prop_map(|(i, s)| Edit::PutService(i, Box::new(s))),
+            2 => any::<Index>().prop_map(Edit::RemoveService),
+            4 => (any::<Index>(), endpoint_slice())
+                .prop_map(|(i, s)| Edit::PutSlice(i, Box::new(s))),
+            2 => any::<Index>().prop_map(Edit::RemoveSlice),
+            1 => node().prop_map(Edit::Node),
+            1 => proptest::option::of(proptest::sample::subsequence(
+                vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
+                0..=2,
+            ))
+            .prop_map(Edit::OwnAddresses),
+            1 => Just(Edit::Relist),
+            1 => Just(Edit::Reverse),
+            1 => any::<Index>().prop_map(Edit::Twice),
+            1 => Just(Edit::Nothing),
+        ]
+    }
+
+    /// Replaces the object at `i` (of one more than there are: appends).
+    fn put<T>(objects: &mut Vec<Arc<T>>, i: &Index, object: T) {
+        let at = i.index(objects.len() + 1);
+        if at == objects.len() {
+            objects.push(Arc::new(object));
+        } else {
+            objects[at] = Arc::new(object);
+        }
+    }
+
+    fn owned<T: Clone>(objects: &[Arc<T>]) -> Vec<T> {
+        objects.iter().map(|o| T::clone(o)).collect()
+    }
+
+    fn full(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &NodeInfo,
+        own: Option<&[Ipv4Addr]>,
+    ) -> Translation {
+        let mut t = translate(services, slices, node);
+        if let Some(own) = own {
+            crate::safety::keep_external_ips_of_this_node(&mut t.state, own);
+        }
+        t
+    }
+
+    proptest! {
+        #[test]
+        fn incremental_translation_equals_the_full_one(
+            services in vec(service(), 0..6),
+            slices in vec(endpoint_slice(), 0..6),
+            first_node in node(),
+            edits in vec(edit(), 1..12),
+        ) {
+            let mut services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+            let mut slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+            let mut node = first_node;
+            let mut own: Option<Vec<Ipv4Addr>> = None;
+            let mut incremental = Incremental::default();
+            let mut previous = DesiredState::default();
+            for (step, edit) in std::iter::once(Edit::Nothing).chain(edits).enumerate() {
+                match edit {
+                    Edit::PutService(i, s) => put(&mut services, &i, *s),
+                    Edit::RemoveService(i) if !services.is_empty() => {
+                        services.remove(i.index(services.len()));
+                    }
+                    Edit::PutSlice(i, s) => put(&mut slices, &i, *s),
+                    Edit::RemoveSlice(i) if !slices.is_empty() => {
+                        slices.remove(i.index(slices.len()));
+                    }
+                    Edit::Node(n) => node = n,
+                    Edit::OwnAddresses(o) => own = o,
+                    Edit::Relist => {
+                        services = owned(&services).into_iter().map(Arc::new).collect();
+                        slices = owned(&slices).into_iter().map(Arc::new).collect();
+                    }
+                    Edit::Reverse => {
+                        services.reverse();
+                        slices.reverse();
+                    }
+                    Edit::Twice(i) => {
+                        if !services.is_empty() {
+                            services.push(services[i.index(services.len())].clone());
+                        }
+                        if !slices.is_empty() {
+                            slices.push(slices[i.index(slices.len())].clone());
+                        }
+                    }
+                    _ => {}
+                }
+                let want = full(&owned(&services), &owned(&slices), &node, own.as_deref());
+                let changes = incremental.update(&services, &slices, &node, own.as_deref());
+                prop_assert_eq!(incremental.state(), &want.state, "state after step {}", step);
+                prop_assert_eq!(
+                    incremental.skipped().cloned().collect::<Vec<_>>(), want.skipped.clone(),
+                    "skipped after step {}", step
+                );
+                prop_assert_eq!(
+                    incremental.ignored().cloned().collect::<Vec<_>>(), want.ignored.clone(),
+                    "ignored after step {}", step
+                );
+                if !changes.all {
+                    let differ: BTreeSet<FrontendKey> = want
+                        .state
+                        .frontends
+                        .keys()
+                        .chain(previous.frontends.keys())
+                        .filter(|k| want.state.frontends.get(k) != previous.frontends.get(k))
+                        .copied()
+                        .collect();
+                    prop_assert_eq!(&changes.frontends, &differ, "changes after step {}", step);
+                    let local: BTreeSet<BackendAddr> = want
+                        .state
+                        .local_backends
+                        .symmetric_difference(&previous.local_backends)
+                        .copied()
+                        .collect();
+                    prop_assert_eq!(&changes.local_backends, &local, "local after step {}", step);
+                }
+                previous = want.state;
+            }
+        }
+    }
+}
