@@ -472,7 +472,11 @@ impl<'a> Runner<'a> {
     fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<()> {
         // Programming waited for the ClusterIP; the NodePort comes from the same sync or
         // restore, but is checked before it is measured (10 s: a hang guard).
-        for mode in Mode::ALL {
+        let selected: Vec<Mode> = Mode::ALL
+            .into_iter()
+            .filter(|m| self.settings.modes.contains(m))
+            .collect();
+        for mode in selected {
             let waiter = self.waiter_for(mode, Metric::NodePortCrr, "any", 10_000)?;
             let agent = &mut self.agent;
             waiter.finish(|| agent.alive()).with_context(|| {
