@@ -37,7 +37,7 @@ use crate::source::{Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::sync::touched::Touched;
 use crate::translate::incremental::{Changes, Incremental};
-use crate::translate::{health_checks, node_info};
+use crate::translate::{HealthCheck, HealthChecks, health_checks, node_info};
 use crate::{abi, devices};
 
 /// Where Services and EndpointSlices come from.
@@ -435,6 +435,28 @@ struct LoopState {
     node_addresses: Vec<Ipv4Addr>,
     /// The next sync translates and diffs everything, not only what changed.
     full: bool,
+    /// Health checks per (namespace, Service name) group that has any (or a problem),
+    /// kept up to date with the groups that changed.
+    health_checks: BTreeMap<(String, String), HealthChecks>,
+}
+
+/// Recomputes the health checks of the groups that changed (every group on a full sync).
+fn update_health_checks(
+    checks: &mut BTreeMap<(String, String), HealthChecks>,
+    translation: &Incremental,
+    changes: &Changes,
+    node: &crate::model::NodeInfo,
+) {
+    for key in &changes.groups {
+        let computed = translation
+            .group(key)
+            .map(|(services, slices)| health_checks(services, slices, node))
+            .filter(|h| *h != HealthChecks::default());
+        match computed {
+            Some(h) => checks.insert(key.clone(), h),
+            None => checks.remove(key),
+        };
+    }
 }
 
 /// One sync. Returns false when the next one should come soon: writing the maps failed, or
@@ -509,8 +531,18 @@ fn sync_once(
     };
     let mut skipped: BTreeSet<Skipped> = snapshot.skipped.into_iter().collect();
     skipped.extend(state.translation.skipped().cloned());
-    let health_checks = health_checks(&snapshot.services, &snapshot.slices, &node);
-    skipped.extend(health_checks.skipped);
+    update_health_checks(
+        &mut state.health_checks,
+        &state.translation,
+        &changes,
+        &node,
+    );
+    skipped.extend(
+        state
+            .health_checks
+            .values()
+            .flat_map(|h| h.skipped.iter().cloned()),
+    );
     let over_capacity: BTreeSet<Skipped> = over_capacity.into_iter().collect();
     skipped.extend(over_capacity.iter().cloned());
     report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
@@ -540,7 +572,12 @@ fn sync_once(
             observe_programming_latency(&changes.new_slices, now, metrics);
             // Like kube-proxy, after the rules are in place.
             let addresses = healthcheck::listen_addresses(&config.node_port_cidrs, &node);
-            health_check_servers.sync(&health_checks.checks, &addresses, metrics);
+            let checks: Vec<HealthCheck> = state
+                .health_checks
+                .values()
+                .flat_map(|h| h.checks.iter().cloned())
+                .collect();
+            health_check_servers.sync(&checks, &addresses, metrics);
             let programmed = syncer.programmed();
             for (map, n) in [
                 (proxy_common::MAP_SERVICES, syncer.service_entries()),

@@ -25,6 +25,9 @@ use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, NodeInfo, S
 /// reports only).
 type GroupKey = (String, String);
 
+/// A group's Services and EndpointSlices.
+pub type GroupObjects<'a> = (&'a [Arc<Service>], &'a [Arc<EndpointSlice>]);
+
 /// What changed in the desired state since the previous update.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -40,6 +43,9 @@ pub struct Changes {
     pub slices: BTreeSet<(String, String)>,
     /// The EndpointSlices added or changed, as they are now.
     pub new_slices: Vec<Arc<EndpointSlice>>,
+    /// The (namespace, Service name) groups whose objects changed (all of them with
+    /// `all`): what else is computed per Service, like health checks, is stale only there.
+    pub groups: BTreeSet<GroupKey>,
 }
 
 /// What one group adds to the result.
@@ -98,6 +104,14 @@ impl Incremental {
         self.skipped.keys()
     }
 
+    /// The objects of one (namespace, Service name) group as last given, in translate's
+    /// order; `None` once the group has none.
+    pub fn group(&self, key: &GroupKey) -> Option<GroupObjects<'_>> {
+        self.groups
+            .get(key)
+            .map(|g| (g.services.as_slice(), g.slices.as_slice()))
+    }
+
     /// As [`Translation::ignored`].
     pub fn ignored(&self) -> impl Iterator<Item = &Skipped> {
         self.ignored.keys()
@@ -143,6 +157,7 @@ impl Incremental {
         let mut remerge: BTreeSet<GroupKey> = BTreeSet::new();
         let mut merge = Merge::default();
         for (key, (services, slices)) in changed {
+            changes.groups.insert(key.clone());
             let key = &key;
             let old = self.groups.remove(key).unwrap_or_default();
             diff_objects(&old.services, &services, &mut changes.services);
