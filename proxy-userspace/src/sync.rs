@@ -381,11 +381,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     let mut used_rev_nat: BTreeSet<u16> = programmed.rev_nat_ids.clone();
     let mut rev_nat_cursor = 1;
     used_rev_nat.extend(programmed.frontends.values().map(|f| f.rev_nat_id));
-    let mut slot_ops = Vec::new();
-    let mut rev_nat_ops = Vec::new();
-    let mut frontend_ops = Vec::new();
-    let mut shrink_ops = Vec::new();
-    let mut wanted_ranges: BTreeSet<(u16, SourceRange)> = BTreeSet::new();
+    let mut phases = Phases::default();
     for (key, frontend) in &desired.frontends {
         let current = programmed.frontends.get(key).filter(|f| f.flags != 0);
         let rev_nat_id = match current {
@@ -402,69 +398,11 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
                 id
             }
         };
-        if !programmed.rev_nat_ids.contains(&rev_nat_id) || current.is_none() {
-            rev_nat_ops.push(Op::PutRevNat {
-                id: rev_nat_id,
-                frontend: *key,
-            });
-        }
-        let Ok(count) = u16::try_from(frontend.backends.len()) else {
-            bail!(
-                "frontend {key} ({}) has more than 65535 backends",
-                frontend.service
-            );
-        };
-        let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
-        for (i, backend) in frontend.backends.iter().enumerate() {
-            let slot = i as u16 + 1;
-            let backend_id = backend_ids[backend];
-            if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
-                slot_ops.push(Op::PutSlot {
-                    frontend: *key,
-                    slot,
-                    backend_id,
-                    rev_nat_id,
-                });
-            }
-        }
-        wanted_ranges.extend(frontend.source_ranges.iter().map(|r| (rev_nat_id, *r)));
-        let (flags, affinity_timeout) = slot0_settings(frontend);
-        let unchanged = current.is_some_and(|f| {
-            f.count == count
-                && f.rev_nat_id == rev_nat_id
-                && f.flags == flags
-                && f.affinity_timeout == affinity_timeout
-        });
-        if !unchanged {
-            frontend_ops.push(Op::PutFrontend {
-                frontend: *key,
-                count,
-                rev_nat_id,
-                flags,
-                affinity_timeout,
-            });
-        }
-        if let Some(slots) = existing_slots {
-            for slot in slots.keys().filter(|s| **s > count) {
-                shrink_ops.push(Op::DeleteSlot {
-                    frontend: *key,
-                    slot: *slot,
-                });
-            }
-        }
+        phases.frontend(programmed, key, frontend, current, rev_nat_id, |b| {
+            backend_ids.get(b).copied()
+        })?;
     }
-    ops.extend(slot_ops);
-    ops.extend(rev_nat_ops);
-    ops.extend(
-        wanted_ranges
-            .difference(&programmed.source_ranges)
-            .map(|(rev_nat_id, range)| Op::PutSourceRange {
-                rev_nat_id: *rev_nat_id,
-                range: *range,
-            }),
-    );
-    ops.extend(frontend_ops);
-    ops.extend(shrink_ops);
+    let wanted_ranges = phases.emit(programmed, &mut ops);
 
     // Frontends that are no longer wanted: slot 0, slots, rev-NAT.
     let mut live_rev_nat: BTreeSet<u16> = BTreeSet::new();
@@ -598,6 +536,105 @@ fn departed_among<'a>(
         );
     }
     gone
+}
+
+/// The writes of desired frontends beyond their backends, in the plan's phases: shared by
+/// the full plan and the touched one, so that both keep the same write order.
+#[derive(Default)]
+struct Phases {
+    slots: Vec<Op>,
+    rev_nat: Vec<Op>,
+    frontends: Vec<Op>,
+    shrink: Vec<Op>,
+    /// The source ranges the planned frontends want.
+    ranges: BTreeSet<(u16, SourceRange)>,
+}
+
+impl Phases {
+    /// The writes `frontend` needs once its rev-NAT id is known (`current`: its slot 0 as
+    /// programmed, if any). `backend_id` names the id each backend has or gets.
+    fn frontend(
+        &mut self,
+        programmed: &Programmed,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        current: Option<&ProgrammedFrontend>,
+        rev_nat_id: u16,
+        backend_id: impl Fn(&BackendAddr) -> Option<u32>,
+    ) -> Result<()> {
+        if !programmed.rev_nat_ids.contains(&rev_nat_id) || current.is_none() {
+            self.rev_nat.push(Op::PutRevNat {
+                id: rev_nat_id,
+                frontend: *key,
+            });
+        }
+        let Ok(count) = u16::try_from(frontend.backends.len()) else {
+            bail!(
+                "frontend {key} ({}) has more than 65535 backends",
+                frontend.service
+            );
+        };
+        let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
+        for (i, backend) in frontend.backends.iter().enumerate() {
+            let slot = i as u16 + 1;
+            let Some(backend_id) = backend_id(backend) else {
+                bail!("backend {backend} of frontend {key} has no id");
+            };
+            if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
+                self.slots.push(Op::PutSlot {
+                    frontend: *key,
+                    slot,
+                    backend_id,
+                    rev_nat_id,
+                });
+            }
+        }
+        self.ranges
+            .extend(frontend.source_ranges.iter().map(|r| (rev_nat_id, *r)));
+        let (flags, affinity_timeout) = slot0_settings(frontend);
+        let unchanged = current.is_some_and(|f| {
+            f.count == count
+                && f.rev_nat_id == rev_nat_id
+                && f.flags == flags
+                && f.affinity_timeout == affinity_timeout
+        });
+        if !unchanged {
+            self.frontends.push(Op::PutFrontend {
+                frontend: *key,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout,
+            });
+        }
+        if let Some(slots) = existing_slots {
+            for slot in slots.keys().filter(|s| **s > count) {
+                self.shrink.push(Op::DeleteSlot {
+                    frontend: *key,
+                    slot: *slot,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the writes in order: slots, rev-NAT, new source ranges, slot 0, surplus
+    /// slots. Returns the wanted source ranges (the caller deletes the others last).
+    fn emit(self, programmed: &Programmed, ops: &mut Vec<Op>) -> BTreeSet<(u16, SourceRange)> {
+        ops.extend(self.slots);
+        ops.extend(self.rev_nat);
+        ops.extend(
+            self.ranges
+                .difference(&programmed.source_ranges)
+                .map(|(rev_nat_id, range)| Op::PutSourceRange {
+                    rev_nat_id: *rev_nat_id,
+                    range: *range,
+                }),
+        );
+        ops.extend(self.frontends);
+        ops.extend(self.shrink);
+        self.ranges
+    }
 }
 
 /// Slot 0's flags and affinity timeout for a desired frontend: its kind, ClientIP affinity,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::{Result, bail};
 
-use super::{Op, Programmed, slot0_settings};
+use super::{Op, Programmed};
 use crate::model::{BackendAddr, DesiredState, FrontendKey, SourceRange};
 
 /// What may differ between the programmed state and the desired one; everything else is
@@ -214,13 +214,7 @@ pub fn plan(
     let id_of = |b: &BackendAddr| backend_ids.get(b).copied().or_else(|| index.id(b));
 
     let mut rev_nat_cursor = 1;
-    let mut slot_ops = Vec::new();
-    let mut rev_nat_ops = Vec::new();
-    let mut frontend_ops = Vec::new();
-    let mut shrink_ops = Vec::new();
-    // Source ranges belong to their frontend's rev-NAT id: those of the touched frontends
-    // are all that may change.
-    let mut wanted_ranges: BTreeSet<(u16, SourceRange)> = BTreeSet::new();
+    let mut phases = super::Phases::default();
     for (key, frontend) in touched
         .frontends
         .iter()
@@ -246,59 +240,10 @@ pub fn plan(
                 id
             }
         };
-        if !programmed.rev_nat_ids.contains(&rev_nat_id) || current.is_none() {
-            rev_nat_ops.push(Op::PutRevNat {
-                id: rev_nat_id,
-                frontend: *key,
-            });
-        }
-        let Ok(count) = u16::try_from(frontend.backends.len()) else {
-            bail!(
-                "frontend {key} ({}) has more than 65535 backends",
-                frontend.service
-            );
-        };
-        let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
-        for (i, backend) in frontend.backends.iter().enumerate() {
-            let slot = i as u16 + 1;
-            let Some(backend_id) = id_of(backend) else {
-                bail!("backend {backend} of frontend {key} has no id");
-            };
-            if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
-                slot_ops.push(Op::PutSlot {
-                    frontend: *key,
-                    slot,
-                    backend_id,
-                    rev_nat_id,
-                });
-            }
-        }
-        wanted_ranges.extend(frontend.source_ranges.iter().map(|r| (rev_nat_id, *r)));
-        let (flags, affinity_timeout) = slot0_settings(frontend);
-        let unchanged = current.is_some_and(|f| {
-            f.count == count
-                && f.rev_nat_id == rev_nat_id
-                && f.flags == flags
-                && f.affinity_timeout == affinity_timeout
-        });
-        if !unchanged {
-            frontend_ops.push(Op::PutFrontend {
-                frontend: *key,
-                count,
-                rev_nat_id,
-                flags,
-                affinity_timeout,
-            });
-        }
-        if let Some(slots) = existing_slots {
-            for slot in slots.keys().filter(|s| **s > count) {
-                shrink_ops.push(Op::DeleteSlot {
-                    frontend: *key,
-                    slot: *slot,
-                });
-            }
-        }
+        phases.frontend(programmed, key, frontend, current, rev_nat_id, id_of)?;
     }
+    // Source ranges belong to their frontend's rev-NAT id: those of the touched frontends
+    // are all that may change.
     let rev_nat_here: BTreeSet<u16> = touched
         .frontends
         .iter()
@@ -311,18 +256,7 @@ pub fn plan(
         .filter(|(id, _)| rev_nat_here.contains(id))
         .copied()
         .collect();
-    ops.extend(slot_ops);
-    ops.extend(rev_nat_ops);
-    ops.extend(
-        wanted_ranges
-            .difference(&programmed.source_ranges)
-            .map(|(rev_nat_id, range)| Op::PutSourceRange {
-                rev_nat_id: *rev_nat_id,
-                range: *range,
-            }),
-    );
-    ops.extend(frontend_ops);
-    ops.extend(shrink_ops);
+    let wanted_ranges = phases.emit(programmed, &mut ops);
 
     // Frontends no longer wanted: slot 0, slots, then their rev-NAT entries.
     let mut dead_rev_nat = BTreeSet::new();
