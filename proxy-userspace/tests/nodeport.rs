@@ -512,7 +512,11 @@ fn load_balancer_external_ip_and_node_port_cases() {
     }
     cluster.write_manifest("svc.yaml", LOAD_BALANCER);
     cluster.write_manifest("eps.yaml", ENDPOINTS);
-    cluster.write_manifest("others.yaml", EMPTY_AND_LOCAL);
+    cluster.write_manifest("others.yaml", OTHERS);
+    cluster.write_manifest(
+        "local.yaml",
+        &local_node_port("local", "10.96.0.12", 30082, "10.244.2.10", "node-2"),
+    );
     for node in &cluster.nodes {
         cluster.write_manifest(
             &format!("{}.yaml", node.name),
@@ -666,7 +670,9 @@ status:
       - {ip: 203.0.113.11, ipMode: Proxy}
 ";
 
-const EMPTY_AND_LOCAL: &str = "apiVersion: v1
+/// Beside `web`: `closed` (endpoints on a port nothing listens on), `empty-external` and
+/// `empty` (no endpoints).
+const OTHERS: &str = "apiVersion: v1
 kind: Service
 metadata: {name: empty-external, namespace: default}
 spec:
@@ -707,28 +713,6 @@ spec:
   type: NodePort
   clusterIP: 10.96.0.11
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081, protocol: TCP}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: local, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.12
-  externalTrafficPolicy: Local
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30082, protocol: TCP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: local-1
-  namespace: default
-  labels: {kubernetes.io/service-name: local}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.2.10]
-    conditions: {ready: true}
-    nodeName: node-2
 ";
 
 /// Without `--devices` the agent finds the node's device from the Node's address (these
@@ -788,7 +772,10 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
             agent.kill();
         }
         if round == 2 {
-            cluster.write_manifest("later.yaml", LATER);
+            cluster.write_manifest(
+                "later.yaml",
+                &local_node_port("later", "10.96.0.20", 30090, "10.244.1.10", "node-1"),
+            );
         }
         cluster.start_agent(0, None);
         cluster.wait_for_node_port(0, &both);
@@ -871,28 +858,34 @@ fn service_with_udp() -> String {
     )
 }
 
-const LATER: &str = "apiVersion: v1
+/// A NodePort Service `name` with `externalTrafficPolicy: Local` on port 80 -> 8080, and
+/// its one endpoint `addr` on `node`.
+fn local_node_port(name: &str, cluster_ip: &str, node_port: u16, addr: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1
 kind: Service
-metadata: {name: later, namespace: default}
+metadata: {{name: {name}, namespace: default}}
 spec:
   type: NodePort
-  clusterIP: 10.96.0.20
+  clusterIP: {cluster_ip}
   externalTrafficPolicy: Local
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090, protocol: TCP}]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {node_port}, protocol: TCP}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: later-1
+  name: {name}-1
   namespace: default
-  labels: {kubernetes.io/service-name: later}
+  labels: {{kubernetes.io/service-name: {name}}}
 addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
+ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints:
-  - addresses: [10.244.1.10]
-    conditions: {ready: true}
-    nodeName: node-1
-";
+  - addresses: [{addr}]
+    conditions: {{ready: true}}
+    nodeName: {node}
+"
+    )
+}
 
 /// The TCX link pins (`<program>@<device>`) under an agent's pin path, sorted.
 fn tcx_links(pin_path: &Path) -> Vec<String> {
