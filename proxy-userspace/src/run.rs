@@ -2,13 +2,13 @@
 //!
 //! A change from the source queues a sync; syncs are at least `min_sync_period` apart (so
 //! bursts are batched), a full re-sync runs every `sync_period` even without changes, and a
-//! failed sync is retried after `min_sync_period` (at least a second). Each sync takes a
-//! snapshot of the source (shared objects, no copies) and writes only the difference. A sync
-//! for a change translates, fits and plans only what the change touched
-//! (`translate::incremental`, `sync::touched`), so one endpoint change costs about the same
-//! at 10000 Services as at 10; the first sync, the periodic one and any sync after a failed
-//! or partial one (something did not fit) translate and diff everything. Input problems are
-//! logged once each, naming the object, and never stop the loop.
+//! failed sync is retried after `min_sync_period` (at least a second). A sync for a change
+//! reads only the objects that changed from the source (a `Delta`), and translates, fits
+//! and plans only what they touch (`translate::incremental`, `sync::touched`), so one
+//! endpoint change costs about the same at 10000 Services as at 10. The first sync, the
+//! periodic one and a retry read a snapshot of everything and translate it all; any sync
+//! after a failed or partial one (something did not fit) diffs everything. Input problems
+//! are logged once each, naming the object, and never stop the loop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,7 +33,7 @@ use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
 use crate::model::{FrontendKey, ServicePortName};
 use crate::source::kube::{self as kube_source, KubeSource};
-use crate::source::{Snapshot, manifests};
+use crate::source::{Delta, Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::sync::touched::Touched;
 use crate::translate::incremental::{Changes, Incremental};
@@ -219,6 +219,39 @@ impl Source {
                 manifests::snapshot(&mut cache, dir, node_name)
             }
             Source::Kube(kube) => kube.snapshot(),
+        }
+    }
+
+    /// What changed since the last snapshot or delta; `None` when only a snapshot can tell.
+    fn delta(&self, node_name: &str) -> Option<Delta> {
+        match self {
+            Source::Manifests { dir, cache, .. } => {
+                let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                manifests::delta(&mut cache, dir, node_name)
+            }
+            Source::Kube(kube) => kube.delta(),
+        }
+    }
+}
+
+/// What a sync reads from the source: everything, or what changed.
+enum Input {
+    Whole(Snapshot),
+    Delta(Delta),
+}
+
+impl Input {
+    fn node(&self) -> Option<&Node> {
+        match self {
+            Input::Whole(s) => s.node.as_deref(),
+            Input::Delta(d) => d.node.as_deref(),
+        }
+    }
+
+    fn skipped(self) -> Vec<Skipped> {
+        match self {
+            Input::Whole(s) => s.skipped,
+            Input::Delta(d) => d.skipped,
         }
     }
 }
@@ -471,26 +504,35 @@ fn sync_once(
     health_check_servers: &mut HealthCheckServers,
 ) -> bool {
     let started = std::time::Instant::now();
-    let snapshot = source.snapshot(&config.node_name);
-    let snapshot_taken = started.elapsed();
-    health.set_node_eligible(node_eligible(snapshot.node.as_deref()));
+    // A change reads only what changed; the first, periodic and retried syncs read all.
+    let delta = if state.full {
+        None
+    } else {
+        source.delta(&config.node_name)
+    };
+    let input = match delta {
+        Some(delta) => Input::Delta(delta),
+        None => Input::Whole(source.snapshot(&config.node_name)),
+    };
+    let read = started.elapsed();
+    health.set_node_eligible(node_eligible(input.node()));
 
-    let node = node_info(
-        &config.node_name,
-        snapshot.node.as_deref(),
-        &config.node_port_cidrs,
-    );
-    let addresses = node_info(&config.node_name, snapshot.node.as_deref(), &[]).node_port_addresses;
+    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
+    let addresses = node_info(&config.node_name, input.node(), &[]).node_port_addresses;
     let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
     state.node_addresses = addresses;
     if state.full {
         state.translation.forget();
     }
     let translate_started = std::time::Instant::now();
-    let changes =
-        state
-            .translation
-            .update(&snapshot.services, &snapshot.slices, &node, own.as_deref());
+    let changes = match &input {
+        Input::Whole(snapshot) => {
+            state
+                .translation
+                .update(&snapshot.services, &snapshot.slices, &node, own.as_deref())
+        }
+        Input::Delta(delta) => state.translation.apply(delta, &node, own.as_deref()),
+    };
     metrics
         .service_changes
         .inc_by(changes.services.len() as u64);
@@ -529,7 +571,8 @@ fn sync_once(
             (Some(fitted), over)
         }
     };
-    let mut skipped: BTreeSet<Skipped> = snapshot.skipped.into_iter().collect();
+    let whole_input = matches!(input, Input::Whole(_));
+    let mut skipped: BTreeSet<Skipped> = input.skipped().into_iter().collect();
     skipped.extend(state.translation.skipped().cloned());
     update_health_checks(
         &mut state.health_checks,
@@ -555,7 +598,8 @@ fn sync_once(
     };
     state.whole = result.is_ok() && over_capacity.is_empty();
     tracing::debug!(
-        snapshot = ?snapshot_taken,
+        read = ?read,
+        whole_input,
         translate = ?translated,
         write = ?write_started.elapsed(),
         touched = touched.is_some(),

@@ -19,6 +19,12 @@
 //! NAME answers and prints the CLOCK_MONOTONIC time (ns) of that answer, so that a caller
 //! that noted the same clock before a change gets the time the change took to take effect.
 //!
+//! `idle-memory [--idle-ms MS]` characterizes the machine, not a mode: the cost of touching
+//! a 4 KiB page again after it has been left alone for MS (default 1200, the bench's pause
+//! between endpoint changes), against touching it again at once. Some virtual machines
+//! make the first touch after a pause tens of µs per page, which every process that wakes
+//! up to do some work pays, whatever its data structures.
+//!
 //! `serve --name NAME --tcp PORT --udp PORT` answers every request with NAME and a newline:
 //! on TCP, `K` asks for an answer and keeps the connection, `C` for an answer and a close.
 //! A few threads block in `accept` on the same socket, so no thread is spawned per
@@ -40,10 +46,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("wait") => wait(&args[1..]),
+        Some("idle-memory") => idle_memory(&args[1..]),
         Some(kind @ ("connect" | "crr" | "rr" | "udp")) => measure(kind, &args[1..]),
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
                   (connect|crr|rr|udp) ADDR:PORT [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
-                  wait ADDR:PORT --answer NAME|any [--timeout-ms T]"
+                  wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS]"
             .into()),
     };
     match result {
@@ -354,6 +361,48 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+fn idle_memory(args: &[String]) -> Result<(), String> {
+    let mut idle = Duration::from_millis(1200);
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, ms] if flag == "--idle-ms" => idle = Duration::from_millis(parse(ms, "idle")?),
+            _ => return Err(format!("unknown arguments {pair:?}")),
+        }
+    }
+    const PAGE: usize = 4096;
+    const PAGES: usize = 16384; // 64 MiB
+    const TOUCHED: usize = 256;
+    let mut memory = vec![1u8; PAGE * PAGES];
+    // Pages far apart in a fixed scattered order, so that no prefetcher helps.
+    let pages: Vec<usize> = (0..TOUCHED).map(|i| (i * 7919) % PAGES).collect();
+    let touch = |memory: &mut [u8]| {
+        let started = Instant::now();
+        for p in &pages {
+            let b = &mut memory[p * PAGE];
+            *b = std::hint::black_box(b.wrapping_add(1));
+        }
+        started.elapsed().as_secs_f64() * 1e6 / TOUCHED as f64
+    };
+    let (mut warm, mut after_idle) = (Vec::new(), Vec::new());
+    touch(&mut memory);
+    for _ in 0..3 {
+        warm.push(touch(&mut memory));
+        std::thread::sleep(idle);
+        after_idle.push(touch(&mut memory));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let v = serde_json::json!({
+        "idle_ms": idle.as_millis() as u64,
+        "warm_us_per_page": median(&mut warm),
+        "idle_us_per_page": median(&mut after_idle),
+    });
+    println!("{v}");
+    Ok(())
+}
+
 fn wait(args: &[String]) -> Result<(), String> {
     let (mut o, rest) = options(args)?;
     let mut answer = None;
@@ -382,12 +431,12 @@ fn wait(args: &[String]) -> Result<(), String> {
                 return Ok(());
             }
             Ok(_) => {}
-            Err(e) => {
-                last_error = e.to_string();
-                // Not programmed yet: do not take a core from whoever is programming.
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            Err(e) => last_error = e.to_string(),
         }
+        // Paced, whatever the answer: a prober spinning on the old endpoint would take the
+        // cores the change is being programmed with (2 on the reference machine), and time
+        // its own contention. The pause bounds the resolution (200 µs + one exchange).
+        std::thread::sleep(Duration::from_micros(200));
     }
     Err(format!(
         "{answer} did not answer at {} within {limit:?} ({attempts} attempts, last error: {last_error})",

@@ -64,6 +64,11 @@ fn scale_phases_of_a_sync() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10000);
+    // Idle time before each change (the bench waits 1.2 s between changes).
+    let idle_ms: u64 = std::env::var("EKP_SCALE_IDLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let dir = std::env::temp_dir().join(format!("ekp-scale-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("dir");
     let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "items": items});
@@ -80,19 +85,31 @@ fn scale_phases_of_a_sync() {
     let mut translation = Incremental::default();
     let mut programmed = Programmed::default();
     let mut index = BackendIndex::default();
-    for round in 0..4 {
+    for round in 0..6 {
         println!("round {round}");
         if round > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(idle_ms));
             write(&dir, "measured.json", &slice(n - 1, 1 + round as u32));
         }
         let started = Instant::now();
-        let snapshot = time("snapshot", || {
-            manifests::snapshot(&mut cache, &dir, "bench-node")
-        });
-        let node = node_info("bench-node", snapshot.node.as_deref(), &[]);
-        let changes = time("translate (incremental)", || {
-            translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
-        });
+        // As the agent: everything first, then what changed.
+        let changes = if round == 0 {
+            let snapshot = time("snapshot", || {
+                manifests::snapshot(&mut cache, &dir, "bench-node")
+            });
+            let node = node_info("bench-node", snapshot.node.as_deref(), &[]);
+            time("translate (whole)", || {
+                translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
+            })
+        } else {
+            let delta = time("delta", || {
+                manifests::delta(&mut cache, &dir, "bench-node").expect("patched")
+            });
+            let node = node_info("bench-node", delta.node.as_deref(), &[]);
+            time("translate (delta)", || {
+                translation.apply(&delta, &node, Some(&[]))
+            })
+        };
         let desired = translation.state();
         let ops = if changes.all {
             let (fitted, _) = time("fit", || capacity::fit(&programmed, desired, &capacity));
@@ -102,10 +119,12 @@ fn scale_phases_of_a_sync() {
                 frontends: &changes.frontends,
                 local_backends: &changes.local_backends,
             };
+            // The agent keeps this count as it writes.
+            let entries = crate::sync::service_entries(&programmed);
             let fits = time("fits_whole", || {
                 capacity::fits_whole(
                     &programmed,
-                    crate::sync::service_entries(&programmed),
+                    entries,
                     desired,
                     touched.frontends,
                     |b| index.id(b).is_some(),
@@ -123,7 +142,6 @@ fn scale_phases_of_a_sync() {
                 programmed.apply(op);
             }
         });
-        time("drop snapshot", || drop(snapshot));
         println!(
             "{:>28}: {:8.2} ms, {} ops",
             "sync",

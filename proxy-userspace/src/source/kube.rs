@@ -5,23 +5,26 @@
 //!
 //! The stores swap in a re-list atomically (a 410 Gone, a reconnect after an outage), so a
 //! snapshot is never a half-listed world: the agent diffs against it and converges without
-//! flushing anything.
+//! flushing anything. Between re-lists, the watch events name the objects that changed,
+//! and a delta hands over just those.
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::{Snapshot, proxy_label_selector};
+use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
 
 /// How to reach the API server.
 #[derive(Clone, Debug, Default)]
@@ -60,31 +63,47 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+/// What the watchers saw since the agent last read the stores.
+#[derive(Debug, Default)]
+struct Pending {
+    services: BTreeSet<ObjectKey>,
+    slices: BTreeSet<ObjectKey>,
+    /// A store swapped in a re-list: only a snapshot tells what changed.
+    relisted: bool,
 }
 
 impl KubeSource {
     /// Starts the watchers; every change (and every completed re-list) sends on `changed`.
     pub fn start(client: Client, node_name: &str, changed: mpsc::Sender<()>) -> Self {
         let selector = proxy_label_selector();
+        let pending = Arc::new(Mutex::new(Pending::default()));
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
+            Some((pending.clone(), |p: &mut Pending| &mut p.services)),
         );
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
+            Some((pending.clone(), |p: &mut Pending| &mut p.slices)),
         );
+        // The Node is read whole at every sync.
         let nodes = spawn_reflector(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             changed,
+            None,
         );
         KubeSource {
             services,
             slices,
             nodes,
+            pending,
         }
     }
 
@@ -97,19 +116,68 @@ impl KubeSource {
         Ok(())
     }
 
+    /// What the watchers saw since the last read, which this read covers. Taken before the
+    /// stores are read: a watcher records an event after its store applied it, so an event
+    /// not taken now is either in what is read now or recorded for the next read.
+    fn take_pending(&self) -> Pending {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *pending)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
+        self.take_pending();
         Snapshot {
-            services: std::sync::Arc::new(self.services.state()),
-            slices: std::sync::Arc::new(self.slices.state()),
+            services: Arc::new(self.services.state()),
+            slices: Arc::new(self.slices.state()),
             node: self.nodes.state().first().cloned(),
             skipped: Vec::new(),
         }
     }
+
+    /// The objects the watchers saw change since the last snapshot or delta, as the stores
+    /// hold them now; `None` after a re-list, which only a snapshot can tell.
+    pub fn delta(&self) -> Option<Delta> {
+        let pending = self.take_pending();
+        if pending.relisted {
+            return None;
+        }
+        Some(Delta {
+            services: current(&self.services, pending.services),
+            slices: current(&self.slices, pending.slices),
+            node: self.nodes.state().first().cloned(),
+            skipped: Vec::new(),
+        })
+    }
 }
+
+/// Each key with its object in `store` now (`None`: deleted).
+fn current<K>(store: &Store<K>, keys: BTreeSet<ObjectKey>) -> Vec<(ObjectKey, Option<Arc<K>>)>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    keys.into_iter()
+        .map(|key| {
+            let object = store.get(&ObjectRef::new(&key.1).within(&key.0));
+            (key, object)
+        })
+        .collect()
+}
+
+/// Where a watcher records the objects it saw change.
+type Track = (
+    Arc<Mutex<Pending>>,
+    fn(&mut Pending) -> &mut BTreeSet<ObjectKey>,
+);
 
 /// One watcher into one store, in a task of its own. Errors (the API server away, a 410)
 /// are logged and retried with backoff by the watcher; the store keeps its last state.
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, changed: mpsc::Sender<()>) -> Store<K>
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: mpsc::Sender<()>,
+    track: Option<Track>,
+) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
@@ -120,16 +188,26 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => {
-                    // A full channel already holds a pending "changed".
-                    let _ = changed.try_send(());
+            let object = match &event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => Some(o.meta()),
+                Ok(watcher::Event::InitDone) => None,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!("watching {kind}: {e}; retrying");
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("watching {kind}: {e}; retrying"),
+            };
+            if let Some((pending, objects)) = &track {
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                match object {
+                    Some(meta) => {
+                        objects(&mut pending).insert(object_key(meta));
+                    }
+                    None => pending.relisted = true,
+                }
             }
+            // A full channel already holds a pending "changed".
+            let _ = changed.try_send(());
         }
     });
     store

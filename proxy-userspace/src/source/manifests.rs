@@ -8,22 +8,20 @@
 //! of other kinds are reported by kind and name. Nothing in a file can make loading panic
 //! (property tests below: arbitrary bytes and mutated manifests).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{Shared, Snapshot};
+use super::{Delta, ObjectKey, Shared, Snapshot, object_key as named};
 use crate::model::Skipped;
 
-/// The objects found in a manifests directory, in kind/namespace/name order. Shared with
-/// the cache, lists included: taking them touches no object, which at 10000 Services is
-/// most of what a sync after one change would otherwise cost.
+/// The objects found in a manifests directory, in kind/namespace/name order, shared with
+/// the cache.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Shared<Service>,
@@ -85,21 +83,78 @@ pub struct Cache {
     parses: usize,
 }
 
+/// Kind (0 Service, 1 EndpointSlice, 2 Node), namespace and name.
+type Key = (u8, String, String);
+
 /// All files' objects by kind/namespace/name, a later file overriding an earlier one.
 struct Merged {
-    /// The files it was made of, in order.
-    files: Vec<PathBuf>,
-    found: BTreeMap<(u8, String, String), (Object, String)>,
+    /// Hashed, not ordered: finding one object among 10000 then touches one or two places
+    /// in memory instead of a dozen names along a tree's path (see [`Delta`]).
+    found: HashMap<Key, (Object, String)>,
     /// Objects defined more than once, reported.
     duplicates: Vec<Skipped>,
-    /// `found`'s objects by kind, kept equal to it.
-    objects: Objects,
 }
 
 impl Cache {
     /// Reads every `*.yaml`, `*.yml` and `*.json` file in `dir` (not recursive; hidden
     /// entries, such as a ConfigMap volume's `..data`, are skipped), in name order.
     pub fn load(&mut self, dir: &Path) -> (Objects, Vec<Skipped>) {
+        let (_, skipped) = self.read(dir);
+        let objects = self
+            .merged
+            .as_ref()
+            .map(Merged::objects)
+            .unwrap_or_default();
+        (objects, skipped)
+    }
+
+    /// Reads `dir` as [`Cache::load`] does, but returns only the Services and EndpointSlices
+    /// that changed since the last read, as they are now; `None` when that cannot be told
+    /// (the first read, or a file change that made the objects merge again from scratch).
+    pub fn changes(&mut self, dir: &Path) -> (Option<ObjectChanges>, Vec<Skipped>) {
+        let (changed, skipped) = self.read(dir);
+        let (Some(changed), Some(merged)) = (changed, &self.merged) else {
+            return (None, skipped);
+        };
+        let mut out = ObjectChanges::default();
+        for key in changed {
+            let now = merged.found.get(&key).map(|(object, _)| object);
+            let (kind, namespace, name) = key;
+            match kind {
+                0 => out.services.push((
+                    (namespace, name),
+                    match now {
+                        Some(Object::Service(s)) => Some(s.clone()),
+                        _ => None,
+                    },
+                )),
+                1 => out.slices.push((
+                    (namespace, name),
+                    match now {
+                        Some(Object::Slice(s)) => Some(s.clone()),
+                        _ => None,
+                    },
+                )),
+                // The Node is read whole at every sync.
+                _ => {}
+            }
+        }
+        (Some(out), skipped)
+    }
+
+    /// The Node named `name`, as last read.
+    fn node(&self, name: &str) -> Option<Arc<Node>> {
+        let key = (2, String::new(), name.to_owned());
+        match self.merged.as_ref()?.found.get(&key) {
+            Some((Object::Node(n), _)) => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    /// Brings the parsed files and their merge up to date with `dir`. Returns the keys of
+    /// the objects that changed since the last read (`None`: unknown), and what could not
+    /// be read.
+    fn read(&mut self, dir: &Path) -> (Option<BTreeSet<Key>>, Vec<Skipped>) {
         let mut skipped = Vec::new();
         let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
             Ok(entries) => entries
@@ -115,8 +170,15 @@ impl Cache {
             }
         };
         files.sort();
-        self.files
-            .retain(|path, _| files.binary_search(path).is_ok());
+        // Removed files' objects go, as an edit to nothing would take them.
+        let mut gone = Vec::new();
+        self.files.retain(|path, (_, contents)| {
+            let keep = files.binary_search(path).is_ok();
+            if !keep {
+                gone.push(std::mem::take(contents));
+            }
+            keep
+        });
 
         let mut replaced = Vec::new();
         for file in &files {
@@ -127,35 +189,39 @@ impl Cache {
                 skipped.extend(contents.skipped.iter().cloned());
             }
         }
-        // A change of one file among thousands of objects patches the merge; anything
-        // that could involve an object defined twice merges again from scratch.
+        // A change of one file among thousands of objects patches the merge (a new file is
+        // a change from nothing); anything that could involve an object defined twice
+        // merges again from scratch.
+        let mut changed = BTreeSet::new();
+        let none = FileContents::default();
         let patched = match self.merged.take() {
-            Some(mut merged) if merged.files == files && merged.duplicates.is_empty() => {
-                let ok = replaced.iter().all(|(file, old)| {
-                    let new = self.files.get(*file).map(|(_, c)| c);
-                    new.is_some_and(|new| merged.patch(old, new))
-                });
+            Some(mut merged) if merged.duplicates.is_empty() => {
+                let ok = gone
+                    .iter()
+                    .all(|old| merged.patch(old, &none, &mut changed))
+                    && replaced.iter().all(|(file, old)| {
+                        let new = self.files.get(*file).map(|(_, c)| c);
+                        new.is_some_and(|new| merged.patch(old, new, &mut changed))
+                    });
                 ok.then_some(merged)
             }
             _ => None,
         };
-        let merged = match patched {
-            Some(merged) => merged,
-            None => self.merge(files),
+        let (merged, changed) = match patched {
+            Some(merged) => (merged, Some(changed)),
+            None => (self.merge(&files), None),
         };
         skipped.extend(merged.duplicates.iter().cloned());
-
-        let objects = merged.objects.clone();
         self.merged = Some(merged);
-        (objects, skipped)
+        (changed, skipped)
     }
 
     /// Merges all files' objects, in file order.
-    fn merge(&self, files: Vec<PathBuf>) -> Merged {
+    fn merge(&self, files: &[PathBuf]) -> Merged {
         // Keyed by kind/namespace/name: a later file overrides an earlier one, reported.
-        let mut found: BTreeMap<(u8, String, String), (Object, String)> = BTreeMap::new();
+        let mut found: HashMap<Key, (Object, String)> = HashMap::new();
         let mut duplicates = Vec::new();
-        for file in &files {
+        for file in files {
             let Some((_, contents)) = self.files.get(file) else {
                 continue;
             };
@@ -171,24 +237,7 @@ impl Cache {
                 }
             }
         }
-        let mut objects = (Vec::new(), Vec::new(), Vec::new());
-        for (object, _) in found.values() {
-            match object {
-                Object::Service(s) => objects.0.push(s.clone()),
-                Object::Slice(s) => objects.1.push(s.clone()),
-                Object::Node(n) => objects.2.push(n.clone()),
-            }
-        }
-        Merged {
-            files,
-            found,
-            duplicates,
-            objects: Objects {
-                services: Arc::new(objects.0),
-                slices: Arc::new(objects.1),
-                nodes: Arc::new(objects.2),
-            },
-        }
+        Merged { found, duplicates }
     }
 
     /// Parses `file` again if it changed; returns what it held before then.
@@ -213,65 +262,78 @@ impl Cache {
 }
 
 impl Merged {
-    /// Swaps a file's old objects for its new ones in a merge without duplicates; false when
-    /// that would define an object twice (the caller merges again, which reports it).
-    fn patch(&mut self, old: &FileContents, new: &FileContents) -> bool {
+    /// Swaps a file's old objects for its new ones in a merge without duplicates, adding
+    /// the keys of the objects that differ to `changed`; false when that would define an
+    /// object twice (the caller merges again, which reports it).
+    fn patch(
+        &mut self,
+        old: &FileContents,
+        new: &FileContents,
+        changed: &mut BTreeSet<Key>,
+    ) -> bool {
+        let mut before = BTreeMap::new();
         for (object, _) in &old.objects {
             let key = object_key(object);
-            self.found.remove(&key);
-            match object {
-                Object::Service(_) => remove(&mut self.objects.services, &key),
-                Object::Slice(_) => remove(&mut self.objects.slices, &key),
-                Object::Node(_) => remove(&mut self.objects.nodes, &key),
+            if let Some((object, _)) = self.found.remove(&key) {
+                before.insert(key, object);
             }
         }
         for (object, origin) in &new.objects {
             let key = object_key(object);
+            // A file parsed again after an edit elsewhere in it: its other objects are
+            // new allocations of the same content, not changes.
+            if before.remove(&key).is_none_or(|b| !b.same(object)) {
+                changed.insert(key.clone());
+            }
             if self
                 .found
-                .insert(key.clone(), (object.clone(), origin.clone()))
+                .insert(key, (object.clone(), origin.clone()))
                 .is_some()
             {
                 return false;
             }
-            match object {
-                Object::Service(s) => insert(&mut self.objects.services, &key, s),
-                Object::Slice(s) => insert(&mut self.objects.slices, &key, s),
-                Object::Node(n) => insert(&mut self.objects.nodes, &key, n),
-            }
         }
+        changed.extend(before.into_keys());
         true
     }
-}
 
-/// Where `key` is, or goes, in a list in key order.
-fn position<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
-    list: &[Arc<T>],
-    key: &(u8, String, String),
-) -> Result<usize, usize> {
-    list.binary_search_by(|o| {
-        let (namespace, name) = name_key(key.0, o.metadata());
-        (namespace, name).cmp(&(key.1.as_str(), key.2.as_str()))
-    })
-}
-
-/// Takes the object with `key` out of its list. The list is shared with no snapshot by
-/// then (a sync drops its snapshot), so this does not copy it.
-fn remove<T>(list: &mut Shared<T>, key: &(u8, String, String))
-where
-    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
-{
-    if let Ok(i) = position(list, key) {
-        Arc::make_mut(list).remove(i);
+    /// The objects by kind, in key order.
+    fn objects(&self) -> Objects {
+        let mut objects = (Vec::new(), Vec::new(), Vec::new());
+        let mut found: Vec<_> = self.found.iter().collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (_, (object, _)) in found {
+            match object {
+                Object::Service(s) => objects.0.push(s.clone()),
+                Object::Slice(s) => objects.1.push(s.clone()),
+                Object::Node(n) => objects.2.push(n.clone()),
+            }
+        }
+        Objects {
+            services: Arc::new(objects.0),
+            slices: Arc::new(objects.1),
+            nodes: Arc::new(objects.2),
+        }
     }
 }
 
-fn insert<T>(list: &mut Shared<T>, key: &(u8, String, String), object: &Arc<T>)
-where
-    T: k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
-{
-    let (Ok(i) | Err(i)) = position(list, key);
-    Arc::make_mut(list).insert(i, object.clone());
+impl Object {
+    /// The same object: the same allocation or equal content.
+    fn same(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Slice(a), Object::Slice(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Node(a), Object::Node(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The Services and EndpointSlices that changed, as [`Cache::changes`] returns them.
+#[derive(Debug, Default)]
+pub struct ObjectChanges {
+    pub services: Vec<(ObjectKey, Option<Arc<Service>>)>,
+    pub slices: Vec<(ObjectKey, Option<Arc<EndpointSlice>>)>,
 }
 
 impl FileStamp {
@@ -374,6 +436,19 @@ pub fn snapshot(cache: &mut Cache, dir: &Path, node_name: &str) -> Snapshot {
         node,
         skipped,
     }
+}
+
+/// What changed in the directory since the last snapshot or delta; `None` when only a
+/// snapshot can tell.
+pub fn delta(cache: &mut Cache, dir: &Path, node_name: &str) -> Option<Delta> {
+    let (changes, skipped) = cache.changes(dir);
+    let changes = changes?;
+    Some(Delta {
+        services: changes.services,
+        slices: changes.slices,
+        node: cache.node(node_name),
+        skipped,
+    })
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -485,27 +560,22 @@ fn into_objects(
     typed(skipped).into_iter().collect()
 }
 
-/// Kind, namespace and name. An absent or empty namespace is `default`, as `kubectl apply`
-/// and translate read it, so the same object written with and without its namespace is one
-/// object defined twice (reported), not two.
-fn object_key(object: &Object) -> (u8, String, String) {
+/// Kind, namespace and name (see [`named`]), so the same object written with and without
+/// its namespace is one object defined twice (reported), not two. Nodes have no namespace.
+fn object_key(object: &Object) -> Key {
     let (kind, meta) = match object {
         Object::Service(s) => (0, &s.metadata),
         Object::Slice(s) => (1, &s.metadata),
-        Object::Node(n) => (2, &n.metadata),
+        Object::Node(n) => {
+            return (
+                2,
+                String::new(),
+                n.metadata.name.clone().unwrap_or_default(),
+            );
+        }
     };
-    let (namespace, name) = name_key(kind, meta);
-    (kind, namespace.to_owned(), name.to_owned())
-}
-
-/// The namespace and name of [`object_key`], borrowed.
-fn name_key(kind: u8, meta: &ObjectMeta) -> (&str, &str) {
-    let namespace = match meta.namespace.as_deref() {
-        _ if kind == 2 => "",
-        None | Some("") => "default",
-        Some(namespace) => namespace,
-    };
-    (namespace, meta.name.as_deref().unwrap_or_default())
+    let (namespace, name) = named(meta);
+    (kind, namespace, name)
 }
 
 fn describe(object: &Object) -> String {
@@ -701,14 +771,81 @@ endpoints:
             let tmp = dir.path().join(".tmp");
             fs::write(&tmp, text).expect("write");
             fs::rename(&tmp, dir.path().join(file)).expect("rename");
-            let (objects, mut skipped) = cache.load(dir.path());
-            let (fresh, mut fresh_skipped) = load_dir(dir.path());
-            assert_eq!(objects.services, fresh.services);
-            assert_eq!(objects.slices, fresh.slices);
-            skipped.sort();
-            fresh_skipped.sort();
-            assert_eq!(skipped, fresh_skipped);
+            same_as_fresh(&mut cache, dir.path());
         }
+        // A file added, one removed.
+        fs::write(
+            dir.path().join("d.yaml"),
+            SERVICE.replace("name: web", "name: new"),
+        )
+        .expect("write");
+        same_as_fresh(&mut cache, dir.path());
+        fs::remove_file(dir.path().join("b.yaml")).expect("remove");
+        same_as_fresh(&mut cache, dir.path());
+    }
+
+    fn same_as_fresh(cache: &mut Cache, dir: &Path) {
+        let (objects, mut skipped) = cache.load(dir);
+        let (fresh, mut fresh_skipped) = load_dir(dir);
+        assert_eq!(objects.services, fresh.services);
+        assert_eq!(objects.slices, fresh.slices);
+        skipped.sort();
+        fresh_skipped.sort();
+        assert_eq!(skipped, fresh_skipped);
+    }
+
+    #[test]
+    fn changes_name_only_the_objects_that_differ_since_the_last_read() {
+        let other = SERVICE.replace("name: web", "name: api");
+        let dir = dir_with(&[
+            ("a.yaml", &format!("{SERVICE}---\n{other}")),
+            ("b.yaml", SLICE),
+        ]);
+        let mut cache = Cache::default();
+        let keys = |c: &ObjectChanges| {
+            let mut k: Vec<(ObjectKey, bool)> = c
+                .services
+                .iter()
+                .map(|(k, o)| (k.clone(), o.is_some()))
+                .collect();
+            k.extend(c.slices.iter().map(|(k, o)| (k.clone(), o.is_some())));
+            k
+        };
+        // The first read cannot tell.
+        assert!(cache.changes(dir.path()).0.is_none());
+        let (none, _) = cache.changes(dir.path());
+        assert_eq!(keys(&none.expect("patched")), vec![]);
+
+        // One of two Services in a file edited: that one only.
+        let tmp = dir.path().join(".tmp");
+        fs::write(
+            &tmp,
+            format!(
+                "{SERVICE}---\n{}",
+                other.replace("10.96.0.10", "10.96.0.11")
+            ),
+        )
+        .expect("write");
+        fs::rename(&tmp, dir.path().join("a.yaml")).expect("rename");
+        let (changed, _) = cache.changes(dir.path());
+        let changed = changed.expect("patched");
+        assert_eq!(
+            keys(&changed),
+            vec![(("default".into(), "api".into()), true)]
+        );
+        let api = changed.services[0].1.as_ref().expect("present");
+        assert_eq!(
+            api.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+            Some("10.96.0.11")
+        );
+
+        // A removed file: its objects, gone (the merge is patched, not made again).
+        fs::remove_file(dir.path().join("b.yaml")).expect("remove");
+        let (changed, _) = cache.changes(dir.path());
+        assert_eq!(
+            keys(&changed.expect("patched")),
+            vec![(("default".into(), "web-abc".into()), false)]
+        );
     }
 
     #[test]

@@ -10,9 +10,14 @@
 //! place, exactly as `translate` would meet them. The node (and the externalIP filter of
 //! `safety`) applies to every group: when it changes, everything is translated again.
 //!
+//! The input comes whole ([`Incremental::update`]: grouped again, and only groups whose
+//! objects differ translated again) or as the objects that changed
+//! ([`Incremental::apply`]: only their groups are looked at, so one change costs the same
+//! at any number of Services).
+//!
 //! The result equals `translate` followed by the filter, for every sequence of inputs
-//! (property test below); [`Changes`] says which frontends and local backends differ from the
-//! previous result, so that fitting and planning can look at those only.
+//! (property tests below); [`Changes`] says which frontends and local backends differ from
+//! the previous result, so that fitting and planning can look at those only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -20,6 +25,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, NodeInfo, Skipped};
+use crate::source::{Delta, ObjectKey, object_key};
 
 /// (namespace, Service name); the name is empty for objects without one (they translate to
 /// reports only).
@@ -74,14 +80,12 @@ struct Group {
 pub struct Incremental {
     /// The node and the addresses externalIPs are served for (`None`: all of them).
     context: Option<(NodeInfo, Option<Vec<Ipv4Addr>>)>,
-    groups: BTreeMap<GroupKey, Group>,
-    /// The input of the last update, as the addresses of its objects (compared, never
-    /// dereferenced): an object at the same place is the same object when it is the same
-    /// allocation, so a change is found without grouping or even touching the others.
-    /// Every object listed is held by its group, so no other object can take its address.
-    last: (Vec<usize>, Vec<usize>),
-    /// The group of each object of the last input, by address.
-    owners: HashMap<usize, GroupKey>,
+    /// Hashed, not ordered: a change finds its group without touching other groups' names
+    /// (see [`Delta`]). The order that matters, who claims a frontend first, is in `claims`.
+    groups: HashMap<GroupKey, Group>,
+    /// The groups holding each EndpointSlice (one, unless a whole input listed two slices
+    /// of one name). A Service's group is its own namespace and name.
+    slice_homes: HashMap<ObjectKey, BTreeSet<GroupKey>>,
     /// The groups claiming each frontend, the winner first.
     claims: BTreeMap<FrontendKey, BTreeSet<GroupKey>>,
     state: DesiredState,
@@ -123,8 +127,9 @@ impl Incremental {
         self.context = None;
     }
 
-    /// Brings the result up to date with the input. `own_addresses`: serve internal-scope
-    /// externalIP frontends only for these addresses (`safety`); `None` serves all.
+    /// Brings the result up to date with the whole input. `own_addresses`: serve
+    /// internal-scope externalIP frontends only for these addresses (`safety`); `None`
+    /// serves all.
     pub fn update(
         &mut self,
         services: &[Arc<Service>],
@@ -132,15 +137,79 @@ impl Incremental {
         node: &NodeInfo,
         own_addresses: Option<&[Ipv4Addr]>,
     ) -> Changes {
-        let mut changes = Changes::default();
+        let all = self.enter(node, own_addresses);
+        let candidates = self.regroup(services, slices);
+        self.settle(candidates, all, node)
+    }
+
+    /// Brings the result up to date with the objects that changed since the last update
+    /// (see [`update`](Self::update)); only their groups are looked at, unless the node
+    /// changed.
+    pub fn apply(
+        &mut self,
+        delta: &Delta,
+        node: &NodeInfo,
+        own_addresses: Option<&[Ipv4Addr]>,
+    ) -> Changes {
+        let all = self.enter(node, own_addresses);
+        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
+        for (key, service) in &delta.services {
+            candidates_entry(&mut candidates, &self.groups, key.clone())
+                .0
+                .retain(|s| object_key(&s.metadata) != *key);
+            if let Some(service) = service {
+                candidates_entry(&mut candidates, &self.groups, service_group(service))
+                    .0
+                    .push(service.clone());
+            }
+        }
+        for (key, slice) in &delta.slices {
+            for group in self.slice_homes.remove(key).unwrap_or_default() {
+                candidates_entry(&mut candidates, &self.groups, group)
+                    .1
+                    .retain(|s| object_key(&s.metadata) != *key);
+            }
+            if let Some(slice) = slice {
+                let group = slice_group(slice);
+                self.slice_homes
+                    .insert(key.clone(), BTreeSet::from([group.clone()]));
+                candidates_entry(&mut candidates, &self.groups, group)
+                    .1
+                    .push(slice.clone());
+            }
+        }
+        if all {
+            for key in self.groups.keys() {
+                candidates_entry(&mut candidates, &self.groups, key.clone());
+            }
+        }
+        for lists in candidates.values_mut() {
+            sort(lists);
+        }
+        self.settle(candidates, all, node)
+    }
+
+    /// Takes the node and the served addresses; true when they differ from the last
+    /// update's (every group's translation depends on them).
+    fn enter(&mut self, node: &NodeInfo, own_addresses: Option<&[Ipv4Addr]>) -> bool {
         let context = (node.clone(), own_addresses.map(<[Ipv4Addr]>::to_vec));
-        // Every group's translation depends on the node: a new one translates all again.
         let all = self.context.as_ref() != Some(&context);
         self.context = Some(context);
-        changes.all = all;
+        all
+    }
 
-        let candidates = self.candidates(services, slices, all);
-        self.last = (addresses(services), addresses(slices));
+    /// Translates the candidate groups whose objects differ from the stored ones (all of
+    /// them with `all`) and merges the results in.
+    fn settle(
+        &mut self,
+        candidates: BTreeMap<GroupKey, Lists>,
+        all: bool,
+        node: &NodeInfo,
+    ) -> Changes {
+        let mut changes = Changes {
+            all,
+            ..Changes::default()
+        };
         let mut changed: Vec<(GroupKey, Lists)> = Vec::new();
         for (key, lists) in candidates {
             match self.groups.get_mut(&key) {
@@ -236,29 +305,28 @@ impl Incremental {
         changes
     }
 
-    /// The groups that may have changed, with their objects now. Found by place when the
-    /// input has the shape of the last one (a source that keeps its objects, like the
-    /// manifests cache and the reflector stores, changes few places); else by grouping it
-    /// all.
-    fn candidates(
+    /// Every group with its objects in the whole input (and the groups that have none any
+    /// more, empty).
+    fn regroup(
         &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
-        all: bool,
     ) -> BTreeMap<GroupKey, Lists> {
-        if !all && let Some(candidates) = self.moved(services, slices) {
-            return candidates;
-        }
         let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
-        self.owners.clear();
+        self.slice_homes.clear();
         for s in services {
-            let key = service_group(s);
-            self.owners.insert(address(s), key.clone());
-            candidates.entry(key).or_default().0.push(s.clone());
+            candidates
+                .entry(service_group(s))
+                .or_default()
+                .0
+                .push(s.clone());
         }
         for s in slices {
             let key = slice_group(s);
-            self.owners.insert(address(s), key.clone());
+            self.slice_homes
+                .entry(object_key(&s.metadata))
+                .or_default()
+                .insert(key.clone());
             candidates.entry(key).or_default().1.push(s.clone());
         }
         for key in self.groups.keys() {
@@ -270,56 +338,6 @@ impl Incremental {
             sort(lists);
         }
         candidates
-    }
-
-    /// The groups of the objects at the places that changed since the last input, with
-    /// those objects swapped in; `None` when the input grew or shrank (or an object is not
-    /// where it should be: then everything is grouped again).
-    fn moved(
-        &mut self,
-        services: &[Arc<Service>],
-        slices: &[Arc<EndpointSlice>],
-    ) -> Option<BTreeMap<GroupKey, Lists>> {
-        if services.len() != self.last.0.len() || slices.len() != self.last.1.len() {
-            return None;
-        }
-        let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
-        for (i, new) in services.iter().enumerate() {
-            let old = self.last.0[i];
-            if address(new) == old {
-                continue;
-            }
-            let from = self.owners.remove(&old)?;
-            take_out(
-                &mut candidates_entry(&mut candidates, &self.groups, from).0,
-                old,
-            )?;
-            let to = service_group(new);
-            self.owners.insert(address(new), to.clone());
-            candidates_entry(&mut candidates, &self.groups, to)
-                .0
-                .push(new.clone());
-        }
-        for (i, new) in slices.iter().enumerate() {
-            let old = self.last.1[i];
-            if address(new) == old {
-                continue;
-            }
-            let from = self.owners.remove(&old)?;
-            take_out(
-                &mut candidates_entry(&mut candidates, &self.groups, from).1,
-                old,
-            )?;
-            let to = slice_group(new);
-            self.owners.insert(address(new), to.clone());
-            candidates_entry(&mut candidates, &self.groups, to)
-                .1
-                .push(new.clone());
-        }
-        for lists in candidates.values_mut() {
-            sort(lists);
-        }
-        Some(candidates)
     }
 
     /// `key`'s part among the groups before it: its translation alone, unless an earlier
@@ -479,7 +497,7 @@ type Lists = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 /// `key`'s entry among the candidates, starting from its stored objects.
 fn candidates_entry<'a>(
     candidates: &'a mut BTreeMap<GroupKey, Lists>,
-    groups: &BTreeMap<GroupKey, Group>,
+    groups: &HashMap<GroupKey, Group>,
     key: GroupKey,
 ) -> &'a mut Lists {
     candidates.entry(key).or_insert_with_key(|key| {
@@ -488,22 +506,6 @@ fn candidates_entry<'a>(
             .map(|g| (g.services.clone(), g.slices.clone()))
             .unwrap_or_default()
     })
-}
-
-/// Removes the object at `at` (an address) from `list`; `None` when it is not there.
-fn take_out<T>(list: &mut Vec<Arc<T>>, at: usize) -> Option<()> {
-    let i = list.iter().position(|o| address(o) == at)?;
-    list.remove(i);
-    Some(())
-}
-
-/// An object's allocation, to tell the same object from an equal one.
-fn address<T>(object: &Arc<T>) -> usize {
-    Arc::as_ptr(object) as usize
-}
-
-fn addresses<T>(objects: &[Arc<T>]) -> Vec<usize> {
-    objects.iter().map(address).collect()
 }
 
 fn service_group(service: &Service) -> GroupKey {
@@ -760,35 +762,180 @@ mod tests {
                 }
                 let want = full(&owned(&services), &owned(&slices), &node, own.as_deref());
                 let changes = incremental.update(&services, &slices, &node, own.as_deref());
-                prop_assert_eq!(incremental.state(), &want.state, "state after step {}", step);
-                prop_assert_eq!(
-                    incremental.skipped().cloned().collect::<Vec<_>>(), want.skipped.clone(),
-                    "skipped after step {}", step
-                );
-                prop_assert_eq!(
-                    incremental.ignored().cloned().collect::<Vec<_>>(), want.ignored.clone(),
-                    "ignored after step {}", step
-                );
-                if !changes.all {
-                    let differ: BTreeSet<FrontendKey> = want
-                        .state
-                        .frontends
-                        .keys()
-                        .chain(previous.frontends.keys())
-                        .filter(|k| want.state.frontends.get(k) != previous.frontends.get(k))
-                        .copied()
-                        .collect();
-                    prop_assert_eq!(&changes.frontends, &differ, "changes after step {}", step);
-                    let local: BTreeSet<BackendAddr> = want
-                        .state
-                        .local_backends
-                        .symmetric_difference(&previous.local_backends)
-                        .copied()
-                        .collect();
-                    prop_assert_eq!(&changes.local_backends, &local, "local after step {}", step);
-                }
+                agrees(&incremental, &changes, &want, &previous, step)?;
                 previous = want.state;
             }
         }
+
+        #[test]
+        fn deltas_translate_as_the_whole_input_does(
+            services in vec(service(), 0..6),
+            slices in vec(endpoint_slice(), 0..6),
+            first_node in node(),
+            steps in vec(vec(keyed_edit(), 1..4), 1..10),
+        ) {
+            let mut services = keyed(services);
+            let mut slices = keyed(slices);
+            let mut node = first_node;
+            let mut own: Option<Vec<Ipv4Addr>> = None;
+            let mut incremental = Incremental::default();
+            incremental.update(&values(&services), &values(&slices), &node, None);
+            let mut previous = full(&owned(&values(&services)), &owned(&values(&slices)), &node, None).state;
+            for (step, edits) in steps.into_iter().enumerate() {
+                // One delta per step: several edits, the latest state of each object.
+                let mut changed_services = BTreeMap::new();
+                let mut changed_slices = BTreeMap::new();
+                let mut whole = false;
+                for edit in edits {
+                    match edit {
+                        KeyedEdit::PutService(s) => {
+                            let s = Arc::new(*s);
+                            let key = object_key(&s.metadata);
+                            services.insert(key.clone(), s.clone());
+                            changed_services.insert(key, Some(s));
+                        }
+                        KeyedEdit::RemoveService(i) if !services.is_empty() => {
+                            let key = nth_key(&services, &i);
+                            services.remove(&key);
+                            changed_services.insert(key, None);
+                        }
+                        KeyedEdit::PutSlice(s) => {
+                            let s = Arc::new(*s);
+                            let key = object_key(&s.metadata);
+                            slices.insert(key.clone(), s.clone());
+                            changed_slices.insert(key, Some(s));
+                        }
+                        KeyedEdit::RemoveSlice(i) if !slices.is_empty() => {
+                            let key = nth_key(&slices, &i);
+                            slices.remove(&key);
+                            changed_slices.insert(key, None);
+                        }
+                        KeyedEdit::Node(n) => node = n,
+                        KeyedEdit::OwnAddresses(o) => own = o,
+                        KeyedEdit::Whole => whole = true,
+                        _ => {}
+                    }
+                }
+                let changes = if whole {
+                    incremental.update(&values(&services), &values(&slices), &node, own.as_deref())
+                } else {
+                    let delta = Delta {
+                        services: changed_services.into_iter().collect(),
+                        slices: changed_slices.into_iter().collect(),
+                        ..Delta::default()
+                    };
+                    incremental.apply(&delta, &node, own.as_deref())
+                };
+                let want = full(
+                    &owned(&values(&services)),
+                    &owned(&values(&slices)),
+                    &node,
+                    own.as_deref(),
+                );
+                agrees(&incremental, &changes, &want, &previous, step)?;
+                previous = want.state;
+            }
+        }
+    }
+
+    /// The incremental result equals the full translation `want`, and its changes are the
+    /// difference from `previous`.
+    fn agrees(
+        incremental: &Incremental,
+        changes: &Changes,
+        want: &Translation,
+        previous: &DesiredState,
+        step: usize,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(
+            incremental.state(),
+            &want.state,
+            "state after step {}",
+            step
+        );
+        prop_assert_eq!(
+            incremental.skipped().cloned().collect::<Vec<_>>(),
+            want.skipped.clone(),
+            "skipped after step {}",
+            step
+        );
+        prop_assert_eq!(
+            incremental.ignored().cloned().collect::<Vec<_>>(),
+            want.ignored.clone(),
+            "ignored after step {}",
+            step
+        );
+        if !changes.all {
+            let differ: BTreeSet<FrontendKey> = want
+                .state
+                .frontends
+                .keys()
+                .chain(previous.frontends.keys())
+                .filter(|k| want.state.frontends.get(k) != previous.frontends.get(k))
+                .copied()
+                .collect();
+            prop_assert_eq!(&changes.frontends, &differ, "changes after step {}", step);
+            let local: BTreeSet<BackendAddr> = want
+                .state
+                .local_backends
+                .symmetric_difference(&previous.local_backends)
+                .copied()
+                .collect();
+            prop_assert_eq!(&changes.local_backends, &local, "local after step {}", step);
+        }
+        Ok(())
+    }
+
+    /// An edit as a source reports it: objects by name.
+    #[derive(Clone, Debug)]
+    enum KeyedEdit {
+        PutService(Box<Service>),
+        RemoveService(Index),
+        PutSlice(Box<EndpointSlice>),
+        RemoveSlice(Index),
+        Node(NodeInfo),
+        OwnAddresses(Option<Vec<Ipv4Addr>>),
+        /// The whole input given (a snapshot).
+        Whole,
+        Nothing,
+    }
+
+    fn keyed_edit() -> impl Strategy<Value = KeyedEdit> {
+        prop_oneof![
+            4 => service().prop_map(|s| KeyedEdit::PutService(Box::new(s))),
+            2 => any::<Index>().prop_map(KeyedEdit::RemoveService),
+            4 => endpoint_slice().prop_map(|s| KeyedEdit::PutSlice(Box::new(s))),
+            2 => any::<Index>().prop_map(KeyedEdit::RemoveSlice),
+            1 => node().prop_map(KeyedEdit::Node),
+            1 => proptest::option::of(proptest::sample::subsequence(
+                vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
+                0..=2,
+            ))
+            .prop_map(KeyedEdit::OwnAddresses),
+            1 => Just(KeyedEdit::Whole),
+            1 => Just(KeyedEdit::Nothing),
+        ]
+    }
+
+    /// Objects by name, as a source holds them (a later one of a name replaces the earlier).
+    fn keyed<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
+        objects: Vec<T>,
+    ) -> BTreeMap<ObjectKey, Arc<T>> {
+        objects
+            .into_iter()
+            .map(|o| (object_key(o.metadata()), Arc::new(o)))
+            .collect()
+    }
+
+    fn values<T>(objects: &BTreeMap<ObjectKey, Arc<T>>) -> Vec<Arc<T>> {
+        objects.values().cloned().collect()
+    }
+
+    fn nth_key<T>(objects: &BTreeMap<ObjectKey, T>, i: &Index) -> ObjectKey {
+        objects
+            .keys()
+            .nth(i.index(objects.len()))
+            .cloned()
+            .unwrap_or_default()
     }
 }

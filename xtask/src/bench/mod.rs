@@ -264,6 +264,17 @@ fn machine(iptables: &str) -> Value {
     })
 }
 
+/// `ekp-bench idle-memory`: what touching memory left alone for the pause between
+/// endpoint changes costs on this machine (see the report's notes).
+fn idle_memory(ekp_bench: &std::path::Path) -> Result<Value> {
+    let out = cmd::output(&mut cmd::new(
+        &ekp_bench.display().to_string(),
+        &["idle-memory"],
+    ))?;
+    serde_json::from_str(out.trim())
+        .with_context(|| format!("ekp-bench idle-memory printed {out:?}"))
+}
+
 /// Fails with what to install when iptables-restore or nft is missing.
 fn require_tools(iptables_restore: &str) -> Result<()> {
     for (tool, package) in [(iptables_restore, "iptables"), ("nft", "nftables")] {
@@ -370,7 +381,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     let bins = build(root, options.release, iptables_restore)?;
     let profile = if options.release { "release" } else { "debug" };
-    let machine = machine(iptables);
+    let mut machine = machine(iptables);
+    machine["idle_memory"] = idle_memory(&bins.bench)?;
     println!(
         "bench: N = {:?}, {} samples per metric and mode, {} rounds; {}",
         options.settings.services,

@@ -204,14 +204,26 @@ pub const MODES: [&str; 4] = ["ebpf", "iptables", "nftables", "direct"];
 
 /// The machine line shown with every table.
 pub fn machine_line(machine: &Value) -> String {
-    format!(
+    let mut line = format!(
         "{}, {} cores, Linux {}; {}; {}",
         machine["cpu"].as_str().unwrap_or("?"),
         machine["cores"],
         machine["kernel"].as_str().unwrap_or("?"),
         machine["iptables"].as_str().unwrap_or("iptables ?"),
         machine["nft"].as_str().unwrap_or("nft ?"),
-    )
+    );
+    let idle = &machine["idle_memory"];
+    if let (Some(after), Some(warm)) = (
+        idle["idle_us_per_page"].as_f64(),
+        idle["warm_us_per_page"].as_f64(),
+    ) {
+        let _ = write!(
+            line,
+            "; a 4 KiB page left alone for {} ms costs {after:.1} µs to touch again ({warm:.2} µs at once)",
+            idle["idle_ms"]
+        );
+    }
+    line
 }
 
 /// The results page: one table per N, then the ratios.
@@ -356,6 +368,7 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr`. Modes are interleaved in rounds with a rotating order; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
+- Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
 - Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";
 

@@ -190,7 +190,11 @@ impl Agent {
             .args(["--devices", EXTERNAL_DEVICE])
             .args(["--map-size-services", &pow2(4 * n + 16)])
             .args(["--map-size-backends", &pow2(2 * n + 16)])
-            .env("EKP_LOG", "warn");
+            // Quiet unless asked (`EKP_LOG=debug` shows each sync's phases).
+            .env(
+                "EKP_LOG",
+                std::env::var("EKP_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         self.proc = Some(netns::Proc::spawn(command, "ebpf-kube-proxy")?);
         self.last_sync = Instant::now();
         Ok(())
