@@ -87,7 +87,7 @@ pub struct Incremental {
     /// of one name). A Service's group is its own namespace and name.
     slice_homes: HashMap<ObjectKey, BTreeSet<GroupKey>>,
     /// The groups claiming each frontend, the winner first.
-    claims: BTreeMap<FrontendKey, BTreeSet<GroupKey>>,
+    claims: HashMap<FrontendKey, BTreeSet<GroupKey>>,
     state: DesiredState,
     /// How many frontends use each backend (before the externalIP filter, as `translate`).
     in_use: HashMap<BackendAddr, usize>,
