@@ -165,7 +165,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 samples: 10000,
                 rounds: 10,
                 warmup: 50,
-                changes: 3,
+                changes: 5,
                 modes: Mode::ALL.to_vec(),
             }
         },
