@@ -385,35 +385,49 @@ fn parse_file(file: &Path) -> FileContents {
 /// directory of 10000 Services feels at every start. Anything else (an error, an unknown
 /// kind) is `None`: the file then goes the YAML way, which reports it the same as always.
 fn json_objects(text: &str, origin: &str) -> Option<Vec<(Object, String)>> {
-    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
-    let typed = |doc: serde_json::Value, origin: String| {
-        let object = match (doc.get("apiVersion")?.as_str()?, doc.get("kind")?.as_str()?) {
-            ("v1", "Service") => Object::Service(Arc::new(serde_json::from_value(doc).ok()?)),
+    use std::borrow::Cow;
+
+    use serde_json::value::RawValue;
+
+    /// What a document is, read without building the rest of it.
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(rename = "apiVersion", borrow)]
+        api_version: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        kind: Option<Cow<'a, str>>,
+    }
+    /// A `kind: List`'s items, each left as its text.
+    #[derive(Deserialize)]
+    struct Items<'a> {
+        #[serde(borrow)]
+        items: Option<Vec<&'a RawValue>>,
+    }
+    // Each object is deserialized straight from its text into its type: no intermediate
+    // tree, which is most of the time 10000 objects take.
+    let typed = |text: &str, origin: String| {
+        let head: Head = serde_json::from_str(text).ok()?;
+        let object = match (head.api_version?.as_ref(), head.kind?.as_ref()) {
+            ("v1", "Service") => Object::Service(Arc::new(serde_json::from_str(text).ok()?)),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
-                Object::Slice(Arc::new(serde_json::from_value(doc).ok()?))
+                Object::Slice(Arc::new(serde_json::from_str(text).ok()?))
             }
-            ("v1", "Node") => Object::Node(Arc::new(serde_json::from_value(doc).ok()?)),
+            ("v1", "Node") => Object::Node(Arc::new(serde_json::from_str(text).ok()?)),
             _ => return None,
         };
         Some((object, origin))
     };
-    let is_list = doc.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
-        && doc.get("kind").and_then(|v| v.as_str()) == Some("List");
+    let head: Head = serde_json::from_str(text).ok()?;
+    let is_list = head.api_version.as_deref() == Some("v1") && head.kind.as_deref() == Some("List");
     if !is_list {
-        return Some(vec![typed(doc, origin.to_owned())?]);
+        return Some(vec![typed(text, origin.to_owned())?]);
     }
-    let serde_json::Value::Object(mut list) = doc else {
-        return None;
-    };
-    let items = match list.remove("items") {
-        Some(serde_json::Value::Array(items)) => items,
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(_) => return None,
-    };
-    items
+    let list: Items = serde_json::from_str(text).ok()?;
+    list.items
+        .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(i, item)| typed(item, format!("{origin} item {}", i + 1)))
+        .map(|(i, item)| typed(item.get(), format!("{origin} item {}", i + 1)))
         .collect()
 }
 
@@ -690,6 +704,62 @@ endpoints:
         assert!(named[1].contains("b-syntax.yaml document 1"), "{named:?}");
         assert!(named[2].starts_with("Deployment nginx"), "{named:?}");
         assert!(skipped[2].reason.contains("unsupported"));
+    }
+
+    /// The JSON fast path reads what the YAML parser reads (JSON is YAML: the same text in
+    /// a `.yaml` file goes the YAML way), and falls back to it for anything it cannot read.
+    #[test]
+    fn json_is_read_as_the_yaml_parser_reads_it() {
+        let json = |yaml: &str| {
+            serde_json::to_string(
+                &serde_yaml_ng::from_str::<serde_json::Value>(yaml).expect("yaml"),
+            )
+            .expect("json")
+        };
+        let (service, slice) = (json(SERVICE), json(SLICE));
+        let list = |items: &[&str]| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+                items.join(",")
+            )
+        };
+        let deployment = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"d"}}"#;
+        let texts = [
+            service.clone(),
+            list(&[&service, &slice]),
+            list(&[&slice, deployment]),
+            r#"{"apiVersion":"v1","kind":"List","items":null}"#.to_owned(),
+            // Escapes where the kind is read, and in the object.
+            r#"{"apiVersion":"v1","kind":"Serv\u0069ce","metadata":{"name":"esc","labels":{"n":"a \"q\""}},"spec":{"clusterIP":"10.96.0.20","ports":[{"port":80}]}}"#.to_owned(),
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"x"},"spec":{"ports":"bad"}}"#.to_owned(),
+            r#"{"kind":"Service","kind":"Service","apiVersion":"v1","metadata":{"name":"twice"}}"#.to_owned(),
+            r#"{"apiVersion":"v1","kind":"List","items":{"not":"a list"}}"#.to_owned(),
+        ];
+        // The clean ones take the fast path, escapes included.
+        for text in [&texts[0], &texts[1], &texts[3], &texts[4]] {
+            assert!(json_objects(text, "m").is_some(), "{text}");
+        }
+        // Reports with the file's path left out.
+        let reports = |skipped: Vec<Skipped>, file: &Path| -> Vec<(String, String)> {
+            let file = file.display().to_string();
+            skipped
+                .into_iter()
+                .map(|s| (s.object.replace(&file, "m"), s.reason.replace(&file, "m")))
+                .collect()
+        };
+        for text in texts {
+            let json_dir = dir_with(&[("m.json", &text)]);
+            let yaml_dir = dir_with(&[("m.yaml", &text)]);
+            let (from_json, json_skipped) = load_dir(json_dir.path());
+            let (from_yaml, yaml_skipped) = load_dir(yaml_dir.path());
+            assert_eq!(from_json.services, from_yaml.services, "{text}");
+            assert_eq!(from_json.slices, from_yaml.slices, "{text}");
+            assert_eq!(
+                reports(json_skipped, &json_dir.path().join("m.json")),
+                reports(yaml_skipped, &yaml_dir.path().join("m.yaml")),
+                "{text}"
+            );
+        }
     }
 
     #[test]
