@@ -19,7 +19,8 @@ pub type Shared<T> = Arc<Vec<Arc<T>>>;
 
 /// The objects the agent translates, at one instant. Shared with the source, which keeps
 /// an unchanged object in the same allocation from one snapshot to the next: taking one
-/// copies no object, and a change is found by place (`translate::incremental`).
+/// copies no object, and an unchanged group is recognised at a pointer comparison
+/// (`translate::incremental`).
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub services: Shared<Service>,
