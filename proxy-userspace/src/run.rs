@@ -227,7 +227,7 @@ impl Source {
         match self {
             Source::Manifests { dir, cache, .. } => {
                 let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-                manifests::delta(&mut cache, dir, node_name)
+                cache.delta(dir, node_name)
             }
             Source::Kube(kube) => kube.delta(),
         }

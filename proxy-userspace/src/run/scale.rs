@@ -103,7 +103,7 @@ fn scale_phases_of_a_sync() {
             })
         } else {
             let delta = time("delta", || {
-                manifests::delta(&mut cache, &dir, "bench-node").expect("patched")
+                cache.delta(&dir, "bench-node").expect("patched")
             });
             let node = node_info("bench-node", delta.node.as_deref(), &[]);
             time("translate (delta)", || {

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use super::{Delta, ObjectKey, Shared, Snapshot, object_key as named};
+use super::{Delta, Shared, Snapshot, object_key as named};
 use crate::model::Skipped;
 
 /// The objects found in a manifests directory, in kind/namespace/name order, shared with
@@ -109,15 +109,18 @@ impl Cache {
     }
 
     /// Reads `dir` as [`Cache::load`] does, but returns only the Services and EndpointSlices
-    /// that changed since the last read, as they are now; `None` when that cannot be told
-    /// (the first read, or a file change that made the objects merge again from scratch).
-    pub fn changes(&mut self, dir: &Path) -> (Option<ObjectChanges>, Vec<Skipped>) {
+    /// that changed since the last read, as they are now, with the Node named `node_name`;
+    /// `None` when that cannot be told (the first read, or a file change that made the
+    /// objects merge again from scratch).
+    pub fn delta(&mut self, dir: &Path, node_name: &str) -> Option<Delta> {
         let (changed, skipped) = self.read(dir);
-        let (Some(changed), Some(merged)) = (changed, &self.merged) else {
-            return (None, skipped);
+        let merged = self.merged.as_ref()?;
+        let mut out = Delta {
+            node: self.node(node_name),
+            skipped,
+            ..Delta::default()
         };
-        let mut out = ObjectChanges::default();
-        for key in changed {
+        for key in changed? {
             let now = merged.found.get(&key).map(|(object, _)| object);
             let (kind, namespace, name) = key;
             match kind {
@@ -139,7 +142,7 @@ impl Cache {
                 _ => {}
             }
         }
-        (Some(out), skipped)
+        Some(out)
     }
 
     /// The Node named `name`, as last read.
@@ -329,13 +332,6 @@ impl Object {
     }
 }
 
-/// The Services and EndpointSlices that changed, as [`Cache::changes`] returns them.
-#[derive(Debug, Default)]
-pub struct ObjectChanges {
-    pub services: Vec<(ObjectKey, Option<Arc<Service>>)>,
-    pub slices: Vec<(ObjectKey, Option<Arc<EndpointSlice>>)>,
-}
-
 impl FileStamp {
     /// A stamp no real file has.
     fn unknown() -> Self {
@@ -450,19 +446,6 @@ pub fn snapshot(cache: &mut Cache, dir: &Path, node_name: &str) -> Snapshot {
         node,
         skipped,
     }
-}
-
-/// What changed in the directory since the last snapshot or delta; `None` when only a
-/// snapshot can tell.
-pub fn delta(cache: &mut Cache, dir: &Path, node_name: &str) -> Option<Delta> {
-    let (changes, skipped) = cache.changes(dir);
-    let changes = changes?;
-    Some(Delta {
-        services: changes.services,
-        slices: changes.slices,
-        node: cache.node(node_name),
-        skipped,
-    })
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -872,8 +855,8 @@ endpoints:
             ("b.yaml", SLICE),
         ]);
         let mut cache = Cache::default();
-        let keys = |c: &ObjectChanges| {
-            let mut k: Vec<(ObjectKey, bool)> = c
+        let keys = |c: &Delta| {
+            let mut k: Vec<(crate::source::ObjectKey, bool)> = c
                 .services
                 .iter()
                 .map(|(k, o)| (k.clone(), o.is_some()))
@@ -882,8 +865,8 @@ endpoints:
             k
         };
         // The first read cannot tell.
-        assert!(cache.changes(dir.path()).0.is_none());
-        let (none, _) = cache.changes(dir.path());
+        assert!(cache.delta(dir.path(), "node").is_none());
+        let none = cache.delta(dir.path(), "node");
         assert_eq!(keys(&none.expect("patched")), vec![]);
 
         // One of two Services in a file edited: that one only.
@@ -897,7 +880,7 @@ endpoints:
         )
         .expect("write");
         fs::rename(&tmp, dir.path().join("a.yaml")).expect("rename");
-        let (changed, _) = cache.changes(dir.path());
+        let changed = cache.delta(dir.path(), "node");
         let changed = changed.expect("patched");
         assert_eq!(
             keys(&changed),
@@ -911,7 +894,7 @@ endpoints:
 
         // A removed file: its objects, gone (the merge is patched, not made again).
         fs::remove_file(dir.path().join("b.yaml")).expect("remove");
-        let (changed, _) = cache.changes(dir.path());
+        let changed = cache.delta(dir.path(), "node");
         assert_eq!(
             keys(&changed.expect("patched")),
             vec![(("default".into(), "web-abc".into()), false)]
