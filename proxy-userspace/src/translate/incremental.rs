@@ -677,16 +677,20 @@ mod tests {
                 .prop_map(|(i, s)| Edit::PutSlice(i, Box::new(s))),
             2 => any::<Index>().prop_map(Edit::RemoveSlice),
             1 => node().prop_map(Edit::Node),
-            1 => proptest::option::of(proptest::sample::subsequence(
-                vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
-                0..=2,
-            ))
-            .prop_map(Edit::OwnAddresses),
+            1 => own_addresses().prop_map(Edit::OwnAddresses),
             1 => Just(Edit::Relist),
             1 => Just(Edit::Reverse),
             1 => any::<Index>().prop_map(Edit::Twice),
             1 => Just(Edit::Nothing),
         ]
+    }
+
+    /// The addresses externalIPs are served for: some of two, or all (`None`).
+    fn own_addresses() -> impl Strategy<Value = Option<Vec<Ipv4Addr>>> {
+        proptest::option::of(proptest::sample::subsequence(
+            vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
+            0..=2,
+        ))
     }
 
     /// Replaces the object at `i` (of one more than there are: appends).
@@ -788,32 +792,14 @@ mod tests {
                 let mut whole = false;
                 for edit in edits {
                     match edit {
-                        KeyedEdit::PutService(s) => {
-                            let s = Arc::new(*s);
-                            let key = object_key(&s.metadata);
-                            services.insert(key.clone(), s.clone());
-                            changed_services.insert(key, Some(s));
-                        }
-                        KeyedEdit::RemoveService(i) if !services.is_empty() => {
-                            let key = nth_key(&services, &i);
-                            services.remove(&key);
-                            changed_services.insert(key, None);
-                        }
-                        KeyedEdit::PutSlice(s) => {
-                            let s = Arc::new(*s);
-                            let key = object_key(&s.metadata);
-                            slices.insert(key.clone(), s.clone());
-                            changed_slices.insert(key, Some(s));
-                        }
-                        KeyedEdit::RemoveSlice(i) if !slices.is_empty() => {
-                            let key = nth_key(&slices, &i);
-                            slices.remove(&key);
-                            changed_slices.insert(key, None);
-                        }
+                        KeyedEdit::PutService(s) => put_keyed(&mut services, &mut changed_services, *s),
+                        KeyedEdit::RemoveService(i) => remove_keyed(&mut services, &mut changed_services, &i),
+                        KeyedEdit::PutSlice(s) => put_keyed(&mut slices, &mut changed_slices, *s),
+                        KeyedEdit::RemoveSlice(i) => remove_keyed(&mut slices, &mut changed_slices, &i),
                         KeyedEdit::Node(n) => node = n,
                         KeyedEdit::OwnAddresses(o) => own = o,
                         KeyedEdit::Whole => whole = true,
-                        _ => {}
+                        KeyedEdit::Nothing => {}
                     }
                 }
                 let changes = if whole {
@@ -907,11 +893,7 @@ mod tests {
             4 => endpoint_slice().prop_map(|s| KeyedEdit::PutSlice(Box::new(s))),
             2 => any::<Index>().prop_map(KeyedEdit::RemoveSlice),
             1 => node().prop_map(KeyedEdit::Node),
-            1 => proptest::option::of(proptest::sample::subsequence(
-                vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
-                0..=2,
-            ))
-            .prop_map(KeyedEdit::OwnAddresses),
+            1 => own_addresses().prop_map(KeyedEdit::OwnAddresses),
             1 => Just(KeyedEdit::Whole),
             1 => Just(KeyedEdit::Nothing),
         ]
@@ -931,11 +913,29 @@ mod tests {
         objects.values().cloned().collect()
     }
 
-    fn nth_key<T>(objects: &BTreeMap<ObjectKey, T>, i: &Index) -> ObjectKey {
-        objects
-            .keys()
-            .nth(i.index(objects.len()))
-            .cloned()
-            .unwrap_or_default()
+    /// Objects by name, and what changed since the last delta (the latest state of each).
+    type Keyed<T> = BTreeMap<ObjectKey, Arc<T>>;
+    type Changed<T> = BTreeMap<ObjectKey, Option<Arc<T>>>;
+
+    fn put_keyed<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(
+        objects: &mut Keyed<T>,
+        changed: &mut Changed<T>,
+        object: T,
+    ) {
+        let object = Arc::new(object);
+        let key = object_key(object.metadata());
+        objects.insert(key.clone(), object.clone());
+        changed.insert(key, Some(object));
+    }
+
+    /// Removes the `i`th object, if there is any.
+    fn remove_keyed<T>(objects: &mut Keyed<T>, changed: &mut Changed<T>, i: &Index) {
+        if objects.is_empty() {
+            return;
+        }
+        if let Some(key) = objects.keys().nth(i.index(objects.len())).cloned() {
+            objects.remove(&key);
+            changed.insert(key, None);
+        }
     }
 }
