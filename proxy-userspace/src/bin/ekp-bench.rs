@@ -23,7 +23,7 @@
 //! a 4 KiB page again after it has been left alone for MS (default 1200, the bench's pause
 //! between endpoint changes), against touching it again at once. Some virtual machines
 //! make the first touch after a pause tens of µs per page, which every process that wakes
-//! up to do some work pays, whatever its data structures.
+//! up to do some work pays for every page of code and data it touches.
 //!
 //! `serve --name NAME --tcp PORT --udp PORT` answers every request with NAME and a newline:
 //! on TCP, `K` asks for an answer and keeps the connection, `C` for an answer and a close.
