@@ -11,6 +11,11 @@
 //! - `udp ADDR`: a new unconnected UDP socket per request (`sendto`, `recvfrom`), like a
 //!   DNS client.
 //!
+//! `ADDR` may be a comma-separated list: each operation then goes to one of them at random
+//! (`rr`: its one connection), as a Service's translation spreads its connections over the
+//! endpoints. The `direct` floor uses the same endpoints, so that both meet the same
+//! servers and the same per-destination state (a server's TIME_WAIT sockets among them).
+//!
 //! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
 //! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary. The
 //! output is one JSON object: samples, errors, p50/p90/p99/mean in µs, rate.
@@ -49,7 +54,7 @@ fn main() -> ExitCode {
         Some("idle-memory") => idle_memory(&args[1..]),
         Some(kind @ ("connect" | "crr" | "rr" | "udp")) => measure(kind, &args[1..]),
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
-                  (connect|crr|rr|udp) ADDR:PORT [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
+                  (connect|crr|rr|udp) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
                   wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS]"
             .into()),
     };
@@ -137,21 +142,42 @@ fn answer_tcp(mut stream: TcpStream, reply: &[u8]) -> std::io::Result<()> {
 // Client
 
 struct Options {
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     count: usize,
     warmup: usize,
     timeout: Duration,
     raw: bool,
 }
 
+/// Picks one of several targets per operation: xorshift64, seeded from the clock. Its few
+/// instructions are the same in every mode, one target or two.
+struct Picker(u64);
+
+impl Picker {
+    fn new() -> Self {
+        Picker(monotonic_ns() | 1)
+    }
+
+    fn pick(&mut self, targets: &[SocketAddr]) -> SocketAddr {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        targets[(self.0 % targets.len() as u64) as usize]
+    }
+}
+
 fn options(args: &[String]) -> Result<(Options, Vec<(String, String)>), String> {
-    let target = args
+    let targets = args
         .first()
         .ok_or("missing ADDR:PORT")?
-        .parse()
-        .map_err(|e| format!("invalid ADDR:PORT: {e}"))?;
+        .split(',')
+        .map(|t| {
+            t.parse()
+                .map_err(|e| format!("invalid ADDR:PORT {t:?}: {e}"))
+        })
+        .collect::<Result<Vec<SocketAddr>, String>>()?;
     let mut o = Options {
-        target,
+        targets,
         count: 1000,
         warmup: 50,
         timeout: Duration::from_secs(1),
@@ -199,11 +225,13 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
         }
     };
     let total = o.warmup + o.count;
+    let mut picker = Picker::new();
     let mut measured_from = Instant::now();
     match kind {
         "rr" => {
-            let mut stream = TcpStream::connect_timeout(&o.target, o.timeout)
-                .map_err(|e| format!("connecting to {}: {e}", o.target))?;
+            let target = picker.pick(&o.targets);
+            let mut stream = TcpStream::connect_timeout(&target, o.timeout)
+                .map_err(|e| format!("connecting to {target}: {e}"))?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
             stream
                 .set_read_timeout(Some(o.timeout))
@@ -218,17 +246,18 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
             }
         }
         _ => {
-            let op: fn(&Options) -> std::io::Result<()> = match kind {
+            let op: fn(SocketAddr, Duration) -> std::io::Result<()> = match kind {
                 "connect" => connect_once,
-                "crr" => |o| crr_once(o).map(|_| ()),
-                _ => |o| udp_once(o).map(|_| ()),
+                "crr" => |t, timeout| crr_once(t, timeout).map(|_| ()),
+                _ => |t, timeout| udp_once(t, timeout).map(|_| ()),
             };
             for i in 0..total {
                 if i == o.warmup {
                     measured_from = Instant::now();
                 }
+                let target = picker.pick(&o.targets);
                 let started = Instant::now();
-                let result = op(&o);
+                let result = op(target, o.timeout);
                 record(i, started, result);
             }
         }
@@ -261,7 +290,7 @@ fn summarize(
         .then(|| samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1000.0);
     let mut v = serde_json::json!({
         "kind": kind,
-        "target": o.target.to_string(),
+        "targets": o.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "samples": samples.len(),
         "errors": errors,
         "first_error": first_error,
@@ -277,8 +306,8 @@ fn summarize(
     v
 }
 
-fn connect_once(o: &Options) -> std::io::Result<()> {
-    let stream = TcpStream::connect_timeout(&o.target, o.timeout)?;
+fn connect_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
     reset_on_close(&stream);
     Ok(())
 }
@@ -302,10 +331,10 @@ fn reset_on_close(stream: &TcpStream) {
 }
 
 /// Connect, ask, read the answer up to the server's close; returns the answer.
-fn crr_once(o: &Options) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&o.target, o.timeout)?;
+fn crr_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(o.timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"C")?;
     let mut answer = Vec::with_capacity(64);
     stream.read_to_end(&mut answer)?;
@@ -330,10 +359,10 @@ fn exchange(stream: &mut TcpStream, request: u8) -> std::io::Result<String> {
     answer_text(&answer)
 }
 
-fn udp_once(o: &Options) -> std::io::Result<String> {
+fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.set_read_timeout(Some(o.timeout))?;
-    socket.send_to(b"K", o.target)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"K", target)?;
     let mut buf = [0u8; 512];
     let (n, _) = socket.recv_from(&mut buf)?;
     answer_text(&buf[..n])
@@ -415,6 +444,9 @@ fn wait(args: &[String]) -> Result<(), String> {
         }
     }
     let answer = answer.ok_or("--answer is required")?;
+    let [target] = o.targets[..] else {
+        return Err("wait takes one ADDR:PORT".into());
+    };
     o.timeout = o.timeout.min(Duration::from_millis(200));
     println!("ready");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -423,7 +455,7 @@ fn wait(args: &[String]) -> Result<(), String> {
     let mut last_error = String::new();
     while started.elapsed() < limit {
         attempts += 1;
-        match crr_once(&o) {
+        match crr_once(target, o.timeout) {
             Ok(got) if answer == "any" || got == answer => {
                 let seen = monotonic_ns();
                 let v = serde_json::json!({"seen_ns": seen, "attempts": attempts, "answer": got});
@@ -439,7 +471,6 @@ fn wait(args: &[String]) -> Result<(), String> {
         std::thread::sleep(Duration::from_micros(200));
     }
     Err(format!(
-        "{answer} did not answer at {} within {limit:?} ({attempts} attempts, last error: {last_error})",
-        o.target
+        "{answer} did not answer at {target} within {limit:?} ({attempts} attempts, last error: {last_error})"
     ))
 }

@@ -32,6 +32,7 @@ mod iptables;
 mod manifests;
 mod nftables;
 mod plot;
+mod progstats;
 mod report;
 mod runner;
 mod scenario;

@@ -121,6 +121,19 @@ pub fn to_json(
                         |(lines, bytes)| json!({"lines": lines, "bytes": bytes}),
                     ),
                 );
+                if !r.program_runs.is_empty() {
+                    let runs: serde_json::Map<String, Value> = r
+                        .program_runs
+                        .iter()
+                        .map(|(name, (runs, ns))| {
+                            (
+                                name.clone(),
+                                json!({"runs": runs, "ns_per_run": round(*ns, 0)}),
+                            )
+                        })
+                        .collect();
+                    m.insert("program_runs".into(), Value::Object(runs));
+                }
                 modes.insert(mode.name().into(), Value::Object(m));
             }
             let modes = Value::Object(modes);
@@ -253,10 +266,11 @@ pub fn markdown(results: &Value) -> String {
         "Latencies in µs as p50 / p90 / p99. ClusterIP, from a process on the node: `ebpf`: \
          socket-level translation by this project; `iptables`, `nftables`: the rules kube-proxy \
          writes, DNAT at the client's OUTPUT hook; `direct`: the client connects to the pod \
-         address (the floor). NodePort, from an external client through the node: `ebpf`: this \
+         addresses (the floor; each connection to one of the measured Service's two endpoints \
+         at random, as the Service's translation spreads them). NodePort, from an external client through the node: `ebpf`: this \
          project's TCX programs on the node's device; `iptables`, `nftables`: the same rules, \
          DNAT at PREROUTING and masquerade (`externalTrafficPolicy: Cluster`); `direct`: the \
-         external client connects to the pod address, routed by the node.\n"
+         external client connects to the pod addresses, routed by the node.\n"
     );
     for point in results["points"].as_array().into_iter().flatten() {
         let n = &point["services"];
@@ -330,6 +344,9 @@ pub fn markdown(results: &Value) -> String {
             },
         );
         let _ = writeln!(md);
+        if let Some(line) = program_line(&m["ebpf"]["program_runs"]) {
+            let _ = writeln!(md, "{line}\n");
+        }
         let r = &point["ratios"];
         let _ = writeln!(
             md,
@@ -361,6 +378,25 @@ pub fn markdown(results: &Value) -> String {
     md
 }
 
+/// The eBPF programs' own cost, under the table it explains.
+fn program_line(runs: &Value) -> Option<String> {
+    let runs = runs.as_object().filter(|r| !r.is_empty())?;
+    let cells: Vec<String> = runs
+        .iter()
+        .map(|(name, v)| {
+            format!(
+                "`{name}` {} ns ({} runs)",
+                num(&v["ns_per_run"], 0),
+                v["runs"]
+            )
+        })
+        .collect();
+    Some(format!(
+        "eBPF programs' own run time per run (kernel BPF statistics, one extra batch of each metric): {}.",
+        cells.join(", ")
+    ))
+}
+
 pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine.\n\
 - NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the measured Service's NodePort on the node's `ext0` address. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
@@ -370,6 +406,7 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
 - Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
+- eBPF program run time: after the latency rounds, one more batch of each metric in the `ebpf` mode runs with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, only for that pass: it adds two clock reads to every program run); the line under each table gives each program's nanoseconds per run, from the counters of the agent's program descriptors. It is the translation's own cost, without the latency percentiles' noise: `connect4` runs once per `connect()` of a process in the cgroup, `sendmsg4`/`recvmsg4` once per unconnected UDP send and receive, `tcx_in`/`tcx_out` once per packet through the node's `ext0`.\n\
 - Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";
 
 #[cfg(test)]

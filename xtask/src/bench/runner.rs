@@ -15,6 +15,7 @@ use xtask::{cmd, netns};
 use super::iptables::{self, Sync};
 use super::manifests;
 use super::nftables;
+use super::progstats;
 use super::scenario::{self, MEASURED_NAME, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT};
 use super::topology::{self, EXTERNAL_DEVICE, PODS, Topology};
 use super::{Metric, Mode, check_interrupted};
@@ -59,6 +60,8 @@ pub struct ModeResult {
     pub bpf_maps: Option<(usize, u64)>,
     /// For iptables/nftables: lines and bytes of the full ruleset input.
     pub ruleset: Option<(usize, usize)>,
+    /// For ebpf: each program that ran in the statistics pass: runs, ns per run.
+    pub program_runs: BTreeMap<String, (u64, f64)>,
 }
 
 #[derive(Debug)]
@@ -295,6 +298,25 @@ fn target(mode: Mode, metric: Metric) -> SocketAddr {
     }
 }
 
+/// Where `metric`'s latency batches send in `mode`, comma-separated: `target`, except that
+/// `direct` spreads over both of the measured Service's endpoints, as the translating modes
+/// do, so that every mode meets the same servers and per-destination state.
+fn batch_targets(mode: Mode, metric: Metric) -> String {
+    if mode != Mode::Direct {
+        return target(mode, metric).to_string();
+    }
+    ["pod-a", "pod-b"]
+        .map(|name| {
+            if metric.is_node_port() {
+                topology::node_port_target(mode, pod(name))
+            } else {
+                SocketAddr::V4(SocketAddrV4::new(pod(name), TARGET_PORT))
+            }
+        })
+        .map(|t| t.to_string())
+        .join(",")
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -398,6 +420,9 @@ impl<'a> Runner<'a> {
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
 
         self.latency(n, &mut modes)?;
+        if self.settings.modes.contains(&Mode::Ebpf) {
+            self.program_run_time(modes.get_mut(&Mode::Ebpf).expect("all modes"))?;
+        }
         self.endpoint_changes(&mut services, &mut modes)?;
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
         println!("  N = {n} done in {:.1} s", started.elapsed().as_secs_f64());
@@ -493,13 +518,6 @@ impl<'a> Runner<'a> {
         }
         let s = self.settings;
         let rounds = s.rounds.max(1);
-        let per_batch = |metric: Metric| {
-            let total = match metric {
-                Metric::Rr => s.samples * 5 / 2,
-                _ => s.samples,
-            };
-            total.div_ceil(rounds).max(1)
-        };
         let t = Instant::now();
         for round in 0..rounds {
             let mut order: Vec<Mode> = Mode::ALL
@@ -512,7 +530,7 @@ impl<'a> Runner<'a> {
                 for metric in Metric::ALL {
                     check_interrupted()?;
                     let batch = self
-                        .batch(mode, metric, per_batch(metric))
+                        .batch(mode, metric, self.per_batch(metric))
                         .with_context(|| format!("N={n} {} {}", mode.name(), metric.name()))?;
                     let entry = modes
                         .get_mut(&mode)
@@ -565,11 +583,53 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// Operations per batch: a mode's samples of `metric` spread over the rounds.
+    fn per_batch(&self, metric: Metric) -> usize {
+        let s = self.settings;
+        let total = match metric {
+            Metric::Rr => s.samples * 5 / 2,
+            _ => s.samples,
+        };
+        total.div_ceil(s.rounds.max(1)).max(1)
+    }
+
+    /// One more batch of every metric in the eBPF mode, with the kernel counting the
+    /// programs' run time (see `progstats`); these batches' latencies are not kept. A kernel
+    /// that cannot count leaves the figure out, with the reason on the progress line.
+    fn program_run_time(&mut self, result: &mut ModeResult) -> Result<()> {
+        print!("  eBPF program run time (ns per run):");
+        let Some(pid) = self.agent.pid() else {
+            println!(" not measured (the agent is not running)");
+            return Ok(());
+        };
+        let counting = match progstats::start() {
+            Ok(counting) => counting,
+            Err(e) => {
+                println!(" not measured ({e:#})");
+                return Ok(());
+            }
+        };
+        let before = progstats::counters(pid)?;
+        for metric in Metric::ALL {
+            check_interrupted()?;
+            self.batch(Mode::Ebpf, metric, self.per_batch(metric))
+                .with_context(|| format!("ebpf {} with BPF statistics", metric.name()))?;
+        }
+        let after = progstats::counters(pid)?;
+        drop(counting);
+        result.program_runs = progstats::per_run(&xtask::toolchain::bpftool(), &before, &after)?;
+        for (name, (_, ns)) in &result.program_runs {
+            print!(" {} {ns:.0}", name.trim_start_matches("ekp_"));
+        }
+        println!();
+        Ok(())
+    }
+
     fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
         command.args([
             metric.client_mode(),
-            &target(mode, metric).to_string(),
+            &batch_targets(mode, metric),
             "--count",
             &count.to_string(),
             "--warmup",
