@@ -14,7 +14,7 @@
 //! `ADDR` may be a comma-separated list: each operation then goes to one of them at random
 //! (`rr`: its one connection), as a Service's translation spreads its connections over the
 //! endpoints. The `direct` floor uses the same endpoints, so that both meet the same
-//! servers and the same per-destination state (a server's TIME_WAIT sockets among them).
+//! servers and the same per-destination state.
 //!
 //! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
 //! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary. The
