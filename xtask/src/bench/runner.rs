@@ -286,8 +286,8 @@ fn pod(name: &str) -> Ipv4Addr {
         .expect("known pod")
 }
 
-/// Where `metric` sends in `mode`: the measured Service's ClusterIP or NodePort, or for
-/// `direct` pod-a itself.
+/// Where `metric`'s probes (`ekp-bench wait`) send in `mode`: the measured Service's
+/// ClusterIP or NodePort, or for `direct` pod-a itself (latency batches: `batch_targets`).
 fn target(mode: Mode, metric: Metric) -> SocketAddr {
     if metric.is_node_port() {
         return topology::node_port_target(mode, pod("pod-a"));
