@@ -289,11 +289,16 @@ fn pod(name: &str) -> Ipv4Addr {
 /// Where `metric`'s probes (`ekp-bench wait`) send in `mode`: the measured Service's
 /// ClusterIP or NodePort, or for `direct` pod-a itself (latency batches: `batch_targets`).
 fn target(mode: Mode, metric: Metric) -> SocketAddr {
+    target_via(mode, metric, "pod-a")
+}
+
+/// `target`, with `direct` going to the pod `direct_to`.
+fn target_via(mode: Mode, metric: Metric, direct_to: &str) -> SocketAddr {
     if metric.is_node_port() {
-        return topology::node_port_target(mode, pod("pod-a"));
+        return topology::node_port_target(mode, pod(direct_to));
     }
     match mode {
-        Mode::Direct => SocketAddr::V4(SocketAddrV4::new(pod("pod-a"), TARGET_PORT)),
+        Mode::Direct => SocketAddr::V4(SocketAddrV4::new(pod(direct_to), TARGET_PORT)),
         _ => SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT)),
     }
 }
@@ -306,14 +311,7 @@ fn batch_targets(mode: Mode, metric: Metric) -> String {
         return target(mode, metric).to_string();
     }
     ["pod-a", "pod-b"]
-        .map(|name| {
-            if metric.is_node_port() {
-                topology::node_port_target(mode, pod(name))
-            } else {
-                SocketAddr::V4(SocketAddrV4::new(pod(name), TARGET_PORT))
-            }
-        })
-        .map(|t| t.to_string())
+        .map(|name| target_via(mode, metric, name).to_string())
         .join(",")
 }
 
