@@ -495,7 +495,8 @@ impl<'a> Runner<'a> {
         Ok(ms(elapsed))
     }
 
-    /// Rounds; in each, every mode (in a rotating order) runs one batch of each metric.
+    /// Rounds; in each, every metric is measured in every mode (in a rotating order), one
+    /// batch each.
     fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<()> {
         // Programming waited for the ClusterIP; the NodePort comes from the same sync or
         // restore, but is checked before it is measured (10 s: a hang guard).
@@ -503,7 +504,7 @@ impl<'a> Runner<'a> {
             .into_iter()
             .filter(|m| self.settings.modes.contains(m))
             .collect();
-        for mode in selected {
+        for &mode in &selected {
             let waiter = self.waiter_for(mode, Metric::NodePortCrr, "any", 10_000)?;
             let agent = &mut self.agent;
             waiter.finish(|| agent.alive()).with_context(|| {
@@ -518,14 +519,14 @@ impl<'a> Runner<'a> {
         let rounds = s.rounds.max(1);
         let t = Instant::now();
         for round in 0..rounds {
-            let mut order: Vec<Mode> = Mode::ALL
-                .into_iter()
-                .filter(|m| s.modes.contains(m))
-                .collect();
-            let len = order.len().max(1);
-            order.rotate_left(round % len);
-            for mode in order {
-                for metric in Metric::ALL {
+            // Metric by metric, each mode in turn, so that what runs just before a batch is
+            // the same metric in another mode; the order rotates with the round and the
+            // metric, so that no mode always follows the same one.
+            for (i, metric) in Metric::ALL.into_iter().enumerate() {
+                let mut order = selected.clone();
+                let len = order.len().max(1);
+                order.rotate_left((round + i) % len);
+                for mode in order {
                     check_interrupted()?;
                     let batch = self
                         .batch(mode, metric, self.per_batch(metric))
