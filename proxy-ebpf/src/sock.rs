@@ -6,11 +6,13 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 //! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
 //! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
+//! `sock_release` drops a closing socket's reverse entry, so the map's entries are reused
+//! while they are still in the cache instead of waiting for LRU eviction.
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
-use aya_ebpf::macros::cgroup_sock_addr;
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
+use aya_ebpf::programs::{SockAddrContext, SockContext};
 use proxy_common::{
     BackendValue, ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
     SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
@@ -23,6 +25,7 @@ use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
 const FAIL: i32 = 0;
+const AF_INET: u32 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn ekp_connect4(ctx: SockAddrContext) -> i32 {
@@ -49,6 +52,42 @@ pub fn ekp_recvmsg4(ctx: SockAddrContext) -> i32 {
 pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
     translate_reverse(&ctx);
     // getpeername hooks may only return 1.
+    PROCEED
+}
+
+/// A socket is closing: its reverse entry, if `translate_forward` wrote one, goes with it.
+///
+/// Left to the LRU, closed sockets' entries would fill the map, and a live connection's
+/// entry would be evicted once enough newer connections came (its `getpeername` would then
+/// show the backend); each new connection would also take the map's least recently used
+/// node, long out of the cache, and unlink it from its old bucket. Freed here, the map holds
+/// the live sockets, and the node is the next one `connect4` takes on this CPU.
+///
+/// It runs at the close of every IPv4 socket in the cgroup, also those never translated
+/// (a lookup that finds nothing). Only the socket's current peer is known (TCP, connected
+/// UDP): the entries of an unconnected UDP socket (`sendmsg4`, one per backend it sent to)
+/// and of a socket that disconnected are still left to the LRU.
+#[cgroup_sock(sock_release)]
+pub fn ekp_sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands every cgroup sock program a valid socket; these fields are
+    // readable at sock_release.
+    let (family, proto, addr, port) =
+        unsafe { ((*sk).family, (*sk).protocol, (*sk).dst_ip4, (*sk).dst_port) };
+    if family == AF_INET
+        && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP))
+        && addr != 0
+    {
+        let key = SockRevNatKey {
+            // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
+            cookie: unsafe { bpf_get_socket_cookie(sk.cast()) },
+            addr,
+            port,
+            _pad: [0; 2],
+        };
+        let _ = SOCK_REV_NAT.remove(&key);
+    }
+    // sock_release hooks may only return 1.
     PROCEED
 }
 

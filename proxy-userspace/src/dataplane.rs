@@ -18,7 +18,8 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+    links::FdLink,
 };
 use aya::{Ebpf, EbpfLoader};
 
@@ -42,13 +43,17 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-/// The socket programs, by their names in the object.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+/// The socket programs, by their names in the object: the `sock_addr` hooks, then
+/// `ekp_sock_release` (a `sock` hook), which frees a closing socket's reverse entry.
+pub const SOCK_PROGRAMS: [&str; 5] = [
     "ekp_connect4",
     "ekp_sendmsg4",
     "ekp_recvmsg4",
     "ekp_getpeer4",
+    SOCK_RELEASE_PROGRAM,
 ];
+
+const SOCK_RELEASE_PROGRAM: &str = "ekp_sock_release";
 
 /// The north-south TCX programs (`ekp_tcx_in` on the devices' ingress, `ekp_tcx_out` on
 /// their egress), attached by `start` to the `--devices`.
@@ -409,29 +414,36 @@ pub fn start(
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     for name in SOCK_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
+        let program = ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading program {name} (verifier)"))?;
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
         let link_pin = links_dir(pin_dir).join(name);
-        if link_pin.exists() {
-            let link = bpf_sys::obj_get(&link_pin)?;
-            bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd())
-                .with_context(|| format!("updating pinned link {}", link_pin.display()))?;
-            tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
+        let attach_to = |e: aya::programs::ProgramError| {
+            anyhow::Error::new(e).context(format!("attaching {name} to {}", cgroup.display()))
+        };
+        // A BPF link on a cgroup always coexists with other programs; the kernel rejects
+        // the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
+        let mode = CgroupAttachMode::Single;
+        if name == SOCK_RELEASE_PROGRAM {
+            let program: &mut CgroupSock = program.try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+            let fd = program.fd()?.try_clone()?;
+            adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
+                let id = program.attach(&cgroup_dir, mode).map_err(attach_to)?;
+                Ok(program.take_link(id)?.try_into()?)
+            })?;
         } else {
-            // A BPF link on a cgroup always coexists with other programs; the kernel
-            // rejects the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
-            let id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(&link_pin)
-                .with_context(|| format!("pinning link {}", link_pin.display()))?;
-            tracing::info!(program = name, cgroup = %cgroup.display(), "attached");
+            let program: &mut CgroupSockAddr = program.try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+            let fd = program.fd()?.try_clone()?;
+            adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
+                let id = program.attach(&cgroup_dir, mode).map_err(attach_to)?;
+                Ok(program.take_link(id)?.try_into()?)
+            })?;
         }
     }
     let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
@@ -547,6 +559,28 @@ fn load_tc(ebpf: &mut Ebpf, hooks: &[(&str, TcAttachType)]) -> Result<()> {
         program
             .load()
             .with_context(|| format!("loading program {name} (verifier)"))?;
+    }
+    Ok(())
+}
+
+/// Swaps the loaded program `fd` into the socket program's link pinned at `link_pin` (a
+/// restart), or attaches it to the cgroup with `attach` and pins the new link.
+fn adopt_or_attach_cgroup(
+    name: &str,
+    link_pin: &Path,
+    fd: std::os::fd::BorrowedFd<'_>,
+    attach: impl FnOnce() -> Result<FdLink>,
+) -> Result<()> {
+    if link_pin.exists() {
+        let link = bpf_sys::obj_get(link_pin)?;
+        bpf_sys::link_update(link.as_fd(), fd)
+            .with_context(|| format!("updating pinned link {}", link_pin.display()))?;
+        tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
+    } else {
+        attach()?
+            .pin(link_pin)
+            .with_context(|| format!("pinning link {}", link_pin.display()))?;
+        tracing::info!(program = name, link = %link_pin.display(), "attached");
     }
     Ok(())
 }

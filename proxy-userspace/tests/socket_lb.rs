@@ -94,6 +94,64 @@ fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
     }
 }
 
+/// The reverse entry of a translated socket (what `getpeername` and `recvfrom` need) is
+/// deleted when the socket closes, when its peer is known: TCP and connected UDP. An
+/// unconnected UDP socket may have sent to many backends, so its entries are left to the
+/// LRU.
+#[test]
+fn closed_sockets_take_their_reverse_entries_with_them() {
+    let mut h = Harness::new("release", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[5353]);
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
+    h.write_manifest(
+        "dns-eps.yaml",
+        &slice(
+            "dns-1",
+            "dns",
+            &[("dns", 5353, "UDP")],
+            &[("10.244.0.10", true), ("10.244.0.11", true)],
+        ),
+    );
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+    );
+    const MAP: &str = "ekp_sk_rnat_v1";
+    assert_eq!(h.map_entries(MAP), 0);
+
+    // Each answer proves its socket was translated and reverse-translated while open.
+    for (args, what) in [
+        (&["tcp", "10.96.0.10:80", "50"][..], "TCP"),
+        (
+            &["udp", "10.96.0.10:53", "50", "--connected"][..],
+            "connected UDP",
+        ),
+    ] {
+        let lines = h.client(args);
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["peer"] == "10.96.0.10:80" || l["peer"] == "10.96.0.10:53"),
+            "{what}: {lines:?}"
+        );
+        assert_eq!(answers(&lines).values().sum::<usize>(), 50, "{what}");
+        assert_eq!(h.map_entries(MAP), 0, "{what}: entries left after close");
+    }
+
+    // Unconnected: one entry per socket and backend, still there after the close.
+    let lines = h.client(&["udp", "10.96.0.10:53", "20"]);
+    assert_eq!(answers(&lines).values().sum::<usize>(), 20);
+    assert_eq!(h.map_entries(MAP), 20);
+}
+
 #[test]
 fn c18_no_endpoints_means_econnrefused_for_tcp_and_udp() {
     let mut h = Harness::new("refuse", &["pod-a"]);

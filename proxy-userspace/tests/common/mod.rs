@@ -203,6 +203,23 @@ impl Harness {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
+    /// Entries in the pinned map `map`, from `ebpf-kube-proxy list --maps -o json`.
+    pub fn map_entries(&self, map: &str) -> u64 {
+        let out = Command::new(AGENT)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .args(["list", "--maps", "-o", "json"])
+            .output()
+            .expect("list --maps");
+        assert!(out.status.success(), "{out:?}");
+        let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+        fills
+            .iter()
+            .find(|f| f["map"] == map)
+            .and_then(|f| f["entries"].as_u64())
+            .unwrap_or_else(|| panic!("{map} missing from {fills:?}"))
+    }
+
     /// Waits until `list` shows `frontend` (e.g. "10.96.0.10:80", "TCP") with exactly
     /// `backends` (addr:port, any order); an empty slice waits for "no backends", and
     /// `None` waits for the frontend to be gone.
