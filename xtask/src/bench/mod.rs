@@ -5,6 +5,7 @@
 //! cargo xtask bench [--services 1,1000,10000] [--quick] [--out DIR] [--samples K]
 //!                   [--rounds R] [--changes C] [--iptables system|legacy|nft]
 //!                   [--modes ebpf,direct]   # only these modes (the others' results empty)
+//!                   [--cpu N | --cpu any]   # the servers' and clients' CPU (default: the last)
 //!                   [--debug | --release]
 //! cargo xtask bench --dump-rules N --out DIR   # the iptables/nftables input, for review
 //! cargo xtask bench --render [--out DIR]       # redraw latest.md and the charts from latest.json
@@ -15,7 +16,8 @@
 //! timed (see `runner`); latency measured with `ekp-bench` in rounds that interleave the
 //! modes, so that machine noise hits them alike: to the ClusterIP from a process on the
 //! node, and to the NodePort from an external client through the node (see `topology`);
-//! endpoint changes timed; the agent's memory read. Results go to
+//! endpoint changes timed; the agent's memory read. The servers and the latency clients
+//! share one CPU (`--cpu`; `topology::pin` says why). Results go to
 //! `<out>/latest.json` (everything), `latest.md` (tables and ratios), `latency.png` and
 //! `programming.png`. The iptables and nftables rules come from `iptables` and `nftables`,
 //! which write what kube-proxy writes (unit-tested against kube-proxy's own test data).
@@ -146,7 +148,7 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct] [--iptables system|legacy|nft] [--debug | --release]";
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct] [--cpu N|any] [--iptables system|legacy|nft] [--debug | --release]";
 
 pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
     let quick = args.iter().any(|a| a == "--quick");
@@ -159,6 +161,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 warmup: 20,
                 changes: 1,
                 modes: Mode::ALL.to_vec(),
+                cpu: Some(last_cpu()),
             }
         } else {
             runner::Settings {
@@ -168,6 +171,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 warmup: 50,
                 changes: 5,
                 modes: Mode::ALL.to_vec(),
+                cpu: Some(last_cpu()),
             }
         },
         out: root.join("bench/results"),
@@ -203,6 +207,12 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                     bail!("--iptables takes system, legacy or nft");
                 }
             }
+            "--cpu" => {
+                o.settings.cpu = match value("--cpu")?.as_str() {
+                    "any" => None,
+                    n => Some(n.parse().context("--cpu takes a CPU number or `any`")?),
+                }
+            }
             "--samples" => o.settings.samples = value("--samples")?.parse()?,
             "--rounds" => o.settings.rounds = value("--rounds")?.parse()?,
             "--changes" => o.settings.changes = value("--changes")?.parse()?,
@@ -223,6 +233,22 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
         }
     }
     Ok(o)
+}
+
+/// The highest-numbered CPU this process may run on (0 if that cannot be read): the
+/// default `--cpu`.
+fn last_cpu() -> usize {
+    // SAFETY: sched_getaffinity fills the zeroed set it is given.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 0;
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .rev()
+            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .unwrap_or(0)
+    }
 }
 
 fn first_line(program: &str, args: &[&str]) -> Option<String> {

@@ -153,6 +153,7 @@ pub fn to_json(
             "rounds": settings.rounds,
             "warmup_per_batch": settings.warmup,
             "endpoint_changes": settings.changes,
+            "cpu": settings.cpu,
             "agent_build": profile,
             "quick": quick,
         },
@@ -249,11 +250,15 @@ pub fn markdown(results: &Value) -> String {
         md,
         "Settings: {} samples per latency metric and mode (request/response on one connection: 2.5x), \
          in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after one warm-up change; \
-         agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
+         servers and latency clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
         settings["samples_per_metric_and_mode"],
         settings["rounds"],
         settings["warmup_per_batch"],
         settings["endpoint_changes"],
+        match settings["cpu"].as_u64() {
+            Some(cpu) => format!("on CPU {cpu}"),
+            None => "on any CPU".to_owned(),
+        },
         settings["agent_build"].as_str().unwrap_or("?"),
         if settings["quick"].as_bool() == Some(true) {
             " (--quick: too few samples for stable percentiles)"

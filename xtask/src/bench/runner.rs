@@ -37,6 +37,8 @@ pub struct Settings {
     pub changes: usize,
     /// The modes measured (`--modes`); the others' results stay empty.
     pub modes: Vec<Mode>,
+    /// The CPU the servers and the latency clients are confined to (`--cpu`); `None`: any.
+    pub cpu: Option<usize>,
 }
 
 /// Latency samples of one metric, merged over the batches.
@@ -325,7 +327,7 @@ impl<'a> Runner<'a> {
         println!(
             "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.5, each the node of an external client on 192.168.1-4.0/24), cgroup {prefix}"
         );
-        let topo = Topology::create(&prefix, &bins.bench)?;
+        let topo = Topology::create(&prefix, &bins.bench, settings.cpu)?;
         let agent = Agent {
             bin: bins.agent.clone(),
             pin_path: PathBuf::from("/sys/fs/bpf").join(&prefix),
@@ -626,6 +628,7 @@ impl<'a> Runner<'a> {
 
     fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
+        topology::pin(&mut command, self.settings.cpu);
         command.args([
             metric.client_mode(),
             &batch_targets(mode, metric),
