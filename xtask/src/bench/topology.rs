@@ -237,9 +237,9 @@ impl Topology {
 /// between namespaces is then run by the sender's CPU from end to end (veth hands packets to
 /// the CPU that sent them), and every wake-up is a local one. Across CPUs, each wake-up of
 /// an idle CPU is an interrupt between virtual CPUs, whose cost on a virtual machine moves
-/// from hour to hour: on the machine of the results, request/response on one connection
-/// took 5.8 µs at p50 on one CPU and 62-69 µs across two, in every mode alike, which hid
-/// the differences between the modes. On one CPU the latency is also the smallest, so the
+/// from run to run: on the machine of the results, request/response on one connection
+/// took 5.6-6.0 µs at p50 on one CPU and 63-69 µs across two, in every mode alike, which
+/// hid the differences between the modes. On one CPU the latency is also the smallest, so the
 /// same per-connection cost of a mode weighs more in its ratio to `direct`, not less.
 pub fn pin(command: &mut std::process::Command, cpu: Option<usize>) {
     let Some(cpu) = cpu else {
