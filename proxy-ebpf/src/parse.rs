@@ -1,10 +1,14 @@
 //! Bounds-checked access to Ethernet / IPv4 / TCP / UDP headers for the TCX programs.
 //!
-//! Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), which fails instead of
-//! reading past the packet, and no packet pointer is kept across the rewrite helpers (which
-//! invalidate them). Only the packets the north-south datapath can translate are parsed:
-//! anything else — not IPv4 over Ethernet, IP options, fragments, truncated headers, other
-//! protocols — yields `None`, and the programs pass it on untouched.
+//! The headers are read in place (direct packet access) after the bounds check the
+//! verifier demands; headers that are not in the linear part of the packet are pulled in
+//! first. The programs write only through the helpers (`csum`), so no packet pointer is
+//! kept across a rewrite (which invalidates them) and the verifier adds no unclone step
+//! to packets that are only read. Only the packets the north-south datapath can translate
+//! are parsed: anything else — not IPv4 over Ethernet, IP options, fragments, truncated
+//! headers, other protocols — yields `None`, and the programs pass it on untouched.
+
+use core::ptr::read_unaligned;
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
@@ -77,15 +81,31 @@ impl Packet {
     }
 }
 
+/// The address of the packet's first byte, once its first `len` bytes are in the linear
+/// data, pulled in if need be; `None` when the packet is shorter. Callers read only below
+/// `len` from it, before any helper that may move the data.
+#[inline(always)]
+fn linear(ctx: &TcContext, len: usize) -> Option<usize> {
+    if ctx.data() + len > ctx.data_end() {
+        ctx.pull_data(len as u32).ok()?;
+        if ctx.data() + len > ctx.data_end() {
+            return None;
+        }
+    }
+    Some(ctx.data())
+}
+
 /// Parses an unfragmented IPv4 TCP or UDP packet without IP options whose headers are all
 /// within the packet and within the IP total length; `None` for anything else.
 #[inline(always)]
 pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load(12).ok()?;
+    let data = linear(ctx, L4_OFF)?;
+    // SAFETY (every read below): within the `linear` bytes just checked.
+    let ethertype: u16 = unsafe { read_unaligned((data + 12) as *const u16) };
     if ethertype != ETH_P_IP.to_be() {
         return None;
     }
-    let ip: Ipv4Hdr = ctx.load(IP_OFF).ok()?;
+    let ip: Ipv4Hdr = unsafe { read_unaligned((data + IP_OFF) as *const Ipv4Hdr) };
     if ip.ver_ihl != IPV4_NO_OPTIONS || u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
         return None;
     }
@@ -94,20 +114,24 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     if IP_OFF + tot_len > ctx.len() as usize {
         return None;
     }
-    let (l4_hlen, l4_csum_off) = match ip.proto {
-        PROTO_TCP => (TCP_HLEN, TCP_CSUM_OFF),
-        PROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
+    // Each protocol with its own constant bound, which the verifier can follow.
+    let (ports, tcp_flags, l4_hlen, l4_csum_off) = match ip.proto {
+        PROTO_TCP => {
+            let data = linear(ctx, TCP_FLAGS_OFF + 1)?;
+            let ports: [u16; 2] = unsafe { read_unaligned((data + L4_OFF) as *const [u16; 2]) };
+            let flags = unsafe { *((data + TCP_FLAGS_OFF) as *const u8) };
+            (ports, flags, TCP_HLEN, TCP_CSUM_OFF)
+        }
+        PROTO_UDP => {
+            let data = linear(ctx, L4_OFF + 4)?;
+            let ports: [u16; 2] = unsafe { read_unaligned((data + L4_OFF) as *const [u16; 2]) };
+            (ports, 0, UDP_HLEN, UDP_CSUM_OFF)
+        }
         _ => return None,
     };
     if tot_len < IPV4_HLEN + l4_hlen {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(L4_OFF).ok()?;
-    let tcp_flags = if ip.proto == PROTO_TCP {
-        ctx.load::<u8>(TCP_FLAGS_OFF).ok()?
-    } else {
-        0
-    };
     Some(Packet {
         saddr: ip.saddr,
         daddr: ip.daddr,
