@@ -372,6 +372,7 @@ impl<'a> Runner<'a> {
         limit_ms: u64,
     ) -> Result<Waiter> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
+        topology::pin(&mut command, self.settings.cpu);
         command.args([
             "wait",
             &target(mode, metric).to_string(),
