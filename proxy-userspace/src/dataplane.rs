@@ -18,8 +18,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
-    CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
-    links::FdLink,
+    CgroupAttachMode, LinkOrder, Program, SchedClassifier, TcAttachType, links::FdLink,
 };
 use aya::{Ebpf, EbpfLoader};
 
@@ -50,10 +49,8 @@ pub const SOCK_PROGRAMS: [&str; 5] = [
     "ekp_sendmsg4",
     "ekp_recvmsg4",
     "ekp_getpeer4",
-    SOCK_RELEASE_PROGRAM,
+    "ekp_sock_release",
 ];
-
-const SOCK_RELEASE_PROGRAM: &str = "ekp_sock_release";
 
 /// The north-south TCX programs (`ekp_tcx_in` on the devices' ingress, `ekp_tcx_out` on
 /// their egress), attached by `start` to the `--devices`.
@@ -417,34 +414,31 @@ pub fn start(
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?;
-        let link_pin = links_dir(pin_dir).join(name);
-        let attach_to = |e: aya::programs::ProgramError| {
-            anyhow::Error::new(e).context(format!("attaching {name} to {}", cgroup.display()))
-        };
-        // A BPF link on a cgroup always coexists with other programs; the kernel rejects
-        // the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
-        let mode = CgroupAttachMode::Single;
-        if name == SOCK_RELEASE_PROGRAM {
-            let program: &mut CgroupSock = program.try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading program {name} (verifier)"))?;
-            let fd = program.fd()?.try_clone()?;
-            adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
-                let id = program.attach(&cgroup_dir, mode).map_err(attach_to)?;
-                Ok(program.take_link(id)?.try_into()?)
-            })?;
-        } else {
-            let program: &mut CgroupSockAddr = program.try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading program {name} (verifier)"))?;
-            let fd = program.fd()?.try_clone()?;
-            adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
-                let id = program.attach(&cgroup_dir, mode).map_err(attach_to)?;
-                Ok(program.take_link(id)?.try_into()?)
-            })?;
+        match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            _ => bail!("program {name} is not a cgroup socket program"),
         }
+        .with_context(|| format!("loading program {name} (verifier)"))?;
+        let fd = program.fd()?.try_clone()?;
+        let link_pin = links_dir(pin_dir).join(name);
+        adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
+            // A BPF link on a cgroup always coexists with other programs; the kernel
+            // rejects the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
+            let mode = CgroupAttachMode::Single;
+            let attached = || format!("attaching {name} to {}", cgroup.display());
+            Ok(match program {
+                Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&cgroup_dir, mode).with_context(attached)?;
+                    p.take_link(id)?.try_into()?
+                }
+                Program::CgroupSock(p) => {
+                    let id = p.attach(&cgroup_dir, mode).with_context(attached)?;
+                    p.take_link(id)?.try_into()?
+                }
+                _ => bail!("program {name} is not a cgroup socket program"),
+            })
+        })?;
     }
     let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
     detach_other_devices(pin_dir, &TCX_PROGRAMS, devices)?;

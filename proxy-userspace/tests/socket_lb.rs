@@ -18,6 +18,20 @@ fn web(h: &Harness, endpoints: &[(&str, bool)]) {
     );
 }
 
+/// A UDP Service on the VIP's port 53 with both pods' port 5353 as endpoints.
+fn dns(h: &Harness) {
+    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
+    h.write_manifest(
+        "dns-eps.yaml",
+        &slice(
+            "dns-1",
+            "dns",
+            &[("dns", 5353, "UDP")],
+            &[("10.244.0.10", true), ("10.244.0.11", true)],
+        ),
+    );
+}
+
 #[test]
 fn c02_tcp_connections_reach_every_backend_and_getpeername_shows_the_vip() {
     let mut h = Harness::new("tcp", &["pod-a", "pod-b"]);
@@ -52,16 +66,7 @@ fn c02_tcp_connections_reach_every_backend_and_getpeername_shows_the_vip() {
 fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
     let mut h = Harness::new("udp", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[], &[5353]);
-    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
-    h.write_manifest(
-        "dns-eps.yaml",
-        &slice(
-            "dns-1",
-            "dns",
-            &[("dns", 5353, "UDP")],
-            &[("10.244.0.10", true), ("10.244.0.11", true)],
-        ),
-    );
+    dns(&h);
     h.start_agent();
     h.wait_for_frontend(
         "10.96.0.10:53",
@@ -103,16 +108,7 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
     let mut h = Harness::new("release", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[5353]);
     web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
-    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
-    h.write_manifest(
-        "dns-eps.yaml",
-        &slice(
-            "dns-1",
-            "dns",
-            &[("dns", 5353, "UDP")],
-            &[("10.244.0.10", true), ("10.244.0.11", true)],
-        ),
-    );
+    dns(&h);
     h.start_agent();
     h.wait_for_frontend(
         "10.96.0.10:80",
