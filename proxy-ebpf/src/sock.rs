@@ -6,8 +6,8 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 //! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
 //! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
-//! `sock_release` drops a closing socket's reverse entry, so the map's entries are reused
-//! while they are still in the cache instead of waiting for LRU eviction.
+//! `sock_release` drops a closing socket's reverse entry, so that the map holds the live
+//! sockets' entries instead of evicting them behind closed ones.
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};

@@ -16,8 +16,8 @@
 //! timed (see `runner`); latency measured with `ekp-bench` in rounds that interleave the
 //! modes, so that machine noise hits them alike: to the ClusterIP from a process on the
 //! node, and to the NodePort from an external client through the node (see `topology`);
-//! endpoint changes timed; the agent's memory read. The servers and the latency clients
-//! share one CPU (`--cpu`; `topology::pin` says why). Results go to
+//! endpoint changes timed; the agent's memory read. The servers, the latency clients and
+//! the endpoint-change prober share one CPU (`--cpu`; `topology::pin` says why). Results go to
 //! `<out>/latest.json` (everything), `latest.md` (tables and ratios), `latency.png` and
 //! `programming.png`. The iptables and nftables rules come from `iptables` and `nftables`,
 //! which write what kube-proxy writes (unit-tested against kube-proxy's own test data).
@@ -210,7 +210,16 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
             "--cpu" => {
                 o.settings.cpu = match value("--cpu")?.as_str() {
                     "any" => None,
-                    n => Some(n.parse().context("--cpu takes a CPU number or `any`")?),
+                    n => {
+                        let cpu: usize = n.parse().context("--cpu takes a CPU number or `any`")?;
+                        if cpu > last_cpu() {
+                            bail!(
+                                "--cpu {cpu}: this process may run on CPUs up to {}",
+                                last_cpu()
+                            );
+                        }
+                        Some(cpu)
+                    }
                 }
             }
             "--samples" => o.settings.samples = value("--samples")?.parse()?,

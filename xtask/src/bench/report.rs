@@ -250,7 +250,7 @@ pub fn markdown(results: &Value) -> String {
         md,
         "Settings: {} samples per latency metric and mode (request/response on one connection: 2.5x), \
          in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after one warm-up change; \
-         servers and latency clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
+         servers and clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
         settings["samples_per_metric_and_mode"],
         settings["rounds"],
         settings["warmup_per_batch"],

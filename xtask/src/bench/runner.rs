@@ -37,7 +37,8 @@ pub struct Settings {
     pub changes: usize,
     /// The modes measured (`--modes`); the others' results stay empty.
     pub modes: Vec<Mode>,
-    /// The CPU the servers and the latency clients are confined to (`--cpu`); `None`: any.
+    /// The CPU the servers, the latency clients and the change prober are confined to
+    /// (`--cpu`); `None`: any.
     pub cpu: Option<usize>,
 }
 
