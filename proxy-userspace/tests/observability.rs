@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{AGENT, Harness, answers, service, slice};
+use common::{Harness, answers, service, slice};
 
 #[test]
 fn list_shows_affinity_map_fill_levels_and_logs_can_be_json() {
@@ -46,21 +44,7 @@ fn list_shows_affinity_map_fill_levels_and_logs_can_be_json() {
     assert_eq!(listed[0]["affinityTimeout"], 10800, "{listed:?}");
     assert_eq!(listed[0]["whenEmpty"], "refuse");
 
-    let out = Command::new(AGENT)
-        .arg("--pin-path")
-        .arg(&h.pin_path)
-        .args(["list", "--maps", "-o", "json"])
-        .output()
-        .expect("list --maps");
-    assert!(out.status.success(), "{out:?}");
-    let fills: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
-    let fill = |map: &str| {
-        fills
-            .iter()
-            .find(|f| f["map"] == map)
-            .unwrap_or_else(|| panic!("{map} missing from {fills:?}"))
-            .clone()
-    };
+    let fill = |map: &str| h.map_fill(map);
     // Slot 0 and two backend slots.
     assert_eq!(fill("ekp_svc_v1")["entries"], 3);
     assert_eq!(fill("ekp_svc_v1")["capacity"], 65536);

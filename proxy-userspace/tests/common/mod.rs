@@ -203,8 +203,9 @@ impl Harness {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
-    /// Entries in the pinned map `map`, from `ebpf-kube-proxy list --maps -o json`.
-    pub fn map_entries(&self, map: &str) -> u64 {
+    /// The pinned map `map`'s line of `ebpf-kube-proxy list --maps -o json` (`entries`,
+    /// `capacity`).
+    pub fn map_fill(&self, map: &str) -> Value {
         let out = Command::new(AGENT)
             .arg("--pin-path")
             .arg(&self.pin_path)
@@ -214,10 +215,16 @@ impl Harness {
         assert!(out.status.success(), "{out:?}");
         let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
         fills
-            .iter()
+            .into_iter()
             .find(|f| f["map"] == map)
-            .and_then(|f| f["entries"].as_u64())
-            .unwrap_or_else(|| panic!("{map} missing from {fills:?}"))
+            .unwrap_or_else(|| panic!("{map} missing from `list --maps`"))
+    }
+
+    /// Entries in the pinned map `map`.
+    pub fn map_entries(&self, map: &str) -> u64 {
+        self.map_fill(map)["entries"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{map}: no entry count"))
     }
 
     /// Waits until `list` shows `frontend` (e.g. "10.96.0.10:80", "TCP") with exactly
