@@ -347,13 +347,16 @@ impl<'a> Runner<'a> {
     }
 
     /// `program` where `metric`'s client runs: the mode's client namespace (for eBPF, in the
-    /// cgroup), or for NodePort the external client namespace (outside the node: no cgroup).
+    /// cgroup), or for NodePort the external client namespace (outside the node: no cgroup);
+    /// on the servers' CPU.
     fn client(&self, mode: Mode, metric: Metric, program: &Path) -> Result<Command> {
-        if metric.is_node_port() {
-            self.topo.external(mode).command(program, None)
+        let mut command = if metric.is_node_port() {
+            self.topo.external(mode).command(program, None)?
         } else {
-            self.topo.client_command(mode, program)
-        }
+            self.topo.client_command(mode, program)?
+        };
+        topology::pin(&mut command, self.settings.cpu);
+        Ok(command)
     }
 
     fn in_client(&self, mode: Mode, program: &str) -> Result<Command> {
@@ -373,7 +376,6 @@ impl<'a> Runner<'a> {
         limit_ms: u64,
     ) -> Result<Waiter> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
-        topology::pin(&mut command, self.settings.cpu);
         command.args([
             "wait",
             &target(mode, metric).to_string(),
@@ -630,7 +632,6 @@ impl<'a> Runner<'a> {
 
     fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
-        topology::pin(&mut command, self.settings.cpu);
         command.args([
             metric.client_mode(),
             &batch_targets(mode, metric),
