@@ -9,21 +9,20 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{
     CgroupAttachMode, LinkOrder, Program, SchedClassifier, TcAttachType, links::FdLink,
 };
 use aya::{Ebpf, EbpfLoader};
 
-use crate::model::{BackendAddr, SourceRange};
-use crate::{abi, devices, sockdiag};
+use crate::model::SourceRange;
+use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
     MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES,
@@ -242,25 +241,16 @@ impl Maps {
         Ok(doomed.len())
     }
 
-    /// Destroys the connected UDP sockets that the socket programs pointed at a backend
-    /// which has left the frontend (rev-NAT id) they were translated for. Returns how many.
-    pub fn destroy_udp_sockets(&self, departed: &BTreeSet<(u16, BackendAddr)>) -> usize {
-        let peers: BTreeSet<(Ipv4Addr, u16)> =
-            departed.iter().map(|(_, b)| (b.addr, b.port)).collect();
-        let translated = |socket: &sockdiag::UdpSocket| {
-            let key = SockRevNatKey {
-                cookie: socket.cookie,
-                addr: abi::addr_to_net(socket.peer.0),
-                port: abi::port_to_net(socket.peer.1),
-                _pad: [0; 2],
-            };
-            self.sock_rev_nat.get(&key, 0).is_ok_and(|entry| {
-                departed.iter().any(|(rev_nat_id, b)| {
-                    *rev_nat_id == entry.rev_nat_id && (b.addr, b.port) == socket.peer
-                })
-            })
-        };
-        sockdiag::destroy_udp_sockets(&peers, &translated)
+    /// A second handle on the socket rev-NAT map, for a thread of its own.
+    pub fn sock_rev_nat_handle(&self) -> Result<HashMap<MapData, SockRevNatKey, SockRevNatValue>> {
+        let fd = self
+            .sock_rev_nat
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the socket rev-NAT map's descriptor")?;
+        Ok(HashMap::try_from(Map::LruHashMap(MapData::from_fd(fd)?))?)
     }
 
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {

@@ -19,5 +19,6 @@ pub mod run;
 pub mod safety;
 pub mod sockdiag;
 pub mod source;
+pub mod stale_udp;
 pub mod sync;
 pub mod translate;

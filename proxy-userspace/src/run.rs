@@ -326,7 +326,7 @@ pub async fn run(config: Config) -> Result<()> {
             "north-south programs attached"
         );
     }
-    let mut syncer = Syncer::adopt(maps);
+    let mut syncer = Syncer::adopt(maps)?;
     tracing::info!(
         frontends = syncer.programmed().frontends.len(),
         backends = syncer.programmed().backends.len(),

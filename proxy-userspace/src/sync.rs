@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::Key;
 use proxy_common::{
     BackendValue, RevNatValue, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SOURCE_RANGES,
@@ -23,6 +23,7 @@ use proxy_common::{
 use crate::abi;
 use crate::dataplane::{MapContents, Maps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, SourceRange, WhenEmpty};
+use crate::stale_udp::StaleUdp;
 
 pub mod touched;
 
@@ -538,6 +539,18 @@ fn departed_among<'a>(
     gone
 }
 
+/// The UDP ones among (rev-NAT id, backend id) pairs, with their backends' addresses.
+fn udp_pairs(
+    programmed: &Programmed,
+    pairs: impl IntoIterator<Item = (u16, u32)>,
+) -> Vec<(u16, BackendAddr)> {
+    pairs
+        .into_iter()
+        .filter_map(|(rev_nat_id, id)| programmed.backends.get(&id).map(|b| (rev_nat_id, *b)))
+        .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
+        .collect()
+}
+
 /// The writes of desired frontends beyond their backends, in the plan's phases: shared by
 /// the full plan and the touched one, so that both keep the same write order.
 #[derive(Default)]
@@ -706,19 +719,24 @@ pub struct Syncer {
     index: touched::BackendIndex,
     /// `service_entries(programmed)`, kept as ops are applied.
     service_entries: usize,
+    /// Closes connected UDP sockets of departed backends, beside the sync (C27).
+    stale_udp: StaleUdp,
 }
 
 impl Syncer {
     /// Adopts whatever the (possibly pinned, pre-existing) maps hold.
-    pub fn adopt(maps: Maps) -> Self {
+    pub fn adopt(maps: Maps) -> Result<Self> {
         let programmed = Programmed::from_maps(&maps.read());
         let index = touched::BackendIndex::of(&programmed);
-        Syncer {
+        let stale_udp = StaleUdp::spawn(maps.sock_rev_nat_handle()?)
+            .context("starting the thread that closes stale UDP sockets")?;
+        Ok(Syncer {
             maps,
             service_entries: service_entries(&programmed),
             programmed,
             index,
-        }
+            stale_udp,
+        })
     }
 
     /// Entries of the services map.
@@ -768,14 +786,9 @@ impl Syncer {
         departed: BTreeSet<(u16, u32)>,
         stale_affinity: BTreeSet<(u16, u32)>,
     ) -> Result<SyncStats> {
-        // Connected UDP sockets pointed at a departed backend must reconnect (C27).
-        let departed_udp: BTreeSet<(u16, BackendAddr)> = departed
-            .into_iter()
-            .filter_map(|(rev_nat_id, id)| {
-                self.programmed.backends.get(&id).map(|b| (rev_nat_id, *b))
-            })
-            .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
-            .collect();
+        // Connected UDP sockets pointed at a departed backend must reconnect (C27). The ids
+        // are resolved before the writes, which may delete the backends.
+        let departed_udp = udp_pairs(&self.programmed, departed);
         for op in ops {
             self.write(op)?;
             self.index.apply(&self.programmed, op);
@@ -788,13 +801,16 @@ impl Syncer {
             self.programmed.apply(op);
             self.service_entries += entries(&self.programmed);
         }
-        if !departed_udp.is_empty() {
-            let destroyed = self.maps.destroy_udp_sockets(&departed_udp);
-            tracing::info!(
-                destroyed,
-                "connected UDP sockets of departed backends closed"
-            );
-        }
+        let present = ops.iter().filter_map(|op| match op {
+            Op::PutSlot {
+                backend_id,
+                rev_nat_id,
+                ..
+            } => Some((*rev_nat_id, *backend_id)),
+            _ => None,
+        });
+        let present_udp = udp_pairs(&self.programmed, present);
+        self.stale_udp.record(departed_udp, present_udp);
         if !stale_affinity.is_empty() {
             let forgotten = self.maps.forget_affinity(&stale_affinity)?;
             tracing::debug!(

@@ -1,0 +1,215 @@
+//! Closing the connected UDP sockets of departed backends (BEHAVIOUR C27), beside the sync
+//! rather than inside it.
+//!
+//! Finding those sockets means visiting every network namespace on the node (a `/proc` walk
+//! and a thread per namespace, see [`sockdiag`]). Inside the sync, that delayed the next
+//! Service change by as long. Here the sync only records which (frontend, backend) pairs
+//! departed, and a worker thread closes their sockets.
+//!
+//! A backend may come back to its frontend before the worker gets to it (a pod flapping
+//! between ready and not ready). Its sockets then point at a live backend again and must be
+//! left alone, as if the departure had never happened: the sync cancels the departure when
+//! it writes the backend into the frontend's slots again. Each departure carries a
+//! generation, so a pair that departs, returns and departs again while the worker scans is
+//! scanned once more rather than marked done.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use aya::maps::{HashMap, MapData};
+use proxy_common::{SockRevNatKey, SockRevNatValue};
+
+use crate::abi;
+use crate::model::{BackendAddr, Protocol};
+use crate::sockdiag;
+
+/// A (rev-NAT id, UDP backend) pair: the backend left the frontend with that rev-NAT id.
+pub type Departure = (u16, BackendAddr);
+
+/// The departures not yet handled, each with the generation it was recorded in.
+#[derive(Debug, Default)]
+struct Pending {
+    departures: BTreeMap<Departure, u64>,
+    generation: u64,
+}
+
+impl Pending {
+    fn depart(&mut self, departure: Departure) {
+        self.generation += 1;
+        self.departures.insert(departure, self.generation);
+    }
+
+    fn cancel(&mut self, departure: &Departure) {
+        self.departures.remove(departure);
+    }
+
+    /// Whether `departure` is still pending as recorded in `generation`.
+    fn holds(&self, departure: &Departure, generation: u64) -> bool {
+        self.departures.get(departure) == Some(&generation)
+    }
+
+    /// Forgets what a scan of `scanned` handled; a departure recorded again meanwhile stays.
+    fn done(&mut self, scanned: &BTreeMap<Departure, u64>) {
+        self.departures
+            .retain(|departure, generation| scanned.get(departure) != Some(generation));
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Shared {
+    /// The pending departures; a panic elsewhere while holding the lock leaves them usable.
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The sync's handle on the worker.
+pub struct StaleUdp {
+    shared: Arc<Shared>,
+}
+
+impl StaleUdp {
+    /// Starts the worker. `sock_rev_nat` is its own handle on the socket rev-NAT map, which
+    /// tells whether the socket programs translated a socket, and for which frontend.
+    pub fn spawn(
+        sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("stale-udp".into())
+            .spawn(move || run(&worker, &sock_rev_nat))?;
+        Ok(StaleUdp { shared })
+    }
+
+    /// Records what one sync did: UDP backends that left frontends, and backends written
+    /// into frontends' slots (which cancel any pending departure of the same pair).
+    pub fn record(
+        &self,
+        departed: impl IntoIterator<Item = Departure>,
+        present: impl IntoIterator<Item = Departure>,
+    ) {
+        let mut pending = self.shared.pending();
+        for departure in present {
+            pending.cancel(&departure);
+        }
+        let before = pending.generation;
+        for departure in departed {
+            pending.depart(departure);
+        }
+        if pending.generation != before {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// The worker: waits for departures, closes their sockets, forever.
+fn run(shared: &Shared, sock_rev_nat: &HashMap<MapData, SockRevNatKey, SockRevNatValue>) {
+    loop {
+        let scanned = {
+            let mut pending = shared.pending();
+            while pending.departures.is_empty() {
+                pending = shared
+                    .wake
+                    .wait(pending)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            pending.departures.clone()
+        };
+        let peers: BTreeSet<_> = scanned.keys().map(|(_, b)| (b.addr, b.port)).collect();
+        let still_departed = |socket: &sockdiag::UdpSocket| {
+            let key = SockRevNatKey {
+                cookie: socket.cookie,
+                addr: abi::addr_to_net(socket.peer.0),
+                port: abi::port_to_net(socket.peer.1),
+                _pad: [0; 2],
+            };
+            let Ok(entry) = sock_rev_nat.get(&key, 0) else {
+                return false; // not translated by the socket programs
+            };
+            let departure = (
+                entry.rev_nat_id,
+                BackendAddr {
+                    addr: socket.peer.0,
+                    port: socket.peer.1,
+                    proto: Protocol::Udp,
+                },
+            );
+            scanned
+                .get(&departure)
+                .is_some_and(|generation| shared.pending().holds(&departure, *generation))
+        };
+        let destroyed = sockdiag::destroy_udp_sockets(&peers, &still_departed);
+        shared.pending().done(&scanned);
+        tracing::info!(
+            destroyed,
+            departures = scanned.len(),
+            "connected UDP sockets of departed backends closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn departure(rev_nat_id: u16, host: u8) -> Departure {
+        let backend = BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 0, host),
+            port: 53,
+            proto: Protocol::Udp,
+        };
+        (rev_nat_id, backend)
+    }
+
+    fn recorded(pending: &Pending) -> Vec<Departure> {
+        pending.departures.keys().copied().collect()
+    }
+
+    #[test]
+    fn a_backend_back_in_its_frontend_is_no_longer_departed() {
+        let mut pending = Pending::default();
+        pending.depart(departure(1, 10));
+        pending.depart(departure(2, 10));
+        pending.cancel(&departure(1, 10));
+        // Only the pair that came back: the same backend is still gone from frontend 2.
+        assert_eq!(recorded(&pending), [departure(2, 10)]);
+    }
+
+    #[test]
+    fn a_scan_forgets_only_the_departures_it_saw() {
+        let mut pending = Pending::default();
+        pending.depart(departure(1, 10));
+        pending.depart(departure(1, 11));
+        let scanned = pending.departures.clone();
+        // During the scan: .10 returns and departs again, .12 departs for the first time.
+        pending.cancel(&departure(1, 10));
+        pending.depart(departure(1, 10));
+        pending.depart(departure(1, 12));
+        let first = scanned[&departure(1, 10)];
+        assert!(!pending.holds(&departure(1, 10), first));
+        assert!(pending.holds(&departure(1, 11), scanned[&departure(1, 11)]));
+        pending.done(&scanned);
+        assert_eq!(recorded(&pending), [departure(1, 10), departure(1, 12)]);
+    }
+
+    #[test]
+    fn a_later_sync_cancels_what_an_earlier_one_recorded() {
+        let shared = Arc::new(Shared::default());
+        let stale = StaleUdp {
+            shared: Arc::clone(&shared),
+        };
+        // A sync that moves .10 out of frontend 1 and into frontend 2.
+        stale.record([departure(1, 10)], [departure(2, 10)]);
+        // The next sync brings it back to frontend 1 and takes it from frontend 2.
+        stale.record([departure(2, 10)], [departure(1, 10)]);
+        assert_eq!(recorded(&shared.pending()), [departure(2, 10)]);
+    }
+}
