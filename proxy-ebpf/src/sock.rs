@@ -186,9 +186,19 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         port,
         rev_nat_id: frontend.rev_nat_id,
     };
-    // If the LRU cannot take the entry the connection still works; only the reverse view
-    // (getpeername, recvfrom's source) shows the backend.
-    let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+    // A UDP socket that keeps sending to a Service finds its entry there from an earlier
+    // datagram to the same backend: a lookup (which also marks the entry used) leaves the
+    // LRU's locks and lists alone. A new socket (every connect) cannot have one.
+    // SAFETY: copied out at once.
+    let known = SENDMSG
+        && SOCK_REV_NAT
+            .get_ptr(&rev_key)
+            .is_some_and(|v| unsafe { *v } == rev_value);
+    if !known {
+        // If the LRU cannot take the entry the connection still works; only the reverse
+        // view (getpeername, recvfrom's source) shows the backend.
+        let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+    }
 
     // SAFETY: these context fields are writable in connect4 and sendmsg4.
     unsafe {
