@@ -9,7 +9,9 @@
 //!   HTTP/1.0 server does), a new connection each time;
 //! - `rr ADDR`: request/response on one established connection;
 //! - `udp ADDR`: a new unconnected UDP socket per request (`sendto`, `recvfrom`), like a
-//!   DNS client.
+//!   DNS client;
+//! - `udprr ADDR`: request/response on one unconnected UDP socket, kept for every request
+//!   (`sendto` picks the destination each time), like a DNS forwarder or a metrics client.
 //!
 //! `ADDR` may be a comma-separated list: each operation then goes to one of them at random
 //! (`rr`: its one connection), as a Service's translation spreads its connections over the
@@ -52,9 +54,9 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("wait") => wait(&args[1..]),
         Some("idle-memory") => idle_memory(&args[1..]),
-        Some(kind @ ("connect" | "crr" | "rr" | "udp")) => measure(kind, &args[1..]),
+        Some(kind @ ("connect" | "crr" | "rr" | "udp" | "udprr")) => measure(kind, &args[1..]),
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
-                  (connect|crr|rr|udp) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
+                  (connect|crr|rr|udp|udprr) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
                   wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS]"
             .into()),
     };
@@ -245,6 +247,21 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
                 record(i, started, result);
             }
         }
+        "udprr" => {
+            let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            socket
+                .set_read_timeout(Some(o.timeout))
+                .map_err(|e| e.to_string())?;
+            for i in 0..total {
+                if i == o.warmup {
+                    measured_from = Instant::now();
+                }
+                let target = picker.pick(&o.targets);
+                let started = Instant::now();
+                let result = udp_exchange(&socket, target).map(|_| ());
+                record(i, started, result);
+            }
+        }
         _ => {
             let op: fn(SocketAddr, Duration) -> std::io::Result<()> = match kind {
                 "connect" => connect_once,
@@ -362,6 +379,11 @@ fn exchange(stream: &mut TcpStream, request: u8) -> std::io::Result<String> {
 fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_read_timeout(Some(timeout))?;
+    udp_exchange(&socket, target)
+}
+
+/// One request and its answer on `socket`.
+fn udp_exchange(socket: &UdpSocket, target: SocketAddr) -> std::io::Result<String> {
     socket.send_to(b"K", target)?;
     let mut buf = [0u8; 512];
     let (n, _) = socket.recv_from(&mut buf)?;

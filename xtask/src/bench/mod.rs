@@ -77,16 +77,18 @@ pub enum Metric {
     Crr,
     Rr,
     Udp,
+    UdpRr,
     NodePortConnect,
     NodePortCrr,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 7] = [
         Metric::Connect,
         Metric::Crr,
         Metric::Rr,
         Metric::Udp,
+        Metric::UdpRr,
         Metric::NodePortConnect,
         Metric::NodePortCrr,
     ];
@@ -98,8 +100,22 @@ impl Metric {
             Metric::Crr => "crr",
             Metric::Rr => "rr",
             Metric::Udp => "udp",
+            Metric::UdpRr => "udp_rr",
             Metric::NodePortConnect => "nodeport_connect",
             Metric::NodePortCrr => "nodeport_crr",
+        }
+    }
+
+    /// How the results page names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::Connect => "TCP connect",
+            Metric::Crr => "TCP connect+request+response+close",
+            Metric::Rr => "TCP request/response, established",
+            Metric::Udp => "UDP request/response, new socket",
+            Metric::UdpRr => "UDP request/response, one socket",
+            Metric::NodePortConnect => "NodePort TCP connect, external client",
+            Metric::NodePortCrr => "NodePort connect+request+response+close, external client",
         }
     }
 
@@ -110,6 +126,7 @@ impl Metric {
             Metric::Crr | Metric::NodePortCrr => "crr",
             Metric::Rr => "rr",
             Metric::Udp => "udp",
+            Metric::UdpRr => "udprr",
         }
     }
 

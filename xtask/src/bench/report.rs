@@ -121,18 +121,32 @@ pub fn to_json(
                         |(lines, bytes)| json!({"lines": lines, "bytes": bytes}),
                     ),
                 );
-                if !r.program_runs.is_empty() {
-                    let runs: serde_json::Map<String, Value> = r
-                        .program_runs
+                if !r.program_time.is_empty() {
+                    let per_metric: serde_json::Map<String, Value> = r
+                        .program_time
                         .iter()
-                        .map(|(name, (runs, ns))| {
+                        .map(|(metric, time)| {
+                            let programs: serde_json::Map<String, Value> = time
+                                .programs
+                                .iter()
+                                .map(|(name, (runs, ns))| {
+                                    (
+                                        name.clone(),
+                                        json!({"runs": runs, "ns_per_run": round(*ns, 0)}),
+                                    )
+                                })
+                                .collect();
                             (
-                                name.clone(),
-                                json!({"runs": runs, "ns_per_run": round(*ns, 0)}),
+                                metric.name().to_owned(),
+                                json!({
+                                    "operations": time.operations,
+                                    "us_per_operation": round(time.us_per_operation(), 3),
+                                    "programs": programs,
+                                }),
                             )
                         })
                         .collect();
-                    m.insert("program_runs".into(), Value::Object(runs));
+                    m.insert("program_time".into(), Value::Object(per_metric));
                 }
                 modes.insert(mode.name().into(), Value::Object(m));
             }
@@ -141,7 +155,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 2,
+        "schema": 3,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -248,7 +262,7 @@ pub fn markdown(results: &Value) -> String {
     let _ = writeln!(md, "Machine: {}.\n", machine_line(&results["machine"]));
     let _ = writeln!(
         md,
-        "Settings: {} samples per latency metric and mode (request/response on one connection: 2.5x), \
+        "Settings: {} samples per latency metric and mode (request/response on one connection or one UDP socket: 2.5x), \
          in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after one warm-up change; \
          servers and clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
         settings["samples_per_metric_and_mode"],
@@ -287,21 +301,8 @@ pub fn markdown(results: &Value) -> String {
             let cells: Vec<String> = MODES.iter().map(|mode| cell(&m[*mode])).collect();
             let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
         };
-        for (metric, label) in [
-            (Metric::Connect, "TCP connect"),
-            (Metric::Crr, "TCP connect+request+response+close"),
-            (Metric::Rr, "TCP request/response, established"),
-            (Metric::Udp, "UDP request/response, new socket"),
-            (
-                Metric::NodePortConnect,
-                "NodePort TCP connect, external client",
-            ),
-            (
-                Metric::NodePortCrr,
-                "NodePort connect+request+response+close, external client",
-            ),
-        ] {
-            row(&mut md, &format!("{label} (µs)"), &|v| {
+        for metric in Metric::ALL {
+            row(&mut md, &format!("{} (µs)", metric.label()), &|v| {
                 pcts(&v[metric.name()])
             });
         }
@@ -349,9 +350,7 @@ pub fn markdown(results: &Value) -> String {
             },
         );
         let _ = writeln!(md);
-        if let Some(line) = program_line(&m["ebpf"]["program_runs"]) {
-            let _ = writeln!(md, "{line}\n");
-        }
+        program_table(&mut md, m);
         let r = &point["ratios"];
         let _ = writeln!(
             md,
@@ -384,34 +383,70 @@ pub fn markdown(results: &Value) -> String {
 }
 
 /// The eBPF programs' own cost, under the table it explains.
-fn program_line(runs: &Value) -> Option<String> {
-    let runs = runs.as_object().filter(|r| !r.is_empty())?;
-    let cells: Vec<String> = runs
-        .iter()
-        .map(|(name, v)| {
-            format!(
-                "`{name}` {} ns ({} runs)",
-                num(&v["ns_per_run"], 0),
-                v["runs"]
-            )
-        })
-        .collect();
-    Some(format!(
-        "eBPF programs' own run time per run (kernel BPF statistics, one extra batch of each metric): {}.",
-        cells.join(", ")
-    ))
+/// The eBPF programs' time per operation of each metric, beside the gap it explains.
+fn program_table(md: &mut String, modes: &Value) {
+    let time = &modes["ebpf"]["program_time"];
+    if !time.is_object() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| eBPF programs per operation (kernel BPF statistics) | µs | ebpf - direct at p50 (µs) |"
+    );
+    let _ = writeln!(md, "|---|---|---|");
+    for metric in Metric::ALL {
+        let t = &time[metric.name()];
+        let Some(operations) = t["operations"].as_f64().filter(|n| *n > 0.0) else {
+            continue;
+        };
+        let programs: Vec<String> = t["programs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, p)| {
+                let runs = p["runs"].as_f64().unwrap_or(0.0);
+                let name = name.trim_start_matches("ekp_");
+                let ns = num(&p["ns_per_run"], 0);
+                // A program that ran only around the batch (the one connect of `rr`, the one
+                // close of `udp rr`) is counted, not shown as 0.00 per operation.
+                if runs / operations < 0.05 {
+                    let plural = if runs == 1.0 { "" } else { "s" };
+                    format!("`{name}` {runs} run{plural} in all × {ns} ns")
+                } else {
+                    format!("`{name}` {:.2} × {ns} ns", runs / operations)
+                }
+            })
+            .collect();
+        let p50 = |mode: &str| modes[mode][metric.name()]["p50_us"].as_f64();
+        let gap = match (p50("ebpf"), p50("direct")) {
+            (Some(e), Some(d)) => format!("{:.2}", e - d),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {}: {} | {} | {gap} |",
+            metric.label(),
+            if programs.is_empty() {
+                "none ran".to_owned()
+            } else {
+                programs.join(", ")
+            },
+            num(&t["us_per_operation"], 2)
+        );
+    }
+    let _ = writeln!(md);
 }
 
 pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine.\n\
 - NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the measured Service's NodePort on the node's `ext0` address. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
-- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr`. Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
+- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, the destination chosen per datagram). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
 - Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
-- eBPF program run time: after the latency rounds, one more batch of each metric in the `ebpf` mode runs with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, only for that pass: it adds two clock reads to every program run); the line under each table gives each program's nanoseconds per run, from the counters of the agent's program descriptors. It is the translation's own cost, without the latency percentiles' noise: `connect4` runs once per `connect()` of a process in the cgroup, `sendmsg4`/`recvmsg4` once per unconnected UDP send and receive, `tcx_in`/`tcx_out` once per packet through the node's `ext0`.\n\
+- eBPF program run time: after the latency rounds, one more batch of each metric in the `ebpf` mode runs with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, only for that pass: it adds two clock reads to every program run); the counters of the agent's program descriptors are read before and after each metric's batch. The table under each N gives, per metric, each program's runs per operation and nanoseconds per run, their sum per operation, and beside it the `ebpf` - `direct` gap at p50 that it accounts for. It is the translation's own cost, without the latency percentiles' noise: `connect4` runs once per `connect()` of a process in the cgroup, `sock_release` once per socket closed there, `sendmsg4`/`recvmsg4` once per unconnected UDP send and receive, `tcx_in`/`tcx_out` once per packet through the node's `ext0`.\n\
 - Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";
 
 #[cfg(test)]
@@ -428,5 +463,39 @@ mod tests {
         assert!(percentile(&[], 50.0).is_nan());
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn program_time_is_shown_per_operation_beside_the_gap() {
+        let modes = json!({
+            "ebpf": {
+                "connect": {"p50_us": 17.25},
+                "rr": {"p50_us": 6.0},
+                "program_time": {
+                    "connect": {"operations": 200, "us_per_operation": 0.6, "programs": {
+                        "ekp_connect4": {"runs": 200, "ns_per_run": 500},
+                        "ekp_sock_release": {"runs": 200, "ns_per_run": 100},
+                    }},
+                    "rr": {"operations": 500, "us_per_operation": 0.004, "programs": {
+                        "ekp_connect4": {"runs": 1, "ns_per_run": 2000},
+                    }},
+                },
+            },
+            "direct": {"connect": {"p50_us": 16.5}, "rr": {"p50_us": 6.0}},
+        });
+        let mut md = String::new();
+        program_table(&mut md, &modes);
+        let rows: Vec<&str> = md.lines().skip(2).filter(|l| !l.is_empty()).collect();
+        assert_eq!(
+            rows,
+            [
+                "| TCP connect: `connect4` 1.00 × 500 ns, `sock_release` 1.00 × 100 ns | 0.60 | 0.75 |",
+                "| TCP request/response, established: `connect4` 1 run in all × 2000 ns | 0.00 | 0.00 |",
+            ]
+        );
+        // Without a statistics pass (a kernel that cannot count), no table at all.
+        let mut md = String::new();
+        program_table(&mut md, &json!({"ebpf": {}, "direct": {}}));
+        assert!(md.is_empty());
     }
 }

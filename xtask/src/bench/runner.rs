@@ -30,7 +30,8 @@ pub struct Binaries {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub services: Vec<usize>,
-    /// Measured operations per mode and N for connect, crr and udp (rr gets 2.5 times).
+    /// Measured operations per mode and N for connect, crr and udp (rr and udp rr, cheaper
+    /// per operation, get 2.5 times).
     pub samples: usize,
     pub rounds: usize,
     pub warmup: usize,
@@ -63,8 +64,28 @@ pub struct ModeResult {
     pub bpf_maps: Option<(usize, u64)>,
     /// For iptables/nftables: lines and bytes of the full ruleset input.
     pub ruleset: Option<(usize, usize)>,
-    /// For ebpf: each program that ran in the statistics pass: runs, ns per run.
-    pub program_runs: BTreeMap<String, (u64, f64)>,
+    /// For ebpf: what the programs cost in the statistics pass, per metric.
+    pub program_time: BTreeMap<Metric, ProgramTime>,
+}
+
+/// The eBPF programs that ran during one batch of a metric.
+#[derive(Debug)]
+pub struct ProgramTime {
+    /// The batch's operations, warm-up included (they run the programs too).
+    pub operations: usize,
+    /// Each program that ran: runs, ns per run.
+    pub programs: BTreeMap<String, (u64, f64)>,
+}
+
+impl ProgramTime {
+    pub fn us_per_operation(&self) -> f64 {
+        let ns: f64 = self
+            .programs
+            .values()
+            .map(|(runs, ns)| *runs as f64 * ns)
+            .sum();
+        ns / self.operations.max(1) as f64 / 1000.0
+    }
 }
 
 #[derive(Debug)]
@@ -570,12 +591,13 @@ impl<'a> Runner<'a> {
             };
             let errors: u64 = result.latency.values().map(|l| l.errors).sum();
             println!(
-                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs{}",
+                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  udp rr {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs{}",
                 mode.name(),
                 p50(Metric::Connect),
                 p50(Metric::Crr),
                 p50(Metric::Rr),
                 p50(Metric::Udp),
+                p50(Metric::UdpRr),
                 p50(Metric::NodePortConnect),
                 p50(Metric::NodePortCrr),
                 if errors > 0 {
@@ -592,7 +614,7 @@ impl<'a> Runner<'a> {
     fn per_batch(&self, metric: Metric) -> usize {
         let s = self.settings;
         let total = match metric {
-            Metric::Rr => s.samples * 5 / 2,
+            Metric::Rr | Metric::UdpRr => s.samples * 5 / 2,
             _ => s.samples,
         };
         total.div_ceil(s.rounds.max(1)).max(1)
@@ -602,7 +624,7 @@ impl<'a> Runner<'a> {
     /// programs' run time (see `progstats`); these batches' latencies are not kept. A kernel
     /// that cannot count leaves the figure out, with the reason on the progress line.
     fn program_run_time(&mut self, result: &mut ModeResult) -> Result<()> {
-        print!("  eBPF program run time (ns per run):");
+        print!("  eBPF programs per operation (µs):");
         let Some(pid) = self.agent.pid() else {
             println!(" not measured (the agent is not running)");
             return Ok(());
@@ -614,18 +636,22 @@ impl<'a> Runner<'a> {
                 return Ok(());
             }
         };
-        let before = progstats::counters(pid)?;
+        let bpftool = xtask::toolchain::bpftool();
         for metric in Metric::ALL {
             check_interrupted()?;
-            self.batch(Mode::Ebpf, metric, self.per_batch(metric))
+            let count = self.per_batch(metric);
+            let before = progstats::counters(pid)?;
+            self.batch(Mode::Ebpf, metric, count)
                 .with_context(|| format!("ebpf {} with BPF statistics", metric.name()))?;
+            let after = progstats::counters(pid)?;
+            let time = ProgramTime {
+                operations: count + self.settings.warmup,
+                programs: progstats::per_run(&bpftool, &before, &after)?,
+            };
+            print!(" {} {:.2}", metric.name(), time.us_per_operation());
+            result.program_time.insert(metric, time);
         }
-        let after = progstats::counters(pid)?;
         drop(counting);
-        result.program_runs = progstats::per_run(&xtask::toolchain::bpftool(), &before, &after)?;
-        for (name, (_, ns)) in &result.program_runs {
-            print!(" {} {ns:.0}", name.trim_start_matches("ekp_"));
-        }
         println!();
         Ok(())
     }
