@@ -81,16 +81,25 @@ pub struct UdpSocket {
     id_raw: [u8; size_of::<SockId>()],
 }
 
+/// What one pass over the network namespaces did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Sockets destroyed.
+    pub destroyed: usize,
+    /// Namespaces the agent was not allowed to enter (`setns` needs `CAP_SYS_ADMIN`).
+    pub denied: usize,
+}
+
 /// Destroys, in every network namespace, the connected UDP sockets whose peer is one of
 /// `backends` and for which `translated(socket)` says the socket programs chose that
-/// backend. Returns how many were destroyed. Namespaces that cannot be entered are
-/// skipped (logged at debug level).
+/// backend. Namespaces that cannot be entered are skipped (logged at debug level; those
+/// refused for want of privilege are counted).
 pub fn destroy_udp_sockets(
     backends: &BTreeSet<(Ipv4Addr, u16)>,
     translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
-) -> usize {
+) -> Pass {
     if backends.is_empty() {
-        return 0;
+        return Pass::default();
     }
     let namespaces = network_namespaces();
     std::thread::scope(|scope| {
@@ -111,18 +120,20 @@ pub fn destroy_udp_sockets(
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .zip(&namespaces)
-            .map(|(w, ns)| match w.join() {
-                Ok(Ok(n)) => n,
+        let mut pass = Pass::default();
+        for (worker, ns) in workers.into_iter().zip(&namespaces) {
+            match worker.join() {
+                Ok(Ok(n)) => pass.destroyed += n,
                 Ok(Err(e)) => {
                     tracing::debug!(namespace = %ns.display(), "sock_diag: {e}");
-                    0
+                    if e.kind() == io::ErrorKind::PermissionDenied {
+                        pass.denied += 1;
+                    }
                 }
-                Err(_) => 0,
-            })
-            .sum()
+                Err(_) => {}
+            }
+        }
+        pass
     })
 }
 

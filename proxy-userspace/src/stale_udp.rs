@@ -110,6 +110,7 @@ impl StaleUdp {
 
 /// The worker: waits for departures, closes their sockets, forever.
 fn run(shared: &Shared, sock_rev_nat: &HashMap<MapData, SockRevNatKey, SockRevNatValue>) {
+    let mut warned = false;
     loop {
         let scanned = {
             let mut pending = shared.pending();
@@ -144,13 +145,22 @@ fn run(shared: &Shared, sock_rev_nat: &HashMap<MapData, SockRevNatKey, SockRevNa
                 .get(&departure)
                 .is_some_and(|generation| shared.pending().holds(&departure, *generation))
         };
-        let destroyed = sockdiag::destroy_udp_sockets(&peers, &still_departed);
+        let pass = sockdiag::destroy_udp_sockets(&peers, &still_departed);
         shared.pending().done(&scanned);
         tracing::info!(
-            destroyed,
+            destroyed = pass.destroyed,
             departures = scanned.len(),
             "connected UDP sockets of departed backends closed"
         );
+        if pass.denied > 0 && !warned {
+            warned = true;
+            tracing::warn!(
+                namespaces = pass.denied,
+                "not allowed to enter network namespaces (setns needs CAP_SYS_ADMIN): \
+                 connected UDP sockets in them keep sending to removed backends until \
+                 they reconnect"
+            );
+        }
     }
 }
 

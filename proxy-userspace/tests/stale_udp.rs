@@ -10,6 +10,10 @@ use serde_json::Value;
 const ECONNABORTED: i64 = 103;
 const EDESTADDRREQ: i64 = 89;
 
+/// The agent container's capabilities with the chart's default values
+/// (`securityContext.capabilities`, asserted by the chart checks).
+const CHART_CAPABILITIES: [&str; 4] = ["bpf", "net_admin", "perfmon", "sys_admin"];
+
 fn dns_on(h: &Harness, pod: &str) {
     h.write_manifest(
         "eps.yaml",
@@ -27,19 +31,19 @@ fn after_switch<'a>(lines: &'a [Value], to: &str) -> (Vec<&'a Value>, Vec<&'a Va
     (lines[first..].iter().collect(), errors)
 }
 
-#[test]
-fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced() {
-    let mut h = Harness::new("staleudp", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[], &[5353]);
+/// Two resolvers with one socket each, connected and unconnected (sendto), ask the DNS
+/// Service every 5 ms while its only endpoint is replaced: pod-a by pod-b. pod-a keeps
+/// running (as a terminating pod does), so a socket left pointing at it keeps getting
+/// answers from it. Returns each client's lines.
+fn replace_the_backend(h: &mut Harness, start_agent: impl FnOnce(&mut Harness)) -> [Vec<Value>; 2] {
     h.write_manifest(
         "svc.yaml",
         &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
     );
-    dns_on(&h, "10.244.0.10");
-    h.start_agent();
+    dns_on(h, "10.244.0.10");
+    start_agent(h);
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
 
-    // Two resolvers with one socket each: connected, and unconnected (sendto).
     let args = |extra: &'static str| {
         let mut a = vec![
             "udp",
@@ -59,15 +63,17 @@ fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced(
     connected.wait_for_lines(50);
     unconnected.wait_for_lines(50);
 
-    // pod-a is replaced by pod-b. pod-a keeps running (as a terminating pod does), so a
-    // socket left pointing at it would keep getting answers from it.
-    dns_on(&h, "10.244.0.11");
+    dns_on(h, "10.244.0.11");
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
+    [connected.lines(), unconnected.lines()]
+}
 
-    for (what, client) in [("connected", connected), ("unconnected", unconnected)] {
-        let lines = client.lines();
+/// Both clients end on pod-b and never go back; the connected one's socket was destroyed
+/// once; the peer stays the Service address throughout.
+fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2]) {
+    for (what, lines) in [("connected", connected), ("unconnected", unconnected)] {
         assert_eq!(lines[0]["answer"], "pod-a", "{what} starts on pod-a");
-        let (after, errors) = after_switch(&lines, "pod-b");
+        let (after, errors) = after_switch(lines, "pod-b");
         assert!(
             after
                 .iter()
@@ -78,7 +84,6 @@ fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced(
             after.len() >= 100,
             "{what}: the switch came too late to judge"
         );
-        // The peer stays the Service address throughout.
         assert!(
             lines
                 .iter()
@@ -103,4 +108,44 @@ fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced(
         h.agent_log()
             .contains("connected UDP sockets of departed backends closed")
     );
+}
+
+#[test]
+fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced() {
+    let mut h = Harness::new("staleudp", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    let lines = replace_the_backend(&mut h, Harness::start_agent);
+    assert_both_moved(&h, &lines);
+}
+
+/// The pods' sockets are in the pods' network namespaces, which the agent enters
+/// (`setns`): the chart's capabilities must allow it.
+#[test]
+fn c27_works_with_the_charts_capabilities() {
+    let mut h = Harness::new("staleudpcaps", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    let lines = replace_the_backend(&mut h, |h| {
+        h.start_agent_with_capabilities(&CHART_CAPABILITIES)
+    });
+    assert_both_moved(&h, &lines);
+}
+
+/// Without `CAP_SYS_ADMIN` the agent cannot enter the namespaces: it says so, and the
+/// connected socket stays on the removed backend (the unconnected one still moves).
+#[test]
+fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
+    let mut h = Harness::new("staleudpnoadm", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    let caps: Vec<&str> = CHART_CAPABILITIES
+        .into_iter()
+        .filter(|c| *c != "sys_admin")
+        .collect();
+    let [connected, unconnected] =
+        replace_the_backend(&mut h, |h| h.start_agent_with_capabilities(&caps));
+    h.wait_for_log("setns needs CAP_SYS_ADMIN");
+    let last = connected.last().expect("the connected client answered");
+    assert_eq!(last["answer"], "pod-a", "{connected:?}");
+    assert!(connected.iter().all(|l| l["ok"] == true), "{connected:?}");
+    let (after, _) = after_switch(&unconnected, "pod-b");
+    assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }

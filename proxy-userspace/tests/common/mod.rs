@@ -62,6 +62,20 @@ impl Harness {
         self.spawn_agent(Command::new(AGENT), source_args);
     }
 
+    /// [`Harness::start_agent`] with only the capabilities `caps` (as `setpriv` names them,
+    /// e.g. `net_admin`): the bounding set a container runtime would give it. Root in the
+    /// host's user namespace, as in the chart.
+    pub fn start_agent_with_capabilities(&mut self, caps: &[&str]) {
+        let bounding: String = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut command = Command::new("setpriv");
+        command.args(["--bounding-set", &bounding, AGENT]);
+        let manifests = self.manifests.clone();
+        self.spawn_agent(command, &["--manifests".as_ref(), manifests.as_os_str()]);
+    }
+
     /// Starts the agent on the manifests directory inside the node namespace (whose bridge
     /// has `netns::BRIDGE_ADDR`), with `extra` arguments: for tests of servers the agent
     /// opens itself, such as health-check node ports, which must not touch the host's
