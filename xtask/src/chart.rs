@@ -758,7 +758,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "defaults: agent capabilities BPF, NET_ADMIN, PERFMON only",
+        "defaults: agent capabilities BPF, NET_ADMIN, PERFMON, SYS_ADMIN only",
         &r,
         |r| {
             let sc = &r.agent()?["securityContext"];
@@ -771,13 +771,19 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             expect_eq(
                 "capabilities.add",
                 strings(&sc["capabilities"]["add"]),
-                vec!["BPF".to_owned(), "NET_ADMIN".into(), "PERFMON".into()],
+                vec![
+                    "BPF".to_owned(),
+                    "NET_ADMIN".into(),
+                    "PERFMON".into(),
+                    "SYS_ADMIN".into(),
+                ],
             )?;
-            expect_eq(
-                "allowPrivilegeEscalation",
-                &sc["allowPrivilegeEscalation"],
-                &json!(false),
-            )?;
+            // The API server rejects `allowPrivilegeEscalation: false` beside SYS_ADMIN.
+            ensure!(
+                sc["allowPrivilegeEscalation"].is_null(),
+                "allowPrivilegeEscalation rendered beside SYS_ADMIN: {}",
+                sc["allowPrivilegeEscalation"]
+            );
             expect_eq(
                 "readOnlyRootFilesystem",
                 &sc["readOnlyRootFilesystem"],
@@ -874,7 +880,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "defaults: no host /proc, no hostPID, two host volumes",
+        "defaults: no host /proc, no hostPID, three host volumes",
         &r,
         |r| {
             let spec = &r.daemonset()?["spec"]["template"]["spec"];
@@ -888,7 +894,33 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             expect_eq(
                 "host paths",
                 paths,
-                vec!["/sys/fs/bpf".into(), "/sys/fs/cgroup".into()],
+                vec![
+                    "/sys/fs/bpf".into(),
+                    "/sys/fs/cgroup".into(),
+                    "/run/netns".into(),
+                ],
+            )
+        },
+    );
+    with(
+        &mut checks,
+        "defaults: pods' network namespaces read-only at /run/netns, HostToContainer",
+        &r,
+        |r| {
+            expect_eq(
+                "pod-netns volume",
+                &r.volume("pod-netns")?["hostPath"],
+                &json!({"path": "/run/netns", "type": "DirectoryOrCreate"}),
+            )?;
+            expect_eq(
+                "pod-netns mount",
+                mount(r.agent()?, "pod-netns")?,
+                &json!({
+                    "name": "pod-netns",
+                    "mountPath": "/run/netns",
+                    "readOnly": true,
+                    "mountPropagation": "HostToContainer",
+                }),
             )
         },
     );
