@@ -13,10 +13,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AGENT, Harness, answers, service, slice};
+use common::{Harness, answers, service, slice};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -208,16 +207,5 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
     assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
 
     // `list --maps` shows the pod flows in the conntrack map (none come from the socket LB).
-    let out = Command::new(AGENT)
-        .arg("--pin-path")
-        .arg(&h.pin_path)
-        .args(["list", "--maps", "-o", "json"])
-        .output()
-        .expect("list --maps");
-    let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("list --maps JSON");
-    let conntrack = fills
-        .iter()
-        .find(|f| f["map"] == "ekp_nat_ct_v1")
-        .expect("the conntrack map");
-    assert!(conntrack["entries"].as_u64() > Some(0), "{fills:?}");
+    assert!(h.map_entries("ekp_nat_ct_v1") > 0);
 }

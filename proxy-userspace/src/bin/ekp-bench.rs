@@ -229,55 +229,38 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
     let total = o.warmup + o.count;
     let mut picker = Picker::new();
     let mut measured_from = Instant::now();
-    match kind {
+    let timeout = o.timeout;
+    // One operation towards the target picked for it (`rr`: its one connection).
+    let mut op: Box<dyn FnMut(SocketAddr) -> std::io::Result<()>> = match kind {
         "rr" => {
             let target = picker.pick(&o.targets);
-            let mut stream = TcpStream::connect_timeout(&target, o.timeout)
+            let mut stream = TcpStream::connect_timeout(&target, timeout)
                 .map_err(|e| format!("connecting to {target}: {e}"))?;
             stream.set_nodelay(true).map_err(|e| e.to_string())?;
             stream
-                .set_read_timeout(Some(o.timeout))
+                .set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
-            for i in 0..total {
-                if i == o.warmup {
-                    measured_from = Instant::now();
-                }
-                let started = Instant::now();
-                let result = exchange(&mut stream, b'K').map(|_| ());
-                record(i, started, result);
-            }
+            Box::new(move |_| exchange(&mut stream, b'K').map(|_| ()))
         }
         "udprr" => {
             let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
             socket
-                .set_read_timeout(Some(o.timeout))
+                .set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
-            for i in 0..total {
-                if i == o.warmup {
-                    measured_from = Instant::now();
-                }
-                let target = picker.pick(&o.targets);
-                let started = Instant::now();
-                let result = udp_exchange(&socket, target).map(|_| ());
-                record(i, started, result);
-            }
+            Box::new(move |target| udp_exchange(&socket, target).map(|_| ()))
         }
-        _ => {
-            let op: fn(SocketAddr, Duration) -> std::io::Result<()> = match kind {
-                "connect" => connect_once,
-                "crr" => |t, timeout| crr_once(t, timeout).map(|_| ()),
-                _ => |t, timeout| udp_once(t, timeout).map(|_| ()),
-            };
-            for i in 0..total {
-                if i == o.warmup {
-                    measured_from = Instant::now();
-                }
-                let target = picker.pick(&o.targets);
-                let started = Instant::now();
-                let result = op(target, o.timeout);
-                record(i, started, result);
-            }
+        "connect" => Box::new(move |target| connect_once(target, timeout)),
+        "crr" => Box::new(move |target| crr_once(target, timeout).map(|_| ())),
+        _ => Box::new(move |target| udp_once(target, timeout).map(|_| ())),
+    };
+    for i in 0..total {
+        if i == o.warmup {
+            measured_from = Instant::now();
         }
+        let target = picker.pick(&o.targets);
+        let started = Instant::now();
+        let result = op(target);
+        record(i, started, result);
     }
     let elapsed = measured_from.elapsed().as_secs_f64();
     let summary = summarize(kind, &o, samples, errors, first_error, elapsed);
