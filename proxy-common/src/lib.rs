@@ -63,6 +63,7 @@ pub const MAP_SERVICES: &str = "ekp_svc_v1";
 pub const MAP_BACKENDS: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
+pub const MAP_SOCK_SLOTS: &str = "ekp_sk_slot_v1";
 pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
@@ -71,11 +72,12 @@ pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
     MAP_SOCK_REV_NAT,
+    MAP_SOCK_SLOTS,
     MAP_AFFINITY,
     MAP_NAT_CT,
     MAP_CONFIG,
@@ -99,6 +101,9 @@ pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
 pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
 pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
+/// Slots of the connected sockets' reverse table (`ekp_sk_slot_v1`): a power of two, since
+/// a socket's slot is its cookie's low bits. Fixed: the programs mask with it.
+pub const SOCK_SLOTS: u32 = 262144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
 /// Two entries per north-south flow (one per direction).
 pub const DEFAULT_NAT_CT_MAX: u32 = 262144;
@@ -233,6 +238,32 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 
+/// One slot of the connected sockets' reverse table (`ekp_sk_slot_v1`, an array indexed by
+/// `cookie & (SOCK_SLOTS - 1)`): what `connect4` remembers for `getpeername4`/`recvmsg4`
+/// when the slot is free, instead of an entry in the socket rev-NAT LRU.
+///
+/// Socket cookies are handed out in sequence, so consecutive connections write neighbouring
+/// slots, which stay in the cache; a hash map's entry lands in a random bucket. A slot held
+/// by another live socket sends the connection to the LRU instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockSlot {
+    /// Cookie of the socket that holds the slot; 0 while free; with `SOCK_SLOT_BUSY` set
+    /// while the holder writes the rest. Host order.
+    pub cookie: u64,
+    /// Backend IPv4 address the socket was connected to, network order.
+    pub backend_addr: u32,
+    /// Backend port, network order.
+    pub backend_port: u16,
+    pub _pad: [u8; 2],
+    /// The frontend the application asked for, as in the LRU's values.
+    pub frontend: SockRevNatValue,
+}
+
+/// `SockSlot::cookie` bit of a slot being written: readers never match it, other writers
+/// leave it alone. Cookies count up from 1 and never come near it.
+pub const SOCK_SLOT_BUSY: u64 = 1 << 63;
+
 /// Key of the session-affinity LRU map (Cilium's `lb4_affinity_key`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -365,6 +396,8 @@ const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 24);
+const _: () = assert!(SOCK_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
@@ -384,6 +417,7 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NatCtKey {}
@@ -434,6 +468,9 @@ mod tests {
         assert_eq!(offset_of!(LogConfig, level), 0);
         assert_eq!(offset_of!(SockRevNatKey, addr), 8);
         assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
+        assert_eq!(offset_of!(SockSlot, backend_addr), 8);
+        assert_eq!(offset_of!(SockSlot, backend_port), 12);
+        assert_eq!(offset_of!(SockSlot, frontend), 16);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 

@@ -15,6 +15,9 @@
 //! - `log`: logging behind the agent's switch (off by default).
 #![no_std]
 #![no_main]
+// BPF atomics (`sock_slot`); the build already runs with RUSTC_BOOTSTRAP for build-std.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod csum;
 mod fib;
@@ -26,6 +29,7 @@ mod nat;
 mod nodeport;
 mod parse;
 mod sock;
+mod sock_slot;
 
 #[cfg(not(test))]
 #[panic_handler]

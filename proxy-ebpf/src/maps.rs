@@ -8,7 +8,8 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue,
-    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot,
+    SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -26,13 +27,19 @@ pub static BACKENDS: HashMap<u32, BackendValue, { DEFAULT_BACKENDS_MAX as usize 
 pub static REV_NAT: HashMap<u16, RevNatValue, { DEFAULT_REV_NAT_MAX as usize }> = HashMap::new();
 
 /// (socket cookie, backend) -> frontend, for `recvmsg4`/`getpeername4`. Written by
-/// `connect4`/`sendmsg4`; LRU because sockets close without telling us.
+/// `sendmsg4`, and by `connect4` when the socket's slot in `SOCK_SLOT_TABLE` is taken; LRU
+/// because unconnected sockets' entries cannot be found at close.
 #[btf_map(name = "ekp_sk_rnat_v1")]
 pub static SOCK_REV_NAT: LruHashMap<
     SockRevNatKey,
     SockRevNatValue,
     { DEFAULT_SOCK_REV_NAT_MAX as usize },
 > = LruHashMap::new();
+
+/// Connected sockets' translations, one slot per cookie's low bits (`sock_slot`). Written by
+/// `connect4`, read by `recvmsg4`/`getpeername4`, freed by `sock_release`.
+#[btf_map(name = "ekp_sk_slot_v1")]
+pub static SOCK_SLOT_TABLE: Array<SockSlot, { SOCK_SLOTS as usize }> = Array::new();
 
 /// (client, rev-NAT id) -> the backend a sessionAffinity ClientIP client sticks to.
 /// Written by the programs on selection; the agent deletes entries whose backend left the

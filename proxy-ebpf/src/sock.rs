@@ -6,7 +6,9 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 //! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
 //! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
-//! `sock_release` drops a closing socket's reverse entry, so that the map holds the live
+//! A connected socket's translation goes to its slot in the slot table (`sock_slot`), an
+//! unconnected UDP socket's (or one whose slot is taken) to the socket rev-NAT LRU.
+//! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
 use aya_ebpf::EbpfContext;
@@ -18,9 +20,9 @@ use proxy_common::{
     SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
 };
 
-use crate::lb;
 use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
+use crate::{lb, sock_slot};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
@@ -57,16 +59,18 @@ pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
 
 /// A socket is closing: its reverse entry, if `translate_forward` wrote one, goes with it.
 ///
-/// Left to the LRU, closed sockets' entries would fill the map, and a live connection's
-/// entry would be evicted once enough newer connections came (its `getpeername` would then
-/// show the backend); each new connection would also take the map's least recently used
-/// node, long out of the cache, and unlink it from its old bucket. Freed here, the map holds
-/// the live sockets, and the node is the next one `connect4` takes on this CPU.
+/// A held slot would send every later socket with the same low cookie bits to the LRU. Left
+/// to the LRU, closed sockets' entries would fill the map, and a live connection's entry
+/// would be evicted once enough newer connections came (its `getpeername` would then show
+/// the backend). Freed here, both hold the live sockets.
 ///
-/// It runs at the close of every IPv4 socket in the cgroup, also those never translated
-/// (a lookup that finds nothing). Only the socket's current peer is known (TCP, connected
-/// UDP): the entries of an unconnected UDP socket (`sendmsg4`, one per backend it sent to)
-/// and of a socket that disconnected are still left to the LRU.
+/// It runs at the close of every IPv4 TCP and UDP socket in the cgroup, also those never
+/// translated: a read of the slot of a cookie just handed out (a cached line), and, for a
+/// connected socket, an LRU lookup that finds nothing. The slot goes by cookie alone, so it
+/// is freed also after a disconnect (`connect(AF_UNSPEC)`, or the C27 worker destroying a
+/// UDP socket, which clears its peer). LRU entries need the current peer: those of an
+/// unconnected UDP socket (`sendmsg4`, one per backend it sent to) and of a disconnected
+/// socket that fell back to the LRU are left to its eviction.
 #[cgroup_sock(sock_release)]
 pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
@@ -74,18 +78,18 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     // readable at sock_release.
     let (family, proto, addr, port) =
         unsafe { ((*sk).family, (*sk).protocol, (*sk).dst_ip4, (*sk).dst_port) };
-    if family == AF_INET
-        && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP))
-        && addr != 0
-    {
-        let key = SockRevNatKey {
-            // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
-            cookie: unsafe { bpf_get_socket_cookie(sk.cast()) },
-            addr,
-            port,
-            _pad: [0; 2],
-        };
-        let _ = SOCK_REV_NAT.remove(&key);
+    if family == AF_INET && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP)) {
+        // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
+        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+        if !sock_slot::forget(cookie) && addr != 0 {
+            let key = SockRevNatKey {
+                cookie,
+                addr,
+                port,
+                _pad: [0; 2],
+            };
+            let _ = SOCK_REV_NAT.remove(&key);
+        }
     }
     // sock_release hooks may only return 1.
     PROCEED
@@ -174,9 +178,10 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // SAFETY: copied out at once.
     let backend: BackendValue = unsafe { *backend };
 
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNatKey {
-        // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: [0; 2],
@@ -186,14 +191,18 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         port,
         rev_nat_id: frontend.rev_nat_id,
     };
-    // A UDP socket that keeps sending to a Service finds its entry there from an earlier
-    // datagram to the same backend: a lookup (which also marks the entry used) leaves the
-    // LRU's locks and lists alone. A new socket (every connect) cannot have one.
+    // A connected socket talks to this backend only: its slot is enough. A UDP socket that
+    // keeps sending to a Service finds its LRU entry from an earlier datagram to the same
+    // backend: a lookup (which also marks the entry used) leaves the LRU's locks and lists
+    // alone.
     // SAFETY: copied out at once.
-    let known = SENDMSG
-        && SOCK_REV_NAT
+    let known = if SENDMSG {
+        SOCK_REV_NAT
             .get_ptr(&rev_key)
-            .is_some_and(|v| unsafe { *v } == rev_value);
+            .is_some_and(|v| unsafe { *v } == rev_value)
+    } else {
+        sock_slot::remember(cookie, backend.addr, backend.port, rev_value)
+    };
     if !known {
         // If the LRU cannot take the entry the connection still works; only the reverse
         // view (getpeername, recvfrom's source) shows the backend.
@@ -223,19 +232,35 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
 #[inline(always)]
 fn translate_reverse(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
+    // SAFETY: valid context; these fields are readable in both reverse hooks, and `sk` is
+    // always set there.
+    let (addr, port, sk) = unsafe {
+        (
+            (*sa).user_ip4,
+            (*sa).user_port as u16,
+            (*sa).__bindgen_anon_1.sk,
+        )
+    };
+    // SAFETY: the socket's own fields, readable through `sk` in sock_addr programs.
+    let from_peer = unsafe { (*sk).dst_ip4 == addr && (*sk).dst_port == port };
     let key = SockRevNatKey {
         // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        // SAFETY: valid context; these fields are readable in both reverse hooks.
-        addr: unsafe { (*sa).user_ip4 },
-        port: unsafe { (*sa).user_port } as u16,
+        addr,
+        port,
         _pad: [0; 2],
     };
-    let Some(entry) = SOCK_REV_NAT.get_ptr(&key) else {
-        return;
+    // A connected socket's translation is in its slot, unless the slot was taken; an
+    // unconnected socket's only in the LRU (its slot, another socket's, is not read).
+    let slotted = if from_peer {
+        sock_slot::recall(key.cookie, addr, port)
+    } else {
+        None
     };
     // SAFETY: copied out at once.
-    let entry = unsafe { *entry };
+    let Some(entry) = slotted.or_else(|| SOCK_REV_NAT.get_ptr(&key).map(|e| unsafe { *e })) else {
+        return;
+    };
     // Only while the frontend still exists: a deleted Service's old translation must not
     // keep relabelling traffic.
     let live = REV_NAT
@@ -243,7 +268,9 @@ fn translate_reverse(ctx: &SockAddrContext) {
         .map(|f| unsafe { (*f).addr == entry.addr && (*f).port == entry.port })
         .unwrap_or(false);
     if !live {
-        let _ = SOCK_REV_NAT.remove(&key);
+        if slotted.is_none() || !sock_slot::forget(key.cookie) {
+            let _ = SOCK_REV_NAT.remove(&key);
+        }
         return;
     }
     // SAFETY: these context fields are writable in recvmsg4 and getpeername4.

@@ -25,9 +25,9 @@ use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES,
-    NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
-    SourceRangeKey,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
+    MAP_SOURCE_RANGES, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
+    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
 };
 
 mod logs;
@@ -81,6 +81,38 @@ fn tcx_link_name(program: &str, device: &str) -> String {
     format!("{program}@{device}")
 }
 
+/// What the socket programs remember of translated sockets, read the way `recvmsg4` and
+/// `getpeername4` read it: the socket's slot, else the socket rev-NAT LRU.
+pub struct SockReverse {
+    slots: Array<MapData, SockSlot>,
+    lru: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+}
+
+impl SockReverse {
+    /// The frontend the socket `cookie`, talking to `addr:port` (network order), was
+    /// translated from; `None` if the socket programs did not translate it.
+    pub fn frontend_of(&self, cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
+        let slot = self.slots.get(&slot_index(cookie), 0).ok();
+        if let Some(slot) =
+            slot.filter(|s| s.cookie == cookie && s.backend_addr == addr && s.backend_port == port)
+        {
+            return Some(slot.frontend);
+        }
+        let key = SockRevNatKey {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 2],
+        };
+        self.lru.get(&key, 0).ok()
+    }
+}
+
+/// The slot of the socket `cookie` in `ekp_sk_slot_v1` (as the programs compute it).
+fn slot_index(cookie: u64) -> u32 {
+    (cookie & u64::from(SOCK_SLOTS - 1)) as u32
+}
+
 /// Map capacities (`max_entries`), set when the maps are first created.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -132,6 +164,7 @@ pub struct Maps {
     rev_nat: HashMap<MapData, u16, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    sock_slots: Array<MapData, SockSlot>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
@@ -153,6 +186,7 @@ impl Maps {
             rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?))?,
             sock_rev_nat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REV_NAT)?))?,
+            sock_slots: Array::try_from(Map::Array(open(MAP_SOCK_SLOTS)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
         })
     }
@@ -168,6 +202,7 @@ impl Maps {
             rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?)?,
             sock_rev_nat: HashMap::try_from(take(MAP_SOCK_REV_NAT)?)?,
+            sock_slots: Array::try_from(take(MAP_SOCK_SLOTS)?)?,
             source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
         })
     }
@@ -241,16 +276,20 @@ impl Maps {
         Ok(doomed.len())
     }
 
-    /// A second handle on the socket rev-NAT map, for a thread of its own.
-    pub fn sock_rev_nat_handle(&self) -> Result<HashMap<MapData, SockRevNatKey, SockRevNatValue>> {
-        let fd = self
-            .sock_rev_nat
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .context("duplicating the socket rev-NAT map's descriptor")?;
-        Ok(HashMap::try_from(Map::LruHashMap(MapData::from_fd(fd)?))?)
+    /// Second handles on the socket programs' reverse maps, for a thread of its own.
+    pub fn sock_reverse(&self) -> Result<SockReverse> {
+        let dup = |map: &MapData| {
+            map.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating a socket reverse map's descriptor")
+        };
+        Ok(SockReverse {
+            slots: Array::try_from(Map::Array(MapData::from_fd(dup(self.sock_slots.map())?)?))?,
+            lru: HashMap::try_from(Map::LruHashMap(MapData::from_fd(dup(self
+                .sock_rev_nat
+                .map())?)?))?,
+        })
     }
 
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
@@ -647,7 +686,8 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
-/// Entries and capacity of every pinned map under `pin_dir` (arrays count as full).
+/// Entries and capacity of every pinned map under `pin_dir`: arrays count as full, except
+/// the socket slot table, whose entries are the slots sockets hold.
 pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     let mut fills = Vec::new();
     for name in ALL_MAPS {
@@ -661,7 +701,11 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
             info.map_type(),
             Ok(aya::maps::MapType::Array | aya::maps::MapType::PerCpuArray)
         );
-        let entries = if is_array {
+        let entries = if name == MAP_SOCK_SLOTS {
+            let slots: Array<MapData, SockSlot> =
+                Array::try_from(Map::Array(MapData::from_pin(&path)?))?;
+            held_slots(&slots)
+        } else if is_array {
             u64::from(info.max_entries())
         } else {
             let fd = info.fd()?;
@@ -675,6 +719,15 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
         });
     }
     Ok(fills)
+}
+
+/// Slots of the table that a socket holds (or is writing). One read per slot: this is for
+/// `list --maps`, not a hot path.
+fn held_slots(slots: &Array<MapData, SockSlot>) -> u64 {
+    slots
+        .iter()
+        .filter(|slot| slot.as_ref().is_ok_and(|s| s.cookie != 0))
+        .count() as u64
 }
 
 /// Removes every pin the agent made: links first (which detaches the programs once no

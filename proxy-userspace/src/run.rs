@@ -788,7 +788,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 7] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 8] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -796,6 +796,10 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 7] {
         (
             proxy_common::MAP_SOCK_REV_NAT,
             i64::from(sizes.sock_rev_nat),
+        ),
+        (
+            proxy_common::MAP_SOCK_SLOTS,
+            i64::from(proxy_common::SOCK_SLOTS),
         ),
         (proxy_common::MAP_AFFINITY, i64::from(sizes.affinity)),
         (proxy_common::MAP_NAT_CT, i64::from(sizes.nat_ct)),

@@ -16,10 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use aya::maps::{HashMap, MapData};
-use proxy_common::{SockRevNatKey, SockRevNatValue};
-
 use crate::abi;
+use crate::dataplane::SockReverse;
 use crate::model::{BackendAddr, Protocol};
 use crate::sockdiag;
 
@@ -74,16 +72,14 @@ pub struct StaleUdp {
 }
 
 impl StaleUdp {
-    /// Starts the worker. `sock_rev_nat` is its own handle on the socket rev-NAT map, which
-    /// tells whether the socket programs translated a socket, and for which frontend.
-    pub fn spawn(
-        sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
-    ) -> std::io::Result<Self> {
+    /// Starts the worker. `reverse` is its own handle on the socket programs' reverse maps,
+    /// which tell whether they translated a socket, and for which frontend.
+    pub fn spawn(reverse: SockReverse) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("stale-udp".into())
-            .spawn(move || run(&worker, &sock_rev_nat))?;
+            .spawn(move || run(&worker, &reverse))?;
         Ok(StaleUdp { shared })
     }
 
@@ -109,7 +105,7 @@ impl StaleUdp {
 }
 
 /// The worker: waits for departures, closes their sockets, forever.
-fn run(shared: &Shared, sock_rev_nat: &HashMap<MapData, SockRevNatKey, SockRevNatValue>) {
+fn run(shared: &Shared, reverse: &SockReverse) {
     let mut warned = false;
     loop {
         let scanned = {
@@ -124,13 +120,11 @@ fn run(shared: &Shared, sock_rev_nat: &HashMap<MapData, SockRevNatKey, SockRevNa
         };
         let peers: BTreeSet<_> = scanned.keys().map(|(_, b)| (b.addr, b.port)).collect();
         let still_departed = |socket: &sockdiag::UdpSocket| {
-            let key = SockRevNatKey {
-                cookie: socket.cookie,
-                addr: abi::addr_to_net(socket.peer.0),
-                port: abi::port_to_net(socket.peer.1),
-                _pad: [0; 2],
-            };
-            let Ok(entry) = sock_rev_nat.get(&key, 0) else {
+            let Some(entry) = reverse.frontend_of(
+                socket.cookie,
+                abi::addr_to_net(socket.peer.0),
+                abi::port_to_net(socket.peer.1),
+            ) else {
                 return false; // not translated by the socket programs
             };
             let departure = (

@@ -728,7 +728,7 @@ impl Syncer {
     pub fn adopt(maps: Maps) -> Result<Self> {
         let programmed = Programmed::from_maps(&maps.read());
         let index = touched::BackendIndex::of(&programmed);
-        let stale_udp = StaleUdp::spawn(maps.sock_rev_nat_handle()?)
+        let stale_udp = StaleUdp::spawn(maps.sock_reverse()?)
             .context("starting the thread that closes stale UDP sockets")?;
         Ok(Syncer {
             maps,

@@ -100,7 +100,8 @@ fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
 }
 
 /// The reverse entry of a translated socket (what `getpeername` and `recvfrom` need) is
-/// deleted when the socket closes, when its peer is known: TCP and connected UDP. An
+/// deleted when the socket closes, when its peer is known: TCP and connected UDP (their
+/// slots, see the next test, are freed too). An
 /// unconnected UDP socket may have sent to many backends, so its entries are left to the
 /// LRU.
 #[test]
@@ -136,12 +137,119 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
         assert!(lines.iter().all(|l| l["peer"] == vip), "{what}: {lines:?}");
         assert_eq!(answers(&lines).values().sum::<usize>(), 50, "{what}");
         assert_eq!(h.map_entries(MAP), 0, "{what}: entries left after close");
+        assert_eq!(
+            h.map_entries("ekp_sk_slot_v1"),
+            0,
+            "{what}: slots held after close"
+        );
     }
 
     // Unconnected: one entry per socket and backend, still there after the close.
     let lines = h.client(&["udp", "10.96.0.10:53", "20"]);
     assert_eq!(answers(&lines).values().sum::<usize>(), 20);
     assert_eq!(h.map_entries(MAP), 20);
+}
+
+/// A connected socket's translation lives in its slot while the socket is open, and the
+/// slot is free again after the close; when the slot is held by another socket, the
+/// socket rev-NAT LRU takes the translation instead, and the application sees the same.
+#[test]
+fn connected_sockets_use_their_slot_or_else_the_lru() {
+    let mut h = Harness::new("slots", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[5353]);
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    dns(&h);
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+    );
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    const SLOTS: &str = "ekp_sk_slot_v1";
+    const LRU: &str = "ekp_sk_rnat_v1";
+
+    // One connected socket, kept open across requests (recvfrom's source each time).
+    let kept = [
+        "udp",
+        "10.96.0.10:53",
+        "3",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "400",
+    ];
+    let client = h.spawn_client("slot", &kept);
+    client.wait_for_lines(1);
+    assert_eq!(
+        (h.map_entries(SLOTS), h.map_entries(LRU)),
+        (1, 0),
+        "an open connected socket: its slot, no LRU entry"
+    );
+    let lines = client.lines();
+    assert_eq!(answers(&lines).values().sum::<usize>(), 3);
+    assert!(
+        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
+    assert_eq!(h.map_entries(SLOTS), 0, "the slot is freed at close");
+
+    // Every slot held by a socket that is not this client's.
+    let held = hold_every_slot(&h);
+    assert_eq!(h.map_entries(SLOTS), u64::from(held));
+    let client = h.spawn_client("lru", &kept);
+    client.wait_for_lines(1);
+    assert_eq!(
+        h.map_entries(LRU),
+        1,
+        "a taken slot sends the socket to the LRU"
+    );
+    let lines = client.lines();
+    assert_eq!(answers(&lines).values().sum::<usize>(), 3);
+    assert!(
+        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
+    let lines = h.client(&["tcp", "10.96.0.10:80", "20"]);
+    assert_eq!(answers(&lines).values().sum::<usize>(), 20);
+    assert!(
+        lines.iter().all(|l| l["peer"] == "10.96.0.10:80"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        h.map_entries(LRU),
+        0,
+        "LRU entries are deleted at close too"
+    );
+    assert_eq!(
+        h.map_entries(SLOTS),
+        u64::from(held),
+        "others' slots are left alone"
+    );
+}
+
+/// Writes every slot of the test's socket slot table as held by a cookie no socket has.
+fn hold_every_slot(h: &Harness) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    use proxy_common::{SOCK_SLOTS, SockSlot};
+
+    let pin = h.pin_path.join("maps/ekp_sk_slot_v1");
+    let data = MapData::from_pin(&pin).expect("opening the pinned slot table");
+    let mut slots: Array<MapData, SockSlot> =
+        Array::try_from(Map::Array(data)).expect("an array of slots");
+    let foreign = SockSlot {
+        // Cookies count up from 1; this one is far beyond any the kernel hands out.
+        cookie: 1 << 62,
+        ..SockSlot::default()
+    };
+    for index in 0..SOCK_SLOTS {
+        slots.set(index, foreign, 0).expect("writing a slot");
+    }
+    SOCK_SLOTS
 }
 
 #[test]

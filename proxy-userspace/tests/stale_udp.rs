@@ -116,6 +116,13 @@ fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced(
     let _servers = h.serve(&[], &[5353]);
     let lines = replace_the_backend(&mut h, Harness::start_agent);
     assert_both_moved(&h, &lines);
+    // The destroyed socket was disconnected (no peer) when the client closed it; its slot,
+    // found by cookie alone, was freed all the same.
+    assert_eq!(
+        h.map_entries("ekp_sk_slot_v1"),
+        0,
+        "slots held after the clients closed"
+    );
 }
 
 /// The pods' sockets are in the pods' network namespaces, which the agent enters

@@ -1,0 +1,104 @@
+//! The connected sockets' reverse table (`ekp_sk_slot_v1`): where `connect4` remembers a
+//! translation for `getpeername4`/`recvmsg4`, one slot per value of the socket cookie's low
+//! bits.
+//!
+//! Written per connection, the socket rev-NAT LRU's insert was most of `connect4`'s time:
+//! a hash puts each new socket's entry in a random bucket of a 262144-bucket table, out of
+//! the cache, under the LRU's locks. Cookies are handed out in sequence, so consecutive
+//! connections take neighbouring slots here: lines and pages that are already cached, and
+//! no lock. A slot still held by another live socket (one 262144 cookies older) sends the
+//! connection to the LRU, as does an unconnected UDP socket (it may talk to several
+//! backends), so a live socket's translation is never overwritten.
+//!
+//! The cookie word is the slot's lock and its validity: claimed atomically with
+//! `SOCK_SLOT_BUSY` set, the rest written, then published with the plain cookie; freed by
+//! `sock_release` with an atomic exchange back to 0.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+
+use proxy_common::{SOCK_SLOT_BUSY, SOCK_SLOTS, SockRevNatValue, SockSlot};
+
+use crate::maps::SOCK_SLOT_TABLE;
+
+/// The slot of the socket with this cookie.
+#[inline(always)]
+fn slot_of(cookie: u64) -> Option<*mut SockSlot> {
+    SOCK_SLOT_TABLE.get_ptr_mut((cookie & u64::from(SOCK_SLOTS - 1)) as u32)
+}
+
+// The bpf target has no `AtomicU64::compare_exchange` (its spec claims no CAS), but the
+// instructions exist (BPF_ATOMIC, kernel 5.12+): the intrinsics reach them.
+
+/// Sets the slot's cookie word to `new` if it holds `old`; true if it did.
+#[inline(always)]
+fn swap_cookie(slot: *mut SockSlot, old: u64, new: u64) -> bool {
+    // SAFETY: map values live as long as the map, which outlives the program run; the
+    // word is 8-byte aligned (the first field of a `repr(C)` array element).
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*slot).cookie,
+            old,
+            new,
+        )
+        .1
+    }
+}
+
+/// The slot's cookie word, read once (an aligned 8-byte load is never torn; the BPF
+/// backend has no atomic load at the default CPU level).
+#[inline(always)]
+fn cookie_of(slot: *mut SockSlot) -> u64 {
+    // SAFETY: as in `swap_cookie`.
+    unsafe { core::ptr::read_volatile(&raw const (*slot).cookie) }
+}
+
+/// Remembers that the socket `cookie` was connected to `backend_addr:backend_port` in
+/// place of `frontend`. False when its slot belongs to another socket: the caller then
+/// writes the LRU instead.
+#[inline(always)]
+pub fn remember(
+    cookie: u64,
+    backend_addr: u32,
+    backend_port: u16,
+    frontend: SockRevNatValue,
+) -> bool {
+    let Some(slot) = slot_of(cookie) else {
+        return false;
+    };
+    let busy = cookie | SOCK_SLOT_BUSY;
+    // Free, or this socket's own from an earlier connect (a reconnect).
+    if !swap_cookie(slot, 0, busy) && !swap_cookie(slot, cookie, busy) {
+        return false;
+    }
+    // SAFETY: the slot is ours while the word carries our busy cookie.
+    unsafe {
+        (*slot).backend_addr = backend_addr;
+        (*slot).backend_port = backend_port;
+        (*slot).frontend = frontend;
+    }
+    // Published by an exchange, a full barrier: a reader that sees the cookie sees the rest.
+    // SAFETY: as in `swap_cookie`.
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*slot).cookie, cookie) };
+    true
+}
+
+/// The frontend the socket `cookie`, now connected to `addr:port`, was translated from, if
+/// its slot remembers one.
+#[inline(always)]
+pub fn recall(cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
+    let slot = slot_of(cookie)?;
+    if cookie_of(slot) != cookie {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let held = unsafe { core::ptr::read_volatile(slot) };
+    // A reconnect of this socket on another thread may have rewritten the slot meanwhile.
+    let unchanged = cookie_of(slot) == cookie;
+    (unchanged && held.backend_addr == addr && held.backend_port == port).then_some(held.frontend)
+}
+
+/// Frees the socket's slot if it holds one; true if it did.
+#[inline(always)]
+pub fn forget(cookie: u64) -> bool {
+    slot_of(cookie).is_some_and(|slot| cookie_of(slot) == cookie && swap_cookie(slot, cookie, 0))
+}
