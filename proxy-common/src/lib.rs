@@ -101,7 +101,7 @@ pub const DEFAULT_SERVICES_MAX: u32 = 65536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65536;
 pub const DEFAULT_REV_NAT_MAX: u32 = 65536;
 pub const DEFAULT_SOCK_REV_NAT_MAX: u32 = 262144;
-/// Slots of the connected sockets' reverse table (`ekp_sk_slot_v1`): a power of two, since
+/// Slots of the sockets' reverse table (`ekp_sk_slot_v1`): a power of two, since
 /// a socket's slot is its cookie's low bits. Fixed: the programs mask with it.
 pub const SOCK_SLOTS: u32 = 262144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
@@ -238,20 +238,22 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 
-/// One slot of the connected sockets' reverse table (`ekp_sk_slot_v1`, an array indexed by
-/// `cookie & (SOCK_SLOTS - 1)`): what `connect4` remembers for `getpeername4`/`recvmsg4`
-/// when the slot is free, instead of an entry in the socket rev-NAT LRU.
+/// One slot of the sockets' reverse table (`ekp_sk_slot_v1`, an array indexed by
+/// `cookie & (SOCK_SLOTS - 1)`): what `connect4`/`sendmsg4` remember for
+/// `getpeername4`/`recvmsg4` when the slot is free, instead of an entry in the socket
+/// rev-NAT LRU.
 ///
-/// Socket cookies are handed out in sequence, so consecutive connections write neighbouring
-/// slots, which stay in the cache; a hash map's entry lands in a random bucket. A slot held
-/// by another live socket sends the connection to the LRU instead.
+/// Socket cookies are handed out in sequence, so consecutive sockets write neighbouring
+/// slots, which stay in the cache; a hash map's entry lands in a random bucket. A slot holds
+/// one backend; one held by another live socket, or by this unconnected socket for another
+/// backend, sends the translation to the LRU instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockSlot {
     /// Cookie of the socket that holds the slot; 0 while free; with `SOCK_SLOT_BUSY` set
     /// while the holder writes the rest. Host order.
     pub cookie: u64,
-    /// Backend IPv4 address the socket was connected to, network order.
+    /// Backend IPv4 address the socket talks to, network order.
     pub backend_addr: u32,
     /// Backend port, network order.
     pub backend_port: u16,

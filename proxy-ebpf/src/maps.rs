@@ -27,7 +27,7 @@ pub static BACKENDS: HashMap<u32, BackendValue, { DEFAULT_BACKENDS_MAX as usize 
 pub static REV_NAT: HashMap<u16, RevNatValue, { DEFAULT_REV_NAT_MAX as usize }> = HashMap::new();
 
 /// (socket cookie, backend) -> frontend, for `recvmsg4`/`getpeername4`. Written by
-/// `sendmsg4`, and by `connect4` when the socket's slot in `SOCK_SLOT_TABLE` is taken; LRU
+/// `connect4`/`sendmsg4` when the socket's slot in `SOCK_SLOT_TABLE` is not available; LRU
 /// because unconnected sockets' entries cannot be found at close.
 #[btf_map(name = "ekp_sk_rnat_v1")]
 pub static SOCK_REV_NAT: LruHashMap<
@@ -36,8 +36,8 @@ pub static SOCK_REV_NAT: LruHashMap<
     { DEFAULT_SOCK_REV_NAT_MAX as usize },
 > = LruHashMap::new();
 
-/// Connected sockets' translations, one slot per cookie's low bits (`sock_slot`). Written by
-/// `connect4`, read by `recvmsg4`/`getpeername4`, freed by `sock_release`.
+/// Sockets' translations, one slot per cookie's low bits (`sock_slot`). Written by
+/// `connect4`/`sendmsg4`, read by `recvmsg4`/`getpeername4`, freed by `sock_release`.
 #[btf_map(name = "ekp_sk_slot_v1")]
 pub static SOCK_SLOT_TABLE: Array<SockSlot, { SOCK_SLOTS as usize }> = Array::new();
 

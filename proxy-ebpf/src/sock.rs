@@ -6,8 +6,9 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 //! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
 //! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
-//! A connected socket's translation goes to its slot in the slot table (`sock_slot`), an
-//! unconnected UDP socket's (or one whose slot is taken) to the socket rev-NAT LRU.
+//! A socket's translation goes to its slot in the slot table (`sock_slot`) when the slot is
+//! free or already its own, else to the socket rev-NAT LRU (a slot held by another socket,
+//! or an unconnected UDP socket's second backend).
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
@@ -68,9 +69,10 @@ pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
 /// translated: a read of the slot of a cookie just handed out (a cached line), and, for a
 /// connected socket, an LRU lookup that finds nothing. The slot goes by cookie alone, so it
 /// is freed also after a disconnect (`connect(AF_UNSPEC)`, or the C27 worker destroying a
-/// UDP socket, which clears its peer). LRU entries need the current peer: those of an
-/// unconnected UDP socket (`sendmsg4`, one per backend it sent to) and of a disconnected
-/// socket that fell back to the LRU are left to its eviction.
+/// UDP socket, which clears its peer) and for unconnected sockets. LRU entries need the
+/// current peer: those of an unconnected UDP socket (`sendmsg4`, one per backend beyond
+/// the slot's) and of a disconnected socket that fell back to the LRU are left to its
+/// eviction.
 #[cgroup_sock(sock_release)]
 pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
@@ -191,18 +193,18 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         port,
         rev_nat_id: frontend.rev_nat_id,
     };
-    // A connected socket talks to this backend only: its slot is enough. A UDP socket that
-    // keeps sending to a Service finds its LRU entry from an earlier datagram to the same
-    // backend: a lookup (which also marks the entry used) leaves the LRU's locks and lists
-    // alone.
+    // The socket's slot if it is free or already the socket's own for this backend (any
+    // backend, once connected: it talks to no other). A socket that keeps sending to a
+    // Service finds what an earlier datagram left there or in the LRU: a lookup, which
+    // also marks an LRU entry used, leaves the LRU's locks and lists alone.
     // SAFETY: copied out at once.
-    let known = if SENDMSG {
-        SOCK_REV_NAT
-            .get_ptr(&rev_key)
-            .is_some_and(|v| unsafe { *v } == rev_value)
-    } else {
-        sock_slot::remember(cookie, backend.addr, backend.port, rev_value)
-    };
+    let known = (SENDMSG
+        && sock_slot::recall(cookie, backend.addr, backend.port) == Some(rev_value))
+        || sock_slot::remember(cookie, backend.addr, backend.port, rev_value, !SENDMSG)
+        || (SENDMSG
+            && SOCK_REV_NAT
+                .get_ptr(&rev_key)
+                .is_some_and(|v| unsafe { *v } == rev_value));
     if !known {
         // If the LRU cannot take the entry the connection still works; only the reverse
         // view (getpeername, recvfrom's source) shows the backend.
@@ -232,31 +234,17 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
 #[inline(always)]
 fn translate_reverse(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    // SAFETY: valid context; these fields are readable in both reverse hooks, and `sk` is
-    // always set there.
-    let (addr, port, sk) = unsafe {
-        (
-            (*sa).user_ip4,
-            (*sa).user_port as u16,
-            (*sa).__bindgen_anon_1.sk,
-        )
-    };
-    // SAFETY: the socket's own fields, readable through `sk` in sock_addr programs.
-    let from_peer = unsafe { (*sk).dst_ip4 == addr && (*sk).dst_port == port };
     let key = SockRevNatKey {
         // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr,
-        port,
+        // SAFETY: valid context; these fields are readable in both reverse hooks.
+        addr: unsafe { (*sa).user_ip4 },
+        port: unsafe { (*sa).user_port } as u16,
         _pad: [0; 2],
     };
-    // A connected socket's translation is in its slot, unless the slot was taken; an
-    // unconnected socket's only in the LRU (its slot, another socket's, is not read).
-    let slotted = if from_peer {
-        sock_slot::recall(key.cookie, addr, port)
-    } else {
-        None
-    };
+    // The socket's slot first: `translate_forward` writes the LRU only when the slot was
+    // not available.
+    let slotted = sock_slot::recall(key.cookie, key.addr, key.port);
     // SAFETY: copied out at once.
     let Some(entry) = slotted.or_else(|| SOCK_REV_NAT.get_ptr(&key).map(|e| unsafe { *e })) else {
         return;

@@ -1,14 +1,14 @@
-//! The connected sockets' reverse table (`ekp_sk_slot_v1`): where `connect4` remembers a
-//! translation for `getpeername4`/`recvmsg4`, one slot per value of the socket cookie's low
-//! bits.
+//! The sockets' reverse table (`ekp_sk_slot_v1`): where `connect4` and `sendmsg4` remember
+//! a translation for `getpeername4`/`recvmsg4`, one slot per value of the socket cookie's
+//! low bits.
 //!
-//! Written per connection, the socket rev-NAT LRU's insert was most of `connect4`'s time:
+//! Written per new socket, the socket rev-NAT LRU's insert was most of `connect4`'s time:
 //! a hash puts each new socket's entry in a random bucket of a 262144-bucket table, out of
 //! the cache, under the LRU's locks. Cookies are handed out in sequence, so consecutive
-//! connections take neighbouring slots here: lines and pages that are already cached, and
-//! no lock. A slot still held by another live socket (one 262144 cookies older) sends the
-//! connection to the LRU, as does an unconnected UDP socket (it may talk to several
-//! backends), so a live socket's translation is never overwritten.
+//! sockets take neighbouring slots here: lines and pages that are already cached, and no
+//! lock. A slot holds one backend: a slot still held by another live socket (one 262144
+//! cookies older), or by this unconnected socket for another backend, sends the
+//! translation to the LRU, so a live socket's translation is never overwritten.
 //!
 //! The cookie word is the slot's lock and its validity: claimed atomically with
 //! `SOCK_SLOT_BUSY` set, the rest written, then published with the plain cookie; freed by
@@ -52,22 +52,34 @@ fn cookie_of(slot: *mut SockSlot) -> u64 {
     unsafe { core::ptr::read_volatile(&raw const (*slot).cookie) }
 }
 
-/// Remembers that the socket `cookie` was connected to `backend_addr:backend_port` in
-/// place of `frontend`. False when its slot belongs to another socket: the caller then
-/// writes the LRU instead.
+/// Remembers that the socket `cookie` sends to `backend_addr:backend_port` in place of
+/// `frontend`. The socket may replace what its slot holds for another backend only if
+/// `connected` (it can no longer hear from that one). False when the slot belongs to
+/// another socket, or to this one for another backend: the caller then uses the LRU.
 #[inline(always)]
 pub fn remember(
     cookie: u64,
     backend_addr: u32,
     backend_port: u16,
     frontend: SockRevNatValue,
+    connected: bool,
 ) -> bool {
     let Some(slot) = slot_of(cookie) else {
         return false;
     };
-    let busy = cookie | SOCK_SLOT_BUSY;
-    // Free, or this socket's own from an earlier connect (a reconnect).
-    if !swap_cookie(slot, 0, busy) && !swap_cookie(slot, cookie, busy) {
+    let held = cookie_of(slot);
+    // SAFETY: only this socket writes a slot that carries its cookie; a racing thread of
+    // the same socket loses the exchange below.
+    let same_backend =
+        || unsafe { (*slot).backend_addr == backend_addr && (*slot).backend_port == backend_port };
+    let expected = if held == 0 {
+        0
+    } else if held == cookie && (connected || same_backend()) {
+        cookie
+    } else {
+        return false;
+    };
+    if !swap_cookie(slot, expected, cookie | SOCK_SLOT_BUSY) {
         return false;
     }
     // SAFETY: the slot is ours while the word carries our busy cookie.
@@ -82,8 +94,7 @@ pub fn remember(
     true
 }
 
-/// The frontend the socket `cookie`, now connected to `addr:port`, was translated from, if
-/// its slot remembers one.
+/// The frontend the socket `cookie` reached `addr:port` through, if its slot remembers one.
 #[inline(always)]
 pub fn recall(cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
     let slot = slot_of(cookie)?;
@@ -92,7 +103,7 @@ pub fn recall(cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
     }
     // SAFETY: copied out at once.
     let held = unsafe { core::ptr::read_volatile(slot) };
-    // A reconnect of this socket on another thread may have rewritten the slot meanwhile.
+    // Another thread of this socket (a reconnect, a send) may have rewritten it meanwhile.
     let unchanged = cookie_of(slot) == cookie;
     (unchanged && held.backend_addr == addr && held.backend_port == port).then_some(held.frontend)
 }

@@ -100,10 +100,10 @@ fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
 }
 
 /// The reverse entry of a translated socket (what `getpeername` and `recvfrom` need) is
-/// deleted when the socket closes, when its peer is known: TCP and connected UDP (their
-/// slots, see the next test, are freed too). An
-/// unconnected UDP socket may have sent to many backends, so its entries are left to the
-/// LRU.
+/// deleted when the socket closes. Each socket's first backend is in its slot (see the next
+/// test), freed by the socket's cookie; an unconnected UDP socket that sent to a second
+/// backend has that one in the LRU, which is left to its eviction (the closing socket does
+/// not know which backends it sent to).
 #[test]
 fn closed_sockets_take_their_reverse_entries_with_them() {
     let mut h = Harness::new("release", &["pod-a", "pod-b"]);
@@ -144,10 +144,27 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
         );
     }
 
-    // Unconnected: one entry per socket and backend, still there after the close.
+    // Unconnected, a new socket per request: one backend each, in the socket's slot.
     let lines = h.client(&["udp", "10.96.0.10:53", "20"]);
     assert_eq!(answers(&lines).values().sum::<usize>(), 20);
-    assert_eq!(h.map_entries(MAP), 20);
+    assert!(
+        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
+    assert_eq!(h.map_entries(MAP), 0);
+    assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
+
+    // Unconnected, one socket for every request: the backend picked first is in its slot,
+    // the other in the LRU, which keeps it after the close.
+    let lines = h.client(&["udp", "10.96.0.10:53", "40", "--keep-socket"]);
+    let answered = answers(&lines);
+    assert_eq!(answered.len(), 2, "both backends answered: {answered:?}");
+    assert!(
+        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
+    assert_eq!(h.map_entries(MAP), 1);
+    assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
 }
 
 /// A connected socket's translation lives in its slot while the socket is open, and the
