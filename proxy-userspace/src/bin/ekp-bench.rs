@@ -91,6 +91,17 @@ fn serve(args: &[String]) -> Result<(), String> {
     for port in tcp_ports {
         let listener =
             TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
+        // std listens with a backlog of 128. A `connect` batch outruns the accepting
+        // threads (the client shares their CPU); with the queue full the kernel drops SYNs,
+        // and the client retransmits one a second later: a 1 s sample. Listening again
+        // raises the backlog to the kernel's cap (`net.core.somaxconn`).
+        // SAFETY: a valid, listening socket descriptor.
+        if unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) } != 0 {
+            return Err(format!(
+                "listen tcp {port}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         for _ in 0..SERVER_THREADS {
             let listener = listener.try_clone().map_err(|e| e.to_string())?;
             threads.push(std::thread::spawn(move || {
