@@ -543,12 +543,38 @@ fn departed_among<'a>(
 fn udp_pairs(
     programmed: &Programmed,
     pairs: impl IntoIterator<Item = (u16, u32)>,
-) -> Vec<(u16, BackendAddr)> {
+) -> Vec<((u16, u32), BackendAddr)> {
     pairs
         .into_iter()
-        .filter_map(|(rev_nat_id, id)| programmed.backends.get(&id).map(|b| (rev_nat_id, *b)))
+        .filter_map(|pair| programmed.backends.get(&pair.1).map(|b| (pair, *b)))
         .filter(|(_, b)| b.proto == crate::model::Protocol::Udp)
         .collect()
+}
+
+/// After a sync that failed partway: the pairs of `departed` that `programmed` (the maps
+/// after the writes that were made) no longer serves in a live slot (`1..=count`). The
+/// next sync starts from the maps, so it will not see these depart again; the others it
+/// will, once it gets to them.
+fn departed_so_far(
+    programmed: &Programmed,
+    mut departed: Vec<((u16, u32), BackendAddr)>,
+) -> Vec<((u16, u32), BackendAddr)> {
+    let ids: BTreeSet<u16> = departed
+        .iter()
+        .map(|((rev_nat_id, _), _)| *rev_nat_id)
+        .collect();
+    let served: BTreeSet<(u16, u32)> = programmed
+        .frontends
+        .values()
+        .filter(|f| ids.contains(&f.rev_nat_id))
+        .flat_map(|f| {
+            f.slots
+                .range(1..=f.count)
+                .map(move |(_, id)| (f.rev_nat_id, *id))
+        })
+        .collect();
+    departed.retain(|(pair, _)| !served.contains(pair));
+    departed
 }
 
 /// The writes of desired frontends beyond their backends, in the plan's phases: shared by
@@ -789,8 +815,14 @@ impl Syncer {
         // Connected UDP sockets pointed at a departed backend must reconnect (C27). The ids
         // are resolved before the writes, which may delete the backends.
         let departed_udp = udp_pairs(&self.programmed, departed);
+        let mut applied = 0;
+        let mut failed = None;
         for op in ops {
-            self.write(op)?;
+            if let Err(e) = self.write(op) {
+                failed = Some(e);
+                break;
+            }
+            applied += 1;
             self.index.apply(&self.programmed, op);
             let entries = |p: &Programmed| {
                 op.frontend()
@@ -801,7 +833,7 @@ impl Syncer {
             self.programmed.apply(op);
             self.service_entries += entries(&self.programmed);
         }
-        let present = ops.iter().filter_map(|op| match op {
+        let present = ops[..applied].iter().filter_map(|op| match op {
             Op::PutSlot {
                 backend_id,
                 rev_nat_id,
@@ -810,7 +842,20 @@ impl Syncer {
             _ => None,
         });
         let present_udp = udp_pairs(&self.programmed, present);
-        self.stale_udp.record(departed_udp, present_udp);
+        let departed_udp = match failed {
+            Some(_) => departed_so_far(&self.programmed, departed_udp),
+            None => departed_udp,
+        };
+        let without_ids = |pairs: Vec<((u16, u32), BackendAddr)>| {
+            pairs
+                .into_iter()
+                .map(|((rev_nat_id, _), backend)| (rev_nat_id, backend))
+        };
+        self.stale_udp
+            .record(without_ids(departed_udp), without_ids(present_udp));
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if !stale_affinity.is_empty() {
             let forgotten = self.maps.forget_affinity(&stale_affinity)?;
             tracing::debug!(
@@ -1773,5 +1818,35 @@ mod tests {
         assert_eq!(Programmed::from_maps(&maps.dump()), mirror);
         step(&mut maps, &mut mirror, &desired(&[]));
         assert!(maps.source_ranges.is_empty() && mirror.source_ranges.is_empty());
+    }
+
+    /// A sync that fails partway hands the C27 worker the departures its writes made, and
+    /// not those it did not get to: the next sync, starting from the maps, finds only the
+    /// latter.
+    #[test]
+    fn a_failed_sync_hands_over_the_departures_its_writes_made() {
+        let udp = |host: u8| BackendAddr {
+            proto: Protocol::Udp,
+            ..backend(host)
+        };
+        // After the failed writes: rev-NAT 1's count is down to 1, so backend 12 is left
+        // only above it; backend 11 is still live (its removal was not reached). Rev-NAT 2's
+        // frontend is gone.
+        let mut programmed = Programmed::default();
+        programmed.frontends.insert(
+            fkey(1),
+            ProgrammedFrontend {
+                rev_nat_id: 1,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                count: 1,
+                slots: BTreeMap::from([(1, 11), (2, 12)]),
+            },
+        );
+        let departed = vec![((1, 11), udp(11)), ((1, 12), udp(12)), ((2, 13), udp(13))];
+        assert_eq!(
+            departed_so_far(&programmed, departed),
+            vec![((1, 12), udp(12)), ((2, 13), udp(13))]
+        );
     }
 }
