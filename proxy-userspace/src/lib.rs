@@ -12,6 +12,7 @@ pub mod devices;
 pub mod healthcheck;
 pub mod http;
 pub mod kube_proxy_cleanup;
+pub mod link_events;
 pub mod list;
 pub mod metrics;
 pub mod model;

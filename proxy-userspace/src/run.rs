@@ -29,6 +29,7 @@ use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::http::{self, Health};
+use crate::link_events::LinkEvents;
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
 use crate::model::{FrontendKey, ServicePortName};
@@ -338,8 +339,17 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut state = LoopState::default();
     let mut health_check_servers = HealthCheckServers::new(health.clone());
-    let mut pod_scan = tokio::time::interval(POD_DEVICE_SCAN);
-    pod_scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Devices are looked at in every sync, and between syncs whenever a link or an IPv4
+    // address changes.
+    let mut link_events = match LinkEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!(
+                "not subscribed to link events ({e}): new devices are served at the next sync"
+            );
+            None
+        }
+    };
     // The first sync, the periodic one and a retry translate and diff everything; a change
     // only what it touched.
     state.full = true;
@@ -361,10 +371,12 @@ pub async fn run(config: Config) -> Result<()> {
         } else {
             config.min_sync_period.max(Duration::from_secs(1))
         };
-        // Waiting for the next sync, new pods' devices are served within a second: a pod
-        // may call a Service as soon as it starts.
         let deadline = tokio::time::Instant::now() + wait;
+        let mut link_events_failed = false;
         let stop = loop {
+            if link_events_failed {
+                link_events = None;
+            }
             tokio::select! {
                 _ = changed_rx.recv() => {
                     state.full = false;
@@ -374,8 +386,18 @@ pub async fn run(config: Config) -> Result<()> {
                     state.full = true;
                     break false;
                 }
-                _ = pod_scan.tick(), if !config.pod_devices.is_empty() => {
+                // A new pod's device is served before its containers start: they may call a
+                // Service (DNS first) at once.
+                changed = link_changed(link_events.as_ref()) => {
+                    if let Err(e) = changed {
+                        tracing::warn!(
+                            "reading link events failed ({e}): new devices are served at \
+                             the next sync"
+                        );
+                        link_events_failed = true;
+                    }
                     pod_devices = serve_pod_devices(&mut programs, &pod_devices);
+                    follow_devices(&config, &state.node_addresses, &mut programs);
                 }
                 _ = sigterm.recv() => break true,
                 _ = sigint.recv() => break true,
@@ -431,8 +453,13 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
     }
 }
 
-/// How often pods' devices are looked for between syncs (host-namespace-only socket LB).
-const POD_DEVICE_SCAN: Duration = Duration::from_secs(1);
+/// The next batch of link events; never, without a subscription.
+async fn link_changed(events: Option<&LinkEvents>) -> std::io::Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Attaches the pod programs to pods' devices that appeared since `before` (logged), and
 /// returns the devices served now. A failure is logged and retried at the next sync.

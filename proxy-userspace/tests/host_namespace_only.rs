@@ -179,7 +179,8 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
         "{lines:?}"
     );
 
-    // A pod that starts while the agent runs is served within a sync period's fraction.
+    // A pod that starts while the agent runs is served on its device's link event: the next
+    // sync is the 30 s period away, longer than any wait here.
     let late = xtask::netns::attach_to_bridge(
         &h.topo.node,
         &h.prefix,
