@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Harness, answers, service, slice};
+use xtask::netns::Proc;
 
 const VIP: &str = "10.96.0.10";
 /// ENETUNREACH: the client namespace has no route for an untranslated Service address.
@@ -30,6 +31,27 @@ fn dns(h: &Harness) {
             &[("10.244.0.10", true), ("10.244.0.11", true)],
         ),
     );
+}
+
+/// The agent running with `web` and `dns` on both pods, both frontends programmed, and the
+/// pods' servers (kept alive by the caller).
+fn web_and_dns_running(tag: &str) -> (Harness, Vec<Proc>) {
+    let mut h = Harness::new(tag, &["pod-a", "pod-b"]);
+    let servers = h.serve(&[8080], &[5353]);
+    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
+    dns(&h);
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+    );
+    (h, servers)
 }
 
 #[test]
@@ -106,21 +128,7 @@ fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
 /// not know which backends it sent to).
 #[test]
 fn closed_sockets_take_their_reverse_entries_with_them() {
-    let mut h = Harness::new("release", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[8080], &[5353]);
-    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
-    dns(&h);
-    h.start_agent();
-    h.wait_for_frontend(
-        "10.96.0.10:80",
-        "TCP",
-        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
-    );
-    h.wait_for_frontend(
-        "10.96.0.10:53",
-        "UDP",
-        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
-    );
+    let (h, _servers) = web_and_dns_running("release");
     const MAP: &str = "ekp_sk_rnat_v1";
     assert_eq!(h.map_entries(MAP), 0);
 
@@ -133,9 +141,7 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
             "10.96.0.10:53",
         ),
     ] {
-        let lines = h.client(args);
-        assert!(lines.iter().all(|l| l["peer"] == vip), "{what}: {lines:?}");
-        assert_eq!(answers(&lines).values().sum::<usize>(), 50, "{what}");
+        assert_answered_through(&h.client(args), 50, vip);
         assert_eq!(h.map_entries(MAP), 0, "{what}: entries left after close");
         assert_eq!(
             h.map_entries("ekp_sk_slot_v1"),
@@ -146,22 +152,18 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
 
     // Unconnected, a new socket per request: one backend each, in the socket's slot.
     let lines = h.client(&["udp", "10.96.0.10:53", "20"]);
-    assert_eq!(answers(&lines).values().sum::<usize>(), 20);
-    assert!(
-        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
-        "{lines:?}"
-    );
+    assert_answered_through(&lines, 20, "10.96.0.10:53");
     assert_eq!(h.map_entries(MAP), 0);
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
 
     // Unconnected, one socket for every request: the backend picked first is in its slot,
     // the other in the LRU, which keeps it after the close.
     let lines = h.client(&["udp", "10.96.0.10:53", "40", "--keep-socket"]);
-    let answered = answers(&lines);
-    assert_eq!(answered.len(), 2, "both backends answered: {answered:?}");
-    assert!(
-        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
-        "{lines:?}"
+    assert_answered_through(&lines, 40, "10.96.0.10:53");
+    assert_eq!(
+        answers(&lines).len(),
+        2,
+        "both backends answered: {lines:?}"
     );
     assert_eq!(h.map_entries(MAP), 1);
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
@@ -172,21 +174,7 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
 /// socket rev-NAT LRU takes the translation instead, and the application sees the same.
 #[test]
 fn connected_sockets_use_their_slot_or_else_the_lru() {
-    let mut h = Harness::new("slots", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[8080], &[5353]);
-    web(&h, &[("10.244.0.10", true), ("10.244.0.11", true)]);
-    dns(&h);
-    h.start_agent();
-    h.wait_for_frontend(
-        "10.96.0.10:53",
-        "UDP",
-        Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
-    );
-    h.wait_for_frontend(
-        "10.96.0.10:80",
-        "TCP",
-        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
-    );
+    let (h, _servers) = web_and_dns_running("slots");
     const SLOTS: &str = "ekp_sk_slot_v1";
     const LRU: &str = "ekp_sk_rnat_v1";
 
@@ -208,11 +196,7 @@ fn connected_sockets_use_their_slot_or_else_the_lru() {
         "an open connected socket: its slot, no LRU entry"
     );
     let lines = client.lines();
-    assert_eq!(answers(&lines).values().sum::<usize>(), 3);
-    assert!(
-        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
-        "{lines:?}"
-    );
+    assert_answered_through(&lines, 3, "10.96.0.10:53");
     assert_eq!(h.map_entries(SLOTS), 0, "the slot is freed at close");
 
     // Every slot held by a socket that is not this client's.
@@ -226,17 +210,9 @@ fn connected_sockets_use_their_slot_or_else_the_lru() {
         "a taken slot sends the socket to the LRU"
     );
     let lines = client.lines();
-    assert_eq!(answers(&lines).values().sum::<usize>(), 3);
-    assert!(
-        lines.iter().all(|l| l["peer"] == "10.96.0.10:53"),
-        "{lines:?}"
-    );
+    assert_answered_through(&lines, 3, "10.96.0.10:53");
     let lines = h.client(&["tcp", "10.96.0.10:80", "20"]);
-    assert_eq!(answers(&lines).values().sum::<usize>(), 20);
-    assert!(
-        lines.iter().all(|l| l["peer"] == "10.96.0.10:80"),
-        "{lines:?}"
-    );
+    assert_answered_through(&lines, 20, "10.96.0.10:80");
     assert_eq!(
         h.map_entries(LRU),
         0,
@@ -247,6 +223,12 @@ fn connected_sockets_use_their_slot_or_else_the_lru() {
         u64::from(held),
         "others' slots are left alone"
     );
+}
+
+/// All `n` requests were answered, and the application saw `frontend` as their peer.
+fn assert_answered_through(lines: &[serde_json::Value], n: usize, frontend: &str) {
+    assert_eq!(answers(lines).values().sum::<usize>(), n, "{lines:?}");
+    assert!(lines.iter().all(|l| l["peer"] == frontend), "{lines:?}");
 }
 
 /// Writes every slot of the test's socket slot table as held by a cookie no socket has.
