@@ -568,8 +568,10 @@ fn departed_so_far(
         .values()
         .filter(|f| ids.contains(&f.rev_nat_id))
         .flat_map(|f| {
+            // Not `range(1..=count)`: it panics when `count` is 0.
             f.slots
-                .range(1..=f.count)
+                .iter()
+                .filter(|(slot, _)| (1..=f.count).contains(*slot))
                 .map(move |(_, id)| (f.rev_nat_id, *id))
         })
         .collect();
@@ -1831,7 +1833,7 @@ mod tests {
         };
         // After the failed writes: rev-NAT 1's count is down to 1, so backend 12 is left
         // only above it; backend 11 is still live (its removal was not reached). Rev-NAT 2's
-        // frontend is gone.
+        // frontend is gone; rev-NAT 3's has no live slot left (count 0).
         let mut programmed = Programmed::default();
         programmed.frontends.insert(
             fkey(1),
@@ -1843,10 +1845,25 @@ mod tests {
                 slots: BTreeMap::from([(1, 11), (2, 12)]),
             },
         );
-        let departed = vec![((1, 11), udp(11)), ((1, 12), udp(12)), ((2, 13), udp(13))];
+        programmed.frontends.insert(
+            fkey(3),
+            ProgrammedFrontend {
+                rev_nat_id: 3,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                count: 0,
+                slots: BTreeMap::from([(1, 14)]),
+            },
+        );
+        let departed = vec![
+            ((1, 11), udp(11)),
+            ((1, 12), udp(12)),
+            ((2, 13), udp(13)),
+            ((3, 14), udp(14)),
+        ];
         assert_eq!(
             departed_so_far(&programmed, departed),
-            vec![((1, 12), udp(12)), ((2, 13), udp(13))]
+            vec![((1, 12), udp(12)), ((2, 13), udp(13)), ((3, 14), udp(14))]
         );
     }
 }
