@@ -17,8 +17,9 @@
 //! A port that cannot be bound (taken by another process, or by two Services in a
 //! hand-written manifest) does not stop anything: it is logged once while it lasts, counted
 //! in `ebpf_kube_proxy_health_check_node_ports{state="failed"}`, and tried again at every
-//! sync, like kube-proxy does (it also emits a `FailedToStartServiceHealthcheck` event; this
-//! agent writes no events yet). Closing is asynchronous (the server stops accepting and
+//! sync, like kube-proxy does; with the Kubernetes source it is also recorded, as
+//! kube-proxy records it, as a `FailedToStartServiceHealthcheck` warning event on the
+//! Service (once per distinct error while it lasts; see `events`). Closing is asynchronous (the server stops accepting and
 //! closes idle connections at once, in-flight requests finish), so a port handed from one
 //! Service to another in the same sync may fail once and be bound at the next sync.
 
@@ -35,6 +36,7 @@ use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::oneshot;
 
+use crate::events::Events;
 use crate::http::Health;
 use crate::metrics::{HealthCheckLabel, Metrics};
 use crate::model::NodeInfo;
@@ -59,6 +61,8 @@ pub fn listen_addresses(node_port_cidrs: &[(Ipv4Addr, u8)], node: &NodeInfo) -> 
 /// The open servers, and the Services whose port could not be bound.
 pub struct HealthCheckServers {
     health: Arc<Health>,
+    /// Where a failure to serve is recorded as a Kubernetes event (Kubernetes source only).
+    events: Option<Events>,
     open: BTreeMap<ServiceName, Server>,
     /// The error of the last attempt, to log each failure once while it lasts.
     failed: BTreeMap<ServiceName, String>,
@@ -87,9 +91,11 @@ struct HandlerState {
 }
 
 impl HealthCheckServers {
-    pub fn new(health: Arc<Health>) -> Self {
+    /// `events`: where failures to serve are recorded, with the Kubernetes source.
+    pub fn new(health: Arc<Health>, events: Option<Events>) -> Self {
         HealthCheckServers {
             health,
+            events,
             open: BTreeMap::new(),
             failed: BTreeMap::new(),
         }
@@ -159,6 +165,14 @@ impl HealthCheckServers {
                             check.name,
                             check.port
                         );
+                        if let Some(events) = &self.events {
+                            events.health_check_failed(
+                                &check.namespace,
+                                &check.name,
+                                check.port,
+                                &error,
+                            );
+                        }
                     }
                     self.failed.insert(service, error);
                 }
@@ -352,7 +366,7 @@ mod tests {
     async fn c13_answers_any_path_with_the_count_and_closes_when_the_service_goes() {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let metrics = Metrics::new();
-        let mut servers = HealthCheckServers::new(health.clone());
+        let mut servers = HealthCheckServers::new(health.clone(), None);
         let port = free_port();
         let loopback = [Ipv4Addr::LOCALHOST];
 
@@ -395,7 +409,7 @@ mod tests {
     async fn a_port_change_moves_the_server() {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let metrics = Metrics::new();
-        let mut servers = HealthCheckServers::new(health);
+        let mut servers = HealthCheckServers::new(health, None);
         let (first, second) = (free_port(), free_port());
         let loopback = [Ipv4Addr::LOCALHOST];
         servers.sync(&[check("web", first, 1)], &loopback, &metrics);
@@ -409,7 +423,7 @@ mod tests {
     async fn a_taken_port_is_reported_and_retried_at_the_next_sync() {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let metrics = Metrics::new();
-        let mut servers = HealthCheckServers::new(health);
+        let mut servers = HealthCheckServers::new(health, None);
         let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = squatter.local_addr().expect("addr").port();
         let loopback = [Ipv4Addr::LOCALHOST];

@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod cli;
 pub mod dataplane;
 pub mod devices;
+pub mod events;
 pub mod healthcheck;
 pub mod http;
 pub mod kube_proxy_cleanup;

@@ -27,6 +27,7 @@ use proxy_common::NodeConfig;
 
 use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
+use crate::events::Events;
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::http::{self, Health};
 use crate::link_events::LinkEvents;
@@ -278,7 +279,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    let source = tokio::select! {
+    let (source, events) = tokio::select! {
         source = start_source(&config, changed_tx) => source?,
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
@@ -338,7 +339,7 @@ pub async fn run(config: Config) -> Result<()> {
     );
 
     let mut state = LoopState::default();
-    let mut health_check_servers = HealthCheckServers::new(health.clone());
+    let mut health_check_servers = HealthCheckServers::new(health.clone(), events);
     // Devices are looked at in every sync, and between syncs whenever a link or an IPv4
     // address changes.
     let mut link_events = match LinkEvents::subscribe() {
@@ -417,7 +418,11 @@ pub async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Source> {
+/// The source, and where events are recorded (the Kubernetes source only).
+async fn start_source(
+    config: &Config,
+    changed: mpsc::Sender<()>,
+) -> Result<(Source, Option<Events>)> {
     match &config.source {
         SourceConfig::Manifests(dir) => {
             if !dir.is_dir() {
@@ -437,18 +442,20 @@ async fn start_source(config: &Config, changed: mpsc::Sender<()>) -> Result<Sour
             watcher
                 .watch(dir, notify::RecursiveMode::NonRecursive)
                 .with_context(|| format!("watching {}", dir.display()))?;
-            Ok(Source::Manifests {
+            let source = Source::Manifests {
                 cache: std::sync::Mutex::new(manifests::Cache::default()),
                 dir: dir.clone(),
                 _watcher: watcher,
-            })
+            };
+            Ok((source, None))
         }
         SourceConfig::Kube(conn) => {
             let client = kube_source::client(conn).await?;
+            let events = Events::new(client.clone(), &config.node_name);
             let kube = KubeSource::start(client, &config.node_name, changed);
             tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
             kube.wait_until_ready().await?;
-            Ok(Source::Kube(kube))
+            Ok((Source::Kube(kube), Some(events)))
         }
     }
 }

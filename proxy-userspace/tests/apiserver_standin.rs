@@ -981,3 +981,73 @@ async fn outage_then_restart_resumes_the_watch_without_relisting() {
         "resumed from its version"
     );
 }
+
+/// events.k8s.io/v1 as an event recorder uses it: a create with every required field, then
+/// merge patches that only move the series; a v1 event missing a required field, or a
+/// patch that changes anything else, is refused as the apiserver refuses it.
+#[tokio::test]
+async fn events_take_a_recorders_create_and_series_patches_and_refuse_the_rest() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::api::{Patch, PatchParams};
+
+    let (_server, client) = standin().await;
+    let events: Api<K8sEvent> = Api::namespaced(client, "shop");
+    let event = |fields: Value| -> K8sEvent {
+        let mut json = serde_json::json!({
+            "metadata": {"name": "web.17", "namespace": "shop"},
+            "eventTime": "2026-11-27T00:00:00.000000Z",
+            "type": "Warning",
+            "reason": "FailedToStartServiceHealthcheck",
+            "action": "Listen",
+            "note": "port taken",
+            "reportingController": "ebpf-kube-proxy",
+            "reportingInstance": "node-1",
+            "regarding": {"apiVersion": "v1", "kind": "Service", "namespace": "shop", "name": "web"},
+        });
+        for (k, v) in fields.as_object().expect("an object") {
+            if v.is_null() {
+                json.as_object_mut().expect("an object").remove(k);
+            } else {
+                json[k] = v.clone();
+            }
+        }
+        serde_json::from_value(json).expect("a valid Event")
+    };
+    let pp = PostParams::default();
+    for (missing, field) in [
+        (
+            serde_json::json!({"reportingController": null}),
+            "reportingController",
+        ),
+        (serde_json::json!({"eventTime": null}), "eventTime"),
+        (serde_json::json!({"type": "Fatal"}), "type"),
+    ] {
+        let refused = events.create(&pp, &event(missing)).await.unwrap_err();
+        let (code, reason, message) = api_status(refused);
+        assert_eq!((code, reason.as_str()), (422, "Invalid"), "{message}");
+        assert!(message.contains(field), "{message}");
+    }
+
+    let created = events
+        .create(&pp, &event(serde_json::json!({})))
+        .await
+        .expect("create");
+    let series = serde_json::json!({
+        "series": {"count": 2, "lastObservedTime": "2026-11-27T00:00:05.000000Z"},
+    });
+    let patched = events
+        .patch("web.17", &PatchParams::default(), &Patch::Merge(&series))
+        .await
+        .expect("a series patch");
+    assert_eq!(patched.series.map(|s| s.count), Some(2));
+    assert_ne!(
+        patched.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    let reworded = serde_json::json!({"note": "another note"});
+    let refused = events
+        .patch("web.17", &PatchParams::default(), &Patch::Merge(&reworded))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(refused).0, 422);
+}

@@ -287,3 +287,109 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
     assert!(metric(&h, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > synced_before);
     drop(replica);
 }
+
+/// C12 with the API: a healthCheckNodePort this node cannot bind is recorded as kube-proxy
+/// records it, a `FailedToStartServiceHealthcheck` warning event on the Service, reported
+/// by this node's agent. The port is one of the NodePort range on the host's loopback, held
+/// by the test; the Node's only address for NodePorts (and so health checks) is loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_node_port_that_cannot_be_bound_is_recorded_as_an_event() {
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::events::v1::Event;
+
+    let mut h = Harness::new("hcevent", &["pod-a"]);
+    // From the top of the range: the Service's own nodePort is allocated from the bottom.
+    let (_squatter, port) = (30000..=32767u16)
+        .rev()
+        .find_map(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", p))
+                .ok()
+                .map(|l| (l, p))
+        })
+        .expect("a free port in the NodePort range on loopback");
+    let server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "node-1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]},
+    }))
+    .expect("a valid Node");
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("create node");
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    h.start_agent_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--nodeport-addresses".as_ref(),
+        "127.0.0.1/32".as_ref(),
+    ]);
+
+    let lb: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.0.10",
+            "clusterIPs": ["10.96.0.10"],
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": port,
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+    }))
+    .expect("a valid Service");
+    Api::<Service>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &lb)
+        .await
+        .expect("create svc");
+    Api::<EndpointSlice>::namespaced(client.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &slice("web-1", "web", &["10.244.0.10"]),
+        )
+        .await
+        .expect("create slice");
+
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let event = loop {
+        let listed = events.list(&Default::default()).await.expect("list events");
+        if let Some(e) = listed.items.into_iter().next() {
+            break e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event recorded; agent log:\n{}",
+            h.agent_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.reason.as_deref(),
+        Some("FailedToStartServiceHealthcheck")
+    );
+    assert_eq!(event.action.as_deref(), Some("Listen"));
+    assert_eq!(
+        event.reporting_controller.as_deref(),
+        Some("ebpf-kube-proxy")
+    );
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    let regarding = event.regarding.as_ref().expect("regarding");
+    assert_eq!(
+        (
+            regarding.kind.as_deref(),
+            regarding.namespace.as_deref(),
+            regarding.name.as_deref()
+        ),
+        (Some("Service"), Some(NS), Some("web"))
+    );
+    let note = event.note.as_deref().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "node node-1 failed to start healthcheck \"default/web\" on port {port}: "
+        )),
+        "{note}"
+    );
+}

@@ -1,5 +1,6 @@
 //! A stand-in for kube-apiserver, in process, for the resources the agent watches: core/v1
-//! `services`, discovery.k8s.io/v1 `endpointslices` and core/v1 `nodes`.
+//! `services`, discovery.k8s.io/v1 `endpointslices` and core/v1 `nodes`; and the one it
+//! writes, events.k8s.io/v1 `events`.
 //!
 //! No kube-apiserver can be installed on the machines these tests run on, so the Kubernetes
 //! path is tested against this server instead. It speaks the real wire protocol to a real
@@ -16,7 +17,9 @@
 //!   ADDED/DELETED, and a 410 ERROR event for a resourceVersion older than the compaction
 //!   point.
 //! - GET, POST, PUT, PATCH (JSON merge patch only), DELETE, and `/status` for Services and
-//!   Nodes, with the apiserver's defaults, allocations and `Status` errors.
+//!   Nodes, with the apiserver's defaults, allocations and `Status` errors; the same for
+//!   Events (no `/status`), with the events.k8s.io/v1 validation of required and immutable
+//!   fields (what an event recorder's create and series patches go through).
 //!
 //! The test controls are methods on [`ApiServer`], not HTTP endpoints: [`ApiServer::compact`]
 //! (force the 410 path), [`ApiServer::disconnect_watches`] (an apiserver restart, as seen by
@@ -51,6 +54,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -68,13 +72,15 @@ pub enum ApiResource {
     Services,
     EndpointSlices,
     Nodes,
+    Events,
 }
 
 impl ApiResource {
-    pub const ALL: [ApiResource; 3] = [
+    pub const ALL: [ApiResource; 4] = [
         ApiResource::Services,
         ApiResource::EndpointSlices,
         ApiResource::Nodes,
+        ApiResource::Events,
     ];
 
     fn index(self) -> usize {
@@ -87,12 +93,14 @@ impl ApiResource {
             ApiResource::Services => "services",
             ApiResource::EndpointSlices => "endpointslices",
             ApiResource::Nodes => "nodes",
+            ApiResource::Events => "events",
         }
     }
 
     fn group(self) -> &'static str {
         match self {
             ApiResource::EndpointSlices => "discovery.k8s.io",
+            ApiResource::Events => "events.k8s.io",
             ApiResource::Services | ApiResource::Nodes => "",
         }
     }
@@ -100,6 +108,7 @@ impl ApiResource {
     fn api_version(self) -> &'static str {
         match self {
             ApiResource::EndpointSlices => "discovery.k8s.io/v1",
+            ApiResource::Events => "events.k8s.io/v1",
             ApiResource::Services | ApiResource::Nodes => "v1",
         }
     }
@@ -109,6 +118,7 @@ impl ApiResource {
             ApiResource::Services => "Service",
             ApiResource::EndpointSlices => "EndpointSlice",
             ApiResource::Nodes => "Node",
+            ApiResource::Events => "Event",
         }
     }
 
@@ -389,6 +399,7 @@ fn serve(listener: TcpListener, shared: Arc<Shared>) -> Serving {
 fn router(shared: Arc<Shared>) -> Router {
     let services = "/api/v1/namespaces/{namespace}/services";
     let slices = "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices";
+    let events = "/apis/events.k8s.io/v1/namespaces/{namespace}/events";
     Router::new()
         .route("/api/v1/services", get(collection::<Service>))
         .route(services, get(collection::<Service>).post(create::<Service>))
@@ -415,6 +426,9 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/nodes/{name}", object_routes::<Node>())
         .route("/api/v1/nodes/{name}/status", status_routes::<Node>())
+        .route("/apis/events.k8s.io/v1/events", get(collection::<Event>))
+        .route(events, get(collection::<Event>).post(create::<Event>))
+        .route(&format!("{events}/{{name}}"), object_routes::<Event>())
         .route("/version", get(version))
         .route("/healthz", get(healthy))
         .route("/livez", get(healthy))

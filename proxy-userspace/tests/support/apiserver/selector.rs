@@ -267,7 +267,9 @@ fn selectable_fields(resource: ApiResource) -> &'static [&'static str] {
             "spec.clusterIP",
             "spec.type",
         ],
-        ApiResource::EndpointSlices => &["metadata.name", "metadata.namespace"],
+        ApiResource::EndpointSlices | ApiResource::Events => {
+            &["metadata.name", "metadata.namespace"]
+        }
         // Cluster-scoped: no metadata.namespace.
         ApiResource::Nodes => &["metadata.name", "spec.unschedulable"],
     }

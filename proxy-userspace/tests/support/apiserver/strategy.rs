@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{
     SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -72,7 +73,7 @@ pub(super) fn validate_name(resource: ApiResource, name: &str) -> Result<(), Api
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         }
-        ApiResource::EndpointSlices | ApiResource::Nodes => {
+        ApiResource::EndpointSlices | ApiResource::Nodes | ApiResource::Events => {
             name.len() <= 253
                 && name.split('.').all(|part| {
                     part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
@@ -495,5 +496,86 @@ impl WithStatus for Node {
             status: new.status,
             ..old.clone()
         }
+    }
+}
+
+/// The events.k8s.io/v1 registry's validation (`ValidateEventCreate` / `ValidateEventUpdate`
+/// for that group): the fields a v1 event must carry, the deprecated core/v1 ones it must
+/// not, and, on update, only the series (and metadata) may change.
+impl StoredKind for Event {
+    const RESOURCE: ApiResource = ApiResource::Events;
+
+    fn prepare_for_create(&mut self, _store: &Store, key: &ObjectKey) -> Result<(), ApiError> {
+        let invalid = |field: &str, detail: &str| {
+            Err(ApiError::invalid(
+                ApiResource::Events,
+                &key.name,
+                field,
+                detail,
+            ))
+        };
+        if self.event_time.is_none() {
+            return invalid("eventTime", "Required value");
+        }
+        match self.type_.as_deref() {
+            Some("Normal" | "Warning") => {}
+            other => {
+                return invalid(
+                    "type",
+                    &format!("Invalid value: {other:?}: has invalid value"),
+                );
+            }
+        }
+        for (field, value) in [
+            ("reportingController", &self.reporting_controller),
+            ("reportingInstance", &self.reporting_instance),
+            ("action", &self.action),
+            ("reason", &self.reason),
+        ] {
+            match value.as_deref() {
+                None | Some("") => return invalid(field, "Required value"),
+                Some(v) if v.len() > 128 => {
+                    return invalid(field, "Too long: may not be more than 128 bytes");
+                }
+                Some(_) => {}
+            }
+        }
+        if self.note.as_deref().is_some_and(|n| n.len() > 1024) {
+            return invalid("note", "Too long: may not be more than 1024 bytes");
+        }
+        let regarding_namespace = self.regarding.as_ref().and_then(|r| r.namespace.as_deref());
+        if regarding_namespace.is_some_and(|ns| ns != key.namespace) {
+            return invalid("regarding.namespace", "does not match event.namespace");
+        }
+        if self.deprecated_count.is_some()
+            || self.deprecated_first_timestamp.is_some()
+            || self.deprecated_last_timestamp.is_some()
+            || self.deprecated_source.is_some()
+        {
+            return invalid("deprecatedCount", "needs to be unset");
+        }
+        Ok(())
+    }
+
+    fn prepare_for_update(
+        &mut self,
+        old: &Self,
+        _store: &Store,
+        key: &ObjectKey,
+    ) -> Result<(), ApiError> {
+        let unchanged = Event {
+            metadata: old.metadata.clone(),
+            series: old.series.clone(),
+            ..self.clone()
+        };
+        if &unchanged != old {
+            return Err(ApiError::invalid(
+                ApiResource::Events,
+                &key.name,
+                "",
+                "field is immutable: only the series may change",
+            ));
+        }
+        Ok(())
     }
 }
