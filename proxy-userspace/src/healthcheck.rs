@@ -19,9 +19,10 @@
 //! in `ebpf_kube_proxy_health_check_node_ports{state="failed"}`, and tried again at every
 //! sync, like kube-proxy does; with the Kubernetes source it is also recorded, as
 //! kube-proxy records it, as a `FailedToStartServiceHealthcheck` warning event on the
-//! Service (once per distinct error while it lasts; see `events`). Closing is asynchronous (the server stops accepting and
-//! closes idle connections at once, in-flight requests finish), so a port handed from one
-//! Service to another in the same sync may fail once and be bound at the next sync.
+//! Service (once per distinct error while it lasts; see `events`). Closing is asynchronous
+//! (the server stops accepting and closes idle connections at once, in-flight requests
+//! finish), so a port handed from one Service to another in the same sync may fail once and
+//! be bound at the next sync.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
