@@ -262,6 +262,13 @@ pub struct SockSlot {
     pub frontend: SockRevNatValue,
 }
 
+/// The slot of the socket with cookie `cookie` in `ekp_sk_slot_v1`: the programs and the
+/// agent must agree on it.
+#[inline(always)]
+pub const fn sock_slot_index(cookie: u64) -> u32 {
+    (cookie & (SOCK_SLOTS as u64 - 1)) as u32
+}
+
 /// `SockSlot::cookie` bit of a slot being written: readers never match it, other writers
 /// leave it alone. Cookies count up from 1 and never come near it.
 pub const SOCK_SLOT_BUSY: u64 = 1 << 63;

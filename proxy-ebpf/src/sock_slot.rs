@@ -16,14 +16,14 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
 
-use proxy_common::{SOCK_SLOT_BUSY, SOCK_SLOTS, SockRevNatValue, SockSlot};
+use proxy_common::{SOCK_SLOT_BUSY, SockRevNatValue, SockSlot, sock_slot_index};
 
 use crate::maps::SOCK_SLOT_TABLE;
 
 /// The slot of the socket with this cookie.
 #[inline(always)]
 fn slot_of(cookie: u64) -> Option<*mut SockSlot> {
-    SOCK_SLOT_TABLE.get_ptr_mut((cookie & u64::from(SOCK_SLOTS - 1)) as u32)
+    SOCK_SLOT_TABLE.get_ptr_mut(sock_slot_index(cookie))
 }
 
 // The bpf target has no `AtomicU64::compare_exchange` (its spec claims no CAS), but the

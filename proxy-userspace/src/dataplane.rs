@@ -26,8 +26,8 @@ use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
     MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOURCE_RANGES, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    MAP_SOURCE_RANGES, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig,
+    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -92,7 +92,7 @@ impl SockReverse {
     /// The frontend the socket `cookie`, talking to `addr:port` (network order), was
     /// translated from; `None` if the socket programs did not translate it.
     pub fn frontend_of(&self, cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
-        let slot = self.slots.get(&slot_index(cookie), 0).ok();
+        let slot = self.slots.get(&sock_slot_index(cookie), 0).ok();
         if let Some(slot) =
             slot.filter(|s| s.cookie == cookie && s.backend_addr == addr && s.backend_port == port)
         {
@@ -106,11 +106,6 @@ impl SockReverse {
         };
         self.lru.get(&key, 0).ok()
     }
-}
-
-/// The slot of the socket `cookie` in `ekp_sk_slot_v1` (as the programs compute it).
-fn slot_index(cookie: u64) -> u32 {
-    (cookie & u64::from(SOCK_SLOTS - 1)) as u32
 }
 
 /// Map capacities (`max_entries`), set when the maps are first created.

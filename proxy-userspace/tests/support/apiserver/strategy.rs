@@ -547,12 +547,21 @@ impl StoredKind for Event {
         if regarding_namespace.is_some_and(|ns| ns != key.namespace) {
             return invalid("regarding.namespace", "does not match event.namespace");
         }
-        if self.deprecated_count.is_some()
-            || self.deprecated_first_timestamp.is_some()
-            || self.deprecated_last_timestamp.is_some()
-            || self.deprecated_source.is_some()
-        {
-            return invalid("deprecatedCount", "needs to be unset");
+        for (field, set) in [
+            ("deprecatedCount", self.deprecated_count.is_some()),
+            (
+                "deprecatedFirstTimestamp",
+                self.deprecated_first_timestamp.is_some(),
+            ),
+            (
+                "deprecatedLastTimestamp",
+                self.deprecated_last_timestamp.is_some(),
+            ),
+            ("deprecatedSource", self.deprecated_source.is_some()),
+        ] {
+            if set {
+                return invalid(field, "needs to be unset");
+            }
         }
         Ok(())
     }
