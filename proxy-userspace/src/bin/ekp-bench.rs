@@ -32,17 +32,24 @@
 //! make the first touch after a pause tens of µs per page, which every process that wakes
 //! up to do some work pays for every page of code and data it touches.
 //!
+//! `hooks --cgroup DIR --device DEV` attaches programs that do nothing (allow; next program)
+//! at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4` and
+//! `sock_release` on the cgroup DIR, TCX ingress and egress on DEV (in the caller's network
+//! namespace). It prints `ready` and holds them until it is killed, when the kernel detaches
+//! them. A client in DIR that connects to pod addresses then pays what the hooks cost on
+//! their own, which no program can take away: the bench's `hooks` mode.
+//!
 //! `serve --name NAME --tcp PORT --udp PORT` answers every request with NAME and a newline:
 //! on TCP, `K` asks for an answer and keeps the connection, `C` for an answer and a close.
 //! A few threads block in `accept` on the same socket, so no thread is spawned per
 //! connection. Prints `ready` once bound.
 //!
-//! Not shipped in the container image; std, libc (SO_LINGER, the monotonic clock) and
-//! serde_json only.
+//! Not shipped in the container image; std, libc (SO_LINGER, the monotonic clock, bpf(2))
+//! and serde_json only.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -54,10 +61,12 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("wait") => wait(&args[1..]),
         Some("idle-memory") => idle_memory(&args[1..]),
+        Some("hooks") => hooks(&args[1..]),
         Some(kind @ ("connect" | "crr" | "rr" | "udp" | "udprr")) => measure(kind, &args[1..]),
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
                   (connect|crr|rr|udp|udprr) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
-                  wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS]"
+                  wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS] | \
+                  hooks --cgroup DIR --device DEV"
             .into()),
     };
     match result {
@@ -489,4 +498,136 @@ fn wait(args: &[String]) -> Result<(), String> {
     Err(format!(
         "{answer} did not answer at {target} within {limit:?} ({attempts} attempts, last error: {last_error})"
     ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Programs that do nothing, at the agent's hooks
+
+/// bpf(2) commands, program types and attach types (uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const PROG_TYPE_SCHED_CLS: u32 = 3;
+const PROG_TYPE_CGROUP_SOCK: u32 = 9;
+const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_UDP4_SENDMSG: u32 = 14;
+const ATTACH_UDP4_RECVMSG: u32 = 19;
+const ATTACH_INET4_GETPEERNAME: u32 = 29;
+const ATTACH_INET_SOCK_RELEASE: u32 = 34;
+const ATTACH_TCX_INGRESS: u32 = 46;
+const ATTACH_TCX_EGRESS: u32 = 47;
+/// What a cgroup program returns to let the operation go on unchanged.
+const CGROUP_ALLOW: i32 = 1;
+/// `TCX_NEXT`: no verdict, on to the next program or the stack (what the agent's TCX
+/// programs return for traffic that is not theirs).
+const TCX_NEXT: i32 = -1;
+
+fn hooks(args: &[String]) -> Result<(), String> {
+    let (mut cgroup, mut device) = (None, None);
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, dir] if flag == "--cgroup" => cgroup = Some(dir.clone()),
+            [flag, dev] if flag == "--device" => device = Some(dev.clone()),
+            _ => return Err(format!("unknown arguments {pair:?}")),
+        }
+    }
+    let cgroup = cgroup.ok_or("--cgroup is required")?;
+    let device = device.ok_or("--device is required")?;
+    let cgroup_dir = std::fs::File::open(&cgroup).map_err(|e| format!("opening {cgroup}: {e}"))?;
+    let name = std::ffi::CString::new(device.as_str()).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name; returns 0 when there is no such device.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no device {device} in this network namespace"));
+    }
+    let cgroup_fd = cgroup_dir.as_raw_fd() as u32;
+    let hooks = [
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_INET4_CONNECT,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_UDP4_SENDMSG,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_UDP4_RECVMSG,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_INET4_GETPEERNAME,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK,
+            ATTACH_INET_SOCK_RELEASE,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (PROG_TYPE_SCHED_CLS, ATTACH_TCX_INGRESS, TCX_NEXT, ifindex),
+        (PROG_TYPE_SCHED_CLS, ATTACH_TCX_EGRESS, TCX_NEXT, ifindex),
+    ];
+    // Held until the process ends: closing a link's last descriptor detaches it.
+    let mut held = Vec::new();
+    for (prog_type, attach_type, verdict, target) in hooks {
+        let prog = load_nop(prog_type, attach_type, verdict)
+            .map_err(|e| format!("loading a program for attach type {attach_type}: {e}"))?;
+        let link = link_create(&prog, target, attach_type)
+            .map_err(|e| format!("attaching at attach type {attach_type}: {e}"))?;
+        held.push((prog, link));
+    }
+    println!("ready");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        // SAFETY: waits for a signal; the caller ends us with one.
+        unsafe { libc::pause() };
+    }
+}
+
+/// `bpf(cmd, attr)` for a command that returns a new descriptor.
+fn bpf_fd(cmd: libc::c_long, attr: &mut [u8; 144]) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-filled `union bpf_attr` (the kernel reads the command's
+    // fields and requires every byte beyond those it knows to be zero), valid for the size
+    // passed; the pointers in it are valid for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Loads `r0 = verdict; exit`, a program of `prog_type` for `attach_type`.
+fn load_nop(prog_type: u32, attach_type: u32, verdict: i32) -> std::io::Result<OwnedFd> {
+    // `struct bpf_insn`: opcode, registers (dst in the low nibble), offset, immediate.
+    let mut insns = [0u8; 16];
+    insns[0] = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+    insns[4..8].copy_from_slice(&verdict.to_le_bytes());
+    insns[8] = 0x95; // BPF_JMP | BPF_EXIT
+    let license = c"GPL";
+    let mut attr = [0u8; 144];
+    attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..56].copy_from_slice(b"ekp_nop\0");
+    attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
+    bpf_fd(BPF_PROG_LOAD, &mut attr)
+}
+
+/// Attaches `prog` to `target` (a cgroup descriptor, or an ifindex for TCX) with a link.
+fn link_create(prog: &OwnedFd, target: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = [0u8; 144];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&target.to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    bpf_fd(BPF_LINK_CREATE, &mut attr)
 }

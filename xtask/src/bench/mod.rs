@@ -47,17 +47,27 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use xtask::{cmd, netns};
 
-/// The four ways the client reaches the measured Service.
+/// The ways the client reaches the measured Service: translated by this project, by
+/// kube-proxy's iptables or nftables rules, or not at all (`direct`: the pod addresses);
+/// `hooks` is `direct` through programs that do nothing at the hooks `ebpf` uses, the
+/// hooks' own cost, which no translation at those hooks can take away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
     Ebpf,
     Iptables,
     Nftables,
     Direct,
+    Hooks,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Ebpf, Mode::Iptables, Mode::Nftables, Mode::Direct];
+    pub const ALL: [Mode; 5] = [
+        Mode::Ebpf,
+        Mode::Iptables,
+        Mode::Nftables,
+        Mode::Direct,
+        Mode::Hooks,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -65,7 +75,13 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
             Mode::Direct => "direct",
+            Mode::Hooks => "hooks",
         }
+    }
+
+    /// Sends to the pod addresses itself (nothing translates).
+    pub fn is_untranslated(self) -> bool {
+        matches!(self, Mode::Direct | Mode::Hooks)
     }
 }
 
@@ -165,7 +181,7 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct] [--cpu N|any] [--iptables system|legacy|nft] [--debug | --release]";
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct,hooks] [--cpu N|any] [--iptables system|legacy|nft] [--debug | --release]";
 
 pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
     let quick = args.iter().any(|a| a == "--quick");
@@ -509,7 +525,7 @@ fn check_outputs(out: &Path) -> Result<()> {
         }
     }
     let md = std::fs::read_to_string(out.join("latest.md"))?;
-    if !md.contains("| ebpf | iptables | nftables | direct |") {
+    if !md.contains("| ebpf | iptables | nftables | direct | hooks |") {
         bail!("latest.md has no results table");
     }
     if !md.contains("| NodePort TCP connect") {

@@ -47,10 +47,12 @@ fn latency_json(l: &Latency) -> Value {
         "samples": sorted.len(),
         "errors": l.errors,
         "first_error": l.first_error,
-        "p50_us": round(p50, 1),
-        "p90_us": round(p90, 1),
-        "p99_us": round(p99, 1),
-        "mean_us": round(mean, 1),
+        // To 10 ns: the ratios and gaps are computed from these, and 0.1 µs would be 1.7 %
+        // of a 6 µs request/response, near the 2 % they are compared with.
+        "p50_us": round(p50, 2),
+        "p90_us": round(p90, 2),
+        "p99_us": round(p99, 2),
+        "mean_us": round(mean, 2),
         "rate_per_s": round(if l.busy_s > 0.0 { sorted.len() as f64 / l.busy_s } else { f64::NAN }, 0),
     })
 }
@@ -155,7 +157,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 3,
+        "schema": 4,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -184,6 +186,8 @@ fn ratios(modes: &Value) -> Value {
             let mut r = serde_json::Map::new();
             for (a, b) in [
                 ("ebpf", "direct"),
+                ("ebpf", "hooks"),
+                ("hooks", "direct"),
                 ("ebpf", "iptables"),
                 ("nftables", "direct"),
                 ("nftables", "iptables"),
@@ -228,7 +232,7 @@ fn pcts(v: &Value) -> String {
     s
 }
 
-pub const MODES: [&str; 4] = ["ebpf", "iptables", "nftables", "direct"];
+pub const MODES: [&str; 5] = ["ebpf", "iptables", "nftables", "direct", "hooks"];
 
 /// The machine line shown with every table.
 pub fn machine_line(machine: &Value) -> String {
@@ -289,7 +293,9 @@ pub fn markdown(results: &Value) -> String {
          at random, as the Service's translation spreads them). NodePort, from an external client through the node: `ebpf`: this \
          project's TCX programs on the node's device; `iptables`, `nftables`: the same rules, \
          DNAT at PREROUTING and masquerade (`externalTrafficPolicy: Cluster`); `direct`: the \
-         external client connects to the pod addresses, routed by the node.\n"
+         external client connects to the pod addresses, routed by the node. `hooks`: as `direct`, \
+         through programs that do nothing at every hook `ebpf` uses (the socket hooks on its \
+         client's cgroup, TCX on its node's device): what the hooks cost on their own.\n"
     );
     for point in results["points"].as_array().into_iter().flatten() {
         let n = &point["services"];
@@ -352,28 +358,28 @@ pub fn markdown(results: &Value) -> String {
         let _ = writeln!(md);
         program_table(&mut md, m);
         let r = &point["ratios"];
-        let _ = writeln!(
-            md,
-            "| ratio, p50 / p99 | ebpf/direct | ebpf/iptables | nftables/direct | nftables/iptables | iptables/direct |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        let columns = [
+            "ebpf/direct",
+            "ebpf/hooks",
+            "hooks/direct",
+            "ebpf/iptables",
+            "nftables/direct",
+            "nftables/iptables",
+            "iptables/direct",
+        ];
+        let _ = writeln!(md, "| ratio, p50 / p99 | {} |", columns.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(columns.len()));
         for metric in Metric::ALL {
-            let cells: Vec<String> = [
-                "ebpf/direct",
-                "ebpf/iptables",
-                "nftables/direct",
-                "nftables/iptables",
-                "iptables/direct",
-            ]
-            .iter()
-            .map(|k| {
-                format!(
-                    "{} / {}",
-                    num(&r[format!("{}_p50", metric.name())][*k], 2),
-                    num(&r[format!("{}_p99", metric.name())][*k], 2)
-                )
-            })
-            .collect();
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{} / {}",
+                        num(&r[format!("{}_p50", metric.name())][*k], 2),
+                        num(&r[format!("{}_p99", metric.name())][*k], 2)
+                    )
+                })
+                .collect();
             let _ = writeln!(md, "| {} | {} |", metric.name(), cells.join(" | "));
         }
         let _ = writeln!(md);
@@ -382,8 +388,8 @@ pub fn markdown(results: &Value) -> String {
     md
 }
 
-/// The eBPF programs' own cost, under the table it explains.
-/// The eBPF programs' time per operation of each metric, beside the gap it explains.
+/// The eBPF programs' time per operation of each metric, beside the gap it explains and the
+/// part of that gap the hooks take on their own (`hooks` - `direct`).
 fn program_table(md: &mut String, modes: &Value) {
     let time = &modes["ebpf"]["program_time"];
     if !time.is_object() {
@@ -391,9 +397,9 @@ fn program_table(md: &mut String, modes: &Value) {
     }
     let _ = writeln!(
         md,
-        "| eBPF programs per operation (kernel BPF statistics) | µs | ebpf - direct at p50 (µs) |"
+        "| eBPF programs per operation (kernel BPF statistics) | µs | ebpf - direct at p50 (µs) | hooks - direct at p50 (µs) |"
     );
-    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|");
     for metric in Metric::ALL {
         let t = &time[metric.name()];
         let Some(operations) = t["operations"].as_f64().filter(|n| *n > 0.0) else {
@@ -418,20 +424,22 @@ fn program_table(md: &mut String, modes: &Value) {
             })
             .collect();
         let p50 = |mode: &str| modes[mode][metric.name()]["p50_us"].as_f64();
-        let gap = match (p50("ebpf"), p50("direct")) {
+        let gap = |mode: &str| match (p50(mode), p50("direct")) {
             (Some(e), Some(d)) => format!("{:.2}", e - d),
             _ => "n/a".into(),
         };
         let _ = writeln!(
             md,
-            "| {}: {} | {} | {gap} |",
+            "| {}: {} | {} | {} | {} |",
             metric.label(),
             if programs.is_empty() {
                 "none ran".to_owned()
             } else {
                 programs.join(", ")
             },
-            num(&t["us_per_operation"], 2)
+            num(&t["us_per_operation"], 2),
+            gap("ebpf"),
+            gap("hooks")
         );
     }
     let _ = writeln!(md);
@@ -441,12 +449,13 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine.\n\
 - NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the measured Service's NodePort on the node's `ext0` address. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
-- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, the destination chosen per datagram). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples.\n\
+- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, the destination chosen per datagram). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
 - Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way.\n\
-- eBPF program run time: after the latency rounds, one more batch of each metric in the `ebpf` mode runs with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, only for that pass: it adds two clock reads to every program run); the counters of the agent's program descriptors are read before and after each metric's batch. The table under each N gives, per metric, each program's runs per operation and nanoseconds per run, their sum per operation, and beside it the `ebpf` - `direct` gap at p50, to set it against. It is the translation's own cost, without the latency percentiles' noise: `connect4` runs once per `connect()` of a process in the cgroup, `sock_release` once per socket closed there, `sendmsg4`/`recvmsg4` once per unconnected UDP send and receive, `tcx_in`/`tcx_out` once per packet through the node's `ext0`.\n\
+- eBPF program run time: after the latency rounds, one more batch of each metric in the `ebpf` mode runs with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`, only for that pass: it adds two clock reads to every program run); the counters of the agent's program descriptors are read before and after each metric's batch. The table under each N gives, per metric, each program's runs per operation and nanoseconds per run, their sum per operation, and beside it the `ebpf` - `direct` gap at p50, to set it against, and the `hooks` - `direct` gap: what the hooks cost with programs that do nothing. It is the translation's own cost, without the latency percentiles' noise: `connect4` runs once per `connect()` of a process in the cgroup, `sock_release` once per socket closed there, `sendmsg4`/`recvmsg4` once per unconnected UDP send and receive, `tcx_in`/`tcx_out` once per packet through the node's `ext0`.\n\
+- `hooks`: `ekp-bench hooks` loads programs of two instructions (return \"allow\" for the cgroup hooks, \"next\" for TCX) and attaches them with links where the agent attaches its own: `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4` and `sock_release` on the `hooks` client's cgroup, TCX ingress and egress on its node's `ext0`. Its clients send to the pod addresses, as `direct`'s do, so nothing is translated: `hooks` - `direct` is what entering the hooks costs (for the socket hooks: finding the cgroup's programs, setting up their context and running them), which no program at these hooks can avoid, and `ebpf` - `hooks` is what this project's programs add to it.\n\
 - Memory: the agent's VmRSS, and the `memlock` of every BPF map it holds (from /proc/<pid>/fdinfo; hash maps are preallocated, so this is their capacity, sized to the Services). kube-proxy itself is not run, so iptables/nftables have no controller figure; the size of their ruleset input is shown instead.\n";
 
 #[cfg(test)]
@@ -482,6 +491,7 @@ mod tests {
                 },
             },
             "direct": {"connect": {"p50_us": 16.5}, "rr": {"p50_us": 6.0}},
+            "hooks": {"connect": {"p50_us": 16.75}},
         });
         let mut md = String::new();
         program_table(&mut md, &modes);
@@ -489,8 +499,8 @@ mod tests {
         assert_eq!(
             rows,
             [
-                "| TCP connect: `connect4` 1.00 × 500 ns, `sock_release` 1.00 × 100 ns | 0.60 | 0.75 |",
-                "| TCP request/response, established: `connect4` 1 run in all × 2000 ns | 0.00 | 0.00 |",
+                "| TCP connect: `connect4` 1.00 × 500 ns, `sock_release` 1.00 × 100 ns | 0.60 | 0.75 | 0.25 |",
+                "| TCP request/response, established: `connect4` 1 run in all × 2000 ns | 0.00 | 0.00 | n/a |",
             ]
         );
         // Without a statistics pass (a kernel that cannot count), no table at all.

@@ -311,27 +311,29 @@ fn pod(name: &str) -> Ipv4Addr {
 }
 
 /// Where `metric`'s probes (`ekp-bench wait`) send in `mode`: the measured Service's
-/// ClusterIP or NodePort, or for `direct` pod-a itself (latency batches: `batch_targets`).
+/// ClusterIP or NodePort, or for `direct` and `hooks` pod-a itself (latency batches:
+/// `batch_targets`).
 fn target(mode: Mode, metric: Metric) -> SocketAddr {
     target_via(mode, metric, "pod-a")
 }
 
-/// `target`, with `direct` going to the pod `direct_to`.
+/// `target`, with `direct` and `hooks` going to the pod `direct_to`.
 fn target_via(mode: Mode, metric: Metric, direct_to: &str) -> SocketAddr {
     if metric.is_node_port() {
         return topology::node_port_target(mode, pod(direct_to));
     }
-    match mode {
-        Mode::Direct => SocketAddr::V4(SocketAddrV4::new(pod(direct_to), TARGET_PORT)),
-        _ => SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT)),
+    if mode.is_untranslated() {
+        SocketAddr::V4(SocketAddrV4::new(pod(direct_to), TARGET_PORT))
+    } else {
+        SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT))
     }
 }
 
 /// Where `metric`'s latency batches send in `mode`, comma-separated: `target`, except that
-/// `direct` spreads over both of the measured Service's endpoints, as the translating modes
-/// do, so that every mode meets the same servers and per-destination state.
+/// `direct` and `hooks` spread over both of the measured Service's endpoints, as the
+/// translating modes do, so that every mode meets the same servers and per-destination state.
 fn batch_targets(mode: Mode, metric: Metric) -> String {
-    if mode != Mode::Direct {
+    if !mode.is_untranslated() {
         return target(mode, metric).to_string();
     }
     ["pod-a", "pod-b"]
@@ -347,7 +349,7 @@ impl<'a> Runner<'a> {
     pub fn new(bins: &'a Binaries, settings: &'a Settings) -> Result<Self> {
         let prefix = netns::unique_prefix("ekp-bench");
         println!(
-            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.5, each the node of an external client on 192.168.1-4.0/24), cgroup {prefix}"
+            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.6, each the node of an external client on 192.168.1-5.0/24), cgroups {prefix} and {prefix}-hooks"
         );
         let topo = Topology::create(&prefix, &bins.bench, settings.cpu)?;
         let agent = Agent {
@@ -516,7 +518,7 @@ impl<'a> Runner<'a> {
                 result.load_ms = Some(ms(monotonic_ns() - t0));
                 waiter.finish(|| Ok(()))? - t0
             }
-            Mode::Direct => return Ok(0.0),
+            Mode::Direct | Mode::Hooks => return Ok(0.0),
         };
         result.programming_ms = Some(ms(elapsed));
         Ok(ms(elapsed))
@@ -775,7 +777,7 @@ impl<'a> Runner<'a> {
                         run_with_input(&mut load, &text)?;
                         waiter.finish(|| Ok(()))? - t0
                     }
-                    Mode::Direct => continue,
+                    Mode::Direct | Mode::Hooks => continue,
                 };
                 if rep == 0 {
                     continue;

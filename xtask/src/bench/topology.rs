@@ -4,7 +4,8 @@
 //! endpoint change swaps in), and one client namespace per mode, so that the iptables
 //! rules, the nftables table and the socket programs never see each other's traffic and
 //! the modes can be measured interleaved. The eBPF client also runs in a cgroup of its own,
-//! where the agent attaches its programs.
+//! where the agent attaches its programs; so does the `hooks` client, where `ekp-bench
+//! hooks` attaches programs that do nothing (and at its node's `ext0`).
 //!
 //! For NodePort, each client namespace is also the node that an external client reaches:
 //! one external namespace per mode, joined to its mode's client namespace by a veth pair
@@ -66,14 +67,17 @@ pub struct Client {
 /// The device of a mode's node (its client namespace) that external clients come in on.
 pub const EXTERNAL_DEVICE: &str = "ext0";
 
-/// Field order is drop order: servers, external clients, clients, pods, node, cgroup.
+/// Field order is drop order: the empty programs, servers, external clients, clients, pods,
+/// node, cgroups.
 pub struct Topology {
+    _empty_programs: Proc,
     _servers: Vec<Proc>,
     externals: Vec<Client>,
     pub clients: Vec<Client>,
     _pods: Vec<Netns>,
     _node: Netns,
     pub cgroup: Cgroup,
+    hooks_cgroup: Cgroup,
 }
 
 fn client_addr(mode: Mode) -> Ipv4Addr {
@@ -82,6 +86,7 @@ fn client_addr(mode: Mode) -> Ipv4Addr {
         Mode::Iptables => 3,
         Mode::Nftables => 4,
         Mode::Direct => 5,
+        Mode::Hooks => 6,
     };
     Ipv4Addr::new(10, 244, 0, last)
 }
@@ -93,6 +98,7 @@ fn external_subnet(mode: Mode) -> u8 {
         Mode::Iptables => 2,
         Mode::Nftables => 3,
         Mode::Direct => 4,
+        Mode::Hooks => 5,
     }
 }
 
@@ -105,12 +111,13 @@ fn external_client_addr(mode: Mode) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, external_subnet(mode), 2)
 }
 
-/// Where `mode`'s external client sends: the NodePort on its node, or for `direct` the
-/// pod itself (routed through the node).
+/// Where `mode`'s external client sends: the NodePort on its node, or for `direct` and
+/// `hooks` the pod itself (routed through the node).
 pub fn node_port_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
-    match mode {
-        Mode::Direct => (pod, TARGET_PORT).into(),
-        _ => (node_external_addr(mode), NODE_PORT).into(),
+    if mode.is_untranslated() {
+        (pod, TARGET_PORT).into()
+    } else {
+        (node_external_addr(mode), NODE_PORT).into()
     }
 }
 
@@ -124,6 +131,7 @@ fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
 impl Topology {
     pub fn create(prefix: &str, ekp_bench: &Path, cpu: Option<usize>) -> Result<Self> {
         let cgroup = Cgroup::create(prefix)?;
+        let hooks_cgroup = Cgroup::create(&format!("{prefix}-hooks"))?;
         let node = Netns::create(&format!("{prefix}-node"))?;
         node.ip(&["link", "set", "lo", "up"])?;
         node.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -195,13 +203,28 @@ impl Topology {
                     .with_context(|| format!("starting the server in {}", pod.name))?,
             );
         }
+        let hooks_node = &clients
+            .iter()
+            .find(|c| c.mode == Mode::Hooks)
+            .context("every mode has a client")?
+            .ns;
+        let mut command = hooks_node.command(ekp_bench, None)?;
+        command
+            .arg("hooks")
+            .arg("--cgroup")
+            .arg(hooks_cgroup.path());
+        command.args(["--device", EXTERNAL_DEVICE]);
+        let empty_programs = Proc::spawn_ready(command, "ekp-bench hooks", "ready")
+            .context("attaching the hooks mode's empty programs")?;
         Ok(Topology {
+            _empty_programs: empty_programs,
             _servers: servers,
             externals,
             clients,
             _pods: pods,
             _node: node,
             cgroup,
+            hooks_cgroup,
         })
     }
 
@@ -224,9 +247,13 @@ impl Topology {
             .ns
     }
 
-    /// A command in `mode`'s client namespace (and, for eBPF, in the cgroup).
+    /// A command in `mode`'s client namespace (and, for `ebpf` and `hooks`, in its cgroup).
     pub fn client_command(&self, mode: Mode, program: &Path) -> Result<std::process::Command> {
-        let cgroup = (mode == Mode::Ebpf).then_some(&self.cgroup);
+        let cgroup = match mode {
+            Mode::Ebpf => Some(&self.cgroup),
+            Mode::Hooks => Some(&self.hooks_cgroup),
+            _ => None,
+        };
         self.client(mode).command(program, cgroup)
     }
 }
@@ -295,7 +322,7 @@ fn attach_external(prefix: &str, client: &Client) -> Result<Netns> {
         "eth0",
     ])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
-    if client.mode == Mode::Direct {
+    if client.mode.is_untranslated() {
         ns.ip(&[
             "route",
             "add",
