@@ -349,14 +349,14 @@ impl<'a> Runner<'a> {
     pub fn new(bins: &'a Binaries, settings: &'a Settings) -> Result<Self> {
         let prefix = netns::unique_prefix("ekp-bench");
         println!(
-            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.6, each the node of an external client on 192.168.1-5.0/24), cgroups {prefix} and {prefix}-hooks"
+            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.6, each the node of an external client on 192.168.1-5.0/24), cgroups {prefix}-<mode>"
         );
         let topo = Topology::create(&prefix, &bins.bench, settings.cpu)?;
         let agent = Agent {
             bin: bins.agent.clone(),
             pin_path: PathBuf::from("/sys/fs/bpf").join(&prefix),
             manifests: std::env::temp_dir().join(format!("{prefix}-manifests")),
-            cgroup: topo.cgroup.path().to_path_buf(),
+            cgroup: topo.cgroup(Mode::Ebpf).path().to_path_buf(),
             proc: None,
             last_sync: Instant::now(),
         };
@@ -369,9 +369,9 @@ impl<'a> Runner<'a> {
         })
     }
 
-    /// `program` where `metric`'s client runs: the mode's client namespace (for eBPF, in the
-    /// cgroup), or for NodePort the external client namespace (outside the node: no cgroup);
-    /// on the servers' CPU.
+    /// `program` where `metric`'s client runs: the mode's ClusterIP client (see
+    /// `Topology::client_command`), or for NodePort the mode's external client namespace
+    /// (outside the node: no cgroup); on the servers' CPU.
     fn client(&self, mode: Mode, metric: Metric, program: &Path) -> Result<Command> {
         let mut command = if metric.is_node_port() {
             self.topo.external(mode).command(program, None)?
