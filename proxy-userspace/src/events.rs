@@ -31,6 +31,31 @@ impl Events {
         }
     }
 
+    /// kube-proxy's "birth cry": a `Starting` event on this node once the sources are
+    /// watching, which `kubectl describe node` lists beside the kubelet's own. Reason and
+    /// action are kube-proxy's (`Starting`, `StartKubeProxy`), as the metric names are, so
+    /// that what looks for them finds them; the reporting controller tells the two apart.
+    /// The Node is cluster-scoped: the event goes to the `default` namespace, as
+    /// kube-proxy's does. Needs a Tokio runtime.
+    pub fn starting(&self) {
+        // kube-proxy's node reference carries the node's name as its UID.
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            uid: Some(self.node.clone()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Starting".into(),
+            note: None,
+            action: "StartKubeProxy".into(),
+            secondary: None,
+        };
+        self.publish(event, regarding, "start");
+    }
+
     /// kube-proxy's `FailedToStartServiceHealthcheck` warning on the Service: its
     /// healthCheckNodePort could not be served on this node. Needs a Tokio runtime.
     pub fn health_check_failed(&self, namespace: &str, name: &str, port: u16, error: &str) {
@@ -52,11 +77,20 @@ impl Events {
             action: "Listen".into(),
             secondary: None,
         };
+        self.publish(event, regarding, "health check failure");
+    }
+
+    /// Publishes in the background; a failure is logged with `what` the event was.
+    fn publish(&self, event: Event, regarding: ObjectReference, what: &'static str) {
         let recorder = self.recorder.clone();
-        let service = format!("{namespace}/{name}");
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &regarding).await {
-                tracing::warn!(%service, "recording the health check failure event failed: {e}");
+                let object = format!(
+                    "{}/{}",
+                    regarding.namespace.as_deref().unwrap_or(""),
+                    regarding.name.as_deref().unwrap_or("")
+                );
+                tracing::warn!(%object, "recording the {what} event failed: {e}");
             }
         });
     }

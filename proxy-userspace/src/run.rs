@@ -284,6 +284,9 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
+    if let Some(events) = &events {
+        events.starting();
+    }
 
     // The programs of a previous run keep serving from the pinned maps until the new ones
     // are swapped in; detecting devices needs the Node's addresses, hence the source first.

@@ -288,6 +288,59 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
     drop(replica);
 }
 
+/// The first event in the `default` namespace with `reason`, within 20 s.
+async fn wait_for_event(
+    h: &Harness,
+    client: &kube::Client,
+    reason: &str,
+) -> k8s_openapi::api::events::v1::Event {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let listed = events.list(&Default::default()).await.expect("list events");
+        if let Some(e) = listed
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+        {
+            return e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {reason} event recorded; agent log:\n{}",
+            h.agent_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// kube-proxy's "birth cry": once its sources watch, the agent records a `Starting` event
+/// on its Node (in `default`, the Node being cluster-scoped), with kube-proxy's reason and
+/// action, reported by this node's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_records_kube_proxys_starting_event_on_its_node() {
+    let mut h = Harness::new("startev", &["pod-a"]);
+    let (_server, client) = agent_on_apiserver(&mut h).await;
+    let event = wait_for_event(&h, &client, "Starting").await;
+    assert_eq!(event.type_.as_deref(), Some("Normal"));
+    assert_eq!(event.action.as_deref(), Some("StartKubeProxy"));
+    assert_eq!(
+        event.reporting_controller.as_deref(),
+        Some("ebpf-kube-proxy")
+    );
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    let regarding = event.regarding.as_ref().expect("regarding");
+    assert_eq!(
+        (
+            regarding.kind.as_deref(),
+            regarding.namespace.as_deref(),
+            regarding.name.as_deref(),
+            regarding.uid.as_deref(),
+        ),
+        (Some("Node"), None, Some("node-1"), Some("node-1"))
+    );
+}
+
 /// C12 with the API: a healthCheckNodePort this node cannot bind is recorded as kube-proxy
 /// records it, a `FailedToStartServiceHealthcheck` warning event on the Service, reported
 /// by this node's agent. The port is one of the NodePort range on the host's loopback, held
@@ -295,7 +348,6 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_check_node_port_that_cannot_be_bound_is_recorded_as_an_event() {
     use k8s_openapi::api::core::v1::Node;
-    use k8s_openapi::api::events::v1::Event;
 
     let mut h = Harness::new("hcevent", &["pod-a"]);
     // From the top of the range: the Service's own nodePort is allocated from the bottom.
@@ -351,20 +403,7 @@ async fn a_health_check_node_port_that_cannot_be_bound_is_recorded_as_an_event()
         .await
         .expect("create slice");
 
-    let events: Api<Event> = Api::namespaced(client.clone(), NS);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    let event = loop {
-        let listed = events.list(&Default::default()).await.expect("list events");
-        if let Some(e) = listed.items.into_iter().next() {
-            break e;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no event recorded; agent log:\n{}",
-            h.agent_log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let event = wait_for_event(&h, &client, "FailedToStartServiceHealthcheck").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(
         event.reason.as_deref(),
