@@ -62,7 +62,9 @@ enum Command {
     },
 }
 
+/// A flag given twice takes its last value (list flags add up), as kube-proxy's flags do.
 #[derive(Parser, Debug)]
+#[command(args_override_self = true)]
 struct RunArgs {
     /// Standalone source: a directory of Service, EndpointSlice and Node manifests
     /// (YAML/JSON), followed for creation, edits and deletion. Write files atomically
@@ -127,6 +129,11 @@ struct RunArgs {
     /// `/metrics` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
     metrics_bind_address: BindAddress,
+
+    /// Exit when the healthz or metrics port is taken, instead of logging it and trying
+    /// again every 5 s while the datapath works (kube-proxy's flag and default).
+    #[arg(long)]
+    bind_address_hard_fail: bool,
 
     /// cgroup v2 directory the socket programs attach to [default: the cgroup v2 root].
     #[arg(long)]
@@ -361,6 +368,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 socket_lb_external_ips: args.socket_lb_external_ips,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
+                bind_address_hard_fail: args.bind_address_hard_fail,
                 bpf_log_level: args.bpf_log_level.raw(),
                 north_south: north_south(
                     args.devices.clone(),

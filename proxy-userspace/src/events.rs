@@ -38,14 +38,6 @@ impl Events {
     /// The Node is cluster-scoped: the event goes to the `default` namespace, as
     /// kube-proxy's does. Needs a Tokio runtime.
     pub fn starting(&self) {
-        // kube-proxy's node reference carries the node's name as its UID.
-        let regarding = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.node.clone()),
-            uid: Some(self.node.clone()),
-            ..ObjectReference::default()
-        };
         let event = Event {
             type_: EventType::Normal,
             reason: "Starting".into(),
@@ -53,7 +45,32 @@ impl Events {
             action: "StartKubeProxy".into(),
             secondary: None,
         };
-        self.publish(event, regarding, "start");
+        self.publish(event, self.node_ref(), "start");
+    }
+
+    /// kube-proxy's `FailedToStartProxierHealthcheck` warning on the node: the healthz
+    /// port `addr` could not be bound (it is tried again). Needs a Tokio runtime.
+    pub fn healthz_failed(&self, addr: std::net::SocketAddr, error: &str) {
+        let note = format!("failed to start proxier healthz on {addr}: {error}");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "FailedToStartProxierHealthcheck".into(),
+            note: Some(truncated(note, NOTE_MAX)),
+            action: "StartKubeProxy".into(),
+            secondary: None,
+        };
+        self.publish(event, self.node_ref(), "healthz failure");
+    }
+
+    /// This node, as kube-proxy refers to it: its name also stands as the UID.
+    fn node_ref(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            uid: Some(self.node.clone()),
+            ..ObjectReference::default()
+        }
     }
 
     /// kube-proxy's `FailedToStartServiceHealthcheck` warning on the Service: its

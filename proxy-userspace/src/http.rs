@@ -82,44 +82,101 @@ struct AppState {
     metrics: Arc<Metrics>,
 }
 
-/// Binds `addr` now (so a taken port fails the start, and port 0 is resolved), then serves
-/// in the background. Returns the bound address.
+/// What a server does when its port is taken: kube-proxy's `--bind-address-hard-fail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBindFailure {
+    /// The error is returned and the agent exits (`--bind-address-hard-fail`).
+    Exit,
+    /// The error is logged, and the bind tried again every `BIND_RETRY` in the background
+    /// while the agent works: kube-proxy's default. The datapath does not need these
+    /// servers, and a port still held by the kube-proxy being replaced is freed soon.
+    Retry,
+}
+
+/// How often a taken port is tried again (kube-proxy's period).
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Called with the error of every failed bind (the first included).
+pub type BindFailed = Box<dyn Fn(&str) + Send + 'static>;
+
 pub async fn serve_health(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-) -> Result<SocketAddr> {
+    on_failure: OnBindFailure,
+    failed: BindFailed,
+) -> Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .with_state(AppState { health, metrics });
-    serve(addr, app, "healthz").await
+    serve(addr, app, "healthz", on_failure, failed).await
 }
 
 pub async fn serve_metrics(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-) -> Result<SocketAddr> {
+    on_failure: OnBindFailure,
+) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .with_state(AppState { health, metrics });
-    serve(addr, app, "metrics").await
+    serve(addr, app, "metrics", on_failure, Box::new(|_| {})).await
 }
 
-async fn serve(addr: SocketAddr, app: Router, what: &str) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} server to {addr}"))?;
-    let bound = listener.local_addr()?;
-    tracing::info!("serving {what} on http://{bound}");
-    let what = what.to_owned();
+/// Binds `addr` now (port 0 is resolved and logged), then serves in the background. A taken
+/// port is handled as `on_failure` says.
+async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    what: &'static str,
+    on_failure: OnBindFailure,
+    failed: BindFailed,
+) -> Result<()> {
+    let error = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tokio::spawn(serve_on(listener, app, what));
+            return Ok(());
+        }
+        Err(e) if on_failure == OnBindFailure::Exit => {
+            return Err(e).with_context(|| format!("binding the {what} server to {addr}"));
+        }
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(
+        "binding the {what} server to {addr} failed: {error}; trying again every {}s",
+        BIND_RETRY.as_secs()
+    );
+    failed(&error);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("{what} server stopped: {e}");
+        let mut last = error;
+        loop {
+            tokio::time::sleep(BIND_RETRY).await;
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => return serve_on(listener, app, what).await,
+                Err(e) => {
+                    let error = e.to_string();
+                    if error != last {
+                        tracing::error!("binding the {what} server to {addr} failed: {error}");
+                    }
+                    failed(&error);
+                    last = error;
+                }
+            }
         }
     });
-    Ok(bound)
+    Ok(())
+}
+
+async fn serve_on(listener: tokio::net::TcpListener, app: Router, what: &'static str) {
+    match listener.local_addr() {
+        Ok(bound) => tracing::info!("serving {what} on http://{bound}"),
+        Err(e) => tracing::info!("serving {what} (address unknown: {e})"),
+    }
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("{what} server stopped: {e}");
+    }
 }
 
 fn rfc3339(t: Option<SystemTime>) -> String {

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -29,7 +29,7 @@ use crate::capacity::{self, Capacity};
 use crate::dataplane::{self, MapSizes};
 use crate::events::Events;
 use crate::healthcheck::{self, HealthCheckServers};
-use crate::http::{self, Health};
+use crate::http::{self, Health, OnBindFailure};
 use crate::link_events::LinkEvents;
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
@@ -68,6 +68,9 @@ pub struct Config {
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
     pub metrics_bind: Option<SocketAddr>,
+    /// A taken healthz or metrics port stops the agent instead of being tried again
+    /// (kube-proxy's `--bind-address-hard-fail`).
+    pub bind_address_hard_fail: bool,
     /// What the eBPF programs log (`LOG_LEVEL_*`), written to the log switch at start.
     pub bpf_log_level: u8,
     /// The north-south programs (NodePort, externalIPs, LoadBalancer IPs from outside the
@@ -269,11 +272,26 @@ pub async fn run(config: Config) -> Result<()> {
     // kube-proxy's health timeout is twice its sync period.
     let health = Arc::new(Health::new(config.sync_period * 2));
     health.queued(SystemTime::now());
+    let on_bind_failure = if config.bind_address_hard_fail {
+        OnBindFailure::Exit
+    } else {
+        OnBindFailure::Retry
+    };
+    // Set once the Kubernetes source has a client: a healthz port still taken then is
+    // recorded as kube-proxy records it.
+    let node_events: Arc<OnceLock<Events>> = Arc::default();
     if let Some(addr) = config.healthz_bind {
-        http::serve_health(addr, health.clone(), metrics.clone()).await?;
+        http::serve_health(
+            addr,
+            health.clone(),
+            metrics.clone(),
+            on_bind_failure,
+            healthz_bind_failed(addr, node_events.clone()),
+        )
+        .await?;
     }
     if let Some(addr) = config.metrics_bind {
-        http::serve_metrics(addr, health.clone(), metrics.clone()).await?;
+        http::serve_metrics(addr, health.clone(), metrics.clone(), on_bind_failure).await?;
     }
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -286,6 +304,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     if let Some(events) = &events {
         events.starting();
+        let _ = node_events.set(events.clone());
     }
 
     // The programs of a previous run keep serving from the pinned maps until the new ones
@@ -422,6 +441,23 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// The source, and where events are recorded (the Kubernetes source only).
+/// kube-proxy records a healthz port it cannot bind as a `FailedToStartProxierHealthcheck`
+/// event on the node at every attempt (its recorder folds repeats into a series); this
+/// records each distinct error once, when there is an API to record it to.
+fn healthz_bind_failed(addr: SocketAddr, events: Arc<OnceLock<Events>>) -> http::BindFailed {
+    let recorded = std::sync::Mutex::new(None::<String>);
+    Box::new(move |error: &str| {
+        let Some(events) = events.get() else {
+            return;
+        };
+        let mut recorded = recorded.lock().unwrap_or_else(|p| p.into_inner());
+        if recorded.as_deref() != Some(error) {
+            events.healthz_failed(addr, error);
+            *recorded = Some(error.to_owned());
+        }
+    })
+}
+
 async fn start_source(
     config: &Config,
     changed: mpsc::Sender<()>,

@@ -2,10 +2,15 @@
 
 mod common;
 
-use common::{Harness, http_get as get, service, slice};
+use common::{Harness, answers, http_get as get, service, slice};
 
 /// Service `web` (10.96.0.10:80) on pod-a, and the agent running with it programmed.
 fn start_with_web(h: &mut Harness) {
+    start_with_web_and(h, &[]);
+}
+
+/// [`start_with_web`], with `extra` arguments for the agent.
+fn start_with_web_and(h: &mut Harness, extra: &[&str]) {
     h.write_manifest(
         "svc.yaml",
         &service("web", "10.96.0.10", &[("http", 80, "TCP")]),
@@ -19,8 +24,58 @@ fn start_with_web(h: &mut Harness) {
             &[("10.244.0.10", true)],
         ),
     );
-    h.start_agent();
+    let manifests = h.manifests.clone();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    h.start_agent_with(&args);
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+}
+
+/// kube-proxy's default: a taken healthz port (the kube-proxy being replaced may still
+/// hold it) is logged and bound again every 5 s, and the datapath works meanwhile.
+#[test]
+fn a_taken_healthz_port_is_bound_once_free_and_the_datapath_works_meanwhile() {
+    let mut h = Harness::new("bindretry", &["pod-a"]);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = squatter.local_addr().expect("its address").to_string();
+    start_with_web_and(&mut h, &["--healthz-bind-address", &addr]);
+    h.wait_for_log(&format!("binding the healthz server to {addr} failed"));
+    let _servers = h.serve(&[8080], &[]);
+    let answered = answers(&h.client(&["tcp", "10.96.0.10:80", "20"]));
+    assert_eq!(answered.get("pod-a"), Some(&20), "{answered:?}");
+
+    drop(squatter);
+    h.wait_for_log(&format!("serving healthz on http://{addr}"));
+    let (code, body) = get(&addr, "/livez");
+    assert_eq!(code, 200, "{body}");
+}
+
+/// `--bind-address-hard-fail`: a taken port stops the agent with an error naming it.
+#[test]
+fn with_bind_address_hard_fail_a_taken_metrics_port_stops_the_agent() {
+    let mut h = Harness::new("bindfail", &["pod-a"]);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = squatter.local_addr().expect("its address").to_string();
+    let manifests = h.manifests.clone();
+    h.start_agent_with(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--metrics-bind-address".as_ref(),
+        addr.as_ref(),
+        "--bind-address-hard-fail".as_ref(),
+    ]);
+    let status = h.wait_for_agent_exit();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the agent did not fail ({status:?}); log:\n{}",
+        h.agent_log()
+    );
+    assert!(
+        h.agent_log()
+            .contains(&format!("binding the metrics server to {addr}")),
+        "{}",
+        h.agent_log()
+    );
 }
 
 #[test]

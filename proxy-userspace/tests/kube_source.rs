@@ -341,6 +341,39 @@ async fn the_agent_records_kube_proxys_starting_event_on_its_node() {
     );
 }
 
+/// A healthz port that is taken (and tried again) is recorded as kube-proxy records it: a
+/// `FailedToStartProxierHealthcheck` warning on the Node, naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_healthz_port_is_recorded_as_an_event_on_the_node() {
+    let mut h = Harness::new("hzevent", &["pod-a"]);
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    let addr = squatter.local_addr().expect("its address").to_string();
+    let server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    h.start_agent_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--healthz-bind-address".as_ref(),
+        addr.as_ref(),
+    ]);
+    let event = wait_for_event(&h, &client, "FailedToStartProxierHealthcheck").await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.action.as_deref(), Some("StartKubeProxy"));
+    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    let regarding = event.regarding.as_ref().expect("regarding");
+    assert_eq!(
+        (regarding.kind.as_deref(), regarding.name.as_deref()),
+        (Some("Node"), Some("node-1"))
+    );
+    let note = event.note.as_deref().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!("failed to start proxier healthz on {addr}: ")),
+        "{note}"
+    );
+}
+
 /// C12 with the API: a healthCheckNodePort this node cannot bind is recorded as kube-proxy
 /// records it, a `FailedToStartServiceHealthcheck` warning event on the Service, reported
 /// by this node's agent. The port is one of the NodePort range on the host's loopback, held

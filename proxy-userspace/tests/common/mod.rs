@@ -92,12 +92,13 @@ impl Harness {
         self.spawn_agent(command, &args);
     }
 
+    /// The test's own arguments come last: the agent takes the last value of a repeated
+    /// flag (as kube-proxy does), so a test may replace a default below.
     fn spawn_agent(&mut self, mut command: Command, source_args: &[&std::ffi::OsStr]) {
         command
             .arg("--pin-path")
             .arg(&self.pin_path)
             .arg("run")
-            .args(source_args)
             .arg("--cgroup")
             .arg(self.topo.cgroup.path())
             .args([
@@ -115,6 +116,7 @@ impl Harness {
                 "--devices",
                 "",
             ])
+            .args(source_args)
             .env("EKP_LOG", "info");
         // The agent's log goes to a file the test can read (and that is shown on failure).
         let log = fs::OpenOptions::new()
@@ -148,6 +150,20 @@ impl Harness {
             "the agent never logged {needle:?}; log:\n{}",
             self.agent_log()
         );
+    }
+
+    /// Waits until the agent exits on its own, and returns how; `None` if it still runs
+    /// after the harness's time limit.
+    pub fn wait_for_agent_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let agent = self.agent.as_mut()?;
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL, as a crash or an OOM kill would end it.
