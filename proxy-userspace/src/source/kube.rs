@@ -164,6 +164,21 @@ where
         .collect()
 }
 
+/// `kubectl apply`'s copy of the whole object, as JSON, in every object it applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the API server sends with every object and the agent never reads, before it
+/// reaches the store: the field managers' records and `kubectl apply`'s copy of the object.
+/// Both grow with the object and would otherwise be held for every Service and
+/// EndpointSlice of the cluster.
+fn trim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// Where a watcher records the objects it saw change.
 type Track = (
     Arc<Mutex<Pending>>,
@@ -184,7 +199,10 @@ where
 {
     let (store, writer) = reflector::store();
     let kind = K::kind(&Default::default()).into_owned();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config).default_backoff().modify(trim::<K>),
+    );
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -211,4 +229,41 @@ where
         }
     });
     store
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+
+    #[test]
+    fn managed_fields_and_the_last_applied_copy_are_dropped_other_metadata_kept() {
+        let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "annotations": {
+                    "endpoints.kubernetes.io/last-change-trigger-time": "2026-11-27T05:00:00Z",
+                    LAST_APPLIED: "{\"apiVersion\":\"discovery.k8s.io/v1\"}",
+                },
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update"}],
+            },
+            "addressType": "IPv4",
+            "endpoints": [],
+        }))
+        .expect("a valid EndpointSlice");
+        trim(&mut slice);
+        let meta = &slice.metadata;
+        assert_eq!(meta.managed_fields, None);
+        let annotations = meta.annotations.as_ref().expect("annotations");
+        assert!(!annotations.contains_key(LAST_APPLIED));
+        // What translate and the metrics read stays.
+        assert!(annotations.contains_key("endpoints.kubernetes.io/last-change-trigger-time"));
+        assert_eq!(
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name")),
+            Some(&"web".to_owned())
+        );
+    }
 }
