@@ -70,9 +70,10 @@ pub const MAP_CONFIG: &str = "ekp_config_v1";
 pub const MAP_LOG: &str = "ekp_log_v1";
 pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
+pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -84,6 +85,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_LOG,
     MAP_SOURCE_RANGES,
     MAP_SOCK_CONFIG,
+    MAP_FRAGMENTS,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -109,6 +111,9 @@ pub const DEFAULT_AFFINITY_MAX: u32 = 65536;
 pub const DEFAULT_NAT_CT_MAX: u32 = 262144;
 /// One entry per (frontend, source range) of LB IPs with `loadBalancerSourceRanges`.
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16384;
+/// One entry per fragmented datagram in flight through the north-south programs (Cilium's
+/// default for its fragments map).
+pub const FRAGMENTS_MAX: u32 = 8192;
 
 /// Which TCX program looks a north-south conntrack entry up (`NatCtKey::dir`): the one on
 /// the node's devices' ingress, or the one on their egress.
@@ -320,6 +325,33 @@ pub struct NatCtKey {
     pub _pad: [u8; 2],
 }
 
+/// Key of the fragments LRU map: what the fragments of one IPv4 datagram share (RFC 791),
+/// as they arrive at the program. Only the first fragment carries the L4 header; the
+/// later ones find its ports under this key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Source IPv4 address, network order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network order.
+    pub daddr: u32,
+    /// IP identification, network order.
+    pub id: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the L4 ports of the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentPorts {
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+}
+
 /// Value of the north-south conntrack/NAT map: the complete rewrite of a matching packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -413,6 +445,8 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SockConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 4);
 
 #[cfg(feature = "user")]
 mod user {
@@ -435,6 +469,8 @@ mod user {
     unsafe impl aya::Pod for LogConfig {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 #[cfg(test)]

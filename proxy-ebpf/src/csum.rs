@@ -30,7 +30,8 @@ fn l4_flags(pkt: &Packet, size: u64) -> u64 {
     }
 }
 
-/// Writes the IPv4 address `new` (network order) at `off`, where `old` was.
+/// Writes the IPv4 address `new` (network order) at `off`, where `old` was. In a later
+/// fragment only the IP header checksum changes: the L4 one is in the first fragment.
 #[inline(always)]
 pub fn set_addr(
     ctx: &TcContext,
@@ -41,6 +42,9 @@ pub fn set_addr(
 ) -> Result<(), RewriteError> {
     ctx.store(off, &new, 0)?;
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)?;
+    if !pkt.has_l4_header() {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
         pkt.l4_csum_off,
         u64::from(old),

@@ -21,6 +21,7 @@
 
 mod csum;
 mod fib;
+mod fragments;
 mod icmp;
 mod lb;
 mod log;

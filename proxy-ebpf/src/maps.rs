@@ -7,9 +7,9 @@ use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
-    DEFAULT_SOURCE_RANGES_MAX, LogConfig, NatCtKey, NatCtValue, NodeConfig, RevNatValue,
-    SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot,
-    SourceRangeKey,
+    DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LogConfig, NatCtKey,
+    NatCtValue, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
+    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -77,3 +77,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MA
 /// the agent, read by `connect4`/`sendmsg4`.
 #[btf_map(name = "ekp_sockcfg_v1")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
+
+/// (source, destination, IP id, protocol) of a fragmented datagram -> the ports its first
+/// fragment carried, for its later fragments, which carry none (Cilium's fragments map).
+/// Written and read by the north-south programs; LRU because nothing says when the last
+/// fragment has passed.
+#[btf_map(name = "ekp_frag_v1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_MAX as usize }> =
+    LruHashMap::new();

@@ -245,7 +245,8 @@ fn allocate_port(
     Err(())
 }
 
-/// Rewrites `pkt`'s addresses and ports to those of `entry`, checksums included.
+/// Rewrites `pkt`'s addresses and ports to those of `entry`, checksums included (a later
+/// fragment: addresses only; it has no ports, and the L4 checksum is in the first).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<(), RewriteError> {
     if entry.saddr != pkt.saddr {
@@ -253,6 +254,9 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<(), 
     }
     if entry.daddr != pkt.daddr {
         csum::set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.daddr)?;
+    }
+    if !pkt.has_l4_header() {
+        return Ok(());
     }
     if entry.sport != pkt.sport {
         csum::set_port(ctx, pkt, L4_SPORT_OFF, pkt.sport, entry.sport)?;

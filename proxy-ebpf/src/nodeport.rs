@@ -9,15 +9,17 @@
 //! - `ekp_tcx_out` (TCX egress): replies of local backends to external clients, whose source
 //!   goes back to the frontend.
 //!
-//! Both translate ICMP errors about a tracked flow too (`icmp`).
+//! Both translate ICMP errors about a tracked flow too (`icmp`), and the later fragments of
+//! a datagram whose first fragment they translated (`fragments`).
 //!
 //! `ekp_pod_in` / `ekp_pod_out` are the same on pods' devices, for the host-namespace-only
 //! socket LB: a pod's packets to frontends of the *internal* scope are DNATed (never
 //! SNATed) as they leave the pod, and the backends' replies translated back as they enter
 //! it.
 //!
-//! What is not a translatable packet (not IPv4, IP options, fragments, truncated headers,
-//! other protocols) or not ours (no flow, no frontend) passes unchanged with no verdict of
+//! What is not a translatable packet (not IPv4, IP options, truncated headers, other
+//! protocols, a later fragment of no datagram of ours) or not ours (no flow, no frontend)
+//! passes unchanged with no verdict of
 //! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
@@ -32,6 +34,7 @@ use proxy_common::{
 };
 
 use crate::fib;
+use crate::fragments;
 use crate::icmp;
 use crate::lb::{self, now_secs};
 use crate::log::{self, log_debug, log_error};
@@ -80,7 +83,7 @@ pub fn ekp_pod_out(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::ipv4_l4(ctx) else {
+    let Some(pkt) = parse::ipv4_l4(ctx).and_then(fragments::with_ports) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_IN, PASS, DROP).unwrap_or(PASS));
     };
     let now = now_secs();
@@ -97,12 +100,17 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
             return translate(ctx, &pkt, &seen);
         }
     }
+    // A later fragment only follows its first fragment's flow: it has no L4 header to
+    // start one with.
+    if !pkt.has_l4_header() {
+        return Ok(PASS);
+    }
     new_flow::<SCOPE>(ctx, &pkt, now)
 }
 
 #[inline(always)]
 fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
-    let Some(pkt) = parse::ipv4_l4(ctx) else {
+    let Some(pkt) = parse::ipv4_l4(ctx).and_then(fragments::with_ports) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_OUT, PASS, DROP).unwrap_or(PASS));
     };
     let key = nat::key_of(&pkt, CT_DIR_OUT);
@@ -110,6 +118,7 @@ fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: copied out at once.
     let seen = unsafe { *entry };
     nat::touch(&key, entry, &seen, &pkt, now_secs());
+    fragments::remember(&pkt);
     nat::rewrite(ctx, &pkt, &seen).map_err(|_| DROP)?;
     Ok(PASS)
 }
@@ -117,6 +126,7 @@ fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
 /// Applies a flow's rewrite; a source-NATed packet is forwarded past the stack.
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i32> {
+    fragments::remember(pkt);
     nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
     if entry.flags & CT_FLAG_SNAT == 0 {
         return Ok(PASS);

@@ -5,8 +5,10 @@
 //! first. The programs write only through the helpers (`csum`), so no packet pointer is
 //! kept across a rewrite (which invalidates them) and the verifier adds no unclone step
 //! to packets that are only read. Only the packets the north-south datapath can translate
-//! are parsed: anything else — not IPv4 over Ethernet, IP options, fragments, truncated
-//! headers, other protocols — yields `None`, and the programs pass it on untouched.
+//! are parsed: anything else — not IPv4 over Ethernet, IP options, truncated headers, other
+//! protocols — yields `None`, and the programs pass it on untouched. A fragment after the
+//! first carries no L4 header: it is parsed without ports (`Fragment::Later`), which
+//! `fragments` supplies from the first.
 
 use core::ptr::read_unaligned;
 
@@ -37,8 +39,9 @@ const TCP_CSUM_OFF: usize = L4_OFF + 16;
 const UDP_CSUM_OFF: usize = L4_OFF + 6;
 /// Version 4, header length 5 words: the only first byte accepted.
 const IPV4_NO_OPTIONS: u8 = 0x45;
-/// More-fragments flag and fragment offset (host order).
-const IP_MF_OFFSET: u16 = 0x3fff;
+/// More-fragments flag and fragment offset mask (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
@@ -59,6 +62,17 @@ struct Ipv4Hdr {
     daddr: u32,
 }
 
+/// Where a packet stands in its datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, so no ports of its own.
+    Later,
+}
+
 /// What the programs need from a translatable packet. Addresses and ports in network order.
 #[derive(Clone, Copy)]
 pub struct Packet {
@@ -71,13 +85,22 @@ pub struct Packet {
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     pub ttl: u8,
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (in the first fragment only, for a fragmented
+    /// datagram).
     pub l4_csum_off: usize,
+    /// IP identification, network order: what ties fragments together.
+    pub id: u16,
+    pub fragment: Fragment,
 }
 
 impl Packet {
     pub fn is_udp(&self) -> bool {
         self.proto == PROTO_UDP
+    }
+
+    /// The packet carries the L4 header (ports, checksum): not a later fragment.
+    pub fn has_l4_header(&self) -> bool {
+        self.fragment != Fragment::Later
     }
 }
 
@@ -95,8 +118,9 @@ fn linear(ctx: &TcContext, len: usize) -> Option<usize> {
     Some(ctx.data())
 }
 
-/// Parses an unfragmented IPv4 TCP or UDP packet without IP options whose headers are all
-/// within the packet and within the IP total length; `None` for anything else.
+/// Parses an IPv4 TCP or UDP packet without IP options whose headers are all within the
+/// packet and within the IP total length; `None` for anything else. A later fragment has
+/// ports 0 (see `Fragment::Later`).
 #[inline(always)]
 pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     let data = linear(ctx, L4_OFF)?;
@@ -106,13 +130,43 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let ip: Ipv4Hdr = unsafe { read_unaligned((data + IP_OFF) as *const Ipv4Hdr) };
-    if ip.ver_ihl != IPV4_NO_OPTIONS || u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
+    if ip.ver_ihl != IPV4_NO_OPTIONS {
         return None;
     }
     let tot_len = usize::from(u16::from_be(ip.tot_len));
     // The IP datagram must be in the frame (trailing Ethernet padding is fine).
     if IP_OFF + tot_len > ctx.len() as usize {
         return None;
+    }
+    let frag_off = u16::from_be(ip.frag_off);
+    let fragment = if frag_off & IP_OFFSET != 0 {
+        Fragment::Later
+    } else if frag_off & IP_MF != 0 {
+        Fragment::First
+    } else {
+        Fragment::Whole
+    };
+    if fragment == Fragment::Later {
+        if tot_len < IPV4_HLEN {
+            return None;
+        }
+        let l4_csum_off = match ip.proto {
+            PROTO_TCP => TCP_CSUM_OFF,
+            PROTO_UDP => UDP_CSUM_OFF,
+            _ => return None,
+        };
+        return Some(Packet {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: 0,
+            dport: 0,
+            proto: ip.proto,
+            tcp_flags: 0,
+            ttl: ip.ttl,
+            l4_csum_off,
+            id: ip.id,
+            fragment,
+        });
     }
     // Each protocol with its own constant bound, which the verifier can follow.
     let (ports, tcp_flags, l4_hlen, l4_csum_off) = match ip.proto {
@@ -141,5 +195,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         tcp_flags,
         ttl: ip.ttl,
         l4_csum_off,
+        id: ip.id,
+        fragment,
     })
 }

@@ -861,7 +861,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 8] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 9] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -879,6 +879,10 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 8] {
         (
             proxy_common::MAP_SOURCE_RANGES,
             i64::from(sizes.source_ranges),
+        ),
+        (
+            proxy_common::MAP_FRAGMENTS,
+            i64::from(proxy_common::FRAGMENTS_MAX),
         ),
     ]
 }

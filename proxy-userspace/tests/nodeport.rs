@@ -849,6 +849,60 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     }
 }
 
+/// A UDP datagram larger than the path's MTU crosses a NodePort as fragments, of which only
+/// the first carries the ports, both ways: to the pod on this node (DNAT), and to the pod on
+/// the other node (DNAT and SNAT, forwarded past the stack), and back, the answers as large.
+/// Each must be put together whole at the far end, so every fragment must have been
+/// translated as its first was.
+#[test]
+fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
+    let mut cluster = Cluster::new("npfrag");
+    cluster.write_manifest("svc.yaml", &service_with_udp());
+    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
+        "ports: [{name: http, port: 8080, protocol: TCP}]",
+        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
+    ));
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.start_agents();
+    cluster.wait_for_node_port(0, &["10.244.1.10:8080", "10.244.2.10:8080"]);
+    let to = "192.168.77.11:30053";
+    // The UDP port comes with the same sync as the TCP one: a small request shows it is in.
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while cluster.peer(&cluster.client, None, &["udp", to, "1"])[0]["ok"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "{to} never answered\n{}",
+            cluster.logs()
+        );
+    }
+
+    let lines = cluster.peer(&cluster.client, None, &["udp", to, "20", "--size", "4000"]);
+    let mut answered = std::collections::BTreeMap::new();
+    for line in &lines {
+        assert_eq!(
+            line["ok"],
+            true,
+            "a 4000-byte request failed: {line}\n{}",
+            cluster.logs()
+        );
+        assert_eq!(line["bytes"], 4000, "{line}");
+        assert_eq!(line["peer"], to, "{line}");
+        *answered
+            .entry(line["answer"].as_str().unwrap_or("").to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        answered.keys().cloned().collect::<Vec<_>>(),
+        ["pod-1", "pod-2"],
+        "{answered:?}"
+    );
+}
+
 fn service_with_udp() -> String {
     service("Cluster").replace(
         "ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]",

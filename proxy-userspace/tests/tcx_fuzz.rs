@@ -5,8 +5,13 @@
 //! conntrack map what the program may have done:
 //!
 //! - a frame the programs cannot translate (`parse.rs`: not IPv4 over Ethernet, IP options,
-//!   a fragment, not TCP/UDP, headers or IP total length beyond the frame) comes out
-//!   byte-identical with `TCX_NEXT`;
+//!   not TCP/UDP, headers or IP total length beyond the frame, a later fragment whose first
+//!   fragment left no ports in the fragments map) comes out byte-identical with `TCX_NEXT`;
+//! - a later fragment with its first fragment's ports: rewritten at L3 only, as the
+//!   conntrack entry under its key says (the IPv4 checksum patched exactly, nothing else
+//!   changed but MACs and TTL when redirected), or byte-identical with `TCX_NEXT` when there
+//!   is no live entry (it never starts a flow). A first fragment is translated as a whole
+//!   packet is, and leaves its ports in the fragments map;
 //! - a translatable frame neither tracked (no conntrack entry under its key before the run)
 //!   nor to a frontend: byte-identical, `TCX_NEXT`, and no conntrack entry created;
 //! - to a frontend without backends: byte-identical and dropped (`SVC_FLAG_DROP_EMPTY`),
@@ -52,12 +57,14 @@ use std::time::Instant;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN,
-    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, pseudo_header_sum,
+    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, monotonic_secs,
+    pseudo_header_sum,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
-    PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
+    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
+    FragmentKey, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 
 const DEFAULT_PACKETS: u64 = 100_000;
@@ -318,11 +325,21 @@ struct Tuple {
     proto: u8,
 }
 
-fn translatable(f: &[u8]) -> Option<Tuple> {
+/// Where a frame stands in its datagram (`parse.rs`'s `Fragment`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Whole,
+    First,
+    Later,
+}
+
+/// `translatable`'s tuple for a frame, and its part of the datagram. A later fragment takes
+/// its ports from `ports` (the fragments map), and is not translatable without them.
+fn translatable(
+    f: &[u8],
+    ports: impl FnOnce(FragmentKey) -> Option<(u16, u16)>,
+) -> Option<(Tuple, Part)> {
     if f.len() < L4_OFF || be16(f, 12) != 0x0800 || f[IP_OFF] != 0x45 {
-        return None;
-    }
-    if be16(f, IP_OFF + 6) & 0x3fff != 0 {
         return None;
     }
     let tot_len = usize::from(be16(f, IP_OFF + 2));
@@ -335,10 +352,40 @@ fn translatable(f: &[u8]) -> Option<Tuple> {
         PROTO_UDP => 8,
         _ => return None,
     };
+    let frag_off = be16(f, IP_OFF + 6);
+    if frag_off & 0x1fff != 0 {
+        if tot_len < 20 {
+            return None;
+        }
+        let (sport, dport) = ports(fragment_key(f))?;
+        let tuple = Tuple {
+            sport,
+            dport,
+            ..tuple_at(f)
+        };
+        return Some((tuple, Part::Later));
+    }
     if tot_len < 20 + l4_hlen {
         return None;
     }
-    Some(tuple_at(f))
+    let part = if frag_off & 0x2000 != 0 {
+        Part::First
+    } else {
+        Part::Whole
+    };
+    Some((tuple_at(f), part))
+}
+
+/// What the fragments of the frame's datagram share (the fragments map's key).
+fn fragment_key(f: &[u8]) -> FragmentKey {
+    let word = |off: usize| u32::from_ne_bytes([f[off], f[off + 1], f[off + 2], f[off + 3]]);
+    FragmentKey {
+        saddr: word(IP_OFF + 12),
+        daddr: word(IP_OFF + 16),
+        id: u16::from_ne_bytes([f[IP_OFF + 4], f[IP_OFF + 5]]),
+        proto: f[IP_OFF + 9],
+        _pad: 0,
+    }
 }
 
 /// The tuple in the fixed positions of an option-less IPv4 frame.
@@ -534,6 +581,8 @@ enum Seen {
     RefusedAnswered,
     NewFlow,
     TrackedFlow,
+    FragmentFollowed,
+    FragmentWithoutFlow,
 }
 
 impl Seen {
@@ -547,6 +596,8 @@ impl Seen {
             Seen::RefusedAnswered => "frontend without backends: answered with ICMP",
             Seen::NewFlow => "new flow: translated",
             Seen::TrackedFlow => "tracked flow: translated",
+            Seen::FragmentFollowed => "later fragment: translated as its first",
+            Seen::FragmentWithoutFlow => "later fragment, no live flow: unchanged",
         }
     }
 }
@@ -613,9 +664,14 @@ impl Fuzzer {
     fn send(&mut self, class: Class, hook: Hook, ifindex: u32, input: &[u8]) -> Option<Outcome> {
         let index = self.packets;
         self.packets += 1;
-        let tuple = translatable(input);
+        let fragments = &self.dp.fragments;
+        let parsed = translatable(input, |key| {
+            let ports = fragments.get(&key, 0).ok()?;
+            Some((u16::from_be(ports.sport), u16::from_be(ports.dport)))
+        });
+        let tuple = parsed.map(|(t, _)| t);
         let before = tuple.and_then(|t| self.ct(&t.ct_key(hook.dir())));
-        match self.check(hook, ifindex, input, tuple, before) {
+        match self.check(hook, ifindex, input, parsed, before) {
             Ok((seen, outcome)) => {
                 *self.stats.outcomes.entry((class, hook, seen)).or_default() += 1;
                 outcome
@@ -654,7 +710,7 @@ impl Fuzzer {
         hook: Hook,
         ifindex: u32,
         input: &[u8],
-        tuple: Option<Tuple>,
+        parsed: Option<(Tuple, Part)>,
         before: Option<NatCtValue>,
     ) -> Result<(Seen, Option<Outcome>), Violation> {
         let out = match self.dp.try_run(hook.program(), input, ifindex) {
@@ -695,11 +751,30 @@ impl Fuzzer {
             }
             Ok(())
         };
-        let Some(tuple) = tuple else {
+        let Some((tuple, part)) = parsed else {
             unchanged(TCX_NEXT, "not a translatable packet")?;
             return Ok((Seen::NotTranslatable, Some(out)));
         };
         let key = tuple.ct_key(hook.dir());
+        if part == Part::Later {
+            let follows = before.map_or(Some(false), |e| follows(hook, &tuple, &e));
+            let followed = match follows {
+                Some(false) => false,
+                Some(true) => true,
+                // At the boundary of its lifetime: either is right.
+                None => out.packet != input,
+            };
+            if !followed {
+                unchanged(TCX_NEXT, "a later fragment without a live flow")?;
+                if before.is_none() && self.ct(&key).is_some() {
+                    return Err(fail("a later fragment started a flow".into(), &out));
+                }
+                return Ok((Seen::FragmentWithoutFlow, Some(out)));
+            }
+            let entry = before.expect("followed: an entry");
+            check_fragment_rewrite(hook, input, &entry, &out).map_err(|why| fail(why, &out))?;
+            return Ok((Seen::FragmentFollowed, Some(out)));
+        }
         if before.is_none() {
             let frontend = match hook {
                 Hook::In => self.frontend(tuple.daddr, tuple.dport, tuple.proto),
@@ -759,6 +834,19 @@ impl Fuzzer {
         check_entry(&self.frontends, hook, &tuple, &entry).map_err(|why| fail(why, &out))?;
         self.check_rewrite(hook, input, &tuple, &entry, &out)
             .map_err(|why| fail(why, &out))?;
+        if part == Part::First {
+            let recorded = self.dp.fragments.get(&fragment_key(input), 0).ok();
+            let want = (tuple.sport.to_be(), tuple.dport.to_be());
+            if recorded.map(|p| (p.sport, p.dport)) != Some(want) {
+                return Err(fail(
+                    format!(
+                        "a translated first fragment left {recorded:?} in the fragments map, \
+                         not its ports"
+                    ),
+                    &out,
+                ));
+            }
+        }
         let seen = if before.is_some() {
             Seen::TrackedFlow
         } else {
@@ -844,6 +932,86 @@ impl Fuzzer {
         }
         Ok(())
     }
+}
+
+/// Whether a later fragment follows `entry` (the live entry under its key): always at
+/// egress and for a reply; at ingress only while an original-direction entry is not
+/// expired (`nat.rs`: `expired`, `lifetime`; the backends never change here). `None` within
+/// a second of the lifetime, where the program's clock may read either way.
+fn follows(hook: Hook, tuple: &Tuple, entry: &NatCtValue) -> Option<bool> {
+    if hook == Hook::Out || entry.flags & CT_FLAG_REPLY != 0 {
+        return Some(true);
+    }
+    let lifetime = if entry.flags & CT_FLAG_CLOSING != 0 {
+        CT_LIFETIME_CLOSING
+    } else if tuple.proto != PROTO_TCP {
+        CT_LIFETIME_NONTCP
+    } else if entry.flags & CT_FLAG_SEEN_REPLY != 0 {
+        CT_LIFETIME_TCP
+    } else {
+        CT_LIFETIME_TCP_SYN
+    };
+    let age = monotonic_secs().wrapping_sub(entry.last_seen);
+    if age + 1 < lifetime {
+        Some(true)
+    } else if age > lifetime + 1 {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// `out` is the later fragment `input` with `entry`'s addresses and its IPv4 checksum
+/// patched exactly; nothing else changed but MACs and TTL - 1 when redirected (a
+/// source-NATed flow at ingress), and the L4 data it carries is untouched.
+fn check_fragment_rewrite(
+    hook: Hook,
+    input: &[u8],
+    entry: &NatCtValue,
+    out: &Outcome,
+) -> Result<(), String> {
+    let got = &out.packet;
+    if got.len() != input.len() {
+        return Err(format!(
+            "translated fragment has {} bytes instead of {}",
+            got.len(),
+            input.len()
+        ));
+    }
+    let redirected = out.verdict == TC_ACT_REDIRECT;
+    let snat_at_ingress = hook == Hook::In && entry.flags & CT_FLAG_SNAT != 0;
+    if redirected && !snat_at_ingress {
+        return Err("redirected, but only source-NATed packets at ingress may be".into());
+    }
+    if out.verdict == TC_ACT_SHOT {
+        return Err("translated, then dropped (a rewrite helper failed)".into());
+    }
+    let mut want = [0u8; 8];
+    want[..4].copy_from_slice(&entry.saddr.to_ne_bytes());
+    want[4..].copy_from_slice(&entry.daddr.to_ne_bytes());
+    if got[IP_OFF + 12..IP_OFF + 20] != want {
+        return Err(format!(
+            "fragment's addresses {:?}, the conntrack entry says {want:?}",
+            &got[IP_OFF + 12..IP_OFF + 20]
+        ));
+    }
+    for (i, (a, b)) in input.iter().zip(got).enumerate() {
+        let rewritten =
+            (IP_OFF + 10..IP_OFF + 20).contains(&i) || (redirected && (i < 12 || i == IP_OFF + 8));
+        if a != b && !rewritten {
+            return Err(format!(
+                "byte {i} of a later fragment changed ({a:#04x} -> {b:#04x})"
+            ));
+        }
+    }
+    let (ttl_in, ttl_out) = (input[IP_OFF + 8], got[IP_OFF + 8]);
+    if redirected && (ttl_in <= 1 || ttl_out != ttl_in - 1) {
+        return Err(format!("redirected with TTL {ttl_in} -> {ttl_out}"));
+    }
+    if ip_residue(input) != ip_residue(got) {
+        return Err("the IPv4 header checksum of a later fragment was not patched exactly".into());
+    }
+    Ok(())
 }
 
 /// A conntrack entry that translated `tuple` at `hook` agrees with the setup: its frontend
@@ -953,6 +1121,37 @@ impl Fuzzer {
         bytes
     }
 
+    /// Now and then (one in six) `frame` as the first fragment of a larger datagram, with a
+    /// later fragment of it (random data at a random offset, the last one or not) to send
+    /// after it; otherwise `frame` alone.
+    fn maybe_fragmented(&mut self, mut frame: Vec<u8>) -> (Vec<u8>, Option<Vec<u8>>) {
+        if !self.rng.chance(16) {
+            return (frame, None);
+        }
+        let rng = &mut self.rng;
+        let fix_ip_checksum = |f: &mut [u8]| {
+            put(f, IP_OFF + 10, &[0, 0]);
+            let csum = checksum(0, &f[IP_OFF..L4_OFF]);
+            put(f, IP_OFF + 10, &csum.to_be_bytes());
+        };
+        put(&mut frame, IP_OFF + 6, &0x2000u16.to_be_bytes());
+        fix_ip_checksum(&mut frame);
+        let mut later = frame[..L4_OFF].to_vec();
+        let len = 8 + rng.below(200);
+        let data = rng.bytes(len);
+        let offset = 1 + rng.below(180) as u16;
+        let more = if rng.chance(50) { 0x2000 } else { 0 };
+        put(
+            &mut later,
+            IP_OFF + 2,
+            &((20 + data.len()) as u16).to_be_bytes(),
+        );
+        put(&mut later, IP_OFF + 6, &(more | offset).to_be_bytes());
+        later.extend(data);
+        fix_ip_checksum(&mut later);
+        (frame, Some(later))
+    }
+
     /// A client's packet to a frontend (now and then to something else) and, when it was
     /// translated, the backend's answer through the hook that must translate it back.
     fn valid_flow(&mut self) {
@@ -975,9 +1174,13 @@ impl Fuzzer {
             dport,
             proto,
         };
-        let packet = self.valid_frame(first);
+        let frame = self.valid_frame(first);
+        let (packet, later) = self.maybe_fragmented(frame);
         let device = self.ingress_device();
         let out = self.send(Class::Valid, Hook::In, device, &packet);
+        if let Some(later) = later {
+            self.send(Class::Valid, Hook::In, device, &later);
+        }
         self.remember(packet, Hook::In);
         let Some(out) = out.filter(|o| o.verdict != TC_ACT_SHOT) else {
             return;
@@ -1000,8 +1203,13 @@ impl Fuzzer {
         } else {
             (Hook::Out, 0)
         };
-        let packet = self.valid_frame(reply);
-        if let Some(back) = self.send(Class::Valid, hook, device, &packet) {
+        let frame = self.valid_frame(reply);
+        let (packet, later) = self.maybe_fragmented(frame);
+        let back = self.send(Class::Valid, hook, device, &packet);
+        if let Some(later) = later {
+            self.send(Class::Valid, hook, device, &later);
+        }
+        if let Some(back) = back {
             let back = tuple_at(&back.packet);
             if (back.saddr, back.sport, back.daddr, back.dport) == (daddr, dport, client, sport) {
                 self.stats.replies_to_client += 1;
@@ -1350,6 +1558,7 @@ fn random_and_mutated_packets_change_only_service_traffic_and_keep_checksums_val
                 Seen::RefusedAnswered,
                 Seen::NewFlow,
                 Seen::TrackedFlow,
+                Seen::FragmentFollowed,
             ] {
                 assert!(
                     stats.count(seen) > 0,

@@ -335,9 +335,15 @@ fn packets_that_are_not_ours_pass_unchanged() {
                 f
             }),
             ("IP options (IHL 6)", with_ip_options),
-            ("first fragment (MF)", fragment(0x2000)),
-            ("later fragment (offset 8)", fragment(0x0001)),
-            ("last fragment (offset, no MF)", fragment(0x00b9)),
+            // (A first fragment to the frontend is translated: see the fragments test.)
+            (
+                "a later fragment whose first was never seen (offset 8)",
+                fragment(0x2001),
+            ),
+            (
+                "a last fragment whose first was never seen (offset, no MF)",
+                fragment(0x00b9),
+            ),
             ("IPv6 ethertype", with_ethertype(0x86dd)),
             ("ARP ethertype", with_ethertype(0x0806)),
             ("VLAN-tagged frame", with_ethertype(0x8100)),
@@ -375,6 +381,133 @@ fn packets_that_are_not_ours_pass_unchanged() {
         assert!(
             dp.ct_entries().is_empty(),
             "no flow may be created for any of them"
+        );
+    });
+}
+
+/// `frame` (Ethernet + IPv4 without options + L4) cut into two IPv4 fragments after `cut`
+/// bytes of its L4 part (a multiple of 8, the header included), as a router would.
+fn fragments_of(frame: &[u8], cut: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(cut % 8, 0, "fragment offsets count 8-byte units");
+    let (head, l4) = frame.split_at(34);
+    let piece = |data: &[u8], frag_off: u16| {
+        let mut f = head.to_vec();
+        f[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        f[20..22].copy_from_slice(&frag_off.to_be_bytes());
+        f.extend_from_slice(data);
+        fix_ip_checksum(&mut f);
+        f
+    };
+    (
+        piece(&l4[..cut], 0x2000),
+        piece(&l4[cut..], (cut / 8) as u16),
+    )
+}
+
+/// Checks two translated fragments against `want`, the translated datagram unfragmented:
+/// each header has `want`'s addresses and a valid checksum and keeps its fragment fields,
+/// the later fragment's data is untouched, and the L4 parts put together are `want`'s (so
+/// the first fragment's L4 checksum is right for the whole datagram).
+fn assert_fragments(sent: (&[u8], &[u8]), got: (&[u8], &[u8]), want: &Frame, what: &str) {
+    let want = want.bytes();
+    for (sent, got, which) in [(sent.0, got.0, "first"), (sent.1, got.1, "later")] {
+        assert_eq!(got.len(), sent.len(), "{what}: {which} fragment length");
+        assert_eq!(
+            &got[26..34],
+            &want[26..34],
+            "{what}: {which} fragment's addresses"
+        );
+        assert_eq!(
+            prog_test_run::checksum(0, &got[14..34]),
+            0,
+            "{what}: {which} fragment's IP header checksum"
+        );
+        assert_eq!(
+            &got[16..22],
+            &sent[16..22],
+            "{what}: {which} fragment's length, id and fragment fields"
+        );
+    }
+    assert_eq!(
+        &got.1[34..],
+        &sent.1[34..],
+        "{what}: the later fragment's data changed"
+    );
+    let l4 = [&got.0[34..], &got.1[34..]].concat();
+    assert!(
+        l4 == want[34..],
+        "{what}: the datagram's L4 part\n got:\n{}\nwant:\n{}",
+        hex(&l4),
+        hex(&want[34..])
+    );
+}
+
+/// A datagram fragmented on its way (here UDP to a NodePort, larger than a hop's MTU):
+/// only its first fragment carries the ports. The later fragments follow the first
+/// fragment's translation, in both directions, and the first fragment's UDP checksum is
+/// right for the whole datagram with its new addresses and ports.
+#[test]
+fn later_fragments_follow_their_first_fragments_translation_both_ways() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_UDP, LOCAL_ID);
+        let request = Frame {
+            id: 0x4242,
+            payload: (0..100u8).collect(),
+            ..Frame::udp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+        };
+        let (first, later) = fragments_of(&request.bytes(), 48);
+        let out_first = dp.ingress(&first);
+        let out_later = dp.ingress(&later);
+        assert_eq!((out_first.verdict, out_later.verdict), (TCX_NEXT, TCX_NEXT));
+        assert_fragments(
+            (&first, &later),
+            (&out_first.packet, &out_later.packet),
+            &request.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "client -> NodePort, DNAT to the local pod",
+        );
+
+        let reply = Frame {
+            id: 0x0707,
+            payload: (0..200u8).rev().collect(),
+            ..Frame::udp(LOCAL_POD, POD_PORT, CLIENT, CLIENT_PORT)
+        };
+        let (first, later) = fragments_of(&reply.bytes(), 96);
+        let out_first = dp.egress(&first);
+        let out_later = dp.egress(&later);
+        assert_eq!((out_first.verdict, out_later.verdict), (TCX_NEXT, TCX_NEXT));
+        assert_fragments(
+            (&first, &later),
+            (&out_first.packet, &out_later.packet),
+            &reply.with_tuple(NODE, NODE_PORT, CLIENT, CLIENT_PORT),
+            "the pod's reply, the frontend restored",
+        );
+
+        // A later fragment of another datagram (another IP id) finds no ports: untouched.
+        let other = Frame {
+            id: 0x4243,
+            ..request.clone()
+        };
+        let (_, stray) = fragments_of(&other.bytes(), 48);
+        let out = dp.ingress(&stray);
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert!(out.packet == stray, "a stray later fragment changed");
+
+        // Nor does a later fragment whose ports are known start a flow once the flow is
+        // gone: it has no L4 header to translate.
+        let (first, later) = fragments_of(&request.bytes(), 48);
+        dp.ingress(&first);
+        for (key, _) in dp.ct_entries() {
+            dp.nat_ct.remove(&key).expect("deleting a flow entry");
+        }
+        let out = dp.ingress(&later);
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert!(
+            out.packet == later,
+            "a later fragment without its flow changed"
+        );
+        assert!(
+            dp.ct_entries().is_empty(),
+            "a later fragment started a flow"
         );
     });
 }

@@ -1,7 +1,9 @@
 //! `ekp-peer`: the pods and clients of the demo and the privileged tests.
 //!
 //! - `serve --name NAME --tcp PORT... --udp PORT...`: answers every TCP connection with a
-//!   tiny HTTP response whose body is NAME, and every UDP datagram with NAME. Prints
+//!   tiny HTTP response whose body is NAME, and every UDP datagram with NAME, padded with
+//!   newlines to the request's size when the request is longer (so that a large request
+//!   gets an answer as large, fragmented alike on its way back). Prints
 //!   `ready` once all sockets are bound, so callers wait for that instead of sleeping.
 //!   `--echo-peer` appends the client address the server saw to the TCP answer
 //!   (`NAME ADDR`), for tests of source NAT.
@@ -10,7 +12,9 @@
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
 //!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
 //!   `udp ... --keep-socket` uses one socket for all requests, like a resolver, and replaces
-//!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it).
+//!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it). `udp ...
+//!   --size N` sends N bytes per request (a new unconnected socket each); the line's
+//!   `bytes` is the size of the answer, whose padding is not part of `answer`.
 //!
 //! Not shipped in the container image; std and serde_json only.
 
@@ -26,20 +30,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("tcp") => client(&args[1..], &mut tcp_request),
-        Some("udp") => {
-            let connected = args.iter().any(|a| a == "--connected");
-            if args.iter().any(|a| a == "--keep-socket") {
-                let mut kept = KeptUdp::new(connected);
-                client(&args[1..], &mut |to| kept.request(to))
-            } else if connected {
-                client(&args[1..], &mut udp_connected_request)
-            } else {
-                client(&args[1..], &mut udp_request)
-            }
-        }
+        Some("udp") => udp(&args[1..]),
         _ => Err(
             "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
-                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket]"
+                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket] [--size N]"
                 .into(),
         ),
     };
@@ -49,6 +43,31 @@ fn main() -> ExitCode {
             eprintln!("ekp-peer: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `udp ADDR:PORT COUNT [--connected] [--keep-socket] [--size N]`.
+fn udp(args: &[String]) -> Result<(), String> {
+    let connected = args.iter().any(|a| a == "--connected");
+    let size = match args.iter().position(|a| a == "--size") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| (1..=65507).contains(n))
+                .ok_or("--size takes a datagram size of 1-65507 bytes")?,
+        ),
+        None => None,
+    };
+    if let Some(size) = size {
+        let request = vec![b'x'; size];
+        client(args, &mut |to| udp_request_with(to, &request))
+    } else if args.iter().any(|a| a == "--keep-socket") {
+        let mut kept = KeptUdp::new(connected);
+        client(args, &mut |to| kept.request(to))
+    } else if connected {
+        client(args, &mut udp_connected_request)
+    } else {
+        client(args, &mut udp_request)
     }
 }
 
@@ -130,14 +149,19 @@ fn answer_http(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
 }
 
 fn serve_udp(socket: UdpSocket, name: &str) {
-    let mut buf = [0u8; 2048];
-    while let Ok((_, from)) = socket.recv_from(&mut buf) {
-        let _ = socket.send_to(name.as_bytes(), from);
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = socket.recv_from(&mut buf) {
+        let mut answer = name.as_bytes().to_vec();
+        if n > answer.len() {
+            answer.resize(n, b'\n');
+        }
+        let _ = socket.send_to(&answer, from);
     }
 }
 
 /// One request's outcome, printed as a JSON line.
 struct Outcome {
+    /// The answer, without the padding of a large one.
     answer: String,
     /// The remote address as the application sees it.
     peer: SocketAddr,
@@ -174,9 +198,12 @@ fn client(
             std::thread::sleep(pace);
         }
         let line = match request(to) {
-            Ok(o) => {
-                serde_json::json!({"ok": true, "answer": o.answer, "peer": o.peer.to_string()})
-            }
+            Ok(o) => serde_json::json!({
+                "ok": true,
+                "answer": o.answer.trim_end_matches('\n'),
+                "bytes": o.answer.len(),
+                "peer": o.peer.to_string(),
+            }),
             Err(e) => serde_json::json!({
                 "ok": false,
                 "error": e.to_string(),
@@ -203,10 +230,15 @@ fn tcp_request(to: SocketAddr) -> std::io::Result<Outcome> {
 }
 
 fn udp_request(to: SocketAddr) -> std::io::Result<Outcome> {
+    udp_request_with(to, b"ping")
+}
+
+/// One request of `request`'s bytes on a new unconnected socket.
+fn udp_request_with(to: SocketAddr, request: &[u8]) -> std::io::Result<Outcome> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_read_timeout(Some(TIMEOUT))?;
-    socket.send_to(b"ping", to)?;
-    let mut buf = [0u8; 2048];
+    socket.send_to(request, to)?;
+    let mut buf = vec![0u8; 65536];
     let (n, from) = socket.recv_from(&mut buf)?;
     Ok(Outcome {
         answer: String::from_utf8_lossy(&buf[..n]).into_owned(),

@@ -19,9 +19,10 @@ use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES,
-    MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL, SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey,
+    BackendValue, FragmentKey, FragmentPorts, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_FRAGMENTS, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES,
+    NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey,
 };
 use proxy_userspace::dataplane;
 
@@ -133,6 +134,9 @@ pub struct Datapath {
     pub backends: HashMap<MapData, u32, BackendValue>,
     pub config: Array<MapData, NodeConfig>,
     pub nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
+    /// The first fragments' ports, for their later fragments.
+    #[allow(dead_code)] // used by tcx_fuzz.rs only
+    pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
@@ -180,6 +184,7 @@ impl Datapath {
         let backends = HashMap::try_from(take(MAP_BACKENDS)).expect("backends map type");
         let config = Array::try_from(take(MAP_CONFIG)).expect("config map type");
         let nat_ct = HashMap::try_from(take(MAP_NAT_CT)).expect("nat ct map type");
+        let fragments = HashMap::try_from(take(MAP_FRAGMENTS)).expect("fragments map type");
         let source_ranges =
             LpmTrie::try_from(take(MAP_SOURCE_RANGES)).expect("source ranges map type");
         Datapath {
@@ -188,6 +193,7 @@ impl Datapath {
             backends,
             config,
             nat_ct,
+            fragments,
             source_ranges,
         }
     }
