@@ -52,7 +52,11 @@ fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> 
 /// the socket programs (one per pod, hence one per pod IP) and the client's IPv4 address
 /// for the north-south programs; the frontends differ (scopes have their own rev-NAT ids),
 /// so the two kinds of client never share an entry.
-#[inline(always)]
+///
+/// A BPF subprogram, not inlined: inlined into `ekp_pod_in`, LLVM gave the affinity entry's
+/// spilled pointer a stack slot that the hairpin path then reads as a 32-bit address, and
+/// the verifier rejected the program ("invalid size of register spill").
+#[inline(never)]
 fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
     let affinity_key = AffinityKey {
         client,

@@ -19,8 +19,8 @@
 //!
 //! What is not a translatable packet (not IPv4, IP options, truncated headers, other
 //! protocols, a later fragment of no datagram of ours) or not ours (no flow, no frontend)
-//! passes unchanged with no verdict of
-//! its own (`PASS`): these programs never drop traffic that is not addressed to a Service.
+//! passes unchanged with no verdict of its own (`PASS`): these programs never drop traffic
+//! that is not addressed to a Service.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::btf_maps::lpm_trie::Key;

@@ -440,7 +440,6 @@ pub async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// The source, and where events are recorded (the Kubernetes source only).
 /// kube-proxy records a healthz port it cannot bind as a `FailedToStartProxierHealthcheck`
 /// event on the node at every attempt (its recorder folds repeats into a series); this
 /// records each distinct error once, when there is an API to record it to.
@@ -458,6 +457,7 @@ fn healthz_bind_failed(addr: SocketAddr, events: Arc<OnceLock<Events>>) -> http:
     })
 }
 
+/// The source, and where events are recorded (the Kubernetes source only).
 async fn start_source(
     config: &Config,
     changed: mpsc::Sender<()>,

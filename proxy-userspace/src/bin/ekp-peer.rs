@@ -161,7 +161,8 @@ fn serve_udp(socket: UdpSocket, name: &str) {
 
 /// One request's outcome, printed as a JSON line.
 struct Outcome {
-    /// The answer, without the padding of a large one.
+    /// The answer as received (a large UDP one padded with newlines, which the printed
+    /// `answer` leaves out).
     answer: String,
     /// The remote address as the application sees it.
     peer: SocketAddr,

@@ -160,7 +160,11 @@ impl Datapath {
         let mut ebpf = loader
             .load(dataplane::object())
             .expect("loading the embedded eBPF object (maps, BTF)");
-        for name in dataplane::TCX_PROGRAMS {
+        // The pods' devices' variants too: they are other code paths for the verifier.
+        for name in dataplane::TCX_PROGRAMS
+            .into_iter()
+            .chain(["ekp_pod_in", "ekp_pod_out"])
+        {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing from the object"))
