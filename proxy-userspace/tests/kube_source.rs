@@ -314,6 +314,17 @@ async fn wait_for_event(
     }
 }
 
+/// The agent on node-1 recorded `event`, as controller `ebpf-kube-proxy`.
+fn assert_reported_by_node_1(event: &k8s_openapi::api::events::v1::Event) {
+    assert_eq!(
+        (
+            event.reporting_controller.as_deref(),
+            event.reporting_instance.as_deref()
+        ),
+        (Some("ebpf-kube-proxy"), Some("node-1"))
+    );
+}
+
 /// kube-proxy's "birth cry": once its sources watch, the agent records a `Starting` event
 /// on its Node (in `default`, the Node being cluster-scoped), with kube-proxy's reason and
 /// action, reported by this node's agent.
@@ -324,11 +335,7 @@ async fn the_agent_records_kube_proxys_starting_event_on_its_node() {
     let event = wait_for_event(&h, &client, "Starting").await;
     assert_eq!(event.type_.as_deref(), Some("Normal"));
     assert_eq!(event.action.as_deref(), Some("StartKubeProxy"));
-    assert_eq!(
-        event.reporting_controller.as_deref(),
-        Some("ebpf-kube-proxy")
-    );
-    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    assert_reported_by_node_1(&event);
     let regarding = event.regarding.as_ref().expect("regarding");
     assert_eq!(
         (
@@ -361,7 +368,7 @@ async fn a_taken_healthz_port_is_recorded_as_an_event_on_the_node() {
     let event = wait_for_event(&h, &client, "FailedToStartProxierHealthcheck").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.action.as_deref(), Some("StartKubeProxy"));
-    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    assert_reported_by_node_1(&event);
     let regarding = event.regarding.as_ref().expect("regarding");
     assert_eq!(
         (regarding.kind.as_deref(), regarding.name.as_deref()),
@@ -443,11 +450,7 @@ async fn a_health_check_node_port_that_cannot_be_bound_is_recorded_as_an_event()
         Some("FailedToStartServiceHealthcheck")
     );
     assert_eq!(event.action.as_deref(), Some("Listen"));
-    assert_eq!(
-        event.reporting_controller.as_deref(),
-        Some("ebpf-kube-proxy")
-    );
-    assert_eq!(event.reporting_instance.as_deref(), Some("node-1"));
+    assert_reported_by_node_1(&event);
     let regarding = event.regarding.as_ref().expect("regarding");
     assert_eq!(
         (

@@ -725,17 +725,7 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     use std::os::unix::fs::MetadataExt;
 
     let mut cluster = Cluster::new("nprestart");
-    cluster.write_manifest("svc.yaml", &service_with_udp());
-    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
-        "ports: [{name: http, port: 8080, protocol: TCP}]",
-        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
-    ));
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    write_web_with_udp(&cluster);
     cluster.start_agent(0, None);
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
     cluster.wait_for_node_port(0, &both);
@@ -857,17 +847,7 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
 #[test]
 fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
     let mut cluster = Cluster::new("npfrag");
-    cluster.write_manifest("svc.yaml", &service_with_udp());
-    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
-        "ports: [{name: http, port: 8080, protocol: TCP}]",
-        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
-    ));
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    write_web_with_udp(&cluster);
     cluster.start_agents();
     cluster.wait_for_node_port(0, &["10.244.1.10:8080", "10.244.2.10:8080"]);
     let to = "192.168.77.11:30053";
@@ -901,6 +881,21 @@ fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
         ["pod-1", "pod-2"],
         "{answered:?}"
     );
+}
+
+/// The manifests of `web` with its UDP port too, on both pods, and the two Nodes.
+fn write_web_with_udp(cluster: &Cluster) {
+    cluster.write_manifest("svc.yaml", &service_with_udp());
+    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
+        "ports: [{name: http, port: 8080, protocol: TCP}]",
+        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
+    ));
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
 }
 
 fn service_with_udp() -> String {

@@ -865,40 +865,16 @@ impl Fuzzer {
         out: &Outcome,
     ) -> Result<(), String> {
         let got = &out.packet;
-        if got.len() != input.len() {
-            return Err(format!(
-                "translated packet has {} bytes instead of {}",
-                got.len(),
-                input.len()
-            ));
-        }
+        let csum_off = l4_csum_off(tuple.proto);
+        let redirected = check_forwarded(hook, input, entry, out, |i| {
+            (IP_OFF + 10..L4_OFF + 4).contains(&i) || (csum_off..csum_off + 2).contains(&i)
+        })?;
         let want = tuple.rewritten(entry);
         if tuple_at(got) != want {
             return Err(format!(
                 "rewritten to {:?}, the conntrack entry says {want:?}",
                 tuple_at(got)
             ));
-        }
-        let redirected = out.verdict == TC_ACT_REDIRECT;
-        let snat_at_ingress = hook == Hook::In && entry.flags & CT_FLAG_SNAT != 0;
-        if redirected && !snat_at_ingress {
-            return Err("redirected, but only source-NATed packets at ingress may be".into());
-        }
-        if out.verdict == TC_ACT_SHOT {
-            return Err("translated, then dropped (a rewrite helper failed)".into());
-        }
-        let csum_off = l4_csum_off(tuple.proto);
-        for (i, (a, b)) in input.iter().zip(got).enumerate() {
-            let rewritten = (IP_OFF + 10..L4_OFF + 4).contains(&i)
-                || (csum_off..csum_off + 2).contains(&i)
-                || (redirected && (i < 12 || i == IP_OFF + 8));
-            if a != b && !rewritten {
-                return Err(format!("byte {i} changed ({a:#04x} -> {b:#04x})"));
-            }
-        }
-        let (ttl_in, ttl_out) = (input[IP_OFF + 8], got[IP_OFF + 8]);
-        if redirected && (ttl_in <= 1 || ttl_out != ttl_in - 1) {
-            return Err(format!("redirected with TTL {ttl_in} -> {ttl_out}"));
         }
         let (ip_in, ip_out) = (ip_residue(input), ip_residue(got));
         if ip_in != ip_out {
@@ -961,19 +937,21 @@ fn follows(hook: Hook, tuple: &Tuple, entry: &NatCtValue) -> Option<bool> {
     }
 }
 
-/// `out` is the later fragment `input` with `entry`'s addresses and its IPv4 checksum
-/// patched exactly; nothing else changed but MACs and TTL - 1 when redirected (a
-/// source-NATed flow at ingress), and the L4 data it carries is untouched.
-fn check_fragment_rewrite(
+/// What every translated packet must show beside its rewrite: its length; a redirect only
+/// for a source-NATed flow at ingress, with the TTL decremented (MACs and TTL may change
+/// then); no drop (a rewrite helper failed); and no byte changed but those `rewritable`
+/// allows. Returns whether it was redirected.
+fn check_forwarded(
     hook: Hook,
     input: &[u8],
     entry: &NatCtValue,
     out: &Outcome,
-) -> Result<(), String> {
+    rewritable: impl Fn(usize) -> bool,
+) -> Result<bool, String> {
     let got = &out.packet;
     if got.len() != input.len() {
         return Err(format!(
-            "translated fragment has {} bytes instead of {}",
+            "translated packet has {} bytes instead of {}",
             got.len(),
             input.len()
         ));
@@ -986,29 +964,39 @@ fn check_fragment_rewrite(
     if out.verdict == TC_ACT_SHOT {
         return Err("translated, then dropped (a rewrite helper failed)".into());
     }
-    let mut want = [0u8; 8];
-    want[..4].copy_from_slice(&entry.saddr.to_ne_bytes());
-    want[4..].copy_from_slice(&entry.daddr.to_ne_bytes());
-    if got[IP_OFF + 12..IP_OFF + 20] != want {
-        return Err(format!(
-            "fragment's addresses {:?}, the conntrack entry says {want:?}",
-            &got[IP_OFF + 12..IP_OFF + 20]
-        ));
-    }
     for (i, (a, b)) in input.iter().zip(got).enumerate() {
-        let rewritten =
-            (IP_OFF + 10..IP_OFF + 20).contains(&i) || (redirected && (i < 12 || i == IP_OFF + 8));
-        if a != b && !rewritten {
-            return Err(format!(
-                "byte {i} of a later fragment changed ({a:#04x} -> {b:#04x})"
-            ));
+        if a != b && !rewritable(i) && !(redirected && (i < 12 || i == IP_OFF + 8)) {
+            return Err(format!("byte {i} changed ({a:#04x} -> {b:#04x})"));
         }
     }
     let (ttl_in, ttl_out) = (input[IP_OFF + 8], got[IP_OFF + 8]);
     if redirected && (ttl_in <= 1 || ttl_out != ttl_in - 1) {
         return Err(format!("redirected with TTL {ttl_in} -> {ttl_out}"));
     }
-    if ip_residue(input) != ip_residue(got) {
+    Ok(redirected)
+}
+
+/// `out` is the later fragment `input` with `entry`'s addresses and its IPv4 checksum
+/// patched exactly (`check_forwarded` besides); the L4 data it carries is untouched.
+fn check_fragment_rewrite(
+    hook: Hook,
+    input: &[u8],
+    entry: &NatCtValue,
+    out: &Outcome,
+) -> Result<(), String> {
+    check_forwarded(hook, input, entry, out, |i| {
+        (IP_OFF + 10..IP_OFF + 20).contains(&i)
+    })?;
+    let mut want = [0u8; 8];
+    want[..4].copy_from_slice(&entry.saddr.to_ne_bytes());
+    want[4..].copy_from_slice(&entry.daddr.to_ne_bytes());
+    let got = &out.packet[IP_OFF + 12..IP_OFF + 20];
+    if got != want {
+        return Err(format!(
+            "fragment's addresses {got:?}, the conntrack entry says {want:?}"
+        ));
+    }
+    if ip_residue(input) != ip_residue(&out.packet) {
         return Err("the IPv4 header checksum of a later fragment was not patched exactly".into());
     }
     Ok(())
