@@ -20,7 +20,10 @@
 //!
 //! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
 //! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary. The
-//! output is one JSON object: samples, errors, p50/p90/p99/mean in µs, rate.
+//! output is one JSON object: samples, errors, p50/p90/p99/mean in µs, rate, and the SYNs
+//! the client's kernel sent again during the measured operations (`syn_retransmits`, from
+//! its network namespace's `TcpExt` counters; `null` if unreadable): a connection whose
+//! first SYN went unanswered waits for the retransmission, so these explain outliers.
 //!
 //! `wait ADDR --answer NAME|any` prints `ready`, then makes request after request until
 //! NAME answers and prints the CLOCK_MONOTONIC time (ns) of that answer, so that a caller
@@ -273,9 +276,11 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
         "crr" => Box::new(move |target| crr_once(target, timeout).map(|_| ())),
         _ => Box::new(move |target| udp_once(target, timeout).map(|_| ())),
     };
+    let mut syn_retransmits_from = syn_retransmits();
     for i in 0..total {
         if i == o.warmup {
             measured_from = Instant::now();
+            syn_retransmits_from = syn_retransmits();
         }
         let target = picker.pick(&o.targets);
         let started = Instant::now();
@@ -283,9 +288,26 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
         record(i, started, result);
     }
     let elapsed = measured_from.elapsed().as_secs_f64();
-    let summary = summarize(kind, &o, samples, errors, first_error, elapsed);
+    let mut summary = summarize(kind, &o, samples, errors, first_error, elapsed);
+    summary["syn_retransmits"] = serde_json::json!(
+        syn_retransmits()
+            .zip(syn_retransmits_from)
+            .map(|(after, before)| after.saturating_sub(before))
+    );
     println!("{summary}");
     Ok(())
+}
+
+/// The network namespace's count of retransmitted SYNs (`TcpExt: TCPSynRetrans` in
+/// /proc/net/netstat: a header line of names, then a line of values); `None` if unreadable.
+fn syn_retransmits() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "TCPSynRetrans")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 fn summarize(

@@ -391,7 +391,7 @@ COMMIT
             .lines()
             .filter(|l| l.starts_with("-A KUBE-SERVICES "))
             .collect();
-        assert_eq!(services.len(), 599 + 2 + 1);
+        assert_eq!(services.len(), 599 + 3 + 1);
         assert!(services[services.len() - 2].contains("-d 10.100.0.10 --dport 80"));
         assert!(services[services.len() - 2].contains("-p tcp"));
         assert!(services[services.len() - 1].contains("KUBE-NODEPORTS"));
@@ -443,7 +443,7 @@ COMMIT
         let stale: Vec<String> = old
             .ports
             .iter()
-            .map(|p| sep_chain(&old, p, "10.244.0.11:8080"))
+            .map(|p| sep_chain(&old, p, &format!("10.244.0.11:{}", p.target)))
             .collect();
         let text = restore(
             &all,
@@ -452,7 +452,7 @@ COMMIT
                 stale_chains: &stale,
             },
         );
-        assert_eq!(text.matches("-A KUBE-SERVICES ").count(), 2 + 2 + 1);
+        assert_eq!(text.matches("-A KUBE-SERVICES ").count(), 2 + 3 + 1);
         assert!(!text.contains(&format!(":{} ", svc_chain(&all[0], &all[0].ports[0]))));
         assert!(text.contains("--to-destination 10.244.0.12:8080"));
         for chain in &stale {

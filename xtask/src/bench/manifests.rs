@@ -150,13 +150,18 @@ mod tests {
             "measured"
         );
         assert_eq!(v["ports"][0]["protocol"], "UDP");
-        assert_eq!(v["ports"][1]["port"], 8080);
+        assert_eq!(v["ports"][1]["port"], 8081);
+        assert_eq!(v["ports"][2]["port"], 8080);
         assert_eq!(v["endpoints"][1]["addresses"][0], "10.244.0.11");
         let s = service(&svc);
         assert_eq!(s["spec"]["clusterIP"], "10.100.0.10");
-        assert_eq!(s["spec"]["ports"][1]["targetPort"], 8080);
+        assert_eq!(s["spec"]["ports"][2]["targetPort"], 8080);
         assert_eq!(s["spec"]["type"], "NodePort");
-        assert_eq!(s["spec"]["ports"][1]["nodePort"], scenario::NODE_PORT);
+        assert_eq!(
+            s["spec"]["ports"][1]["nodePort"],
+            scenario::EXTERNAL_NODE_PORT
+        );
+        assert_eq!(s["spec"]["ports"][2]["nodePort"], scenario::NODE_PORT);
         let filler = service(&scenario::filler(0));
         assert_eq!(filler["spec"]["type"], "ClusterIP");
         assert!(filler["spec"]["ports"][0].get("nodePort").is_none());

@@ -47,6 +47,7 @@ fn latency_json(l: &Latency) -> Value {
         "samples": sorted.len(),
         "errors": l.errors,
         "first_error": l.first_error,
+        "syn_retransmits": l.syn_retransmits,
         // To 10 ns: the ratios and gaps are computed from these, and 0.1 µs would be 1.7 %
         // of a 6 µs request/response, near the 2 % they are compared with.
         "p50_us": round(p50, 2),
@@ -157,7 +158,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 4,
+        "schema": 5,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -228,6 +229,10 @@ fn pcts(v: &Value) -> String {
     );
     if errors > 0 {
         let _ = write!(s, " ({errors} err)");
+    }
+    let resent = v["syn_retransmits"].as_u64().unwrap_or(0);
+    if resent > 0 {
+        let _ = write!(s, " ({resent} SYNs resent)");
     }
     s
 }
@@ -447,9 +452,10 @@ fn program_table(md: &mut String, modes: &Value) {
 
 pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine. Every ClusterIP client runs in a cgroup of its own, as a pod's processes do. The `ebpf`, `direct` and `hooks` ClusterIP clients run in the same namespace (`ebpf`'s) and differ only in the programs attached to their cgroups; `iptables` and `nftables` have their own namespaces for their rules. Request/response on an established connection, where no program runs per operation, shows what is left of the difference between two modes alike: its `ebpf/direct` and `hooks/direct` ratios.\n\
-- NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the measured Service's NodePort on the node's `ext0` address. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
+- NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the NodePort of the measured Service's `external` port on the node's `ext0` address. That port has a target port of its own on the pods: kube-proxy masquerades NodePort connections to the node's address, from which the node's own ClusterIP clients connect too, and the pods' servers close first and keep TIME_WAIT sockets; on one shared server port, one stream's SYNs met the other's TIME_WAIT sockets and were sent again. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
 - Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, the destination chosen per datagram). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
+- `(N SYNs resent)` beside a metric: the client's kernel sent a SYN again N times during the measured operations (`TCPSynRetrans` of its network namespace): the pod or the node did not answer the first, and that sample waited for the retransmission (several ms). In `iptables` and `nftables` NodePort runs this is masquerade at work: it picks a random source port, and a SYN that meets a pod's TIME_WAIT socket of an earlier connection from that port is refused; `ebpf` does not source-NAT traffic to local endpoints.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
 - Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
@@ -472,6 +478,23 @@ mod tests {
         assert!(percentile(&[], 50.0).is_nan());
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn a_cell_names_its_errors_and_resent_syns() {
+        let cell = json!({"p50_us": 20.04, "p90_us": 25.0, "p99_us": 9000.0, "errors": 1, "syn_retransmits": 130});
+        assert_eq!(
+            pcts(&cell),
+            "20.0 / 25.0 / 9000.0 (1 err) (130 SYNs resent)"
+        );
+        let clean = json!({"p50_us": 20.0, "p90_us": 25.0, "p99_us": 40.0, "errors": 0, "syn_retransmits": 0});
+        assert_eq!(pcts(&clean), "20.0 / 25.0 / 40.0");
+        // Results written before the count existed.
+        assert_eq!(
+            pcts(&json!({"p50_us": 1.0, "p90_us": 2.0, "p99_us": 3.0})),
+            "1.0 / 2.0 / 3.0"
+        );
+        assert_eq!(pcts(&Value::Null), "n/a");
     }
 
     #[test]

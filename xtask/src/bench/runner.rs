@@ -49,6 +49,8 @@ pub struct Latency {
     pub samples_ns: Vec<u64>,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// SYNs the client's kernel sent again during the measured operations.
+    pub syn_retransmits: u64,
     /// Time spent in the measured loops (for the rate).
     pub busy_s: f64,
 }
@@ -568,6 +570,7 @@ impl<'a> Runner<'a> {
                         .or_default();
                     entry.samples_ns.extend(batch.samples_ns);
                     entry.errors += batch.errors;
+                    entry.syn_retransmits += batch.syn_retransmits;
                     entry.busy_s += batch.busy_s;
                     if entry.first_error.is_none() {
                         entry.first_error = batch.first_error;
@@ -689,6 +692,7 @@ impl<'a> Runner<'a> {
         Ok(Latency {
             errors: v["errors"].as_u64().unwrap_or(0),
             first_error: v["first_error"].as_str().map(str::to_owned),
+            syn_retransmits: v["syn_retransmits"].as_u64().unwrap_or(0),
             samples_ns,
             busy_s,
         })

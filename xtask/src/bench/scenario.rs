@@ -6,6 +6,17 @@
 //! are addresses nobody serves (they are never connected to). A NodePort packet still
 //! walks every ClusterIP rule of `KUBE-SERVICES` before the `KUBE-NODEPORTS` jump, so its
 //! cost grows with N the same way.
+//!
+//! The external client connects to a TCP port of its own (`external`, to the pods'
+//! `EXTERNAL_TARGET_PORT`). kube-proxy masquerades NodePort traffic to the node's address,
+//! the address the node's own ClusterIP clients connect from, and the pods' servers close
+//! first, keeping TIME_WAIT sockets. With one server port for both, a SYN of one stream
+//! could meet the TIME_WAIT socket of the other's connection with the same 4-tuple
+//! (unrelated timestamps): the pod refused it and the client sent it again, a sample of
+//! several milliseconds. That was the bench's own traffic colliding, not what a metric
+//! measures. Masqueraded NodePort connections can still meet their own stream's TIME_WAIT
+//! sockets (masquerade picks random ports): that is kube-proxy's behaviour, and counted
+//! (`syn_retransmits`).
 
 use std::net::Ipv4Addr;
 
@@ -17,8 +28,13 @@ pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
 /// Service port and the pods' target port, TCP and UDP alike.
 pub const SERVICE_PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 8080;
-/// The measured Service's NodePort, TCP and UDP alike.
+/// The measured Service's NodePort on its `udp` and `tcp` ports (every port of a NodePort
+/// Service has one).
 pub const NODE_PORT: u16 = 30080;
+/// The `external` port (TCP): the one the external client connects to, by its NodePort.
+pub const EXTERNAL_SERVICE_PORT: u16 = 81;
+pub const EXTERNAL_TARGET_PORT: u16 = 8081;
+pub const EXTERNAL_NODE_PORT: u16 = 30081;
 /// The cluster (pod) CIDR: kube-proxy's local-traffic detector (`--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The service CIDR the filler ClusterIPs come from (and the route the iptables and
@@ -112,6 +128,13 @@ pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
                 port: SERVICE_PORT,
                 target: TARGET_PORT,
                 node_port: Some(NODE_PORT),
+            },
+            Port {
+                name: "external",
+                proto: Proto::Tcp,
+                port: EXTERNAL_SERVICE_PORT,
+                target: EXTERNAL_TARGET_PORT,
+                node_port: Some(EXTERNAL_NODE_PORT),
             },
             Port {
                 name: "tcp",

@@ -36,7 +36,7 @@ use xtask::cmd;
 use xtask::netns::{self, Cgroup, Netns, Proc};
 
 use super::Mode;
-use super::scenario::{NODE_PORT, SERVICE_CIDR, TARGET_PORT};
+use super::scenario::{EXTERNAL_NODE_PORT, EXTERNAL_TARGET_PORT, SERVICE_CIDR, TARGET_PORT};
 
 pub const BRIDGE: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
@@ -112,13 +112,14 @@ fn external_client_addr(mode: Mode) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, external_subnet(mode), 2)
 }
 
-/// Where `mode`'s external client sends: the NodePort on its node, or for `direct` and
-/// `hooks` the pod itself (routed through the node).
+/// Where `mode`'s external client sends: the NodePort of the measured Service's `external`
+/// port on its node, or for `direct` and `hooks` that port's target on the pod itself
+/// (routed through the node).
 pub fn node_port_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
     if mode.is_untranslated() {
-        (pod, TARGET_PORT).into()
+        (pod, EXTERNAL_TARGET_PORT).into()
     } else {
-        (node_external_addr(mode), NODE_PORT).into()
+        (node_external_addr(mode), EXTERNAL_NODE_PORT).into()
     }
 }
 
@@ -198,6 +199,8 @@ impl Topology {
                 pod.name,
                 "--tcp",
                 &TARGET_PORT.to_string(),
+                "--tcp",
+                &EXTERNAL_TARGET_PORT.to_string(),
                 "--udp",
                 &TARGET_PORT.to_string(),
             ]);
