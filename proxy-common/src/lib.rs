@@ -371,8 +371,33 @@ pub struct NatCtValue {
     pub rev_nat_id: u16,
     /// `CT_FLAG_*` bits. Host order.
     pub flags: u16,
-    /// Last packet of the flow, seconds of `bpf_ktime_get_ns` (monotonic). Host order.
+    /// Last packet of the flow, whole seconds of `bpf_ktime_get_coarse_ns`
+    /// (`CLOCK_MONOTONIC_COARSE`, which the agent reads too). Host order.
     pub last_seen: u32,
+}
+
+impl NatCtValue {
+    /// How long the entry lives without packets (`CT_LIFETIME_*`), for a flow of `proto`.
+    #[inline(always)]
+    pub const fn lifetime(&self, proto: u8) -> u32 {
+        if self.flags & CT_FLAG_CLOSING != 0 {
+            CT_LIFETIME_CLOSING
+        } else if proto != PROTO_TCP {
+            CT_LIFETIME_NONTCP
+        } else if self.flags & CT_FLAG_SEEN_REPLY != 0 {
+            CT_LIFETIME_TCP
+        } else {
+            CT_LIFETIME_TCP_SYN
+        }
+    }
+
+    /// Whether the entry outlived its lifetime at `now` (seconds of the same clock as
+    /// `last_seen`): the programs start a new flow instead of following it, and the agent's
+    /// conntrack collector deletes it. One rule for both.
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, now: u32) -> bool {
+        now.wrapping_sub(self.last_seen) > self.lifetime(proto)
+    }
 }
 
 /// The only entry (key 0, `u32`) of the north-south config array: what the TCX programs
@@ -517,6 +542,31 @@ mod tests {
         assert_eq!(offset_of!(SockSlot, backend_port), 12);
         assert_eq!(offset_of!(SockSlot, frontend), 16);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
+    }
+
+    #[test]
+    fn conntrack_lifetimes_follow_the_flows_state() {
+        let at = |flags, last_seen| NatCtValue {
+            flags,
+            last_seen,
+            ..NatCtValue::default()
+        };
+        let established = at(CT_FLAG_SEEN_REPLY, 1000);
+        assert_eq!(established.lifetime(PROTO_TCP), CT_LIFETIME_TCP);
+        assert!(!established.expired(PROTO_TCP, 1000 + CT_LIFETIME_TCP));
+        assert!(established.expired(PROTO_TCP, 1001 + CT_LIFETIME_TCP));
+        assert_eq!(at(0, 0).lifetime(PROTO_TCP), CT_LIFETIME_TCP_SYN);
+        assert_eq!(
+            at(CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING, 0).lifetime(PROTO_TCP),
+            CT_LIFETIME_CLOSING
+        );
+        assert_eq!(
+            at(CT_FLAG_SEEN_REPLY, 0).lifetime(PROTO_UDP),
+            CT_LIFETIME_NONTCP
+        );
+        // The clock is seconds in a u32: an entry seen just before it wraps is fresh after.
+        assert!(!at(0, u32::MAX - 5).expired(PROTO_UDP, 10));
+        assert!(at(0, u32::MAX - 60).expired(PROTO_UDP, 10));
     }
 
     #[test]

@@ -49,8 +49,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_M
     LruHashMap::new();
 
 /// North-south flows: 5-tuple as it reaches the translating hook -> the rewrite (two entries
-/// per flow, one per direction). Written and read by `ekp_tcx_in`/`ekp_tcx_out`; LRU because
-/// flows end without telling us (idle entries also expire by `CT_LIFETIME_*`).
+/// per flow, one per direction). Written and read by `ekp_tcx_in`/`ekp_tcx_out`; the agent
+/// deletes expired entries (`CT_LIFETIME_*`). LRU so that a full map still takes new flows.
 #[btf_map(name = "ekp_nat_ct_v1")]
 pub static NAT_CT: LruHashMap<NatCtKey, NatCtValue, { DEFAULT_NAT_CT_MAX as usize }> =
     LruHashMap::new();

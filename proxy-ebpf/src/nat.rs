@@ -18,8 +18,7 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
-    CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey,
-    NatCtValue, NodeConfig, PROTO_TCP, SNAT_PORT_RETRIES,
+    NatCtKey, NatCtValue, NodeConfig, SNAT_PORT_RETRIES,
 };
 
 use crate::csum::{self, RewriteError};
@@ -77,25 +76,6 @@ fn pair_value(key: &NatCtKey, entry: &NatCtValue) -> NatCtValue {
         flags: entry.flags ^ CT_FLAG_REPLY,
         last_seen: entry.last_seen,
     }
-}
-
-/// How long `entry` lives without packets (`CT_LIFETIME_*`).
-#[inline(always)]
-fn lifetime(proto: u8, flags: u16) -> u32 {
-    if flags & CT_FLAG_CLOSING != 0 {
-        CT_LIFETIME_CLOSING
-    } else if proto != PROTO_TCP {
-        CT_LIFETIME_NONTCP
-    } else if flags & CT_FLAG_SEEN_REPLY != 0 {
-        CT_LIFETIME_TCP
-    } else {
-        CT_LIFETIME_TCP_SYN
-    }
-}
-
-#[inline(always)]
-pub fn expired(proto: u8, entry: &NatCtValue, now: u32) -> bool {
-    now.wrapping_sub(entry.last_seen) > lifetime(proto, entry.flags)
 }
 
 /// An original-direction entry is only followed while its backend still exists with the
@@ -230,8 +210,8 @@ fn allocate_port(
             return Ok(port.to_be());
         }
         let stale = match NAT_CT.get_ptr(&*reply_key) {
-            // SAFETY: copied out at once.
-            Some(holder) => expired(reply_key.proto, unsafe { &*holder }, now),
+            // SAFETY: a map value pointer, valid for this program run; read at once.
+            Some(holder) => unsafe { (*holder).expired(reply_key.proto, now) },
             None => false,
         };
         if stale

@@ -95,7 +95,7 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         // flow; a reply entry is followed as long as it exists (its tuple names our SNAT
         // port, nothing else can own it).
         let is_reply = seen.flags & CT_FLAG_REPLY != 0;
-        if is_reply || (!nat::expired(pkt.proto, &seen, now) && nat::backend_alive(&seen)) {
+        if is_reply || (!seen.expired(pkt.proto, now) && nat::backend_alive(&seen)) {
             nat::touch(&key, entry, &seen, &pkt, now);
             return translate(ctx, &pkt, &seen);
         }

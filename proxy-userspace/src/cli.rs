@@ -153,6 +153,11 @@ struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
 
+    /// How often the north-south conntrack entries of ended or expired flows are deleted
+    /// (Cilium's --conntrack-gc-interval); 0 leaves them to the map's LRU eviction.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
+
     /// Network devices, comma-separated, whose traffic to NodePorts, externalIPs and
     /// LoadBalancer IPs is translated by the north-south TCX programs (Cilium's flag;
     /// kube-proxy has none). Default: the devices carrying the Node's InternalIP/ExternalIP
@@ -355,6 +360,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 node_name,
                 min_sync_period: args.min_sync_period,
                 sync_period: args.sync_period,
+                conntrack_gc_interval: args.conntrack_gc_interval,
                 map_sizes: dataplane::MapSizes {
                     services: args.map_size_services,
                     backends: args.map_size_backends,

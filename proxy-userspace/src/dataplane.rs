@@ -26,8 +26,8 @@ use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
     MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOURCE_RANGES, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
+    SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -108,6 +108,49 @@ impl SockReverse {
     }
 }
 
+/// A handle on the north-south conntrack map, for deleting ended flows' entries
+/// (`conntrack_gc`); the programs write it.
+pub struct Conntrack {
+    map: HashMap<MapData, NatCtKey, NatCtValue>,
+}
+
+impl Conntrack {
+    /// A handle of its own on `map` (the conntrack map, from the agent's object or a test's).
+    pub fn duplicate(map: &MapData) -> Result<Self> {
+        let fd = map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the conntrack map's descriptor")?;
+        Ok(Conntrack {
+            map: HashMap::try_from(Map::LruHashMap(MapData::from_fd(fd)?))?,
+        })
+    }
+
+    /// Every entry; entries that vanish mid-iteration (evicted, replaced) are skipped.
+    pub fn entries(&self) -> impl Iterator<Item = (NatCtKey, NatCtValue)> + '_ {
+        self.map.iter().filter_map(|r| r.ok())
+    }
+
+    /// The entry under `key` now, if there is one.
+    pub fn get(&self, key: &NatCtKey) -> Result<Option<NatCtValue>> {
+        match self.map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading a conntrack entry"),
+        }
+    }
+
+    /// Deletes the entry under `key`; `false` if it was already gone.
+    pub fn remove(&mut self, key: &NatCtKey) -> Result<bool> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e).context("deleting a conntrack entry"),
+        }
+    }
+}
+
 /// Map capacities (`max_entries`), set when the maps are first created.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -152,7 +195,7 @@ pub struct MapContents {
     pub source_ranges: Vec<(u16, SourceRange)>,
 }
 
-/// Typed handles on the three maps the agent writes.
+/// Typed handles on the maps the agent writes or cleans.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
@@ -161,6 +204,8 @@ pub struct Maps {
     sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     sock_slots: Array<MapData, SockSlot>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// Written by the north-south programs only; the agent deletes expired entries.
+    nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
 }
 
 impl Maps {
@@ -183,6 +228,7 @@ impl Maps {
             sock_rev_nat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REV_NAT)?))?,
             sock_slots: Array::try_from(Map::Array(open(MAP_SOCK_SLOTS)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
+            nat_ct: HashMap::try_from(Map::LruHashMap(open(MAP_NAT_CT)?))?,
         })
     }
 
@@ -199,6 +245,7 @@ impl Maps {
             sock_rev_nat: HashMap::try_from(take(MAP_SOCK_REV_NAT)?)?,
             sock_slots: Array::try_from(take(MAP_SOCK_SLOTS)?)?,
             source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
+            nat_ct: HashMap::try_from(take(MAP_NAT_CT)?)?,
         })
     }
 
@@ -285,6 +332,11 @@ impl Maps {
                 .sock_rev_nat
                 .map())?)?))?,
         })
+    }
+
+    /// A second handle on the north-south conntrack map, for the collector's thread.
+    pub fn conntrack(&self) -> Result<Conntrack> {
+        Conntrack::duplicate(self.nat_ct.map())
     }
 
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {

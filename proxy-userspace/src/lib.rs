@@ -7,6 +7,7 @@
 pub mod abi;
 pub mod capacity;
 pub mod cli;
+pub mod conntrack_gc;
 pub mod dataplane;
 pub mod devices;
 pub mod events;

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabel, Gauge>,
     pub skipped_objects: Family<SkipLabel, Gauge>,
     pub health_check_node_ports: Family<HealthCheckLabel, Gauge>,
+    pub conntrack_gc_runs: Counter,
+    pub conntrack_gc_deleted: Counter,
+    pub conntrack_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,6 +90,9 @@ impl Metrics {
             map_capacity: Family::default(),
             skipped_objects: Family::default(),
             health_check_node_ports: Family::default(),
+            conntrack_gc_runs: Counter::default(),
+            conntrack_gc_deleted: Counter::default(),
+            conntrack_entries: Gauge::default(),
             registry: Registry::default(),
         };
         m.registry.register(
@@ -158,6 +164,21 @@ impl Metrics {
             "ebpf_kube_proxy_health_check_node_ports",
             "healthCheckNodePort servers of Services with externalTrafficPolicy Local, by state",
             m.health_check_node_ports.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_conntrack_gc_runs",
+            "Passes of the north-south conntrack collector",
+            m.conntrack_gc_runs.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_conntrack_gc_deleted",
+            "North-south conntrack entries deleted because their flow ended or expired",
+            m.conntrack_gc_deleted.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_conntrack_entries",
+            "North-south conntrack entries left after the collector's last pass",
+            m.conntrack_entries.clone(),
         );
         m
     }

@@ -26,6 +26,7 @@ use tokio::time::{Instant, sleep_until};
 use proxy_common::NodeConfig;
 
 use crate::capacity::{self, Capacity};
+use crate::conntrack_gc;
 use crate::dataplane::{self, MapSizes};
 use crate::events::Events;
 use crate::healthcheck::{self, HealthCheckServers};
@@ -57,6 +58,9 @@ pub struct Config {
     pub node_name: String,
     pub min_sync_period: Duration,
     pub sync_period: Duration,
+    /// How often expired north-south conntrack entries are deleted; zero: never (the LRU
+    /// evicts them when it is full).
+    pub conntrack_gc_interval: Duration,
     pub map_sizes: MapSizes,
     /// kube-proxy's `--nodeport-addresses`: NodePorts are served on the node's addresses in
     /// these CIDRs (all of them when empty).
@@ -349,6 +353,14 @@ pub async fn run(config: Config) -> Result<()> {
             snat_ports = ?(ns.node_config.snat_port_min, ns.node_config.snat_port_max),
             "north-south programs attached"
         );
+    }
+    if !config.conntrack_gc_interval.is_zero() {
+        conntrack_gc::spawn(
+            maps.conntrack()?,
+            config.conntrack_gc_interval,
+            metrics.clone(),
+        )
+        .context("starting the conntrack collector")?;
     }
     let mut syncer = Syncer::adopt(maps)?;
     tracing::info!(

@@ -219,6 +219,10 @@ impl Cluster {
                 "",
                 "--metrics-bind-address",
                 "",
+                // The conntrack collector passes every second, not every 30 s: a test
+                // waits for ended flows' entries to go.
+                "--conntrack-gc-interval",
+                "1s",
             ])
             .env("EKP_LOG", "info");
         if let Some(devices) = devices {
@@ -393,6 +397,23 @@ fn list(pin_path: &Path) -> Result<Vec<Value>, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
+/// Entries in the north-south conntrack map pinned under `pin_path` (`list --maps`).
+fn conntrack_entries(pin_path: &Path) -> u64 {
+    let out = Command::new(AGENT)
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(["list", "--maps", "-o", "json"])
+        .output()
+        .expect("list --maps");
+    assert!(out.status.success(), "{out:?}");
+    let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    fills
+        .iter()
+        .find(|f| f["map"] == proxy_common::MAP_NAT_CT)
+        .and_then(|f| f["entries"].as_u64())
+        .unwrap_or_else(|| panic!("no {} line in {fills:?}", proxy_common::MAP_NAT_CT))
+}
+
 /// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).
 fn ensure_bpffs() {
     let fs_type = Command::new("stat")
@@ -451,7 +472,8 @@ status:
 }
 
 #[test]
-fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_address() {
+fn node_port_reaches_pods_on_both_nodes_local_policy_keeps_the_client_and_ended_flows_are_collected()
+ {
     let mut cluster = Cluster::new("nodeport");
     cluster.write_manifest("svc.yaml", &service("Cluster"));
     cluster.write_manifest("eps.yaml", ENDPOINTS);
@@ -486,6 +508,24 @@ fn node_port_reaches_pods_on_both_nodes_and_local_policy_keeps_the_client_addres
         std::collections::BTreeMap::from([(local, 20)]),
         "{counts:?}"
     );
+
+    // Those connections are closed: once their closing lifetime has passed, the agent's
+    // conntrack collector deletes their entries (the map is far from full, so its LRU
+    // would have kept them).
+    let pins = cluster.nodes[0].pin_path.clone();
+    let entries = conntrack_entries(&pins);
+    assert!(entries >= 2, "the flows' entries: {entries}");
+    let limit = Duration::from_secs(proxy_common::CT_LIFETIME_CLOSING.into()) + CONDITION_LIMIT;
+    let deadline = Instant::now() + limit;
+    while conntrack_entries(&pins) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} conntrack entries left after {limit:?}\n{}",
+            conntrack_entries(&pins),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The north-south cases beside the seed's example, on one LoadBalancer Service and two

@@ -8,8 +8,11 @@
 #[path = "support/prog_test_run.rs"]
 mod prog_test_run;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
+
+use aya::maps::IterableMap;
+use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCX_NEXT, hex,
@@ -18,9 +21,9 @@ use prog_test_run::{
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SOURCE_RANGES,
+    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
+    NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -838,6 +841,100 @@ fn conntrack_records_replies_and_tcp_closing_on_both_entries() {
         assert!(
             all.iter().all(|f| f & CT_FLAG_CLOSING != 0),
             "a FIN marks both entries closing: {all:?}"
+        );
+    });
+}
+
+/// The agent's conntrack collector (`conntrack_gc`) against entries the programs wrote:
+/// both read one clock, and a pass deletes exactly the entries the programs would no longer
+/// follow (`NatCtValue::expired`), leaving live flows, idle established ones included.
+#[test]
+fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        dp.ingress(&syn.bytes());
+        let now = conntrack_gc::now_secs();
+        let live: HashSet<NatCtKey> = dp.ct_entries().iter().map(|(k, _)| *k).collect();
+        assert_eq!(live.len(), 2, "a flow's two entries");
+        for (key, value) in dp.ct_entries() {
+            assert!(
+                now.wrapping_sub(value.last_seen) <= 1,
+                "{key:?} stamped {} by the program, {now} by the collector's clock",
+                value.last_seen
+            );
+        }
+        let client = |i: u8| Ipv4Addr::new(198, 51, 100, 100 + i);
+        let entry = |flags, idle: u32| NatCtValue {
+            saddr: u32::from_ne_bytes(NODE.octets()),
+            daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
+            sport: NODE_PORT.to_be(),
+            dport: POD_PORT.to_be(),
+            backend_id: LOCAL_ID,
+            rev_nat_id: 7,
+            flags,
+            // Seconds wrap (u32), in the programs and the collector alike: a machine up for
+            // less than `idle` still has entries that old.
+            last_seen: now.wrapping_sub(idle),
+        };
+        let others = [
+            // (protocol, entry, deleted by the pass)
+            (PROTO_UDP, entry(0, CT_LIFETIME_NONTCP + 1), true),
+            (PROTO_UDP, entry(0, CT_LIFETIME_NONTCP - 5), false),
+            (
+                PROTO_TCP,
+                entry(
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+                    CT_LIFETIME_CLOSING + 1,
+                ),
+                true,
+            ),
+            (PROTO_TCP, entry(0, CT_LIFETIME_TCP_SYN + 1), true),
+            // Established and quiet for an hour: alive.
+            (PROTO_TCP, entry(CT_FLAG_SEEN_REPLY, 3600), false),
+            (
+                PROTO_TCP,
+                entry(CT_FLAG_SEEN_REPLY, CT_LIFETIME_TCP + 1),
+                true,
+            ),
+        ];
+        let mut kept = live.clone();
+        for (i, (proto, value, deleted)) in others.iter().enumerate() {
+            let key = ct_key(
+                client(i as u8),
+                CLIENT_PORT,
+                NODE,
+                NODE_PORT,
+                *proto,
+                CT_DIR_IN,
+            );
+            dp.nat_ct.insert(key, *value, 0).expect("writing an entry");
+            if !deleted {
+                kept.insert(key);
+            }
+        }
+
+        let mut conntrack =
+            dataplane::Conntrack::duplicate(dp.nat_ct.map()).expect("a handle on the map");
+        let collected = conntrack_gc::collect(&mut conntrack, now).expect("a collector pass");
+        let left: HashSet<NatCtKey> = dp.ct_entries().iter().map(|(k, _)| *k).collect();
+        assert_eq!(left, kept);
+        assert_eq!(
+            collected,
+            conntrack_gc::Collected {
+                seen: 8,
+                deleted: 4
+            }
+        );
+        // The live flow still translates.
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        assert_frame(
+            &dp.ingress(&ack.bytes()).packet,
+            &ack.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "the live flow after a pass",
         );
     });
 }

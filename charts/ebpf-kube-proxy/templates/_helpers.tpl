@@ -108,6 +108,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $c.devices }}
 - {{ printf "--devices=%s" (join "," .) | quote }}
 {{- end }}
+{{- with $c.conntrackGCInterval }}
+- {{ printf "--conntrack-gc-interval=%s" . | quote }}
+{{- end }}
 {{- with $c.bpfLogLevel }}
 - {{ printf "--bpf-log-level=%s" . | quote }}
 {{- end }}
