@@ -399,19 +399,10 @@ fn list(pin_path: &Path) -> Result<Vec<Value>, String> {
 
 /// Entries in the north-south conntrack map pinned under `pin_path` (`list --maps`).
 fn conntrack_entries(pin_path: &Path) -> u64 {
-    let out = Command::new(AGENT)
-        .arg("--pin-path")
-        .arg(pin_path)
-        .args(["list", "--maps", "-o", "json"])
-        .output()
-        .expect("list --maps");
-    assert!(out.status.success(), "{out:?}");
-    let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
-    fills
-        .iter()
-        .find(|f| f["map"] == proxy_common::MAP_NAT_CT)
-        .and_then(|f| f["entries"].as_u64())
-        .unwrap_or_else(|| panic!("no {} line in {fills:?}", proxy_common::MAP_NAT_CT))
+    let fill = common::map_fill(pin_path, proxy_common::MAP_NAT_CT);
+    fill["entries"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no entry count in {fill}"))
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).

@@ -57,8 +57,7 @@ use std::time::Instant;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN,
-    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, monotonic_secs,
-    pseudo_header_sum,
+    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, pseudo_header_sum,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
@@ -66,6 +65,7 @@ use proxy_common::{
     FragmentKey, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
+use proxy_userspace::conntrack_gc;
 
 const DEFAULT_PACKETS: u64 = 100_000;
 
@@ -927,7 +927,7 @@ fn follows(hook: Hook, tuple: &Tuple, entry: &NatCtValue) -> Option<bool> {
     } else {
         CT_LIFETIME_TCP_SYN
     };
-    let age = monotonic_secs().wrapping_sub(entry.last_seen);
+    let age = conntrack_gc::now_secs().wrapping_sub(entry.last_seen);
     if age + 1 < lifetime {
         Some(true)
     } else if age > lifetime + 1 {

@@ -236,18 +236,7 @@ impl Harness {
     /// The pinned map `map`'s line of `ebpf-kube-proxy list --maps -o json` (`entries`,
     /// `capacity`).
     pub fn map_fill(&self, map: &str) -> Value {
-        let out = Command::new(AGENT)
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .args(["list", "--maps", "-o", "json"])
-            .output()
-            .expect("list --maps");
-        assert!(out.status.success(), "{out:?}");
-        let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
-        fills
-            .into_iter()
-            .find(|f| f["map"] == map)
-            .unwrap_or_else(|| panic!("{map} missing from `list --maps`"))
+        map_fill(&self.pin_path, map)
     }
 
     /// Entries in the pinned map `map`.
@@ -342,6 +331,23 @@ impl Drop for Harness {
 
 /// `ebpf-kube-proxy cleanup` on a test's pins (detaches its programs); failures are
 /// reported, not raised, since this runs in Drop.
+/// The line of the map `map` pinned under `pin_path` in `ebpf-kube-proxy list --maps -o
+/// json` (`entries`, `capacity`).
+pub fn map_fill(pin_path: &Path, map: &str) -> Value {
+    let out = Command::new(AGENT)
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(["list", "--maps", "-o", "json"])
+        .output()
+        .expect("list --maps");
+    assert!(out.status.success(), "{out:?}");
+    let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    fills
+        .into_iter()
+        .find(|f| f["map"] == map)
+        .unwrap_or_else(|| panic!("{map} missing from `list --maps`"))
+}
+
 pub fn cleanup_pins(pin_path: &Path) {
     let cleanup = Command::new(AGENT)
         .arg("--pin-path")

@@ -109,17 +109,6 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
     mac
 }
 
-/// The kernel's monotonic clock in seconds, the unit of `last_seen` in the conntrack map.
-pub fn monotonic_secs() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u32
-}
-
 /// What a program did with a packet.
 #[derive(Debug)]
 pub struct Outcome {
