@@ -41,8 +41,12 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
         /// Show how full each map is (conntrack, affinity, socket rev-NAT included) instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "conntrack")]
         maps: bool,
+        /// Show the north-south conntrack entries (NodePort, externalIP and LoadBalancer
+        /// flows: each tuple and its rewrite) instead.
+        #[arg(long)]
+        conntrack: bool,
     },
     /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
     Cleanup,
@@ -394,8 +398,18 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .context("starting the async runtime")?
                 .block_on(run::run(config))
         }
-        Command::List { output, maps } => {
-            let text = if maps {
+        Command::List {
+            output,
+            maps,
+            conntrack,
+        } => {
+            let text = if conntrack {
+                let flows = list::read_conntrack(&cli.pin_path)?;
+                match output {
+                    Format::Text => list::render_conntrack_text(&flows),
+                    Format::Json => list::render_conntrack_json(&flows)?,
+                }
+            } else if maps {
                 let fills = dataplane::map_fill(&cli.pin_path)?;
                 match output {
                     Format::Text => list::render_maps_text(&fills),

@@ -1,5 +1,6 @@
 //! `list`: frontends and their backends as the pinned maps hold them, in the spirit of
-//! `cilium-dbg service list`.
+//! `cilium-dbg service list`; `list --maps`, how full the maps are; `list --conntrack`, the
+//! north-south flows (`cilium-dbg bpf ct list global`).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -7,8 +8,13 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-use proxy_common::{SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY};
+use proxy_common::{
+    CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey,
+    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+};
 
+use crate::abi;
+use crate::conntrack_gc;
 use crate::dataplane::{MapFill, Maps};
 use crate::model::FrontendKind;
 use crate::sync::Programmed;
@@ -168,4 +174,205 @@ pub fn render_maps_text(fills: &[MapFill]) -> String {
 
 pub fn render_maps_json(fills: &[MapFill]) -> Result<String> {
     Ok(serde_json::to_string_pretty(fills)? + "\n")
+}
+
+/// One entry of the north-south conntrack map (`list --conntrack`), as Cilium's
+/// `bpf ct list global` shows its own: the tuple a packet carries at the hook that looks
+/// it up, and what that packet is rewritten to.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedFlow {
+    pub protocol: String,
+    /// The TCX hook on the node's devices: "ingress" or "egress".
+    pub hook: String,
+    /// "original" (client -> frontend) or "reply" (backend -> client, or -> the SNAT port).
+    pub direction: String,
+    /// `addr:port -> addr:port` as the packet arrives.
+    pub tuple: String,
+    /// `addr:port -> addr:port` after the rewrite.
+    pub rewritten: String,
+    pub backend_id: u32,
+    /// The frontend's id (rev-NAT id, as in `list`).
+    pub frontend_id: u16,
+    /// `snat`, `seen-reply` (the backend answered), `closing` (a FIN or RST passed).
+    pub flags: Vec<String>,
+    pub idle_seconds: u32,
+    /// Seconds left before the programs stop following it and the collector deletes it;
+    /// 0: expired.
+    pub expires_in_seconds: u32,
+}
+
+/// Reads the pinned conntrack map under `pin_dir`.
+pub fn read_conntrack(pin_dir: &Path) -> Result<Vec<ListedFlow>> {
+    let conntrack = Maps::open_pinned(pin_dir)?.conntrack()?;
+    let now = conntrack_gc::now_secs();
+    let mut flows: Vec<ListedFlow> = conntrack
+        .entries()
+        .map(|(key, value)| listed_flow(&key, &value, now))
+        .collect();
+    flows.sort_by(|a, b| {
+        (&a.protocol, &a.direction, &a.tuple).cmp(&(&b.protocol, &b.direction, &b.tuple))
+    });
+    Ok(flows)
+}
+
+fn listed_flow(key: &NatCtKey, value: &NatCtValue, now: u32) -> ListedFlow {
+    let endpoint =
+        |addr: u32, port: u16| format!("{}:{}", abi::addr_from_net(addr), abi::port_from_net(port));
+    let idle = now.wrapping_sub(value.last_seen);
+    let flags = [
+        (CT_FLAG_SNAT, "snat"),
+        (CT_FLAG_SEEN_REPLY, "seen-reply"),
+        (CT_FLAG_CLOSING, "closing"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| value.flags & bit != 0)
+    .map(|(_, name)| name.to_owned())
+    .collect();
+    ListedFlow {
+        protocol: match key.proto {
+            PROTO_TCP => "TCP".into(),
+            PROTO_UDP => "UDP".into(),
+            other => format!("proto {other}"),
+        },
+        hook: if key.dir == CT_DIR_OUT {
+            "egress"
+        } else {
+            "ingress"
+        }
+        .into(),
+        direction: if value.flags & CT_FLAG_REPLY != 0 {
+            "reply"
+        } else {
+            "original"
+        }
+        .into(),
+        tuple: format!(
+            "{} -> {}",
+            endpoint(key.saddr, key.sport),
+            endpoint(key.daddr, key.dport)
+        ),
+        rewritten: format!(
+            "{} -> {}",
+            endpoint(value.saddr, value.sport),
+            endpoint(value.daddr, value.dport)
+        ),
+        backend_id: value.backend_id,
+        frontend_id: value.rev_nat_id,
+        flags,
+        idle_seconds: idle,
+        expires_in_seconds: value.lifetime(key.proto).saturating_sub(idle),
+    }
+}
+
+pub fn render_conntrack_text(flows: &[ListedFlow]) -> String {
+    let mut out = format!(
+        "{:<5} {:<8} {:<9} {:<44} {:<44} {:>7} {:>5} {:<24} {:>6} {:>8}\n",
+        "PROTO",
+        "HOOK",
+        "DIRECTION",
+        "TUPLE",
+        "REWRITTEN",
+        "BACKEND",
+        "ID",
+        "FLAGS",
+        "IDLE",
+        "EXPIRES"
+    );
+    for f in flows {
+        let flags = if f.flags.is_empty() {
+            "-".to_owned()
+        } else {
+            f.flags.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<8} {:<9} {:<44} {:<44} {:>7} {:>5} {:<24} {:>5}s {:>7}s",
+            f.protocol,
+            f.hook,
+            f.direction,
+            f.tuple,
+            f.rewritten,
+            f.backend_id,
+            f.frontend_id,
+            flags,
+            f.idle_seconds,
+            f.expires_in_seconds
+        );
+    }
+    out
+}
+
+pub fn render_conntrack_json(flows: &[ListedFlow]) -> Result<String> {
+    Ok(serde_json::to_string_pretty(flows)? + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::CT_DIR_IN;
+
+    #[test]
+    fn conntrack_entries_read_as_tuples_and_rewrites() {
+        let net = |a: [u8; 4]| abi::addr_to_net(std::net::Ipv4Addr::from(a));
+        let key = NatCtKey {
+            saddr: net([198, 51, 100, 7]),
+            daddr: net([192, 0, 2, 1]),
+            sport: abi::port_to_net(40000),
+            dport: abi::port_to_net(30080),
+            proto: PROTO_TCP,
+            dir: CT_DIR_IN,
+            _pad: [0; 2],
+        };
+        let value = NatCtValue {
+            saddr: net([192, 0, 2, 1]),
+            daddr: net([10, 244, 2, 20]),
+            sport: abi::port_to_net(61000),
+            dport: abi::port_to_net(8080),
+            backend_id: 2,
+            rev_nat_id: 7,
+            flags: CT_FLAG_SNAT | CT_FLAG_SEEN_REPLY,
+            last_seen: 1000,
+        };
+        let flow = listed_flow(&key, &value, 1030);
+        assert_eq!(
+            flow,
+            ListedFlow {
+                protocol: "TCP".into(),
+                hook: "ingress".into(),
+                direction: "original".into(),
+                tuple: "198.51.100.7:40000 -> 192.0.2.1:30080".into(),
+                rewritten: "192.0.2.1:61000 -> 10.244.2.20:8080".into(),
+                backend_id: 2,
+                frontend_id: 7,
+                flags: vec!["snat".into(), "seen-reply".into()],
+                idle_seconds: 30,
+                expires_in_seconds: proxy_common::CT_LIFETIME_TCP - 30,
+            }
+        );
+        let closing = NatCtValue {
+            flags: CT_FLAG_REPLY | CT_FLAG_CLOSING,
+            ..value
+        };
+        let reply = listed_flow(
+            &NatCtKey {
+                dir: CT_DIR_OUT,
+                ..key
+            },
+            &closing,
+            1030,
+        );
+        assert_eq!(reply.hook, "egress");
+        assert_eq!(reply.direction, "reply");
+        assert_eq!(reply.flags, ["closing"]);
+        assert_eq!(reply.expires_in_seconds, 0, "closed 30 s ago: expired");
+        let text = render_conntrack_text(&[flow, reply]);
+        assert!(
+            text.lines()
+                .nth(1)
+                .is_some_and(|l| l.contains("198.51.100.7:40000 -> 192.0.2.1:30080")
+                    && l.contains("snat,seen-reply")),
+            "{text}"
+        );
+    }
 }

@@ -405,6 +405,18 @@ fn conntrack_entries(pin_path: &Path) -> u64 {
         .unwrap_or_else(|| panic!("no entry count in {fill}"))
 }
 
+/// `ebpf-kube-proxy list --conntrack -o json` for the pins under `pin_path`.
+fn list_conntrack(pin_path: &Path) -> Vec<Value> {
+    let out = Command::new(AGENT)
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(["list", "--conntrack", "-o", "json"])
+        .output()
+        .expect("list --conntrack");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
 /// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).
 fn ensure_bpffs() {
     let fs_type = Command::new("stat")
@@ -506,6 +518,27 @@ fn node_port_reaches_pods_on_both_nodes_local_policy_keeps_the_client_and_ended_
     let pins = cluster.nodes[0].pin_path.clone();
     let entries = conntrack_entries(&pins);
     assert!(entries >= 2, "the flows' entries: {entries}");
+    // `list --conntrack` shows them: the client's connections to the NodePort, rewritten to
+    // the local pod, answered and closed.
+    let flows = list_conntrack(&pins);
+    let to_local_pod = |f: &&Value| {
+        f["direction"] == "original"
+            && f["tuple"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&format!("{CLIENT}:")) && t.ends_with(&node1))
+            && f["rewritten"]
+                .as_str()
+                .is_some_and(|r| r.ends_with(" -> 10.244.1.10:8080"))
+    };
+    let client_flow = flows
+        .iter()
+        .find(to_local_pod)
+        .unwrap_or_else(|| panic!("no flow from {CLIENT} to pod-1: {flows:#?}"));
+    assert_eq!(
+        client_flow["flags"],
+        serde_json::json!(["seen-reply", "closing"]),
+        "{client_flow}"
+    );
     let limit = Duration::from_secs(proxy_common::CT_LIFETIME_CLOSING.into()) + CONDITION_LIMIT;
     let deadline = Instant::now() + limit;
     while conntrack_entries(&pins) > 0 {
