@@ -9,7 +9,9 @@
 //! Deleting what expired (`NatCtValue::expired`, the rule the programs follow) keeps room
 //! for the live flows, and an insert that finds free room costs less than one that evicts.
 //!
-//! A thread of its own walks the map every `--conntrack-gc-interval`. A packet that
+//! A thread of its own walks the map every `--conntrack-gc-interval`, sooner while the
+//! passes delete a large share of the map (flows end faster than passes that far apart
+//! clear them), as Cilium adapts its own interval. A packet that
 //! refreshes an entry between the walk's read and its delete loses it (its flow then starts
 //! anew): the entry is read again just before the delete, which leaves that window at a
 //! syscall's length for flows that were idle past their lifetime anyway.
@@ -67,17 +69,43 @@ pub fn collect(conntrack: &mut Conntrack, now: u32) -> Result<Collected> {
     Ok(collected)
 }
 
-/// Starts the collector: a pass every `interval`, forever.
+/// The shortest delay between passes, however much they delete.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The delay before the next pass, after one that deleted `deleted` entries of a map of
+/// `capacity`: halved while a pass deletes a quarter of the map or more, lengthened by half
+/// while it deletes under 5 %, between `MIN_INTERVAL` and `configured`.
+pub fn next_interval(
+    current: Duration,
+    deleted: usize,
+    capacity: u32,
+    configured: Duration,
+) -> Duration {
+    let share = deleted as f64 / f64::from(capacity.max(1));
+    let next = if share >= 0.25 {
+        current / 2
+    } else if share < 0.05 {
+        current * 3 / 2
+    } else {
+        current
+    };
+    next.clamp(MIN_INTERVAL.min(configured), configured)
+}
+
+/// Starts the collector: the first pass after `interval`, the next ones as
+/// [`next_interval`] says, forever.
 pub fn spawn(
     mut conntrack: Conntrack,
     interval: Duration,
     metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+) -> anyhow::Result<()> {
+    let capacity = conntrack.capacity()?;
     std::thread::Builder::new()
         .name("conntrack-gc".into())
         .spawn(move || {
+            let mut delay = interval;
             loop {
-                std::thread::sleep(interval);
+                std::thread::sleep(delay);
                 let started = Instant::now();
                 match collect(&mut conntrack, now_secs()) {
                     Ok(c) => {
@@ -86,10 +114,12 @@ pub fn spawn(
                         metrics
                             .conntrack_entries
                             .set((c.seen - c.deleted).try_into().unwrap_or(i64::MAX));
+                        delay = next_interval(delay, c.deleted, capacity, interval);
                         tracing::debug!(
                             seen = c.seen,
                             deleted = c.deleted,
                             took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                            next_in_s = delay.as_secs_f64(),
                             "conntrack entries of ended flows deleted"
                         );
                     }
@@ -100,4 +130,29 @@ pub fn spawn(
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_come_sooner_while_they_delete_much_and_never_later_than_configured() {
+        let configured = Duration::from_secs(30);
+        let capacity = 262144;
+        // A quarter of the map deleted: half the delay, down to a second.
+        let busy = |d| next_interval(d, 65536, capacity, configured);
+        assert_eq!(busy(configured), Duration::from_secs(15));
+        assert_eq!(busy(Duration::from_millis(1500)), MIN_INTERVAL);
+        // Between 5 % and 25 %: as it was.
+        let steady = next_interval(Duration::from_secs(4), 20000, capacity, configured);
+        assert_eq!(steady, Duration::from_secs(4));
+        // Under 5 %: back towards the configured interval, not beyond.
+        let quiet = |d| next_interval(d, 100, capacity, configured);
+        assert_eq!(quiet(Duration::from_secs(4)), Duration::from_secs(6));
+        assert_eq!(quiet(Duration::from_secs(25)), configured);
+        // A configured interval under the minimum is kept (tests use short ones).
+        let short = Duration::from_millis(200);
+        assert_eq!(next_interval(short, 65536, capacity, short), short);
+    }
 }

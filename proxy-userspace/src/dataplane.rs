@@ -127,6 +127,16 @@ impl Conntrack {
         })
     }
 
+    /// The map's `max_entries` (set when it was created, maybe by an earlier run).
+    pub fn capacity(&self) -> Result<u32> {
+        Ok(self
+            .map
+            .map()
+            .info()
+            .context("reading the conntrack map's info")?
+            .max_entries())
+    }
+
     /// Every entry; entries that vanish mid-iteration (evicted, replaced) are skipped.
     pub fn entries(&self) -> impl Iterator<Item = (NatCtKey, NatCtValue)> + '_ {
         self.map.iter().filter_map(|r| r.ok())
