@@ -11,10 +11,10 @@
 //!
 //! A thread of its own walks the map every `--conntrack-gc-interval`, sooner while the
 //! passes delete a large share of the map (flows end faster than passes that far apart
-//! clear them), as Cilium adapts its own interval. A packet that
-//! refreshes an entry between the walk's read and its delete loses it (its flow then starts
-//! anew): the entry is read again just before the delete, which leaves that window at a
-//! syscall's length for flows that were idle past their lifetime anyway.
+//! clear them), as Cilium adapts its own interval. A packet that refreshes an entry between
+//! the walk's read and its delete loses it (its flow then starts anew): the entry is read
+//! again just before the delete, which leaves that window at a syscall's length, for flows
+//! that were idle past their lifetime anyway.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -198,7 +198,7 @@ pub struct ListedFlow {
     pub flags: Vec<String>,
     pub idle_seconds: u32,
     /// Seconds left before the programs stop following it and the collector deletes it;
-    /// 0: expired.
+    /// 0: expired, or in its last second.
     pub expires_in_seconds: u32,
 }
 

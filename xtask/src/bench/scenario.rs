@@ -12,7 +12,7 @@
 //! the address the node's own ClusterIP clients connect from, and the pods' servers close
 //! first, keeping TIME_WAIT sockets. With one server port for both, a SYN of one stream
 //! could meet the TIME_WAIT socket of the other's connection with the same 4-tuple
-//! (unrelated timestamps): the pod refused it and the client sent it again, a sample of
+//! (unrelated timestamps): the pod did not accept it and the client sent it again, a sample of
 //! several milliseconds. That was the bench's own traffic colliding, not what a metric
 //! measures. Masqueraded NodePort connections can still meet their own stream's TIME_WAIT
 //! sockets (masquerade picks random ports): that is kube-proxy's behaviour, and counted
