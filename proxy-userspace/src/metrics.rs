@@ -217,4 +217,20 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
     }
+
+    #[test]
+    fn exposes_the_conntrack_collectors_metrics() {
+        let m = Metrics::new();
+        m.conntrack_gc_runs.inc();
+        m.conntrack_gc_deleted.inc_by(4);
+        m.conntrack_entries.set(2);
+        let text = m.encode();
+        for line in [
+            "ebpf_kube_proxy_conntrack_gc_runs_total 1",
+            "ebpf_kube_proxy_conntrack_gc_deleted_total 4",
+            "ebpf_kube_proxy_conntrack_entries 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
 }

@@ -143,3 +143,33 @@ fn an_idle_agent_queues_no_sync_and_an_edit_queues_one() {
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8081"]));
     assert_ne!(last_queued(&metrics), before, "the edit was not queued");
 }
+
+/// The conntrack collector runs in the agent and reports each pass on `/metrics`.
+#[test]
+fn the_conntrack_collectors_passes_show_on_metrics() {
+    let mut h = Harness::new("ctgc", &["pod-a"]);
+    start_with_web_and(&mut h, &["--conntrack-gc-interval", "200ms"]);
+    let metrics = h.served_address("metrics");
+    let passes = || {
+        let (_, text) = get(&metrics, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("ebpf_kube_proxy_conntrack_gc_runs_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    while passes() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two collector passes within {:?}; log:\n{}",
+            common::CONDITION_LIMIT,
+            h.agent_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, text) = get(&metrics, "/metrics");
+    assert!(
+        text.contains("ebpf_kube_proxy_conntrack_entries 0"),
+        "no flow, no entry:\n{text}"
+    );
+}

@@ -18,7 +18,7 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_ebpf-kube-proxy");
 pub const PEER: &str = env!("CARGO_BIN_EXE_ekp-peer");
 
 /// Waiting for a condition gives up after this long; it is a hang guard, not a timing.
-const CONDITION_LIMIT: Duration = Duration::from_secs(20);
+pub const CONDITION_LIMIT: Duration = Duration::from_secs(20);
 
 pub struct Harness {
     pub prefix: String,
