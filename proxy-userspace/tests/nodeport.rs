@@ -475,8 +475,7 @@ status:
 }
 
 #[test]
-fn node_port_reaches_pods_on_both_nodes_local_policy_keeps_the_client_and_ended_flows_are_collected()
- {
+fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_go() {
     let mut cluster = Cluster::new("nodeport");
     cluster.write_manifest("svc.yaml", &service("Cluster"));
     cluster.write_manifest("eps.yaml", ENDPOINTS);

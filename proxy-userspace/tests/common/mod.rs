@@ -329,8 +329,6 @@ impl Drop for Harness {
     }
 }
 
-/// `ebpf-kube-proxy cleanup` on a test's pins (detaches its programs); failures are
-/// reported, not raised, since this runs in Drop.
 /// The line of the map `map` pinned under `pin_path` in `ebpf-kube-proxy list --maps -o
 /// json` (`entries`, `capacity`).
 pub fn map_fill(pin_path: &Path, map: &str) -> Value {
@@ -348,6 +346,8 @@ pub fn map_fill(pin_path: &Path, map: &str) -> Value {
         .unwrap_or_else(|| panic!("{map} missing from `list --maps`"))
 }
 
+/// `ebpf-kube-proxy cleanup` on a test's pins (detaches its programs); failures are
+/// reported, not raised, since this runs in Drop.
 pub fn cleanup_pins(pin_path: &Path) {
     let cleanup = Command::new(AGENT)
         .arg("--pin-path")
