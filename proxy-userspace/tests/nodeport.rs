@@ -405,18 +405,6 @@ fn conntrack_entries(pin_path: &Path) -> u64 {
         .unwrap_or_else(|| panic!("no entry count in {fill}"))
 }
 
-/// `ebpf-kube-proxy list --conntrack -o json` for the pins under `pin_path`.
-fn list_conntrack(pin_path: &Path) -> Vec<Value> {
-    let out = Command::new(AGENT)
-        .arg("--pin-path")
-        .arg(pin_path)
-        .args(["list", "--conntrack", "-o", "json"])
-        .output()
-        .expect("list --conntrack");
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
-
 /// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).
 fn ensure_bpffs() {
     let fs_type = Command::new("stat")
@@ -519,7 +507,7 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
     assert!(entries >= 2, "the flows' entries: {entries}");
     // `list --conntrack` shows them: the client's connections to the NodePort, rewritten to
     // the local pod, answered and closed.
-    let flows = list_conntrack(&pins);
+    let flows = common::list_json(&pins, "--conntrack");
     let to_local_pod = |f: &&Value| {
         f["direction"] == "original"
             && f["tuple"]

@@ -329,18 +329,23 @@ impl Drop for Harness {
     }
 }
 
-/// The line of the map `map` pinned under `pin_path` in `ebpf-kube-proxy list --maps -o
-/// json` (`entries`, `capacity`).
-pub fn map_fill(pin_path: &Path, map: &str) -> Value {
+/// `ebpf-kube-proxy list <view> -o json` on the pins under `pin_path` (`view`: `--maps`,
+/// `--conntrack`).
+pub fn list_json(pin_path: &Path, view: &str) -> Vec<Value> {
     let out = Command::new(AGENT)
         .arg("--pin-path")
         .arg(pin_path)
-        .args(["list", "--maps", "-o", "json"])
+        .args(["list", view, "-o", "json"])
         .output()
-        .expect("list --maps");
+        .unwrap_or_else(|e| panic!("list {view}: {e}"));
     assert!(out.status.success(), "{out:?}");
-    let fills: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
-    fills
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// The line of the map `map` pinned under `pin_path` in `ebpf-kube-proxy list --maps -o
+/// json` (`entries`, `capacity`).
+pub fn map_fill(pin_path: &Path, map: &str) -> Value {
+    list_json(pin_path, "--maps")
         .into_iter()
         .find(|f| f["map"] == map)
         .unwrap_or_else(|| panic!("{map} missing from `list --maps`"))
