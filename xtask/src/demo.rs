@@ -185,6 +185,15 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     )?;
     print!("{list}");
 
+    step("ebpf-kube-proxy list --conntrack: the NodePort connections' conntrack entries");
+    let conntrack = cmd::output(
+        Command::new(&bins.agent)
+            .arg("--pin-path")
+            .arg(&leftovers.pin_path)
+            .args(["list", "--conntrack"]),
+    )?;
+    print!("{conntrack}");
+
     let services_map = leftovers.pin_path.join("maps/ekp_svc_v1");
     step(&format!(
         "bpftool map dump pinned {}",
