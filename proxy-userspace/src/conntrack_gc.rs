@@ -94,11 +94,7 @@ pub fn next_interval(
 
 /// Starts the collector: the first pass after `interval`, the next ones as
 /// [`next_interval`] says, forever.
-pub fn spawn(
-    mut conntrack: Conntrack,
-    interval: Duration,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
+pub fn spawn(mut conntrack: Conntrack, interval: Duration, metrics: Arc<Metrics>) -> Result<()> {
     let capacity = conntrack.capacity()?;
     std::thread::Builder::new()
         .name("conntrack-gc".into())

@@ -127,6 +127,20 @@ impl Conntrack {
         })
     }
 
+    /// The conntrack map pinned under `pin_dir` (for `list --conntrack`).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let path = maps_dir(pin_dir).join(MAP_NAT_CT);
+        let map = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "opening pinned map {} (is ebpf-kube-proxy running with this --pin-path?)",
+                path.display()
+            )
+        })?;
+        Ok(Conntrack {
+            map: HashMap::try_from(Map::LruHashMap(map))?,
+        })
+    }
+
     /// The map's `max_entries` (set when it was created, maybe by an earlier run).
     pub fn capacity(&self) -> Result<u32> {
         Ok(self

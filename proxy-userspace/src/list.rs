@@ -15,7 +15,7 @@ use proxy_common::{
 
 use crate::abi;
 use crate::conntrack_gc;
-use crate::dataplane::{MapFill, Maps};
+use crate::dataplane::{Conntrack, MapFill, Maps};
 use crate::model::FrontendKind;
 use crate::sync::Programmed;
 
@@ -204,7 +204,7 @@ pub struct ListedFlow {
 
 /// Reads the pinned conntrack map under `pin_dir`.
 pub fn read_conntrack(pin_dir: &Path) -> Result<Vec<ListedFlow>> {
-    let conntrack = Maps::open_pinned(pin_dir)?.conntrack()?;
+    let conntrack = Conntrack::open_pinned(pin_dir)?;
     let now = conntrack_gc::now_secs();
     let mut flows: Vec<ListedFlow> = conntrack
         .entries()
