@@ -54,6 +54,7 @@ fn latency_json(l: &Latency) -> Value {
         "p90_us": round(p90, 2),
         "p99_us": round(p99, 2),
         "mean_us": round(mean, 2),
+        "round_p50_us": l.round_p50_us.iter().map(|x| round(*x, 2)).collect::<Vec<_>>(),
         "rate_per_s": round(if l.busy_s > 0.0 { sorted.len() as f64 / l.busy_s } else { f64::NAN }, 0),
     })
 }
@@ -158,7 +159,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 5,
+        "schema": 6,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -178,22 +179,30 @@ pub fn to_json(
     })
 }
 
-/// Ratios of p50 and p99 latencies between modes.
+/// The pairs of modes compared, numerator first.
+const PAIRS: [(&str, &str); 7] = [
+    ("ebpf", "direct"),
+    ("ebpf", "hooks"),
+    ("hooks", "direct"),
+    ("ebpf", "iptables"),
+    ("nftables", "direct"),
+    ("nftables", "iptables"),
+    ("iptables", "direct"),
+];
+
+/// Ratios of p50 and p99 latencies between modes (`<metric>_p50`, `<metric>_p99`), and of
+/// each round's p50s (`<metric>_p50_rounds`: median, min, max over the rounds).
+///
+/// A round's batches of one metric run one after the other, so a per-round ratio compares
+/// two modes under the same machine conditions; their spread is how far a ratio of all
+/// samples can be trusted, e.g. against a 2 % goal.
 fn ratios(modes: &Value) -> Value {
     let mut out = serde_json::Map::new();
     for metric in Metric::ALL {
         for p in ["p50_us", "p99_us"] {
             let get = |mode: &str| modes[mode][metric.name()][p].as_f64();
             let mut r = serde_json::Map::new();
-            for (a, b) in [
-                ("ebpf", "direct"),
-                ("ebpf", "hooks"),
-                ("hooks", "direct"),
-                ("ebpf", "iptables"),
-                ("nftables", "direct"),
-                ("nftables", "iptables"),
-                ("iptables", "direct"),
-            ] {
+            for (a, b) in PAIRS {
                 if let (Some(x), Some(y)) = (get(a), get(b))
                     && y > 0.0
                 {
@@ -205,8 +214,80 @@ fn ratios(modes: &Value) -> Value {
                 Value::Object(r),
             );
         }
+        let rounds = |mode: &str| -> Vec<f64> {
+            modes[mode][metric.name()]["round_p50_us"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default()
+        };
+        let mut r = serde_json::Map::new();
+        for (a, b) in PAIRS {
+            let (x, y) = (rounds(a), rounds(b));
+            if x.len() != y.len() {
+                continue;
+            }
+            let per_round: Vec<f64> = x
+                .iter()
+                .zip(&y)
+                .filter(|(_, y)| **y > 0.0)
+                .map(|(x, y)| x / y)
+                .collect();
+            if per_round.is_empty() {
+                continue;
+            }
+            let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            r.insert(
+                format!("{a}/{b}"),
+                json!({
+                    "median": round(median(&per_round), 3),
+                    "min": round(min, 3),
+                    "max": round(max, 3),
+                    "rounds": per_round.len(),
+                }),
+            );
+        }
+        out.insert(format!("{}_p50_rounds", metric.name()), Value::Object(r));
     }
     Value::Object(out)
+}
+
+/// The per-round ratio cells: "median (min-max)".
+fn round_ratio_table(md: &mut String, ratios: &Value) {
+    const COLUMNS: [&str; 3] = ["ebpf/direct", "ebpf/hooks", "hooks/direct"];
+    let count = Metric::ALL
+        .iter()
+        .find_map(|m| ratios[format!("{}_p50_rounds", m.name())]["ebpf/direct"]["rounds"].as_u64());
+    let Some(count) = count else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "| p50 ratio per round: median (min-max) of {count} rounds | {} |",
+        COLUMNS.join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}", "---|".repeat(COLUMNS.len()));
+    for metric in Metric::ALL {
+        let r = &ratios[format!("{}_p50_rounds", metric.name())];
+        let cells: Vec<String> = COLUMNS
+            .iter()
+            .map(|k| {
+                let c = &r[*k];
+                if c.is_null() {
+                    "n/a".to_owned()
+                } else {
+                    format!(
+                        "{} ({}-{})",
+                        num(&c["median"], 2),
+                        num(&c["min"], 2),
+                        num(&c["max"], 2)
+                    )
+                }
+            })
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", metric.name(), cells.join(" | "));
+    }
+    let _ = writeln!(md);
 }
 
 fn num(v: &Value, digits: usize) -> String {
@@ -388,6 +469,7 @@ pub fn markdown(results: &Value) -> String {
             let _ = writeln!(md, "| {} | {} |", metric.name(), cells.join(" | "));
         }
         let _ = writeln!(md);
+        round_ratio_table(&mut md, r);
     }
     md.push_str(NOTES);
     md
@@ -455,6 +537,7 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the NodePort of the measured Service's `external` port on the node's `ext0` address. That port has a target port of its own on the pods: kube-proxy masquerades NodePort connections to the node's address, from which the node's own ClusterIP clients connect too, and the pods' servers close first and keep TIME_WAIT sockets; on one shared server port, one stream's SYNs met the other's TIME_WAIT sockets and were sent again. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves.\n\
 - Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, the destination chosen per datagram). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
+- Per-round ratios: each round has one batch of every metric in every mode, run one after the other, so the ratio of two modes' p50s in one round compares them under the same machine conditions. The last table under each N gives the median and the range of these per-round ratios: a ratio of all samples that differs from 1 by less than that range is at the measurement's resolution, and request/response on an established connection (`rr`, where no program runs per operation) shows the range two alike modes have.\n\
 - `(N SYNs resent)` beside a metric: the client's kernel sent a SYN again N times during the measured operations (`TCPSynRetrans` of its network namespace): the pod or the node did not answer the first, and that sample waited for the retransmission (several ms). In `iptables` and `nftables` NodePort runs this is masquerade at work: it picks a random source port, and a SYN that meets a pod's TIME_WAIT socket of an earlier connection from that port (with unrelated timestamps) is taken for a stray segment of that connection and not accepted; `ebpf` does not source-NAT traffic to local endpoints.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go).\n\
 - One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains, the stale endpoint chain flushed). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included.\n\
@@ -495,6 +578,36 @@ mod tests {
             "1.0 / 2.0 / 3.0"
         );
         assert_eq!(pcts(&Value::Null), "n/a");
+    }
+
+    #[test]
+    fn per_round_ratios_pair_each_rounds_p50s() {
+        let modes = json!({
+            "ebpf": {"connect": {"p50_us": 20.0, "round_p50_us": [20.0, 22.0, 21.0]}},
+            "direct": {"connect": {"p50_us": 19.0, "round_p50_us": [19.0, 20.0, 21.0]}},
+            // Fewer rounds than the other mode (results of an interrupted run): not paired.
+            "hooks": {"connect": {"p50_us": 19.5, "round_p50_us": [19.5]}},
+        });
+        let r = ratios(&modes);
+        let rounds = &r["connect_p50_rounds"];
+        assert_eq!(
+            rounds["ebpf/direct"],
+            json!({"median": 1.053, "min": 1.0, "max": 1.1, "rounds": 3})
+        );
+        assert!(rounds["ebpf/hooks"].is_null());
+        assert_eq!(r["connect_p50"]["ebpf/direct"], json!(1.053));
+        let mut md = String::new();
+        round_ratio_table(&mut md, &r);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| p50 ratio per round: median (min-max) of 3 rounds | ebpf/direct | ebpf/hooks | hooks/direct |"
+        );
+        assert_eq!(lines[2], "| connect | 1.05 (1.00-1.10) | n/a | n/a |");
+        // Results written before per-round p50s were kept: no table.
+        let mut md = String::new();
+        round_ratio_table(&mut md, &ratios(&json!({"ebpf": {}, "direct": {}})));
+        assert!(md.is_empty());
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Latency {
     pub syn_retransmits: u64,
     /// Time spent in the measured loops (for the rate).
     pub busy_s: f64,
+    /// Each round's p50 (its one batch), in µs: every mode has one batch per metric and
+    /// round, next to the others' in time, so per-round ratios are paired.
+    pub round_p50_us: Vec<f64>,
 }
 
 #[derive(Default, Debug)]
@@ -568,6 +571,9 @@ impl<'a> Runner<'a> {
                         .latency
                         .entry(metric)
                         .or_default();
+                    entry
+                        .round_p50_us
+                        .push(super::report::percentile(&batch.samples_ns, 50.0));
                     entry.samples_ns.extend(batch.samples_ns);
                     entry.errors += batch.errors;
                     entry.syn_retransmits += batch.syn_retransmits;
@@ -695,6 +701,7 @@ impl<'a> Runner<'a> {
             syn_retransmits: v["syn_retransmits"].as_u64().unwrap_or(0),
             samples_ns,
             busy_s,
+            round_p50_us: Vec::new(),
         })
     }
 
