@@ -42,6 +42,11 @@
 //! them. A client in DIR that connects to pod addresses then pays what the hooks cost on
 //! their own, which no program can take away: the bench's `hooks` mode.
 //!
+//! `nfacct NAME...` creates the nfacct counters NAME in the caller's network namespace (one
+//! that exists is kept), as kube-proxy's iptables mode does when it starts: its rules count
+//! through them (`-m nfacct`) once they exist, and `iptables-restore` rejects such a rule
+//! before. The bench's `iptables` mode creates kube-proxy's two in its node.
+//!
 //! `serve --name NAME --tcp PORT --udp PORT` answers every request with NAME and a newline:
 //! on TCP, `K` asks for an answer and keeps the connection, `C` for an answer and a close.
 //! A few threads block in `accept` on the same socket, so no thread is spawned per
@@ -65,11 +70,12 @@ fn main() -> ExitCode {
         Some("wait") => wait(&args[1..]),
         Some("idle-memory") => idle_memory(&args[1..]),
         Some("hooks") => hooks(&args[1..]),
+        Some("nfacct") => nfacct(&args[1..]),
         Some(kind @ ("connect" | "crr" | "rr" | "udp" | "udprr")) => measure(kind, &args[1..]),
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
                   (connect|crr|rr|udp|udprr) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
                   wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS] | \
-                  hooks --cgroup DIR --device DEV"
+                  hooks --cgroup DIR --device DEV | nfacct NAME..."
             .into()),
     };
     match result {
@@ -652,4 +658,138 @@ fn link_create(prog: &OwnedFd, target: u32, attach_type: u32) -> std::io::Result
     attr[4..8].copy_from_slice(&target.to_ne_bytes());
     attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
     bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// nfnetlink's accounting subsystem (`NFNL_SUBSYS_ACCT`) and its "new counter" message.
+const NFNL_SUBSYS_ACCT: u16 = 7;
+const NFNL_MSG_ACCT_NEW: u16 = 0;
+const NFACCT_NAME: u16 = 1;
+
+fn nfacct(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err("nfacct needs at least one counter name".into());
+    }
+    // SAFETY: a plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "netfilter netlink socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    for (seq, name) in names.iter().enumerate() {
+        let request = nfacct_new_message(name, seq as u32 + 1)?;
+        match netlink_ack(&socket, &request) {
+            // EBUSY: a counter of that name exists (created without NLM_F_REPLACE).
+            Ok(()) | Err(libc::EBUSY) => {}
+            Err(errno) => {
+                return Err(format!(
+                    "nfacct counter {name}: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `NFNL_MSG_ACCT_NEW` for the counter `name`: netlink header, nfgenmsg (AF_UNSPEC,
+/// version 0), the `NFACCT_NAME` attribute (NUL-terminated, padded to 4 bytes).
+fn nfacct_new_message(name: &str, seq: u32) -> Result<Vec<u8>, String> {
+    // The kernel's NFACCT_NAME_MAX is 32, the NUL included.
+    if name.is_empty() || name.len() > 31 || name.contains('\0') {
+        return Err(format!("{name:?} is not an nfacct counter name"));
+    }
+    let attr_len = 4 + name.len() + 1;
+    let padded = attr_len.next_multiple_of(4);
+    let total = 16 + 4 + padded;
+    let mut m = Vec::with_capacity(total);
+    m.extend_from_slice(&(total as u32).to_ne_bytes());
+    m.extend_from_slice(&((NFNL_SUBSYS_ACCT << 8) | NFNL_MSG_ACCT_NEW).to_ne_bytes());
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE;
+    m.extend_from_slice(&(flags as u16).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    m.extend_from_slice(&NFACCT_NAME.to_ne_bytes());
+    m.extend_from_slice(name.as_bytes());
+    m.resize(total, 0);
+    Ok(m)
+}
+
+/// Sends one request to the kernel and reads its acknowledgement: `Err(errno)` if the
+/// kernel refused it (or the exchange failed).
+fn netlink_ack(socket: &OwnedFd, request: &[u8]) -> Result<(), i32> {
+    let last_errno = || {
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: an all-zero sockaddr_nl is valid; family set below (pid 0: the kernel).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: the buffer and the address outlive the call.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(last_errno());
+    }
+    let mut answer = [0u8; 4096];
+    // SAFETY: the buffer outlives the call.
+    let got = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            answer.as_mut_ptr().cast(),
+            answer.len(),
+            0,
+        )
+    };
+    if got < 0 {
+        return Err(last_errno());
+    }
+    // nlmsghdr (16 bytes), then for NLMSG_ERROR the negative errno (0: acknowledged).
+    let answer = &answer[..got as usize];
+    if answer.len() < 20 || u16::from_ne_bytes([answer[4], answer[5]]) != libc::NLMSG_ERROR as u16 {
+        return Err(libc::EPROTO);
+    }
+    let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
+    if error == 0 { Ok(()) } else { Err(-error) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_nfacct_request_names_its_counter_in_a_padded_attribute() {
+        let m = nfacct_new_message("ct_state_invalid_dropped_pkts", 7).expect("valid name");
+        // 16 (nlmsghdr) + 4 (nfgenmsg) + 4 + 30 padded to 36 (the attribute).
+        assert_eq!(m.len(), 56);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 56);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 7 << 8);
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 7);
+        assert_eq!(u16::from_ne_bytes([m[20], m[21]]), 34);
+        assert_eq!(u16::from_ne_bytes([m[22], m[23]]), NFACCT_NAME);
+        assert_eq!(&m[24..53], b"ct_state_invalid_dropped_pkts");
+        assert!(m[53..].iter().all(|b| *b == 0));
+        assert!(nfacct_new_message("", 1).is_err());
+        assert!(nfacct_new_message(&"x".repeat(32), 1).is_err());
+    }
 }

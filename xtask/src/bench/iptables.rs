@@ -1,6 +1,7 @@
 //! The `iptables-restore` input kube-proxy's iptables mode writes for our Services, built
 //! as kube-proxy builds it (pkg/proxy/iptables/proxier.go, `syncProxyRules`, Kubernetes
-//! 1.29-1.31): a `*filter` and a `*nat` table; `KUBE-SERVICES` a linear list with one
+//! 1.30 and later; checked against its sources and `TestOverallIPTablesRules` of about
+//! 1.33-1.34): a `*filter` and a `*nat` table; `KUBE-SERVICES` a linear list with one
 //! `cluster IP` rule per service port, then the `KUBE-NODEPORTS` rule last;
 //! `KUBE-SVC-<hash>` with the masquerade rule for sources outside the cluster CIDR, then
 //! `-m statistic --mode random --probability 1/n` jumps and an unconditional last jump;
@@ -12,7 +13,8 @@
 //!
 //! The settings are kube-proxy's defaults: masquerade bit 14, `--cluster-cidr` local
 //! detection, NodePorts on every local address with localhost NodePorts allowed,
-//! `--random-fully` where iptables has it.
+//! `--random-fully` where iptables has it. Where kube-proxy could create its two nfacct
+//! counters at start (1.30 and later; see `Counters`), its rules count through them.
 //!
 //! Pure string building: 30000 Services take milliseconds.
 
@@ -23,6 +25,23 @@ use super::scenario::{CLUSTER_CIDR, Port, Service};
 
 /// kube-proxy's `fmt.Sprintf("%#08x", 1<<14)`.
 pub const MASQUERADE_MARK: &str = "0x00004000";
+/// kube-proxy's nfacct counters (`metrics.IPTablesCTStateInvalidDroppedNFAcctCounter`,
+/// `LocalhostNodePortAcceptedNFAcctCounter`).
+pub const NFACCT_COUNTERS: [&str; 2] = [
+    "ct_state_invalid_dropped_pkts",
+    "localhost_nps_accepted_pkts",
+];
+
+/// Whether kube-proxy's nfacct counters exist on the node. kube-proxy creates them at start
+/// and, for each one it could create, adds `-m nfacct` to the rule it counts: the
+/// conntrack-INVALID drop in `KUBE-FORWARD`, and a rule for NodePorts reached on a
+/// localhost address before each NodePort's own rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counters {
+    Nfacct,
+    None,
+}
+
 /// kube-proxy's `largeClusterEndpointsThreshold`.
 const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
@@ -60,7 +79,7 @@ fn probability(n: usize) -> String {
 }
 
 /// The fixed part of the `*filter` table and the `*nat` table's first lines.
-fn filter_table(out: &mut String, jumps: bool) {
+fn filter_table(out: &mut String, jumps: bool, counters: Counters) {
     out.push_str("*filter\n");
     for chain in [
         "KUBE-SERVICES",
@@ -75,7 +94,11 @@ fn filter_table(out: &mut String, jumps: bool) {
     out.push_str(
         "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n",
     );
-    out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+    out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID");
+    if counters == Counters::Nfacct {
+        let _ = write!(out, " -m nfacct --nfacct-name {}", NFACCT_COUNTERS[0]);
+    }
+    out.push_str(" -j DROP\n");
     let _ = writeln!(
         out,
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQUERADE_MARK}/{MASQUERADE_MARK} -j ACCEPT"
@@ -117,6 +140,7 @@ fn service_port(
     svc: &Service,
     port: &Port,
     large: bool,
+    counters: Counters,
     services_rules: &mut String,
     chains: Option<(&mut String, &mut String)>,
 ) {
@@ -130,6 +154,13 @@ fn service_port(
     );
     let ext_chain = port.node_port.map(|node_port| {
         let chain = ext_chain(svc, port);
+        if counters == Counters::Nfacct {
+            let _ = writeln!(
+                services_rules,
+                "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} -d 127.0.0.0/8 --dport {node_port} -m nfacct --nfacct-name {} -j {chain}",
+                NFACCT_COUNTERS[1]
+            );
+        }
         let _ = writeln!(
             services_rules,
             "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {chain}"
@@ -217,11 +248,15 @@ pub enum Sync<'a> {
 }
 
 /// The `iptables-restore --noflush` input for `services`.
-pub fn restore(services: &[Service], sync: &Sync) -> String {
+pub fn restore(services: &[Service], sync: &Sync, counters: Counters) -> String {
     let large = large_cluster_mode(services);
     // About 700 bytes per Service without comments.
     let mut out = String::with_capacity(1024 + services.len() * 900);
-    filter_table(&mut out, matches!(sync, Sync::Full { jumps: true }));
+    filter_table(
+        &mut out,
+        matches!(sync, Sync::Full { jumps: true }),
+        counters,
+    );
     out.push_str("*nat\n");
     for chain in [
         "KUBE-SERVICES",
@@ -259,6 +294,7 @@ pub fn restore(services: &[Service], sync: &Sync) -> String {
                 svc,
                 port,
                 large,
+                counters,
                 &mut rules,
                 rewrite.then_some((&mut chains, &mut svc_rules)),
             );
@@ -328,7 +364,11 @@ mod tests {
     fn two_services_full_sync() {
         let one = ns1_svc1(&[Ipv4Addr::new(10, 180, 0, 1)]);
         let two = scenario::filler(0);
-        let text = restore(&[one, two.clone()], &Sync::Full { jumps: false });
+        let text = restore(
+            &[one, two.clone()],
+            &Sync::Full { jumps: false },
+            Counters::Nfacct,
+        );
         let svc2 = svc_chain(&two, &two.ports[0]);
         let sep2a = sep_chain(&two, &two.ports[0], "10.248.0.1:8080");
         let sep2b = sep_chain(&two, &two.ports[0], "10.248.0.2:8080");
@@ -341,7 +381,7 @@ mod tests {
 :KUBE-PROXY-FIREWALL - [0:0]
 :KUBE-FIREWALL - [0:0]
 -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
--A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x00004000/0x00004000 -j ACCEPT
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 COMMIT
@@ -383,7 +423,7 @@ COMMIT
     fn large_clusters_lose_the_endpoint_comments_but_keep_the_cluster_ip_ones() {
         let pods = [Ipv4Addr::new(10, 244, 0, 10), Ipv4Addr::new(10, 244, 0, 11)];
         let all = scenario::services(600, &pods);
-        let text = restore(&all, &Sync::Full { jumps: false });
+        let text = restore(&all, &Sync::Full { jumps: false }, Counters::Nfacct);
         assert!(text.contains("\"bench/measured:tcp cluster IP\""));
         assert!(!text.contains(" -> 10.244.0.10:8080"));
         // The measured Service's TCP port is the last Service rule, before KUBE-NODEPORTS.
@@ -398,12 +438,17 @@ COMMIT
     }
 
     /// kube-proxy's test NodePort Service (ns1/svc1 p80, NodePort 3001): the rules of its
-    /// `TestNodePorts` case for `externalTrafficPolicy: Cluster`.
+    /// `TestNodePorts` case for `externalTrafficPolicy: Cluster`, with its nfacct counters
+    /// (as in `TestOverallIPTablesRules`).
     #[test]
     fn a_node_port_goes_through_kube_nodeports_and_the_external_chain() {
         let mut svc = ns1_svc1(&[Ipv4Addr::new(10, 180, 0, 1)]);
         svc.ports[0].node_port = Some(3001);
-        let text = restore(&[svc], &Sync::Full { jumps: false });
+        let text = restore(
+            std::slice::from_ref(&svc),
+            &Sync::Full { jumps: false },
+            Counters::Nfacct,
+        );
         let lines: Vec<&str> = text.lines().collect();
         let at = |line: &str| {
             lines
@@ -414,6 +459,9 @@ COMMIT
         let cluster_ip = at(
             "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
         );
+        let localhost = at(
+            "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3001 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-XPGD46QRK7WJZT7O",
+        );
         let node_port = at(
             "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-XPGD46QRK7WJZT7O",
         );
@@ -421,7 +469,7 @@ COMMIT
             "-A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment \"masquerade traffic for ns1/svc1:p80 external destinations\" -j KUBE-MARK-MASQ",
         );
         let jump = at("-A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVC-XPGD46QRK7WJZT7O");
-        assert!(cluster_ip < node_port && masq < jump);
+        assert!(cluster_ip < localhost && localhost < node_port && masq < jump);
         assert!(
             at(":KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]") < at(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]")
         );
@@ -432,6 +480,11 @@ COMMIT
                 .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
                 .is_some_and(|l| l.ends_with("-j KUBE-NODEPORTS"))
         );
+        // Without the counters (kube-proxy could not create them): neither nfacct rule.
+        let text = restore(&[svc], &Sync::Full { jumps: false }, Counters::None);
+        assert!(!text.contains("nfacct"));
+        assert!(!text.contains("127.0.0.0/8 --dport 3001"));
+        assert!(text.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"));
     }
 
     #[test]
@@ -451,6 +504,7 @@ COMMIT
                 changed: &["measured"],
                 stale_chains: &stale,
             },
+            Counters::Nfacct,
         );
         assert_eq!(text.matches("-A KUBE-SERVICES ").count(), 2 + 3 + 1);
         assert!(!text.contains(&format!(":{} ", svc_chain(&all[0], &all[0].ports[0]))));
@@ -466,6 +520,7 @@ COMMIT
         let text = restore(
             &[ns1_svc1(&[Ipv4Addr::new(10, 180, 0, 1)])],
             &Sync::Full { jumps: true },
+            Counters::Nfacct,
         );
         assert!(text.contains(
             "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"

@@ -398,7 +398,11 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
     let files = [
         (
             "iptables-full.txt",
-            iptables::restore(&before, &iptables::Sync::Full { jumps: true }),
+            iptables::restore(
+                &before,
+                &iptables::Sync::Full { jumps: true },
+                iptables::Counters::Nfacct,
+            ),
         ),
         (
             "iptables-endpoint-change.txt",
@@ -408,6 +412,7 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
                     changed: &[scenario::MEASURED_NAME],
                     stale_chains: &stale_ipt,
                 },
+                iptables::Counters::Nfacct,
             ),
         ),
         ("nftables-full.nft", nftables::full(&before)),
@@ -461,6 +466,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     );
     let points = {
         let mut runner = runner::Runner::new(&bins, &options.settings)?;
+        machine["iptables_nfacct_counters"] =
+            json!(runner.iptables_counters() == iptables::Counters::Nfacct);
         runner.run()?
         // The runner drops here: agent stopped, pins, namespaces and cgroup removed.
     };

@@ -1,6 +1,6 @@
 //! The `nft -f` transactions kube-proxy's nftables mode runs for our Services, written as
 //! kube-proxy writes them through knftables (pkg/proxy/nftables/proxier.go, Kubernetes
-//! 1.31-1.33): `table ip kube-proxy`; base chains hooked at prerouting/input/forward/output
+//! 1.31-1.33; see the report's notes for what 1.34 and 1.36 changed): `table ip kube-proxy`; base chains hooked at prerouting/input/forward/output
 //! /postrouting; the `service-ips` verdict map keyed `ipv4_addr . inet_proto .
 //! inet_service`, looked up once from the `services` chain; one `service-<hash>-ns/name/
 //! proto/port` chain per service port with the masquerade rule and `numgen random mod n

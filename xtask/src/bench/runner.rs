@@ -306,6 +306,8 @@ pub struct Runner<'a> {
     settings: &'a Settings,
     agent: Agent,
     topo: Topology,
+    /// Whether kube-proxy's nfacct counters exist in the `iptables` node (see `Runner::new`).
+    counters: iptables::Counters,
 }
 
 fn pod(name: &str) -> Ipv4Addr {
@@ -366,12 +368,44 @@ impl<'a> Runner<'a> {
             last_sync: Instant::now(),
         };
         std::fs::create_dir_all(&agent.manifests)?;
-        Ok(Runner {
+        let mut runner = Runner {
             bins,
             settings,
             topo,
             agent,
-        })
+            counters: iptables::Counters::None,
+        };
+        if settings.modes.contains(&Mode::Iptables) {
+            runner.counters = runner.create_nfacct_counters();
+        }
+        Ok(runner)
+    }
+
+    /// What kube-proxy's iptables mode does as it starts: create its nfacct counters in the
+    /// node, then count through those it could create. A node that cannot (no nfacct in its
+    /// kernel) gets the rules without them, with a warning, as kube-proxy logs an error and
+    /// goes on.
+    fn create_nfacct_counters(&self) -> iptables::Counters {
+        let created = self
+            .in_client(Mode::Iptables, &self.bins.bench.display().to_string())
+            .and_then(|mut command| {
+                command.arg("nfacct").args(iptables::NFACCT_COUNTERS);
+                cmd::output(&mut command).map(drop)
+            });
+        match created {
+            Ok(()) => iptables::Counters::Nfacct,
+            Err(e) => {
+                println!(
+                    "  warning: kube-proxy's nfacct counters could not be created ({e:#}); the iptables rules go without them"
+                );
+                iptables::Counters::None
+            }
+        }
+    }
+
+    /// Whether the `iptables` mode's rules count through kube-proxy's nfacct counters.
+    pub fn iptables_counters(&self) -> iptables::Counters {
+        self.counters
     }
 
     /// `program` where `metric`'s client runs: the mode's ClusterIP client (see
@@ -499,7 +533,7 @@ impl<'a> Runner<'a> {
                     &mut self.in_client(mode, &self.bins.iptables_restore)?,
                     "*filter\nCOMMIT\n*nat\nCOMMIT\n",
                 )?;
-                let text = iptables::restore(services, &Sync::Full { jumps: true });
+                let text = iptables::restore(services, &Sync::Full { jumps: true }, self.counters);
                 result.ruleset = Some((text.lines().count(), text.len()));
                 let waiter = self.waiter(mode, "any")?;
                 let t0 = monotonic_ns();
@@ -766,6 +800,7 @@ impl<'a> Runner<'a> {
                                 changed: &changed,
                                 stale_chains: &stale,
                             },
+                            self.counters,
                         );
                         let waiter = self.waiter(mode, new_name)?;
                         let t0 = monotonic_ns();
