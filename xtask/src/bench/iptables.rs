@@ -176,7 +176,7 @@ fn service_port(
         }
     };
     let endpoints: Vec<(String, String)> = svc
-        .endpoints
+        .endpoints_in_order(port)
         .iter()
         .map(|ip| {
             let endpoint = format!("{ip}:{}", port.target);
@@ -417,6 +417,18 @@ COMMIT
 "#
         );
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn endpoints_go_in_kube_proxys_string_order() {
+        let svc = scenario::filler(4);
+        let text = restore(&[svc], &Sync::Full { jumps: false }, Counters::None);
+        assert!(text.contains(
+            "-> 10.248.0.10:8080\" -m statistic --mode random --probability 0.5000000000 -j"
+        ));
+        let first = text.find("-> 10.248.0.10:8080");
+        let second = text.find("-> 10.248.0.9:8080");
+        assert!(first.is_some() && first < second);
     }
 
     #[test]

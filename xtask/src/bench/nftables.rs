@@ -222,7 +222,7 @@ fn service_port(out: &mut String, svc: &Service, port: &Port, elements: bool, fi
     let proto = port.proto.lower();
     let chain = service_chain(svc, port);
     let endpoints: Vec<(String, String)> = svc
-        .endpoints
+        .endpoints_in_order(port)
         .iter()
         .map(|ip| (endpoint_chain(svc, port, &ip.to_string()), ip.to_string()))
         .collect();

@@ -91,6 +91,14 @@ impl Service {
         format!("{}/{}:{}", self.namespace, self.name, port.name)
     }
 
+    /// The endpoints of `port` in the order kube-proxy writes them: sorted as `ip:port`
+    /// strings (its endpoint slice cache's `byEndpoint`), so `.10` comes before `.9`.
+    pub fn endpoints_in_order(&self, port: &Port) -> Vec<Ipv4Addr> {
+        let mut endpoints = self.endpoints.clone();
+        endpoints.sort_by_cached_key(|ip| format!("{ip}:{}", port.target));
+        endpoints
+    }
+
     pub fn is_node_port(&self) -> bool {
         self.ports.iter().any(|p| p.node_port.is_some())
     }
@@ -172,5 +180,18 @@ mod tests {
         assert!(last_filler.vip < Ipv4Addr::new(10, 100, 0, 0));
         assert!(last_filler.endpoints[1] < Ipv4Addr::new(10, 252, 0, 0));
         assert_eq!(services(1, &pods).len(), 1);
+    }
+
+    #[test]
+    fn endpoints_are_ordered_as_kube_proxy_orders_them() {
+        let svc = filler(4);
+        assert_eq!(
+            svc.endpoints,
+            [Ipv4Addr::new(10, 248, 0, 9), Ipv4Addr::new(10, 248, 0, 10)]
+        );
+        assert_eq!(
+            svc.endpoints_in_order(&svc.ports[0]),
+            [Ipv4Addr::new(10, 248, 0, 10), Ipv4Addr::new(10, 248, 0, 9)]
+        );
     }
 }
