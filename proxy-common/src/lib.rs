@@ -262,7 +262,10 @@ pub struct SockSlot {
     pub backend_addr: u32,
     /// Backend port, network order.
     pub backend_port: u16,
-    pub _pad: [u8; 2],
+    /// The frontend slot (`1..=count`) the backend was chosen from, so that an unconnected
+    /// UDP socket's next datagram to the same frontend goes to the same backend, as
+    /// kube-proxy's conntrack keeps a UDP flow's backend; 0: none recorded. Host order.
+    pub backend_slot: u16,
     /// The frontend the application asked for, as in the LRU's values.
     pub frontend: SockRevNatValue,
 }
@@ -540,6 +543,7 @@ mod tests {
         assert_eq!(offset_of!(SockRevNatValue, rev_nat_id), 6);
         assert_eq!(offset_of!(SockSlot, backend_addr), 8);
         assert_eq!(offset_of!(SockSlot, backend_port), 12);
+        assert_eq!(offset_of!(SockSlot, backend_slot), 14);
         assert_eq!(offset_of!(SockSlot, frontend), 16);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }

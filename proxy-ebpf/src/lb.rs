@@ -3,7 +3,9 @@
 //! used last within the timeout.
 
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
-use proxy_common::{AffinityKey, AffinityValue, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue};
+use proxy_common::{
+    AffinityKey, AffinityValue, BackendValue, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+};
 
 use crate::maps::{AFFINITY, BACKENDS, SERVICES};
 
@@ -33,6 +35,39 @@ pub fn select_backend(
     } else {
         random_backend(key, frontend)
     }
+}
+
+/// The backend at `addr:port` (network order) if the frontend `key` (slot 0) describes
+/// still has it: in `slot`, where it was chosen from, or one slot off, since adding or
+/// removing a backend before it in the frontend's sorted list moves it by one. Sets
+/// `key.slot` to where it was found. `None` when it left the frontend (or moved further):
+/// the caller chooses anew, as kube-proxy deletes the UDP flows of a removed endpoint.
+#[inline(always)]
+pub fn pinned_backend(
+    key: &mut ServiceKey,
+    frontend: &ServiceValue,
+    addr: u32,
+    port: u16,
+    slot: u16,
+) -> Option<(u32, BackendValue)> {
+    for candidate in [slot, slot.wrapping_sub(1), slot.saturating_add(1)] {
+        if candidate == 0 || candidate > frontend.count {
+            continue;
+        }
+        key.slot = candidate;
+        // SAFETY: copied out at once.
+        let Some(id) = SERVICES.get_ptr(&*key).map(|s| unsafe { (*s).backend_id }) else {
+            continue;
+        };
+        // SAFETY: copied out at once.
+        let Some(backend) = BACKENDS.get_ptr(id).map(|b| unsafe { *b }) else {
+            continue;
+        };
+        if backend.addr == addr && backend.port == port {
+            return Some((id, backend));
+        }
+    }
+    None
 }
 
 /// A uniformly random backend slot of the frontend `key` (slot 0) describes.

@@ -9,6 +9,8 @@
 //! A socket's translation goes to its slot in the slot table (`sock_slot`) when the slot is
 //! free or already its own, else to the socket rev-NAT LRU (a slot held by another socket,
 //! or an unconnected UDP socket's second backend).
+//! The slot also pins an unconnected UDP socket to its backend: its next datagrams to the
+//! same frontend go there while the frontend has it (`lb::pinned_backend`).
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
@@ -17,7 +19,7 @@ use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, 
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use proxy_common::{
-    BackendValue, ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
 };
 
@@ -155,15 +157,37 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         );
         return Err(FAIL);
     }
+    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_value = SockRevNatValue {
+        addr,
+        port,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // An unconnected UDP socket's datagrams to a frontend keep going to the backend its
+    // earlier ones went to, while the frontend still has it: kube-proxy's conntrack keeps a
+    // UDP flow (a socket's source port) on its backend, and a protocol with state across
+    // datagrams (QUIC, SIP) needs one server. Session affinity decides by itself.
+    let pin = if SENDMSG && frontend.flags & SVC_FLAG_AFFINITY == 0 {
+        sock_slot::pinned(cookie, rev_value)
+    } else {
+        None
+    };
+    let kept = pin.and_then(|p| lb::pinned_backend(&mut key, &frontend, p.addr, p.port, p.slot));
     // The affinity client is the socket's network namespace: one per pod, hence one per
     // pod IP, which is what kube-proxy's ClientIP keys on.
     // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
     let client = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The agent writes slots before raising `count`, so a missing slot is a transient race:
     // proceed untranslated rather than fail the call.
-    let selected = lb::select_backend(client, &mut key, &frontend);
-    let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
-    else {
+    let selected = match kept {
+        Some((id, _)) => Some(id),
+        None => lb::select_backend(client, &mut key, &frontend),
+    };
+    // SAFETY: copied out at once.
+    let chosen =
+        kept.or_else(|| selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, unsafe { *b }))));
+    let Some((backend_id, backend)) = chosen else {
         log_error!(
             ctx,
             "{}: {:i}:{}/{}: slot {} of {} -> backend {} missing (0: no slot), left untranslated",
@@ -177,30 +201,42 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         );
         return Err(PROCEED);
     };
-    // SAFETY: copied out at once.
-    let backend: BackendValue = unsafe { *backend };
-
-    // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNatKey {
         cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: [0; 2],
     };
-    let rev_value = SockRevNatValue {
-        addr,
-        port,
-        rev_nat_id: frontend.rev_nat_id,
-    };
+    // A pinned backend that left the frontend: the socket's slot takes the new one (the
+    // old translation goes to the LRU, for replies still on their way). One found a slot
+    // off is written again with its new slot.
+    let repin = pin.is_some() && kept.is_none();
+    let moved = pin.is_some_and(|p| p.slot != key.slot);
+    if let Some(p) = pin.filter(|_| repin) {
+        let old = SockRevNatKey {
+            cookie,
+            addr: p.addr,
+            port: p.port,
+            _pad: [0; 2],
+        };
+        let _ = SOCK_REV_NAT.insert(&old, &rev_value, 0);
+    }
     // The socket's slot if it is free or already the socket's own for this backend (any
     // backend, once connected: it talks to no other). A socket that keeps sending to a
     // Service finds what an earlier datagram left there or in the LRU: a lookup, which
     // also marks an LRU entry used, leaves the LRU's locks and lists alone.
     // SAFETY: copied out at once.
     let known = (SENDMSG
+        && !moved
         && sock_slot::recall(cookie, backend.addr, backend.port) == Some(rev_value))
-        || sock_slot::remember(cookie, backend.addr, backend.port, rev_value, !SENDMSG)
+        || sock_slot::remember(
+            cookie,
+            backend.addr,
+            backend.port,
+            key.slot,
+            rev_value,
+            !SENDMSG || repin,
+        )
         || (SENDMSG
             && SOCK_REV_NAT
                 .get_ptr(&rev_key)

@@ -52,17 +52,20 @@ fn cookie_of(slot: *mut SockSlot) -> u64 {
     unsafe { core::ptr::read_volatile(&raw const (*slot).cookie) }
 }
 
-/// Remembers that the socket `cookie` sends to `backend_addr:backend_port` in place of
-/// `frontend`. The socket may replace what its slot holds for another backend only if
-/// `connected` (it can no longer hear from that one). False when the slot belongs to
-/// another socket, or to this one for another backend: the caller then uses the LRU.
+/// Remembers that the socket `cookie` sends to `backend_addr:backend_port`, chosen from
+/// the frontend's slot `backend_slot`, in place of `frontend`. The socket may replace what
+/// its slot holds for another backend only if `replace`: it is connected (it can no longer
+/// hear from the old one), or its pinned backend is gone (`pinned`). False when the slot
+/// belongs to another socket, or to this one for another backend: the caller then uses
+/// the LRU.
 #[inline(always)]
 pub fn remember(
     cookie: u64,
     backend_addr: u32,
     backend_port: u16,
+    backend_slot: u16,
     frontend: SockRevNatValue,
-    connected: bool,
+    replace: bool,
 ) -> bool {
     let Some(slot) = slot_of(cookie) else {
         return false;
@@ -74,7 +77,7 @@ pub fn remember(
         || unsafe { (*slot).backend_addr == backend_addr && (*slot).backend_port == backend_port };
     let expected = if held == 0 {
         0
-    } else if held == cookie && (connected || same_backend()) {
+    } else if held == cookie && (replace || same_backend()) {
         cookie
     } else {
         return false;
@@ -86,6 +89,7 @@ pub fn remember(
     unsafe {
         (*slot).backend_addr = backend_addr;
         (*slot).backend_port = backend_port;
+        (*slot).backend_slot = backend_slot;
         (*slot).frontend = frontend;
     }
     // Published by an exchange, a full barrier: a reader that sees the cookie sees the rest.
@@ -106,6 +110,32 @@ pub fn recall(cookie: u64, addr: u32, port: u16) -> Option<SockRevNatValue> {
     // Another thread of this socket (a reconnect, a send) may have rewritten it meanwhile.
     let unchanged = cookie_of(slot) == cookie;
     (unchanged && held.backend_addr == addr && held.backend_port == port).then_some(held.frontend)
+}
+
+/// The backend the socket `cookie` last sent to through `frontend`, and the frontend
+/// slot it came from, if its slot remembers them.
+#[inline(always)]
+pub fn pinned(cookie: u64, frontend: SockRevNatValue) -> Option<Pin> {
+    let slot = slot_of(cookie)?;
+    if cookie_of(slot) != cookie {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let held = unsafe { core::ptr::read_volatile(slot) };
+    let unchanged = cookie_of(slot) == cookie;
+    (unchanged && held.frontend == frontend && held.backend_slot != 0).then_some(Pin {
+        addr: held.backend_addr,
+        port: held.backend_port,
+        slot: held.backend_slot,
+    })
+}
+
+/// What `pinned` finds: a backend address and port (network order), and its slot.
+#[derive(Clone, Copy)]
+pub struct Pin {
+    pub addr: u32,
+    pub port: u16,
+    pub slot: u16,
 }
 
 /// Frees the socket's slot if it holds one; true if it did.

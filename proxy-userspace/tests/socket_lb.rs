@@ -122,10 +122,8 @@ fn udp_sendto_replies_come_from_the_vip_and_connected_udp_works() {
 }
 
 /// The reverse entry of a translated socket (what `getpeername` and `recvfrom` need) is
-/// deleted when the socket closes. Each socket's first backend is in its slot (see the next
-/// test), freed by the socket's cookie; an unconnected UDP socket that sent to a second
-/// backend has that one in the LRU, which is left to its eviction (the closing socket does
-/// not know which backends it sent to).
+/// deleted when the socket closes. Each socket's backend is in its slot (see the next
+/// test), freed by the socket's cookie.
 #[test]
 fn closed_sockets_take_their_reverse_entries_with_them() {
     let (h, _servers) = web_and_dns_running("release");
@@ -156,17 +154,76 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
     assert_eq!(h.map_entries(MAP), 0);
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
 
-    // Unconnected, one socket for every request: the backend picked first is in its slot,
-    // the other in the LRU, which keeps it after the close.
+    // Unconnected, one socket for every request: its backend (the same for every
+    // datagram) is in its slot.
     let lines = h.client(&["udp", "10.96.0.10:53", "40", "--keep-socket"]);
     assert_answered_through(&lines, 40, "10.96.0.10:53");
-    assert_eq!(
-        answers(&lines).len(),
-        2,
-        "both backends answered: {lines:?}"
-    );
-    assert_eq!(h.map_entries(MAP), 1);
+    assert_eq!(h.map_entries(MAP), 0);
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
+}
+
+/// An unconnected UDP socket's datagrams to a Service all go to one backend, as
+/// kube-proxy's conntrack keeps a UDP flow on the endpoint its first datagram went to;
+/// they stay there when a backend is added before it in the Service's sorted list (which
+/// moves it to the next slot), and move when it leaves (`stale_udp.rs`).
+#[test]
+fn an_unconnected_udp_socket_keeps_its_backend() {
+    let mut h = Harness::new("udppin", &["pod-a", "pod-b", "pod-c"]);
+    let _servers = h.serve(&[], &[5353]);
+    let endpoints = |pods: &[&str]| {
+        let list: Vec<(&str, bool)> = pods.iter().map(|p| (*p, true)).collect();
+        slice("dns-1", "dns", &[("dns", 5353, "UDP")], &list)
+    };
+    h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
+    h.write_manifest("dns-eps.yaml", &endpoints(&["10.244.0.11", "10.244.0.12"]));
+    h.start_agent();
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.11:5353", "10.244.0.12:5353"]),
+    );
+
+    // Four sockets, each asking every 5 ms; pod-a (.10) joins while they do, taking slot 1
+    // and moving both backends one slot up.
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "300",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let clients: Vec<_> = (0..4)
+        .map(|i| h.spawn_client(&format!("pin{i}"), &args))
+        .collect();
+    for client in &clients {
+        client.wait_for_lines(40);
+    }
+    h.write_manifest(
+        "dns-eps.yaml",
+        &endpoints(&["10.244.0.10", "10.244.0.11", "10.244.0.12"]),
+    );
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.10:5353", "10.244.0.11:5353", "10.244.0.12:5353"]),
+    );
+    let after_change: Vec<usize> = clients.iter().map(|c| c.lines_so_far()).collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let lines = client.lines();
+        assert_answered_through(&lines, 300, "10.96.0.10:53");
+        let counts = answers(&lines);
+        assert_eq!(
+            counts.len(),
+            1,
+            "socket {i}: its datagrams went to more than one backend: {counts:?}"
+        );
+        assert!(
+            after_change[i] < 250,
+            "socket {i}: the change came too late to judge ({} answers before it)",
+            after_change[i]
+        );
+    }
 }
 
 /// A connected socket's translation lives in its slot while the socket is open, and the

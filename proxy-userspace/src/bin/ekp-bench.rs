@@ -11,11 +11,12 @@
 //! - `udp ADDR`: a new unconnected UDP socket per request (`sendto`, `recvfrom`), like a
 //!   DNS client;
 //! - `udprr ADDR`: request/response on one unconnected UDP socket, kept for every request
-//!   (`sendto` picks the destination each time), like a DNS forwarder or a metrics client.
+//!   (`sendto` names the destination each time), like a DNS forwarder or a metrics client.
 //!
 //! `ADDR` may be a comma-separated list: each operation then goes to one of them at random
-//! (`rr`: its one connection), as a Service's translation spreads its connections over the
-//! endpoints. The `direct` floor uses the same endpoints, so that both meet the same
+//! (`rr`, `udprr`: every operation to the one chosen for the connection or socket), as a
+//! Service's translation spreads its connections over the endpoints and keeps a socket's
+//! datagrams on one. The `direct` floor uses the same endpoints, so that both meet the same
 //! servers and the same per-destination state.
 //!
 //! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
@@ -259,7 +260,8 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
     let mut picker = Picker::new();
     let mut measured_from = Instant::now();
     let timeout = o.timeout;
-    // One operation towards the target picked for it (`rr`: its one connection).
+    // One operation towards the target picked for it (`rr`, `udprr`: that of its one
+    // connection or socket).
     let mut op: Box<dyn FnMut(SocketAddr) -> std::io::Result<()>> = match kind {
         "rr" => {
             let target = picker.pick(&o.targets);
@@ -272,11 +274,12 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
             Box::new(move |_| exchange(&mut stream, b'K').map(|_| ()))
         }
         "udprr" => {
+            let target = picker.pick(&o.targets);
             let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
             socket
                 .set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
-            Box::new(move |target| udp_exchange(&socket, target).map(|_| ()))
+            Box::new(move |_| udp_exchange(&socket, target).map(|_| ()))
         }
         "connect" => Box::new(move |target| connect_once(target, timeout)),
         "crr" => Box::new(move |target| crr_once(target, timeout).map(|_| ())),
