@@ -2,7 +2,8 @@
 //!
 //! - `sock`: socket-level load balancing for east-west traffic (cgroup `connect4`,
 //!   `sendmsg4`, `recvmsg4`, `getpeername4`): a Service address is rewritten to a backend
-//!   once per connection (per datagram for unconnected UDP), and back for the application;
+//!   once per connection (for unconnected UDP: per socket, checked at every datagram), and
+//!   back for the application;
 //!   `sock_release` forgets a closing socket's translation.
 //! - `nodeport`: north-south load balancing (TCX `ekp_tcx_in` / `ekp_tcx_out` on the node's
 //!   devices): NodePort, externalIP and LoadBalancer traffic from outside the node is DNATed

@@ -1,7 +1,8 @@
 //! Closing connected UDP sockets whose backend went away (BEHAVIOUR C27).
 //!
 //! `connect4` fixes a connected UDP socket's peer once; unlike unconnected `sendto` (where
-//! `sendmsg4` selects per datagram) it would keep sending to a deleted pod forever.
+//! `sendmsg4` checks at every datagram that the socket's backend is still the Service's) it
+//! would keep sending to a deleted pod forever.
 //! kube-proxy flushes the conntrack entries of such flows; the socket-level equivalent (as in
 //! Cilium) is to destroy the sockets through sock_diag (`SOCK_DESTROY`, kernel option
 //! `INET_DIAG_DESTROY`): the application sees an error (ECONNABORTED) and reconnects, and its

@@ -100,7 +100,8 @@ fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2]) {
                     "{errors:?}"
                 );
             }
-            // Selection happens per datagram: nothing to destroy, no error.
+            // Its next datagram finds its backend gone and chooses again: nothing to
+            // destroy, no error.
             _ => assert!(errors.is_empty(), "{errors:?}"),
         }
     }
