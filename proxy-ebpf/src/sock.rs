@@ -9,8 +9,8 @@
 //! A socket's translation goes to its slot in the slot table (`sock_slot`) when the slot is
 //! free or already its own, else to the socket rev-NAT LRU (a slot held by another socket,
 //! or an unconnected UDP socket's second backend).
-//! The slot also pins an unconnected UDP socket to its backend: its next datagrams to the
-//! same frontend go there while the frontend has it (`lb::pinned_backend`).
+//! The slot also pins a UDP socket to its backend: its next datagrams (unconnected) or
+//! connects to the same frontend go there while the frontend has it (`lb::pinned_backend`).
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
@@ -167,8 +167,9 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // An unconnected UDP socket's datagrams to a frontend keep going to the backend its
     // earlier ones went to, while the frontend still has it: kube-proxy's conntrack keeps a
     // UDP flow (a socket's source port) on its backend, and a protocol with state across
-    // datagrams (QUIC, SIP) needs one server. Session affinity decides by itself.
-    let pin = if SENDMSG && frontend.flags & SVC_FLAG_AFFINITY == 0 {
+    // datagrams (QUIC, SIP) needs one server. So does a UDP socket that connects again to
+    // the same frontend. Session affinity decides by itself.
+    let pin = if proto == PROTO_UDP && frontend.flags & SVC_FLAG_AFFINITY == 0 {
         sock_slot::pinned(cookie, rev_value)
     } else {
         None
@@ -212,7 +213,8 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // off is written again with its new slot.
     let repin = pin.is_some() && kept.is_none();
     let moved = pin.is_some_and(|p| p.slot != key.slot);
-    if let Some(p) = pin.filter(|_| repin) {
+    // (A connected socket hears from its new peer only.)
+    if let Some(p) = pin.filter(|_| SENDMSG && repin) {
         let old = SockRevNatKey {
             cookie,
             addr: p.addr,

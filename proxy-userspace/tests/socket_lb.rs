@@ -162,6 +162,24 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
 }
 
+/// A UDP socket that connects to the Service again before each request keeps its backend,
+/// as kube-proxy's conntrack keeps the flow of its unchanged source port.
+#[test]
+fn a_udp_socket_that_connects_again_keeps_its_backend() {
+    let (h, _servers) = web_and_dns_running("udpreconnect");
+    let lines = h.client(&[
+        "udp",
+        "10.96.0.10:53",
+        "40",
+        "--connected",
+        "--keep-socket",
+        "--reconnect",
+    ]);
+    assert_answered_through(&lines, 40, "10.96.0.10:53");
+    let counts = answers(&lines);
+    assert_eq!(counts.len(), 1, "more than one backend: {counts:?}");
+}
+
 /// An unconnected UDP socket's datagrams to a Service all go to one backend, as
 /// kube-proxy's conntrack keeps a UDP flow on the endpoint its first datagram went to;
 /// they stay there when a backend is added before it in the Service's sorted list (which

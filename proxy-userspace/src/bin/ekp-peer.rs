@@ -12,7 +12,8 @@
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
 //!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
 //!   `udp ... --keep-socket` uses one socket for all requests, like a resolver, and replaces
-//!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it). `udp ...
+//!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it); with
+//!   `--connected --reconnect` it connects the kept socket again before each request. `udp ...
 //!   --size N` sends N bytes per request (a new unconnected socket each); the line's
 //!   `bytes` is the size of the answer, whose padding is not part of `answer`.
 //!
@@ -33,7 +34,7 @@ fn main() -> ExitCode {
         Some("udp") => udp(&args[1..]),
         _ => Err(
             "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
-                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket] [--size N]"
+                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
                 .into(),
         ),
     };
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `udp ADDR:PORT COUNT [--connected] [--keep-socket] [--size N]`.
+/// `udp ADDR:PORT COUNT [--connected] [--keep-socket [--reconnect]] [--size N]`.
 fn udp(args: &[String]) -> Result<(), String> {
     let connected = args.iter().any(|a| a == "--connected");
     let size = match args.iter().position(|a| a == "--size") {
@@ -62,7 +63,8 @@ fn udp(args: &[String]) -> Result<(), String> {
         let request = vec![b'x'; size];
         client(args, &mut |to| udp_request_with(to, &request))
     } else if args.iter().any(|a| a == "--keep-socket") {
-        let mut kept = KeptUdp::new(connected);
+        let reconnect = args.iter().any(|a| a == "--reconnect");
+        let mut kept = KeptUdp::new(connected, reconnect);
         client(args, &mut |to| kept.request(to))
     } else if connected {
         client(args, &mut udp_connected_request)
@@ -250,13 +252,16 @@ fn udp_request_with(to: SocketAddr, request: &[u8]) -> std::io::Result<Outcome> 
 /// One UDP socket kept across requests (connected or not), replaced after an error.
 struct KeptUdp {
     connected: bool,
+    /// Connect the kept socket again before each request (`--reconnect`).
+    reconnect: bool,
     socket: Option<UdpSocket>,
 }
 
 impl KeptUdp {
-    fn new(connected: bool) -> Self {
+    fn new(connected: bool, reconnect: bool) -> Self {
         KeptUdp {
             connected,
+            reconnect,
             socket: None,
         }
     }
@@ -271,6 +276,10 @@ impl KeptUdp {
 
     fn exchange(&mut self, to: SocketAddr) -> std::io::Result<Outcome> {
         let socket = match self.socket.take() {
+            Some(s) if self.connected && self.reconnect => {
+                s.connect(to)?;
+                s
+            }
             Some(s) => s,
             None => {
                 let s = UdpSocket::bind("0.0.0.0:0")?;
