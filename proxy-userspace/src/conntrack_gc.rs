@@ -49,14 +49,14 @@ pub fn now_secs() -> u32 {
 /// evicted them, a program replaced them) are not errors.
 pub fn collect(conntrack: &mut Conntrack, now: u32) -> Result<Collected> {
     let mut collected = Collected::default();
-    // Keys first, deletes after: deleting under the walk would restart it.
+    // Keys first, deletes after: deleting under the walk would disturb it.
     let mut expired = Vec::new();
-    for (key, value) in conntrack.entries() {
+    conntrack.scan(|key, value| {
         collected.seen += 1;
         if value.expired(key.proto, now) {
             expired.push(key);
         }
-    }
+    })?;
     for key in expired {
         // Read again: a packet may have refreshed it since.
         let still_expired = conntrack

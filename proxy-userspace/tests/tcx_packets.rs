@@ -939,6 +939,60 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
     });
 }
 
+/// A map of more entries than one batched read returns (`Conntrack::scan` reads a few
+/// thousand per syscall and goes on from where the kernel stopped): the pass sees each
+/// entry once and deletes exactly the expired ones.
+#[test]
+fn the_collector_reads_the_map_in_batches_and_misses_none() {
+    in_private_netns(|| {
+        const ENTRIES: u32 = 20_000;
+        // Room to spare: a full LRU would evict some of them as they are written.
+        let mut dp = Datapath::load_with_conntrack(2 * ENTRIES);
+        let now = conntrack_gc::now_secs();
+        let mut kept = HashSet::new();
+        for i in 0..ENTRIES {
+            let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i);
+            let key = ct_key(client, CLIENT_PORT, NODE, NODE_PORT, PROTO_UDP, CT_DIR_IN);
+            // Every third one is past its lifetime.
+            let expired = i % 3 == 0;
+            let idle = if expired { CT_LIFETIME_NONTCP + 1 } else { 0 };
+            let value = NatCtValue {
+                saddr: u32::from_ne_bytes(client.octets()),
+                daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
+                sport: CLIENT_PORT.to_be(),
+                dport: POD_PORT.to_be(),
+                backend_id: LOCAL_ID,
+                rev_nat_id: 7,
+                flags: 0,
+                last_seen: now.wrapping_sub(idle),
+            };
+            dp.nat_ct.insert(key, value, 0).expect("writing an entry");
+            if !expired {
+                kept.insert(key);
+            }
+        }
+        let conntrack =
+            dataplane::Conntrack::duplicate(dp.nat_ct.map()).expect("a handle on the map");
+        let mut seen = HashSet::new();
+        conntrack
+            .scan(|key, _| assert!(seen.insert(key), "{key:?} read twice"))
+            .expect("a scan");
+        assert_eq!(seen.len(), ENTRIES as usize);
+
+        let mut conntrack = conntrack;
+        let collected = conntrack_gc::collect(&mut conntrack, now).expect("a collector pass");
+        assert_eq!(
+            collected,
+            conntrack_gc::Collected {
+                seen: ENTRIES as usize,
+                deleted: (ENTRIES as usize).div_ceil(3),
+            }
+        );
+        let left: HashSet<NatCtKey> = dp.ct_entries().iter().map(|(k, _)| *k).collect();
+        assert_eq!(left, kept);
+    });
+}
+
 /// `got` is `input` with the outer addresses and the quoted 4-tuple replaced, checksums
 /// (outer IPv4, ICMP, quoted IPv4) recomputed correctly, and not one other byte changed.
 fn assert_icmp_rewritten(

@@ -133,6 +133,11 @@ impl Datapath {
     /// Loads the embedded object, without pins and with small maps (the LRU maps are
     /// preallocated), and runs the verifier on both TCX programs.
     pub fn load() -> Self {
+        Self::load_with_conntrack(1024)
+    }
+
+    /// `load`, with room for `entries` in the conntrack map.
+    pub fn load_with_conntrack(entries: u32) -> Self {
         require_root();
         let mut loader = EbpfLoader::new();
         for map in [
@@ -141,11 +146,11 @@ impl Datapath {
             MAP_REV_NAT,
             MAP_SOCK_REV_NAT,
             MAP_AFFINITY,
-            MAP_NAT_CT,
             MAP_SOURCE_RANGES,
         ] {
             loader.map_max_entries(map, 1024);
         }
+        loader.map_max_entries(MAP_NAT_CT, entries);
         let mut ebpf = loader
             .load(dataplane::object())
             .expect("loading the embedded eBPF object (maps, BTF)");
