@@ -11,15 +11,19 @@
 //!
 //! A thread of its own walks the map every `--conntrack-gc-interval`, sooner while the
 //! passes delete a large share of the map (flows end faster than passes that far apart
-//! clear them), as Cilium adapts its own interval. A packet that refreshes an entry between
-//! the walk's read and its delete loses it (its flow then starts anew): the entry is read
-//! again just before the delete, which leaves that window at a syscall's length, for flows
-//! that were idle past their lifetime anyway.
+//! clear them), as Cilium adapts its own interval. An entry is deleted together with a read
+//! of what it held at that instant (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`); one a packet
+//! refreshed since the walk read it is put back (unless the program already wrote a new one
+//! under its key). A packet of that flow arriving in the syscall between finds no entry and
+//! starts the flow anew: a window of microseconds, for flows that had been idle past their
+//! lifetime.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+
+use proxy_common::NatCtKey;
 
 use crate::dataplane::Conntrack;
 use crate::metrics::Metrics;
@@ -48,25 +52,32 @@ pub fn now_secs() -> u32 {
 /// One pass: deletes every entry expired at `now`. Entries that vanish meanwhile (the LRU
 /// evicted them, a program replaced them) are not errors.
 pub fn collect(conntrack: &mut Conntrack, now: u32) -> Result<Collected> {
-    let mut collected = Collected::default();
+    let mut seen = 0;
     // Keys first, deletes after: deleting under the walk would disturb it.
     let mut expired = Vec::new();
     conntrack.scan(|key, value| {
-        collected.seen += 1;
+        seen += 1;
         if value.expired(key.proto, now) {
             expired.push(key);
         }
     })?;
-    for key in expired {
-        // Read again: a packet may have refreshed it since.
-        let still_expired = conntrack
-            .get(&key)?
-            .is_some_and(|value| value.expired(key.proto, now));
-        if still_expired && conntrack.remove(&key)? {
-            collected.deleted += 1;
+    let deleted = delete_expired(conntrack, &expired, now)?;
+    Ok(Collected { seen, deleted })
+}
+
+/// Deletes the entries under `keys` that are still expired at `now`; returns how many. Each
+/// is deleted together with a read of what it held then: one a packet refreshed since it
+/// was found expired goes back.
+pub fn delete_expired(conntrack: &mut Conntrack, keys: &[NatCtKey], now: u32) -> Result<usize> {
+    let mut deleted = 0;
+    for key in keys {
+        match conntrack.take(key)? {
+            Some(value) if value.expired(key.proto, now) => deleted += 1,
+            Some(value) => conntrack.restore(key, &value)?,
+            None => {}
         }
     }
-    Ok(collected)
+    Ok(deleted)
 }
 
 /// The shortest delay between passes, however much they delete.

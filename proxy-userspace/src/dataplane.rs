@@ -108,6 +108,9 @@ impl SockReverse {
     }
 }
 
+/// bpf(2)'s "only if the key is new" update flag.
+const BPF_NOEXIST: u64 = 1;
+
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call in `Conntrack::scan` (160 KB of buffers).
 const CONNTRACK_BATCH: usize = 4096;
 
@@ -163,21 +166,24 @@ impl Conntrack {
             .context("reading the conntrack map")
     }
 
-    /// The entry under `key` now, if there is one.
-    pub fn get(&self, key: &NatCtKey) -> Result<Option<NatCtValue>> {
-        match self.map.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading a conntrack entry"),
-        }
+    /// Deletes the entry under `key` and returns what it held at that instant
+    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, one syscall); `None` if it was already gone.
+    pub fn take(&mut self, key: &NatCtKey) -> Result<Option<NatCtValue>> {
+        bpf_sys::lookup_and_delete(self.map.map().fd().as_fd(), key)
+            .context("deleting a conntrack entry")
     }
 
-    /// Deletes the entry under `key`; `false` if it was already gone.
-    pub fn remove(&mut self, key: &NatCtKey) -> Result<bool> {
-        match self.map.remove(key) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e).context("deleting a conntrack entry"),
+    /// Puts back an entry `take` should have left, unless a program wrote a new one under
+    /// its key meanwhile.
+    pub fn restore(&mut self, key: &NatCtKey, value: &NatCtValue) -> Result<()> {
+        match self.map.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("restoring a conntrack entry"),
         }
     }
 }
@@ -898,6 +904,7 @@ mod bpf_sys {
 
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const BPF_LINK_UPDATE: libc::c_long = 29;
 
@@ -958,6 +965,27 @@ mod bpf_sys {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
             }
+        }
+    }
+
+    /// Deletes `key` from a hash map and returns the value it held (kernel 5.14+ for hash
+    /// maps); `None` if there was none.
+    pub fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+        map: std::os::fd::BorrowedFd<'_>,
+        key: &K,
+    ) -> Result<Option<V>> {
+        let mut value = std::mem::MaybeUninit::<V>::zeroed();
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 map_fd; __u32 pad; __aligned_u64 key; __aligned_u64 value;
+        //          __u64 flags; }
+        attr.0[..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(std::ptr::from_ref(key) as u64).to_ne_bytes());
+        attr.0[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+        match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+            // SAFETY: the kernel wrote the whole value; Pod types are valid for any bytes.
+            Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("BPF_MAP_LOOKUP_AND_DELETE_ELEM"),
         }
     }
 

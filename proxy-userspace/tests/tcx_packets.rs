@@ -939,6 +939,53 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
     });
 }
 
+/// An entry a packet refreshed after the walk found it expired is put back as it was, not
+/// deleted; the still expired one goes.
+#[test]
+fn an_entry_refreshed_after_the_walk_is_put_back() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_UDP, LOCAL_ID);
+        let now = conntrack_gc::now_secs();
+        let entry = |last_seen| NatCtValue {
+            saddr: u32::from_ne_bytes(CLIENT.octets()),
+            daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
+            sport: CLIENT_PORT.to_be(),
+            dport: POD_PORT.to_be(),
+            backend_id: LOCAL_ID,
+            rev_nat_id: 7,
+            flags: 0,
+            last_seen,
+        };
+        let key = |i: u8| {
+            ct_key(
+                Ipv4Addr::new(198, 51, 100, i),
+                CLIENT_PORT,
+                NODE,
+                NODE_PORT,
+                PROTO_UDP,
+                CT_DIR_IN,
+            )
+        };
+        let refreshed = entry(now);
+        dp.nat_ct
+            .insert(key(1), refreshed, 0)
+            .expect("writing an entry");
+        let stale = entry(now.wrapping_sub(CT_LIFETIME_NONTCP + 1));
+        dp.nat_ct
+            .insert(key(2), stale, 0)
+            .expect("writing an entry");
+
+        let mut conntrack =
+            dataplane::Conntrack::duplicate(dp.nat_ct.map()).expect("a handle on the map");
+        // Both were expired when the walk read them; only the second still is.
+        let deleted =
+            conntrack_gc::delete_expired(&mut conntrack, &[key(1), key(2)], now).expect("deleting");
+        assert_eq!(deleted, 1);
+        let left = dp.ct_entries();
+        assert_eq!(left, [(key(1), refreshed)]);
+    });
+}
+
 /// A map of more entries than one batched read returns (`Conntrack::scan` reads a few
 /// thousand per syscall and goes on from where the kernel stopped): the pass sees each
 /// entry once and deletes exactly the expired ones.
