@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-
 use proxy_common::NatCtKey;
 
 use crate::dataplane::Conntrack;

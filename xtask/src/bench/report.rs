@@ -589,7 +589,7 @@ mod tests {
         let modes = json!({
             "ebpf": {"connect": {"p50_us": 20.0, "round_p50_us": [20.0, 22.0, 21.0]}},
             "direct": {"connect": {"p50_us": 19.0, "round_p50_us": [19.0, 20.0, 21.0]}},
-            // Fewer rounds than the other mode (results of an interrupted run): not paired.
+            // Rounds that do not pair up (a mode measured in fewer rounds): not compared.
             "hooks": {"connect": {"p50_us": 19.5, "round_p50_us": [19.5]}},
         });
         let r = ratios(&modes);
