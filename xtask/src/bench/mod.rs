@@ -425,6 +425,11 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
         std::fs::write(out.join(name), text)?;
         println!("{}", out.join(name).display());
     }
+    println!(
+        "the iptables files count through kube-proxy's nfacct counters, which must exist before \
+         iptables-restore takes them: `ekp-bench nfacct {}` (or `nfacct add NAME`) first",
+        iptables::NFACCT_COUNTERS.join(" ")
+    );
     Ok(())
 }
 
