@@ -206,7 +206,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
     let args = [
         "udp",
         "10.96.0.10:53",
-        "300",
+        "600",
         "--keep-socket",
         "--every-ms",
         "5",
@@ -229,7 +229,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
     let after_change: Vec<usize> = clients.iter().map(|c| c.lines_so_far()).collect();
     for (i, client) in clients.into_iter().enumerate() {
         let lines = client.lines();
-        assert_answered_through(&lines, 300, "10.96.0.10:53");
+        assert_answered_through(&lines, 600, "10.96.0.10:53");
         let counts = answers(&lines);
         assert_eq!(
             counts.len(),
@@ -237,7 +237,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
             "socket {i}: its datagrams went to more than one backend: {counts:?}"
         );
         assert!(
-            after_change[i] < 250,
+            after_change[i] < 500,
             "socket {i}: the change came too late to judge ({} answers before it)",
             after_change[i]
         );
