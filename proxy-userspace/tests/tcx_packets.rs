@@ -939,6 +939,23 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
     });
 }
 
+/// The original-direction entry of a UDP flow from `client` to the NodePort, to the local
+/// pod, last seen at `last_seen`.
+fn udp_flow_to_local_pod(client: Ipv4Addr, last_seen: u32) -> (NatCtKey, NatCtValue) {
+    let key = ct_key(client, CLIENT_PORT, NODE, NODE_PORT, PROTO_UDP, CT_DIR_IN);
+    let value = NatCtValue {
+        saddr: u32::from_ne_bytes(client.octets()),
+        daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
+        sport: CLIENT_PORT.to_be(),
+        dport: POD_PORT.to_be(),
+        backend_id: LOCAL_ID,
+        rev_nat_id: 7,
+        flags: 0,
+        last_seen,
+    };
+    (key, value)
+}
+
 /// An entry a packet refreshed after the walk found it expired is put back as it was, not
 /// deleted; the still expired one goes.
 #[test]
@@ -946,43 +963,25 @@ fn an_entry_refreshed_after_the_walk_is_put_back() {
     in_private_netns(|| {
         let mut dp = datapath_with(PROTO_UDP, LOCAL_ID);
         let now = conntrack_gc::now_secs();
-        let entry = |last_seen| NatCtValue {
-            saddr: u32::from_ne_bytes(CLIENT.octets()),
-            daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
-            sport: CLIENT_PORT.to_be(),
-            dport: POD_PORT.to_be(),
-            backend_id: LOCAL_ID,
-            rev_nat_id: 7,
-            flags: 0,
-            last_seen,
-        };
-        let key = |i: u8| {
-            ct_key(
-                Ipv4Addr::new(198, 51, 100, i),
-                CLIENT_PORT,
-                NODE,
-                NODE_PORT,
-                PROTO_UDP,
-                CT_DIR_IN,
-            )
-        };
-        let refreshed = entry(now);
+        let client = |i: u8| Ipv4Addr::new(198, 51, 100, i);
+        let (key, refreshed) = udp_flow_to_local_pod(client(1), now);
         dp.nat_ct
-            .insert(key(1), refreshed, 0)
+            .insert(key, refreshed, 0)
             .expect("writing an entry");
-        let stale = entry(now.wrapping_sub(CT_LIFETIME_NONTCP + 1));
+        let (stale_key, stale) =
+            udp_flow_to_local_pod(client(2), now.wrapping_sub(CT_LIFETIME_NONTCP + 1));
         dp.nat_ct
-            .insert(key(2), stale, 0)
+            .insert(stale_key, stale, 0)
             .expect("writing an entry");
 
         let mut conntrack =
             dataplane::Conntrack::duplicate(dp.nat_ct.map()).expect("a handle on the map");
         // Both were expired when the walk read them; only the second still is.
         let deleted =
-            conntrack_gc::delete_expired(&mut conntrack, &[key(1), key(2)], now).expect("deleting");
+            conntrack_gc::delete_expired(&mut conntrack, &[key, stale_key], now).expect("deleting");
         assert_eq!(deleted, 1);
         let left = dp.ct_entries();
-        assert_eq!(left, [(key(1), refreshed)]);
+        assert_eq!(left, [(key, refreshed)]);
     });
 }
 
@@ -999,20 +998,10 @@ fn the_collector_reads_the_map_in_batches_and_misses_none() {
         let mut kept = HashSet::new();
         for i in 0..ENTRIES {
             let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i);
-            let key = ct_key(client, CLIENT_PORT, NODE, NODE_PORT, PROTO_UDP, CT_DIR_IN);
             // Every third one is past its lifetime.
             let expired = i % 3 == 0;
             let idle = if expired { CT_LIFETIME_NONTCP + 1 } else { 0 };
-            let value = NatCtValue {
-                saddr: u32::from_ne_bytes(client.octets()),
-                daddr: u32::from_ne_bytes(LOCAL_POD.octets()),
-                sport: CLIENT_PORT.to_be(),
-                dport: POD_PORT.to_be(),
-                backend_id: LOCAL_ID,
-                rev_nat_id: 7,
-                flags: 0,
-                last_seen: now.wrapping_sub(idle),
-            };
+            let (key, value) = udp_flow_to_local_pod(client, now.wrapping_sub(idle));
             dp.nat_ct.insert(key, value, 0).expect("writing an entry");
             if !expired {
                 kept.insert(key);
