@@ -476,6 +476,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         runner.run()?
         // The runner drops here: agent stopped, pins, namespaces and cgroup removed.
     };
+    // Again at the end: the machine may have changed during the run.
+    machine["idle_memory_end"] = idle_memory(&bins.bench)?;
     let results = report::to_json(&points, &options.settings, machine, profile, options.quick);
     write_outputs(&options.out, &results)?;
     println!(

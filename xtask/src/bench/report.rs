@@ -340,6 +340,9 @@ pub fn machine_line(machine: &Value) -> String {
             "; a 4 KiB page left alone for {} ms costs {after:.1} µs to touch again ({warm:.2} µs at once)",
             idle["idle_ms"]
         );
+        if let Some(end) = machine["idle_memory_end"]["idle_us_per_page"].as_f64() {
+            let _ = write!(line, " at the start, {end:.1} µs at the end");
+        }
     }
     if machine["iptables_nfacct_counters"] == json!(false) {
         line.push_str("; kube-proxy's nfacct counters could not be created here, so the iptables rules go without them");
@@ -582,6 +585,26 @@ mod tests {
             "1.0 / 2.0 / 3.0"
         );
         assert_eq!(pcts(&Value::Null), "n/a");
+    }
+
+    #[test]
+    fn the_machine_line_gives_the_memory_probe_at_both_ends_of_the_run() {
+        let mut machine = json!({
+            "cpu": "CPU", "cores": 2, "kernel": "6.18", "iptables": "iptables v1.8.9", "nft": "nftables v1.0.6",
+            "idle_memory": {"idle_ms": 1200, "idle_us_per_page": 7.7, "warm_us_per_page": 0.01},
+        });
+        let start = machine_line(&machine);
+        assert!(
+            start.ends_with("costs 7.7 µs to touch again (0.01 µs at once)"),
+            "{start}"
+        );
+        machine["idle_memory_end"] = json!({"idle_us_per_page": 0.1});
+        assert_eq!(
+            machine_line(&machine),
+            format!("{start} at the start, 0.1 µs at the end")
+        );
+        machine["iptables_nfacct_counters"] = json!(false);
+        assert!(machine_line(&machine).ends_with("so the iptables rules go without them"));
     }
 
     #[test]
