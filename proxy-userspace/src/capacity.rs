@@ -80,13 +80,12 @@ pub fn fit(
             .filter(|p| p.flags != 0);
         let current_slots = current.map_or(0, |p| p.slots.len());
         let new_backends: BTreeSet<BackendAddr> = frontend
-            .backends
-            .iter()
+            .slotted()
             .filter(|b| !peak.backends.contains(b))
             .copied()
             .collect();
-        let services_growth =
-            usize::from(current.is_none()) + frontend.backends.len().saturating_sub(current_slots);
+        let services_growth = usize::from(current.is_none())
+            + frontend.slotted().count().saturating_sub(current_slots);
         let rev_nat_growth = usize::from(current.is_none());
         // Ranges are replaced whole (new ones before old ones go): count all of them.
         let source_ranges_growth = frontend.source_ranges.len();
@@ -121,6 +120,16 @@ pub fn fit(
                     .filter_map(|id| programmed.backends.get(id))
                     .copied()
                     .collect();
+                // The lingering ones it has that still linger: nothing new is written.
+                let kept_lingering: Vec<BackendAddr> = p
+                    .slots
+                    .range(p.count.saturating_add(1)..)
+                    .filter_map(|(_, id)| programmed.backends.get(id))
+                    .filter(|b| frontend.lingering.contains(b) && !kept.contains(b))
+                    .copied()
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
                 let (what, wanted, has) = if map == "source ranges" {
                     let has = programmed
                         .source_ranges
@@ -150,6 +159,7 @@ pub fn fit(
                     frontend.key,
                     Frontend {
                         backends: kept,
+                        lingering: kept_lingering,
                         source_ranges: kept_ranges,
                         ..frontend.clone()
                     },
@@ -191,13 +201,13 @@ pub fn fits_whole(
             .filter(|p| p.flags != 0);
         services += usize::from(current.is_none())
             + frontend
-                .backends
-                .len()
+                .slotted()
+                .count()
                 .saturating_sub(current.map_or(0, |p| p.slots.len()));
         rev_nat += usize::from(current.is_none());
         // As `fit` counts them: new ones are written before old ones go.
         source_ranges += frontend.source_ranges.len();
-        new_backends.extend(frontend.backends.iter().filter(|b| !is_programmed(b)));
+        new_backends.extend(frontend.slotted().filter(|b| !is_programmed(b)));
     }
     services <= capacity.services
         && programmed.backends.len() + new_backends.len() <= capacity.backends
@@ -235,6 +245,7 @@ mod tests {
                     proto: Protocol::Tcp,
                 })
                 .collect(),
+            lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
             source_ranges: Vec::new(),

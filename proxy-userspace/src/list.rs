@@ -37,6 +37,10 @@ pub struct ListedFrontend {
     /// `loadBalancerSourceRanges` admitted by an LB IP frontend (empty: anyone).
     pub source_ranges: Vec<String>,
     pub backends: Vec<ListedBackend>,
+    /// Backends that take no new flow but keep the ones they have (a draining pod, one
+    /// that is not ready, or left out by topology or a `Local` policy): the slots after
+    /// the live ones.
+    pub lingering: Vec<ListedBackend>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +59,16 @@ pub struct ListedBackend {
 pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
     let maps = Maps::open_pinned(pin_dir)?;
     let programmed = Programmed::from_maps(&maps.read());
+    let listed = |slot: u16, id: u32| ListedBackend {
+        slot,
+        id,
+        address: programmed
+            .backends
+            .get(&id)
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .unwrap_or_else(|| "<missing>".into()),
+        local: programmed.local_backends.contains(&id),
+    };
     Ok(programmed
         .frontends
         .iter()
@@ -81,21 +95,12 @@ pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
                 .map(|(_, range)| range.to_string())
                 .collect(),
             backends: (1..=f.count)
-                .map(|slot| {
-                    let id = f.slots.get(&slot).copied().unwrap_or(0);
-                    let address = programmed
-                        .backends
-                        .get(&id)
-                        .map(|b| format!("{}:{}", b.addr, b.port))
-                        .unwrap_or_else(|| "<missing>".into());
-                    let local = programmed.local_backends.contains(&id);
-                    ListedBackend {
-                        slot,
-                        id,
-                        address,
-                        local,
-                    }
-                })
+                .map(|slot| listed(slot, f.slots.get(&slot).copied().unwrap_or(0)))
+                .collect(),
+            lingering: f
+                .slots
+                .range(f.count.saturating_add(1)..)
+                .map(|(slot, id)| listed(*slot, *id))
                 .collect(),
         })
         .collect())
@@ -133,17 +138,26 @@ pub fn render_text(frontends: &[ListedFrontend]) -> String {
             };
             let _ = writeln!(out, "{head}({what}){notes}");
         }
-        for (i, b) in f.backends.iter().enumerate() {
-            let lead = if i == 0 {
+        // Without backends, the line above took the head and the notes.
+        let lingering = f.lingering.iter().map(|b| (b, " (lingering)"));
+        for (i, (b, state)) in f
+            .backends
+            .iter()
+            .map(|b| (b, ""))
+            .chain(lingering)
+            .enumerate()
+        {
+            let first = i == 0 && !f.backends.is_empty();
+            let lead = if first {
                 head.clone()
             } else {
                 " ".repeat(head.len())
             };
-            let tail = if i == 0 { notes.as_str() } else { "" };
+            let tail = if first { notes.as_str() } else { "" };
             let local = if b.local { " (local)" } else { "" };
             let _ = writeln!(
                 out,
-                "{lead}{}: {} => {}{local}{tail}",
+                "{lead}{}: {} => {}{local}{state}{tail}",
                 b.slot, b.id, b.address
             );
         }

@@ -191,6 +191,11 @@ pub struct Frontend {
     pub service: ServicePortName,
     /// Sorted and de-duplicated. Empty means "no usable endpoint": see `when_empty`.
     pub backends: Vec<BackendAddr>,
+    /// Endpoints of the Service port that take no new flow here but keep the flows they
+    /// have, as kube-proxy leaves their conntrack entries: for TCP every endpoint still
+    /// listed, for UDP every serving one (draining, not ready, or left out by topology or a
+    /// `Local` policy). Sorted, de-duplicated, none of them in `backends`.
+    pub lingering: Vec<BackendAddr>,
     /// What to do while `backends` is empty. Always `Refuse` when there are backends, so
     /// that two equal states compare equal.
     pub when_empty: WhenEmpty,
@@ -200,6 +205,14 @@ pub struct Frontend {
     /// `loadBalancerSourceRanges` of an external-scope LB IP frontend, sorted and
     /// de-duplicated: new flows from other clients are dropped (C22). Empty: no filter.
     pub source_ranges: Vec<SourceRange>,
+}
+
+impl Frontend {
+    /// What the frontend's slots hold: its backends (slots `1..=count`), then its lingering
+    /// ones (the slots after `count`, which the programs never choose from).
+    pub fn slotted(&self) -> impl Iterator<Item = &BackendAddr> + Clone {
+        self.backends.iter().chain(&self.lingering)
+    }
 }
 
 /// An IPv4 CIDR of `loadBalancerSourceRanges`, host bits cleared (`10.1.2.3/8` is

@@ -50,6 +50,7 @@ mod tests {
                 port: String::new(),
             },
             backends: Vec::new(),
+            lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
             source_ranges: Vec::new(),

@@ -36,7 +36,9 @@ pub struct ProgrammedFrontend {
     pub affinity_timeout: u32,
     /// Slot 0's `count`: slots `1..=count` are live.
     pub count: u16,
-    /// Backend id per slot number (may hold slots above `count` left by an interrupted sync).
+    /// Backend id per slot number. Slots above `count` hold the lingering backends (the
+    /// programs never read them; they keep the backends in the backends map for the flows
+    /// they have), or are leftovers of an interrupted sync.
     pub slots: BTreeMap<u16, u32>,
 }
 
@@ -351,7 +353,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     let wanted_backends: BTreeSet<BackendAddr> = desired
         .frontends
         .values()
-        .flat_map(|f| f.backends.iter().copied())
+        .flat_map(|f| f.slotted().copied())
         .collect();
     for backend in &wanted_backends {
         let local = desired.local_backends.contains(backend);
@@ -475,29 +477,40 @@ fn stale_affinity_among<'a>(
     id_of: impl Fn(&BackendAddr) -> Option<u32>,
     desired: &DesiredState,
 ) -> BTreeSet<(u16, u32)> {
-    departed_among(frontends.clone(), id_of, desired, |f, d| {
+    let consider = |f: &ProgrammedFrontend, d: Option<&Frontend>| {
         f.flags & SVC_FLAG_AFFINITY != 0 && d.is_none_or(|d| d.affinity_timeout.is_some())
-    })
-    .into_iter()
-    .chain(
-        // Affinity switched off: every entry of the frontend goes.
-        frontends.flat_map(|(key, f)| {
-            let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
-                && desired
-                    .frontends
-                    .get(key)
-                    .is_some_and(|d| d.affinity_timeout.is_none());
-            f.slots
-                .values()
-                .filter(move |_| switched_off)
-                .map(move |id| (f.rev_nat_id, *id))
-        }),
-    )
-    .collect()
+    };
+    departed_among(frontends.clone(), id_of, desired, Leaving::Live, consider)
+        .into_iter()
+        .chain(
+            // Affinity switched off: every entry of the frontend goes.
+            frontends.flat_map(|(key, f)| {
+                let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
+                    && desired
+                        .frontends
+                        .get(key)
+                        .is_some_and(|d| d.affinity_timeout.is_none());
+                f.slots
+                    .values()
+                    .filter(move |_| switched_off)
+                    .map(move |id| (f.rev_nat_id, *id))
+            }),
+        )
+        .collect()
+}
+
+/// What a backend leaves when it departs from a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaving {
+    /// The live slots (`1..=count`): no new flow goes to it. It may linger.
+    Live,
+    /// Every slot, lingering ones included: its existing flows end too.
+    Every,
 }
 
 /// (rev-NAT id, backend id) pairs whose backend left its frontend, or whose frontend went
-/// away, among the frontends `consider(programmed, desired)` selects.
+/// away, among the frontends `consider(programmed, desired)` selects. A backend that only
+/// went from the live slots to the lingering ones has not left: its flows go on.
 pub fn departed(
     programmed: &Programmed,
     desired: &DesiredState,
@@ -509,15 +522,18 @@ pub fn departed(
         programmed.frontends.iter(),
         |b| ids.get(b).copied(),
         desired,
+        Leaving::Every,
         consider,
     )
 }
 
-/// [`departed`] among some of the programmed frontends.
+/// [`departed`] (or, with [`Leaving::Live`], the pairs no new flow may use) among some of
+/// the programmed frontends.
 fn departed_among<'a>(
     frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)>,
     id_of: impl Fn(&BackendAddr) -> Option<u32>,
     desired: &DesiredState,
+    leaving: Leaving,
     consider: impl Fn(&ProgrammedFrontend, Option<&Frontend>) -> bool,
 ) -> BTreeSet<(u16, u32)> {
     let mut gone = BTreeSet::new();
@@ -526,14 +542,17 @@ fn departed_among<'a>(
         if !consider(f, wanted) {
             continue;
         }
-        let keep: BTreeSet<u32> = wanted
-            .map(|d| d.backends.iter().filter_map(&id_of).collect())
-            .unwrap_or_default();
+        let keep: BTreeSet<u32> = match (wanted, leaving) {
+            (None, _) => BTreeSet::new(),
+            (Some(d), Leaving::Live) => d.backends.iter().filter_map(&id_of).collect(),
+            (Some(d), Leaving::Every) => d.slotted().filter_map(&id_of).collect(),
+        };
         gone.extend(
             f.slots
-                .values()
-                .filter(|id| !keep.contains(id))
-                .map(|id| (f.rev_nat_id, *id)),
+                .iter()
+                .filter(|(slot, _)| leaving == Leaving::Every || (1..=f.count).contains(*slot))
+                .filter(|(_, id)| !keep.contains(id))
+                .map(|(_, id)| (f.rev_nat_id, *id)),
         );
     }
     gone
@@ -586,6 +605,9 @@ struct Phases {
     slots: Vec<Op>,
     rev_nat: Vec<Op>,
     frontends: Vec<Op>,
+    /// Lingering backends' slots: after slot 0, so that a slot that was live until then
+    /// never offers a lingering backend to new flows.
+    lingering: Vec<Op>,
     shrink: Vec<Op>,
     /// The source ranges the planned frontends want.
     ranges: BTreeSet<(u16, SourceRange)>,
@@ -615,14 +637,25 @@ impl Phases {
                 frontend.service
             );
         };
+        let Ok(slotted) = u16::try_from(count as usize + frontend.lingering.len()) else {
+            bail!(
+                "frontend {key} ({}) has more than 65535 backends, lingering ones included",
+                frontend.service
+            );
+        };
         let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
-        for (i, backend) in frontend.backends.iter().enumerate() {
+        for (i, backend) in frontend.slotted().enumerate() {
             let slot = i as u16 + 1;
             let Some(backend_id) = backend_id(backend) else {
                 bail!("backend {backend} of frontend {key} has no id");
             };
             if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
-                self.slots.push(Op::PutSlot {
+                let phase = if slot <= count {
+                    &mut self.slots
+                } else {
+                    &mut self.lingering
+                };
+                phase.push(Op::PutSlot {
                     frontend: *key,
                     slot,
                     backend_id,
@@ -649,7 +682,7 @@ impl Phases {
             });
         }
         if let Some(slots) = existing_slots {
-            for slot in slots.keys().filter(|s| **s > count) {
+            for slot in slots.keys().filter(|s| **s > slotted) {
                 self.shrink.push(Op::DeleteSlot {
                     frontend: *key,
                     slot: *slot,
@@ -659,8 +692,9 @@ impl Phases {
         Ok(())
     }
 
-    /// Appends the writes in order: slots, rev-NAT, new source ranges, slot 0, surplus
-    /// slots. Returns the wanted source ranges (the caller deletes the others last).
+    /// Appends the writes in order: live slots, rev-NAT, new source ranges, slot 0,
+    /// lingering slots, surplus slots. Returns the wanted source ranges (the caller deletes
+    /// the others last).
     fn emit(self, programmed: &Programmed, ops: &mut Vec<Op>) -> BTreeSet<(u16, SourceRange)> {
         ops.extend(self.slots);
         ops.extend(self.rev_nat);
@@ -673,6 +707,7 @@ impl Phases {
                 }),
         );
         ops.extend(self.frontends);
+        ops.extend(self.lingering);
         ops.extend(self.shrink);
         self.ranges
     }
@@ -804,7 +839,7 @@ impl Syncer {
             .filter_map(|k| self.programmed.frontends.get_key_value(k));
         let index = &self.index;
         let stale_affinity = stale_affinity_among(among.clone(), |b| index.id(b), desired);
-        let departed = departed_among(among, |b| index.id(b), desired, |_, _| true);
+        let departed = departed_among(among, |b| index.id(b), desired, Leaving::Every, |_, _| true);
         self.execute(&ops, departed, stale_affinity)
     }
 
@@ -936,6 +971,7 @@ mod tests {
                 port: String::new(),
             },
             backends,
+            lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
             source_ranges: Vec::new(),
@@ -1700,6 +1736,115 @@ mod tests {
         for (what, wanted, stale) in rows {
             // Frontend 4 has no affinity: its backends never make entries stale.
             assert_eq!(stale_affinity(&mirror, &wanted), stale, "{what}");
+        }
+    }
+
+    /// `frontend` with the given hosts' backends lingering.
+    fn lingering(frontend: Frontend, hosts: &[u8]) -> Frontend {
+        Frontend {
+            lingering: hosts.iter().map(|h| backend(*h)).collect(),
+            ..frontend
+        }
+    }
+
+    /// A backend that stops taking new flows leaves the live slots at once and moves to a
+    /// slot after them once slot 0 has lowered the count, so no reader finds it among the
+    /// live slots; it keeps its id (the north-south programs follow its flows while it
+    /// exists) and departs, for its flows too, only when it stops lingering.
+    #[test]
+    fn a_lingering_backend_leaves_the_live_slots_first_and_departs_last() {
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        step(&mut maps, &mut mirror, &desired(&[sticky(1, &[1, 2, 3])]));
+        let rev = rev_nat_id_of(&mirror, 1);
+        let [b1, b2, b3] = [1, 2, 3].map(|h| backend_id_of(&mirror, h));
+
+        let draining = desired(&[lingering(sticky(1, &[2, 3]), &[1])]);
+        assert_eq!(departed(&mirror, &draining, |_, _| true), BTreeSet::new());
+        // New connections must not reach it through its clients' affinity either.
+        assert_eq!(
+            stale_affinity(&mirror, &draining),
+            BTreeSet::from([(rev, b1)])
+        );
+        let ops = step(&mut maps, &mut mirror, &draining);
+        let put_sticky = Op::PutFrontend {
+            frontend: fkey(1),
+            count: 2,
+            rev_nat_id: rev,
+            flags: slot0_settings(&draining.frontends[&fkey(1)]).0,
+            affinity_timeout: 10800,
+        };
+        assert_eq!(
+            ops,
+            [
+                put_slot(1, 1, b2, rev),
+                put_slot(1, 2, b3, rev),
+                put_sticky,
+                put_slot(1, 3, b1, rev),
+            ]
+        );
+        assert_eq!(mirror.backends.get(&b1), Some(&backend(1)));
+        assert_eq!(stale_affinity(&mirror, &draining), BTreeSet::new());
+
+        // It stops lingering (its pod is gone): now it departs, and goes.
+        let gone = desired(&[sticky(1, &[2, 3])]);
+        assert_eq!(
+            departed(&mirror, &gone, |_, _| true),
+            BTreeSet::from([(rev, b1)])
+        );
+        assert_eq!(stale_affinity(&mirror, &gone), BTreeSet::new());
+        let ops = step(&mut maps, &mut mirror, &gone);
+        assert_eq!(ops, [delete_slot(1, 3), delete_backend(b1)]);
+    }
+
+    /// Through lingering and back: after every write, the live slots hold only backends
+    /// that take new flows before or after the change, never one that only lingers.
+    #[test]
+    fn live_slots_never_offer_a_backend_that_only_lingers() {
+        let states = [
+            desired(&[frontend(1, &[1, 2, 3])]),
+            desired(&[lingering(frontend(1, &[2, 3]), &[1])]),
+            desired(&[lingering(frontend(1, &[2]), &[1, 3])]),
+            desired(&[lingering(frontend(1, &[1, 2]), &[3])]),
+            desired(&[lingering(frontend(1, &[4]), &[1, 2, 3])]),
+            desired(&[lingering(frontend(1, &[]), &[1, 4])]),
+            desired(&[frontend(1, &[1, 2, 3, 4])]),
+        ];
+        let live = |state: &DesiredState| -> Vec<BackendAddr> {
+            state
+                .frontends
+                .values()
+                .flat_map(|f| f.backends.clone())
+                .collect()
+        };
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        let mut before = DesiredState::default();
+        for state in &states {
+            let may_offer: Vec<BackendAddr> =
+                live(&before).into_iter().chain(live(state)).collect();
+            for op in plan(&mirror, state).unwrap() {
+                maps.write(&op);
+                mirror.apply(&op);
+                maps.assert_readers_see_whole_services(&op);
+                let Some(f) = mirror.frontends.get(&fkey(1)) else {
+                    continue; // not written yet
+                };
+                for slot in 1..=f.count {
+                    let b = mirror.backends[&f.slots[&slot]];
+                    assert!(
+                        may_offer.contains(&b),
+                        "after {op:?}: slot {slot} offers {b}"
+                    );
+                }
+            }
+            let f = &mirror.frontends[&fkey(1)];
+            let slotted: Vec<BackendAddr> =
+                f.slots.values().map(|id| mirror.backends[id]).collect();
+            let wanted: Vec<BackendAddr> = state.frontends[&fkey(1)].slotted().copied().collect();
+            assert_eq!(slotted, wanted);
+            assert_eq!(plan(&mirror, state).unwrap(), []);
+            before = state.clone();
         }
     }
 

@@ -187,13 +187,14 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
     }
 }
 
-/// The backends in use whose endpoint runs on this node: the north-south programs keep the
-/// client's address for these and source-NAT traffic to the others (C08, C10).
+/// The backends in use (lingering ones included) whose endpoint runs on this node: the
+/// north-south programs keep the client's address for these and source-NAT traffic to the
+/// others (C08, C10).
 fn local_backends(state: &DesiredState, endpoints: &EndpointIndex) -> BTreeSet<BackendAddr> {
     let in_use: BTreeSet<BackendAddr> = state
         .frontends
         .values()
-        .flat_map(|f| f.backends.iter().copied())
+        .flat_map(|f| f.slotted().copied())
         .collect();
     endpoints
         .values()
@@ -650,6 +651,7 @@ fn add_service(
             kind,
             service: service.clone(),
             backends: backends.list.clone(),
+            lingering: views.lingering(&backends.list),
             when_empty: backends.when_empty,
             affinity_timeout: policy.affinity_timeout,
             source_ranges: Vec::new(),
@@ -750,6 +752,11 @@ struct Views {
     /// service port has usable endpoints elsewhere is a DROP; with none anywhere, a REJECT
     /// (the iptables proxier's `hasEndpoints` test comes first).
     local: Backends,
+    /// The endpoints whose existing flows keep going to them, sorted: kube-proxy never
+    /// deletes a TCP conntrack entry, and deletes a UDP one only once its endpoint is no
+    /// longer serving, whatever the topology, policies or terminating state say
+    /// (`CleanStaleEntries`). The endpoint's removal from the slice ends both here.
+    kept: Vec<BackendAddr>,
 }
 
 impl Views {
@@ -770,6 +777,10 @@ impl Views {
         } else {
             WhenEmpty::Refuse
         };
+        let kept = candidates
+            .iter()
+            .filter(|e| proto == Protocol::Tcp || e.serving)
+            .collect();
         Views {
             cluster: Backends {
                 list: backend_list(cluster_endpoints(&candidates), proto),
@@ -779,7 +790,20 @@ impl Views {
                 list: local,
                 when_empty: local_when_empty,
             },
+            kept: backend_list(kept, proto),
         }
+    }
+
+    /// The kept endpoints a frontend balancing over `backends` does not choose from, as
+    /// many as its slots have room for after them (65535 in all).
+    fn lingering(&self, backends: &[BackendAddr]) -> Vec<BackendAddr> {
+        let room = MAX_BACKENDS_PER_FRONTEND.saturating_sub(backends.len());
+        self.kept
+            .iter()
+            .filter(|b| backends.binary_search(b).is_err())
+            .take(room)
+            .copied()
+            .collect()
     }
 }
 
@@ -1468,6 +1492,7 @@ mod tests {
                 port: 80,
                 proto: Protocol::Tcp,
             }],
+            lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
             source_ranges: Vec::new(),
@@ -2332,6 +2357,92 @@ mod tests {
         );
     }
 
+    /// Each frontend's lingering backends, `scope frontend ~ backends`, for the frontends
+    /// that have some.
+    fn lingering_rows(t: &Translation) -> Vec<String> {
+        let rows = t
+            .state
+            .frontends
+            .values()
+            .filter(|f| !f.lingering.is_empty());
+        rows.map(|f| {
+            let scope = &row(f)[..3];
+            let lingering: Vec<String> = f.lingering.iter().map(ToString::to_string).collect();
+            format!("{scope} {} ~ {}", f.key, lingering.join(", "))
+        })
+        .collect()
+    }
+
+    /// Endpoints that take no new flow keep the flows they have, as kube-proxy leaves their
+    /// conntrack entries (its `CleanStaleEntries` looks at neither the terminating state,
+    /// nor the policies, nor the topology): a TCP endpoint while it is listed at all, a UDP
+    /// one while it is serving.
+    #[test]
+    fn endpoints_without_new_flows_linger_for_the_flows_they_have() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .ready("10.0.0.1")
+            .on("n2")
+            .serving_terminating("10.0.0.2")
+            .on("n1")
+            .terminating_not_serving("10.0.0.3")
+            .on("n1")
+            .not_ready("10.0.0.4")
+            .on("n2");
+        let t = translate(&[exposed("Local")], &[endpoints], &n1());
+        assert_eq!(
+            lingering_rows(&t),
+            [
+                // The cluster view has the ready endpoint; the others linger.
+                "int 10.96.0.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                // The local view falls back to n1's draining endpoint; the ready one on n2
+                // lingers too, for flows from before the policy was `Local`.
+                "ext 192.0.2.1:30080/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                "int 192.0.2.1:30080/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                "ext 198.51.100.10:80/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                "int 198.51.100.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                "ext 203.0.113.10:80/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+                "int 203.0.113.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
+                 10.0.0.4:8080/TCP",
+            ]
+        );
+        // Lingering backends on this node are local, like the backends in use.
+        let local: Vec<String> = t
+            .state
+            .local_backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(local, ["10.0.0.2:8080/TCP", "10.0.0.3:8080/TCP"]);
+
+        // UDP: only serving endpoints linger; topology hints leave the others out of new
+        // flows only.
+        let dns = svc("default", "dns")
+            .cluster_ip("10.96.0.53")
+            .port("dns", 53, "UDP");
+        let endpoints = slice("default", "dns-1", "dns")
+            .port("dns", 5353, "UDP")
+            .ready("10.0.1.1")
+            .for_zones(&["zone-a"])
+            .ready("10.0.1.2")
+            .for_zones(&["zone-b"])
+            .serving_terminating("10.0.1.3")
+            .terminating_not_serving("10.0.1.4")
+            .not_ready("10.0.1.5");
+        let t = translate(&[dns], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.53:53/UDP -> 10.0.1.1:5353/UDP"]);
+        assert_eq!(
+            lingering_rows(&t),
+            ["int 10.96.0.53:53/UDP ~ 10.0.1.2:5353/UDP, 10.0.1.3:5353/UDP"]
+        );
+    }
+
     #[test]
     fn c11_pods_and_the_node_reach_external_addresses_through_cluster_endpoints() {
         for policy in ["Local", "Cluster"] {
@@ -2489,14 +2600,14 @@ mod tests {
                 BTreeSet::new(),
             ),
             (
-                "a local endpoint no frontend uses (not ready, others are) is left out",
+                "a local endpoint that lingers (not ready, others are) is local too",
                 slice("default", "web-1", "web")
                     .port("http", 8080, "TCP")
                     .ready("10.0.0.1")
                     .on("n2")
                     .not_ready("10.0.0.2")
                     .on("n1"),
-                BTreeSet::new(),
+                BTreeSet::from([b(2)]),
             ),
             (
                 "a local endpoint on a port no Service port names is left out",

@@ -247,6 +247,18 @@ impl Cluster {
     /// Waits until node `i`'s agent shows the TCP `frontend` (`addr:port`) of `scope` with
     /// exactly `backends`.
     fn wait_for(&mut self, i: usize, frontend: &str, scope: &str, backends: &[&str]) {
+        self.wait_for_listed(i, (frontend, "TCP", scope), "backends", backends);
+    }
+
+    /// Waits until node `i`'s agent lists `frontend` (`addr:port`, protocol, scope) with
+    /// exactly `backends` under `field` (`backends` or `lingering`).
+    fn wait_for_listed(
+        &mut self,
+        i: usize,
+        (frontend, proto, scope): (&str, &str, &str),
+        field: &str,
+        backends: &[&str],
+    ) {
         let node = &mut self.nodes[i];
         let mut want: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
         want.sort();
@@ -268,11 +280,11 @@ impl Cluster {
                         .iter()
                         .find(|f| {
                             f["frontend"] == frontend
-                                && f["protocol"] == "TCP"
+                                && f["protocol"] == proto
                                 && f["scope"] == scope
                         })
                         .map(|f| {
-                            let mut b: Vec<String> = f["backends"]
+                            let mut b: Vec<String> = f[field]
                                 .as_array()
                                 .map(|a| {
                                     a.iter()
@@ -293,7 +305,7 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
-            "{} never served {frontend} with {want:?}; last list: {last}",
+            "{} never listed {frontend}/{proto} with {field} {want:?}; last list: {last}",
             node.name
         );
     }
@@ -931,6 +943,152 @@ fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
         answered.keys().cloned().collect::<Vec<_>>(),
         ["pod-1", "pod-2"],
         "{answered:?}"
+    );
+}
+
+/// `web`'s EndpointSlice with its TCP and UDP ports: pod-2 with `pod_2` conditions, after
+/// pod-1 (ready) if `pod_1`.
+fn web_endpoints(pod_1: bool, pod_2: Option<&str>) -> String {
+    let mut slice = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+"
+    .to_owned();
+    if pod_1 {
+        slice += "  - {addresses: [10.244.1.10], conditions: {ready: true}, nodeName: node-1}\n";
+    }
+    if let Some(conditions) = pod_2 {
+        slice += &format!(
+            "  - {{addresses: [10.244.2.10], conditions: {conditions}, nodeName: node-2}}\n"
+        );
+    }
+    slice
+}
+
+/// Flows through a NodePort keep their pod while it drains, as kube-proxy leaves their
+/// conntrack entries: a TCP connection while its endpoint is listed at all (serving and
+/// terminating, then not even serving), a UDP flow while its endpoint serves. New flows go
+/// to the ready pod from the first change. pod-2 is on node2: the flows are source-NATed.
+#[test]
+fn node_port_flows_keep_their_pod_while_it_drains() {
+    let mut cluster = Cluster::new("npdrain");
+    cluster.write_manifest("svc.yaml", &service_with_udp());
+    cluster.write_manifest("eps.yaml", &web_endpoints(false, Some("{ready: true}")));
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.start_agents();
+    let udp = ("192.168.77.11:30053", "UDP", "external");
+    cluster.wait_for_node_port(0, &["10.244.2.10:8080"]);
+    cluster.wait_for_listed(0, udp, "backends", &["10.244.2.10:5353"]);
+
+    let spawn = |name: &str, args: &[&str]| {
+        let mut command = cluster.client.command(PEER, None).expect("client command");
+        command.args(args);
+        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", cluster.prefix));
+        common::BackgroundClient::spawn(command, output)
+    };
+    let node1 = format!("192.168.77.11:{NODE_PORT}");
+    let paced = ["100000", "--every-ms", "20"];
+    let tcp = spawn(
+        "tcp",
+        &[&["tcp", &node1][..], &paced, &["--keep-connection"]].concat(),
+    );
+    let dns = spawn(
+        "udp",
+        &[&["udp", udp.0][..], &paced, &["--keep-socket"]].concat(),
+    );
+    tcp.wait_for_lines(10);
+    dns.wait_for_lines(10);
+    // From the end of a phase on: what each client saw since the phase's change.
+    let since = |client: &common::BackgroundClient, from: usize, lines: usize| {
+        client.wait_for_lines(from + lines);
+        client.lines_now().split_off(from)
+    };
+    let answers = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| match l["ok"] == true {
+                true => format!(
+                    "{} #{}",
+                    l["answer"].as_str().unwrap_or(""),
+                    l["connection"]
+                ),
+                false => format!("error {}", l["error"]),
+            })
+            .collect()
+    };
+    let pod_2 = "pod-2 192.168.77.11 #1";
+
+    // pod-2 drains (serving, terminating), pod-1 is ready: new flows go to pod-1, the
+    // flows that are there stay on pod-2.
+    cluster.write_manifest(
+        "eps.yaml",
+        &web_endpoints(
+            true,
+            Some("{ready: false, serving: true, terminating: true}"),
+        ),
+    );
+    cluster.wait_for_node_port(0, &["10.244.1.10:8080"]);
+    cluster.wait_for_listed(0, udp, "backends", &["10.244.1.10:5353"]);
+    cluster.wait_for_listed(0, udp, "lingering", &["10.244.2.10:5353"]);
+    let (tcp_from, dns_from) = (tcp.lines_so_far(), dns.lines_so_far());
+    let fresh = cluster.requests(&node1, 10);
+    assert_eq!(
+        fresh.keys().collect::<Vec<_>>(),
+        [&format!("pod-1 {CLIENT}")]
+    );
+    let tcp_lines = answers(&since(&tcp, tcp_from, 50));
+    assert!(tcp_lines.iter().all(|a| a == pod_2), "{tcp_lines:?}");
+    let dns_lines = answers(&since(&dns, dns_from, 50));
+    assert!(
+        dns_lines.iter().all(|a| a == "pod-2 #null"),
+        "{dns_lines:?}"
+    );
+
+    // pod-2 stops serving: its TCP connection still goes on, its UDP flow moves to pod-1.
+    cluster.write_manifest(
+        "eps.yaml",
+        &web_endpoints(
+            true,
+            Some("{ready: false, serving: false, terminating: true}"),
+        ),
+    );
+    cluster.wait_for_listed(0, udp, "lingering", &[]);
+    let (tcp_from, dns_from) = (tcp.lines_so_far(), dns.lines_so_far());
+    let tcp_lines = answers(&since(&tcp, tcp_from, 50));
+    assert!(tcp_lines.iter().all(|a| a == pod_2), "{tcp_lines:?}");
+    let dns_lines = answers(&since(&dns, dns_from, 50));
+    let moved = dns_lines.iter().position(|a| a == "pod-1 #null");
+    assert!(
+        moved.is_some_and(|i| dns_lines[i..].iter().all(|a| a == "pod-1 #null")),
+        "the UDP flow did not move to pod-1 for good: {dns_lines:?}"
+    );
+
+    // pod-2 leaves the slice: its TCP connection ends (its next packet starts a flow to
+    // pod-1, which knows no such connection), and the client's next one reaches pod-1.
+    cluster.write_manifest("eps.yaml", &web_endpoints(true, None));
+    cluster.wait_for_listed(0, (&node1, "TCP", "external"), "lingering", &[]);
+    let tcp_from = tcp.lines_so_far();
+    let tcp_lines = answers(&since(&tcp, tcp_from, 50));
+    let pod_1 = format!("pod-1 {CLIENT} #2");
+    let reconnected = tcp_lines.iter().position(|a| *a == pod_1);
+    assert!(
+        reconnected.is_some_and(|i| i > 0
+            && tcp_lines[..i]
+                .last()
+                .is_some_and(|a| a.starts_with("error"))
+            && tcp_lines[i..].iter().all(|a| *a == pod_1)),
+        "{tcp_lines:?}"
     );
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Harness, service, slice};
+use common::{Harness, service, slice, slice_with_conditions};
 use serde_json::Value;
 
 /// What a client sees of its destroyed socket: ECONNABORTED if it was waiting in recv,
@@ -156,4 +156,68 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(connected.iter().all(|l| l["ok"] == true), "{connected:?}");
     let (after, _) = after_switch(&unconnected, "pod-b");
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
+}
+
+/// A connected UDP socket stays on its backend while the backend drains (serving and
+/// terminating, another pod ready), and is closed once it stops serving: kube-proxy deletes
+/// a UDP endpoint's conntrack entries only then. New sockets go to the ready pod meanwhile.
+#[test]
+fn c27_a_draining_backend_keeps_its_connected_sockets_until_it_stops_serving() {
+    let mut h = Harness::new("staleudpdrain", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
+    );
+    dns_on(&h, "10.244.0.10");
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
+    let kept = [
+        "udp",
+        "10.96.0.10:53",
+        "100000",
+        "--keep-socket",
+        "--connected",
+        "--every-ms",
+        "5",
+    ];
+    let connected = h.spawn_client("connected", &kept);
+    connected.wait_for_lines(50);
+    let pod_a_as = |conditions: &str| {
+        let ports = [("dns", 5353, "UDP")];
+        let endpoints = [
+            ("10.244.0.10", conditions),
+            ("10.244.0.11", "{ready: true}"),
+        ];
+        slice_with_conditions("dns-1", "dns", &ports, &endpoints)
+    };
+
+    h.write_manifest(
+        "eps.yaml",
+        &pod_a_as("{ready: false, serving: true, terminating: true}"),
+    );
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
+    let from = connected.lines_so_far();
+    let fresh = h.client(&["udp", "10.96.0.10:53", "5", "--connected"]);
+    assert!(fresh.iter().all(|l| l["answer"] == "pod-b"), "{fresh:?}");
+    connected.wait_for_lines(from + 100);
+    let draining = connected.lines_now().split_off(from);
+    assert!(
+        draining.iter().all(|l| l["answer"] == "pod-a"),
+        "the socket left its draining backend: {draining:?}"
+    );
+    let closing = "connected UDP sockets of departed backends closed";
+    assert!(!h.agent_log().contains(closing), "{}", h.agent_log());
+
+    h.write_manifest(
+        "eps.yaml",
+        &pod_a_as("{ready: false, serving: false, terminating: true}"),
+    );
+    h.wait_for_log(closing);
+    let from = connected.lines_so_far();
+    connected.wait_for_lines(from + 100);
+    let lines = connected.lines_now();
+    let (after, errors) = after_switch(&lines, "pod-b");
+    assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
 }

@@ -6,10 +6,13 @@
 //!   gets an answer as large, fragmented alike on its way back). Prints
 //!   `ready` once all sockets are bound, so callers wait for that instead of sleeping.
 //!   `--echo-peer` appends the client address the server saw to the TCP answer
-//!   (`NAME ADDR`), for tests of source NAT.
+//!   (`NAME ADDR`), for tests of source NAT. An HTTP/1.1 request keeps the connection open
+//!   for the next one.
 //! - `tcp ADDR:PORT COUNT`, `udp ADDR:PORT COUNT [--connected]`: make COUNT requests (a
 //!   new socket each) and print one JSON line per request: what answered, the peer address
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
+//!   `tcp ... --keep-connection` makes all requests on one HTTP/1.1 connection, replaced
+//!   only when it fails; each line's `connection` counts the connections opened so far.
 //!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
 //!   `udp ... --keep-socket` uses one socket for all requests, like a resolver, and replaces
 //!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it); with
@@ -30,11 +33,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
+        Some("tcp") if args.iter().any(|a| a == "--keep-connection") => {
+            let mut kept = KeptTcp::default();
+            client(&args[1..], &mut |to| kept.request(to))
+        }
         Some("tcp") => client(&args[1..], &mut tcp_request),
         Some("udp") => udp(&args[1..]),
         _ => Err(
             "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
-                  tcp ADDR:PORT COUNT | udp ADDR:PORT COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
+                  tcp ADDR:PORT COUNT [--keep-connection] | udp ADDR:PORT COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
                 .into(),
         ),
     };
@@ -131,23 +138,45 @@ fn serve_tcp(listener: TcpListener, name: &str, echo_peer: bool) {
     }
 }
 
-/// Reads the request head (or until the client stops sending) and answers with NAME.
+/// Reads each request head (or until the client stops sending) and answers with NAME; an
+/// HTTP/1.1 request keeps the connection for the next one, any other ends it.
 fn answer_http(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(TIMEOUT))?;
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-        match stream.read(&mut buf)? {
-            0 => break,
-            n => request.extend_from_slice(&buf[..n]),
+    loop {
+        let request = read_head(&mut stream)?;
+        if request.is_empty() {
+            return Ok(());
+        }
+        let keep = request.starts_with(b"GET / HTTP/1.1\r\n");
+        let body = format!("{name}\n");
+        let (version, connection) = if keep {
+            ("1.1", "keep-alive")
+        } else {
+            ("1.0", "close")
+        };
+        let response = format!(
+            "HTTP/{version} 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes())?;
+        if !keep {
+            return Ok(());
         }
     }
-    let body = format!("{name}\n");
-    let response = format!(
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes())
+}
+
+/// Reads up to the end of a head (`\r\n\r\n`), or until the peer stops sending; the
+/// clients here send nothing after a head before its answer.
+fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(head)
 }
 
 fn serve_udp(socket: UdpSocket, name: &str) {
@@ -168,6 +197,8 @@ struct Outcome {
     answer: String,
     /// The remote address as the application sees it.
     peer: SocketAddr,
+    /// Which kept connection answered (`--keep-connection`).
+    connection: Option<u32>,
 }
 
 fn client(
@@ -206,6 +237,7 @@ fn client(
                 "answer": o.answer.trim_end_matches('\n'),
                 "bytes": o.answer.len(),
                 "peer": o.peer.to_string(),
+                "connection": o.connection,
             }),
             Err(e) => serde_json::json!({
                 "ok": false,
@@ -229,7 +261,70 @@ fn tcp_request(to: SocketAddr) -> std::io::Result<Outcome> {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.trim().to_owned())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
-    Ok(Outcome { answer: body, peer })
+    Ok(Outcome {
+        answer: body,
+        peer,
+        connection: None,
+    })
+}
+
+/// One HTTP/1.1 connection kept across requests, replaced after an error.
+#[derive(Default)]
+struct KeptTcp {
+    stream: Option<TcpStream>,
+    /// Connections opened so far.
+    opened: u32,
+}
+
+impl KeptTcp {
+    fn request(&mut self, to: SocketAddr) -> std::io::Result<Outcome> {
+        let result = self.exchange(to);
+        if result.is_err() {
+            self.stream = None;
+        }
+        result.map(|mut o| {
+            o.connection = Some(self.opened);
+            o
+        })
+    }
+
+    fn exchange(&mut self, to: SocketAddr) -> std::io::Result<Outcome> {
+        let mut stream = match self.stream.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                self.opened += 1;
+                s
+            }
+        };
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: ekp-peer\r\n\r\n")?;
+        let head = read_head(&mut stream)?;
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let (head, mut body) = head
+            .split_once("\r\n\r\n")
+            .map(|(h, b)| (h.to_owned(), b.as_bytes().to_vec()))
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no Content-Length: {head:?}")))?;
+        while body.len() < length {
+            let mut buf = [0u8; 256];
+            match stream.read(&mut buf)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        let peer = stream.peer_addr()?;
+        self.stream = Some(stream);
+        Ok(Outcome {
+            answer: String::from_utf8_lossy(&body).trim().to_owned(),
+            peer,
+            connection: None,
+        })
+    }
 }
 
 fn udp_request(to: SocketAddr) -> std::io::Result<Outcome> {
@@ -246,6 +341,7 @@ fn udp_request_with(to: SocketAddr, request: &[u8]) -> std::io::Result<Outcome> 
     Ok(Outcome {
         answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
         peer: from,
+        connection: None,
     })
 }
 
@@ -303,6 +399,7 @@ impl KeptUdp {
         Ok(Outcome {
             answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
             peer,
+            connection: None,
         })
     }
 }
@@ -317,5 +414,6 @@ fn udp_connected_request(to: SocketAddr) -> std::io::Result<Outcome> {
     Ok(Outcome {
         answer: String::from_utf8_lossy(&buf[..n]).into_owned(),
         peer: socket.peer_addr()?,
+        connection: None,
     })
 }

@@ -160,7 +160,7 @@ pub fn plan(
         .frontends
         .iter()
         .filter_map(|k| desired.frontends.get(k))
-        .flat_map(|f| f.backends.iter().copied())
+        .flat_map(|f| f.slotted().copied())
         .collect();
     // Slots of the touched frontends as programmed, per backend id.
     let mut refs_here: BTreeMap<u32, usize> = BTreeMap::new();
@@ -318,6 +318,7 @@ pub fn departed(
             .filter_map(|k| programmed.frontends.get_key_value(k)),
         |b| index.id(b),
         desired,
+        super::Leaving::Every,
         consider,
     )
 }
@@ -344,10 +345,15 @@ mod tests {
         }
     }
 
-    fn frontend(n: u8, backends: &[u8], affinity: bool, drop: bool) -> Frontend {
+    fn frontend(n: u8, backends: &[u8], lingering: &[u8], affinity: bool, drop: bool) -> Frontend {
         let mut backends: Vec<BackendAddr> = backends.iter().map(|b| backend(*b)).collect();
         backends.sort();
         backends.dedup();
+        let lingering: BTreeSet<BackendAddr> = lingering
+            .iter()
+            .map(|b| backend(*b))
+            .filter(|b| !backends.contains(b))
+            .collect();
         Frontend {
             key: FrontendKey {
                 addr: Ipv4Addr::new(10, 96, 0, n),
@@ -377,12 +383,15 @@ mod tests {
                 Vec::new()
             },
             backends,
+            lingering: lingering.into_iter().collect(),
             affinity_timeout: affinity.then_some(60),
         }
     }
 
     /// One step: frontends put or removed, backends that become or stop being local.
-    type Step = (Vec<(u8, Option<(Vec<u8>, bool, bool)>)>, BTreeSet<u8>);
+    type Step = (Vec<(u8, Option<Edit>)>, BTreeSet<u8>);
+    /// A frontend's backends, lingering backends, affinity and drop-when-empty.
+    type Edit = (Vec<u8>, Vec<u8>, bool, bool);
 
     fn step() -> impl Strategy<Value = Step> {
         (
@@ -391,7 +400,12 @@ mod tests {
                     0..12u8,
                     proptest::option::weighted(
                         0.8,
-                        (vec(0..16u8, 0..5), any::<bool>(), any::<bool>()),
+                        (
+                            vec(0..16u8, 0..5),
+                            vec(0..16u8, 0..3),
+                            any::<bool>(),
+                            any::<bool>(),
+                        ),
                     ),
                 ),
                 0..4,
@@ -405,12 +419,11 @@ mod tests {
     fn next(previous: &DesiredState, (edits, toggled): &Step) -> DesiredState {
         let mut state = previous.clone();
         for (n, edit) in edits {
-            let f = frontend(*n, &[], false, false);
+            let f = frontend(*n, &[], &[], false, false);
             match edit {
-                Some((backends, affinity, drop)) => {
-                    state
-                        .frontends
-                        .insert(f.key, frontend(*n, backends, *affinity, *drop));
+                Some((backends, lingering, affinity, drop)) => {
+                    let f = frontend(*n, backends, lingering, *affinity, *drop);
+                    state.frontends.insert(f.key, f);
                 }
                 None => {
                     state.frontends.remove(&f.key);
@@ -420,7 +433,7 @@ mod tests {
         let in_use: BTreeSet<BackendAddr> = state
             .frontends
             .values()
-            .flat_map(|f| f.backends.iter().copied())
+            .flat_map(|f| f.slotted().copied())
             .collect();
         for b in toggled.iter().map(|n| backend(*n)) {
             if !state.local_backends.remove(&b) {

@@ -373,7 +373,7 @@ impl Incremental {
         for f in &part.frontends {
             let removed = self.state.frontends.remove(&f.key);
             merge.frontends.entry(f.key).or_insert(removed);
-            for b in &f.backends {
+            for b in f.slotted() {
                 if self.in_use.down(b) {
                     self.local_changed(*b, merge);
                 }
@@ -403,7 +403,7 @@ impl Incremental {
                 let before = self.state.frontends.insert(f.key, f.clone());
                 merge.frontends.entry(f.key).or_insert(before);
             }
-            for b in &f.backends {
+            for b in f.slotted() {
                 if self.in_use.up(*b) {
                     self.local_changed(*b, merge);
                 }

@@ -445,6 +445,19 @@ impl BackgroundClient {
         }
     }
 
+    /// The requests it has reported so far, parsed (a line still being written is left
+    /// for the next call).
+    pub fn lines_now(&self) -> Vec<Value> {
+        let text = fs::read_to_string(&self.output).unwrap_or_default();
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        complete
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad client line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
     /// Waits for the client to finish and parses its JSON lines.
     pub fn lines(mut self) -> Vec<Value> {
         let status = self.child.wait().expect("waiting for the client");
@@ -501,14 +514,38 @@ pub fn slice(
     ports: &[(&str, u16, &str)],
     endpoints: &[(&str, bool)],
 ) -> String {
+    let endpoints: Vec<(&str, &str)> = endpoints
+        .iter()
+        .map(|(addr, ready)| {
+            (
+                *addr,
+                if *ready {
+                    "{ready: true}"
+                } else {
+                    "{ready: false}"
+                },
+            )
+        })
+        .collect();
+    slice_with_conditions(name, service, ports, &endpoints)
+}
+
+/// An EndpointSlice whose endpoints each come with their conditions, a YAML map such as
+/// `{ready: false, serving: true, terminating: true}`.
+pub fn slice_with_conditions(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(&str, &str)],
+) -> String {
     let ports: String = ports
         .iter()
         .map(|(n, p, proto)| format!("  - {{name: {n}, port: {p}, protocol: {proto}}}\n"))
         .collect();
     let endpoints: String = endpoints
         .iter()
-        .map(|(addr, ready)| {
-            format!("  - addresses: [\"{addr}\"]\n    conditions: {{ready: {ready}}}\n")
+        .map(|(addr, conditions)| {
+            format!("  - addresses: [\"{addr}\"]\n    conditions: {conditions}\n")
         })
         .collect();
     format!(
