@@ -37,11 +37,17 @@ pub fn select_backend(
     }
 }
 
+/// Lingering slots (after `count`) a pinned socket's backend is looked for in, at most.
+const LINGERING_PROBES: u16 = 16;
+
 /// The backend at `addr:port` (network order) if the frontend `key` (slot 0) describes
 /// still has it: in `slot`, where it was chosen from, or one slot off, since adding or
-/// removing a backend before it in the frontend's sorted list moves it by one. Sets
+/// removing a backend before it in the frontend's sorted list moves it by one; or among the
+/// first [`LINGERING_PROBES`] lingering slots (after `count`, contiguous), where a backend
+/// that takes no new flow but still serves (a draining pod) keeps its flows. Sets
 /// `key.slot` to where it was found. `None` when it left the frontend (or moved further):
-/// the caller chooses anew, as kube-proxy deletes the UDP flows of a removed endpoint.
+/// the caller chooses anew, as kube-proxy deletes the UDP flows of an endpoint that no
+/// longer serves.
 #[inline(always)]
 pub fn pinned_backend(
     key: &mut ServiceKey,
@@ -51,23 +57,42 @@ pub fn pinned_backend(
     slot: u16,
 ) -> Option<(u32, BackendValue)> {
     for candidate in [slot, slot.wrapping_sub(1), slot.saturating_add(1)] {
-        if candidate == 0 || candidate > frontend.count {
+        if candidate == 0 {
             continue;
         }
-        key.slot = candidate;
-        // SAFETY: copied out at once.
-        let Some(id) = SERVICES.get_ptr(&*key).map(|s| unsafe { (*s).backend_id }) else {
-            continue;
-        };
-        // SAFETY: copied out at once.
-        let Some(backend) = BACKENDS.get_ptr(id).map(|b| unsafe { *b }) else {
-            continue;
-        };
-        if backend.addr == addr && backend.port == port {
+        if let Found::Here(id, backend) = backend_in(key, candidate, addr, port) {
             return Some((id, backend));
         }
     }
+    for i in 1..=LINGERING_PROBES {
+        match backend_in(key, frontend.count.saturating_add(i), addr, port) {
+            Found::Here(id, backend) => return Some((id, backend)),
+            Found::Other => {}
+            Found::NoSlot => break,
+        }
+    }
     None
+}
+
+/// What slot `slot` of the frontend `key` holds, against the backend at `addr:port`.
+enum Found {
+    Here(u32, BackendValue),
+    Other,
+    NoSlot,
+}
+
+#[inline(always)]
+fn backend_in(key: &mut ServiceKey, slot: u16, addr: u32, port: u16) -> Found {
+    key.slot = slot;
+    // SAFETY: copied out at once.
+    let Some(id) = SERVICES.get_ptr(&*key).map(|s| unsafe { (*s).backend_id }) else {
+        return Found::NoSlot;
+    };
+    // SAFETY: copied out at once.
+    match BACKENDS.get_ptr(id).map(|b| unsafe { *b }) {
+        Some(backend) if backend.addr == addr && backend.port == port => Found::Here(id, backend),
+        _ => Found::Other,
+    }
 }
 
 /// A uniformly random backend slot of the frontend `key` (slot 0) describes.

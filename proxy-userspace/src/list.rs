@@ -324,6 +324,57 @@ mod tests {
     use super::*;
     use proxy_common::CT_DIR_IN;
 
+    fn listed(slot: u16, address: &str) -> ListedBackend {
+        ListedBackend {
+            slot,
+            id: u32::from(slot) + 10,
+            address: address.into(),
+            local: slot == 1,
+        }
+    }
+
+    fn frontend(backends: Vec<ListedBackend>, lingering: Vec<ListedBackend>) -> ListedFrontend {
+        ListedFrontend {
+            id: 3,
+            frontend: "10.96.0.10:53".into(),
+            protocol: "UDP".into(),
+            scope: "internal".into(),
+            kind: "ClusterIP".into(),
+            affinity_timeout: None,
+            when_empty: "refuse".into(),
+            source_ranges: vec!["10.0.0.0/8".into()],
+            backends,
+            lingering,
+        }
+    }
+
+    /// Lingering backends come after the live ones, marked; the head and the notes go on
+    /// the first line, which is the "none" line when no backend is live.
+    #[test]
+    fn lingering_backends_are_listed_after_the_live_ones() {
+        let both = frontend(
+            vec![listed(1, "10.244.0.11:5353")],
+            vec![listed(2, "10.244.0.10:5353")],
+        );
+        let only_lingering = frontend(Vec::new(), vec![listed(1, "10.244.0.10:5353")]);
+        let text = render_text(&[both, only_lingering]);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        let pad = " ".repeat(54);
+        assert_eq!(
+            lines[1..],
+            [
+                "3     10.96.0.10:53/UDP        internal  ClusterIP    \
+                 1: 11 => 10.244.0.11:5353 (local) (from 10.0.0.0/8)"
+                    .to_owned(),
+                format!("{pad}2: 12 => 10.244.0.10:5353 (lingering)"),
+                "3     10.96.0.10:53/UDP        internal  ClusterIP    \
+                 (none: connections refused) (from 10.0.0.0/8)"
+                    .to_owned(),
+                format!("{pad}1: 11 => 10.244.0.10:5353 (local) (lingering)"),
+            ]
+        );
+    }
+
     #[test]
     fn conntrack_entries_read_as_tuples_and_rewrites() {
         let net = |a: [u8; 4]| abi::addr_to_net(std::net::Ipv4Addr::from(a));

@@ -158,12 +158,15 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }
 
-/// A connected UDP socket stays on its backend while the backend drains (serving and
-/// terminating, another pod ready), and is closed once it stops serving: kube-proxy deletes
-/// a UDP endpoint's conntrack entries only then. New sockets go to the ready pod meanwhile.
+/// Kept UDP sockets, connected and not, stay on their backend while it drains (serving and
+/// terminating, two other pods ready), and move once it stops serving: kube-proxy deletes a
+/// UDP endpoint's conntrack entries only then. The connected socket is closed then, once;
+/// the other one's next datagram chooses anew. New sockets go to the ready pods meanwhile.
+/// The draining pod moves from slot 1 to slot 3, past the ready ones: the sockets' pin finds
+/// it among the lingering slots.
 #[test]
-fn c27_a_draining_backend_keeps_its_connected_sockets_until_it_stops_serving() {
-    let mut h = Harness::new("staleudpdrain", &["pod-a", "pod-b"]);
+fn c27_a_draining_backend_keeps_its_sockets_until_it_stops_serving() {
+    let mut h = Harness::new("staleudpdrain", &["pod-a", "pod-b", "pod-c"]);
     let _servers = h.serve(&[], &[5353]);
     h.write_manifest(
         "svc.yaml",
@@ -172,22 +175,27 @@ fn c27_a_draining_backend_keeps_its_connected_sockets_until_it_stops_serving() {
     dns_on(&h, "10.244.0.10");
     h.start_agent();
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
-    let kept = [
-        "udp",
-        "10.96.0.10:53",
-        "100000",
-        "--keep-socket",
-        "--connected",
-        "--every-ms",
-        "5",
+    let kept = |connected: bool| {
+        let mut args = vec!["udp", "10.96.0.10:53", "100000", "--keep-socket"];
+        args.extend(["--every-ms", "5"]);
+        if connected {
+            args.push("--connected");
+        }
+        args
+    };
+    let clients = [
+        h.spawn_client("connected", &kept(true)),
+        h.spawn_client("unconnected", &kept(false)),
     ];
-    let connected = h.spawn_client("connected", &kept);
-    connected.wait_for_lines(50);
+    for client in &clients {
+        client.wait_for_lines(50);
+    }
     let pod_a_as = |conditions: &str| {
         let ports = [("dns", 5353, "UDP")];
         let endpoints = [
             ("10.244.0.10", conditions),
             ("10.244.0.11", "{ready: true}"),
+            ("10.244.0.12", "{ready: true}"),
         ];
         slice_with_conditions("dns-1", "dns", &ports, &endpoints)
     };
@@ -196,16 +204,27 @@ fn c27_a_draining_backend_keeps_its_connected_sockets_until_it_stops_serving() {
         "eps.yaml",
         &pod_a_as("{ready: false, serving: true, terminating: true}"),
     );
-    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
-    let from = connected.lines_so_far();
-    let fresh = h.client(&["udp", "10.96.0.10:53", "5", "--connected"]);
-    assert!(fresh.iter().all(|l| l["answer"] == "pod-b"), "{fresh:?}");
-    connected.wait_for_lines(from + 100);
-    let draining = connected.lines_now().split_off(from);
-    assert!(
-        draining.iter().all(|l| l["answer"] == "pod-a"),
-        "the socket left its draining backend: {draining:?}"
+    h.wait_for_frontend(
+        "10.96.0.10:53",
+        "UDP",
+        Some(&["10.244.0.11:5353", "10.244.0.12:5353"]),
     );
+    let from = clients.each_ref().map(|c| c.lines_so_far());
+    let fresh = h.client(&["udp", "10.96.0.10:53", "20"]);
+    assert!(
+        fresh
+            .iter()
+            .all(|l| l["answer"] == "pod-b" || l["answer"] == "pod-c"),
+        "{fresh:?}"
+    );
+    for (client, from) in clients.iter().zip(from) {
+        client.wait_for_lines(from + 100);
+        let draining = client.lines_now().split_off(from);
+        assert!(
+            draining.iter().all(|l| l["answer"] == "pod-a"),
+            "a socket left its draining backend: {draining:?}"
+        );
+    }
     let closing = "connected UDP sockets of departed backends closed";
     assert!(!h.agent_log().contains(closing), "{}", h.agent_log());
 
@@ -214,10 +233,26 @@ fn c27_a_draining_backend_keeps_its_connected_sockets_until_it_stops_serving() {
         &pod_a_as("{ready: false, serving: false, terminating: true}"),
     );
     h.wait_for_log(closing);
-    let from = connected.lines_so_far();
-    connected.wait_for_lines(from + 100);
-    let lines = connected.lines_now();
-    let (after, errors) = after_switch(&lines, "pod-b");
-    assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
-    assert_eq!(errors.len(), 1, "{errors:?}");
+    let from = clients.each_ref().map(|c| c.lines_so_far());
+    for (i, (client, from)) in clients.iter().zip(from).enumerate() {
+        client.wait_for_lines(from + 100);
+        let lines = client.lines_now();
+        let moved = lines
+            .iter()
+            .rposition(|l| l["answer"] == "pod-a")
+            .map_or(0, |i| i + 1);
+        let (after, errors): (Vec<&Value>, Vec<&Value>) =
+            lines[moved..].iter().partition(|l| l["ok"] == true);
+        assert!(
+            after.len() >= 100
+                && after
+                    .iter()
+                    .all(|l| l["answer"] == "pod-b" || l["answer"] == "pod-c"),
+            "{after:?}"
+        );
+        // The connected socket was closed once, when its backend stopped serving; the
+        // unconnected one just sent elsewhere.
+        assert_eq!(errors.len(), 1 - i, "{lines:?}");
+        assert!(lines[..moved].iter().all(|l| l["ok"] == true), "{lines:?}");
+    }
 }
