@@ -651,7 +651,10 @@ fn add_service(
             kind,
             service: service.clone(),
             backends: backends.list.clone(),
-            lingering: views.lingering(&backends.list),
+            lingering: match scope {
+                Scope::Internal => views.lingering(&backends.list),
+                Scope::External => Vec::new(),
+            },
             when_empty: backends.when_empty,
             affinity_timeout: policy.affinity_timeout,
             source_ranges: Vec::new(),
@@ -796,6 +799,12 @@ impl Views {
 
     /// The kept endpoints a frontend balancing over `backends` does not choose from, as
     /// many as its slots have room for after them (65535 in all).
+    ///
+    /// Only internal-scope frontends (the socket programs') have them: the north-south
+    /// programs follow a flow while its backend is in the backends map at all, where the
+    /// cluster IP's frontend already keeps every kept endpoint (as a backend or lingering),
+    /// so external ones would only repeat them, once per node of a `Local` policy's
+    /// Service on every node.
     fn lingering(&self, backends: &[BackendAddr]) -> Vec<BackendAddr> {
         let room = MAX_BACKENDS_PER_FRONTEND.saturating_sub(backends.len());
         self.kept
@@ -2389,27 +2398,25 @@ mod tests {
             .on("n1")
             .not_ready("10.0.0.4")
             .on("n2");
-        let t = translate(&[exposed("Local")], &[endpoints], &n1());
+        let service = exposed("Local").internal_traffic_policy("Local");
+        let t = translate(&[service], &[endpoints], &n1());
         assert_eq!(
             lingering_rows(&t),
             [
-                // The cluster view has the ready endpoint; the others linger.
-                "int 10.96.0.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
-                 10.0.0.4:8080/TCP",
                 // The local view falls back to n1's draining endpoint; the ready one on n2
                 // lingers too, for flows from before the policy was `Local`.
-                "ext 192.0.2.1:30080/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
+                "int 10.96.0.10:80/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
                  10.0.0.4:8080/TCP",
+                // Pods and the node reach the others through the cluster view, which has
+                // the ready endpoint.
                 "int 192.0.2.1:30080/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
-                 10.0.0.4:8080/TCP",
-                "ext 198.51.100.10:80/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
                  10.0.0.4:8080/TCP",
                 "int 198.51.100.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
                  10.0.0.4:8080/TCP",
-                "ext 203.0.113.10:80/TCP ~ 10.0.0.1:8080/TCP, 10.0.0.3:8080/TCP, \
-                 10.0.0.4:8080/TCP",
                 "int 203.0.113.10:80/TCP ~ 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP, \
                  10.0.0.4:8080/TCP",
+                // External frontends have none: the cluster IP's frontend keeps every one
+                // in the backends map, which is all the north-south programs look at.
             ]
         );
         // Lingering backends on this node are local, like the backends in use.

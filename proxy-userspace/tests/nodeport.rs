@@ -1040,7 +1040,15 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
     );
     cluster.wait_for_node_port(0, &["10.244.1.10:8080"]);
     cluster.wait_for_listed(0, udp, "backends", &["10.244.1.10:5353"]);
-    cluster.wait_for_listed(0, udp, "lingering", &["10.244.2.10:5353"]);
+    // (Lingering backends are listed under the internal-scope frontends, which keep them in
+    // the backends map for every frontend of the Service port.)
+    let cluster_ip = |port: &'static str, proto| (port, proto, "internal");
+    cluster.wait_for_listed(
+        0,
+        cluster_ip("10.96.0.10:53", "UDP"),
+        "lingering",
+        &["10.244.2.10:5353"],
+    );
     let (tcp_from, dns_from) = (tcp.lines_so_far(), dns.lines_so_far());
     let fresh = cluster.requests(&node1, 10);
     assert_eq!(
@@ -1063,7 +1071,7 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
             Some("{ready: false, serving: false, terminating: true}"),
         ),
     );
-    cluster.wait_for_listed(0, udp, "lingering", &[]);
+    cluster.wait_for_listed(0, cluster_ip("10.96.0.10:53", "UDP"), "lingering", &[]);
     let (tcp_from, dns_from) = (tcp.lines_so_far(), dns.lines_so_far());
     let tcp_lines = answers(&since(&tcp, tcp_from, 50));
     assert!(tcp_lines.iter().all(|a| a == pod_2), "{tcp_lines:?}");
@@ -1077,7 +1085,7 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
     // pod-2 leaves the slice: its TCP connection ends (its next packet starts a flow to
     // pod-1, which knows no such connection), and the client's next one reaches pod-1.
     cluster.write_manifest("eps.yaml", &web_endpoints(true, None));
-    cluster.wait_for_listed(0, (&node1, "TCP", "external"), "lingering", &[]);
+    cluster.wait_for_listed(0, cluster_ip("10.96.0.10:80", "TCP"), "lingering", &[]);
     let tcp_from = tcp.lines_so_far();
     let tcp_lines = answers(&since(&tcp, tcp_from, 50));
     let pod_1 = format!("pod-1 {CLIENT} #2");
