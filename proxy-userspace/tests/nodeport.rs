@@ -357,6 +357,14 @@ impl Cluster {
             .collect()
     }
 
+    /// `ekp-peer <args>` as a client of the external client's namespace, in the background.
+    fn spawn_client(&self, name: &str, args: &[&str]) -> common::BackgroundClient {
+        let mut command = self.client.command(PEER, None).expect("client command");
+        command.args(args);
+        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", self.prefix));
+        common::BackgroundClient::spawn(command, output)
+    }
+
     /// The one request from `ns` to `to` fails; returns its outcome line.
     fn fails(&self, ns: &Netns, cgroup: Option<&Cgroup>, to: &str) -> Value {
         let line = self.attempts(ns, cgroup, to, 1).remove(0);
@@ -805,15 +813,9 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     };
     let attached = pin_inode();
 
-    let client = |name: &str, args: &[&str]| {
-        let mut command = cluster.client.command(PEER, None).expect("client command");
-        command.args(args);
-        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", cluster.prefix));
-        common::BackgroundClient::spawn(command, output)
-    };
     let node_port = format!("192.168.77.11:{NODE_PORT}");
-    let mut tcp = client("tcp", &["tcp", &node_port, "3000", "--every-ms", "1"]);
-    let mut udp = client(
+    let mut tcp = cluster.spawn_client("tcp", &["tcp", &node_port, "3000", "--every-ms", "1"]);
+    let mut udp = cluster.spawn_client(
         "udp",
         &["udp", "192.168.77.11:30053", "3000", "--every-ms", "1"],
     );
@@ -991,19 +993,13 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
     cluster.wait_for_node_port(0, &["10.244.2.10:8080"]);
     cluster.wait_for_listed(0, udp, "backends", &["10.244.2.10:5353"]);
 
-    let spawn = |name: &str, args: &[&str]| {
-        let mut command = cluster.client.command(PEER, None).expect("client command");
-        command.args(args);
-        let output = std::env::temp_dir().join(format!("{}-{name}.jsonl", cluster.prefix));
-        common::BackgroundClient::spawn(command, output)
-    };
     let node1 = format!("192.168.77.11:{NODE_PORT}");
     let paced = ["100000", "--every-ms", "20"];
-    let tcp = spawn(
+    let tcp = cluster.spawn_client(
         "tcp",
         &[&["tcp", &node1][..], &paced, &["--keep-connection"]].concat(),
     );
-    let dns = spawn(
+    let dns = cluster.spawn_client(
         "udp",
         &[&["udp", udp.0][..], &paced, &["--keep-socket"]].concat(),
     );
