@@ -388,11 +388,6 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
         .iter()
         .map(|p| iptables::sep_chain(&old, p, &format!("{}:{}", pods[1], p.target)))
         .collect();
-    let stale_nft: Vec<String> = old
-        .ports
-        .iter()
-        .map(|p| nftables::endpoint_chain(&old, p, &pods[1].to_string()))
-        .collect();
     let before = scenario::services(n, &pods);
     std::fs::create_dir_all(out)?;
     let files = [
@@ -415,10 +410,13 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
                 iptables::Counters::Nfacct,
             ),
         ),
-        ("nftables-full.nft", nftables::full(&before)),
+        (
+            "nftables-full.nft",
+            nftables::full(&before, topology::node_external_addr(Mode::Nftables)),
+        ),
         (
             "nftables-endpoint-change.nft",
-            nftables::partial(&new, &stale_nft),
+            nftables::partial(&old, &new),
         ),
     ];
     for (name, text) in files {

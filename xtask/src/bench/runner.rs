@@ -547,7 +547,7 @@ impl<'a> Runner<'a> {
                 let mut delete = self.in_client(mode, "nft")?;
                 delete.args(["delete", "table", "ip", "kube-proxy"]);
                 let _ = cmd::capture(&mut delete);
-                let text = nftables::full(services);
+                let text = nftables::full(services, topology::node_external_addr(mode));
                 result.ruleset = Some((text.lines().count(), text.len()));
                 let waiter = self.waiter(mode, "any")?;
                 let t0 = monotonic_ns();
@@ -810,12 +810,7 @@ impl<'a> Runner<'a> {
                         waiter.finish(|| Ok(()))? - t0
                     }
                     Mode::Nftables => {
-                        let stale: Vec<String> = old
-                            .ports
-                            .iter()
-                            .map(|p| nftables::endpoint_chain(&old, p, &pod(old_name).to_string()))
-                            .collect();
-                        let text = nftables::partial(&new, &stale);
+                        let text = nftables::partial(&old, &new);
                         let waiter = self.waiter(mode, new_name)?;
                         let t0 = monotonic_ns();
                         let mut load = self.in_client(mode, "nft")?;
