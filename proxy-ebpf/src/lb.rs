@@ -43,8 +43,9 @@ const LINGERING_PROBES: u16 = 16;
 /// The backend at `addr:port` (network order) if the frontend `key` (slot 0) describes
 /// still has it: in `slot`, where it was chosen from, or one slot off, since adding or
 /// removing a backend before it in the frontend's sorted list moves it by one; or among the
-/// first [`LINGERING_PROBES`] lingering slots (after `count`, contiguous), where a backend
-/// that takes no new flow but still serves (a draining pod) keeps its flows. Sets
+/// first [`LINGERING_PROBES`] slots after `count`, where a backend that takes no new flow
+/// but still serves (a draining pod) keeps its flows. (All of them: while the agent
+/// rewrites the slots, those between may be missing.) Sets
 /// `key.slot` to where it was found. `None` when it left the frontend (or moved further):
 /// the caller chooses anew, as kube-proxy deletes the UDP flows of an endpoint that no
 /// longer serves.
@@ -56,43 +57,36 @@ pub fn pinned_backend(
     port: u16,
     slot: u16,
 ) -> Option<(u32, BackendValue)> {
-    for candidate in [slot, slot.wrapping_sub(1), slot.saturating_add(1)] {
-        if candidate == 0 {
-            continue;
-        }
-        if let Found::Here(id, backend) = backend_in(key, candidate, addr, port) {
-            return Some((id, backend));
+    let near = [slot, slot.wrapping_sub(1), slot.saturating_add(1)];
+    for candidate in near.into_iter().filter(|s| *s != 0) {
+        if let Some(found) = backend_in(key, candidate, addr, port) {
+            return Some(found);
         }
     }
     for i in 1..=LINGERING_PROBES {
-        match backend_in(key, frontend.count.saturating_add(i), addr, port) {
-            Found::Here(id, backend) => return Some((id, backend)),
-            Found::Other => {}
-            Found::NoSlot => break,
+        if let Some(found) = backend_in(key, frontend.count.saturating_add(i), addr, port) {
+            return Some(found);
         }
     }
     None
 }
 
-/// What slot `slot` of the frontend `key` holds, against the backend at `addr:port`.
-enum Found {
-    Here(u32, BackendValue),
-    Other,
-    NoSlot,
-}
-
+/// The backend slot `slot` of the frontend `key` holds, if it is the one at `addr:port`.
 #[inline(always)]
-fn backend_in(key: &mut ServiceKey, slot: u16, addr: u32, port: u16) -> Found {
+fn backend_in(
+    key: &mut ServiceKey,
+    slot: u16,
+    addr: u32,
+    port: u16,
+) -> Option<(u32, BackendValue)> {
     key.slot = slot;
     // SAFETY: copied out at once.
-    let Some(id) = SERVICES.get_ptr(&*key).map(|s| unsafe { (*s).backend_id }) else {
-        return Found::NoSlot;
-    };
+    let id = SERVICES
+        .get_ptr(&*key)
+        .map(|s| unsafe { (*s).backend_id })?;
     // SAFETY: copied out at once.
-    match BACKENDS.get_ptr(id).map(|b| unsafe { *b }) {
-        Some(backend) if backend.addr == addr && backend.port == port => Found::Here(id, backend),
-        _ => Found::Other,
-    }
+    let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
+    (backend.addr == addr && backend.port == port).then_some((id, backend))
 }
 
 /// A uniformly random backend slot of the frontend `key` (slot 0) describes.

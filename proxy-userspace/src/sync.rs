@@ -605,8 +605,12 @@ struct Phases {
     slots: Vec<Op>,
     rev_nat: Vec<Op>,
     frontends: Vec<Op>,
-    /// Lingering backends' slots: after slot 0, so that a slot that was live until then
-    /// never offers a lingering backend to new flows.
+    /// Lingering backends' slots past the current count: first of all, so that a socket
+    /// pinned to a backend that starts to linger finds it there (`pinned_backend`) before
+    /// the live slots stop holding it.
+    lingering_early: Vec<Op>,
+    /// Lingering backends' slots that are live until slot 0 lowers the count: after slot 0,
+    /// so that no new flow is offered a lingering backend.
     lingering: Vec<Op>,
     shrink: Vec<Op>,
     /// The source ranges the planned frontends want.
@@ -644,6 +648,7 @@ impl Phases {
             );
         };
         let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
+        let live_now = programmed.frontends.get(key).map_or(0, |f| f.count);
         for (i, backend) in frontend.slotted().enumerate() {
             let slot = i as u16 + 1;
             let Some(backend_id) = backend_id(backend) else {
@@ -652,6 +657,8 @@ impl Phases {
             if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
                 let phase = if slot <= count {
                     &mut self.slots
+                } else if slot > live_now {
+                    &mut self.lingering_early
                 } else {
                     &mut self.lingering
                 };
@@ -692,10 +699,11 @@ impl Phases {
         Ok(())
     }
 
-    /// Appends the writes in order: live slots, rev-NAT, new source ranges, slot 0,
-    /// lingering slots, surplus slots. Returns the wanted source ranges (the caller deletes
-    /// the others last).
+    /// Appends the writes in order: lingering slots past the current count, live slots,
+    /// rev-NAT, new source ranges, slot 0, the other lingering slots, surplus slots. Returns
+    /// the wanted source ranges (the caller deletes the others last).
     fn emit(self, programmed: &Programmed, ops: &mut Vec<Op>) -> BTreeSet<(u16, SourceRange)> {
+        ops.extend(self.lingering_early);
         ops.extend(self.slots);
         ops.extend(self.rev_nat);
         ops.extend(
@@ -1795,6 +1803,35 @@ mod tests {
         assert_eq!(stale_affinity(&mirror, &gone), BTreeSet::new());
         let ops = step(&mut maps, &mut mirror, &gone);
         assert_eq!(ops, [delete_slot(1, 3), delete_backend(b1)]);
+    }
+
+    /// A backend that starts to linger in a slot past the current count is written there
+    /// before the live slots are rewritten, so that a UDP socket pinned to it keeps finding
+    /// it (`pinned_backend` looks past the count) while they are.
+    #[test]
+    fn a_lingering_slot_past_the_count_is_written_before_the_live_slots() {
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &desired(&[frontend(1, &[1])]));
+        let rev = rev_nat_id_of(&mirror, 1);
+        let b1 = backend_id_of(&mirror, 1);
+        let ops = plan(&mirror, &desired(&[lingering(frontend(1, &[2, 3]), &[1])])).unwrap();
+        let id = |host: u8| {
+            ops.iter()
+                .find_map(|op| match op {
+                    Op::PutBackend { id, backend: b, .. } if *b == backend(host) => Some(*id),
+                    _ => None,
+                })
+                .expect("a new backend")
+        };
+        assert_eq!(
+            ops[2..],
+            [
+                put_slot(1, 3, b1, rev),
+                put_slot(1, 1, id(2), rev),
+                put_slot(1, 2, id(3), rev),
+                put_frontend(1, 2, rev),
+            ]
+        );
     }
 
     /// Through lingering and back: after every write, the live slots hold only backends

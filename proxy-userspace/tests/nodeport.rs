@@ -951,17 +951,9 @@ fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
 /// `web`'s EndpointSlice with its TCP and UDP ports: pod-2 with `pod_2` conditions, after
 /// pod-1 (ready) if `pod_1`.
 fn web_endpoints(pod_1: bool, pod_2: Option<&str>) -> String {
-    let mut slice = "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
-endpoints:
-"
-    .to_owned();
+    let all = endpoints_with_udp();
+    let list = all.find("endpoints:\n").expect("ENDPOINTS lists endpoints");
+    let mut slice = all[..list + "endpoints:\n".len()].to_owned();
     if pod_1 {
         slice += "  - {addresses: [10.244.1.10], conditions: {ready: true}, nodeName: node-1}\n";
     }
@@ -1080,17 +1072,17 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
 
     // pod-2 leaves the slice: its TCP connection ends (its next packet starts a flow to
     // pod-1, which knows no such connection), and the client's next one reaches pod-1.
+    // (Counted from before the change: the connection may end before the list shows it.)
+    let tcp_from = tcp.lines_so_far();
     cluster.write_manifest("eps.yaml", &web_endpoints(true, None));
     cluster.wait_for_listed(0, cluster_ip("10.96.0.10:80", "TCP"), "lingering", &[]);
-    let tcp_from = tcp.lines_so_far();
     let tcp_lines = answers(&since(&tcp, tcp_from, 50));
     let pod_1 = format!("pod-1 {CLIENT} #2");
     let reconnected = tcp_lines.iter().position(|a| *a == pod_1);
     assert!(
         reconnected.is_some_and(|i| i > 0
-            && tcp_lines[..i]
-                .last()
-                .is_some_and(|a| a.starts_with("error"))
+            && tcp_lines[i - 1].starts_with("error")
+            && tcp_lines[..i - 1].iter().all(|a| a == pod_2)
             && tcp_lines[i..].iter().all(|a| *a == pod_1)),
         "{tcp_lines:?}"
     );
@@ -1099,16 +1091,21 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
 /// The manifests of `web` with its UDP port too, on both pods, and the two Nodes.
 fn write_web_with_udp(cluster: &Cluster) {
     cluster.write_manifest("svc.yaml", &service_with_udp());
-    cluster.write_manifest("eps.yaml", &ENDPOINTS.replace(
-        "ports: [{name: http, port: 8080, protocol: TCP}]",
-        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
-    ));
+    cluster.write_manifest("eps.yaml", &endpoints_with_udp());
     for node in &cluster.nodes {
         cluster.write_manifest(
             &format!("{}.yaml", node.name),
             &node_manifest(node.name, node.eth0),
         );
     }
+}
+
+/// [`ENDPOINTS`] with the UDP port too.
+fn endpoints_with_udp() -> String {
+    ENDPOINTS.replace(
+        "ports: [{name: http, port: 8080, protocol: TCP}]",
+        "ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
+    )
 }
 
 fn service_with_udp() -> String {
