@@ -137,26 +137,6 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // SAFETY: the value is copied out at once; the agent replaces entries, never frees
     // them under a reader in a way that matters for a plain copy.
     let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
-    if frontend.count == 0 {
-        // kube-proxy REJECTs a Service without usable endpoints, and DROPs traffic whose
-        // `Local` policy finds none on this node.
-        let errno = if frontend.flags & SVC_FLAG_DROP_EMPTY != 0 {
-            EHOSTUNREACH
-        } else {
-            ECONNREFUSED
-        };
-        unsafe { bpf_set_retval(-errno) };
-        log_debug!(
-            ctx,
-            "{}: {:i}:{}/{} has no usable backend: failed with errno {}",
-            hook,
-            log::ip(addr),
-            u16::from_be(port),
-            log::proto(proto),
-            errno
-        );
-        return Err(FAIL);
-    }
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_value = SockRevNatValue {
@@ -175,6 +155,27 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         None
     };
     let kept = pin.and_then(|p| lb::pinned_backend(&mut key, &frontend, p.addr, p.port, p.slot));
+    // kube-proxy REJECTs a Service without usable endpoints, and DROPs traffic whose
+    // `Local` policy finds none on this node; both see new flows only, so a socket whose
+    // backend lingers keeps it.
+    if frontend.count == 0 && kept.is_none() {
+        let errno = if frontend.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            EHOSTUNREACH
+        } else {
+            ECONNREFUSED
+        };
+        unsafe { bpf_set_retval(-errno) };
+        log_debug!(
+            ctx,
+            "{}: {:i}:{}/{} has no usable backend: failed with errno {}",
+            hook,
+            log::ip(addr),
+            u16::from_be(port),
+            log::proto(proto),
+            errno
+        );
+        return Err(FAIL);
+    }
     // The affinity client is the socket's network namespace: one per pod, hence one per
     // pod IP, which is what kube-proxy's ClientIP keys on.
     // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.

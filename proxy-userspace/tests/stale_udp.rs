@@ -2,13 +2,15 @@
 
 mod common;
 
-use common::{Harness, service, slice, slice_with_conditions};
+use common::{BackgroundClient, Harness, service, slice, slice_with_conditions};
 use serde_json::Value;
 
 /// What a client sees of its destroyed socket: ECONNABORTED if it was waiting in recv,
 /// EDESTADDRREQ from its next send (the socket is disconnected).
 const ECONNABORTED: i64 = 103;
 const EDESTADDRREQ: i64 = 89;
+/// What a new socket gets from a `Local` policy without an endpoint on this node.
+const EHOSTUNREACH: i64 = 113;
 
 /// The agent container's capabilities with the chart's default values
 /// (`securityContext.capabilities`, asserted by the chart checks).
@@ -158,6 +160,27 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }
 
+/// Two resolvers asking the DNS Service every 5 ms, each on one kept socket, connected and
+/// unconnected, once both have answers.
+fn kept_sockets(h: &Harness) -> [BackgroundClient; 2] {
+    let kept = |connected: bool| {
+        let mut args = vec!["udp", "10.96.0.10:53", "100000", "--keep-socket"];
+        args.extend(["--every-ms", "5"]);
+        if connected {
+            args.push("--connected");
+        }
+        args
+    };
+    let clients = [
+        h.spawn_client("connected", &kept(true)),
+        h.spawn_client("unconnected", &kept(false)),
+    ];
+    for client in &clients {
+        client.wait_for_lines(50);
+    }
+    clients
+}
+
 /// Kept UDP sockets, connected and not, stay on their backend while it drains (serving and
 /// terminating, two other pods ready), and move once it stops serving: kube-proxy deletes a
 /// UDP endpoint's conntrack entries only then. The connected socket is closed then, once;
@@ -175,21 +198,7 @@ fn c27_a_draining_backend_keeps_its_sockets_until_it_stops_serving() {
     dns_on(&h, "10.244.0.10");
     h.start_agent();
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
-    let kept = |connected: bool| {
-        let mut args = vec!["udp", "10.96.0.10:53", "100000", "--keep-socket"];
-        args.extend(["--every-ms", "5"]);
-        if connected {
-            args.push("--connected");
-        }
-        args
-    };
-    let clients = [
-        h.spawn_client("connected", &kept(true)),
-        h.spawn_client("unconnected", &kept(false)),
-    ];
-    for client in &clients {
-        client.wait_for_lines(50);
-    }
+    let clients = kept_sockets(&h);
     let pod_a_as = |conditions: &str| {
         let ports = [("dns", 5353, "UDP")];
         let endpoints = [
@@ -255,4 +264,39 @@ fn c27_a_draining_backend_keeps_its_sockets_until_it_stops_serving() {
         assert_eq!(errors.len(), 1 - i, "{lines:?}");
         assert!(lines[..moved].iter().all(|l| l["ok"] == true), "{lines:?}");
     }
+}
+
+/// A traffic policy change leaves existing flows alone, as kube-proxy's conntrack cleanup
+/// does not look at policies and its DROP sees new flows only: with `internalTrafficPolicy:
+/// Local` and no endpoint on this node, a new socket's datagram fails (EHOSTUNREACH), and
+/// the kept sockets, connected and not, go on with their backend, which lingers.
+#[test]
+fn a_policy_change_leaves_kept_udp_sockets_on_their_backend() {
+    let mut h = Harness::new("staleudppolicy", &["pod-a"]);
+    let _servers = h.serve(&[], &[5353]);
+    let dns = service("dns", "10.96.0.10", &[("dns", 53, "UDP")]);
+    h.write_manifest("svc.yaml", &dns);
+    dns_on(&h, "10.244.0.10");
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
+    let clients = kept_sockets(&h);
+
+    // pod-a has no nodeName: it is not on this node.
+    h.write_manifest("svc.yaml", &(dns + "  internalTrafficPolicy: Local\n"));
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&[]));
+    let from = clients.each_ref().map(|c| c.lines_so_far());
+    for line in h.client(&["udp", "10.96.0.10:53", "3"]) {
+        assert_eq!(line["errno"], EHOSTUNREACH, "{line}");
+    }
+    for (client, from) in clients.iter().zip(from) {
+        client.wait_for_lines(from + 100);
+        let lines = client.lines_now();
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["ok"] == true && l["answer"] == "pod-a"),
+            "a kept socket lost its backend: {lines:?}"
+        );
+    }
+    assert!(!h.agent_log().contains("departed backends closed"));
 }
