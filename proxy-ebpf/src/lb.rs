@@ -37,7 +37,8 @@ pub fn select_backend(
     }
 }
 
-/// Lingering slots (after `count`) a pinned socket's backend is looked for in, at most.
+/// How many slots after `count` (the lingering ones) a pinned socket's backend is looked
+/// for in.
 const LINGERING_PROBES: u16 = 16;
 
 /// The backend at `addr:port` (network order) if the frontend `key` (slot 0) describes
