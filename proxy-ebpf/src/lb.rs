@@ -41,15 +41,18 @@ pub fn select_backend(
 /// for in.
 const LINGERING_PROBES: u16 = 16;
 
+/// Halvings that narrow any count of live slots (at most 65535) down to one, and one more.
+const SEARCH_STEPS: u32 = 17;
+
 /// The backend at `addr:port` (network order) if the frontend `key` (slot 0) describes
-/// still has it: in `slot`, where it was chosen from, or one slot off, since adding or
-/// removing a backend before it in the frontend's sorted list moves it by one; or among the
-/// first [`LINGERING_PROBES`] slots after `count`, where a backend that takes no new flow
-/// but still serves (a draining pod) keeps its flows. (All of them: while the agent
-/// rewrites the slots, those between may be missing.) Sets
-/// `key.slot` to where it was found. `None` when it left the frontend (or moved further):
-/// the caller chooses anew, as kube-proxy deletes the UDP flows of an endpoint that no
-/// longer serves.
+/// still has it: in `slot`, where it was chosen from; anywhere in the live slots, which
+/// hold the backends sorted by address and port (a backend added or removed before it
+/// moves it), found by halving; or among the first [`LINGERING_PROBES`] slots after
+/// `count`, where a backend that takes no new flow but still serves (a draining pod) keeps
+/// its flows (all of them: while the agent rewrites the slots, those between may be
+/// missing). Sets `key.slot` to where it was found. `None` when it left the frontend: the
+/// caller chooses anew, as kube-proxy deletes the UDP flows of an endpoint that no longer
+/// serves.
 #[inline(always)]
 pub fn pinned_backend(
     key: &mut ServiceKey,
@@ -58,11 +61,13 @@ pub fn pinned_backend(
     port: u16,
     slot: u16,
 ) -> Option<(u32, BackendValue)> {
-    let near = [slot, slot.wrapping_sub(1), slot.saturating_add(1)];
-    for candidate in near.into_iter().filter(|s| *s != 0) {
-        if let Some(found) = backend_in(key, candidate, addr, port) {
-            return Some(found);
-        }
+    if slot != 0
+        && let Some(found) = backend_in(key, slot, addr, port)
+    {
+        return Some(found);
+    }
+    if let Some(found) = live_backend(key, frontend.count, addr, port) {
+        return Some(found);
     }
     for i in 1..=LINGERING_PROBES {
         if let Some(found) = backend_in(key, frontend.count.saturating_add(i), addr, port) {
@@ -88,6 +93,39 @@ fn backend_in(
     // SAFETY: copied out at once.
     let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
     (backend.addr == addr && backend.port == port).then_some((id, backend))
+}
+
+/// The backend at `addr:port` among the live slots `1..=count`, by halving: the agent
+/// writes them in the order of address, then port (host order). A missing slot or backend
+/// (the agent rewriting them) ends the search.
+#[inline(always)]
+fn live_backend(
+    key: &mut ServiceKey,
+    count: u16,
+    addr: u32,
+    port: u16,
+) -> Option<(u32, BackendValue)> {
+    let wanted = (u32::from_be(addr), u16::from_be(port));
+    let (mut low, mut high) = (1u32, u32::from(count));
+    for _ in 0..SEARCH_STEPS {
+        if low > high {
+            return None;
+        }
+        let middle = low + (high - low) / 2;
+        key.slot = middle as u16;
+        // SAFETY: copied out at once.
+        let id = SERVICES
+            .get_ptr(&*key)
+            .map(|s| unsafe { (*s).backend_id })?;
+        // SAFETY: copied out at once.
+        let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
+        match (u32::from_be(backend.addr), u16::from_be(backend.port)).cmp(&wanted) {
+            core::cmp::Ordering::Equal => return Some((id, backend)),
+            core::cmp::Ordering::Less => low = middle + 1,
+            core::cmp::Ordering::Greater => high = middle - 1,
+        }
+    }
+    None
 }
 
 /// A uniformly random backend slot of the frontend `key` (slot 0) describes.

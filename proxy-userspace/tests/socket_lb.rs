@@ -182,27 +182,27 @@ fn a_udp_socket_that_connects_again_keeps_its_backend() {
 
 /// An unconnected UDP socket's datagrams to a Service all go to one backend, as
 /// kube-proxy's conntrack keeps a UDP flow on the endpoint its first datagram went to;
-/// they stay there when a backend is added before it in the Service's sorted list (which
-/// moves it to the next slot), and move when it leaves (`stale_udp.rs`).
+/// they stay there when backends are added before it in the Service's sorted list (two
+/// here, which move it two slots up), and move when it leaves (`stale_udp.rs`).
 #[test]
 fn an_unconnected_udp_socket_keeps_its_backend() {
-    let mut h = Harness::new("udppin", &["pod-a", "pod-b", "pod-c"]);
+    let mut h = Harness::new("udppin", &["pod-a", "pod-b", "pod-c", "pod-d"]);
     let _servers = h.serve(&[], &[5353]);
     let endpoints = |pods: &[&str]| {
         let list: Vec<(&str, bool)> = pods.iter().map(|p| (*p, true)).collect();
         slice("dns-1", "dns", &[("dns", 5353, "UDP")], &list)
     };
     h.write_manifest("dns-svc.yaml", &service("dns", VIP, &[("dns", 53, "UDP")]));
-    h.write_manifest("dns-eps.yaml", &endpoints(&["10.244.0.11", "10.244.0.12"]));
+    h.write_manifest("dns-eps.yaml", &endpoints(&["10.244.0.12", "10.244.0.13"]));
     h.start_agent();
     h.wait_for_frontend(
         "10.96.0.10:53",
         "UDP",
-        Some(&["10.244.0.11:5353", "10.244.0.12:5353"]),
+        Some(&["10.244.0.12:5353", "10.244.0.13:5353"]),
     );
 
-    // Four sockets, each asking every 5 ms; pod-a (.10) joins while they do, taking slot 1
-    // and moving both backends one slot up.
+    // Four sockets, each asking every 5 ms; pod-a (.10) and pod-b (.11) join while they do,
+    // taking slots 1 and 2 and moving both backends two slots up.
     let args = [
         "udp",
         "10.96.0.10:53",
@@ -217,14 +217,16 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
     for client in &clients {
         client.wait_for_lines(40);
     }
-    h.write_manifest(
-        "dns-eps.yaml",
-        &endpoints(&["10.244.0.10", "10.244.0.11", "10.244.0.12"]),
-    );
+    let all = ["10.244.0.10", "10.244.0.11", "10.244.0.12", "10.244.0.13"];
+    h.write_manifest("dns-eps.yaml", &endpoints(&all));
     h.wait_for_frontend(
         "10.96.0.10:53",
         "UDP",
-        Some(&["10.244.0.10:5353", "10.244.0.11:5353", "10.244.0.12:5353"]),
+        Some(
+            &all.map(|a| format!("{a}:5353"))
+                .each_ref()
+                .map(String::as_str),
+        ),
     );
     let after_change: Vec<usize> = clients.iter().map(|c| c.lines_so_far()).collect();
     for (i, client) in clients.into_iter().enumerate() {
