@@ -77,6 +77,19 @@ pub fn pinned_backend(
     None
 }
 
+/// The backend slot `slot` of the frontend `key` holds, with its id.
+#[inline(always)]
+fn slot_backend(key: &mut ServiceKey, slot: u16) -> Option<(u32, BackendValue)> {
+    key.slot = slot;
+    // SAFETY: copied out at once.
+    let id = SERVICES
+        .get_ptr(&*key)
+        .map(|s| unsafe { (*s).backend_id })?;
+    // SAFETY: copied out at once.
+    let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
+    Some((id, backend))
+}
+
 /// The backend slot `slot` of the frontend `key` holds, if it is the one at `addr:port`.
 #[inline(always)]
 fn backend_in(
@@ -85,14 +98,7 @@ fn backend_in(
     addr: u32,
     port: u16,
 ) -> Option<(u32, BackendValue)> {
-    key.slot = slot;
-    // SAFETY: copied out at once.
-    let id = SERVICES
-        .get_ptr(&*key)
-        .map(|s| unsafe { (*s).backend_id })?;
-    // SAFETY: copied out at once.
-    let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
-    (backend.addr == addr && backend.port == port).then_some((id, backend))
+    slot_backend(key, slot).filter(|(_, b)| b.addr == addr && b.port == port)
 }
 
 /// The backend at `addr:port` among the live slots `1..=count`, by halving: the agent
@@ -112,13 +118,7 @@ fn live_backend(
             return None;
         }
         let middle = low + (high - low) / 2;
-        key.slot = middle as u16;
-        // SAFETY: copied out at once.
-        let id = SERVICES
-            .get_ptr(&*key)
-            .map(|s| unsafe { (*s).backend_id })?;
-        // SAFETY: copied out at once.
-        let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
+        let (id, backend) = slot_backend(key, middle as u16)?;
         match (u32::from_be(backend.addr), u16::from_be(backend.port)).cmp(&wanted) {
             core::cmp::Ordering::Equal => return Some((id, backend)),
             core::cmp::Ordering::Less => low = middle + 1,
