@@ -64,6 +64,7 @@ pub const MAP_BACKENDS: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
 pub const MAP_SOCK_SLOTS: &str = "ekp_sk_slot_v1";
+pub const MAP_SOCK_PINS: &str = "ekp_sk_pin_v1";
 pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
@@ -73,12 +74,13 @@ pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
     MAP_SOCK_REV_NAT,
     MAP_SOCK_SLOTS,
+    MAP_SOCK_PINS,
     MAP_AFFINITY,
     MAP_NAT_CT,
     MAP_CONFIG,
@@ -241,6 +243,37 @@ pub struct SockRevNatValue {
     /// The rev-NAT id that was current at translation time; a reply is only rewritten while
     /// the rev-NAT map still holds this id with the same frontend. Host order.
     pub rev_nat_id: u16,
+}
+
+/// How many frontends' pins a socket keeps in `ekp_sk_pin_v1`, besides the one its slot in
+/// `ekp_sk_slot_v1` holds.
+pub const SOCK_PINS_PER_SOCKET: usize = 4;
+
+/// One pin of a UDP socket: the backend its datagrams to a frontend go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPin {
+    /// The frontend the application sends to, as in the socket rev-NAT LRU's values.
+    pub frontend: SockRevNatValue,
+    /// Backend IPv4 address, network order.
+    pub backend_addr: u32,
+    /// Backend port, network order.
+    pub backend_port: u16,
+    /// The frontend slot (`1..=count`) the backend was chosen from; 0: an unused entry.
+    /// Host order.
+    pub backend_slot: u16,
+}
+
+/// Value of the socket pin storage (`ekp_sk_pin_v1`, socket-local storage, freed with the
+/// socket): the pins of a UDP socket that talks to more frontends than its slot holds, or
+/// whose slot another socket holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPins {
+    pub pins: [SockPin; SOCK_PINS_PER_SOCKET],
+    /// The entry a new frontend's pin replaces when all are used (taken in turn).
+    pub next: u8,
+    pub _pad: [u8; 7],
 }
 
 /// One slot of the sockets' reverse table (`ekp_sk_slot_v1`, an array indexed by
@@ -466,6 +499,8 @@ const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockSlot>() == 24);
+const _: () = assert!(core::mem::size_of::<SockPin>() == 16);
+const _: () = assert!(core::mem::size_of::<SockPins>() == 72);
 const _: () = assert!(SOCK_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
@@ -489,6 +524,8 @@ mod user {
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for SockSlot {}
+    unsafe impl aya::Pod for SockPin {}
+    unsafe impl aya::Pod for SockPins {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NatCtKey {}
@@ -545,6 +582,10 @@ mod tests {
         assert_eq!(offset_of!(SockSlot, backend_port), 12);
         assert_eq!(offset_of!(SockSlot, backend_slot), 14);
         assert_eq!(offset_of!(SockSlot, frontend), 16);
+        assert_eq!(offset_of!(SockPin, backend_addr), 8);
+        assert_eq!(offset_of!(SockPin, backend_port), 12);
+        assert_eq!(offset_of!(SockPin, backend_slot), 14);
+        assert_eq!(offset_of!(SockPins, next), 64);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 

@@ -31,6 +31,7 @@ mod nat;
 mod nodeport;
 mod parse;
 mod sock;
+mod sock_pins;
 mod sock_slot;
 
 #[cfg(not(test))]

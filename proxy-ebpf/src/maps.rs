@@ -2,14 +2,14 @@
 //! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
 //! defaults: the agent sets the real `max_entries` at load time.
 
-use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, SkStorage};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LogConfig, NatCtKey,
     NatCtValue, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    SockPins, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -40,6 +40,12 @@ pub static SOCK_REV_NAT: LruHashMap<
 /// `connect4`/`sendmsg4`, read by `recvmsg4`/`getpeername4`, freed by `sock_release`.
 #[btf_map(name = "ekp_sk_slot_v1")]
 pub static SOCK_SLOT_TABLE: Array<SockSlot, { SOCK_SLOTS as usize }> = Array::new();
+
+/// A UDP socket's pins that its slot in `SOCK_SLOT_TABLE` cannot hold: those of further
+/// frontends it sends to, or all of them when another socket holds its slot. Socket-local
+/// storage: created by `connect4`/`sendmsg4` for such a socket only, freed with the socket.
+#[btf_map(name = "ekp_sk_pin_v1")]
+pub static SOCK_PINS: SkStorage<SockPins> = SkStorage::new();
 
 /// (client, rev-NAT id) -> the backend a sessionAffinity ClientIP client sticks to.
 /// Written by the programs on selection; the agent deletes entries whose backend left the

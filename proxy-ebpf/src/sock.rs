@@ -10,7 +10,9 @@
 //! free or already its own, else to the socket rev-NAT LRU (a slot held by another socket,
 //! or an unconnected UDP socket's second backend).
 //! The slot also pins a UDP socket to its backend: its next datagrams (unconnected) or
-//! connects to the same frontend go there while the frontend has it (`lb::pinned_backend`).
+//! connects to the same frontend go there while the frontend has it (`lb::pinned_backend`);
+//! the pins of the other frontends the socket sends to, or all of them when another socket
+//! holds its slot, go to the socket's own storage (`sock_pins`).
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
@@ -25,7 +27,8 @@ use proxy_common::{
 
 use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
-use crate::{lb, sock_slot};
+use crate::sock_slot::{Pin, Remembered};
+use crate::{lb, sock_pins, sock_slot};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
@@ -149,11 +152,19 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // UDP flow (a socket's source port) on its backend, and a protocol with state across
     // datagrams (QUIC, SIP) needs one server. So does a UDP socket that connects again to
     // the same frontend. Session affinity decides by itself.
-    let pin = if proto == PROTO_UDP && frontend.flags & SVC_FLAG_AFFINITY == 0 {
+    // The socket's slot holds the pin of one frontend; its storage those of the others.
+    let pinning = proto == PROTO_UDP && frontend.flags & SVC_FLAG_AFFINITY == 0;
+    let slot_pin = if pinning {
         sock_slot::pinned(cookie, rev_value)
     } else {
         None
     };
+    let stored_pin = if pinning && slot_pin.is_none() {
+        sock_pins::pinned(ctx, rev_value)
+    } else {
+        None
+    };
+    let pin = slot_pin.or(stored_pin);
     let kept = pin.and_then(|p| lb::pinned_backend(&mut key, &frontend, p.addr, p.port, p.slot));
     // kube-proxy REJECTs a Service without usable endpoints, and DROPs traffic whose
     // `Local` policy finds none on this node; both see new flows only, so a socket whose
@@ -209,9 +220,9 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         port: backend.port,
         _pad: [0; 2],
     };
-    // A pinned backend that left the frontend: the socket's slot takes the new one (the
-    // old translation goes to the LRU, for replies still on their way). One found a slot
-    // off is written again with its new slot.
+    // A pinned backend that left the frontend: the socket's slot takes the new one if it
+    // held the old (the old translation goes to the LRU, for replies still on their way).
+    // One found in another slot is written again with its new slot.
     let repin = pin.is_some() && kept.is_none();
     let moved = pin.is_some_and(|p| p.slot != key.slot);
     // (A connected socket hears from its new peer only.)
@@ -228,18 +239,24 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
     // backend, once connected: it talks to no other). A socket that keeps sending to a
     // Service finds what an earlier datagram left there or in the LRU: a lookup, which
     // also marks an LRU entry used, leaves the LRU's locks and lists alone.
-    // SAFETY: copied out at once.
-    let known = (SENDMSG
+    let remembered = if SENDMSG
         && !moved
-        && sock_slot::recall(cookie, backend.addr, backend.port) == Some(rev_value))
-        || sock_slot::remember(
+        && sock_slot::recall(cookie, backend.addr, backend.port) == Some(rev_value)
+    {
+        Remembered::Held
+    } else {
+        sock_slot::remember(
             cookie,
             backend.addr,
             backend.port,
             key.slot,
             rev_value,
-            !SENDMSG || repin,
+            !SENDMSG || (repin && slot_pin.is_some()),
         )
+    };
+    let in_slot = !matches!(remembered, Remembered::Refused);
+    // SAFETY: copied out at once.
+    let known = in_slot
         || (SENDMSG
             && SOCK_REV_NAT
                 .get_ptr(&rev_key)
@@ -248,6 +265,22 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         // If the LRU cannot take the entry the connection still works; only the reverse
         // view (getpeername, recvfrom's source) shows the backend.
         let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+    }
+    if let Remembered::Displaced(other, other_pin) = remembered {
+        sock_pins::remember(ctx, other, other_pin);
+    }
+    // A pin the slot does not hold goes to the socket's storage, unless it is there as is.
+    let stored_as_is = stored_pin.is_some() && kept.is_some() && !moved;
+    if pinning && !in_slot && !stored_as_is {
+        sock_pins::remember(
+            ctx,
+            rev_value,
+            Pin {
+                addr: backend.addr,
+                port: backend.port,
+                slot: key.slot,
+            },
+        );
     }
 
     // SAFETY: these context fields are writable in connect4 and sendmsg4.

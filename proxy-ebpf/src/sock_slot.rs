@@ -8,7 +8,8 @@
 //! sockets take neighbouring slots here: lines and pages that are already cached, and no
 //! lock. A slot holds one backend: a slot still held by another live socket (one 262144
 //! cookies older), or by this unconnected socket for another backend, sends the
-//! translation to the LRU, so a live socket's translation is never overwritten.
+//! translation to the LRU, so a live socket's translation is never overwritten, and the
+//! socket's pin to its own storage (`sock_pins`).
 //!
 //! The cookie word is the slot's lock and its validity: claimed atomically with
 //! `SOCK_SLOT_BUSY` set, the rest written, then published with the plain cookie; freed by
@@ -52,12 +53,22 @@ fn cookie_of(slot: *mut SockSlot) -> u64 {
     unsafe { core::ptr::read_volatile(&raw const (*slot).cookie) }
 }
 
+/// What [`remember`] did.
+pub enum Remembered {
+    /// The slot belongs to another socket, or to this one for another backend: the caller
+    /// uses the LRU.
+    Refused,
+    /// The slot holds the translation.
+    Held,
+    /// The slot holds the translation in place of this socket's pin for another frontend
+    /// (the same backend behind two frontends): that pin must be kept elsewhere.
+    Displaced(SockRevNatValue, Pin),
+}
+
 /// Remembers that the socket `cookie` sends to `backend_addr:backend_port`, chosen from
 /// the frontend's slot `backend_slot`, in place of `frontend`. The socket may replace what
 /// its slot holds for another backend only if `replace`: it is connected (it can no longer
-/// hear from the old one), or its pinned backend is gone (`pinned`). False when the slot
-/// belongs to another socket, or to this one for another backend: the caller then uses
-/// the LRU.
+/// hear from the old one), or its pinned backend is gone (`pinned`).
 #[inline(always)]
 pub fn remember(
     cookie: u64,
@@ -66,9 +77,9 @@ pub fn remember(
     backend_slot: u16,
     frontend: SockRevNatValue,
     replace: bool,
-) -> bool {
+) -> Remembered {
     let Some(slot) = slot_of(cookie) else {
-        return false;
+        return Remembered::Refused;
     };
     let held = cookie_of(slot);
     // SAFETY: only this socket writes a slot that carries its cookie; a racing thread of
@@ -80,12 +91,13 @@ pub fn remember(
     } else if held == cookie && (replace || same_backend()) {
         cookie
     } else {
-        return false;
+        return Remembered::Refused;
     };
     if !swap_cookie(slot, expected, cookie | SOCK_SLOT_BUSY) {
-        return false;
+        return Remembered::Refused;
     }
     // SAFETY: the slot is ours while the word carries our busy cookie.
+    let before = unsafe { *slot };
     unsafe {
         (*slot).backend_addr = backend_addr;
         (*slot).backend_port = backend_port;
@@ -95,7 +107,17 @@ pub fn remember(
     // Published by an exchange, a full barrier: a reader that sees the cookie sees the rest.
     // SAFETY: as in `swap_cookie`.
     unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*slot).cookie, cookie) };
-    true
+    if expected == cookie && before.frontend != frontend && before.backend_slot != 0 {
+        return Remembered::Displaced(
+            before.frontend,
+            Pin {
+                addr: before.backend_addr,
+                port: before.backend_port,
+                slot: before.backend_slot,
+            },
+        );
+    }
+    Remembered::Held
 }
 
 /// The frontend the socket `cookie` reached `addr:port` through, if its slot remembers one.

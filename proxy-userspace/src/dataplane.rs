@@ -25,9 +25,10 @@ use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue,
-    SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_PINS, MAP_SOCK_REV_NAT,
+    MAP_SOCK_SLOTS, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey,
+    ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    sock_slot_index,
 };
 
 mod logs;
@@ -770,12 +771,13 @@ pub struct MapFill {
 }
 
 /// Entries and capacity of every pinned map under `pin_dir`: arrays count as full, except
-/// the socket slot table, whose entries are the slots sockets hold.
+/// the socket slot table, whose entries are the slots sockets hold. The socket pin storage
+/// is left out: socket-local storage has neither a capacity nor keys to count.
 pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     let mut fills = Vec::new();
     for name in ALL_MAPS {
         let path = maps_dir(pin_dir).join(name);
-        if !path.exists() {
+        if !path.exists() || name == MAP_SOCK_PINS {
             continue;
         }
         let info = aya::maps::MapInfo::from_pin(&path)

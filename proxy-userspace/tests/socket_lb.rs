@@ -3,10 +3,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::{Harness, answers, service, slice};
 use xtask::netns::Proc;
 
 const VIP: &str = "10.96.0.10";
+/// A second Service's address.
+const VIP2: &str = "10.96.0.11";
 /// ENETUNREACH: the client namespace has no route for an untranslated Service address.
 const ENETUNREACH: i64 = 101;
 const ECONNREFUSED: i64 = 111;
@@ -242,6 +246,150 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
             after_change[i] < 500,
             "socket {i}: the change came too late to judge ({} answers before it)",
             after_change[i]
+        );
+    }
+}
+
+/// A UDP Service `name` on `vip`:53 with `pods`' port 5353 as endpoints.
+fn udp_service(h: &Harness, name: &str, vip: &str, pods: &[&str]) {
+    h.write_manifest(
+        &format!("{name}-svc.yaml"),
+        &service(name, vip, &[("dns", 53, "UDP")]),
+    );
+    let endpoints: Vec<(&str, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    h.write_manifest(
+        &format!("{name}-eps.yaml"),
+        &slice(
+            &format!("{name}-1"),
+            name,
+            &[("dns", 5353, "UDP")],
+            &endpoints,
+        ),
+    );
+}
+
+/// Waits until the UDP frontend `vip`:53 has exactly `pods`' port 5353.
+fn wait_for_udp_frontend(h: &mut Harness, vip: &str, pods: &[&str]) {
+    let backends: Vec<String> = pods.iter().map(|p| format!("{p}:5353")).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    h.wait_for_frontend(&format!("{vip}:53"), "UDP", Some(&backends));
+}
+
+/// The answers of one kept socket that asked `targets` in turn, per target: every request
+/// answered, each through the address it asked.
+fn answers_per_target(
+    lines: &[serde_json::Value],
+    targets: &[&str],
+) -> Vec<BTreeMap<String, usize>> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let asked: Vec<serde_json::Value> = lines
+                .iter()
+                .skip(i)
+                .step_by(targets.len())
+                .cloned()
+                .collect();
+            for line in &asked {
+                assert_eq!(
+                    line["peer"], *target,
+                    "recvfrom must show the Service asked"
+                );
+            }
+            answers(&asked)
+        })
+        .collect()
+}
+
+/// kube-proxy's conntrack keeps each of a socket's UDP flows, one per Service, on its
+/// endpoint. A socket that asks two Services in turn keeps one backend for each: the first
+/// Service's pin is in the socket's slot, the second's in its storage.
+#[test]
+fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
+    let mut h = Harness::new("udp2svc", &["pod-a", "pod-b", "pod-c", "pod-d"]);
+    let _servers = h.serve(&[], &[5353]);
+    let first = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
+    let second = ["10.244.0.11", "10.244.0.12", "10.244.0.13"];
+    udp_service(&h, "dns", VIP, &first);
+    udp_service(&h, "dns2", VIP2, &second);
+    h.start_agent();
+    wait_for_udp_frontend(&mut h, VIP, &first);
+    wait_for_udp_frontend(&mut h, VIP2, &second);
+
+    let targets = ["10.96.0.10:53", "10.96.0.11:53"];
+    let joined = targets.join(",");
+    let args = [
+        "udp",
+        joined.as_str(),
+        "300",
+        "--keep-socket",
+        "--every-ms",
+        "1",
+    ];
+    let clients: Vec<_> = (0..4)
+        .map(|i| h.spawn_client(&format!("two{i}"), &args))
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let lines = client.lines();
+        assert_eq!(lines.len(), 300, "socket {i}");
+        for (target, counts) in targets.iter().zip(answers_per_target(&lines, &targets)) {
+            assert_eq!(
+                counts.len(),
+                1,
+                "socket {i}: its datagrams to {target} went to more than one backend: {counts:?}"
+            );
+        }
+    }
+}
+
+/// The same pod behind two Services: the socket's slot follows the Service it asked last,
+/// so that recvfrom shows the right one, and the other Service's pin moves to the socket's
+/// storage instead of being lost. The first Service then gains pods (its pin's backend
+/// moves to another slot): its datagrams stay on their pod.
+#[test]
+fn a_pin_the_slot_gives_up_to_another_service_is_kept() {
+    let mut h = Harness::new("udpdisp", &["pod-a", "pod-b", "pod-c"]);
+    let _servers = h.serve(&[], &[5353]);
+    udp_service(&h, "dns", VIP, &["10.244.0.11"]);
+    udp_service(&h, "dns2", VIP2, &["10.244.0.11"]);
+    h.start_agent();
+    wait_for_udp_frontend(&mut h, VIP, &["10.244.0.11"]);
+    wait_for_udp_frontend(&mut h, VIP2, &["10.244.0.11"]);
+
+    let targets = ["10.96.0.10:53", "10.96.0.11:53"];
+    let joined = targets.join(",");
+    let args = [
+        "udp",
+        joined.as_str(),
+        "600",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let clients: Vec<_> = (0..2)
+        .map(|i| h.spawn_client(&format!("disp{i}"), &args))
+        .collect();
+    for client in &clients {
+        client.wait_for_lines(40);
+    }
+    let grown = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
+    udp_service(&h, "dns", VIP, &grown);
+    wait_for_udp_frontend(&mut h, VIP, &grown);
+    let after_change: Vec<usize> = clients.iter().map(|c| c.lines_so_far()).collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let lines = client.lines();
+        assert!(
+            after_change[i] < 500,
+            "socket {i}: the change came too late to judge ({} answers before it)",
+            after_change[i]
+        );
+        let counts = answers_per_target(&lines, &targets);
+        assert_eq!(
+            counts[0].keys().collect::<Vec<_>>(),
+            ["pod-b"],
+            "socket {i}: its datagrams to {VIP} left their pod: {:?}",
+            counts[0]
         );
     }
 }

@@ -14,6 +14,7 @@
 //!   `tcp ... --keep-connection` makes all requests on one HTTP/1.1 connection, replaced
 //!   only when it fails; each line's `connection` counts the connections opened so far.
 //!   `--every-ms N` paces the requests N ms apart, for clients that must span an event.
+//!   `ADDR:PORT,ADDR:PORT...` sends the requests to each address in turn.
 //!   `udp ... --keep-socket` uses one socket for all requests, like a resolver, and replaces
 //!   it only when it fails (e.g. ECONNABORTED after the agent destroyed it); with
 //!   `--connected --reconnect` it connects the kept socket again before each request. `udp ...
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
         Some("udp") => udp(&args[1..]),
         _ => Err(
             "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
-                  tcp ADDR:PORT COUNT [--keep-connection] | udp ADDR:PORT COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
+                  tcp ADDR:PORT[,...] COUNT [--keep-connection] | udp ADDR:PORT[,...] COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
                 .into(),
         ),
     };
@@ -205,11 +206,15 @@ fn client(
     args: &[String],
     request: &mut dyn FnMut(SocketAddr) -> std::io::Result<Outcome>,
 ) -> Result<(), String> {
-    let to: SocketAddr = args
+    let targets: Vec<SocketAddr> = args
         .first()
         .ok_or("missing ADDR:PORT")?
-        .parse()
-        .map_err(|e| format!("invalid ADDR:PORT: {e}"))?;
+        .split(',')
+        .map(|t| {
+            t.parse()
+                .map_err(|e| format!("invalid ADDR:PORT {t:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
     let count: u32 = args
         .get(1)
         .ok_or("missing COUNT")?
@@ -227,11 +232,11 @@ fn client(
         None => None,
     };
     let mut out = std::io::stdout().lock();
-    for _ in 0..count {
+    for to in targets.iter().cycle().take(count as usize) {
         if let Some(pace) = pace {
             std::thread::sleep(pace);
         }
-        let line = match request(to) {
+        let line = match request(*to) {
             Ok(o) => serde_json::json!({
                 "ok": true,
                 "answer": o.answer.trim_end_matches('\n'),
