@@ -266,7 +266,10 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         // view (getpeername, recvfrom's source) shows the backend.
         let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
     }
-    if let Remembered::Displaced(other, other_pin) = remembered {
+    // (Only UDP sockets have pins to keep.)
+    if let Remembered::Displaced(other, other_pin) = remembered
+        && proto == PROTO_UDP
+    {
         sock_pins::remember(ctx, other, other_pin);
     }
     // A pin the slot does not hold goes to the socket's storage, unless it is there as is.

@@ -343,6 +343,51 @@ fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
     }
 }
 
+/// Sockets whose slot in the socket slot table another live socket holds (one cookie a
+/// table size apart) keep their backend too: their pins are in their own storage, their
+/// reverse entries in the socket rev-NAT LRU.
+#[test]
+fn udp_sockets_whose_slot_another_holds_keep_their_backend() {
+    let mut h = Harness::new("udptaken", &["pod-a", "pod-b", "pod-c"]);
+    let _servers = h.serve(&[], &[5353]);
+    let pods = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
+    udp_service(&h, "dns", VIP, &pods);
+    h.start_agent();
+    wait_for_udp_frontend(&mut h, VIP, &pods);
+    hold_every_slot(&h);
+
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "400",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let clients: Vec<_> = (0..4)
+        .map(|i| h.spawn_client(&format!("taken{i}"), &args))
+        .collect();
+    for client in &clients {
+        client.wait_for_lines(1);
+    }
+    // One entry per socket and backend it sent to: at least one each.
+    let in_lru = h.map_entries("ekp_sk_rnat_v1");
+    assert!(
+        in_lru >= 4,
+        "every socket's reverse entry is in the LRU, their slots taken: {in_lru} entries"
+    );
+    for (i, client) in clients.into_iter().enumerate() {
+        let lines = client.lines();
+        assert_answered_through(&lines, 400, "10.96.0.10:53");
+        let counts = answers(&lines);
+        assert_eq!(
+            counts.len(),
+            1,
+            "socket {i}: its datagrams went to more than one backend: {counts:?}"
+        );
+    }
+}
+
 /// The same pod behind two Services: the socket's slot follows the Service it asked last,
 /// so that recvfrom shows the right one, and the other Service's pin moves to the socket's
 /// storage instead of being lost. The first Service then gains pods (its pin's backend
