@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Harness, answers, service, slice};
+use common::{BackgroundClient, Harness, answers, service, slice};
 use xtask::netns::Proc;
 
 const VIP: &str = "10.96.0.10";
@@ -215,9 +215,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
         "--every-ms",
         "5",
     ];
-    let clients: Vec<_> = (0..4)
-        .map(|i| h.spawn_client(&format!("pin{i}"), &args))
-        .collect();
+    let clients = spawn_clients(&h, "pin", 4, &args);
     for client in &clients {
         client.wait_for_lines(40);
     }
@@ -236,12 +234,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
     for (i, client) in clients.into_iter().enumerate() {
         let lines = client.lines();
         assert_answered_through(&lines, 600, "10.96.0.10:53");
-        let counts = answers(&lines);
-        assert_eq!(
-            counts.len(),
-            1,
-            "socket {i}: its datagrams went to more than one backend: {counts:?}"
-        );
+        assert_one_backend(i, "10.96.0.10:53", &answers(&lines));
         assert!(
             after_change[i] < 500,
             "socket {i}: the change came too late to judge ({} answers before it)",
@@ -302,6 +295,22 @@ fn answers_per_target(
         .collect()
 }
 
+/// `n` clients running `args` in the background, named `tag0`, `tag1`, ...
+fn spawn_clients(h: &Harness, tag: &str, n: usize, args: &[&str]) -> Vec<BackgroundClient> {
+    (0..n)
+        .map(|i| h.spawn_client(&format!("{tag}{i}"), args))
+        .collect()
+}
+
+/// Socket `socket`'s datagrams to `target` all went to one backend.
+fn assert_one_backend(socket: usize, target: &str, counts: &BTreeMap<String, usize>) {
+    assert_eq!(
+        counts.len(),
+        1,
+        "socket {socket}: its datagrams to {target} went to more than one backend: {counts:?}"
+    );
+}
+
 /// kube-proxy's conntrack keeps each of a socket's UDP flows, one per Service, on its
 /// endpoint. A socket that asks two Services in turn keeps one backend for each: the first
 /// Service's pin is in the socket's slot, the second's in its storage.
@@ -327,18 +336,11 @@ fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
         "--every-ms",
         "1",
     ];
-    let clients: Vec<_> = (0..4)
-        .map(|i| h.spawn_client(&format!("two{i}"), &args))
-        .collect();
-    for (i, client) in clients.into_iter().enumerate() {
+    for (i, client) in spawn_clients(&h, "two", 4, &args).into_iter().enumerate() {
         let lines = client.lines();
         assert_eq!(lines.len(), 300, "socket {i}");
         for (target, counts) in targets.iter().zip(answers_per_target(&lines, &targets)) {
-            assert_eq!(
-                counts.len(),
-                1,
-                "socket {i}: its datagrams to {target} went to more than one backend: {counts:?}"
-            );
+            assert_one_backend(i, target, &counts);
         }
     }
 }
@@ -364,9 +366,7 @@ fn udp_sockets_whose_slot_another_holds_keep_their_backend() {
         "--every-ms",
         "5",
     ];
-    let clients: Vec<_> = (0..4)
-        .map(|i| h.spawn_client(&format!("taken{i}"), &args))
-        .collect();
+    let clients = spawn_clients(&h, "taken", 4, &args);
     for client in &clients {
         client.wait_for_lines(1);
     }
@@ -379,12 +379,7 @@ fn udp_sockets_whose_slot_another_holds_keep_their_backend() {
     for (i, client) in clients.into_iter().enumerate() {
         let lines = client.lines();
         assert_answered_through(&lines, 400, "10.96.0.10:53");
-        let counts = answers(&lines);
-        assert_eq!(
-            counts.len(),
-            1,
-            "socket {i}: its datagrams went to more than one backend: {counts:?}"
-        );
+        assert_one_backend(i, "10.96.0.10:53", &answers(&lines));
     }
 }
 
@@ -412,9 +407,7 @@ fn a_pin_the_slot_gives_up_to_another_service_is_kept() {
         "--every-ms",
         "5",
     ];
-    let clients: Vec<_> = (0..2)
-        .map(|i| h.spawn_client(&format!("disp{i}"), &args))
-        .collect();
+    let clients = spawn_clients(&h, "disp", 2, &args);
     for client in &clients {
         client.wait_for_lines(40);
     }
