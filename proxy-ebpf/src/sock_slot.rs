@@ -61,7 +61,8 @@ pub enum Remembered {
     /// The slot holds the translation.
     Held,
     /// The slot holds the translation in place of this socket's pin for another frontend
-    /// (the same backend behind two frontends): that pin must be kept elsewhere.
+    /// (a connect to another frontend, or the same backend behind two frontends): that pin
+    /// must be kept elsewhere.
     Displaced(SockRevNatValue, Pin),
 }
 

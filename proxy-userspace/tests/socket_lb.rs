@@ -311,13 +311,10 @@ fn assert_one_backend(socket: usize, target: &str, counts: &BTreeMap<String, usi
     );
 }
 
-/// kube-proxy's conntrack keeps each of a socket's UDP flows, one per Service, on its
-/// endpoint. A socket that asks two Services in turn keeps one backend for each: the first
-/// Service's pin is in the socket's slot, the second's in its storage.
-#[test]
-fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
-    let mut h = Harness::new("udp2svc", &["pod-a", "pod-b", "pod-c", "pod-d"]);
-    let _servers = h.serve(&[], &[5353]);
+/// Two UDP Services of three pods each, two pods in common, programmed.
+fn two_udp_services(tag: &str) -> (Harness, Vec<Proc>) {
+    let mut h = Harness::new(tag, &["pod-a", "pod-b", "pod-c", "pod-d"]);
+    let servers = h.serve(&[], &[5353]);
     let first = ["10.244.0.10", "10.244.0.11", "10.244.0.12"];
     let second = ["10.244.0.11", "10.244.0.12", "10.244.0.13"];
     udp_service(&h, "dns", VIP, &first);
@@ -325,10 +322,16 @@ fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
     h.start_agent();
     wait_for_udp_frontend(&mut h, VIP, &first);
     wait_for_udp_frontend(&mut h, VIP2, &second);
+    (h, servers)
+}
 
+/// Four kept sockets asking both Services of `two_udp_services` in turn (`how`: extra
+/// client flags), 300 requests each: every Service's datagrams went to one backend per
+/// socket, and each answer came through the Service asked.
+fn assert_a_backend_per_service(h: &Harness, tag: &str, how: &[&str]) {
     let targets = ["10.96.0.10:53", "10.96.0.11:53"];
     let joined = targets.join(",");
-    let args = [
+    let mut args = vec![
         "udp",
         joined.as_str(),
         "300",
@@ -336,13 +339,32 @@ fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
         "--every-ms",
         "1",
     ];
-    for (i, client) in spawn_clients(&h, "two", 4, &args).into_iter().enumerate() {
+    args.extend_from_slice(how);
+    for (i, client) in spawn_clients(h, tag, 4, &args).into_iter().enumerate() {
         let lines = client.lines();
         assert_eq!(lines.len(), 300, "socket {i}");
         for (target, counts) in targets.iter().zip(answers_per_target(&lines, &targets)) {
             assert_one_backend(i, target, &counts);
         }
     }
+}
+
+/// kube-proxy's conntrack keeps each of a socket's UDP flows, one per Service, on its
+/// endpoint. A socket that asks two Services in turn keeps one backend for each: the first
+/// Service's pin is in the socket's slot, the second's in its storage.
+#[test]
+fn a_udp_socket_keeps_a_backend_for_each_service_it_asks() {
+    let (h, _servers) = two_udp_services("udp2svc");
+    assert_a_backend_per_service(&h, "two", &[]);
+}
+
+/// The same for a socket connected to each Service in turn (its source port stays, so
+/// kube-proxy's conntrack flow for each Service does too): a connect to the other Service
+/// takes the slot, and the pin it held moves to the socket's storage.
+#[test]
+fn a_udp_socket_connected_to_services_in_turn_keeps_a_backend_for_each() {
+    let (h, _servers) = two_udp_services("udp2conn");
+    assert_a_backend_per_service(&h, "conn", &["--connected", "--reconnect"]);
 }
 
 /// Sockets whose slot in the socket slot table another live socket holds (one cookie a
