@@ -1,7 +1,8 @@
 //! The `iptables-restore` input kube-proxy's iptables mode writes for our Services, built
 //! as kube-proxy builds it (pkg/proxy/iptables/proxier.go, `syncProxyRules`, Kubernetes
 //! 1.30 and later; checked against its sources and `TestOverallIPTablesRules` of about
-//! 1.33-1.34): a `*filter` and a `*nat` table; `KUBE-SERVICES` a linear list with one
+//! 1.33-1.34, and again against commit 531be812, of 1.34-1.35, the newest copy of the
+//! iptables proxier in the reference index): a `*filter` and a `*nat` table; `KUBE-SERVICES` a linear list with one
 //! `cluster IP` rule per service port, then the `KUBE-NODEPORTS` rule last;
 //! `KUBE-SVC-<hash>` with the masquerade rule for sources outside the cluster CIDR, then
 //! `-m statistic --mode random --probability 1/n` jumps and an unconditional last jump;
@@ -302,8 +303,12 @@ pub fn restore(services: &[Service], sync: &Sync, counters: Counters) -> String 
         }
     }
     if let Sync::Partial { stale_chains, .. } = sync {
-        // Stale chains are deleted right away only outside large cluster mode (there,
-        // only after a full sync period, following an iptables-save).
+        // Stale chains are deleted right away only outside large cluster mode. There,
+        // kube-proxy deletes them (after an iptables-save of the nat table) only once
+        // `--sync-period`, 30 s by default, has passed since its last cleanup, which its
+        // first sync does. The bench's endpoint changes come seconds apart; only the first
+        // one after a load that took longer than that (10000 Services) would carry the
+        // `-X` lines, and the iptables-save before it is not timed either.
         if !large {
             for chain in *stale_chains {
                 let _ = writeln!(chains, ":{chain} - [0:0]");
