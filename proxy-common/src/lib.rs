@@ -64,7 +64,7 @@ pub const MAP_BACKENDS: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
 pub const MAP_SOCK_SLOTS: &str = "ekp_sk_slot_v1";
-pub const MAP_SOCK_PINS: &str = "ekp_sk_pin_v1";
+pub const MAP_SOCK_STATE: &str = "ekp_sk_state_v1";
 pub const MAP_AFFINITY: &str = "ekp_affinity_v1";
 pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
@@ -80,7 +80,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_REV_NAT,
     MAP_SOCK_REV_NAT,
     MAP_SOCK_SLOTS,
-    MAP_SOCK_PINS,
+    MAP_SOCK_STATE,
     MAP_AFFINITY,
     MAP_NAT_CT,
     MAP_CONFIG,
@@ -245,7 +245,7 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 
-/// How many frontends' pins a socket keeps in `ekp_sk_pin_v1`, besides the one its slot in
+/// How many frontends' pins a socket keeps in `ekp_sk_state_v1`, besides the one its slot in
 /// `ekp_sk_slot_v1` holds.
 pub const SOCK_PINS_PER_SOCKET: usize = 4;
 
@@ -264,17 +264,25 @@ pub struct SockPin {
     pub backend_slot: u16,
 }
 
-/// Value of the socket pin storage (`ekp_sk_pin_v1`, socket-local storage, freed with the
-/// socket): the pins of a UDP socket that talks to more frontends than its slot holds, or
-/// whose slot another socket holds.
+/// Value of the sockets' own storage (`ekp_sk_state_v1`, socket-local storage, freed with
+/// the socket), created only for a socket that needs it: the pins of a UDP socket that
+/// talks to more frontends than its slot holds, or whose slot another socket holds; and
+/// whether the socket has translations in the socket rev-NAT LRU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockPins {
+pub struct SockState {
     pub pins: [SockPin; SOCK_PINS_PER_SOCKET],
     /// The entry a new frontend's pin replaces when all are used (taken in turn).
     pub next: u8,
-    pub _pad: [u8; 7],
+    /// `SOCK_STATE_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
 }
+
+/// `SockState::flags`: the socket wrote a translation to the socket rev-NAT LRU, so the
+/// reverse hooks must look there when its slot does not have it. Sockets without it (every
+/// server, most clients) are never looked up in the LRU.
+pub const SOCK_STATE_IN_LRU: u8 = 1 << 0;
 
 /// One slot of the sockets' reverse table (`ekp_sk_slot_v1`, an array indexed by
 /// `cookie & (SOCK_SLOTS - 1)`): what `connect4`/`sendmsg4` remember for
@@ -500,7 +508,7 @@ const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<SockSlot>() == 24);
 const _: () = assert!(core::mem::size_of::<SockPin>() == 16);
-const _: () = assert!(core::mem::size_of::<SockPins>() == 72);
+const _: () = assert!(core::mem::size_of::<SockState>() == 72);
 const _: () = assert!(SOCK_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
@@ -525,7 +533,7 @@ mod user {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for SockPin {}
-    unsafe impl aya::Pod for SockPins {}
+    unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NatCtKey {}
@@ -585,7 +593,8 @@ mod tests {
         assert_eq!(offset_of!(SockPin, backend_addr), 8);
         assert_eq!(offset_of!(SockPin, backend_port), 12);
         assert_eq!(offset_of!(SockPin, backend_slot), 14);
-        assert_eq!(offset_of!(SockPins, next), 64);
+        assert_eq!(offset_of!(SockState, next), 64);
+        assert_eq!(offset_of!(SockState, flags), 65);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 

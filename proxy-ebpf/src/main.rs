@@ -31,8 +31,8 @@ mod nat;
 mod nodeport;
 mod parse;
 mod sock;
-mod sock_pins;
 mod sock_slot;
+mod sock_state;
 
 #[cfg(not(test))]
 #[panic_handler]

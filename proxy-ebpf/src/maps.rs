@@ -9,7 +9,7 @@ use proxy_common::{
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LogConfig, NatCtKey,
     NatCtValue, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
-    SockPins, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -44,8 +44,8 @@ pub static SOCK_SLOT_TABLE: Array<SockSlot, { SOCK_SLOTS as usize }> = Array::ne
 /// A UDP socket's pins that its slot in `SOCK_SLOT_TABLE` cannot hold: those of further
 /// frontends it sends to, or all of them when another socket holds its slot. Socket-local
 /// storage: created by `connect4`/`sendmsg4` for such a socket only, freed with the socket.
-#[btf_map(name = "ekp_sk_pin_v1")]
-pub static SOCK_PINS: SkStorage<SockPins> = SkStorage::new();
+#[btf_map(name = "ekp_sk_state_v1")]
+pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 /// (client, rev-NAT id) -> the backend a sessionAffinity ClientIP client sticks to.
 /// Written by the programs on selection; the agent deletes entries whose backend left the

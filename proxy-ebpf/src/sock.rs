@@ -12,7 +12,8 @@
 //! The slot also pins a UDP socket to its backend: its next datagrams (unconnected) or
 //! connects to the same frontend go there while the frontend has it (`lb::pinned_backend`);
 //! the pins of the other frontends the socket sends to, or all of them when another socket
-//! holds its slot, go to the socket's own storage (`sock_pins`).
+//! holds its slot, go to the socket's own storage (`sock_state`), which also marks the
+//! sockets that have translations in the LRU: the reverse hooks look only those up there.
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
 
@@ -28,7 +29,7 @@ use proxy_common::{
 use crate::log::{self, log_debug, log_error};
 use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 use crate::sock_slot::{Pin, Remembered};
-use crate::{lb, sock_pins, sock_slot};
+use crate::{lb, sock_slot, sock_state};
 
 /// sock_addr verdicts: 1 lets the call proceed; 0 fails it (EPERM unless a retval is set).
 const PROCEED: i32 = 1;
@@ -160,7 +161,7 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         None
     };
     let stored_pin = if pinning && slot_pin.is_none() {
-        sock_pins::pinned(ctx, rev_value)
+        sock_state::pinned(ctx, rev_value)
     } else {
         None
     };
@@ -233,6 +234,7 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
             port: p.port,
             _pad: [0; 2],
         };
+        sock_state::mark_in_lru(ctx);
         let _ = SOCK_REV_NAT.insert(&old, &rev_value, 0);
     }
     // The socket's slot if it is free or already the socket's own for this backend (any
@@ -255,27 +257,32 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         )
     };
     let in_slot = !matches!(remembered, Remembered::Refused);
-    // SAFETY: copied out at once.
-    let known = in_slot
-        || (SENDMSG
+    if !in_slot {
+        // The reverse hooks look only marked sockets up in the LRU. (Marked again when the
+        // entry is there already: the agent may have adopted it from a version that did not
+        // mark.)
+        sock_state::mark_in_lru(ctx);
+        // SAFETY: copied out at once.
+        let known = SENDMSG
             && SOCK_REV_NAT
                 .get_ptr(&rev_key)
-                .is_some_and(|v| unsafe { *v } == rev_value));
-    if !known {
-        // If the LRU cannot take the entry the connection still works; only the reverse
-        // view (getpeername, recvfrom's source) shows the backend.
-        let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+                .is_some_and(|v| unsafe { *v } == rev_value);
+        if !known {
+            // If the LRU cannot take the entry the connection still works; only the reverse
+            // view (getpeername, recvfrom's source) shows the backend.
+            let _ = SOCK_REV_NAT.insert(&rev_key, &rev_value, 0);
+        }
     }
     // (Only UDP sockets have pins to keep.)
     if let Remembered::Displaced(other, other_pin) = remembered
         && proto == PROTO_UDP
     {
-        sock_pins::remember(ctx, other, other_pin);
+        sock_state::remember_pin(ctx, other, other_pin);
     }
     // A pin the slot does not hold goes to the socket's storage, unless it is there as is.
     let stored_as_is = stored_pin.is_some() && kept.is_some() && !moved;
     if pinning && !in_slot && !stored_as_is {
-        sock_pins::remember(
+        sock_state::remember_pin(
             ctx,
             rev_value,
             Pin {
@@ -320,8 +327,14 @@ fn translate_reverse(ctx: &SockAddrContext) {
     // The socket's slot first: `translate_forward` writes the LRU only when the slot was
     // not available.
     let slotted = sock_slot::recall(key.cookie, key.addr, key.port);
-    // SAFETY: copied out at once.
-    let Some(entry) = slotted.or_else(|| SOCK_REV_NAT.get_ptr(&key).map(|e| unsafe { *e })) else {
+    // Then the LRU, for a socket that wrote there (`sock_state`): not for the sockets that
+    // never had a translation, every server among them.
+    let Some(entry) = slotted.or_else(|| {
+        // SAFETY: copied out at once.
+        sock_state::in_lru(ctx)
+            .then(|| SOCK_REV_NAT.get_ptr(&key).map(|e| unsafe { *e }))
+            .flatten()
+    }) else {
         return;
     };
     // Only while the frontend still exists: a deleted Service's old translation must not

@@ -9,7 +9,7 @@
 //! lock. A slot holds one backend: a slot still held by another live socket (one 262144
 //! cookies older), or by this unconnected socket for another backend, sends the
 //! translation to the LRU, so a live socket's translation is never overwritten, and the
-//! socket's pin to its own storage (`sock_pins`).
+//! socket's pin to its own storage (`sock_state`).
 //!
 //! The cookie word is the slot's lock and its validity: claimed atomically with
 //! `SOCK_SLOT_BUSY` set, the rest written, then published with the plain cookie; freed by

@@ -25,8 +25,8 @@ use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_PINS, MAP_SOCK_REV_NAT,
-    MAP_SOCK_SLOTS, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey,
+    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
+    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey,
     ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
     sock_slot_index,
 };
@@ -473,6 +473,26 @@ impl Programs {
     }
 }
 
+/// The programs' switch (a global set at load time) for a socket rev-NAT LRU whose entries'
+/// sockets are not marked in their storage (see `proxy-ebpf/src/sock_state.rs`).
+const UNMARKED_LRU: &str = "EKP_UNMARKED_LRU";
+
+/// Whether the pinned socket rev-NAT LRU holds entries that programs without the sockets'
+/// storage wrote (an upgrade from a version before `ekp_sk_state_v1`): their sockets carry
+/// no mark, so the reverse hooks must look every socket up, as those programs did.
+fn unmarked_lru(pin_dir: &Path) -> Result<bool> {
+    let lru = maps_dir(pin_dir).join(MAP_SOCK_REV_NAT);
+    if !lru.exists() || maps_dir(pin_dir).join(MAP_SOCK_STATE).exists() {
+        return Ok(false);
+    }
+    let info = aya::maps::MapInfo::from_pin(&lru)
+        .with_context(|| format!("reading map info of {}", lru.display()))?;
+    let fd = info.fd()?;
+    let entries = bpf_sys::count_keys(fd.as_fd(), info.key_size())
+        .with_context(|| format!("counting the entries of {}", lru.display()))?;
+    Ok(entries > 0)
+}
+
 /// The socket programs' settings: whether they serve only the node's own namespace.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockSettings {
@@ -504,11 +524,19 @@ pub fn start(
         .iter()
         .map(|name| (*name, maps_dir(pin_dir).join(name)))
         .collect();
+    let unmarked = u8::from(unmarked_lru(pin_dir)?);
+    if unmarked != 0 {
+        tracing::info!(
+            "the socket rev-NAT LRU holds entries from an older version, which did not mark \
+             their sockets: the reverse hooks look every socket up there until the next start"
+        );
+    }
     let mut loader = EbpfLoader::new();
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
     loader
+        .override_global(UNMARKED_LRU, &unmarked, true)
         .map_max_entries(MAP_SERVICES, sizes.services)
         .map_max_entries(MAP_BACKENDS, sizes.backends)
         .map_max_entries(MAP_REV_NAT, sizes.rev_nat)
@@ -777,7 +805,7 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     let mut fills = Vec::new();
     for name in ALL_MAPS {
         let path = maps_dir(pin_dir).join(name);
-        if !path.exists() || name == MAP_SOCK_PINS {
+        if !path.exists() || name == MAP_SOCK_STATE {
             continue;
         }
         let info = aya::maps::MapInfo::from_pin(&path)

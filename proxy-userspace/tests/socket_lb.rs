@@ -510,6 +510,55 @@ fn connected_sockets_use_their_slot_or_else_the_lru() {
     );
 }
 
+/// An agent that adopts the pins of a version whose programs did not mark the sockets that
+/// have translations in the socket rev-NAT LRU looks every socket up there until its next
+/// start. Simulated: the sockets' storage is unpinned before the restart, so the new
+/// programs get an empty one, while a connected socket (whose slot another socket holds)
+/// keeps its translation in the LRU; it must still see the Service as its peer.
+#[test]
+fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_entries() {
+    let (mut h, _servers) = web_and_dns_running("unmarked");
+    hold_every_slot(&h);
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "60",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "100",
+    ];
+    let client = h.spawn_client("kept", &args);
+    client.wait_for_lines(3);
+    assert_eq!(
+        h.map_entries("ekp_sk_rnat_v1"),
+        1,
+        "the translation is in the LRU"
+    );
+
+    h.stop_agent();
+    let state = h.pin_path.join("maps/ekp_sk_state_v1");
+    std::fs::remove_file(&state).expect("unpinning the sockets' storage");
+    h.start_agent();
+    h.wait_for_log("from an older version");
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    while h.agent_log().matches("datapath ready").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted agent never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let after_restart = client.lines_so_far();
+    let lines = client.lines();
+    assert!(
+        lines.len() - after_restart >= 20,
+        "too few requests after the restart to judge: {after_restart} of {} before it",
+        lines.len()
+    );
+    assert_answered_through(&lines, 60, "10.96.0.10:53");
+}
+
 /// All `n` requests were answered, and the application saw `frontend` as their peer.
 fn assert_answered_through(lines: &[serde_json::Value], n: usize, frontend: &str) {
     assert_eq!(answers(lines).values().sum::<usize>(), n, "{lines:?}");
