@@ -41,9 +41,11 @@ pub static SOCK_REV_NAT: LruHashMap<
 #[btf_map(name = "ekp_sk_slot_v1")]
 pub static SOCK_SLOT_TABLE: Array<SockSlot, { SOCK_SLOTS as usize }> = Array::new();
 
-/// A UDP socket's pins that its slot in `SOCK_SLOT_TABLE` cannot hold: those of further
-/// frontends it sends to, or all of them when another socket holds its slot. Socket-local
-/// storage: created by `connect4`/`sendmsg4` for such a socket only, freed with the socket.
+/// A socket's own state (`sock_state`): the pins of a UDP socket that its slot in
+/// `SOCK_SLOT_TABLE` cannot hold (those of further frontends it sends to, or all of them when
+/// another socket holds its slot), and whether it has translations in `SOCK_REV_NAT`.
+/// Socket-local storage: created by `connect4`/`sendmsg4` for such a socket only, read by
+/// the reverse hooks, freed with the socket.
 #[btf_map(name = "ekp_sk_state_v1")]
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
