@@ -89,7 +89,9 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     if family == AF_INET && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP)) {
         // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-        if !sock_slot::forget(cookie) && addr != 0 {
+        // Only a marked socket has entries in the LRU (`sock_state`): not the connections
+        // a server accepted.
+        if !sock_slot::forget(cookie) && addr != 0 && sock_state::released_in_lru(sk) {
             let key = SockRevNatKey {
                 cookie,
                 addr,

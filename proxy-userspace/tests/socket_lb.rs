@@ -557,6 +557,11 @@ fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_e
         lines.len()
     );
     assert_answered_through(&lines, 60, "10.96.0.10:53");
+    assert_eq!(
+        h.map_entries("ekp_sk_rnat_v1"),
+        0,
+        "the closed socket's LRU entry is deleted, unmarked as it is"
+    );
 }
 
 /// All `n` requests were answered, and the application saw `frontend` as their peer.
