@@ -333,6 +333,39 @@ impl Maps {
             .with_context(|| format!("deleting services entry slot {}", key.slot))
     }
 
+    /// Writes services entries in order, in one syscall; on an error, how many were
+    /// written before it.
+    pub fn put_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> std::result::Result<(), (usize, anyhow::Error)> {
+        bpf_sys::update_batch(self.services.map().fd().as_fd(), keys, values)
+            .map_err(|(done, e)| (done, e.context("writing services entries")))
+    }
+
+    /// Writes backends in order, in one syscall; on an error, how many were written
+    /// before it.
+    pub fn put_backends(
+        &mut self,
+        ids: &[u32],
+        values: &[BackendValue],
+    ) -> std::result::Result<(), (usize, anyhow::Error)> {
+        bpf_sys::update_batch(self.backends.map().fd().as_fd(), ids, values)
+            .map_err(|(done, e)| (done, e.context("writing backends")))
+    }
+
+    /// Writes rev-NAT entries in order, in one syscall; on an error, how many were written
+    /// before it.
+    pub fn put_rev_nats(
+        &mut self,
+        ids: &[u16],
+        values: &[RevNatValue],
+    ) -> std::result::Result<(), (usize, anyhow::Error)> {
+        bpf_sys::update_batch(self.rev_nat.map().fd().as_fd(), ids, values)
+            .map_err(|(done, e)| (done, e.context("writing rev-NAT entries")))
+    }
+
     pub fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
         self.rev_nat
             .insert(id, value, 0)
@@ -936,6 +969,7 @@ mod bpf_sys {
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     const BPF_LINK_UPDATE: libc::c_long = 29;
 
     /// `union bpf_attr`, large enough for these commands (the kernel ignores zeroed tails).
@@ -1075,6 +1109,38 @@ mod bpf_sys {
             }
             position = next;
             first = false;
+        }
+    }
+
+    /// Writes `keys[i]` = `values[i]` in order, in one syscall (`BPF_MAP_UPDATE_BATCH`,
+    /// which the kernel runs as one update per element: each visible as soon as written).
+    /// On an error, how many were written before it.
+    pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+        map: std::os::fd::BorrowedFd<'_>,
+        keys: &[K],
+        values: &[V],
+    ) -> std::result::Result<(), (usize, anyhow::Error)> {
+        assert_eq!(keys.len(), values.len(), "a value for every key");
+        let Ok(count) = u32::try_from(keys.len()) else {
+            return Err((0, anyhow::anyhow!("{} entries in one batch", keys.len())));
+        };
+        let mut attr = Attr([0; 128]);
+        // struct { __aligned_u64 in_batch, out_batch, keys, values; __u32 count, map_fd;
+        //          __u64 elem_flags, flags; }
+        attr.0[16..24].copy_from_slice(&(keys.as_ptr() as u64).to_ne_bytes());
+        attr.0[24..32].copy_from_slice(&(values.as_ptr() as u64).to_ne_bytes());
+        attr.0[32..36].copy_from_slice(&count.to_ne_bytes());
+        attr.0[36..40].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+        match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // The kernel sets `count` to the elements written before the failing one.
+                let done = u32::from_ne_bytes([attr.0[32], attr.0[33], attr.0[34], attr.0[35]]);
+                Err((
+                    (done as usize).min(keys.len()),
+                    anyhow::Error::new(e).context("BPF_MAP_UPDATE_BATCH"),
+                ))
+            }
         }
     }
 

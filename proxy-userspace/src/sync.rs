@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::Key;
 use proxy_common::{
-    BackendValue, RevNatValue, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    BackendValue, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES, RevNatValue, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::abi;
@@ -860,23 +860,20 @@ impl Syncer {
         // Connected UDP sockets pointed at a departed backend must reconnect (C27). The ids
         // are resolved before the writes, which may delete the backends.
         let departed_udp = udp_pairs(&self.programmed, departed);
+        let writes: Vec<MapWrite> = ops.iter().map(Op::encode).collect();
         let mut applied = 0;
         let mut failed = None;
-        for op in ops {
-            if let Err(e) = self.write(op) {
+        while applied < ops.len() {
+            let run = applied..applied + batch_len(&writes[applied..]);
+            let (written, error) = self.write_run(&writes[run]);
+            for op in &ops[applied..applied + written] {
+                self.mirror(op);
+            }
+            applied += written;
+            if let Some(e) = error {
                 failed = Some(e);
                 break;
             }
-            applied += 1;
-            self.index.apply(&self.programmed, op);
-            let entries = |p: &Programmed| {
-                op.frontend()
-                    .and_then(|k| p.frontends.get(k))
-                    .map_or(0, frontend_entries)
-            };
-            self.service_entries -= entries(&self.programmed);
-            self.programmed.apply(op);
-            self.service_entries += entries(&self.programmed);
         }
         let present = ops[..applied].iter().filter_map(|op| match op {
             Op::PutSlot {
@@ -915,8 +912,69 @@ impl Syncer {
         })
     }
 
-    fn write(&mut self, op: &Op) -> Result<()> {
-        match op.encode() {
+    /// Records a written op in the mirror, the backend index and the entry count.
+    fn mirror(&mut self, op: &Op) {
+        self.index.apply(&self.programmed, op);
+        let entries = |p: &Programmed| {
+            op.frontend()
+                .and_then(|k| p.frontends.get(k))
+                .map_or(0, frontend_entries)
+        };
+        self.service_entries -= entries(&self.programmed);
+        self.programmed.apply(op);
+        self.service_entries += entries(&self.programmed);
+    }
+
+    /// Writes `run` (see [`batch_len`]): several puts to one map in one syscall, which
+    /// writes them one after the other as separate writes would, at a fraction of the
+    /// cost (programming 10000 Services writes 60000 entries). Returns how many were
+    /// written, and the error that stopped the rest.
+    fn write_run(&mut self, run: &[MapWrite]) -> (usize, Option<anyhow::Error>) {
+        let outcome = match run {
+            [one] => self.write(one).map_err(|e| (0, e)),
+            [MapWrite::PutService(..), ..] => {
+                let (keys, values): (Vec<_>, Vec<_>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        MapWrite::PutService(k, v) => Some((*k, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                self.maps.put_services(&keys, &values)
+            }
+            [MapWrite::PutBackend(..), ..] => {
+                let (ids, values): (Vec<_>, Vec<_>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        MapWrite::PutBackend(id, v) => Some((*id, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                self.maps.put_backends(&ids, &values)
+            }
+            [MapWrite::PutRevNat(..), ..] => {
+                let (ids, values): (Vec<_>, Vec<_>) = run
+                    .iter()
+                    .filter_map(|w| match w {
+                        MapWrite::PutRevNat(id, v) => Some((*id, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                self.maps.put_rev_nats(&ids, &values)
+            }
+            _ => Err((
+                0,
+                anyhow::anyhow!("{} writes that no batch takes", run.len()),
+            )),
+        };
+        match outcome {
+            Ok(()) => (run.len(), None),
+            Err((written, e)) => (written, Some(e)),
+        }
+    }
+
+    fn write(&mut self, write: &MapWrite) -> Result<()> {
+        match *write {
             MapWrite::PutService(key, value) => self.maps.put_service(key, value),
             MapWrite::DeleteService(key) => self.maps.delete_service(key),
             MapWrite::PutBackend(id, value) => self.maps.put_backend(id, value),
@@ -930,6 +988,22 @@ impl Syncer {
                 self.maps.delete_source_range(Key::new(prefix_len, data))
             }
         }
+    }
+}
+
+/// How many of `writes`, from the first, one syscall writes: a run of puts to the services,
+/// backends or rev-NAT map, else one write (deletions and source ranges go one by one).
+fn batch_len(writes: &[MapWrite]) -> usize {
+    let map = |w: &MapWrite| match w {
+        MapWrite::PutService(..) => Some(MAP_SERVICES),
+        MapWrite::PutBackend(..) => Some(MAP_BACKENDS),
+        MapWrite::PutRevNat(..) => Some(MAP_REV_NAT),
+        _ => None,
+    };
+    match writes.first().map(map) {
+        None => 0,
+        Some(None) => 1,
+        Some(first) => writes.iter().take_while(|w| map(w) == first).count(),
     }
 }
 
@@ -1186,6 +1260,34 @@ mod tests {
     }
 
     // ---- write order -----------------------------------------------------------------------
+
+    #[test]
+    fn a_batch_is_a_run_of_puts_to_one_map() {
+        let writes: Vec<MapWrite> = [
+            put_backend(1, 1),
+            put_backend(2, 2),
+            put_slot(1, 1, 1, 1),
+            put_slot(1, 2, 2, 1),
+            put_frontend(1, 2, 1),
+            put_rev_nat(1, 1),
+            delete_slot(1, 3),
+            delete_slot(1, 4),
+            put_rev_nat(2, 2),
+        ]
+        .iter()
+        .map(Op::encode)
+        .collect();
+        let mut runs = Vec::new();
+        let mut at = 0;
+        while at < writes.len() {
+            let n = batch_len(&writes[at..]);
+            runs.push(n);
+            at += n;
+        }
+        // Slots and slot 0 share the services map; deletions go one by one.
+        assert_eq!(runs, [2, 3, 1, 1, 1, 1]);
+        assert_eq!(batch_len(&[]), 0);
+    }
 
     #[test]
     fn a_new_frontend_is_written_backends_then_slots_then_rev_nat_then_slot_0() {
