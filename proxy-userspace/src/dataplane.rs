@@ -533,21 +533,27 @@ pub struct SockSettings {
     pub host_netns_cookie: Option<u64>,
 }
 
-/// Loads the object, reusing pinned maps, and attaches (or re-targets pinned) links on
-/// `cgroup`, and, with `north_south`, on its devices (after writing the node config, so
-/// that no packet meets the programs before they know the SNAT address). `bpf_log_level`
-/// (`LOG_LEVEL_*`) is written to the log switch before any program attaches, and the
-/// programs' log records are forwarded to `tracing` (target `ebpf`) on the current tokio
-/// runtime.
-pub fn start(
+/// The eBPF object with its programs verified and none attached: the slow part of a start
+/// (the kernel's verifier: about 0.3 s on a small node), which needs nothing from the
+/// source, so `run` does it on a thread of its own while it reads and translates the
+/// Services.
+pub struct Loaded {
+    ebpf: Ebpf,
+    tcx_loaded: bool,
+    pod_loaded: bool,
+}
+
+/// Loads the object, reusing pinned maps, and verifies the socket programs, the north-south
+/// ones with `north_south` (whether north-south is on at all: the devices are known only
+/// later) and the pod-device ones with `pod_programs`. `bpf_log_level` (`LOG_LEVEL_*`) is
+/// written to the log switch, before any program can attach.
+pub fn load(
     pin_dir: &Path,
-    cgroup: &Path,
     sizes: MapSizes,
     bpf_log_level: u8,
-    north_south: Option<&NorthSouth>,
-    sock: SockSettings,
-    pod_devices: &[String],
-) -> Result<(Maps, Programs)> {
+    north_south: bool,
+    pod_programs: bool,
+) -> Result<Loaded> {
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(maps_dir(pin_dir))
         .with_context(|| format!("creating {}", maps_dir(pin_dir).display()))?;
@@ -579,6 +585,47 @@ pub fn start(
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
+    for name in SOCK_PROGRAMS {
+        match ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+        {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            _ => bail!("program {name} is not a cgroup socket program"),
+        }
+        .with_context(|| format!("loading program {name} (verifier)"))?;
+    }
+    if north_south {
+        load_tc(&mut ebpf, &TCX_HOOKS)?;
+    }
+    if pod_programs {
+        load_tc(&mut ebpf, &POD_HOOKS)?;
+    }
+    Ok(Loaded {
+        ebpf,
+        tcx_loaded: north_south,
+        pod_loaded: pod_programs,
+    })
+}
+
+/// Puts `loaded` to work: attaches (or re-targets pinned) links on `cgroup`, and, with
+/// `north_south`, on its devices (after writing the node config, so that no packet meets
+/// the programs before they know the SNAT address). The programs' log records are
+/// forwarded to `tracing` (target `ebpf`) on the current tokio runtime.
+pub fn start(
+    loaded: Loaded,
+    pin_dir: &Path,
+    cgroup: &Path,
+    north_south: Option<&NorthSouth>,
+    sock: SockSettings,
+    pod_devices: &[String],
+) -> Result<(Maps, Programs)> {
+    let Loaded {
+        mut ebpf,
+        mut tcx_loaded,
+        pod_loaded,
+    } = loaded;
     let log_forwarder = logs::forward(&mut ebpf);
     write_sock_config(&mut ebpf, sock)?;
 
@@ -588,12 +635,6 @@ pub fn start(
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?;
-        match program {
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::CgroupSock(p) => p.load(),
-            _ => bail!("program {name} is not a cgroup socket program"),
-        }
-        .with_context(|| format!("loading program {name} (verifier)"))?;
         let fd = program.fd()?.try_clone()?;
         let link_pin = links_dir(pin_dir).join(name);
         adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
@@ -618,7 +659,10 @@ pub fn start(
     detach_other_devices(pin_dir, &TCX_PROGRAMS, devices)?;
     if let Some(north_south) = north_south {
         write_node_config(&mut ebpf, north_south.node_config)?;
-        load_tc(&mut ebpf, &TCX_HOOKS)?;
+        if !tcx_loaded {
+            load_tc(&mut ebpf, &TCX_HOOKS)?;
+            tcx_loaded = true;
+        }
         attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &north_south.devices)?;
     }
     let node_ifindex = devices::links()?
@@ -632,7 +676,9 @@ pub fn start(
     if pod_devices.is_empty() {
         detach_other_devices(pin_dir, &pod_programs, &[])?;
     } else {
-        load_tc(&mut ebpf, &POD_HOOKS)?;
+        if !pod_loaded {
+            load_tc(&mut ebpf, &POD_HOOKS)?;
+        }
         let pinned = pinned_devices(pin_dir, POD_HOOKS[0].0)?;
         let present: Vec<(String, u32)> = devices::links()?
             .into_iter()
@@ -653,7 +699,7 @@ pub fn start(
             pod_ifindex,
             north_south: north_south.cloned(),
             node_ifindex,
-            tcx_loaded: north_south.is_some(),
+            tcx_loaded,
         },
     ))
 }

@@ -311,14 +311,34 @@ pub async fn run(config: Config) -> Result<()> {
         let _ = node_events.set(events.clone());
     }
 
-    // The programs of a previous run keep serving from the pinned maps until the new ones
-    // are swapped in; detecting devices needs the Node's addresses, hence the source first.
-    let node_addresses = node_info(
-        &config.node_name,
-        source.snapshot(&config.node_name).node.as_deref(),
-        &[],
-    )
-    .node_port_addresses;
+    // The kernel verifies the programs on a thread of its own while this one reads and
+    // translates the Services (two cores: a start at 10000 Services takes the longer of
+    // the two, not their sum). The programs of a previous run keep serving from the pinned
+    // maps until the new ones are swapped in.
+    let loading = {
+        let pin_dir = config.pin_dir.clone();
+        let (sizes, level) = (config.map_sizes, config.bpf_log_level);
+        let (north_south, pods) = (config.north_south.is_some(), !config.pod_devices.is_empty());
+        std::thread::Builder::new()
+            .name("ekp-load".into())
+            .spawn(move || dataplane::load(&pin_dir, sizes, level, north_south, pods))
+            .context("starting the thread that loads the programs")?
+    };
+    // Detecting devices needs the Node's addresses, hence the source before attaching.
+    let mut state = LoopState::default();
+    let (snapshot, read) = timed(|| source.snapshot(&config.node_name));
+    let node_addresses =
+        node_info(&config.node_name, snapshot.node.as_deref(), &[]).node_port_addresses;
+    // The first sync starts from this translation.
+    state.full = true;
+    let input = Input::Whole(snapshot);
+    let (changes, translate) = timed(|| translate_input(&config, &mut state, &input));
+    state.primed = Some(Primed {
+        input,
+        changes,
+        read,
+        translate,
+    });
     let north_south = match &config.north_south {
         Some(ns) => ns.resolve(&node_addresses)?,
         None => None,
@@ -336,11 +356,13 @@ pub async fn run(config: Config) -> Result<()> {
              is not translated"
         );
     }
+    let loaded = loading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread that loads the programs panicked"))??;
     let (maps, mut programs) = dataplane::start(
+        loaded,
         &config.pin_dir,
         &config.cgroup,
-        config.map_sizes,
-        config.bpf_log_level,
         north_south.as_ref(),
         sock,
         &config.pod_devices,
@@ -372,7 +394,6 @@ pub async fn run(config: Config) -> Result<()> {
         "datapath ready; adopted what was pinned"
     );
 
-    let mut state = LoopState::default();
     let mut health_check_servers = HealthCheckServers::new(health.clone(), events);
     // Devices are looked at in every sync, and between syncs whenever a link or an IPv4
     // address changes.
@@ -387,7 +408,6 @@ pub async fn run(config: Config) -> Result<()> {
     };
     // The first sync, the periodic one and a retry translate and diff everything; a change
     // only what it touched.
-    state.full = true;
     loop {
         let started = Instant::now();
         pod_devices = serve_pod_devices(&mut programs, &pod_devices);
@@ -556,6 +576,16 @@ struct LoopState {
     /// Health checks per (namespace, Service name) group that has any (or a problem),
     /// kept up to date with the groups that changed.
     health_checks: BTreeMap<(String, String), HealthChecks>,
+    /// What the first sync reads and how it translated, done while the programs loaded.
+    primed: Option<Primed>,
+}
+
+/// A sync's input, already translated into `LoopState::translation`.
+struct Primed {
+    input: Input,
+    changes: Changes,
+    read: Duration,
+    translate: Duration,
 }
 
 /// Recomputes the health checks of the groups that changed (every group on a full sync).
@@ -589,35 +619,37 @@ fn sync_once(
     health_check_servers: &mut HealthCheckServers,
 ) -> bool {
     let started = std::time::Instant::now();
-    // A change reads only what changed; the first, periodic and retried syncs read all.
-    let delta = if state.full {
-        None
-    } else {
-        source.delta(&config.node_name)
-    };
-    let input = match delta {
-        Some(delta) => Input::Delta(delta),
-        None => Input::Whole(source.snapshot(&config.node_name)),
-    };
-    let read = started.elapsed();
-    health.set_node_eligible(node_eligible(input.node()));
-
-    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
-    let addresses = node_info(&config.node_name, input.node(), &[]).node_port_addresses;
-    let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
-    state.node_addresses = addresses;
-    if state.full {
-        state.translation.forget();
-    }
-    let translate_started = std::time::Instant::now();
-    let changes = match &input {
-        Input::Whole(snapshot) => {
-            state
-                .translation
-                .update(&snapshot.services, &snapshot.slices, &node, own.as_deref())
+    let Primed {
+        input,
+        changes,
+        read,
+        translate,
+    } = match state.primed.take() {
+        Some(primed) => primed,
+        None => {
+            // A change reads only what changed; the first, periodic and retried syncs read
+            // all.
+            let (input, read) = timed(|| {
+                match (!state.full)
+                    .then(|| source.delta(&config.node_name))
+                    .flatten()
+                {
+                    Some(delta) => Input::Delta(delta),
+                    None => Input::Whole(source.snapshot(&config.node_name)),
+                }
+            });
+            let (changes, translate) = timed(|| translate_input(config, state, &input));
+            Primed {
+                input,
+                changes,
+                read,
+                translate,
+            }
         }
-        Input::Delta(delta) => state.translation.apply(delta, &node, own.as_deref()),
     };
+    let prepare_started = std::time::Instant::now();
+    health.set_node_eligible(node_eligible(input.node()));
+    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
     metrics
         .service_changes
         .inc_by(changes.services.len() as u64);
@@ -675,7 +707,7 @@ fn sync_once(
     skipped.extend(over_capacity.iter().cloned());
     report_skipped(&mut state.reported, skipped, &over_capacity, metrics);
 
-    let translated = translate_started.elapsed();
+    let prepared = prepare_started.elapsed();
     let write_started = std::time::Instant::now();
     let result = match (&fitted, touched) {
         (None, Some(touched)) => syncer.sync_touched(desired, touched),
@@ -685,7 +717,8 @@ fn sync_once(
     tracing::debug!(
         read = ?read,
         whole_input,
-        translate = ?translated,
+        translate = ?translate,
+        prepare = ?prepared,
         write = ?write_started.elapsed(),
         touched = touched.is_some(),
         "sync phases"
@@ -742,6 +775,33 @@ fn sync_once(
             false
         }
     }
+}
+
+/// Translates `input` into `state.translation`: everything afresh on a full sync, else
+/// only what changed.
+fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
+    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
+    let addresses = node_info(&config.node_name, input.node(), &[]).node_port_addresses;
+    let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
+    state.node_addresses = addresses;
+    if state.full {
+        state.translation.forget();
+    }
+    match input {
+        Input::Whole(snapshot) => {
+            state
+                .translation
+                .update(&snapshot.services, &snapshot.slices, &node, own.as_deref())
+        }
+        Input::Delta(delta) => state.translation.apply(delta, &node, own.as_deref()),
+    }
+}
+
+/// `f`'s result and how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let started = std::time::Instant::now();
+    let value = f();
+    (value, started.elapsed())
 }
 
 /// kube-proxy's network programming latency: from the EndpointSlice controller's
