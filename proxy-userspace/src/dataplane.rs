@@ -1203,3 +1203,56 @@ mod bpf_sys {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash map of `max_entries` u32 -> u64 entries, created with `BPF_MAP_CREATE`.
+    fn hash_map(max_entries: u32) -> OwnedFd {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test creates a BPF map, which needs root (CAP_BPF): run it as root");
+        }
+        // struct { __u32 map_type, key_size, value_size, max_entries, map_flags; ... }
+        let mut attr = [0u32; 32];
+        attr[..4].copy_from_slice(&[1 /* BPF_MAP_TYPE_HASH */, 4, 8, max_entries]);
+        // SAFETY: attr is a zeroed bpf_attr with the map_create fields set.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0 as libc::c_long, // BPF_MAP_CREATE
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr) as libc::c_uint,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "BPF_MAP_CREATE: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the kernel returned a new file descriptor that we now own.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    fn contents(map: &OwnedFd) -> Vec<(u32, u64)> {
+        let mut all = Vec::new();
+        bpf_sys::lookup_batch(map.as_fd(), 16, |k: u32, v: u64| all.push((k, v)))
+            .expect("reading the map");
+        all.sort_unstable();
+        all
+    }
+
+    #[test]
+    fn a_batch_writes_every_entry_and_a_failed_one_says_how_many_it_wrote() {
+        let map = hash_map(3);
+        bpf_sys::update_batch(map.as_fd(), &[7u32, 8], &[70u64, 80]).expect("a batch that fits");
+        assert_eq!(contents(&map), [(7, 70), (8, 80)]);
+        // An update of an existing key takes no room; the third new key is one too many.
+        let (written, error) =
+            bpf_sys::update_batch(map.as_fd(), &[8u32, 9, 10, 11], &[81u64, 90, 100, 110])
+                .expect_err("a full map refuses the fourth key");
+        assert_eq!(written, 2, "{error:#}");
+        assert_eq!(contents(&map), [(7, 70), (8, 81), (9, 90)]);
+    }
+}
