@@ -267,14 +267,15 @@ type EndpointIndex = BTreeMap<(String, String), Vec<PortEndpoint>>;
 /// by the Service named in its `kubernetes.io/service-name` label. A slice whose Service does
 /// not exist is indexed all the same and simply never looked up, as in kube-proxy: it is
 /// served as soon as its Service appears.
-fn index_endpoints(
-    slices: &[EndpointSlice],
+fn index_endpoints<S: std::borrow::Borrow<EndpointSlice>>(
+    slices: &[S],
     node: &NodeInfo,
     skipped: &mut Vec<Skipped>,
     ignored: &mut Vec<Skipped>,
 ) -> EndpointIndex {
     let mut index = EndpointIndex::new();
     for slice in slices {
+        let slice: &EndpointSlice = slice.borrow();
         if !is_for_this_proxy(&slice.metadata) {
             continue;
         }

@@ -73,7 +73,7 @@ pub fn health_checks(
         .iter()
         .map(|(_, (namespace, name, _))| (namespace.as_str(), name.as_str()))
         .collect();
-    let relevant: Vec<EndpointSlice> = slices
+    let relevant: Vec<&EndpointSlice> = slices
         .iter()
         .filter(|slice| {
             let service = slice
@@ -85,7 +85,7 @@ pub fn health_checks(
                 names.contains(&(namespace(&slice.metadata), service.as_str()))
             })
         })
-        .map(|slice| EndpointSlice::clone(slice))
+        .map(|slice| slice.as_ref())
         .collect();
     // translate reports the slices' problems already.
     let endpoints = index_endpoints(&relevant, node, &mut Vec::new(), &mut Vec::new());

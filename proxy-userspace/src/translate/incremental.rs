@@ -221,6 +221,10 @@ impl Incremental {
             }
         }
 
+        // One allocation for a first update's thousands of groups, not a rehash at every
+        // doubling.
+        self.groups.reserve(changed.len());
+        self.claims.reserve(changed.len());
         // New translations alone and new claims; the groups whose claims meet theirs are
         // merged again.
         let mut remerge: BTreeSet<GroupKey> = BTreeSet::new();
@@ -564,9 +568,7 @@ fn translate_group(
 ) -> Part {
     let mut skipped = Vec::new();
     let mut ignored = Vec::new();
-    // A few slices of one Service: copied for the index, which takes them in a row.
-    let slices: Vec<EndpointSlice> = slices.iter().map(|s| EndpointSlice::clone(s)).collect();
-    let endpoints = index_endpoints(&slices, node, &mut skipped, &mut ignored);
+    let endpoints = index_endpoints(slices, node, &mut skipped, &mut ignored);
     let mut state = DesiredState {
         frontends: taken.clone(),
         ..DesiredState::default()
