@@ -619,13 +619,18 @@ fn sync_once(
     health_check_servers: &mut HealthCheckServers,
 ) -> bool {
     let started = std::time::Instant::now();
+    // A primed sync's reading and translating came before it; they count in its duration.
+    let mut ahead = Duration::ZERO;
     let Primed {
         input,
         changes,
         read,
         translate,
     } = match state.primed.take() {
-        Some(primed) => primed,
+        Some(primed) => {
+            ahead = primed.read + primed.translate;
+            primed
+        }
         None => {
             // A change reads only what changed; the first, periodic and retried syncs read
             // all.
@@ -729,7 +734,7 @@ fn sync_once(
             health.updated(now);
             metrics
                 .sync_duration
-                .observe(started.elapsed().as_secs_f64());
+                .observe((started.elapsed() + ahead).as_secs_f64());
             metrics.last_sync_timestamp.set(unix_seconds(now));
             observe_programming_latency(&changes.new_slices, now, metrics);
             // Like kube-proxy, after the rules are in place.
