@@ -933,39 +933,27 @@ impl Syncer {
         let outcome = match run {
             [one] => self.write(one).map_err(|e| (0, e)),
             [MapWrite::PutService(..), ..] => {
-                let (keys, values): (Vec<_>, Vec<_>) = run
-                    .iter()
-                    .filter_map(|w| match w {
-                        MapWrite::PutService(k, v) => Some((*k, *v)),
-                        _ => None,
-                    })
-                    .unzip();
+                let (keys, values) = puts(run, |w| match *w {
+                    MapWrite::PutService(k, v) => Some((k, v)),
+                    _ => None,
+                });
                 self.maps.put_services(&keys, &values)
             }
             [MapWrite::PutBackend(..), ..] => {
-                let (ids, values): (Vec<_>, Vec<_>) = run
-                    .iter()
-                    .filter_map(|w| match w {
-                        MapWrite::PutBackend(id, v) => Some((*id, *v)),
-                        _ => None,
-                    })
-                    .unzip();
+                let (ids, values) = puts(run, |w| match *w {
+                    MapWrite::PutBackend(id, v) => Some((id, v)),
+                    _ => None,
+                });
                 self.maps.put_backends(&ids, &values)
             }
             [MapWrite::PutRevNat(..), ..] => {
-                let (ids, values): (Vec<_>, Vec<_>) = run
-                    .iter()
-                    .filter_map(|w| match w {
-                        MapWrite::PutRevNat(id, v) => Some((*id, *v)),
-                        _ => None,
-                    })
-                    .unzip();
+                let (ids, values) = puts(run, |w| match *w {
+                    MapWrite::PutRevNat(id, v) => Some((id, v)),
+                    _ => None,
+                });
                 self.maps.put_rev_nats(&ids, &values)
             }
-            _ => Err((
-                0,
-                anyhow::anyhow!("{} writes that no batch takes", run.len()),
-            )),
+            _ => Err((0, anyhow::anyhow!("{} writes no batch takes", run.len()))),
         };
         match outcome {
             Ok(()) => (run.len(), None),
@@ -989,6 +977,11 @@ impl Syncer {
             }
         }
     }
+}
+
+/// The keys and values of a run of puts, as `put` takes them apart.
+fn puts<K, V>(run: &[MapWrite], put: impl Fn(&MapWrite) -> Option<(K, V)>) -> (Vec<K>, Vec<V>) {
+    run.iter().filter_map(put).unzip()
 }
 
 /// How many of `writes`, from the first, one syscall writes: a run of puts to the services,
