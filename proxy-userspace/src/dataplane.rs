@@ -85,6 +85,7 @@ fn tcx_link_name(program: &str, device: &str) -> String {
 /// A batch of writes: done, or how many were written before the error.
 pub type Batch = std::result::Result<(), (usize, anyhow::Error)>;
 
+/// Writes `keys[i]` = `values[i]` to `map`, in order, in one syscall.
 fn put_batch<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     keys: &[K],
