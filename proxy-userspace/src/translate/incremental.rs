@@ -222,9 +222,11 @@ impl Incremental {
         }
 
         // One allocation for a first update's thousands of groups, not a rehash at every
-        // doubling.
-        self.groups.reserve(changed.len());
-        self.claims.reserve(changed.len());
+        // doubling (later updates find the tables at their size).
+        if self.groups.is_empty() {
+            self.groups.reserve(changed.len());
+            self.claims.reserve(changed.len());
+        }
         // New translations alone and new claims; the groups whose claims meet theirs are
         // merged again.
         let mut remerge: BTreeSet<GroupKey> = BTreeSet::new();
