@@ -6,6 +6,7 @@
 //!                   [--rounds R] [--changes C] [--iptables system|legacy|nft]
 //!                   [--modes ebpf,direct]   # only these modes (the others' results empty)
 //!                   [--cpu N | --cpu any]   # the servers' and clients' CPU (default: the last)
+//!                   [--budget SECS]         # the run's time limit (default 600; 0: none)
 //!                   [--debug | --release]
 //! cargo xtask bench --dump-rules N --out DIR   # the iptables/nftables input, for review
 //! cargo xtask bench --render [--out DIR]       # redraw latest.md and the charts from latest.json
@@ -42,6 +43,7 @@ mod topology;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -174,6 +176,9 @@ pub fn check_interrupted() -> Result<()> {
 
 pub struct Options {
     pub settings: runner::Settings,
+    /// How long the run may take, from the end of the build to the results (`--budget`);
+    /// `None`: no limit.
+    pub budget: Option<Duration>,
     /// "system" (`iptables-restore` as installed), "legacy" or "nft".
     pub iptables: String,
     pub out: PathBuf,
@@ -181,7 +186,15 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct,hooks] [--cpu N|any] [--iptables system|legacy|nft] [--debug | --release]";
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct,hooks] [--cpu N|any] [--iptables system|legacy|nft] [--budget SECS] [--debug | --release]";
+
+/// The default `--budget`: the 10 minutes for a default run on 2 cores.
+const DEFAULT_BUDGET: Duration = Duration::from_secs(600);
+
+/// What a run does after its last latency round besides the statistics pass (the agent
+/// stopped, rules flushed, namespaces deleted, memory probed, results written): the
+/// budget's deadline for the rounds comes this much before its end.
+const AFTER_THE_ROUNDS: Duration = Duration::from_secs(20);
 
 pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
     let quick = args.iter().any(|a| a == "--quick");
@@ -195,6 +208,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 changes: 1,
                 modes: Mode::ALL.to_vec(),
                 cpu: Some(last_cpu()),
+                deadline: None,
             }
         } else {
             runner::Settings {
@@ -205,8 +219,10 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                 changes: 5,
                 modes: Mode::ALL.to_vec(),
                 cpu: Some(last_cpu()),
+                deadline: None,
             }
         },
+        budget: Some(DEFAULT_BUDGET),
         out: root.join("bench/results"),
         iptables: "system".into(),
         release: !quick,
@@ -257,6 +273,12 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
             }
             "--samples" => o.settings.samples = value("--samples")?.parse()?,
             "--rounds" => o.settings.rounds = value("--rounds")?.parse()?,
+            "--budget" => {
+                let secs: u64 = value("--budget")?
+                    .parse()
+                    .context("--budget takes seconds (0: no limit)")?;
+                o.budget = (secs > 0).then(|| Duration::from_secs(secs));
+            }
             "--changes" => o.settings.changes = value("--changes")?.parse()?,
             "--modes" => {
                 let names = value("--modes")?;
@@ -450,13 +472,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         let options = parse_options(root, &[&args[..i], &args[i + 2..]].concat())?;
         return dump_rules(&options.out, n);
     }
-    let options = parse_options(root, args)?;
+    let mut options = parse_options(root, args)?;
     netns::require_privileges()?;
     let (iptables, iptables_restore) = iptables_binaries(&options.iptables);
     require_tools(iptables_restore)?;
     install_sigint_handler();
-    let started = std::time::Instant::now();
     let bins = build(root, options.release, iptables_restore)?;
+    // The budget is the run's: the build before it depends on what was built already.
+    let started = Instant::now();
+    options.settings.deadline = options
+        .budget
+        .map(|budget| started + budget.saturating_sub(AFTER_THE_ROUNDS));
     let profile = if options.release { "release" } else { "debug" };
     let mut machine = machine(iptables);
     machine["idle_memory"] = idle_memory(&bins.bench)?;
@@ -476,10 +502,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     // Again at the end: the machine may have changed during the run.
     machine["idle_memory_end"] = idle_memory(&bins.bench)?;
-    let results = report::to_json(&points, &options.settings, machine, profile, options.quick);
+    let results = report::to_json(
+        &points,
+        &options.settings,
+        options.budget,
+        machine,
+        profile,
+        options.quick,
+    );
     write_outputs(&options.out, &results)?;
     println!(
-        "\nbench: done in {:.0} s; results in {}",
+        "\nbench: done in {:.0} s after the build; results in {}",
         started.elapsed().as_secs_f64(),
         options.out.display()
     );
@@ -563,6 +596,7 @@ mod tests {
         let o = parse_options(root, &[]).unwrap();
         assert_eq!(o.settings.services, vec![1, 1000, 10000]);
         assert!(o.release);
+        assert_eq!(o.budget, Some(Duration::from_secs(600)));
         let o = parse_options(root, &["--quick".into()]).unwrap();
         assert_eq!(o.settings.services, vec![1, 100]);
         assert!(!o.release);
@@ -579,6 +613,11 @@ mod tests {
         assert_eq!(o.settings.services, vec![1, 5000, 30000]);
         assert_eq!(o.out, PathBuf::from("/tmp/x"));
         assert!(parse_options(root, &["--services".into(), "0".into()]).is_err());
+        let budget =
+            |v: &str| parse_options(root, &["--budget".into(), v.into()]).map(|o| o.budget);
+        assert_eq!(budget("90").unwrap(), Some(Duration::from_secs(90)));
+        assert_eq!(budget("0").unwrap(), None);
+        assert!(budget("ten").is_err());
         assert!(parse_options(root, &["--bogus".into()]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Results as JSON (the source of truth), and the markdown table drawn from it.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -76,6 +77,7 @@ fn median(values: &[f64]) -> f64 {
 pub fn to_json(
     points: &[PointResult],
     settings: &Settings,
+    budget: Option<Duration>,
     machine: Value,
     profile: &str,
     quick: bool,
@@ -155,11 +157,16 @@ pub fn to_json(
                 modes.insert(mode.name().into(), Value::Object(m));
             }
             let modes = Value::Object(modes);
-            json!({"services": point.services, "ratios": ratios(&modes), "modes": modes})
+            json!({
+                "services": point.services,
+                "rounds": point.rounds,
+                "ratios": ratios(&modes),
+                "modes": modes,
+            })
         })
         .collect();
     json!({
-        "schema": 6,
+        "schema": 7,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -169,6 +176,7 @@ pub fn to_json(
             "services": settings.services,
             "samples_per_metric_and_mode": settings.samples,
             "rounds": settings.rounds,
+            "budget_s": budget.map(|b| b.as_secs()),
             "warmup_per_batch": settings.warmup,
             "endpoint_changes": settings.changes,
             "cpu": settings.cpu,
@@ -393,6 +401,15 @@ pub fn markdown(results: &Value) -> String {
         let n = &point["services"];
         let m = &point["modes"];
         let _ = writeln!(md, "## {n} Services\n");
+        if let (Some(done), Some(asked)) = (point["rounds"].as_u64(), settings["rounds"].as_u64())
+            && done < asked
+        {
+            let _ = writeln!(
+                md,
+                "Latency measured in {done} of {asked} rounds: the run's time budget ({} s) ran out.\n",
+                settings["budget_s"]
+            );
+        }
         let _ = writeln!(md, "| | {} |", MODES.join(" | "));
         let _ = writeln!(md, "|---|{}", "---|".repeat(MODES.len()));
         let row = |md: &mut String, label: &str, cell: &dyn Fn(&Value) -> String| {
@@ -544,9 +561,10 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves. kube-proxy itself writes the Services in no fixed order (a Go map's, drawn again at every sync), so on a real node a Service's rule is on average halfway down `KUBE-SERVICES`; the iptables figures here are its worst case, as kube-proxy's own scale tests measure it.\n\
 - Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, each datagram sent with `sendto` to the Service or, in `direct`, to the pod chosen for the socket: a Service keeps an unconnected socket's datagrams on one backend, as kube-proxy's conntrack keeps a UDP flow on one). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
 - Per-round ratios: each round has one batch of every metric in every mode, run one after the other, so the ratio of two modes' p50s in one round compares them under the same machine conditions. The last table under each N gives the median and the range of these per-round ratios: a ratio of all samples that differs from 1 by less than that range is at the measurement's resolution, and request/response on an established connection (`rr`, where no program runs per operation) shows the range two alike modes have.\n\
+- Order at each N: programming from empty, the endpoint changes, the latency rounds, the statistics pass. A run has a time budget (`--budget`, 600 s by default, from the end of the build to the results written): after an N's first 3 rounds, a round starts only if it and the statistics pass after it, at the pace of that N's rounds so far, end 20 s before the budget does (the time the run needs after its last round). Programming and endpoint changes are never cut short: they are what the modes cost. An N measured in fewer rounds says so above its table.\n\
 - `(N SYNs resent)` beside a metric: the client's kernel sent a SYN again N times during the measured operations (`TCPSynRetrans` of its network namespace): the pod or the node did not answer the first, and that sample waited for the retransmission (several ms). In `iptables` and `nftables` NodePort runs this is masquerade at work: it picks a random source port, and a SYN that meets a pod's TIME_WAIT socket of an earlier connection from that port (with unrelated timestamps) is taken for a stray segment of that connection and not accepted; `ebpf` does not source-NAT traffic to local endpoints.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go), nor is what kube-proxy runs around its first restore (an `iptables` call per jump from a built-in chain, which the bench writes into the restore instead, and `iptables-save`) or its first transaction (`nft list` of chains and sets): the iptables and nftables figures are the kernel's load alone.\n\
-- One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first. `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains rewritten, the new endpoint's hairpin elements added, the old one's deleted). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included, nor its deletion of the conntrack entries of UDP flows to the removed endpoint, which follows the restore and does not hold up a new connection.\n\
+- One endpoint change: the measured Service's second endpoint is swapped (pod-b <-> pod-c); time until a new connection is answered by the new pod (the prober waits 0.2 ms between tries, so as not to take the cores the change is programmed with). Each mode makes one uncounted warm-up change first (and, after an odd number of swaps, one more at the end, not counted either, to bring pod-b back for the latency rounds). `ebpf`: the EndpointSlice manifest is rewritten (rename) and the agent re-reads its manifests directory, translates, diffs and writes the maps (it batches within `--min-sync-period` 1 s of its last sync, so each change starts more than 1 s after the previous one); `iptables`: kube-proxy's partial sync (all of `KUBE-SERVICES`, the changed Service's chains) with `iptables-restore --noflush`; `nftables`: kube-proxy's partial transaction (the changed Service's chains rewritten, the new endpoint's hairpin elements added, the old one's deleted). kube-proxy's own bookkeeping around the restore (`iptables-save`, `nft list`) is not included, nor its deletion of the conntrack entries of UDP flows to the removed endpoint, which follows the restore and does not hold up a new connection.\n\
 - Memory left alone: `ekp-bench idle-memory` (in the machine line) touches 256 scattered pages of its own memory at once and again after the pause between endpoint changes. On some virtual machines the second touch costs tens of µs per page; a process that wakes up for a change pays it for every page of code and data it touches (the agent, `iptables-restore` and `nft` alike), which sets a floor under one endpoint change whatever the number of Services.\n\
 - iptables: the machine's `iptables-restore` (the backend is in the machine line; kube-proxy's image picks the host's backend the same way); `--iptables legacy|nft` chooses one. The text is the same either way. It is what kube-proxy's iptables mode writes since 1.30, with its nfacct counters (`ct_state_invalid_dropped_pkts` on the conntrack-INVALID drop, `localhost_nps_accepted_pkts` on a rule for localhost NodePorts before each NodePort's rule), which the bench creates in the node as kube-proxy does at start; where they cannot be created, the machine line says so and the rules go without them, as kube-proxy's do.\n\
 - nftables: kube-proxy's nftables mode as of 1.36 (its sources and the expected rules of its unit tests): filter base chains before DNAT at priority -110 and the others at 0, a service chain per port with one `dnat ip addr . port to numgen random mod N map` rule (no endpoint chains), hairpin traffic masqueraded through the `hairpin-connections` set, NodePorts on the node's primary IP through the `nodeport-ips` set (the mode's default `--nodeport-addresses primary`). Left out, being later than 1.36: a one-endpoint service's plain `dnat to` and the localhost NodePort objects.\n\
@@ -670,5 +688,27 @@ mod tests {
         let mut md = String::new();
         program_table(&mut md, &json!({"ebpf": {}, "direct": {}}));
         assert!(md.is_empty());
+    }
+
+    #[test]
+    fn an_n_whose_rounds_the_budget_cut_says_so() {
+        let results = json!({
+            "settings": {"rounds": 10, "budget_s": 600},
+            "points": [
+                {"services": 1, "rounds": 10, "modes": {}},
+                {"services": 10000, "rounds": 4, "modes": {}},
+            ],
+        });
+        let md = markdown(&results);
+        let notes: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("Latency measured"))
+            .collect();
+        assert_eq!(
+            notes,
+            ["Latency measured in 4 of 10 rounds: the run's time budget (600 s) ran out."]
+        );
+        let cut = md.find(notes[0]).unwrap();
+        assert!(md[..cut].contains("## 10000 Services"), "{md}");
     }
 }

@@ -41,6 +41,39 @@ pub struct Settings {
     /// The CPU the servers, the latency clients and the change prober are confined to
     /// (`--cpu`); `None`: any.
     pub cpu: Option<usize>,
+    /// When the latency rounds must be over (`--budget`); `None`: no limit. See
+    /// [`another_round`].
+    pub deadline: Option<Instant>,
+}
+
+/// The fewest latency rounds an N gets whatever the budget says: enough for the
+/// per-round ratios to show a spread.
+pub const MIN_ROUNDS: usize = 3;
+
+/// Whether the latency phase at one N starts round `done + 1` of `rounds`: always up to
+/// [`MIN_ROUNDS`], then only if that round, at the pace of those before it (`spent` for
+/// `done` rounds), and the statistics pass after it (one batch per metric in one of the
+/// `modes` measured, so a `modes`-th of a round) end before `deadline` (`left` from now).
+/// The rounds are the only part of a run whose length is chosen: what comes before them
+/// (programming, endpoint changes) is what the modes cost.
+pub fn another_round(
+    done: usize,
+    rounds: usize,
+    spent: Duration,
+    modes: usize,
+    left: Option<Duration>,
+) -> bool {
+    if done >= rounds {
+        return false;
+    }
+    let Some(left) = left else {
+        return true;
+    };
+    if done < MIN_ROUNDS {
+        return true;
+    }
+    let per_round = spent / done as u32;
+    per_round + per_round / modes.max(1) as u32 <= left
 }
 
 /// Latency samples of one metric, merged over the batches.
@@ -96,6 +129,8 @@ impl ProgramTime {
 #[derive(Debug)]
 pub struct PointResult {
     pub services: usize,
+    /// Latency rounds measured: `Settings::rounds` unless the budget ran out.
+    pub rounds: usize,
     pub modes: BTreeMap<Mode, ModeResult>,
 }
 
@@ -485,14 +520,20 @@ impl<'a> Runner<'a> {
         }
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
 
-        self.latency(n, &mut modes)?;
+        // The endpoint changes come before the latency rounds, whose number the budget may
+        // cut: after them, only the statistics pass is left to wait for.
+        self.endpoint_changes(&mut services, &mut modes)?;
+        let rounds = self.latency(n, &mut modes)?;
         if self.settings.modes.contains(&Mode::Ebpf) {
             self.program_run_time(modes.get_mut(&Mode::Ebpf).expect("all modes"))?;
         }
-        self.endpoint_changes(&mut services, &mut modes)?;
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
         println!("  N = {n} done in {:.1} s", started.elapsed().as_secs_f64());
-        Ok(PointResult { services: n, modes })
+        Ok(PointResult {
+            services: n,
+            rounds,
+            modes,
+        })
     }
 
     fn read_memory(&self, result: &mut ModeResult) {
@@ -564,8 +605,9 @@ impl<'a> Runner<'a> {
     }
 
     /// Rounds; in each, every metric is measured in every mode (in a rotating order), one
-    /// batch each.
-    fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<()> {
+    /// batch each. Returns how many rounds ran: fewer than asked when the budget ran out
+    /// (see [`another_round`]).
+    fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<usize> {
         // Programming waited for the ClusterIP; the NodePort comes from the same sync or
         // restore, but is checked before it is measured (10 s: a hang guard).
         let selected: Vec<Mode> = Mode::ALL
@@ -586,7 +628,15 @@ impl<'a> Runner<'a> {
         let s = self.settings;
         let rounds = s.rounds.max(1);
         let t = Instant::now();
-        for round in 0..rounds {
+        let mut round = 0;
+        while another_round(
+            round,
+            rounds,
+            t.elapsed(),
+            selected.len(),
+            s.deadline
+                .map(|d| d.saturating_duration_since(Instant::now())),
+        ) {
             // Metric by metric, each mode in turn, so that what runs just before a batch is
             // the same metric in another mode; the order rotates with the round and the
             // metric, so that no mode always follows the same one.
@@ -617,14 +667,19 @@ impl<'a> Runner<'a> {
                     }
                 }
             }
+            round += 1;
             print!(
-                "\r  latency round {}/{rounds} ({:.0} s)",
-                round + 1,
+                "\r  latency round {round}/{rounds} ({:.0} s)",
                 t.elapsed().as_secs_f64()
             );
             let _ = std::io::stdout().flush();
         }
         println!();
+        if round < rounds {
+            println!(
+                "  the run's time budget (--budget) ends: {round} of {rounds} rounds measured"
+            );
+        }
         for mode in Mode::ALL {
             let result = &modes[&mode];
             let p50 = |metric: Metric| {
@@ -652,7 +707,7 @@ impl<'a> Runner<'a> {
                 }
             );
         }
-        Ok(())
+        Ok(round)
     }
 
     /// Operations per batch: a mode's samples of `metric` spread over the rounds.
@@ -742,13 +797,16 @@ impl<'a> Runner<'a> {
     /// Swaps the measured Service's second endpoint (pod-b <-> pod-c), `changes` times, in
     /// every mode, timing until a new connection reaches the new endpoint. One more change
     /// comes first as a warm-up, not counted, as the latency batches have theirs: the first
-    /// change after programming from empty is the process's first of its kind.
+    /// change after programming from empty is the process's first of its kind. After an odd
+    /// number of swaps, one more (not counted either) brings pod-b back, the endpoint the
+    /// latency rounds after these changes expect.
     fn endpoint_changes(
         &mut self,
         services: &mut [Service],
         modes: &mut BTreeMap<Mode, ModeResult>,
     ) -> Result<()> {
-        for rep in 0..=self.settings.changes {
+        let swaps = (self.settings.changes + 1).next_multiple_of(2);
+        for rep in 0..swaps {
             let old = services.last().context("no Services")?.clone();
             let (old_name, new_name) = if old.endpoints[1] == pod("pod-b") {
                 ("pod-b", "pod-c")
@@ -820,7 +878,7 @@ impl<'a> Runner<'a> {
                     }
                     Mode::Direct | Mode::Hooks => continue,
                 };
-                if rep == 0 {
+                if rep == 0 || rep > self.settings.changes {
                     continue;
                 }
                 modes
@@ -844,5 +902,30 @@ impl<'a> Runner<'a> {
             show(Mode::Nftables)
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_go_on_while_the_next_one_and_the_statistics_pass_fit_the_budget() {
+        let s = Duration::from_secs;
+        // No budget: every round asked for, and no more.
+        assert!(another_round(9, 10, s(90), 5, None));
+        assert!(!another_round(10, 10, s(100), 5, None));
+        // The first rounds run whatever is left.
+        for done in 0..MIN_ROUNDS {
+            assert!(another_round(done, 10, s(10 * done as u64), 5, Some(s(0))));
+        }
+        // 10 s a round with 5 modes: the next round and the statistics pass take 12 s.
+        assert!(another_round(4, 10, s(40), 5, Some(s(12))));
+        assert!(!another_round(4, 10, s(40), 5, Some(s(11))));
+        // With one mode the statistics pass is as long as a round.
+        assert!(!another_round(4, 10, s(40), 1, Some(s(19))));
+        assert!(another_round(4, 10, s(40), 1, Some(s(20))));
+        // Never more than asked, however much is left.
+        assert!(!another_round(3, 3, s(3), 5, Some(s(600))));
     }
 }
