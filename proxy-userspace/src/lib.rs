@@ -11,6 +11,7 @@ pub mod conntrack_gc;
 pub mod dataplane;
 pub mod devices;
 pub mod events;
+pub mod file_events;
 pub mod healthcheck;
 pub mod http;
 pub mod kube_proxy_cleanup;

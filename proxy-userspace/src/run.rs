@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Node;
-use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
@@ -29,6 +28,7 @@ use crate::capacity::{self, Capacity};
 use crate::conntrack_gc;
 use crate::dataplane::{self, MapSizes};
 use crate::events::Events;
+use crate::file_events::FileEvents;
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::http::{self, Health, OnBindFailure};
 use crate::link_events::LinkEvents;
@@ -215,7 +215,6 @@ enum Source {
         dir: PathBuf,
         /// Parsed files, re-parsed only when they change.
         cache: std::sync::Mutex<manifests::Cache>,
-        _watcher: notify::RecommendedWatcher,
     },
     Kube(KubeSource),
 }
@@ -499,24 +498,26 @@ async fn start_source(
             if !dir.is_dir() {
                 anyhow::bail!("--manifests {} is not a directory", dir.display());
             }
-            // File events only say "something changed": the directory is re-read whole.
-            let mut watcher =
-                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    // Reading the directory (ours included) reports access events: only a
-                    // creation, a change or a removal is a change.
-                    if event.is_ok_and(|e| !e.kind.is_access() && !e.kind.is_other()) {
-                        // A full channel already holds a pending "changed".
-                        let _ = changed.try_send(());
+            // File events only say "something changed": the directory is read again (the
+            // cache parses only the files that changed).
+            let mut events =
+                FileEvents::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = events.changed().await {
+                        tracing::warn!(
+                            "reading file events failed ({e}): changes are read at the \
+                             periodic sync"
+                        );
+                        return;
                     }
-                })
-                .context("creating the file watcher")?;
-            watcher
-                .watch(dir, notify::RecursiveMode::NonRecursive)
-                .with_context(|| format!("watching {}", dir.display()))?;
+                    // A full channel already holds a pending "changed".
+                    let _ = changed.try_send(());
+                }
+            });
             let source = Source::Manifests {
                 cache: std::sync::Mutex::new(manifests::Cache::default()),
                 dir: dir.clone(),
-                _watcher: watcher,
             };
             Ok((source, None))
         }
