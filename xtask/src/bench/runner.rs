@@ -54,8 +54,8 @@ pub const MIN_ROUNDS: usize = 3;
 /// [`MIN_ROUNDS`], then only if that round, at the pace of those before it (`spent` for
 /// `done` rounds), and the statistics pass after it (one batch per metric in one of the
 /// `modes` measured, so a `modes`-th of a round) end before `deadline` (`left` from now).
-/// The rounds are the only part of a run whose length is chosen: what comes before them
-/// (programming, endpoint changes) is what the modes cost.
+/// The rounds are the only part of a run whose length is chosen: programming and endpoint
+/// changes are what the modes cost.
 pub fn another_round(
     done: usize,
     rounds: usize,
@@ -520,13 +520,17 @@ impl<'a> Runner<'a> {
         }
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
 
-        // The endpoint changes come before the latency rounds, whose number the budget may
-        // cut: after them, only the statistics pass is left to wait for.
-        self.endpoint_changes(&mut services, &mut modes)?;
-        let rounds = self.latency(n, &mut modes)?;
+        // Two uncounted endpoint changes, there and back, before the latency rounds: the
+        // first change after programming from empty is each process's first of its kind,
+        // and these tell how long the counted changes after the rounds will take, which
+        // the rounds leave room for when the run has a budget.
+        let longest = self.endpoint_changes(&mut services, 0, 2, None)?;
+        let counted_changes = longest * self.settings.changes as u32;
+        let rounds = self.latency(n, &mut modes, counted_changes)?;
         if self.settings.modes.contains(&Mode::Ebpf) {
             self.program_run_time(modes.get_mut(&Mode::Ebpf).expect("all modes"))?;
         }
+        self.endpoint_changes(&mut services, 2, self.settings.changes, Some(&mut modes))?;
         self.read_memory(modes.get_mut(&Mode::Ebpf).expect("all modes"));
         println!("  N = {n} done in {:.1} s", started.elapsed().as_secs_f64());
         Ok(PointResult {
@@ -606,8 +610,14 @@ impl<'a> Runner<'a> {
 
     /// Rounds; in each, every metric is measured in every mode (in a rotating order), one
     /// batch each. Returns how many rounds ran: fewer than asked when the budget ran out
-    /// (see [`another_round`]).
-    fn latency(&mut self, n: usize, modes: &mut BTreeMap<Mode, ModeResult>) -> Result<usize> {
+    /// (see [`another_round`]), leaving room for what comes after the rounds besides the
+    /// statistics pass (`after`).
+    fn latency(
+        &mut self,
+        n: usize,
+        modes: &mut BTreeMap<Mode, ModeResult>,
+        after: Duration,
+    ) -> Result<usize> {
         // Programming waited for the ClusterIP; the NodePort comes from the same sync or
         // restore, but is checked before it is measured (10 s: a hang guard).
         let selected: Vec<Mode> = Mode::ALL
@@ -634,8 +644,10 @@ impl<'a> Runner<'a> {
             rounds,
             t.elapsed(),
             selected.len(),
-            s.deadline
-                .map(|d| d.saturating_duration_since(Instant::now())),
+            s.deadline.map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .saturating_sub(after)
+            }),
         ) {
             // Metric by metric, each mode in turn, so that what runs just before a batch is
             // the same metric in another mode; the order rotates with the round and the
@@ -794,19 +806,22 @@ impl<'a> Runner<'a> {
         })
     }
 
-    /// Swaps the measured Service's second endpoint (pod-b <-> pod-c), `changes` times, in
-    /// every mode, timing until a new connection reaches the new endpoint. One more change
-    /// comes first as a warm-up, not counted, as the latency batches have theirs: the first
-    /// change after programming from empty is the process's first of its kind. After an odd
-    /// number of swaps, one more (not counted either) brings pod-b back, the endpoint the
-    /// latency rounds after these changes expect.
+    /// Swaps the measured Service's second endpoint (pod-b <-> pod-c) `count` times in every
+    /// mode, timing until a new connection reaches the new endpoint; the times go into
+    /// `record` (`None`: uncounted changes). `first` numbers the first swap of the point, so
+    /// that the order of the modes keeps rotating from one call to the next. Returns the
+    /// wall time of the longest swap, waits included.
     fn endpoint_changes(
         &mut self,
         services: &mut [Service],
-        modes: &mut BTreeMap<Mode, ModeResult>,
-    ) -> Result<()> {
-        let swaps = (self.settings.changes + 1).next_multiple_of(2);
-        for rep in 0..swaps {
+        first: usize,
+        count: usize,
+        mut record: Option<&mut BTreeMap<Mode, ModeResult>>,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        let mut longest = Duration::ZERO;
+        for rep in first..first + count {
+            let swap_started = Instant::now();
             let old = services.last().context("no Services")?.clone();
             let (old_name, new_name) = if old.endpoints[1] == pod("pod-b") {
                 ("pod-b", "pod-c")
@@ -878,16 +893,24 @@ impl<'a> Runner<'a> {
                     }
                     Mode::Direct | Mode::Hooks => continue,
                 };
-                if rep == 0 || rep > self.settings.changes {
+                let Some(modes) = record.as_deref_mut() else {
                     continue;
-                }
+                };
                 modes
                     .get_mut(&mode)
                     .expect("all modes")
                     .endpoint_change_ms
                     .push(ms(elapsed));
             }
+            longest = longest.max(swap_started.elapsed());
         }
+        let Some(modes) = record else {
+            println!(
+                "  {count} uncounted endpoint changes in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(longest);
+        };
         let show = |mode: Mode| {
             let v = &modes[&mode].endpoint_change_ms;
             v.iter()
@@ -901,7 +924,7 @@ impl<'a> Runner<'a> {
             show(Mode::Iptables),
             show(Mode::Nftables)
         );
-        Ok(())
+        Ok(longest)
     }
 }
 
