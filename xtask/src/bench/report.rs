@@ -367,7 +367,7 @@ pub fn markdown(results: &Value) -> String {
     let _ = writeln!(
         md,
         "Settings: {} samples per latency metric and mode (request/response on one connection or one UDP socket: 2.5x), \
-         in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after one warm-up change; \
+         in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after the latency rounds, two uncounted ones (there and back) before them; \
          servers and clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
         settings["samples_per_metric_and_mode"],
         settings["rounds"],
