@@ -20,11 +20,20 @@
 //! servers and the same per-destination state.
 //!
 //! Options: `--count N` measured operations after `--warmup W` unmeasured ones,
-//! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary. The
+//! `--timeout-ms T` per operation, `--raw` to add every sample (ns) to the summary,
+//! `--stepped` to measure in steps a caller paces (below). The
 //! output is one JSON object: samples, errors, p50/p90/p99/mean in µs, rate, and the SYNs
 //! the client's kernel sent again during the measured operations (`syn_retransmits`, from
 //! its network namespace's `TcpExt` counters; `null` if unreadable): a connection whose
 //! first SYN went unanswered waits for the retransmission, so these explain outliers.
+//!
+//! `--stepped`: after the warm-up the client prints `ready`, then for each line `K` read on
+//! its standard input makes K measured operations (at most the count left) and prints
+//! `done`; at the end of its input it prints the summary. A caller that runs one such
+//! client per mode and hands them steps in turn interleaves the modes operation by
+//! operation, not batch by batch: what slows the machine for a while slows every mode
+//! alike. The rate counts only the time spent in steps, and the SYNs resent are counted
+//! per step, so that clients sharing a network namespace do not count each other's.
 //!
 //! `wait ADDR --answer NAME|any` prints `ready`, then makes request after request until
 //! NAME answers and prints the CLOCK_MONOTONIC time (ns) of that answer, so that a caller
@@ -179,6 +188,7 @@ struct Options {
     warmup: usize,
     timeout: Duration,
     raw: bool,
+    stepped: bool,
 }
 
 /// Picks one of several targets per operation: xorshift64, seeded from the clock. Its few
@@ -214,12 +224,14 @@ fn options(args: &[String]) -> Result<(Options, Vec<(String, String)>), String> 
         warmup: 50,
         timeout: Duration::from_secs(1),
         raw: false,
+        stepped: false,
     };
     let mut rest = Vec::new();
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
-        if flag == "--raw" {
-            o.raw = true;
+        if flag == "--raw" || flag == "--stepped" {
+            o.raw |= flag == "--raw";
+            o.stepped |= flag == "--stepped";
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -242,23 +254,7 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
     if let Some((flag, _)) = rest.first() {
         return Err(format!("unknown flag {flag}"));
     }
-    let mut samples: Vec<u64> = Vec::with_capacity(o.count);
-    let mut errors = 0u64;
-    let mut first_error: Option<String> = None;
-    let mut record = |i: usize, started: Instant, result: std::io::Result<()>| {
-        let elapsed = started.elapsed().as_nanos() as u64;
-        match result {
-            Ok(()) if i >= o.warmup => samples.push(elapsed),
-            Ok(()) => {}
-            Err(e) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
-    };
-    let total = o.warmup + o.count;
     let mut picker = Picker::new();
-    let mut measured_from = Instant::now();
     let timeout = o.timeout;
     // One operation towards the target picked for it (`rr`, `udprr`: that of its one
     // connection or socket).
@@ -285,26 +281,85 @@ fn measure(kind: &str, args: &[String]) -> Result<(), String> {
         "crr" => Box::new(move |target| crr_once(target, timeout).map(|_| ())),
         _ => Box::new(move |target| udp_once(target, timeout).map(|_| ())),
     };
-    let mut syn_retransmits_from = syn_retransmits();
-    for i in 0..total {
-        if i == o.warmup {
-            measured_from = Instant::now();
-            syn_retransmits_from = syn_retransmits();
+    let mut run = Measured::new(o.count);
+    let mut ops = |run: &mut Measured, count: usize, measured: bool| {
+        for _ in 0..count {
+            let target = picker.pick(&o.targets);
+            let started = Instant::now();
+            let result = op(target);
+            run.record(started, result, measured);
         }
-        let target = picker.pick(&o.targets);
-        let started = Instant::now();
-        let result = op(target);
-        record(i, started, result);
+    };
+    ops(&mut run, o.warmup, false);
+    if o.stepped {
+        println!("ready");
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        let mut left = o.count;
+        for line in std::io::stdin().lines() {
+            let line = line.map_err(|e| format!("reading a step: {e}"))?;
+            let step = parse::<usize>(line.trim(), "step")?.min(left);
+            run.step(|run| ops(run, step, true));
+            left -= step;
+            println!("done");
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+        }
+    } else {
+        run.step(|run| ops(run, o.count, true));
     }
-    let elapsed = measured_from.elapsed().as_secs_f64();
-    let mut summary = summarize(kind, &o, samples, errors, first_error, elapsed);
-    summary["syn_retransmits"] = serde_json::json!(
-        syn_retransmits()
-            .zip(syn_retransmits_from)
-            .map(|(after, before)| after.saturating_sub(before))
-    );
+    let busy = run.busy.as_secs_f64();
+    let mut summary = summarize(kind, &o, run.samples, run.errors, run.first_error, busy);
+    summary["syn_retransmits"] = serde_json::json!(run.syn_retransmits);
     println!("{summary}");
     Ok(())
+}
+
+/// What the measured operations gave, step by step.
+struct Measured {
+    samples: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// Time spent in steps, for the rate.
+    busy: Duration,
+    /// SYNs resent during steps; `None` once a count was unreadable.
+    syn_retransmits: Option<u64>,
+}
+
+impl Measured {
+    fn new(count: usize) -> Self {
+        Measured {
+            samples: Vec::with_capacity(count),
+            errors: 0,
+            first_error: None,
+            busy: Duration::ZERO,
+            syn_retransmits: Some(0),
+        }
+    }
+
+    /// An operation started at `started` ended with `result`; warm-up ones
+    /// (`measured: false`) count their errors only.
+    fn record(&mut self, started: Instant, result: std::io::Result<()>, measured: bool) {
+        let elapsed = started.elapsed().as_nanos() as u64;
+        match result {
+            Ok(()) if measured => self.samples.push(elapsed),
+            Ok(()) => {}
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Runs one step of measured operations, timing it and counting its resent SYNs.
+    fn step(&mut self, ops: impl FnOnce(&mut Self)) {
+        let resent_before = syn_retransmits();
+        let started = Instant::now();
+        ops(self);
+        self.busy += started.elapsed();
+        let resent = syn_retransmits()
+            .zip(resent_before)
+            .map(|(after, before)| after.saturating_sub(before));
+        self.syn_retransmits = self.syn_retransmits.zip(resent).map(|(a, b)| a + b);
+    }
 }
 
 /// The network namespace's count of retransmitted SYNs (`TcpExt: TCPSynRetrans` in

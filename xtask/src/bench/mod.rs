@@ -32,6 +32,7 @@
 
 mod hash;
 mod iptables;
+mod lockstep;
 mod manifests;
 mod nftables;
 mod plot;

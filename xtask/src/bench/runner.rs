@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use xtask::{cmd, netns};
 
 use super::iptables::{self, Sync};
+use super::lockstep;
 use super::manifests;
 use super::nftables;
 use super::progstats;
@@ -383,6 +384,32 @@ fn batch_targets(mode: Mode, metric: Metric) -> String {
         .join(",")
 }
 
+/// A batch from what `ekp-bench` printed (its summary with `--raw`).
+fn parse_latency(out: &str) -> Result<Latency> {
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("ekp-bench printed {out:?}"))?;
+    let samples_ns: Vec<u64> = v["samples_ns"]
+        .as_array()
+        .context("no samples_ns")?
+        .iter()
+        .filter_map(|s| s.as_u64())
+        .collect();
+    let rate = v["rate_per_s"].as_f64().unwrap_or(0.0);
+    let busy_s = if rate > 0.0 {
+        samples_ns.len() as f64 / rate
+    } else {
+        0.0
+    };
+    Ok(Latency {
+        errors: v["errors"].as_u64().unwrap_or(0),
+        first_error: v["first_error"].as_str().map(str::to_owned),
+        syn_retransmits: v["syn_retransmits"].as_u64().unwrap_or(0),
+        samples_ns,
+        busy_s,
+        round_p50_us: Vec::new(),
+    })
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -649,18 +676,17 @@ impl<'a> Runner<'a> {
                     .saturating_sub(after)
             }),
         ) {
-            // Metric by metric, each mode in turn, so that what runs just before a batch is
-            // the same metric in another mode; the order rotates with the round and the
-            // metric, so that no mode always follows the same one.
+            // Metric by metric, every mode's client in turns (`lockstep`); which client
+            // starts rotates with the round and the metric.
             for (i, metric) in Metric::ALL.into_iter().enumerate() {
                 let mut order = selected.clone();
                 let len = order.len().max(1);
                 order.rotate_left((round + i) % len);
-                for mode in order {
-                    check_interrupted()?;
-                    let batch = self
-                        .batch(mode, metric, self.per_batch(metric))
-                        .with_context(|| format!("N={n} {} {}", mode.name(), metric.name()))?;
+                check_interrupted()?;
+                let batches = self
+                    .batches_in_turns(&order, metric, self.per_batch(metric))
+                    .with_context(|| format!("N={n} {}", metric.name()))?;
+                for (mode, batch) in order.into_iter().zip(batches) {
                     let entry = modes
                         .get_mut(&mode)
                         .expect("all modes")
@@ -768,7 +794,35 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// `count` operations of `metric` in `mode`, one batch on its own.
     fn batch(&self, mode: Mode, metric: Metric, count: usize) -> Result<Latency> {
+        let mut command = self.latency_client(mode, metric, count)?;
+        parse_latency(&cmd::output(&mut command)?)
+    }
+
+    /// `count` operations of `metric` in each of `modes`, their clients in turns
+    /// (`lockstep`), in that order at first; the batches in the same order.
+    fn batches_in_turns(
+        &self,
+        modes: &[Mode],
+        metric: Metric,
+        count: usize,
+    ) -> Result<Vec<Latency>> {
+        let mut clients = Vec::with_capacity(modes.len());
+        for &mode in modes {
+            let mut command = self.latency_client(mode, metric, count)?;
+            command.arg("--stepped");
+            clients.push(lockstep::Stepped::start(command, mode.name().to_owned())?);
+        }
+        lockstep::in_turns(&mut clients, count, lockstep::STEP_OPS, check_interrupted)?;
+        clients
+            .into_iter()
+            .map(|client| parse_latency(&client.finish()?))
+            .collect()
+    }
+
+    /// `ekp-bench` measuring `count` operations of `metric` in `mode`, after the warm-up.
+    fn latency_client(&self, mode: Mode, metric: Metric, count: usize) -> Result<Command> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
         command.args([
             metric.client_mode(),
@@ -781,31 +835,8 @@ impl<'a> Runner<'a> {
             "2000",
             "--raw",
         ]);
-        let out = cmd::output(&mut command)?;
-        let v: serde_json::Value = serde_json::from_str(out.trim())
-            .with_context(|| format!("ekp-bench printed {out:?}"))?;
-        let samples_ns: Vec<u64> = v["samples_ns"]
-            .as_array()
-            .context("no samples_ns")?
-            .iter()
-            .filter_map(|s| s.as_u64())
-            .collect();
-        let rate = v["rate_per_s"].as_f64().unwrap_or(0.0);
-        let busy_s = if rate > 0.0 {
-            samples_ns.len() as f64 / rate
-        } else {
-            0.0
-        };
-        Ok(Latency {
-            errors: v["errors"].as_u64().unwrap_or(0),
-            first_error: v["first_error"].as_str().map(str::to_owned),
-            syn_retransmits: v["syn_retransmits"].as_u64().unwrap_or(0),
-            samples_ns,
-            busy_s,
-            round_p50_us: Vec::new(),
-        })
+        Ok(command)
     }
-
     /// Swaps the measured Service's second endpoint (pod-b <-> pod-c) `count` times in every
     /// mode, timing until a new connection reaches the new endpoint; the times go into
     /// `record` (`None`: uncounted changes). `first` numbers the first swap of the point, so
