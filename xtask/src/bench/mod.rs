@@ -14,9 +14,10 @@
 //!
 //! For each N: N Services with 2 endpoints each, the measured one evaluated last by
 //! iptables and of type NodePort (see `scenario`); every mode programmed from empty and
-//! timed (see `runner`); latency measured with `ekp-bench` in rounds that interleave the
-//! modes, so that machine noise hits them alike: to the ClusterIP from a process on the
-//! node, and to the NodePort from an external client through the node (see `topology`);
+//! timed (see `runner`); latency measured with `ekp-bench` in rounds where the modes'
+//! clients take turns of a few operations (see `lockstep`), so that machine noise hits them
+//! alike: to the ClusterIP from a process on the node, and to the NodePort from an external
+//! client through the node (see `topology`);
 //! endpoint changes timed; the agent's memory read. The servers, the latency clients and
 //! the endpoint-change prober share one CPU (`--cpu`; `topology::pin` says why). Results go to
 //! `<out>/latest.json` (everything), `latest.md` (tables and ratios), `latency.png` and

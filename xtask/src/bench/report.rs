@@ -166,7 +166,7 @@ pub fn to_json(
         })
         .collect();
     json!({
-        "schema": 7,
+        "schema": 8,
         "generated_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -178,6 +178,7 @@ pub fn to_json(
             "rounds": settings.rounds,
             "budget_s": budget.map(|b| b.as_secs()),
             "warmup_per_batch": settings.warmup,
+            "ops_per_turn": super::lockstep::STEP_OPS,
             "endpoint_changes": settings.changes,
             "cpu": settings.cpu,
             "agent_build": profile,
@@ -201,9 +202,10 @@ const PAIRS: [(&str, &str); 7] = [
 /// Ratios of p50 and p99 latencies between modes (`<metric>_p50`, `<metric>_p99`), and of
 /// each round's p50s (`<metric>_p50_rounds`: median, min, max over the rounds).
 ///
-/// A round's batches of one metric run one after the other, so a per-round ratio compares
-/// two modes under the same machine conditions; their spread is how far a ratio of all
-/// samples can be trusted, e.g. against a 2 % goal.
+/// A round's batches of one metric run side by side, their clients taking turns (before
+/// schema 8: one after the other), so a per-round ratio compares two modes under the same
+/// machine conditions; their spread is how far a ratio of all samples can be trusted, e.g.
+/// against a 2 % goal.
 fn ratios(modes: &Value) -> Value {
     let mut out = serde_json::Map::new();
     for metric in Metric::ALL {
@@ -367,10 +369,15 @@ pub fn markdown(results: &Value) -> String {
     let _ = writeln!(
         md,
         "Settings: {} samples per latency metric and mode (request/response on one connection or one UDP socket: 2.5x), \
-         in {} interleaved rounds, {} warm-up operations per batch excluded; {} endpoint changes per mode after the latency rounds, two uncounted ones (there and back) before them; \
+         in {} rounds{}, {} warm-up operations per batch excluded; {} endpoint changes per mode after the latency rounds, two uncounted ones (there and back) before them; \
          servers and clients {}; agent build `{}`{}. Produced by `cargo xtask bench`; method in `xtask/src/bench/mod.rs`.\n",
         settings["samples_per_metric_and_mode"],
         settings["rounds"],
+        match settings["ops_per_turn"].as_u64() {
+            Some(ops) =>
+                format!(" (in each, every mode's client of a metric in turns of {ops} operations)"),
+            None => " (in each, every mode's batch of a metric after the other)".to_owned(),
+        },
         settings["warmup_per_batch"],
         settings["endpoint_changes"],
         match settings["cpu"].as_u64() {
@@ -559,8 +566,8 @@ pub const NOTES: &str = "## How it is measured\n\n\
 - Topology: network namespaces only (a node with a bridge, three pods running `ekp-bench serve`, one client namespace per mode), no default route, nothing leaves the machine. Every ClusterIP client runs in a cgroup of its own, as a pod's processes do. The `ebpf`, `direct` and `hooks` ClusterIP clients run in the same namespace (`ebpf`'s) and differ only in the programs attached to their cgroups; `iptables` and `nftables` have their own namespaces for their rules. Request/response on an established connection, where no program runs per operation, shows what is left of the difference between two modes alike: its `ebpf/direct` and `hooks/direct` ratios.\n\
 - NodePort: each mode's client namespace is also a node for an external client namespace joined to it by a veth pair (`ext0` on the node); the external client connects to the NodePort of the measured Service's `external` port on the node's `ext0` address. That port has a target port of its own on the pods: kube-proxy masquerades NodePort connections to the node's address, from which the node's own ClusterIP clients connect too, and the pods' servers close first and keep TIME_WAIT sockets; on one shared server port, one stream's SYNs met the other's TIME_WAIT sockets and were sent again. `ebpf`: the agent runs in that node namespace with `--devices ext0` (TCX programs; the endpoints are on this node, so no SNAT, the pods route the external subnet back through the node); `iptables`, `nftables`: the same ruleset as for ClusterIP, reached at PREROUTING (`KUBE-SERVICES`, every ClusterIP rule first, then `KUBE-NODEPORTS` -> `KUBE-EXT-*` with masquerade; nftables: the `service-nodeports` map); `direct`: the node routes the external client to the pod. Only the measured Service is of type NodePort.\n\
 - N Services with 2 endpoints each; the measured Service is the last one (its TCP port is the last Service rule of `KUBE-SERVICES`, the worst case for iptables), the others point at addresses nobody serves. kube-proxy itself writes the Services in no fixed order (a Go map's, drawn again at every sync), so on a real node a Service's rule is on average halfway down `KUBE-SERVICES`; the iptables figures here are its worst case, as kube-proxy's own scale tests measure it.\n\
-- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, each datagram sent with `sendto` to the Service or, in `direct`, to the pod chosen for the socket: a Service keeps an unconnected socket's datagrams on one backend, as kube-proxy's conntrack keeps a UDP flow on one). Modes are interleaved in rounds: in each round every metric is measured in every mode in turn (batch after batch of the same metric), in an order that rotates with the round and the metric; each batch's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
-- Per-round ratios: each round has one batch of every metric in every mode, run one after the other, so the ratio of two modes' p50s in one round compares them under the same machine conditions. The last table under each N gives the median and the range of these per-round ratios: a ratio of all samples that differs from 1 by less than that range is at the measurement's resolution, and request/response on an established connection (`rr`, where no program runs per operation) shows the range two alike modes have.\n\
+- Latency: `ekp-bench` measures in-process with the monotonic clock, one operation after the other from a single client; a new socket per operation except for `rr` (one TCP connection) and `udp rr` (one unconnected UDP socket, each datagram sent with `sendto` to the Service or, in `direct`, to the pod chosen for the socket: a Service keeps an unconnected socket's datagrams on one backend, as kube-proxy's conntrack keeps a UDP flow on one). Modes are interleaved in rounds: in each round every metric is measured in every mode, the modes' clients of the metric side by side, each started and warmed up, then handed a few operations in turn (`ops_per_turn` in `latest.json`; the order rotates from turn to turn, and the first client with the round and the metric), so that what slows the machine for a while (on a virtual machine, the host) slows every mode alike; results of schema 7 and before measured batch after batch instead. Each client's warm-up operations are excluded. Percentiles are nearest-rank over all samples; the tables show them to 0.1 µs, `latest.json` keeps them to 0.01 µs, and the ratios and gaps are computed from those.\n\
+- Per-round ratios: each round has one batch of every metric in every mode, measured in turns, so the ratio of two modes' p50s in one round compares them under the same machine conditions. The last table under each N gives the median and the range of these per-round ratios: a ratio of all samples that differs from 1 by less than that range is at the measurement's resolution, and request/response on an established connection (`rr`, where no program runs per operation) shows the range two alike modes have.\n\
 - Order at each N: programming from empty, two uncounted endpoint changes (there and back), the latency rounds, the statistics pass, the counted endpoint changes. A run has a time budget (`--budget`, 600 s by default, from the end of the build to the results written): after an N's first 3 rounds, a round starts only if it, the statistics pass and the counted endpoint changes after it (at the pace of that N's rounds so far, and each counted change as long as the longer of the two uncounted ones) end 20 s before the budget does (the time the run needs after its last N). Programming and endpoint changes are never cut short: they are what the modes cost. An N measured in fewer rounds says so above its table.\n\
 - `(N SYNs resent)` beside a metric: the client's kernel sent a SYN again N times during the measured operations (`TCPSynRetrans` of its network namespace): the pod or the node did not answer the first, and that sample waited for the retransmission (several ms). In `iptables` and `nftables` NodePort runs this is masquerade at work: it picks a random source port, and a SYN that meets a pod's TIME_WAIT socket of an earlier connection from that port (with unrelated timestamps) is taken for a stray segment of that connection and not accepted; `ebpf` does not source-NAT traffic to local endpoints.\n\
 - Programming from empty: `ebpf` from starting the agent (standalone manifests source, maps and programs created and attached: the socket programs to the clients' cgroup, the TCX programs to the node's `ext0`; first sync) until a new connection to the measured ClusterIP is answered; `iptables` from starting `iptables-restore --noflush` on empty tables (kube-proxy's full input plus its jumps from the built-in chains) until answered, `nftables` the same with `nft -f` of kube-proxy's first transaction. Rule generation is not included (kube-proxy builds the same text in Go), nor is what kube-proxy runs around its first restore (an `iptables` call per jump from a built-in chain, which the bench writes into the restore instead, and `iptables-save`) or its first transaction (`nft list` of chains and sets): the iptables and nftables figures are the kernel's load alone.\n\
@@ -710,5 +717,33 @@ mod tests {
         );
         let cut = md.find(notes[0]).unwrap();
         assert!(md[..cut].contains("## 10000 Services"), "{md}");
+    }
+
+    #[test]
+    fn the_settings_say_whether_the_modes_took_turns_or_batches() {
+        let settings = |extra: Value| {
+            let mut settings = json!({"rounds": 10, "warmup_per_batch": 50});
+            if let Some(ops) = extra.as_u64() {
+                settings["ops_per_turn"] = json!(ops);
+            }
+            let md = markdown(&json!({"settings": settings, "points": []}));
+            md.lines()
+                .find(|l| l.starts_with("Settings:"))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let turns = settings(json!(10));
+        assert!(
+            turns.contains(
+                "in 10 rounds (in each, every mode's client of a metric in turns of 10 operations)"
+            ),
+            "{turns}"
+        );
+        let batches = settings(Value::Null);
+        assert!(
+            batches
+                .contains("in 10 rounds (in each, every mode's batch of a metric after the other)"),
+            "{batches}"
+        );
     }
 }

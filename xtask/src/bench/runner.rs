@@ -1,6 +1,6 @@
 //! One benchmark run: for each N, program every mode from empty (timed), measure latency
-//! (ClusterIP from each mode's client, NodePort from its external client) in rounds that
-//! interleave the modes, time endpoint changes, read the agent's memory.
+//! (ClusterIP from each mode's client, NodePort from its external client) in rounds whose
+//! clients take turns (`lockstep`), time endpoint changes, read the agent's memory.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -88,7 +88,8 @@ pub struct Latency {
     /// Time spent in the measured loops (for the rate).
     pub busy_s: f64,
     /// Each round's p50 (its one batch), in µs: every mode has one batch per metric and
-    /// round, next to the others' in time, so per-round ratios are paired.
+    /// round, measured in turns with the others' (`lockstep`), so per-round ratios are
+    /// paired.
     pub round_p50_us: Vec<f64>,
 }
 
