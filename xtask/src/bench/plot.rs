@@ -160,10 +160,15 @@ fn draw_panel(area: &Area, results: &Value, panel: &Panel) -> Result<()> {
         }};
     }
     if panel.log_y {
-        let lo = (y_min / 2.0).max(1e-3);
+        let (lo, hi) = ((y_min / 2.0).max(1e-3), y_max * 2.0);
+        let (labelled, lines) = log_ticks(lo, hi);
+        let y = (lo..hi)
+            .log_scale()
+            .with_key_points(labelled)
+            .with_light_points(lines);
         finish!(
             builder
-                .build_cartesian_2d((x_lo..x_hi).log_scale(), (lo..y_max * 2.0).log_scale())
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), y)
                 .map_err(|e| err(&e))?
         );
     } else {
@@ -174,6 +179,28 @@ fn draw_panel(area: &Area, results: &Value, panel: &Panel) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Ticks for a log axis from `lo` to `hi`: labelled at 1, 2 and 5 times a power of ten
+/// (only the powers over more than three decades; every multiple when that gives fewer
+/// than two), light lines at the other multiples.
+/// plotters' own log ticks put a light line, and within a decade a label, at every
+/// multiple, which crowds and repeats labels on an axis that spans about one decade.
+fn log_ticks(lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    let multiples: Vec<(u32, f64)> = (first..=last)
+        .flat_map(|k| (1..=9).map(move |m| (m, f64::from(m) * 10f64.powi(k))))
+        .filter(|&(_, v)| v >= lo && v <= hi)
+        .collect();
+    let wide = last - first > 3;
+    let (labelled, lines): (Vec<_>, Vec<_>) = multiples
+        .iter()
+        .partition(|(m, _)| *m == 1 || (!wide && matches!(m, 2 | 5)));
+    let values = |v: Vec<&(u32, f64)>| v.into_iter().map(|&(_, v)| v).collect::<Vec<_>>();
+    if labelled.len() < 2 {
+        return (values(multiples.iter().collect()), Vec::new());
+    }
+    (values(labelled), values(lines))
 }
 
 fn render(path: &Path, grid: (usize, usize), panels: &[Panel], results: &Value) -> Result<()> {
@@ -267,4 +294,30 @@ pub fn programming_chart(path: &Path, results: &Value) -> Result<()> {
         },
     ];
     render(path, (2, 1), &panels, results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_ticks;
+
+    #[test]
+    fn a_log_axis_is_labelled_at_one_two_and_five() {
+        assert_eq!(
+            log_ticks(85.0, 1622.0),
+            (
+                vec![100.0, 200.0, 500.0, 1000.0],
+                vec![90.0, 300.0, 400.0, 600.0, 700.0, 800.0, 900.0]
+            )
+        );
+        assert_eq!(
+            log_ticks(0.2, 30.0).0,
+            [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+        );
+        assert_eq!(
+            log_ticks(4.0, 150000.0).0,
+            [10.0, 100.0, 1000.0, 10000.0, 100000.0]
+        );
+        // Too narrow for two of them: every multiple is labelled.
+        assert_eq!(log_ticks(210.0, 480.0), (vec![300.0, 400.0], vec![]));
+    }
 }
