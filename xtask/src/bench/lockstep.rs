@@ -78,6 +78,9 @@ impl Stepped {
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         if line.trim_end() != word {
+            // Usually it exited; should it have printed something else, it must not be
+            // left waiting for a step that never comes.
+            let _ = self.child.kill();
             let _ = self.child.wait();
             let said = self.stderr();
             bail!("{}: expected {word:?}, got {line:?}: {said}", self.what);

@@ -845,6 +845,7 @@ impl<'a> Runner<'a> {
         ]);
         Ok(command)
     }
+
     /// Swaps the measured Service's second endpoint (pod-b <-> pod-c) `count` times in every
     /// mode, timing until a new connection reaches the new endpoint; the times go into
     /// `record` (`None`: uncounted changes). `first` numbers the first swap of the point, so
