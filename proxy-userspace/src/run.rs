@@ -300,8 +300,34 @@ pub async fn run(config: Config) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
+    // A source that cannot be opened (no such directory, no usable kubeconfig) stops the
+    // start before anything is pinned.
+    let opened = open_source(&config).await?;
+
+    // The kernel verifies the programs on a thread of its own while this one waits for the
+    // Kubernetes source's initial lists, or reads the manifests, and translates the
+    // Services (two cores: a start at 10000 Services takes the longer of the two, not
+    // their sum). The programs of a previous run keep serving from the pinned maps until
+    // the new ones are swapped in. A start stopped from here on leaves the maps pinned, as
+    // every stop does.
+    let loading = {
+        let pin_dir = config.pin_dir.clone();
+        let (sizes, level) = (config.map_sizes, config.bpf_log_level);
+        let (north_south, pods) = (config.north_south.is_some(), !config.pod_devices.is_empty());
+        std::thread::Builder::new()
+            .name("ekp-load".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let loaded = dataplane::load(&pin_dir, sizes, level, north_south, pods);
+                if loaded.is_ok() {
+                    tracing::info!(took = ?started.elapsed(), "programs loaded and verified");
+                }
+                loaded
+            })
+            .context("starting the thread that loads the programs")?
+    };
     let (source, events) = tokio::select! {
-        source = start_source(&config, changed_tx) => source?,
+        source = start_source(opened, &config.node_name, changed_tx) => source?,
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
@@ -309,20 +335,6 @@ pub async fn run(config: Config) -> Result<()> {
         events.starting();
         let _ = node_events.set(events.clone());
     }
-
-    // The kernel verifies the programs on a thread of its own while this one reads and
-    // translates the Services (two cores: a start at 10000 Services takes the longer of
-    // the two, not their sum). The programs of a previous run keep serving from the pinned
-    // maps until the new ones are swapped in.
-    let loading = {
-        let pin_dir = config.pin_dir.clone();
-        let (sizes, level) = (config.map_sizes, config.bpf_log_level);
-        let (north_south, pods) = (config.north_south.is_some(), !config.pod_devices.is_empty());
-        std::thread::Builder::new()
-            .name("ekp-load".into())
-            .spawn(move || dataplane::load(&pin_dir, sizes, level, north_south, pods))
-            .context("starting the thread that loads the programs")?
-    };
     // Detecting devices needs the Node's addresses, hence the source before attaching.
     let mut state = LoopState::default();
     let (snapshot, read) = timed(|| source.snapshot(&config.node_name));
@@ -488,20 +500,45 @@ fn healthz_bind_failed(addr: SocketAddr, events: Arc<OnceLock<Events>>) -> http:
     })
 }
 
-/// The source, and where events are recorded (the Kubernetes source only).
-async fn start_source(
-    config: &Config,
-    changed: mpsc::Sender<()>,
-) -> Result<(Source, Option<Events>)> {
+/// A source opened but not yet read from: the manifests directory being watched, or a
+/// Kubernetes client.
+enum Opened {
+    Manifests { dir: PathBuf, events: FileEvents },
+    Kube(kube::Client),
+}
+
+/// Checks that the source can be used at all: the manifests directory exists and is
+/// watched (from here on no change to it is missed), or the Kubernetes client is
+/// configured.
+async fn open_source(config: &Config) -> Result<Opened> {
     match &config.source {
         SourceConfig::Manifests(dir) => {
             if !dir.is_dir() {
                 anyhow::bail!("--manifests {} is not a directory", dir.display());
             }
+            let events =
+                FileEvents::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
+            Ok(Opened::Manifests {
+                dir: dir.clone(),
+                events,
+            })
+        }
+        SourceConfig::Kube(conn) => Ok(Opened::Kube(kube_source::client(conn).await?)),
+    }
+}
+
+/// Starts following the opened source; returns once it has a first state to read (the
+/// Kubernetes source: its initial lists), with where events are recorded (the Kubernetes
+/// source only).
+async fn start_source(
+    opened: Opened,
+    node_name: &str,
+    changed: mpsc::Sender<()>,
+) -> Result<(Source, Option<Events>)> {
+    match opened {
+        Opened::Manifests { dir, mut events } => {
             // File events only say "something changed": the directory is read again (the
             // cache parses only the files that changed).
-            let mut events =
-                FileEvents::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
             tokio::spawn(async move {
                 loop {
                     if let Err(e) = events.changed().await {
@@ -517,14 +554,13 @@ async fn start_source(
             });
             let source = Source::Manifests {
                 cache: std::sync::Mutex::new(manifests::Cache::default()),
-                dir: dir.clone(),
+                dir,
             };
             Ok((source, None))
         }
-        SourceConfig::Kube(conn) => {
-            let client = kube_source::client(conn).await?;
-            let events = Events::new(client.clone(), &config.node_name);
-            let kube = KubeSource::start(client, &config.node_name, changed);
+        Opened::Kube(client) => {
+            let events = Events::new(client.clone(), node_name);
+            let kube = KubeSource::start(client, node_name, changed);
             tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
             kube.wait_until_ready().await?;
             Ok((Source::Kube(kube), Some(events)))

@@ -288,6 +288,37 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
     drop(replica);
 }
 
+/// With the Kubernetes source, the programs are loaded and verified while the initial lists
+/// are awaited, not after them: on a large cluster a start takes the longer of the two, not
+/// their sum. The stand-in is down when the agent starts, so no list can be answered until
+/// it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_programs_load_while_the_initial_lists_are_awaited() {
+    let mut h = Harness::new("listwait", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    let mut server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    server.stop().await;
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    h.start_agent_with(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
+
+    h.wait_for_log("programs loaded and verified");
+    assert_eq!(
+        server.list_requests(ApiResource::Services),
+        0,
+        "no list was answered yet"
+    );
+    assert!(
+        !h.agent_log().contains("datapath ready"),
+        "the datapath waits for the lists:\n{}",
+        h.agent_log()
+    );
+
+    server.restart().await.expect("restarting the API stand-in");
+    create_web_on_pod_a(&mut h, &client).await;
+}
+
 /// The first event in the `default` namespace with `reason`, within 20 s.
 async fn wait_for_event(
     h: &Harness,
