@@ -233,10 +233,16 @@ fn options(args: &[String]) -> Result<(Options, Vec<(String, String)>), String> 
     let mut rest = Vec::new();
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
-        if flag == "--raw" || flag == "--stepped" {
-            o.raw |= flag == "--raw";
-            o.stepped |= flag == "--stepped";
-            continue;
+        match flag.as_str() {
+            "--raw" => {
+                o.raw = true;
+                continue;
+            }
+            "--stepped" => {
+                o.stepped = true;
+                continue;
+            }
+            _ => {}
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
