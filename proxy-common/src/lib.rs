@@ -440,8 +440,19 @@ impl NatCtValue {
     /// conntrack collector deletes it. One rule for both.
     #[inline(always)]
     pub const fn expired(&self, proto: u8, now: u32) -> bool {
-        now.wrapping_sub(self.last_seen) > self.lifetime(proto)
+        seconds_since(self.last_seen, now) > self.lifetime(proto)
     }
+}
+
+/// Seconds from the stamp `then` to `now`, both whole seconds of the programs' clock in a
+/// `u32` (which wraps); 0 when `then` is the later one. A reader's `now` can be a second
+/// behind a stamp: another CPU wrote it just after the clock ticked, or after the reader
+/// (a program at its start, the conntrack collector at the start of a pass) took `now`.
+/// Such an entry was just used, not 136 years ago.
+#[inline(always)]
+pub const fn seconds_since(then: u32, now: u32) -> u32 {
+    let age = now.wrapping_sub(then);
+    if age > i32::MAX as u32 { 0 } else { age }
 }
 
 /// The only entry (key 0, `u32`) of the north-south config array: what the TCX programs
@@ -621,6 +632,12 @@ mod tests {
         // The clock is seconds in a u32: an entry seen just before it wraps is fresh after.
         assert!(!at(0, u32::MAX - 5).expired(PROTO_UDP, 10));
         assert!(at(0, u32::MAX - 60).expired(PROTO_UDP, 10));
+        // Stamped a second after the reader took its clock (another CPU, or a packet while
+        // the collector walks the map): fresh, whatever its lifetime.
+        assert!(!at(CT_FLAG_CLOSING, 1001).expired(PROTO_TCP, 1000));
+        assert!(!at(0, 0).expired(PROTO_UDP, u32::MAX));
+        assert_eq!(seconds_since(1001, 1000), 0);
+        assert_eq!(seconds_since(1000, 1060), 60);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    seconds_since,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, SERVICES};
@@ -161,7 +162,7 @@ fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) ->
         // SAFETY: the entry stays valid for this program run; a racing update of
         // `last_used` from another CPU is harmless.
         let remembered = unsafe { *entry };
-        let fresh = now.wrapping_sub(remembered.last_used) <= frontend.affinity_timeout;
+        let fresh = seconds_since(remembered.last_used, now) <= frontend.affinity_timeout;
         if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
             unsafe { (*entry).last_used = now };
             return Some(remembered.backend_id);

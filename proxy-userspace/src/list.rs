@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use proxy_common::{
     CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey,
-    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, seconds_since,
 };
 
 use crate::abi;
@@ -231,7 +231,7 @@ pub fn read_conntrack(pin_dir: &Path) -> Result<Vec<ListedFlow>> {
 fn listed_flow(key: &NatCtKey, value: &NatCtValue, now: u32) -> ListedFlow {
     let endpoint =
         |addr: u32, port: u16| format!("{}:{}", abi::addr_from_net(addr), abi::port_from_net(port));
-    let idle = now.wrapping_sub(value.last_seen);
+    let idle = seconds_since(value.last_seen, now);
     let flags = [
         (CT_FLAG_SNAT, "snat"),
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
