@@ -16,8 +16,15 @@
 //! sockets that have translations in the LRU: the reverse hooks look only those up there.
 //! `sock_release` drops a closing socket's reverse entry, so that both hold the live
 //! sockets' entries instead of evicting them behind closed ones.
+//!
+//! An `AF_INET6` socket reaches IPv4 through IPv4-mapped addresses (`::ffff:a.b.c.d`): Java's
+//! and .NET's dual-stack sockets connect to a ClusterIP that way. The kernel runs the IPv6
+//! hooks for them (`connect6`, `recvmsg6`, `getpeername6`), which translate the mapped
+//! address as the IPv4 ones translate theirs; an unconnected send goes through `udp_sendmsg`
+//! and its `sendmsg4` hook already. Real IPv6 addresses are left alone.
 
 use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
@@ -35,33 +42,88 @@ use crate::{lb, sock_slot, sock_state};
 const PROCEED: i32 = 1;
 const FAIL: i32 = 0;
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as read from memory.
+const V4_MAPPED: u32 = 0xffff_u32.to_be();
 
 #[cgroup_sock_addr(connect4)]
 pub fn ekp_connect4(ctx: SockAddrContext) -> i32 {
-    match translate_forward::<false>(&ctx) {
+    match translate_forward::<false, false>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ekp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    match translate_forward::<true>(&ctx) {
+    match translate_forward::<true, false>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn ekp_recvmsg4(ctx: SockAddrContext) -> i32 {
-    translate_reverse(&ctx);
+    translate_reverse::<false>(&ctx);
     // recvmsg hooks may only return 1.
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn ekp_getpeer4(ctx: SockAddrContext) -> i32 {
-    translate_reverse(&ctx);
+    translate_reverse::<false>(&ctx);
     // getpeername hooks may only return 1.
     PROCEED
+}
+
+/// `connect` of an `AF_INET6` socket (TCP, or UDP connected) to an IPv4-mapped address.
+#[cgroup_sock_addr(connect6)]
+pub fn ekp_connect6(ctx: SockAddrContext) -> i32 {
+    match translate_forward::<false, true>(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// `recvmsg` of an `AF_INET6` UDP socket: a datagram from an IPv4 backend.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ekp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    translate_reverse::<true>(&ctx);
+    PROCEED
+}
+
+/// `getpeername` of an `AF_INET6` socket connected to an IPv4-mapped address.
+#[cgroup_sock_addr(getpeername6)]
+pub fn ekp_getpeer6(ctx: SockAddrContext) -> i32 {
+    translate_reverse::<true>(&ctx);
+    PROCEED
+}
+
+/// The IPv4 address in the context: `user_ip4` in the IPv4 hooks; in the IPv6 ones, the
+/// last word of an IPv4-mapped address, `None` for any other IPv6 address. Network order.
+#[inline(always)]
+fn user_addr<const V6: bool>(sa: *mut bpf_sock_addr) -> Option<u32> {
+    // SAFETY: the kernel hands every sock_addr program a valid context; the IPv4 hooks may
+    // read `user_ip4`, the IPv6 ones `user_ip6`.
+    unsafe {
+        if V6 {
+            let ip6 = (*sa).user_ip6;
+            (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED).then_some(ip6[3])
+        } else {
+            Some((*sa).user_ip4)
+        }
+    }
+}
+
+/// Writes `addr` (network order) where [`user_addr`] read it; a mapped address keeps its
+/// `::ffff:` prefix.
+#[inline(always)]
+fn set_user_addr<const V6: bool>(sa: *mut bpf_sock_addr, addr: u32) {
+    // SAFETY: every hook that calls this may write the address fields of its family.
+    unsafe {
+        if V6 {
+            (*sa).user_ip6[3] = addr;
+        } else {
+            (*sa).user_ip4 = addr;
+        }
+    }
 }
 
 /// A socket is closing: its reverse entry, if `translate_forward` wrote one, goes with it.
@@ -86,7 +148,10 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     // readable at sock_release.
     let (family, proto, addr, port) =
         unsafe { ((*sk).family, (*sk).protocol, (*sk).dst_ip4, (*sk).dst_port) };
-    if family == AF_INET && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP)) {
+    // An `AF_INET6` socket holds a slot if it reached a frontend through an IPv4-mapped
+    // address; its `dst_ip4` is then the IPv4 peer.
+    let inet = family == AF_INET || family == AF_INET6;
+    if inet && (proto == u32::from(PROTO_TCP) || proto == u32::from(PROTO_UDP)) {
         // SAFETY: bpf_get_socket_cookie accepts a cgroup sock context.
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
         // Only a marked socket has entries in the LRU (`sock_state`): not the connections
@@ -107,17 +172,24 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
 
 /// Frontend -> backend. Anything that is not a known frontend proceeds untouched.
 ///
-/// `SENDMSG` only names the program in log lines, but it also makes the two programs'
-/// copies distinct functions: each log point then has a single call site and is inlined.
-/// Shared by both programs, LLVM outlines a log point into a BPF subprogram whose unused
-/// result it drops, and the verifier rejects the garbage left in r0 ("cannot return stack
-/// pointer to the caller").
+/// `SENDMSG` only names the program in log lines, but it also makes the programs' copies
+/// distinct functions: each log point then has a single call site and is inlined. Shared
+/// by two programs, LLVM outlines a log point into a BPF subprogram whose unused result it
+/// drops, and the verifier rejects the garbage left in r0 ("cannot return stack pointer to
+/// the caller"). `V6`: the `connect6` hook, whose IPv4 address is a mapped one.
 #[inline(always)]
-fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
-    let hook = if SENDMSG { "sendmsg4" } else { "connect4" };
+fn translate_forward<const SENDMSG: bool, const V6: bool>(
+    ctx: &SockAddrContext,
+) -> Result<i32, i32> {
+    let hook = match (SENDMSG, V6) {
+        (true, _) => "sendmsg4",
+        (false, false) => "connect4",
+        (false, true) => "connect6",
+    };
     let sa = ctx.sock_addr;
+    let addr = user_addr::<V6>(sa).ok_or(PROCEED)?;
     // SAFETY: the kernel hands every sock_addr program a valid context.
-    let (proto, addr, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    let (proto, port) = unsafe { ((*sa).protocol, (*sa).user_port) };
     let proto = proto as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(PROCEED);
@@ -295,11 +367,9 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
         );
     }
 
-    // SAFETY: these context fields are writable in connect4 and sendmsg4.
-    unsafe {
-        (*sa).user_ip4 = backend.addr;
-        (*sa).user_port = u32::from(backend.port);
-    }
+    set_user_addr::<V6>(sa, backend.addr);
+    // SAFETY: the port is writable in connect4/6 and sendmsg4.
+    unsafe { (*sa).user_port = u32::from(backend.port) };
     log_debug!(
         ctx,
         "{}: {:i}:{}/{} -> {:i}:{} (backend {})",
@@ -316,13 +386,16 @@ fn translate_forward<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, 
 
 /// Backend -> frontend, for sockets that `translate_forward` rewrote.
 #[inline(always)]
-fn translate_reverse(ctx: &SockAddrContext) {
+fn translate_reverse<const V6: bool>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
+    let Some(addr) = user_addr::<V6>(sa) else {
+        return;
+    };
     let key = SockRevNatKey {
         // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        // SAFETY: valid context; these fields are readable in both reverse hooks.
-        addr: unsafe { (*sa).user_ip4 },
+        addr,
+        // SAFETY: valid context; the port is readable in every reverse hook.
         port: unsafe { (*sa).user_port } as u16,
         _pad: [0; 2],
     };
@@ -351,9 +424,7 @@ fn translate_reverse(ctx: &SockAddrContext) {
         }
         return;
     }
-    // SAFETY: these context fields are writable in recvmsg4 and getpeername4.
-    unsafe {
-        (*sa).user_ip4 = entry.addr;
-        (*sa).user_port = u32::from(entry.port);
-    }
+    set_user_addr::<V6>(sa, entry.addr);
+    // SAFETY: the port is writable in every reverse hook.
+    unsafe { (*sa).user_port = u32::from(entry.port) };
 }

@@ -12,7 +12,7 @@ use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use aya::programs::tc::TcAttachOptions;
@@ -42,13 +42,17 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-/// The socket programs, by their names in the object: the `sock_addr` hooks, then
-/// `ekp_sock_release` (a `sock` hook), which frees a closing socket's reverse entry.
-pub const SOCK_PROGRAMS: [&str; 5] = [
+/// The socket programs, by their names in the object: the `sock_addr` hooks (the IPv6
+/// ones for `AF_INET6` sockets that reach IPv4 Services through IPv4-mapped addresses),
+/// then `ekp_sock_release` (a `sock` hook), which frees a closing socket's reverse entry.
+pub const SOCK_PROGRAMS: [&str; 8] = [
     "ekp_connect4",
     "ekp_sendmsg4",
     "ekp_recvmsg4",
     "ekp_getpeer4",
+    "ekp_connect6",
+    "ekp_recvmsg6",
+    "ekp_getpeer6",
     "ekp_sock_release",
 ];
 
@@ -582,23 +586,16 @@ pub fn load(
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
-    for name in SOCK_PROGRAMS {
-        match ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-        {
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::CgroupSock(p) => p.load(),
-            _ => bail!("program {name} is not a cgroup socket program"),
-        }
-        .with_context(|| format!("loading program {name} (verifier)"))?;
-    }
+    // The larger programs first (see `verify`).
+    let mut wanted: Vec<&str> = Vec::new();
     if north_south {
-        load_tc(&mut ebpf, &TCX_HOOKS)?;
+        wanted.extend(TCX_HOOKS.iter().map(|(name, _)| *name));
     }
     if pod_programs {
-        load_tc(&mut ebpf, &POD_HOOKS)?;
+        wanted.extend(POD_HOOKS.iter().map(|(name, _)| *name));
     }
+    wanted.extend(SOCK_PROGRAMS);
+    verify(&mut ebpf, &wanted)?;
     Ok(Loaded {
         ebpf,
         tcx_loaded: north_south,
@@ -758,6 +755,52 @@ fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
     array
         .set(0, config, 0)
         .with_context(|| format!("writing {MAP_CONFIG}"))
+}
+
+/// Loads (verifies) the programs `names`, on two threads: verifying is most of a start's
+/// work when the Services are few, and about as long as reading and translating 10000 of
+/// them (which the caller does meanwhile). Each thread takes the next program in `names`
+/// when it is done with one; with the larger programs first, both finish at about the same
+/// time.
+fn verify(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    let mut found: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .collect();
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !found.iter().any(|(name, _)| name == *n))
+    {
+        bail!("program {missing} missing from the eBPF object");
+    }
+    found.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
+    let queue = std::sync::Mutex::new(found.into_iter());
+    let load_next = || -> Result<()> {
+        loop {
+            let next = queue
+                .lock()
+                .map_err(|_| anyhow!("a loading thread panicked"))?
+                .next();
+            let Some((name, program)) = next else {
+                return Ok(());
+            };
+            match program {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                Program::SchedClassifier(p) => p.load(),
+                _ => bail!("program {name} is not a cgroup socket or TC program"),
+            }
+            .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+    };
+    std::thread::scope(|scope| {
+        let other = scope.spawn(load_next);
+        let here = load_next();
+        let there = other
+            .join()
+            .map_err(|_| anyhow!("a thread loading programs panicked"))?;
+        here.and(there)
+    })
 }
 
 /// Loads (verifies) the TC programs of `hooks`.

@@ -166,6 +166,47 @@ fn closed_sockets_take_their_reverse_entries_with_them() {
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0);
 }
 
+/// An `AF_INET6` socket reaches a ClusterIP through its IPv4-mapped address, as Java's and
+/// .NET's dual-stack sockets do (the kernel runs the IPv6 hooks for them): TCP, unconnected
+/// and connected UDP are translated to both backends, the application sees the mapped
+/// Service address as its peer, and closed sockets free what they held.
+#[test]
+fn dual_stack_sockets_reach_the_vip_through_its_ipv4_mapped_address() {
+    let (h, _servers) = web_and_dns_running("mapped");
+    for (args, what, frontend) in [
+        (
+            &["tcp", "[::ffff:10.96.0.10]:80", "50"][..],
+            "TCP",
+            "[::ffff:10.96.0.10]:80",
+        ),
+        (
+            &["udp", "[::ffff:10.96.0.10]:53", "50"][..],
+            "unconnected UDP",
+            "[::ffff:10.96.0.10]:53",
+        ),
+        (
+            &["udp", "[::ffff:10.96.0.10]:53", "50", "--connected"][..],
+            "connected UDP",
+            "[::ffff:10.96.0.10]:53",
+        ),
+    ] {
+        let lines = h.client(args);
+        assert_answered_through(&lines, 50, frontend);
+        let counts = answers(&lines);
+        assert_eq!(counts.len(), 2, "{what}: both backends answer: {counts:?}");
+        assert_eq!(
+            h.map_entries("ekp_sk_slot_v1"),
+            0,
+            "{what}: slots held after close"
+        );
+        assert_eq!(
+            h.map_entries("ekp_sk_rnat_v1"),
+            0,
+            "{what}: entries left after close"
+        );
+    }
+}
+
 /// A UDP socket that connects to the Service again before each request keeps its backend,
 /// as kube-proxy's conntrack keeps the flow of its unchanged source port.
 #[test]

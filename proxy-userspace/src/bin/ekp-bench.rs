@@ -46,7 +46,8 @@
 //! up to do some work pays for every page of code and data it touches.
 //!
 //! `hooks --cgroup DIR --device DEV` attaches programs that do nothing (allow; next program)
-//! at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4` and
+//! at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`, their
+//! IPv6 counterparts for IPv4-mapped addresses (`connect6`, `recvmsg6`, `getpeername6`) and
 //! `sock_release` on the cgroup DIR, TCX ingress and egress on DEV (in the caller's network
 //! namespace). It prints `ready` and holds them until it is killed, when the kernel detaches
 //! them. A client in DIR that connects to pod addresses then pays what the hooks cost on
@@ -609,6 +610,9 @@ const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
 const ATTACH_UDP4_RECVMSG: u32 = 19;
 const ATTACH_INET4_GETPEERNAME: u32 = 29;
+const ATTACH_INET6_CONNECT: u32 = 11;
+const ATTACH_UDP6_RECVMSG: u32 = 20;
+const ATTACH_INET6_GETPEERNAME: u32 = 30;
 const ATTACH_INET_SOCK_RELEASE: u32 = 34;
 const ATTACH_TCX_INGRESS: u32 = 46;
 const ATTACH_TCX_EGRESS: u32 = 47;
@@ -659,6 +663,24 @@ fn hooks(args: &[String]) -> Result<(), String> {
         (
             PROG_TYPE_CGROUP_SOCK_ADDR,
             ATTACH_INET4_GETPEERNAME,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_INET6_CONNECT,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_UDP6_RECVMSG,
+            CGROUP_ALLOW,
+            cgroup_fd,
+        ),
+        (
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            ATTACH_INET6_GETPEERNAME,
             CGROUP_ALLOW,
             cgroup_fd,
         ),

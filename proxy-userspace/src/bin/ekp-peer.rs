@@ -21,6 +21,9 @@
 //!   --size N` sends N bytes per request (a new unconnected socket each); the line's
 //!   `bytes` is the size of the answer, whose padding is not part of `answer`.
 //!
+//! An IPv6 `ADDR`, such as the IPv4-mapped `[::ffff:10.96.0.10]:80`, is reached from an
+//! `AF_INET6` socket, as Java's and .NET's dual-stack sockets reach IPv4 addresses.
+//!
 //! Not shipped in the container image; std and serde_json only.
 
 use std::io::{Read, Write};
@@ -332,13 +335,22 @@ impl KeptTcp {
     }
 }
 
+/// A UDP socket of `to`'s family: `AF_INET6` for an IPv6 target, such as an IPv4-mapped
+/// `[::ffff:10.96.0.10]:53`, as a dual-stack application would use.
+fn udp_socket_for(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    match to {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0"),
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0"),
+    }
+}
+
 fn udp_request(to: SocketAddr) -> std::io::Result<Outcome> {
     udp_request_with(to, b"ping")
 }
 
 /// One request of `request`'s bytes on a new unconnected socket.
 fn udp_request_with(to: SocketAddr, request: &[u8]) -> std::io::Result<Outcome> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket_for(to)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.send_to(request, to)?;
     let mut buf = vec![0u8; 65536];
@@ -383,7 +395,7 @@ impl KeptUdp {
             }
             Some(s) => s,
             None => {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
+                let s = udp_socket_for(to)?;
                 s.set_read_timeout(Some(TIMEOUT))?;
                 if self.connected {
                     s.connect(to)?;
@@ -410,7 +422,7 @@ impl KeptUdp {
 }
 
 fn udp_connected_request(to: SocketAddr) -> std::io::Result<Outcome> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket_for(to)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.connect(to)?;
     socket.send(b"ping")?;
