@@ -132,8 +132,16 @@ pub const CT_FLAG_REPLY: u16 = 1 << 0;
 pub const CT_FLAG_SNAT: u16 = 1 << 1;
 /// A reply was seen: the backend answered (TCP: the connection got past the handshake).
 pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 2;
-/// A TCP FIN or RST was seen in either direction: the flow is closing.
+/// The TCP flow is closing: a RST was seen, or a FIN in each direction
+/// (`CT_FLAG_FIN_CLIENT` and `CT_FLAG_FIN_BACKEND`). Its entries then live
+/// `CT_LIFETIME_CLOSING`.
 pub const CT_FLAG_CLOSING: u16 = 1 << 3;
+/// The client sent a FIN. Alone it leaves a half-closed connection, whose other side may
+/// still answer for as long as it needs (a request sent, then `shutdown(SHUT_WR)`): the flow
+/// keeps its lifetime until the backend's FIN too.
+pub const CT_FLAG_FIN_CLIENT: u16 = 1 << 4;
+/// The backend sent a FIN (see `CT_FLAG_FIN_CLIENT`).
+pub const CT_FLAG_FIN_BACKEND: u16 = 1 << 5;
 
 /// Idle lifetimes of a conntrack entry in seconds (Cilium's defaults): after this long
 /// without a packet, a new packet with the same tuple starts a new flow (a new backend) and
@@ -143,7 +151,7 @@ pub const CT_LIFETIME_TCP: u32 = 21600;
 pub const CT_LIFETIME_TCP_SYN: u32 = 60;
 /// UDP.
 pub const CT_LIFETIME_NONTCP: u32 = 60;
-/// A TCP flow that saw a FIN or RST.
+/// A TCP flow that saw a RST, or a FIN from each side.
 pub const CT_LIFETIME_CLOSING: u32 = 10;
 
 /// Default SNAT source-port range (inclusive): above Linux's default ephemeral range

@@ -17,8 +17,8 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
-    NatCtKey, NatCtValue, NodeConfig, SNAT_PORT_RETRIES,
+    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, NodeConfig, SNAT_PORT_RETRIES,
 };
 
 use crate::csum::{self, RewriteError};
@@ -91,17 +91,27 @@ pub fn backend_alive(entry: &NatCtValue) -> bool {
 }
 
 /// Records that a packet of the flow passed through `entry` (the live entry under `key`,
-/// copied in `seen`): last-seen time, reply seen, TCP closing. At most once a second per
-/// flow (or when a flag changes) the partner entry is refreshed too — and recreated if the
-/// LRU evicted it — so that both directions expire together.
+/// copied in `seen`): last-seen time, reply seen, each side's FIN, TCP closing (a RST, or
+/// both FINs: one FIN is a half-close, the other side may still send). At most once a
+/// second per flow (or when a flag changes) the partner entry is refreshed too — and
+/// recreated if the LRU evicted it — so that both directions expire together.
 #[inline(always)]
 pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Packet, now: u32) {
+    let from_backend = seen.flags & CT_FLAG_REPLY != 0;
     let mut add = 0;
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        add |= CT_FLAG_CLOSING;
-    }
-    if seen.flags & CT_FLAG_REPLY != 0 {
+    if from_backend {
         add |= CT_FLAG_SEEN_REPLY;
+    }
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        add |= if from_backend {
+            CT_FLAG_FIN_BACKEND
+        } else {
+            CT_FLAG_FIN_CLIENT
+        };
+    }
+    let both_fins = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND;
+    if pkt.tcp_flags & TCP_RST != 0 || (seen.flags | add) & both_fins == both_fins {
+        add |= CT_FLAG_CLOSING;
     }
     let flags = seen.flags | add;
     if seen.last_seen == now && flags == seen.flags {

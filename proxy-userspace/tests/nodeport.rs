@@ -543,7 +543,7 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
         .unwrap_or_else(|| panic!("no flow from {CLIENT} to pod-1: {flows:#?}"));
     assert_eq!(
         client_flow["flags"],
-        serde_json::json!(["seen-reply", "closing"]),
+        serde_json::json!(["seen-reply", "client-fin", "backend-fin", "closing"]),
         "{client_flow}"
     );
     let limit = Duration::from_secs(proxy_common::CT_LIFETIME_CLOSING.into()) + CONDITION_LIMIT;

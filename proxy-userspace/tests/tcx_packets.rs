@@ -15,15 +15,16 @@ use aya::maps::IterableMap;
 use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
-    Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCX_NEXT, hex,
-    icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac, tuple_of,
+    Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST, TCX_NEXT,
+    hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac, tuple_of,
     verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
-    NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT,
+    CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP,
+    CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -807,8 +808,11 @@ fn a_flow_whose_backend_left_is_balanced_again() {
     });
 }
 
+/// Both entries of a flow record that the backend answered and each side's FIN; the flow
+/// is closing (`CT_LIFETIME_CLOSING`) once both sides sent a FIN, or at a RST. One FIN is a
+/// half-close: the other side may still send for as long as it needs.
 #[test]
-fn conntrack_records_replies_and_tcp_closing_on_both_entries() {
+fn conntrack_records_replies_each_sides_fin_and_closing_on_both_entries() {
     in_private_netns(|| {
         let dp = datapath_with(PROTO_TCP, LOCAL_ID);
         let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
@@ -839,8 +843,36 @@ fn conntrack_records_replies_and_tcp_closing_on_both_entries() {
         dp.ingress(&fin.bytes());
         let all = flags();
         assert!(
-            all.iter().all(|f| f & CT_FLAG_CLOSING != 0),
-            "a FIN marks both entries closing: {all:?}"
+            all.iter()
+                .all(|f| f & CT_FLAG_FIN_CLIENT != 0 && f & CT_FLAG_CLOSING == 0),
+            "the client's FIN is on both entries, and the flow is only half-closed: {all:?}"
+        );
+
+        let backend_fin = Frame {
+            tcp_flags: TCP_FIN | TCP_ACK,
+            ..reply.clone()
+        };
+        dp.egress(&backend_fin.bytes());
+        let all = flags();
+        let closed = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND | CT_FLAG_CLOSING;
+        assert!(
+            all.iter().all(|f| f & closed == closed),
+            "both FINs: both entries closing: {all:?}"
+        );
+    });
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        dp.ingress(&syn.bytes());
+        let rst = Frame {
+            tcp_flags: TCP_RST,
+            ..syn.clone()
+        };
+        dp.ingress(&rst.bytes());
+        let all: Vec<u16> = dp.ct_entries().iter().map(|(_, v)| v.flags).collect();
+        assert!(
+            all.len() == 2 && all.iter().all(|f| f & CT_FLAG_CLOSING != 0),
+            "a RST closes the flow at once, on both entries: {all:?}"
         );
     });
 }
