@@ -163,7 +163,20 @@ fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) ->
         // `last_used` from another CPU is harmless.
         let remembered = unsafe { *entry };
         let fresh = seconds_since(remembered.last_used, now) <= frontend.affinity_timeout;
-        if fresh && BACKENDS.get_ptr(remembered.backend_id).is_some() {
+        // Only a backend the frontend still has, among its live slots, as kube-proxy's
+        // `recent` lists exist only for the Service's current endpoints. The agent deletes
+        // the entries of a backend that left, but not those a failed sync, or a restart
+        // between its writes and that deletion, left behind: their id may since name
+        // another Service's backend.
+        let mut still_ours = || {
+            // SAFETY: copied out at once.
+            let backend = BACKENDS
+                .get_ptr(remembered.backend_id)
+                .map(|b| unsafe { *b })?;
+            live_backend(key, frontend.count, backend.addr, backend.port)
+                .filter(|(id, _)| *id == remembered.backend_id)
+        };
+        if fresh && still_ours().is_some() {
             unsafe { (*entry).last_used = now };
             return Some(remembered.backend_id);
         }

@@ -706,6 +706,46 @@ fn c19_session_affinity_keeps_a_client_address_on_one_backend() {
     });
 }
 
+/// A client's affinity entry is followed only while its backend is one of the frontend's
+/// live backends: an entry the agent did not delete (a sync that failed half-way, a
+/// restart in between) must not keep a client on a backend that left the Service, even
+/// when that backend still exists for another Service.
+#[test]
+fn an_affinity_entry_whose_backend_left_the_frontend_is_not_followed() {
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let second_local = Ipv4Addr::new(10, 244, 1, 11);
+        dp.backend(LOCAL_ID, LOCAL_POD, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+        dp.backend(3, second_local, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+        let sticky = Frontend {
+            flags: SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY,
+            affinity_timeout: 10800,
+            ..node_port(PROTO_TCP, 0)
+        };
+        dp.frontend(sticky, &[LOCAL_ID, 3]);
+        let backend_of = |dp: &Datapath, port: u16| {
+            let out = dp.ingress(&Frame::tcp(CLIENT, port, NODE, NODE_PORT).bytes());
+            assert_eq!(out.verdict, TCX_NEXT);
+            tuple_of(&out.packet).2
+        };
+        let first = backend_of(&dp, 41000);
+        let (kept_id, kept) = if first == LOCAL_POD {
+            (3, second_local)
+        } else {
+            (LOCAL_ID, LOCAL_POD)
+        };
+        // The client's backend leaves the frontend (its backend entry stays), and nothing
+        // deletes the client's affinity entry.
+        dp.frontend(sticky, &[kept_id]);
+        let after: BTreeSet<Ipv4Addr> = (1..=10).map(|i| backend_of(&dp, 41000 + i)).collect();
+        assert_eq!(
+            after,
+            BTreeSet::from([kept]),
+            "{first} left the frontend; the client must move to {kept}"
+        );
+    });
+}
+
 #[test]
 fn snat_ports_never_collide_and_exhaustion_drops_only_the_new_flow() {
     in_private_netns(|| {
