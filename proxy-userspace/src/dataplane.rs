@@ -586,7 +586,7 @@ pub fn load(
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
-    // The larger programs first (see `verify`).
+    // The north-south programs first: `ekp_tcx_in` is the largest (see `verify`).
     let mut wanted: Vec<&str> = Vec::new();
     if north_south {
         wanted.extend(TCX_HOOKS.iter().map(|(name, _)| *name));
@@ -760,8 +760,7 @@ fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
 /// Loads (verifies) the programs `names`, on two threads: verifying is most of a start's
 /// work when the Services are few, and about as long as reading and translating 10000 of
 /// them (which the caller does meanwhile). Each thread takes the next program in `names`
-/// when it is done with one; with the larger programs first, both finish at about the same
-/// time.
+/// when it is done with one, so that both finish at about the same time.
 fn verify(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
     let mut found: Vec<(&str, &mut Program)> = ebpf
         .programs_mut()

@@ -669,19 +669,27 @@ fn c22_source_ranges_admit_clients_inside_and_drop_the_rest() {
     });
 }
 
+/// A second local pod, backend 3 of [`sticky_node_port`].
+const SECOND_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+/// A NodePort with ClientIP affinity (10800 s) over two local backends: `LOCAL_ID` and 3.
+fn sticky_node_port() -> (Datapath, Frontend) {
+    let mut dp = Datapath::load();
+    dp.backend(LOCAL_ID, LOCAL_POD, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+    dp.backend(3, SECOND_LOCAL, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+    let sticky = Frontend {
+        flags: SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY,
+        affinity_timeout: 10800,
+        ..node_port(PROTO_TCP, 0)
+    };
+    dp.frontend(sticky, &[LOCAL_ID, 3]);
+    (dp, sticky)
+}
+
 #[test]
 fn c19_session_affinity_keeps_a_client_address_on_one_backend() {
     in_private_netns(|| {
-        let mut dp = Datapath::load();
-        let second_local = Ipv4Addr::new(10, 244, 1, 11);
-        dp.backend(LOCAL_ID, LOCAL_POD, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        dp.backend(3, second_local, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        let sticky = Frontend {
-            flags: SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY,
-            affinity_timeout: 10800,
-            ..node_port(PROTO_TCP, 0)
-        };
-        dp.frontend(sticky, &[LOCAL_ID, 3]);
+        let (dp, _) = sticky_node_port();
 
         let backend_of = |client: Ipv4Addr, port: u16| {
             let out = dp.ingress(&Frame::tcp(client, port, NODE, NODE_PORT).bytes());
@@ -713,16 +721,7 @@ fn c19_session_affinity_keeps_a_client_address_on_one_backend() {
 #[test]
 fn an_affinity_entry_whose_backend_left_the_frontend_is_not_followed() {
     in_private_netns(|| {
-        let mut dp = Datapath::load();
-        let second_local = Ipv4Addr::new(10, 244, 1, 11);
-        dp.backend(LOCAL_ID, LOCAL_POD, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        dp.backend(3, second_local, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        let sticky = Frontend {
-            flags: SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY,
-            affinity_timeout: 10800,
-            ..node_port(PROTO_TCP, 0)
-        };
-        dp.frontend(sticky, &[LOCAL_ID, 3]);
+        let (mut dp, sticky) = sticky_node_port();
         let backend_of = |dp: &Datapath, port: u16| {
             let out = dp.ingress(&Frame::tcp(CLIENT, port, NODE, NODE_PORT).bytes());
             assert_eq!(out.verdict, TCX_NEXT);
@@ -730,7 +729,7 @@ fn an_affinity_entry_whose_backend_left_the_frontend_is_not_followed() {
         };
         let first = backend_of(&dp, 41000);
         let (kept_id, kept) = if first == LOCAL_POD {
-            (3, second_local)
+            (3, SECOND_LOCAL)
         } else {
             (LOCAL_ID, LOCAL_POD)
         };
