@@ -27,10 +27,10 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_REPLY, CT_FLAG_SNAT,
-    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue, NodeConfig, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY,
+    CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue, NodeConfig,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::fib;
@@ -92,10 +92,14 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         // SAFETY: copied out at once.
         let seen = unsafe { *entry };
         // An original-direction entry that expired, or whose backend is gone, is a new
-        // flow; a reply entry is followed as long as it exists (its tuple names our SNAT
-        // port, nothing else can own it).
+        // flow; so is a closed one (RST, or both FINs) that a SYN reuses: the client
+        // opened a new connection from the same port (the kernel's conntrack kills such an
+        // entry and NAT runs again). A reply entry is followed as long as it exists (its
+        // tuple names our SNAT port, nothing else can own it).
         let is_reply = seen.flags & CT_FLAG_REPLY != 0;
-        if is_reply || (!seen.expired(pkt.proto, now) && nat::backend_alive(&seen)) {
+        let reopened = seen.flags & CT_FLAG_CLOSING != 0 && pkt.opens_connection();
+        let followed = !reopened && !seen.expired(pkt.proto, now) && nat::backend_alive(&seen);
+        if is_reply || followed {
             nat::touch(&key, entry, &seen, &pkt, now);
             return translate(ctx, &pkt, &seen);
         }

@@ -44,7 +44,9 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// The IPv4 header as on the wire (multi-byte fields in network order).
 #[repr(C)]
@@ -101,6 +103,11 @@ impl Packet {
     /// The packet carries the L4 header (ports, checksum): not a later fragment.
     pub fn has_l4_header(&self) -> bool {
         self.fragment != Fragment::Later
+    }
+
+    /// A TCP SYN without ACK: the first packet of a connection (0 flags for UDP).
+    pub fn opens_connection(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 

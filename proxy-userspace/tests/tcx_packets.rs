@@ -916,6 +916,101 @@ fn conntrack_records_replies_each_sides_fin_and_closing_on_both_entries() {
     });
 }
 
+/// A SYN on the tuple of a closed flow (the client reused its port within the closing
+/// lifetime) opens a new connection: a new flow, balanced and tracked afresh, as the
+/// kernel's conntrack kills a closed entry at a new SYN and kube-proxy's NAT rules run
+/// again. Kept, the closing flags would give the new connection 10 s of idleness before it
+/// is re-balanced (and reset) mid-stream. A SYN on a live flow is followed as before.
+#[test]
+fn a_syn_on_a_closed_flows_tuple_starts_a_new_flow() {
+    // A local backend: the new flow's entries replace the closed ones under the same keys.
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let flags = || -> Vec<u16> {
+            let mut f: Vec<u16> = dp.ct_entries().iter().map(|(_, v)| v.flags).collect();
+            f.sort();
+            f
+        };
+        dp.ingress(&syn.bytes());
+        let reply = syn
+            .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
+            .reply();
+        dp.egress(&reply.bytes());
+        // A retransmitted SYN of the live flow stays on it.
+        dp.ingress(&syn.bytes());
+        assert!(
+            flags().contains(&(CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY)),
+            "the flow is still the answered one: {:?}",
+            flags()
+        );
+        for (frame, to_backend) in [(&syn, true), (&reply, false)] {
+            let fin = Frame {
+                tcp_flags: TCP_FIN | TCP_ACK,
+                ..frame.clone()
+            };
+            if to_backend {
+                dp.ingress(&fin.bytes());
+            } else {
+                dp.egress(&fin.bytes());
+            }
+        }
+        assert!(
+            flags().iter().all(|f| f & CT_FLAG_CLOSING != 0),
+            "closed: {:?}",
+            flags()
+        );
+
+        let out = dp.ingress(&syn.bytes());
+        assert_frame(
+            &out.packet,
+            &syn.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "the new connection's SYN",
+        );
+        assert_eq!(
+            flags(),
+            [0, CT_FLAG_REPLY],
+            "a new flow, without the closed one's flags"
+        );
+    });
+    // A remote backend: the new flow takes a new SNAT port; the closed flow's reply entry
+    // keeps the old one until it expires.
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let (_, old_port, _, _) = tuple_of(&dp.ingress(&syn.bytes()).packet);
+        let rst = Frame {
+            tcp_flags: TCP_RST,
+            ..syn.clone()
+        };
+        dp.ingress(&rst.bytes());
+
+        let (saddr, new_port, daddr, _) = tuple_of(&dp.ingress(&syn.bytes()).packet);
+        assert_eq!((saddr, daddr), (NODE, REMOTE_POD));
+        assert_ne!(new_port, old_port, "the closed flow's port is still held");
+        let entries = dp.ct_entries();
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        let forward = ct_key(CLIENT, CLIENT_PORT, NODE, NODE_PORT, PROTO_TCP, CT_DIR_IN);
+        let get = |k: &NatCtKey| {
+            entries
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("no entry {k:?} in {entries:?}"))
+        };
+        let fresh = get(&forward);
+        assert_eq!(
+            (fresh.flags, u16::from_be(fresh.sport)),
+            (CT_FLAG_SNAT, new_port),
+            "the client's tuple now names the new flow"
+        );
+        let old_reply = ct_key(REMOTE_POD, POD_PORT, NODE, old_port, PROTO_TCP, CT_DIR_IN);
+        let new_reply = ct_key(REMOTE_POD, POD_PORT, NODE, new_port, PROTO_TCP, CT_DIR_IN);
+        assert_ne!(get(&old_reply).flags & CT_FLAG_CLOSING, 0);
+        assert_eq!(get(&new_reply).flags, CT_FLAG_SNAT | CT_FLAG_REPLY);
+    });
+}
+
 /// The agent's conntrack collector (`conntrack_gc`) against entries the programs wrote:
 /// both read one clock, and a pass deletes exactly the entries the programs would no longer
 /// follow (`NatCtValue::expired`), leaving live flows, idle established ones included.
