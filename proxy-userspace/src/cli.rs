@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::translate::NodePortAddresses;
 use crate::{dataplane, kube_proxy_cleanup, list, run};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/ebpf-kube-proxy";
@@ -85,10 +86,11 @@ struct RunArgs {
     #[arg(long)]
     master: Option<String>,
 
-    /// NodePorts are served on this node's addresses within these CIDRs, comma-separated
-    /// (kube-proxy's flag) [default: every IPv4 address of the Node object].
-    #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
-    nodeport_addresses: Vec<(std::net::Ipv4Addr, u8)>,
+    /// NodePorts are served on this node's addresses within these CIDRs, comma-separated,
+    /// or on its primary address only with `primary` (kube-proxy's flag) [default: every
+    /// IPv4 address of the Node object].
+    #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
+    nodeport_addresses: Vec<String>,
 
     /// Also intercept, at the socket layer, externalIPs this node does not own (kube-proxy's
     /// behaviour, which lets a Service capture traffic to any address: CVE-2020-8554).
@@ -232,16 +234,10 @@ fn north_south(
     })
 }
 
-fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    let (addr, prefix) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?} is not an IPv4 CIDR such as 10.0.0.0/8"))?;
-    let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    let prefix: u8 = prefix.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    if prefix > 32 {
-        return Err(format!("{s:?}: prefix length above 32"));
-    }
-    Ok((addr, prefix))
+/// One value of `--nodeport-addresses` (a CIDR of either family, or `primary`); whether
+/// the values go together is checked on the whole list.
+fn parse_nodeport_address(s: &str) -> Result<String, String> {
+    NodePortAddresses::parse(&[s]).map(|_| s.to_owned())
 }
 
 /// A bind address, or none (the flag given as "").
@@ -374,7 +370,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                     nat_ct: args.map_size_nat_ct,
                     source_ranges: args.map_size_source_ranges,
                 },
-                node_port_cidrs: args.nodeport_addresses,
+                node_ports: NodePortAddresses::parse(&args.nodeport_addresses)
+                    .map_err(|e| anyhow!("--nodeport-addresses: {e}"))?,
                 socket_lb_external_ips: args.socket_lb_external_ips,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
@@ -479,14 +476,23 @@ mod tests {
     }
 
     #[test]
-    fn nodeport_addresses_are_ipv4_cidrs() {
+    fn nodeport_addresses_take_cidrs_of_both_families_or_primary() {
+        use clap::Parser;
+        let parse = |value: &str| {
+            let argv = ["ebpf-kube-proxy", "run", "--nodeport-addresses", value];
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Run(args) => args.nodeport_addresses,
+                _ => panic!("not run"),
+            })
+        };
         assert_eq!(
-            parse_cidr("10.0.0.0/8"),
-            Ok((std::net::Ipv4Addr::new(10, 0, 0, 0), 8))
+            parse("10.0.0.0/8,2001:db8::/32").expect("CIDRs"),
+            ["10.0.0.0/8", "2001:db8::/32"]
         );
-        assert!(parse_cidr("10.0.0.0").is_err());
-        assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("primary").is_err());
+        assert_eq!(parse("primary").expect("primary"), ["primary"]);
+        for bad in ["10.0.0.0", "10.0.0.0/33", "eth0"] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::events::Events;
 use crate::http::Health;
 use crate::metrics::{HealthCheckLabel, Metrics};
 use crate::model::NodeInfo;
-use crate::translate::HealthCheck;
+use crate::translate::{HealthCheck, NodePortAddresses};
 
 /// The header GCE's weighted load balancing reads; kube-proxy sets it to the count.
 const ENDPOINT_WEIGHT: HeaderName = HeaderName::from_static("x-load-balancing-endpoint-weight");
@@ -50,9 +50,9 @@ const ENDPOINT_WEIGHT: HeaderName = HeaderName::from_static("x-load-balancing-en
 type ServiceName = (String, String);
 
 /// The addresses health-check servers listen on: all of them (`0.0.0.0`) when
-/// `--nodeport-addresses` is not given, else the node's NodePort addresses.
-pub fn listen_addresses(node_port_cidrs: &[(Ipv4Addr, u8)], node: &NodeInfo) -> Vec<Ipv4Addr> {
-    if node_port_cidrs.is_empty() {
+/// `--nodeport-addresses` names no IPv4 CIDR, else the node's NodePort addresses.
+pub fn listen_addresses(node_ports: &NodePortAddresses, node: &NodeInfo) -> Vec<Ipv4Addr> {
+    if *node_ports == NodePortAddresses::All {
         vec![Ipv4Addr::UNSPECIFIED]
     } else {
         node.node_port_addresses.clone()
@@ -355,12 +355,19 @@ mod tests {
             node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
             ..NodeInfo::default()
         };
-        assert_eq!(listen_addresses(&[], &node), [Ipv4Addr::UNSPECIFIED]);
-        let cidrs = [(Ipv4Addr::new(192, 0, 2, 0), 24)];
         assert_eq!(
-            listen_addresses(&cidrs, &node),
-            [Ipv4Addr::new(192, 0, 2, 1)]
+            listen_addresses(&NodePortAddresses::All, &node),
+            [Ipv4Addr::UNSPECIFIED]
         );
+        for node_ports in [
+            NodePortAddresses::Within(vec![(Ipv4Addr::new(192, 0, 2, 0), 24)]),
+            NodePortAddresses::Primary,
+        ] {
+            assert_eq!(
+                listen_addresses(&node_ports, &node),
+                [Ipv4Addr::new(192, 0, 2, 1)]
+            );
+        }
     }
 
     #[tokio::test]

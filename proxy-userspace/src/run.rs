@@ -40,7 +40,7 @@ use crate::source::{Delta, Snapshot, manifests};
 use crate::sync::Syncer;
 use crate::sync::touched::Touched;
 use crate::translate::incremental::{Changes, Incremental};
-use crate::translate::{HealthCheck, HealthChecks, health_checks, node_info};
+use crate::translate::{HealthCheck, HealthChecks, NodePortAddresses, health_checks, node_info};
 use crate::{abi, devices};
 
 /// Where Services and EndpointSlices come from.
@@ -62,9 +62,8 @@ pub struct Config {
     /// evicts them when it is full).
     pub conntrack_gc_interval: Duration,
     pub map_sizes: MapSizes,
-    /// kube-proxy's `--nodeport-addresses`: NodePorts are served on the node's addresses in
-    /// these CIDRs (all of them when empty).
-    pub node_port_cidrs: Vec<(std::net::Ipv4Addr, u8)>,
+    /// kube-proxy's `--nodeport-addresses`: which of the node's addresses serve NodePorts.
+    pub node_ports: NodePortAddresses,
     /// Serve externalIPs that are not this node's to its own processes and pods too, as
     /// kube-proxy does (see `safety`: CVE-2020-8554).
     pub socket_lb_external_ips: bool,
@@ -338,8 +337,12 @@ pub async fn run(config: Config) -> Result<()> {
     // Detecting devices needs the Node's addresses, hence the source before attaching.
     let mut state = LoopState::default();
     let (snapshot, read) = timed(|| source.snapshot(&config.node_name));
-    let node_addresses =
-        node_info(&config.node_name, snapshot.node.as_deref(), &[]).node_port_addresses;
+    let node_addresses = node_info(
+        &config.node_name,
+        snapshot.node.as_deref(),
+        &NodePortAddresses::All,
+    )
+    .node_port_addresses;
     // The first sync starts from this translation.
     state.full = true;
     let input = Input::Whole(snapshot);
@@ -608,6 +611,8 @@ struct LoopState {
     drops: BTreeMap<FrontendKey, ServicePortName>,
     /// The Node's IPv4 addresses at the last sync, for device detection.
     node_addresses: Vec<Ipv4Addr>,
+    /// Whether the last sync had this node's Node object (`None` before the first).
+    node_known: Option<bool>,
     /// The next sync translates and diffs everything, not only what changed.
     full: bool,
     /// Health checks per (namespace, Service name) group that has any (or a problem),
@@ -691,7 +696,7 @@ fn sync_once(
     };
     let prepare_started = std::time::Instant::now();
     health.set_node_eligible(node_eligible(input.node()));
-    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
+    let node = node_info(&config.node_name, input.node(), &config.node_ports);
     metrics
         .service_changes
         .inc_by(changes.services.len() as u64);
@@ -775,7 +780,7 @@ fn sync_once(
             metrics.last_sync_timestamp.set(unix_seconds(now));
             observe_programming_latency(&changes.new_slices, now, metrics);
             // Like kube-proxy, after the rules are in place.
-            let addresses = healthcheck::listen_addresses(&config.node_port_cidrs, &node);
+            let addresses = healthcheck::listen_addresses(&config.node_ports, &node);
             let checks: Vec<HealthCheck> = state
                 .health_checks
                 .values()
@@ -822,8 +827,10 @@ fn sync_once(
 /// Translates `input` into `state.translation`: everything afresh on a full sync, else
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
-    let node = node_info(&config.node_name, input.node(), &config.node_port_cidrs);
-    let addresses = node_info(&config.node_name, input.node(), &[]).node_port_addresses;
+    note_node(&config.node_name, input.node(), &mut state.node_known);
+    let node = node_info(&config.node_name, input.node(), &config.node_ports);
+    let addresses =
+        node_info(&config.node_name, input.node(), &NodePortAddresses::All).node_port_addresses;
     let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
     state.node_addresses = addresses;
     if state.full {
@@ -913,6 +920,27 @@ fn record_no_local_endpoints(
             .get_or_create(&label)
             .set(set.len() as i64);
     }
+}
+
+/// Says when this node's Node object is missing, and when it appears after that: without
+/// it no address serves NodePorts and topology hints are not followed, which a wrong
+/// `--node-name` would otherwise cause silently. (kube-proxy waits for it at its start,
+/// then carries on without node addresses.)
+fn note_node(name: &str, node: Option<&Node>, known: &mut Option<bool>) {
+    let now = node.is_some();
+    if *known == Some(now) {
+        return;
+    }
+    match (*known, now) {
+        (_, false) => tracing::warn!(
+            node = name,
+            "no Node object named {name:?}: NodePorts are served on no address and topology \
+             hints are not followed until it appears (is --node-name right?)"
+        ),
+        (Some(false), true) => tracing::info!(node = name, "the Node object {name:?} appeared"),
+        (_, true) => {}
+    }
+    *known = Some(now);
 }
 
 /// kube-proxy reports `nodeEligible: false` while the node is being deleted or the cluster

@@ -99,39 +99,98 @@ pub struct Translation {
     pub ignored: Vec<Skipped>,
 }
 
+/// kube-proxy's `--nodeport-addresses`, as it applies to IPv4: which of the node's
+/// addresses serve NodePorts (and health-check NodePorts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The flag names no IPv4 CIDR (not given, or IPv6 CIDRs only): every address, as
+    /// kube-proxy's IPv4 proxier does (its iptables-mode default).
+    #[default]
+    All,
+    /// `primary` (kube-proxy's nftables-mode default): the node's primary IPv4 address only.
+    Primary,
+    /// The node's addresses within these IPv4 CIDRs.
+    Within(Vec<(Ipv4Addr, u8)>),
+}
+
+impl NodePortAddresses {
+    /// From the flag's values: CIDRs of either family, or `primary` alone (kube-proxy's
+    /// validation refuses it beside CIDRs). IPv6 CIDRs are valid and concern no IPv4 address.
+    pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<Self, String> {
+        let mut within = Vec::new();
+        for value in values {
+            let value = value.as_ref();
+            if value == "primary" {
+                if values.len() != 1 {
+                    return Err("`primary` cannot be combined with CIDRs".into());
+                }
+                return Ok(Self::Primary);
+            }
+            let (addr, prefix) = value
+                .split_once('/')
+                .ok_or_else(|| format!("{value:?} is not a CIDR such as 10.0.0.0/8"))?;
+            let prefix: u8 = prefix.parse().map_err(|e| format!("{value:?}: {e}"))?;
+            match addr
+                .parse::<IpAddr>()
+                .map_err(|e| format!("{value:?}: {e}"))?
+            {
+                IpAddr::V4(_) if prefix > 32 => {
+                    return Err(format!("{value:?}: prefix length above 32"));
+                }
+                IpAddr::V4(addr) => within.push((addr, prefix)),
+                IpAddr::V6(_) if prefix > 128 => {
+                    return Err(format!("{value:?}: prefix length above 128"));
+                }
+                IpAddr::V6(_) => {}
+            }
+        }
+        Ok(if within.is_empty() {
+            Self::All
+        } else {
+            Self::Within(within)
+        })
+    }
+}
+
 /// What translate needs from this node's Node object (`None` when it is not known yet: no
 /// zone, so no zone hints, and no NodePort addresses).
 ///
-/// The NodePort addresses follow `--nodeport-addresses` for IPv4: the node's `InternalIP` and
-/// `ExternalIP` addresses, kept when they fall in one of `node_port_cidrs`. An empty list
-/// means all of them, as kube-proxy does when the flag names no IPv4 CIDR (its iptables-mode
-/// default); its `primary` (the nftables-mode default) is the caller passing a `/32` of the
-/// node's primary IPv4 address. Unlike kube-proxy, which matches the host's interface
-/// addresses, this reads the Node object, so translate stays pure; addresses that are not
-/// parsable IPv4 ones are left out. Sorted and de-duplicated.
-pub fn node_info(name: &str, node: Option<&Node>, node_port_cidrs: &[(Ipv4Addr, u8)]) -> NodeInfo {
+/// The NodePort addresses are the node's IPv4 `InternalIP` and `ExternalIP` addresses that
+/// `--nodeport-addresses` admits: all, those within its CIDRs, or the primary one
+/// (kube-proxy's `GetNodeHostIPs`: the first `InternalIP` of the family, else the first
+/// `ExternalIP`). Unlike kube-proxy, which matches the host's interface addresses, this
+/// reads the Node object, so translate stays pure, and follows its changes (kube-proxy
+/// takes the primary address once, at start); addresses that are not parsable IPv4 ones
+/// are left out. Sorted and de-duplicated.
+pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses) -> NodeInfo {
     let Some(node) = node else {
         return NodeInfo {
             name: name.to_owned(),
             ..NodeInfo::default()
         };
     };
-    let addresses: BTreeSet<Ipv4Addr> = node
-        .status
-        .iter()
-        .flat_map(|status| status.addresses.iter().flatten())
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| match parse_ip_sloppy(&a.address) {
-            Some(IpAddr::V4(addr)) => Some(addr),
-            _ => None,
-        })
-        .filter(|&addr| {
-            node_port_cidrs.is_empty()
-                || node_port_cidrs
+    let of_type = |wanted: &'static str| {
+        node.status
+            .iter()
+            .flat_map(|status| status.addresses.iter().flatten())
+            .filter(move |a| a.type_ == wanted)
+            .filter_map(|a| match parse_ip_sloppy(&a.address) {
+                Some(IpAddr::V4(addr)) => Some(addr),
+                _ => None,
+            })
+    };
+    let all = of_type("InternalIP").chain(of_type("ExternalIP"));
+    let addresses: BTreeSet<Ipv4Addr> = match node_ports {
+        NodePortAddresses::All => all.collect(),
+        NodePortAddresses::Primary => all.take(1).collect(),
+        NodePortAddresses::Within(cidrs) => all
+            .filter(|&addr| {
+                cidrs
                     .iter()
                     .any(|&(network, prefix)| cidr_contains(network, prefix, addr))
-        })
-        .collect();
+            })
+            .collect(),
+    };
     NodeInfo {
         name: name.to_owned(),
         zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
@@ -3297,7 +3356,7 @@ mod tests {
     #[test]
     fn node_info_reads_the_ipv4_node_addresses_and_the_zone() {
         assert_eq!(
-            node_info("n1", Some(&typical_node()), &[]),
+            node_info("n1", Some(&typical_node()), &NodePortAddresses::All),
             NodeInfo {
                 name: "n1".into(),
                 zone: Some("zone-a".into()),
@@ -3307,55 +3366,103 @@ mod tests {
     }
 
     #[test]
-    fn node_info_keeps_the_addresses_in_the_node_port_cidrs() {
-        type Cidr = (Ipv4Addr, u8);
+    fn node_info_keeps_the_addresses_the_nodeport_addresses_admit() {
         let internal = Ipv4Addr::new(10, 1, 0, 5);
         let external = Ipv4Addr::new(192, 0, 2, 1);
-        let cases: [(&str, Vec<Cidr>, Vec<Ipv4Addr>); 6] = [
-            ("no CIDR: all", vec![], vec![internal, external]),
+        let within = |cidrs: &[&str]| NodePortAddresses::parse(cidrs).expect("valid");
+        let cases: [(&str, NodePortAddresses, Vec<Ipv4Addr>); 8] = [
+            ("no CIDR: all", within(&[]), vec![internal, external]),
             (
                 "0.0.0.0/0: all",
-                vec![(Ipv4Addr::UNSPECIFIED, 0)],
+                within(&["0.0.0.0/0"]),
+                vec![internal, external],
+            ),
+            (
+                "IPv6 CIDRs only: all IPv4 addresses, as kube-proxy's IPv4 proxier",
+                within(&["fd00::/8"]),
                 vec![internal, external],
             ),
             (
                 "one /8",
-                vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
+                within(&["10.0.0.0/8", "fd00::/8"]),
                 vec![internal],
             ),
-            (
-                "a /32 (kube-proxy's primary)",
-                vec![(external, 32)],
-                vec![external],
-            ),
+            ("a /32", within(&["192.0.2.1/32"]), vec![external]),
             (
                 "host bits are ignored",
-                vec![(Ipv4Addr::new(192, 0, 2, 77), 24)],
+                within(&["192.0.2.77/24"]),
                 vec![external],
             ),
+            ("no address inside", within(&["172.16.0.0/12"]), vec![]),
             (
-                "no address inside, or no valid prefix",
-                vec![(Ipv4Addr::new(172, 16, 0, 0), 12), (external, 33)],
-                vec![],
+                "primary: the first InternalIP",
+                NodePortAddresses::Primary,
+                vec![internal],
             ),
         ];
-        for (case, cidrs, want) in cases {
+        for (case, node_ports, want) in cases {
             assert_eq!(
-                node_info("n1", Some(&typical_node()), &cidrs).node_port_addresses,
+                node_info("n1", Some(&typical_node()), &node_ports).node_port_addresses,
                 want,
                 "{case}"
             );
+        }
+        // Without an IPv4 InternalIP, the primary address is the first IPv4 ExternalIP.
+        let external_only = node_object(
+            &[
+                ("ExternalIP", "fd00::9"),
+                ("ExternalIP", "203.0.113.9"),
+                ("ExternalIP", "203.0.113.1"),
+                ("InternalIP", "fd00::5"),
+            ],
+            None,
+        );
+        assert_eq!(
+            node_info("n1", Some(&external_only), &NodePortAddresses::Primary).node_port_addresses,
+            [Ipv4Addr::new(203, 0, 113, 9)]
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_parse_like_kube_proxys_flag() {
+        let parse = |values: &[&str]| NodePortAddresses::parse(values);
+        assert_eq!(parse(&[]), Ok(NodePortAddresses::All));
+        assert_eq!(parse(&["primary"]), Ok(NodePortAddresses::Primary));
+        assert_eq!(
+            parse(&["10.0.0.0/8", "2001:db8::/32"]),
+            Ok(NodePortAddresses::Within(vec![(
+                Ipv4Addr::new(10, 0, 0, 0),
+                8
+            )]))
+        );
+        assert_eq!(parse(&["2001:db8::/32"]), Ok(NodePortAddresses::All));
+        for bad in [
+            &["primary", "10.0.0.0/8"][..],
+            &["10.0.0.0/8", "primary"],
+            &["10.0.0.0"],
+            &["10.0.0.0/33"],
+            &["2001:db8::/129"],
+            &["primary/8"],
+            &["0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn node_info_without_zone_label_or_node_object() {
         let unlabelled = node_object(&[("InternalIP", "10.1.0.5")], None);
-        assert_eq!(node_info("n1", Some(&unlabelled), &[]).zone, None);
-        let empty_label = node_object(&[("InternalIP", "10.1.0.5")], Some(""));
-        assert_eq!(node_info("n1", Some(&empty_label), &[]).zone, None);
         assert_eq!(
-            node_info("n1", None, &[(Ipv4Addr::UNSPECIFIED, 0)]),
+            node_info("n1", Some(&unlabelled), &NodePortAddresses::All).zone,
+            None
+        );
+        let empty_label = node_object(&[("InternalIP", "10.1.0.5")], Some(""));
+        assert_eq!(
+            node_info("n1", Some(&empty_label), &NodePortAddresses::All).zone,
+            None
+        );
+        assert_eq!(
+            node_info("n1", None, &NodePortAddresses::All),
             NodeInfo {
                 name: "n1".into(),
                 zone: None,

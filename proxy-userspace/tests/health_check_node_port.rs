@@ -259,3 +259,56 @@ fn a_taken_health_check_port_is_reported_and_served_once_free() {
     );
     wait_for(&h, 200, 2);
 }
+
+/// `--nodeport-addresses primary` (kube-proxy's nftables-mode default): only the node's
+/// primary address, its first `InternalIP`, serves NodePorts and health-check NodePorts,
+/// not its `ExternalIP`. A Node object that goes missing is reported (no address serves
+/// NodePorts then), and so is its return.
+#[test]
+fn the_primary_address_alone_serves_node_ports_and_a_missing_node_is_reported() {
+    let mut h = Harness::new("hcprim", &[]);
+    // The ExternalIP is on no device: a health-check server there could not even bind.
+    let node = "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status:
+  addresses:
+  - {type: ExternalIP, address: 10.244.0.99}
+  - {type: InternalIP, address: 10.244.0.1}
+";
+    h.write_manifest("node.yaml", node);
+    h.write_manifest("svc.yaml", &service("Local", HC_PORT));
+    h.write_manifest(
+        "eps.yaml",
+        &endpoints(&[("10.244.0.10", true, true, false, "node-1")]),
+    );
+    h.start_agent_in_node(&["--nodeport-addresses", "primary"]);
+    wait_for(&h, 200, 1);
+    let node_ports = || -> Vec<String> {
+        let mut found: Vec<String> = h
+            .list()
+            .expect("list")
+            .iter()
+            .filter(|f| f["type"] == "NodePort" && f["scope"] == "external")
+            .filter_map(|f| f["frontend"].as_str().map(String::from))
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(node_ports(), ["10.244.0.1:30080"]);
+    let log = h.agent_log();
+    assert!(
+        !log.contains("10.244.0.99") && !log.contains("no Node object"),
+        "only the primary address is served:\n{log}"
+    );
+
+    h.remove_manifest("node.yaml");
+    h.wait_for_log("no Node object named \"node-1\"");
+    wait_for_refused(&h, HC_PORT);
+    assert_eq!(node_ports(), Vec::<String>::new());
+
+    h.write_manifest("node.yaml", node);
+    h.wait_for_log("the Node object \"node-1\" appeared");
+    wait_for(&h, 200, 1);
+    assert_eq!(node_ports(), ["10.244.0.1:30080"]);
+}

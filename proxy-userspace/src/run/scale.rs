@@ -97,7 +97,11 @@ fn scale_phases_of_a_sync() {
             let snapshot = time("snapshot", || {
                 manifests::snapshot(&mut cache, &dir, "bench-node")
             });
-            let node = node_info("bench-node", snapshot.node.as_deref(), &[]);
+            let node = node_info(
+                "bench-node",
+                snapshot.node.as_deref(),
+                &NodePortAddresses::All,
+            );
             time("translate (whole)", || {
                 translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
             })
@@ -105,7 +109,7 @@ fn scale_phases_of_a_sync() {
             let delta = time("delta", || {
                 cache.delta(&dir, "bench-node").expect("patched")
             });
-            let node = node_info("bench-node", delta.node.as_deref(), &[]);
+            let node = node_info("bench-node", delta.node.as_deref(), &NodePortAddresses::All);
             time("translate (delta)", || {
                 translation.apply(&delta, &node, Some(&[]))
             })
