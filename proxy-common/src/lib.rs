@@ -195,7 +195,12 @@ pub struct ServiceValue {
     pub rev_nat_id: u16,
     /// Slot 0: `SVC_FLAG_*` bits. Host order.
     pub flags: u16,
-    pub _pad: [u8; 2],
+    /// Slot 0 with `SVC_FLAG_AFFINITY`: the id the session-affinity entries are kept under,
+    /// the rev-NAT id of the Service port's ClusterIP frontend, which every frontend of the
+    /// port shares: a client keeps its endpoint whichever address of the Service it uses,
+    /// as with kube-proxy's per-endpoint `recent` lists. 0 (written before this field
+    /// existed): the frontend's own rev-NAT id. Host order.
+    pub affinity_id: u16,
     /// Slot 0 with `SVC_FLAG_AFFINITY`: the sessionAffinity timeout in seconds. Host order.
     pub affinity_timeout: u32,
 }
@@ -335,12 +340,19 @@ pub const SOCK_SLOT_BUSY: u64 = 1 << 63;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     /// Who the client is: the network namespace cookie for the socket programs (one per pod,
-    /// so one per pod IP, which is what kube-proxy's ClientIP keys on). Host order.
+    /// so one per pod IP, which is what kube-proxy's ClientIP keys on); for the packet
+    /// programs, the client's IPv4 address with `AFFINITY_CLIENT_ADDR` set, so that the two
+    /// kinds never meet. Host order.
     pub client: u64,
-    /// The frontend's rev-NAT id. Host order.
-    pub rev_nat_id: u16,
+    /// The frontend's affinity id (`ServiceValue::affinity_id`). Host order.
+    pub affinity_id: u16,
     pub _pad: [u8; 6],
 }
+
+/// `AffinityKey::client` bit of a client known by its IPv4 address (the packet programs)
+/// rather than by its network namespace cookie (the socket programs). Cookies count up from
+/// 1 and never come near it.
+pub const AFFINITY_CLIENT_ADDR: u64 = 1 << 32;
 
 /// Value of the session-affinity LRU map.
 #[repr(C)]
@@ -583,7 +595,8 @@ mod tests {
         assert_eq!(offset_of!(ServiceValue, rev_nat_id), 6);
         assert_eq!(offset_of!(ServiceValue, flags), 8);
         assert_eq!(offset_of!(ServiceValue, affinity_timeout), 12);
-        assert_eq!(offset_of!(AffinityKey, rev_nat_id), 8);
+        assert_eq!(offset_of!(ServiceValue, affinity_id), 10);
+        assert_eq!(offset_of!(AffinityKey, affinity_id), 8);
         assert_eq!(offset_of!(AffinityValue, last_used), 4);
         assert_eq!(offset_of!(BackendValue, port), 4);
         assert_eq!(offset_of!(BackendValue, proto), 6);

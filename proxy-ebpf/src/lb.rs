@@ -144,8 +144,9 @@ fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> 
 /// sessionAffinity ClientIP: the backend this client used within the timeout, else a new
 /// random one that is remembered. `client` is the socket's network namespace cookie for
 /// the socket programs (one per pod, hence one per pod IP) and the client's IPv4 address
-/// for the north-south programs; the frontends differ (scopes have their own rev-NAT ids),
-/// so the two kinds of client never share an entry.
+/// (with `AFFINITY_CLIENT_ADDR`) for the packet programs. The entry is the Service port's
+/// (`affinity_id`), not the frontend's: the client keeps its backend through any address
+/// of the Service whose live slots hold it.
 ///
 /// A BPF subprogram, not inlined: inlined into `ekp_pod_in`, LLVM gave the affinity entry's
 /// spilled pointer a stack slot that the hairpin path then reads as a 32-bit address, and
@@ -154,7 +155,11 @@ fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> 
 fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
     let affinity_key = AffinityKey {
         client,
-        rev_nat_id: frontend.rev_nat_id,
+        affinity_id: if frontend.affinity_id != 0 {
+            frontend.affinity_id
+        } else {
+            frontend.rev_nat_id
+        },
         _pad: [0; 6],
     };
     let now = now_secs();

@@ -27,9 +27,9 @@ use aya_ebpf::btf_maps::lpm_trie::Key;
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue, NodeConfig,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
+    AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING,
+    CT_FLAG_REPLY, CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue,
+    NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
     SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
@@ -194,7 +194,7 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         );
         return Err(DROP);
     }
-    let client = || u64::from(pkt.saddr);
+    let client = || u64::from(pkt.saddr) | AFFINITY_CLIENT_ADDR;
     let selected = lb::select_backend(client, &mut key, &frontend);
     let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
     else {

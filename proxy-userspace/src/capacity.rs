@@ -248,6 +248,7 @@ mod tests {
             lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            affinity_group: None,
             source_ranges: Vec::new(),
         }
     }

@@ -380,7 +380,7 @@ impl Maps {
             .affinity
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(k, v)| stale.contains(&(k.rev_nat_id, v.backend_id)))
+            .filter(|(k, v)| stale.contains(&(k.affinity_id, v.backend_id)))
             .map(|(k, _)| k)
             .collect();
         for key in &doomed {

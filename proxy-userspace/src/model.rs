@@ -203,6 +203,12 @@ pub struct Frontend {
     /// `sessionAffinity: ClientIP` timeout in seconds (1..=86400): a client keeps its
     /// backend while it reconnects within this time. `None` for affinity `None`.
     pub affinity_timeout: Option<u32>,
+    /// With affinity: the ClusterIP frontend of the same Service port (itself, for that
+    /// one), whose rev-NAT id names the affinity entries all frontends of the port share,
+    /// as kube-proxy keeps a client's endpoint per Service port, whichever address it used.
+    /// `None` without affinity, or without an IPv4 ClusterIP frontend (the frontend's own
+    /// entries then).
+    pub affinity_group: Option<FrontendKey>,
     /// `loadBalancerSourceRanges` of an external-scope LB IP frontend, sorted and
     /// de-duplicated: new flows from other clients are dropped (C22). Empty: no filter.
     pub source_ranges: Vec<SourceRange>,

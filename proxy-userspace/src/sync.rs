@@ -34,6 +34,8 @@ pub struct ProgrammedFrontend {
     pub flags: u16,
     /// Slot 0's sessionAffinity timeout (seconds; 0 without `SVC_FLAG_AFFINITY`).
     pub affinity_timeout: u32,
+    /// Slot 0's affinity id (0 without `SVC_FLAG_AFFINITY`, or written before it existed).
+    pub affinity_id: u16,
     /// Slot 0's `count`: slots `1..=count` are live.
     pub count: u16,
     /// Backend id per slot number. Slots above `count` hold the lingering backends (the
@@ -81,6 +83,7 @@ pub enum Op {
         rev_nat_id: u16,
         flags: u16,
         affinity_timeout: u32,
+        affinity_id: u16,
     },
     DeleteSlot {
         frontend: FrontendKey,
@@ -164,6 +167,7 @@ impl Op {
                 rev_nat_id,
                 flags,
                 affinity_timeout,
+                affinity_id,
             } => MapWrite::PutService(
                 abi::service_key(frontend, 0),
                 ServiceValue {
@@ -171,6 +175,7 @@ impl Op {
                     rev_nat_id: *rev_nat_id,
                     flags: *flags,
                     affinity_timeout: *affinity_timeout,
+                    affinity_id: *affinity_id,
                     ..Default::default()
                 },
             ),
@@ -212,6 +217,7 @@ impl Programmed {
                 f.rev_nat_id = value.rev_nat_id;
                 f.flags = value.flags;
                 f.affinity_timeout = value.affinity_timeout;
+                f.affinity_id = value.affinity_id;
                 f.count = value.count;
             } else {
                 slot_entries.push((frontend, key.slot, value.backend_id));
@@ -271,12 +277,14 @@ impl Programmed {
                 rev_nat_id,
                 flags,
                 affinity_timeout,
+                affinity_id,
             } => {
                 let f = self.frontend_mut(frontend);
                 f.count = *count;
                 f.rev_nat_id = *rev_nat_id;
                 f.flags = *flags;
                 f.affinity_timeout = *affinity_timeout;
+                f.affinity_id = *affinity_id;
             }
             Op::DeleteSlot { frontend, slot } => {
                 if let Some(f) = self.frontends.get_mut(frontend) {
@@ -290,6 +298,7 @@ impl Programmed {
                     f.flags = 0;
                     f.rev_nat_id = 0;
                     f.affinity_timeout = 0;
+                    f.affinity_id = 0;
                 }
             }
             Op::DeleteRevNat { id } => {
@@ -330,8 +339,20 @@ fn empty_frontend(value: &ServiceValue) -> ProgrammedFrontend {
         rev_nat_id: value.rev_nat_id,
         flags: 0,
         affinity_timeout: 0,
+        affinity_id: 0,
         count: 0,
         slots: BTreeMap::new(),
+    }
+}
+
+impl ProgrammedFrontend {
+    /// The id its session-affinity entries are kept under.
+    pub fn affinity_key(&self) -> u16 {
+        if self.affinity_id != 0 {
+            self.affinity_id
+        } else {
+            self.rev_nat_id
+        }
     }
 }
 
@@ -384,7 +405,7 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     let mut used_rev_nat: BTreeSet<u16> = programmed.rev_nat_ids.clone();
     let mut rev_nat_cursor = 1;
     used_rev_nat.extend(programmed.frontends.values().map(|f| f.rev_nat_id));
-    let mut phases = Phases::default();
+    let mut assigned = Vec::with_capacity(desired.frontends.len());
     for (key, frontend) in &desired.frontends {
         let current = programmed.frontends.get(key).filter(|f| f.flags != 0);
         let rev_nat_id = match current {
@@ -401,9 +422,20 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
                 id
             }
         };
-        phases.frontend(programmed, key, frontend, current, rev_nat_id, |b| {
-            backend_ids.get(b).copied()
-        })?;
+        assigned.push((key, frontend, current, rev_nat_id));
+    }
+    let groups = affinity_groups(&assigned);
+    let mut phases = Phases::default();
+    for (key, frontend, current, rev_nat_id) in assigned {
+        let affinity_id = affinity_id(frontend, rev_nat_id, desired, |g| groups.get(g).copied());
+        phases.frontend(
+            programmed,
+            key,
+            frontend,
+            current,
+            (rev_nat_id, affinity_id),
+            |b| backend_ids.get(b).copied(),
+        )?;
     }
     let wanted_ranges = phases.emit(programmed, &mut ops);
 
@@ -457,10 +489,55 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     Ok(ops)
 }
 
-/// (rev-NAT id, backend id) pairs that session-affinity entries must no longer use: the
-/// backend left an affinity frontend, or the frontend went away or dropped affinity. The
-/// datapath only checks that a remembered backend still exists, so the agent removes these
-/// (kube-proxy's `recent` lists go with their endpoint chains the same way).
+/// A frontend whose rev-NAT id is known, as the plans assign them.
+type Assigned<'a> = (
+    &'a FrontendKey,
+    &'a Frontend,
+    Option<&'a ProgrammedFrontend>,
+    u16,
+);
+
+/// The rev-NAT ids of the frontends that name an affinity group (ClusterIP frontends with
+/// affinity), by key: only those, so that the plan of many Services builds a small map.
+fn affinity_groups(assigned: &[Assigned<'_>]) -> BTreeMap<FrontendKey, u16> {
+    assigned
+        .iter()
+        .filter(|(key, frontend, _, _)| frontend.affinity_group.as_ref() == Some(*key))
+        .map(|(key, _, _, rev_nat_id)| (**key, *rev_nat_id))
+        .collect()
+}
+
+/// Slot 0's affinity id for `frontend`, whose rev-NAT id is `own`: the rev-NAT id
+/// (`rev_nat_of`) of its Service port's ClusterIP frontend while that one is wanted for the
+/// same port, else its own; 0 without affinity (slot 0 of frontends without affinity never
+/// changes for it).
+fn affinity_id(
+    frontend: &Frontend,
+    own: u16,
+    desired: &DesiredState,
+    rev_nat_of: impl Fn(&FrontendKey) -> Option<u16>,
+) -> u16 {
+    if frontend.affinity_timeout.is_none() {
+        return 0;
+    }
+    frontend
+        .affinity_group
+        .filter(|group| {
+            desired
+                .frontends
+                .get(group)
+                .is_some_and(|g| g.service == frontend.service)
+        })
+        .and_then(|group| rev_nat_of(&group))
+        .unwrap_or(own)
+}
+
+/// (affinity id, backend id) pairs that session-affinity entries must no longer use: the
+/// backend left the live slots of an affinity frontend and no other frontend of its group
+/// offers it, or affinity was switched off. The datapath follows an entry only to a backend
+/// in the frontend's live slots; the agent removes these so that a backend that comes back
+/// starts afresh (kube-proxy's `recent` lists go with their endpoint chains) and the LRU
+/// holds live entries.
 pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeSet<(u16, u32)> {
     let ids: BTreeMap<&BackendAddr, u32> =
         programmed.backends.iter().map(|(id, b)| (b, *id)).collect();
@@ -471,32 +548,56 @@ pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeS
     )
 }
 
-/// [`stale_affinity`] among some of the programmed frontends.
+/// [`stale_affinity`] among some of the programmed frontends (those of a touched sync
+/// hold every frontend of the Services that changed, hence whole groups).
 fn stale_affinity_among<'a>(
     frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)> + Clone,
     id_of: impl Fn(&BackendAddr) -> Option<u32>,
     desired: &DesiredState,
 ) -> BTreeSet<(u16, u32)> {
+    let keeps_affinity = |key: &FrontendKey, f: &ProgrammedFrontend| {
+        let wanted = desired.frontends.get(key);
+        (f.flags & SVC_FLAG_AFFINITY != 0)
+            .then(|| wanted.filter(|d| d.affinity_timeout.is_some()))
+            .flatten()
+    };
+    // What the group's frontends that keep affinity still offer new flows.
+    let offered: BTreeSet<(u16, u32)> = frontends
+        .clone()
+        .filter_map(|(key, f)| keeps_affinity(key, f).map(|d| (f, d)))
+        .flat_map(|(f, d)| {
+            d.backends
+                .iter()
+                .filter_map(&id_of)
+                .map(move |id| (f.affinity_key(), id))
+        })
+        .collect();
     let consider = |f: &ProgrammedFrontend, d: Option<&Frontend>| {
         f.flags & SVC_FLAG_AFFINITY != 0 && d.is_none_or(|d| d.affinity_timeout.is_some())
     };
-    departed_among(frontends.clone(), id_of, desired, Leaving::Live, consider)
-        .into_iter()
-        .chain(
-            // Affinity switched off: every entry of the frontend goes.
-            frontends.flat_map(|(key, f)| {
-                let switched_off = f.flags & SVC_FLAG_AFFINITY != 0
-                    && desired
-                        .frontends
-                        .get(key)
-                        .is_some_and(|d| d.affinity_timeout.is_none());
-                f.slots
-                    .values()
-                    .filter(move |_| switched_off)
-                    .map(move |id| (f.rev_nat_id, *id))
-            }),
-        )
-        .collect()
+    let left = departed_among(
+        frontends.clone(),
+        &id_of,
+        desired,
+        Leaving::Live,
+        consider,
+        ProgrammedFrontend::affinity_key,
+    )
+    .into_iter()
+    .filter(|pair| !offered.contains(pair));
+    // Affinity switched off (for the whole Service): every entry of the group goes.
+    let switched_off = frontends.flat_map(|(key, f)| {
+        let off = f.flags & SVC_FLAG_AFFINITY != 0
+            && desired
+                .frontends
+                .get(key)
+                .is_some_and(|d| d.affinity_timeout.is_none());
+        f.slots
+            .values()
+            .filter(move |_| off)
+            .map(move |id| (f.affinity_key(), *id))
+    });
+    left.chain(switched_off).collect()
 }
 
 /// What a backend leaves when it departs from a frontend.
@@ -524,17 +625,20 @@ pub fn departed(
         desired,
         Leaving::Every,
         consider,
+        |f| f.rev_nat_id,
     )
 }
 
 /// [`departed`] (or, with [`Leaving::Live`], the pairs no new flow may use) among some of
-/// the programmed frontends.
+/// the programmed frontends, each pair under the frontend's `pair_id` (its rev-NAT id, or
+/// its affinity key).
 fn departed_among<'a>(
     frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)>,
     id_of: impl Fn(&BackendAddr) -> Option<u32>,
     desired: &DesiredState,
     leaving: Leaving,
     consider: impl Fn(&ProgrammedFrontend, Option<&Frontend>) -> bool,
+    pair_id: impl Fn(&ProgrammedFrontend) -> u16,
 ) -> BTreeSet<(u16, u32)> {
     let mut gone = BTreeSet::new();
     for (key, f) in frontends {
@@ -552,7 +656,7 @@ fn departed_among<'a>(
                 .iter()
                 .filter(|(slot, _)| leaving == Leaving::Every || (1..=f.count).contains(*slot))
                 .filter(|(_, id)| !keep.contains(id))
-                .map(|(_, id)| (f.rev_nat_id, *id)),
+                .map(|(_, id)| (pair_id(f), *id)),
         );
     }
     gone
@@ -618,15 +722,16 @@ struct Phases {
 }
 
 impl Phases {
-    /// The writes `frontend` needs once its rev-NAT id is known (`current`: its slot 0 as
-    /// programmed, if any). `backend_id` names the id each backend has or gets.
+    /// The writes `frontend` needs once its rev-NAT id and affinity id are known
+    /// (`current`: its slot 0 as programmed, if any). `backend_id` names the id each
+    /// backend has or gets.
     fn frontend(
         &mut self,
         programmed: &Programmed,
         key: &FrontendKey,
         frontend: &Frontend,
         current: Option<&ProgrammedFrontend>,
-        rev_nat_id: u16,
+        (rev_nat_id, affinity_id): (u16, u16),
         backend_id: impl Fn(&BackendAddr) -> Option<u32>,
     ) -> Result<()> {
         if !programmed.rev_nat_ids.contains(&rev_nat_id) || current.is_none() {
@@ -678,6 +783,7 @@ impl Phases {
                 && f.rev_nat_id == rev_nat_id
                 && f.flags == flags
                 && f.affinity_timeout == affinity_timeout
+                && f.affinity_id == affinity_id
         });
         if !unchanged {
             self.frontends.push(Op::PutFrontend {
@@ -686,6 +792,7 @@ impl Phases {
                 rev_nat_id,
                 flags,
                 affinity_timeout,
+                affinity_id,
             });
         }
         if let Some(slots) = existing_slots {
@@ -847,7 +954,14 @@ impl Syncer {
             .filter_map(|k| self.programmed.frontends.get_key_value(k));
         let index = &self.index;
         let stale_affinity = stale_affinity_among(among.clone(), |b| index.id(b), desired);
-        let departed = departed_among(among, |b| index.id(b), desired, Leaving::Every, |_, _| true);
+        let departed = departed_among(
+            among,
+            |b| index.id(b),
+            desired,
+            Leaving::Every,
+            |_, _| true,
+            |f| f.rev_nat_id,
+        );
         self.execute(&ops, departed, stale_affinity)
     }
 
@@ -1049,6 +1163,7 @@ mod tests {
             lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            affinity_group: None,
             source_ranges: Vec::new(),
         }
     }
@@ -1094,6 +1209,7 @@ mod tests {
             rev_nat_id,
             flags: SVC_FLAG_CLUSTER_IP,
             affinity_timeout: 0,
+            affinity_id: 0,
         }
     }
 
@@ -1589,6 +1705,7 @@ mod tests {
                     rev_nat_id: id,
                     flags: SVC_FLAG_CLUSTER_IP,
                     affinity_timeout: 0,
+                    affinity_id: 0,
                     count: 0,
                     slots: BTreeMap::new(),
                 },
@@ -1692,6 +1809,7 @@ mod tests {
                             rev_nat_id: 1,
                             flags: SVC_FLAG_CLUSTER_IP,
                             affinity_timeout: 0,
+                            affinity_id: 0,
                             count: 2,
                             slots: BTreeMap::from([(1, 1), (2, 2), (3, 3)]),
                         }
@@ -1702,6 +1820,7 @@ mod tests {
                             rev_nat_id: 0,
                             flags: 0,
                             affinity_timeout: 0,
+                            affinity_id: 0,
                             count: 0,
                             slots: BTreeMap::from([(2, 2)]),
                         }
@@ -1757,6 +1876,7 @@ mod tests {
     fn sticky(host: u8, backends: &[u8]) -> Frontend {
         Frontend {
             affinity_timeout: Some(10800),
+            affinity_group: Some(fkey(host)),
             ..frontend(host, backends)
         }
     }
@@ -1796,6 +1916,7 @@ mod tests {
                 rev_nat_id,
                 flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
                 affinity_timeout: 10800,
+                affinity_id: rev_nat_id,
             }]
         );
         let ops = sync(&mut mirror, &desired(&[frontend(1, &[2, 3])]));
@@ -1842,6 +1963,93 @@ mod tests {
         }
     }
 
+    /// Service `svc-1`'s sticky ClusterIP frontend over `cluster`, and its NodePort on
+    /// 192.0.2.1:30080 (external scope) over `node_port` (a `Local` policy's subset).
+    fn sticky_node_port(cluster: &[u8], node_port: &[u8]) -> [Frontend; 2] {
+        let key = FrontendKey {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            port: 30080,
+            proto: Protocol::Tcp,
+            scope: Scope::External,
+        };
+        let node_port = Frontend {
+            key,
+            kind: FrontendKind::NodePort,
+            ..sticky(1, node_port)
+        };
+        [sticky(1, cluster), node_port]
+    }
+
+    #[test]
+    fn the_frontends_of_a_service_port_share_its_cluster_ips_affinity_entries() {
+        let mut mirror = Programmed::default();
+        let both = sticky_node_port(&[2, 3], &[2]);
+        let node_port_key = both[1].key;
+        sync(&mut mirror, &desired(&both));
+        let cluster = rev_nat_id_of(&mirror, 1);
+        let node_port = &mirror.frontends[&node_port_key];
+        assert_ne!(node_port.rev_nat_id, cluster);
+        assert_eq!(
+            (
+                mirror.frontends[&fkey(1)].affinity_id,
+                node_port.affinity_id
+            ),
+            (cluster, cluster),
+            "both slot 0s name the ClusterIP frontend's rev-NAT id"
+        );
+
+        // A touched sync of the NodePort alone finds the group among the programmed ones.
+        let moved = sticky_node_port(&[2, 3], &[3]);
+        let wanted = desired(&moved);
+        let index = touched::BackendIndex::of(&mirror);
+        let touched_keys = BTreeSet::from([node_port_key]);
+        let ops = touched::plan(
+            &mirror,
+            &index,
+            &wanted,
+            touched::Touched {
+                frontends: &touched_keys,
+                local_backends: &BTreeSet::new(),
+            },
+        )
+        .expect("touched plan");
+        assert_eq!(ops, plan(&mirror, &wanted).expect("plan"));
+        assert!(
+            ops.iter().all(|op| !matches!(op, Op::PutFrontend { .. })),
+            "slot 0 unchanged: {ops:?}"
+        );
+
+        // Without its ClusterIP frontend for the port, a frontend keeps its own entries.
+        let alone = desired(&both[1..]);
+        sync(&mut mirror, &alone);
+        let node_port = &mirror.frontends[&node_port_key];
+        assert_eq!(node_port.affinity_id, node_port.rev_nat_id);
+    }
+
+    #[test]
+    fn an_affinity_entry_is_stale_once_no_frontend_of_its_group_offers_the_backend() {
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &desired(&sticky_node_port(&[2, 3], &[2, 3])));
+        let group = rev_nat_id_of(&mirror, 1);
+        let (b2, b3) = (backend_id_of(&mirror, 2), backend_id_of(&mirror, 3));
+        // Backend 3 leaves the NodePort (its pod moved away from this node) but not the
+        // ClusterIP: pods keep it; the datapath stops external clients from following it.
+        let moved = desired(&sticky_node_port(&[2, 3], &[2]));
+        assert_eq!(stale_affinity(&mirror, &moved), BTreeSet::new());
+        // Backend 3 leaves both.
+        let gone = desired(&sticky_node_port(&[2], &[2]));
+        assert_eq!(
+            stale_affinity(&mirror, &gone),
+            BTreeSet::from([(group, b3)])
+        );
+        // Affinity switched off for the Service: every entry of the group.
+        let off = desired(&[frontend(1, &[2, 3])]);
+        assert_eq!(
+            stale_affinity(&mirror, &off),
+            BTreeSet::from([(group, b2), (group, b3)])
+        );
+    }
+
     /// `frontend` with the given hosts' backends lingering.
     fn lingering(frontend: Frontend, hosts: &[u8]) -> Frontend {
         Frontend {
@@ -1876,6 +2084,7 @@ mod tests {
             rev_nat_id: rev,
             flags: slot0_settings(&draining.frontends[&fkey(1)]).0,
             affinity_timeout: 10800,
+            affinity_id: rev,
         };
         assert_eq!(
             ops,
@@ -2052,6 +2261,7 @@ mod tests {
             rev_nat_id: id,
             flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_SOURCE_RANGES,
             affinity_timeout: 0,
+            affinity_id: 0,
         };
         assert!(index_of(&ops, &put_range) < index_of(&ops, &flagged));
         assert_ne!(mirror.frontends[&fkey(1)].flags & SVC_FLAG_SOURCE_RANGES, 0);
@@ -2080,6 +2290,7 @@ mod tests {
             rev_nat_id: id,
             flags: SVC_FLAG_CLUSTER_IP,
             affinity_timeout: 0,
+            affinity_id: 0,
         };
         assert_eq!(
             ops,
@@ -2118,6 +2329,7 @@ mod tests {
                 rev_nat_id: 1,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
+                affinity_id: 0,
                 count: 1,
                 slots: BTreeMap::from([(1, 11), (2, 12)]),
             },
@@ -2128,6 +2340,7 @@ mod tests {
                 rev_nat_id: 3,
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
+                affinity_id: 0,
                 count: 0,
                 slots: BTreeMap::from([(1, 14)]),
             },

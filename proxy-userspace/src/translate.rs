@@ -717,6 +717,12 @@ fn add_service(
             },
             when_empty: backends.when_empty,
             affinity_timeout: policy.affinity_timeout,
+            affinity_group: policy.affinity_timeout.map(|_| FrontendKey {
+                addr: cluster_ip,
+                port: number,
+                proto,
+                scope: Scope::Internal,
+            }),
             source_ranges: Vec::new(),
         };
 
@@ -1564,6 +1570,7 @@ mod tests {
             lingering: Vec::new(),
             when_empty: WhenEmpty::Refuse,
             affinity_timeout: None,
+            affinity_group: None,
             source_ranges: Vec::new(),
         };
         assert_eq!(t.state.frontends, BTreeMap::from([(key, want)]));
@@ -3082,14 +3089,27 @@ mod tests {
             .type_("NodePort")
             .node_port(30080)
             .affinity("ClientIP", None);
+        let t = translate(&[service], &[endpoints], &n1());
         assert_eq!(
-            clean(&[service], &[endpoints]),
+            rows(&t),
             [
                 "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
                 "ext 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
                 "int 192.0.2.1:30080/TCP -> 10.0.0.1:80/TCP (affinity 10800s)",
             ]
         );
+        // One client, one endpoint, whichever address it uses: the frontends share the
+        // ClusterIP frontend's entries.
+        let cluster_ip = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        };
+        for f in t.state.frontends.values() {
+            assert_eq!(f.affinity_group, Some(cluster_ip), "{}", f.key);
+        }
+        assert!(t.skipped.is_empty());
     }
 
     #[test]

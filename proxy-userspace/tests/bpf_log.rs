@@ -285,6 +285,7 @@ fn tcx_cases(level: u8) -> (Vec<Outcome>, Vec<(log::Level, String)>) {
         rev_nat_id,
         flags: SVC_FLAG_NODE_PORT | flags,
         affinity_timeout: 0,
+        affinity_id: 0,
     };
     dp.frontend(node_port(30081, 1, 0), &[1]);
     dp.frontend(node_port(30082, 2, 0), &[2]);
@@ -375,6 +376,7 @@ fn a_full_log_buffer_drops_records_and_nothing_else() {
             rev_nat_id: 1,
             flags: SVC_FLAG_NODE_PORT,
             affinity_timeout: 0,
+            affinity_id: 0,
         };
         dp.frontend(frontend, &[1]);
         // Each new flow logs one record of a few hundred bytes; 128 KiB hold far fewer.

@@ -132,6 +132,7 @@ fn frontends() -> Vec<(Frontend, Vec<u32>)> {
         rev_nat_id,
         flags,
         affinity_timeout: 0,
+        affinity_id: 0,
     };
     vec![
         // NodePorts with a local and a remote backend.

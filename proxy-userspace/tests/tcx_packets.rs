@@ -50,6 +50,7 @@ fn node_port(proto: u8, flags: u16) -> Frontend {
         rev_nat_id: 7,
         flags: SVC_FLAG_NODE_PORT | flags,
         affinity_timeout: 0,
+        affinity_id: 0,
     }
 }
 
@@ -711,6 +712,58 @@ fn c19_session_affinity_keeps_a_client_address_on_one_backend() {
             2,
             "different clients spread over both backends"
         );
+    });
+}
+
+/// ClientIP affinity belongs to the Service port, not to the address a client uses: a
+/// client that reached a backend through the NodePort keeps it through the Service's LB IP
+/// (the frontends share the affinity id the agent gives them), as kube-proxy's per-endpoint
+/// `recent` lists do. Four backends and eight clients: a datapath that kept the frontends'
+/// entries apart would match all eight by chance once in 65536 runs.
+#[test]
+fn affinity_is_shared_by_the_frontends_of_a_service_port() {
+    in_private_netns(|| {
+        let mut dp = Datapath::load();
+        let pods: Vec<(u32, Ipv4Addr)> = (0..4)
+            .map(|i| (10 + i, Ipv4Addr::new(10, 244, 1, 20 + i as u8)))
+            .collect();
+        for (id, addr) in &pods {
+            dp.backend(*id, *addr, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
+        }
+        let ids: Vec<u32> = pods.iter().map(|(id, _)| *id).collect();
+        let node_port = Frontend {
+            flags: SVC_FLAG_NODE_PORT | SVC_FLAG_AFFINITY,
+            affinity_timeout: 10800,
+            affinity_id: 5,
+            ..node_port(PROTO_TCP, 0)
+        };
+        let lb_ip = Frontend {
+            addr: EXTERNAL_IP,
+            port: 80,
+            rev_nat_id: 8,
+            flags: SVC_FLAG_LOAD_BALANCER | SVC_FLAG_AFFINITY,
+            ..node_port
+        };
+        dp.frontend(node_port, &ids);
+        dp.frontend(lb_ip, &ids);
+        let backend_of = |client: Ipv4Addr, frontend: &Frontend| {
+            let syn = Frame::tcp(client, 41000, frontend.addr, frontend.port);
+            let out = dp.ingress(&syn.bytes());
+            assert_eq!(out.verdict, TCX_NEXT);
+            tuple_of(&out.packet).2
+        };
+        let mut seen = BTreeSet::new();
+        for i in 0..8 {
+            let client = Ipv4Addr::new(198, 51, 100, 100 + i);
+            let first = backend_of(client, &node_port);
+            assert_eq!(
+                backend_of(client, &lb_ip),
+                first,
+                "{client} went to {first} through the NodePort"
+            );
+            seen.insert(first);
+        }
+        assert!(seen.len() > 1, "the clients were spread: {seen:?}");
     });
 }
 

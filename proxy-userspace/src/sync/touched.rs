@@ -214,7 +214,7 @@ pub fn plan(
     let id_of = |b: &BackendAddr| backend_ids.get(b).copied().or_else(|| index.id(b));
 
     let mut rev_nat_cursor = 1;
-    let mut phases = super::Phases::default();
+    let mut assigned = Vec::new();
     for (key, frontend) in touched
         .frontends
         .iter()
@@ -240,7 +240,31 @@ pub fn plan(
                 id
             }
         };
-        phases.frontend(programmed, key, frontend, current, rev_nat_id, id_of)?;
+        assigned.push((key, frontend, current, rev_nat_id));
+    }
+    // An affinity group's ClusterIP frontend is touched with the rest of its Service, or
+    // programmed as it stays.
+    let groups = super::affinity_groups(&assigned);
+    let group_rev_nat = |group: &FrontendKey| {
+        groups.get(group).copied().or_else(|| {
+            programmed
+                .frontends
+                .get(group)
+                .filter(|f| f.flags != 0)
+                .map(|f| f.rev_nat_id)
+        })
+    };
+    let mut phases = super::Phases::default();
+    for (key, frontend, current, rev_nat_id) in assigned {
+        let affinity_id = super::affinity_id(frontend, rev_nat_id, desired, group_rev_nat);
+        phases.frontend(
+            programmed,
+            key,
+            frontend,
+            current,
+            (rev_nat_id, affinity_id),
+            id_of,
+        )?;
     }
     // Source ranges belong to their frontend's rev-NAT id: those of the touched frontends
     // are all that may change.
@@ -320,6 +344,7 @@ pub fn departed(
         desired,
         super::Leaving::Every,
         consider,
+        |f| f.rev_nat_id,
     )
 }
 
@@ -354,13 +379,14 @@ mod tests {
             .map(|b| backend(*b))
             .filter(|b| !backends.contains(b))
             .collect();
+        let key = FrontendKey {
+            addr: Ipv4Addr::new(10, 96, 0, n),
+            port: 80,
+            proto: Protocol::Tcp,
+            scope: Scope::Internal,
+        };
         Frontend {
-            key: FrontendKey {
-                addr: Ipv4Addr::new(10, 96, 0, n),
-                port: 80,
-                proto: Protocol::Tcp,
-                scope: Scope::Internal,
-            },
+            key,
             kind: FrontendKind::ClusterIp,
             service: ServicePortName {
                 namespace: "default".into(),
@@ -385,6 +411,7 @@ mod tests {
             backends,
             lingering: lingering.into_iter().collect(),
             affinity_timeout: affinity.then_some(60),
+            affinity_group: affinity.then_some(key),
         }
     }
 

@@ -269,6 +269,7 @@ impl Datapath {
             rev_nat_id: frontend.rev_nat_id,
             flags: frontend.flags,
             affinity_timeout: frontend.affinity_timeout,
+            affinity_id: frontend.affinity_id,
             ..Default::default()
         };
         self.services
@@ -339,6 +340,8 @@ pub struct Frontend {
     pub rev_nat_id: u16,
     pub flags: u16,
     pub affinity_timeout: u32,
+    /// The affinity entries' id (0: `rev_nat_id`).
+    pub affinity_id: u16,
 }
 
 impl Frontend {
