@@ -155,6 +155,8 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
 pub enum CreateError {
     /// Every SNAT port tried was held by a live flow (or the range is unusable).
     NoSnatPort,
+    /// The reply tuple (backend -> client) belongs to another live flow.
+    ReplyTaken,
     /// The map refused an entry.
     MapFull,
 }
@@ -177,14 +179,41 @@ pub fn create(
                 .map_err(|_| CreateError::NoSnatPort)?;
             forward.sport = port;
         }
-        None => {
-            NAT_CT
-                .insert(&reply_key, &reply, u64::from(BPF_ANY))
-                .map_err(|_| CreateError::MapFull)?;
-        }
+        None => claim_reply(&reply_key, &reply, now)?,
     }
     NAT_CT
         .insert(key, &*forward, u64::from(BPF_ANY))
+        .map_err(|_| CreateError::MapFull)
+}
+
+/// Inserts the reply entry of a flow that keeps the client's address. Its key (backend ->
+/// client) can be held by another live flow: the same client address and port reaching the
+/// same backend through another frontend (another node address, an LB IP). That flow keeps
+/// it and the new one is refused, as the kernel's conntrack refuses such a clash when
+/// nothing masquerades; replaced, the other flow's replies would leave with the new flow's
+/// frontend as source, and its client would reset them. An entry of the same frontend (the
+/// same flow, tracked anew), an expired one and a closed one are replaced.
+#[inline(always)]
+fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> Result<(), CreateError> {
+    if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        return Ok(());
+    }
+    let replaceable = match NAT_CT.get_ptr(key) {
+        // SAFETY: a map value pointer, valid for this program run; read at once.
+        Some(holder) => unsafe {
+            let holder = *holder;
+            (holder.saddr == reply.saddr && holder.sport == reply.sport)
+                || holder.flags & CT_FLAG_CLOSING != 0
+                || holder.expired(key.proto, now)
+        },
+        // Gone since the insert failed.
+        None => true,
+    };
+    if !replaceable {
+        return Err(CreateError::ReplyTaken);
+    }
+    NAT_CT
+        .insert(key, reply, u64::from(BPF_ANY))
         .map_err(|_| CreateError::MapFull)
 }
 

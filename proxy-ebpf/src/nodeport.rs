@@ -252,8 +252,8 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         last_seen: now,
     };
     let ct_key = nat::key_of(pkt, CT_DIR_IN);
-    // No free SNAT port (or no room in the map): drop this packet of a new flow; the
-    // client retransmits.
+    // No free SNAT port, a reply tuple another flow holds (or no room in the map): drop
+    // this packet of a new flow; the client retransmits.
     if let Err(e) = nat::create(&ct_key, &mut forward, snat_config.as_ref(), now) {
         log_error!(
             ctx,
@@ -265,6 +265,7 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
             log::proto(pkt.proto),
             match e {
                 CreateError::NoSnatPort => "no free SNAT port",
+                CreateError::ReplyTaken => "its reply tuple belongs to another live flow",
                 CreateError::MapFull => "conntrack map refused the entry",
             }
         );

@@ -548,8 +548,11 @@ pub fn stale_affinity(programmed: &Programmed, desired: &DesiredState) -> BTreeS
     )
 }
 
-/// [`stale_affinity`] among some of the programmed frontends (those of a touched sync
-/// hold every frontend of the Services that changed, hence whole groups).
+/// [`stale_affinity`] among some of the programmed frontends. A touched sync passes the
+/// frontends that changed only: an entry whose backend an unchanged frontend of its group
+/// still offers may go too, which costs that client its endpoint once (a backend that
+/// leaves one frontend of a Service port and stays in another: the ClusterIP and the
+/// NodePort of an `internalTrafficPolicy: Local` Service see different endpoints).
 fn stale_affinity_among<'a>(
     frontends: impl Iterator<Item = (&'a FrontendKey, &'a ProgrammedFrontend)> + Clone,
     id_of: impl Fn(&BackendAddr) -> Option<u32>,

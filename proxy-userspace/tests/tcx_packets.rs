@@ -746,8 +746,11 @@ fn affinity_is_shared_by_the_frontends_of_a_service_port() {
         };
         dp.frontend(node_port, &ids);
         dp.frontend(lb_ip, &ids);
+        // Each frontend from a port of its own: two flows with one client port to one
+        // local backend would share a reply tuple, and the second would be refused.
         let backend_of = |client: Ipv4Addr, frontend: &Frontend| {
-            let syn = Frame::tcp(client, 41000, frontend.addr, frontend.port);
+            let port = 41000 + frontend.rev_nat_id;
+            let syn = Frame::tcp(client, port, frontend.addr, frontend.port);
             let out = dp.ingress(&syn.bytes());
             assert_eq!(out.verdict, TCX_NEXT);
             tuple_of(&out.packet).2
@@ -1061,6 +1064,69 @@ fn a_syn_on_a_closed_flows_tuple_starts_a_new_flow() {
         let new_reply = ct_key(REMOTE_POD, POD_PORT, NODE, new_port, PROTO_TCP, CT_DIR_IN);
         assert_ne!(get(&old_reply).flags & CT_FLAG_CLOSING, 0);
         assert_eq!(get(&new_reply).flags, CT_FLAG_SNAT | CT_FLAG_REPLY);
+    });
+}
+
+/// Two flows from one client address and port to one local backend through two frontends
+/// (the NodePort and an LB IP) would share the reply tuple (backend -> client). The live
+/// flow keeps it and the newcomer is dropped, as the kernel's conntrack refuses such a
+/// clash when nothing masquerades; replaced, the first flow's replies would leave with the
+/// LB IP as source. Once the first flow is closed, the newcomer gets through.
+#[test]
+fn a_reply_tuple_held_by_a_live_flow_is_not_taken_over() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        let lb_ip = Frontend {
+            addr: EXTERNAL_IP,
+            port: 80,
+            rev_nat_id: 8,
+            flags: SVC_FLAG_LOAD_BALANCER,
+            ..node_port(PROTO_TCP, 0)
+        };
+        dp.frontend(lb_ip, &[LOCAL_ID]);
+        let to_node_port = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let to_lb_ip = Frame::tcp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80);
+        let reply = to_node_port
+            .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
+            .reply();
+        let reply_source = |dp: &Datapath| {
+            let out = dp.egress(&reply.bytes());
+            assert_eq!(out.verdict, TCX_NEXT);
+            let (saddr, sport, _, _) = tuple_of(&out.packet);
+            (saddr, sport)
+        };
+
+        dp.ingress(&to_node_port.bytes());
+        let out = dp.ingress(&to_lb_ip.bytes());
+        assert_eq!(
+            (out.verdict, out.packet),
+            (TC_ACT_SHOT, to_lb_ip.bytes()),
+            "the second flow is dropped unchanged"
+        );
+        assert_eq!(dp.ct_entries().len(), 2, "{:?}", dp.ct_entries());
+        assert_eq!(
+            reply_source(&dp),
+            (NODE, NODE_PORT),
+            "the first flow's replies"
+        );
+
+        let rst = Frame {
+            tcp_flags: TCP_RST,
+            ..to_node_port.clone()
+        };
+        dp.ingress(&rst.bytes());
+        let out = dp.ingress(&to_lb_ip.bytes());
+        assert_eq!(out.verdict, TCX_NEXT, "the first flow is closed");
+        assert_frame(
+            &out.packet,
+            &to_lb_ip.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "the second flow, DNATed",
+        );
+        assert_eq!(
+            reply_source(&dp),
+            (EXTERNAL_IP, 80),
+            "the second flow's replies"
+        );
     });
 }
 
