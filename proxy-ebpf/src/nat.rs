@@ -18,7 +18,7 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, NodeConfig, SNAT_PORT_RETRIES,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, SNAT_PORT_RETRIES,
 };
 
 use crate::csum::{self, RewriteError};
@@ -153,50 +153,48 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
 
 /// Why `create` could not record a flow.
 pub enum CreateError {
-    /// Every SNAT port tried was held by a live flow (or the range is unusable).
-    NoSnatPort,
-    /// The reply tuple (backend -> client) belongs to another live flow.
-    ReplyTaken,
+    /// Every source port tried was held by a live flow (or the range is unusable).
+    NoFreePort,
     /// The map refused an entry.
     MapFull,
 }
 
 /// Records a new flow: the reply entry first (a reply can never beat its entry), then the
-/// original-direction entry. For a source-NATed flow, `forward.sport` is 0 on entry and the
-/// allocated port on success.
+/// original-direction entry. A source-NATed flow takes a source port from `ports`
+/// (inclusive, host order), written to `forward.sport`.
+///
+/// A flow that keeps the client's address keeps its port too, unless another live flow
+/// answers the client there: the same client address and port reaching the same backend
+/// through another frontend (two node addresses, a NodePort and an LB IP; on pods'
+/// devices, a pod's connections to two Services that share a backend). Then it takes a
+/// port from `ports` as well, as the kernel's conntrack gives a clashing flow another
+/// source port (its null binding); replaced, the other flow's replies would leave with this
+/// flow's frontend as source, and its client would reset them.
 #[inline(always)]
 pub fn create(
     key: &NatCtKey,
     forward: &mut NatCtValue,
-    config: Option<&NodeConfig>,
+    ports: (u16, u16),
     now: u32,
 ) -> Result<(), CreateError> {
     let reply = pair_value(key, forward);
     let mut reply_key = pair_key(key, forward);
-    match config {
-        Some(config) => {
-            let port = allocate_port(&mut reply_key, &reply, config, now)
-                .map_err(|_| CreateError::NoSnatPort)?;
-            forward.sport = port;
-        }
-        None => claim_reply(&reply_key, &reply, now)?,
+    if forward.flags & CT_FLAG_SNAT != 0 || !claim_reply(&reply_key, &reply, now) {
+        forward.sport = allocate_port(&mut reply_key, &reply, ports, now)
+            .map_err(|_| CreateError::NoFreePort)?;
     }
     NAT_CT
         .insert(key, &*forward, u64::from(BPF_ANY))
         .map_err(|_| CreateError::MapFull)
 }
 
-/// Inserts the reply entry of a flow that keeps the client's address. Its key (backend ->
-/// client) can be held by another live flow: the same client address and port reaching the
-/// same backend through another frontend (another node address, an LB IP). That flow keeps
-/// it and the new one is refused, as the kernel's conntrack refuses such a clash when
-/// nothing masquerades; replaced, the other flow's replies would leave with the new flow's
-/// frontend as source, and its client would reset them. An entry of the same frontend (the
-/// same flow, tracked anew), an expired one and a closed one are replaced.
+/// Inserts the reply entry of a flow under the client's own port, unless another live flow
+/// holds it; an entry of the same frontend (the same flow, tracked anew), a closed one and
+/// an expired one are replaced. True when the entry is in.
 #[inline(always)]
-fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> Result<(), CreateError> {
+fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
     if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-        return Ok(());
+        return true;
     }
     let replaceable = match NAT_CT.get_ptr(key) {
         // SAFETY: a map value pointer, valid for this program run; read at once.
@@ -209,28 +207,23 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> Result<(), Creat
         // Gone since the insert failed.
         None => true,
     };
-    if !replaceable {
-        return Err(CreateError::ReplyTaken);
-    }
-    NAT_CT
-        .insert(key, reply, u64::from(BPF_ANY))
-        .map_err(|_| CreateError::MapFull)
+    replaceable && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
 }
 
-/// Picks a SNAT source port (network order) for the reply tuple `reply_key` (backend ->
-/// node address) and claims it by inserting the reply entry: the port is random in the
-/// configured range, and is taken only if no live flow holds the same reply tuple, so two
+/// Picks a source port (network order) for the reply tuple `reply_key` (backend -> node
+/// address, or client address) and claims it by inserting the reply entry: the port is
+/// random in `ports`, and is taken only if no live flow holds the same reply tuple, so two
 /// flows can never share one (`BPF_NOEXIST` makes check and claim one atomic step). A
 /// port whose flow expired is reused. Bounded retries; `Err` when all were taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
     reply: &NatCtValue,
-    config: &NodeConfig,
+    (min, max): (u16, u16),
     now: u32,
 ) -> Result<u16, ()> {
-    let min = u32::from(config.snat_port_min);
-    let max = u32::from(config.snat_port_max);
+    let min = u32::from(min);
+    let max = u32::from(max);
     if min == 0 || max < min {
         return Err(());
     }

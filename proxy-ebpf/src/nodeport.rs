@@ -221,29 +221,24 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     // its stack drops: it gets the Service address as source instead.
     let hairpin = SCOPE == SCOPE_INTERNAL && backend.addr == pkt.saddr;
     let snat = hairpin || (SCOPE == SCOPE_EXTERNAL && backend.flags & BACKEND_FLAG_LOCAL == 0);
-    let snat_config = match config {
-        // The node's SNAT ports if north-south is configured (the array's entry is zero
-        // otherwise), else the default range.
-        _ if hairpin => Some(match config {
-            Some(c) if c.snat_port_min != 0 => NodeConfig {
-                snat_addr: pkt.daddr,
-                ..c
-            },
-            _ => NodeConfig {
-                snat_addr: pkt.daddr,
-                snat_port_min: DEFAULT_SNAT_PORT_MIN,
-                snat_port_max: DEFAULT_SNAT_PORT_MAX,
-            },
-        }),
-        Some(c) if snat && c.snat_addr != 0 => Some(c),
+    let snat_addr = match config {
+        _ if hairpin => Some(pkt.daddr),
+        Some(c) if snat && c.snat_addr != 0 => Some(c.snat_addr),
         // Needs SNAT but the agent has not configured an address: not translatable yet.
         _ if snat => return Ok(PASS),
         _ => None,
     };
+    // Where a source-NATed flow, or one whose client port another flow holds, takes its
+    // source port from: the node's SNAT ports if north-south is configured (the array's
+    // entry is zero otherwise), else the default range.
+    let ports = match config {
+        Some(c) if c.snat_port_min != 0 => (c.snat_port_min, c.snat_port_max),
+        _ => (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
+    };
     let mut forward = NatCtValue {
-        saddr: snat_config.map(|c| c.snat_addr).unwrap_or(pkt.saddr),
+        saddr: snat_addr.unwrap_or(pkt.saddr),
         daddr: backend.addr,
-        // The SNAT port is chosen by `nat::create`.
+        // A SNAT port is chosen by `nat::create`.
         sport: if snat { 0 } else { pkt.sport },
         dport: backend.port,
         backend_id,
@@ -252,9 +247,9 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         last_seen: now,
     };
     let ct_key = nat::key_of(pkt, CT_DIR_IN);
-    // No free SNAT port, a reply tuple another flow holds (or no room in the map): drop
-    // this packet of a new flow; the client retransmits.
-    if let Err(e) = nat::create(&ct_key, &mut forward, snat_config.as_ref(), now) {
+    // No free source port (or no room in the map): drop this packet of a new flow; the
+    // client retransmits.
+    if let Err(e) = nat::create(&ct_key, &mut forward, ports, now) {
         log_error!(
             ctx,
             "tcx_in: {:i}:{} -> {:i}:{}/{}: {}, new flow dropped",
@@ -264,8 +259,7 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
             u16::from_be(pkt.dport),
             log::proto(pkt.proto),
             match e {
-                CreateError::NoSnatPort => "no free SNAT port",
-                CreateError::ReplyTaken => "its reply tuple belongs to another live flow",
+                CreateError::NoFreePort => "no free source port",
                 CreateError::MapFull => "conntrack map refused the entry",
             }
         );

@@ -25,9 +25,8 @@
 //!   source; for a reply, the frontend as source). Only addresses, ports and checksums differ
 //!   (and MACs and TTL - 1 when redirected). The IPv4 and TCP/UDP checksums are patched
 //!   exactly: a valid one stays valid, a wrong one stays wrong by the same amount (nothing
-//!   launders corruption), a zero UDP checksum stays zero. A new flow may instead be dropped
-//!   unchanged, without an entry, when a local backend of its frontend answers its client
-//!   address and port in another frontend's live flow (the reply tuple is taken);
+//!   launders corruption), a zero UDP checksum stays zero. A flow to a local backend keeps
+//!   the client's port, or takes one of the range when another flow holds its reply tuple;
 //! - the verdict is `TCX_NEXT`, `TC_ACT_SHOT`, or `TC_ACT_REDIRECT` for a source-NATed
 //!   packet at ingress; `BPF_PROG_TEST_RUN` fails only with `EINVAL`, and only for a frame
 //!   shorter than its network header (counted as rejected by the kernel).
@@ -583,8 +582,6 @@ enum Seen {
     RefusedPassed,
     RefusedAnswered,
     NewFlow,
-    /// A new flow refused: its reply tuple belongs to another live flow.
-    ReplyTaken,
     TrackedFlow,
     FragmentFollowed,
     FragmentWithoutFlow,
@@ -600,7 +597,6 @@ impl Seen {
             Seen::RefusedPassed => "frontend without backends: passed on",
             Seen::RefusedAnswered => "frontend without backends: answered with ICMP",
             Seen::NewFlow => "new flow: translated",
-            Seen::ReplyTaken => "new flow whose reply tuple another flow holds: dropped",
             Seen::TrackedFlow => "tracked flow: translated",
             Seen::FragmentFollowed => "later fragment: translated as its first",
             Seen::FragmentWithoutFlow => "later fragment, no live flow: unchanged",
@@ -657,33 +653,6 @@ impl From<String> for Violation {
 impl Fuzzer {
     fn ct(&self, key: &NatCtKey) -> Option<NatCtValue> {
         self.dp.nat_ct.get(key, 0).ok()
-    }
-
-    /// Whether a new flow of `tuple` (to a frontend) may be refused because a local backend
-    /// of its frontend answers its client address and port for another frontend, in a flow
-    /// that is not closing (`nat.rs`: `claim_reply`).
-    fn reply_taken(&self, tuple: &Tuple) -> bool {
-        let Some((fe, backends)) = self.frontend(tuple.daddr, tuple.dport, tuple.proto) else {
-            return false;
-        };
-        let frontend = (u32::from_ne_bytes(fe.addr.octets()), fe.port.to_be());
-        backends
-            .iter()
-            .filter_map(|id| Backend::by_id(*id))
-            .filter(|b| b.local)
-            .filter_map(|b| {
-                let reply = Tuple {
-                    saddr: b.addr,
-                    sport: b.port,
-                    daddr: tuple.saddr,
-                    dport: tuple.sport,
-                    proto: tuple.proto,
-                };
-                self.ct(&reply.ct_key(CT_DIR_OUT))
-            })
-            .any(|holder| {
-                (holder.saddr, holder.sport) != frontend && holder.flags & CT_FLAG_CLOSING == 0
-            })
     }
 
     fn frontend(&self, daddr: Ipv4Addr, dport: u16, proto: u8) -> Option<&(Frontend, Vec<u32>)> {
@@ -855,21 +824,6 @@ impl Fuzzer {
                 }
                 return Ok((seen, Some(out)));
             }
-        }
-        // A new flow (or a SYN that reopens a closed one, `nodeport.rs`) may be refused.
-        let syn = tuple.proto == PROTO_TCP && input[L4_OFF + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let reopens = before
-            .is_some_and(|e| e.flags & (CT_FLAG_CLOSING | CT_FLAG_REPLY) == CT_FLAG_CLOSING && syn);
-        if hook == Hook::In
-            && (before.is_none() || reopens)
-            && out.verdict == TC_ACT_SHOT
-            && self.reply_taken(&tuple)
-        {
-            unchanged(
-                TC_ACT_SHOT,
-                "a new flow whose reply tuple another flow holds",
-            )?;
-            return Ok((Seen::ReplyTaken, Some(out)));
         }
         let Some(entry) = self.ct(&key) else {
             return Err(fail(
@@ -1085,7 +1039,8 @@ fn check_entry(
                 && if snat {
                     rewritten.saddr == NODE && snat_port(rewritten.sport)
                 } else {
-                    (rewritten.saddr, rewritten.sport) == (tuple.saddr, tuple.sport)
+                    rewritten.saddr == tuple.saddr
+                        && (rewritten.sport == tuple.sport || snat_port(rewritten.sport))
                 }
         } else {
             (tuple.saddr, tuple.sport) == (be.addr, be.port)
@@ -1094,7 +1049,8 @@ fn check_entry(
                     hook == Hook::In && tuple.daddr == NODE && snat_port(tuple.dport)
                 } else {
                     hook == Hook::Out
-                        && (rewritten.daddr, rewritten.dport) == (tuple.daddr, tuple.dport)
+                        && rewritten.daddr == tuple.daddr
+                        && (rewritten.dport == tuple.dport || snat_port(tuple.dport))
                 }
         };
     if consistent {

@@ -1069,11 +1069,12 @@ fn a_syn_on_a_closed_flows_tuple_starts_a_new_flow() {
 
 /// Two flows from one client address and port to one local backend through two frontends
 /// (the NodePort and an LB IP) would share the reply tuple (backend -> client). The live
-/// flow keeps it and the newcomer is dropped, as the kernel's conntrack refuses such a
-/// clash when nothing masquerades; replaced, the first flow's replies would leave with the
-/// LB IP as source. Once the first flow is closed, the newcomer gets through.
+/// flow keeps it and the newcomer gets another source port, as the kernel's conntrack gives
+/// a clashing flow (its null binding picks a free port); replaced, the first flow's replies
+/// would leave with the LB IP as source. Each flow's replies go back to the client's own
+/// port from its own frontend.
 #[test]
-fn a_reply_tuple_held_by_a_live_flow_is_not_taken_over() {
+fn a_reply_tuple_held_by_a_live_flow_gives_a_newcomer_another_source_port() {
     in_private_netns(|| {
         let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
         let lb_ip = Frontend {
@@ -1086,46 +1087,79 @@ fn a_reply_tuple_held_by_a_live_flow_is_not_taken_over() {
         dp.frontend(lb_ip, &[LOCAL_ID]);
         let to_node_port = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
         let to_lb_ip = Frame::tcp(CLIENT, CLIENT_PORT, EXTERNAL_IP, 80);
-        let reply = to_node_port
-            .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
-            .reply();
-        let reply_source = |dp: &Datapath| {
+        let reply_to = |port: u16| {
+            let reply = to_node_port
+                .with_tuple(CLIENT, port, LOCAL_POD, POD_PORT)
+                .reply();
             let out = dp.egress(&reply.bytes());
             assert_eq!(out.verdict, TCX_NEXT);
+            assert_frame(
+                &out.packet,
+                &reply.with_tuple(
+                    tuple_of(&out.packet).0,
+                    tuple_of(&out.packet).1,
+                    CLIENT,
+                    CLIENT_PORT,
+                ),
+                "a reply, back to the client's own port",
+            );
             let (saddr, sport, _, _) = tuple_of(&out.packet);
             (saddr, sport)
         };
 
-        dp.ingress(&to_node_port.bytes());
-        let out = dp.ingress(&to_lb_ip.bytes());
-        assert_eq!(
-            (out.verdict, out.packet),
-            (TC_ACT_SHOT, to_lb_ip.bytes()),
-            "the second flow is dropped unchanged"
+        let out = dp.ingress(&to_node_port.bytes());
+        assert_frame(
+            &out.packet,
+            &to_node_port.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "the first flow keeps the client's port",
         );
-        assert_eq!(dp.ct_entries().len(), 2, "{:?}", dp.ct_entries());
+        let out = dp.ingress(&to_lb_ip.bytes());
+        assert_eq!(out.verdict, TCX_NEXT);
+        let (saddr, port, daddr, dport) = tuple_of(&out.packet);
+        assert_eq!((saddr, daddr, dport), (CLIENT, LOCAL_POD, POD_PORT));
+        assert!(
+            (61000..=65535).contains(&port),
+            "the second flow's source port {port}: not the client's, one of the SNAT range"
+        );
+        assert_frame(
+            &out.packet,
+            &to_lb_ip.with_tuple(CLIENT, port, LOCAL_POD, POD_PORT),
+            "the second flow, DNATed from another source port",
+        );
+        assert_eq!(dp.ct_entries().len(), 4, "{:?}", dp.ct_entries());
         assert_eq!(
-            reply_source(&dp),
+            reply_to(CLIENT_PORT),
             (NODE, NODE_PORT),
             "the first flow's replies"
         );
-
-        let rst = Frame {
-            tcp_flags: TCP_RST,
-            ..to_node_port.clone()
-        };
-        dp.ingress(&rst.bytes());
-        let out = dp.ingress(&to_lb_ip.bytes());
-        assert_eq!(out.verdict, TCX_NEXT, "the first flow is closed");
-        assert_frame(
-            &out.packet,
-            &to_lb_ip.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
-            "the second flow, DNATed",
-        );
         assert_eq!(
-            reply_source(&dp),
+            reply_to(port),
             (EXTERNAL_IP, 80),
             "the second flow's replies"
+        );
+
+        // The second flow's next packets follow it.
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..to_lb_ip.clone()
+        };
+        let out = dp.ingress(&ack.bytes());
+        assert_eq!(tuple_of(&out.packet), (CLIENT, port, LOCAL_POD, POD_PORT));
+
+        // The first flow's entry evicted, its reply entry left: its next packet tracks it
+        // anew under the client's own port, which its own reply entry holds.
+        let first = ct_key(CLIENT, CLIENT_PORT, NODE, NODE_PORT, PROTO_TCP, CT_DIR_IN);
+        dp.nat_ct
+            .remove(&first)
+            .expect("evicting the first flow's entry");
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..to_node_port.clone()
+        };
+        let out = dp.ingress(&ack.bytes());
+        assert_eq!(
+            tuple_of(&out.packet),
+            (CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
         );
     });
 }

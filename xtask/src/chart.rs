@@ -1394,6 +1394,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         "dnsPolicy=None",
         "bpf.pinPath=/var/run/ekp",
         "logLevl=debug",
+        "config.nodePortAddresses={primary,10.0.0.0/8}",
     ];
     for bad in wrong_types {
         checks.check(&format!("schema rejects {bad}"), || {
