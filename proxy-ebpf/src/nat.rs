@@ -13,6 +13,9 @@
 //! The two entries of a flow are each other's inverse: the key of one is the value of the
 //! other with source and destination swapped, so each can find and refresh its partner.
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or};
+use core::mem::offset_of;
+
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
@@ -90,6 +93,63 @@ pub fn backend_alive(entry: &NatCtValue) -> bool {
     }
 }
 
+// The atomic updates below work on the entry's last 8 bytes, one word: `rev_nat_id` (bits
+// 0..16), `flags` (16..32) and `last_seen` (32..64) on this little-endian target. BPF atomics
+// at the default CPU level take 64 bits only, and a map value starts 8-byte aligned, so the
+// word at offset 16 is aligned.
+const _: () = assert!(
+    offset_of!(NatCtValue, rev_nat_id) == 16
+        && offset_of!(NatCtValue, flags) == 18
+        && offset_of!(NatCtValue, last_seen) == 20
+        && core::mem::size_of::<NatCtValue>() == 24
+        && cfg!(target_endian = "little")
+);
+
+/// The word of `rev_nat_id`, `flags` and `last_seen` of the entry at `entry`.
+#[inline(always)]
+fn tail_word(entry: *mut NatCtValue) -> *mut u64 {
+    // SAFETY: only the address is computed.
+    unsafe { (&raw mut (*entry).rev_nat_id).cast::<u64>() }
+}
+
+/// `held`'s `rev_nat_id`, `flags` and `last_seen` as [`tail_word`] holds them.
+#[inline(always)]
+fn tail_of(held: &NatCtValue) -> u64 {
+    u64::from(held.rev_nat_id) | u64::from(held.flags) << 16 | u64::from(held.last_seen) << 32
+}
+
+/// Adds `bits` to the flags of the entry at `entry` in one atomic operation: two CPUs that
+/// record each side's FIN at the same moment both land (plain writes of the whole field
+/// could lose one, and the flow would never close).
+#[inline(always)]
+fn add_flags(entry: *mut NatCtValue, bits: u16) {
+    if bits == 0 {
+        return;
+    }
+    // SAFETY: a map value pointer, valid for this program run, and an aligned word within
+    // the value (see above); only flag bits are set in it.
+    unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(tail_word(entry), u64::from(bits) << 16);
+    }
+}
+
+/// Moves the stamp of the entry at `entry` from `held`'s (as read) to `now`, if nothing in
+/// its word changed since: of two CPUs that read the same expired entry, only one succeeds.
+#[inline(always)]
+fn restamp(entry: *mut NatCtValue, held: &NatCtValue, now: u32) -> bool {
+    let seen = tail_of(held);
+    let fresh = (seen & 0xffff_ffff) | u64::from(now) << 32;
+    // SAFETY: as in `add_flags`.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            tail_word(entry),
+            seen,
+            fresh,
+        )
+        .1
+    }
+}
+
 /// Records that a packet of the flow passed through `entry` (the live entry under `key`,
 /// copied in `seen`): last-seen time, reply seen, each side's FIN, TCP closing (a RST, or
 /// both FINs: one FIN is a half-close, the other side may still send). At most once a
@@ -117,12 +177,10 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
     if seen.last_seen == now && flags == seen.flags {
         return;
     }
-    // SAFETY: a map value pointer, valid for this program run; racing writers only store
-    // the same kind of refresh.
-    unsafe {
-        (*entry).last_seen = now;
-        (*entry).flags = flags;
-    }
+    // SAFETY: a map value pointer, valid for this program run; racing writers store the
+    // same kind of refresh, and add their flags atomically.
+    unsafe { (*entry).last_seen = now };
+    add_flags(entry, add);
     let mut updated = *seen;
     updated.last_seen = now;
     updated.flags = flags;
@@ -139,10 +197,8 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
                 && p.sport == expected.sport
                 && p.dport == expected.dport
             {
-                unsafe {
-                    (*partner).last_seen = now;
-                    (*partner).flags = p.flags | add;
-                }
+                unsafe { (*partner).last_seen = now };
+                add_flags(partner, add);
             }
         }
         None => {
@@ -241,12 +297,19 @@ fn allocate_port(
         {
             return Ok(port.to_be());
         }
-        let stale = match NAT_CT.get_ptr(&*reply_key) {
-            // SAFETY: a map value pointer, valid for this program run; read at once.
-            Some(holder) => unsafe { (*holder).expired(reply_key.proto, now) },
+        // A port whose flow expired is claimed by moving its stamp from the one seen to now
+        // in one compare-and-swap: of two CPUs that found it expired, one gets it and the
+        // other tries another port (two plain overwrites would both succeed and two flows
+        // would share the port).
+        let claimed = match NAT_CT.get_ptr_mut(&*reply_key) {
+            Some(holder) => {
+                // SAFETY: a map value pointer, valid for this program run; read at once.
+                let held = unsafe { *holder };
+                held.expired(reply_key.proto, now) && restamp(holder, &held, now)
+            }
             None => false,
         };
-        if stale
+        if claimed
             && NAT_CT
                 .insert(&*reply_key, reply, u64::from(BPF_ANY))
                 .is_ok()

@@ -425,18 +425,13 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
         assigned.push((key, frontend, current, rev_nat_id));
     }
     let groups = affinity_groups(&assigned);
-    let mut phases = Phases::default();
-    for (key, frontend, current, rev_nat_id) in assigned {
-        let affinity_id = affinity_id(frontend, rev_nat_id, desired, |g| groups.get(g).copied());
-        phases.frontend(
-            programmed,
-            key,
-            frontend,
-            current,
-            (rev_nat_id, affinity_id),
-            |b| backend_ids.get(b).copied(),
-        )?;
-    }
+    let phases = Phases::of(
+        programmed,
+        desired,
+        assigned,
+        |g| groups.get(g).copied(),
+        |b| backend_ids.get(b).copied(),
+    )?;
     let wanted_ranges = phases.emit(programmed, &mut ops);
 
     // Frontends that are no longer wanted: slot 0, slots, rev-NAT.
@@ -725,6 +720,30 @@ struct Phases {
 }
 
 impl Phases {
+    /// The writes of the `assigned` frontends, each with its affinity id (`group_rev_nat`
+    /// names the rev-NAT id of an affinity group's ClusterIP frontend).
+    fn of(
+        programmed: &Programmed,
+        desired: &DesiredState,
+        assigned: Vec<Assigned<'_>>,
+        group_rev_nat: impl Fn(&FrontendKey) -> Option<u16> + Copy,
+        backend_id: impl Fn(&BackendAddr) -> Option<u32> + Copy,
+    ) -> Result<Self> {
+        let mut phases = Phases::default();
+        for (key, frontend, current, rev_nat_id) in assigned {
+            let affinity_id = affinity_id(frontend, rev_nat_id, desired, group_rev_nat);
+            phases.frontend(
+                programmed,
+                key,
+                frontend,
+                current,
+                (rev_nat_id, affinity_id),
+                backend_id,
+            )?;
+        }
+        Ok(phases)
+    }
+
     /// The writes `frontend` needs once its rev-NAT id and affinity id are known
     /// (`current`: its slot 0 as programmed, if any). `backend_id` names the id each
     /// backend has or gets.

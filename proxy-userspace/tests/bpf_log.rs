@@ -347,7 +347,7 @@ fn tcx_logging_names_new_flows_and_drops_and_changes_no_verdict_or_byte() {
                 ),
                 (
                     Error,
-                    "tcx_in: 198.51.100.8:40000 -> 192.0.2.1:30082/TCP: no free SNAT port, \
+                    "tcx_in: 198.51.100.8:40000 -> 192.0.2.1:30082/TCP: no free source port, \
                      new flow dropped"
                         .to_owned()
                 ),

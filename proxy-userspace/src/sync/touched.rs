@@ -254,18 +254,7 @@ pub fn plan(
                 .map(|f| f.rev_nat_id)
         })
     };
-    let mut phases = super::Phases::default();
-    for (key, frontend, current, rev_nat_id) in assigned {
-        let affinity_id = super::affinity_id(frontend, rev_nat_id, desired, group_rev_nat);
-        phases.frontend(
-            programmed,
-            key,
-            frontend,
-            current,
-            (rev_nat_id, affinity_id),
-            id_of,
-        )?;
-    }
+    let phases = super::Phases::of(programmed, desired, assigned, group_rev_nat, id_of)?;
     // Source ranges belong to their frontend's rev-NAT id: those of the touched frontends
     // are all that may change.
     let rev_nat_here: BTreeSet<u16> = touched
