@@ -245,8 +245,9 @@ pub fn create(
 }
 
 /// Inserts the reply entry of a flow under the client's own port, unless another live flow
-/// holds it; an entry of the same frontend (the same flow, tracked anew), a closed one and
-/// an expired one are replaced. True when the entry is in.
+/// holds it; the same entry (this flow, tracked anew: the same frontend and client port,
+/// where a flow that was given another port holds the client's original one), a closed one
+/// and an expired one are replaced. True when the entry is in.
 #[inline(always)]
 fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
     if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
@@ -256,7 +257,9 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
         // SAFETY: a map value pointer, valid for this program run; read at once.
         Some(holder) => unsafe {
             let holder = *holder;
-            (holder.saddr == reply.saddr && holder.sport == reply.sport)
+            (holder.saddr == reply.saddr
+                && holder.sport == reply.sport
+                && holder.dport == reply.dport)
                 || holder.flags & CT_FLAG_CLOSING != 0
                 || holder.expired(key.proto, now)
         },

@@ -1146,6 +1146,18 @@ fn a_reply_tuple_held_by_a_live_flow_gives_a_newcomer_another_source_port() {
         let out = dp.ingress(&ack.bytes());
         assert_eq!(tuple_of(&out.packet), (CLIENT, port, LOCAL_POD, POD_PORT));
 
+        // A flow that really comes from the port the second one was given, through the
+        // same frontend, is another flow: it gets a port of its own, and the second flow's
+        // replies still go to the client's original port.
+        let from_that_port = Frame::tcp(CLIENT, port, EXTERNAL_IP, 80);
+        let (_, third, _, _) = tuple_of(&dp.ingress(&from_that_port.bytes()).packet);
+        assert!(third != port && third != CLIENT_PORT, "{third}");
+        assert_eq!(
+            reply_to(port),
+            (EXTERNAL_IP, 80),
+            "the second flow's replies"
+        );
+
         // The first flow's entry evicted, its reply entry left: its next packet tracks it
         // anew under the client's own port, which its own reply entry holds.
         let first = ct_key(CLIENT, CLIENT_PORT, NODE, NODE_PORT, PROTO_TCP, CT_DIR_IN);
