@@ -242,7 +242,7 @@ pub fn plan(
         };
         assigned.push((key, frontend, current, rev_nat_id));
     }
-    // An affinity group's ClusterIP frontend is touched with the rest of its Service, or
+    // An affinity group's ClusterIP frontend is among the touched ones if it changed, else
     // programmed as it stays.
     let groups = super::affinity_groups(&assigned);
     let group_rev_nat = |group: &FrontendKey| {
