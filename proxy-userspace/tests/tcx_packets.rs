@@ -1093,17 +1093,12 @@ fn a_reply_tuple_held_by_a_live_flow_gives_a_newcomer_another_source_port() {
                 .reply();
             let out = dp.egress(&reply.bytes());
             assert_eq!(out.verdict, TCX_NEXT);
+            let (saddr, sport, _, _) = tuple_of(&out.packet);
             assert_frame(
                 &out.packet,
-                &reply.with_tuple(
-                    tuple_of(&out.packet).0,
-                    tuple_of(&out.packet).1,
-                    CLIENT,
-                    CLIENT_PORT,
-                ),
+                &reply.with_tuple(saddr, sport, CLIENT, CLIENT_PORT),
                 "a reply, back to the client's own port",
             );
-            let (saddr, sport, _, _) = tuple_of(&out.packet);
             (saddr, sport)
         };
 
