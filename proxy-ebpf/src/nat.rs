@@ -26,9 +26,7 @@ use proxy_common::{
 
 use crate::csum::{self, RewriteError};
 use crate::maps::{BACKENDS, NAT_CT};
-use crate::parse::{
-    IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet, TCP_FIN, TCP_RST,
-};
+use crate::parse::{Packet, TCP_FIN, TCP_RST};
 
 /// The conntrack key of `pkt` as seen by the hook `dir`.
 #[inline(always)]
@@ -327,20 +325,9 @@ fn allocate_port(
 /// fragment: addresses only; it has no ports, and the L4 checksum is in the first).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<(), RewriteError> {
-    if entry.saddr != pkt.saddr {
-        csum::set_addr(ctx, pkt, IP_SADDR_OFF, pkt.saddr, entry.saddr)?;
-    }
-    if entry.daddr != pkt.daddr {
-        csum::set_addr(ctx, pkt, IP_DADDR_OFF, pkt.daddr, entry.daddr)?;
-    }
-    if !pkt.has_l4_header() {
-        return Ok(());
-    }
-    if entry.sport != pkt.sport {
-        csum::set_port(ctx, pkt, L4_SPORT_OFF, pkt.sport, entry.sport)?;
-    }
-    if entry.dport != pkt.dport {
-        csum::set_port(ctx, pkt, L4_DPORT_OFF, pkt.dport, entry.dport)?;
-    }
-    Ok(())
+    csum::set_tuple(
+        ctx,
+        pkt,
+        (entry.saddr, entry.daddr, entry.sport, entry.dport),
+    )
 }

@@ -29,8 +29,6 @@ pub const IP_SADDR_OFF: usize = IP_OFF + 12;
 pub const IP_DADDR_OFF: usize = IP_OFF + 16;
 /// The L4 header follows a 20-byte IPv4 header: packets with options are not translated.
 pub const L4_OFF: usize = IP_OFF + IPV4_HLEN;
-pub const L4_SPORT_OFF: usize = L4_OFF;
-pub const L4_DPORT_OFF: usize = L4_OFF + 2;
 const IPV4_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
@@ -87,6 +85,8 @@ pub struct Packet {
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     pub ttl: u8,
+    /// The IP header checksum as read (network order).
+    pub ip_csum: u16,
     /// Offset of the L4 checksum field (in the first fragment only, for a fragmented
     /// datagram).
     pub l4_csum_off: usize,
@@ -170,6 +170,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
             proto: ip.proto,
             tcp_flags: 0,
             ttl: ip.ttl,
+            ip_csum: ip.check,
             l4_csum_off,
             id: ip.id,
             fragment,
@@ -201,6 +202,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         proto: ip.proto,
         tcp_flags,
         ttl: ip.ttl,
+        ip_csum: ip.check,
         l4_csum_off,
         id: ip.id,
         fragment,
