@@ -246,25 +246,31 @@ pub fn create(
 /// holds it; the same entry (this flow, tracked anew: the same frontend and client port,
 /// where a flow that was given another port holds the client's original one), a closed one
 /// and an expired one are replaced. True when the entry is in.
+///
+/// The holder is looked up before inserting: an LRU insert that fails has still taken a
+/// free element and given it back under the LRU's locks, which costs more than the lookup,
+/// and a client that reuses its port within a closed flow's 10 s (a busy client cycling
+/// through its ports) finds its old entry there.
 #[inline(always)]
 fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
-    if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-        return true;
-    }
-    let replaceable = match NAT_CT.get_ptr(key) {
+    let replaceable = |holder: *const NatCtValue| {
         // SAFETY: a map value pointer, valid for this program run; read at once.
-        Some(holder) => unsafe {
-            let holder = *holder;
-            (holder.saddr == reply.saddr
-                && holder.sport == reply.sport
-                && holder.dport == reply.dport)
-                || holder.flags & CT_FLAG_CLOSING != 0
-                || holder.expired(key.proto, now)
-        },
-        // Gone since the insert failed.
-        None => true,
+        let holder = unsafe { *holder };
+        (holder.saddr == reply.saddr && holder.sport == reply.sport && holder.dport == reply.dport)
+            || holder.flags & CT_FLAG_CLOSING != 0
+            || holder.expired(key.proto, now)
     };
-    replaceable && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
+    let free = match NAT_CT.get_ptr(key) {
+        Some(holder) => replaceable(holder),
+        None => {
+            if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+                return true;
+            }
+            // Another CPU's flow took it meanwhile; gone again, it is free.
+            NAT_CT.get_ptr(key).is_none_or(replaceable)
+        }
+    };
+    free && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
 }
 
 /// Picks a source port (network order) for the reply tuple `reply_key` (backend -> node
