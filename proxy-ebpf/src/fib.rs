@@ -7,14 +7,17 @@
 //! unless `accept_local`). So these packets are routed here with `bpf_fib_lookup` and
 //! redirected to the egress of the device it names, TTL decremented as a router does.
 //! When the lookup cannot give a next hop (forwarding disabled, no route, a local
-//! destination, MTU exceeded, TTL expiring) the packet goes to the stack as it is, which
-//! then does whatever it would do (an ICMP error, or the martian drop).
+//! destination, TTL expiring) the packet goes to the stack as it is, which then does
+//! whatever it would do (an ICMP error, or the martian drop). A packet larger than the
+//! egress MTU is the caller's to answer (`Route::TooBig`): the stack would drop it as a
+//! martian too, without telling its sender.
 
 use core::mem::size_of;
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::{
-    BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+    BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    bpf_fib_lookup, bpf_redir_neigh,
 };
 use aya_ebpf::helpers::generated::{
     bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
@@ -26,22 +29,37 @@ use crate::parse::{ETH_DST_OFF, ETH_SRC_OFF};
 
 const AF_INET: u8 = 2;
 
-/// Redirects the already rewritten packet (new tuple in `saddr`..`dport`, network order)
-/// towards its destination: `Ok(Some(verdict))`; `Ok(None)` hands it to the stack instead.
+/// Where [`route`] found a packet should go. (What the lookup found is kept, not the
+/// lookup's 64 bytes: the caller holds it across the rewrite, on a 512-byte stack.)
+pub enum Route {
+    /// Out of device `ifindex`, from `smac` to the next hop's `dmac`.
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// Out of device `ifindex`, once the kernel has resolved the next hop `nh`.
+    Unresolved { ifindex: u32, nh: u32 },
+    /// Larger than the egress device's MTU (this value).
+    TooBig(u16),
+    /// To the stack as it is: no route, forwarding disabled, a local destination, or a TTL
+    /// that ends here (the stack then sends its own ICMP error, or drops).
+    Stack,
+}
+
+/// Looks up where a packet with this tuple (network order) goes. It depends on the tuple
+/// and the packet's length only, so it may run before the rewrite: a packet too big for
+/// the way out is then still as its sender sent it.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn redirect(
+pub fn route(
     ctx: &TcContext,
     proto: u8,
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
+    (saddr, daddr, sport, dport): (u32, u32, u16, u16),
     ttl: u8,
-) -> Result<Option<i32>, RewriteError> {
+) -> Route {
     if ttl <= 1 {
         // The stack sends the ICMP time exceeded.
-        return Ok(None);
+        return Route::Stack;
     }
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -63,30 +81,68 @@ pub fn redirect(
             0,
         )
     };
-    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        csum::decrement_ttl(ctx)?;
-        ctx.store(ETH_DST_OFF, &params.dmac, 0)?;
-        ctx.store(ETH_SRC_OFF, &params.smac, 0)?;
-        // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
-        return Ok(Some(unsafe { bpf_redirect(params.ifindex, 0) } as i32));
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+        },
+        // SAFETY: the lookup left the next hop in the IPv4 member.
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Unresolved {
+            ifindex: params.ifindex,
+            nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
+        },
+        // SAFETY: the lookup wrote the union's output member.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            Route::TooBig(unsafe { params.__bindgen_anon_1.mtu_result })
+        }
+        _ => Route::Stack,
     }
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        // A route but no neighbour entry yet: let the kernel resolve the next hop (which
-        // the lookup left in ipv4_dst) and fill in the Ethernet header.
-        csum::decrement_ttl(ctx)?;
-        // SAFETY: as above.
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = u32::from(AF_INET);
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-        // SAFETY: nh lives on the stack and has the size passed.
-        return Ok(Some(unsafe {
-            bpf_redirect_neigh(
-                params.ifindex,
-                &mut nh,
-                size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32));
+}
+
+/// Sends the already rewritten packet where `route` says, TTL decremented as a router does:
+/// `Ok(Some(verdict))`; `Ok(None)` hands it to the stack instead.
+#[inline(always)]
+pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError> {
+    match route {
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            csum::decrement_ttl(ctx)?;
+            ctx.store(ETH_DST_OFF, dmac, 0)?;
+            ctx.store(ETH_SRC_OFF, smac, 0)?;
+            // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
+            Ok(Some(unsafe { bpf_redirect(*ifindex, 0) } as i32))
+        }
+        Route::Unresolved {
+            ifindex,
+            nh: next_hop,
+        } => {
+            // A route but no neighbour entry yet: let the kernel resolve the next hop and
+            // fill in the Ethernet header.
+            csum::decrement_ttl(ctx)?;
+            // SAFETY: all-zero is a valid bpf_redir_neigh.
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = u32::from(AF_INET);
+            nh.__bindgen_anon_1.ipv4_nh = *next_hop;
+            // SAFETY: nh lives on the stack and has the size passed.
+            Ok(Some(unsafe {
+                bpf_redirect_neigh(*ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
+            } as i32))
+        }
+        Route::TooBig(_) | Route::Stack => Ok(None),
     }
-    Ok(None)
+}
+
+/// [`route`] and [`send`] for a packet already rewritten to `tuple`.
+#[inline(always)]
+pub fn redirect(
+    ctx: &TcContext,
+    proto: u8,
+    tuple: (u32, u32, u16, u16),
+    ttl: u8,
+) -> Result<Option<i32>, RewriteError> {
+    send(ctx, &route(ctx, proto, tuple, ttl))
 }

@@ -1,4 +1,4 @@
-//! ICMP for the north-south programs: the refusal they send themselves, and the errors
+//! ICMP for the north-south programs: the errors they send themselves, and the errors
 //! about translated flows they translate.
 //!
 //! **Refusal** (C06): a frontend without backends on an address this node does not own (an
@@ -7,6 +7,10 @@
 //! ECONNREFUSED). The packet itself becomes the answer and goes back out of the device it
 //! came in on (Cilium's `tail_no_service_ipv4`); the node's stack cannot answer for an
 //! address it does not have.
+//!
+//! **Too big** (`too_big`): a source-NATed packet that does not fit the next hop's MTU
+//! cannot go to the stack (see `fib`), so the sender is answered with "fragmentation
+//! needed" the same way, as the router the node is for that flow would answer.
 //!
 //! **Errors about translated flows** (Cilium's ICMP handling in `lib/nat.h`): a
 //! "destination unreachable" (port unreachable, fragmentation needed, ...) or "time
@@ -41,10 +45,11 @@ use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, L4_OFF, Pack
 pub const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 /// What an error quotes of the packet it is about: its IPv4 header and 8 bytes (RFC 792).
 const QUOTE_LEN: usize = 28;
-/// The refusal: Ethernet, IPv4, ICMP header, the quote.
-const REJECT_LEN: usize = IP_OFF + 20 + ICMP_HLEN + QUOTE_LEN;
+/// An answer (`answer`): Ethernet, IPv4, ICMP header, the quote.
+const ANSWER_LEN: usize = IP_OFF + 20 + ICMP_HLEN + QUOTE_LEN;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// ICMP header: type, code, checksum, 4 bytes that depend on the type.
 const ICMP_HLEN: usize = 8;
@@ -106,7 +111,7 @@ pub fn translate_error(ctx: &TcContext, dir: u8, pass: i32, drop: i32) -> Option
     } else {
         error.saddr
     };
-    match fib::redirect(ctx, PROTO_ICMP, saddr, entry.daddr, 0, 0, error.ttl) {
+    match fib::redirect(ctx, PROTO_ICMP, (saddr, entry.daddr, 0, 0), error.ttl) {
         Ok(verdict) => Some(verdict.unwrap_or(pass)),
         Err(_) => Some(drop),
     }
@@ -209,10 +214,33 @@ fn set_inner_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(),
 }
 
 /// Turns `pkt` into an ICMP port unreachable from its destination to its source and sends
-/// it back out of the device it arrived on. RSTs and packets from addresses that cannot
-/// be answered (0.0.0.0, broadcast, multicast) are dropped instead.
+/// it back out of the device it arrived on (see [`answer`]).
 #[inline(always)]
 pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteError> {
+    answer(ctx, pkt, ICMP_PORT_UNREACH, 0, drop)
+}
+
+/// Turns `pkt`, too big for the next hop's `mtu`, into an ICMP "fragmentation needed"
+/// carrying that MTU (RFC 1191), from the address it was sent to, back to its sender: what
+/// a router on its way would answer, so that path MTU discovery works through the
+/// translation. `pkt` must not be rewritten yet: its sender matches the quote to its flow.
+#[inline(always)]
+pub fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16, drop: i32) -> Result<i32, RewriteError> {
+    answer(ctx, pkt, ICMP_FRAG_NEEDED, mtu, drop)
+}
+
+/// Turns `pkt` into an ICMP destination unreachable (`code`; `mtu` for fragmentation
+/// needed, else 0) from its destination to its source, quoting its IPv4 header and 8
+/// bytes, and sends it back out of the device it arrived on. RSTs and packets from
+/// addresses that cannot be answered (0.0.0.0, broadcast, multicast) are dropped instead.
+#[inline(always)]
+fn answer(
+    ctx: &TcContext,
+    pkt: &Packet,
+    code: u8,
+    mtu: u16,
+    drop: i32,
+) -> Result<i32, RewriteError> {
     let source = u32::from_be(pkt.saddr);
     let unanswerable = source == 0 || source == u32::MAX || source >> 28 == 0xe;
     if unanswerable || pkt.tcp_flags & TCP_RST != 0 {
@@ -220,7 +248,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteEr
     }
     let macs: [u8; 12] = ctx.load(0)?;
     let quote: [u8; QUOTE_LEN] = ctx.load(IP_OFF)?;
-    let mut frame = [0u8; REJECT_LEN];
+    let mut frame = [0u8; ANSWER_LEN];
     // Back to the sender: the Ethernet addresses swapped.
     frame[..6].copy_from_slice(&macs[6..]);
     frame[6..12].copy_from_slice(&macs[..6]);
@@ -229,7 +257,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteEr
     frame[ip] = IPV4_NO_OPTIONS;
     // Precedence "internetwork control", as the kernel's own ICMP errors.
     frame[ip + 1] = 0xc0;
-    frame[ip + 2..ip + 4].copy_from_slice(&((REJECT_LEN - IP_OFF) as u16).to_be_bytes());
+    frame[ip + 2..ip + 4].copy_from_slice(&((ANSWER_LEN - IP_OFF) as u16).to_be_bytes());
     frame[ip + 8] = 64;
     frame[ip + 9] = PROTO_ICMP;
     frame[ip + 12..ip + 16].copy_from_slice(&pkt.daddr.to_ne_bytes());
@@ -238,7 +266,9 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteEr
     frame[ip + 10..ip + 12].copy_from_slice(&ip_csum.to_be_bytes());
     let icmp = L4_OFF;
     frame[icmp] = ICMP_DEST_UNREACH;
-    frame[icmp + 1] = ICMP_PORT_UNREACH;
+    frame[icmp + 1] = code;
+    // Unused but for fragmentation needed: the next-hop MTU in the last two of the four.
+    frame[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
     frame[INNER_IP_OFF..].copy_from_slice(&quote);
     let icmp_csum = checksum(&frame[icmp..]);
     frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
@@ -246,7 +276,7 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteEr
     // SAFETY: the context is a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a plain helper call on this program's skb.
-    if unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, REJECT_LEN as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, ANSWER_LEN as u32, 0) } != 0 {
         return Ok(drop);
     }
     ctx.store(0, &frame, 0)?;

@@ -33,7 +33,7 @@ use proxy_common::{
     SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
-use crate::fib;
+use crate::fib::{self, Route};
 use crate::fragments;
 use crate::icmp;
 use crate::lb::{self, now_secs};
@@ -131,21 +131,49 @@ fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i32> {
     fragments::remember(pkt);
-    nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
     if entry.flags & CT_FLAG_SNAT == 0 {
+        nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
         return Ok(PASS);
     }
-    let redirected = fib::redirect(
-        ctx,
-        pkt.proto,
-        entry.saddr,
-        entry.daddr,
-        entry.sport,
-        entry.dport,
-        pkt.ttl,
-    )
-    .map_err(|_| DROP)?;
+    // Routed before the rewrite, so that a packet too big for the way out is answered
+    // about as its sender sent it.
+    let tuple = (entry.saddr, entry.daddr, entry.sport, entry.dport);
+    let route = fib::route(ctx, pkt.proto, tuple, pkt.ttl);
+    if let Route::TooBig(mtu) = route {
+        return Err(too_big(ctx, pkt, mtu));
+    }
+    nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
+    let redirected = fib::send(ctx, &route).map_err(|_| DROP)?;
     Ok(redirected.unwrap_or(PASS))
+}
+
+/// A source-NATed packet larger than the next hop's MTU (an overlay's pod network, say,
+/// behind a 1500-byte external one). The stack would drop it once rewritten (its source is
+/// a node address, see `fib`) and a program cannot fragment it, so: with don't-fragment
+/// set (path MTU discovery: TCP, QUIC), the sender gets "fragmentation needed" with the
+/// MTU and sends smaller packets; without, it is dropped (kube-proxy's path, through the
+/// stack, would fragment it).
+#[inline(always)]
+fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> i32 {
+    log_debug!(
+        ctx,
+        "tcx_in: {:i}:{} -> {:i}:{}/{} is larger than the next hop's MTU {}: {}",
+        log::ip(pkt.saddr),
+        u16::from_be(pkt.sport),
+        log::ip(pkt.daddr),
+        u16::from_be(pkt.dport),
+        log::proto(pkt.proto),
+        mtu,
+        if pkt.dont_fragment {
+            "answered with ICMP fragmentation needed"
+        } else {
+            "dropped (no don't-fragment: it cannot be fragmented here)"
+        }
+    );
+    if !pkt.dont_fragment {
+        return DROP;
+    }
+    icmp::too_big(ctx, pkt, mtu, DROP).unwrap_or(DROP)
 }
 
 /// A packet that belongs to no tracked flow: to a frontend of `SCOPE`, a new flow;

@@ -37,7 +37,8 @@ const TCP_CSUM_OFF: usize = L4_OFF + 16;
 const UDP_CSUM_OFF: usize = L4_OFF + 6;
 /// Version 4, header length 5 words: the only first byte accepted.
 const IPV4_NO_OPTIONS: u8 = 0x45;
-/// More-fragments flag and fragment offset mask (host order).
+/// Don't-fragment and more-fragments flags, fragment offset mask (host order).
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -93,6 +94,8 @@ pub struct Packet {
     /// IP identification, network order: what ties fragments together.
     pub id: u16,
     pub fragment: Fragment,
+    /// The sender asked that the packet not be fragmented (path MTU discovery).
+    pub dont_fragment: bool,
 }
 
 impl Packet {
@@ -174,6 +177,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
             l4_csum_off,
             id: ip.id,
             fragment,
+            dont_fragment: frag_off & IP_DF != 0,
         });
     }
     // Each protocol with its own constant bound, which the verifier can follow.
@@ -206,5 +210,6 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         l4_csum_off,
         id: ip.id,
         fragment,
+        dont_fragment: frag_off & IP_DF != 0,
     })
 }

@@ -27,6 +27,10 @@
 //!   exactly: a valid one stays valid, a wrong one stays wrong by the same amount (nothing
 //!   launders corruption), a zero UDP checksum stays zero. A flow to a local backend keeps
 //!   the client's port, or takes one of the range when another flow holds its reply tuple;
+//! - but a source-NATed packet at ingress that the FIB sends out of the pod network's veth
+//!   and that is larger than its MTU: turned into exactly the ICMP fragmentation needed
+//!   (MTU 1500) that answers it as it came, and redirected, if it has don't-fragment set and
+//!   can be answered; else byte-identical and dropped;
 //! - the verdict is `TCX_NEXT`, `TC_ACT_SHOT`, or `TC_ACT_REDIRECT` for a source-NATed
 //!   packet at ingress; `BPF_PROG_TEST_RUN` fails only with `EINVAL`, and only for a frame
 //!   shorter than its network header (counted as rejected by the kernel).
@@ -585,6 +589,8 @@ enum Seen {
     TrackedFlow,
     FragmentFollowed,
     FragmentWithoutFlow,
+    TooBigAnswered,
+    TooBigDropped,
 }
 
 impl Seen {
@@ -600,6 +606,8 @@ impl Seen {
             Seen::TrackedFlow => "tracked flow: translated",
             Seen::FragmentFollowed => "later fragment: translated as its first",
             Seen::FragmentWithoutFlow => "later fragment, no live flow: unchanged",
+            Seen::TooBigAnswered => "source-NATed, too big for the next hop: answered with ICMP",
+            Seen::TooBigDropped => "source-NATed, too big for the next hop: dropped",
         }
     }
 }
@@ -774,6 +782,11 @@ impl Fuzzer {
                 return Ok((Seen::FragmentWithoutFlow, Some(out)));
             }
             let entry = before.expect("followed: an entry");
+            if self.too_big(hook, input, &entry) {
+                let seen =
+                    check_too_big(input, &tuple, false, &out).map_err(|why| fail(why, &out))?;
+                return Ok((seen, Some(out)));
+            }
             check_fragment_rewrite(hook, input, &entry, &out).map_err(|why| fail(why, &out))?;
             return Ok((Seen::FragmentFollowed, Some(out)));
         }
@@ -834,6 +847,10 @@ impl Fuzzer {
             ));
         };
         check_entry(&self.frontends, hook, &tuple, &entry).map_err(|why| fail(why, &out))?;
+        if self.too_big(hook, input, &entry) {
+            let seen = check_too_big(input, &tuple, true, &out).map_err(|why| fail(why, &out))?;
+            return Ok((seen, Some(out)));
+        }
         self.check_rewrite(hook, input, &tuple, &entry, &out)
             .map_err(|why| fail(why, &out))?;
         if part == Part::First {
@@ -855,6 +872,22 @@ impl Fuzzer {
             Seen::NewFlow
         };
         Ok((seen, Some(out)))
+    }
+
+    /// Whether `input`, of the flow `entry` (at ingress), is a source-NATed packet that the
+    /// FIB sends out of the pod network's veth (to a neighbour it knows, TTL above 1; from
+    /// any device, forwarding is on) but that is larger than the veth's 1500-byte MTU allows
+    /// (Ethernet header and a VLAN tag beside: the kernel's `is_skb_forwardable`).
+    fn too_big(&self, hook: Hook, input: &[u8], entry: &NatCtValue) -> bool {
+        let neighbours = [
+            Ipv4Addr::new(10, 244, 2, 20),
+            Ipv4Addr::new(198, 51, 100, 7),
+        ];
+        hook == Hook::In
+            && entry.flags & CT_FLAG_SNAT != 0
+            && input[IP_OFF + 8] > 1
+            && neighbours.contains(&Ipv4Addr::from(entry.daddr.to_ne_bytes()))
+            && input.len() > 1500 + 14 + 4
     }
 
     /// `out` is `input` rewritten as `entry` says, and nothing else changed.
@@ -910,6 +943,37 @@ impl Fuzzer {
         }
         Ok(())
     }
+}
+
+/// A packet too big for the next hop (`Fuzzer::too_big`): with don't-fragment and an
+/// answerable source, answered with ICMP fragmentation needed (next-hop MTU 1500) from the
+/// address it was sent to, quoting it as it came (`has_l4`: a first fragment or a whole
+/// packet, whose TCP flags say whether it is a RST); else dropped unchanged.
+fn check_too_big(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Result<Seen, String> {
+    let dont_fragment = input[IP_OFF + 6] & 0x40 != 0;
+    let source = u32::from(tuple.saddr);
+    let rst = has_l4 && tuple.proto == PROTO_TCP && input[L4_OFF + 13] & 0x04 != 0;
+    let answerable = !(rst || source == 0 || source == u32::MAX || source >> 28 == 0xe);
+    if dont_fragment && answerable {
+        let want = icmp_error_quoting(tuple.daddr, tuple.saddr, 3, 4, [0, 0, 0x05, 0xdc], input, 8);
+        if out.verdict != TC_ACT_REDIRECT || out.packet != want {
+            return Err(format!(
+                "too big for the next hop, don't-fragment set: not answered with fragmentation \
+                 needed (verdict {}); want:\n{}",
+                out.verdict,
+                hex(&want)
+            ));
+        }
+        return Ok(Seen::TooBigAnswered);
+    }
+    if out.verdict != TC_ACT_SHOT || out.packet != input {
+        return Err(format!(
+            "too big for the next hop, not answerable: verdict {} where a drop was due, or the \
+             packet changed",
+            out.verdict
+        ));
+    }
+    Ok(Seen::TooBigDropped)
 }
 
 /// Whether a later fragment follows `entry` (the live entry under its key): always at
@@ -1101,7 +1165,8 @@ impl Fuzzer {
         frame.udp_no_checksum = rng.chance(20);
         frame.ttl = *rng.pick(&[64, 64, 64, 64, 1, 2, 255]);
         frame.id = rng.u16();
-        let max = if rng.chance(10) { 1400 } else { 120 };
+        // Now and then larger than the pod network veth's MTU (`Fuzzer::too_big`).
+        let max = if rng.chance(10) { 1600 } else { 120 };
         let len = rng.below(max);
         frame.payload = rng.bytes(len);
         let mut bytes = frame.bytes();
@@ -1174,7 +1239,9 @@ impl Fuzzer {
             self.send(Class::Valid, Hook::In, device, &later);
         }
         self.remember(packet, Hook::In);
-        let Some(out) = out.filter(|o| o.verdict != TC_ACT_SHOT) else {
+        // (Nor is an ICMP answer to a packet too big for the next hop answered.)
+        let is_icmp = |o: &Outcome| o.packet.get(IP_OFF + 9) == Some(&1);
+        let Some(out) = out.filter(|o| o.verdict != TC_ACT_SHOT && !is_icmp(o)) else {
             return;
         };
         let sent = tuple_at(&out.packet);

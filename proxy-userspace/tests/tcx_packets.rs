@@ -16,8 +16,8 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST, TCX_NEXT,
-    hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac, tuple_of,
-    verify_checksums, verify_icmp_checksums,
+    checksum, hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac,
+    tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT,
@@ -240,6 +240,133 @@ fn snat_forwarding_redirects_to_the_next_hop_with_its_mac_and_the_ttl_decremente
             ..syn.with_tuple(NODE, snat_port, REMOTE_POD, POD_PORT)
         };
         assert_frame(&out.packet, &want, "forwarded to the remote pod's next hop");
+    });
+}
+
+/// `frame` (IPv4 without options) with don't-fragment cleared, IP checksum redone.
+fn without_dont_fragment(frame: &[u8]) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[20] &= !0x40;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let csum = checksum(0, &frame[14..34]);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+#[test]
+fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
+    in_private_netns(|| {
+        // Both ways out have a 1000-byte MTU (an overlay's, say): the pod network's device
+        // towards the remote pod, and the external one towards the client.
+        for (dev, peer, addr, neighbour, mac) in [
+            (
+                "ekp0",
+                "ekp1",
+                "10.244.2.1/24",
+                "10.244.2.20",
+                "02:00:00:00:02:20",
+            ),
+            (
+                "ekp2",
+                "ekp3",
+                "198.51.100.1/24",
+                "198.51.100.7",
+                "02:00:00:00:00:07",
+            ),
+        ] {
+            ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+            ip(&["link", "set", dev, "mtu", "1000", "up"]);
+            ip(&["link", "set", peer, "up"]);
+            ip(&["addr", "add", addr, "dev", dev]);
+            ip(&[
+                "neigh",
+                "add",
+                neighbour,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            .expect("enabling forwarding in the test namespace");
+        let (pod_side, client_side) = (ifindex("ekp0"), ifindex("ekp2"));
+        let mtu = [0, 0, (1000u16 >> 8) as u8, 1000u16 as u8];
+
+        let dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.run("ekp_tcx_in", &syn.bytes(), client_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "a small SYN is forwarded");
+        let (_, snat_port, _, _) = tuple_of(&out.packet);
+
+        // A full-sized segment with don't-fragment set (TCP's path MTU discovery): the
+        // client is told the MTU, from the address it sent to, about its packet as sent.
+        let big = Frame {
+            tcp_flags: TCP_ACK,
+            payload: vec![0x61; 1200],
+            ..syn.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &big.bytes(), client_side);
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "the answer goes back out of the device the packet came in on"
+        );
+        assert_eq!(
+            out.packet,
+            icmp_error(NODE, CLIENT, 3, 4, mtu, &big, 8),
+            "ICMP fragmentation needed (MTU 1000) quoting the untranslated packet:\n{}",
+            hex(&out.packet)
+        );
+        verify_icmp_checksums(&out.packet);
+
+        // Without don't-fragment it would have to be fragmented, which a program cannot do.
+        let out = dp.run(
+            "ekp_tcx_in",
+            &without_dont_fragment(&big.bytes()),
+            client_side,
+        );
+        assert_eq!(out.verdict, TC_ACT_SHOT, "too big, no DF: dropped");
+
+        // The flow itself goes on: a packet that fits is forwarded.
+        let fits = Frame {
+            payload: vec![0x61; 900],
+            ..big.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &fits.bytes(), client_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            tuple_of(&out.packet),
+            (NODE, snat_port, REMOTE_POD, POD_PORT)
+        );
+
+        // The same for the backend's reply on its way back to the client: the backend is
+        // told, from the node address it sent to, about its reply as it sent it.
+        let reply = Frame {
+            tcp_flags: TCP_ACK,
+            payload: vec![0x62; 1200],
+            ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, snat_port)
+        };
+        let out = dp.run("ekp_tcx_in", &reply.bytes(), pod_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            out.packet,
+            icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &reply, 8),
+            "ICMP fragmentation needed to the backend:\n{}",
+            hex(&out.packet)
+        );
+        verify_icmp_checksums(&out.packet);
+        let small_reply = Frame {
+            payload: vec![0x62; 900],
+            ..reply.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &small_reply.bytes(), pod_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            tuple_of(&out.packet),
+            (NODE, NODE_PORT, CLIENT, CLIENT_PORT)
+        );
     });
 }
 
