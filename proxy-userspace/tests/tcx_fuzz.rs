@@ -364,10 +364,14 @@ fn translatable(
             return None;
         }
         let (sport, dport) = ports(fragment_key(f))?;
+        // (It may end with its IPv4 header: no bytes where a first fragment has ports.)
+        let addr = |off: usize| Ipv4Addr::new(f[off], f[off + 1], f[off + 2], f[off + 3]);
         let tuple = Tuple {
+            saddr: addr(IP_OFF + 12),
+            daddr: addr(IP_OFF + 16),
             sport,
             dport,
-            ..tuple_at(f)
+            proto,
         };
         return Some((tuple, Part::Later));
     }
