@@ -25,9 +25,10 @@ use aya_ebpf::helpers::generated::{
 use aya_ebpf::programs::TcContext;
 
 use crate::csum::{self, RewriteError};
-use crate::parse::{ETH_DST_OFF, ETH_SRC_OFF};
+use crate::parse::{ETH_DST_OFF, ETH_HLEN, ETH_SRC_OFF};
 
 const AF_INET: u8 = 2;
+const VLAN_HLEN: u32 = 4;
 
 /// Where [`route`] found a packet should go. (What the lookup found is kept, not the
 /// lookup's 64 bytes: the caller holds it across the rewrite, on a 512-byte stack.)
@@ -92,9 +93,17 @@ pub fn route(
             ifindex: params.ifindex,
             nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
         },
-        // SAFETY: the lookup wrote the union's output member.
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            Route::TooBig(unsafe { params.__bindgen_anon_1.mtu_result })
+            // SAFETY: the lookup wrote the union's output member.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            // The kernel also says so for a device that is down (`is_skb_forwardable`): only
+            // a packet larger than the MTU (beside its Ethernet header and a VLAN tag, as
+            // the kernel counts) is too big.
+            if ctx.len() > u32::from(mtu) + ETH_HLEN as u32 + VLAN_HLEN {
+                Route::TooBig(mtu)
+            } else {
+                Route::Stack
+            }
         }
         _ => Route::Stack,
     }
