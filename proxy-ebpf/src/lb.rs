@@ -23,8 +23,8 @@ pub fn now_secs() -> u32 {
 
 /// The backend id for a new connection to the frontend `key` (slot 0) describes. `client`
 /// identifies the client for session affinity; it is only used with `SVC_FLAG_AFFINITY`.
-/// `None` when a slot is missing, which the agent's write order makes a transient race:
-/// callers then leave the connection untranslated.
+/// `None` when a slot is missing even after slot 0 is read again (`random_backend`): callers
+/// then leave the connection untranslated.
 #[inline(always)]
 pub fn select_backend(
     client: impl FnOnce() -> u64,
@@ -130,11 +130,29 @@ fn live_backend(
 }
 
 /// A uniformly random backend slot of the frontend `key` (slot 0) describes.
+///
+/// A slot found missing means the agent shrank the frontend after `frontend` was read: it
+/// lowers the count in slot 0 before it deletes the slots above it. Slot 0 is read again
+/// and a slot picked under the count it holds now, whose slots all exist; only a second
+/// rewrite within that instant leaves the caller without a backend (Cilium fails the
+/// connection there; kube-proxy's rules are swapped whole).
 #[inline(always)]
 fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
+    if let Some(id) = random_slot(key, frontend.count) {
+        return Some(id);
+    }
+    key.slot = 0;
+    // SAFETY: copied out at once.
+    let count = unsafe { (*SERVICES.get_ptr(&*key)?).count };
+    random_slot(key, count)
+}
+
+/// The backend id in a uniformly random slot of `1..=count` of the frontend `key`.
+#[inline(always)]
+fn random_slot(key: &mut ServiceKey, count: u16) -> Option<u32> {
     // SAFETY: a plain helper call. Callers handle `count == 0`; `checked_rem` keeps a
     // panic path (which the verifier rejects) out of the program regardless.
-    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(frontend.count))?;
+    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(count))?;
     key.slot = pick as u16 + 1;
     // SAFETY: copied out at once.
     let slot = unsafe { *SERVICES.get_ptr(&*key)? };
