@@ -134,8 +134,8 @@ fn live_backend(
 /// A slot found missing means the agent shrank the frontend after `frontend` was read: it
 /// lowers the count in slot 0 before it deletes the slots above it. Slot 0 is read again
 /// and a slot picked under the count it holds now, whose slots all exist; only a second
-/// rewrite within that instant leaves the caller without a backend (Cilium fails the
-/// connection there; kube-proxy's rules are swapped whole).
+/// rewrite within that instant leaves the caller without a backend (it then leaves the
+/// connection untranslated, as Cilium does at a missing slot).
 #[inline(always)]
 fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
     if let Some(id) = random_slot(key, frontend.count) {
