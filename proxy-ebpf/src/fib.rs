@@ -10,17 +10,19 @@
 //! destination, TTL expiring) the packet goes to the stack as it is, which then does
 //! whatever it would do (an ICMP error, or the martian drop). A packet larger than the
 //! egress MTU is the caller's to answer (`Route::TooBig`): the stack would drop it as a
-//! martian too, without telling its sender.
+//! martian too, without telling its sender. The lookup checks the size only when it found
+//! the next hop's MAC; towards one not resolved yet, `bpf_check_mtu` does.
 
 use core::mem::size_of;
 
 use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED;
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     bpf_fib_lookup, bpf_redir_neigh,
 };
 use aya_ebpf::helpers::generated::{
-    bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
+    bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
 };
 use aya_ebpf::programs::TcContext;
 
@@ -88,18 +90,25 @@ pub fn route(
             smac: params.smac,
             dmac: params.dmac,
         },
-        // SAFETY: the lookup left the next hop in the IPv4 member.
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Unresolved {
-            ifindex: params.ifindex,
-            nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
-        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The kernel checks the size only once the next hop's MAC is known.
+            let mut mtu = 0u32;
+            // SAFETY: `mtu` lives on the stack; a plain helper call on this program's skb.
+            let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), params.ifindex, &mut mtu, 0, 0) };
+            if rc == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) && exceeds(ctx, mtu) {
+                return Route::TooBig(mtu as u16);
+            }
+            Route::Unresolved {
+                ifindex: params.ifindex,
+                // SAFETY: the lookup left the next hop in the IPv4 member.
+                nh: unsafe { params.__bindgen_anon_4.ipv4_dst },
+            }
+        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             // SAFETY: the lookup wrote the union's output member.
             let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-            // The kernel also says so for a device that is down (`is_skb_forwardable`): only
-            // a packet larger than the MTU (beside its Ethernet header and a VLAN tag, as
-            // the kernel counts) is too big.
-            if ctx.len() > u32::from(mtu) + ETH_HLEN as u32 + VLAN_HLEN {
+            // The kernel also says so for a device that is down (`is_skb_forwardable`).
+            if exceeds(ctx, u32::from(mtu)) {
                 Route::TooBig(mtu)
             } else {
                 Route::Stack
@@ -107,6 +116,13 @@ pub fn route(
         }
         _ => Route::Stack,
     }
+}
+
+/// Whether the packet is larger than `mtu` allows, its Ethernet header and a VLAN tag
+/// beside, as the kernel counts for a forwarded packet (`is_skb_forwardable`).
+#[inline(always)]
+fn exceeds(ctx: &TcContext, mtu: u32) -> bool {
+    ctx.len() > mtu + ETH_HLEN as u32 + VLAN_HLEN
 }
 
 /// Sends the already rewritten packet where `route` says, TTL decremented as a router does:

@@ -879,18 +879,17 @@ impl Fuzzer {
     }
 
     /// Whether `input`, of the flow `entry` (at ingress), is a source-NATed packet that the
-    /// FIB sends out of the pod network's veth (to a neighbour it knows, TTL above 1; from
-    /// any device, forwarding is on) but that is larger than the veth's 1500-byte MTU allows
-    /// (Ethernet header and a VLAN tag beside: the kernel's `is_skb_forwardable`).
+    /// FIB sends out of the pod network's veth (a destination in one of its subnets, TTL
+    /// above 1; from any device, forwarding is on; the next hop's MAC known or not) but that
+    /// is larger than the veth's 1500-byte MTU allows (Ethernet header and a VLAN tag
+    /// beside: the kernel's `is_skb_forwardable`).
     fn too_big(&self, hook: Hook, input: &[u8], entry: &NatCtValue) -> bool {
-        let neighbours = [
-            Ipv4Addr::new(10, 244, 2, 20),
-            Ipv4Addr::new(198, 51, 100, 7),
-        ];
+        let [a, b, c, _] = entry.daddr.to_ne_bytes();
+        let routed = [a, b, c] == [10, 244, 2] || [a, b, c] == [198, 51, 100];
         hook == Hook::In
             && entry.flags & CT_FLAG_SNAT != 0
             && input[IP_OFF + 8] > 1
-            && neighbours.contains(&Ipv4Addr::from(entry.daddr.to_ne_bytes()))
+            && routed
             && input.len() > 1500 + 14 + 4
     }
 

@@ -402,6 +402,38 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
             tuple_of(&out.packet),
             (NODE, NODE_PORT, CLIENT, CLIENT_PORT)
         );
+
+        // A client whose MAC the node has not resolved yet (the FIB lookup checks no size
+        // then): its flow's big reply is answered too, a small one sent to be resolved.
+        let unresolved = Ipv4Addr::new(198, 51, 100, 9);
+        let syn = Frame::tcp(unresolved, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.run("ekp_tcx_in", &syn.bytes(), client_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let (_, snat_port, _, _) = tuple_of(&out.packet);
+        let reply = Frame {
+            tcp_flags: TCP_ACK,
+            payload: vec![0x62; 1200],
+            ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, snat_port)
+        };
+        let out = dp.run("ekp_tcx_in", &reply.bytes(), pod_side);
+        assert_eq!(
+            (out.verdict, out.packet),
+            (
+                TC_ACT_REDIRECT,
+                icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &reply, 8)
+            ),
+            "fragmentation needed towards an unresolved next hop"
+        );
+        let small_reply = Frame {
+            payload: vec![0x62; 900],
+            ..reply.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &small_reply.bytes(), pod_side);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            tuple_of(&out.packet),
+            (NODE, NODE_PORT, unresolved, CLIENT_PORT)
+        );
     });
 }
 
