@@ -376,64 +376,43 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
             (NODE, snat_port, REMOTE_POD, POD_PORT)
         );
 
-        // The same for the backend's reply on its way back to the client: the backend is
-        // told, from the node address it sent to, about its reply as it sent it.
-        let reply = Frame {
-            tcp_flags: TCP_ACK,
-            payload: vec![0x62; 1200],
-            ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, snat_port)
+        // The same for the backend's replies on their way back to the client: the backend
+        // is told, from the node address it sent to, about its reply as it sent it; a reply
+        // that fits goes to the client. Also for a client whose MAC the node has not
+        // resolved yet (the FIB lookup checks no size then).
+        let replies_to = |client: Ipv4Addr, snat_port: u16| {
+            let big = Frame {
+                tcp_flags: TCP_ACK,
+                payload: vec![0x62; 1200],
+                ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, snat_port)
+            };
+            let out = dp.run("ekp_tcx_in", &big.bytes(), pod_side);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT);
+            assert_eq!(
+                out.packet,
+                icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &big, 8),
+                "ICMP fragmentation needed to the backend of {client}'s flow:\n{}",
+                hex(&out.packet)
+            );
+            verify_icmp_checksums(&out.packet);
+            let fits = Frame {
+                payload: vec![0x62; 900],
+                ..big.clone()
+            };
+            let out = dp.run("ekp_tcx_in", &fits.bytes(), pod_side);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT);
+            assert_eq!(
+                tuple_of(&out.packet),
+                (NODE, NODE_PORT, client, CLIENT_PORT)
+            );
         };
-        let out = dp.run("ekp_tcx_in", &reply.bytes(), pod_side);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        assert_eq!(
-            out.packet,
-            icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &reply, 8),
-            "ICMP fragmentation needed to the backend:\n{}",
-            hex(&out.packet)
-        );
-        verify_icmp_checksums(&out.packet);
-        let small_reply = Frame {
-            payload: vec![0x62; 900],
-            ..reply.clone()
-        };
-        let out = dp.run("ekp_tcx_in", &small_reply.bytes(), pod_side);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        assert_eq!(
-            tuple_of(&out.packet),
-            (NODE, NODE_PORT, CLIENT, CLIENT_PORT)
-        );
-
-        // A client whose MAC the node has not resolved yet (the FIB lookup checks no size
-        // then): its flow's big reply is answered too, a small one sent to be resolved.
+        replies_to(CLIENT, snat_port);
         let unresolved = Ipv4Addr::new(198, 51, 100, 9);
         let syn = Frame::tcp(unresolved, CLIENT_PORT, NODE, NODE_PORT);
         let out = dp.run("ekp_tcx_in", &syn.bytes(), client_side);
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
         let (_, snat_port, _, _) = tuple_of(&out.packet);
-        let reply = Frame {
-            tcp_flags: TCP_ACK,
-            payload: vec![0x62; 1200],
-            ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, snat_port)
-        };
-        let out = dp.run("ekp_tcx_in", &reply.bytes(), pod_side);
-        assert_eq!(
-            (out.verdict, out.packet),
-            (
-                TC_ACT_REDIRECT,
-                icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &reply, 8)
-            ),
-            "fragmentation needed towards an unresolved next hop"
-        );
-        let small_reply = Frame {
-            payload: vec![0x62; 900],
-            ..reply.clone()
-        };
-        let out = dp.run("ekp_tcx_in", &small_reply.bytes(), pod_side);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        assert_eq!(
-            tuple_of(&out.packet),
-            (NODE, NODE_PORT, unresolved, CLIENT_PORT)
-        );
+        replies_to(unresolved, snat_port);
     });
 }
 
