@@ -776,27 +776,47 @@ impl Phases {
         };
         let existing_slots = programmed.frontends.get(key).map(|f| &f.slots);
         let live_now = programmed.frontends.get(key).map_or(0, |f| f.count);
+        // Live slots that no reader searches yet (past the current count, or empty) first;
+        // then those whose backend moves to a higher slot (one was added before it), from
+        // the top down, and those whose backend moves lower (one before it left), from the
+        // bottom up: each backend that stays is written to its new slot before its old one
+        // is overwritten, and the programs' halving search (or, past the count, their look
+        // at the slots after it) finds it after every write (`lb::pinned_backend`). Sorted
+        // slots can only shift that way.
+        let (mut fresh, mut moving_up, mut moving_down) = (Vec::new(), Vec::new(), Vec::new());
         for (i, backend) in frontend.slotted().enumerate() {
             let slot = i as u16 + 1;
             let Some(backend_id) = backend_id(backend) else {
                 bail!("backend {backend} of frontend {key} has no id");
             };
-            if existing_slots.and_then(|s| s.get(&slot)) != Some(&backend_id) {
-                let phase = if slot <= count {
-                    &mut self.slots
-                } else if slot > live_now {
-                    &mut self.lingering_early
-                } else {
-                    &mut self.lingering
-                };
-                phase.push(Op::PutSlot {
-                    frontend: *key,
-                    slot,
-                    backend_id,
-                    rev_nat_id,
-                });
+            let held = existing_slots.and_then(|s| s.get(&slot));
+            if held == Some(&backend_id) {
+                continue;
+            }
+            let write = Op::PutSlot {
+                frontend: *key,
+                slot,
+                backend_id,
+                rev_nat_id,
+            };
+            if slot <= count {
+                let overwritten = held
+                    .filter(|_| slot <= live_now)
+                    .and_then(|id| programmed.backends.get(id));
+                match overwritten {
+                    None => fresh.push(write),
+                    Some(old) if backend > old => moving_down.push(write),
+                    Some(_) => moving_up.push(write),
+                }
+            } else if slot > live_now {
+                self.lingering_early.push(write);
+            } else {
+                self.lingering.push(write);
             }
         }
+        self.slots.extend(fresh);
+        self.slots.extend(moving_up.into_iter().rev());
+        self.slots.extend(moving_down);
         self.ranges
             .extend(frontend.source_ranges.iter().map(|r| (rev_nat_id, *r)));
         let (flags, affinity_timeout) = slot0_settings(frontend);
@@ -2149,15 +2169,82 @@ mod tests {
                 })
                 .expect("a new backend")
         };
+        // (Slot 2 is past the count and read by no one yet: before slot 1.)
         assert_eq!(
             ops[2..],
             [
                 put_slot(1, 3, b1, rev),
-                put_slot(1, 1, id(2), rev),
                 put_slot(1, 2, id(3), rev),
+                put_slot(1, 1, id(2), rev),
                 put_frontend(1, 2, rev),
             ]
         );
+    }
+
+    /// What `lb::pinned_backend` does when a socket's slot no longer names its backend: a
+    /// halving search of the live slots `1..=count` by address and port, then the 16 slots
+    /// after the count. True if it finds `wanted`.
+    fn programs_find(mirror: &Programmed, frontend: u8, wanted: &BackendAddr) -> bool {
+        let f = &mirror.frontends[&fkey(frontend)];
+        let at = |slot: u16| f.slots.get(&slot).map(|id| mirror.backends[id]);
+        let key = |b: &BackendAddr| (b.addr, b.port);
+        let (mut low, mut high) = (1u32, u32::from(f.count));
+        while low <= high {
+            let middle = low + (high - low) / 2;
+            let Some(found) = at(middle as u16) else {
+                break;
+            };
+            match key(&found).cmp(&key(wanted)) {
+                std::cmp::Ordering::Equal => return true,
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle - 1,
+            }
+        }
+        (1..=16).any(|i| at(f.count + i) == Some(*wanted))
+    }
+
+    /// Backends added and removed in the middle of a frontend shift the others between
+    /// slots. After every write, a backend the frontend has before and after the change is
+    /// still found where the programs look for a pinned UDP socket's backend: written in
+    /// slot order, a backend inserted before others overwrote the next one before that one
+    /// had its new slot, and a socket pinned to it lost its backend for that moment.
+    #[test]
+    fn a_backend_that_stays_is_found_by_its_pinned_sockets_after_every_write() {
+        let states = [
+            desired(&[frontend(1, &[20, 40, 60, 80])]),
+            desired(&[frontend(1, &[10, 20, 30, 40, 60, 80])]),
+            desired(&[frontend(1, &[20, 30, 40, 50, 60, 70, 80])]),
+            desired(&[frontend(1, &[30, 50, 80])]),
+            desired(&[frontend(1, &[10, 30, 35, 50, 90])]),
+            desired(&[frontend(1, &[5, 50, 60, 70, 90, 95])]),
+            desired(&[lingering(frontend(1, &[1, 50, 60, 95]), &[5, 70, 90])]),
+            desired(&[frontend(1, &[1, 2, 50, 60, 95])]),
+        ];
+        let live = |state: &DesiredState| state.frontends[&fkey(1)].backends.clone();
+        let mut maps = FakeMaps::default();
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &states[0]);
+        for op in plan(&Programmed::default(), &states[0]).unwrap() {
+            maps.write(&op);
+        }
+        for pair in states.windows(2) {
+            let staying: Vec<BackendAddr> = live(&pair[0])
+                .into_iter()
+                .filter(|b| live(&pair[1]).contains(b))
+                .collect();
+            for op in plan(&mirror, &pair[1]).unwrap() {
+                maps.write(&op);
+                mirror.apply(&op);
+                maps.assert_readers_see_whole_services(&op);
+                for b in &staying {
+                    assert!(
+                        programs_find(&mirror, 1, b),
+                        "after {op:?} (towards {:?}): {b} is not found",
+                        live(&pair[1])
+                    );
+                }
+            }
+        }
     }
 
     /// Through lingering and back: after every write, the live slots hold only backends
