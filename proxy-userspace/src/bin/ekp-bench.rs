@@ -45,11 +45,11 @@
 //! make the first touch after a pause tens of µs per page, which every process that wakes
 //! up to do some work pays for every page of code and data it touches.
 //!
-//! `hooks --cgroup DIR --device DEV` attaches programs that do nothing (allow; next program)
-//! at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`, their
-//! IPv6 counterparts for IPv4-mapped addresses (`connect6`, `recvmsg6`, `getpeername6`) and
-//! `sock_release` on the cgroup DIR, TCX ingress and egress on DEV (in the caller's network
-//! namespace). It prints `ready` and holds them until it is killed, when the kernel detaches
+//! `hooks --cgroup DIR --device DEV...` attaches programs that do nothing (allow; next
+//! program) at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`,
+//! `getpeername4`, their IPv6 counterparts for IPv4-mapped addresses (`connect6`,
+//! `recvmsg6`, `getpeername6`) and `sock_release` on the cgroup DIR, TCX ingress and egress
+//! on each DEV (`--device` repeated; in the caller's network namespace). It prints `ready` and holds them until it is killed, when the kernel detaches
 //! them. A client in DIR that connects to pod addresses then pays what the hooks cost on
 //! their own, which no program can take away: the bench's `hooks` mode.
 //!
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         _ => Err("usage: ekp-bench serve --name NAME [--tcp PORT]... [--udp PORT]... | \
                   (connect|crr|rr|udp|udprr) ADDR:PORT[,ADDR:PORT]... [--count N] [--warmup W] [--timeout-ms T] [--raw] | \
                   wait ADDR:PORT --answer NAME|any [--timeout-ms T] | idle-memory [--idle-ms MS] | \
-                  hooks --cgroup DIR --device DEV | nfacct NAME..."
+                  hooks --cgroup DIR --device DEV... | nfacct NAME..."
             .into()),
     };
     match result {
@@ -623,25 +623,21 @@ const CGROUP_ALLOW: i32 = 1;
 const TCX_NEXT: i32 = -1;
 
 fn hooks(args: &[String]) -> Result<(), String> {
-    let (mut cgroup, mut device) = (None, None);
+    let (mut cgroup, mut devices) = (None, Vec::new());
     for pair in args.chunks(2) {
         match pair {
             [flag, dir] if flag == "--cgroup" => cgroup = Some(dir.clone()),
-            [flag, dev] if flag == "--device" => device = Some(dev.clone()),
+            [flag, dev] if flag == "--device" => devices.push(dev.clone()),
             _ => return Err(format!("unknown arguments {pair:?}")),
         }
     }
     let cgroup = cgroup.ok_or("--cgroup is required")?;
-    let device = device.ok_or("--device is required")?;
-    let cgroup_dir = std::fs::File::open(&cgroup).map_err(|e| format!("opening {cgroup}: {e}"))?;
-    let name = std::ffi::CString::new(device.as_str()).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated name; returns 0 when there is no such device.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(format!("no device {device} in this network namespace"));
+    if devices.is_empty() {
+        return Err("--device is required".into());
     }
+    let cgroup_dir = std::fs::File::open(&cgroup).map_err(|e| format!("opening {cgroup}: {e}"))?;
     let cgroup_fd = cgroup_dir.as_raw_fd() as u32;
-    let hooks = [
+    let mut hooks = vec![
         (
             PROG_TYPE_CGROUP_SOCK_ADDR,
             ATTACH_INET4_CONNECT,
@@ -690,9 +686,17 @@ fn hooks(args: &[String]) -> Result<(), String> {
             CGROUP_ALLOW,
             cgroup_fd,
         ),
-        (PROG_TYPE_SCHED_CLS, ATTACH_TCX_INGRESS, TCX_NEXT, ifindex),
-        (PROG_TYPE_SCHED_CLS, ATTACH_TCX_EGRESS, TCX_NEXT, ifindex),
     ];
+    for device in &devices {
+        let name = std::ffi::CString::new(device.as_str()).map_err(|e| e.to_string())?;
+        // SAFETY: a NUL-terminated name; returns 0 when there is no such device.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(format!("no device {device} in this network namespace"));
+        }
+        hooks.push((PROG_TYPE_SCHED_CLS, ATTACH_TCX_INGRESS, TCX_NEXT, ifindex));
+        hooks.push((PROG_TYPE_SCHED_CLS, ATTACH_TCX_EGRESS, TCX_NEXT, ifindex));
+    }
     // Held until the process ends: closing a link's last descriptor detaches it.
     let mut held = Vec::new();
     for (prog_type, attach_type, verdict, target) in hooks {

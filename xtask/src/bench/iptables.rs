@@ -69,7 +69,12 @@ pub fn sep_chain(svc: &Service, port: &Port, endpoint: &str) -> String {
 fn large_cluster_mode(services: &[Service]) -> bool {
     let endpoints: usize = services
         .iter()
-        .map(|s| s.ports.len() * s.endpoints.len())
+        .map(|s| {
+            s.ports
+                .iter()
+                .map(|p| s.port_endpoints(p).len())
+                .sum::<usize>()
+        })
         .sum();
     endpoints > LARGE_CLUSTER_ENDPOINTS
 }
@@ -345,8 +350,10 @@ mod tests {
                 port: 80,
                 target: 80,
                 node_port: None,
+                remote: false,
             }],
             endpoints: endpoints.to_vec(),
+            remote_endpoints: Vec::new(),
         }
     }
 
@@ -448,7 +455,7 @@ COMMIT
             .lines()
             .filter(|l| l.starts_with("-A KUBE-SERVICES "))
             .collect();
-        assert_eq!(services.len(), 599 + 3 + 1);
+        assert_eq!(services.len(), 599 + 4 + 1);
         assert!(services[services.len() - 2].contains("-d 10.100.0.10 --dport 80"));
         assert!(services[services.len() - 2].contains("-p tcp"));
         assert!(services[services.len() - 1].contains("KUBE-NODEPORTS"));
@@ -513,6 +520,7 @@ COMMIT
         let stale: Vec<String> = old
             .ports
             .iter()
+            .filter(|p| !p.remote)
             .map(|p| sep_chain(&old, p, &format!("10.244.0.11:{}", p.target)))
             .collect();
         let text = restore(
@@ -523,9 +531,13 @@ COMMIT
             },
             Counters::Nfacct,
         );
-        assert_eq!(text.matches("-A KUBE-SERVICES ").count(), 2 + 3 + 1);
+        assert_eq!(text.matches("-A KUBE-SERVICES ").count(), 2 + 4 + 1);
         assert!(!text.contains(&format!(":{} ", svc_chain(&all[0], &all[0].ports[0]))));
         assert!(text.contains("--to-destination 10.244.0.12:8080"));
+        // The `remote` port's chains are the Service's too, rewritten with the same
+        // endpoints on the other node.
+        assert!(text.contains("--to-destination 10.244.1.10:8082"));
+        assert_eq!(text.matches("\n-X ").count(), stale.len());
         for chain in &stale {
             assert!(text.contains(&format!("-X {chain}\n")));
         }

@@ -90,7 +90,8 @@ impl Mode {
 }
 
 /// The latency measurements: ekp-bench's client modes from the mode's client to the
-/// ClusterIP, and new TCP connections from the external client to the NodePort.
+/// ClusterIP, and new TCP connections from the external client to the NodePort, of a port
+/// whose endpoints are on the node and of one whose endpoints are on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Metric {
     Connect,
@@ -100,10 +101,12 @@ pub enum Metric {
     UdpRr,
     NodePortConnect,
     NodePortCrr,
+    RemoteConnect,
+    RemoteCrr,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 9] = [
         Metric::Connect,
         Metric::Crr,
         Metric::Rr,
@@ -111,6 +114,8 @@ impl Metric {
         Metric::UdpRr,
         Metric::NodePortConnect,
         Metric::NodePortCrr,
+        Metric::RemoteConnect,
+        Metric::RemoteCrr,
     ];
 
     /// The key in the results JSON.
@@ -123,6 +128,8 @@ impl Metric {
             Metric::UdpRr => "udp_rr",
             Metric::NodePortConnect => "nodeport_connect",
             Metric::NodePortCrr => "nodeport_crr",
+            Metric::RemoteConnect => "remote_connect",
+            Metric::RemoteCrr => "remote_crr",
         }
     }
 
@@ -136,23 +143,38 @@ impl Metric {
             Metric::UdpRr => "UDP request/response, one socket",
             Metric::NodePortConnect => "NodePort TCP connect, external client",
             Metric::NodePortCrr => "NodePort connect+request+response+close, external client",
+            Metric::RemoteConnect => "NodePort TCP connect, endpoint on another node",
+            Metric::RemoteCrr => {
+                "NodePort connect+request+response+close, endpoint on another node"
+            }
         }
     }
 
     /// The `ekp-bench` client mode that measures it.
     pub fn client_mode(self) -> &'static str {
         match self {
-            Metric::Connect | Metric::NodePortConnect => "connect",
-            Metric::Crr | Metric::NodePortCrr => "crr",
+            Metric::Connect | Metric::NodePortConnect | Metric::RemoteConnect => "connect",
+            Metric::Crr | Metric::NodePortCrr | Metric::RemoteCrr => "crr",
             Metric::Rr => "rr",
             Metric::Udp => "udp",
             Metric::UdpRr => "udprr",
         }
     }
 
-    /// Sent by the external client to the NodePort (north-south), not to the ClusterIP.
+    /// Sent by the external client to a NodePort (north-south), not to the ClusterIP.
     pub fn is_node_port(self) -> bool {
-        matches!(self, Metric::NodePortConnect | Metric::NodePortCrr)
+        matches!(
+            self,
+            Metric::NodePortConnect
+                | Metric::NodePortCrr
+                | Metric::RemoteConnect
+                | Metric::RemoteCrr
+        )
+    }
+
+    /// Sent to the NodePort whose endpoints are on another node (source-NATed).
+    pub fn is_remote(self) -> bool {
+        matches!(self, Metric::RemoteConnect | Metric::RemoteCrr)
     }
 }
 
@@ -559,7 +581,7 @@ fn check_outputs(out: &Path) -> Result<()> {
     }
     for point in points {
         for mode in report::MODES {
-            for metric in ["crr", "nodeport_crr"] {
+            for metric in ["crr", "nodeport_crr", "remote_crr"] {
                 let latency = &point["modes"][mode][metric];
                 if latency["samples"].as_u64().unwrap_or(0) == 0 {
                     bail!(

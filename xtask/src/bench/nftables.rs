@@ -248,7 +248,8 @@ fn setup(out: &mut String, node_ip: Ipv4Addr) {
 }
 
 /// One service port's elements, chains and rules (kube-proxy's loop body, for a Service
-/// with Cluster traffic policies, no session affinity and ready endpoints, all on this node).
+/// with Cluster traffic policies, no session affinity and ready endpoints, which are then
+/// the same rules whichever node the endpoints are on).
 fn service_port(out: &mut String, svc: &Service, port: &Port, elements: &mut Elements) {
     let proto = port.proto.lower();
     let chain = service_chain(svc, port);
@@ -442,8 +443,10 @@ add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dpor
                 port: 80,
                 target: 80,
                 node_port,
+                remote: false,
             }],
             endpoints: endpoints.to_vec(),
+            remote_endpoints: Vec::new(),
         }
     }
 

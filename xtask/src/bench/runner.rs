@@ -17,8 +17,10 @@ use super::lockstep;
 use super::manifests;
 use super::nftables;
 use super::progstats;
-use super::scenario::{self, MEASURED_NAME, MEASURED_VIP, SERVICE_PORT, Service, TARGET_PORT};
-use super::topology::{self, EXTERNAL_DEVICE, PODS, Topology};
+use super::scenario::{
+    self, MEASURED_NAME, MEASURED_VIP, REMOTE_ENDPOINTS, SERVICE_PORT, Service, TARGET_PORT,
+};
+use super::topology::{self, EXTERNAL_DEVICE, PODS, REMOTE_DEVICE, Topology};
 use super::{Metric, Mode, check_interrupted};
 
 pub struct Binaries {
@@ -254,9 +256,10 @@ impl Agent {
             .args(["--node-name", manifests::NODE_NAME])
             .args(["--healthz-bind-address", ""])
             .args(["--metrics-bind-address", ""])
-            // North-south programs on the node's external device only (a device the bench
-            // made, in a namespace it made); the socket programs on the bench's cgroup.
-            .args(["--devices", EXTERNAL_DEVICE])
+            // North-south programs on the node's external device and the one to the other
+            // node (devices the bench made, in a namespace it made); the socket programs on
+            // the bench's cgroup.
+            .args(["--devices", &format!("{EXTERNAL_DEVICE},{REMOTE_DEVICE}")])
             // No periodic full re-sync during a run (30 s by default, as kube-proxy's): a
             // change that lands within --min-sync-period (1 s) after one waits for that
             // second to end, as under kube-proxy. The counted changes at 1 Service come
@@ -362,19 +365,25 @@ fn pod(name: &str) -> Ipv4Addr {
 }
 
 /// Where `metric`'s probes (`ekp-bench wait`) send in `mode`: the measured Service's
-/// ClusterIP or NodePort, or for `direct` and `hooks` pod-a itself (latency batches:
-/// `batch_targets`).
+/// ClusterIP or NodePort, or for `direct` and `hooks` its first endpoint itself (latency
+/// batches: `batch_targets`).
 fn target(mode: Mode, metric: Metric) -> SocketAddr {
-    target_via(mode, metric, "pod-a")
+    target_via(mode, metric, 0)
 }
 
-/// `target`, with `direct` and `hooks` going to the pod `direct_to`.
-fn target_via(mode: Mode, metric: Metric, direct_to: &str) -> SocketAddr {
+/// `target`, with `direct` and `hooks` going to the measured Service's endpoint `direct_to`
+/// (0 or 1) of the port `metric` sends to: pod-a or pod-b, or for the `remote` port one of
+/// the other node's pods.
+fn target_via(mode: Mode, metric: Metric, direct_to: usize) -> SocketAddr {
+    if metric.is_remote() {
+        return topology::remote_target(mode, REMOTE_ENDPOINTS[direct_to]);
+    }
+    let pod = pod(["pod-a", "pod-b"][direct_to]);
     if metric.is_node_port() {
-        return topology::node_port_target(mode, pod(direct_to));
+        return topology::node_port_target(mode, pod);
     }
     if mode.is_untranslated() {
-        SocketAddr::V4(SocketAddrV4::new(pod(direct_to), TARGET_PORT))
+        SocketAddr::V4(SocketAddrV4::new(pod, TARGET_PORT))
     } else {
         SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT))
     }
@@ -387,8 +396,8 @@ fn batch_targets(mode: Mode, metric: Metric) -> String {
     if !mode.is_untranslated() {
         return target(mode, metric).to_string();
     }
-    ["pod-a", "pod-b"]
-        .map(|name| target_via(mode, metric, name).to_string())
+    [0, 1]
+        .map(|endpoint| target_via(mode, metric, endpoint).to_string())
         .join(",")
 }
 
@@ -534,6 +543,9 @@ impl<'a> Runner<'a> {
         println!("\n== N = {n} Services");
         let measured_pods = [pod("pod-a"), pod("pod-b")];
         let mut services = scenario::services(n, &measured_pods);
+        self.topo
+            .forget_remote_connections()
+            .context("closing the other node's TIME_WAIT sockets")?;
         let mut modes: BTreeMap<Mode, ModeResult> = Mode::ALL
             .iter()
             .map(|&m| (m, ModeResult::default()))
@@ -653,22 +665,24 @@ impl<'a> Runner<'a> {
         modes: &mut BTreeMap<Mode, ModeResult>,
         after: Duration,
     ) -> Result<usize> {
-        // Programming waited for the ClusterIP; the NodePort comes from the same sync or
-        // restore, but is checked before it is measured (10 s: a hang guard).
+        // Programming waited for the ClusterIP; the NodePorts come from the same sync or
+        // restore, but are checked before they are measured (10 s: a hang guard).
         let selected: Vec<Mode> = Mode::ALL
             .into_iter()
             .filter(|m| self.settings.modes.contains(m))
             .collect();
         for &mode in &selected {
-            let waiter = self.waiter_for(mode, Metric::NodePortCrr, "any", 10_000)?;
-            let agent = &mut self.agent;
-            waiter.finish(|| agent.alive()).with_context(|| {
-                format!(
-                    "N={n} {}: the NodePort {} never answered",
-                    mode.name(),
-                    target(mode, Metric::NodePortCrr)
-                )
-            })?;
+            for metric in [Metric::NodePortCrr, Metric::RemoteCrr] {
+                let waiter = self.waiter_for(mode, metric, "any", 10_000)?;
+                let agent = &mut self.agent;
+                waiter.finish(|| agent.alive()).with_context(|| {
+                    format!(
+                        "N={n} {}: the NodePort {} never answered",
+                        mode.name(),
+                        target(mode, metric)
+                    )
+                })?;
+            }
         }
         let s = self.settings;
         let rounds = s.rounds.max(1);
@@ -737,7 +751,7 @@ impl<'a> Runner<'a> {
             };
             let errors: u64 = result.latency.values().map(|l| l.errors).sum();
             println!(
-                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  udp rr {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs{}",
+                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  udp rr {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs  remote connect {:>7.1} µs  crr {:>7.1} µs{}",
                 mode.name(),
                 p50(Metric::Connect),
                 p50(Metric::Crr),
@@ -746,6 +760,8 @@ impl<'a> Runner<'a> {
                 p50(Metric::UdpRr),
                 p50(Metric::NodePortConnect),
                 p50(Metric::NodePortCrr),
+                p50(Metric::RemoteConnect),
+                p50(Metric::RemoteCrr),
                 if errors > 0 {
                     format!("  ({errors} errors)")
                 } else {
@@ -895,9 +911,11 @@ impl<'a> Runner<'a> {
                         seen - t0
                     }
                     Mode::Iptables => {
+                        // The `remote` port's endpoints stay.
                         let stale: Vec<String> = old
                             .ports
                             .iter()
+                            .filter(|p| !p.remote)
                             .map(|p| {
                                 iptables::sep_chain(
                                     &old,

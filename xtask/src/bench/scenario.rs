@@ -17,6 +17,12 @@
 //! measures. Masqueraded NodePort connections can still meet their own stream's TIME_WAIT
 //! sockets (masquerade picks random ports): that is kube-proxy's behaviour, and counted
 //! (`syn_retransmits`).
+//!
+//! Its `remote` port (TCP, a NodePort of its own, before `tcp`) has its endpoints on
+//! another node, in an EndpointSlice of their own (kube-proxy merges a Service's slices by
+//! port name): the node source-NATs what it forwards to them in every mode (kube-proxy
+//! masquerades all NodePort traffic of `externalTrafficPolicy: Cluster`, this project only
+//! the traffic to endpoints on other nodes).
 
 use std::net::Ipv4Addr;
 
@@ -35,6 +41,14 @@ pub const NODE_PORT: u16 = 30080;
 pub const EXTERNAL_SERVICE_PORT: u16 = 81;
 pub const EXTERNAL_TARGET_PORT: u16 = 8081;
 pub const EXTERNAL_NODE_PORT: u16 = 30081;
+/// The `remote` port (TCP), whose endpoints are on another node.
+pub const REMOTE_SERVICE_PORT: u16 = 82;
+pub const REMOTE_TARGET_PORT: u16 = 8082;
+pub const REMOTE_NODE_PORT: u16 = 30082;
+/// The `remote` port's endpoints: pods of another node, whose pod CIDR (10.244.1.0/24) is
+/// inside the cluster CIDR.
+pub const REMOTE_ENDPOINTS: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 244, 1, 11)];
 /// The cluster (pod) CIDR: kube-proxy's local-traffic detector (`--cluster-cidr`).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The service CIDR the filler ClusterIPs come from (and the route the iptables and
@@ -73,6 +87,8 @@ pub struct Port {
     pub target: u16,
     /// The NodePort, for a Service of type NodePort.
     pub node_port: Option<u16>,
+    /// Served by the Service's endpoints on another node (`remote_endpoints`).
+    pub remote: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,8 +97,11 @@ pub struct Service {
     pub name: String,
     pub vip: Ipv4Addr,
     pub ports: Vec<Port>,
-    /// Ready endpoints, in EndpointSlice order; every port's target port on each.
+    /// Ready endpoints on this node, in EndpointSlice order; the target port of every port
+    /// but the `remote` ones on each.
     pub endpoints: Vec<Ipv4Addr>,
+    /// Ready endpoints on another node, in a slice of their own: the `remote` ports'.
+    pub remote_endpoints: Vec<Ipv4Addr>,
 }
 
 impl Service {
@@ -91,10 +110,19 @@ impl Service {
         format!("{}/{}:{}", self.namespace, self.name, port.name)
     }
 
+    /// The endpoints of `port`, in EndpointSlice order.
+    pub fn port_endpoints(&self, port: &Port) -> &[Ipv4Addr] {
+        if port.remote {
+            &self.remote_endpoints
+        } else {
+            &self.endpoints
+        }
+    }
+
     /// The endpoints of `port` in the order kube-proxy writes them: sorted as `ip:port`
     /// strings (its endpoint slice cache's `byEndpoint`), so `.10` comes before `.9`.
     pub fn endpoints_in_order(&self, port: &Port) -> Vec<Ipv4Addr> {
-        let mut endpoints = self.endpoints.clone();
+        let mut endpoints = self.port_endpoints(port).to_vec();
         endpoints.sort_by_cached_key(|ip| format!("{ip}:{}", port.target));
         endpoints
     }
@@ -118,12 +146,15 @@ pub fn filler(i: usize) -> Service {
             port: SERVICE_PORT,
             target: TARGET_PORT,
             node_port: None,
+            remote: false,
         }],
         endpoints: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
+        remote_endpoints: Vec::new(),
     }
 }
 
-/// The measured Service with the given endpoints.
+/// The measured Service with the given endpoints on this node (and `REMOTE_ENDPOINTS` on
+/// another).
 pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
     Service {
         namespace: NAMESPACE.into(),
@@ -136,6 +167,7 @@ pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
                 port: SERVICE_PORT,
                 target: TARGET_PORT,
                 node_port: Some(NODE_PORT),
+                remote: false,
             },
             Port {
                 name: "external",
@@ -143,6 +175,15 @@ pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
                 port: EXTERNAL_SERVICE_PORT,
                 target: EXTERNAL_TARGET_PORT,
                 node_port: Some(EXTERNAL_NODE_PORT),
+                remote: false,
+            },
+            Port {
+                name: "remote",
+                proto: Proto::Tcp,
+                port: REMOTE_SERVICE_PORT,
+                target: REMOTE_TARGET_PORT,
+                node_port: Some(REMOTE_NODE_PORT),
+                remote: true,
             },
             Port {
                 name: "tcp",
@@ -150,9 +191,11 @@ pub fn measured(endpoints: &[Ipv4Addr]) -> Service {
                 port: SERVICE_PORT,
                 target: TARGET_PORT,
                 node_port: Some(NODE_PORT),
+                remote: false,
             },
         ],
         endpoints: endpoints.to_vec(),
+        remote_endpoints: REMOTE_ENDPOINTS.to_vec(),
     }
 }
 

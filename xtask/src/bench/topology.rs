@@ -18,6 +18,16 @@
 //! the client address for a local endpoint; `direct` translates nothing); the iptables and
 //! nftables ones get no route back, since kube-proxy masquerades them.
 //!
+//! For the `remote` port, whose endpoints are on another node, every mode's node is joined
+//! by a veth pair of its own (`rem0` at 172.16.k.1/24 there, 172.16.k.2/24 on the other
+//! side) to one more namespace, the other node, which holds the two remote pods' addresses
+//! (10.244.1.10 and .11, its pod CIDR 10.244.1.0/24) with one `ekp-bench serve` for both;
+//! each node routes 10.244.1.0/24 there. The other node routes back only what reaches it
+//! without masquerade: the eBPF node's SNAT address (its `ext0` address, 192.168.1.1) and
+//! the `direct` and `hooks` external subnets; the iptables and nftables nodes masquerade to
+//! their `rem0` addresses. The agent's TCX programs are on `rem0` too, where the
+//! source-NATed flows' replies come in (`hooks` attaches its empty ones there as well).
+//!
 //! No namespace has a default route. The iptables and nftables clients route the service
 //! CIDR to the node (as a node's default route would), so that connect() reaches the
 //! OUTPUT hook where kube-proxy's rules DNAT. The node forwards nothing: it holds the
@@ -36,7 +46,10 @@ use xtask::cmd;
 use xtask::netns::{self, Cgroup, Netns, Proc};
 
 use super::Mode;
-use super::scenario::{EXTERNAL_NODE_PORT, EXTERNAL_TARGET_PORT, SERVICE_CIDR, TARGET_PORT};
+use super::scenario::{
+    EXTERNAL_NODE_PORT, EXTERNAL_TARGET_PORT, REMOTE_ENDPOINTS, REMOTE_NODE_PORT,
+    REMOTE_TARGET_PORT, SERVICE_CIDR, TARGET_PORT,
+};
 
 pub const BRIDGE: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
@@ -67,13 +80,18 @@ pub struct Client {
 
 /// The device of a mode's node (its client namespace) that external clients come in on.
 pub const EXTERNAL_DEVICE: &str = "ext0";
+/// The device of a mode's node towards the other node, where the `remote` endpoints are.
+pub const REMOTE_DEVICE: &str = "rem0";
+/// The other node's pod CIDR.
+const REMOTE_POD_CIDR: &str = "10.244.1.0/24";
 
-/// Field order is drop order: the empty programs, servers, external clients, clients, pods,
-/// node, cgroups.
+/// Field order is drop order: the empty programs, servers, external clients, the other
+/// node, clients, pods, node, cgroups.
 pub struct Topology {
     _empty_programs: Proc,
     _servers: Vec<Proc>,
     externals: Vec<Client>,
+    remote_node: Netns,
     pub clients: Vec<Client>,
     _pods: Vec<Netns>,
     _node: Netns,
@@ -120,6 +138,17 @@ pub fn node_port_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
         (pod, EXTERNAL_TARGET_PORT).into()
     } else {
         (node_external_addr(mode), EXTERNAL_NODE_PORT).into()
+    }
+}
+
+/// Where `mode`'s external client sends for the `remote` port: its NodePort on the node, or
+/// for `direct` and `hooks` its target on the other node's pod `pod` (routed through both
+/// nodes).
+pub fn remote_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
+    if mode.is_untranslated() {
+        (pod, REMOTE_TARGET_PORT).into()
+    } else {
+        (node_external_addr(mode), REMOTE_NODE_PORT).into()
     }
 }
 
@@ -189,6 +218,7 @@ impl Topology {
                 ])?;
             }
         }
+        let remote_node = attach_remote_node(prefix, &clients)?;
         let mut servers = Vec::new();
         for (pod, ns) in PODS.iter().zip(&pods) {
             let mut command = ns.command(ekp_bench, None)?;
@@ -209,6 +239,19 @@ impl Topology {
                     .with_context(|| format!("starting the server in {}", pod.name))?,
             );
         }
+        let mut command = remote_node.command(ekp_bench, None)?;
+        pin(&mut command, cpu);
+        command.args([
+            "serve",
+            "--name",
+            "remote",
+            "--tcp",
+            &REMOTE_TARGET_PORT.to_string(),
+        ]);
+        servers.push(
+            Proc::spawn_ready(command, "server in the other node", "ready")
+                .context("starting the server in the other node")?,
+        );
         let hooks_node = &clients
             .iter()
             .find(|c| c.mode == Mode::Hooks)
@@ -219,13 +262,14 @@ impl Topology {
             .arg("hooks")
             .arg("--cgroup")
             .arg(cgroup_of(&cgroups, Mode::Hooks).path());
-        command.args(["--device", EXTERNAL_DEVICE]);
+        command.args(["--device", EXTERNAL_DEVICE, "--device", REMOTE_DEVICE]);
         let empty_programs = Proc::spawn_ready(command, "ekp-bench hooks", "ready")
             .context("attaching the hooks mode's empty programs")?;
         Ok(Topology {
             _empty_programs: empty_programs,
             _servers: servers,
             externals,
+            remote_node,
             clients,
             _pods: pods,
             _node: node,
@@ -250,6 +294,19 @@ impl Topology {
             .find(|c| c.mode == mode)
             .expect("every mode has an external client")
             .ns
+    }
+
+    /// Closes the other node's TIME_WAIT sockets (`ss -K`): those of connections measured at
+    /// an earlier N. The agent starts every N from empty, its record of the source ports it
+    /// gave out gone, while the iptables and nftables nodes keep theirs in the kernel's
+    /// conntrack. A port given out again then met the server's TIME_WAIT socket of an
+    /// earlier connection, which turns the new SYN away if its timestamp is the older one
+    /// (PAWS; this kernel draws each connection's timestamp offset anew): the client sent it
+    /// again after a retransmission timeout. Forgotten on both sides, as at a first start.
+    pub fn forget_remote_connections(&self) -> Result<()> {
+        let mut command = self.remote_node.command("ss", None)?;
+        command.args(["-K", "-t", "-n", "state", "time-wait"]);
+        cmd::output(&mut command).map(drop)
     }
 
     /// `mode`'s cgroup.
@@ -347,13 +404,60 @@ fn attach_external(prefix: &str, client: &Client) -> Result<Netns> {
     ])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     if client.mode.is_untranslated() {
-        ns.ip(&[
-            "route",
-            "add",
-            "10.244.0.0/24",
-            "via",
-            &node_addr.to_string(),
-        ])?;
+        for pods in ["10.244.0.0/24", REMOTE_POD_CIDR] {
+            ns.ip(&["route", "add", pods, "via", &node_addr.to_string()])?;
+        }
     }
     Ok(ns)
+}
+
+/// The other node: a namespace `<prefix>-remote` with the remote pods' addresses, joined to
+/// each mode's node by a veth pair (`rem0` there, `to-<mode>` here; see the module doc).
+fn attach_remote_node(prefix: &str, clients: &[Client]) -> Result<Netns> {
+    let remote = Netns::create(&format!("{prefix}-remote"))?;
+    remote.ip(&["link", "set", "lo", "up"])?;
+    for pod in REMOTE_ENDPOINTS {
+        remote.ip(&["addr", "add", &format!("{pod}/32"), "dev", "lo"])?;
+    }
+    for client in clients {
+        let node = &client.ns;
+        let peer = format!("to-{}", client.mode.name());
+        node.ip(&[
+            "link",
+            "add",
+            REMOTE_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            remote.name(),
+        ])?;
+        let k = external_subnet(client.mode);
+        let (node_addr, remote_addr) = (format!("172.16.{k}.1"), format!("172.16.{k}.2"));
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{node_addr}/24"),
+            "dev",
+            REMOTE_DEVICE,
+        ])?;
+        node.ip(&["link", "set", REMOTE_DEVICE, "up"])?;
+        node.ip(&["route", "add", REMOTE_POD_CIDR, "via", &remote_addr])?;
+        remote.ip(&["addr", "add", &format!("{remote_addr}/24"), "dev", &peer])?;
+        remote.ip(&["link", "set", &peer, "up"])?;
+        // What comes back without masquerade (see the module doc).
+        let back = match client.mode {
+            Mode::Ebpf => Some(format!("{}/32", node_external_addr(client.mode))),
+            Mode::Direct | Mode::Hooks => {
+                Some(format!("192.168.{}.0/24", external_subnet(client.mode)))
+            }
+            Mode::Iptables | Mode::Nftables => None,
+        };
+        if let Some(back) = back {
+            remote.ip(&["route", "add", &back, "via", &node_addr])?;
+        }
+    }
+    Ok(remote)
 }
