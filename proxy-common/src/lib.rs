@@ -134,7 +134,7 @@ pub const CT_FLAG_SNAT: u16 = 1 << 1;
 pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 2;
 /// The TCP flow is closing: a RST was seen, or a FIN in each direction
 /// (`CT_FLAG_FIN_CLIENT` and `CT_FLAG_FIN_BACKEND`). Its entries then live
-/// `CT_LIFETIME_CLOSING`.
+/// `CT_LIFETIME_CLOSING` (source-NATed: `CT_LIFETIME_SNAT_CLOSING`).
 pub const CT_FLAG_CLOSING: u16 = 1 << 3;
 /// The client sent a FIN. Alone it leaves a half-closed connection, whose other side may
 /// still answer for as long as it needs (a request sent, then `shutdown(SHUT_WR)`): the flow
@@ -153,6 +153,14 @@ pub const CT_LIFETIME_TCP_SYN: u32 = 60;
 pub const CT_LIFETIME_NONTCP: u32 = 60;
 /// A TCP flow that saw a RST, or a FIN from each side.
 pub const CT_LIFETIME_CLOSING: u32 = 10;
+/// Such a flow when source-NATed: its SNAT port is kept for as long as the backend may hold
+/// the connection in TIME_WAIT (Linux: 60 s, fixed). Given to a new flow before, the port
+/// leads that flow's SYN into the old socket, which turns it away if its TCP timestamp is
+/// older than the last one the socket saw (PAWS): the two come from different clients, or
+/// from connections with timestamp offsets of their own, and are unrelated. The client
+/// then waits for a retransmission timeout (1 s). The programs give such a port out
+/// earlier only when no try finds a free one, and not before `CT_LIFETIME_CLOSING`.
+pub const CT_LIFETIME_SNAT_CLOSING: u32 = 60;
 
 /// Default SNAT source-port range (inclusive): above Linux's default ephemeral range
 /// (`net.ipv4.ip_local_port_range` = 32768-60999) and above the NodePort range
@@ -445,7 +453,11 @@ impl NatCtValue {
     #[inline(always)]
     pub const fn lifetime(&self, proto: u8) -> u32 {
         if self.flags & CT_FLAG_CLOSING != 0 {
-            CT_LIFETIME_CLOSING
+            if self.flags & CT_FLAG_SNAT != 0 {
+                CT_LIFETIME_SNAT_CLOSING
+            } else {
+                CT_LIFETIME_CLOSING
+            }
         } else if proto != PROTO_TCP {
             CT_LIFETIME_NONTCP
         } else if self.flags & CT_FLAG_SEEN_REPLY != 0 {
@@ -646,6 +658,11 @@ mod tests {
             at(CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING, 0).lifetime(PROTO_TCP),
             CT_LIFETIME_CLOSING
         );
+        // Source-NATed, the port is kept through the backend's TIME_WAIT.
+        let closed_snat = at(CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT, 1000);
+        assert_eq!(closed_snat.lifetime(PROTO_TCP), CT_LIFETIME_SNAT_CLOSING);
+        assert!(!closed_snat.expired(PROTO_TCP, 1060));
+        assert!(closed_snat.expired(PROTO_TCP, 1061));
         assert_eq!(
             at(CT_FLAG_SEEN_REPLY, 0).lifetime(PROTO_UDP),
             CT_LIFETIME_NONTCP

@@ -21,7 +21,8 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, SNAT_PORT_RETRIES,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_PORT_RETRIES,
+    seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
@@ -275,9 +276,12 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
 
 /// Picks a source port (network order) for the reply tuple `reply_key` (backend -> node
 /// address, or client address) and claims it by inserting the reply entry: the port is
-/// random in `ports`, and is taken only if no live flow holds the same reply tuple, so two
+/// random in `ports`, and is taken only if no flow holds the same reply tuple, so two
 /// flows can never share one (`BPF_NOEXIST` makes check and claim one atomic step). A
-/// port whose flow expired is reused. Bounded retries; `Err` when all were taken.
+/// port whose flow expired is reused. One whose TCP flow closed more than
+/// `CT_LIFETIME_CLOSING` ago, but may still be in the backend's TIME_WAIT, is the first
+/// such port a try met, taken only when no try found a free one. Bounded retries; `Err`
+/// when all were taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
@@ -291,40 +295,70 @@ fn allocate_port(
         return Err(());
     }
     let span = max - min + 1;
+    let mut fallback = None;
     for _ in 0..SNAT_PORT_RETRIES {
         // SAFETY: a plain helper call. (`checked_rem`: a panic path would not verify.)
         let pick = unsafe { bpf_get_prandom_u32() }
             .checked_rem(span)
             .ok_or(())?;
-        let port = (min + pick) as u16;
-        reply_key.dport = port.to_be();
-        if NAT_CT
-            .insert(&*reply_key, reply, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Ok(port.to_be());
-        }
-        // A port whose flow expired is claimed by moving its stamp from the one seen to now
-        // in one compare-and-swap: of two CPUs that found it expired, one gets it and the
-        // other tries another port (two plain overwrites would both succeed and two flows
-        // would share the port).
-        let claimed = match NAT_CT.get_ptr_mut(&*reply_key) {
-            Some(holder) => {
-                // SAFETY: a map value pointer, valid for this program run; read at once.
-                let held = unsafe { *holder };
-                held.expired(reply_key.proto, now) && restamp(holder, &held, now)
+        let port = ((min + pick) as u16).to_be();
+        reply_key.dport = port;
+        match try_port(reply_key, reply, now, false) {
+            Try::Taken => return Ok(port),
+            Try::Held { closed_long_ago } if closed_long_ago && fallback.is_none() => {
+                fallback = Some(port);
             }
-            None => false,
-        };
-        if claimed
-            && NAT_CT
-                .insert(&*reply_key, reply, u64::from(BPF_ANY))
-                .is_ok()
-        {
-            return Ok(port.to_be());
+            Try::Held { .. } => {}
         }
     }
-    Err(())
+    let port = fallback.ok_or(())?;
+    reply_key.dport = port;
+    match try_port(reply_key, reply, now, true) {
+        Try::Taken => Ok(port),
+        Try::Held { .. } => Err(()),
+    }
+}
+
+/// What [`try_port`] found.
+enum Try {
+    /// The reply entry is in: the port is the new flow's.
+    Taken,
+    /// Another flow holds the port; `closed_long_ago`: its TCP flow closed more than
+    /// `CT_LIFETIME_CLOSING` ago.
+    Held { closed_long_ago: bool },
+}
+
+/// Claims the port in `reply_key` for the flow whose reply entry is `reply`: free, or held
+/// by a flow that expired, or (`closed_will_do`) one that closed long enough ago.
+#[inline(always)]
+fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, closed_will_do: bool) -> Try {
+    if NAT_CT
+        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return Try::Taken;
+    }
+    let Some(holder) = NAT_CT.get_ptr_mut(reply_key) else {
+        // Deleted since the insert found it (the collector, the LRU): taken by the next try.
+        return Try::Held {
+            closed_long_ago: false,
+        };
+    };
+    // SAFETY: a map value pointer, valid for this program run; read at once.
+    let held = unsafe { *holder };
+    let closed_long_ago = held.flags & CT_FLAG_CLOSING != 0
+        && seconds_since(held.last_seen, now) > CT_LIFETIME_CLOSING;
+    let free = held.expired(reply_key.proto, now) || (closed_will_do && closed_long_ago);
+    // A held port is claimed by moving its stamp from the one seen to now in one
+    // compare-and-swap: of two CPUs that found it free, one gets it and the other tries
+    // another port (two plain overwrites would both succeed and two flows would share it).
+    if free
+        && restamp(holder, &held, now)
+        && NAT_CT.insert(reply_key, reply, u64::from(BPF_ANY)).is_ok()
+    {
+        return Try::Taken;
+    }
+    Try::Held { closed_long_ago }
 }
 
 /// Rewrites `pkt`'s addresses and ports to those of `entry`, checksums included (a later

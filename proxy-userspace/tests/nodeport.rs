@@ -546,13 +546,28 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
         serde_json::json!(["seen-reply", "client-fin", "backend-fin", "closing"]),
         "{client_flow}"
     );
+    // The source-NATed flows to pod-2 keep theirs through the backend's TIME_WAIT
+    // (`CT_LIFETIME_SNAT_CLOSING`, 60 s), so that their ports are not given out while pod-2
+    // may still turn a new SYN away; the others go after `CT_LIFETIME_CLOSING`.
+    let snat = |f: &Value| {
+        f["flags"]
+            .as_array()
+            .is_some_and(|flags| flags.iter().any(|x| x == "snat"))
+    };
     let limit = Duration::from_secs(proxy_common::CT_LIFETIME_CLOSING.into()) + CONDITION_LIMIT;
     let deadline = Instant::now() + limit;
-    while conntrack_entries(&pins) > 0 {
+    loop {
+        let flows = common::list_json(&pins, "--conntrack");
+        if flows.iter().all(snat) {
+            assert!(
+                !flows.is_empty(),
+                "the source-NATed flows' entries went before their backend's TIME_WAIT"
+            );
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "{} conntrack entries left after {limit:?}\n{}",
-            conntrack_entries(&pins),
+            "entries of flows that kept the client address left after {limit:?}: {flows:#?}\n{}",
             cluster.logs()
         );
         std::thread::sleep(Duration::from_millis(200));

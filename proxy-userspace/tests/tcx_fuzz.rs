@@ -66,9 +66,10 @@ use prog_test_run::{
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
-    FragmentKey, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING,
+    CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, FragmentKey, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_NODE_PORT,
 };
 use proxy_userspace::conntrack_gc;
 
@@ -987,7 +988,9 @@ fn follows(hook: Hook, tuple: &Tuple, entry: &NatCtValue) -> Option<bool> {
     if hook == Hook::Out || entry.flags & CT_FLAG_REPLY != 0 {
         return Some(true);
     }
-    let lifetime = if entry.flags & CT_FLAG_CLOSING != 0 {
+    let lifetime = if entry.flags & CT_FLAG_CLOSING != 0 && entry.flags & CT_FLAG_SNAT != 0 {
+        CT_LIFETIME_SNAT_CLOSING
+    } else if entry.flags & CT_FLAG_CLOSING != 0 {
         CT_LIFETIME_CLOSING
     } else if tuple.proto != PROTO_TCP {
         CT_LIFETIME_NONTCP

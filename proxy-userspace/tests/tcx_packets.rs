@@ -22,9 +22,9 @@ use prog_test_run::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT,
     CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP,
-    CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey, NatCtValue,
+    PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -1049,6 +1049,82 @@ fn an_expired_flow_gives_its_snat_port_back() {
     });
 }
 
+/// A closed source-NATed TCP flow's reply entry on `port`, last seen `age` seconds ago.
+fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
+    let key = ct_key(REMOTE_POD, POD_PORT, NODE, port, PROTO_TCP, CT_DIR_IN);
+    let value = NatCtValue {
+        saddr: u32::from_ne_bytes(NODE.octets()),
+        daddr: u32::from_ne_bytes(Ipv4Addr::new(198, 51, 100, 50).octets()),
+        sport: NODE_PORT.to_be(),
+        dport: 1234u16.to_be(),
+        backend_id: REMOTE_ID,
+        rev_nat_id: 7,
+        flags: CT_FLAG_REPLY | CT_FLAG_SNAT | CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+        last_seen: conntrack_gc::now_secs() - age,
+    };
+    (key, value)
+}
+
+/// The backend may hold a closed connection in TIME_WAIT for 60 s, and a new flow given its
+/// port then has its SYN turned away (PAWS) and waits a retransmission timeout: such a port
+/// is given out only when no try finds a free one, and never within 10 s of the close.
+#[test]
+fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61001);
+        assert!(
+            conntrack_gc::now_secs() > 120,
+            "the test needs a machine up for more than two minutes"
+        );
+        let (closed_key, closed) = closed_snat_reply(61000, 30);
+        dp.nat_ct
+            .insert(closed_key, closed, 0)
+            .expect("writing a closed flow's entry");
+        let syn = |client: Ipv4Addr| Frame::tcp(client, CLIENT_PORT, NODE, NODE_PORT).bytes();
+
+        // 61001 is free: taken, whichever port the tries pick first (all 16 tries picking
+        // 61000 has a chance of 2^-16).
+        let out = dp.ingress(&syn(CLIENT));
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(
+            tuple_of(&out.packet),
+            (NODE, 61001, REMOTE_POD, POD_PORT),
+            "the free port, not the one closed 30 s ago"
+        );
+        assert_eq!(
+            dp.nat_ct.get(&closed_key, 0).ok(),
+            Some(closed),
+            "the closed flow keeps its entry"
+        );
+
+        // Now only the closed flow's port is left: taken, as no port is free.
+        let second = Ipv4Addr::new(198, 51, 100, 8);
+        let out = dp.ingress(&syn(second));
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(tuple_of(&out.packet), (NODE, 61000, REMOTE_POD, POD_PORT));
+        let reply = dp
+            .nat_ct
+            .get(&closed_key, 0)
+            .expect("the new flow's reply entry");
+        assert_eq!(reply.daddr, u32::from_ne_bytes(second.octets()));
+
+        // A flow closed 5 s ago keeps its port even then.
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61000);
+        let (recent_key, recent) = closed_snat_reply(61000, 5);
+        dp.nat_ct
+            .insert(recent_key, recent, 0)
+            .expect("writing a closed flow's entry");
+        let out = dp.ingress(&syn(CLIENT));
+        assert_eq!(
+            out.verdict, TC_ACT_SHOT,
+            "no port: the new flow's SYN is dropped"
+        );
+        assert_eq!(dp.nat_ct.get(&recent_key, 0).ok(), Some(recent));
+    });
+}
+
 #[test]
 fn a_flow_whose_backend_left_is_balanced_again() {
     in_private_netns(|| {
@@ -1389,6 +1465,23 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
                 true,
             ),
             (PROTO_TCP, entry(0, CT_LIFETIME_TCP_SYN + 1), true),
+            // Source-NATed and closed: kept through the backend's TIME_WAIT.
+            (
+                PROTO_TCP,
+                entry(
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT,
+                    CT_LIFETIME_CLOSING + 1,
+                ),
+                false,
+            ),
+            (
+                PROTO_TCP,
+                entry(
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT,
+                    CT_LIFETIME_SNAT_CLOSING + 1,
+                ),
+                true,
+            ),
             // Established and quiet for an hour: alive.
             (PROTO_TCP, entry(CT_FLAG_SEEN_REPLY, 3600), false),
             (
@@ -1421,8 +1514,8 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
         assert_eq!(
             collected,
             conntrack_gc::Collected {
-                seen: 8,
-                deleted: 4
+                seen: 10,
+                deleted: 5
             }
         );
         // The live flow still translates.
