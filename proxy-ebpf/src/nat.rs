@@ -278,10 +278,10 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
 /// address, or client address) and claims it by inserting the reply entry: the port is
 /// random in `ports`, and is taken only if no flow holds the same reply tuple, so two
 /// flows can never share one (`BPF_NOEXIST` makes check and claim one atomic step). A
-/// port whose flow expired is reused. One whose TCP flow closed more than
-/// `CT_LIFETIME_CLOSING` ago, but may still be in the backend's TIME_WAIT, is the first
-/// such port a try met, taken only when no try found a free one. Bounded retries; `Err`
-/// when all were taken.
+/// port whose flow expired is reused. Of the ports the tries met whose TCP flows closed
+/// more than `CT_LIFETIME_CLOSING` ago but may still be in the backend's TIME_WAIT, the one
+/// closed longest ago is taken when no try found a free one (the older its close, the
+/// likelier the backend let it go). Bounded retries; `Err` when all were taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
@@ -295,7 +295,8 @@ fn allocate_port(
         return Err(());
     }
     let span = max - min + 1;
-    let mut fallback = None;
+    // (port, seconds since its flow closed)
+    let mut fallback = (0u16, 0u32);
     for _ in 0..SNAT_PORT_RETRIES {
         // SAFETY: a plain helper call. (`checked_rem`: a panic path would not verify.)
         let pick = unsafe { bpf_get_prandom_u32() }
@@ -305,13 +306,14 @@ fn allocate_port(
         reply_key.dport = port;
         match try_port(reply_key, reply, now, false) {
             Try::Taken => return Ok(port),
-            Try::Held { closed_long_ago } if closed_long_ago && fallback.is_none() => {
-                fallback = Some(port);
-            }
+            Try::Held { closed_for } if closed_for > fallback.1 => fallback = (port, closed_for),
             Try::Held { .. } => {}
         }
     }
-    let port = fallback.ok_or(())?;
+    let (port, closed_for) = fallback;
+    if closed_for == 0 {
+        return Err(());
+    }
     reply_key.dport = port;
     match try_port(reply_key, reply, now, true) {
         Try::Taken => Ok(port),
@@ -323,32 +325,43 @@ fn allocate_port(
 enum Try {
     /// The reply entry is in: the port is the new flow's.
     Taken,
-    /// Another flow holds the port; `closed_long_ago`: its TCP flow closed more than
-    /// `CT_LIFETIME_CLOSING` ago.
-    Held { closed_long_ago: bool },
+    /// Another flow holds the port; `closed_for`: the seconds since its TCP flow closed if
+    /// that is more than `CT_LIFETIME_CLOSING`, else 0.
+    Held { closed_for: u32 },
 }
 
 /// Claims the port in `reply_key` for the flow whose reply entry is `reply`: free, or held
 /// by a flow that expired, or (`closed_will_do`) one that closed long enough ago.
 #[inline(always)]
 fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, closed_will_do: bool) -> Try {
-    if NAT_CT
-        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return Try::Taken;
-    }
-    let Some(holder) = NAT_CT.get_ptr_mut(reply_key) else {
-        // Deleted since the insert found it (the collector, the LRU): taken by the next try.
-        return Try::Held {
-            closed_long_ago: false,
-        };
+    // Looked up first: an LRU insert that fails still takes a free element and gives it
+    // back under the LRU's locks, which costs more than the lookup, and when ports run
+    // short most tries find theirs held.
+    let holder = match NAT_CT.get_ptr_mut(reply_key) {
+        Some(holder) => holder,
+        None => {
+            if NAT_CT
+                .insert(reply_key, reply, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                return Try::Taken;
+            }
+            // Another CPU's flow took it meanwhile.
+            match NAT_CT.get_ptr_mut(reply_key) {
+                Some(holder) => holder,
+                None => return Try::Held { closed_for: 0 },
+            }
+        }
     };
     // SAFETY: a map value pointer, valid for this program run; read at once.
     let held = unsafe { *holder };
-    let closed_long_ago = held.flags & CT_FLAG_CLOSING != 0
-        && seconds_since(held.last_seen, now) > CT_LIFETIME_CLOSING;
-    let free = held.expired(reply_key.proto, now) || (closed_will_do && closed_long_ago);
+    let age = seconds_since(held.last_seen, now);
+    let closed_for = if held.flags & CT_FLAG_CLOSING != 0 && age > CT_LIFETIME_CLOSING {
+        age
+    } else {
+        0
+    };
+    let free = held.expired(reply_key.proto, now) || (closed_will_do && closed_for != 0);
     // A held port is claimed by moving its stamp from the one seen to now in one
     // compare-and-swap: of two CPUs that found it free, one gets it and the other tries
     // another port (two plain overwrites would both succeed and two flows would share it).
@@ -358,7 +371,7 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, closed_will_do: 
     {
         return Try::Taken;
     }
-    Try::Held { closed_long_ago }
+    Try::Held { closed_for }
 }
 
 /// Rewrites `pkt`'s addresses and ports to those of `entry`, checksums included (a later

@@ -1018,17 +1018,7 @@ fn an_expired_flow_gives_its_snat_port_back() {
             "the test needs a machine up for more than two minutes"
         );
         // A UDP flow that held port 61000 and was last seen at boot.
-        let stale_key = ct_key(REMOTE_POD, POD_PORT, NODE, 61000, PROTO_UDP, CT_DIR_IN);
-        let stale = NatCtValue {
-            saddr: u32::from_ne_bytes(NODE.octets()),
-            daddr: u32::from_ne_bytes(Ipv4Addr::new(198, 51, 100, 50).octets()),
-            sport: NODE_PORT.to_be(),
-            dport: 1234u16.to_be(),
-            backend_id: REMOTE_ID,
-            rev_nat_id: 7,
-            flags: CT_FLAG_REPLY | CT_FLAG_SNAT,
-            last_seen: 0,
-        };
+        let (stale_key, stale) = snat_reply(PROTO_UDP, 61000, 0, 0);
         dp.nat_ct
             .insert(stale_key, stale, 0)
             .expect("writing a stale entry");
@@ -1049,9 +1039,10 @@ fn an_expired_flow_gives_its_snat_port_back() {
     });
 }
 
-/// A closed source-NATed TCP flow's reply entry on `port`, last seen `age` seconds ago.
-fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
-    let key = ct_key(REMOTE_POD, POD_PORT, NODE, port, PROTO_TCP, CT_DIR_IN);
+/// The reply entry of another client's source-NATed flow to the remote pod on SNAT port
+/// `port`, with `flags` besides reply and SNAT, last seen at `last_seen`.
+fn snat_reply(proto: u8, port: u16, flags: u16, last_seen: u32) -> (NatCtKey, NatCtValue) {
+    let key = ct_key(REMOTE_POD, POD_PORT, NODE, port, proto, CT_DIR_IN);
     let value = NatCtValue {
         saddr: u32::from_ne_bytes(NODE.octets()),
         daddr: u32::from_ne_bytes(Ipv4Addr::new(198, 51, 100, 50).octets()),
@@ -1059,15 +1050,26 @@ fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
         dport: 1234u16.to_be(),
         backend_id: REMOTE_ID,
         rev_nat_id: 7,
-        flags: CT_FLAG_REPLY | CT_FLAG_SNAT | CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
-        last_seen: conntrack_gc::now_secs() - age,
+        flags: CT_FLAG_REPLY | CT_FLAG_SNAT | flags,
+        last_seen,
     };
     (key, value)
 }
 
+/// A closed TCP flow's [`snat_reply`], last seen `age` seconds ago.
+fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
+    snat_reply(
+        PROTO_TCP,
+        port,
+        CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+        conntrack_gc::now_secs() - age,
+    )
+}
+
 /// The backend may hold a closed connection in TIME_WAIT for 60 s, and a new flow given its
 /// port then has its SYN turned away (PAWS) and waits a retransmission timeout: such a port
-/// is given out only when no try finds a free one, and never within 10 s of the close.
+/// is given out only when no try finds a free one (the one closed longest ago), and never
+/// within 10 s of the close.
 #[test]
 fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
     in_private_netns(|| {
@@ -1108,6 +1110,19 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
             .get(&closed_key, 0)
             .expect("the new flow's reply entry");
         assert_eq!(reply.daddr, u32::from_ne_bytes(second.octets()));
+
+        // Of two such ports, the one closed longer ago (2^-16: no try met it).
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61001);
+        for (port, age) in [(61000, 20), (61001, 50)] {
+            let (key, value) = closed_snat_reply(port, age);
+            dp.nat_ct
+                .insert(key, value, 0)
+                .expect("writing a closed flow's entry");
+        }
+        let out = dp.ingress(&syn(CLIENT));
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(tuple_of(&out.packet), (NODE, 61001, REMOTE_POD, POD_PORT));
 
         // A flow closed 5 s ago keeps its port even then.
         let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);

@@ -105,6 +105,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $c.nodePortRange }}
 - {{ printf "--nodeport-range=%s" . | quote }}
 {{- end }}
+{{- with $c.snatPortRange }}
+- {{ printf "--snat-port-range=%s" . | quote }}
+{{- end }}
 {{- with $c.devices }}
 - {{ printf "--devices=%s" (join "," .) | quote }}
 {{- end }}
