@@ -11,6 +11,9 @@ use anyhow::{Context, Result};
 /// Where the kernel keeps the host's ephemeral port range (per network namespace).
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
+/// Where the kernel keeps the ports taken out of that range (`1,3-5`; per namespace).
+const LOCAL_RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
 /// Where the kernel lists the IPv4 routes of the main table (of this network namespace).
 const IPV4_ROUTES: &str = "/proc/net/route";
 
@@ -204,6 +207,55 @@ pub fn overlap(a: (u16, u16), b: (u16, u16)) -> bool {
     a.0 <= b.1 && b.0 <= a.1
 }
 
+/// The ports the host's connections never pick (`net.ipv4.ip_local_reserved_ports`) in
+/// this namespace, as inclusive ranges.
+pub fn reserved_ports() -> Result<Vec<(u16, u16)>> {
+    let raw = fs::read_to_string(LOCAL_RESERVED_PORTS)
+        .with_context(|| format!("reading {LOCAL_RESERVED_PORTS}"))?;
+    parse_port_list(&raw).map_err(|e| anyhow::anyhow!("{LOCAL_RESERVED_PORTS}: {e}"))
+}
+
+/// A list of ports and port ranges as the kernel writes `ip_local_reserved_ports`: `1,3-5`,
+/// or nothing.
+fn parse_port_list(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    s.trim()
+        .split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            if item.contains('-') {
+                parse_port_range(item)
+            } else {
+                let port: u16 = item.trim().parse().map_err(|e| format!("{item:?}: {e}"))?;
+                Ok((port, port))
+            }
+        })
+        .collect()
+}
+
+/// Whether `snat` shares a port with `ephemeral` that `reserved` does not take out of it:
+/// one the host's own connections may pick.
+pub fn collides_with_host(
+    ephemeral: (u16, u16),
+    reserved: &[(u16, u16)],
+    snat: (u16, u16),
+) -> bool {
+    if !overlap(ephemeral, snat) {
+        return false;
+    }
+    let (first, last) = (ephemeral.0.max(snat.0), ephemeral.1.min(snat.1));
+    let mut reserved = reserved.to_vec();
+    reserved.sort_unstable();
+    // The first port of `first..=last` not covered yet (u32: it may pass 65535).
+    let mut next = u32::from(first);
+    for (from, to) in reserved {
+        if u32::from(from) > next {
+            break;
+        }
+        next = next.max(u32::from(to) + 1);
+    }
+    next <= u32::from(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +274,58 @@ mod tests {
         for (input, want) in rows {
             assert_eq!(parse_port_range(input).ok(), want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn reserved_ports_read_as_the_kernel_writes_them() {
+        assert_eq!(parse_port_list("\n"), Ok(vec![]));
+        assert_eq!(
+            parse_port_list("1,3-5,40000-60999\n"),
+            Ok(vec![(1, 1), (3, 5), (40000, 60999)])
+        );
+        assert!(parse_port_list("1,x").is_err());
+    }
+
+    #[test]
+    fn snat_ports_collide_only_where_the_host_may_pick_them() {
+        let ephemeral = (32768, 60999);
+        // The default: above the ephemeral range.
+        assert!(!collides_with_host(ephemeral, &[], (61000, 65535)));
+        // Widened into it: host connections may take those ports...
+        assert!(collides_with_host(ephemeral, &[], (40000, 65535)));
+        // ...unless they are reserved, in one range or several that meet.
+        assert!(!collides_with_host(
+            ephemeral,
+            &[(40000, 60999)],
+            (40000, 65535)
+        ));
+        assert!(!collides_with_host(
+            ephemeral,
+            &[(50000, 60999), (40000, 49999)],
+            (40000, 65535)
+        ));
+        // A gap, at either end or inside.
+        assert!(collides_with_host(
+            ephemeral,
+            &[(40001, 60999)],
+            (40000, 65535)
+        ));
+        assert!(collides_with_host(
+            ephemeral,
+            &[(40000, 60998)],
+            (40000, 65535)
+        ));
+        assert!(collides_with_host(
+            ephemeral,
+            &[(40000, 45000), (45002, 60999)],
+            (40000, 65535)
+        ));
+        // Reserved up to 65535 (the counter must not wrap).
+        assert!(!collides_with_host(
+            (1024, 65535),
+            &[(60000, 65535)],
+            (61000, 65535)
+        ));
     }
 
     #[test]

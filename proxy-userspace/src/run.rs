@@ -128,14 +128,21 @@ impl NorthSouthConfig {
         }
         // The SNAT ports must not be ports the host's own connections may pick: a flow of
         // the host and a translated flow with the same tuple would steal each other's
-        // replies.
-        match devices::ephemeral_ports() {
-            Ok(ephemeral) if devices::overlap(ephemeral, self.snat_ports) => tracing::warn!(
-                snat_ports = ?self.snat_ports,
-                ephemeral_ports = ?ephemeral,
-                "the SNAT port range overlaps net.ipv4.ip_local_port_range: host connections \
-                 and translated flows may collide; narrow one of them"
-            ),
+        // replies. Reserved ports (`ip_local_reserved_ports`) are never picked: a range
+        // widened into the ephemeral one is fine where it is reserved.
+        match devices::ephemeral_ports().and_then(|e| Ok((e, devices::reserved_ports()?))) {
+            Ok((ephemeral, reserved))
+                if devices::collides_with_host(ephemeral, &reserved, self.snat_ports) =>
+            {
+                tracing::warn!(
+                    snat_ports = ?self.snat_ports,
+                    ephemeral_ports = ?ephemeral,
+                    reserved_ports = ?reserved,
+                    "the SNAT port range overlaps net.ipv4.ip_local_port_range where \
+                     net.ipv4.ip_local_reserved_ports does not cover it: host connections \
+                     and translated flows may collide; narrow one of them or reserve the ports"
+                )
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!("cannot check the SNAT port range: {e:#}"),
         }
