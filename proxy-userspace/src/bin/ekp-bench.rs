@@ -49,9 +49,10 @@
 //! program) at every hook the agent uses: `connect4`, `sendmsg4`, `recvmsg4`,
 //! `getpeername4`, their IPv6 counterparts for IPv4-mapped addresses (`connect6`,
 //! `recvmsg6`, `getpeername6`) and `sock_release` on the cgroup DIR, TCX ingress and egress
-//! on each DEV (`--device` repeated; in the caller's network namespace). It prints `ready` and holds them until it is killed, when the kernel detaches
-//! them. A client in DIR that connects to pod addresses then pays what the hooks cost on
-//! their own, which no program can take away: the bench's `hooks` mode.
+//! on each DEV (`--device` repeated; in the caller's network namespace). It prints `ready`
+//! and holds them until it is killed, when the kernel detaches them. A client in DIR that
+//! connects to pod addresses then pays what the hooks cost on their own, which no program
+//! can take away: the bench's `hooks` mode.
 //!
 //! `nfacct NAME...` creates the nfacct counters NAME in the caller's network namespace (one
 //! that exists is kept), as kube-proxy's iptables mode does when it starts: its rules count
