@@ -72,9 +72,10 @@ pub const MAP_LOG: &str = "ekp_log_v1";
 pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
+pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -88,6 +89,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_SOURCE_RANGES,
     MAP_SOCK_CONFIG,
     MAP_FRAGMENTS,
+    MAP_SNAT_CURSORS,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -168,9 +170,13 @@ pub const CT_LIFETIME_SNAT_CLOSING: u32 = 60;
 /// NodePort could use.
 pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
 pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
-/// How many random ports the SNAT allocator tries before it gives up on a new flow (the
-/// packet is dropped; the client retransmits).
+/// How many consecutive ports the SNAT allocator tries before it gives up on a new flow
+/// (the packet is dropped; the client retransmits).
 pub const SNAT_PORT_RETRIES: u32 = 16;
+/// Entries of the SNAT port cursors (`ekp_snat_cur_v1`): where the next search for a
+/// destination's SNAT port starts, one cursor per hash of the destination. A power of two:
+/// the programs mask the hash with it.
+pub const SNAT_CURSORS: u32 = 16384;
 
 /// Key of the services map: one frontend (slot 0) or one of its backend slots.
 #[repr(C)]

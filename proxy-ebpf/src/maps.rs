@@ -8,8 +8,8 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LogConfig, NatCtKey,
-    NatCtValue, NodeConfig, RevNatValue, SOCK_SLOTS, ServiceKey, ServiceValue, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
+    NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS, SOCK_SLOTS, ServiceKey, ServiceValue,
+    SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -93,3 +93,10 @@ pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
 #[btf_map(name = "ekp_frag_v1")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_MAX as usize }> =
     LruHashMap::new();
+
+/// Where the search for a destination's next SNAT port starts (RFC 6056's double-hash port
+/// selection, as Linux picks its ephemeral ports): one cursor per hash of the reply tuple's
+/// backend and node address, advanced past each port it gives out. Written and read by
+/// `ekp_tcx_in` (`nat::allocate_port`).
+#[btf_map(name = "ekp_snat_cur_v1")]
+pub static SNAT_CURSOR: Array<u64, { SNAT_CURSORS as usize }> = Array::new();

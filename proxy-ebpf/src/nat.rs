@@ -13,7 +13,7 @@
 //! The two entries of a flow are each other's inverse: the key of one is the value of the
 //! other with source and destination swapped, so each can find and refresh its partner.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd};
 use core::mem::offset_of;
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
@@ -21,12 +21,12 @@ use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_PORT_RETRIES,
-    seconds_since,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_CURSORS,
+    SNAT_PORT_RETRIES, seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
-use crate::maps::{BACKENDS, NAT_CT};
+use crate::maps::{BACKENDS, NAT_CT, SNAT_CURSOR};
 use crate::parse::{Packet, TCP_FIN, TCP_RST};
 
 /// The conntrack key of `pkt` as seen by the hook `dir`.
@@ -275,13 +275,16 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
 }
 
 /// Picks a source port (network order) for the reply tuple `reply_key` (backend -> node
-/// address, or client address) and claims it by inserting the reply entry: the port is
-/// random in `ports`, and is taken only if no flow holds the same reply tuple, so two
-/// flows can never share one (`BPF_NOEXIST` makes check and claim one atomic step). A
-/// port whose flow expired is reused. Of the ports the tries met whose TCP flows closed
-/// more than `CT_LIFETIME_CLOSING` ago but may still be in the backend's TIME_WAIT, the one
-/// closed longest ago is taken when no try found a free one (the older its close, the
-/// likelier the backend let it go). Bounded retries; `Err` when all were taken.
+/// address, or client address) and claims it by inserting the reply entry. The search
+/// starts at the destination's cursor and goes through consecutive ports of `ports`, so a
+/// destination's ports come round again only after the whole range (RFC 6056's double-hash
+/// selection, as Linux picks ephemeral ports): a port given out at random comes back much
+/// sooner, at times while the backend still holds its last connection in TIME_WAIT. A port
+/// is taken only if no flow holds the same reply tuple, so two flows can never share one
+/// (`BPF_NOEXIST` makes check and claim one atomic step); one whose flow expired is reused.
+/// Of the ports met whose TCP flows closed more than `CT_LIFETIME_CLOSING` ago but may
+/// still be in the backend's TIME_WAIT, the one closed longest ago is taken when no try
+/// found a free one. Bounded retries; `Err` when all were taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
@@ -289,27 +292,30 @@ fn allocate_port(
     (min, max): (u16, u16),
     now: u32,
 ) -> Result<u16, ()> {
-    let min = u32::from(min);
-    let max = u32::from(max);
     if min == 0 || max < min {
         return Err(());
     }
-    let span = max - min + 1;
-    // (port, seconds since its flow closed)
+    let span = u64::from(max - min) + 1;
+    let cursor = cursor_of(reply_key).ok_or(())?;
+    let start = draw(cursor);
+    // (port, seconds since its flow closed). The port, not the try that met it: a try's
+    // number is known exactly at each step, and the verifier would walk every fallback
+    // it could hold as a path of its own.
     let mut fallback = (0u16, 0u32);
-    for _ in 0..SNAT_PORT_RETRIES {
-        // SAFETY: a plain helper call. (`checked_rem`: a panic path would not verify.)
-        let pick = unsafe { bpf_get_prandom_u32() }
-            .checked_rem(span)
-            .ok_or(())?;
-        let port = ((min + pick) as u16).to_be();
+    for i in 0..SNAT_PORT_RETRIES {
+        let port = port_at(min, start + u64::from(i), span)?;
         reply_key.dport = port;
         match try_port(reply_key, reply, now, false) {
-            Try::Taken => return Ok(port),
+            Try::Taken => {
+                advance(cursor, i);
+                return Ok(port);
+            }
             Try::Held { closed_for } if closed_for > fallback.1 => fallback = (port, closed_for),
             Try::Held { .. } => {}
         }
     }
+    // Every port tried is held: the next search starts past them all.
+    advance(cursor, SNAT_PORT_RETRIES - 1);
     let (port, closed_for) = fallback;
     if closed_for == 0 {
         return Err(());
@@ -318,6 +324,67 @@ fn allocate_port(
     match try_port(reply_key, reply, now, true) {
         Try::Taken => Ok(port),
         Try::Held { .. } => Err(()),
+    }
+}
+
+/// The port (network order) `position` steps into the range that starts at `min` and
+/// holds `span` ports.
+#[inline(always)]
+fn port_at(min: u16, position: u64, span: u64) -> Result<u16, ()> {
+    // (`checked_rem`: a panic path would not verify.)
+    let offset = position.checked_rem(span).ok_or(())?;
+    Ok(((u64::from(min) + offset) as u16).to_be())
+}
+
+/// The cursor of the destination in `reply_key`: its slot is a hash of the backend's
+/// address, port and protocol and of the address the port is taken on (lowbias32's
+/// mixing). Destinations that share a slot share its sequence.
+#[inline(always)]
+fn cursor_of(reply_key: &NatCtKey) -> Option<*mut u64> {
+    let mut h = reply_key.saddr
+        ^ reply_key.daddr.rotate_left(16)
+        ^ (u32::from(reply_key.sport) << 8 | u32::from(reply_key.proto));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    SNAT_CURSOR.get_ptr_mut(h & (SNAT_CURSORS - 1))
+}
+
+/// Where this search starts: the cursor's position, moved on by one. (Two CPUs that read
+/// it at the same instant start at the same port; the claim is atomic, so one of them
+/// moves on to the next. At the default CPU level, an atomic add cannot hand back the old
+/// value.) A cursor nothing has drawn from yet is first set to a random place: the first
+/// ports a node gives out are not the range's first ones on every node.
+#[inline(always)]
+fn draw(cursor: *mut u64) -> u64 {
+    // SAFETY: an array value pointer, valid for this program run, 8-byte aligned; an
+    // aligned 8-byte load is never torn.
+    if unsafe { core::ptr::read_volatile(cursor) } == 0 {
+        // SAFETY: a plain helper call; then as above.
+        let seed = u64::from(unsafe { bpf_get_prandom_u32() }) + 1;
+        unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+                cursor, 0, seed,
+            )
+        };
+    }
+    // Read again rather than kept from the seeding: the verifier then meets one state
+    // after both ways here, instead of walking the rest of the program once for each.
+    // SAFETY: as above.
+    let drawn = unsafe { core::ptr::read_volatile(cursor) };
+    advance(cursor, 1);
+    drawn
+}
+
+/// Moves the cursor on by `steps` ports: past the one drawn, or past those a search
+/// skipped, so the next search does not walk them again.
+#[inline(always)]
+fn advance(cursor: *mut u64, steps: u32) {
+    if steps != 0 {
+        // SAFETY: as in `draw`. (The old value is not used: an add without fetch.)
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, u64::from(steps)) };
     }
 }
 

@@ -1010,7 +1010,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 9] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 10] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -1032,6 +1032,10 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 9] {
         (
             proxy_common::MAP_FRAGMENTS,
             i64::from(proxy_common::FRAGMENTS_MAX),
+        ),
+        (
+            proxy_common::MAP_SNAT_CURSORS,
+            i64::from(proxy_common::SNAT_CURSORS),
         ),
     ]
 }

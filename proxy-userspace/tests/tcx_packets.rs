@@ -1085,8 +1085,7 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
             .expect("writing a closed flow's entry");
         let syn = |client: Ipv4Addr| Frame::tcp(client, CLIENT_PORT, NODE, NODE_PORT).bytes();
 
-        // 61001 is free: taken, whichever port the tries pick first (all 16 tries picking
-        // 61000 has a chance of 2^-16).
+        // 61001 is free: taken, whichever of the two ports the search starts at.
         let out = dp.ingress(&syn(CLIENT));
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(
@@ -1111,7 +1110,7 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
             .expect("the new flow's reply entry");
         assert_eq!(reply.daddr, u32::from_ne_bytes(second.octets()));
 
-        // Of two such ports, the one closed longer ago (2^-16: no try met it).
+        // Of two such ports, the one closed longer ago (the tries meet both).
         let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
         dp.snat(NODE, 61000, 61001);
         for (port, age) in [(61000, 20), (61001, 50)] {
@@ -1137,6 +1136,61 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
             "no port: the new flow's SYN is dropped"
         );
         assert_eq!(dp.nat_ct.get(&recent_key, 0).ok(), Some(recent));
+    });
+}
+
+/// A destination's SNAT ports come round again only after the whole range: each new flow
+/// to it takes the port after the previous flow's, past any a live flow holds, so a port's
+/// last connection has had as long as the range allows to leave the backend's TIME_WAIT.
+/// Given out at random, ports come back much sooner (and this order has a chance of 8^-19).
+#[test]
+fn a_destinations_snat_ports_come_round_again_only_after_the_whole_range() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_UDP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61007);
+        assert!(
+            conntrack_gc::now_secs() > 120,
+            "the test needs a machine up for more than two minutes"
+        );
+        let next = |port: u16| if port == 61007 { 61000 } else { port + 1 };
+        let mut ports = Vec::new();
+        let mut held = None;
+        for i in 0..20u8 {
+            let client = Ipv4Addr::new(198, 51, 100, 1 + i);
+            let out = dp.ingress(&Frame::udp(client, CLIENT_PORT, NODE, NODE_PORT).bytes());
+            assert_eq!(out.verdict, TCX_NEXT);
+            let port = tuple_of(&out.packet).1;
+            ports.push(port);
+            // The flow ends at once (its reply entry expired): its port is free again, and
+            // only the order of the search decides.
+            let key = ct_key(REMOTE_POD, POD_PORT, NODE, port, PROTO_UDP, CT_DIR_IN);
+            let mut reply = dp.nat_ct.get(&key, 0).expect("the flow's reply entry");
+            reply.last_seen = 0;
+            dp.nat_ct
+                .insert(key, reply, 0)
+                .expect("expiring the flow's reply entry");
+            // Then a live flow holds the port after the next one: skipped from then on.
+            if i == 9 {
+                let (key, value) =
+                    snat_reply(PROTO_UDP, next(next(port)), 0, conntrack_gc::now_secs());
+                dp.nat_ct
+                    .insert(key, value, 0)
+                    .expect("writing a live flow's entry");
+                held = Some(next(next(port)));
+            }
+        }
+        let mut expected = vec![ports[0]];
+        for i in 1..ports.len() {
+            let mut port = next(expected[i - 1]);
+            if i >= 10 && Some(port) == held {
+                port = next(port);
+            }
+            expected.push(port);
+        }
+        assert_eq!(
+            ports, expected,
+            "consecutive ports, the one a live flow holds (from the 11th flow on) skipped"
+        );
     });
 }
 
