@@ -144,6 +144,11 @@ pub const CT_FLAG_CLOSING: u16 = 1 << 3;
 pub const CT_FLAG_FIN_CLIENT: u16 = 1 << 4;
 /// The backend sent a FIN (see `CT_FLAG_FIN_CLIENT`).
 pub const CT_FLAG_FIN_BACKEND: u16 = 1 << 5;
+/// The backend's FIN came before any from the client: the backend closed first, so it is
+/// the side that holds the connection in TIME_WAIT afterwards (see
+/// `CT_LIFETIME_SNAT_CLOSING`). Of two FINs that cross, the one seen first decides, and two
+/// seen at the same instant on two CPUs both count as first: the backend's then sets it.
+pub const CT_FLAG_FIN_BACKEND_FIRST: u16 = 1 << 6;
 
 /// Idle lifetimes of a conntrack entry in seconds (Cilium's defaults): after this long
 /// without a packet, a new packet with the same tuple starts a new flow (a new backend) and
@@ -155,8 +160,10 @@ pub const CT_LIFETIME_TCP_SYN: u32 = 60;
 pub const CT_LIFETIME_NONTCP: u32 = 60;
 /// A TCP flow that saw a RST, or a FIN from each side.
 pub const CT_LIFETIME_CLOSING: u32 = 10;
-/// Such a flow when source-NATed: its SNAT port is kept for as long as the backend may hold
-/// the connection in TIME_WAIT (Linux: 60 s, fixed). Given to a new flow before, the port
+/// Such a flow when source-NATed and closed by the backend first (`CT_FLAG_FIN_BACKEND_FIRST`):
+/// its SNAT port is kept for as long as the backend holds the connection in TIME_WAIT
+/// (Linux: 60 s, fixed). (A client that closes first keeps the TIME_WAIT itself, on its own
+/// tuple; a RST leaves none.) Given to a new flow before, the port
 /// leads that flow's SYN into the old socket, which turns it away if its TCP timestamp is
 /// older than the last one the socket saw (PAWS): the two come from different clients, or
 /// from connections with timestamp offsets of their own, and are unrelated. The client
@@ -459,7 +466,8 @@ impl NatCtValue {
     #[inline(always)]
     pub const fn lifetime(&self, proto: u8) -> u32 {
         if self.flags & CT_FLAG_CLOSING != 0 {
-            if self.flags & CT_FLAG_SNAT != 0 {
+            let time_wait = CT_FLAG_SNAT | CT_FLAG_FIN_BACKEND_FIRST;
+            if self.flags & time_wait == time_wait {
                 CT_LIFETIME_SNAT_CLOSING
             } else {
                 CT_LIFETIME_CLOSING
@@ -664,11 +672,23 @@ mod tests {
             at(CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING, 0).lifetime(PROTO_TCP),
             CT_LIFETIME_CLOSING
         );
-        // Source-NATed, the port is kept through the backend's TIME_WAIT.
-        let closed_snat = at(CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT, 1000);
+        // Source-NATed and closed by the backend first, the port is kept through the
+        // backend's TIME_WAIT; closed by the client first, it is not.
+        let closed = CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT;
+        let closed_snat = at(closed | CT_FLAG_FIN_BACKEND_FIRST, 1000);
         assert_eq!(closed_snat.lifetime(PROTO_TCP), CT_LIFETIME_SNAT_CLOSING);
         assert!(!closed_snat.expired(PROTO_TCP, 1060));
         assert!(closed_snat.expired(PROTO_TCP, 1061));
+        assert_eq!(at(closed, 1000).lifetime(PROTO_TCP), CT_LIFETIME_CLOSING);
+        assert_eq!(
+            at(
+                CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST,
+                0
+            )
+            .lifetime(PROTO_TCP),
+            CT_LIFETIME_CLOSING,
+            "kept the client's address: no SNAT port to keep"
+        );
         assert_eq!(
             at(CT_FLAG_SEEN_REPLY, 0).lifetime(PROTO_UDP),
             CT_LIFETIME_NONTCP

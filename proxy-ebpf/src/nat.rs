@@ -20,9 +20,9 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_CURSORS,
-    SNAT_PORT_RETRIES, seconds_since,
+    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
+    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
+    NatCtKey, NatCtValue, SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
@@ -162,7 +162,9 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
         add |= CT_FLAG_SEEN_REPLY;
     }
     if pkt.tcp_flags & TCP_FIN != 0 {
-        add |= if from_backend {
+        add |= if from_backend && seen.flags & CT_FLAG_FIN_CLIENT == 0 {
+            CT_FLAG_FIN_BACKEND | CT_FLAG_FIN_BACKEND_FIRST
+        } else if from_backend {
             CT_FLAG_FIN_BACKEND
         } else {
             CT_FLAG_FIN_CLIENT

@@ -9,9 +9,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use proxy_common::{
-    CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, seconds_since,
+    CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
+    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
+    PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, seconds_since,
 };
 
 use crate::abi;
@@ -238,6 +238,7 @@ fn listed_flow(key: &NatCtKey, value: &NatCtValue, now: u32) -> ListedFlow {
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
         (CT_FLAG_FIN_CLIENT, "client-fin"),
         (CT_FLAG_FIN_BACKEND, "backend-fin"),
+        (CT_FLAG_FIN_BACKEND_FIRST, "backend-closed-first"),
         (CT_FLAG_CLOSING, "closing"),
     ]
     .into_iter()

@@ -543,12 +543,19 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
         .unwrap_or_else(|| panic!("no flow from {CLIENT} to pod-1: {flows:#?}"));
     assert_eq!(
         client_flow["flags"],
-        serde_json::json!(["seen-reply", "client-fin", "backend-fin", "closing"]),
+        serde_json::json!([
+            "seen-reply",
+            "client-fin",
+            "backend-fin",
+            "backend-closed-first",
+            "closing"
+        ]),
         "{client_flow}"
     );
-    // The source-NATed flows to pod-2 keep theirs through the backend's TIME_WAIT
-    // (`CT_LIFETIME_SNAT_CLOSING`, 60 s), so that their ports are not given out while pod-2
-    // may still turn a new SYN away; the others go after `CT_LIFETIME_CLOSING`.
+    // The source-NATed flows to pod-2, which pod-2 closed first (HTTP/1.0), keep theirs
+    // through its TIME_WAIT (`CT_LIFETIME_SNAT_CLOSING`, 60 s), so that their ports are not
+    // given out while pod-2 may still turn a new SYN away; the others go after
+    // `CT_LIFETIME_CLOSING`.
     let snat = |f: &Value| {
         f["flags"]
             .as_array()

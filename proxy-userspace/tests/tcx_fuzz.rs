@@ -65,11 +65,11 @@ use prog_test_run::{
     TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, pseudo_header_sum,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY,
-    CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING,
-    CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, FragmentKey, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
-    SVC_FLAG_NODE_PORT,
+    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST,
+    CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP,
+    CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, FragmentKey, NatCtKey,
+    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
 };
 use proxy_userspace::conntrack_gc;
 
@@ -988,7 +988,8 @@ fn follows(hook: Hook, tuple: &Tuple, entry: &NatCtValue) -> Option<bool> {
     if hook == Hook::Out || entry.flags & CT_FLAG_REPLY != 0 {
         return Some(true);
     }
-    let lifetime = if entry.flags & CT_FLAG_CLOSING != 0 && entry.flags & CT_FLAG_SNAT != 0 {
+    let time_wait = CT_FLAG_SNAT | CT_FLAG_FIN_BACKEND_FIRST;
+    let lifetime = if entry.flags & CT_FLAG_CLOSING != 0 && entry.flags & time_wait == time_wait {
         CT_LIFETIME_SNAT_CLOSING
     } else if entry.flags & CT_FLAG_CLOSING != 0 {
         CT_LIFETIME_CLOSING

@@ -20,10 +20,10 @@ use prog_test_run::{
     tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT,
-    CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP,
-    CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey, NatCtValue,
-    PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
+    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
+    CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey,
+    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -1056,20 +1056,21 @@ fn snat_reply(proto: u8, port: u16, flags: u16, last_seen: u32) -> (NatCtKey, Na
     (key, value)
 }
 
-/// A closed TCP flow's [`snat_reply`], last seen `age` seconds ago.
+/// A TCP flow's [`snat_reply`] that the backend closed first, last seen `age` seconds ago.
 fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
     snat_reply(
         PROTO_TCP,
         port,
-        CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+        CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST,
         conntrack_gc::now_secs() - age,
     )
 }
 
-/// The backend may hold a closed connection in TIME_WAIT for 60 s, and a new flow given its
-/// port then has its SYN turned away (PAWS) and waits a retransmission timeout: such a port
-/// is given out only when no try finds a free one (the one closed longest ago), and never
-/// within 10 s of the close.
+/// A backend that closed a connection first holds it in TIME_WAIT for 60 s, and a new flow
+/// given its port then has its SYN turned away (PAWS) and waits a retransmission timeout:
+/// such a port is given out only when no try finds a free one (the one closed longest ago),
+/// and never within 10 s of the close. A connection the client closed first leaves no
+/// TIME_WAIT at the backend: its port is free 10 s after the close.
 #[test]
 fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
     in_private_netns(|| {
@@ -1122,6 +1123,27 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
         let out = dp.ingress(&syn(CLIENT));
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(tuple_of(&out.packet), (NODE, 61001, REMOTE_POD, POD_PORT));
+
+        // Closed by the client first 20 s ago: free, where the backend's TIME_WAIT would
+        // make the port closed 50 s ago by the backend the one to take.
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61001);
+        let (key, value) = snat_reply(
+            PROTO_TCP,
+            61000,
+            CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+            conntrack_gc::now_secs() - 20,
+        );
+        dp.nat_ct
+            .insert(key, value, 0)
+            .expect("writing a closed flow's entry");
+        let (key, value) = closed_snat_reply(61001, 50);
+        dp.nat_ct
+            .insert(key, value, 0)
+            .expect("writing a closed flow's entry");
+        let out = dp.ingress(&syn(CLIENT));
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(tuple_of(&out.packet), (NODE, 61000, REMOTE_POD, POD_PORT));
 
         // A flow closed 5 s ago keeps its port even then.
         let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
@@ -1269,8 +1291,40 @@ fn conntrack_records_replies_each_sides_fin_and_closing_on_both_entries() {
         let all = flags();
         let closed = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND | CT_FLAG_CLOSING;
         assert!(
-            all.iter().all(|f| f & closed == closed),
-            "both FINs: both entries closing: {all:?}"
+            all.iter()
+                .all(|f| f & closed == closed && f & CT_FLAG_FIN_BACKEND_FIRST == 0),
+            "both FINs, the client's first: both entries closing: {all:?}"
+        );
+    });
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        dp.ingress(&syn.bytes());
+        let reply = syn
+            .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
+            .reply();
+        dp.egress(&reply.bytes());
+        let fin = TCP_FIN | TCP_ACK;
+        dp.egress(
+            &Frame {
+                tcp_flags: fin,
+                ..reply
+            }
+            .bytes(),
+        );
+        dp.ingress(
+            &Frame {
+                tcp_flags: fin,
+                ..syn
+            }
+            .bytes(),
+        );
+        let all: Vec<u16> = dp.ct_entries().iter().map(|(_, v)| v.flags).collect();
+        let closed =
+            CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND | CT_FLAG_FIN_BACKEND_FIRST | CT_FLAG_CLOSING;
+        assert!(
+            all.len() == 2 && all.iter().all(|f| f & closed == closed),
+            "both FINs, the backend's first: recorded on both entries: {all:?}"
         );
     });
     in_private_netns(|| {
@@ -1534,11 +1588,12 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
                 true,
             ),
             (PROTO_TCP, entry(0, CT_LIFETIME_TCP_SYN + 1), true),
-            // Source-NATed and closed: kept through the backend's TIME_WAIT.
+            // Source-NATed and closed by the backend first: kept through the backend's
+            // TIME_WAIT.
             (
                 PROTO_TCP,
                 entry(
-                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT,
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT | CT_FLAG_FIN_BACKEND_FIRST,
                     CT_LIFETIME_CLOSING + 1,
                 ),
                 false,
@@ -1546,8 +1601,17 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
             (
                 PROTO_TCP,
                 entry(
-                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT,
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT | CT_FLAG_FIN_BACKEND_FIRST,
                     CT_LIFETIME_SNAT_CLOSING + 1,
+                ),
+                true,
+            ),
+            // Closed by the client first: no TIME_WAIT at the backend.
+            (
+                PROTO_TCP,
+                entry(
+                    CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_SNAT,
+                    CT_LIFETIME_CLOSING + 1,
                 ),
                 true,
             ),
@@ -1583,8 +1647,8 @@ fn the_conntrack_collector_deletes_the_entries_of_ended_flows_only() {
         assert_eq!(
             collected,
             conntrack_gc::Collected {
-                seen: 10,
-                deleted: 5
+                seen: 11,
+                deleted: 6
             }
         );
         // The live flow still translates.
