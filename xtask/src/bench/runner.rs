@@ -435,7 +435,7 @@ impl<'a> Runner<'a> {
     pub fn new(bins: &'a Binaries, settings: &'a Settings) -> Result<Self> {
         let prefix = netns::unique_prefix("ekp-bench");
         println!(
-            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.6, each the node of an external client on 192.168.1-5.0/24), cgroups {prefix}-<mode>"
+            "bench: namespaces {prefix}-* (node bridge 10.244.0.1/24, pods .10-.12, one client per mode .2-.6, each the node of an external client on 192.168.1-5.0/24 and joined to the other node {prefix}-remote, pods 10.244.1.10-.11, by rem0), cgroups {prefix}-<mode>"
         );
         let topo = Topology::create(&prefix, &bins.bench, settings.cpu)?;
         let agent = Agent {
