@@ -1011,12 +1011,7 @@ fn snat_ports_never_collide_and_exhaustion_drops_only_the_new_flow() {
 #[test]
 fn an_expired_flow_gives_its_snat_port_back() {
     in_private_netns(|| {
-        let mut dp = datapath_with(PROTO_UDP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61000);
-        assert!(
-            conntrack_gc::now_secs() > 120,
-            "the test needs a machine up for more than two minutes"
-        );
+        let mut dp = snat_datapath(PROTO_UDP, 61000, 61000);
         // A UDP flow that held port 61000 and was last seen at boot.
         let (stale_key, stale) = snat_reply(PROTO_UDP, 61000, 0, 0);
         dp.nat_ct
@@ -1037,6 +1032,18 @@ fn an_expired_flow_gives_its_snat_port_back() {
             "the port now answers to the new client"
         );
     });
+}
+
+/// [`datapath_with`] to the remote pod, its SNAT ports `min..=max`, on a machine up long
+/// enough for entries stamped at boot to have expired.
+fn snat_datapath(proto: u8, min: u16, max: u16) -> Datapath {
+    let mut dp = datapath_with(proto, REMOTE_ID);
+    dp.snat(NODE, min, max);
+    assert!(
+        conntrack_gc::now_secs() > 120,
+        "the test needs a machine up for more than two minutes"
+    );
+    dp
 }
 
 /// The reply entry of another client's source-NATed flow to the remote pod on SNAT port
@@ -1074,12 +1081,7 @@ fn closed_snat_reply(port: u16, age: u32) -> (NatCtKey, NatCtValue) {
 #[test]
 fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
     in_private_netns(|| {
-        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61001);
-        assert!(
-            conntrack_gc::now_secs() > 120,
-            "the test needs a machine up for more than two minutes"
-        );
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
         let (closed_key, closed) = closed_snat_reply(61000, 30);
         dp.nat_ct
             .insert(closed_key, closed, 0)
@@ -1112,8 +1114,7 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
         assert_eq!(reply.daddr, u32::from_ne_bytes(second.octets()));
 
         // Of two such ports, the one closed longer ago (the tries meet both).
-        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61001);
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
         for (port, age) in [(61000, 20), (61001, 50)] {
             let (key, value) = closed_snat_reply(port, age);
             dp.nat_ct
@@ -1126,28 +1127,24 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
 
         // Closed by the client first 20 s ago: free, where the backend's TIME_WAIT would
         // make the port closed 50 s ago by the backend the one to take.
-        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61001);
-        let (key, value) = snat_reply(
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
+        let client_closed = snat_reply(
             PROTO_TCP,
             61000,
             CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
             conntrack_gc::now_secs() - 20,
         );
-        dp.nat_ct
-            .insert(key, value, 0)
-            .expect("writing a closed flow's entry");
-        let (key, value) = closed_snat_reply(61001, 50);
-        dp.nat_ct
-            .insert(key, value, 0)
-            .expect("writing a closed flow's entry");
+        for (key, value) in [client_closed, closed_snat_reply(61001, 50)] {
+            dp.nat_ct
+                .insert(key, value, 0)
+                .expect("writing a closed flow's entry");
+        }
         let out = dp.ingress(&syn(CLIENT));
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(tuple_of(&out.packet), (NODE, 61000, REMOTE_POD, POD_PORT));
 
         // A flow closed 5 s ago keeps its port even then.
-        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61000);
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
         let (recent_key, recent) = closed_snat_reply(61000, 5);
         dp.nat_ct
             .insert(recent_key, recent, 0)
@@ -1168,12 +1165,7 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
 #[test]
 fn a_destinations_snat_ports_come_round_again_only_after_the_whole_range() {
     in_private_netns(|| {
-        let mut dp = datapath_with(PROTO_UDP, REMOTE_ID);
-        dp.snat(NODE, 61000, 61007);
-        assert!(
-            conntrack_gc::now_secs() > 120,
-            "the test needs a machine up for more than two minutes"
-        );
+        let mut dp = snat_datapath(PROTO_UDP, 61000, 61007);
         let next = |port: u16| if port == 61007 { 61000 } else { port + 1 };
         let mut ports = Vec::new();
         let mut held = None;
