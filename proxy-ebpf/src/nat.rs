@@ -253,27 +253,35 @@ pub fn create(
 /// The holder is looked up before inserting: an LRU insert that fails has still taken a
 /// free element and given it back under the LRU's locks, which costs more than the lookup,
 /// and a client that reuses its port within a closed flow's 10 s (a busy client cycling
-/// through its ports) finds its old entry there.
+/// through its ports) finds its old entry there. A holder is replaced only after its stamp
+/// moved from the one read to now in one compare-and-swap (as `try_port` claims a port):
+/// of two CPUs that found it replaceable at once, each with a new flow of this client port
+/// to the same backend, only one takes it, and the other's flow gets a port of its own.
 #[inline(always)]
 fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
-    let replaceable = |holder: *const NatCtValue| {
-        // SAFETY: a map value pointer, valid for this program run; read at once.
-        let holder = unsafe { *holder };
-        (holder.saddr == reply.saddr && holder.sport == reply.sport && holder.dport == reply.dport)
-            || holder.flags & CT_FLAG_CLOSING != 0
-            || holder.expired(key.proto, now)
-    };
-    let free = match NAT_CT.get_ptr(key) {
-        Some(holder) => replaceable(holder),
+    let holder = match NAT_CT.get_ptr_mut(key) {
+        Some(holder) => holder,
         None => {
             if NAT_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
                 return true;
             }
-            // Another CPU's flow took it meanwhile; gone again, it is free.
-            NAT_CT.get_ptr(key).is_none_or(replaceable)
+            // Another CPU's flow took it meanwhile (if it is gone again, the caller
+            // gives this flow a port of its own).
+            match NAT_CT.get_ptr_mut(key) {
+                Some(holder) => holder,
+                None => return false,
+            }
         }
     };
-    free && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
+    // SAFETY: a map value pointer, valid for this program run; read at once.
+    let held = unsafe { *holder };
+    let replaceable =
+        (held.saddr == reply.saddr && held.sport == reply.sport && held.dport == reply.dport)
+            || held.flags & CT_FLAG_CLOSING != 0
+            || held.expired(key.proto, now);
+    replaceable
+        && restamp(holder, &held, now)
+        && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
 }
 
 /// Picks a source port (network order) for the reply tuple `reply_key` (backend -> node
