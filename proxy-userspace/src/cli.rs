@@ -199,7 +199,8 @@ struct RunArgs {
     /// net.ipv4.ip_local_port_range, or reserve the ports it shares with it in
     /// net.ipv4.ip_local_reserved_ports, and clear of the NodePort range (a warning says
     /// when it is not). An endpoint on another node takes new connections only as fast as
-    /// the range lasts through its TIME_WAIT (60 s): about 75 a second with the default.
+    /// the range lasts through its TIME_WAIT (60 s, after the connections it closes first):
+    /// about 75 a second with the default.
     #[arg(long, default_value = "61000-65535", value_parser = crate::devices::parse_port_range)]
     snat_port_range: (u16, u16),
 
