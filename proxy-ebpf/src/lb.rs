@@ -67,15 +67,49 @@ pub fn pinned_backend(
     {
         return Some(found);
     }
-    if let Some(found) = live_backend(key, frontend.count, addr, port) {
-        return Some(found);
+    let packed = u64::from(key.addr)
+        | u64::from(key.port) << 32
+        | u64::from(key.proto) << 48
+        | u64::from(key.scope) << 56;
+    let wanted = u64::from(addr) | u64::from(port) << 32;
+    let found = ekp_find_backend(packed, frontend.count.into(), wanted) as u16;
+    if found == 0 {
+        return None;
+    }
+    // Read again, as found (the agent may have moved it since: then it is chosen anew).
+    backend_in(key, found, addr, port)
+}
+
+/// Where [`pinned_backend`] searches when the backend left its slot: the live slots, then
+/// the lingering ones. Returns the slot, 0 when not found.
+///
+/// A global BPF function (`#[no_mangle] extern "C"`, exported with BTF linkage `global`):
+/// the verifier checks it once, on its own. Inlined, its two loops (17 halvings, 16
+/// probes) were walked again for each of the states the socket programs reach it in, most
+/// of what the verifier did for `ekp_connect4`, `ekp_sendmsg4` and `ekp_connect6`. Its
+/// arguments are scalars (a global function takes five at most): the frontend's address,
+/// port, protocol and scope in `frontend`, the backend's address and port in `wanted`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn ekp_find_backend(frontend: u64, count: u64, wanted: u64) -> u64 {
+    let mut key = ServiceKey {
+        addr: frontend as u32,
+        port: (frontend >> 32) as u16,
+        slot: 0,
+        proto: (frontend >> 48) as u8,
+        scope: (frontend >> 56) as u8,
+        _pad: [0; 2],
+    };
+    let (addr, port, count) = (wanted as u32, (wanted >> 32) as u16, count as u16);
+    if live_backend(&mut key, count, addr, port).is_some() {
+        return key.slot.into();
     }
     for i in 1..=LINGERING_PROBES {
-        if let Some(found) = backend_in(key, frontend.count.saturating_add(i), addr, port) {
-            return Some(found);
+        if backend_in(&mut key, count.saturating_add(i), addr, port).is_some() {
+            return key.slot.into();
         }
     }
-    None
+    0
 }
 
 /// The backend slot `slot` of the frontend `key` holds, with its id.
