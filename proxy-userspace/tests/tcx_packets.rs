@@ -15,9 +15,9 @@ use aya::maps::IterableMap;
 use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
-    Datapath, Frame, Frontend, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST, TCX_NEXT,
-    checksum, hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac,
-    tuple_of, verify_checksums, verify_icmp_checksums,
+    Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
+    TCX_NEXT, checksum, hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of,
+    parse_mac, tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
@@ -1114,48 +1114,47 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
         assert_eq!(reply.daddr, u32::from_ne_bytes(second.octets()));
 
         // Of two such ports, the one closed longer ago (the tries meet both).
-        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
-        for (port, age) in [(61000, 20), (61001, 50)] {
-            let (key, value) = closed_snat_reply(port, age);
-            dp.nat_ct
-                .insert(key, value, 0)
-                .expect("writing a closed flow's entry");
-        }
-        let out = dp.ingress(&syn(CLIENT));
+        let (_, out) = syn_among(
+            61001,
+            &[closed_snat_reply(61000, 20), closed_snat_reply(61001, 50)],
+        );
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(tuple_of(&out.packet), (NODE, 61001, REMOTE_POD, POD_PORT));
 
         // Closed by the client first 20 s ago: free, where the backend's TIME_WAIT would
         // make the port closed 50 s ago by the backend the one to take.
-        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
         let client_closed = snat_reply(
             PROTO_TCP,
             61000,
             CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
             conntrack_gc::now_secs() - 20,
         );
-        for (key, value) in [client_closed, closed_snat_reply(61001, 50)] {
-            dp.nat_ct
-                .insert(key, value, 0)
-                .expect("writing a closed flow's entry");
-        }
-        let out = dp.ingress(&syn(CLIENT));
+        let (_, out) = syn_among(61001, &[client_closed, closed_snat_reply(61001, 50)]);
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(tuple_of(&out.packet), (NODE, 61000, REMOTE_POD, POD_PORT));
 
         // A flow closed 5 s ago keeps its port even then.
-        let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
         let (recent_key, recent) = closed_snat_reply(61000, 5);
-        dp.nat_ct
-            .insert(recent_key, recent, 0)
-            .expect("writing a closed flow's entry");
-        let out = dp.ingress(&syn(CLIENT));
+        let (dp, out) = syn_among(61000, &[(recent_key, recent)]);
         assert_eq!(
             out.verdict, TC_ACT_SHOT,
             "no port: the new flow's SYN is dropped"
         );
         assert_eq!(dp.nat_ct.get(&recent_key, 0).ok(), Some(recent));
     });
+}
+
+/// A SYN from `CLIENT` to the remote NodePort, with SNAT ports 61000..=`last` and `entries`
+/// in the conntrack map first; the datapath too, for what a test checks after.
+fn syn_among(last: u16, entries: &[(NatCtKey, NatCtValue)]) -> (Datapath, Outcome) {
+    let mut dp = snat_datapath(PROTO_TCP, 61000, last);
+    for (key, value) in entries {
+        dp.nat_ct
+            .insert(key, value, 0)
+            .expect("writing a flow's entry");
+    }
+    let out = dp.ingress(&Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT).bytes());
+    (dp, out)
 }
 
 /// A destination's SNAT ports come round again only after the whole range: each new flow
