@@ -73,6 +73,9 @@ pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
+/// The programs' log records (`LogRecord`): a ring buffer per loaded object, read by the
+/// agent that loaded it, never pinned (so not in `ALL_MAPS`).
+pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
 pub const ALL_MAPS: [&str; 14] = [
@@ -101,6 +104,79 @@ pub const LOG_LEVEL_OFF: u8 = 0;
 pub const LOG_LEVEL_ERROR: u8 = 1;
 /// Per connection / per new flow: frontend hits with the chosen backend, refusals, drops.
 pub const LOG_LEVEL_DEBUG: u8 = 2;
+
+/// Bytes of the log ring buffer: 2730 records (40 bytes and the kernel's 8-byte header
+/// each) for the agent to read before new ones are dropped.
+pub const LOG_RECORDS_BYTES: u32 = 128 * 1024;
+
+// What a log record reports (`LogRecord::event`); the agent words it (`dataplane::logs`).
+// The arguments are `LogRecord::args` in order; an endpoint is `log_endpoint`'s.
+
+/// A socket hook found a frontend without a usable backend and failed the call:
+/// [frontend, errno].
+pub const LOG_EVENT_SOCK_NO_BACKEND: u8 = 1;
+/// A slot or the backend it names was missing under a lookup (a writer race), the
+/// connection or flow left untranslated: [frontend, slot, count]; the backend id the slot
+/// named (0: no slot).
+pub const LOG_EVENT_SLOT_MISSING: u8 = 2;
+/// A socket was translated: [frontend, backend]; the backend id.
+pub const LOG_EVENT_SOCK_TRANSLATED: u8 = 3;
+/// A source-NATed packet was larger than the next hop's MTU: [client, frontend, MTU,
+/// 1 if it carried don't-fragment (answered with ICMP), 0 if not (dropped)].
+pub const LOG_EVENT_TOO_BIG: u8 = 4;
+/// A new flow to a frontend without a usable backend: [client, frontend, `LOG_REFUSAL_*`].
+pub const LOG_EVENT_FLOW_NO_BACKEND: u8 = 5;
+/// A new flow from outside the frontend's loadBalancerSourceRanges, dropped:
+/// [client, frontend].
+pub const LOG_EVENT_OUTSIDE_SOURCE_RANGES: u8 = 6;
+/// A new flow dropped for want of a conntrack entry: [client, frontend, `LOG_DROP_*`].
+pub const LOG_EVENT_FLOW_DROPPED: u8 = 7;
+/// A new flow translated: [client, frontend, new source, new destination]; the backend id.
+pub const LOG_EVENT_NEW_FLOW: u8 = 8;
+
+/// `LOG_EVENT_FLOW_NO_BACKEND`'s verdicts.
+pub const LOG_REFUSAL_DROPPED: u64 = 0;
+pub const LOG_REFUSAL_PASSED: u64 = 1;
+pub const LOG_REFUSAL_ICMP: u64 = 2;
+/// `LOG_EVENT_FLOW_DROPPED`'s causes.
+pub const LOG_DROP_NO_FREE_PORT: u64 = 0;
+pub const LOG_DROP_MAP_FULL: u64 = 1;
+
+/// The program that wrote a log record (`LogRecord::hook`).
+pub const LOG_HOOK_CONNECT4: u8 = 1;
+pub const LOG_HOOK_SENDMSG4: u8 = 2;
+pub const LOG_HOOK_CONNECT6: u8 = 3;
+pub const LOG_HOOK_TCX_IN: u8 = 4;
+pub const LOG_HOOK_POD_IN: u8 = 5;
+
+/// Arguments a log record carries (besides the backend id).
+pub const LOG_RECORD_ARGS: usize = 4;
+
+/// One entry of the log ring buffer (`MAP_LOG_RECORDS`). The programs write numbers only,
+/// in a fixed layout, and the agent turns them into the message: a record costs the
+/// verifier a few stores, where a formatted one (aya-log's) cost it thousands of
+/// instructions per log point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LogRecord {
+    /// `LOG_EVENT_*`.
+    pub event: u8,
+    /// `LOG_LEVEL_ERROR` or `LOG_LEVEL_DEBUG`.
+    pub level: u8,
+    /// `LOG_HOOK_*`.
+    pub hook: u8,
+    pub _pad: u8,
+    /// The backend the event names, if any.
+    pub backend_id: u32,
+    pub args: [u64; LOG_RECORD_ARGS],
+}
+
+/// An address and port (network order, as the programs hold them) and a protocol, packed
+/// into one log argument.
+#[inline(always)]
+pub const fn log_endpoint(addr: u32, port: u16, proto: u8) -> u64 {
+    addr as u64 | (port as u64) << 32 | (proto as u64) << 48
+}
 
 /// Default capacities (max_entries). The agent can override them at load time.
 pub const DEFAULT_SERVICES_MAX: u32 = 65536;
@@ -571,6 +647,7 @@ const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<LogRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SockConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);

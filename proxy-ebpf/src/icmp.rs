@@ -33,7 +33,7 @@
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::__sk_buff;
-use aya_ebpf::helpers::generated::{bpf_redirect, bpf_skb_change_tail};
+use aya_ebpf::helpers::generated::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes};
 use aya_ebpf::programs::TcContext;
 use proxy_common::{CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP};
 
@@ -246,12 +246,12 @@ fn answer(
     if unanswerable || pkt.tcp_flags & TCP_RST != 0 {
         return Ok(drop);
     }
-    let macs: [u8; 12] = ctx.load(0)?;
-    let quote: [u8; QUOTE_LEN] = ctx.load(IP_OFF)?;
     let mut frame = [0u8; ANSWER_LEN];
-    // Back to the sender: the Ethernet addresses swapped.
-    frame[..6].copy_from_slice(&macs[6..]);
-    frame[6..12].copy_from_slice(&macs[..6]);
+    // Back to the sender: the Ethernet addresses swapped. Read straight into the frame (as
+    // the quote below), not into copies beside it: this runs on the stack of the caller's
+    // call chain, 512 bytes in all.
+    load_into(ctx, 6, &mut frame[..6])?;
+    load_into(ctx, 0, &mut frame[6..12])?;
     frame[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
     let ip = IP_OFF;
     frame[ip] = IPV4_NO_OPTIONS;
@@ -269,7 +269,7 @@ fn answer(
     frame[icmp + 1] = code;
     // Unused but for fragmentation needed: the next-hop MTU in the last two of the four.
     frame[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
-    frame[INNER_IP_OFF..].copy_from_slice(&quote);
+    load_into(ctx, IP_OFF, &mut frame[INNER_IP_OFF..])?;
     let icmp_csum = checksum(&frame[icmp..]);
     frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
 
@@ -282,6 +282,22 @@ fn answer(
     ctx.store(0, &frame, 0)?;
     // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// Copies `dst.len()` bytes of the packet from `offset` into `dst` (a length the compiler
+/// knows, as the verifier needs it).
+#[inline(always)]
+fn load_into(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Result<(), RewriteError> {
+    // SAFETY: `dst` is writable for its length; a plain helper call on this program's skb.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(RewriteError) }
 }
 
 /// The Internet checksum (RFC 1071) of `bytes` (an even length), in host order.

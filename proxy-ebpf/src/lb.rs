@@ -67,12 +67,7 @@ pub fn pinned_backend(
     {
         return Some(found);
     }
-    let packed = u64::from(key.addr)
-        | u64::from(key.port) << 32
-        | u64::from(key.proto) << 48
-        | u64::from(key.scope) << 56;
-    let wanted = u64::from(addr) | u64::from(port) << 32;
-    let found = ekp_find_backend(packed, frontend.count.into(), wanted) as u16;
+    let found = find_slot(key, frontend.count, addr, port, true);
     if found == 0 {
         return None;
     }
@@ -80,18 +75,31 @@ pub fn pinned_backend(
     backend_in(key, found, addr, port)
 }
 
-/// Where [`pinned_backend`] searches when the backend left its slot: the live slots, then
-/// the lingering ones. Returns the slot, 0 when not found.
+/// [`ekp_find_backend`] for the frontend `key` and the backend at `addr:port`.
+#[inline(always)]
+fn find_slot(key: &ServiceKey, count: u16, addr: u32, port: u16, lingering: bool) -> u16 {
+    let frontend = u64::from(key.addr)
+        | u64::from(key.port) << 32
+        | u64::from(key.proto) << 48
+        | u64::from(key.scope) << 56;
+    let wanted = u64::from(addr) | u64::from(port) << 32;
+    ekp_find_backend(frontend, count.into(), wanted, lingering.into()) as u16
+}
+
+/// Where [`pinned_backend`] searches when the backend left its slot: the live slots, then,
+/// if `lingering` is not 0, the lingering ones; and where [`sticky_backend`] checks that a
+/// remembered backend is still live. Returns the slot, 0 when not found.
 ///
 /// A global BPF function (`#[no_mangle] extern "C"`, exported with BTF linkage `global`):
 /// the verifier checks it once, on its own. Inlined, its two loops (17 halvings, 16
 /// probes) were walked again for each of the states the socket programs reach it in, most
-/// of what the verifier did for `ekp_connect4`, `ekp_sendmsg4` and `ekp_connect6`. Its
+/// of what the verifier did for `ekp_connect4`, `ekp_sendmsg4` and `ekp_connect6` (and
+/// `sticky_backend`, a subprogram walked for each state it is called in, likewise). Its
 /// arguments are scalars (a global function takes five at most): the frontend's address,
 /// port, protocol and scope in `frontend`, the backend's address and port in `wanted`.
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn ekp_find_backend(frontend: u64, count: u64, wanted: u64) -> u64 {
+extern "C" fn ekp_find_backend(frontend: u64, count: u64, wanted: u64, lingering: u64) -> u64 {
     let mut key = ServiceKey {
         addr: frontend as u32,
         port: (frontend >> 32) as u16,
@@ -104,12 +112,27 @@ extern "C" fn ekp_find_backend(frontend: u64, count: u64, wanted: u64) -> u64 {
     if live_backend(&mut key, count, addr, port).is_some() {
         return key.slot.into();
     }
+    if lingering == 0 {
+        return 0;
+    }
     for i in 1..=LINGERING_PROBES {
         if backend_in(&mut key, count.saturating_add(i), addr, port).is_some() {
             return key.slot.into();
         }
     }
     0
+}
+
+/// The backend id in the slot `key` names (where `select_backend` looked last), 0 when the
+/// slot is missing: what a log record says when no backend came of it. (Read again rather
+/// than taken from the selection's `None`: LLVM may copy the payload of a `None`, a
+/// register no path wrote, and the verifier rejects reading one.)
+#[inline(always)]
+pub fn slot_backend_id(key: &ServiceKey) -> u32 {
+    // SAFETY: copied out at once.
+    SERVICES
+        .get_ptr(key)
+        .map_or(0, |s| unsafe { (*s).backend_id })
 }
 
 /// The backend slot `slot` of the frontend `key` holds, with its id.
@@ -230,8 +253,11 @@ fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) ->
             let backend = BACKENDS
                 .get_ptr(remembered.backend_id)
                 .map(|b| unsafe { *b })?;
-            live_backend(key, frontend.count, backend.addr, backend.port)
-                .filter(|(id, _)| *id == remembered.backend_id)
+            let slot = find_slot(key, frontend.count, backend.addr, backend.port, false);
+            if slot == 0 {
+                return None;
+            }
+            slot_backend(key, slot).filter(|(id, _)| *id == remembered.backend_id)
         };
         if fresh && still_ours().is_some() {
             unsafe { (*entry).last_used = now };

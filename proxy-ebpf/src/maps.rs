@@ -2,14 +2,15 @@
 //! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
 //! defaults: the agent sets the real `max_entries` at load time.
 
-use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, SkStorage};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SkStorage};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
-    DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LogConfig, NatCtKey,
-    NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS, SOCK_SLOTS, ServiceKey, ServiceValue,
-    SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
+    DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LOG_RECORDS_BYTES,
+    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS, SOCK_SLOTS,
+    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState,
+    SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -70,10 +71,14 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
 /// The log switch (one entry, key 0): how much the programs log (`LOG_LEVEL_*`, off when
 /// zero). Written by the agent (`run --bpf-log-level`, `bpf-log`), read by every program
-/// before a log point. (aya-log's own ring buffer, `AYA_LOGS`, is declared by
-/// aya-log-ebpf: one per loaded object, read by the agent that loaded it.)
+/// before a log point.
 #[btf_map(name = "ekp_log_v1")]
 pub static LOG: Array<LogConfig, 1> = Array::new();
+
+/// The records the programs log (`log`): one ring buffer per loaded object, not pinned, read
+/// by the agent that loaded it.
+#[btf_map(name = "ekp_logbuf_v1")]
+pub static LOG_RECORDS: RingBuf<LogRecord, { LOG_RECORDS_BYTES as usize }> = RingBuf::new();
 
 /// (rev-NAT id, client range) -> 1: the `loadBalancerSourceRanges` of LB IP frontends that
 /// carry `SVC_FLAG_SOURCE_RANGES`. Written by the agent, read by `ekp_tcx_in` for new flows.

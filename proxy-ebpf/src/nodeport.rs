@@ -28,16 +28,19 @@ use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING,
-    CT_FLAG_REPLY, CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, NatCtValue,
+    CT_FLAG_REPLY, CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LOG_DROP_MAP_FULL,
+    LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED, LOG_EVENT_FLOW_NO_BACKEND, LOG_EVENT_NEW_FLOW,
+    LOG_EVENT_OUTSIDE_SOURCE_RANGES, LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN,
+    LOG_HOOK_TCX_IN, LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue,
     NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey, log_endpoint,
 };
 
 use crate::fib::{self, Route};
 use crate::fragments;
 use crate::icmp;
 use crate::lb::{self, now_secs};
-use crate::log::{self, log_debug, log_error};
+use crate::log::{log_debug, log_error};
 use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
 use crate::parse::{self, Packet};
@@ -101,7 +104,7 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         let followed = !reopened && !seen.expired(pkt.proto, now) && nat::backend_alive(&seen);
         if is_reply || followed {
             nat::touch(&key, entry, &seen, &pkt, now);
-            return translate(ctx, &pkt, &seen);
+            return translate::<SCOPE>(ctx, &pkt, &seen);
         }
     }
     // A later fragment only follows its first fragment's flow: it has no L4 header to
@@ -128,8 +131,18 @@ fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
 }
 
 /// Applies a flow's rewrite; a source-NATed packet is forwarded past the stack.
-#[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i32> {
+///
+/// A BPF subprogram, not inlined: its stack (the route lookup's parameters, an ICMP
+/// error's frame) then stays out of `try_tcx_in`'s, which the calls into
+/// `lb::sticky_backend` and `nat::ekp_allocate_port` add to, all within the 512 bytes of
+/// a call chain (inlined: 432 bytes for `try_tcx_in` alone). The verifier walks it once
+/// for each state it is called in, a few.
+#[inline(never)]
+fn translate<const SCOPE: u8>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    entry: &NatCtValue,
+) -> Result<i32, i32> {
     fragments::remember(pkt);
     if entry.flags & CT_FLAG_SNAT == 0 {
         nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
@@ -140,7 +153,7 @@ fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i
     let tuple = (entry.saddr, entry.daddr, entry.sport, entry.dport);
     let route = fib::route(ctx, pkt.proto, tuple, pkt.ttl);
     if let Route::TooBig(mtu) = route {
-        return Err(too_big(ctx, pkt, mtu));
+        return Err(too_big::<SCOPE>(ctx, pkt, mtu));
     }
     nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
     let redirected = fib::send(ctx, &route).map_err(|_| DROP)?;
@@ -154,21 +167,17 @@ fn translate(ctx: &TcContext, pkt: &Packet, entry: &NatCtValue) -> Result<i32, i
 /// MTU and sends smaller packets; without, it is dropped (kube-proxy's path, through the
 /// stack, would fragment it).
 #[inline(always)]
-fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> i32 {
+fn too_big<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, mtu: u16) -> i32 {
     log_debug!(
-        ctx,
-        "tcx_in: {:i}:{} -> {:i}:{}/{} is larger than the next hop's MTU {}: {}",
-        log::ip(pkt.saddr),
-        u16::from_be(pkt.sport),
-        log::ip(pkt.daddr),
-        u16::from_be(pkt.dport),
-        log::proto(pkt.proto),
-        mtu,
-        if pkt.dont_fragment {
-            "answered with ICMP fragmentation needed"
-        } else {
-            "dropped (no don't-fragment: it cannot be fragmented here)"
-        }
+        LOG_EVENT_TOO_BIG,
+        hook::<SCOPE>(),
+        0,
+        [
+            source(pkt),
+            destination(pkt),
+            u64::from(mtu),
+            u64::from(pkt.dont_fragment)
+        ]
     );
     if !pkt.dont_fragment {
         return DROP;
@@ -195,30 +204,27 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     if frontend.count == 0 {
         let verdict = refuse(ctx, pkt, frontend.flags, config.as_ref());
         log_debug!(
-            ctx,
-            "tcx_in: {:i}:{} -> {:i}:{}/{} has no usable backend: {}",
-            log::ip(pkt.saddr),
-            u16::from_be(pkt.sport),
-            log::ip(pkt.daddr),
-            u16::from_be(pkt.dport),
-            log::proto(pkt.proto),
-            match verdict {
-                DROP => "dropped",
-                PASS => "passed on to be refused",
-                _ => "refused with ICMP port unreachable",
-            }
+            LOG_EVENT_FLOW_NO_BACKEND,
+            hook::<SCOPE>(),
+            0,
+            [
+                source(pkt),
+                destination(pkt),
+                match verdict {
+                    DROP => LOG_REFUSAL_DROPPED,
+                    PASS => LOG_REFUSAL_PASSED,
+                    _ => LOG_REFUSAL_ICMP,
+                }
+            ]
         );
         return Err(verdict);
     }
     if frontend.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(pkt, frontend.rev_nat_id) {
         log_debug!(
-            ctx,
-            "tcx_in: {:i}:{} -> {:i}:{}/{} is outside loadBalancerSourceRanges: dropped",
-            log::ip(pkt.saddr),
-            u16::from_be(pkt.sport),
-            log::ip(pkt.daddr),
-            u16::from_be(pkt.dport),
-            log::proto(pkt.proto)
+            LOG_EVENT_OUTSIDE_SOURCE_RANGES,
+            hook::<SCOPE>(),
+            0,
+            [source(pkt), destination(pkt)]
         );
         return Err(DROP);
     }
@@ -227,14 +233,14 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
     else {
         log_error!(
-            ctx,
-            "tcx_in: {:i}:{}/{}: slot {} of {} -> backend {} missing (0: no slot), left untranslated",
-            log::ip(pkt.daddr),
-            u16::from_be(pkt.dport),
-            log::proto(pkt.proto),
-            key.slot,
-            frontend.count,
-            selected.unwrap_or(0)
+            LOG_EVENT_SLOT_MISSING,
+            hook::<SCOPE>(),
+            lb::slot_backend_id(&key),
+            [
+                destination(pkt),
+                u64::from(key.slot),
+                u64::from(frontend.count),
+            ]
         );
         return Err(PASS);
     };
@@ -279,35 +285,54 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     // client retransmits.
     if let Err(e) = nat::create(&ct_key, &mut forward, ports, now) {
         log_error!(
-            ctx,
-            "tcx_in: {:i}:{} -> {:i}:{}/{}: {}, new flow dropped",
-            log::ip(pkt.saddr),
-            u16::from_be(pkt.sport),
-            log::ip(pkt.daddr),
-            u16::from_be(pkt.dport),
-            log::proto(pkt.proto),
-            match e {
-                CreateError::NoFreePort => "no free source port",
-                CreateError::MapFull => "conntrack map refused the entry",
-            }
+            LOG_EVENT_FLOW_DROPPED,
+            hook::<SCOPE>(),
+            0,
+            [
+                source(pkt),
+                destination(pkt),
+                match e {
+                    CreateError::NoFreePort => LOG_DROP_NO_FREE_PORT,
+                    CreateError::MapFull => LOG_DROP_MAP_FULL,
+                }
+            ]
         );
         return Err(DROP);
     }
     log_debug!(
-        ctx,
-        "tcx_in: new flow {:i}:{} -> {:i}:{}/{} => {:i}:{} -> {:i}:{} (backend {})",
-        log::ip(pkt.saddr),
-        u16::from_be(pkt.sport),
-        log::ip(pkt.daddr),
-        u16::from_be(pkt.dport),
-        log::proto(pkt.proto),
-        log::ip(forward.saddr),
-        u16::from_be(forward.sport),
-        log::ip(forward.daddr),
-        u16::from_be(forward.dport),
-        backend_id
+        LOG_EVENT_NEW_FLOW,
+        hook::<SCOPE>(),
+        backend_id,
+        [
+            source(pkt),
+            destination(pkt),
+            log_endpoint(forward.saddr, forward.sport, pkt.proto),
+            log_endpoint(forward.daddr, forward.dport, pkt.proto),
+        ]
     );
-    translate(ctx, pkt, &forward)
+    translate::<SCOPE>(ctx, pkt, &forward)
+}
+
+/// The program a log record of `try_tcx_in::<SCOPE>` comes from.
+#[inline(always)]
+const fn hook<const SCOPE: u8>() -> u8 {
+    if SCOPE == SCOPE_INTERNAL {
+        LOG_HOOK_POD_IN
+    } else {
+        LOG_HOOK_TCX_IN
+    }
+}
+
+/// A packet's source (the client of a new flow), as log records carry it.
+#[inline(always)]
+fn source(pkt: &Packet) -> u64 {
+    log_endpoint(pkt.saddr, pkt.sport, pkt.proto)
+}
+
+/// A packet's destination (the frontend of a new flow), as log records carry it.
+#[inline(always)]
+fn destination(pkt: &Packet) -> u64 {
+    log_endpoint(pkt.daddr, pkt.dport, pkt.proto)
 }
 
 /// Whether the client is inside one of the frontend's `loadBalancerSourceRanges` (C22):

@@ -29,11 +29,13 @@ use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, 
 use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use proxy_common::{
-    ECONNREFUSED, EHOSTUNREACH, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
+    ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
+    LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4, PROTO_TCP,
+    PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey,
+    SockRevNatValue, log_endpoint,
 };
 
-use crate::log::{self, log_debug, log_error};
+use crate::log::{log_debug, log_error};
 use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 use crate::sock_slot::{Pin, Remembered};
 use crate::{lb, sock_slot, sock_state};
@@ -172,19 +174,16 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
 
 /// Frontend -> backend. Anything that is not a known frontend proceeds untouched.
 ///
-/// `SENDMSG` only names the program in log lines, but it also makes the programs' copies
-/// distinct functions: each log point then has a single call site and is inlined. Shared
-/// by two programs, LLVM outlines a log point into a BPF subprogram whose unused result it
-/// drops, and the verifier rejects the garbage left in r0 ("cannot return stack pointer to
-/// the caller"). `V6`: the `connect6` hook, whose IPv4 address is a mapped one.
+/// `SENDMSG`: the `sendmsg4` hook (unconnected UDP: a datagram may move a socket's pin);
+/// `V6`: the `connect6` hook, whose IPv4 address is a mapped one.
 #[inline(always)]
 fn translate_forward<const SENDMSG: bool, const V6: bool>(
     ctx: &SockAddrContext,
 ) -> Result<i32, i32> {
     let hook = match (SENDMSG, V6) {
-        (true, _) => "sendmsg4",
-        (false, false) => "connect4",
-        (false, true) => "connect6",
+        (true, _) => LOG_HOOK_SENDMSG4,
+        (false, false) => LOG_HOOK_CONNECT4,
+        (false, true) => LOG_HOOK_CONNECT6,
     };
     let sa = ctx.sock_addr;
     let addr = user_addr::<V6>(sa).ok_or(PROCEED)?;
@@ -252,13 +251,10 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         };
         unsafe { bpf_set_retval(-errno) };
         log_debug!(
-            ctx,
-            "{}: {:i}:{}/{} has no usable backend: failed with errno {}",
+            LOG_EVENT_SOCK_NO_BACKEND,
             hook,
-            log::ip(addr),
-            u16::from_be(port),
-            log::proto(proto),
-            errno
+            0,
+            [log_endpoint(addr, port, proto), errno as u64]
         );
         return Err(FAIL);
     }
@@ -277,15 +273,14 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         kept.or_else(|| selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, unsafe { *b }))));
     let Some((backend_id, backend)) = chosen else {
         log_error!(
-            ctx,
-            "{}: {:i}:{}/{}: slot {} of {} -> backend {} missing (0: no slot), left untranslated",
+            LOG_EVENT_SLOT_MISSING,
             hook,
-            log::ip(addr),
-            u16::from_be(port),
-            log::proto(proto),
-            key.slot,
-            frontend.count,
-            selected.unwrap_or(0)
+            lb::slot_backend_id(&key),
+            [
+                log_endpoint(addr, port, proto),
+                u64::from(key.slot),
+                u64::from(frontend.count),
+            ]
         );
         return Err(PROCEED);
     };
@@ -371,15 +366,13 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
     // SAFETY: the port is writable in connect4/6 and sendmsg4.
     unsafe { (*sa).user_port = u32::from(backend.port) };
     log_debug!(
-        ctx,
-        "{}: {:i}:{}/{} -> {:i}:{} (backend {})",
+        LOG_EVENT_SOCK_TRANSLATED,
         hook,
-        log::ip(addr),
-        u16::from_be(port),
-        log::proto(proto),
-        log::ip(backend.addr),
-        u16::from_be(backend.port),
-        backend_id
+        backend_id,
+        [
+            log_endpoint(addr, port, proto),
+            log_endpoint(backend.addr, backend.port, proto),
+        ]
     );
     Ok(PROCEED)
 }

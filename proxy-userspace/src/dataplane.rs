@@ -32,7 +32,10 @@ use proxy_common::{
 };
 
 mod logs;
-pub use logs::{pinned_level as pinned_bpf_log_level, set_pinned_level as set_bpf_log_level};
+pub use logs::{
+    Level as LogLevel, LogReader, Message as LogMessage, pinned_level as pinned_bpf_log_level,
+    set_pinned_level as set_bpf_log_level,
+};
 
 /// The eBPF object, built by `build.rs` (see xtask's `ebpf` module) and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));

@@ -15,7 +15,6 @@ mod prog_test_run;
 
 use std::net::Ipv4Addr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{AGENT, Harness, answers, service, slice};
@@ -26,6 +25,7 @@ use proxy_common::{
     BACKEND_FLAG_LOCAL, LOG_LEVEL_DEBUG, LOG_LEVEL_ERROR, LOG_LEVEL_OFF, LogConfig, MAP_LOG,
     PROTO_TCP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
 };
+use proxy_userspace::dataplane::{LogLevel, LogMessage, LogReader};
 
 const ECONNREFUSED: i64 = 111;
 
@@ -227,36 +227,17 @@ fn socket_lb_logs_nothing_by_default_and_bpf_log_switches_it_at_run_time() {
     wait_for_ebpf_lines(&h, marker, 3);
 }
 
-/// Records read from the object's ring buffer, as `(level, message)`.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<(log::Level, String)>>>);
-
-impl log::Log for Captured {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        self.0
-            .lock()
-            .unwrap()
-            .push((record.level(), record.args().to_string()));
-    }
-    fn flush(&self) {}
-}
-
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 20);
 
-/// The embedded object loaded for packet tests, with its log switch at `level`, and a
-/// logger on its ring buffer that collects into the returned `Captured`.
-fn datapath_logging(level: u8) -> (Datapath, aya_log::EbpfLogger<Captured>, Captured) {
+/// The embedded object loaded for packet tests, with its log switch at `level`, and the
+/// agent's reader on its ring buffer.
+fn datapath_logging(level: u8) -> (Datapath, LogReader) {
     let mut dp = Datapath::load();
-    let captured = Captured::default();
-    let logger = aya_log::EbpfLogger::init_with_logger(dp.ebpf_mut(), captured.clone())
-        .expect("the object carries aya-log's ring buffer");
+    let reader = LogReader::new(dp.ebpf_mut()).expect("the object carries its log ring buffer");
     let mut switch: aya::maps::Array<_, LogConfig> =
         aya::maps::Array::try_from(dp.ebpf_mut().map_mut(MAP_LOG).expect("the log switch"))
             .expect("an array");
@@ -270,12 +251,12 @@ fn datapath_logging(level: u8) -> (Datapath, aya_log::EbpfLogger<Captured>, Capt
             0,
         )
         .expect("setting the level");
-    (dp, logger, captured)
+    (dp, reader)
 }
 
 /// Runs the TCX cases with the given log level; the outcomes and the records logged.
-fn tcx_cases(level: u8) -> (Vec<Outcome>, Vec<(log::Level, String)>) {
-    let (mut dp, mut logger, captured) = datapath_logging(level);
+fn tcx_cases(level: u8) -> (Vec<Outcome>, Vec<LogMessage>) {
+    let (mut dp, mut reader) = datapath_logging(level);
     dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
     dp.backend(2, REMOTE_POD, 8080, PROTO_TCP, 0);
     let node_port = |port, rev_nat_id, flags| Frontend {
@@ -301,9 +282,7 @@ fn tcx_cases(level: u8) -> (Vec<Outcome>, Vec<(log::Level, String)>) {
     .iter()
     .map(|f| dp.ingress(&f.bytes()))
     .collect();
-    logger.flush();
-    let records = captured.0.lock().unwrap().clone();
-    (outcomes, records)
+    (outcomes, reader.read())
 }
 
 #[test]
@@ -313,8 +292,8 @@ fn tcx_logging_names_new_flows_and_drops_and_changes_no_verdict_or_byte() {
         assert_eq!(none, Vec::new(), "logging is off");
         let (_, errors) = tcx_cases(LOG_LEVEL_ERROR);
         assert_eq!(
-            errors.iter().map(|r| r.0).collect::<Vec<_>>(),
-            [log::Level::Error],
+            errors.iter().map(|r| r.level).collect::<Vec<_>>(),
+            [LogLevel::Error],
             "at the error level only the SNAT exhaustion is logged: {errors:?}"
         );
         let (logged, records) = tcx_cases(LOG_LEVEL_DEBUG);
@@ -329,33 +308,33 @@ fn tcx_logging_names_new_flows_and_drops_and_changes_no_verdict_or_byte() {
                 hex(&l.packet)
             );
         }
-        use log::Level::{Debug, Error};
+        use LogLevel::{Debug, Error};
+        let message = |level, text: &str| LogMessage {
+            level,
+            text: text.to_owned(),
+        };
         assert_eq!(
             records,
             vec![
-                (
+                message(
                     Debug,
                     "tcx_in: new flow 198.51.100.7:40000 -> 192.0.2.1:30081/TCP => \
                      198.51.100.7:40000 -> 10.244.1.10:8080 (backend 1)"
-                        .to_owned()
                 ),
-                (
+                message(
                     Debug,
                     "tcx_in: new flow 198.51.100.7:40000 -> 192.0.2.1:30082/TCP => \
                      192.0.2.1:61000 -> 10.244.2.20:8080 (backend 2)"
-                        .to_owned()
                 ),
-                (
+                message(
                     Error,
                     "tcx_in: 198.51.100.8:40000 -> 192.0.2.1:30082/TCP: no free source port, \
                      new flow dropped"
-                        .to_owned()
                 ),
-                (
+                message(
                     Debug,
                     "tcx_in: 198.51.100.7:40000 -> 192.0.2.1:30083/TCP has no usable backend: \
                      dropped"
-                        .to_owned()
                 ),
             ]
         );
@@ -367,7 +346,7 @@ fn tcx_logging_names_new_flows_and_drops_and_changes_no_verdict_or_byte() {
 #[test]
 fn a_full_log_buffer_drops_records_and_nothing_else() {
     in_private_netns(|| {
-        let (mut dp, mut logger, captured) = datapath_logging(LOG_LEVEL_DEBUG);
+        let (mut dp, mut reader) = datapath_logging(LOG_LEVEL_DEBUG);
         dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
         let frontend = Frontend {
             addr: NODE,
@@ -379,8 +358,9 @@ fn a_full_log_buffer_drops_records_and_nothing_else() {
             affinity_id: 0,
         };
         dp.frontend(frontend, &[1]);
-        // Each new flow logs one record of a few hundred bytes; 128 KiB hold far fewer.
-        let flows: u16 = 2000;
+        // Each new flow logs one record of 48 bytes with the ring buffer's header; 128 KiB
+        // hold 2730.
+        let flows: u16 = 4000;
         for port in 0..flows {
             let out = dp.ingress(&Frame::tcp(CLIENT, 20000 + port, NODE, 30081).bytes());
             assert_eq!(out.verdict, TCX_NEXT, "flow {port}");
@@ -391,8 +371,7 @@ fn a_full_log_buffer_drops_records_and_nothing_else() {
                 "flow {port} is translated"
             );
         }
-        logger.flush();
-        let logged = captured.0.lock().unwrap().len();
+        let logged = reader.read().len();
         assert!(
             logged > 0 && logged < usize::from(flows),
             "{logged} of {flows} records: the full buffer must have dropped some"
