@@ -165,10 +165,12 @@ pub(super) fn forward(ebpf: &mut Ebpf) -> Option<Forwarder> {
             let Ok(mut ready) = reader.readable_mut().await else {
                 return;
             };
+            // Cleared before reading: a record written after the read wakes the task
+            // again, where clearing after it could swallow that wake-up.
+            ready.clear_ready();
             for message in ready.get_inner_mut().read() {
                 emit(&message);
             }
-            ready.clear_ready();
         }
     });
     Some(Forwarder { task })
