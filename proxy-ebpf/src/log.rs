@@ -42,8 +42,9 @@ const _: () = assert!(
 /// Writes one record (the caller checked the switch): its first word ([`head`]) and four
 /// arguments. A global BPF function (as `lb::ekp_find_backend`): the verifier checks it
 /// once, and a log point costs the programs that call it five register moves and a call,
-/// nothing on their stack (the north-south ones are near their 512 bytes). Returns 0, or
-/// 1 when the buffer was full and the record dropped.
+/// nothing on their stack (a record built there would count against the 512 bytes of the
+/// north-south programs' call chains). Returns 0, or 1 when the buffer was full and the
+/// record dropped.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn ekp_log(head: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i32 {
