@@ -23,7 +23,7 @@ use prog_test_run::{
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, LOG_LEVEL_DEBUG, LOG_LEVEL_ERROR, LOG_LEVEL_OFF, LogConfig, MAP_LOG,
-    PROTO_TCP, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    PROTO_TCP, SCOPE_INTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
 };
 use proxy_userspace::dataplane::{LogLevel, LogMessage, LogReader};
 
@@ -337,6 +337,48 @@ fn tcx_logging_names_new_flows_and_drops_and_changes_no_verdict_or_byte() {
                      dropped"
                 ),
             ]
+        );
+    });
+}
+
+/// The pod programs (host-namespace-only socket LB) share `ekp_tcx_in`'s code; their
+/// records name them.
+#[test]
+fn pod_in_records_name_pod_in() {
+    in_private_netns(|| {
+        let (mut dp, mut reader) = datapath_logging(LOG_LEVEL_DEBUG);
+        let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+        let client_pod = Ipv4Addr::new(10, 244, 1, 20);
+        dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
+        let frontend = Frontend {
+            addr: cluster_ip,
+            port: 80,
+            proto: PROTO_TCP,
+            rev_nat_id: 1,
+            flags: 0,
+            affinity_timeout: 0,
+            affinity_id: 0,
+        };
+        dp.frontend_in(SCOPE_INTERNAL, frontend, &[1]);
+        let out = dp.run(
+            "ekp_pod_in",
+            &Frame::tcp(client_pod, 40000, cluster_ip, 80).bytes(),
+            0,
+        );
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(
+            prog_test_run::tuple_of(&out.packet),
+            (client_pod, 40000, LOCAL_POD, 8080),
+            "translated"
+        );
+        assert_eq!(
+            reader.read(),
+            vec![LogMessage {
+                level: LogLevel::Debug,
+                text: "pod_in: new flow 10.244.1.20:40000 -> 10.96.0.10:80/TCP => \
+                       10.244.1.20:40000 -> 10.244.1.10:8080 (backend 1)"
+                    .to_owned()
+            }]
         );
     });
 }

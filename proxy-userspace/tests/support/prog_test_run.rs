@@ -254,6 +254,12 @@ impl Datapath {
 
     /// An external-scope frontend (slot 0) and its backend slots, in the agent's order.
     pub fn frontend(&mut self, frontend: Frontend, backend_ids: &[u32]) {
+        self.frontend_in(SCOPE_EXTERNAL, frontend, backend_ids);
+    }
+
+    /// A frontend of `scope` (`SCOPE_INTERNAL`: what the pod programs look up) and its
+    /// backend slots.
+    pub fn frontend_in(&mut self, scope: u8, frontend: Frontend, backend_ids: &[u32]) {
         for (i, id) in backend_ids.iter().enumerate() {
             let slot = ServiceValue {
                 backend_id: *id,
@@ -261,7 +267,7 @@ impl Datapath {
                 ..Default::default()
             };
             self.services
-                .insert(frontend.key(i as u16 + 1), slot, 0)
+                .insert(frontend.key_in(scope, i as u16 + 1), slot, 0)
                 .expect("writing a backend slot");
         }
         let master = ServiceValue {
@@ -273,7 +279,7 @@ impl Datapath {
             ..Default::default()
         };
         self.services
-            .insert(frontend.key(0), master, 0)
+            .insert(frontend.key_in(scope, 0), master, 0)
             .expect("writing a frontend");
     }
 
@@ -346,12 +352,16 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn key(&self, slot: u16) -> ServiceKey {
+        self.key_in(SCOPE_EXTERNAL, slot)
+    }
+
+    pub fn key_in(&self, scope: u8, slot: u16) -> ServiceKey {
         ServiceKey {
             addr: u32::from_ne_bytes(self.addr.octets()),
             port: self.port.to_be(),
             slot,
             proto: self.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
             _pad: [0; 2],
         }
     }
