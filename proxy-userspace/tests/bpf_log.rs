@@ -254,20 +254,26 @@ fn datapath_logging(level: u8) -> (Datapath, LogReader) {
     (dp, reader)
 }
 
+/// A TCP frontend without session affinity.
+fn tcp_frontend(addr: Ipv4Addr, port: u16, rev_nat_id: u16, flags: u16) -> Frontend {
+    Frontend {
+        addr,
+        port,
+        proto: PROTO_TCP,
+        rev_nat_id,
+        flags,
+        affinity_timeout: 0,
+        affinity_id: 0,
+    }
+}
+
 /// Runs the TCX cases with the given log level; the outcomes and the records logged.
 fn tcx_cases(level: u8) -> (Vec<Outcome>, Vec<LogMessage>) {
     let (mut dp, mut reader) = datapath_logging(level);
     dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
     dp.backend(2, REMOTE_POD, 8080, PROTO_TCP, 0);
-    let node_port = |port, rev_nat_id, flags| Frontend {
-        addr: NODE,
-        port,
-        proto: PROTO_TCP,
-        rev_nat_id,
-        flags: SVC_FLAG_NODE_PORT | flags,
-        affinity_timeout: 0,
-        affinity_id: 0,
-    };
+    let node_port =
+        |port, rev_nat_id, flags| tcp_frontend(NODE, port, rev_nat_id, SVC_FLAG_NODE_PORT | flags);
     dp.frontend(node_port(30081, 1, 0), &[1]);
     dp.frontend(node_port(30082, 2, 0), &[2]);
     dp.frontend(node_port(30083, 3, SVC_FLAG_DROP_EMPTY), &[]);
@@ -350,16 +356,7 @@ fn pod_in_records_name_pod_in() {
         let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
         let client_pod = Ipv4Addr::new(10, 244, 1, 20);
         dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        let frontend = Frontend {
-            addr: cluster_ip,
-            port: 80,
-            proto: PROTO_TCP,
-            rev_nat_id: 1,
-            flags: 0,
-            affinity_timeout: 0,
-            affinity_id: 0,
-        };
-        dp.frontend_in(SCOPE_INTERNAL, frontend, &[1]);
+        dp.frontend_in(SCOPE_INTERNAL, tcp_frontend(cluster_ip, 80, 1, 0), &[1]);
         let out = dp.run(
             "ekp_pod_in",
             &Frame::tcp(client_pod, 40000, cluster_ip, 80).bytes(),
@@ -390,16 +387,7 @@ fn a_full_log_buffer_drops_records_and_nothing_else() {
     in_private_netns(|| {
         let (mut dp, mut reader) = datapath_logging(LOG_LEVEL_DEBUG);
         dp.backend(1, LOCAL_POD, 8080, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        let frontend = Frontend {
-            addr: NODE,
-            port: 30081,
-            proto: PROTO_TCP,
-            rev_nat_id: 1,
-            flags: SVC_FLAG_NODE_PORT,
-            affinity_timeout: 0,
-            affinity_id: 0,
-        };
-        dp.frontend(frontend, &[1]);
+        dp.frontend(tcp_frontend(NODE, 30081, 1, SVC_FLAG_NODE_PORT), &[1]);
         // Each new flow logs one record of 48 bytes with the ring buffer's header; 128 KiB
         // hold 2730.
         let flows: u16 = 4000;
