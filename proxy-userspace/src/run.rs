@@ -10,6 +10,7 @@
 //! after a failed or partial one (something did not fit) diffs everything. Input problems
 //! are logged once each, naming the object, and never stop the loop.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -720,9 +721,21 @@ fn sync_once(
     state.ignored = ignored;
 
     let capacity = Capacity::from(&config.map_sizes);
+    // The affinity groups' members beside the frontends that changed (rare: then a copy).
+    let touched_frontends: Cow<'_, BTreeSet<FrontendKey>> = if changes.affinity_members.is_empty() {
+        Cow::Borrowed(&changes.frontends)
+    } else {
+        Cow::Owned(
+            changes
+                .frontends
+                .union(&changes.affinity_members)
+                .copied()
+                .collect(),
+        )
+    };
     let touched = (state.whole && !changes.all)
         .then_some(Touched {
-            frontends: &changes.frontends,
+            frontends: &touched_frontends,
             local_backends: &changes.local_backends,
         })
         .filter(|t| {

@@ -2069,6 +2069,53 @@ mod tests {
         assert_eq!(node_port.affinity_id, node_port.rev_nat_id);
     }
 
+    /// Another Service's frontend takes the key of a sticky Service's ClusterIP frontend (an
+    /// externalIP equal to it, sorted first) and gives it back: the sticky Service's other
+    /// frontends keep their values, yet their affinity id follows the group's owner. A touched
+    /// plan given the group's members too plans what a full one does.
+    #[test]
+    fn a_touched_plan_follows_the_affinity_group_key_changing_hands() {
+        let mut mirror = Programmed::default();
+        let both = sticky_node_port(&[2, 3], &[2]);
+        let node_port_key = both[1].key;
+        sync(&mut mirror, &desired(&both));
+        let taken = Frontend {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: "svc-0".into(),
+                port: String::new(),
+            },
+            ..frontend(1, &[4])
+        };
+        for wanted in [desired(&[taken, both[1].clone()]), desired(&both)] {
+            let full = plan(&mirror, &wanted).expect("plan");
+            let index = touched::BackendIndex::of(&mirror);
+            let keys = BTreeSet::from([fkey(1)]);
+            let touched_plan = |keys: &BTreeSet<FrontendKey>| {
+                touched::plan(
+                    &mirror,
+                    &index,
+                    &wanted,
+                    touched::Touched {
+                        frontends: keys,
+                        local_backends: &BTreeSet::new(),
+                    },
+                )
+                .expect("touched plan")
+            };
+            assert_ne!(
+                touched_plan(&keys),
+                full,
+                "the group key alone misses the member"
+            );
+            let with_members = BTreeSet::from([fkey(1), node_port_key]);
+            assert_eq!(touched_plan(&with_members), full);
+            for op in &full {
+                mirror.apply(op);
+            }
+        }
+    }
+
     #[test]
     fn an_affinity_entry_is_stale_once_no_frontend_of_its_group_offers_the_backend() {
         let mut mirror = Programmed::default();

@@ -42,6 +42,11 @@ pub struct Changes {
     pub all: bool,
     /// Frontends added, removed or changed.
     pub frontends: BTreeSet<FrontendKey>,
+    /// Frontends that did not change but whose session-affinity group's ClusterIP frontend
+    /// (`Frontend::affinity_group`) did: their slot 0 names that frontend's rev-NAT id while
+    /// their Service owns it, so a plan must look at them too (the key may have changed
+    /// hands: another Service's externalIP on the same address and port, earlier in order).
+    pub affinity_members: BTreeSet<FrontendKey>,
     /// Backends that became local or stopped being local.
     pub local_backends: BTreeSet<BackendAddr>,
     /// Services and EndpointSlices added, changed or removed, by (namespace, name).
@@ -298,11 +303,22 @@ impl Incremental {
             }
         }
 
+        // Every frontend of a group merged again passes here, so do the members of any
+        // affinity group whose key changed: that key is claimed by their group.
+        let mut members = Vec::new();
         for (key, before) in merge.frontends {
-            if self.state.frontends.get(&key) != before.as_ref() {
+            let now = self.state.frontends.get(&key);
+            if now != before.as_ref() {
                 changes.frontends.insert(key);
+            } else if let Some(group) = now.and_then(|f| f.affinity_group) {
+                members.push((key, group));
             }
         }
+        changes.affinity_members = members
+            .into_iter()
+            .filter(|(_, group)| changes.frontends.contains(group))
+            .map(|(key, _)| key)
+            .collect();
         for (b, was) in merge.local {
             if self.state.local_backends.contains(&b) != was {
                 changes.local_backends.insert(b);
@@ -872,6 +888,21 @@ mod tests {
                 .copied()
                 .collect();
             prop_assert_eq!(&changes.local_backends, &local, "local after step {}", step);
+            // Every unchanged frontend whose affinity group's key changed, and no other.
+            let members: BTreeSet<FrontendKey> = want
+                .state
+                .frontends
+                .values()
+                .filter(|f| !differ.contains(&f.key))
+                .filter(|f| f.affinity_group.is_some_and(|g| differ.contains(&g)))
+                .map(|f| f.key)
+                .collect();
+            prop_assert_eq!(
+                &changes.affinity_members,
+                &members,
+                "affinity members after step {}",
+                step
+            );
         }
         Ok(())
     }
