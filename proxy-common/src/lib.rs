@@ -121,8 +121,9 @@ pub const LOG_EVENT_SOCK_NO_BACKEND: u8 = 1;
 pub const LOG_EVENT_SLOT_MISSING: u8 = 2;
 /// A socket was translated: [frontend, backend]; the backend id.
 pub const LOG_EVENT_SOCK_TRANSLATED: u8 = 3;
-/// A source-NATed packet was larger than the next hop's MTU: [client, frontend, MTU,
-/// 1 if it carried don't-fragment (answered with ICMP), 0 if not (dropped)].
+/// A source-NATed packet was larger than the next hop's MTU: [its source, its destination
+/// (as it arrived), MTU, 1 if it carried don't-fragment (answered with ICMP), 0 if not
+/// (dropped)].
 pub const LOG_EVENT_TOO_BIG: u8 = 4;
 /// A new flow to a frontend without a usable backend: [client, frontend, `LOG_REFUSAL_*`].
 pub const LOG_EVENT_FLOW_NO_BACKEND: u8 = 5;
