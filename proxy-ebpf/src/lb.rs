@@ -250,16 +250,20 @@ fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) ->
         // another Service's backend.
         let mut still_ours = || {
             // SAFETY: copied out at once.
-            let backend = BACKENDS
+            let Some(backend) = BACKENDS
                 .get_ptr(remembered.backend_id)
-                .map(|b| unsafe { *b })?;
+                .map(|b| unsafe { *b })
+            else {
+                return false;
+            };
             let slot = find_slot(key, frontend.count, backend.addr, backend.port, false);
-            if slot == 0 {
-                return None;
-            }
-            slot_backend(key, slot).filter(|(id, _)| *id == remembered.backend_id)
+            // The search matched the slot's backend by address (one id per address); the
+            // slot read again still names the remembered id unless the agent rewrote it
+            // in between.
+            key.slot = slot;
+            slot != 0 && slot_backend_id(key) == remembered.backend_id
         };
-        if fresh && still_ours().is_some() {
+        if fresh && still_ours() {
             unsafe { (*entry).last_used = now };
             return Some(remembered.backend_id);
         }
