@@ -73,12 +73,13 @@ pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
 pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
+pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
 /// The programs' log records (`LogRecord`): a ring buffer per loaded object, read by the
 /// agent that loaded it, never pinned (so not in `ALL_MAPS`).
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -93,6 +94,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_SOCK_CONFIG,
     MAP_FRAGMENTS,
     MAP_SNAT_CURSORS,
+    MAP_SNAT_TIME_WAIT,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -261,6 +263,13 @@ pub const SNAT_PORT_RETRIES: u32 = 16;
 /// destination's SNAT port starts, one cursor per hash of the destination. A power of two:
 /// the programs mask the hash with it.
 pub const SNAT_CURSORS: u32 = 16384;
+/// Entries of the SNAT TIME_WAIT records (`ekp_snat_tw_v1`, LRU): one per source-NATed
+/// connection its backend closed first, needed for the minute its TIME_WAIT lasts (about
+/// a thousand such connections a second).
+pub const SNAT_TIME_WAIT_MAX: u32 = 65536;
+/// `SnatTimeWait::flags`: the client's FIN carried a TCP timestamp, so the backend's
+/// TIME_WAIT socket checks a new SYN's timestamp against it (PAWS).
+pub const TIME_WAIT_FLAG_TIMESTAMP: u16 = 1;
 
 /// Key of the services map: one frontend (slot 0) or one of its backend slots.
 #[repr(C)]
@@ -567,6 +576,52 @@ impl NatCtValue {
     }
 }
 
+/// Value of the SNAT TIME_WAIT records (`ekp_snat_tw_v1`), keyed by a source-NATed TCP
+/// flow's reply tuple (`NatCtKey` at ingress: backend -> node address and SNAT port),
+/// written when the client's FIN passes after the backend's: what the backend's TIME_WAIT
+/// socket remembers of the client's side, and so whether it will take a new connection's
+/// SYN on the same tuple ([`SnatTimeWait::accepts`]). A port whose record says so is given
+/// out again during the TIME_WAIT, as the kernel's NAT reuses a tuple in TIME_WAIT when the
+/// new SYN's sequence number has advanced past the old connection's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SnatTimeWait {
+    /// The closed flow's client address, network order: the record is used only for the
+    /// reply entry of that flow (its destination), never for a later one on the port.
+    pub client_addr: u32,
+    /// The closed flow's client port, network order.
+    pub client_port: u16,
+    /// `TIME_WAIT_FLAG_*` bits. Host order.
+    pub flags: u16,
+    /// The sequence number after the client's FIN: what the backend expects next
+    /// (`rcv_nxt`). Host order.
+    pub next_seq: u32,
+    /// The FIN's TCP timestamp value (the backend's `ts_recent`), with
+    /// `TIME_WAIT_FLAG_TIMESTAMP`. Host order.
+    pub tsval: u32,
+}
+
+impl SnatTimeWait {
+    /// Whether the backend's TIME_WAIT socket takes a SYN with sequence number `seq` and
+    /// TCP timestamp `tsval` (`None`: the SYN has none) as a new connection, as Linux's
+    /// `tcp_timewait_state_process` decides: when both carry timestamps, a SYN whose
+    /// timestamp is older than the FIN's is turned away (PAWS; a FIN's timestamp of 0 is
+    /// not held against anyone), and one whose timestamp is newer is taken; otherwise its
+    /// sequence number must come after the old connection's.
+    #[inline(always)]
+    pub const fn accepts(&self, seq: u32, tsval: Option<u32>) -> bool {
+        let advanced = seq.wrapping_sub(self.next_seq) as i32 > 0;
+        match tsval {
+            Some(tsval) if self.flags & TIME_WAIT_FLAG_TIMESTAMP != 0 => {
+                let behind = self.tsval.wrapping_sub(tsval) as i32;
+                let paws_rejects = behind > 0 && self.tsval != 0;
+                !paws_rejects && (behind < 0 || advanced)
+            }
+            _ => advanced,
+        }
+    }
+}
+
 /// Seconds from the stamp `then` to `now`, both whole seconds of the programs' clock in a
 /// `u32` (which wraps); 0 when `then` is the later one. A reader's `now` can be a second
 /// behind a stamp: another CPU wrote it just after the clock ticked, or after the reader
@@ -653,6 +708,7 @@ const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SockConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 4);
+const _: () = assert!(core::mem::size_of::<SnatTimeWait>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -679,6 +735,7 @@ mod user {
     unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for SnatTimeWait {}
 }
 
 #[cfg(test)]
@@ -732,6 +789,46 @@ mod tests {
         assert_eq!(offset_of!(SockState, next), 64);
         assert_eq!(offset_of!(SockState, flags), 65);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
+        assert_eq!(offset_of!(SnatTimeWait, client_port), 4);
+        assert_eq!(offset_of!(SnatTimeWait, flags), 6);
+        assert_eq!(offset_of!(SnatTimeWait, next_seq), 8);
+        assert_eq!(offset_of!(SnatTimeWait, tsval), 12);
+    }
+
+    #[test]
+    fn a_time_wait_takes_a_syn_past_the_old_connection() {
+        let record = |flags, next_seq, tsval| SnatTimeWait {
+            flags,
+            next_seq,
+            tsval,
+            ..SnatTimeWait::default()
+        };
+        let with_ts = record(TIME_WAIT_FLAG_TIMESTAMP, 5000, 1000);
+        // A newer timestamp is taken, whatever the sequence number.
+        assert!(with_ts.accepts(10, Some(1001)));
+        assert!(with_ts.accepts(10, Some(1000 + i32::MAX as u32)));
+        // An older one is turned away (PAWS), whatever the sequence number.
+        assert!(!with_ts.accepts(6000, Some(998)));
+        assert!(!with_ts.accepts(6000, Some(1000 + i32::MAX as u32 + 2)));
+        // Equal: the sequence number decides.
+        assert!(with_ts.accepts(5001, Some(1000)));
+        assert!(!with_ts.accepts(5000, Some(1000)));
+        assert!(!with_ts.accepts(5001, Some(999)), "one behind is behind");
+        // A FIN's timestamp of 0 turns no one away (some stacks start at 0).
+        let zero_ts = record(TIME_WAIT_FLAG_TIMESTAMP, 5000, 0);
+        assert!(zero_ts.accepts(5001, Some(u32::MAX)));
+        assert!(zero_ts.accepts(10, Some(5)));
+        assert!(!zero_ts.accepts(10, Some(0)));
+        // A SYN without a timestamp: the sequence number alone, across the wrap too.
+        assert!(with_ts.accepts(5001, None));
+        assert!(!with_ts.accepts(5000, None));
+        let near_wrap = record(0, u32::MAX - 10, 0);
+        assert!(near_wrap.accepts(5, Some(7)));
+        assert!(!near_wrap.accepts(u32::MAX - 20, Some(u32::MAX)));
+        // An old connection without timestamps: no PAWS, the sequence number alone.
+        let without_ts = record(0, 5000, 1000);
+        assert!(without_ts.accepts(5001, Some(1)));
+        assert!(!without_ts.accepts(4999, Some(2000)));
     }
 
     #[test]

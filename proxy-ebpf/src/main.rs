@@ -10,7 +10,8 @@
 //!   to a backend (and SNATed to the node for a remote one), replies are translated back.
 //!   Its parts: `nat` (conntrack/NAT entries, SNAT ports, rewrites), `csum` (checksum
 //!   updates), `parse` (bounds-checked header access), `fib` (forwarding past the stack),
-//!   `icmp` (ICMP errors about translated flows).
+//!   `icmp` (ICMP errors about translated flows), `time_wait` (which SNAT ports a backend's
+//!   TIME_WAIT will let a new flow have).
 //! - `lb`: backend selection (random, session affinity), shared by both.
 //! - `maps`: every map, declared once.
 //! - `log`: logging behind the agent's switch (off by default).
@@ -33,6 +34,7 @@ mod parse;
 mod sock;
 mod sock_slot;
 mod sock_state;
+mod time_wait;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,9 +8,9 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LOG_RECORDS_BYTES,
-    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS, SOCK_SLOTS,
-    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState,
-    SourceRangeKey,
+    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS,
+    SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue, SnatTimeWait, SockConfig,
+    SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -105,3 +105,10 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_MAX as 
 /// `ekp_tcx_in` (`nat::allocate_port`).
 #[btf_map(name = "ekp_snat_cur_v1")]
 pub static SNAT_CURSOR: Array<u64, { SNAT_CURSORS as usize }> = Array::new();
+
+/// Reply tuple of a source-NATed TCP flow its backend closed first -> what the backend's
+/// TIME_WAIT socket remembers of the client (`time_wait`). Written by `ekp_tcx_in` at the
+/// client's FIN, read by the SNAT port search; LRU: a record is of use for a minute.
+#[btf_map(name = "ekp_snat_tw_v1")]
+pub static SNAT_TIME_WAIT: LruHashMap<NatCtKey, SnatTimeWait, { SNAT_TIME_WAIT_MAX as usize }> =
+    LruHashMap::new();

@@ -16,7 +16,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd};
 use core::mem::offset_of;
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
@@ -28,6 +28,7 @@ use proxy_common::{
 use crate::csum::{self, RewriteError};
 use crate::maps::{BACKENDS, NAT_CT, SNAT_CURSOR};
 use crate::parse::{Packet, TCP_FIN, TCP_RST};
+use crate::time_wait::{self, Stamp};
 
 /// The conntrack key of `pkt` as seen by the hook `dir`.
 #[inline(always)]
@@ -48,7 +49,7 @@ pub fn key_of(pkt: &Packet, dir: u8) -> NatCtKey {
 /// original-direction entry at ingress; an original-direction entry's reply comes back at
 /// ingress when source-NATed (to the node's address) and leaves at egress otherwise.
 #[inline(always)]
-fn pair_key(key: &NatCtKey, entry: &NatCtValue) -> NatCtKey {
+pub fn pair_key(key: &NatCtKey, entry: &NatCtValue) -> NatCtKey {
     let dir = if entry.flags & (CT_FLAG_REPLY | CT_FLAG_SNAT) != 0 {
         CT_DIR_IN
     } else {
@@ -218,7 +219,9 @@ pub enum CreateError {
 
 /// Records a new flow: the reply entry first (a reply can never beat its entry), then the
 /// original-direction entry. A source-NATed flow takes a source port from `ports`
-/// (inclusive, host order), written to `forward.sport`.
+/// (inclusive, host order), written to `forward.sport`. `opens`: the packet in `ctx` opens
+/// a TCP connection; its stamp (`time_wait`) then decides which ports a backend's
+/// TIME_WAIT still holds can be given to the flow.
 ///
 /// A flow that keeps the client's address keeps its port too, unless another live flow
 /// answers the client there: the same client address and port reaching the same backend
@@ -229,16 +232,21 @@ pub enum CreateError {
 /// flow's frontend as source, and its client would reset them.
 #[inline(always)]
 pub fn create(
+    ctx: &TcContext,
     key: &NatCtKey,
     forward: &mut NatCtValue,
     ports: (u16, u16),
     now: u32,
+    opens: bool,
 ) -> Result<(), CreateError> {
     let reply = pair_value(key, forward);
     let reply_key = pair_key(key, forward);
     if forward.flags & CT_FLAG_SNAT != 0 || !claim_reply(&reply_key, &reply, now) {
-        let range = u64::from(ports.0) | u64::from(ports.1) << 16;
-        let taken = ekp_allocate_port(&reply_key, &reply, range, now.into());
+        let range_now = u64::from(ports.0) | u64::from(ports.1) << 16 | u64::from(now) << 32;
+        let mut taken = ekp_allocate_port(&reply_key, &reply, range_now, opens.into());
+        if taken & LEFT_TO_THE_SYN != 0 {
+            taken = ekp_time_wait_port(ctx.skb.skb, &reply_key, &reply, range_now, taken >> 32);
+        }
         if taken & PORT_TAKEN == 0 {
             return Err(CreateError::NoFreePort);
         }
@@ -288,8 +296,14 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
         && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
 }
 
-/// In what [`ekp_allocate_port`] returns, set when it took a port (the low 16 bits).
+/// In what [`ekp_allocate_port`] and [`ekp_time_wait_port`] return, set when they took a
+/// port (the low 16 bits).
 const PORT_TAKEN: u64 = 1 << 16;
+/// In what [`ekp_allocate_port`] returns, set when it found no free port for a flow whose
+/// first packet opens a TCP connection: the ports it tried are left to
+/// [`ekp_time_wait_port`], given in the upper half (the first one tried, and the one closed
+/// longest ago above it, 0 if none).
+const LEFT_TO_THE_SYN: u64 = 1 << 17;
 
 /// [`allocate_port`] for `create`, with the search's copy of the reply key.
 ///
@@ -298,15 +312,17 @@ const PORT_TAKEN: u64 = 1 << 16;
 /// again for each of the states `ekp_tcx_in` reaches `create` in, a third of what the
 /// verifier did for the program. It takes scalars and pointers to memory (`reply_key`,
 /// `reply`: the caller's, which the verifier checks are as large as the types), either of
-/// which may be null as far as the verifier knows; `range`: the first port of `ports`,
-/// the last above it. Returns the port (network order) with [`PORT_TAKEN`], 0 when none.
+/// which may be null as far as the verifier knows; `range_now`: the first port of `ports`,
+/// the last above it, the time above both; `opens`: 1 when the flow's first packet opens a
+/// TCP connection. Returns the port (network order) with [`PORT_TAKEN`], the ports left to
+/// the SYN with [`LEFT_TO_THE_SYN`], or 0.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_allocate_port(
     reply_key: *const NatCtKey,
     reply: *const NatCtValue,
-    range: u64,
-    now: u64,
+    range_now: u64,
+    opens: u64,
 ) -> u64 {
     // SAFETY: null or the caller's live structs.
     let (Some(key), Some(reply)) = (unsafe { reply_key.as_ref() }, unsafe { reply.as_ref() })
@@ -314,10 +330,13 @@ extern "C" fn ekp_allocate_port(
         return 0;
     };
     let mut key = *key;
-    let ports = (range as u16, (range >> 16) as u16);
-    match allocate_port(&mut key, reply, ports, now as u32) {
+    let ports = (range_now as u16, (range_now >> 16) as u16);
+    match allocate_port(&mut key, reply, ports, (range_now >> 32) as u32, opens != 0) {
         Ok(port) => u64::from(port) | PORT_TAKEN,
-        Err(()) => 0,
+        Err(Some((first, fallback))) => {
+            LEFT_TO_THE_SYN | u64::from(first) << 32 | u64::from(fallback) << 48
+        }
+        Err(None) => 0,
     }
 }
 
@@ -329,30 +348,34 @@ extern "C" fn ekp_allocate_port(
 /// sooner, at times while the backend still holds its last connection in TIME_WAIT. A port
 /// is taken only if no flow holds the same reply tuple, so two flows can never share one
 /// (`BPF_NOEXIST` makes check and claim one atomic step); one whose flow expired is reused.
-/// Of the ports met whose TCP flows closed more than `CT_LIFETIME_CLOSING` ago but may
-/// still be in the backend's TIME_WAIT, the one closed longest ago is taken when no try
-/// found a free one. Bounded retries; `Err` when all were taken.
+/// Bounded retries. When no try found a free one: for a flow that `opens` a TCP
+/// connection, `Err(Some((first port tried, fallback)))`, for [`ekp_time_wait_port`] to
+/// choose with the SYN; else the fallback is taken, of the ports met whose TCP flows
+/// closed more than `CT_LIFETIME_CLOSING` ago (but may still be in the backend's
+/// TIME_WAIT) the one closed longest ago. `Err(None)` when none was taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
     reply: &NatCtValue,
     (min, max): (u16, u16),
     now: u32,
-) -> Result<u16, ()> {
+    opens: bool,
+) -> Result<u16, Option<(u16, u16)>> {
     if min == 0 || max < min {
-        return Err(());
+        return Err(None);
     }
     let span = u64::from(max - min) + 1;
-    let cursor = cursor_of(reply_key).ok_or(())?;
+    let cursor = cursor_of(reply_key).ok_or(None)?;
     let start = draw(cursor);
+    let no_stamp = Stamp::default();
     // (port, seconds since its flow closed). The port, not the try that met it: a try's
     // number is known exactly at each step, and the verifier would walk every fallback
     // it could hold as a path of its own.
     let mut fallback = (0u16, 0u32);
     for i in 0..SNAT_PORT_RETRIES {
-        let port = port_at(min, start + u64::from(i), span)?;
+        let port = port_at(min, start + u64::from(i), span).ok_or(None)?;
         reply_key.dport = port;
-        match try_port(reply_key, reply, now, false) {
+        match try_port(reply_key, reply, now, Claim::Free, &no_stamp) {
             Try::Taken => {
                 advance(cursor, i);
                 return Ok(port);
@@ -364,23 +387,84 @@ fn allocate_port(
     // Every port tried is held: the next search starts past them all.
     advance(cursor, SNAT_PORT_RETRIES - 1);
     let (port, closed_for) = fallback;
+    if opens {
+        let first = port_at(min, start, span).ok_or(None)?;
+        return Err(Some((first, if closed_for == 0 { 0 } else { port })));
+    }
     if closed_for == 0 {
-        return Err(());
+        return Err(None);
     }
     reply_key.dport = port;
-    match try_port(reply_key, reply, now, true) {
+    match try_port(reply_key, reply, now, Claim::Closed, &no_stamp) {
         Try::Taken => Ok(port),
-        Try::Held { .. } => Err(()),
+        Try::Held { .. } => Err(None),
+    }
+}
+
+/// For a flow that opens a TCP connection and found no free port among those
+/// [`ekp_allocate_port`] tried (`ports`: the first one of them, network order, and the
+/// fallback above it): the first of them whose flow's backend holds it in TIME_WAIT, if
+/// the record of that socket (`time_wait`) says it takes the flow's SYN; else the
+/// fallback, unless a record says its TIME_WAIT turns the SYN away. Returns the port with
+/// [`PORT_TAKEN`], or 0. `skb` holds the SYN; `reply_key`, `reply` and `range_now` as for
+/// [`ekp_allocate_port`].
+///
+/// A global BPF function of its own, called after that one rather than by it: the SYN's
+/// stamp (`time_wait::read_stamp`, whose walk of the TCP options is a `bpf_loop`) and the
+/// search's frame would not fit in the 512 bytes of `ekp_tcx_in`'s call chain below
+/// `ekp_allocate_port`'s.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn ekp_time_wait_port(
+    skb: *mut __sk_buff,
+    reply_key: *const NatCtKey,
+    reply: *const NatCtValue,
+    range_now: u64,
+    ports: u64,
+) -> u64 {
+    // SAFETY: null or the caller's live structs.
+    let (Some(key), Some(reply)) = (unsafe { reply_key.as_ref() }, unsafe { reply.as_ref() })
+    else {
+        return 0;
+    };
+    let mut key = *key;
+    let (min, max, now) = (
+        range_now as u16,
+        (range_now >> 16) as u16,
+        (range_now >> 32) as u32,
+    );
+    let (first, fallback) = (ports as u16, (ports >> 16) as u16);
+    let syn = time_wait::read_stamp(&TcContext::new(skb));
+    if syn.is_read() && min != 0 && max >= min {
+        let span = u64::from(max - min) + 1;
+        let start = u64::from(u16::from_be(first).wrapping_sub(min));
+        for i in 0..SNAT_PORT_RETRIES {
+            let Some(port) = port_at(min, start + u64::from(i), span) else {
+                return 0;
+            };
+            key.dport = port;
+            if let Try::Taken = try_port(&key, reply, now, Claim::TimeWait, &syn) {
+                return u64::from(port) | PORT_TAKEN;
+            }
+        }
+    }
+    if fallback == 0 {
+        return 0;
+    }
+    key.dport = fallback;
+    match try_port(&key, reply, now, Claim::Closed, &syn) {
+        Try::Taken => u64::from(fallback) | PORT_TAKEN,
+        Try::Held { .. } => 0,
     }
 }
 
 /// The port (network order) `position` steps into the range that starts at `min` and
 /// holds `span` ports.
 #[inline(always)]
-fn port_at(min: u16, position: u64, span: u64) -> Result<u16, ()> {
+fn port_at(min: u16, position: u64, span: u64) -> Option<u16> {
     // (`checked_rem`: a panic path would not verify.)
-    let offset = position.checked_rem(span).ok_or(())?;
-    Ok(((u64::from(min) + offset) as u16).to_be())
+    let offset = position.checked_rem(span)?;
+    Some(((u64::from(min) + offset) as u16).to_be())
 }
 
 /// The cursor of the destination in `reply_key`: its slot is a hash of the backend's
@@ -444,10 +528,23 @@ enum Try {
     Held { closed_for: u32 },
 }
 
-/// Claims the port in `reply_key` for the flow whose reply entry is `reply`: free, or held
-/// by a flow that expired, or (`closed_will_do`) one that closed long enough ago.
+/// Which held ports [`try_port`] may claim besides free and expired ones.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// None.
+    Free,
+    /// One whose TCP flow closed more than `CT_LIFETIME_CLOSING` ago, unless its backend's
+    /// TIME_WAIT turns the new flow's SYN away.
+    Closed,
+    /// One whose backend's TIME_WAIT takes the new flow's SYN.
+    TimeWait,
+}
+
+/// Claims the port in `reply_key` for the flow whose reply entry is `reply` and whose
+/// first packet has the stamp `syn`: free, or held by a flow that expired, or one `claim`
+/// allows.
 #[inline(always)]
-fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, closed_will_do: bool) -> Try {
+fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, syn: &Stamp) -> Try {
     // Looked up first: an LRU insert that fails still takes a free element and gives it
     // back under the LRU's locks, which costs more than the lookup, and when ports run
     // short most tries find theirs held.
@@ -475,7 +572,14 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, closed_will_do: 
     } else {
         0
     };
-    let free = held.expired(reply_key.proto, now) || (closed_will_do && closed_for != 0);
+    let free = held.expired(reply_key.proto, now)
+        || match claim {
+            Claim::Free => false,
+            Claim::Closed => {
+                closed_for != 0 && time_wait::verdict(reply_key, &held, syn) != Some(false)
+            }
+            Claim::TimeWait => time_wait::verdict(reply_key, &held, syn) == Some(true),
+        };
     // A held port is claimed by moving its stamp from the one seen to now in one
     // compare-and-swap: of two CPUs that found it free, one gets it and the other tries
     // another port (two plain overwrites would both succeed and two flows would share it).

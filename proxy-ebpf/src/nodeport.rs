@@ -32,8 +32,9 @@ use proxy_common::{
     LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED, LOG_EVENT_FLOW_NO_BACKEND, LOG_EVENT_NEW_FLOW,
     LOG_EVENT_OUTSIDE_SOURCE_RANGES, LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN,
     LOG_HOOK_TCX_IN, LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue,
-    NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey, log_endpoint,
+    NodeConfig, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    log_endpoint,
 };
 
 use crate::fib::{self, Route};
@@ -44,6 +45,7 @@ use crate::log::{log_debug, log_error};
 use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
 use crate::parse::{self, Packet};
+use crate::time_wait;
 
 /// "Not decided here": `TC_ACT_UNSPEC`, which TCX calls `TCX_NEXT`. The packet goes on to
 /// the next program on the hook, then to the stack, exactly like a pass when ours is the
@@ -104,6 +106,7 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         let followed = !reopened && !seen.expired(pkt.proto, now) && nat::backend_alive(&seen);
         if is_reply || followed {
             nat::touch(&key, entry, &seen, &pkt, now);
+            time_wait::remember_fin(ctx, &pkt, &key, &seen);
             return translate::<SCOPE>(ctx, &pkt, &seen);
         }
     }
@@ -283,7 +286,8 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     let ct_key = nat::key_of(pkt, CT_DIR_IN);
     // No free source port (or no room in the map): drop this packet of a new flow; the
     // client retransmits.
-    if let Err(e) = nat::create(&ct_key, &mut forward, ports, now) {
+    let opens = pkt.proto == PROTO_TCP && pkt.opens_connection();
+    if let Err(e) = nat::create(ctx, &ct_key, &mut forward, ports, now, opens) {
         log_error!(
             LOG_EVENT_FLOW_DROPPED,
             hook::<SCOPE>(),

@@ -1023,7 +1023,7 @@ fn object_kind(object: &str) -> String {
     }
 }
 
-fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 10] {
+fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 11] {
     [
         (proxy_common::MAP_SERVICES, i64::from(sizes.services)),
         (proxy_common::MAP_BACKENDS, i64::from(sizes.backends)),
@@ -1049,6 +1049,10 @@ fn map_capacities(sizes: &MapSizes) -> [(&'static str, i64); 10] {
         (
             proxy_common::MAP_SNAT_CURSORS,
             i64::from(proxy_common::SNAT_CURSORS),
+        ),
+        (
+            proxy_common::MAP_SNAT_TIME_WAIT,
+            i64::from(proxy_common::SNAT_TIME_WAIT_MAX),
         ),
     ]
 }

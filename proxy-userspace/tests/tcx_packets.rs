@@ -17,14 +17,15 @@ use proxy_userspace::{conntrack_gc, dataplane};
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
     TCX_NEXT, checksum, hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of,
-    parse_mac, tuple_of, verify_checksums, verify_icmp_checksums,
+    parse_mac, segment_options, syn_options, tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
     CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
     CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey,
     NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SnatTimeWait,
+    TIME_WAIT_FLAG_TIMESTAMP,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -1141,6 +1142,193 @@ fn a_closed_source_nated_flows_port_waits_out_the_backends_time_wait() {
             "no port: the new flow's SYN is dropped"
         );
         assert_eq!(dp.nat_ct.get(&recent_key, 0).ok(), Some(recent));
+    });
+}
+
+/// The client's FIN of a source-NATed flow its backend closed first leaves the record of
+/// what the backend's TIME_WAIT socket remembers (the sequence number after the FIN, its
+/// timestamp) under the flow's reply tuple; a client's FIN before the backend's leaves none
+/// (the backend holds no TIME_WAIT then).
+#[test]
+fn the_clients_last_fin_is_recorded_for_the_backends_time_wait() {
+    in_private_netns(|| {
+        let dp = snat_datapath(PROTO_TCP, 61000, 61000);
+        let syn = Frame {
+            tcp_options: syn_options(7),
+            payload: Vec::new(),
+            ..Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+        };
+        assert_eq!(dp.ingress(&syn.bytes()).verdict, TCX_NEXT);
+        let reply_key = ct_key(REMOTE_POD, POD_PORT, NODE, 61000, PROTO_TCP, CT_DIR_IN);
+        let from_backend = Frame::tcp(REMOTE_POD, POD_PORT, NODE, 61000);
+        dp.ingress(
+            &Frame {
+                tcp_flags: TCP_FIN | TCP_ACK,
+                ..from_backend.clone()
+            }
+            .bytes(),
+        );
+        assert!(
+            dp.snat_time_wait.get(&reply_key, 0).is_err(),
+            "the backend's FIN alone records nothing"
+        );
+        // The client's FIN, with 16 bytes of data before it, and its timestamp.
+        let fin = Frame {
+            tcp_flags: TCP_FIN | TCP_ACK,
+            seq: 5000,
+            tcp_options: segment_options(900),
+            payload: vec![b'x'; 16],
+            ..syn.clone()
+        };
+        assert_eq!(dp.ingress(&fin.bytes()).verdict, TCX_NEXT);
+        assert_eq!(
+            dp.snat_time_wait.get(&reply_key, 0).ok(),
+            Some(SnatTimeWait {
+                client_addr: u32::from_ne_bytes(CLIENT.octets()),
+                client_port: CLIENT_PORT.to_be(),
+                flags: TIME_WAIT_FLAG_TIMESTAMP,
+                next_seq: 5000 + 16 + 1,
+                tsval: 900,
+            })
+        );
+        // Sent again (the backend's ACK was lost): the record follows, a segment without
+        // timestamps records none.
+        let again = Frame {
+            tcp_options: Vec::new(),
+            payload: Vec::new(),
+            ..fin.clone()
+        };
+        dp.ingress(&again.bytes());
+        let record = dp.snat_time_wait.get(&reply_key, 0).expect("the record");
+        assert_eq!((record.flags, record.next_seq), (0, 5001));
+    });
+    in_private_netns(|| {
+        let dp = snat_datapath(PROTO_TCP, 61000, 61000);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        dp.ingress(&syn.bytes());
+        dp.ingress(
+            &Frame {
+                tcp_flags: TCP_FIN | TCP_ACK,
+                tcp_options: segment_options(900),
+                ..syn.clone()
+            }
+            .bytes(),
+        );
+        dp.ingress(
+            &Frame {
+                tcp_flags: TCP_FIN | TCP_ACK,
+                ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, 61000)
+            }
+            .bytes(),
+        );
+        let reply_key = ct_key(REMOTE_POD, POD_PORT, NODE, 61000, PROTO_TCP, CT_DIR_IN);
+        assert!(
+            dp.snat_time_wait.get(&reply_key, 0).is_err(),
+            "closed by the client first: no record"
+        );
+    });
+}
+
+/// A port whose backend still holds its last connection in TIME_WAIT goes to a new flow's
+/// SYN before the 10 s a closed port otherwise waits, when the record of that socket says
+/// it takes the SYN: a newer timestamp, or without timestamps a sequence number past the
+/// old connection's. A record that says the socket turns the SYN away keeps the port from
+/// it even when no other port is left; a record of another client is not used.
+#[test]
+fn a_port_in_the_backends_time_wait_goes_to_a_syn_it_takes() {
+    let record = |flags, next_seq, tsval| SnatTimeWait {
+        client_addr: u32::from_ne_bytes(Ipv4Addr::new(198, 51, 100, 50).octets()),
+        client_port: 1234u16.to_be(),
+        flags,
+        next_seq,
+        tsval,
+    };
+    // (closed how long ago, the record, the SYN's sequence number and options, taken?)
+    type Case = (u32, Option<SnatTimeWait>, u32, Vec<u8>, bool);
+    let cases: [Case; 7] = [
+        (
+            5,
+            Some(record(TIME_WAIT_FLAG_TIMESTAMP, 5000, 1000)),
+            10,
+            syn_options(1001),
+            true,
+        ),
+        (
+            5,
+            Some(record(TIME_WAIT_FLAG_TIMESTAMP, 5000, 1000)),
+            9000,
+            syn_options(999),
+            false,
+        ),
+        (5, Some(record(0, 5000, 0)), 5001, Vec::new(), true),
+        (5, Some(record(0, 5000, 0)), 4999, syn_options(1), false),
+        (5, None, 9000, syn_options(2000), false),
+        // Closed 30 s ago: given out without a record (the existing fallback), not with
+        // one that says the SYN is turned away.
+        (30, None, 10, syn_options(999), true),
+        (
+            30,
+            Some(record(TIME_WAIT_FLAG_TIMESTAMP, 5000, 1000)),
+            10,
+            syn_options(999),
+            false,
+        ),
+    ];
+    for (i, (age, record, seq, options, taken)) in cases.into_iter().enumerate() {
+        in_private_netns(move || {
+            let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
+            let (closed_key, closed) = closed_snat_reply(61000, age);
+            dp.nat_ct
+                .insert(closed_key, closed, 0)
+                .expect("writing a closed flow's entry");
+            if let Some(record) = record {
+                dp.snat_time_wait
+                    .insert(closed_key, record, 0)
+                    .expect("writing the TIME_WAIT record");
+            }
+            let syn = Frame {
+                seq,
+                tcp_options: options,
+                payload: Vec::new(),
+                ..Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+            };
+            let out = dp.ingress(&syn.bytes());
+            if taken {
+                assert_eq!(out.verdict, TCX_NEXT, "case {i}");
+                assert_eq!(
+                    tuple_of(&out.packet),
+                    (NODE, 61000, REMOTE_POD, POD_PORT),
+                    "case {i}"
+                );
+                let reply = dp.nat_ct.get(&closed_key, 0).expect("the reply entry");
+                assert_eq!(reply.daddr, u32::from_ne_bytes(CLIENT.octets()), "case {i}");
+            } else {
+                assert_eq!(out.verdict, TC_ACT_SHOT, "case {i}: no port for the SYN");
+                assert_eq!(dp.nat_ct.get(&closed_key, 0).ok(), Some(closed), "case {i}");
+            }
+        });
+    }
+    // A record of another client on that port is not this flow's.
+    in_private_netns(|| {
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
+        let (closed_key, closed) = closed_snat_reply(61000, 5);
+        dp.nat_ct.insert(closed_key, closed, 0).expect("writing");
+        let stranger = SnatTimeWait {
+            client_addr: u32::from_ne_bytes(CLIENT.octets()),
+            client_port: CLIENT_PORT.to_be(),
+            flags: 0,
+            next_seq: 0,
+            tsval: 0,
+        };
+        dp.snat_time_wait
+            .insert(closed_key, stranger, 0)
+            .expect("writing the record");
+        let syn = Frame {
+            seq: 10,
+            payload: Vec::new(),
+            ..Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+        };
+        assert_eq!(dp.ingress(&syn.bytes()).verdict, TC_ACT_SHOT);
     });
 }
 

@@ -20,9 +20,9 @@ use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     BackendValue, FragmentKey, FragmentPorts, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_FRAGMENTS, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES,
-    NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SourceRangeKey,
+    MAP_FRAGMENTS, MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SNAT_TIME_WAIT, MAP_SOCK_REV_NAT,
+    MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SOURCE_RANGE_PREFIX_BASE, ServiceKey, ServiceValue, SnatTimeWait, SourceRangeKey,
 };
 use proxy_userspace::dataplane;
 
@@ -127,6 +127,8 @@ pub struct Datapath {
     #[allow(dead_code)] // used by tcx_fuzz.rs only
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// What the backends' TIME_WAIT sockets remember of source-NATed clients.
+    pub snat_time_wait: HashMap<MapData, NatCtKey, SnatTimeWait>,
 }
 
 impl Datapath {
@@ -147,6 +149,7 @@ impl Datapath {
             MAP_SOCK_REV_NAT,
             MAP_AFFINITY,
             MAP_SOURCE_RANGES,
+            MAP_SNAT_TIME_WAIT,
         ] {
             loader.map_max_entries(map, 1024);
         }
@@ -185,6 +188,8 @@ impl Datapath {
         let fragments = HashMap::try_from(take(MAP_FRAGMENTS)).expect("fragments map type");
         let source_ranges =
             LpmTrie::try_from(take(MAP_SOURCE_RANGES)).expect("source ranges map type");
+        let snat_time_wait =
+            HashMap::try_from(take(MAP_SNAT_TIME_WAIT)).expect("SNAT TIME_WAIT map type");
         Datapath {
             ebpf,
             services,
@@ -193,6 +198,7 @@ impl Datapath {
             nat_ct,
             fragments,
             source_ranges,
+            snat_time_wait,
         }
     }
 
@@ -432,6 +438,10 @@ pub struct Frame {
     pub id: u16,
     /// TCP flags byte (ignored for UDP).
     pub tcp_flags: u8,
+    /// TCP sequence number (ignored for UDP).
+    pub seq: u32,
+    /// TCP options, a multiple of 4 bytes (ignored for UDP).
+    pub tcp_options: Vec<u8>,
     /// UDP only: send a zero ("no") checksum.
     pub udp_no_checksum: bool,
     pub payload: Vec<u8>,
@@ -441,6 +451,26 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
+
+/// A Linux SYN's TCP options with the timestamp value `tsval`: MSS, SACK permitted,
+/// timestamp, NOP, window scale.
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn syn_options(tsval: u32) -> Vec<u8> {
+    let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    options.extend_from_slice(&tsval.to_be_bytes());
+    options.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+    options
+}
+
+/// The TCP options of a Linux segment after the handshake with the timestamp value
+/// `tsval`: two NOPs, timestamp.
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn segment_options(tsval: u32) -> Vec<u8> {
+    let mut options = vec![1, 1, 8, 10];
+    options.extend_from_slice(&tsval.to_be_bytes());
+    options.extend_from_slice(&[0, 0, 0, 0]);
+    options
+}
 
 impl Frame {
     pub fn tcp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Self {
@@ -455,6 +485,8 @@ impl Frame {
             ttl: 64,
             id: 0x1234,
             tcp_flags: TCP_SYN,
+            seq: 0x0102_0304,
+            tcp_options: Vec::new(),
             udp_no_checksum: false,
             payload: b"GET / HTTP/1.1\r\n".to_vec(),
         }
@@ -499,13 +531,18 @@ impl Frame {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == PROTO_TCP {
-            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+            assert!(
+                self.tcp_options.len().is_multiple_of(4) && self.tcp_options.len() <= 40,
+                "TCP options fill whole words, at most ten"
+            );
+            l4.extend_from_slice(&self.seq.to_be_bytes());
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset
+            l4.push(((5 + self.tcp_options.len() / 4) as u8) << 4); // data offset
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&64240u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0]); // checksum
             l4.extend_from_slice(&[0, 0]); // urgent pointer
+            l4.extend_from_slice(&self.tcp_options);
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);

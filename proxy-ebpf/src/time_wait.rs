@@ -1,0 +1,329 @@
+//! The backend's TIME_WAIT of source-NATed TCP connections (`SNAT_TIME_WAIT`).
+//!
+//! A backend that closes a connection first keeps it in TIME_WAIT for a minute, and the
+//! connection's SNAT port leads any new flow given it meanwhile into that socket. Linux
+//! takes such a SYN as a new connection only if its timestamp is newer than the last one
+//! the socket saw from the client, or, without timestamps, its sequence number is past the
+//! old connection's (`proxy_common::SnatTimeWait::accepts`); otherwise it answers with the
+//! old connection's ACK and the new client waits a retransmission timeout. Timestamp
+//! offsets are per connection, so that is a coin toss for an unrelated SYN.
+//!
+//! When the client's FIN passes after the backend's, the record of what the backend's
+//! socket will remember (the sequence number after the FIN, its timestamp) is written
+//! under the flow's reply tuple; the SNAT port search reads it to give such a port to a SYN
+//! the socket will take, and to keep it from one it would turn away (`nat::allocate_port`).
+//! The kernel's NAT does the same from its conntrack entries (a tuple in TIME_WAIT is
+//! reused when the new SYN's sequence number has advanced), without the timestamps.
+
+use core::ffi::c_void;
+
+use aya_ebpf::bindings::{__sk_buff, BPF_ANY};
+use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::programs::TcContext;
+use proxy_common::{
+    CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
+    PROTO_TCP, SnatTimeWait, TIME_WAIT_FLAG_TIMESTAMP,
+};
+
+use crate::maps::SNAT_TIME_WAIT;
+use crate::nat;
+use crate::parse::{IP_OFF, L4_OFF, Packet, TCP_FIN};
+
+/// What a TCP segment tells a TIME_WAIT socket: see [`ekp_tcp_stamp`].
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Stamp {
+    /// The segment's sequence number, host order.
+    pub seq: u32,
+    /// The sequence number after it (its payload, SYN and FIN counted), host order.
+    pub next_seq: u32,
+    /// Its TCP timestamp value, host order, with [`STAMP_TIMESTAMP`].
+    pub tsval: u32,
+    /// `STAMP_*` bits; 0 when no segment was read (a new flow that is not a TCP SYN).
+    pub flags: u32,
+}
+
+/// [`Stamp::flags`]: the stamp was read from a TCP segment.
+const STAMP_READ: u32 = 1;
+/// [`Stamp::flags`]: the segment carried a TCP timestamp option.
+const STAMP_TIMESTAMP: u32 = 2;
+
+impl Stamp {
+    /// Whether the stamp was read from a segment.
+    #[inline(always)]
+    pub fn is_read(&self) -> bool {
+        self.flags & STAMP_READ != 0
+    }
+
+    /// Whether a TIME_WAIT socket that holds `record` takes the SYN this stamp was read
+    /// from; `None` when there is no stamp to judge by.
+    #[inline(always)]
+    pub fn taken_by(&self, record: &SnatTimeWait) -> Option<bool> {
+        if self.flags & STAMP_READ == 0 {
+            return None;
+        }
+        let tsval = (self.flags & STAMP_TIMESTAMP != 0).then_some(self.tsval);
+        Some(record.accepts(self.seq, tsval))
+    }
+}
+
+/// Whether the backend's TIME_WAIT socket of the flow `held` (a reply entry, under
+/// `reply_key`) takes the SYN stamped `syn`: `None` when the backend holds no TIME_WAIT
+/// for it (it did not close first, or the flow is not closed), there is no record of it,
+/// or no stamp.
+#[inline(always)]
+pub fn verdict(reply_key: &NatCtKey, held: &NatCtValue, syn: &Stamp) -> Option<bool> {
+    let closed_by_backend = CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST;
+    if held.flags & closed_by_backend != closed_by_backend || syn.flags & STAMP_READ == 0 {
+        return None;
+    }
+    let client = u64::from(held.daddr) | u64::from(held.dport) << 32;
+    match ekp_time_wait_verdict(reply_key, client, syn) {
+        VERDICT_TAKES => Some(true),
+        VERDICT_TURNS_AWAY => Some(false),
+        _ => None,
+    }
+}
+
+/// What [`ekp_time_wait_verdict`] answers.
+const VERDICT_UNKNOWN: u64 = 0;
+const VERDICT_TAKES: u64 = 1;
+const VERDICT_TURNS_AWAY: u64 = 2;
+
+/// [`verdict`]'s reading of the record under `reply_key`, which must be of `client` (its
+/// address and port, packed as [`verdict`] does). A global BPF function: the SNAT port
+/// search calls it for each held port it meets, and the record it copies stays out of the
+/// search's frame.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn ekp_time_wait_verdict(
+    reply_key: *const NatCtKey,
+    client: u64,
+    syn: *const Stamp,
+) -> u64 {
+    // SAFETY: null or the caller's live structs.
+    let (Some(reply_key), Some(syn)) = (unsafe { reply_key.as_ref() }, unsafe { syn.as_ref() })
+    else {
+        return VERDICT_UNKNOWN;
+    };
+    // SAFETY: copied out at once.
+    let Some(record) = SNAT_TIME_WAIT.get_ptr(reply_key).map(|r| unsafe { *r }) else {
+        return VERDICT_UNKNOWN;
+    };
+    if record.client_addr != client as u32 || record.client_port != (client >> 32) as u16 {
+        return VERDICT_UNKNOWN;
+    }
+    match syn.taken_by(&record) {
+        Some(true) => VERDICT_TAKES,
+        Some(false) => VERDICT_TURNS_AWAY,
+        None => VERDICT_UNKNOWN,
+    }
+}
+
+const TCP_HLEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
+/// TCP option kinds and the timestamp option's length (RFC 9293, RFC 7323).
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOLEN_TIMESTAMP: u8 = 10;
+/// Options a header can hold at most (40 bytes, one NOP each).
+const MAX_OPTIONS: u32 = 40;
+
+/// Records the client's FIN of a source-NATed flow the backend closed first (`entry`, the
+/// flow's original-direction entry under `key`); anything else is left alone.
+#[inline(always)]
+pub fn remember_fin(ctx: &TcContext, pkt: &Packet, key: &NatCtKey, entry: &NatCtValue) {
+    let wanted = CT_FLAG_SNAT | CT_FLAG_FIN_BACKEND_FIRST;
+    if pkt.tcp_flags & TCP_FIN != 0
+        && pkt.proto == PROTO_TCP
+        && entry.flags & (wanted | CT_FLAG_REPLY) == wanted
+    {
+        // Scalars, not pointers to the entry: taking their addresses would keep copies on
+        // the caller's stack, near the 512 bytes of its call chains.
+        ekp_remember_fin(
+            ctx.skb.skb,
+            u64::from(key.saddr) | u64::from(key.sport) << 32,
+            u64::from(entry.saddr) | u64::from(entry.daddr) << 32,
+            u64::from(entry.sport) | u64::from(entry.dport) << 16,
+        );
+    }
+}
+
+/// Writes the record of the FIN `skb` carries, under the reply tuple of the flow whose
+/// client is `client` (address, port << 32) and whose source-NATed packets go from
+/// `addrs` (source, destination << 32) and `ports` (source, destination << 16). Returns 0,
+/// or 1 when nothing was written.
+///
+/// A global BPF function (as `lb::ekp_find_backend`): the verifier checks it once, and its
+/// frame stays out of the programs' call chains but for the call.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn ekp_remember_fin(skb: *mut __sk_buff, client: u64, addrs: u64, ports: u64) -> i32 {
+    let stamp = read_stamp(&TcContext::new(skb));
+    if stamp.flags & STAMP_READ == 0 {
+        return 1;
+    }
+    let record = SnatTimeWait {
+        client_addr: client as u32,
+        client_port: (client >> 32) as u16,
+        flags: if stamp.flags & STAMP_TIMESTAMP != 0 {
+            TIME_WAIT_FLAG_TIMESTAMP
+        } else {
+            0
+        },
+        next_seq: stamp.next_seq,
+        tsval: stamp.tsval,
+    };
+    let forward = NatCtValue {
+        saddr: addrs as u32,
+        daddr: (addrs >> 32) as u32,
+        sport: ports as u16,
+        dport: (ports >> 16) as u16,
+        flags: CT_FLAG_SNAT,
+        ..NatCtValue::default()
+    };
+    let key = NatCtKey {
+        proto: PROTO_TCP,
+        ..NatCtKey::default()
+    };
+    // Without room the port waits out the TIME_WAIT, as without records.
+    i32::from(
+        SNAT_TIME_WAIT
+            .insert(&nat::pair_key(&key, &forward), &record, u64::from(BPF_ANY))
+            .is_err(),
+    )
+}
+
+/// The stamp of the IPv4 TCP segment in `ctx` (a 20-byte IP header, as `parse` accepts);
+/// an empty one when it cannot be read. Called by the global functions that need it only
+/// (`ekp_allocate_port`, `ekp_remember_fin`): its walk of the options is then verified
+/// with them, once.
+#[inline(always)]
+pub fn read_stamp(ctx: &TcContext) -> Stamp {
+    read(ctx).unwrap_or_default()
+}
+
+#[inline(always)]
+fn read(ctx: &TcContext) -> Option<Stamp> {
+    let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?);
+    let header: [u8; TCP_HLEN] = ctx.load(L4_OFF).ok()?;
+    let words = header[12] >> 4;
+    let header_len = usize::from(words) * 4;
+    if header_len < TCP_HLEN {
+        return None;
+    }
+    let payload = usize::from(tot_len).checked_sub(L4_OFF - IP_OFF + header_len)?;
+    let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let control = u32::from(header[13] & TCP_SYN != 0) + u32::from(header[13] & TCP_FIN != 0);
+    let tsval = timestamp(ctx, words)?;
+    Some(Stamp {
+        seq,
+        next_seq: seq.wrapping_add(payload as u32).wrapping_add(control),
+        tsval: tsval.unwrap_or(0),
+        flags: STAMP_READ | if tsval.is_some() { STAMP_TIMESTAMP } else { 0 },
+    })
+}
+
+/// The timestamp value among the TCP options of a header of `words` 32-bit words
+/// (`Some(None)`: it has none; `None`: the options could not be read to their end).
+///
+/// The options are walked by `bpf_loop` ([`option_step`]): the verifier checks one step of
+/// the walk, where a loop written out would have it follow every sequence of option sizes
+/// the steps can meet (hundreds of thousands of instructions for 40 bytes of options).
+#[inline(always)]
+fn timestamp(ctx: &TcContext, words: u8) -> Option<Option<u32>> {
+    let mut walk = Walk {
+        skb: ctx.skb.skb,
+        at: (L4_OFF + TCP_HLEN) as u32,
+        end: (L4_OFF + usize::from(words & 0x0f) * 4) as u32,
+        tsval: 0,
+        state: WALKING,
+    };
+    // SAFETY: `option_step` is a callback of the type `bpf_loop` calls, and `walk` lives
+    // through the call.
+    unsafe {
+        bpf_loop(
+            MAX_OPTIONS,
+            option_step as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    match walk.state {
+        FOUND => Some(Some(walk.tsval)),
+        // (Forty steps are forty options: only NOPs, no timestamp.)
+        WALKING | NO_TIMESTAMP => Some(None),
+        _ => None,
+    }
+}
+
+/// Where a walk of a segment's TCP options stands: `bpf_loop`'s context for
+/// [`option_step`].
+#[repr(C)]
+struct Walk {
+    /// The packet.
+    skb: *mut __sk_buff,
+    /// Offset of the next option in the packet.
+    at: u32,
+    /// Offset of the end of the options.
+    end: u32,
+    /// The timestamp value, once `FOUND`.
+    tsval: u32,
+    /// `WALKING`, or how the walk ended.
+    state: u32,
+}
+
+const WALKING: u32 = 0;
+const NO_TIMESTAMP: u32 = 1;
+const FOUND: u32 = 2;
+const UNREADABLE: u32 = 3;
+
+/// One option of the walk `walk` (a [`Walk`]): the timestamp found, the end met, or the
+/// next option's offset. Returns 1 to end the walk, 0 to go on.
+extern "C" fn option_step(_index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes the `Walk` that `timestamp` gave it.
+    let Some(walk) = (unsafe { walk.cast::<Walk>().as_mut() }) else {
+        return 1;
+    };
+    walk.state = step(walk);
+    i64::from(walk.state != WALKING)
+}
+
+#[inline(always)]
+fn step(walk: &mut Walk) -> u32 {
+    if walk.at >= walk.end {
+        return NO_TIMESTAMP;
+    }
+    let ctx = TcContext::new(walk.skb);
+    let at = walk.at as usize;
+    let Ok(kind) = ctx.load::<u8>(at) else {
+        return UNREADABLE;
+    };
+    match kind {
+        TCPOPT_EOL => return NO_TIMESTAMP,
+        TCPOPT_NOP => {
+            walk.at += 1;
+            return WALKING;
+        }
+        _ => {}
+    }
+    let Ok(size) = ctx.load::<u8>(at + 1) else {
+        return UNREADABLE;
+    };
+    if kind == TCPOPT_TIMESTAMP && size == TCPOLEN_TIMESTAMP {
+        if walk.at + u32::from(TCPOLEN_TIMESTAMP) > walk.end {
+            return UNREADABLE;
+        }
+        let Ok(tsval) = ctx.load::<[u8; 4]>(at + 2) else {
+            return UNREADABLE;
+        };
+        walk.tsval = u32::from_be_bytes(tsval);
+        return FOUND;
+    }
+    if size < 2 {
+        return UNREADABLE;
+    }
+    walk.at += u32::from(size);
+    WALKING
+}
