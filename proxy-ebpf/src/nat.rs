@@ -403,9 +403,10 @@ fn allocate_port(
 
 /// For a flow that opens a TCP connection and found no free port among those
 /// [`ekp_allocate_port`] tried (`ports`: the first one of them, network order, and the
-/// fallback above it): the first of them whose flow's backend holds it in TIME_WAIT, if
-/// the record of that socket (`time_wait`) says it takes the flow's SYN; else the
-/// fallback, unless a record says its TIME_WAIT turns the SYN away. Returns the port with
+/// fallback above it): the first of them whose backend holds nothing that would turn the
+/// SYN away ([`Claim::Reusable`]: a flow closed without its TIME_WAIT, or a TIME_WAIT
+/// whose record, `time_wait`, says it takes the SYN); else the fallback, unless a record
+/// says its TIME_WAIT turns the SYN away. Returns the port with
 /// [`PORT_TAKEN`], or 0. `skb` holds the SYN; `reply_key`, `reply` and `range_now` as for
 /// [`ekp_allocate_port`].
 ///
@@ -443,7 +444,7 @@ extern "C" fn ekp_time_wait_port(
                 return 0;
             };
             key.dport = port;
-            if let Try::Taken = try_port(&key, reply, now, Claim::TimeWait, &syn) {
+            if let Try::Taken = try_port(&key, reply, now, Claim::Reusable, &syn) {
                 return u64::from(port) | PORT_TAKEN;
             }
         }
@@ -528,6 +529,13 @@ enum Try {
     Held { closed_for: u32 },
 }
 
+/// Whole seconds of the programs' clock after which a port whose TCP flow closed without
+/// the backend's TIME_WAIT may go to a new flow that finds no free one, before the flow's
+/// entries expire (`CT_LIFETIME_CLOSING`): 2, so that the close is at least a second old
+/// (the backend has had the last ACK of a close the client began), as the kernel's NAT
+/// reuses a closed tuple at its last tries.
+const REUSE_AFTER: u32 = 2;
+
 /// Which held ports [`try_port`] may claim besides free and expired ones.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Claim {
@@ -536,8 +544,10 @@ enum Claim {
     /// One whose TCP flow closed more than `CT_LIFETIME_CLOSING` ago, unless its backend's
     /// TIME_WAIT turns the new flow's SYN away.
     Closed,
-    /// One whose backend's TIME_WAIT takes the new flow's SYN.
-    TimeWait,
+    /// One whose backend holds nothing that would turn the new flow's SYN away: its TCP
+    /// flow closed [`REUSE_AFTER`] seconds ago or more without the backend's TIME_WAIT (a
+    /// RST, or the client's FIN first), or the backend's TIME_WAIT takes the SYN.
+    Reusable,
 }
 
 /// Claims the port in `reply_key` for the flow whose reply entry is `reply` and whose
@@ -578,7 +588,11 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, sy
             Claim::Closed => {
                 closed_for != 0 && time_wait::verdict(reply_key, &held, syn) != Some(false)
             }
-            Claim::TimeWait => time_wait::verdict(reply_key, &held, syn) == Some(true),
+            Claim::Reusable => {
+                let no_time_wait = CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST;
+                (held.flags & no_time_wait == CT_FLAG_CLOSING && age >= REUSE_AFTER)
+                    || time_wait::verdict(reply_key, &held, syn) == Some(true)
+            }
         };
     // A held port is claimed by moving its stamp from the one seen to now in one
     // compare-and-swap: of two CPUs that found it free, one gets it and the other tries

@@ -284,9 +284,9 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         last_seen: now,
     };
     let ct_key = nat::key_of(pkt, CT_DIR_IN);
+    let opens = pkt.proto == PROTO_TCP && pkt.opens_connection();
     // No free source port (or no room in the map): drop this packet of a new flow; the
     // client retransmits.
-    let opens = pkt.proto == PROTO_TCP && pkt.opens_connection();
     if let Err(e) = nat::create(ctx, &ct_key, &mut forward, ports, now, opens) {
         log_error!(
             LOG_EVENT_FLOW_DROPPED,

@@ -5,13 +5,14 @@
 //! takes such a SYN as a new connection only if its timestamp is newer than the last one
 //! the socket saw from the client, or, without timestamps, its sequence number is past the
 //! old connection's (`proxy_common::SnatTimeWait::accepts`); otherwise it answers with the
-//! old connection's ACK and the new client waits a retransmission timeout. Timestamp
-//! offsets are per connection, so that is a coin toss for an unrelated SYN.
+//! old connection's ACK and the new client waits a retransmission timeout. Recent Linux
+//! draws a timestamp offset per connection, so that is a coin toss for an unrelated SYN.
 //!
 //! When the client's FIN passes after the backend's, the record of what the backend's
 //! socket will remember (the sequence number after the FIN, its timestamp) is written
 //! under the flow's reply tuple; the SNAT port search reads it to give such a port to a SYN
-//! the socket will take, and to keep it from one it would turn away (`nat::allocate_port`).
+//! the socket will take, and to keep it from one it would turn away
+//! (`nat::ekp_time_wait_port`).
 //! The kernel's NAT does the same from its conntrack entries (a tuple in TIME_WAIT is
 //! reused when the new SYN's sequence number has advanced), without the timestamps.
 
@@ -29,7 +30,7 @@ use crate::maps::SNAT_TIME_WAIT;
 use crate::nat;
 use crate::parse::{IP_OFF, L4_OFF, Packet, TCP_FIN};
 
-/// What a TCP segment tells a TIME_WAIT socket: see [`ekp_tcp_stamp`].
+/// What a TCP segment tells a TIME_WAIT socket ([`read_stamp`]).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Stamp {
@@ -39,7 +40,7 @@ pub struct Stamp {
     pub next_seq: u32,
     /// Its TCP timestamp value, host order, with [`STAMP_TIMESTAMP`].
     pub tsval: u32,
-    /// `STAMP_*` bits; 0 when no segment was read (a new flow that is not a TCP SYN).
+    /// `STAMP_*` bits; 0 when no segment was read.
     pub flags: u32,
 }
 
@@ -92,8 +93,8 @@ const VERDICT_TURNS_AWAY: u64 = 2;
 
 /// [`verdict`]'s reading of the record under `reply_key`, which must be of `client` (its
 /// address and port, packed as [`verdict`] does). A global BPF function: the SNAT port
-/// search calls it for each held port it meets, and the record it copies stays out of the
-/// search's frame.
+/// search calls it for each port a backend's TIME_WAIT may hold, and the record it copies
+/// stays out of the search's frame.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_time_wait_verdict(
@@ -139,8 +140,6 @@ pub fn remember_fin(ctx: &TcContext, pkt: &Packet, key: &NatCtKey, entry: &NatCt
         && pkt.proto == PROTO_TCP
         && entry.flags & (wanted | CT_FLAG_REPLY) == wanted
     {
-        // Scalars, not pointers to the entry: taking their addresses would keep copies on
-        // the caller's stack, near the 512 bytes of its call chains.
         ekp_remember_fin(
             ctx.skb.skb,
             u64::from(key.saddr) | u64::from(key.sport) << 32,
@@ -155,8 +154,8 @@ pub fn remember_fin(ctx: &TcContext, pkt: &Packet, key: &NatCtKey, entry: &NatCt
 /// `addrs` (source, destination << 32) and `ports` (source, destination << 16). Returns 0,
 /// or 1 when nothing was written.
 ///
-/// A global BPF function (as `lb::ekp_find_backend`): the verifier checks it once, and its
-/// frame stays out of the programs' call chains but for the call.
+/// A global BPF function (as `lb::ekp_find_backend`): the verifier checks it, and the walk
+/// of the options in it, once.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_remember_fin(skb: *mut __sk_buff, client: u64, addrs: u64, ports: u64) -> i32 {
@@ -206,16 +205,18 @@ pub fn read_stamp(ctx: &TcContext) -> Stamp {
 
 #[inline(always)]
 fn read(ctx: &TcContext) -> Option<Stamp> {
+    // Only the fields used, each loaded on its own: a copy of the whole header would sit
+    // in the frame of `nat::ekp_time_wait_port`, at the limit of its call chain.
     let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?);
-    let header: [u8; TCP_HLEN] = ctx.load(L4_OFF).ok()?;
-    let words = header[12] >> 4;
+    let seq = u32::from_be(ctx.load::<u32>(L4_OFF + 4).ok()?);
+    let [offset, flags] = ctx.load::<[u8; 2]>(L4_OFF + 12).ok()?;
+    let words = offset >> 4;
     let header_len = usize::from(words) * 4;
     if header_len < TCP_HLEN {
         return None;
     }
     let payload = usize::from(tot_len).checked_sub(L4_OFF - IP_OFF + header_len)?;
-    let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    let control = u32::from(header[13] & TCP_SYN != 0) + u32::from(header[13] & TCP_FIN != 0);
+    let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
     let tsval = timestamp(ctx, words)?;
     Some(Stamp {
         seq,

@@ -1233,7 +1233,8 @@ fn the_clients_last_fin_is_recorded_for_the_backends_time_wait() {
 /// SYN before the 10 s a closed port otherwise waits, when the record of that socket says
 /// it takes the SYN: a newer timestamp, or without timestamps a sequence number past the
 /// old connection's. A record that says the socket turns the SYN away keeps the port from
-/// it even when no other port is left; a record of another client is not used.
+/// it even when no other port is left; a record of another client is not used. A port
+/// whose connection closed without the backend's TIME_WAIT goes after two seconds.
 #[test]
 fn a_port_in_the_backends_time_wait_goes_to_a_syn_it_takes() {
     let record = |flags, next_seq, tsval| SnatTimeWait {
@@ -1306,6 +1307,24 @@ fn a_port_in_the_backends_time_wait_goes_to_a_syn_it_takes() {
                 assert_eq!(out.verdict, TC_ACT_SHOT, "case {i}: no port for the SYN");
                 assert_eq!(dp.nat_ct.get(&closed_key, 0).ok(), Some(closed), "case {i}");
             }
+        });
+    }
+    // Closed without the backend's TIME_WAIT (a RST, or the client's FIN first): the
+    // backend holds nothing a SYN could meet, and the port goes again once the close is
+    // two seconds of the clock old, before the 10 s its entries live.
+    for (age, taken) in [(2, true), (1, false)] {
+        in_private_netns(move || {
+            let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
+            let (key, reset) = snat_reply(
+                PROTO_TCP,
+                61000,
+                CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+                conntrack_gc::now_secs() - age,
+            );
+            dp.nat_ct.insert(key, reset, 0).expect("writing");
+            let out = dp.ingress(&Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT).bytes());
+            let want = if taken { TCX_NEXT } else { TC_ACT_SHOT };
+            assert_eq!(out.verdict, want, "closed {age} s ago");
         });
     }
     // A record of another client on that port is not this flow's.
