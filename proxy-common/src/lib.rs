@@ -247,7 +247,9 @@ pub const CT_LIFETIME_CLOSING: u32 = 10;
 /// older than the last one the socket saw (PAWS): the two come from different clients, or
 /// from connections with timestamp offsets of their own, and are unrelated. The client
 /// then waits for a retransmission timeout (1 s). The programs give such a port out
-/// earlier only when no try finds a free one, and not before `CT_LIFETIME_CLOSING`.
+/// earlier to a SYN the TIME_WAIT takes (by its record, `SnatTimeWait`), and else only
+/// when no try finds a free one, not before `CT_LIFETIME_CLOSING` and not to a SYN its
+/// record shows to be turned away.
 pub const CT_LIFETIME_SNAT_CLOSING: u32 = 60;
 
 /// Default SNAT source-port range (inclusive): above Linux's default ephemeral range

@@ -243,10 +243,7 @@ pub fn create(
     let reply_key = pair_key(key, forward);
     if forward.flags & CT_FLAG_SNAT != 0 || !claim_reply(&reply_key, &reply, now) {
         let range_now = u64::from(ports.0) | u64::from(ports.1) << 16 | u64::from(now) << 32;
-        let mut taken = ekp_allocate_port(&reply_key, &reply, range_now, opens.into());
-        if taken & LEFT_TO_THE_SYN != 0 {
-            taken = ekp_time_wait_port(ctx.skb.skb, &reply_key, &reply, range_now, taken >> 32);
-        }
+        let taken = ekp_allocate_port(ctx.skb.skb, &reply_key, &reply, range_now, opens.into());
         if taken & PORT_TAKEN == 0 {
             return Err(CreateError::NoFreePort);
         }
@@ -296,29 +293,25 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
         && NAT_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
 }
 
-/// In what [`ekp_allocate_port`] and [`ekp_time_wait_port`] return, set when they took a
-/// port (the low 16 bits).
+/// In what [`ekp_allocate_port`] returns, set when it took a port (the low 16 bits).
 const PORT_TAKEN: u64 = 1 << 16;
-/// In what [`ekp_allocate_port`] returns, set when it found no free port for a flow whose
-/// first packet opens a TCP connection: the ports it tried are left to
-/// [`ekp_time_wait_port`], given in the upper half (the first one tried, and the one closed
-/// longest ago above it, 0 if none).
-const LEFT_TO_THE_SYN: u64 = 1 << 17;
 
 /// [`allocate_port`] for `create`, with the search's copy of the reply key.
 ///
 /// A global BPF function (`#[no_mangle] extern "C"`, exported with BTF linkage `global`):
 /// the verifier checks it once, on its own. Inlined, the search's 16 tries were walked
 /// again for each of the states `ekp_tcx_in` reaches `create` in, a third of what the
-/// verifier did for the program. It takes scalars and pointers to memory (`reply_key`,
-/// `reply`: the caller's, which the verifier checks are as large as the types), either of
-/// which may be null as far as the verifier knows; `range_now`: the first port of `ports`,
-/// the last above it, the time above both; `opens`: 1 when the flow's first packet opens a
-/// TCP connection. Returns the port (network order) with [`PORT_TAKEN`], the ports left to
-/// the SYN with [`LEFT_TO_THE_SYN`], or 0.
+/// verifier did for the program. It takes the packet's context, scalars and pointers to
+/// memory (`reply_key`, `reply`: the caller's, which the verifier checks are as large as
+/// the types), either of which may be null as far as the verifier knows; `range_now`: the
+/// first port of `ports`, the last above it, the time above both; `opens`: 1 when the
+/// packet opens a TCP connection, whose stamp (`time_wait::read_stamp`) is then read
+/// here, out of the caller's frame. Returns the port (network order) with [`PORT_TAKEN`],
+/// 0 when none.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_allocate_port(
+    skb: *mut __sk_buff,
     reply_key: *const NatCtKey,
     reply: *const NatCtValue,
     range_now: u64,
@@ -329,14 +322,16 @@ extern "C" fn ekp_allocate_port(
     else {
         return 0;
     };
+    let syn = if opens != 0 {
+        time_wait::read_stamp(&TcContext::new(skb))
+    } else {
+        Stamp::default()
+    };
     let mut key = *key;
     let ports = (range_now as u16, (range_now >> 16) as u16);
-    match allocate_port(&mut key, reply, ports, (range_now >> 32) as u32, opens != 0) {
+    match allocate_port(&mut key, reply, ports, (range_now >> 32) as u32, &syn) {
         Ok(port) => u64::from(port) | PORT_TAKEN,
-        Err(Some((first, fallback))) => {
-            LEFT_TO_THE_SYN | u64::from(first) << 32 | u64::from(fallback) << 48
-        }
-        Err(None) => 0,
+        Err(()) => 0,
     }
 }
 
@@ -347,35 +342,34 @@ extern "C" fn ekp_allocate_port(
 /// selection, as Linux picks ephemeral ports): a port given out at random comes back much
 /// sooner, at times while the backend still holds its last connection in TIME_WAIT. A port
 /// is taken only if no flow holds the same reply tuple, so two flows can never share one
-/// (`BPF_NOEXIST` makes check and claim one atomic step); one whose flow expired is reused.
-/// Bounded retries. When no try found a free one: for a flow that `opens` a TCP
-/// connection, `Err(Some((first port tried, fallback)))`, for [`ekp_time_wait_port`] to
-/// choose with the SYN; else the fallback is taken, of the ports met whose TCP flows
-/// closed more than `CT_LIFETIME_CLOSING` ago (but may still be in the backend's
-/// TIME_WAIT) the one closed longest ago. `Err(None)` when none was taken.
+/// (`BPF_NOEXIST` makes check and claim one atomic step). Taken too: one whose flow
+/// expired, and one whose backend holds nothing that would turn away the new flow's SYN
+/// (`syn`, its stamp; [`Claim::Reusable`]). Bounded retries. When no try found one, of the
+/// ports met whose TCP flows closed more than `CT_LIFETIME_CLOSING` ago (but may still be
+/// in the backend's TIME_WAIT) the one closed longest ago is taken, unless a record
+/// (`time_wait`) says its TIME_WAIT turns the SYN away. `Err` when none was taken.
 #[inline(always)]
 fn allocate_port(
     reply_key: &mut NatCtKey,
     reply: &NatCtValue,
     (min, max): (u16, u16),
     now: u32,
-    opens: bool,
-) -> Result<u16, Option<(u16, u16)>> {
+    syn: &Stamp,
+) -> Result<u16, ()> {
     if min == 0 || max < min {
-        return Err(None);
+        return Err(());
     }
     let span = u64::from(max - min) + 1;
-    let cursor = cursor_of(reply_key).ok_or(None)?;
+    let cursor = cursor_of(reply_key).ok_or(())?;
     let start = draw(cursor);
-    let no_stamp = Stamp::default();
     // (port, seconds since its flow closed). The port, not the try that met it: a try's
     // number is known exactly at each step, and the verifier would walk every fallback
     // it could hold as a path of its own.
     let mut fallback = (0u16, 0u32);
     for i in 0..SNAT_PORT_RETRIES {
-        let port = port_at(min, start + u64::from(i), span).ok_or(None)?;
+        let port = port_at(min, start + u64::from(i), span)?;
         reply_key.dport = port;
-        match try_port(reply_key, reply, now, Claim::Free, &no_stamp) {
+        match try_port(reply_key, reply, now, Claim::Reusable, syn) {
             Try::Taken => {
                 advance(cursor, i);
                 return Ok(port);
@@ -387,85 +381,23 @@ fn allocate_port(
     // Every port tried is held: the next search starts past them all.
     advance(cursor, SNAT_PORT_RETRIES - 1);
     let (port, closed_for) = fallback;
-    if opens {
-        let first = port_at(min, start, span).ok_or(None)?;
-        return Err(Some((first, if closed_for == 0 { 0 } else { port })));
-    }
     if closed_for == 0 {
-        return Err(None);
+        return Err(());
     }
     reply_key.dport = port;
-    match try_port(reply_key, reply, now, Claim::Closed, &no_stamp) {
+    match try_port(reply_key, reply, now, Claim::Closed, syn) {
         Try::Taken => Ok(port),
-        Try::Held { .. } => Err(None),
-    }
-}
-
-/// For a flow that opens a TCP connection and found no free port among those
-/// [`ekp_allocate_port`] tried (`ports`: the first one of them, network order, and the
-/// fallback above it): the first of them whose backend holds nothing that would turn the
-/// SYN away ([`Claim::Reusable`]: a flow closed without its TIME_WAIT, or a TIME_WAIT
-/// whose record, `time_wait`, says it takes the SYN); else the fallback, unless a record
-/// says its TIME_WAIT turns the SYN away. Returns the port with
-/// [`PORT_TAKEN`], or 0. `skb` holds the SYN; `reply_key`, `reply` and `range_now` as for
-/// [`ekp_allocate_port`].
-///
-/// A global BPF function of its own, called after that one rather than by it: the SYN's
-/// stamp (`time_wait::read_stamp`, whose walk of the TCP options is a `bpf_loop`) and the
-/// search's frame would not fit in the 512 bytes of `ekp_tcx_in`'s call chain below
-/// `ekp_allocate_port`'s.
-#[unsafe(no_mangle)]
-#[inline(never)]
-extern "C" fn ekp_time_wait_port(
-    skb: *mut __sk_buff,
-    reply_key: *const NatCtKey,
-    reply: *const NatCtValue,
-    range_now: u64,
-    ports: u64,
-) -> u64 {
-    // SAFETY: null or the caller's live structs.
-    let (Some(key), Some(reply)) = (unsafe { reply_key.as_ref() }, unsafe { reply.as_ref() })
-    else {
-        return 0;
-    };
-    let mut key = *key;
-    let (min, max, now) = (
-        range_now as u16,
-        (range_now >> 16) as u16,
-        (range_now >> 32) as u32,
-    );
-    let (first, fallback) = (ports as u16, (ports >> 16) as u16);
-    let syn = time_wait::read_stamp(&TcContext::new(skb));
-    if syn.is_read() && min != 0 && max >= min {
-        let span = u64::from(max - min) + 1;
-        let start = u64::from(u16::from_be(first).wrapping_sub(min));
-        for i in 0..SNAT_PORT_RETRIES {
-            let Some(port) = port_at(min, start + u64::from(i), span) else {
-                return 0;
-            };
-            key.dport = port;
-            if let Try::Taken = try_port(&key, reply, now, Claim::Reusable, &syn) {
-                return u64::from(port) | PORT_TAKEN;
-            }
-        }
-    }
-    if fallback == 0 {
-        return 0;
-    }
-    key.dport = fallback;
-    match try_port(&key, reply, now, Claim::Closed, &syn) {
-        Try::Taken => u64::from(fallback) | PORT_TAKEN,
-        Try::Held { .. } => 0,
+        Try::Held { .. } => Err(()),
     }
 }
 
 /// The port (network order) `position` steps into the range that starts at `min` and
 /// holds `span` ports.
 #[inline(always)]
-fn port_at(min: u16, position: u64, span: u64) -> Option<u16> {
+fn port_at(min: u16, position: u64, span: u64) -> Result<u16, ()> {
     // (`checked_rem`: a panic path would not verify.)
-    let offset = position.checked_rem(span)?;
-    Some(((u64::from(min) + offset) as u16).to_be())
+    let offset = position.checked_rem(span).ok_or(())?;
+    Ok(((u64::from(min) + offset) as u16).to_be())
 }
 
 /// The cursor of the destination in `reply_key`: its slot is a hash of the backend's
@@ -530,17 +462,15 @@ enum Try {
 }
 
 /// Whole seconds of the programs' clock after which a port whose TCP flow closed without
-/// the backend's TIME_WAIT may go to a new flow that finds no free one, before the flow's
-/// entries expire (`CT_LIFETIME_CLOSING`): 2, so that the close is at least a second old
-/// (the backend has had the last ACK of a close the client began), as the kernel's NAT
-/// reuses a closed tuple at its last tries.
+/// the backend's TIME_WAIT may go to a new flow, before the flow's entries expire
+/// (`CT_LIFETIME_CLOSING`): 2, so that the close is at least a second old (the backend
+/// has had the last ACK of a close the client began). The kernel's NAT reuses a closed
+/// tuple too, at its last tries for a port.
 const REUSE_AFTER: u32 = 2;
 
 /// Which held ports [`try_port`] may claim besides free and expired ones.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Claim {
-    /// None.
-    Free,
     /// One whose TCP flow closed more than `CT_LIFETIME_CLOSING` ago, unless its backend's
     /// TIME_WAIT turns the new flow's SYN away.
     Closed,
@@ -584,7 +514,6 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, sy
     };
     let free = held.expired(reply_key.proto, now)
         || match claim {
-            Claim::Free => false,
             Claim::Closed => {
                 closed_for != 0 && time_wait::verdict(reply_key, &held, syn) != Some(false)
             }

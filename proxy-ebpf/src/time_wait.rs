@@ -11,8 +11,7 @@
 //! When the client's FIN passes after the backend's, the record of what the backend's
 //! socket will remember (the sequence number after the FIN, its timestamp) is written
 //! under the flow's reply tuple; the SNAT port search reads it to give such a port to a SYN
-//! the socket will take, and to keep it from one it would turn away
-//! (`nat::ekp_time_wait_port`).
+//! the socket will take, and to keep it from one it would turn away (`nat::allocate_port`).
 //! The kernel's NAT does the same from its conntrack entries (a tuple in TIME_WAIT is
 //! reused when the new SYN's sequence number has advanced), without the timestamps.
 
@@ -50,12 +49,6 @@ const STAMP_READ: u32 = 1;
 const STAMP_TIMESTAMP: u32 = 2;
 
 impl Stamp {
-    /// Whether the stamp was read from a segment.
-    #[inline(always)]
-    pub fn is_read(&self) -> bool {
-        self.flags & STAMP_READ != 0
-    }
-
     /// Whether a TIME_WAIT socket that holds `record` takes the SYN this stamp was read
     /// from; `None` when there is no stamp to judge by.
     #[inline(always)]
@@ -206,7 +199,7 @@ pub fn read_stamp(ctx: &TcContext) -> Stamp {
 #[inline(always)]
 fn read(ctx: &TcContext) -> Option<Stamp> {
     // Only the fields used, each loaded on its own: a copy of the whole header would sit
-    // in the frame of `nat::ekp_time_wait_port`, at the limit of its call chain.
+    // in the frame of `nat::ekp_allocate_port`, which `ekp_tcx_in`'s call chain adds to.
     let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?);
     let seq = u32::from_be(ctx.load::<u32>(L4_OFF + 4).ok()?);
     let [offset, flags] = ctx.load::<[u8; 2]>(L4_OFF + 12).ok()?;
