@@ -11,7 +11,7 @@
 //! kernel versions), so that code which brings the repeated walks back fails here rather
 //! than in a slower start. Since then the SNAT port search asks, at each of its 16 tries,
 //! whether a backend's TIME_WAIT takes the new flow's SYN (`time_wait`), which took
-//! `ekp_tcx_in` to 129882; its budget and `ekp_pod_in`'s moved up with it.
+//! `ekp_tcx_in` from 59086 to 129882; its budget and `ekp_pod_in`'s moved up with it.
 
 use aya::Ebpf;
 use aya::programs::Program;
