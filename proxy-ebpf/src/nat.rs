@@ -28,7 +28,7 @@ use proxy_common::{
 use crate::csum::{self, RewriteError};
 use crate::maps::{BACKENDS, NAT_CT, SNAT_CURSOR};
 use crate::parse::{Packet, TCP_FIN, TCP_RST};
-use crate::time_wait::{self, Stamp};
+use crate::time_wait::{self, Judged, Stamp};
 
 /// The conntrack key of `pkt` as seen by the hook `dir`.
 #[inline(always)]
@@ -461,22 +461,15 @@ enum Try {
     Held { closed_for: u32 },
 }
 
-/// Whole seconds of the programs' clock after which a port whose TCP flow closed without
-/// the backend's TIME_WAIT may go to a new flow, before the flow's entries expire
-/// (`CT_LIFETIME_CLOSING`): 2, so that the close is at least a second old (the backend
-/// has had the last ACK of a close the client began). The kernel's NAT reuses a closed
-/// tuple too, at its last tries for a port.
-const REUSE_AFTER: u32 = 2;
-
 /// Which held ports [`try_port`] may claim besides free and expired ones.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Claim {
     /// One whose TCP flow closed more than `CT_LIFETIME_CLOSING` ago, unless its backend's
     /// TIME_WAIT turns the new flow's SYN away.
     Closed,
-    /// One whose backend holds nothing that would turn the new flow's SYN away: its TCP
-    /// flow closed [`REUSE_AFTER`] seconds ago or more without the backend's TIME_WAIT (a
-    /// RST, or the client's FIN first), or the backend's TIME_WAIT takes the SYN.
+    /// One whose backend holds nothing that would turn the new flow's SYN away
+    /// ([`Judged::Nothing`]): its TCP flow closed a moment ago without the backend's
+    /// TIME_WAIT (a RST, or the client's FIN first), or the backend's TIME_WAIT takes the SYN.
     Reusable,
 }
 
@@ -515,13 +508,9 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, sy
     let free = held.expired(reply_key.proto, now)
         || match claim {
             Claim::Closed => {
-                closed_for != 0 && time_wait::verdict(reply_key, &held, syn) != Some(false)
+                closed_for != 0 && time_wait::judge(reply_key, &held, age, syn) != Judged::TurnsAway
             }
-            Claim::Reusable => {
-                let no_time_wait = CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST;
-                (held.flags & no_time_wait == CT_FLAG_CLOSING && age >= REUSE_AFTER)
-                    || time_wait::verdict(reply_key, &held, syn) == Some(true)
-            }
+            Claim::Reusable => time_wait::judge(reply_key, &held, age, syn) == Judged::Nothing,
         };
     // A held port is claimed by moving its stamp from the one seen to now in one
     // compare-and-swap: of two CPUs that found it free, one gets it and the other tries

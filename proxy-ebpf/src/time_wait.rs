@@ -61,56 +61,85 @@ impl Stamp {
     }
 }
 
-/// Whether the backend's TIME_WAIT socket of the flow `held` (a reply entry, under
-/// `reply_key`) takes the SYN stamped `syn`: `None` when the backend holds no TIME_WAIT
-/// for it (it did not close first, or the flow is not closed), there is no record of it,
-/// or no stamp.
+/// What the backend of a flow that holds a SNAT port keeps against a new flow's SYN there
+/// ([`judge`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Judged {
+    /// Nothing: the flow closed [`REUSE_AFTER`] seconds ago or more without the backend's
+    /// TIME_WAIT, or the backend's TIME_WAIT takes the SYN (by its record).
+    Nothing,
+    /// Its TIME_WAIT turns the SYN away (by its record).
+    TurnsAway,
+    /// Not known, or a live flow.
+    Unknown,
+}
+
+/// Whole seconds of the programs' clock after which a port whose TCP flow closed without
+/// the backend's TIME_WAIT may go to a new flow, before the flow's entries expire
+/// (`CT_LIFETIME_CLOSING`): 2, so that the close is at least a second old (the backend
+/// has had the last ACK of a close the client began). The kernel's NAT reuses a closed
+/// tuple too, at its last tries for a port.
+const REUSE_AFTER: u32 = 2;
+
+/// What the backend of the flow `held` (a reply entry under `reply_key`, last seen `age`
+/// seconds ago) keeps against the SYN stamped `syn`. One call of a global function whose
+/// answer the SNAT port search branches on once at each try: judged inline, each try's
+/// ways through the judgement were paths of their own for the verifier.
 #[inline(always)]
-pub fn verdict(reply_key: &NatCtKey, held: &NatCtValue, syn: &Stamp) -> Option<bool> {
-    let closed_by_backend = CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST;
-    if held.flags & closed_by_backend != closed_by_backend || syn.flags & STAMP_READ == 0 {
-        return None;
-    }
+pub fn judge(reply_key: &NatCtKey, held: &NatCtValue, age: u32, syn: &Stamp) -> Judged {
+    let flags_age = u64::from(held.flags) | u64::from(age) << 32;
     let client = u64::from(held.daddr) | u64::from(held.dport) << 32;
-    match ekp_time_wait_verdict(reply_key, client, syn) {
-        VERDICT_TAKES => Some(true),
-        VERDICT_TURNS_AWAY => Some(false),
-        _ => None,
+    match ekp_judge_port(reply_key, flags_age, client, syn) {
+        JUDGED_NOTHING => Judged::Nothing,
+        JUDGED_TURNS_AWAY => Judged::TurnsAway,
+        _ => Judged::Unknown,
     }
 }
 
-/// What [`ekp_time_wait_verdict`] answers.
-const VERDICT_UNKNOWN: u64 = 0;
-const VERDICT_TAKES: u64 = 1;
-const VERDICT_TURNS_AWAY: u64 = 2;
+/// What [`ekp_judge_port`] answers.
+const JUDGED_UNKNOWN: u64 = 0;
+const JUDGED_NOTHING: u64 = 1;
+const JUDGED_TURNS_AWAY: u64 = 2;
 
-/// [`verdict`]'s reading of the record under `reply_key`, which must be of `client` (its
-/// address and port, packed as [`verdict`] does). A global BPF function: the SNAT port
-/// search calls it for each port a backend's TIME_WAIT may hold, and the record it copies
-/// stays out of the search's frame.
+/// [`judge`] on its arguments packed: the held flow's flags and age (`flags_age`: flags,
+/// age << 32) and client (address, port << 32). A global BPF function: the verifier checks
+/// it once, and the record it copies stays out of the search's frame.
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn ekp_time_wait_verdict(
+extern "C" fn ekp_judge_port(
     reply_key: *const NatCtKey,
+    flags_age: u64,
     client: u64,
     syn: *const Stamp,
 ) -> u64 {
+    let (flags, age) = (flags_age as u16, (flags_age >> 32) as u32);
+    let closed = flags & (CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST);
+    if closed == CT_FLAG_CLOSING {
+        return if age >= REUSE_AFTER {
+            JUDGED_NOTHING
+        } else {
+            JUDGED_UNKNOWN
+        };
+    }
     // SAFETY: null or the caller's live structs.
     let (Some(reply_key), Some(syn)) = (unsafe { reply_key.as_ref() }, unsafe { syn.as_ref() })
     else {
-        return VERDICT_UNKNOWN;
+        return JUDGED_UNKNOWN;
     };
+    if closed != CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST {
+        return JUDGED_UNKNOWN;
+    }
     // SAFETY: copied out at once.
     let Some(record) = SNAT_TIME_WAIT.get_ptr(reply_key).map(|r| unsafe { *r }) else {
-        return VERDICT_UNKNOWN;
+        return JUDGED_UNKNOWN;
     };
     if record.client_addr != client as u32 || record.client_port != (client >> 32) as u16 {
-        return VERDICT_UNKNOWN;
+        return JUDGED_UNKNOWN;
     }
     match syn.taken_by(&record) {
-        Some(true) => VERDICT_TAKES,
-        Some(false) => VERDICT_TURNS_AWAY,
-        None => VERDICT_UNKNOWN,
+        Some(true) => JUDGED_NOTHING,
+        Some(false) => JUDGED_TURNS_AWAY,
+        None => JUDGED_UNKNOWN,
     }
 }
 
