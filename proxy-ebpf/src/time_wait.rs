@@ -13,7 +13,9 @@
 //! under the flow's reply tuple; the SNAT port search reads it to give such a port to a SYN
 //! the socket will take, and to keep it from one it would turn away (`nat::allocate_port`).
 //! The kernel's NAT does the same from its conntrack entries (a tuple in TIME_WAIT is
-//! reused when the new SYN's sequence number has advanced), without the timestamps.
+//! reused when the new SYN's sequence number has advanced), without the timestamps. A port
+//! whose flow closed without the backend's TIME_WAIT (a RST, or the client's FIN first)
+//! goes again [`REUSE_AFTER`] seconds after the close ([`judge`]).
 
 use core::ffi::c_void;
 
