@@ -468,8 +468,9 @@ enum Claim {
     /// TIME_WAIT turns the new flow's SYN away.
     Closed,
     /// One whose backend holds nothing that would turn the new flow's SYN away
-    /// ([`Judged::Nothing`]): its TCP flow closed a moment ago without the backend's
-    /// TIME_WAIT (a RST, or the client's FIN first), or the backend's TIME_WAIT takes the SYN.
+    /// ([`Judged::Nothing`]): its TCP flow closed two seconds ago or more without the
+    /// backend's TIME_WAIT (a RST, or the client's FIN first), or the backend's TIME_WAIT
+    /// takes the SYN.
     Reusable,
 }
 
