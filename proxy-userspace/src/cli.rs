@@ -97,6 +97,12 @@ struct RunArgs {
     #[arg(long)]
     socket_lb_external_ips: bool,
 
+    /// Also serve ClusterIPs to traffic arriving from outside the node (a Service range
+    /// routed to the nodes), on the north-south devices, as kube-proxy does (Cilium's
+    /// `--bpf-lb-external-clusterip`). Off by default: ClusterIPs are for the cluster.
+    #[arg(long)]
+    external_clusterip: bool,
+
     /// Capacity (max_entries) of the services map: one entry per frontend plus one per
     /// backend slot. Applies when the maps are created; pinned maps keep their size.
     #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
@@ -377,6 +383,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 node_ports: NodePortAddresses::parse(&args.nodeport_addresses)
                     .map_err(|e| anyhow!("--nodeport-addresses: {e}"))?,
                 socket_lb_external_ips: args.socket_lb_external_ips,
+                external_cluster_ips: args.external_clusterip,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
                 bind_address_hard_fail: args.bind_address_hard_fail,

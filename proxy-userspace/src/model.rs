@@ -260,6 +260,10 @@ pub struct NodeInfo {
     /// The IPv4 addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`
     /// applied to the node's addresses), sorted; one NodePort frontend per address.
     pub node_port_addresses: Vec<Ipv4Addr>,
+    /// ClusterIPs are served to traffic from outside the node too (`--external-clusterip`):
+    /// each ClusterIP frontend gets an external-scope twin, as kube-proxy's rules match a
+    /// ClusterIP whatever the packet's source.
+    pub external_cluster_ips: bool,
 }
 
 /// Everything the dataplane should hold, keyed by frontend.

@@ -35,7 +35,7 @@ use crate::http::{self, Health, OnBindFailure};
 use crate::link_events::LinkEvents;
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
-use crate::model::{FrontendKey, ServicePortName};
+use crate::model::{FrontendKey, NodeInfo, ServicePortName};
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Delta, Snapshot, manifests};
 use crate::sync::Syncer;
@@ -68,6 +68,8 @@ pub struct Config {
     /// Serve externalIPs that are not this node's to its own processes and pods too, as
     /// kube-proxy does (see `safety`: CVE-2020-8554).
     pub socket_lb_external_ips: bool,
+    /// Serve ClusterIPs to traffic from outside the node too (`--external-clusterip`).
+    pub external_cluster_ips: bool,
     /// `/healthz` and `/livez`; `None` disables them.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
@@ -643,7 +645,7 @@ fn update_health_checks(
     checks: &mut BTreeMap<(String, String), HealthChecks>,
     translation: &Incremental,
     changes: &Changes,
-    node: &crate::model::NodeInfo,
+    node: &NodeInfo,
 ) {
     for key in &changes.groups {
         let computed = translation
@@ -848,7 +850,10 @@ fn sync_once(
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
     note_node(&config.node_name, input.node(), &mut state.node_known);
-    let node = node_info(&config.node_name, input.node(), &config.node_ports);
+    let node = NodeInfo {
+        external_cluster_ips: config.external_cluster_ips,
+        ..node_info(&config.node_name, input.node(), &config.node_ports)
+    };
     let addresses =
         node_info(&config.node_name, input.node(), &NodePortAddresses::All).node_port_addresses;
     let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
@@ -907,9 +912,14 @@ fn record_no_local_endpoints(
     changes: &Changes,
     metrics: &Metrics,
 ) {
-    use crate::model::{Scope, WhenEmpty};
-    let drops_now =
-        |f: &&crate::model::Frontend| f.backends.is_empty() && f.when_empty == WhenEmpty::Drop;
+    use crate::model::{FrontendKind, Scope, WhenEmpty};
+    // A ClusterIP's external twin (`--external-clusterip`) drops by the internal policy,
+    // which its internal frontend counts already.
+    let drops_now = |f: &&crate::model::Frontend| {
+        f.backends.is_empty()
+            && f.when_empty == WhenEmpty::Drop
+            && !(f.key.scope == Scope::External && f.kind == FrontendKind::ClusterIp)
+    };
     if changes.all {
         drops.extend(
             state
@@ -1065,3 +1075,103 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 #[cfg(test)]
 mod scale;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DesiredState, Frontend, FrontendKind, Protocol, Scope, WhenEmpty};
+
+    fn dropping(
+        addr: [u8; 4],
+        port: u16,
+        scope: Scope,
+        kind: FrontendKind,
+        name: &str,
+    ) -> Frontend {
+        Frontend {
+            key: FrontendKey {
+                addr: Ipv4Addr::from(addr),
+                port,
+                proto: Protocol::Tcp,
+                scope,
+            },
+            kind,
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: name.into(),
+                port: String::new(),
+            },
+            backends: Vec::new(),
+            lingering: Vec::new(),
+            when_empty: WhenEmpty::Drop,
+            affinity_timeout: None,
+            affinity_group: None,
+            source_ranges: Vec::new(),
+        }
+    }
+
+    fn gauge(metrics: &Metrics, policy: &str) -> i64 {
+        let label = PolicyLabel {
+            traffic_policy: policy.into(),
+        };
+        metrics.no_local_endpoints.get_or_create(&label).get()
+    }
+
+    /// A ClusterIP's external twin (`--external-clusterip`) drops by the internal traffic
+    /// policy: its Service counts under `internal` (once), not under `external`, which
+    /// only `externalTrafficPolicy: Local` frontends count.
+    #[test]
+    fn a_cluster_ips_external_twin_counts_under_the_internal_policy() {
+        let internal_local = [
+            dropping(
+                [10, 96, 0, 10],
+                80,
+                Scope::Internal,
+                FrontendKind::ClusterIp,
+                "a",
+            ),
+            dropping(
+                [10, 96, 0, 10],
+                80,
+                Scope::External,
+                FrontendKind::ClusterIp,
+                "a",
+            ),
+        ];
+        let external_local = dropping(
+            [192, 0, 2, 1],
+            30080,
+            Scope::External,
+            FrontendKind::NodePort,
+            "b",
+        );
+        let mut state = DesiredState::default();
+        for f in internal_local.into_iter().chain([external_local]) {
+            state.frontends.insert(f.key, f);
+        }
+        let metrics = Metrics::new();
+        let mut drops = BTreeMap::new();
+        let all = Changes {
+            all: true,
+            ..Changes::default()
+        };
+        record_no_local_endpoints(&mut drops, &state, &all, &metrics);
+        assert_eq!(
+            (gauge(&metrics, "internal"), gauge(&metrics, "external")),
+            (1, 1)
+        );
+
+        // The same through a partial sync that names only the changed frontends.
+        let mut drops = BTreeMap::new();
+        let changed = Changes {
+            frontends: state.frontends.keys().copied().collect(),
+            ..Changes::default()
+        };
+        let metrics = Metrics::new();
+        record_no_local_endpoints(&mut drops, &state, &changed, &metrics);
+        assert_eq!(
+            (gauge(&metrics, "internal"), gauge(&metrics, "external")),
+            (1, 1)
+        );
+    }
+}

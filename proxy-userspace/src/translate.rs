@@ -195,6 +195,7 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
         name: name.to_owned(),
         zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
         node_port_addresses: addresses.into_iter().collect(),
+        external_cluster_ips: false,
     }
 }
 
@@ -734,6 +735,19 @@ fn add_service(
             internal,
         );
         insert_frontend(state, cluster_ip_frontend, &port_object, skipped);
+        // A packet from outside the node to the ClusterIP (a Service range routed to the
+        // nodes): kube-proxy sends it to the same endpoints as the node's own traffic (its
+        // internal traffic policy), from any source.
+        if node.external_cluster_ips {
+            let from_outside = frontend(
+                cluster_ip,
+                number,
+                Scope::External,
+                FrontendKind::ClusterIp,
+                internal,
+            );
+            insert_frontend(state, from_outside, &port_object, skipped);
+        }
 
         // kube-proxy's rule order: externalIPs, LB IPs, then NodePorts.
         let external_addresses = external_ips
@@ -1209,6 +1223,7 @@ mod tests {
             name: "n1".into(),
             zone: Some("zone-a".into()),
             node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            external_cluster_ips: false,
         }
     }
 
@@ -2363,6 +2378,64 @@ mod tests {
         );
     }
 
+    /// `--external-clusterip`: a packet from outside the node to a ClusterIP (a Service
+    /// range routed to the nodes) goes where kube-proxy's ClusterIP rule sends every
+    /// source: to the internal traffic policy's endpoints, refused or dropped as the
+    /// ClusterIP is. Without the flag (the default) no external frontend is made for it.
+    #[test]
+    fn external_cluster_ips_get_an_external_twin_with_the_internal_policy() {
+        let routed = NodeInfo {
+            external_cluster_ips: true,
+            ..n1()
+        };
+        let service = web().target_port(IntOrString::Int(8080));
+        let t = translate(slice::from_ref(&service), &[a_on_n2_b_on_n1()], &routed);
+        assert_eq!(
+            kinds(&t),
+            [
+                "ext 10.96.0.10:80/TCP ClusterIP",
+                "int 10.96.0.10:80/TCP ClusterIP"
+            ]
+        );
+        assert_eq!(
+            rows(&t),
+            [
+                "ext 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+        let local = service.clone().internal_traffic_policy("Local");
+        assert_eq!(
+            clean_on(&routed, slice::from_ref(&local), &[a_on_n2_b_on_n1()]),
+            [
+                "ext 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.2:8080/TCP",
+            ]
+        );
+        let only_on_n2 = slice("default", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .ready("10.0.0.1")
+            .on("n2");
+        assert_eq!(
+            clean_on(&routed, &[local], slice::from_ref(&only_on_n2)),
+            [
+                "ext 10.96.0.10:80/TCP -> (drop)",
+                "int 10.96.0.10:80/TCP -> (drop)"
+            ]
+        );
+        assert_eq!(
+            clean_on(&routed, slice::from_ref(&service), &[]),
+            [
+                "ext 10.96.0.10:80/TCP -> (refuse)",
+                "int 10.96.0.10:80/TCP -> (refuse)"
+            ]
+        );
+        assert_eq!(
+            clean_on(&n1(), &[service], &[only_on_n2]),
+            ["int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP"]
+        );
+    }
+
     /// The node reaching its own IP:nodePort goes through the socket programs: internal scope.
     #[test]
     fn c09_the_node_itself_reaches_its_node_port_through_the_internal_frontend() {
@@ -3381,6 +3454,7 @@ mod tests {
                 name: "n1".into(),
                 zone: Some("zone-a".into()),
                 node_port_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
+                external_cluster_ips: false,
             }
         );
     }
@@ -3487,6 +3561,7 @@ mod tests {
                 name: "n1".into(),
                 zone: None,
                 node_port_addresses: vec![],
+                external_cluster_ips: false,
             }
         );
     }

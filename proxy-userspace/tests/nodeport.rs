@@ -38,6 +38,8 @@ struct Node {
     pin_path: PathBuf,
     log: PathBuf,
     agent: Option<Proc>,
+    /// Flags the agent gets besides the common ones.
+    agent_args: Vec<&'static str>,
     _server: Option<Proc>,
     pod: Netns,
     ns: Netns,
@@ -146,6 +148,7 @@ impl Cluster {
                 pin_path: PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-n{i}")),
                 log: std::env::temp_dir().join(format!("{prefix}-n{i}-agent.log")),
                 agent: None,
+                agent_args: Vec::new(),
                 _server: Some(server),
                 pod,
                 ns,
@@ -224,6 +227,7 @@ impl Cluster {
                 "--conntrack-gc-interval",
                 "1s",
             ])
+            .args(&node.agent_args)
             .env("EKP_LOG", "info");
         if let Some(devices) = devices {
             command.args(["--devices", devices]);
@@ -579,6 +583,57 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `--external-clusterip`: a ClusterIP routed to a node from outside (a Service range
+/// announced to the network) is served there as kube-proxy serves it, by the Service's
+/// endpoints on both nodes (the remote one source-NATed); a node without the flag leaves
+/// the packet as addressed, and with no route to the Service range it dead-ends there.
+#[test]
+fn a_cluster_ip_routed_to_a_node_is_served_with_external_clusterip() {
+    let mut cluster = Cluster::new("nsclip");
+    let other = cluster.add_client(Ipv4Addr::new(192, 168, 77, 101));
+    ip(&cluster.client, "route add 10.96.0.0/16 via 192.168.77.11");
+    ip(
+        cluster.extra_client(other),
+        "route add 10.96.0.0/16 via 192.168.77.12",
+    );
+    cluster.write_manifest("svc.yaml", &service("Cluster"));
+    cluster.write_manifest("eps.yaml", ENDPOINTS);
+    for node in &cluster.nodes {
+        cluster.write_manifest(
+            &format!("{}.yaml", node.name),
+            &node_manifest(node.name, node.eth0),
+        );
+    }
+    cluster.nodes[0].agent_args = vec!["--external-clusterip"];
+    cluster.start_agents();
+    let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for(0, "10.96.0.10:80", "external", &both);
+    // Node 2 has no flag: its NodePort frontend shows its sync is done, and no external
+    // ClusterIP frontend is listed.
+    cluster.wait_for_node_port(1, &both);
+    let listed = list(&cluster.nodes[1].pin_path).expect("list");
+    assert!(
+        listed
+            .iter()
+            .all(|f| !(f["frontend"] == "10.96.0.10:80" && f["scope"] == "external")),
+        "{listed:?}"
+    );
+
+    let counts = cluster.requests("10.96.0.10:80", 30);
+    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
+    assert_eq!(
+        served,
+        [format!("pod-1 {CLIENT}").as_str(), "pod-2 192.168.77.11"],
+        "{counts:?}"
+    );
+    let failed = cluster.fails(cluster.extra_client(other), None, "10.96.0.10:80");
+    let errno = failed["errno"].as_i64();
+    assert!(
+        errno.is_none() || matches!(errno, Some(101 | 113)),
+        "want a timeout, ENETUNREACH or EHOSTUNREACH, got {failed}"
+    );
 }
 
 /// The north-south cases beside the seed's example, on one LoadBalancer Service and two

@@ -111,6 +111,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $c.devices }}
 - {{ printf "--devices=%s" (join "," .) | quote }}
 {{- end }}
+{{- if $c.externalClusterIP }}
+- "--external-clusterip"
+{{- end }}
 {{- with $c.conntrackGCInterval }}
 - {{ printf "--conntrack-gc-interval=%s" . | quote }}
 {{- end }}

@@ -324,12 +324,16 @@ pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
             vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(192, 0, 2, 1)],
             0..=2,
         ),
+        any::<bool>(),
     )
-        .prop_map(|(zone, node_port_addresses)| NodeInfo {
-            name: "n1".to_owned(),
-            zone,
-            node_port_addresses,
-        })
+        .prop_map(
+            |(zone, node_port_addresses, external_cluster_ips)| NodeInfo {
+                name: "n1".to_owned(),
+                zone,
+                node_port_addresses,
+                external_cluster_ips,
+            },
+        )
 }
 
 fn input() -> impl Strategy<Value = (Vec<Service>, Vec<EndpointSlice>, NodeInfo)> {
