@@ -188,6 +188,16 @@ impl Cluster {
         fs::rename(&tmp, self.manifests.join(file)).expect("renaming manifest into place");
     }
 
+    /// Each node's Node object, with its eth0 address as InternalIP.
+    fn write_node_manifests(&self) {
+        for node in &self.nodes {
+            self.write_manifest(
+                &format!("{}.yaml", node.name),
+                &node_manifest(node.name, node.eth0),
+            );
+        }
+    }
+
     /// Starts one agent inside each node namespace (so `--devices eth0` names that node's
     /// eth0), in the node's own cgroup, with its own pins and no HTTP endpoints.
     fn start_agents(&mut self) {
@@ -475,6 +485,18 @@ endpoints:
     nodeName: node-2
 ";
 
+/// Both pods answered `counts`' requests and no one else: pod-1, on the node the client
+/// reached, with the client's own address (no SNAT to a local endpoint); pod-2, on the
+/// other node, with node1's (source-NATed there).
+fn assert_both_pods_served(counts: &std::collections::BTreeMap<String, usize>, client: Ipv4Addr) {
+    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
+    assert_eq!(
+        served,
+        [format!("pod-1 {client}").as_str(), "pod-2 192.168.77.11"],
+        "{counts:?}"
+    );
+}
+
 fn node_manifest(name: &str, addr: Ipv4Addr) -> String {
     format!(
         "apiVersion: v1
@@ -491,12 +513,7 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
     let mut cluster = Cluster::new("nodeport");
     cluster.write_manifest("svc.yaml", &service("Cluster"));
     cluster.write_manifest("eps.yaml", ENDPOINTS);
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    cluster.write_node_manifests();
     cluster.start_agents();
     cluster.wait_for_node_port(0, &["10.244.1.10:8080", "10.244.2.10:8080"]);
     cluster.wait_for_node_port(1, &["10.244.1.10:8080", "10.244.2.10:8080"]);
@@ -600,12 +617,7 @@ fn a_cluster_ip_routed_to_a_node_is_served_with_external_clusterip() {
     );
     cluster.write_manifest("svc.yaml", &service("Cluster"));
     cluster.write_manifest("eps.yaml", ENDPOINTS);
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    cluster.write_node_manifests();
     cluster.nodes[0].agent_args = vec!["--external-clusterip"];
     cluster.start_agents();
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
@@ -622,12 +634,7 @@ fn a_cluster_ip_routed_to_a_node_is_served_with_external_clusterip() {
     );
 
     let counts = cluster.requests("10.96.0.10:80", 30);
-    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
-    assert_eq!(
-        served,
-        [format!("pod-1 {CLIENT}").as_str(), "pod-2 192.168.77.11"],
-        "{counts:?}"
-    );
+    assert_both_pods_served(&counts, CLIENT);
     let failed = cluster.fails(cluster.extra_client(other), None, "10.96.0.10:80");
     let errno = failed["errno"].as_i64();
     assert!(
@@ -665,12 +672,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
         "local.yaml",
         &local_node_port("local", "10.96.0.12", 30082, "10.244.2.10", "node-2"),
     );
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    cluster.write_node_manifests();
     cluster.start_agents();
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
     cluster.wait_for(0, "203.0.113.10:80", "external", &both);
@@ -690,12 +692,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
     // C22: inside the range, served by both pods; outside, dropped (a timeout, not a
     // refusal); a pod on node1 is not filtered.
     let counts = cluster.requests("203.0.113.10:80", 30);
-    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
-    assert_eq!(
-        served,
-        [format!("pod-1 {CLIENT}").as_str(), "pod-2 192.168.77.11"],
-        "{counts:?}"
-    );
+    assert_both_pods_served(&counts, CLIENT);
     let dropped = cluster.fails(cluster.extra_client(xb), None, "203.0.113.10:80");
     assert!(dropped["errno"].is_null(), "not a timeout: {dropped}");
     let from_pod = cluster.requests_from(&node1.pod, Some(&node1.cgroup), "203.0.113.10:80", 10);
@@ -703,12 +700,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
 
     // C23: the externalIP is served to the outsider too (source ranges are for LB IPs).
     let counts = cluster.requests_from(cluster.extra_client(xb), None, "198.51.100.10:80", 30);
-    let served: Vec<&str> = counts.keys().map(String::as_str).collect();
-    assert_eq!(
-        served,
-        [format!("pod-1 {outsider}").as_str(), "pod-2 192.168.77.11"],
-        "{counts:?}"
-    );
+    assert_both_pods_served(&counts, outsider);
 
     // C31: ipMode Proxy has no frontend; the packet goes on as addressed and dead-ends at
     // node1 (no route there), and a pod's connect fails in its own namespace.
@@ -1051,12 +1043,7 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
     let mut cluster = Cluster::new("npdrain");
     cluster.write_manifest("svc.yaml", &service_with_udp());
     cluster.write_manifest("eps.yaml", &web_endpoints(false, Some("{ready: true}")));
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    cluster.write_node_manifests();
     cluster.start_agents();
     let udp = ("192.168.77.11:30053", "UDP", "external");
     cluster.wait_for_node_port(0, &["10.244.2.10:8080"]);
@@ -1169,12 +1156,7 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
 fn write_web_with_udp(cluster: &Cluster) {
     cluster.write_manifest("svc.yaml", &service_with_udp());
     cluster.write_manifest("eps.yaml", &endpoints_with_udp());
-    for node in &cluster.nodes {
-        cluster.write_manifest(
-            &format!("{}.yaml", node.name),
-            &node_manifest(node.name, node.eth0),
-        );
-    }
+    cluster.write_node_manifests();
 }
 
 /// [`ENDPOINTS`] with the UDP port too.
