@@ -240,10 +240,10 @@ pub fn create(
     opens: bool,
 ) -> Result<(), CreateError> {
     let reply = pair_value(key, forward);
-    let reply_key = pair_key(key, forward);
+    let mut reply_key = pair_key(key, forward);
     if forward.flags & CT_FLAG_SNAT != 0 || !claim_reply(&reply_key, &reply, now) {
         let range_now = u64::from(ports.0) | u64::from(ports.1) << 16 | u64::from(now) << 32;
-        let taken = ekp_allocate_port(ctx.skb.skb, &reply_key, &reply, range_now, opens.into());
+        let taken = ekp_allocate_port(ctx.skb.skb, &mut reply_key, &reply, range_now, opens.into());
         if taken & PORT_TAKEN == 0 {
             return Err(CreateError::NoFreePort);
         }
@@ -296,7 +296,7 @@ fn claim_reply(key: &NatCtKey, reply: &NatCtValue, now: u32) -> bool {
 /// In what [`ekp_allocate_port`] returns, set when it took a port (the low 16 bits).
 const PORT_TAKEN: u64 = 1 << 16;
 
-/// [`allocate_port`] for `create`, with the search's copy of the reply key.
+/// [`allocate_port`] for `create`, on its reply key (left with the last port tried).
 ///
 /// A global BPF function (`#[no_mangle] extern "C"`, exported with BTF linkage `global`):
 /// the verifier checks it once, on its own. Inlined, the search's 16 tries were walked
@@ -305,31 +305,32 @@ const PORT_TAKEN: u64 = 1 << 16;
 /// memory (`reply_key`, `reply`: the caller's, which the verifier checks are as large as
 /// the types), either of which may be null as far as the verifier knows; `range_now`: the
 /// first port of `ports`, the last above it, the time above both; `opens`: 1 when the
-/// packet opens a TCP connection, whose stamp (`time_wait::read_stamp`) is then read
-/// here, out of the caller's frame. Returns the port (network order) with [`PORT_TAKEN`],
-/// 0 when none.
+/// packet opens a TCP connection, whose stamp (`time_wait::Stamp`) the search reads from
+/// `skb` the first time a backend's TIME_WAIT record is to judge it by, out of the
+/// caller's frame (most searches take their first port free and read nothing). Returns
+/// the port (network order) with [`PORT_TAKEN`], 0 when none.
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_allocate_port(
     skb: *mut __sk_buff,
-    reply_key: *const NatCtKey,
+    reply_key: *mut NatCtKey,
     reply: *const NatCtValue,
     range_now: u64,
     opens: u64,
 ) -> u64 {
     // SAFETY: null or the caller's live structs.
-    let (Some(key), Some(reply)) = (unsafe { reply_key.as_ref() }, unsafe { reply.as_ref() })
+    let (Some(key), Some(reply)) = (unsafe { reply_key.as_mut() }, unsafe { reply.as_ref() })
     else {
         return 0;
     };
-    let syn = if opens != 0 {
-        time_wait::read_stamp(&TcContext::new(skb))
+    let mut syn = if opens != 0 {
+        Stamp::unread()
     } else {
         Stamp::default()
     };
-    let mut key = *key;
     let ports = (range_now as u16, (range_now >> 16) as u16);
-    match allocate_port(&mut key, reply, ports, (range_now >> 32) as u32, &syn) {
+    let now = (range_now >> 32) as u32;
+    match allocate_port(skb, key, reply, ports, now, &mut syn) {
         Ok(port) => u64::from(port) | PORT_TAKEN,
         Err(()) => 0,
     }
@@ -350,11 +351,12 @@ extern "C" fn ekp_allocate_port(
 /// (`time_wait`) says its TIME_WAIT turns the SYN away. `Err` when none was taken.
 #[inline(always)]
 fn allocate_port(
+    skb: *mut __sk_buff,
     reply_key: &mut NatCtKey,
     reply: &NatCtValue,
     (min, max): (u16, u16),
     now: u32,
-    syn: &Stamp,
+    syn: &mut Stamp,
 ) -> Result<u16, ()> {
     if min == 0 || max < min {
         return Err(());
@@ -369,7 +371,7 @@ fn allocate_port(
     for i in 0..SNAT_PORT_RETRIES {
         let port = port_at(min, start + u64::from(i), span)?;
         reply_key.dport = port;
-        match try_port(reply_key, reply, now, Claim::Reusable, syn) {
+        match try_port(skb, reply_key, reply, now, Claim::Reusable, syn) {
             Try::Taken => {
                 advance(cursor, i);
                 return Ok(port);
@@ -385,7 +387,7 @@ fn allocate_port(
         return Err(());
     }
     reply_key.dport = port;
-    match try_port(reply_key, reply, now, Claim::Closed, syn) {
+    match try_port(skb, reply_key, reply, now, Claim::Closed, syn) {
         Try::Taken => Ok(port),
         Try::Held { .. } => Err(()),
     }
@@ -478,7 +480,14 @@ enum Claim {
 /// first packet has the stamp `syn`: free, or held by a flow that expired, or one `claim`
 /// allows.
 #[inline(always)]
-fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, syn: &Stamp) -> Try {
+fn try_port(
+    skb: *mut __sk_buff,
+    reply_key: &NatCtKey,
+    reply: &NatCtValue,
+    now: u32,
+    claim: Claim,
+    syn: &mut Stamp,
+) -> Try {
     // Looked up first: an LRU insert that fails still takes a free element and gives it
     // back under the LRU's locks, which costs more than the lookup, and when ports run
     // short most tries find theirs held.
@@ -509,9 +518,10 @@ fn try_port(reply_key: &NatCtKey, reply: &NatCtValue, now: u32, claim: Claim, sy
     let free = held.expired(reply_key.proto, now)
         || match claim {
             Claim::Closed => {
-                closed_for != 0 && time_wait::judge(reply_key, &held, age, syn) != Judged::TurnsAway
+                closed_for != 0
+                    && time_wait::judge(skb, reply_key, &held, age, syn) != Judged::TurnsAway
             }
-            Claim::Reusable => time_wait::judge(reply_key, &held, age, syn) == Judged::Nothing,
+            Claim::Reusable => time_wait::judge(skb, reply_key, &held, age, syn) == Judged::Nothing,
         };
     // A held port is claimed by moving its stamp from the one seen to now in one
     // compare-and-swap: of two CPUs that found it free, one gets it and the other tries

@@ -20,7 +20,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::bindings::{__sk_buff, BPF_ANY};
-use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::helpers::generated::{bpf_loop, bpf_skb_load_bytes};
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
@@ -31,7 +31,9 @@ use crate::maps::SNAT_TIME_WAIT;
 use crate::nat;
 use crate::parse::{IP_OFF, L4_OFF, Packet, TCP_FIN};
 
-/// What a TCP segment tells a TIME_WAIT socket ([`read_stamp`]).
+/// What a TCP segment tells a TIME_WAIT socket ([`read_stamp`]). The SNAT port search
+/// starts with an unread one ([`Stamp::unread`]), which [`judge`] reads the first time a
+/// port it tries is held by a flow in its backend's TIME_WAIT.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Stamp {
@@ -41,7 +43,7 @@ pub struct Stamp {
     pub next_seq: u32,
     /// Its TCP timestamp value, host order, with [`STAMP_TIMESTAMP`].
     pub tsval: u32,
-    /// `STAMP_*` bits; 0 when no segment was read.
+    /// `STAMP_*` bits; 0 when no segment was read and none is to be.
     pub flags: u32,
 }
 
@@ -49,8 +51,23 @@ pub struct Stamp {
 const STAMP_READ: u32 = 1;
 /// [`Stamp::flags`]: the segment carried a TCP timestamp option.
 const STAMP_TIMESTAMP: u32 = 2;
+/// [`Stamp::flags`]: not read yet, to be read from the segment when needed (one that opens
+/// a TCP connection). Cleared by the read, also when it fails.
+const STAMP_UNREAD: u32 = 4;
 
 impl Stamp {
+    /// The stamp of the segment a search runs for, read only if a judgement needs it:
+    /// reading it was about a fifth of a source-NATed SYN's time in `ekp_tcx_in`
+    /// (`BPF_PROG_TEST_RUN`, a Linux SYN's options), and most SYNs take the first port
+    /// tried, free.
+    #[inline(always)]
+    pub fn unread() -> Self {
+        Stamp {
+            flags: STAMP_UNREAD,
+            ..Stamp::default()
+        }
+    }
+
     /// Whether a TIME_WAIT socket that holds `record` takes the SYN this stamp was read
     /// from; `None` when there is no stamp to judge by.
     #[inline(always)]
@@ -83,12 +100,27 @@ pub enum Judged {
 /// tuple too, at its last tries for a port.
 const REUSE_AFTER: u32 = 2;
 
+/// The flags of a flow that closed with its backend's FIN first (of those two): its backend
+/// holds it in TIME_WAIT.
+const IN_TIME_WAIT: u16 = CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST;
+
 /// What the backend of the flow `held` (a reply entry under `reply_key`, last seen `age`
-/// seconds ago) keeps against the SYN stamped `syn`. One call of a global function whose
-/// answer the SNAT port search branches on once at each try: judged inline, each try's
-/// ways through the judgement were paths of their own for the verifier.
+/// seconds ago) keeps against the SYN in `skb`, stamped `syn` (read here, if still
+/// [`Stamp::unread`], when `held` is in its backend's TIME_WAIT). Calls of global
+/// functions whose answer the SNAT port search branches on once at each try: judged
+/// inline, each try's ways through the judgement were paths of their own for the verifier.
 #[inline(always)]
-pub fn judge(reply_key: &NatCtKey, held: &NatCtValue, age: u32, syn: &Stamp) -> Judged {
+pub fn judge(
+    skb: *mut __sk_buff,
+    reply_key: &NatCtKey,
+    held: &NatCtValue,
+    age: u32,
+    syn: &mut Stamp,
+) -> Judged {
+    // Only a flow its backend closed first leaves a TIME_WAIT, whose record needs a stamp.
+    if held.flags & IN_TIME_WAIT == IN_TIME_WAIT && syn.flags & STAMP_UNREAD != 0 {
+        ekp_read_stamp(skb, syn);
+    }
     let flags_age = u64::from(held.flags) | u64::from(age) << 32;
     let client = u64::from(held.daddr) | u64::from(held.dport) << 32;
     match ekp_judge_port(reply_key, flags_age, client, syn) {
@@ -115,7 +147,7 @@ extern "C" fn ekp_judge_port(
     syn: *const Stamp,
 ) -> u64 {
     let (flags, age) = (flags_age as u16, (flags_age >> 32) as u32);
-    let closed = flags & (CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST);
+    let closed = flags & IN_TIME_WAIT;
     if closed == CT_FLAG_CLOSING {
         return if age >= REUSE_AFTER {
             JUDGED_NOTHING
@@ -128,7 +160,7 @@ extern "C" fn ekp_judge_port(
     else {
         return JUDGED_UNKNOWN;
     };
-    if closed != CT_FLAG_CLOSING | CT_FLAG_FIN_BACKEND_FIRST {
+    if closed != IN_TIME_WAIT {
         return JUDGED_UNKNOWN;
     }
     // SAFETY: copied out at once.
@@ -143,6 +175,21 @@ extern "C" fn ekp_judge_port(
         Some(false) => JUDGED_TURNS_AWAY,
         None => JUDGED_UNKNOWN,
     }
+}
+
+/// Reads the stamp of the segment in `skb` into `syn` ([`read_stamp`]; nothing for a null
+/// `syn`; returns 0). A global BPF function of its own, for [`judge`] to call only when the
+/// stamp may be needed: the verifier checks the walk of the options once, and the walk's
+/// state stays out of the search's frame, which shares the 512 bytes of `ekp_tcx_in`'s
+/// call chain with `ekp_tcx_in` and this function.
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn ekp_read_stamp(skb: *mut __sk_buff, syn: *mut Stamp) -> u64 {
+    // SAFETY: null or the caller's live struct.
+    if let Some(syn) = unsafe { syn.as_mut() } {
+        read_stamp(&TcContext::new(skb), syn);
+    }
+    0
 }
 
 const TCP_HLEN: usize = 20;
@@ -183,7 +230,8 @@ pub fn remember_fin(ctx: &TcContext, pkt: &Packet, key: &NatCtKey, entry: &NatCt
 #[unsafe(no_mangle)]
 #[inline(never)]
 extern "C" fn ekp_remember_fin(skb: *mut __sk_buff, client: u64, addrs: u64, ports: u64) -> i32 {
-    let stamp = read_stamp(&TcContext::new(skb));
+    let mut stamp = Stamp::default();
+    read_stamp(&TcContext::new(skb), &mut stamp);
     if stamp.flags & STAMP_READ == 0 {
         return 1;
     }
@@ -218,19 +266,22 @@ extern "C" fn ekp_remember_fin(skb: *mut __sk_buff, client: u64, addrs: u64, por
     )
 }
 
-/// The stamp of the IPv4 TCP segment in `ctx` (a 20-byte IP header, as `parse` accepts);
-/// an empty one when it cannot be read. Called by the global functions that need it only
-/// (`ekp_allocate_port`, `ekp_remember_fin`): its walk of the options is then verified
-/// with them, once.
+/// Reads the stamp of the IPv4 TCP segment in `ctx` (a 20-byte IP header, as `parse`
+/// accepts) into `stamp`; an empty one (flags 0) when it cannot be read. Called by the
+/// global functions that need it only (`ekp_read_stamp`, `ekp_remember_fin`): its walk of
+/// the options is then verified with them, once. The fields go to `stamp` as they are
+/// read, so that only its address waits during the walk, not a copy in the frame of
+/// [`ekp_read_stamp`] (the call chain `ekp_tcx_in`, `nat::ekp_allocate_port`,
+/// `ekp_read_stamp`, [`option_step`] fills the 512 bytes it may have).
 #[inline(always)]
-pub fn read_stamp(ctx: &TcContext) -> Stamp {
-    read(ctx).unwrap_or_default()
+pub fn read_stamp(ctx: &TcContext, stamp: &mut Stamp) {
+    stamp.flags = 0;
+    let _ = read(ctx, stamp);
 }
 
 #[inline(always)]
-fn read(ctx: &TcContext) -> Option<Stamp> {
-    // Only the fields used, each loaded on its own: a copy of the whole header would sit
-    // in the frame of `nat::ekp_allocate_port`, which `ekp_tcx_in`'s call chain adds to.
+fn read(ctx: &TcContext, stamp: &mut Stamp) -> Option<()> {
+    // Only the fields used, each loaded on its own.
     let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?);
     let seq = u32::from_be(ctx.load::<u32>(L4_OFF + 4).ok()?);
     let [offset, flags] = ctx.load::<[u8; 2]>(L4_OFF + 12).ok()?;
@@ -241,13 +292,12 @@ fn read(ctx: &TcContext) -> Option<Stamp> {
     }
     let payload = usize::from(tot_len).checked_sub(L4_OFF - IP_OFF + header_len)?;
     let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    stamp.seq = seq;
+    stamp.next_seq = seq.wrapping_add(payload as u32).wrapping_add(control);
     let tsval = timestamp(ctx, words)?;
-    Some(Stamp {
-        seq,
-        next_seq: seq.wrapping_add(payload as u32).wrapping_add(control),
-        tsval: tsval.unwrap_or(0),
-        flags: STAMP_READ | if tsval.is_some() { STAMP_TIMESTAMP } else { 0 },
-    })
+    stamp.tsval = tsval.unwrap_or(0);
+    stamp.flags = STAMP_READ | if tsval.is_some() { STAMP_TIMESTAMP } else { 0 };
+    Some(())
 }
 
 /// The timestamp value among the TCP options of a header of `words` 32-bit words
@@ -264,6 +314,7 @@ fn timestamp(ctx: &TcContext, words: u8) -> Option<Option<u32>> {
         end: (L4_OFF + usize::from(words & 0x0f) * 4) as u32,
         tsval: 0,
         state: WALKING,
+        option: [0; 2],
     };
     // SAFETY: `option_step` is a callback of the type `bpf_loop` calls, and `walk` lives
     // through the call.
@@ -297,6 +348,10 @@ struct Walk {
     tsval: u32,
     /// `WALKING`, or how the walk ended.
     state: u32,
+    /// Where a step loads an option's kind and size: here rather than in the step's own
+    /// frame, so that the step takes no stack (it ends the call chain of [`read_stamp`],
+    /// whose 512 bytes are all taken).
+    option: [u8; 2],
 }
 
 const WALKING: u32 = 0;
@@ -320,11 +375,11 @@ fn step(walk: &mut Walk) -> u32 {
     if walk.at >= walk.end {
         return NO_TIMESTAMP;
     }
-    let ctx = TcContext::new(walk.skb);
-    let at = walk.at as usize;
-    let Ok(kind) = ctx.load::<u8>(at) else {
+    let at = walk.at;
+    if !load_into(walk.skb, at, (&raw mut walk.option[0]).cast(), 1) {
         return UNREADABLE;
-    };
+    }
+    let kind = walk.option[0];
     match kind {
         TCPOPT_EOL => return NO_TIMESTAMP,
         TCPOPT_NOP => {
@@ -333,17 +388,19 @@ fn step(walk: &mut Walk) -> u32 {
         }
         _ => {}
     }
-    let Ok(size) = ctx.load::<u8>(at + 1) else {
+    if !load_into(walk.skb, at + 1, (&raw mut walk.option[1]).cast(), 1) {
         return UNREADABLE;
-    };
+    }
+    let size = walk.option[1];
     if kind == TCPOPT_TIMESTAMP && size == TCPOLEN_TIMESTAMP {
         if walk.at + u32::from(TCPOLEN_TIMESTAMP) > walk.end {
             return UNREADABLE;
         }
-        let Ok(tsval) = ctx.load::<[u8; 4]>(at + 2) else {
+        if !load_into(walk.skb, at + 2, (&raw mut walk.tsval).cast(), 4) {
             return UNREADABLE;
-        };
-        walk.tsval = u32::from_be_bytes(tsval);
+        }
+        // Loaded as the bytes are on the wire.
+        walk.tsval = u32::from_be(walk.tsval);
         return FOUND;
     }
     if size < 2 {
@@ -351,4 +408,12 @@ fn step(walk: &mut Walk) -> u32 {
     }
     walk.at += u32::from(size);
     WALKING
+}
+
+/// Copies `len` bytes of the packet `skb` at `offset` to `to` (memory of the walk's,
+/// in the caller's frame); false when the packet has none there.
+#[inline(always)]
+fn load_into(skb: *mut __sk_buff, offset: u32, to: *mut c_void, len: u32) -> bool {
+    // SAFETY: `to` points at `len` bytes of the walk; the helper checks the packet side.
+    unsafe { bpf_skb_load_bytes(skb.cast(), offset, to, len) == 0 }
 }
