@@ -32,6 +32,36 @@ use crate::parse::{ETH_DST_OFF, ETH_HLEN, ETH_SRC_OFF};
 const AF_INET: u8 = 2;
 const VLAN_HLEN: u32 = 4;
 
+/// The bit of `skb->tc_index` that marks a packet an ingress program sends to a device's
+/// egress itself ([`send`], and `icmp`'s answers): translated already, it passes the egress
+/// program at once ([`take_forwarded`]), where its conntrack lookup could only miss (the
+/// egress entries are those of local backends' replies, which come from the stack). Cilium
+/// passes such facts between its programs in `tc_index` bits too (`TC_INDEX_F_*`, the low
+/// bits); this one is the highest of the field's 16. Where the kernel has no `tc_index`,
+/// writes are dropped and reads give 0: every packet is looked up, as before.
+const TC_INDEX_FORWARDED: u32 = 0x8000;
+
+/// Marks the packet in `ctx` as forwarded by this program ([`TC_INDEX_FORWARDED`]).
+#[inline(always)]
+pub fn mark_forwarded(ctx: &TcContext) {
+    // SAFETY: the context is a valid __sk_buff, whose tc_index a tc program may write.
+    unsafe { (*ctx.skb.skb).tc_index |= TC_INDEX_FORWARDED };
+}
+
+/// Whether an ingress program forwarded the packet in `ctx` ([`mark_forwarded`]); the mark
+/// is removed, so that it goes no further than the egress program it is meant for.
+#[inline(always)]
+pub fn take_forwarded(ctx: &TcContext) -> bool {
+    // SAFETY: as in `mark_forwarded`.
+    let tc_index = unsafe { (*ctx.skb.skb).tc_index };
+    if tc_index & TC_INDEX_FORWARDED == 0 {
+        return false;
+    }
+    // SAFETY: as in `mark_forwarded`.
+    unsafe { (*ctx.skb.skb).tc_index = tc_index & !TC_INDEX_FORWARDED };
+    true
+}
+
 /// Where [`route`] found a packet should go. (What the lookup found is kept, not the
 /// lookup's 64 bytes: the caller holds it across the rewrite, on a 512-byte stack.)
 pub enum Route {
@@ -156,6 +186,7 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
             csum::decrement_ttl(ctx)?;
             ctx.store(ETH_DST_OFF, dmac, 0)?;
             ctx.store(ETH_SRC_OFF, smac, 0)?;
+            mark_forwarded(ctx);
             // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
             Ok(Some(unsafe { bpf_redirect(*ifindex, 0) } as i32))
         }
@@ -170,6 +201,7 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
             let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
             nh.nh_family = u32::from(AF_INET);
             nh.__bindgen_anon_1.ipv4_nh = *next_hop;
+            mark_forwarded(ctx);
             // SAFETY: nh lives on the stack and has the size passed.
             Ok(Some(unsafe {
                 bpf_redirect_neigh(*ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)

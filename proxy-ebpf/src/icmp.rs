@@ -280,6 +280,7 @@ fn answer(
         return Ok(drop);
     }
     ctx.store(0, &frame, 0)?;
+    fib::mark_forwarded(ctx);
     // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -7,7 +7,8 @@
 //!   replies from remote backends to the SNAT address); then new flows to a frontend of the
 //!   external scope.
 //! - `ekp_tcx_out` (TCX egress): replies of local backends to external clients, whose source
-//!   goes back to the frontend.
+//!   goes back to the frontend. What `ekp_tcx_in` forwarded there itself is translated
+//!   already and passes at once (`fib::take_forwarded`).
 //!
 //! Both translate ICMP errors about a tracked flow too (`icmp`), and the later fragments of
 //! a datagram whose first fragment they translated (`fragments`).
@@ -120,6 +121,9 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
+    if fib::take_forwarded(ctx) {
+        return Ok(PASS);
+    }
     let Some(pkt) = parse::ipv4_l4(ctx).and_then(fragments::with_ports) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_OUT, PASS, DROP).unwrap_or(PASS));
     };
