@@ -32,8 +32,8 @@ use crate::nat;
 use crate::parse::{IP_OFF, L4_OFF, Packet, TCP_FIN};
 
 /// What a TCP segment tells a TIME_WAIT socket ([`read_stamp`]). The SNAT port search
-/// starts with an unread one ([`Stamp::unread`]), which [`judge`] reads the first time a
-/// port it tries is held by a flow in its backend's TIME_WAIT.
+/// starts with an unread one ([`Stamp::unread`]), which [`judge`] reads the first time the
+/// search meets a port held by a flow in its backend's TIME_WAIT.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Stamp {
