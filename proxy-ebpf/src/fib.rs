@@ -37,8 +37,7 @@ const VLAN_HLEN: u32 = 4;
 /// program at once ([`take_forwarded`]), where its conntrack lookup could only miss (the
 /// egress entries are those of local backends' replies, which come from the stack). Cilium
 /// passes such facts between its programs in `tc_index` bits too (`TC_INDEX_F_*`, the low
-/// bits); this one is the highest of the field's 16. Where the kernel has no `tc_index`,
-/// writes are dropped and reads give 0: every packet is looked up, as before.
+/// bits); this one is the highest of the field's 16.
 const TC_INDEX_FORWARDED: u32 = 0x8000;
 
 /// Marks the packet in `ctx` as forwarded by this program ([`TC_INDEX_FORWARDED`]).
