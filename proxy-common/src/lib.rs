@@ -60,8 +60,9 @@ pub const EHOSTUNREACH: i32 = 113;
 
 /// Map names (also the pin file names under `<pin dir>/maps/`).
 pub const MAP_SERVICES: &str = "ekp_svc_v1";
-pub const MAP_BACKENDS: &str = "ekp_backend_v1";
-pub const MAP_REV_NAT: &str = "ekp_revnat_v1";
+/// Arrays indexed by id (`_v2`; the hash maps of `_v1` are copied over at an upgrade).
+pub const MAP_BACKENDS: &str = "ekp_backend_v2";
+pub const MAP_REV_NAT: &str = "ekp_revnat_v2";
 pub const MAP_SOCK_REV_NAT: &str = "ekp_sk_rnat_v1";
 pub const MAP_SOCK_SLOTS: &str = "ekp_sk_slot_v1";
 pub const MAP_SOCK_STATE: &str = "ekp_sk_state_v1";
@@ -74,6 +75,10 @@ pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
 pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
+/// The hash maps `MAP_BACKENDS` and `MAP_REV_NAT` replaced: same keys (the id) and values.
+/// An agent that finds them pinned copies them into the arrays and unpins them.
+pub const MAP_BACKENDS_V1: &str = "ekp_backend_v1";
+pub const MAP_REV_NAT_V1: &str = "ekp_revnat_v1";
 /// The programs' log records (`LogRecord`): a ring buffer per loaded object, read by the
 /// agent that loaded it, never pinned (so not in `ALL_MAPS`).
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
@@ -314,7 +319,8 @@ pub struct ServiceValue {
     pub affinity_timeout: u32,
 }
 
-/// Value of the backends map (key: backend id, `u32`, host order).
+/// Value of the backends array (index: backend id, `u32`, host order; ids start at 1). An
+/// entry whose `addr` is 0 holds no backend: never written, or deleted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BackendValue {
@@ -328,8 +334,9 @@ pub struct BackendValue {
     pub flags: u8,
 }
 
-/// Value of the rev-NAT map (key: rev-NAT id, `u16`, host order): the frontend that a
-/// translated socket's application must keep seeing.
+/// Value of the rev-NAT array (index: rev-NAT id, a `u16` as `u32`, host order; ids start
+/// at 1): the frontend that a translated socket's application must keep seeing. An entry
+/// whose `addr` is 0 holds no frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNatValue {

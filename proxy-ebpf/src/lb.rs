@@ -143,9 +143,23 @@ fn slot_backend(key: &mut ServiceKey, slot: u16) -> Option<(u32, BackendValue)> 
     let id = SERVICES
         .get_ptr(&*key)
         .map(|s| unsafe { (*s).backend_id })?;
+    Some((id, backend(id)?))
+}
+
+/// The backend under `id`; `None` for an entry of the array that holds none (address 0:
+/// never written, or deleted), which must never become a destination (0.0.0.0 is this
+/// host).
+#[inline(always)]
+pub fn backend(id: u32) -> Option<BackendValue> {
     // SAFETY: copied out at once.
-    let backend = BACKENDS.get_ptr(id).map(|b| unsafe { *b })?;
-    Some((id, backend))
+    backend_ptr(id).map(|b| unsafe { *b })
+}
+
+/// [`backend`], in place.
+#[inline(always)]
+pub fn backend_ptr(id: u32) -> Option<*const BackendValue> {
+    // SAFETY: a map value pointer, valid for this program run.
+    BACKENDS.get_ptr(id).filter(|b| unsafe { (**b).addr } != 0)
 }
 
 /// The backend slot `slot` of the frontend `key` holds, if it is the one at `addr:port`.
@@ -249,11 +263,7 @@ fn sticky_backend(client: u64, key: &mut ServiceKey, frontend: &ServiceValue) ->
         // between its writes and that deletion, left behind: their id may since name
         // another Service's backend.
         let mut still_ours = || {
-            // SAFETY: copied out at once.
-            let Some(backend) = BACKENDS
-                .get_ptr(remembered.backend_id)
-                .map(|b| unsafe { *b })
-            else {
+            let Some(backend) = backend(remembered.backend_id) else {
                 return false;
             };
             let slot = find_slot(key, frontend.count, backend.addr, backend.port, false);

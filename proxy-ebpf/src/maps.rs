@@ -18,14 +18,19 @@ use proxy_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX as usize }> =
     HashMap::new();
 
-/// Backend id -> backend address. Written by the agent, read by all programs.
-#[btf_map(name = "ekp_backend_v1")]
-pub static BACKENDS: HashMap<u32, BackendValue, { DEFAULT_BACKENDS_MAX as usize }> = HashMap::new();
+/// Backend id -> backend address (an entry with address 0 is none: `lb::backend`).
+/// Written by the agent, read by all programs. An array, not a hash map: the agent hands
+/// out ids from 1 up, smallest free first, so they are dense, and the verifier inlines an
+/// array lookup as an index computation where a hash lookup hashes the key and walks a
+/// bucket (about 40 ns of `sendmsg4`'s time each in a profile; see docs/decisions.md).
+#[btf_map(name = "ekp_backend_v2")]
+pub static BACKENDS: Array<BackendValue, { DEFAULT_BACKENDS_MAX as usize }> = Array::new();
 
-/// Rev-NAT id -> frontend address. Written by the agent; read by the reverse programs to
-/// check that a remembered translation still belongs to a live frontend.
-#[btf_map(name = "ekp_revnat_v1")]
-pub static REV_NAT: HashMap<u16, RevNatValue, { DEFAULT_REV_NAT_MAX as usize }> = HashMap::new();
+/// Rev-NAT id -> frontend address (address 0: none). Written by the agent; read by the
+/// reverse programs to check that a remembered translation still belongs to a live
+/// frontend. An array for the reason `BACKENDS` is.
+#[btf_map(name = "ekp_revnat_v2")]
+pub static REV_NAT: Array<RevNatValue, { DEFAULT_REV_NAT_MAX as usize }> = Array::new();
 
 /// (socket cookie, backend) -> frontend, for `recvmsg4`/`getpeername4`. Written by
 /// `connect4`/`sendmsg4` when the socket's slot in `SOCK_SLOT_TABLE` is not available; LRU

@@ -86,8 +86,10 @@ fn pair_value(key: &NatCtKey, entry: &NatCtValue) -> NatCtValue {
 /// re-balanced, as kube-proxy flushes conntrack for removed UDP endpoints).
 #[inline(always)]
 pub fn backend_alive(entry: &NatCtValue) -> bool {
+    // Compared in place (a copy would take stack from `ekp_tcx_in`'s 512-byte call chain);
+    // an entry of the array that holds no backend has address 0, which matches no flow.
     match BACKENDS.get_ptr(entry.backend_id) {
-        // SAFETY: copied out at once.
+        // SAFETY: a map value pointer, valid for this program run.
         Some(b) => unsafe { (*b).addr == entry.daddr && (*b).port == entry.dport },
         None => false,
     }

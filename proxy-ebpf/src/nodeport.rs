@@ -43,7 +43,7 @@ use crate::fragments;
 use crate::icmp;
 use crate::lb::{self, now_secs};
 use crate::log::{log_debug, log_error};
-use crate::maps::{BACKENDS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
+use crate::maps::{CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
 use crate::parse::{self, Packet};
 use crate::time_wait;
@@ -237,7 +237,7 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     }
     let client = || u64::from(pkt.saddr) | AFFINITY_CLIENT_ADDR;
     let selected = lb::select_backend(client, &mut key, &frontend);
-    let Some((backend_id, backend)) = selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, b)))
+    let Some((backend_id, backend)) = selected.and_then(|id| lb::backend_ptr(id).map(|b| (id, b)))
     else {
         log_error!(
             LOG_EVENT_SLOT_MISSING,

@@ -36,7 +36,7 @@ use proxy_common::{
 };
 
 use crate::log::{log_debug, log_error};
-use crate::maps::{BACKENDS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
+use crate::maps::{REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 use crate::sock_slot::{Pin, Remembered};
 use crate::{lb, sock_slot, sock_state};
 
@@ -268,9 +268,7 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         Some((id, _)) => Some(id),
         None => lb::select_backend(client, &mut key, &frontend),
     };
-    // SAFETY: copied out at once.
-    let chosen =
-        kept.or_else(|| selected.and_then(|id| BACKENDS.get_ptr(id).map(|b| (id, unsafe { *b }))));
+    let chosen = kept.or_else(|| selected.and_then(|id| lb::backend(id).map(|b| (id, b))));
     let Some((backend_id, backend)) = chosen else {
         log_error!(
             LOG_EVENT_SLOT_MISSING,
@@ -407,8 +405,9 @@ fn translate_reverse<const V6: bool>(ctx: &SockAddrContext) {
     };
     // Only while the frontend still exists: a deleted Service's old translation must not
     // keep relabelling traffic.
+    // (An entry of the array that holds no frontend has address 0, which matches none.)
     let live = REV_NAT
-        .get_ptr(entry.rev_nat_id)
+        .get_ptr(u32::from(entry.rev_nat_id))
         .map(|f| unsafe { (*f).addr == entry.addr && (*f).port == entry.port })
         .unwrap_or(false);
     if !live {

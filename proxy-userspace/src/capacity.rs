@@ -1,11 +1,11 @@
 //! Fitting the desired state into the maps' capacities, before anything is written.
 //!
-//! BPF hash maps have a fixed `max_entries`; a write into a full map fails. Writing blindly
-//! would stop a sync halfway at whatever object happened to come first, every time. So
-//! frontends are admitted up front, with the peak usage of a sync in mind (new entries are
-//! written before old ones are deleted): frontends that are already programmed come first and
-//! keep at least what they have, new ones are admitted in key order while they fit, and each
-//! one that does not is named with the map that is full. Deletions in the same sync free room
+//! BPF maps have a fixed `max_entries`; a write into a full map, or beyond an array's end,
+//! fails. Writing blindly would stop a sync halfway at whatever object happened to come
+//! first, every time. So frontends are admitted up front, with the peak usage of a sync in
+//! mind (new entries are written before old ones are deleted): frontends that are already
+//! programmed come first and keep at least what they have, new ones are admitted in key
+//! order while they fit, and each one that does not is named with the map that is full. Deletions in the same sync free room
 //! for the next one, which then admits what was left out.
 
 use std::collections::BTreeSet;
@@ -27,9 +27,14 @@ impl From<&MapSizes> for Capacity {
     fn from(sizes: &MapSizes) -> Self {
         Capacity {
             services: sizes.services as usize,
-            backends: sizes.backends as usize,
-            // Rev-NAT ids are 16-bit and start at 1.
-            rev_nat: (sizes.rev_nat as usize).min(usize::from(u16::MAX)),
+            // The backends and rev-NAT arrays are indexed by id, and ids start at 1: index
+            // 0 holds nothing. Ids are handed out smallest free first, so no id exceeds
+            // the number in use at once, which this bounds.
+            backends: (sizes.backends as usize).saturating_sub(1),
+            // Rev-NAT ids are 16-bit as well.
+            rev_nat: (sizes.rev_nat as usize)
+                .saturating_sub(1)
+                .min(usize::from(u16::MAX)),
             source_ranges: sizes.source_ranges as usize,
         }
     }
@@ -424,5 +429,18 @@ mod tests {
             ..MapSizes::default()
         };
         assert_eq!(Capacity::from(&sizes).rev_nat, 65535);
+    }
+
+    #[test]
+    fn index_0_of_the_id_arrays_holds_nothing() {
+        let sizes = MapSizes {
+            backends: 100,
+            rev_nat: 10,
+            ..MapSizes::default()
+        };
+        let capacity = Capacity::from(&sizes);
+        assert_eq!((capacity.backends, capacity.rev_nat), (99, 9));
+        // The default rev-NAT array (65536 entries) holds every 16-bit id from 1.
+        assert_eq!(Capacity::from(&MapSizes::default()).rev_nat, 65535);
     }
 }

@@ -24,11 +24,11 @@ use aya::{Ebpf, EbpfLoader};
 use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_NAT_CT, MAP_REV_NAT, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, ServiceKey,
-    ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
-    sock_slot_index,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SERVICES,
+    MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE, MAP_SOURCE_RANGES, NatCtKey,
+    NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig, SockRevNatKey,
+    SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -256,8 +256,10 @@ pub struct MapContents {
 /// Typed handles on the maps the agent writes or cleans.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, u32, BackendValue>,
-    rev_nat: HashMap<MapData, u16, RevNatValue>,
+    /// Indexed by backend id; an entry with address 0 holds none.
+    backends: Array<MapData, BackendValue>,
+    /// Indexed by rev-NAT id; an entry with address 0 holds none.
+    rev_nat: Array<MapData, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     sock_slots: Array<MapData, SockSlot>,
@@ -280,8 +282,8 @@ impl Maps {
         };
         Ok(Maps {
             services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?,
-            backends: HashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?,
-            rev_nat: HashMap::try_from(Map::HashMap(open(MAP_REV_NAT)?))?,
+            backends: Array::try_from(Map::Array(open(MAP_BACKENDS)?))?,
+            rev_nat: Array::try_from(Map::Array(open(MAP_REV_NAT)?))?,
             affinity: HashMap::try_from(Map::LruHashMap(open(MAP_AFFINITY)?))?,
             sock_rev_nat: HashMap::try_from(Map::LruHashMap(open(MAP_SOCK_REV_NAT)?))?,
             sock_slots: Array::try_from(Map::Array(open(MAP_SOCK_SLOTS)?))?,
@@ -297,8 +299,8 @@ impl Maps {
         };
         Ok(Maps {
             services: HashMap::try_from(take(MAP_SERVICES)?)?,
-            backends: HashMap::try_from(take(MAP_BACKENDS)?)?,
-            rev_nat: HashMap::try_from(take(MAP_REV_NAT)?)?,
+            backends: Array::try_from(take(MAP_BACKENDS)?)?,
+            rev_nat: Array::try_from(take(MAP_REV_NAT)?)?,
             affinity: HashMap::try_from(take(MAP_AFFINITY)?)?,
             sock_rev_nat: HashMap::try_from(take(MAP_SOCK_REV_NAT)?)?,
             sock_slots: Array::try_from(take(MAP_SOCK_SLOTS)?)?,
@@ -308,18 +310,23 @@ impl Maps {
     }
 
     /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors.
-    pub fn read(&self) -> MapContents {
-        MapContents {
+    pub fn read(&self) -> Result<MapContents> {
+        Ok(MapContents {
             services: self.services.iter().filter_map(|r| r.ok()).collect(),
-            backends: self.backends.iter().filter_map(|r| r.ok()).collect(),
-            rev_nat: self.rev_nat.iter().filter_map(|r| r.ok()).collect(),
+            backends: held_entries(self.backends.map(), |b: &BackendValue| b.addr != 0)
+                .context("reading the backends")?,
+            rev_nat: held_entries(self.rev_nat.map(), |f: &RevNatValue| f.addr != 0)
+                .context("reading the rev-NAT entries")?
+                .into_iter()
+                .filter_map(|(id, f)| Some((u16::try_from(id).ok()?, f)))
+                .collect(),
             source_ranges: self
                 .source_ranges
                 .keys()
                 .filter_map(|r| r.ok())
                 .filter_map(|key| abi::source_range_of(key.prefix_len(), key.data()))
                 .collect(),
-        }
+        })
     }
 
     pub fn put_source_range(&mut self, key: Key<SourceRangeKey>) -> Result<()> {
@@ -335,12 +342,14 @@ impl Maps {
 
     pub fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
         self.backends
-            .insert(id, value, 0)
+            .set(id, value, 0)
             .with_context(|| format!("writing backend {id}"))
     }
 
+    /// Empties the backend's entry (an array's entries cannot be removed).
     pub fn delete_backend(&mut self, id: u32) -> Result<()> {
-        ignore_missing(self.backends.remove(&id)).with_context(|| format!("deleting backend {id}"))
+        ignore_out_of_bounds(self.backends.set(id, BackendValue::default(), 0))
+            .with_context(|| format!("deleting backend {id}"))
     }
 
     pub fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
@@ -362,17 +371,18 @@ impl Maps {
 
     /// Writes backends in order, in one syscall (as `put_services`).
     pub fn put_backends(&mut self, ids: &[u32], values: &[BackendValue]) -> Batch {
-        put_batch(&self.backends, ids, values, "backends")
+        put_array_batch(self.backends.map(), ids, values, "backends")
     }
 
     /// Writes rev-NAT entries in order, in one syscall (as `put_services`).
     pub fn put_rev_nats(&mut self, ids: &[u16], values: &[RevNatValue]) -> Batch {
-        put_batch(&self.rev_nat, ids, values, "rev-NAT entries")
+        let ids: Vec<u32> = ids.iter().copied().map(u32::from).collect();
+        put_array_batch(self.rev_nat.map(), &ids, values, "rev-NAT entries")
     }
 
     pub fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
         self.rev_nat
-            .insert(id, value, 0)
+            .set(u32::from(id), value, 0)
             .with_context(|| format!("writing rev-NAT {id}"))
     }
 
@@ -413,8 +423,10 @@ impl Maps {
         Conntrack::duplicate(self.nat_ct.map())
     }
 
+    /// Empties the rev-NAT entry (as `delete_backend`).
     pub fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
-        ignore_missing(self.rev_nat.remove(&id)).with_context(|| format!("deleting rev-NAT {id}"))
+        ignore_out_of_bounds(self.rev_nat.set(u32::from(id), RevNatValue::default(), 0))
+            .with_context(|| format!("deleting rev-NAT {id}"))
     }
 }
 
@@ -424,6 +436,35 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
     }
+}
+
+/// Emptying an entry beyond an array's end is success: no entry is there to empty.
+fn ignore_out_of_bounds(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call when the id-indexed arrays are read.
+const ARRAY_BATCH: usize = 8192;
+
+/// The entries of an id-indexed array (backends, rev-NAT) that hold something (`held`),
+/// read a few thousand per syscall: a read per index would take 65536 syscalls.
+fn held_entries<V: aya::Pod>(map: &MapData, held: impl Fn(&V) -> bool) -> Result<Vec<(u32, V)>> {
+    let mut entries = Vec::new();
+    bpf_sys::lookup_batch(map.fd().as_fd(), ARRAY_BATCH, |id: u32, value: V| {
+        if held(&value) {
+            entries.push((id, value));
+        }
+    })?;
+    Ok(entries)
+}
+
+/// Writes `values[i]` at index `ids[i]` of an array, in order, in one syscall.
+fn put_array_batch<V: aya::Pod>(map: &MapData, ids: &[u32], values: &[V], what: &str) -> Batch {
+    bpf_sys::update_batch(map.fd().as_fd(), ids, values)
+        .map_err(|(done, e)| (done, e.context(format!("writing {what}"))))
 }
 
 /// The loaded programs; dropping this only closes file descriptors (the pinned links keep
@@ -530,6 +571,77 @@ fn unmarked_lru(pin_dir: &Path) -> Result<bool> {
     Ok(entries > 0)
 }
 
+/// Copies what the backends and rev-NAT hash maps of an older version (`_v1`) hold into the
+/// arrays that replaced them, then unpins them: when the new programs are attached (`start`),
+/// they find every id the attached ones knew, so that no connection sees a moment without
+/// its backend (C33), and the agent adopts the same ids. The old programs keep their maps
+/// until their links are swapped; no one writes those meanwhile (the agent is this process).
+/// A `_v1` map is the truth when it is there: arrays pinned beside it (left by a newer agent
+/// before a downgrade) are overwritten whole.
+fn adopt_v1_hash_maps(pin_dir: &Path, ebpf: &Ebpf) -> Result<()> {
+    adopt_v1_hash_map::<u32, BackendValue>(
+        pin_dir,
+        ebpf,
+        MAP_BACKENDS_V1,
+        MAP_BACKENDS,
+        u32::from,
+    )?;
+    adopt_v1_hash_map::<u16, RevNatValue>(pin_dir, ebpf, MAP_REV_NAT_V1, MAP_REV_NAT, u32::from)
+}
+
+fn adopt_v1_hash_map<K: aya::Pod, V: aya::Pod + Default>(
+    pin_dir: &Path,
+    ebpf: &Ebpf,
+    old_name: &str,
+    new_name: &str,
+    index: impl Fn(K) -> u32,
+) -> Result<()> {
+    let old_pin = maps_dir(pin_dir).join(old_name);
+    if !old_pin.exists() {
+        return Ok(());
+    }
+    let old = MapData::from_pin(&old_pin)
+        .with_context(|| format!("opening pinned map {}", old_pin.display()))?;
+    let Some(Map::Array(new)) = ebpf.map(new_name) else {
+        bail!("map {new_name} missing from the eBPF object, or not an array");
+    };
+    let size = new.info()?.max_entries();
+    let mut values = vec![V::default(); size as usize];
+    let (mut copied, mut beyond) = (0usize, Vec::new());
+    bpf_sys::lookup_batch(
+        old.fd().as_fd(),
+        ARRAY_BATCH,
+        |key: K, value: V| match values.get_mut(index(key) as usize) {
+            Some(slot) => {
+                *slot = value;
+                copied += 1;
+            }
+            None => beyond.push(index(key)),
+        },
+    )
+    .with_context(|| format!("reading {}", old_pin.display()))?;
+    if !beyond.is_empty() {
+        // Their Services' slots then name no backend (or frontend) until the first sync
+        // gives them ids within the array.
+        tracing::warn!(
+            map = old_name,
+            ids = ?beyond,
+            size,
+            "ids beyond the array that replaces this map are not copied"
+        );
+    }
+    let indexes: Vec<u32> = (0..size).collect();
+    put_array_batch(new, &indexes, &values, new_name).map_err(|(_, e)| e)?;
+    fs::remove_file(&old_pin).with_context(|| format!("unpinning {}", old_pin.display()))?;
+    tracing::info!(
+        from = old_name,
+        to = new_name,
+        entries = copied,
+        "copied the entries of an older version's map into the array that replaces it"
+    );
+    Ok(())
+}
+
 /// The socket programs' settings: whether they serve only the node's own namespace.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockSettings {
@@ -588,6 +700,7 @@ pub fn load(
         .map_max_entries(MAP_NAT_CT, sizes.nat_ct)
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    adopt_v1_hash_maps(pin_dir, &ebpf)?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
     // The north-south programs first: `ekp_tcx_in` is the largest (see `verify`).
     let mut wanted: Vec<&str> = Vec::new();
@@ -920,8 +1033,9 @@ pub struct MapFill {
 }
 
 /// Entries and capacity of every pinned map under `pin_dir`: arrays count as full, except
-/// the socket slot table, whose entries are the slots sockets hold. The socket pin storage
-/// is left out: socket-local storage has neither a capacity nor keys to count.
+/// the socket slot table, whose entries are the slots sockets hold, and the id-indexed
+/// arrays, whose entries are the ids in use. The socket pin storage is left out:
+/// socket-local storage has neither a capacity nor keys to count.
 pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     let mut fills = Vec::new();
     for name in ALL_MAPS {
@@ -939,6 +1053,12 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
             let slots: Array<MapData, SockSlot> =
                 Array::try_from(Map::Array(MapData::from_pin(&path)?))?;
             held_slots(&slots)
+        } else if name == MAP_BACKENDS {
+            let map = MapData::from_pin(&path)?;
+            held_entries(&map, |b: &BackendValue| b.addr != 0)?.len() as u64
+        } else if name == MAP_REV_NAT {
+            let map = MapData::from_pin(&path)?;
+            held_entries(&map, |f: &RevNatValue| f.addr != 0)?.len() as u64
         } else if is_array {
             u64::from(info.max_entries())
         } else {
@@ -1141,7 +1261,7 @@ mod bpf_sys {
         }
     }
 
-    /// Reads every entry of a hash map, up to `per_call` per syscall
+    /// Reads every entry of a hash map or an array, up to `per_call` per syscall
     /// (`BPF_MAP_LOOKUP_BATCH`), and hands each to `f`.
     pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
         map: std::os::fd::BorrowedFd<'_>,
@@ -1151,8 +1271,8 @@ mod bpf_sys {
         let (key_size, value_size) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
         let mut keys = vec![0u8; per_call * key_size];
         let mut values = vec![0u8; per_call * value_size];
-        // A hash map's batch position is a bucket index, which the kernel reads and writes
-        // through these.
+        // The batch position (a hash map's bucket, an array's index) is a u32, which the
+        // kernel reads and writes through these.
         let (mut position, mut next) = (0u32, 0u32);
         let mut first = true;
         loop {

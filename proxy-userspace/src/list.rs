@@ -59,7 +59,7 @@ pub struct ListedBackend {
 /// Reads the pinned maps under `pin_dir`.
 pub fn read(pin_dir: &Path) -> Result<Vec<ListedFrontend>> {
     let maps = Maps::open_pinned(pin_dir)?;
-    let programmed = Programmed::from_maps(&maps.read());
+    let programmed = Programmed::from_maps(&maps.read()?);
     let listed = |slot: u16, id: u32| ListedBackend {
         slot,
         id,

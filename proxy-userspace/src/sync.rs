@@ -947,7 +947,7 @@ pub struct Syncer {
 impl Syncer {
     /// Adopts whatever the (possibly pinned, pre-existing) maps hold.
     pub fn adopt(maps: Maps) -> Result<Self> {
-        let programmed = Programmed::from_maps(&maps.read());
+        let programmed = Programmed::from_maps(&maps.read()?);
         let index = touched::BackendIndex::of(&programmed);
         let stale_udp = StaleUdp::spawn(maps.sock_reverse()?)
             .context("starting the thread that closes stale UDP sockets")?;

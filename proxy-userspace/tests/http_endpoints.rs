@@ -104,7 +104,7 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
         "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
         "kubeproxy_sync_proxy_rules_service_changes_total 1",
         "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
-        "ebpf_kube_proxy_map_entries{map=\"ekp_backend_v1\"} 1",
+        "ebpf_kube_proxy_map_entries{map=\"ekp_backend_v2\"} 1",
         "ebpf_kube_proxy_map_entries{map=\"ekp_svc_v1\"} 2",
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");

@@ -48,7 +48,7 @@ fn list_shows_affinity_map_fill_levels_and_logs_can_be_json() {
     // Slot 0 and two backend slots.
     assert_eq!(fill("ekp_svc_v1")["entries"], 3);
     assert_eq!(fill("ekp_svc_v1")["capacity"], 65536);
-    assert_eq!(fill("ekp_backend_v1")["entries"], 2);
+    assert_eq!(fill("ekp_backend_v2")["entries"], 2);
     // One client namespace with affinity to one frontend; the ten translated sockets are
     // closed, and their reverse entries went with them.
     assert_eq!(fill("ekp_affinity_v1")["entries"], 1);

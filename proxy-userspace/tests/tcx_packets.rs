@@ -279,6 +279,25 @@ fn a_slot_gone_since_the_count_was_read_gets_a_second_pick() {
     });
 }
 
+/// A slot that names an id whose entry in the backends array holds nothing (never written,
+/// or emptied: the agent rewriting a Service meanwhile) is no backend: the packet passes as
+/// it came, never towards address 0 (this host), and no flow is recorded.
+#[test]
+fn a_slot_naming_an_empty_backend_entry_leaves_the_packet_untranslated() {
+    in_private_netns(|| {
+        for (what, id) in [("emptied", LOCAL_ID), ("never written", 9)] {
+            let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
+            dp.frontend(node_port(PROTO_TCP, 0), &[id]);
+            dp.remove_backend(LOCAL_ID);
+            let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+            let out = dp.ingress(&syn.bytes());
+            assert_eq!(out.verdict, TCX_NEXT, "{what}");
+            assert_frame(&out.packet, &syn, what);
+            assert!(dp.ct_entries().is_empty(), "{what}: no flow recorded");
+        }
+    });
+}
+
 /// `frame` (IPv4 without options) with don't-fragment cleared, IP checksum redone.
 fn without_dont_fragment(frame: &[u8]) -> Vec<u8> {
     let mut frame = frame.to_vec();

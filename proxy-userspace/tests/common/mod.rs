@@ -389,7 +389,7 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// Mounts bpffs at /sys/fs/bpf once per test process, so that parallel agents never race
 /// to mount it themselves.
-fn ensure_bpffs() {
+pub fn ensure_bpffs() {
     static ONCE: Mutex<bool> = Mutex::new(false);
     let mut done = ONCE.lock().unwrap_or_else(|p| p.into_inner());
     if *done {

@@ -120,7 +120,8 @@ pub struct Outcome {
 pub struct Datapath {
     ebpf: Ebpf,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: HashMap<MapData, u32, BackendValue>,
+    /// Indexed by backend id; address 0: no backend.
+    pub backends: Array<MapData, BackendValue>,
     pub config: Array<MapData, NodeConfig>,
     pub nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
     /// The first fragments' ports, for their later fragments.
@@ -182,7 +183,7 @@ impl Datapath {
                 .unwrap_or_else(|| panic!("map {name} missing from the object"))
         };
         let services = HashMap::try_from(take(MAP_SERVICES)).expect("services map type");
-        let backends = HashMap::try_from(take(MAP_BACKENDS)).expect("backends map type");
+        let backends = Array::try_from(take(MAP_BACKENDS)).expect("backends map type");
         let config = Array::try_from(take(MAP_CONFIG)).expect("config map type");
         let nat_ct = HashMap::try_from(take(MAP_NAT_CT)).expect("nat ct map type");
         let fragments = HashMap::try_from(take(MAP_FRAGMENTS)).expect("fragments map type");
@@ -296,13 +297,14 @@ impl Datapath {
             proto,
             flags,
         };
-        self.backends
-            .insert(id, value, 0)
-            .expect("writing a backend");
+        self.backends.set(id, value, 0).expect("writing a backend");
     }
 
     pub fn remove_backend(&mut self, id: u32) {
-        self.backends.remove(&id).expect("deleting a backend");
+        // As the agent deletes one: the entry emptied.
+        self.backends
+            .set(id, BackendValue::default(), 0)
+            .expect("deleting a backend");
     }
 
     pub fn snat(&mut self, addr: Ipv4Addr, port_min: u16, port_max: u16) {
