@@ -1,7 +1,7 @@
 //! Privileged: an agent that finds the pins of a version whose backends and rev-NAT maps
 //! were hash maps (`ekp_backend_v1`, `ekp_revnat_v1`) copies them into the arrays that
-//! replaced them while it loads, before any new program is attached, and unpins them.
-//! No traffic: the test loads the object on pins of its own and reads the maps.
+//! replaced them while it loads, before any new program is attached, and unpins them; its
+//! clients never notice (BEHAVIOUR C33).
 
 mod common;
 
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aya::maps::{Array, HashMap, Map, MapData};
+use common::{Harness, service, slice};
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, PROTO_TCP,
     RevNatValue,
@@ -69,7 +70,7 @@ fn pin_v1_hash_map(pins: &Path, name: &str, key_size: u32, value_size: u32) -> M
         .arg("create")
         .arg(&path)
         .args(["type", "hash", "key", &key_size.to_string()])
-        .args(["value", &value_size.to_string(), "entries", "128"])
+        .args(["value", &value_size.to_string(), "entries", "65536"])
         .args(["name", name])
         .status()
         .expect("running bpftool");
@@ -140,4 +141,110 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
         .expect("reading the maps");
     assert_eq!(contents.backends, kept.to_vec(), "the backends array");
     assert_eq!(contents.rev_nat, frontends.to_vec(), "the rev-NAT array");
+}
+
+/// The upgrade under load. The agent is stopped and its arrays turned into the hash maps the
+/// older version would have left (the same entries under the old names; the arrays unpinned,
+/// as that version had none: the attached programs keep theirs), then the agent is started
+/// again. TCP connections made every millisecond and a connected UDP socket that sends
+/// throughout all reach the Service, and the socket keeps seeing the Service as its peer
+/// (its reverse view needs the rev-NAT entry of its frontend from the first packet on).
+#[test]
+fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
+    let mut h = Harness::new("upgrade-live", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
+        ),
+    );
+    h.write_manifest(
+        "eps.yaml",
+        &slice(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            &[("10.244.0.10", true), ("10.244.0.11", true)],
+        ),
+    );
+    h.start_agent();
+    let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
+
+    let tcp = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "3000", "--every-ms", "1"]);
+    let udp_args = [
+        "udp",
+        "10.96.0.10:53",
+        "300",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "10",
+    ];
+    let udp = h.spawn_client("udp", &udp_args);
+    tcp.wait_for_lines(50);
+    udp.wait_for_lines(5);
+
+    h.stop_agent();
+    let contents = Maps::open_pinned(&h.pin_path)
+        .expect("opening the pinned maps")
+        .read()
+        .expect("reading the maps");
+    assert!(!contents.backends.is_empty() && !contents.rev_nat.is_empty());
+    let mut v1: HashMap<_, u32, BackendValue> =
+        HashMap::try_from(pin_v1_hash_map(&h.pin_path, MAP_BACKENDS_V1, 4, 8)).expect("a hash");
+    for (id, value) in &contents.backends {
+        v1.insert(id, value, 0).expect("writing a v1 backend");
+    }
+    let mut v1: HashMap<_, u16, RevNatValue> =
+        HashMap::try_from(pin_v1_hash_map(&h.pin_path, MAP_REV_NAT_V1, 2, 8)).expect("a hash");
+    for (id, value) in &contents.rev_nat {
+        v1.insert(id, value, 0).expect("writing a v1 rev-NAT entry");
+    }
+    for new in [MAP_BACKENDS, MAP_REV_NAT] {
+        std::fs::remove_file(h.pin_path.join("maps").join(new)).expect("unpinning an array");
+    }
+
+    h.start_agent();
+    h.wait_for_log("copied the entries of an older version's map");
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    while h.agent_log().matches("datapath ready").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upgraded agent never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (tcp_before, udp_before) = (tcp.lines_so_far(), udp.lines_so_far());
+    for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1] {
+        assert!(
+            !h.pin_path.join("maps").join(old).exists(),
+            "{old} is still pinned"
+        );
+    }
+
+    for (what, client, before, n, peer) in [
+        ("TCP", tcp, tcp_before, 3000, "10.96.0.10:80"),
+        ("UDP", udp, udp_before, 300, "10.96.0.10:53"),
+    ] {
+        let lines = client.lines();
+        assert_eq!(lines.len(), n, "{what}");
+        assert!(
+            lines.len() - before >= n / 10,
+            "{what}: too few requests after the upgrade to judge ({before} of {n} before it)"
+        );
+        let failed: Vec<_> = lines
+            .iter()
+            .filter(|l| l["ok"] != true || l["peer"] != peer)
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} failed or saw another peer than {peer}, e.g. {}",
+            failed.len(),
+            failed[0]
+        );
+    }
 }
