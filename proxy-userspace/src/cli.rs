@@ -108,11 +108,13 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
     map_size_services: u32,
 
-    /// Capacity of the backends map (distinct endpoint address:port/protocol).
+    /// Capacity of the backends array (distinct endpoint address:port/protocol): ids index
+    /// it from 1, so it holds one fewer.
     #[arg(long, default_value_t = proxy_common::DEFAULT_BACKENDS_MAX)]
     map_size_backends: u32,
 
-    /// Capacity of the rev-NAT map (one per frontend; ids are 16-bit, so at most 65535 are used).
+    /// Capacity of the rev-NAT array (one per frontend): ids index it from 1 and are 16-bit,
+    /// so it holds one fewer, at most 65535.
     #[arg(long, default_value_t = proxy_common::DEFAULT_REV_NAT_MAX)]
     map_size_rev_nat: u32,
 
