@@ -519,8 +519,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     );
     let points = {
         let mut runner = runner::Runner::new(&bins, &options.settings)?;
-        machine["iptables_nfacct_counters"] =
-            json!(runner.iptables_counters() == iptables::Counters::Nfacct);
+        // Only a run with the iptables mode tries to create them.
+        if options.settings.modes.contains(&Mode::Iptables) {
+            machine["iptables_nfacct_counters"] =
+                json!(runner.iptables_counters() == iptables::Counters::Nfacct);
+        }
         runner.run()?
         // The runner drops here: agent stopped, pins, namespaces and cgroup removed.
     };
