@@ -5,8 +5,9 @@
 //! first, every time. So frontends are admitted up front, with the peak usage of a sync in
 //! mind (new entries are written before old ones are deleted): frontends that are already
 //! programmed come first and keep at least what they have, new ones are admitted in key
-//! order while they fit, and each one that does not is named with the map that is full. Deletions in the same sync free room
-//! for the next one, which then admits what was left out.
+//! order while they fit, and each one that does not is named with the map that is full.
+//! Deletions in the same sync free room for the next one, which then admits what was left
+//! out.
 
 use std::collections::BTreeSet;
 

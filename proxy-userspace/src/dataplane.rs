@@ -309,7 +309,8 @@ impl Maps {
         })
     }
 
-    /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors.
+    /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors; a
+    /// failed read of the id-indexed arrays (one batch syscall each) is one.
     pub fn read(&self) -> Result<MapContents> {
         Ok(MapContents {
             services: self.services.iter().filter_map(|r| r.ok()).collect(),
@@ -452,6 +453,7 @@ const ARRAY_BATCH: usize = 8192;
 /// The entries of an id-indexed array (backends, rev-NAT) that hold something (`held`),
 /// read a few thousand per syscall: a read per index would take 65536 syscalls.
 fn held_entries<V: aya::Pod>(map: &MapData, held: impl Fn(&V) -> bool) -> Result<Vec<(u32, V)>> {
+    check_sizes::<u32, V>(map)?;
     let mut entries = Vec::new();
     bpf_sys::lookup_batch(map.fd().as_fd(), ARRAY_BATCH, |id: u32, value: V| {
         if held(&value) {
@@ -459,6 +461,24 @@ fn held_entries<V: aya::Pod>(map: &MapData, held: impl Fn(&V) -> bool) -> Result
         }
     })?;
     Ok(entries)
+}
+
+/// Fails unless `map`'s keys and values are the size of `K` and `V`: a batch read writes
+/// whole entries of the map's sizes into buffers sized by the types.
+fn check_sizes<K, V>(map: &MapData) -> Result<()> {
+    let info = map.info().context("reading a map's info")?;
+    let want = (size_of::<K>() as u32, size_of::<V>() as u32);
+    if (info.key_size(), info.value_size()) != want {
+        bail!(
+            "map {:?} has {}-byte keys and {}-byte values, not {} and {}",
+            info.name_as_str(),
+            info.key_size(),
+            info.value_size(),
+            want.0,
+            want.1
+        );
+    }
+    Ok(())
 }
 
 /// Writes `values[i]` at index `ids[i]` of an array, in order, in one syscall.
@@ -602,6 +622,7 @@ fn adopt_v1_hash_map<K: aya::Pod, V: aya::Pod + Default>(
     }
     let old = MapData::from_pin(&old_pin)
         .with_context(|| format!("opening pinned map {}", old_pin.display()))?;
+    check_sizes::<K, V>(&old)?;
     let Some(Map::Array(new)) = ebpf.map(new_name) else {
         bail!("map {new_name} missing from the eBPF object, or not an array");
     };

@@ -143,6 +143,26 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
     assert_eq!(contents.rev_nat, frontends.to_vec(), "the rev-NAT array");
 }
 
+/// A pin under an old name whose entries are not the old layout is not read (a batch read
+/// would write entries of its sizes into buffers sized for the old ones): the load fails,
+/// naming the sizes, and leaves it pinned for whoever made it.
+#[test]
+fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
+    if let Err(e) = netns::require_privileges() {
+        panic!("privileged test `upgrade` cannot run: {e:#}");
+    }
+    common::ensure_bpffs();
+    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix("ekpt-upgrade")));
+    std::fs::create_dir_all(pins.0.join("maps")).expect("creating the maps directory");
+    pin_v1_hash_map(&pins.0, MAP_BACKENDS_V1, 4, 16);
+    let Err(e) = dataplane::load(&pins.0, SIZES, 0, false, false) else {
+        panic!("the load read a map of another layout");
+    };
+    let message = format!("{e:#}");
+    assert!(message.contains("16-byte values, not 4 and 8"), "{message}");
+    assert!(pins.0.join("maps").join(MAP_BACKENDS_V1).exists());
+}
+
 /// The upgrade under load. The agent is stopped and its arrays turned into the hash maps the
 /// older version would have left (the same entries under the old names; the arrays unpinned,
 /// as that version had none: the attached programs keep theirs), then the agent is started
