@@ -435,7 +435,14 @@ fn slice_endpoints(
             continue;
         };
         let addr = match parse_ip_sloppy(address) {
-            Some(IpAddr::V4(addr)) => addr,
+            Some(IpAddr::V4(addr)) => match special_address(addr) {
+                None => addr,
+                Some(range) => {
+                    let reason = format!("endpoint address {address:?} may not be {range}");
+                    skipped.push(skip(object, reason));
+                    continue;
+                }
+            },
             Some(IpAddr::V6(_)) => {
                 let reason = format!("endpoint address {address:?} is not IPv4");
                 skipped.push(skip(object, reason));
@@ -1019,7 +1026,13 @@ fn external_ipv4s(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) 
     let mut addresses = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
         match parse_ip_sloppy(ip) {
-            Some(IpAddr::V4(addr)) => addresses.push(addr),
+            Some(IpAddr::V4(addr)) => match special_address(addr) {
+                None => addresses.push(addr),
+                Some(range) => skipped.push(skip(
+                    object,
+                    format!("externalIP {ip:?} may not be {range}"),
+                )),
+            },
             Some(IpAddr::V6(_)) => {}
             None => skipped.push(skip(object, format!("invalid externalIP {ip:?}"))),
         }
@@ -1122,6 +1135,26 @@ fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
         return Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4));
     }
     parse_ipv4_sloppy(text).map(IpAddr::V4)
+}
+
+/// The range an address is in that the API server refuses for endpoints and externalIPs
+/// (`ValidateNonSpecialIP`): unspecified, loopback, link-local, link-local multicast. The
+/// manifests source has no API server to refuse them, and a backend at 0.0.0.0 or 127.0.0.1
+/// would send Service traffic to the node itself (address 0 is also what marks an empty
+/// entry of the backends array), an externalIP of 127.0.0.1 take the node's own local
+/// connections to that port.
+fn special_address(addr: Ipv4Addr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("unspecified (0.0.0.0)")
+    } else if addr.is_loopback() {
+        Some("in the loopback range (127.0.0.0/8)")
+    } else if addr.is_link_local() {
+        Some("in the link-local range (169.254.0.0/16)")
+    } else if addr.octets()[..3] == [224, 0, 0] {
+        Some("in the link-local multicast range (224.0.0.0/24)")
+    } else {
+        None
+    }
 }
 
 fn parse_ipv4_sloppy(text: &str) -> Option<Ipv4Addr> {

@@ -89,6 +89,52 @@ fn c34_each_bad_object_is_reported_once_by_name_and_the_good_service_still_trans
             ],
         ),
         (
+            "externalIPs the API server refuses: the cluster IP and the valid one are served",
+            vec![http("special-external", "10.96.0.23").external_ips(&[
+                "0.0.0.0",
+                "127.0.0.1",
+                "169.254.1.1",
+                "203.0.113.7",
+            ])],
+            vec![],
+            vec![
+                GOOD,
+                "int 10.96.0.23:80/TCP -> (refuse)",
+                "ext 203.0.113.7:80/TCP -> (refuse)",
+                "int 203.0.113.7:80/TCP -> (refuse)",
+            ],
+            vec![
+                r#"Service default/special-external: externalIP "0.0.0.0" may not be unspecified (0.0.0.0)"#,
+                r#"Service default/special-external: externalIP "127.0.0.1" may not be in the loopback range (127.0.0.0/8)"#,
+                r#"Service default/special-external: externalIP "169.254.1.1" may not be in the link-local range (169.254.0.0/16)"#,
+            ],
+        ),
+        (
+            "endpoint addresses the API server refuses: the valid endpoint still serves",
+            vec![http("eps", "10.96.0.21")],
+            vec![
+                slice("default", "eps-1", "eps")
+                    .port("http", 80, "TCP")
+                    .ready("0.0.0.0")
+                    .ready("127.0.0.1")
+                    .ready("169.254.169.254")
+                    .ready("224.0.0.251")
+                    .ready("224.0.1.1")
+                    .ready("10.0.0.2"),
+            ],
+            // (224.0.1.1 is multicast beyond the link-local block: the API server takes it.)
+            vec![
+                GOOD,
+                "int 10.96.0.21:80/TCP -> 10.0.0.2:80/TCP, 224.0.1.1:80/TCP",
+            ],
+            vec![
+                r#"EndpointSlice default/eps-1: endpoint address "0.0.0.0" may not be unspecified (0.0.0.0)"#,
+                r#"EndpointSlice default/eps-1: endpoint address "127.0.0.1" may not be in the loopback range (127.0.0.0/8)"#,
+                r#"EndpointSlice default/eps-1: endpoint address "169.254.169.254" may not be in the link-local range (169.254.0.0/16)"#,
+                r#"EndpointSlice default/eps-1: endpoint address "224.0.0.251" may not be in the link-local multicast range (224.0.0.0/24)"#,
+            ],
+        ),
+        (
             "service port 0",
             vec![
                 svc("default", "port-zero")
