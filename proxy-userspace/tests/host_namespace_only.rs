@@ -15,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Harness, answers, service, slice};
+use common::{Harness, answers};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -64,19 +64,7 @@ fn wait_for_pod_link(h: &Harness, device: &str) {
 fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
     let mut h = Harness::new("hostonly", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[5353]);
-    h.write_manifest(
-        "svc.yaml",
-        &service("web", VIP, &[("http", 80, "TCP"), ("dns", 53, "UDP")]),
-    );
-    h.write_manifest(
-        "eps.yaml",
-        &slice(
-            "web-1",
-            "web",
-            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-            &[("10.244.0.10", true), ("10.244.0.11", true)],
-        ),
-    );
+    h.write_web_with_dns(VIP);
     // Pods reach Services through their node, as with any CNI.
     for ns in [&h.topo.client.ns, &h.topo.pods[0].ns] {
         ns.ip(&["route", "add", "10.96.0.0/16", "via", "10.244.0.1"])

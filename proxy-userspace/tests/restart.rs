@@ -10,23 +10,7 @@ use common::{Harness, service, slice};
 fn c33_sigkill_and_restart_loses_no_connection_and_applies_changes_made_while_down() {
     let mut h = Harness::new("restart", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[5353]);
-    h.write_manifest(
-        "svc.yaml",
-        &service(
-            "web",
-            "10.96.0.10",
-            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
-        ),
-    );
-    h.write_manifest(
-        "eps.yaml",
-        &slice(
-            "web-1",
-            "web",
-            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-            &[("10.244.0.10", true), ("10.244.0.11", true)],
-        ),
-    );
+    h.write_web_with_dns("10.96.0.10");
     h.start_agent();
     let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));

@@ -582,14 +582,7 @@ fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_e
     std::fs::remove_file(&state).expect("unpinning the sockets' storage");
     h.start_agent();
     h.wait_for_log("from an older version");
-    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
-    while h.agent_log().matches("datapath ready").count() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted agent never became ready"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    h.wait_for_ready_starts(2);
     let after_restart = client.lines_so_far();
     let lines = client.lines();
     assert!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use common::{Harness, service, slice};
+use common::Harness;
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, PROTO_TCP,
     RevNatValue,
@@ -173,23 +173,7 @@ fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
 fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     let mut h = Harness::new("upgrade-live", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[5353]);
-    h.write_manifest(
-        "svc.yaml",
-        &service(
-            "web",
-            "10.96.0.10",
-            &[("http", 80, "TCP"), ("dns", 53, "UDP")],
-        ),
-    );
-    h.write_manifest(
-        "eps.yaml",
-        &slice(
-            "web-1",
-            "web",
-            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-            &[("10.244.0.10", true), ("10.244.0.11", true)],
-        ),
-    );
+    h.write_web_with_dns("10.96.0.10");
     h.start_agent();
     let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
@@ -230,14 +214,7 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
 
     h.start_agent();
     h.wait_for_log("copied the entries of an older version's map");
-    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
-    while h.agent_log().matches("datapath ready").count() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upgraded agent never became ready"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    h.wait_for_ready_starts(2);
     let (tcp_before, udp_before) = (tcp.lines_so_far(), udp.lines_so_far());
     for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1] {
         assert!(

@@ -152,6 +152,37 @@ impl Harness {
         );
     }
 
+    /// Waits until the agent's log says "datapath ready" `n` times (once per start).
+    pub fn wait_for_ready_starts(&self, n: usize) {
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        while self.agent_log().matches("datapath ready").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never became ready for the {n}th time; log:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes the Service `web` on `vip` (`http` 80/TCP, `dns` 53/UDP) and its slice: pods
+    /// 10.244.0.10 and .11, ready, serving 8080/TCP and 5353/UDP (`serve(&[8080], &[5353])`).
+    pub fn write_web_with_dns(&self, vip: &str) {
+        self.write_manifest(
+            "svc.yaml",
+            &service("web", vip, &[("http", 80, "TCP"), ("dns", 53, "UDP")]),
+        );
+        self.write_manifest(
+            "eps.yaml",
+            &slice(
+                "web-1",
+                "web",
+                &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+                &[("10.244.0.10", true), ("10.244.0.11", true)],
+            ),
+        );
+    }
+
     /// Waits until the agent exits on its own, and returns how; `None` if it still runs
     /// after the harness's time limit.
     pub fn wait_for_agent_exit(&mut self) -> Option<std::process::ExitStatus> {
