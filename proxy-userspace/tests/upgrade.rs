@@ -21,6 +21,17 @@ use xtask::netns;
 /// The test's pin directory, removed with everything in it when the test ends.
 struct Pins(PathBuf);
 
+impl Pins {
+    /// Root and kernel checks, then a pin directory of the test's own (not created yet).
+    fn new() -> Self {
+        if let Err(e) = netns::require_privileges() {
+            panic!("privileged test `upgrade` cannot run: {e:#}");
+        }
+        common::ensure_bpffs();
+        Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix("ekpt-upgrade")))
+    }
+}
+
 impl Drop for Pins {
     fn drop(&mut self) {
         if let Err(e) = dataplane::cleanup(&self.0) {
@@ -80,11 +91,7 @@ fn pin_v1_hash_map(pins: &Path, name: &str, key_size: u32, value_size: u32) -> M
 
 #[test]
 fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_attach() {
-    if let Err(e) = netns::require_privileges() {
-        panic!("privileged test `upgrade` cannot run: {e:#}");
-    }
-    common::ensure_bpffs();
-    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix("ekpt-upgrade")));
+    let pins = Pins::new();
 
     // A newer agent ran here once (its arrays stay pinned, one entry in each), then an older
     // one: after that downgrade its hash maps hold the truth.
@@ -148,11 +155,7 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
 /// naming the sizes, and leaves it pinned for whoever made it.
 #[test]
 fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
-    if let Err(e) = netns::require_privileges() {
-        panic!("privileged test `upgrade` cannot run: {e:#}");
-    }
-    common::ensure_bpffs();
-    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix("ekpt-upgrade")));
+    let pins = Pins::new();
     std::fs::create_dir_all(pins.0.join("maps")).expect("creating the maps directory");
     pin_v1_hash_map(&pins.0, MAP_BACKENDS_V1, 4, 16);
     let Err(e) = dataplane::load(&pins.0, SIZES, 0, false, false) else {
