@@ -89,6 +89,16 @@ fn pin_v1_hash_map(pins: &Path, name: &str, key_size: u32, value_size: u32) -> M
     Map::HashMap(MapData::from_pin(&path).expect("opening the pinned hash map"))
 }
 
+/// [`pin_v1_hash_map`] of `K` -> `V`, holding `entries`.
+fn pin_v1_entries<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str, entries: &[(K, V)]) {
+    let (key_size, value_size) = (size_of::<K>() as u32, size_of::<V>() as u32);
+    let mut map: HashMap<_, K, V> =
+        HashMap::try_from(pin_v1_hash_map(pins, name, key_size, value_size)).expect("a hash map");
+    for (key, value) in entries {
+        map.insert(key, value, 0).expect("writing a v1 entry");
+    }
+}
+
 #[test]
 fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_attach() {
     let pins = Pins::new();
@@ -115,23 +125,16 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
         (7, backend(Ipv4Addr::new(10, 244, 0, 11), 8080)),
         (63, backend(Ipv4Addr::new(10, 244, 0, 12), 8080)),
     ];
-    let mut v1: HashMap<_, u32, BackendValue> =
-        HashMap::try_from(pin_v1_hash_map(&pins.0, MAP_BACKENDS_V1, 4, 8)).expect("a hash map");
-    for (id, value) in kept {
-        v1.insert(id, value, 0).expect("writing a v1 backend");
-    }
-    // Beyond the 64 entries of the new array (index 0 unused): left for the first sync.
-    v1.insert(64, backend(Ipv4Addr::new(10, 244, 0, 13), 8080), 0)
-        .expect("writing a v1 backend");
+    // And one beyond the 64 entries of the new array (index 0 unused): left for the first
+    // sync.
+    let beyond = (64, backend(Ipv4Addr::new(10, 244, 0, 13), 8080));
+    let v1: Vec<(u32, BackendValue)> = kept.iter().copied().chain([beyond]).collect();
+    pin_v1_entries(&pins.0, MAP_BACKENDS_V1, &v1);
     let frontends = [
         (3, frontend(Ipv4Addr::new(10, 96, 0, 10), 80)),
         (4, frontend(Ipv4Addr::new(10, 96, 0, 11), 53)),
     ];
-    let mut v1: HashMap<_, u16, RevNatValue> =
-        HashMap::try_from(pin_v1_hash_map(&pins.0, MAP_REV_NAT_V1, 2, 8)).expect("a hash map");
-    for (id, value) in frontends {
-        v1.insert(id, value, 0).expect("writing a v1 rev-NAT entry");
-    }
+    pin_v1_entries::<u16, RevNatValue>(&pins.0, MAP_REV_NAT_V1, &frontends);
 
     // The upgrade: load only (what `run` does before it attaches anything).
     load(&pins.0);
@@ -201,16 +204,8 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
         .read()
         .expect("reading the maps");
     assert!(!contents.backends.is_empty() && !contents.rev_nat.is_empty());
-    let mut v1: HashMap<_, u32, BackendValue> =
-        HashMap::try_from(pin_v1_hash_map(&h.pin_path, MAP_BACKENDS_V1, 4, 8)).expect("a hash");
-    for (id, value) in &contents.backends {
-        v1.insert(id, value, 0).expect("writing a v1 backend");
-    }
-    let mut v1: HashMap<_, u16, RevNatValue> =
-        HashMap::try_from(pin_v1_hash_map(&h.pin_path, MAP_REV_NAT_V1, 2, 8)).expect("a hash");
-    for (id, value) in &contents.rev_nat {
-        v1.insert(id, value, 0).expect("writing a v1 rev-NAT entry");
-    }
+    pin_v1_entries(&h.pin_path, MAP_BACKENDS_V1, &contents.backends);
+    pin_v1_entries(&h.pin_path, MAP_REV_NAT_V1, &contents.rev_nat);
     for new in [MAP_BACKENDS, MAP_REV_NAT] {
         std::fs::remove_file(h.pin_path.join("maps").join(new)).expect("unpinning an array");
     }
