@@ -104,7 +104,8 @@ struct RunArgs {
     external_clusterip: bool,
 
     /// Capacity (max_entries) of the services map: one entry per frontend plus one per
-    /// backend slot. Applies when the maps are created; pinned maps keep their size.
+    /// backend slot. A map pinned with another size (any of these) is replaced at start by
+    /// one of the new size holding its entries, as the new programs attach.
     #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
     map_size_services: u32,
 

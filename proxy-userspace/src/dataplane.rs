@@ -4,8 +4,9 @@
 //! Layout under the pin directory (default `/sys/fs/bpf/ebpf-kube-proxy`):
 //! `maps/<map name>`, `links/<program name>` for the socket programs and
 //! `links/<program name>@<device>` for the TCX programs. A restart adopts both: the loader
-//! reuses pinned maps (no flush), and a pinned link gets the newly loaded program swapped in
-//! with `BPF_LINK_UPDATE`, so neither sockets nor packets see a moment without the programs.
+//! reuses pinned maps (no flush; one of another size is replaced, its entries copied:
+//! `resize`), and a pinned link gets the newly loaded program swapped in with
+//! `BPF_LINK_UPDATE`, so neither sockets nor packets see a moment without the programs.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -32,6 +33,7 @@ use proxy_common::{
 };
 
 mod logs;
+mod resize;
 pub use logs::{
     Level as LogLevel, LogReader, Message as LogMessage, pinned_level as pinned_bpf_log_level,
     set_pinned_level as set_bpf_log_level,
@@ -678,11 +680,15 @@ pub struct Loaded {
     ebpf: Ebpf,
     tcx_loaded: bool,
     pod_loaded: bool,
+    /// Pinned maps of another size than asked: copied into the new ones and replaced by
+    /// them as the programs are attached.
+    resizes: resize::Resizes,
 }
 
-/// Loads the object, reusing pinned maps, and verifies the socket programs, the north-south
-/// ones with `north_south` (whether north-south is on at all: the devices are known only
-/// later) and the pod-device ones with `pod_programs`. `bpf_log_level` (`LOG_LEVEL_*`) is
+/// Loads the object, reusing pinned maps of the sizes asked (`resize` plans the others), and
+/// verifies the socket programs, the north-south ones with `north_south` (whether
+/// north-south is on at all: the devices are known only later) and the pod-device ones
+/// with `pod_programs`. `bpf_log_level` (`LOG_LEVEL_*`) is
 /// written to the log switch, before any program can attach.
 pub fn load(
     pin_dir: &Path,
@@ -700,6 +706,7 @@ pub fn load(
         .iter()
         .map(|name| (*name, maps_dir(pin_dir).join(name)))
         .collect();
+    let resizes = resize::plan(pin_dir, &sizes)?;
     let unmarked = u8::from(unmarked_lru(pin_dir)?);
     if unmarked != 0 {
         tracing::info!(
@@ -709,7 +716,9 @@ pub fn load(
     }
     let mut loader = EbpfLoader::new();
     for (name, path) in &pin_paths {
-        loader.map_pin_path(name, path.as_path());
+        if !resizes.replaces(name) {
+            loader.map_pin_path(name, path.as_path());
+        }
     }
     loader
         .override_global(UNMARKED_LRU, &unmarked, true)
@@ -737,6 +746,7 @@ pub fn load(
         ebpf,
         tcx_loaded: north_south,
         pod_loaded: pod_programs,
+        resizes,
     })
 }
 
@@ -756,9 +766,12 @@ pub fn start(
         mut ebpf,
         mut tcx_loaded,
         pod_loaded,
+        resizes,
     } = loaded;
     let log_forwarder = logs::forward(&mut ebpf);
     write_sock_config(&mut ebpf, sock)?;
+    // As late as possible: the old programs record flows until their links are swapped.
+    resizes.copy(&mut ebpf)?;
 
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -819,6 +832,7 @@ pub fn start(
         attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &adopt)?;
         pod_ifindex.extend(present);
     }
+    resizes.commit(&mut ebpf, pin_dir)?;
     let maps = Maps::take(&mut ebpf)?;
     Ok((
         maps,

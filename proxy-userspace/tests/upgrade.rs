@@ -6,39 +6,16 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use common::Harness;
+use common::{Harness, Pins};
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, PROTO_TCP,
     RevNatValue,
 };
 use proxy_userspace::dataplane::{self, MapSizes, Maps};
-use xtask::netns;
-
-/// The test's pin directory, removed with everything in it when the test ends.
-struct Pins(PathBuf);
-
-impl Pins {
-    /// Root and kernel checks, then a pin directory of the test's own (not created yet).
-    fn new() -> Self {
-        if let Err(e) = netns::require_privileges() {
-            panic!("privileged test `upgrade` cannot run: {e:#}");
-        }
-        common::ensure_bpffs();
-        Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix("ekpt-upgrade")))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = dataplane::cleanup(&self.0) {
-            eprintln!("cleanup of {} failed: {e:#}", self.0.display());
-        }
-    }
-}
 
 /// Small maps: the test needs a few entries, and the arrays' size decides which ids fit.
 const SIZES: MapSizes = MapSizes {
@@ -101,7 +78,7 @@ fn pin_v1_entries<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str, entries: &[
 
 #[test]
 fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_attach() {
-    let pins = Pins::new();
+    let pins = Pins::new("upgrade");
 
     // A newer agent ran here once (its arrays stay pinned, one entry in each), then an older
     // one: after that downgrade its hash maps hold the truth.
@@ -158,7 +135,7 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
 /// naming the sizes, and leaves it pinned for whoever made it.
 #[test]
 fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
-    let pins = Pins::new();
+    let pins = Pins::new("upgrade");
     std::fs::create_dir_all(pins.0.join("maps")).expect("creating the maps directory");
     pin_v1_hash_map(&pins.0, MAP_BACKENDS_V1, 4, 16);
     let Err(e) = dataplane::load(&pins.0, SIZES, 0, false, false) else {

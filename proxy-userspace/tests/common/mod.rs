@@ -418,6 +418,34 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A test's pin directory (not created yet), removed with everything in it when the test
+/// ends.
+pub struct Pins(pub PathBuf);
+
+impl Pins {
+    /// Root and kernel checks, then a pin directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        if let Err(e) = netns::require_privileges() {
+            panic!("privileged test `{tag}` cannot run: {e:#}");
+        }
+        ensure_bpffs();
+        Pins(PathBuf::from("/sys/fs/bpf").join(netns::unique_prefix(&format!("ekpt-{tag}"))))
+    }
+
+    /// The pin of the map `name`.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.0.join("maps").join(name)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = proxy_userspace::dataplane::cleanup(&self.0) {
+            eprintln!("cleanup of {} failed: {e:#}", self.0.display());
+        }
+    }
+}
+
 /// Mounts bpffs at /sys/fs/bpf once per test process, so that parallel agents never race
 /// to mount it themselves.
 pub fn ensure_bpffs() {
