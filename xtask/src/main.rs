@@ -50,6 +50,10 @@ fn main() -> Result<()> {
             chart::chart_tests(&root)
         }
         "bench" => {
+            if bench::help_asked(&args[1..]) {
+                println!("{}", bench::HELP);
+                return Ok(());
+            }
             toolchain::setup()?;
             bench::run(&root, &args[1..])
         }

@@ -210,7 +210,36 @@ pub struct Options {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct,hooks] [--cpu N|any] [--iptables system|legacy|nft] [--budget SECS] [--debug | --release]";
+const USAGE: &str = "usage: cargo xtask bench [--services N,N,...] [--quick] [--out DIR] [--samples K] [--rounds R] [--changes C] [--modes ebpf,iptables,nftables,direct,hooks] [--cpu N|any] [--iptables system|legacy|nft] [--budget SECS] [--debug | --release] (--help: what each does)";
+
+/// `cargo xtask bench --help`.
+pub const HELP: &str = "usage: cargo xtask bench [OPTIONS]   (root; network namespaces of its own)
+
+Latency and programming time of ebpf-kube-proxy against the rules kube-proxy's iptables and
+nftables modes write for the same Services, in the same run. Results in <out>: latest.json,
+latest.md, latency.png, programming.png. Not a pass/fail test.
+
+  --services N,N,...   Service counts to measure (default 1,1000,10000; each 1 to 60000)
+  --quick              N = 1 and 100, 300 samples, 3 rounds, 1 change, debug build
+  --out DIR            where results go (default bench/results)
+  --samples K          samples per metric, mode and N (default 10000)
+  --rounds R           rounds the samples are spread over (default 10)
+  --changes C          counted endpoint changes per N (default 5)
+  --modes M,M,...      of ebpf, iptables, nftables, direct, hooks (default all)
+  --cpu N|any          the CPU the servers and clients share (default the last)
+  --iptables system|legacy|nft
+                       which iptables-restore loads kube-proxy's rules (default system)
+  --budget SECS        time limit after the build (default 600; 0: none)
+  --debug | --release  build of the agent and the client (default release; --quick: debug)
+  --dump-rules N       only write the iptables and nftables input for N Services to <out>
+  --render             only redraw latest.md and the charts from <out>/latest.json
+
+More in xtask/src/bench/mod.rs and the README's benchmark section.";
+
+/// Whether `args` ask for [`HELP`].
+pub fn help_asked(args: &[String]) -> bool {
+    args.iter().any(|a| a == "-h" || a == "--help")
+}
 
 /// The default `--budget`: the issue's 10 minutes for a default run on 2 cores.
 const DEFAULT_BUDGET: Duration = Duration::from_secs(600);
@@ -316,7 +345,7 @@ pub fn parse_options(root: &Path, args: &[String]) -> Result<Options> {
                     })
                     .collect::<Result<_>>()?;
             }
-            "-h" | "--help" => bail!("{USAGE}"),
+            "-h" | "--help" => bail!("{HELP}"),
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
