@@ -775,13 +775,15 @@ pub fn start(
 
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    // A cgroup v2 directory's inode number is the cgroup's id.
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&cgroup_dir.metadata()?);
     for name in SOCK_PROGRAMS {
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?;
         let fd = program.fd()?.try_clone()?;
         let link_pin = links_dir(pin_dir).join(name);
-        adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), || {
+        adopt_or_attach_cgroup(name, &link_pin, fd.as_fd(), cgroup_id, || {
             // A BPF link on a cgroup always coexists with other programs; the kernel
             // rejects the ALLOW_MULTI flag there, so "Single" (no flag) is the right mode.
             let mode = CgroupAttachMode::Single;
@@ -968,18 +970,49 @@ fn load_tc(ebpf: &mut Ebpf, hooks: &[(&str, TcAttachType)]) -> Result<()> {
 }
 
 /// Swaps the loaded program `fd` into the socket program's link pinned at `link_pin` (a
-/// restart), or attaches it to the cgroup with `attach` and pins the new link.
+/// restart), or attaches it to the cgroup `cgroup_id` with `attach` and pins the new link.
+///
+/// A pinned link on another cgroup (`--cgroup` changed), or on none (its cgroup was
+/// removed, which detaches it), is not adopted: the new link is attached first, then takes
+/// the pin (renamed over it, which drops the old link), so that a process under both
+/// cgroups is never without the program. For that moment it may run both, which the
+/// programs' logic makes harmless (not tested): the second sees an address the first
+/// already translated, which is no frontend (nor, on the way back, a backend its socket
+/// remembers).
 fn adopt_or_attach_cgroup(
     name: &str,
     link_pin: &Path,
     fd: std::os::fd::BorrowedFd<'_>,
+    cgroup_id: u64,
     attach: impl FnOnce() -> Result<FdLink>,
 ) -> Result<()> {
     if link_pin.exists() {
         let link = bpf_sys::obj_get(link_pin)?;
-        bpf_sys::link_update(link.as_fd(), fd)
-            .with_context(|| format!("updating pinned link {}", link_pin.display()))?;
-        tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
+        let pinned_on = bpf_sys::link_cgroup_id(link.as_fd())
+            .with_context(|| format!("reading pinned link {}", link_pin.display()))?;
+        if pinned_on == cgroup_id {
+            bpf_sys::link_update(link.as_fd(), fd)
+                .with_context(|| format!("updating pinned link {}", link_pin.display()))?;
+            tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
+            return Ok(());
+        }
+        // (bpffs names cannot hold a dot.)
+        let moving = link_pin.with_file_name(format!("{name}_moving"));
+        let _ = fs::remove_file(&moving);
+        attach()?
+            .pin(&moving)
+            .with_context(|| format!("pinning link {}", moving.display()))?;
+        fs::rename(&moving, link_pin).with_context(|| {
+            format!("renaming {} over {}", moving.display(), link_pin.display())
+        })?;
+        tracing::info!(
+            program = name,
+            link = %link_pin.display(),
+            old_cgroup_id = pinned_on,
+            cgroup_id,
+            "the pinned link was on another cgroup (0: a removed one): attached to this one \
+             instead"
+        );
     } else {
         attach()?
             .pin(link_pin)
@@ -1210,6 +1243,7 @@ mod bpf_sys {
 
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -1385,6 +1419,25 @@ mod bpf_sys {
                 ))
             }
         }
+    }
+
+    /// The id of the cgroup a cgroup link is attached to (0: its cgroup was removed), from
+    /// `BPF_OBJ_GET_INFO_BY_FD`.
+    pub fn link_cgroup_id(link: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        // struct bpf_link_info { __u32 type, id, prog_id; union { ...;
+        //     struct { __u64 cgroup_id; __u32 attach_type; } cgroup; ... }; }
+        let mut info = [0u64; 8];
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+        attr.0[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+        const BPF_LINK_TYPE_CGROUP: u64 = 3;
+        if info[0] & 0xffff_ffff != BPF_LINK_TYPE_CGROUP {
+            bail!("not a cgroup link (type {})", info[0] & 0xffff_ffff);
+        }
+        Ok(info[2])
     }
 
     /// Atomically replaces the program behind a link.
