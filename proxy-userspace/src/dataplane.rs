@@ -986,6 +986,11 @@ fn adopt_or_attach_cgroup(
     cgroup_id: u64,
     attach: impl FnOnce() -> Result<FdLink>,
 ) -> Result<()> {
+    // (bpffs names cannot hold a dot.) One left by a start stopped mid-move goes first.
+    let moving = link_pin.with_file_name(format!("{name}_moving"));
+    if moving.exists() {
+        fs::remove_file(&moving).with_context(|| format!("unpinning {}", moving.display()))?;
+    }
     if link_pin.exists() {
         let link = bpf_sys::obj_get(link_pin)?;
         let pinned_on = bpf_sys::link_cgroup_id(link.as_fd())
@@ -996,9 +1001,6 @@ fn adopt_or_attach_cgroup(
             tracing::info!(program = name, link = %link_pin.display(), "adopted pinned link");
             return Ok(());
         }
-        // (bpffs names cannot hold a dot.)
-        let moving = link_pin.with_file_name(format!("{name}_moving"));
-        let _ = fs::remove_file(&moving);
         attach()?
             .pin(&moving)
             .with_context(|| format!("pinning link {}", moving.display()))?;

@@ -136,3 +136,31 @@ fn a_start_whose_links_lost_their_cgroup_attaches_anew() {
     assert_eq!(links_on(&next).len(), SOCK_PROGRAMS.len());
     no_moving_pins(&pins);
 }
+
+/// A start stopped mid-move left a new link pinned as `<program>_moving` beside the old
+/// one: the next start drops it, whichever cgroup it asks for.
+#[test]
+fn a_link_left_mid_move_is_dropped() {
+    let (pins, elsewhere) = (Pins::new("cgroup-stale"), Pins::new("cgroup-stale-src"));
+    let (first, other) = (cgroup("stale-first"), cgroup("stale-other"));
+    start(&pins, first.path());
+    // A link of the same program on another cgroup, pinned under the mid-move name.
+    start(&elsewhere, other.path());
+    let stale = pins
+        .0
+        .join("links")
+        .join(format!("{}_moving", SOCK_PROGRAMS[0]));
+    std::fs::rename(elsewhere.0.join("links").join(SOCK_PROGRAMS[0]), &stale)
+        .expect("moving a pinned link");
+
+    start(&pins, first.path());
+    no_moving_pins(&pins);
+    assert_eq!(
+        links_on(&other).len(),
+        SOCK_PROGRAMS.len() - 1,
+        "the stale link is still attached"
+    );
+    for (name, id) in links_cgroup_ids(&pins) {
+        assert_eq!(id, id_of(&first), "{name} on the first cgroup");
+    }
+}
