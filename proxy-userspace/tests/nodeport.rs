@@ -1152,6 +1152,76 @@ fn node_port_flows_keep_their_pod_while_it_drains() {
     );
 }
 
+/// A restart that resizes the conntrack map (`--map-size-nat-ct`) under a source-NATed
+/// NodePort connection: its entries are copied into the new map as the programs are
+/// swapped, so the connection carries on, one connection throughout (C33 with a resize).
+/// Lost, the connection's next packet would start a flow on another SNAT port, which pod-2
+/// (on node2) knows nothing of and resets.
+#[test]
+fn a_node_port_connection_survives_a_restart_that_resizes_the_conntrack_map() {
+    let mut cluster = Cluster::new("npresize");
+    cluster.write_manifest("svc.yaml", &service_with_udp());
+    cluster.write_manifest("eps.yaml", &web_endpoints(false, Some("{ready: true}")));
+    cluster.write_node_manifests();
+    cluster.start_agents();
+    cluster.wait_for_node_port(0, &["10.244.2.10:8080"]);
+
+    let node1 = format!("192.168.77.11:{NODE_PORT}");
+    let tcp = cluster.spawn_client(
+        "tcp",
+        &[
+            "tcp",
+            &node1,
+            "300",
+            "--every-ms",
+            "10",
+            "--keep-connection",
+        ],
+    );
+    tcp.wait_for_lines(10);
+    if let Some(mut agent) = cluster.nodes[0].agent.take() {
+        agent.kill();
+    }
+    cluster.nodes[0].agent_args = vec!["--map-size-nat-ct", "131072"];
+    cluster.start_agent(0, Some("eth0"));
+    // The new map takes the pin once the new programs are attached.
+    let pin = cluster.nodes[0].pin_path.join("maps/ekp_nat_ct_v1");
+    let size = || {
+        aya::maps::MapInfo::from_pin(&pin)
+            .map(|i| i.max_entries())
+            .ok()
+    };
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while size() != Some(131072) {
+        assert!(
+            Instant::now() < deadline,
+            "the conntrack map was not resized: {:?}\n{}",
+            size(),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resized_at = tcp.lines_so_far();
+
+    let lines = tcp.lines();
+    assert_eq!(lines.len(), 300);
+    assert!(
+        lines.len() - resized_at >= 50,
+        "too few requests after the resize to judge ({resized_at} of 300 before it)"
+    );
+    let other: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["ok"] != true || l["connection"] != 1 || l["answer"] != "pod-2 192.168.77.11")
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{} of 300 failed or came on another connection, e.g. {}\n{}",
+        other.len(),
+        other[0],
+        cluster.logs()
+    );
+}
+
 /// The manifests of `web` with its UDP port too, on both pods, and the two Nodes.
 fn write_web_with_udp(cluster: &Cluster) {
     cluster.write_manifest("svc.yaml", &service_with_udp());
