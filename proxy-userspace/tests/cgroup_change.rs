@@ -7,24 +7,12 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Pins;
-use proxy_userspace::dataplane::{self, MapSizes, SOCK_PROGRAMS, SockSettings};
+use common::{Pins, SMALL_MAPS, bpftool_json};
+use proxy_userspace::dataplane::{self, SOCK_PROGRAMS, SockSettings};
 use serde_json::Value;
 use xtask::netns::{self, Cgroup};
-
-/// Small maps: nothing is written to them.
-const SIZES: MapSizes = MapSizes {
-    services: 64,
-    backends: 64,
-    rev_nat: 64,
-    sock_rev_nat: 64,
-    affinity: 64,
-    nat_ct: 64,
-    source_ranges: 64,
-};
 
 fn cgroup(tag: &str) -> Cgroup {
     Cgroup::create(&netns::unique_prefix(&format!("ekpt-cgroup-{tag}")))
@@ -33,20 +21,10 @@ fn cgroup(tag: &str) -> Cgroup {
 
 /// What `run` does at start, without a source: load, attach to `cgroup`.
 fn start(pins: &Pins, cgroup: &Path) {
-    let loaded = dataplane::load(&pins.0, SIZES, 0, false, false)
+    let loaded = dataplane::load(&pins.0, SMALL_MAPS, 0, false, false)
         .unwrap_or_else(|e| panic!("loading the object on {}: {e:#}", pins.0.display()));
     dataplane::start(loaded, &pins.0, cgroup, None, SockSettings::default(), &[])
         .unwrap_or_else(|e| panic!("attaching to {}: {e:#}", cgroup.display()));
-}
-
-fn bpftool_json(args: &[&str]) -> Value {
-    let out = Command::new(xtask::toolchain::bpftool())
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("running bpftool");
-    // (`link show pinned` prints the link, then exits with 255 on this bpftool.)
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: {e}: {out:?}"))
 }
 
 /// The cgroup id of every socket program's pinned link, as bpftool reads it.

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, Map, MapData, MapInfo};
-use common::{Harness, Pins};
+use common::{ClientsUnderLoad, Pins, SMALL_MAPS, bpftool_json};
 use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_NAT_CT, MAP_REV_NAT,
     MAP_SERVICES, MAP_SOCK_REV_NAT, MAP_SOURCE_RANGES, NatCtKey, NatCtValue, PROTO_TCP,
@@ -23,15 +23,7 @@ use proxy_userspace::model::SourceRange;
 use serde_json::Value;
 use xtask::netns::{self, Cgroup};
 
-const BEFORE: MapSizes = MapSizes {
-    services: 64,
-    backends: 64,
-    rev_nat: 64,
-    sock_rev_nat: 64,
-    affinity: 64,
-    nat_ct: 64,
-    source_ranges: 64,
-};
+const BEFORE: MapSizes = SMALL_MAPS;
 
 /// Some smaller (services, backends, source ranges), some larger.
 const AFTER: MapSizes = MapSizes {
@@ -253,16 +245,6 @@ fn no_pending_pins(pins: &Pins) {
     assert!(left.is_empty(), "pending pins left: {left:?}");
 }
 
-fn bpftool_json(args: &[&str]) -> Value {
-    let out = Command::new(xtask::toolchain::bpftool())
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("running bpftool");
-    // (`link show pinned` prints the link, then exits with 255 on this bpftool.)
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: {e}: {out:?}"))
-}
-
 /// The ids of the maps the program behind the pinned link `link` uses.
 fn maps_of_link(link: &Path) -> Vec<u64> {
     let link = bpftool_json(&["link", "show", "pinned", &link.to_string_lossy()]);
@@ -396,26 +378,7 @@ fn a_pending_pin_takes_the_maps_place() {
 /// the socket keeps seeing the Service as its peer (its reverse entry moved to the new LRU).
 #[test]
 fn c33_a_restart_with_other_map_sizes_loses_no_connection() {
-    let mut h = Harness::new("resize-live", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[8080], &[5353]);
-    h.write_web_with_dns("10.96.0.10");
-    h.start_agent();
-    let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
-
-    let tcp = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "3000", "--every-ms", "1"]);
-    let udp_args = [
-        "udp",
-        "10.96.0.10:53",
-        "300",
-        "--connected",
-        "--keep-socket",
-        "--every-ms",
-        "10",
-    ];
-    let udp = h.spawn_client("udp", &udp_args);
-    tcp.wait_for_lines(50);
-    udp.wait_for_lines(5);
+    let (mut h, _servers, clients) = ClientsUnderLoad::start("resize-live");
 
     h.stop_agent();
     let manifests = h.manifests.clone();
@@ -434,7 +397,7 @@ fn c33_a_restart_with_other_map_sizes_loses_no_connection() {
     h.start_agent_with(&source);
     h.wait_for_log("copied a resized map's entries");
     h.wait_for_ready_starts(2);
-    let (tcp_before, udp_before) = (tcp.lines_so_far(), udp.lines_so_far());
+    let mark = clients.so_far();
     let pins = &h.pin_path;
     for (name, size) in [
         (MAP_SERVICES, 1024),
@@ -446,25 +409,5 @@ fn c33_a_restart_with_other_map_sizes_loses_no_connection() {
         assert_eq!(info.max_entries(), size, "{name}'s size");
     }
 
-    for (what, client, before, n, peer) in [
-        ("TCP", tcp, tcp_before, 3000, "10.96.0.10:80"),
-        ("UDP", udp, udp_before, 300, "10.96.0.10:53"),
-    ] {
-        let lines = client.lines();
-        assert_eq!(lines.len(), n, "{what}");
-        assert!(
-            lines.len() - before >= n / 10,
-            "{what}: too few requests after the restart to judge ({before} of {n} before it)"
-        );
-        let failed: Vec<_> = lines
-            .iter()
-            .filter(|l| l["ok"] != true || l["peer"] != peer)
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{what}: {} failed or saw another peer than {peer}, e.g. {}",
-            failed.len(),
-            failed[0]
-        );
-    }
+    clients.assert_all_answered(mark);
 }

@@ -10,26 +10,15 @@ use std::path::Path;
 use std::process::Command;
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use common::{Harness, Pins};
+use common::{ClientsUnderLoad, Pins, SMALL_MAPS};
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, PROTO_TCP,
     RevNatValue,
 };
-use proxy_userspace::dataplane::{self, MapSizes, Maps};
-
-/// Small maps: the test needs a few entries, and the arrays' size decides which ids fit.
-const SIZES: MapSizes = MapSizes {
-    services: 64,
-    backends: 64,
-    rev_nat: 64,
-    sock_rev_nat: 64,
-    affinity: 64,
-    nat_ct: 64,
-    source_ranges: 64,
-};
+use proxy_userspace::dataplane::{self, Maps};
 
 fn load(pins: &Path) {
-    dataplane::load(pins, SIZES, 0, false, false)
+    dataplane::load(pins, SMALL_MAPS, 0, false, false)
         .unwrap_or_else(|e| panic!("loading the object on {}: {e:#}", pins.display()));
 }
 
@@ -138,7 +127,7 @@ fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
     let pins = Pins::new("upgrade");
     std::fs::create_dir_all(pins.0.join("maps")).expect("creating the maps directory");
     pin_v1_hash_map(&pins.0, MAP_BACKENDS_V1, 4, 16);
-    let Err(e) = dataplane::load(&pins.0, SIZES, 0, false, false) else {
+    let Err(e) = dataplane::load(&pins.0, SMALL_MAPS, 0, false, false) else {
         panic!("the load read a map of another layout");
     };
     let message = format!("{e:#}");
@@ -154,26 +143,7 @@ fn a_v1_map_of_another_layout_fails_the_load_and_stays() {
 /// (its reverse view needs the rev-NAT entry of its frontend from the first packet on).
 #[test]
 fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
-    let mut h = Harness::new("upgrade-live", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[8080], &[5353]);
-    h.write_web_with_dns("10.96.0.10");
-    h.start_agent();
-    let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
-
-    let tcp = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "3000", "--every-ms", "1"]);
-    let udp_args = [
-        "udp",
-        "10.96.0.10:53",
-        "300",
-        "--connected",
-        "--keep-socket",
-        "--every-ms",
-        "10",
-    ];
-    let udp = h.spawn_client("udp", &udp_args);
-    tcp.wait_for_lines(50);
-    udp.wait_for_lines(5);
+    let (mut h, _servers, clients) = ClientsUnderLoad::start("upgrade-live");
 
     h.stop_agent();
     let contents = Maps::open_pinned(&h.pin_path)
@@ -190,33 +160,12 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     h.start_agent();
     h.wait_for_log("copied the entries of an older version's map");
     h.wait_for_ready_starts(2);
-    let (tcp_before, udp_before) = (tcp.lines_so_far(), udp.lines_so_far());
+    let mark = clients.so_far();
     for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1] {
         assert!(
             !h.pin_path.join("maps").join(old).exists(),
             "{old} is still pinned"
         );
     }
-
-    for (what, client, before, n, peer) in [
-        ("TCP", tcp, tcp_before, 3000, "10.96.0.10:80"),
-        ("UDP", udp, udp_before, 300, "10.96.0.10:53"),
-    ] {
-        let lines = client.lines();
-        assert_eq!(lines.len(), n, "{what}");
-        assert!(
-            lines.len() - before >= n / 10,
-            "{what}: too few requests after the upgrade to judge ({before} of {n} before it)"
-        );
-        let failed: Vec<_> = lines
-            .iter()
-            .filter(|l| l["ok"] != true || l["peer"] != peer)
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{what}: {} failed or saw another peer than {peer}, e.g. {}",
-            failed.len(),
-            failed[0]
-        );
-    }
+    clients.assert_all_answered(mark);
 }

@@ -468,6 +468,95 @@ pub fn ensure_bpffs() {
     *done = true;
 }
 
+/// The traffic of a restart test: 3000 TCP connections to the `web` Service of
+/// [`Harness::write_web_with_dns`] one a millisecond, and one connected UDP socket sending
+/// 300 requests to its DNS port, one every 10 ms.
+pub struct ClientsUnderLoad {
+    tcp: BackgroundClient,
+    udp: BackgroundClient,
+}
+
+impl ClientsUnderLoad {
+    /// A harness with two pods serving `web` (10.96.0.10) and its agent up, and the clients
+    /// started and answered a few times. The servers live as long as the returned `Proc`s.
+    pub fn start(tag: &str) -> (Harness, Vec<Proc>, Self) {
+        let mut h = Harness::new(tag, &["pod-a", "pod-b"]);
+        let servers = h.serve(&[8080], &[5353]);
+        h.write_web_with_dns("10.96.0.10");
+        h.start_agent();
+        let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
+        h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
+        let tcp = h.spawn_client("tcp", &["tcp", "10.96.0.10:80", "3000", "--every-ms", "1"]);
+        let udp_args = [
+            "udp",
+            "10.96.0.10:53",
+            "300",
+            "--connected",
+            "--keep-socket",
+            "--every-ms",
+            "10",
+        ];
+        let udp = h.spawn_client("udp", &udp_args);
+        tcp.wait_for_lines(50);
+        udp.wait_for_lines(5);
+        (h, servers, ClientsUnderLoad { tcp, udp })
+    }
+
+    /// How many requests each client made so far (TCP, UDP).
+    pub fn so_far(&self) -> (usize, usize) {
+        (self.tcp.lines_so_far(), self.udp.lines_so_far())
+    }
+
+    /// Waits for both clients to end, then fails unless every request reached the Service
+    /// and saw it as its peer, and at least a tenth of them came after `mark` (`so_far`
+    /// at the event the test is about).
+    pub fn assert_all_answered(self, mark: (usize, usize)) {
+        for (what, client, before, n, peer) in [
+            ("TCP", self.tcp, mark.0, 3000, "10.96.0.10:80"),
+            ("UDP", self.udp, mark.1, 300, "10.96.0.10:53"),
+        ] {
+            let lines = client.lines();
+            assert_eq!(lines.len(), n, "{what}");
+            assert!(
+                lines.len() - before >= n / 10,
+                "{what}: too few requests after the event to judge ({before} of {n} before it)"
+            );
+            let failed: Vec<_> = lines
+                .iter()
+                .filter(|l| l["ok"] != true || l["peer"] != peer)
+                .collect();
+            assert!(
+                failed.is_empty(),
+                "{what}: {} failed or saw another peer than {peer}, e.g. {}",
+                failed.len(),
+                failed[0]
+            );
+        }
+    }
+}
+
+/// Runs `bpftool -j args` and parses what it printed (`link show pinned` prints the link,
+/// then exits with 255 on the bpftool these tests use: the exit status is not looked at).
+pub fn bpftool_json(args: &[&str]) -> Value {
+    let out = Command::new(xtask::toolchain::bpftool())
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("running bpftool");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: {e}: {out:?}"))
+}
+
+/// Map sizes for tests that load the object with a few entries at most.
+pub const SMALL_MAPS: proxy_userspace::dataplane::MapSizes = proxy_userspace::dataplane::MapSizes {
+    services: 64,
+    backends: 64,
+    rev_nat: 64,
+    sock_rev_nat: 64,
+    affinity: 64,
+    nat_ct: 64,
+    source_ranges: 64,
+};
+
 /// A client running beside the test; killed and its output removed on drop.
 pub struct BackgroundClient {
     child: std::process::Child,
