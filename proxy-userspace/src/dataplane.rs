@@ -688,8 +688,8 @@ pub struct Loaded {
 /// Loads the object, reusing pinned maps of the sizes asked (`resize` plans the others), and
 /// verifies the socket programs, the north-south ones with `north_south` (whether
 /// north-south is on at all: the devices are known only later) and the pod-device ones
-/// with `pod_programs`. `bpf_log_level` (`LOG_LEVEL_*`) is
-/// written to the log switch, before any program can attach.
+/// with `pod_programs`. `bpf_log_level` (`LOG_LEVEL_*`) is written to the log switch,
+/// before any program can attach.
 pub fn load(
     pin_dir: &Path,
     sizes: MapSizes,
@@ -1428,18 +1428,23 @@ mod bpf_sys {
     pub fn link_cgroup_id(link: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
         // struct bpf_link_info { __u32 type, id, prog_id; union { ...;
         //     struct { __u64 cgroup_id; __u32 attach_type; } cgroup; ... }; }
-        let mut info = [0u64; 8];
+        #[repr(C, align(8))]
+        struct Info([u8; 64]);
+        let mut info = Info([0; 64]);
         let mut attr = Attr([0; 128]);
         // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
         attr.0[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-        attr.0[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
-        attr.0[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(info.0.len() as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-        const BPF_LINK_TYPE_CGROUP: u64 = 3;
-        if info[0] & 0xffff_ffff != BPF_LINK_TYPE_CGROUP {
-            bail!("not a cgroup link (type {})", info[0] & 0xffff_ffff);
+        const BPF_LINK_TYPE_CGROUP: u32 = 3;
+        let link_type = u32::from_ne_bytes([info.0[0], info.0[1], info.0[2], info.0[3]]);
+        if link_type != BPF_LINK_TYPE_CGROUP {
+            bail!("not a cgroup link (type {link_type})");
         }
-        Ok(info[2])
+        let mut cgroup_id = [0u8; 8];
+        cgroup_id.copy_from_slice(&info.0[16..24]);
+        Ok(u64::from_ne_bytes(cgroup_id))
     }
 
     /// Atomically replaces the program behind a link.

@@ -318,7 +318,6 @@ fn add_missing<K: aya::Pod, V: aya::Pod>(old: &MapData, new: &mut Map) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aya::maps::MapData;
 
     /// A pin directory of this test's own, removed on drop.
     struct PinDir(PathBuf);
