@@ -106,35 +106,35 @@ struct RunArgs {
     /// Capacity (max_entries) of the services map: one entry per frontend plus one per
     /// backend slot. A map pinned with another size (any of these) is replaced at start by
     /// one of the new size holding its entries, as the new programs attach.
-    #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_services: u32,
 
     /// Capacity of the backends array (distinct endpoint address:port/protocol): ids index
     /// it from 1, so it holds one fewer.
-    #[arg(long, default_value_t = proxy_common::DEFAULT_BACKENDS_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_BACKENDS_MAX, value_parser = clap::value_parser!(u32).range(2..))]
     map_size_backends: u32,
 
     /// Capacity of the rev-NAT array (one per frontend): ids index it from 1 and are 16-bit,
     /// so it holds one fewer, at most 65535.
-    #[arg(long, default_value_t = proxy_common::DEFAULT_REV_NAT_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_REV_NAT_MAX, value_parser = clap::value_parser!(u32).range(2..))]
     map_size_rev_nat: u32,
 
     /// Capacity of the socket rev-NAT LRU (one per translated socket and backend).
-    #[arg(long, default_value_t = proxy_common::DEFAULT_SOCK_REV_NAT_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SOCK_REV_NAT_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_sock_rev_nat: u32,
 
     /// Capacity of the session-affinity LRU (one per client and affinity frontend).
-    #[arg(long, default_value_t = proxy_common::DEFAULT_AFFINITY_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_AFFINITY_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_affinity: u32,
 
     /// Capacity of the north-south conntrack/NAT LRU (two entries per NodePort, externalIP
     /// or LoadBalancer flow).
-    #[arg(long, default_value_t = proxy_common::DEFAULT_NAT_CT_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_NAT_CT_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_nat_ct: u32,
 
     /// Capacity of the loadBalancerSourceRanges LPM trie (one entry per LB IP frontend and
     /// source range).
-    #[arg(long, default_value_t = proxy_common::DEFAULT_SOURCE_RANGES_MAX)]
+    #[arg(long, default_value_t = proxy_common::DEFAULT_SOURCE_RANGES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_source_ranges: u32,
 
     /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
@@ -526,6 +526,32 @@ mod tests {
             devices(&["--devices", "eth0,ens5"]),
             Some(Some(vec!["eth0".into(), "ens5".into()]))
         );
+    }
+
+    /// A map of no entries fails the kernel's map creation, and ids index the backends and
+    /// rev-NAT arrays from 1: such sizes are refused with the flag's name, not at load.
+    #[test]
+    fn map_sizes_that_hold_nothing_are_refused() {
+        let parse = |flag: &str, value: &str| {
+            let argv = ["ebpf-kube-proxy", "run", "--manifests", "/m", flag, value];
+            Cli::try_parse_from(argv).map_err(|e| e.to_string())
+        };
+        for flag in [
+            "--map-size-services",
+            "--map-size-sock-rev-nat",
+            "--map-size-affinity",
+            "--map-size-nat-ct",
+            "--map-size-source-ranges",
+        ] {
+            let refused = parse(flag, "0").expect_err(flag);
+            assert!(refused.contains(flag), "{refused}");
+            assert!(parse(flag, "1").is_ok(), "{flag} 1");
+        }
+        for flag in ["--map-size-backends", "--map-size-rev-nat"] {
+            let refused = parse(flag, "1").expect_err(flag);
+            assert!(refused.contains(flag), "{refused}");
+            assert!(parse(flag, "2").is_ok(), "{flag} 2");
+        }
     }
 
     #[test]

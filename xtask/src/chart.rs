@@ -1395,6 +1395,8 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         "logLevel=verbose",
         "config.syncPeriod=30",
         "config.mapSizes.services=-1",
+        // Ids index the backends array from 1: one entry holds none.
+        "config.mapSizes.backends=1",
         "config.socketLB.hostNamespaceOnly=maybe",
         "dnsPolicy=None",
         "bpf.pinPath=/var/run/ekp",
