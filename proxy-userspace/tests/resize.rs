@@ -1,7 +1,8 @@
 //! Privileged: maps pinned with other sizes than the agent now asks for (`--map-size-*`, the
 //! chart's `mapSizes`) are replaced at start by maps of the new sizes holding their entries,
 //! and the programs attached from then on use those; what does not fit a smaller map is left
-//! out and named. Clients see nothing of it (BEHAVIOUR C33, as for any restart).
+//! out (the agent's warning naming it is not checked here). Clients see nothing of it
+//! (BEHAVIOUR C33, as for any restart).
 
 mod common;
 
