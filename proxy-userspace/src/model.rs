@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use crate::safety::SocketExternalIps;
+
 /// L4 protocol of a frontend or backend. SCTP is not served (skipped by translate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -264,6 +266,9 @@ pub struct NodeInfo {
     /// each ClusterIP frontend gets an external-scope twin, as kube-proxy's rules match a
     /// ClusterIP whatever the packet's source.
     pub external_cluster_ips: bool,
+    /// Which externalIPs this node's processes and pods reach through the socket programs
+    /// (CVE-2020-8554, `safety`).
+    pub socket_external_ips: SocketExternalIps,
 }
 
 /// Everything the dataplane should hold, keyed by frontend.

@@ -36,6 +36,7 @@ use crate::link_events::LinkEvents;
 use crate::metrics::{MapLabel, Metrics, PolicyLabel, SkipLabel};
 use crate::model::Skipped;
 use crate::model::{FrontendKey, NodeInfo, ServicePortName};
+use crate::safety::SocketExternalIps;
 use crate::source::kube::{self as kube_source, KubeSource};
 use crate::source::{Delta, Snapshot, manifests};
 use crate::sync::Syncer;
@@ -850,13 +851,17 @@ fn sync_once(
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
     note_node(&config.node_name, input.node(), &mut state.node_known);
-    let node = NodeInfo {
-        external_cluster_ips: config.external_cluster_ips,
-        ..node_info(&config.node_name, input.node(), &config.node_ports)
-    };
     let addresses =
         node_info(&config.node_name, input.node(), &NodePortAddresses::All).node_port_addresses;
-    let own = (!config.socket_lb_external_ips).then(|| addresses.clone());
+    let node = NodeInfo {
+        external_cluster_ips: config.external_cluster_ips,
+        socket_external_ips: if config.socket_lb_external_ips {
+            SocketExternalIps::All
+        } else {
+            SocketExternalIps::OwnAddresses(addresses.clone())
+        },
+        ..node_info(&config.node_name, input.node(), &config.node_ports)
+    };
     state.node_addresses = addresses;
     if state.full {
         state.translation.forget();
@@ -865,9 +870,9 @@ fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Cha
         Input::Whole(snapshot) => {
             state
                 .translation
-                .update(&snapshot.services, &snapshot.slices, &node, own.as_deref())
+                .update(&snapshot.services, &snapshot.slices, &node)
         }
-        Input::Delta(delta) => state.translation.apply(delta, &node, own.as_deref()),
+        Input::Delta(delta) => state.translation.apply(delta, &node),
     }
 }
 

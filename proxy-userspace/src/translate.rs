@@ -195,7 +195,7 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
         name: name.to_owned(),
         zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
         node_port_addresses: addresses.into_iter().collect(),
-        external_cluster_ips: false,
+        ..NodeInfo::default()
     }
 }
 
@@ -777,7 +777,11 @@ fn add_service(
             }
             insert_frontend(state, from_outside, &port_object, skipped);
             // Pods and the node itself: kube-proxy's EXT chain short-circuits them to the
-            // cluster endpoints whatever the policies (C11).
+            // cluster endpoints whatever the policies (C11). An externalIP they are not
+            // served (`safety`) claims no key either.
+            if kind == FrontendKind::ExternalIp && !node.socket_external_ips.serves(addr) {
+                continue;
+            }
             let from_inside = frontend(addr, port, Scope::Internal, kind, &views.cluster);
             insert_frontend(state, from_inside, &port_object, skipped);
         }
@@ -1245,6 +1249,7 @@ mod proptests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::safety::SocketExternalIps;
     use k8s_openapi::api::core::v1 as core;
     use k8s_openapi::api::discovery::v1 as discovery;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -1257,6 +1262,7 @@ mod tests {
             zone: Some("zone-a".into()),
             node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
             external_cluster_ips: false,
+            socket_external_ips: SocketExternalIps::All,
         }
     }
 
@@ -2853,6 +2859,54 @@ mod tests {
         }
     }
 
+    /// CVE-2020-8554 (`safety`): pods and the node reach an externalIP through the socket
+    /// programs only when it is an address of this node, and one they are not served claims
+    /// no key. An externalIP on another Service's ClusterIP and port, earlier in order, once
+    /// won that key and was then left out, so the ClusterIP was served to no one.
+    #[test]
+    fn an_external_ip_pods_are_not_served_leaves_its_key_to_the_cluster_ip_there() {
+        let shadowing = svc("app", "other")
+            .cluster_ip("10.96.0.99")
+            .port("http", 80, "TCP")
+            .external_ips(&["10.96.0.10", "192.0.2.1"]);
+        let endpoints = [
+            slice("app", "other-1", "other")
+                .port("http", 80, "TCP")
+                .ready("10.0.0.9"),
+            slice("default", "web-1", "web")
+                .port("http", 80, "TCP")
+                .ready("10.0.0.1"),
+        ];
+        let own_only = NodeInfo {
+            socket_external_ips: SocketExternalIps::OwnAddresses(vec![Ipv4Addr::new(192, 0, 2, 1)]),
+            ..n1()
+        };
+        let services = [shadowing, web()];
+        assert_eq!(
+            clean_on(&own_only, &services, &endpoints),
+            [
+                "ext 10.96.0.10:80/TCP -> 10.0.0.9:80/TCP",
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP",
+                "int 10.96.0.99:80/TCP -> 10.0.0.9:80/TCP",
+                "ext 192.0.2.1:80/TCP -> 10.0.0.9:80/TCP",
+                "int 192.0.2.1:80/TCP -> 10.0.0.9:80/TCP",
+            ]
+        );
+        // Every externalIP served to pods (`--socket-lb-external-ips`): the first claim wins.
+        let all = NodeInfo {
+            socket_external_ips: SocketExternalIps::All,
+            ..n1()
+        };
+        let t = translate(&services, &endpoints, &all);
+        assert_eq!(rows(&t)[1], "int 10.96.0.10:80/TCP -> 10.0.0.9:80/TCP");
+        assert_eq!(
+            skipped(&t),
+            [
+                "Service default/web port http: 10.96.0.10:80/TCP is already served by app/other:http"
+            ]
+        );
+    }
+
     /// `apiservice.ExternallyAccessible`: a ClusterIP Service with externalIPs has external
     /// traffic, so its externalTrafficPolicy counts.
     #[test]
@@ -3488,6 +3542,7 @@ mod tests {
                 zone: Some("zone-a".into()),
                 node_port_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
                 external_cluster_ips: false,
+                socket_external_ips: SocketExternalIps::default(),
             }
         );
     }
@@ -3595,6 +3650,7 @@ mod tests {
                 zone: None,
                 node_port_addresses: vec![],
                 external_cluster_ips: false,
+                socket_external_ips: SocketExternalIps::default(),
             }
         );
     }

@@ -84,3 +84,40 @@ fn socket_lb_external_ips_opt_in_serves_foreign_external_ips_as_kube_proxy_does(
         Some(&5)
     );
 }
+
+/// Another Service whose externalIP is `web`'s ClusterIP and port, and whose name sorts
+/// first (so its claim on that address and port came first). Not this node's address, so
+/// the socket programs leave it alone; `web`'s ClusterIP must still be served. (It was
+/// served to no one: the externalIP won the key, then was left out.)
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_leaves_that_cluster_ip_served() {
+    let mut h = Harness::new("extipcl", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    setup(&h);
+    h.write_manifest(
+        "other.yaml",
+        "apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: app}
+spec:
+  clusterIP: 10.96.0.99
+  externalIPs: [10.96.0.10]
+  ports: [{name: http, port: 80, protocol: TCP}]
+",
+    );
+    h.write_manifest(
+        "other-eps.yaml",
+        &slice(
+            "other-1",
+            "other",
+            &[("http", 8080, "TCP")],
+            &[("10.244.0.11", true)],
+        )
+        .replace("namespace: default", "namespace: app"),
+    );
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.99:80", "TCP", Some(&["10.244.0.11:8080"]));
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let answered = answers(&h.client(&["tcp", "10.96.0.10:80", "5"]));
+    assert_eq!(answered.get("pod-a"), Some(&5), "{answered:?}");
+}

@@ -103,16 +103,14 @@ fn scale_phases_of_a_sync() {
                 &NodePortAddresses::All,
             );
             time("translate (whole)", || {
-                translation.update(&snapshot.services, &snapshot.slices, &node, Some(&[]))
+                translation.update(&snapshot.services, &snapshot.slices, &node)
             })
         } else {
             let delta = time("delta", || {
                 cache.delta(&dir, "bench-node").expect("patched")
             });
             let node = node_info("bench-node", delta.node.as_deref(), &NodePortAddresses::All);
-            time("translate (delta)", || {
-                translation.apply(&delta, &node, Some(&[]))
-            })
+            time("translate (delta)", || translation.apply(&delta, &node))
         };
         let desired = translation.state();
         let ops = if changes.all {

@@ -7,7 +7,7 @@
 //! earlier group (in (namespace, name) order) claims first wins it. So each group is
 //! translated alone and cached until one of its objects changes; a group that claims a
 //! frontend an earlier group claims too is translated again with the earlier claims in
-//! place, exactly as `translate` would meet them. The node (and the externalIP filter of
+//! place, exactly as `translate` would meet them. The node (with the externalIPs of
 //! `safety`) applies to every group: when it changes, everything is translated again.
 //!
 //! The input comes whole ([`Incremental::update`]: grouped again, and only groups whose
@@ -15,12 +15,11 @@
 //! ([`Incremental::apply`]: only their groups are looked at, so one change costs the same
 //! at any number of Services).
 //!
-//! The result equals `translate` followed by the filter, for every sequence of inputs
+//! The result equals `translate`'s, for every sequence of inputs
 //! (property tests below); [`Changes`] says which frontends and local backends differ from
 //! the previous result, so that fitting and planning can look at those only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use super::*;
@@ -83,8 +82,8 @@ struct Group {
 /// The translation state carried from one update to the next.
 #[derive(Default)]
 pub struct Incremental {
-    /// The node and the addresses externalIPs are served for (`None`: all of them).
-    context: Option<(NodeInfo, Option<Vec<Ipv4Addr>>)>,
+    /// The node the last update translated for.
+    node: Option<NodeInfo>,
     /// Hashed, not ordered: a change finds its group without touching other groups' names
     /// (see [`Delta`]). The order that matters, who claims a frontend first, is in `claims`.
     groups: HashMap<GroupKey, Group>,
@@ -94,7 +93,7 @@ pub struct Incremental {
     /// The groups claiming each frontend, the winner first.
     claims: HashMap<FrontendKey, BTreeSet<GroupKey>>,
     state: DesiredState,
-    /// How many frontends use each backend (before the externalIP filter, as `translate`).
+    /// How many frontends use each backend.
     in_use: HashMap<BackendAddr, usize>,
     /// How many groups have each backend on this node.
     local: HashMap<BackendAddr, usize>,
@@ -129,20 +128,17 @@ impl Incremental {
     /// Makes the next update translate every group again (a periodic full re-sync), while
     /// still telling which objects changed.
     pub fn forget(&mut self) {
-        self.context = None;
+        self.node = None;
     }
 
-    /// Brings the result up to date with the whole input. `own_addresses`: serve
-    /// internal-scope externalIP frontends only for these addresses (`safety`); `None`
-    /// serves all.
+    /// Brings the result up to date with the whole input.
     pub fn update(
         &mut self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
         node: &NodeInfo,
-        own_addresses: Option<&[Ipv4Addr]>,
     ) -> Changes {
-        let all = self.enter(node, own_addresses);
+        let all = self.enter(node);
         let candidates = self.regroup(services, slices);
         self.settle(candidates, all, node)
     }
@@ -150,13 +146,8 @@ impl Incremental {
     /// Brings the result up to date with the objects that changed since the last update
     /// (see [`update`](Self::update)); only their groups are looked at, unless the node
     /// changed.
-    pub fn apply(
-        &mut self,
-        delta: &Delta,
-        node: &NodeInfo,
-        own_addresses: Option<&[Ipv4Addr]>,
-    ) -> Changes {
-        let all = self.enter(node, own_addresses);
+    pub fn apply(&mut self, delta: &Delta, node: &NodeInfo) -> Changes {
+        let all = self.enter(node);
         let mut candidates: BTreeMap<GroupKey, Lists> = BTreeMap::new();
         for (key, service) in &delta.services {
             candidates_entry(&mut candidates, &self.groups, key.clone())
@@ -194,13 +185,14 @@ impl Incremental {
         self.settle(candidates, all, node)
     }
 
-    /// Takes the node and the served addresses; true when they differ from the last
-    /// update's (every group's translation depends on them).
-    fn enter(&mut self, node: &NodeInfo, own_addresses: Option<&[Ipv4Addr]>) -> bool {
-        let context = (node.clone(), own_addresses.map(<[Ipv4Addr]>::to_vec));
-        let all = self.context.as_ref() != Some(&context);
-        self.context = Some(context);
-        all
+    /// Takes the node; true when it differs from the last update's (every group's
+    /// translation depends on it).
+    fn enter(&mut self, node: &NodeInfo) -> bool {
+        if self.node.as_ref() == Some(node) {
+            return false;
+        }
+        self.node = Some(node.clone());
+        true
     }
 
     /// Translates the candidate groups whose objects differ from the stored ones (all of
@@ -416,15 +408,9 @@ impl Incremental {
 
     /// Puts a part into the result.
     fn contribute(&mut self, part: &Part, merge: &mut Merge) {
-        let own = self.context.as_ref().and_then(|(_, own)| own.clone());
         for f in &part.frontends {
-            if own
-                .as_deref()
-                .is_none_or(|own| crate::safety::is_served(f, own))
-            {
-                let before = self.state.frontends.insert(f.key, f.clone());
-                merge.frontends.entry(f.key).or_insert(before);
-            }
+            let before = self.state.frontends.insert(f.key, f.clone());
+            merge.frontends.entry(f.key).or_insert(before);
             for b in f.slotted() {
                 if self.in_use.up(*b) {
                     self.local_changed(*b, merge);
@@ -669,8 +655,9 @@ mod tests {
     use proptest::prelude::*;
     use proptest::sample::Index;
 
-    use super::super::proptests::{endpoint_slice, node, service};
+    use super::super::proptests::{endpoint_slice, node, service, socket_external_ips};
     use super::*;
+    use crate::safety::SocketExternalIps;
 
     #[derive(Clone, Debug)]
     enum Edit {
@@ -679,7 +666,8 @@ mod tests {
         PutSlice(Index, Box<EndpointSlice>),
         RemoveSlice(Index),
         Node(NodeInfo),
-        OwnAddresses(Option<Vec<Ipv4Addr>>),
+        /// Only the externalIPs served to pods changed.
+        SocketExternalIps(SocketExternalIps),
         /// Every object again in a new allocation (a re-list).
         Relist,
         /// The same objects listed in another order.
@@ -697,20 +685,12 @@ mod tests {
                 .prop_map(|(i, s)| Edit::PutSlice(i, Box::new(s))),
             2 => any::<Index>().prop_map(Edit::RemoveSlice),
             1 => node().prop_map(Edit::Node),
-            1 => own_addresses().prop_map(Edit::OwnAddresses),
+            1 => socket_external_ips().prop_map(Edit::SocketExternalIps),
             1 => Just(Edit::Relist),
             1 => Just(Edit::Reverse),
             1 => any::<Index>().prop_map(Edit::Twice),
             1 => Just(Edit::Nothing),
         ]
-    }
-
-    /// The addresses externalIPs are served for: some of two, or all (`None`).
-    fn own_addresses() -> impl Strategy<Value = Option<Vec<Ipv4Addr>>> {
-        proptest::option::of(proptest::sample::subsequence(
-            vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
-            0..=2,
-        ))
     }
 
     /// Replaces the object at `i` (of one more than there are: appends).
@@ -727,19 +707,6 @@ mod tests {
         objects.iter().map(|o| T::clone(o)).collect()
     }
 
-    fn full(
-        services: &[Service],
-        slices: &[EndpointSlice],
-        node: &NodeInfo,
-        own: Option<&[Ipv4Addr]>,
-    ) -> Translation {
-        let mut t = translate(services, slices, node);
-        if let Some(own) = own {
-            crate::safety::keep_external_ips_of_this_node(&mut t.state, own);
-        }
-        t
-    }
-
     proptest! {
         #[test]
         fn incremental_translation_equals_the_full_one(
@@ -751,7 +718,6 @@ mod tests {
             let mut services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
             let mut slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
             let mut node = first_node;
-            let mut own: Option<Vec<Ipv4Addr>> = None;
             let mut incremental = Incremental::default();
             let mut previous = DesiredState::default();
             for (step, edit) in std::iter::once(Edit::Nothing).chain(edits).enumerate() {
@@ -765,7 +731,7 @@ mod tests {
                         slices.remove(i.index(slices.len()));
                     }
                     Edit::Node(n) => node = n,
-                    Edit::OwnAddresses(o) => own = o,
+                    Edit::SocketExternalIps(e) => node.socket_external_ips = e,
                     Edit::Relist => {
                         services = owned(&services).into_iter().map(Arc::new).collect();
                         slices = owned(&slices).into_iter().map(Arc::new).collect();
@@ -784,8 +750,8 @@ mod tests {
                     }
                     _ => {}
                 }
-                let want = full(&owned(&services), &owned(&slices), &node, own.as_deref());
-                let changes = incremental.update(&services, &slices, &node, own.as_deref());
+                let want = translate(&owned(&services), &owned(&slices), &node);
+                let changes = incremental.update(&services, &slices, &node);
                 agrees(&incremental, &changes, &want, &previous, step)?;
                 previous = want.state;
             }
@@ -801,10 +767,9 @@ mod tests {
             let mut services = keyed(services);
             let mut slices = keyed(slices);
             let mut node = first_node;
-            let mut own: Option<Vec<Ipv4Addr>> = None;
             let mut incremental = Incremental::default();
-            incremental.update(&values(&services), &values(&slices), &node, None);
-            let mut previous = full(&owned(&values(&services)), &owned(&values(&slices)), &node, None).state;
+            incremental.update(&values(&services), &values(&slices), &node);
+            let mut previous = translate(&owned(&values(&services)), &owned(&values(&slices)), &node).state;
             for (step, edits) in steps.into_iter().enumerate() {
                 // One delta per step: several edits, the latest state of each object.
                 let mut changed_services = BTreeMap::new();
@@ -817,26 +782,25 @@ mod tests {
                         KeyedEdit::PutSlice(s) => put_keyed(&mut slices, &mut changed_slices, *s),
                         KeyedEdit::RemoveSlice(i) => remove_keyed(&mut slices, &mut changed_slices, &i),
                         KeyedEdit::Node(n) => node = n,
-                        KeyedEdit::OwnAddresses(o) => own = o,
+                        KeyedEdit::SocketExternalIps(e) => node.socket_external_ips = e,
                         KeyedEdit::Whole => whole = true,
                         KeyedEdit::Nothing => {}
                     }
                 }
                 let changes = if whole {
-                    incremental.update(&values(&services), &values(&slices), &node, own.as_deref())
+                    incremental.update(&values(&services), &values(&slices), &node)
                 } else {
                     let delta = Delta {
                         services: changed_services.into_iter().collect(),
                         slices: changed_slices.into_iter().collect(),
                         ..Delta::default()
                     };
-                    incremental.apply(&delta, &node, own.as_deref())
+                    incremental.apply(&delta, &node)
                 };
-                let want = full(
+                let want = translate(
                     &owned(&values(&services)),
                     &owned(&values(&slices)),
                     &node,
-                    own.as_deref(),
                 );
                 agrees(&incremental, &changes, &want, &previous, step)?;
                 previous = want.state;
@@ -915,7 +879,7 @@ mod tests {
         PutSlice(Box<EndpointSlice>),
         RemoveSlice(Index),
         Node(NodeInfo),
-        OwnAddresses(Option<Vec<Ipv4Addr>>),
+        SocketExternalIps(SocketExternalIps),
         /// The whole input given (a snapshot).
         Whole,
         Nothing,
@@ -928,7 +892,7 @@ mod tests {
             4 => endpoint_slice().prop_map(|s| KeyedEdit::PutSlice(Box::new(s))),
             2 => any::<Index>().prop_map(KeyedEdit::RemoveSlice),
             1 => node().prop_map(KeyedEdit::Node),
-            1 => own_addresses().prop_map(KeyedEdit::OwnAddresses),
+            1 => socket_external_ips().prop_map(KeyedEdit::SocketExternalIps),
             1 => Just(KeyedEdit::Whole),
             1 => Just(KeyedEdit::Nothing),
         ]

@@ -18,6 +18,8 @@ use k8s_openapi::api::discovery::v1::{
 };
 
 use super::*;
+use crate::safety::SocketExternalIps;
+use std::slice;
 
 /// A few values that collide often, and sometimes anything at all.
 fn pick(pool: &'static [&'static str]) -> impl Strategy<Value = String> {
@@ -325,15 +327,30 @@ pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
             0..=2,
         ),
         any::<bool>(),
+        socket_external_ips(),
     )
         .prop_map(
-            |(zone, node_port_addresses, external_cluster_ips)| NodeInfo {
+            |(zone, node_port_addresses, external_cluster_ips, socket_external_ips)| NodeInfo {
                 name: "n1".to_owned(),
                 zone,
                 node_port_addresses,
                 external_cluster_ips,
+                socket_external_ips,
             },
         )
+}
+
+/// The externalIPs served to pods: those on some of two addresses (one of which the
+/// generated externalIPs use), or all.
+pub(super) fn socket_external_ips() -> impl Strategy<Value = SocketExternalIps> {
+    prop_oneof![
+        Just(SocketExternalIps::All),
+        proptest::sample::subsequence(
+            vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 2)],
+            0..=2,
+        )
+        .prop_map(SocketExternalIps::OwnAddresses),
+    ]
 }
 
 fn input() -> impl Strategy<Value = (Vec<Service>, Vec<EndpointSlice>, NodeInfo)> {
@@ -456,6 +473,33 @@ proptest! {
     fn parse_ip_sloppy_never_panics_and_canonical_forms_round_trip(text in address()) {
         if let Some(IpAddr::V4(addr)) = parse_ip_sloppy(&text) {
             prop_assert_eq!(parse_ip_sloppy(&addr.to_string()), Some(IpAddr::V4(addr)));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// A frontend key is never lost: each key a Service has when translated alone is
+    /// served in the whole translation, by it or by a Service that claims the key first.
+    /// (An externalIP that pods are not served once took another Service's ClusterIP key
+    /// and was then dropped, leaving the ClusterIP served by no one.) More cases than the
+    /// others: such a collision (two Services, one address and port, an externalIP not the
+    /// node's) is rare among the inputs; 256 cases missed it, 2000 found it in five runs of
+    /// five.
+    #[test]
+    fn every_frontend_a_service_has_alone_is_served((services, slices, node) in input()) {
+        let t = translate(&services, &slices, &node);
+        for service in &services {
+            let alone = translate(slice::from_ref(service), &slices, &node);
+            for key in alone.state.frontends.keys() {
+                prop_assert!(
+                    t.state.frontends.contains_key(key),
+                    "{} of {} is served by no one",
+                    key,
+                    object_name("Service", &service.metadata)
+                );
+            }
         }
     }
 }
