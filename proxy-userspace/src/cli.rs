@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::translate::NodePortAddresses;
@@ -154,8 +154,8 @@ struct RunArgs {
     #[arg(long)]
     cgroup: Option<PathBuf>,
 
-    /// This node's name [default: $NODE_NAME, else the hostname]. `--hostname-override`
-    /// is kube-proxy's name for it.
+    /// This node's name [default: $NODE_NAME, else the hostname], trimmed and lower-cased
+    /// as kube-proxy does. `--hostname-override` is kube-proxy's name for it.
     #[arg(long = "node-name", alias = "hostname-override")]
     node_name: Option<String>,
 
@@ -355,10 +355,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => dataplane::cgroup2_root()?,
             };
-            let node_name = match args.node_name {
-                Some(n) => n,
-                None => default_node_name()?,
-            };
+            let node_name = node_name(
+                args.node_name.as_deref(),
+                std::env::var("NODE_NAME").ok().as_deref(),
+                || {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .context("reading the hostname for the node name (use --hostname-override)")
+                },
+            )?;
             let source = match args.manifests {
                 Some(dir) => run::SourceConfig::Manifests(dir),
                 None => run::SourceConfig::Kube(crate::source::kube::Connection {
@@ -464,20 +468,57 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn default_node_name() -> Result<String> {
-    if let Ok(name) = std::env::var("NODE_NAME")
-        && !name.is_empty()
-    {
-        return Ok(name);
+/// This node's name as kube-proxy's `GetHostname` makes it: the flag, else `$NODE_NAME`,
+/// else the hostname (an empty one counts as not given), trimmed and lower-cased as Node
+/// names are; never empty, since an empty name would match endpoints that name no node.
+fn node_name(
+    flag: Option<&str>,
+    env: Option<&str>,
+    hostname: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    let given = [flag, env]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.trim().is_empty());
+    let raw = match given {
+        Some(name) => name.to_owned(),
+        None => hostname()?,
+    };
+    let name = raw.trim().to_lowercase();
+    if name.is_empty() {
+        bail!("the node name is empty: set --hostname-override (or NODE_NAME)");
     }
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .context("reading the hostname for the node name (use --hostname-override)")?;
-    Ok(hostname.trim().to_lowercase())
+    Ok(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kube-proxy's `GetHostname`: trimmed, lower-cased, empty refused; here the flag, then
+    /// `NODE_NAME`, then the hostname, an empty one counting as not given.
+    #[test]
+    fn node_names_are_normalised_like_kube_proxys_hostname() {
+        let hostname = || Ok("Host-A\n".to_owned());
+        let cases: [(Option<&str>, Option<&str>, &str); 6] = [
+            (Some(" Worker-1 "), Some("env"), "worker-1"),
+            (Some(""), Some("Node-2"), "node-2"),
+            (None, Some("node-2"), "node-2"),
+            (Some("  "), Some(""), "host-a"),
+            (None, None, "host-a"),
+            (Some("\tN3"), None, "n3"),
+        ];
+        for (flag, env, want) in cases {
+            assert_eq!(
+                node_name(flag, env, hostname).expect("a name"),
+                want,
+                "{flag:?} {env:?}"
+            );
+        }
+        let error = node_name(Some(" "), None, || Ok(" \n".to_owned()))
+            .expect_err("an empty name is refused");
+        assert!(error.to_string().contains("node name is empty"), "{error}");
+    }
 
     #[test]
     fn durations_parse_like_kube_proxy_flags() {
