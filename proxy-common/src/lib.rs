@@ -233,6 +233,11 @@ pub const CT_FLAG_FIN_BACKEND: u16 = 1 << 5;
 /// `CT_LIFETIME_SNAT_CLOSING`). Of two FINs that cross, the one seen first decides, and two
 /// seen at the same instant on two CPUs both count as first: the backend's then sets it.
 pub const CT_FLAG_FIN_BACKEND_FIRST: u16 = 1 << 6;
+/// Flipped by every claim of an entry for a new flow, with its stamp, in one
+/// compare-and-swap: the swap then changes the entry's word also within the second of the
+/// stamp it read, so that of two CPUs claiming the entry at that moment only one succeeds.
+/// The new flow's insert replaces the whole entry right after.
+pub const CT_FLAG_CLAIM: u16 = 1 << 7;
 
 /// Idle lifetimes of a conntrack entry in seconds (Cilium's defaults): after this long
 /// without a packet, a new packet with the same tuple starts a new flow (a new backend) and

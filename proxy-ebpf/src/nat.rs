@@ -20,9 +20,9 @@ use aya_ebpf::bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
-    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
-    NatCtKey, NatCtValue, SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
+    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLAIM, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND,
+    CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
+    CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
@@ -135,12 +135,14 @@ fn add_flags(entry: *mut NatCtValue, bits: u16) {
     }
 }
 
-/// Moves the stamp of the entry at `entry` from `held`'s (as read) to `now`, if nothing in
-/// its word changed since: of two CPUs that read the same expired entry, only one succeeds.
+/// Moves the stamp of the entry at `entry` from `held`'s (as read) to `now` and flips its
+/// `CT_FLAG_CLAIM`, if nothing in its word changed since: of two CPUs that read the same
+/// replaceable entry, only one succeeds (the flip makes the word change even when its stamp
+/// is already `now`).
 #[inline(always)]
 fn restamp(entry: *mut NatCtValue, held: &NatCtValue, now: u32) -> bool {
     let seen = tail_of(held);
-    let fresh = (seen & 0xffff_ffff) | u64::from(now) << 32;
+    let fresh = ((seen & 0xffff_ffff) ^ u64::from(CT_FLAG_CLAIM) << 16) | u64::from(now) << 32;
     // SAFETY: as in `add_flags`.
     unsafe {
         atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
