@@ -11,6 +11,10 @@
 //! Sockets live in every pod's network namespace, so each namespace is visited from a thread
 //! of its own (`setns` changes only the calling thread). Namespaces are found through
 //! `/run/netns` (where CNI plugins pin pod namespaces) and `/proc/*/ns/net`.
+//!
+//! `AF_INET6` sockets connected to an IPv4-mapped Service address (`connect6`: Java's and
+//! .NET's dual-stack sockets) are dumped too: sock_diag lists a socket under its own
+//! family only.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -78,7 +82,10 @@ struct DiagMsg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpSocket {
     pub cookie: u64,
+    /// The IPv4 peer (of an `AF_INET6` socket: the address its IPv4-mapped peer maps).
     pub peer: (Ipv4Addr, u16),
+    /// `AF_INET` or `AF_INET6`, as the destroy request must name it.
+    family: u8,
     id_raw: [u8; size_of::<SockId>()],
 }
 
@@ -111,7 +118,9 @@ pub fn destroy_udp_sockets(
                     enter(ns)?;
                     let diag = open_diag()?;
                     let mut destroyed = 0;
-                    for socket in dump_connected_udp(&diag)? {
+                    let mut sockets = dump_connected_udp(&diag, libc::AF_INET)?;
+                    sockets.extend(dump_connected_udp(&diag, libc::AF_INET6)?);
+                    for socket in sockets {
                         if backends.contains(&socket.peer) && translated(&socket) {
                             destroy(&diag, &socket)?;
                             destroyed += 1;
@@ -276,9 +285,11 @@ fn receive(diag: &OwnedFd, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
     }
 }
 
-fn dump_connected_udp(diag: &OwnedFd) -> io::Result<Vec<UdpSocket>> {
+/// The connected UDP sockets of `family` with an IPv4 peer (for `AF_INET6`: an
+/// IPv4-mapped one; others are no Service's).
+fn dump_connected_udp(diag: &OwnedFd, family: i32) -> io::Result<Vec<UdpSocket>> {
     let request = Request {
-        family: libc::AF_INET as u8,
+        family: family as u8,
         protocol: libc::IPPROTO_UDP as u8,
         states: 1 << TCP_ESTABLISHED,
         ..Default::default()
@@ -297,23 +308,38 @@ fn dump_connected_udp(diag: &OwnedFd) -> io::Result<Vec<UdpSocket>> {
         let Some(msg) = read_struct::<DiagMsg>(payload) else {
             return;
         };
+        let Some(peer) = ipv4_peer(family, &msg.id.dst) else {
+            return;
+        };
         let mut id_raw = [0u8; size_of::<SockId>()];
         id_raw.copy_from_slice(as_bytes(&msg.id));
         sockets.push(UdpSocket {
             cookie: u64::from(msg.id.cookie[0]) | (u64::from(msg.id.cookie[1]) << 32),
-            peer: (
-                Ipv4Addr::from(msg.id.dst[0].to_ne_bytes()),
-                u16::from_be(msg.id.dport),
-            ),
+            peer: (peer, u16::from_be(msg.id.dport)),
+            family: family as u8,
             id_raw,
         });
     })?;
     Ok(sockets)
 }
 
+/// The IPv4 address in a sock_diag address of `family` (words in network order): the
+/// first word of an `AF_INET` one, the last of an IPv4-mapped `AF_INET6` one
+/// (`::ffff:a.b.c.d`).
+fn ipv4_peer(family: i32, dst: &[u32; 4]) -> Option<Ipv4Addr> {
+    let bytes = |word: u32| word.to_ne_bytes();
+    match family {
+        libc::AF_INET => Some(Ipv4Addr::from(bytes(dst[0]))),
+        libc::AF_INET6 if dst[0] == 0 && dst[1] == 0 && bytes(dst[2]) == [0, 0, 0xff, 0xff] => {
+            Some(Ipv4Addr::from(bytes(dst[3])))
+        }
+        _ => None,
+    }
+}
+
 fn destroy(diag: &OwnedFd, socket: &UdpSocket) -> io::Result<()> {
     let request = Request {
-        family: libc::AF_INET as u8,
+        family: socket.family,
         protocol: libc::IPPROTO_UDP as u8,
         states: u32::MAX,
         id: read_struct::<SockId>(&socket.id_raw).unwrap_or_default(),
@@ -338,5 +364,24 @@ mod tests {
         assert_eq!(size_of::<Request>(), 56);
         assert_eq!(size_of::<NlHeader>(), 16);
         assert_eq!(size_of::<DiagMsg>(), 52);
+    }
+
+    #[test]
+    fn peers_are_read_from_ipv4_and_ipv4_mapped_addresses_only() {
+        let word = |bytes: [u8; 4]| u32::from_ne_bytes(bytes);
+        let service = [10, 96, 0, 10];
+        assert_eq!(
+            ipv4_peer(libc::AF_INET, &[word(service), 0, 0, 0]),
+            Some(Ipv4Addr::from(service))
+        );
+        let mapped = [0, 0, word([0, 0, 0xff, 0xff]), word(service)];
+        assert_eq!(
+            ipv4_peer(libc::AF_INET6, &mapped),
+            Some(Ipv4Addr::from(service))
+        );
+        // fd00::a60:a, and ::a60:a (IPv4-compatible, not mapped): no Service's peer.
+        let native = [word([0xfd, 0, 0, 0]), 0, 0, word(service)];
+        assert_eq!(ipv4_peer(libc::AF_INET6, &native), None);
+        assert_eq!(ipv4_peer(libc::AF_INET6, &[0, 0, 0, word(service)]), None);
     }
 }

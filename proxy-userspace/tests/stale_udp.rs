@@ -33,11 +33,19 @@ fn after_switch<'a>(lines: &'a [Value], to: &str) -> (Vec<&'a Value>, Vec<&'a Va
     (lines[first..].iter().collect(), errors)
 }
 
+/// The DNS Service's address as IPv4 clients use it, and as `AF_INET6` (dual-stack) ones do.
+const DNS: &str = "10.96.0.10:53";
+const DNS_MAPPED: &str = "[::ffff:10.96.0.10]:53";
+
 /// Two resolvers with one socket each, connected and unconnected (sendto), ask the DNS
-/// Service every 5 ms while its only endpoint is replaced: pod-a by pod-b. pod-a keeps
-/// running (as a terminating pod does), so a socket left pointing at it keeps getting
-/// answers from it. Returns each client's lines.
-fn replace_the_backend(h: &mut Harness, start_agent: impl FnOnce(&mut Harness)) -> [Vec<Value>; 2] {
+/// Service at `target` (`DNS` or `DNS_MAPPED`) every 5 ms while its only endpoint is
+/// replaced: pod-a by pod-b. pod-a keeps running (as a terminating pod does), so a socket
+/// left pointing at it keeps getting answers from it. Returns each client's lines.
+fn replace_the_backend(
+    h: &mut Harness,
+    start_agent: impl FnOnce(&mut Harness),
+    target: &'static str,
+) -> [Vec<Value>; 2] {
     h.write_manifest(
         "svc.yaml",
         &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
@@ -47,14 +55,7 @@ fn replace_the_backend(h: &mut Harness, start_agent: impl FnOnce(&mut Harness)) 
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
 
     let args = |extra: &'static str| {
-        let mut a = vec![
-            "udp",
-            "10.96.0.10:53",
-            "800",
-            "--keep-socket",
-            "--every-ms",
-            "5",
-        ];
+        let mut a = vec!["udp", target, "800", "--keep-socket", "--every-ms", "5"];
         if !extra.is_empty() {
             a.push(extra);
         }
@@ -71,8 +72,8 @@ fn replace_the_backend(h: &mut Harness, start_agent: impl FnOnce(&mut Harness)) 
 }
 
 /// Both clients end on pod-b and never go back; the connected one's socket was destroyed
-/// once; the peer stays the Service address throughout.
-fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2]) {
+/// once; the peer stays the Service address they asked (`target`) throughout.
+fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2], target: &str) {
     for (what, lines) in [("connected", connected), ("unconnected", unconnected)] {
         assert_eq!(lines[0]["answer"], "pod-a", "{what} starts on pod-a");
         let (after, errors) = after_switch(lines, "pod-b");
@@ -90,7 +91,7 @@ fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2]) {
             lines
                 .iter()
                 .filter(|l| l["ok"] == true)
-                .all(|l| l["peer"] == "10.96.0.10:53")
+                .all(|l| l["peer"] == target)
         );
         match what {
             // Its socket was destroyed once and replaced by the client.
@@ -117,8 +118,8 @@ fn assert_both_moved(h: &Harness, [connected, unconnected]: &[Vec<Value>; 2]) {
 fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced() {
     let mut h = Harness::new("staleudp", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[], &[5353]);
-    let lines = replace_the_backend(&mut h, Harness::start_agent);
-    assert_both_moved(&h, &lines);
+    let lines = replace_the_backend(&mut h, Harness::start_agent, DNS);
+    assert_both_moved(&h, &lines, DNS);
     // The destroyed socket was disconnected (no peer) when the client closed it; its slot,
     // found by cookie alone, was freed all the same.
     assert_eq!(
@@ -134,10 +135,23 @@ fn c27_a_kept_udp_socket_moves_to_the_live_backend_when_its_backend_is_replaced(
 fn c27_works_with_the_charts_capabilities() {
     let mut h = Harness::new("staleudpcaps", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[], &[5353]);
-    let lines = replace_the_backend(&mut h, |h| {
-        h.start_agent_with_capabilities(&CHART_CAPABILITIES)
-    });
-    assert_both_moved(&h, &lines);
+    let lines = replace_the_backend(
+        &mut h,
+        |h| h.start_agent_with_capabilities(&CHART_CAPABILITIES),
+        DNS,
+    );
+    assert_both_moved(&h, &lines, DNS);
+}
+
+/// `AF_INET6` sockets asking the IPv4-mapped ClusterIP (Java's and .NET's dual-stack
+/// sockets; `connect6`): sock_diag lists them under `AF_INET6` only, and the connected one
+/// is closed all the same.
+#[test]
+fn c27_a_dual_stack_socket_on_the_mapped_cluster_ip_moves_too() {
+    let mut h = Harness::new("staleudp6", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    let lines = replace_the_backend(&mut h, Harness::start_agent, DNS_MAPPED);
+    assert_both_moved(&h, &lines, DNS_MAPPED);
 }
 
 /// Without `CAP_SYS_ADMIN` the agent cannot enter the namespaces: it says so, and the
@@ -151,7 +165,7 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
         .filter(|c| *c != "sys_admin")
         .collect();
     let [connected, unconnected] =
-        replace_the_backend(&mut h, |h| h.start_agent_with_capabilities(&caps));
+        replace_the_backend(&mut h, |h| h.start_agent_with_capabilities(&caps), DNS);
     h.wait_for_log("setns needs CAP_SYS_ADMIN");
     let last = connected.last().expect("the connected client answered");
     assert_eq!(last["answer"], "pod-a", "{connected:?}");
