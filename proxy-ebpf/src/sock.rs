@@ -211,8 +211,8 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         scope: SCOPE_INTERNAL,
         _pad: [0; 2],
     };
-    // SAFETY: the value is copied out at once; the agent replaces entries, never frees
-    // them under a reader in a way that matters for a plain copy.
+    // SAFETY: a map value pointer, copied out at once. (The copy may be of another key's
+    // entry if the agent's updates reuse the element meanwhile: docs/decisions.md.)
     let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
