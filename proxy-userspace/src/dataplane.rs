@@ -86,9 +86,17 @@ pub struct NorthSouth {
     pub node_config: NodeConfig,
 }
 
-/// Pin file name of a TCX program's link on one device: `ekp_tcx_in@eth0`.
+/// Pin file name of a TCX program's link on one device: `ekp_tcx_in@eth0`. bpffs refuses a
+/// name with a dot, which VLAN devices' names have (`eth0.100`); a device name never holds a
+/// colon (the kernel's `dev_valid_name`), so a dot is written as one: `ekp_tcx_in@eth0:100`.
 fn tcx_link_name(program: &str, device: &str) -> String {
-    format!("{program}@{device}")
+    format!("{program}@{}", device.replace('.', ":"))
+}
+
+/// The program and device a link pin's file name names ([`tcx_link_name`]'s inverse).
+fn tcx_link_of(file: &str) -> Option<(&str, String)> {
+    let (program, device) = file.split_once('@')?;
+    Some((program, device.replace(':', ".")))
 }
 
 /// A batch of writes: done, or how many were written before the error.
@@ -890,10 +898,10 @@ fn pinned_devices(pin_dir: &Path, program: &str) -> Result<Vec<String>> {
     let mut devices = Vec::new();
     for entry in entries {
         let name = entry?.file_name();
-        if let Some((p, device)) = name.to_str().and_then(|n| n.split_once('@'))
+        if let Some((p, device)) = name.to_str().and_then(tcx_link_of)
             && p == program
         {
-            devices.push(device.to_owned());
+            devices.push(device);
         }
     }
     Ok(devices)
@@ -1083,10 +1091,10 @@ fn detach_other_devices(pin_dir: &Path, programs: &[&str], devices: &[String]) -
         let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
             continue;
         };
-        let Some((program, device)) = file.split_once('@') else {
+        let Some((program, device)) = tcx_link_of(file) else {
             continue;
         };
-        if programs.contains(&program) && !devices.iter().any(|d| d == device) {
+        if programs.contains(&program) && !devices.contains(&device) {
             fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             tracing::info!(program, device, "detached from a device no longer served");
         }
@@ -1464,6 +1472,20 @@ mod bpf_sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_pin_names_hold_no_dot_and_give_the_device_back() {
+        for device in ["eth0", "eth0.100", "bond0.42.7", "ens5"] {
+            let name = tcx_link_name("ekp_tcx_in", device);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(tcx_link_of(&name), Some(("ekp_tcx_in", device.to_owned())));
+        }
+        assert_eq!(
+            tcx_link_name("ekp_tcx_out", "eth0.100"),
+            "ekp_tcx_out@eth0:100"
+        );
+        assert_eq!(tcx_link_of("ekp_connect4"), None);
+    }
 
     /// A hash map of `max_entries` u32 -> u64 entries, created with `BPF_MAP_CREATE`.
     fn hash_map(max_entries: u32) -> OwnedFd {
