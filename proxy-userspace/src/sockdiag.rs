@@ -98,6 +98,10 @@ pub struct Pass {
     pub denied: usize,
 }
 
+/// Namespaces visited at once: a thread each (`setns` changes only the calling thread),
+/// so that a node with hundreds of pods does not start hundreds of threads.
+const NAMESPACES_AT_ONCE: usize = 16;
+
 /// Destroys, in every network namespace, the connected UDP sockets whose peer is one of
 /// `backends` and for which `translated(socket)` says the socket programs chose that
 /// backend. Namespaces that cannot be entered are skipped (logged at debug level; those
@@ -106,45 +110,66 @@ pub fn destroy_udp_sockets(
     backends: &BTreeSet<(Ipv4Addr, u16)>,
     translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
 ) -> Pass {
+    let mut pass = Pass::default();
     if backends.is_empty() {
-        return Pass::default();
+        return pass;
     }
     let namespaces = network_namespaces();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = namespaces
-            .iter()
-            .map(|ns| {
-                scope.spawn(move || -> io::Result<usize> {
-                    enter(ns)?;
-                    let diag = open_diag()?;
-                    let mut destroyed = 0;
-                    let mut sockets = dump_connected_udp(&diag, libc::AF_INET)?;
-                    sockets.extend(dump_connected_udp(&diag, libc::AF_INET6)?);
-                    for socket in sockets {
-                        if backends.contains(&socket.peer) && translated(&socket) {
-                            destroy(&diag, &socket)?;
-                            destroyed += 1;
+    for batch in namespaces.chunks(NAMESPACES_AT_ONCE) {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = batch
+                .iter()
+                .map(|ns| {
+                    std::thread::Builder::new()
+                        .name("stale-udp-ns".into())
+                        .spawn_scoped(scope, move || destroy_in(ns, backends, translated))
+                })
+                .collect();
+            for (worker, ns) in workers.into_iter().zip(batch) {
+                let result = match worker {
+                    Ok(worker) => worker
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("the thread panicked"))),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(n) => pass.destroyed += n,
+                    Err(e) => {
+                        tracing::debug!(namespace = %ns.display(), "sock_diag: {e}");
+                        if e.kind() == io::ErrorKind::PermissionDenied {
+                            pass.denied += 1;
                         }
                     }
-                    Ok(destroyed)
-                })
-            })
-            .collect();
-        let mut pass = Pass::default();
-        for (worker, ns) in workers.into_iter().zip(&namespaces) {
-            match worker.join() {
-                Ok(Ok(n)) => pass.destroyed += n,
-                Ok(Err(e)) => {
-                    tracing::debug!(namespace = %ns.display(), "sock_diag: {e}");
-                    if e.kind() == io::ErrorKind::PermissionDenied {
-                        pass.denied += 1;
-                    }
                 }
-                Err(_) => {}
+            }
+        });
+    }
+    pass
+}
+
+/// [`destroy_udp_sockets`] in the network namespace at `ns`, from a thread of its own.
+fn destroy_in(
+    ns: &PathBuf,
+    backends: &BTreeSet<(Ipv4Addr, u16)>,
+    translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
+) -> io::Result<usize> {
+    enter(ns)?;
+    let diag = open_diag()?;
+    let mut destroyed = 0;
+    let mut sockets = dump_connected_udp(&diag, libc::AF_INET)?;
+    sockets.extend(dump_connected_udp(&diag, libc::AF_INET6)?);
+    for socket in sockets {
+        if backends.contains(&socket.peer) && translated(&socket) {
+            match destroy(&diag, &socket) {
+                Ok(()) => destroyed += 1,
+                // Closed since the dump (a resolver's socket per query): nothing to do, and
+                // the namespace's other sockets still to look at.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
         }
-        pass
-    })
+    }
+    Ok(destroyed)
 }
 
 /// One path per distinct network namespace: pinned ones first, then those of processes.
@@ -364,6 +389,101 @@ mod tests {
         assert_eq!(size_of::<Request>(), 56);
         assert_eq!(size_of::<NlHeader>(), 16);
         assert_eq!(size_of::<DiagMsg>(), 52);
+    }
+
+    /// A socket closed between the dump and its destroy (a resolver's socket per query)
+    /// answers ENOENT; the namespace's other sockets are still destroyed. In a network
+    /// namespace of the test thread's own, on loopback; connecting a UDP socket sends
+    /// nothing.
+    #[test]
+    fn a_socket_closed_since_the_dump_leaves_the_others_to_be_destroyed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test makes a network namespace and uses sock_diag: run it as root");
+        }
+        // A thread of its own, which alone enters the new namespace and ends with it.
+        std::thread::spawn(|| {
+            // SAFETY: unshare changes only the calling thread's namespaces.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            // A child forked from this thread starts in its namespace.
+            let lo = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("running ip");
+            assert!(lo.success(), "ip link set lo up");
+            a_closed_socket_in_this_namespace_is_skipped();
+        })
+        .join()
+        .expect("the test thread");
+    }
+
+    fn a_closed_socket_in_this_namespace_is_skipped() {
+        use std::net::UdpSocket as Socket;
+        use std::os::fd::AsRawFd;
+        use std::sync::Mutex;
+
+        let cookie = |s: &Socket| {
+            let mut value = 0u64;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            // SAFETY: SO_COOKIE writes a u64 into `value`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_COOKIE,
+                    (&mut value as *mut u64).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "SO_COOKIE");
+            value
+        };
+        let peer = (Ipv4Addr::LOCALHOST, 9);
+        let connected = || {
+            let s = Socket::bind("127.0.0.1:0").expect("bind");
+            s.connect(peer).expect("connect");
+            s
+        };
+        let sockets = Mutex::new(vec![Some(connected()), Some(connected())]);
+        let cookies: Vec<u64> = sockets
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .map(cookie)
+            .collect();
+        // The first socket asked about is closed before its destroy.
+        let closed = Mutex::new(None);
+        let translated = |socket: &UdpSocket| {
+            let Some(i) = cookies.iter().position(|c| *c == socket.cookie) else {
+                return false;
+            };
+            let mut closed = closed.lock().expect("lock");
+            if closed.is_none() {
+                *closed = Some(i);
+                sockets.lock().expect("lock")[i] = None;
+            }
+            true
+        };
+        let ns = PathBuf::from("/proc/thread-self/ns/net");
+        let destroyed = destroy_in(&ns, &BTreeSet::from([peer]), &translated)
+            .expect("the pass goes on past the closed socket");
+        assert_eq!(destroyed, 1);
+        let closed = closed
+            .lock()
+            .expect("lock")
+            .expect("a socket was asked about");
+        let other = sockets.lock().expect("lock")[1 - closed]
+            .take()
+            .expect("the other socket");
+        assert_eq!(
+            other
+                .take_error()
+                .expect("SO_ERROR")
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::ECONNABORTED),
+            "the other socket was destroyed"
+        );
     }
 
     #[test]
