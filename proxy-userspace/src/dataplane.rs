@@ -515,6 +515,11 @@ pub struct Programs {
 }
 
 impl Programs {
+    /// What the north-south programs serve now.
+    pub fn north_south(&self) -> Option<&NorthSouth> {
+        self.north_south.as_ref()
+    }
+
     /// Serves `wanted` with the north-south programs when it differs from what they serve
     /// (devices detected again: one appeared or went, was recreated, or the Node's address
     /// moved): attaches to new or recreated devices, detaches from the others, rewrites the

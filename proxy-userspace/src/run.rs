@@ -197,18 +197,24 @@ impl NorthSouthConfig {
 }
 
 /// Detects the north-south devices again (no `--devices`) from the Node's current
-/// addresses and serves what changed; failures are logged and retried at the next sync.
+/// addresses and serves what changed; named devices keep what the start composed, and one
+/// recreated under its name (the kernel detached its links) gets the programs again.
+/// Failures are logged and retried at the next sync.
 fn follow_devices(
     config: &Config,
     node_addresses: &[Ipv4Addr],
     programs: &mut dataplane::Programs,
 ) {
-    let Some(ns) = config.north_south.as_ref().filter(|ns| ns.detected()) else {
+    let Some(ns) = config.north_south.as_ref() else {
         return;
     };
-    let served = ns
-        .compose(node_addresses)
-        .and_then(|wanted| Ok((programs.serve_north_south(wanted.as_ref())?, wanted)));
+    let wanted = if ns.detected() {
+        ns.compose(node_addresses)
+    } else {
+        Ok(programs.north_south().cloned())
+    };
+    let served =
+        wanted.and_then(|wanted| Ok((programs.serve_north_south(wanted.as_ref())?, wanted)));
     match served {
         Ok((true, wanted)) => tracing::info!(
             devices = ?wanted.as_ref().map(|w| &w.devices),

@@ -1,0 +1,104 @@
+//! Privileged: the north-south programs on devices named with `--devices`: one whose name
+//! has a dot, as VLAN devices' names do (`eth0.100`; bpffs refuses a dot in a pin name, and
+//! the agent pins each device's links under a name made from the device's), and one that
+//! is deleted and created again while the agent runs.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use common::{CONDITION_LIMIT, Harness, bpftool_json};
+use serde_json::Value;
+
+/// Attached and pinned at start, adopted by the next start (the same link), and detached
+/// when the device leaves `--devices`.
+#[test]
+fn a_device_named_like_a_vlan_is_served_adopted_and_released() {
+    let mut h = Harness::new("dotdev", &["pod-a"]);
+    h.topo
+        .node
+        .ip(&[
+            "link", "add", "up7.7", "type", "veth", "peer", "name", "up7p",
+        ])
+        .expect("a device with a dot in its name");
+    let links = h.pin_path.join("links");
+    let pins = ["ekp_tcx_in@up7:7", "ekp_tcx_out@up7:7"];
+
+    h.start_agent_in_node(&["--devices", "up7.7"]);
+    h.wait_for_ready_starts(1);
+    for pin in pins {
+        let path = links.join(pin);
+        let link = bpftool_json(&["link", "show", "pinned", path.to_str().expect("utf-8")]);
+        assert_eq!(link["type"], "tcx", "{pin}: {link}");
+    }
+    let inode = || {
+        fs::metadata(links.join(pins[0]))
+            .expect("the pinned link")
+            .ino()
+    };
+    let attached = inode();
+
+    h.stop_agent();
+    h.start_agent_in_node(&["--devices", "up7.7"]);
+    h.wait_for_ready_starts(2);
+    assert_eq!(inode(), attached, "the second start replaced the link");
+
+    h.stop_agent();
+    h.start_agent_in_node(&["--devices", ""]);
+    h.wait_for_ready_starts(3);
+    for pin in pins {
+        assert!(!links.join(pin).exists(), "{pin} still pinned");
+    }
+}
+
+/// The ifindex of `device` in the node namespace.
+fn ifindex(h: &Harness, device: &str) -> u64 {
+    let out = xtask::cmd::output(&mut xtask::cmd::new(
+        "ip",
+        &["-n", h.topo.node.name(), "-j", "link", "show", device],
+    ))
+    .unwrap_or_else(|e| panic!("ip link show {device}: {e:#}"));
+    let links: Value = serde_json::from_str(&out).expect("ip's JSON");
+    links[0]["ifindex"].as_u64().expect("an ifindex")
+}
+
+/// A veth `up8` in the node namespace.
+fn add(h: &Harness) {
+    h.topo
+        .node
+        .ip(&["link", "add", "up8", "type", "veth", "peer", "name", "up8p"])
+        .expect("the device");
+}
+
+/// The kernel detaches a device's TCX links when the device is deleted; a named device
+/// created again under its name gets the programs again, without a restart.
+#[test]
+fn a_named_device_created_again_gets_its_programs_again() {
+    let mut h = Harness::new("recreate", &["pod-a"]);
+    add(&h);
+    h.start_agent_in_node(&["--devices", "up8"]);
+    h.wait_for_ready_starts(1);
+    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
+    let attached_to = || {
+        bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"].as_u64()
+    };
+    assert_eq!(attached_to(), Some(ifindex(&h, "up8")));
+
+    h.topo
+        .node
+        .ip(&["link", "del", "up8"])
+        .expect("deleting the device");
+    add(&h);
+    let recreated = ifindex(&h, "up8");
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while attached_to() != Some(recreated) {
+        assert!(
+            Instant::now() < deadline,
+            "the recreated up8 (ifindex {recreated}) never got ekp_tcx_in back; log:\n{}",
+            h.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
