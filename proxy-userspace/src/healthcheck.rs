@@ -72,10 +72,35 @@ pub struct HealthCheckServers {
 /// One Service's server: a listener per address, all sharing the count.
 struct Server {
     port: u16,
-    addresses: Vec<Ipv4Addr>,
     state: Arc<ServiceState>,
-    /// Dropping these stops the listeners.
-    _stop: Vec<oneshot::Sender<()>>,
+    app: Router,
+    /// Each address's listener; dropping its sender stops it.
+    listeners: BTreeMap<Ipv4Addr, oneshot::Sender<()>>,
+}
+
+impl Server {
+    fn listens_on(&self, addresses: &[Ipv4Addr]) -> bool {
+        self.listeners.len() == addresses.len()
+            && addresses.iter().all(|a| self.listeners.contains_key(a))
+    }
+
+    /// Listens on `addresses` from now on: binds those it lacks (all or none), then stops
+    /// those no longer wanted. A listener it keeps is not bound again: a stopped one closes
+    /// its socket only once its task runs, after this sync, so binding its address anew
+    /// here would find it still in use.
+    fn move_to(&mut self, addresses: &[Ipv4Addr]) -> Result<()> {
+        let new = addresses
+            .iter()
+            .filter(|a| !self.listeners.contains_key(a))
+            .map(|&addr| Ok((addr, bind(SocketAddr::from((addr, self.port)))?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.listeners.retain(|a, _| addresses.contains(a));
+        for (addr, listener) in new {
+            let stop = serve(listener, self.app.clone(), &self.state);
+            self.listeners.insert(addr, stop);
+        }
+        Ok(())
+    }
 }
 
 /// What the handler reads.
@@ -110,9 +135,7 @@ impl HealthCheckServers {
             .map(|c| ((c.namespace.clone(), c.name.clone()), c))
             .collect();
         self.open.retain(|service, server| {
-            let keep = wanted
-                .get(service)
-                .is_some_and(|c| c.port == server.port && server.addresses == addresses);
+            let keep = wanted.get(service).is_some_and(|c| c.port == server.port);
             if !keep {
                 tracing::info!(
                     service = %format!("{}/{}", service.0, service.1),
@@ -126,12 +149,31 @@ impl HealthCheckServers {
             .retain(|service, _| wanted.contains_key(service));
 
         for (service, check) in wanted {
-            if let Some(server) = self.open.get(&service) {
+            if let Some(server) = self.open.get_mut(&service) {
                 server
                     .state
                     .local_endpoints
                     .store(check.local_endpoints, Ordering::Relaxed);
-                continue;
+                if server.listens_on(addresses) {
+                    continue;
+                }
+                // The node's addresses changed (`--nodeport-addresses` CIDRs or `primary`).
+                match server.move_to(addresses) {
+                    Ok(()) => {
+                        tracing::info!(
+                            service = %format!("{}/{}", check.namespace, check.name),
+                            port = check.port,
+                            addresses = ?addresses,
+                            "health check node port follows the node's addresses"
+                        );
+                        continue;
+                    }
+                    Err(_) => {
+                        // Closed; opened afresh below, so that a failure is reported
+                        // (and retried) as any other.
+                        self.open.remove(&service);
+                    }
+                }
             }
             match self.open_server(check, addresses) {
                 Ok(server) if addresses.is_empty() => {
@@ -206,32 +248,41 @@ impl HealthCheckServers {
             service: state.clone(),
             health: self.health.clone(),
         });
-        let mut stop = Vec::new();
-        for listener in listeners {
-            let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            stop.push(stop_tx);
-            let app = app.clone();
-            let service = format!("{}/{}", check.namespace, check.name);
-            tokio::spawn(async move {
-                let shutdown = async {
-                    // A send or a drop of the sender: either means stop.
-                    let _ = stop_rx.await;
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                {
-                    tracing::error!("health check server of Service {service} stopped: {e}");
-                }
-            });
-        }
+        let listeners = addresses
+            .iter()
+            .zip(listeners)
+            .map(|(&addr, listener)| (addr, serve(listener, app.clone(), &state)))
+            .collect();
         Ok(Server {
             port: check.port,
-            addresses: addresses.to_vec(),
             state,
-            _stop: stop,
+            app,
+            listeners,
         })
     }
+}
+
+/// Serves `app` on `listener` until the returned sender is dropped (or used).
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    state: &ServiceState,
+) -> oneshot::Sender<()> {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let service = format!("{}/{}", state.namespace, state.name);
+    tokio::spawn(async move {
+        let shutdown = async {
+            // A send or a drop of the sender: either means stop.
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!("health check server of Service {service} stopped: {e}");
+        }
+    });
+    stop_tx
 }
 
 /// Binds now, so that a taken port is known in this sync.
@@ -305,7 +356,16 @@ mod tests {
 
     /// `GET path` on 127.0.0.1:port: (status, headers, body), or the connect error.
     async fn get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        get_at(Ipv4Addr::LOCALHOST, port, path).await
+    }
+
+    /// [`get`] on `addr`.
+    async fn get_at(
+        addr: Ipv4Addr,
+        port: u16,
+        path: &str,
+    ) -> std::io::Result<(u16, String, String)> {
+        let mut stream = tokio::net::TcpStream::connect((addr, port)).await?;
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
             .await?;
@@ -425,6 +485,35 @@ mod tests {
         servers.sync(&[check("web", second, 1)], &loopback, &metrics);
         wait_closed(first).await;
         assert_eq!(get(second, "/").await.expect("served").0, 200);
+    }
+
+    /// `--nodeport-addresses` CIDRs or `primary`: the servers follow the node's addresses,
+    /// keeping the listeners of addresses that stay (a stopped listener closes only once its
+    /// task runs, so binding its address again in the same sync found it in use, and the
+    /// Service went unserved until the next one).
+    #[tokio::test]
+    async fn the_servers_follow_the_nodes_addresses() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let metrics = Metrics::new();
+        let mut servers = HealthCheckServers::new(health, None);
+        let port = free_port();
+        let (one, two) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2));
+        let checks = [check("web", port, 1)];
+
+        servers.sync(&checks, &[one], &metrics);
+        servers.sync(&checks, &[one, two], &metrics);
+        assert_eq!(gauge(&metrics, "failed"), 0);
+        for addr in [one, two] {
+            assert_eq!(
+                get_at(addr, port, "/").await.expect("served").0,
+                200,
+                "{addr}"
+            );
+        }
+        servers.sync(&checks, &[two], &metrics);
+        assert_eq!(get_at(two, port, "/").await.expect("served").0, 200);
+        wait_closed(port).await;
+        assert_eq!(gauge(&metrics, "open"), 1);
     }
 
     #[tokio::test]
