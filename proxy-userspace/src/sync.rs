@@ -672,6 +672,29 @@ fn udp_pairs(
         .collect()
 }
 
+/// Of session-affinity pairs (affinity id, backend id) left over from a sync that failed,
+/// those whose backend no frontend of `programmed` with session affinity offers under
+/// that id (in a live slot): their entries can go. The others' backend is offered again
+/// (or still: the writes that took it out did not happen).
+fn affinity_not_offered(
+    programmed: &Programmed,
+    pairs: &BTreeSet<(u16, u32)>,
+) -> BTreeSet<(u16, u32)> {
+    let ids: BTreeSet<u16> = pairs.iter().map(|(id, _)| *id).collect();
+    let offered: BTreeSet<(u16, u32)> = programmed
+        .frontends
+        .values()
+        .filter(|f| f.flags & SVC_FLAG_AFFINITY != 0 && ids.contains(&f.affinity_key()))
+        .flat_map(|f| {
+            f.slots
+                .iter()
+                .filter(|(slot, _)| (1..=f.count).contains(*slot))
+                .map(move |(_, id)| (f.affinity_key(), *id))
+        })
+        .collect();
+    pairs.difference(&offered).copied().collect()
+}
+
 /// After a sync that failed partway: the pairs of `departed` that `programmed` (the maps
 /// after the writes that were made) no longer serves in a live slot (`1..=count`). The
 /// next sync starts from the maps, so it will not see these depart again; the others it
@@ -942,6 +965,11 @@ pub struct Syncer {
     service_entries: usize,
     /// Closes connected UDP sockets of departed backends, beside the sync (C27).
     stale_udp: StaleUdp,
+    /// Session-affinity pairs (affinity id, backend id) whose entries a sync that failed
+    /// (in its writes, or in deleting them) did not delete: the next sync starts from the
+    /// maps and would not find them stale again. Deleted by the next complete sync, unless
+    /// a frontend offers the backend again by then.
+    affinity_pending: BTreeSet<(u16, u32)>,
 }
 
 impl Syncer {
@@ -957,6 +985,7 @@ impl Syncer {
             programmed,
             index,
             stale_udp,
+            affinity_pending: BTreeSet::new(),
         })
     }
 
@@ -1053,14 +1082,25 @@ impl Syncer {
         self.stale_udp
             .record(without_ids(departed_udp), without_ids(present_udp));
         if let Some(e) = failed {
+            self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
+        let mut stale_affinity = stale_affinity;
+        if !self.affinity_pending.is_empty() {
+            let pending = std::mem::take(&mut self.affinity_pending);
+            stale_affinity.extend(affinity_not_offered(&self.programmed, &pending));
+        }
         if !stale_affinity.is_empty() {
-            let forgotten = self.maps.forget_affinity(&stale_affinity)?;
-            tracing::debug!(
-                forgotten,
-                "session-affinity entries of removed backends deleted"
-            );
+            match self.maps.forget_affinity(&stale_affinity) {
+                Ok(forgotten) => tracing::debug!(
+                    forgotten,
+                    "session-affinity entries of removed backends deleted"
+                ),
+                Err(e) => {
+                    self.affinity_pending = stale_affinity;
+                    return Err(e);
+                }
+            }
         }
         Ok(SyncStats {
             writes: ops.len(),
@@ -2517,6 +2557,35 @@ mod tests {
         assert_eq!(Programmed::from_maps(&maps.dump()), mirror);
         step(&mut maps, &mut mirror, &desired(&[]));
         assert!(maps.source_ranges.is_empty() && mirror.source_ranges.is_empty());
+    }
+
+    /// Affinity pairs a failed sync left over go at the next complete one, unless a
+    /// frontend with session affinity offers the backend under that id again.
+    #[test]
+    fn affinity_pairs_left_by_a_failed_sync_go_unless_offered_again() {
+        let with_affinity =
+            |affinity_id: u16, count: u16, slots: &[(u16, u32)]| ProgrammedFrontend {
+                rev_nat_id: 40 + affinity_id,
+                flags: SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY,
+                affinity_timeout: 10800,
+                affinity_id,
+                count,
+                slots: slots.iter().copied().collect(),
+            };
+        let mut programmed = Programmed::default();
+        // Affinity id 1: backend 11 live again, 12 only above the count.
+        programmed
+            .frontends
+            .insert(fkey(1), with_affinity(1, 1, &[(1, 11), (2, 12)]));
+        // Affinity id 3: switched off, backend 14 still in its slots.
+        let mut off = with_affinity(3, 1, &[(1, 14)]);
+        off.flags = SVC_FLAG_CLUSTER_IP;
+        programmed.frontends.insert(fkey(3), off);
+        let pending = BTreeSet::from([(1, 11), (1, 12), (2, 13), (3, 14)]);
+        assert_eq!(
+            affinity_not_offered(&programmed, &pending),
+            BTreeSet::from([(1, 12), (2, 13), (3, 14)])
+        );
     }
 
     /// A sync that fails partway hands the C27 worker the departures its writes made, and
