@@ -801,6 +801,25 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
+        "defaults: agent AppArmor Unconfined as the securityContext field (Kubernetes 1.30+)",
+        &r,
+        |r| {
+            // The runtimes' default profile denies writes under /sys/fs/bpf: no pins.
+            expect_eq(
+                "appArmorProfile",
+                &r.agent()?["securityContext"]["appArmorProfile"],
+                &json!({"type": "Unconfined"}),
+            )?;
+            let annotations = &r.daemonset()?["spec"]["template"]["metadata"]["annotations"];
+            ensure!(
+                annotations.is_null(),
+                "pod annotations beside the field: {annotations}"
+            );
+            Ok(())
+        },
+    );
+    with(
+        &mut checks,
         "defaults: bpffs host mount and mount-bpf-fs init container",
         &r,
         |r| {
@@ -1037,6 +1056,10 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 sc["allowPrivilegeEscalation"].is_null(),
                 "allowPrivilegeEscalation: false is invalid with privileged: true"
             );
+            ensure!(
+                sc["appArmorProfile"].is_null(),
+                "appArmorProfile rendered for a privileged (unconfined) agent"
+            );
             Ok(())
         },
     );
@@ -1055,6 +1078,64 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "mount-bpf-fs rendered with bpf.autoMount.enabled=false"
             );
             r.container("check-cgroup2").map(drop)
+        },
+    );
+
+    // AppArmor before Kubernetes 1.30: the container annotation, not the field.
+    let set = "kube-1.29";
+    let args = [REQUIRED, &["--kube-version", "1.29.0"]].concat();
+    println!("chart: value set `{set}`: {args:?}");
+    let r = chart.render(&args);
+    check_rendering(&mut checks, set, &r);
+    with(
+        &mut checks,
+        "kube-1.29: agent AppArmor Unconfined as the container annotation",
+        &r,
+        |r| {
+            let annotations = &r.daemonset()?["spec"]["template"]["metadata"]["annotations"];
+            expect_eq(
+                "AppArmor annotation",
+                &annotations["container.apparmor.security.beta.kubernetes.io/ebpf-kube-proxy"],
+                &json!("unconfined"),
+            )?;
+            let sc = &r.agent()?["securityContext"];
+            ensure!(
+                sc["appArmorProfile"].is_null(),
+                "appArmorProfile field rendered for Kubernetes 1.29"
+            );
+            Ok(())
+        },
+    );
+
+    // The runtime's own SELinux and AppArmor confinement: the values set to null (`{}`
+    // merges into the defaults and changes nothing).
+    let set = "runtime-confinement";
+    let args = [
+        REQUIRED,
+        &[
+            "--set",
+            "securityContext.appArmorProfile=null",
+            "--set",
+            "securityContext.seLinuxOptions=null",
+        ],
+    ]
+    .concat();
+    println!("chart: value set `{set}`: {args:?}");
+    let r = chart.render(&args);
+    check_rendering(&mut checks, set, &r);
+    with(
+        &mut checks,
+        "runtime-confinement: no seLinuxOptions, no appArmorProfile",
+        &r,
+        |r| {
+            for name in ["ebpf-kube-proxy", "check-cgroup2"] {
+                let sc = &r.container(name)?["securityContext"];
+                ensure!(
+                    sc["seLinuxOptions"].is_null() && sc["appArmorProfile"].is_null(),
+                    "{name}: {sc}"
+                );
+            }
+            Ok(())
         },
     );
 

@@ -155,4 +155,25 @@ runAsGroup: 0
 seLinuxOptions:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if and .Values.securityContext.appArmorProfile (not .Values.securityContext.privileged) (include "ekp.appArmorField" .) }}
+appArmorProfile:
+  {{- toYaml .Values.securityContext.appArmorProfile | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* "true" when the cluster takes securityContext.appArmorProfile (Kubernetes 1.30+). */}}
+{{- define "ekp.appArmorField" -}}
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* The agent's AppArmor profile as the annotation clusters before 1.30 read; empty when
+the field is used, the agent is privileged (unconfined already) or no profile is set. */}}
+{{- define "ekp.appArmorAnnotation" -}}
+{{- $p := .Values.securityContext.appArmorProfile -}}
+{{- if and $p (not .Values.securityContext.privileged) (not (include "ekp.appArmorField" .)) -}}
+{{- if eq $p.type "Unconfined" -}}unconfined
+{{- else if eq $p.type "RuntimeDefault" -}}runtime/default
+{{- else if eq $p.type "Localhost" -}}{{ printf "localhost/%s" $p.localhostProfile }}
+{{- end -}}
+{{- end -}}
 {{- end -}}
