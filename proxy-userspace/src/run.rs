@@ -288,9 +288,11 @@ pub async fn run(config: Config) -> Result<()> {
             .get_or_create(&MapLabel { map: map.into() })
             .set(capacity);
     }
-    // kube-proxy's health timeout is twice its sync period.
+    // kube-proxy's health timeout is twice its sync period. Healthy while starting, as
+    // kube-proxy is until its informers have synced: an API server that cannot be reached
+    // yet must not fail the liveness probe (a restart brings it no closer). The wait
+    // starts once the source has delivered its objects.
     let health = Arc::new(Health::new(config.sync_period * 2));
-    health.queued(SystemTime::now());
     let on_bind_failure = if config.bind_address_hard_fail {
         OnBindFailure::Exit
     } else {
@@ -347,6 +349,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
+    health.queued(SystemTime::now());
     if let Some(events) = &events {
         events.starting();
         let _ = node_events.set(events.clone());

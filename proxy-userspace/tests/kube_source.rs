@@ -319,6 +319,44 @@ async fn the_programs_load_while_the_initial_lists_are_awaited() {
     create_web_on_pod_a(&mut h, &client).await;
 }
 
+/// An API server that cannot be reached when the agent starts fails neither health check,
+/// however long it stays away: kube-proxy is healthy while its informers have not synced,
+/// and a liveness probe that restarted the agent would bring the lists no closer. The
+/// health timeout (twice the sync period: 1 s here) counts once the lists are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_down_at_start_fails_no_health_check() {
+    let mut h = Harness::new("listhealth", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    let mut server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    server.stop().await;
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    let started = std::time::Instant::now();
+    h.start_agent_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--sync-period".as_ref(),
+        "500ms".as_ref(),
+    ]);
+    let healthz = h.served_address("healthz");
+    // Past the health timeout, with nothing listed yet.
+    let past_timeout = std::time::Duration::from_millis(1500);
+    tokio::time::sleep(past_timeout.saturating_sub(started.elapsed())).await;
+    assert!(
+        !h.agent_log().contains("datapath ready"),
+        "{}",
+        h.agent_log()
+    );
+    for path in ["/livez", "/healthz"] {
+        let (code, body) = common::http_get(&healthz, path);
+        assert_eq!(code, 200, "{path} while the API server is down: {body}");
+    }
+
+    server.restart().await.expect("restarting the API stand-in");
+    create_web_on_pod_a(&mut h, &client).await;
+}
+
 /// The first event in the `default` namespace with `reason`, within 20 s.
 async fn wait_for_event(
     h: &Harness,
