@@ -947,7 +947,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "defaults: liveness /livez, readiness /healthz on port 10256",
+        "defaults: liveness and readiness /livez on port 10256",
         &r,
         |r| {
             let agent = r.agent()?;
@@ -962,7 +962,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 &port["containerPort"],
                 &json!(10256),
             )?;
-            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/healthz")] {
+            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/livez")] {
                 expect_eq(
                     probe,
                     &agent[probe]["httpGet"],
@@ -1427,7 +1427,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 ports,
                 &json!([{"name": "healthz", "containerPort": 10300, "protocol": "TCP"}]),
             )?;
-            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/healthz")] {
+            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/livez")] {
                 expect_eq(
                     probe,
                     &agent[probe]["httpGet"],
