@@ -1,6 +1,7 @@
 //! The `iptables-restore` input kube-proxy's iptables mode writes for our Services, built
 //! as kube-proxy builds it (pkg/proxy/iptables/proxier.go, `syncProxyRules`, Kubernetes
-//! 1.30 and later; checked against its sources and `TestOverallIPTablesRules` of about
+//! 1.31 and later, whose nfacct counters came in 1.31 (#122812, #125015): 1.30 wrote these
+//! rules without them, as [`Counters::None`] does; checked against its sources and `TestOverallIPTablesRules` of about
 //! 1.33-1.34, and again against commit 531be812, of 1.34-1.35, the newest copy of the
 //! iptables proxier in the reference index): a `*filter` and a `*nat` table; `KUBE-SERVICES` a linear list with one
 //! `cluster IP` rule per service port, then the `KUBE-NODEPORTS` rule last;
@@ -15,7 +16,7 @@
 //! The settings are kube-proxy's defaults: masquerade bit 14, `--cluster-cidr` local
 //! detection, NodePorts on every local address with localhost NodePorts allowed,
 //! `--random-fully` where iptables has it. Where kube-proxy could create its two nfacct
-//! counters at start (1.30 and later; see `Counters`), its rules count through them.
+//! counters at start (1.31 and later; see `Counters`), its rules count through them.
 //!
 //! Pure string building: 30000 Services take milliseconds.
 

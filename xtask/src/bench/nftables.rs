@@ -254,7 +254,9 @@ fn service_port(out: &mut String, svc: &Service, port: &Port, elements: &mut Ele
     let proto = port.proto.lower();
     let chain = service_chain(svc, port);
     let endpoints = svc.endpoints_in_order(port);
-    for ip in &endpoints {
+    // Local endpoints only (`ep.IsLocal()`): a pod on another node does not reach itself
+    // through this one.
+    for ip in endpoints.iter().filter(|_| !port.remote) {
         elements.ensure(
             out,
             "hairpin-connections",
@@ -628,6 +630,36 @@ flush chain ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80
 add rule ip kube-proxy service-4AT6LBPK-ns3/svc3/tcp/p80 meta l4proto tcp dnat ip addr . port to numgen random mod 2 map { 0 : 10.0.3.2 . 80 , 1 : 10.0.3.3 . 80 }
 "
         );
+    }
+
+    /// kube-proxy adds hairpin elements for this node's endpoints only: none for the
+    /// `remote` port, whose endpoints are on the other node.
+    #[test]
+    fn hairpin_elements_are_those_of_local_endpoints() {
+        let svc =
+            scenario::measured(&[Ipv4Addr::new(10, 244, 0, 10), Ipv4Addr::new(10, 244, 0, 11)]);
+        let text = full(std::slice::from_ref(&svc), NODE_IP);
+        let hairpins: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add element ip kube-proxy hairpin-connections"))
+            .collect();
+        assert!(!hairpins.is_empty());
+        for remote in &svc.remote_endpoints {
+            assert!(
+                hairpins
+                    .iter()
+                    .all(|l| !l.contains(&format!("{{ {remote} . "))),
+                "{remote}: {hairpins:?}"
+            );
+        }
+        for local in &svc.endpoints {
+            assert!(
+                hairpins
+                    .iter()
+                    .any(|l| l.contains(&format!("{{ {local} . "))),
+                "{local}: {hairpins:?}"
+            );
+        }
     }
 
     #[test]
