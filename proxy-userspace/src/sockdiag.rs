@@ -157,7 +157,11 @@ fn destroy_in(
     let diag = open_diag()?;
     let mut destroyed = 0;
     let mut sockets = dump_connected_udp(&diag, libc::AF_INET)?;
-    sockets.extend(dump_connected_udp(&diag, libc::AF_INET6)?);
+    // The IPv4 sockets are closed even where listing IPv6 ones fails.
+    match dump_connected_udp(&diag, libc::AF_INET6) {
+        Ok(dual_stack) => sockets.extend(dual_stack),
+        Err(e) => tracing::debug!(namespace = %ns.display(), "sock_diag, AF_INET6: {e}"),
+    }
     for socket in sockets {
         if backends.contains(&socket.peer) && translated(&socket) {
             match destroy(&diag, &socket) {
