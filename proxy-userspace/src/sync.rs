@@ -808,6 +808,10 @@ impl Phases {
         // count) for changes of up to 16 backends each way (the tests check that, after
         // every write); in slot order, an insertion lost each shifted backend for a write.
         let (mut fresh, mut moving_up, mut moving_down) = (Vec::new(), Vec::new(), Vec::new());
+        // The same for the lingering slots past the current count, which the programs
+        // search one by one: a lingering backend inserted before another one moves that one
+        // up a slot, written there first.
+        let (mut early_fresh, mut early_up, mut early_down) = (Vec::new(), Vec::new(), Vec::new());
         for (i, backend) in frontend.slotted().enumerate() {
             let slot = i as u16 + 1;
             let Some(backend_id) = backend_id(backend) else {
@@ -833,11 +837,18 @@ impl Phases {
                     Some(_) => moving_up.push(write),
                 }
             } else if slot > live_now {
-                self.lingering_early.push(write);
+                match held.and_then(|id| programmed.backends.get(id)) {
+                    None => early_fresh.push(write),
+                    Some(old) if backend > old => early_down.push(write),
+                    Some(_) => early_up.push(write),
+                }
             } else {
                 self.lingering.push(write);
             }
         }
+        self.lingering_early.extend(early_fresh);
+        self.lingering_early.extend(early_up.into_iter().rev());
+        self.lingering_early.extend(early_down);
         self.slots.extend(fresh);
         self.slots.extend(moving_up.into_iter().rev());
         self.slots.extend(moving_down);
@@ -2329,6 +2340,39 @@ mod tests {
                         programs_find(&mirror, 1, b),
                         "after {op:?} (towards {:?}): {b} is not found",
                         live(&pair[1])
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lingering backends past the count are searched slot by slot: one inserted before
+    /// another moves that one up a slot, which is written first (in slot order, the
+    /// insertion overwrote it, and a socket pinned to it lost it for a write); one removed
+    /// moves the next down, written bottom up.
+    #[test]
+    fn a_lingering_backend_that_stays_is_found_after_every_write() {
+        let states = [
+            desired(&[lingering(frontend(1, &[10, 20]), &[40, 60])]),
+            desired(&[lingering(frontend(1, &[10, 20]), &[30, 40, 50, 60])]),
+            desired(&[lingering(frontend(1, &[10, 20]), &[50, 60])]),
+        ];
+        let lingering_of = |state: &DesiredState| state.frontends[&fkey(1)].lingering.clone();
+        let mut mirror = Programmed::default();
+        sync(&mut mirror, &states[0]);
+        for pair in states.windows(2) {
+            let staying: Vec<BackendAddr> = lingering_of(&pair[0])
+                .into_iter()
+                .filter(|b| lingering_of(&pair[1]).contains(b))
+                .collect();
+            assert!(!staying.is_empty());
+            for op in plan(&mirror, &pair[1]).unwrap() {
+                mirror.apply(&op);
+                for b in &staying {
+                    assert!(
+                        programs_find(&mirror, 1, b),
+                        "after {op:?} (towards {:?}): {b} is not found",
+                        lingering_of(&pair[1])
                     );
                 }
             }
