@@ -288,6 +288,17 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
     drop(replica);
 }
 
+/// The API stand-in, stopped (to be restarted on the same address), a client of it, and a
+/// kubeconfig naming it in the test's directory: an API server down when the agent starts.
+async fn stand_in_down(h: &Harness) -> (ApiServer, kube::Client, std::path::PathBuf) {
+    let mut server = ApiServer::start().await.expect("starting the API stand-in");
+    let client = server.client().await;
+    server.stop().await;
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    (server, client, kubeconfig)
+}
+
 /// With the Kubernetes source, the programs are loaded and verified while the initial lists
 /// are awaited, not after them: on a large cluster a start takes the longer of the two, not
 /// their sum. The stand-in is down when the agent starts, so no list can be answered until
@@ -296,11 +307,7 @@ async fn an_api_server_outage_keeps_traffic_and_health_and_catches_up_afterwards
 async fn the_programs_load_while_the_initial_lists_are_awaited() {
     let mut h = Harness::new("listwait", &["pod-a"]);
     let _servers = h.serve(&[8080], &[]);
-    let mut server = ApiServer::start().await.expect("starting the API stand-in");
-    let client = server.client().await;
-    server.stop().await;
-    let kubeconfig = h.manifests.join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    let (mut server, client, kubeconfig) = stand_in_down(&h).await;
     h.start_agent_with(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
 
     h.wait_for_log("programs loaded and verified");
@@ -327,11 +334,7 @@ async fn the_programs_load_while_the_initial_lists_are_awaited() {
 async fn an_api_server_down_at_start_fails_no_health_check() {
     let mut h = Harness::new("listhealth", &["pod-a"]);
     let _servers = h.serve(&[8080], &[]);
-    let mut server = ApiServer::start().await.expect("starting the API stand-in");
-    let client = server.client().await;
-    server.stop().await;
-    let kubeconfig = h.manifests.join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
+    let (mut server, client, kubeconfig) = stand_in_down(&h).await;
     let started = std::time::Instant::now();
     h.start_agent_with(&[
         "--kubeconfig".as_ref(),

@@ -392,6 +392,15 @@ impl Chart {
         Ok(Rendered { raw, docs })
     }
 
+    /// Renders the value set `set` with `args` (printed), with the checks every rendering
+    /// gets.
+    fn render_set(&self, checks: &mut Checks, set: &str, args: &[&str]) -> Result<Rendered> {
+        println!("chart: value set `{set}`: {args:?}");
+        let r = self.render(args);
+        check_rendering(checks, set, &r);
+        r
+    }
+
     /// `helm template` that must fail; returns its stderr.
     fn render_error(&self, args: &[&str]) -> Result<String> {
         let out = cmd::capture(&mut self.template_cmd(args))?;
@@ -623,9 +632,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
 
     // --- 1. default values ------------------------------------------------------------
     let set = "defaults";
-    println!("chart: value set `{set}`: {REQUIRED:?}");
-    let r = chart.render(REQUIRED);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, REQUIRED);
     with(&mut checks, "defaults: objects and namespace", &r, |r| {
         let want: BTreeSet<String> = [
             "ClusterRole",
@@ -1037,9 +1044,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         ],
     ]
     .concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "privileged: agent privileged, capability list dropped",
@@ -1084,9 +1089,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     // AppArmor before Kubernetes 1.30: the container annotation, not the field.
     let set = "kube-1.29";
     let args = [REQUIRED, &["--kube-version", "1.29.0"]].concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "kube-1.29: agent AppArmor Unconfined as the container annotation",
@@ -1120,9 +1123,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         ],
     ]
     .concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "runtime-confinement: no seLinuxOptions, no appArmorProfile",
@@ -1157,9 +1158,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         ],
     ]
     .concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(&mut checks, "metrics: flag and container port", &r, |r| {
         ensure!(
             r.args()?
@@ -1237,9 +1236,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     let set = "metrics-without-operator";
     let args = [REQUIRED, &["-f", &metrics_values]].concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "metrics: no ServiceMonitor when monitoring.coreos.com/v1 is absent",
@@ -1283,9 +1280,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         }),
     )?;
     let args = ["-f", flags_values.as_str()];
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "flags: optional agent flags rendered when set, in order",
@@ -1392,9 +1387,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         ],
     ]
     .concat();
-    println!("chart: value set `{set}`: {args:?}");
-    let r = chart.render(&args);
-    check_rendering(&mut checks, set, &r);
+    let r = chart.render_set(&mut checks, set, &args);
     with(
         &mut checks,
         "logging-and-health: EKP_LOG=debug, flags",
