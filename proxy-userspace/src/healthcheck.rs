@@ -168,10 +168,12 @@ impl HealthCheckServers {
                         );
                         continue;
                     }
-                    Err(_) => {
-                        // Closed; opened afresh below, so that a failure is reported
-                        // (and retried) as any other.
+                    Err(e) => {
+                        // Closed, and opened afresh at the next sync (its listeners close
+                        // once their tasks run: binding them again now would fail).
                         self.open.remove(&service);
+                        self.record_failure(service, check, &e);
+                        continue;
                     }
                 }
             }
@@ -198,27 +200,7 @@ impl HealthCheckServers {
                     self.failed.remove(&service);
                     self.open.insert(service, server);
                 }
-                Err(e) => {
-                    let error = format!("{e:#}");
-                    if self.failed.get(&service) != Some(&error) {
-                        tracing::error!(
-                            "Service {}/{}: cannot serve healthCheckNodePort {} (retried at \
-                             every sync): {error}",
-                            check.namespace,
-                            check.name,
-                            check.port
-                        );
-                        if let Some(events) = &self.events {
-                            events.health_check_failed(
-                                &check.namespace,
-                                &check.name,
-                                check.port,
-                                &error,
-                            );
-                        }
-                    }
-                    self.failed.insert(service, error);
-                }
+                Err(e) => self.record_failure(service, check, &e),
             }
         }
 
@@ -230,6 +212,25 @@ impl HealthCheckServers {
                 })
                 .set(n as i64);
         }
+    }
+
+    /// Records that `check` could not be served: logged, and recorded as an event, once per
+    /// distinct error while it lasts; retried at every sync.
+    fn record_failure(&mut self, service: ServiceName, check: &HealthCheck, e: &anyhow::Error) {
+        let error = format!("{e:#}");
+        if self.failed.get(&service) != Some(&error) {
+            tracing::error!(
+                "Service {}/{}: cannot serve healthCheckNodePort {} (retried at every sync): \
+                 {error}",
+                check.namespace,
+                check.name,
+                check.port
+            );
+            if let Some(events) = &self.events {
+                events.health_check_failed(&check.namespace, &check.name, check.port, &error);
+            }
+        }
+        self.failed.insert(service, error);
     }
 
     /// Binds every address, then serves them all; on any failure nothing stays open, so
