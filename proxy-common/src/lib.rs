@@ -71,7 +71,8 @@ pub const MAP_NAT_CT: &str = "ekp_nat_ct_v1";
 pub const MAP_CONFIG: &str = "ekp_config_v1";
 pub const MAP_LOG: &str = "ekp_log_v1";
 pub const MAP_SOURCE_RANGES: &str = "ekp_srcrange_v1";
-pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v1";
+/// `_v2`: the node's namespace cookie always, the host-only mode a flag (`SockConfig`).
+pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v2";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
 pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
@@ -79,6 +80,9 @@ pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
 /// An agent that finds them pinned copies them into the arrays and unpins them.
 pub const MAP_BACKENDS_V1: &str = "ekp_backend_v1";
 pub const MAP_REV_NAT_V1: &str = "ekp_revnat_v1";
+/// The socket config array `MAP_SOCK_CONFIG` replaced (the cookie alone, 0 when not
+/// host-only). It holds nothing to keep: an agent that finds it pinned unpins it.
+pub const MAP_SOCK_CONFIG_V1: &str = "ekp_sockcfg_v1";
 /// The programs' log records (`LogRecord`): a ring buffer per loaded object, read by the
 /// agent that loaded it, never pinned (so not in `ALL_MAPS`).
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
@@ -679,15 +683,38 @@ pub struct SourceRangeKey {
 /// Prefix bits of a [`SourceRangeKey`] before `addr`: the rev-NAT id and the padding.
 pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
 
-/// The only entry (key 0, `u32`) of the socket programs' config array. Written by the agent.
+/// The only entry (key 0, `u32`) of the socket programs' config array. Written by the agent
+/// before it attaches them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockConfig {
-    /// Host-namespace-only socket LB (for service meshes, whose sidecars must see the
-    /// Service address): the network namespace cookie of the node's own namespace; the
-    /// socket programs translate only sockets of that namespace, and pods' traffic is
-    /// translated per packet on their devices instead. 0: every namespace. Host order.
+    /// The network namespace cookie of the node's own namespace. Host order. Only its
+    /// sockets reach NodePorts on loopback addresses (a pod's `127.0.0.1` is its own), and
+    /// with `SOCK_FLAG_HOST_ONLY` only its sockets are translated at all. 0 (not written
+    /// yet): no namespace is the node's.
     pub host_netns_cookie: u64,
+    /// `SOCK_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Socket config flags (`SockConfig::flags`).
+///
+/// Host-namespace-only socket LB (for service meshes, whose sidecars must see the Service
+/// address): the socket programs translate only the node's own namespace's sockets; pods'
+/// traffic is translated per packet on their devices instead.
+pub const SOCK_FLAG_HOST_ONLY: u8 = 1 << 0;
+
+/// The frontend address of NodePorts on the node's loopback addresses (kube-proxy's
+/// `--iptables-localhost-nodeports`): internal-scope frontends at `127.0.0.1`, which the
+/// socket programs serve for any destination in `127.0.0.0/8`, to the node's own namespace
+/// alone. Network order, as read from memory.
+pub const LOOPBACK_FRONTEND_ADDR: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Whether `addr` (network order, as read from memory) is in `127.0.0.0/8`.
+#[inline(always)]
+pub fn is_loopback(addr: u32) -> bool {
+    addr.to_ne_bytes()[0] == 127
 }
 
 /// The only entry (key 0, `u32`) of the log switch array: how much the programs log.
@@ -719,7 +746,7 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
-const _: () = assert!(core::mem::size_of::<SockConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SockConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentPorts>() == 4);
 const _: () = assert!(core::mem::size_of::<SnatTimeWait>() == 16);
@@ -807,6 +834,16 @@ mod tests {
         assert_eq!(offset_of!(SnatTimeWait, flags), 6);
         assert_eq!(offset_of!(SnatTimeWait, next_seq), 8);
         assert_eq!(offset_of!(SnatTimeWait, tsval), 12);
+        assert_eq!(offset_of!(SockConfig, flags), 8);
+    }
+
+    #[test]
+    fn loopback_is_127_slash_8_in_network_order() {
+        let addr = |a: [u8; 4]| u32::from_ne_bytes(a);
+        assert!(is_loopback(LOOPBACK_FRONTEND_ADDR));
+        assert!(is_loopback(addr([127, 255, 3, 4])));
+        assert!(!is_loopback(addr([128, 0, 0, 1])));
+        assert!(!is_loopback(addr([10, 0, 0, 127])));
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MA
 
 /// The socket programs' settings (one entry, key 0): host-namespace-only mode. Written by
 /// the agent, read by `connect4`/`sendmsg4`.
-#[btf_map(name = "ekp_sockcfg_v1")]
+#[btf_map(name = "ekp_sockcfg_v2")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
 
 /// (source, destination, IP id, protocol) of a fragmented datagram -> the ports its first

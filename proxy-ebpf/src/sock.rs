@@ -6,6 +6,7 @@
 //! again. Lookups use the internal scope: these are processes on the node or in its pods.
 //! In host-namespace-only mode (`SockConfig`) only the node's own namespace is translated
 //! here; pods' packets are translated on their devices (`nodeport`'s pod programs).
+//! NodePorts on loopback addresses are served here alone, to the node's own namespace.
 //! A socket's translation goes to its slot in the slot table (`sock_slot`) when the slot is
 //! free or already its own, else to the socket rev-NAT LRU (a slot held by another socket,
 //! or an unconnected UDP socket's second backend).
@@ -30,9 +31,10 @@ use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use proxy_common::{
     ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
-    LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4, PROTO_TCP,
-    PROTO_UDP, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey,
-    SockRevNatValue, log_endpoint,
+    LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4,
+    LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_FLAG_HOST_ONLY,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
+    is_loopback, log_endpoint,
 };
 
 use crate::log::{log_debug, log_error};
@@ -194,17 +196,29 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         return Ok(PROCEED);
     }
     // SAFETY: copied out at once.
-    let host_only = SOCK_CONFIG
+    let config = SOCK_CONFIG
         .get_ptr(0)
-        .map_or(0, |c| unsafe { (*c).host_netns_cookie });
+        .map(|c| unsafe { *c })
+        .unwrap_or_default();
     // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
-    if host_only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != host_only {
+    let in_host_netns =
+        || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == config.host_netns_cookie;
+    // A loopback address is a NodePort's, for the node's own processes only: a pod's
+    // 127.0.0.1 is its own, as kube-proxy's DNAT on the node's OUTPUT chain never sees it.
+    let loopback = is_loopback(addr);
+    if (loopback || config.flags & SOCK_FLAG_HOST_ONLY != 0) && !in_host_netns() {
         return Ok(PROCEED);
     }
     // user_port holds the network-order port in its low 16 bits.
     let port = port as u16;
     let mut key = ServiceKey {
-        addr,
+        // Every loopback address reaches the NodePorts kept at 127.0.0.1, as kube-proxy's
+        // `--dst-type LOCAL` match takes all of 127.0.0.0/8.
+        addr: if loopback {
+            LOOPBACK_FRONTEND_ADDR
+        } else {
+            addr
+        },
         port,
         slot: 0,
         proto,
@@ -404,12 +418,18 @@ fn translate_reverse<const V6: bool>(ctx: &SockAddrContext) {
         return;
     };
     // Only while the frontend still exists: a deleted Service's old translation must not
-    // keep relabelling traffic.
+    // keep relabelling traffic. The socket may have reached a loopback NodePort at any
+    // address of 127.0.0.0/8 (`translate_forward`).
     // (An entry of the array that holds no frontend has address 0, which matches none.)
+    // SAFETY: copied out at once.
     let live = REV_NAT
         .get_ptr(u32::from(entry.rev_nat_id))
-        .map(|f| unsafe { (*f).addr == entry.addr && (*f).port == entry.port })
-        .unwrap_or(false);
+        .map(|f| unsafe { *f })
+        .is_some_and(|f| {
+            f.port == entry.port
+                && (f.addr == entry.addr
+                    || (f.addr == LOOPBACK_FRONTEND_ADDR && is_loopback(entry.addr)))
+        });
     if !live {
         if slotted.is_none() || !sock_slot::forget(key.cookie) {
             let _ = SOCK_REV_NAT.remove(&key);

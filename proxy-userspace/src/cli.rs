@@ -92,6 +92,12 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
     nodeport_addresses: Vec<String>,
 
+    /// Serve NodePorts on `127.0.0.0/8` to the node's own processes (kube-proxy's
+    /// `--iptables-localhost-nodeports`), where `--nodeport-addresses` admits `127.0.0.1`:
+    /// by default, not with `primary`. Pods' loopback addresses are their own.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    localhost_nodeports: bool,
+
     /// Also intercept, at the socket layer, externalIPs this node does not own (kube-proxy's
     /// behaviour, which lets a Service capture traffic to any address: CVE-2020-8554).
     #[arg(long)]
@@ -391,6 +397,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     .map_err(|e| anyhow!("--nodeport-addresses: {e}"))?,
                 socket_lb_external_ips: args.socket_lb_external_ips,
                 external_cluster_ips: args.external_clusterip,
+                localhost_node_ports: args.localhost_nodeports,
                 healthz_bind: args.healthz_bind_address.0,
                 metrics_bind: args.metrics_bind_address.0,
                 bind_address_hard_fail: args.bind_address_hard_fail,

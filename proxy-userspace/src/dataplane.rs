@@ -27,9 +27,10 @@ use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
     MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SERVICES,
-    MAP_SOCK_CONFIG, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE, MAP_SOURCE_RANGES, NatCtKey,
-    NatCtValue, NodeConfig, RevNatValue, ServiceKey, ServiceValue, SockConfig, SockRevNatKey,
-    SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE,
+    MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SOCK_FLAG_HOST_ONLY,
+    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    sock_slot_index,
 };
 
 mod logs;
@@ -678,11 +679,14 @@ fn adopt_v1_hash_map<K: aya::Pod, V: aya::Pod + Default>(
     Ok(())
 }
 
-/// The socket programs' settings: whether they serve only the node's own namespace.
+/// The socket programs' settings.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockSettings {
-    /// Host-namespace-only socket LB: the node's network namespace cookie.
-    pub host_netns_cookie: Option<u64>,
+    /// The node's network namespace cookie (`devices::own_netns_cookie`): the only
+    /// namespace served NodePorts on loopback addresses.
+    pub host_netns_cookie: u64,
+    /// Host-namespace-only socket LB: no other namespace is translated.
+    pub host_only: bool,
 }
 
 /// The eBPF object with its programs verified and none attached: the slow part of a start
@@ -782,7 +786,7 @@ pub fn start(
         resizes,
     } = loaded;
     let log_forwarder = logs::forward(&mut ebpf);
-    write_sock_config(&mut ebpf, sock)?;
+    write_sock_config(&mut ebpf, pin_dir, sock)?;
     // As late as possible: the old programs record flows until their links are swapped.
     resizes.copy(&mut ebpf)?;
 
@@ -864,18 +868,34 @@ pub fn start(
     ))
 }
 
-/// Writes the only entry of the socket programs' config array.
-fn write_sock_config(ebpf: &mut Ebpf, sock: SockSettings) -> Result<()> {
+/// Writes the only entry of the socket programs' config array, and unpins the array it
+/// replaced (`_v1`).
+fn write_sock_config(ebpf: &mut Ebpf, pin_dir: &Path, sock: SockSettings) -> Result<()> {
     let map = ebpf
         .map_mut(MAP_SOCK_CONFIG)
         .with_context(|| format!("map {MAP_SOCK_CONFIG} missing from the eBPF object"))?;
     let mut array: Array<_, SockConfig> = Array::try_from(map)?;
     let config = SockConfig {
-        host_netns_cookie: sock.host_netns_cookie.unwrap_or(0),
+        host_netns_cookie: sock.host_netns_cookie,
+        flags: if sock.host_only {
+            SOCK_FLAG_HOST_ONLY
+        } else {
+            0
+        },
+        _pad: [0; 7],
     };
     array
         .set(0, config, 0)
-        .with_context(|| format!("writing {MAP_SOCK_CONFIG}"))
+        .with_context(|| format!("writing {MAP_SOCK_CONFIG}"))?;
+    // The older version's array holds nothing to keep; its programs keep their reference
+    // until their links are swapped.
+    let old_pin = maps_dir(pin_dir).join(MAP_SOCK_CONFIG_V1);
+    match fs::remove_file(&old_pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("unpinning {}", old_pin.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Unpins the links of `programs` on `devices`.

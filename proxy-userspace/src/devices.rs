@@ -153,7 +153,8 @@ pub fn matches(patterns: &[String], device: &str) -> bool {
 /// The cookie of the network namespace this process runs in (`SO_NETNS_COOKIE`), as the
 /// socket programs see it with `bpf_get_netns_cookie`.
 pub fn own_netns_cookie() -> Result<u64> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a probe socket")?;
+    // Unbound: a namespace whose loopback is down has no 127.0.0.1 to bind.
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a probe socket")?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket fd and an out buffer of the size passed.

@@ -269,6 +269,10 @@ pub struct NodeInfo {
     /// Which externalIPs this node's processes and pods reach through the socket programs
     /// (CVE-2020-8554, `safety`).
     pub socket_external_ips: SocketExternalIps,
+    /// NodePorts are served on the node's loopback addresses too, to its own processes
+    /// (kube-proxy's `--iptables-localhost-nodeports` where `--nodeport-addresses` admits
+    /// `127.0.0.1`): an internal-scope frontend at `127.0.0.1` per NodePort.
+    pub localhost_node_ports: bool,
 }
 
 /// Everything the dataplane should hold, keyed by frontend.

@@ -71,6 +71,9 @@ pub struct Config {
     pub socket_lb_external_ips: bool,
     /// Serve ClusterIPs to traffic from outside the node too (`--external-clusterip`).
     pub external_cluster_ips: bool,
+    /// Serve NodePorts on loopback addresses to the node's own processes where `node_ports`
+    /// admits them (`--localhost-nodeports`, kube-proxy's `--iptables-localhost-nodeports`).
+    pub localhost_node_ports: bool,
     /// `/healthz` and `/livez`; `None` disables them.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics`; `None` disables it.
@@ -378,11 +381,8 @@ pub async fn run(config: Config) -> Result<()> {
         None => None,
     };
     let sock = dataplane::SockSettings {
-        host_netns_cookie: if config.socket_lb_host_namespace_only {
-            Some(devices::own_netns_cookie()?)
-        } else {
-            None
-        },
+        host_netns_cookie: devices::own_netns_cookie()?,
+        host_only: config.socket_lb_host_namespace_only,
     };
     if config.socket_lb_host_namespace_only && config.pod_devices.is_empty() {
         tracing::warn!(
@@ -869,6 +869,9 @@ fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Cha
         } else {
             SocketExternalIps::OwnAddresses(addresses.clone())
         },
+        localhost_node_ports: config
+            .node_ports
+            .serve_loopback(config.localhost_node_ports),
         ..node_info(&config.node_name, input.node(), &config.node_ports)
     };
     state.node_addresses = addresses;

@@ -15,7 +15,10 @@
 //!   internal-scope one with the cluster endpoints. kube-proxy's "EXT" chain sends traffic
 //!   from local pods and from the node itself to the cluster endpoints even under
 //!   `externalTrafficPolicy: Local` (it "simulates going up-and-out to an external
-//!   load-balancer and coming back in"), so pods reach every endpoint (C11).
+//!   load-balancer and coming back in"), so pods reach every endpoint (C11);
+//! - with [`NodeInfo::localhost_node_ports`], each `nodePort` on `127.0.0.1` too: internal
+//!   scope only, with the cluster endpoints (the socket programs serve it for all of
+//!   `127.0.0.0/8`, to the node's own network namespace alone).
 //!
 //! Bad input never aborts the translation: the offending object, port or endpoint is left out
 //! and reported in [`Translation::skipped`] with the object's name, and everything else still
@@ -114,6 +117,20 @@ pub enum NodePortAddresses {
 }
 
 impl NodePortAddresses {
+    /// Whether NodePorts are served on loopback addresses, with kube-proxy's
+    /// `--iptables-localhost-nodeports` (`localhost`): when every address serves them, or a
+    /// CIDR holds `127.0.0.1` (kube-proxy's iptables mode; its nftables mode never does).
+    pub fn serve_loopback(&self, localhost: bool) -> bool {
+        localhost
+            && match self {
+                Self::All => true,
+                Self::Primary => false,
+                Self::Within(cidrs) => cidrs
+                    .iter()
+                    .any(|&(network, prefix)| cidr_contains(network, prefix, Ipv4Addr::LOCALHOST)),
+            }
+    }
+
     /// From the flag's values: CIDRs of either family, or `primary` alone (kube-proxy's
     /// validation refuses it beside CIDRs). IPv6 CIDRs are valid and concern no IPv4 address.
     pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<Self, String> {
@@ -785,6 +802,19 @@ fn add_service(
             let from_inside = frontend(addr, port, Scope::Internal, kind, &views.cluster);
             insert_frontend(state, from_inside, &port_object, skipped);
         }
+        // The node's own processes reaching a NodePort on a loopback address: kube-proxy
+        // sends them to the cluster endpoints like the rest of the node's traffic (C11).
+        // Internal scope only: no packet from outside carries a loopback address.
+        if let Some(node_port) = node_port.filter(|_| node.localhost_node_ports) {
+            let from_node = frontend(
+                Ipv4Addr::LOCALHOST,
+                node_port,
+                Scope::Internal,
+                FrontendKind::NodePort,
+                &views.cluster,
+            );
+            insert_frontend(state, from_node, &port_object, skipped);
+        }
     }
 }
 
@@ -1263,6 +1293,7 @@ mod tests {
             node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
             external_cluster_ips: false,
             socket_external_ips: SocketExternalIps::All,
+            localhost_node_ports: false,
         }
     }
 
@@ -2417,6 +2448,78 @@ mod tests {
         );
     }
 
+    /// kube-proxy's `--iptables-localhost-nodeports`: the node's processes reach each
+    /// NodePort on 127.0.0.1 too, with the cluster endpoints whatever the external policy
+    /// (its EXT chain sends `--src-type LOCAL` to the cluster chain), and nothing from
+    /// outside does (no external frontend).
+    #[test]
+    fn localhost_node_ports_are_internal_with_the_cluster_endpoints() {
+        let localhost = NodeInfo {
+            localhost_node_ports: true,
+            ..n1()
+        };
+        let node_port = web()
+            .type_("NodePort")
+            .target_port(IntOrString::Int(8080))
+            .node_port(30080);
+        let local = node_port.clone().external_traffic_policy("Local");
+        assert_eq!(
+            clean_on(&localhost, &[local], &[a_on_n2_b_on_n1()]),
+            [
+                "int 10.96.0.10:80/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "int 127.0.0.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+                "ext 192.0.2.1:30080/TCP -> 10.0.0.2:8080/TCP",
+                "int 192.0.2.1:30080/TCP -> 10.0.0.1:8080/TCP, 10.0.0.2:8080/TCP",
+            ]
+        );
+        let t = translate(
+            slice::from_ref(&node_port),
+            &[a_on_n2_b_on_n1()],
+            &localhost,
+        );
+        assert!(kinds(&t).contains(&"int 127.0.0.1:30080/TCP NodePort".to_owned()));
+        assert!(!kinds(&t).iter().any(|k| k.starts_with("ext 127.")));
+        // No endpoints: refused, as on the node's addresses.
+        assert!(
+            clean_on(&localhost, slice::from_ref(&node_port), &[])
+                .contains(&"int 127.0.0.1:30080/TCP -> (refuse)".to_owned())
+        );
+        // A LoadBalancer's NodePort too; none without the flag, or without a nodePort.
+        let lb = web().type_("LoadBalancer").node_port(30081);
+        assert!(
+            clean_on(&localhost, &[lb], &[a_on_n2_b_on_n1()])
+                .iter()
+                .any(|r| r.starts_with("int 127.0.0.1:30081/TCP"))
+        );
+        let loopback = |rows: Vec<String>| rows.into_iter().any(|r| r.contains(" 127."));
+        assert!(!loopback(clean_on(
+            &n1(),
+            slice::from_ref(&node_port),
+            &[a_on_n2_b_on_n1()]
+        )));
+        let cluster_ip_with_node_port = web().node_port(30080);
+        assert!(!loopback(clean_on(
+            &localhost,
+            &[cluster_ip_with_node_port],
+            &[a_on_n2_b_on_n1()]
+        )));
+    }
+
+    /// Which `--nodeport-addresses` admit loopback NodePorts: kube-proxy's iptables mode
+    /// serves them with no CIDR given or one holding 127.0.0.1, never with `primary`.
+    #[test]
+    fn loopback_node_ports_follow_the_nodeport_addresses() {
+        let within = |cidrs: &[&str]| NodePortAddresses::parse(cidrs).expect("valid");
+        assert!(NodePortAddresses::All.serve_loopback(true));
+        assert!(!NodePortAddresses::All.serve_loopback(false));
+        assert!(!NodePortAddresses::Primary.serve_loopback(true));
+        assert!(within(&["10.0.0.0/8", "127.0.0.0/8"]).serve_loopback(true));
+        assert!(within(&["127.0.0.1/32"]).serve_loopback(true));
+        assert!(!within(&["127.0.0.2/32"]).serve_loopback(true));
+        assert!(!within(&["10.0.0.0/8"]).serve_loopback(true));
+        assert!(within(&["0.0.0.0/0"]).serve_loopback(true));
+    }
+
     /// `--external-clusterip`: a packet from outside the node to a ClusterIP (a Service
     /// range routed to the nodes) goes where kube-proxy's ClusterIP rule sends every
     /// source: to the internal traffic policy's endpoints, refused or dropped as the
@@ -3543,6 +3646,7 @@ mod tests {
                 node_port_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
                 external_cluster_ips: false,
                 socket_external_ips: SocketExternalIps::default(),
+                localhost_node_ports: false,
             }
         );
     }
@@ -3651,6 +3755,7 @@ mod tests {
                 node_port_addresses: vec![],
                 external_cluster_ips: false,
                 socket_external_ips: SocketExternalIps::default(),
+                localhost_node_ports: false,
             }
         );
     }

@@ -655,6 +655,8 @@ fn a_cluster_ip_routed_to_a_node_is_served_with_external_clusterip() {
 /// - C09: the node itself reaches its own NodePort; C11: a pod on node1 reaches the `Local`
 ///   Service's NodePort on node1 through the cluster endpoints (pod-2);
 /// - C32: a host process bound to the NodePort's port does not get the NodePort's traffic;
+/// - localhost NodePorts: served to node1's processes, not to its pods, nor on node2, whose
+///   agent runs with `--localhost-nodeports=false`;
 /// - ICMP port unreachable from local and remote pods reaches the client translated.
 #[test]
 fn load_balancer_external_ip_and_node_port_cases() {
@@ -673,8 +675,12 @@ fn load_balancer_external_ip_and_node_port_cases() {
         &local_node_port("local", "10.96.0.12", 30082, "10.244.2.10", "node-2"),
     );
     cluster.write_node_manifests();
+    cluster.nodes[1]
+        .agent_args
+        .push("--localhost-nodeports=false");
     cluster.start_agents();
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for(0, "127.0.0.1:30080", "internal", &both);
     cluster.wait_for(0, "203.0.113.10:80", "external", &both);
     cluster.wait_for(0, "198.51.100.10:80", "external", &both);
     cluster.wait_for(0, "192.168.77.11:30081", "external", &[]);
@@ -790,6 +796,51 @@ fn load_balancer_external_ip_and_node_port_cases() {
     assert_eq!(
         counts,
         std::collections::BTreeMap::from([("pod-2 10.244.1.10".to_owned(), 10)])
+    );
+
+    // Localhost NodePorts (kube-proxy's `--iptables-localhost-nodeports`): node1's own
+    // processes reach the NodePort on any loopback address, past the host process bound to
+    // its port, and see the address they asked for as their peer; the `Local` Service's
+    // too, through the cluster endpoints. A pod's loopback is its own: nothing listens on
+    // its 127.0.0.1:30080, refused.
+    for to in ["127.0.0.1:30080", "127.0.0.2:30080"] {
+        let lines = cluster.attempts(&node1.ns, Some(&node1.cgroup), to, 30);
+        let pods: std::collections::BTreeSet<&str> = lines
+            .iter()
+            .filter_map(|l| l["answer"].as_str()?.split(' ').next())
+            .collect();
+        assert_eq!(pods, ["pod-1", "pod-2"].into(), "{to}: {lines:?}");
+        for line in &lines {
+            assert_eq!(line["peer"], to, "{line}");
+        }
+    }
+    let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "127.0.0.1:30082", 5);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["pod-2 192.168.77.11"]);
+    let refused = cluster.fails(&node1.pod, Some(&node1.cgroup), "127.0.0.1:30080");
+    assert_eq!(refused["errno"], 111, "{refused}");
+    // node2's agent runs with `--localhost-nodeports=false`: its host process answers.
+    let node2 = &cluster.nodes[1];
+    let listed = list(&node2.pin_path).expect("list");
+    assert!(
+        listed
+            .iter()
+            .any(|f| f["frontend"] == "192.168.77.12:30080")
+            && listed
+                .iter()
+                .all(|f| !f["frontend"].as_str().unwrap_or("").starts_with("127.")),
+        "{listed:?}"
+    );
+    let mut squatter = node2.ns.command(PEER, None).expect("host process command");
+    squatter.args(["serve", "--name", "host-2", "--tcp", &NODE_PORT.to_string()]);
+    let _squatter_2 = Proc::spawn_ready(squatter, "host process 2", "ready")
+        .unwrap_or_else(|e| panic!("binding the NodePort's port on node2: {e:#}"));
+    let counts = cluster.requests_from(&node2.ns, Some(&node2.cgroup), "127.0.0.1:30080", 5);
+    assert_eq!(
+        counts
+            .keys()
+            .map(|a| a.split(' ').next())
+            .collect::<Vec<_>>(),
+        [Some("host-2")]
     );
 }
 

@@ -1,7 +1,8 @@
 //! Privileged: an agent that finds the pins of a version whose backends and rev-NAT maps
 //! were hash maps (`ekp_backend_v1`, `ekp_revnat_v1`) copies them into the arrays that
 //! replaced them while it loads, before any new program is attached, and unpins them; its
-//! clients never notice (BEHAVIOUR C33).
+//! clients never notice (BEHAVIOUR C33). The socket config array of that version
+//! (`ekp_sockcfg_v1`) holds nothing to keep: it is unpinned.
 
 mod common;
 
@@ -12,8 +13,8 @@ use std::process::Command;
 use aya::maps::{Array, HashMap, Map, MapData};
 use common::{ClientsUnderLoad, Pins, SMALL_MAPS};
 use proxy_common::{
-    BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, PROTO_TCP,
-    RevNatValue,
+    BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SOCK_CONFIG,
+    MAP_SOCK_CONFIG_V1, PROTO_TCP, RevNatValue,
 };
 use proxy_userspace::dataplane::{self, Maps};
 
@@ -39,20 +40,32 @@ fn frontend(addr: Ipv4Addr, port: u16) -> RevNatValue {
     }
 }
 
-/// Pins a hash map as the older version created it (`bpftool map create`) and opens it.
-fn pin_v1_hash_map(pins: &Path, name: &str, key_size: u32, value_size: u32) -> Map {
+/// Pins a map as the older version created it (`bpftool map create`), of `kind` (`hash`,
+/// `array`), and opens it.
+fn pin_v1_map(pins: &Path, name: &str, kind: &str, sizes: (u32, u32), entries: u32) -> MapData {
     let path = pins.join("maps").join(name);
     let status = Command::new(xtask::toolchain::bpftool())
         .arg("map")
         .arg("create")
         .arg(&path)
-        .args(["type", "hash", "key", &key_size.to_string()])
-        .args(["value", &value_size.to_string(), "entries", "65536"])
-        .args(["name", name])
+        .args(["type", kind, "key", &sizes.0.to_string()])
+        .args(["value", &sizes.1.to_string()])
+        .args(["entries", &entries.to_string(), "name", name])
         .status()
         .expect("running bpftool");
     assert!(status.success(), "bpftool map create {name}: {status}");
-    Map::HashMap(MapData::from_pin(&path).expect("opening the pinned hash map"))
+    MapData::from_pin(&path).expect("opening the pinned map")
+}
+
+/// [`pin_v1_map`] of a hash map as the older version's backends and rev-NAT maps were.
+fn pin_v1_hash_map(pins: &Path, name: &str, key_size: u32, value_size: u32) -> Map {
+    Map::HashMap(pin_v1_map(
+        pins,
+        name,
+        "hash",
+        (key_size, value_size),
+        65536,
+    ))
 }
 
 /// [`pin_v1_hash_map`] of `K` -> `V`, holding `entries`.
@@ -153,7 +166,9 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     assert!(!contents.backends.is_empty() && !contents.rev_nat.is_empty());
     pin_v1_entries(&h.pin_path, MAP_BACKENDS_V1, &contents.backends);
     pin_v1_entries(&h.pin_path, MAP_REV_NAT_V1, &contents.rev_nat);
-    for new in [MAP_BACKENDS, MAP_REV_NAT] {
+    // The socket config of that version: the cookie alone.
+    pin_v1_map(&h.pin_path, MAP_SOCK_CONFIG_V1, "array", (4, 8), 1);
+    for new in [MAP_BACKENDS, MAP_REV_NAT, MAP_SOCK_CONFIG] {
         std::fs::remove_file(h.pin_path.join("maps").join(new)).expect("unpinning an array");
     }
 
@@ -161,7 +176,7 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     h.wait_for_log("copied the entries of an older version's map");
     h.wait_for_ready_starts(2);
     let mark = clients.so_far();
-    for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1] {
+    for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1, MAP_SOCK_CONFIG_V1] {
         assert!(
             !h.pin_path.join("maps").join(old).exists(),
             "{old} is still pinned"

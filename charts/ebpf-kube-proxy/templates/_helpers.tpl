@@ -114,6 +114,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if $c.externalClusterIP }}
 - "--external-clusterip"
 {{- end }}
+{{- if not $c.localhostNodePorts }}
+- "--localhost-nodeports=false"
+{{- end }}
 {{- with $c.conntrackGCInterval }}
 - {{ printf "--conntrack-gc-interval=%s" . | quote }}
 {{- end }}

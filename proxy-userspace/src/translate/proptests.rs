@@ -328,14 +328,22 @@ pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
         ),
         any::<bool>(),
         socket_external_ips(),
+        any::<bool>(),
     )
         .prop_map(
-            |(zone, node_port_addresses, external_cluster_ips, socket_external_ips)| NodeInfo {
+            |(
+                zone,
+                node_port_addresses,
+                external_cluster_ips,
+                socket_external_ips,
+                localhost_node_ports,
+            )| NodeInfo {
                 name: "n1".to_owned(),
                 zone,
                 node_port_addresses,
                 external_cluster_ips,
                 socket_external_ips,
+                localhost_node_ports,
             },
         )
 }
