@@ -540,3 +540,121 @@ async fn a_health_check_node_port_that_cannot_be_bound_is_recorded_as_an_event()
         "{note}"
     );
 }
+
+/// The local ports of process `pid`'s TCP connections to `server`: its sockets
+/// (`/proc/<pid>/fd`) found in its namespace's `/proc/<pid>/net/tcp`.
+fn connection_ports(pid: u32, server: std::net::SocketAddr) -> Vec<u16> {
+    let std::net::SocketAddr::V4(server) = server else {
+        panic!("the stand-in listens on IPv4");
+    };
+    let inodes: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading the agent's descriptors")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    // /proc/net/tcp writes an address as its network-order word in hex, a port in hex.
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(server.ip().octets()),
+        server.port()
+    );
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).expect("reading tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, peer, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+            let port = local.rsplit_once(':')?.1;
+            (*peer == remote && inodes.contains(*inode))
+                .then(|| u16::from_str_radix(port, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// An nftables table of the test's own that drops, without a word, every packet between
+/// the stand-in's port and these local ports on loopback: the connections die as they do
+/// behind a failed load balancer. Deleted on drop.
+struct Blackhole(String);
+
+impl Blackhole {
+    /// The table is named after `h`'s prefix; its rules file goes in `h`'s directory.
+    fn between(h: &Harness, server: std::net::SocketAddr, ports: &[u16]) -> Self {
+        let table = h.prefix.replace('-', "_");
+        let set = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let port = server.port();
+        let rules = format!(
+            "table inet {table} {{
+  chain out {{
+    type filter hook output priority 0;
+    tcp sport {{ {set} }} tcp dport {port} drop
+    tcp sport {port} tcp dport {{ {set} }} drop
+  }}
+}}
+"
+        );
+        let file = h.manifests.join("blackhole.nft");
+        std::fs::write(&file, rules).expect("writing the blackhole's rules");
+        let blackhole = Blackhole(table);
+        let mut nft = std::process::Command::new("nft");
+        nft.arg("-f").arg(&file);
+        xtask::cmd::run(&mut nft).unwrap_or_else(|e| panic!("loading the blackhole: {e:#}"));
+        blackhole
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
+}
+
+/// The agent's connections to the API server die without a word (no FIN, no RST: a load
+/// balancer's failover, a lost NAT entry). TCP keepalive fails them within about 30 s and
+/// the watchers connect again, so a change made meanwhile is applied; without keepalive
+/// an idle watch would wait for its idle timeout (295 s), beyond this test's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_api_connection_is_dropped_and_the_watch_resumed() {
+    let mut h = Harness::new("deadconn", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    let (server, client) = agent_on_apiserver(&mut h).await;
+    create_web_on_pod_a(&mut h, &client).await;
+    let watches_before = server.watch_requests(ApiResource::EndpointSlices);
+    let pid = h.agent_pid().expect("the agent runs");
+    let ports = connection_ports(pid, server.address());
+    assert!(
+        !ports.is_empty(),
+        "the agent has no connection to the API server"
+    );
+    let _blackhole = Blackhole::between(&h, server.address(), &ports);
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+    h.wait_for_frontend_within(
+        std::time::Duration::from_secs(120),
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    assert!(server.watch_requests(ApiResource::EndpointSlices) > watches_before);
+    let now = connection_ports(pid, server.address());
+    assert!(
+        now.iter().all(|p| !ports.contains(p)),
+        "connections {ports:?} outlived the blackhole: {now:?}"
+    );
+}

@@ -14,15 +14,23 @@ use std::hash::Hash;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use futures::StreamExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::client::ConfigExt;
+use kube::client::retry::RetryPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+use tower::retry::RetryLayer;
+use tower::{BoxError, ServiceBuilder};
 
 use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
 
@@ -55,7 +63,54 @@ pub async fn client(conn: &Connection) -> Result<Client> {
             .parse()
             .with_context(|| format!("invalid API server address {master:?}"))?;
     }
-    Client::try_from(config).context("creating the Kubernetes client")
+    if config.proxy_url.is_some() {
+        // kube's own stack speaks to proxies; it sets no keepalive.
+        tracing::info!("reaching the API server through a proxy: no TCP keepalive");
+        return Client::try_from(config).context("creating the Kubernetes client");
+    }
+    client_with_keepalive(config).context("creating the Kubernetes client")
+}
+
+/// TCP keepalive on the API server connections, so that one that dies without a word (a
+/// load balancer's failover, a lost NAT entry, a partition) fails within about 30 s and the
+/// watchers connect again, as client-go's HTTP/2 health check (a ping after 30 s without a
+/// frame, 15 s for its answer) notices one within 45 s. Without it a watch that carries no
+/// events waits for its idle timeout: the server's 290 s and kube-runtime's margin, stale
+/// Services meanwhile.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+/// Data sent into a dead connection (a request) goes unacknowledged this long at most.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// kube's client stack as `Client::try_from` builds it (TLS from the config, the API
+/// server's base URI, authentication with token refresh, extra headers, retries of 429 /
+/// 503 / 504), with [`KEEPALIVE_IDLE`] on its TCP connector, which `try_from` offers no way
+/// to set: the custom-client idiom of kube's `ConfigExt`. Left out: kube's debug-level HTTP
+/// spans, the config's read and write timeouts (unset unless a program sets them), and the
+/// expiry an exec plugin's client certificate gives the client.
+fn client_with_keepalive(config: kube::Config) -> Result<Client> {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(config.connect_timeout);
+    tcp.set_keepalive(Some(KEEPALIVE_IDLE));
+    tcp.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+    tcp.set_keepalive_retries(Some(KEEPALIVE_PROBES));
+    tcp.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    let https = config.rustls_https_connector_with_connector(tcp)?;
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+    let retry = config
+        .default_retry
+        .then(|| RetryLayer::new(RetryPolicy::server_retry()));
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(retry)
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// Reflector stores of the three resources, kept up to date by background tasks.

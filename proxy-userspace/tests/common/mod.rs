@@ -58,6 +58,11 @@ impl Harness {
 
     /// Starts `ebpf-kube-proxy run <source_args>` (e.g. `--kubeconfig FILE`), attached to the
     /// test cgroup, with this test's pins and loopback-only HTTP endpoints.
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
     pub fn start_agent_with(&mut self, source_args: &[&std::ffi::OsStr]) {
         self.spawn_agent(Command::new(AGENT), source_args);
     }
@@ -281,12 +286,23 @@ impl Harness {
     /// `backends` (addr:port, any order); an empty slice waits for "no backends", and
     /// `None` waits for the frontend to be gone.
     pub fn wait_for_frontend(&mut self, frontend: &str, proto: &str, backends: Option<&[&str]>) {
+        self.wait_for_frontend_within(CONDITION_LIMIT, frontend, proto, backends);
+    }
+
+    /// [`Harness::wait_for_frontend`], giving up after `limit`.
+    pub fn wait_for_frontend_within(
+        &mut self,
+        limit: Duration,
+        frontend: &str,
+        proto: &str,
+        backends: Option<&[&str]>,
+    ) {
         let mut want: Option<Vec<String>> =
             backends.map(|b| b.iter().map(|s| s.to_string()).collect());
         if let Some(w) = want.as_mut() {
             w.sort();
         }
-        let deadline = Instant::now() + CONDITION_LIMIT;
+        let deadline = Instant::now() + limit;
         let mut last = String::new();
         while Instant::now() < deadline {
             // A dead agent will never converge; fail at once with its status.
