@@ -576,15 +576,34 @@ fn connection_ports(pid: u32, server: std::net::SocketAddr) -> Vec<u16> {
         .collect()
 }
 
-/// An nftables table of the test's own that drops, without a word, every packet between
-/// the stand-in's port and these local ports on loopback: the connections die as they do
-/// behind a failed load balancer. Deleted on drop.
+/// Prefix of the nftables tables [`Blackhole`] makes.
+const BLACKHOLE_TABLES: &str = "ekpt_deadconn_";
+
+/// An nftables table of the test's own that drops, without a word, every loopback packet
+/// between the stand-in's port and these local ports: the connections die as they do
+/// behind a failed load balancer. Deleted on drop; tables a killed run left are deleted
+/// before a new one is made.
 struct Blackhole(String);
 
 impl Blackhole {
     /// The table is named after `h`'s prefix; its rules file goes in `h`'s directory.
     fn between(h: &Harness, server: std::net::SocketAddr, ports: &[u16]) -> Self {
         let table = h.prefix.replace('-', "_");
+        assert!(table.starts_with(BLACKHOLE_TABLES), "{table}");
+        let listed = std::process::Command::new("nft")
+            .args(["list", "tables", "inet"])
+            .output()
+            .expect("running nft");
+        for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            if let Some(old) = line
+                .strip_prefix("table inet ")
+                .filter(|t| t.starts_with(BLACKHOLE_TABLES))
+            {
+                let _ = std::process::Command::new("nft")
+                    .args(["delete", "table", "inet", old])
+                    .status();
+            }
+        }
         let set = ports
             .iter()
             .map(u16::to_string)
@@ -595,8 +614,8 @@ impl Blackhole {
             "table inet {table} {{
   chain out {{
     type filter hook output priority 0;
-    tcp sport {{ {set} }} tcp dport {port} drop
-    tcp sport {port} tcp dport {{ {set} }} drop
+    oif lo ip saddr 127.0.0.1 ip daddr 127.0.0.1 tcp sport {{ {set} }} tcp dport {port} drop
+    oif lo ip saddr 127.0.0.1 ip daddr 127.0.0.1 tcp sport {port} tcp dport {{ {set} }} drop
   }}
 }}
 "

@@ -64,8 +64,8 @@ pub async fn client(conn: &Connection) -> Result<Client> {
             .with_context(|| format!("invalid API server address {master:?}"))?;
     }
     if config.proxy_url.is_some() {
-        // kube's own stack speaks to proxies; it sets no keepalive.
-        tracing::info!("reaching the API server through a proxy: no TCP keepalive");
+        // Proxies are kube's own stack's business (this build has no proxy support: it
+        // refuses them with its own error).
         return Client::try_from(config).context("creating the Kubernetes client");
     }
     client_with_keepalive(config).context("creating the Kubernetes client")
@@ -83,23 +83,29 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// Data sent into a dead connection (a request) goes unacknowledged this long at most.
 const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// kube's client stack as `Client::try_from` builds it (TLS from the config, the API
+/// kube's client stack as `Client::try_from` builds it (TLS from the config; the config's
+/// connect timeout over the TCP and TLS handshakes, its write and read timeouts; the API
 /// server's base URI, authentication with token refresh, extra headers, retries of 429 /
 /// 503 / 504), with [`KEEPALIVE_IDLE`] on its TCP connector, which `try_from` offers no way
 /// to set: the custom-client idiom of kube's `ConfigExt`. Left out: kube's debug-level HTTP
-/// spans, the config's read and write timeouts (unset unless a program sets them), and the
-/// expiry an exec plugin's client certificate gives the client.
+/// spans, and the expiry an exec plugin's client certificate gives the client.
 fn client_with_keepalive(config: kube::Config) -> Result<Client> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
-    tcp.set_connect_timeout(config.connect_timeout);
     tcp.set_keepalive(Some(KEEPALIVE_IDLE));
     tcp.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
     tcp.set_keepalive_retries(Some(KEEPALIVE_PROBES));
     tcp.set_tcp_user_timeout(Some(USER_TIMEOUT));
     let https = config.rustls_https_connector_with_connector(tcp)?;
+    // An API server that takes the connection but never answers the TLS handshake (frozen,
+    // or behind a load balancer) is left after the connect timeout, for another one.
+    let mut timed = hyper_timeout::TimeoutConnector::new(https);
+    timed.set_connect_timeout(config.connect_timeout);
+    timed.set_read_timeout(config.read_timeout);
+    timed.set_write_timeout(config.write_timeout);
+    timed.set_reset_reader_on_write(config.reset_reader_on_write);
     let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(timed);
     let retry = config
         .default_retry
         .then(|| RetryLayer::new(RetryPolicy::server_retry()));
