@@ -33,8 +33,8 @@ use proxy_common::{
     ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
     LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4,
     LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_FLAG_HOST_ONLY,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, ServiceKey, SockRevNatKey, SockRevNatValue,
-    is_loopback, log_endpoint,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey, SockRevNatKey,
+    SockRevNatValue, is_loopback, log_endpoint,
 };
 
 use crate::log::{log_debug, log_error};
@@ -212,22 +212,29 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
     // user_port holds the network-order port in its low 16 bits.
     let port = port as u16;
     let mut key = ServiceKey {
-        // Every loopback address reaches the NodePorts kept at 127.0.0.1, as kube-proxy's
-        // `--dst-type LOCAL` match takes all of 127.0.0.0/8.
-        addr: if loopback {
-            LOOPBACK_FRONTEND_ADDR
-        } else {
-            addr
-        },
+        addr,
         port,
         slot: 0,
         proto,
         scope: SCOPE_INTERNAL,
         _pad: [0; 2],
     };
-    // SAFETY: a map value pointer, copied out at once. (The copy may be of another key's
+    // SAFETY: map value pointers, copied out at once. (The copy may be of another key's
     // entry if the agent's updates reuse the element meanwhile: docs/decisions.md.)
-    let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
+    let frontend = match SERVICES.get_ptr(&key) {
+        Some(f) => unsafe { *f },
+        // Every loopback address reaches the NodePorts kept at 127.0.0.1, as kube-proxy's
+        // `--dst-type LOCAL` match takes all of 127.0.0.0/8; nothing else found there.
+        None if loopback => {
+            key.addr = LOOPBACK_FRONTEND_ADDR;
+            let found = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
+            if found.flags & SVC_FLAG_NODE_PORT == 0 {
+                return Err(PROCEED);
+            }
+            found
+        }
+        None => return Err(PROCEED),
+    };
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_value = SockRevNatValue {
@@ -418,8 +425,8 @@ fn translate_reverse<const V6: bool>(ctx: &SockAddrContext) {
         return;
     };
     // Only while the frontend still exists: a deleted Service's old translation must not
-    // keep relabelling traffic. The socket may have reached a loopback NodePort at any
-    // address of 127.0.0.0/8 (`translate_forward`).
+    // keep relabelling traffic. The socket may have reached a loopback NodePort, kept at
+    // 127.0.0.1, at any address of 127.0.0.0/8 (`translate_forward`).
     // (An entry of the array that holds no frontend has address 0, which matches none.)
     // SAFETY: copied out at once.
     let live = REV_NAT

@@ -72,7 +72,13 @@ pub fn fit(
             .is_some_and(|p| p.flags != 0)
     };
     let existing = desired.frontends.values().filter(is_programmed);
+    // New frontends in key order, those on loopback (the node's own processes' NodePorts)
+    // after the rest: with room for one, the node's addresses get it.
     let new = desired.frontends.values().filter(|f| !is_programmed(f));
+    let new = new
+        .clone()
+        .filter(|f| !f.key.addr.is_loopback())
+        .chain(new.filter(|f| f.key.addr.is_loopback()));
 
     let mut fitted = DesiredState {
         local_backends: desired.local_backends.clone(),
@@ -347,6 +353,34 @@ mod tests {
             skipped[0]
                 .reason
                 .contains("the services map is full (8 entries)"),
+            "{}",
+            skipped[0].reason
+        );
+    }
+
+    #[test]
+    fn new_loopback_frontends_are_admitted_after_the_others() {
+        let cap = Capacity {
+            services: 3,
+            ..ROOMY
+        };
+        let at = |addr: Ipv4Addr| {
+            let mut f = frontend(1, &[1, 2]); // 3 entries each
+            f.key.addr = addr;
+            f.kind = FrontendKind::NodePort;
+            f
+        };
+        let loopback = at(Ipv4Addr::LOCALHOST);
+        let node = at(Ipv4Addr::new(192, 0, 2, 1));
+        let (fitted, skipped) = fit(
+            &Programmed::default(),
+            &desired(&[loopback.clone(), node.clone()]),
+            &cap,
+        );
+        assert_eq!(fitted, desired(&[node]));
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            skipped[0].reason.contains("127.0.0.1"),
             "{}",
             skipped[0].reason
         );

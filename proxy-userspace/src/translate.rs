@@ -792,7 +792,13 @@ fn add_service(
             if kind == FrontendKind::LoadBalancer {
                 from_outside.source_ranges = lb_source_ranges.clone();
             }
-            insert_frontend(state, from_outside, &port_object, skipped);
+            // A packet from outside to a loopback address (a LoadBalancer ingress IP of
+            // 127.0.0.0/8, which the API server lets through) is a martian the node drops;
+            // translated, it would reach the Service from any neighbour (CVE-2020-8558's
+            // kind). The node's own processes still reach it.
+            if !addr.is_loopback() {
+                insert_frontend(state, from_outside, &port_object, skipped);
+            }
             // Pods and the node itself: kube-proxy's EXT chain short-circuits them to the
             // cluster endpoints whatever the policies (C11). An externalIP they are not
             // served (`safety`) claims no key either.
@@ -2503,6 +2509,23 @@ mod tests {
             &[cluster_ip_with_node_port],
             &[a_on_n2_b_on_n1()]
         )));
+    }
+
+    /// A LoadBalancer ingress IP on loopback: served to the node's own processes (kube-proxy
+    /// DNATs it in OUTPUT), never to packets from outside.
+    #[test]
+    fn a_load_balancer_ip_on_loopback_is_internal_only() {
+        let service = web()
+            .type_("LoadBalancer")
+            .target_port(IntOrString::Int(8080))
+            .node_port(30080)
+            .ingress("127.0.0.5", "");
+        let t = translate(&[service], &[a_on_n2_b_on_n1()], &n1());
+        let loopback: Vec<String> = kinds(&t)
+            .into_iter()
+            .filter(|k| k.contains(" 127."))
+            .collect();
+        assert_eq!(loopback, ["int 127.0.0.5:80/TCP LoadBalancer"]);
     }
 
     /// Which `--nodeport-addresses` admit loopback NodePorts: kube-proxy's iptables mode

@@ -670,6 +670,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
     cluster.write_manifest("svc.yaml", LOAD_BALANCER);
     cluster.write_manifest("eps.yaml", ENDPOINTS);
     cluster.write_manifest("others.yaml", OTHERS);
+    cluster.write_manifest("loopback-lb.yaml", LOOPBACK_LOAD_BALANCER);
     cluster.write_manifest(
         "local.yaml",
         &local_node_port("local", "10.96.0.12", 30082, "10.244.2.10", "node-2"),
@@ -681,6 +682,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
     cluster.start_agents();
     let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
     cluster.wait_for(0, "127.0.0.1:30080", "internal", &both);
+    cluster.wait_for(0, "127.0.0.1:8080", "internal", &both);
     cluster.wait_for(0, "203.0.113.10:80", "external", &both);
     cluster.wait_for(0, "198.51.100.10:80", "external", &both);
     cluster.wait_for(0, "192.168.77.11:30081", "external", &[]);
@@ -816,6 +818,16 @@ fn load_balancer_external_ip_and_node_port_cases() {
     }
     let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "127.0.0.1:30082", 5);
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["pod-2 192.168.77.11"]);
+    // A load balancer's address on loopback is served where it is, as kube-proxy's exact
+    // match serves it; the other loopback addresses reach NodePorts only (nothing listens
+    // on node1's 8080: refused).
+    let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "127.0.0.1:8080", 20);
+    assert!(
+        counts.keys().all(|answer| answer.starts_with("pod-")),
+        "{counts:?}"
+    );
+    let refused = cluster.fails(&node1.ns, Some(&node1.cgroup), "127.0.0.2:8080");
+    assert_eq!(refused["errno"], 111, "{refused}");
     let refused = cluster.fails(&node1.pod, Some(&node1.cgroup), "127.0.0.1:30080");
     assert_eq!(refused["errno"], 111, "{refused}");
     // node2's agent runs with `--localhost-nodeports=false`: its host process answers.
@@ -825,9 +837,9 @@ fn load_balancer_external_ip_and_node_port_cases() {
         listed
             .iter()
             .any(|f| f["frontend"] == "192.168.77.12:30080")
-            && listed
-                .iter()
-                .all(|f| !f["frontend"].as_str().unwrap_or("").starts_with("127.")),
+            && listed.iter().all(|f| {
+                f["type"] != "NodePort" || !f["frontend"].as_str().unwrap_or("").starts_with("127.")
+            }),
         "{listed:?}"
     );
     let mut squatter = node2.ns.command(PEER, None).expect("host process command");
@@ -859,6 +871,37 @@ status:
     ingress:
       - {ip: 203.0.113.10}
       - {ip: 203.0.113.11, ipMode: Proxy}
+";
+
+/// A LoadBalancer whose ingress IP is the node's loopback address (the API server does not
+/// refuse one), on the pods' own port: not a NodePort's address however it looks.
+const LOOPBACK_LOAD_BALANCER: &str = "apiVersion: v1
+kind: Service
+metadata: {name: loopback-lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.15
+  ports: [{name: http, port: 8080, targetPort: 8080, nodePort: 30085, protocol: TCP}]
+status:
+  loadBalancer:
+    ingress:
+      - {ip: 127.0.0.1}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: loopback-lb-1
+  namespace: default
+  labels: {kubernetes.io/service-name: loopback-lb}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.10]
+    conditions: {ready: true}
+    nodeName: node-1
+  - addresses: [10.244.2.10]
+    conditions: {ready: true}
+    nodeName: node-2
 ";
 
 /// Beside `web`: `closed` (endpoints on a port nothing listens on), `empty-external` and
