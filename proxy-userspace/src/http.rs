@@ -186,6 +186,26 @@ fn rfc3339(t: Option<SystemTime>) -> String {
         .unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
 }
 
+/// kube-proxy's `/healthz` (with `eligible`) and `/livez` bodies. While `ok` it reports the
+/// current time as `lastUpdated` (its older releases' meaning, "the sync loop ran
+/// recently"); the metrics tell the last sync.
+fn health_body(
+    ok: bool,
+    last: Option<SystemTime>,
+    now: SystemTime,
+    eligible: Option<bool>,
+) -> String {
+    let last = if ok { Some(now) } else { last };
+    let eligible = eligible
+        .map(|e| format!(", \"nodeEligible\": {e}"))
+        .unwrap_or_default();
+    format!(
+        "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"{eligible}}}",
+        rfc3339(last),
+        rfc3339(Some(now))
+    )
+}
+
 async fn healthz(State(app): State<AppState>) -> Response {
     let now = SystemTime::now();
     let (healthy, eligible, last) = app.health.status(now);
@@ -200,11 +220,7 @@ async fn healthz(State(app): State<AppState>) -> Response {
             code: code.as_u16().to_string(),
         })
         .inc();
-    let body = format!(
-        "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\", \"nodeEligible\": {eligible}}}",
-        rfc3339(last),
-        rfc3339(Some(now))
-    );
+    let body = health_body(code == StatusCode::OK, last, now, Some(eligible));
     json(code, body)
 }
 
@@ -222,12 +238,7 @@ async fn livez(State(app): State<AppState>) -> Response {
             code: code.as_u16().to_string(),
         })
         .inc();
-    let body = format!(
-        "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"}}",
-        rfc3339(last),
-        rfc3339(Some(now))
-    );
-    json(code, body)
+    json(code, health_body(healthy, last, now, None))
 }
 
 fn json(code: StatusCode, body: String) -> Response {
@@ -282,6 +293,24 @@ mod tests {
         );
         health.set_node_eligible(false);
         assert!(!health.status(t0 + Duration::from_secs(500)).1);
+    }
+
+    #[test]
+    fn healthy_bodies_report_the_current_time_as_last_updated() {
+        let synced = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_564_800);
+        let now = synced + Duration::from_secs(3_723);
+        assert_eq!(
+            health_body(true, Some(synced), now, Some(true)),
+            r#"{"lastUpdated": "2026-11-25T01:02:03Z","currentTime": "2026-11-25T01:02:03Z", "nodeEligible": true}"#
+        );
+        assert_eq!(
+            health_body(false, Some(synced), now, Some(false)),
+            r#"{"lastUpdated": "2026-11-25T00:00:00Z","currentTime": "2026-11-25T01:02:03Z", "nodeEligible": false}"#
+        );
+        assert_eq!(
+            health_body(false, None, now, None),
+            r#"{"lastUpdated": "0001-01-01T00:00:00Z","currentTime": "2026-11-25T01:02:03Z"}"#
+        );
     }
 
     #[test]

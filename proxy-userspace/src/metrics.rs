@@ -71,10 +71,15 @@ impl Metrics {
     pub fn new() -> Self {
         // kube-proxy's buckets: 1 ms .. ~16 s.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        let network_programming_duration = Histogram::new([
-            0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0, 30.0, 60.0,
-            120.0, 300.0,
-        ]);
+        // kube-proxy's buckets: 0, 0.25 and 0.5 s, every second to 59 s, every 5 s to
+        // 115 s, every 30 s to 5 minutes.
+        let network_programming_duration = Histogram::new(
+            [0.0, 0.25, 0.5]
+                .into_iter()
+                .chain((1..=59).map(f64::from))
+                .chain((0..12).map(|i| f64::from(60 + 5 * i)))
+                .chain((0..7).map(|i| f64::from(120 + 30 * i))),
+        );
         let mut m = Metrics {
             sync_duration,
             last_sync_timestamp: Gauge::default(),
@@ -126,7 +131,8 @@ impl Metrics {
             m.service_changes.clone(),
         );
         m.registry.register(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints",
+            // A gauge whose name ends in `_total`, as kube-proxy's does.
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             m.no_local_endpoints.clone(),
         );
@@ -204,8 +210,17 @@ mod tests {
             .get_or_create(&CodeLabel { code: "200".into() })
             .inc();
         m.sync_duration.observe(0.002);
+        m.no_local_endpoints
+            .get_or_create(&PolicyLabel {
+                traffic_policy: "external".into(),
+            })
+            .set(2);
         let text = m.encode();
         for name in [
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 2",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"45.0\"}",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"115.0\"}",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",

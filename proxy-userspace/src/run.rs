@@ -358,7 +358,10 @@ pub async fn run(config: Config) -> Result<()> {
         let _ = node_events.set(events.clone());
     }
     // Detecting devices needs the Node's addresses, hence the source before attaching.
-    let mut state = LoopState::default();
+    let mut state = LoopState {
+        started: Some(SystemTime::now()),
+        ..LoopState::default()
+    };
     let (snapshot, read) = timed(|| source.snapshot(&config.node_name));
     let node_addresses = node_info(
         &config.node_name,
@@ -633,6 +636,11 @@ struct LoopState {
     node_addresses: Vec<Ipv4Addr>,
     /// Whether the last sync had this node's Node object (`None` before the first).
     node_known: Option<bool>,
+    /// Whether any sync had it: its disappearance is then its deletion.
+    node_seen: bool,
+    /// When the agent started: EndpointSlice changes triggered before then were applied by
+    /// someone else (a previous agent, kube-proxy), not by this one's syncs.
+    started: Option<SystemTime>,
     /// The next sync translates and diffs everything, not only what changed.
     full: bool,
     /// Health checks per (namespace, Service name) group that has any (or a problem),
@@ -715,7 +723,8 @@ fn sync_once(
         }
     };
     let prepare_started = std::time::Instant::now();
-    health.set_node_eligible(node_eligible(input.node()));
+    state.node_seen |= input.node().is_some();
+    health.set_node_eligible(node_eligible(input.node(), state.node_seen));
     let node = node_info(&config.node_name, input.node(), &config.node_ports);
     metrics
         .service_changes
@@ -802,15 +811,16 @@ fn sync_once(
         touched = touched.is_some(),
         "sync phases"
     );
+    // Failed syncs count too, as kube-proxy observes every run of its sync.
+    metrics
+        .sync_duration
+        .observe((started.elapsed() + ahead).as_secs_f64());
     match result {
         Ok(stats) => {
             let now = SystemTime::now();
             health.updated(now);
-            metrics
-                .sync_duration
-                .observe((started.elapsed() + ahead).as_secs_f64());
             metrics.last_sync_timestamp.set(unix_seconds(now));
-            observe_programming_latency(&changes.new_slices, now, metrics);
+            observe_programming_latency(&changes.new_slices, state.started, now, metrics);
             // Like kube-proxy, after the rules are in place.
             let addresses = healthcheck::listen_addresses(&config.node_ports, &node);
             let checks: Vec<HealthCheck> = state
@@ -896,28 +906,47 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 }
 
 /// kube-proxy's network programming latency: from the EndpointSlice controller's
-/// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it.
+/// `endpoints.kubernetes.io/last-change-trigger-time` to the sync that applied it. Only
+/// changes triggered after the agent `started` count, as kube-proxy's endpoints tracker
+/// keeps only those: at a start every slice is new to the agent, and its trigger time may
+/// be days old.
 fn observe_programming_latency(
     changed: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+    started: Option<SystemTime>,
     now: SystemTime,
     metrics: &Metrics,
 ) {
-    for slice in changed {
-        let trigger = slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-        if let Some(trigger) = trigger
-            && let Ok(now) = jiff::Timestamp::try_from(now)
-        {
-            let seconds = now.duration_since(trigger).as_secs_f64();
-            if seconds >= 0.0 {
-                metrics.network_programming_duration.observe(seconds);
-            }
-        }
+    for seconds in programming_latencies(changed, started, now) {
+        metrics.network_programming_duration.observe(seconds);
     }
+}
+
+/// The latencies [`observe_programming_latency`] observes, in seconds.
+fn programming_latencies(
+    changed: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+    started: Option<SystemTime>,
+    now: SystemTime,
+) -> Vec<f64> {
+    let (Ok(now), Some(Ok(started))) = (
+        jiff::Timestamp::try_from(now),
+        started.map(jiff::Timestamp::try_from),
+    ) else {
+        return Vec::new();
+    };
+    changed
+        .iter()
+        .filter_map(|slice| {
+            let trigger = slice
+                .metadata
+                .annotations
+                .as_ref()?
+                .get("endpoints.kubernetes.io/last-change-trigger-time")?
+                .parse::<jiff::Timestamp>()
+                .ok()?;
+            (trigger > started).then(|| now.duration_since(trigger).as_secs_f64())
+        })
+        .filter(|seconds| *seconds >= 0.0)
+        .collect()
 }
 
 /// kube-proxy's `sync_proxy_rules_no_local_endpoints`: Services whose `Local` traffic
@@ -991,10 +1020,13 @@ fn note_node(name: &str, node: Option<&Node>, known: &mut Option<bool>) {
 }
 
 /// kube-proxy reports `nodeEligible: false` while the node is being deleted or the cluster
-/// autoscaler is removing it, so that load balancers stop sending traffic first.
-fn node_eligible(node: Option<&Node>) -> bool {
+/// autoscaler is removing it, so that load balancers stop sending traffic first. A Node
+/// object that was `seen` and is gone was deleted: ineligible too (kube-proxy marks it so,
+/// or, since 1.31, exits). Before it is first seen the node is eligible, as kube-proxy's is
+/// while it starts.
+fn node_eligible(node: Option<&Node>, seen: bool) -> bool {
     let Some(node) = node else {
-        return true;
+        return !seen;
     };
     let deleting = node.metadata.deletion_timestamp.is_some();
     let autoscaler_taint = node
@@ -1097,6 +1129,54 @@ mod scale;
 mod tests {
     use super::*;
     use crate::model::{DesiredState, Frontend, FrontendKind, Protocol, Scope, WhenEmpty};
+
+    /// A slice whose last change the EndpointSlice controller stamped at `trigger`.
+    fn triggered_at(trigger: &str) -> Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "web-1",
+                    "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": trigger},
+                },
+                "addressType": "IPv4",
+                "endpoints": [],
+            }))
+            .expect("a valid EndpointSlice"),
+        )
+    }
+
+    /// As kube-proxy's endpoints tracker: a change triggered before the agent started is
+    /// not this agent's programming latency (at a start every slice is new to it).
+    #[test]
+    fn programming_latency_counts_changes_triggered_since_the_start() {
+        let at = |t: &str| {
+            let ts: jiff::Timestamp = t.parse().expect("a timestamp");
+            SystemTime::from(ts)
+        };
+        let started = Some(at("2026-11-29T10:00:00Z"));
+        let now = at("2026-11-29T10:00:10Z");
+        let slices = [
+            triggered_at("2026-11-20T08:00:00Z"),
+            triggered_at("2026-11-29T10:00:00Z"),
+            triggered_at("2026-11-29T10:00:07.5Z"),
+            triggered_at("not a time"),
+        ];
+        assert_eq!(programming_latencies(&slices, started, now), [2.5]);
+    }
+
+    #[test]
+    fn a_node_that_was_seen_and_is_gone_is_not_eligible() {
+        assert!(node_eligible(None, false), "not seen yet: starting up");
+        assert!(!node_eligible(None, true), "seen, then gone: deleted");
+        let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}}))
+            .expect("a valid Node");
+        assert!(node_eligible(Some(&node), true));
+        let deleting: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "deletionTimestamp": "2026-11-29T10:00:00Z"},
+        }))
+        .expect("a valid Node");
+        assert!(!node_eligible(Some(&deleting), true));
+    }
 
     fn dropping(
         addr: [u8; 4],
