@@ -52,7 +52,8 @@ enum Command {
     /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
     Cleanup,
     /// Remove what kube-proxy left in the kernel (its iptables chains and the jumps to them,
-    /// its nftables tables, the IPVS dummy interface), as `kube-proxy --cleanup` does.
+    /// its nftables tables, the IPVS dummy interface), as `kube-proxy --cleanup` does; IPVS
+    /// virtual servers left are counted, not removed (`ipvsadm --clear`).
     CleanupIptables {
         /// Print what would be removed and change nothing.
         #[arg(long)]

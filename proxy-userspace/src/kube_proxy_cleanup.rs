@@ -13,7 +13,9 @@
 //!   `KUBE-MARK-DROP` from older kubelets) are not kube-proxy's and stay, with their jumps.
 //! - nftables: the tables `ip kube-proxy` and `ip6 kube-proxy`.
 //! - IPVS: the `kube-ipvs0` dummy interface. IPVS virtual servers and kube-proxy's ipsets
-//!   are not touched (no `ipvsadm`/`ipset`; the kernels this project targets have no IPVS).
+//!   are not removed (`kube-proxy --cleanup` removes them; here there is no `ipvsadm` or
+//!   `ipset`, and no kernel with IPVS to test against): the virtual servers left are
+//!   counted and named as what to run.
 //!
 //! How, like kube-proxy: one `iptables-save` per backend and family (all existing tables; a
 //! per-table save would create a missing legacy table), the deletions computed by the pure
@@ -32,7 +34,9 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// kube-proxy's fixed nat chains: iptables mode (`KUBE-SERVICES` .. `KUBE-PROXY-CANARY`),
-/// then IPVS mode (`KUBE-NODE-PORT`, `KUBE-LOAD-BALANCER`).
+/// then IPVS mode (`KUBE-NODE-PORT`, `KUBE-LOAD-BALANCER`, and the nat `KUBE-FIREWALL` of
+/// its older releases, which listed it in their cleanup; the kubelet's `KUBE-FIREWALL` is
+/// in the filter table).
 pub const NAT_CHAINS: &[&str] = &[
     "KUBE-SERVICES",
     "KUBE-NODEPORTS",
@@ -41,6 +45,7 @@ pub const NAT_CHAINS: &[&str] = &[
     "KUBE-PROXY-CANARY",
     "KUBE-NODE-PORT",
     "KUBE-LOAD-BALANCER",
+    "KUBE-FIREWALL",
 ];
 
 /// kube-proxy's filter chains: iptables mode, then IPVS mode.
@@ -60,13 +65,15 @@ pub const FILTER_CHAINS: &[&str] = &[
 /// kube-proxy's mangle chain (the canary it watches for rule flushes).
 pub const MANGLE_CHAINS: &[&str] = &["KUBE-PROXY-CANARY"];
 
-/// Per-Service and per-endpoint chains of the nat table (kube-proxy's `isServiceChainName`).
+/// Per-Service and per-endpoint chains of the nat table (kube-proxy's `isServiceChainName`,
+/// with the `KUBE-XLB-` chains of releases up to 1.23, which its cleanup removed until 1.26).
 pub const SERVICE_CHAIN_PREFIXES: &[&str] = &[
     "KUBE-SVC-",
     "KUBE-SVL-",
     "KUBE-EXT-",
     "KUBE-FW-",
     "KUBE-SEP-",
+    "KUBE-XLB-",
 ];
 
 /// The nftables table kube-proxy's nftables mode owns, in families `ip` and `ip6`.
@@ -111,13 +118,18 @@ pub struct SavedRule {
 
 /// Parses `iptables-save` output (with or without `-c` counters). Comment and blank lines
 /// are skipped; anything else that is not a table, chain, rule or `COMMIT` line is an error,
-/// so that nothing is removed on the strength of output that was not understood.
+/// so that nothing is removed on the strength of output that was not understood. So is
+/// the comment older `iptables-nft` prints for a table it cannot decode instead of the
+/// table (``# Table `nat' is incompatible, use 'nft' tool.``): that table was not read.
 pub fn parse_save(text: &str) -> Result<Vec<SavedTable>> {
     let mut tables = Vec::new();
     let mut current: Option<SavedTable> = None;
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         let at = || format!("iptables-save line {}: {raw:?}", i + 1);
+        if line.starts_with("# Table") && line.contains("is incompatible") {
+            bail!("{}: a table this iptables cannot read", at());
+        }
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -426,6 +438,19 @@ struct Totals {
     failures: Vec<String>,
 }
 
+/// Virtual servers in `/proc/net/ip_vs`: the lines that start one (`TCP`, `UDP`, `SCTP`
+/// or `FWM` and its address), not the header nor their real servers (`  -> `).
+fn ipvs_virtual_servers(table: &str) -> usize {
+    table
+        .lines()
+        .filter(|l| {
+            ["TCP ", "UDP ", "SCTP ", "FWM "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .count()
+}
+
 /// Runs the cleanup (or, with `dry_run`, reports what it would remove). Fails only when a
 /// command that reads or removes rules fails; missing tools are skipped with a note.
 pub fn run(dry_run: bool) -> Result<()> {
@@ -604,12 +629,15 @@ fn clean_nftables(dry_run: bool, totals: &mut Totals) {
 
 fn clean_ipvs(dry_run: bool, totals: &mut Totals) {
     // /proc/net follows the network namespace of the reader.
-    if Path::new("/proc/net/ip_vs").exists() {
-        println!(
-            "IPVS: loaded; virtual servers are not removed here (no ipvsadm): `ipvsadm --clear` if kube-proxy ran in IPVS mode"
-        );
-    } else {
-        println!("IPVS: not loaded, no virtual servers to remove");
+    match std::fs::read_to_string("/proc/net/ip_vs") {
+        Ok(table) => match ipvs_virtual_servers(&table) {
+            0 => println!("IPVS: loaded, no virtual servers"),
+            n => println!(
+                "IPVS: {n} virtual server{} left, not removed here (no ipvsadm in this                  program): they still balance what reaches this node's stack for their                  addresses; run `ipvsadm --clear` (and `ipset destroy` for kube-proxy's                  KUBE-* sets) if kube-proxy ran in IPVS mode",
+                plural(n)
+            ),
+        },
+        Err(_) => println!("IPVS: not loaded, no virtual servers to remove"),
     }
     if !interface_exists(IPVS_DUMMY) {
         println!("IPVS: no {IPVS_DUMMY} interface");
@@ -957,8 +985,13 @@ COMMIT
         assert!(is_kube_proxy_chain("nat", "KUBE-SEP-ASQ2MJ7JW3FH4BAF"));
         assert!(is_kube_proxy_chain("nat", "KUBE-FW-ULMVA6XW4YAZ7W2T"));
         assert!(!is_kube_proxy_chain("filter", "KUBE-SEP-ASQ2MJ7JW3FH4BAF"));
+        assert!(is_kube_proxy_chain("nat", "KUBE-XLB-ULMVA6XW4YAZ7W2T"));
         assert!(!is_kube_proxy_chain("nat", "KUBE-MARK-DROP"));
         assert!(!is_kube_proxy_chain("filter", "KUBE-FIREWALL"));
+        assert!(
+            is_kube_proxy_chain("nat", "KUBE-FIREWALL"),
+            "older IPVS mode's"
+        );
         assert!(!is_kube_proxy_chain("raw", "KUBE-SERVICES"));
     }
 
@@ -1014,6 +1047,8 @@ COMMIT
         assert!(parse_save("*nat\n:PREROUTING ACCEPT [0:0]\n").is_err());
         assert!(parse_save("*nat\nChain PREROUTING (policy ACCEPT)\nCOMMIT\n").is_err());
         assert!(parse_save("*nat\n:KUBE-SERVICES\nCOMMIT\n").is_err());
+        // iptables-nft before 1.8.9 on a table holding native nft expressions.
+        assert!(parse_save("# Table `nat' is incompatible, use 'nft' tool.\n").is_err());
     }
 
     #[test]
@@ -1022,6 +1057,23 @@ COMMIT
                        table inet kube-proxy\ntable ip6 kube-proxy\ntable ip kube-proxy-extra\n";
         assert_eq!(kube_proxy_nft_families(listing), ["ip", "ip6"]);
         assert!(kube_proxy_nft_families("").is_empty());
+    }
+
+    #[test]
+    fn ipvs_virtual_servers_are_counted_without_their_real_servers() {
+        let table = "IP Virtual Server version 1.2.1 (size=4096)\n\
+            Prot LocalAddress:Port Scheduler Flags\n\
+              -> RemoteAddress:Port Forward Weight ActiveConn InActConn\n\
+            TCP  0A600001:01BB rr\n\
+              -> C0A80002:192B      Masq    1      0          0\n\
+            UDP  0A60000A:0035 rr\n\
+              -> 0AF40003:0035      Masq    1      0          0\n\
+              -> 0AF40004:0035      Masq    1      0          0\n";
+        assert_eq!(ipvs_virtual_servers(table), 2);
+        assert_eq!(
+            ipvs_virtual_servers("IP Virtual Server version 1.2.1 (size=4096)\n"),
+            0
+        );
     }
 
     #[test]
