@@ -1,6 +1,7 @@
 //! Prometheus metrics: kube-proxy's names where the meaning is the same (so existing
-//! dashboards keep working), `ebpf_kube_proxy_*` for what is ours. Counters get the
-//! `_total` suffix from the OpenMetrics encoder.
+//! dashboards keep working), the `process_*` ones of every Prometheus client (`process`),
+//! `ebpf_kube_proxy_*` for what is ours. Counters get the `_total` suffix from the
+//! OpenMetrics encoder.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+
+mod process;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -186,6 +189,8 @@ impl Metrics {
             "North-south conntrack entries left after the collector's last pass",
             m.conntrack_entries.clone(),
         );
+        m.registry
+            .register_collector(Box::new(process::ProcessCollector));
         m
     }
 
@@ -228,6 +233,12 @@ mod tests {
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
             "kubeproxy_sync_proxy_rules_service_changes_total 0",
             "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_start_time_seconds ",
+            "process_open_fds ",
+            "process_max_fds ",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
