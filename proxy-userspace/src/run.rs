@@ -323,7 +323,7 @@ pub async fn run(config: Config) -> Result<()> {
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
     // A source that cannot be opened (no such directory, no usable kubeconfig) stops the
     // start before anything is pinned.
-    let opened = open_source(&config).await?;
+    let opened = open_source(&config, &metrics).await?;
 
     // The kernel verifies the programs on a thread of its own while this one waits for the
     // Kubernetes source's initial lists, or reads the manifests, and translates the
@@ -536,7 +536,7 @@ enum Opened {
 /// Checks that the source can be used at all: the manifests directory exists and is
 /// watched (from here on no change to it is missed), or the Kubernetes client is
 /// configured.
-async fn open_source(config: &Config) -> Result<Opened> {
+async fn open_source(config: &Config, metrics: &Metrics) -> Result<Opened> {
     match &config.source {
         SourceConfig::Manifests(dir) => {
             if !dir.is_dir() {
@@ -549,7 +549,9 @@ async fn open_source(config: &Config) -> Result<Opened> {
                 events,
             })
         }
-        SourceConfig::Kube(conn) => Ok(Opened::Kube(kube_source::client(conn).await?)),
+        SourceConfig::Kube(conn) => Ok(Opened::Kube(
+            kube_source::client(conn, metrics.rest_client.clone()).await?,
+        )),
     }
 }
 

@@ -90,12 +90,20 @@ async fn replace_slice(api: &Api<EndpointSlice>, name: &str, wanted: EndpointSli
 async fn c26_services_and_slices_from_the_api_program_the_vip_and_follow_scaling() {
     let mut h = Harness::new("kube", &["pod-a", "pod-b"]);
     let _servers = h.serve(&[8080], &[]);
-    let (_server, client) = agent_on_apiserver(&mut h).await;
+    let (server, client) = agent_on_apiserver(&mut h).await;
     let (services, slices) = create_web_on_pod_a(&mut h, &client).await;
     assert_eq!(
         answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
         Some(&10)
     );
+    // Its API requests are counted as client-go counts them: the three lists at least.
+    let host = server.address().to_string();
+    let answered = labelled(
+        &h,
+        "rest_client_requests_total",
+        &[("code", "200"), ("host", &host), ("method", "GET")],
+    );
+    assert!(answered >= 3.0, "{answered} requests answered");
 
     // Scale up: both pods.
     replace_slice(
@@ -216,6 +224,11 @@ async fn c25_service_proxy_name_label_hides_the_service_until_removed() {
 
 /// One sample of a scraped metric (unlabelled), parsed as Prometheus text.
 fn metric(h: &Harness, name: &str) -> f64 {
+    labelled(h, name, &[])
+}
+
+/// The sample of a scraped metric with exactly `labels`.
+fn labelled(h: &Harness, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (code, text) = common::http_get(&h.served_address("metrics"), "/metrics");
     assert_eq!(code, 200);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
@@ -223,8 +236,12 @@ fn metric(h: &Harness, name: &str) -> f64 {
     let sample = scrape
         .samples
         .iter()
-        .find(|s| s.metric == name && s.labels.is_empty())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("{name} {labels:?} missing from /metrics:\n{text}"));
     match sample.value {
         prometheus_parse::Value::Counter(v)
         | prometheus_parse::Value::Gauge(v)

@@ -33,6 +33,7 @@ use tower::retry::RetryLayer;
 use tower::{BoxError, ServiceBuilder};
 
 use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
+use crate::metrics::RestClientMetrics;
 
 /// How to reach the API server.
 #[derive(Clone, Debug, Default)]
@@ -44,8 +45,8 @@ pub struct Connection {
     pub master: Option<String>,
 }
 
-/// Builds a client from the connection settings.
-pub async fn client(conn: &Connection) -> Result<Client> {
+/// Builds a client from the connection settings; its requests are counted in `rest`.
+pub async fn client(conn: &Connection, rest: RestClientMetrics) -> Result<Client> {
     let mut config = match &conn.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -68,7 +69,7 @@ pub async fn client(conn: &Connection) -> Result<Client> {
         // refuses them with its own error).
         return Client::try_from(config).context("creating the Kubernetes client");
     }
-    client_with_keepalive(config).context("creating the Kubernetes client")
+    client_with_keepalive(config, rest).context("creating the Kubernetes client")
 }
 
 /// TCP keepalive on the API server connections, so that one that dies without a word (a
@@ -88,8 +89,9 @@ const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// server's base URI, authentication with token refresh, extra headers, retries of 429 /
 /// 503 / 504), with [`KEEPALIVE_IDLE`] on its TCP connector, which `try_from` offers no way
 /// to set: the custom-client idiom of kube's `ConfigExt`. Left out: kube's debug-level HTTP
-/// spans, and the expiry an exec plugin's client certificate gives the client.
-fn client_with_keepalive(config: kube::Config) -> Result<Client> {
+/// spans, and the expiry an exec plugin's client certificate gives the client. Each
+/// request sent (each try of a retried one, as client-go counts them) goes to `rest`.
+fn client_with_keepalive(config: kube::Config, rest: RestClientMetrics) -> Result<Client> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_keepalive(Some(KEEPALIVE_IDLE));
@@ -106,6 +108,22 @@ fn client_with_keepalive(config: kube::Config) -> Result<Client> {
     timed.set_reset_reader_on_write(config.reset_reader_on_write);
     let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(timed);
+    let host = config
+        .cluster_url
+        .authority()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let metered = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let (http, rest, host) = (http.clone(), rest.clone(), host.clone());
+        async move {
+            let method = request.method().to_string();
+            let started = std::time::Instant::now();
+            let response = http.request(request).await;
+            let code = response.as_ref().ok().map(|r| r.status().as_u16());
+            rest.observe(&method, &host, code, started.elapsed());
+            response
+        }
+    });
     let retry = config
         .default_retry
         .then(|| RetryLayer::new(RetryPolicy::server_retry()));
@@ -115,7 +133,7 @@ fn client_with_keepalive(config: kube::Config) -> Result<Client> {
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(BoxError::from)
-        .service(http);
+        .service(metered);
     Ok(Client::new(service, config.default_namespace))
 }
 
