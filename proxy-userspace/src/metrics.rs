@@ -106,6 +106,10 @@ pub struct SkipLabel {
 pub struct Metrics {
     pub registry: Registry,
     pub sync_duration: Histogram,
+    /// Syncs that diffed everything (the first, periodic, retried, degraded ones).
+    pub sync_full_duration: Histogram,
+    /// Syncs that looked at what changed only.
+    pub sync_partial_duration: Histogram,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub network_programming_duration: Histogram,
@@ -146,6 +150,8 @@ impl Metrics {
         );
         let mut m = Metrics {
             sync_duration,
+            sync_full_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            sync_partial_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             last_sync_timestamp: Gauge::default(),
             last_queued_timestamp: Gauge::default(),
             network_programming_duration,
@@ -165,25 +171,46 @@ impl Metrics {
             rest_client: RestClientMetrics::new(),
             registry: Registry::default(),
         };
-        m.registry.register(
+        // kube-proxy labels its per-proxier metrics with the IP family (1.33 and later);
+        // this agent proxies IPv4.
+        let ipv4 = m
+            .registry
+            .sub_registry_with_label(("ip_family".into(), "IPv4".into()));
+        ipv4.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
             m.sync_duration.clone(),
         );
-        m.registry.register(
+        ipv4.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.sync_full_duration.clone(),
+        );
+        ipv4.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.sync_partial_duration.clone(),
+        );
+        ipv4.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
             m.last_sync_timestamp.clone(),
         );
-        m.registry.register(
+        ipv4.register(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a sync of proxy rules was queued",
             m.last_queued_timestamp.clone(),
         );
-        m.registry.register(
+        ipv4.register(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
             m.network_programming_duration.clone(),
+        );
+        ipv4.register(
+            // A gauge whose name ends in `_total`, as kube-proxy's does.
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
         );
         m.registry.register(
             "kubeproxy_sync_proxy_rules_endpoint_changes",
@@ -194,12 +221,6 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",
             m.service_changes.clone(),
-        );
-        m.registry.register(
-            // A gauge whose name ends in `_total`, as kube-proxy's does.
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-            "Number of services with a Local traffic policy and no endpoints",
-            m.no_local_endpoints.clone(),
         );
         m.registry.register(
             "kubeproxy_proxy_healthz",
@@ -298,10 +319,13 @@ mod tests {
             .set(2);
         let text = m.encode();
         for name in [
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 2",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"45.0\"}",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"115.0\"}",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"45.0\"}",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"115.0\"}",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"300.0\"}",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.001\"}",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.001\"}",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",

@@ -799,6 +799,7 @@ fn sync_once(
 
     let prepared = prepare_started.elapsed();
     let write_started = std::time::Instant::now();
+    let partial = fitted.is_none() && touched.is_some();
     let result = match (&fitted, touched) {
         (None, Some(touched)) => syncer.sync_touched(desired, touched),
         _ => syncer.sync(fitted.as_ref().unwrap_or(desired)),
@@ -814,9 +815,13 @@ fn sync_once(
         "sync phases"
     );
     // Failed syncs count too, as kube-proxy observes every run of its sync.
-    metrics
-        .sync_duration
-        .observe((started.elapsed() + ahead).as_secs_f64());
+    let took = (started.elapsed() + ahead).as_secs_f64();
+    metrics.sync_duration.observe(took);
+    if partial {
+        metrics.sync_partial_duration.observe(took);
+    } else {
+        metrics.sync_full_duration.observe(took);
+    }
     match result {
         Ok(stats) => {
             let now = SystemTime::now();

@@ -109,14 +109,20 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
-    assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds "));
+    assert!(
+        text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} ")
+    );
 }
 
 /// `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds` of a scrape.
 fn last_queued(metrics_addr: &str) -> String {
     let (_, text) = get(metrics_addr, "/metrics");
     text.lines()
-        .find(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds "))
+        .find(|l| {
+            l.starts_with(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"} ",
+            )
+        })
         .unwrap_or_else(|| panic!("no last-queued metric in:\n{text}"))
         .to_owned()
 }
@@ -142,6 +148,31 @@ fn an_idle_agent_queues_no_sync_and_an_edit_queues_one() {
     );
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8081"]));
     assert_ne!(last_queued(&metrics), before, "the edit was not queued");
+    // The start diffed everything; the edit only what changed: each in its histogram.
+    for kind in ["full", "partial"] {
+        let count = format!("kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count");
+        wait_for_sample(&metrics, &format!("{count}{{ip_family=\"IPv4\"}} "), 1.0);
+    }
+}
+
+/// Waits until the scraped sample whose line starts with `prefix` is at least `least`.
+fn wait_for_sample(metrics_addr: &str, prefix: &str, least: f64) {
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    loop {
+        let (_, text) = get(metrics_addr, "/metrics");
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if value.is_some_and(|v| v >= least) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{prefix} never reached {least}: {value:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The conntrack collector runs in the agent and reports each pass on `/metrics`.
