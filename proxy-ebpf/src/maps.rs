@@ -91,8 +91,8 @@ pub static LOG_RECORDS: RingBuf<LogRecord, { LOG_RECORDS_BYTES as usize }> = Rin
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
 
-/// The socket programs' settings (one entry, key 0): host-namespace-only mode. Written by
-/// the agent, read by `connect4`/`sendmsg4`.
+/// The socket programs' settings (one entry, key 0): the node's network namespace and the
+/// host-namespace-only mode. Written by the agent, read by `connect4`/`sendmsg4`.
 #[btf_map(name = "ekp_sockcfg_v2")]
 pub static SOCK_CONFIG: Array<SockConfig, 1> = Array::new();
 

@@ -203,8 +203,9 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
     // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
     let in_host_netns =
         || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == config.host_netns_cookie;
-    // A loopback address is a NodePort's, for the node's own processes only: a pod's
-    // 127.0.0.1 is its own, as kube-proxy's DNAT on the node's OUTPUT chain never sees it.
+    // A loopback address is served (a NodePort there, a LoadBalancer IP on loopback) to the
+    // node's own processes only: a pod's 127.0.0.1 is its own, as kube-proxy's DNAT on the
+    // node's OUTPUT chain never sees it.
     let loopback = is_loopback(addr);
     if (loopback || config.flags & SOCK_FLAG_HOST_ONLY != 0) && !in_host_netns() {
         return Ok(PROCEED);

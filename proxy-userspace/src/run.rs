@@ -956,7 +956,7 @@ fn programming_latencies(
         .collect()
 }
 
-/// kube-proxy's `sync_proxy_rules_no_local_endpoints`: Services whose `Local` traffic
+/// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: Services whose `Local` traffic
 /// policy finds no endpoint on this node (their frontends drop), per policy. `drops` is
 /// kept up to date with the changed frontends (all of them when `changes.all`).
 fn record_no_local_endpoints(
@@ -1029,8 +1029,8 @@ fn note_node(name: &str, node: Option<&Node>, known: &mut Option<bool>) {
 /// kube-proxy reports `nodeEligible: false` while the node is being deleted or the cluster
 /// autoscaler is removing it, so that load balancers stop sending traffic first. A Node
 /// object that was `seen` and is gone was deleted: ineligible too (kube-proxy marks it so,
-/// or, since 1.31, exits). Before it is first seen the node is eligible, as kube-proxy's is
-/// while it starts.
+/// or exits, depending on its release). Before it is first seen the node is eligible, as
+/// kube-proxy's is while it starts.
 fn node_eligible(node: Option<&Node>, seen: bool) -> bool {
     let Some(node) = node else {
         return !seen;

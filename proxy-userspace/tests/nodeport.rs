@@ -670,7 +670,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
     cluster.write_manifest("svc.yaml", LOAD_BALANCER);
     cluster.write_manifest("eps.yaml", ENDPOINTS);
     cluster.write_manifest("others.yaml", OTHERS);
-    cluster.write_manifest("loopback-lb.yaml", LOOPBACK_LOAD_BALANCER);
+    cluster.write_manifest("loopback-lb.yaml", &loopback_load_balancer());
     cluster.write_manifest(
         "local.yaml",
         &local_node_port("local", "10.96.0.12", 30082, "10.244.2.10", "node-2"),
@@ -874,8 +874,10 @@ status:
 ";
 
 /// A LoadBalancer whose ingress IP is the node's loopback address (the API server does not
-/// refuse one), on the pods' own port: not a NodePort's address however it looks.
-const LOOPBACK_LOAD_BALANCER: &str = "apiVersion: v1
+/// refuse one), on the pods' own port: not a NodePort's address however it looks. Its
+/// slice is `web`'s, renamed.
+fn loopback_load_balancer() -> String {
+    let service = "apiVersion: v1
 kind: Service
 metadata: {name: loopback-lb, namespace: default}
 spec:
@@ -886,23 +888,12 @@ status:
   loadBalancer:
     ingress:
       - {ip: 127.0.0.1}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: loopback-lb-1
-  namespace: default
-  labels: {kubernetes.io/service-name: loopback-lb}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.244.1.10]
-    conditions: {ready: true}
-    nodeName: node-1
-  - addresses: [10.244.2.10]
-    conditions: {ready: true}
-    nodeName: node-2
 ";
+    let slice = ENDPOINTS
+        .replace("name: web-1", "name: loopback-lb-1")
+        .replace("service-name: web}", "service-name: loopback-lb}");
+    format!("{service}---\n{slice}")
+}
 
 /// Beside `web`: `closed` (endpoints on a port nothing listens on), `empty-external` and
 /// `empty` (no endpoints).
