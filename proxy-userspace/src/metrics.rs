@@ -171,8 +171,8 @@ impl Metrics {
             rest_client: RestClientMetrics::new(),
             registry: Registry::default(),
         };
-        // kube-proxy labels its per-proxier metrics with the IP family (1.33 and later);
-        // this agent proxies IPv4.
+        // kube-proxy's newer releases label their per-proxier metrics with the IP family
+        // (its metrics reference lists these); this agent proxies IPv4.
         let ipv4 = m
             .registry
             .sub_registry_with_label(("ip_family".into(), "IPv4".into()));
