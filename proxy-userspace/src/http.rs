@@ -1,5 +1,6 @@
 //! `/healthz` and `/livez` (kube-proxy's semantics, probed by cloud load balancers and the
-//! kubelet) and `/metrics`.
+//! kubelet) and the metrics server: `/metrics`, and beside it what kube-proxy's metrics
+//! port also answers, `/healthz` (the process is up) and `/proxyMode`.
 //!
 //! Health follows kube-proxy's proxier health server: the agent is unhealthy when an update
 //! has been queued and not applied for longer than the health timeout (2 x sync period);
@@ -12,10 +13,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 
 use crate::metrics::{CodeLabel, Metrics};
 
@@ -106,11 +107,22 @@ pub async fn serve_health(
     on_failure: OnBindFailure,
     failed: BindFailed,
 ) -> Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
-        .with_state(AppState { health, metrics });
-    serve(addr, app, "healthz", on_failure, failed).await
+    serve(
+        addr,
+        health_router(health, metrics),
+        "healthz",
+        on_failure,
+        failed,
+    )
+    .await
+}
+
+/// The health server's routes. Any method is answered, as kube-proxy's handlers do.
+fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", any(healthz))
+        .route("/livez", any(livez))
+        .with_state(AppState { health, metrics })
 }
 
 pub async fn serve_metrics(
@@ -119,10 +131,25 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     on_failure: OnBindFailure,
 ) -> Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_text))
-        .with_state(AppState { health, metrics });
+    let app = metrics_router(health, metrics);
     serve(addr, app, "metrics", on_failure, Box::new(|_| {})).await
+}
+
+/// What `/proxyMode` answers: kube-proxy's says `iptables`, `ipvs`, `nftables` (or
+/// `kernelspace`); tools read it to tell which proxy serves a node.
+pub const PROXY_MODE: &str = "ebpf";
+
+/// The metrics server's routes: `/metrics`, and what kube-proxy's metrics port serves
+/// beside it for tools that look there: `/healthz` (the plain check every Kubernetes
+/// component has: the process answers; the proxy's own health is on the health server)
+/// and `/proxyMode`.
+fn metrics_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", any(process_healthz))
+        .route("/healthz/ping", any(process_healthz))
+        .route("/proxyMode", any(proxy_mode))
+        .with_state(AppState { health, metrics })
 }
 
 /// Binds `addr` now (port 0 is resolved and logged), then serves in the background. A taken
@@ -241,6 +268,37 @@ async fn livez(State(app): State<AppState>) -> Response {
     json(code, health_body(healthy, last, now, None))
 }
 
+/// The generic `/healthz` of Kubernetes components, with its one check (`ping`): `ok`, or
+/// with `?verbose` the list of checks.
+async fn process_healthz(RawQuery(query): RawQuery) -> Response {
+    let verbose = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "verbose" || p.starts_with("verbose="))
+    });
+    let body = if verbose {
+        "[+]ping ok\nhealthz check passed\n"
+    } else {
+        "ok"
+    };
+    text(body.to_owned())
+}
+
+async fn proxy_mode() -> Response {
+    text(PROXY_MODE.to_owned())
+}
+
+fn text(body: String) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 fn json(code: StatusCode, body: String) -> Response {
     (
         code,
@@ -311,6 +369,89 @@ mod tests {
             health_body(false, None, now, None),
             r#"{"lastUpdated": "0001-01-01T00:00:00Z","currentTime": "2026-11-25T01:02:03Z"}"#
         );
+    }
+
+    /// `method path` answered by `router`: status, content type, body.
+    async fn ask(router: Router, method: &str, path: &str) -> (u16, String, String) {
+        use tower::ServiceExt;
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .expect("a request");
+        let response = router.oneshot(request).await.expect("an answer");
+        let kind = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("a body");
+        (status, kind, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn state() -> (Arc<Health>, Arc<Metrics>) {
+        (
+            Arc::new(Health::new(Duration::from_secs(60))),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_metrics_port_answers_healthz_and_proxy_mode_as_kube_proxys_does() {
+        let (health, metrics) = state();
+        let router = metrics_router(health, metrics);
+        let plain = "text/plain; charset=utf-8";
+        for (method, path, body) in [
+            ("GET", "/healthz", "ok"),
+            ("GET", "/healthz/ping", "ok"),
+            (
+                "GET",
+                "/healthz?verbose",
+                "[+]ping ok\nhealthz check passed\n",
+            ),
+            (
+                "GET",
+                "/healthz?exclude=x&verbose=1",
+                "[+]ping ok\nhealthz check passed\n",
+            ),
+            ("GET", "/proxyMode", PROXY_MODE),
+            ("POST", "/proxyMode", PROXY_MODE),
+        ] {
+            assert_eq!(
+                ask(router.clone(), method, path).await,
+                (200, plain.to_owned(), body.to_owned()),
+                "{method} {path}"
+            );
+        }
+        let (status, _, text) = ask(router.clone(), "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending"));
+        assert_eq!(ask(router, "GET", "/livez").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn health_answers_any_method_as_kube_proxys_does() {
+        let (health, metrics) = state();
+        let router = health_router(health, metrics.clone());
+        for method in ["GET", "HEAD", "POST", "PUT", "DELETE"] {
+            for path in ["/healthz", "/livez"] {
+                let (status, kind, _) = ask(router.clone(), method, path).await;
+                assert_eq!(
+                    (status, kind.as_str()),
+                    (200, "application/json"),
+                    "{method} {path}"
+                );
+            }
+        }
+        let counted = metrics
+            .healthz
+            .get_or_create(&CodeLabel { code: "200".into() })
+            .get();
+        assert_eq!(counted, 5);
     }
 
     #[test]

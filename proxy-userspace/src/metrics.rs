@@ -83,6 +83,17 @@ impl RestClientMetrics {
     }
 }
 
+/// kube-proxy's `_changes_pending` gauges: the Services changed, and the Services whose
+/// EndpointSlices changed, since the last sync read them (each counted once however often
+/// it changed). Set by the Kubernetes source as its watchers see changes, zeroed when a
+/// sync takes them; the manifests source knows what changed only when a sync reads the
+/// directory, so they stay 0 with it. Cheap to clone: the source sets the agent's gauges.
+#[derive(Clone, Debug, Default)]
+pub struct PendingChanges {
+    pub services: Gauge,
+    pub endpoints: Gauge,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabel {
     pub map: String,
@@ -115,6 +126,8 @@ pub struct Metrics {
     pub network_programming_duration: Histogram,
     pub endpoint_changes: Counter,
     pub service_changes: Counter,
+    /// What the source has seen change and no sync has applied yet.
+    pub changes_pending: PendingChanges,
     pub no_local_endpoints: Family<PolicyLabel, Gauge>,
     pub healthz: Family<CodeLabel, Counter>,
     pub livez: Family<CodeLabel, Counter>,
@@ -157,6 +170,7 @@ impl Metrics {
             network_programming_duration,
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
+            changes_pending: PendingChanges::default(),
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
@@ -221,6 +235,16 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",
             m.service_changes.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            m.changes_pending.endpoints.clone(),
+        );
+        m.registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            m.changes_pending.services.clone(),
         );
         m.registry.register(
             "kubeproxy_proxy_healthz",
@@ -332,6 +356,8 @@ mod tests {
             "kubeproxy_network_programming_duration_seconds_bucket",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
             "kubeproxy_sync_proxy_rules_service_changes_total 0",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+            "kubeproxy_sync_proxy_rules_service_changes_pending 0",
             "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
             "rest_client_requests_total{code=\"200\",host=\"10.0.0.1:6443\",method=\"GET\"} 1",
             "rest_client_requests_total{code=\"<error>\",host=\"10.0.0.1:6443\",method=\"GET\"} 1",

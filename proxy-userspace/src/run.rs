@@ -348,7 +348,7 @@ pub async fn run(config: Config) -> Result<()> {
             .context("starting the thread that loads the programs")?
     };
     let (source, events) = tokio::select! {
-        source = start_source(opened, &config.node_name, changed_tx) => source?,
+        source = start_source(opened, &config.node_name, changed_tx, &metrics) => source?,
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
@@ -562,6 +562,7 @@ async fn start_source(
     opened: Opened,
     node_name: &str,
     changed: mpsc::Sender<()>,
+    metrics: &Metrics,
 ) -> Result<(Source, Option<Events>)> {
     match opened {
         Opened::Manifests { dir, mut events } => {
@@ -588,7 +589,8 @@ async fn start_source(
         }
         Opened::Kube(client) => {
             let events = Events::new(client.clone(), node_name);
-            let kube = KubeSource::start(client, node_name, changed);
+            let kube =
+                KubeSource::start(client, node_name, changed, metrics.changes_pending.clone());
             tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
             kube.wait_until_ready().await?;
             Ok((Source::Kube(kube), Some(events)))

@@ -47,12 +47,19 @@ fn slice(name: &str, service: &str, ready: &[&str]) -> EndpointSlice {
 
 /// The stand-in, a client for it, and the agent started on its kubeconfig.
 async fn agent_on_apiserver(h: &mut Harness) -> (ApiServer, kube::Client) {
+    agent_on_apiserver_with(h, &[]).await
+}
+
+/// [`agent_on_apiserver`], with `extra` arguments for the agent.
+async fn agent_on_apiserver_with(h: &mut Harness, extra: &[&str]) -> (ApiServer, kube::Client) {
     let server = ApiServer::start().await.expect("starting the API stand-in");
     let client = server.client().await;
     // Inside the harness's temporary directory, which it removes.
     let kubeconfig = h.manifests.join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig_yaml()).expect("writing the kubeconfig");
-    h.start_agent_with(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--kubeconfig".as_ref(), kubeconfig.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    h.start_agent_with(&args);
     (server, client)
 }
 
@@ -248,6 +255,51 @@ fn labelled(h: &Harness, name: &str, labels: &[(&str, &str)]) -> f64 {
         | prometheus_parse::Value::Untyped(v) => v,
         ref other => panic!("{name} has an unexpected type: {other:?}"),
     }
+}
+
+/// kube-proxy's `_changes_pending` gauges: what the watchers saw change and no sync has
+/// applied yet, each Service counted once (two slices of one Service are one pending
+/// endpoint change), back to 0 once a sync takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_seen_and_not_yet_synced_show_as_pending() {
+    let mut h = Harness::new("pending", &["pod-a", "pod-b"]);
+    // Changes that follow a sync wait for the rest of this period: long enough to scrape
+    // them pending.
+    let (_server, client) = agent_on_apiserver_with(&mut h, &["--min-sync-period", "15s"]).await;
+    let (services, slices) = create_web_on_pod_a(&mut h, &client).await;
+    let pending = |h: &Harness| {
+        (
+            metric(h, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+            metric(h, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        )
+    };
+    assert_eq!(pending(&h), (0.0, 0.0), "web's sync took its changes");
+
+    let pp = PostParams::default();
+    services
+        .create(&pp, &service("api", "10.96.0.20", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    replace_slice(&slices, "web-1", slice("web-1", "web", &["10.244.0.11"])).await;
+    slices
+        .create(&pp, &slice("web-2", "web", &["10.244.0.10"]))
+        .await
+        .expect("create slice");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pending(&h) != (1.0, 1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pending (Services, endpoint changes) stayed {:?}, not (1, 1)",
+            pending(&h)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    assert_eq!(pending(&h), (0.0, 0.0), "the sync took them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::client::ConfigExt;
 use kube::client::retry::RetryPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -32,8 +33,8 @@ use tokio::sync::mpsc;
 use tower::retry::RetryLayer;
 use tower::{BoxError, ServiceBuilder};
 
-use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
-use crate::metrics::RestClientMetrics;
+use super::{Delta, ObjectKey, SERVICE_NAME_LABEL, Snapshot, object_key, proxy_label_selector};
+use crate::metrics::{PendingChanges, RestClientMetrics};
 
 /// How to reach the API server.
 #[derive(Clone, Debug, Default)]
@@ -143,6 +144,7 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     pending: Arc<Mutex<Pending>>,
+    gauges: PendingChanges,
 }
 
 /// What the watchers saw since the agent last read the stores.
@@ -150,26 +152,67 @@ pub struct KubeSource {
 struct Pending {
     services: BTreeSet<ObjectKey>,
     slices: BTreeSet<ObjectKey>,
+    /// The Services the changed slices belong to (their `kubernetes.io/service-name`
+    /// label), which kube-proxy counts as pending endpoint changes.
+    slice_services: BTreeSet<ObjectKey>,
     /// A store swapped in a re-list: only a snapshot tells what changed.
     relisted: bool,
 }
 
+impl Pending {
+    fn service_changed(&mut self, meta: &ObjectMeta) {
+        self.services.insert(object_key(meta));
+    }
+
+    fn slice_changed(&mut self, meta: &ObjectMeta) {
+        let key = object_key(meta);
+        if let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            self.slice_services.insert((key.0.clone(), service.clone()));
+        }
+        self.slices.insert(key);
+    }
+
+    /// kube-proxy's pending-change gauges for what is recorded now.
+    fn show(&self, gauges: &PendingChanges) {
+        gauges.services.set(count(self.services.len()));
+        gauges.endpoints.set(count(self.slice_services.len()));
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl KubeSource {
-    /// Starts the watchers; every change (and every completed re-list) sends on `changed`.
-    pub fn start(client: Client, node_name: &str, changed: mpsc::Sender<()>) -> Self {
+    /// Starts the watchers; every change (and every completed re-list) sends on `changed`,
+    /// and what is pending shows in `gauges`.
+    pub fn start(
+        client: Client,
+        node_name: &str,
+        changed: mpsc::Sender<()>,
+        gauges: PendingChanges,
+    ) -> Self {
         let selector = proxy_label_selector();
         let pending = Arc::new(Mutex::new(Pending::default()));
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
-            Some((pending.clone(), |p: &mut Pending| &mut p.services)),
+            Some(Track {
+                pending: pending.clone(),
+                record: Pending::service_changed,
+                gauges: gauges.clone(),
+            }),
         );
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
-            Some((pending.clone(), |p: &mut Pending| &mut p.slices)),
+            Some(Track {
+                pending: pending.clone(),
+                record: Pending::slice_changed,
+                gauges: gauges.clone(),
+            }),
         );
         // The Node is read whole at every sync.
         let nodes = spawn_reflector(
@@ -183,6 +226,7 @@ impl KubeSource {
             slices,
             nodes,
             pending,
+            gauges,
         }
     }
 
@@ -200,7 +244,9 @@ impl KubeSource {
     /// not taken now is either in what is read now or recorded for the next read.
     fn take_pending(&self) -> Pending {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *pending)
+        let taken = std::mem::take(&mut *pending);
+        pending.show(&self.gauges);
+        taken
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -258,11 +304,12 @@ fn trim<K: Resource>(object: &mut K) {
     }
 }
 
-/// Where a watcher records the objects it saw change.
-type Track = (
-    Arc<Mutex<Pending>>,
-    fn(&mut Pending) -> &mut BTreeSet<ObjectKey>,
-);
+/// Where and how a watcher records the objects it saw change.
+struct Track {
+    pending: Arc<Mutex<Pending>>,
+    record: fn(&mut Pending, &ObjectMeta),
+    gauges: PendingChanges,
+}
 
 /// One watcher into one store, in a task of its own. Errors (the API server away, a 410)
 /// are logged and retried with backoff by the watcher; the store keeps its last state.
@@ -294,11 +341,12 @@ where
                     continue;
                 }
             };
-            if let Some((pending, objects)) = &track {
-                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(track) = &track {
+                let mut pending = track.pending.lock().unwrap_or_else(|p| p.into_inner());
                 match object {
                     Some(meta) => {
-                        objects(&mut pending).insert(object_key(meta));
+                        (track.record)(&mut pending, meta);
+                        pending.show(&track.gauges);
                     }
                     None => pending.relisted = true,
                 }
