@@ -705,10 +705,16 @@ pub struct SockConfig {
 /// traffic is translated per packet on their devices instead.
 pub const SOCK_FLAG_HOST_ONLY: u8 = 1 << 0;
 
+/// NodePorts on loopback are served at `127.0.0.1` alone, not at every address of
+/// `127.0.0.0/8`: kube-proxy serves the whole range only when `--nodeport-addresses` admits
+/// every address (its `--dst-type LOCAL` match), and otherwise the addresses of the node's
+/// devices within its CIDRs, of which `lo` has `127.0.0.1`.
+pub const SOCK_FLAG_LOOPBACK_EXACT: u8 = 1 << 1;
+
 /// The frontend address of NodePorts on the node's loopback addresses (kube-proxy's
 /// `--iptables-localhost-nodeports`): internal-scope frontends at `127.0.0.1`, which the
-/// socket programs serve for any destination in `127.0.0.0/8`, to the node's own namespace
-/// alone. Network order, as read from memory.
+/// socket programs serve for any destination in `127.0.0.0/8` (unless
+/// `SOCK_FLAG_LOOPBACK_EXACT`), to the node's own namespace alone. Network order, as read from memory.
 pub const LOOPBACK_FRONTEND_ADDR: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Whether `addr` (network order, as read from memory) is in `127.0.0.0/8`.

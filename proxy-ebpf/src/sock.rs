@@ -33,8 +33,8 @@ use proxy_common::{
     ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
     LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4,
     LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_FLAG_HOST_ONLY,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey, SockRevNatKey,
-    SockRevNatValue, is_loopback, log_endpoint,
+    SOCK_FLAG_LOOPBACK_EXACT, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    ServiceKey, SockRevNatKey, SockRevNatValue, is_loopback, log_endpoint,
 };
 
 use crate::log::{log_debug, log_error};
@@ -225,8 +225,9 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
     let frontend = match SERVICES.get_ptr(&key) {
         Some(f) => unsafe { *f },
         // Every loopback address reaches the NodePorts kept at 127.0.0.1, as kube-proxy's
-        // `--dst-type LOCAL` match takes all of 127.0.0.0/8; nothing else found there.
-        None if loopback => {
+        // `--dst-type LOCAL` match takes all of 127.0.0.0/8 (unless its
+        // `--nodeport-addresses` CIDRs name the addresses); nothing else found there.
+        None if loopback && config.flags & SOCK_FLAG_LOOPBACK_EXACT == 0 => {
             key.addr = LOOPBACK_FRONTEND_ADDR;
             let found = unsafe { *SERVICES.get_ptr(&key).ok_or(PROCEED)? };
             if found.flags & SVC_FLAG_NODE_PORT == 0 {

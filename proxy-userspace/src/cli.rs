@@ -95,7 +95,8 @@ struct RunArgs {
 
     /// Serve NodePorts on `127.0.0.0/8` to the node's own processes (kube-proxy's
     /// `--iptables-localhost-nodeports`), where `--nodeport-addresses` admits `127.0.0.1`:
-    /// by default, not with `primary`. Pods' loopback addresses are their own.
+    /// by default, not with `primary`; with CIDRs (none of length 0) at 127.0.0.1 alone.
+    /// Pods' loopback addresses are their own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     localhost_nodeports: bool,
 

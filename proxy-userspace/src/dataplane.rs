@@ -29,8 +29,8 @@ use proxy_common::{
     MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SERVICES,
     MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE,
     MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SOCK_FLAG_HOST_ONLY,
-    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
-    sock_slot_index,
+    SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
+    SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -687,6 +687,8 @@ pub struct SockSettings {
     pub host_netns_cookie: u64,
     /// Host-namespace-only socket LB: no other namespace is translated.
     pub host_only: bool,
+    /// NodePorts on loopback at `127.0.0.1` alone, not on all of `127.0.0.0/8`.
+    pub loopback_exact: bool,
 }
 
 /// The eBPF object with its programs verified and none attached: the slow part of a start
@@ -879,6 +881,10 @@ fn write_sock_config(ebpf: &mut Ebpf, pin_dir: &Path, sock: SockSettings) -> Res
         host_netns_cookie: sock.host_netns_cookie,
         flags: if sock.host_only {
             SOCK_FLAG_HOST_ONLY
+        } else {
+            0
+        } | if sock.loopback_exact {
+            SOCK_FLAG_LOOPBACK_EXACT
         } else {
             0
         },

@@ -386,6 +386,7 @@ pub async fn run(config: Config) -> Result<()> {
     let sock = dataplane::SockSettings {
         host_netns_cookie: devices::own_netns_cookie()?,
         host_only: config.socket_lb_host_namespace_only,
+        loopback_exact: !config.node_ports.match_all(),
     };
     if config.socket_lb_host_namespace_only && config.pod_devices.is_empty() {
         tracing::warn!(

@@ -131,6 +131,17 @@ impl NodePortAddresses {
             }
     }
 
+    /// Whether every address of the node serves NodePorts: no IPv4 CIDR, or one of length 0.
+    /// kube-proxy then matches any local destination, all of `127.0.0.0/8` too; otherwise
+    /// only the addresses its devices have within the CIDRs (on `lo`, `127.0.0.1`).
+    pub fn match_all(&self) -> bool {
+        match self {
+            Self::All => true,
+            Self::Primary => false,
+            Self::Within(cidrs) => cidrs.iter().any(|&(_, prefix)| prefix == 0),
+        }
+    }
+
     /// From the flag's values: CIDRs of either family, or `primary` alone (kube-proxy's
     /// validation refuses it beside CIDRs). IPv6 CIDRs are valid and concern no IPv4 address.
     pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<Self, String> {
@@ -2541,6 +2552,12 @@ mod tests {
         assert!(!within(&["127.0.0.2/32"]).serve_loopback(true));
         assert!(!within(&["10.0.0.0/8"]).serve_loopback(true));
         assert!(within(&["0.0.0.0/0"]).serve_loopback(true));
+        // All of 127.0.0.0/8, or 127.0.0.1 alone.
+        assert!(NodePortAddresses::All.match_all());
+        assert!(within(&["10.0.0.0/8", "0.0.0.0/0"]).match_all());
+        assert!(!within(&["127.0.0.0/8"]).match_all());
+        assert!(within(&["::/0"]).match_all(), "no IPv4 CIDR");
+        assert!(!NodePortAddresses::Primary.match_all());
     }
 
     /// `--external-clusterip`: a packet from outside the node to a ClusterIP (a Service

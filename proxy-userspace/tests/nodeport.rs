@@ -854,6 +854,25 @@ fn load_balancer_external_ip_and_node_port_cases() {
             .collect::<Vec<_>>(),
         [Some("host-2")]
     );
+    // node2 again with `--nodeport-addresses` CIDRs that hold 127.0.0.1: kube-proxy serves
+    // the addresses its devices have within them, 127.0.0.1 of `lo`, and not the rest of
+    // 127.0.0.0/8 (matched whole only when every address serves NodePorts).
+    if let Some(mut agent) = cluster.nodes[1].agent.take() {
+        agent.kill();
+    }
+    cluster.nodes[1].agent_args = vec!["--nodeport-addresses", "192.168.77.0/24,127.0.0.0/8"];
+    cluster.start_agent(1, Some("eth0"));
+    cluster.wait_for(1, "127.0.0.1:30080", "internal", &both);
+    let node2 = &cluster.nodes[1];
+    let served = |to: &str| -> Vec<String> {
+        let counts = cluster.requests_from(&node2.ns, Some(&node2.cgroup), to, 30);
+        counts
+            .keys()
+            .filter_map(|a| a.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(served("127.0.0.1:30080"), ["pod-1", "pod-2"]);
+    assert_eq!(served("127.0.0.2:30080"), ["host-2"]);
 }
 
 const LOAD_BALANCER: &str = "apiVersion: v1
