@@ -21,6 +21,7 @@
 //! Pure string building: 30000 Services take milliseconds.
 
 use std::fmt::Write;
+use std::net::Ipv4Addr;
 
 use super::hash::hash_base32;
 use super::scenario::{CLUSTER_CIDR, Port, Service};
@@ -65,6 +66,16 @@ pub fn sep_chain(svc: &Service, port: &Port, endpoint: &str) -> String {
         port.proto.lower()
     ));
     format!("KUBE-SEP-{}", &hash[..16])
+}
+
+/// The endpoint chains that go when `gone` stops being an endpoint of `svc`: one per port
+/// it serves. The `remote` port's endpoints are on another node and stay.
+pub fn stale_sep_chains(svc: &Service, gone: Ipv4Addr) -> Vec<String> {
+    svc.ports
+        .iter()
+        .filter(|p| !p.remote)
+        .map(|p| sep_chain(svc, p, &format!("{gone}:{}", p.target)))
+        .collect()
 }
 
 fn large_cluster_mode(services: &[Service]) -> bool {
@@ -518,12 +529,17 @@ COMMIT
         let mut all = scenario::services(3, &pods);
         let old = all[2].clone();
         all[2].endpoints[1] = Ipv4Addr::new(10, 244, 0, 12);
-        let stale: Vec<String> = old
-            .ports
-            .iter()
-            .filter(|p| !p.remote)
-            .map(|p| sep_chain(&old, p, &format!("10.244.0.11:{}", p.target)))
-            .collect();
+        let stale = stale_sep_chains(&old, pods[1]);
+        // Only chains the full sync made are deleted (the `remote` port's endpoints are
+        // other pods, on another node).
+        let before = restore(
+            &scenario::services(3, &pods),
+            &Sync::Full { jumps: true },
+            Counters::Nfacct,
+        );
+        for chain in &stale {
+            assert!(before.contains(&format!(":{chain} ")), "{chain} never made");
+        }
         let text = restore(
             &all,
             &Sync::Partial {

@@ -458,11 +458,7 @@ fn dump_rules(out: &Path, n: usize) -> Result<()> {
     let old = services.last().context("no Services")?.clone();
     let new = scenario::measured(&[topology::PODS[0].addr, topology::PODS[2].addr]);
     *services.last_mut().context("no Services")? = new.clone();
-    let stale_ipt: Vec<String> = old
-        .ports
-        .iter()
-        .map(|p| iptables::sep_chain(&old, p, &format!("{}:{}", pods[1], p.target)))
-        .collect();
+    let stale_ipt = iptables::stale_sep_chains(&old, pods[1]);
     let before = scenario::services(n, &pods);
     std::fs::create_dir_all(out)?;
     let files = [

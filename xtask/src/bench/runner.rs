@@ -630,7 +630,8 @@ impl<'a> Runner<'a> {
                 let waiter = self.waiter(mode, "any")?;
                 let t0 = monotonic_ns();
                 let mut restore = self.in_client(mode, &self.bins.iptables_restore)?;
-                restore.args(["-w", "5", "--noflush", "--counters"]);
+                // kube-proxy's arguments (its wait flags for iptables 1.6.2 and later).
+                restore.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
                 run_with_input(&mut restore, &text)?;
                 result.load_ms = Some(ms(monotonic_ns() - t0));
                 waiter.finish(|| Ok(()))? - t0
@@ -911,19 +912,7 @@ impl<'a> Runner<'a> {
                         seen - t0
                     }
                     Mode::Iptables => {
-                        // The `remote` port's endpoints stay.
-                        let stale: Vec<String> = old
-                            .ports
-                            .iter()
-                            .filter(|p| !p.remote)
-                            .map(|p| {
-                                iptables::sep_chain(
-                                    &old,
-                                    p,
-                                    &format!("{}:{}", pod(old_name), p.target),
-                                )
-                            })
-                            .collect();
+                        let stale = iptables::stale_sep_chains(&old, pod(old_name));
                         let changed = [MEASURED_NAME];
                         let text = iptables::restore(
                             services,
@@ -936,7 +925,7 @@ impl<'a> Runner<'a> {
                         let waiter = self.waiter(mode, new_name)?;
                         let t0 = monotonic_ns();
                         let mut restore = self.in_client(mode, &self.bins.iptables_restore)?;
-                        restore.args(["-w", "5", "--noflush", "--counters"]);
+                        restore.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
                         run_with_input(&mut restore, &text)?;
                         waiter.finish(|| Ok(()))? - t0
                     }
