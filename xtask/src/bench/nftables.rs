@@ -25,7 +25,11 @@
 //! `KubeProxyNFTablesLocalhostNodePorts` objects (`localhost-nodeport-reject-*` map, chains
 //! and counters), which a full sync adds and deletes again with the feature off: a few
 //! lines of the first transaction, none of a partial sync (their text changed on master
-//! between the versions read).
+//! between the versions read). 1.37 also turns its `NFTablesNetlink` gate on (beta): its
+//! pull request (kubernetes#137536) reads the rules back over netlink instead of parsing
+//! `nft`'s output; release summaries say the `nft` binary is not run at all, which was not
+//! checked in its sources. If the writes went to netlink too, kube-proxy no longer pays
+//! `nft`'s parse of the text, which the times of `nft -f` here include.
 //!
 //! A full sync (first sync, from no table) writes everything; a partial sync (kube-proxy's
 //! normal case) rewrites only the chains of the changed Services, adds the set and map
