@@ -714,7 +714,8 @@ pub const SOCK_FLAG_LOOPBACK_EXACT: u8 = 1 << 1;
 /// The frontend address of NodePorts on the node's loopback addresses (kube-proxy's
 /// `--iptables-localhost-nodeports`): internal-scope frontends at `127.0.0.1`, which the
 /// socket programs serve for any destination in `127.0.0.0/8` (unless
-/// `SOCK_FLAG_LOOPBACK_EXACT`), to the node's own namespace alone. Network order, as read from memory.
+/// `SOCK_FLAG_LOOPBACK_EXACT`), to the node's own namespace alone. Network order, as read
+/// from memory.
 pub const LOOPBACK_FRONTEND_ADDR: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Whether `addr` (network order, as read from memory) is in `127.0.0.0/8`.

@@ -83,9 +83,9 @@ impl RestClientMetrics {
     }
 }
 
-/// kube-proxy's `_changes_pending` gauges: the Services changed, and the Services whose
-/// EndpointSlices changed, since the last sync read them (each counted once however often
-/// it changed). Set by the Kubernetes source as its watchers see changes, zeroed when a
+/// kube-proxy's `_changes_pending` gauges: the Services changed since the last sync read
+/// them (each once, however often it changed), and the EndpointSlice updates since then
+/// (each one, as kube-proxy counts them). Set by the Kubernetes source as its watchers see changes, zeroed when a
 /// sync takes them; the manifests source knows what changed only when a sync reads the
 /// directory, so they stay 0 with it. Cheap to clone: the source sets the agent's gauges.
 #[derive(Clone, Debug, Default)]

@@ -258,8 +258,8 @@ fn labelled(h: &Harness, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// kube-proxy's `_changes_pending` gauges: what the watchers saw change and no sync has
-/// applied yet, each Service counted once (two slices of one Service are one pending
-/// endpoint change), back to 0 once a sync takes it.
+/// applied yet, each changed Service once and each EndpointSlice update (here two slices of
+/// one Service, one of them written twice), back to 0 once a sync takes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_seen_and_not_yet_synced_show_as_pending() {
     let mut h = Harness::new("pending", &["pod-a", "pod-b"]);
@@ -285,11 +285,21 @@ async fn changes_seen_and_not_yet_synced_show_as_pending() {
         .create(&pp, &slice("web-2", "web", &["10.244.0.10"]))
         .await
         .expect("create slice");
+    services
+        .create(&pp, &service("db", "10.96.0.30", serde_json::json!({})))
+        .await
+        .expect("create svc");
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while pending(&h) != (1.0, 1.0) {
+    while pending(&h) != (2.0, 3.0) {
         assert!(
             std::time::Instant::now() < deadline,
-            "pending (Services, endpoint changes) stayed {:?}, not (1, 1)",
+            "pending (Services, endpoint changes) stayed {:?}, not (2, 3)",
             pending(&h)
         );
         std::thread::sleep(std::time::Duration::from_millis(50));

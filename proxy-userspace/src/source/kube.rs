@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tower::retry::RetryLayer;
 use tower::{BoxError, ServiceBuilder};
 
-use super::{Delta, ObjectKey, SERVICE_NAME_LABEL, Snapshot, object_key, proxy_label_selector};
+use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
 use crate::metrics::{PendingChanges, RestClientMetrics};
 
 /// How to reach the API server.
@@ -152,9 +152,9 @@ pub struct KubeSource {
 struct Pending {
     services: BTreeSet<ObjectKey>,
     slices: BTreeSet<ObjectKey>,
-    /// The Services the changed slices belong to (their `kubernetes.io/service-name`
-    /// label), which kube-proxy counts as pending endpoint changes.
-    slice_services: BTreeSet<ObjectKey>,
+    /// EndpointSlice events (each update of each slice), which kube-proxy counts as
+    /// pending endpoint changes.
+    slice_events: u64,
     /// A store swapped in a re-list: only a snapshot tells what changed.
     relisted: bool,
 }
@@ -165,22 +165,19 @@ impl Pending {
     }
 
     fn slice_changed(&mut self, meta: &ObjectMeta) {
-        let key = object_key(meta);
-        if let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            self.slice_services.insert((key.0.clone(), service.clone()));
-        }
-        self.slices.insert(key);
+        self.slices.insert(object_key(meta));
+        self.slice_events += 1;
     }
 
     /// kube-proxy's pending-change gauges for what is recorded now.
     fn show(&self, gauges: &PendingChanges) {
-        gauges.services.set(count(self.services.len()));
-        gauges.endpoints.set(count(self.slice_services.len()));
+        gauges
+            .services
+            .set(i64::try_from(self.services.len()).unwrap_or(i64::MAX));
+        gauges
+            .endpoints
+            .set(i64::try_from(self.slice_events).unwrap_or(i64::MAX));
     }
-}
-
-fn count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl KubeSource {

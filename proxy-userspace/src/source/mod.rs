@@ -64,8 +64,6 @@ pub fn object_key(meta: &ObjectMeta) -> ObjectKey {
 /// objects of another proxy implementation, and headless Services' slices, are not ours.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
-/// The Service an EndpointSlice belongs to.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// kube-proxy's label selector for Services and EndpointSlices.
 pub fn proxy_label_selector() -> String {
