@@ -976,7 +976,12 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                     &json!({"path": path, "port": "healthz"}),
                 )?;
             }
-            Ok(())
+            // The switch is the chart's, not the probe's.
+            expect_eq(
+                "livenessProbe.enabled",
+                &agent["livenessProbe"]["enabled"],
+                &Value::Null,
+            )
         },
     );
     with(&mut checks, "defaults: RBAC verbs exactly", &r, |r| {
@@ -1386,6 +1391,8 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             "metrics.enabled=false",
             "--set",
             "updateStrategy.maxUnavailable=3",
+            "--set",
+            "livenessProbe.enabled=false",
         ],
     ]
     .concat();
@@ -1412,7 +1419,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "logging-and-health: probes follow the healthz port and address",
+        "logging-and-health: readiness follows the healthz port and address, no liveness",
         &r,
         |r| {
             let agent = r.agent()?;
@@ -1422,14 +1429,13 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 ports,
                 &json!([{"name": "healthz", "containerPort": 10300, "protocol": "TCP"}]),
             )?;
-            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/livez")] {
-                expect_eq(
-                    probe,
-                    &agent[probe]["httpGet"],
-                    &json!({"host": "127.0.0.1", "path": path, "port": "healthz"}),
-                )?;
-            }
-            Ok(())
+            expect_eq(
+                "readinessProbe",
+                &agent["readinessProbe"]["httpGet"],
+                &json!({"host": "127.0.0.1", "path": "/livez", "port": "healthz"}),
+            )?;
+            // livenessProbe.enabled=false: none.
+            expect_eq("livenessProbe", &agent["livenessProbe"], &Value::Null)
         },
     );
 
