@@ -7,16 +7,17 @@
 //! `/healthz` is also 503 while this node is being deleted or drained by the cluster
 //! autoscaler (`nodeEligible: false`), `/livez` ignores the node.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::any;
 
 use crate::metrics::{CodeLabel, Metrics};
 
@@ -139,15 +140,15 @@ pub async fn serve_metrics(
 /// `kernelspace`); tools read it to tell which proxy serves a node.
 pub const PROXY_MODE: &str = "ebpf";
 
-/// The metrics server's routes: `/metrics`, and what kube-proxy's metrics port serves
-/// beside it for tools that look there: `/healthz` (the plain check every Kubernetes
+/// The metrics server's routes (any method, as kube-proxy's): `/metrics`, and what
+/// kube-proxy's metrics port serves beside it for tools that look there: `/healthz` (the plain check every Kubernetes
 /// component has: the process answers; the proxy's own health is on the health server)
 /// and `/proxyMode`.
 fn metrics_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics_text))
+        .route("/metrics", any(metrics_text))
         .route("/healthz", any(process_healthz))
-        .route("/healthz/ping", any(process_healthz))
+        .route("/healthz/ping", any(ping))
         .route("/proxyMode", any(proxy_mode))
         .with_state(AppState { health, metrics })
 }
@@ -268,19 +269,37 @@ async fn livez(State(app): State<AppState>) -> Response {
     json(code, health_body(healthy, last, now, None))
 }
 
-/// The generic `/healthz` of Kubernetes components, with its one check (`ping`): `ok`, or
-/// with `?verbose` the list of checks.
-async fn process_healthz(RawQuery(query): RawQuery) -> Response {
-    let verbose = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|p| p == "verbose" || p.starts_with("verbose="))
-    });
-    let body = if verbose {
-        "[+]ping ok\nhealthz check passed\n"
+/// The generic `/healthz` of Kubernetes components (k8s.io/apiserver's root handler) with
+/// its one check, `ping`: `ok`; with `?verbose`, each check (`?exclude=ping` marks it
+/// excluded, other names are reported as matching nothing) and `healthz check passed`.
+async fn process_healthz(Query(params): Query<Vec<(String, String)>>) -> Response {
+    let mut excluded: BTreeSet<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "exclude")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if !params.iter().any(|(k, _)| k == "verbose") {
+        return text("ok".to_owned());
+    }
+    let mut body = if excluded.remove("ping") {
+        "[+]ping excluded: ok\n".to_owned()
     } else {
-        "ok"
+        "[+]ping ok\n".to_owned()
     };
-    text(body.to_owned())
+    if !excluded.is_empty() {
+        let names: Vec<String> = excluded.iter().map(|n| format!("{n:?}")).collect();
+        body += &format!(
+            "warn: some health checks cannot be excluded: no matches for {}\n",
+            names.join(",")
+        );
+    }
+    body += "healthz check passed\n";
+    text(body)
+}
+
+/// `/healthz/ping`: the one check on its own, always `ok`.
+async fn ping() -> Response {
+    text("ok".to_owned())
 }
 
 async fn proxy_mode() -> Response {
@@ -407,7 +426,9 @@ mod tests {
         let plain = "text/plain; charset=utf-8";
         for (method, path, body) in [
             ("GET", "/healthz", "ok"),
+            ("GET", "/healthz?exclude=ping", "ok"),
             ("GET", "/healthz/ping", "ok"),
+            ("GET", "/healthz/ping?verbose", "ok"),
             (
                 "GET",
                 "/healthz?verbose",
@@ -415,8 +436,13 @@ mod tests {
             ),
             (
                 "GET",
-                "/healthz?exclude=x&verbose=1",
-                "[+]ping ok\nhealthz check passed\n",
+                "/healthz?exclude=ping&verbose=1",
+                "[+]ping excluded: ok\nhealthz check passed\n",
+            ),
+            (
+                "GET",
+                "/healthz?exclude=y&exclude=x&verbose",
+                "[+]ping ok\nwarn: some health checks cannot be excluded: no matches for \"x\",\"y\"\nhealthz check passed\n",
             ),
             ("GET", "/proxyMode", PROXY_MODE),
             ("POST", "/proxyMode", PROXY_MODE),
@@ -427,9 +453,11 @@ mod tests {
                 "{method} {path}"
             );
         }
-        let (status, _, text) = ask(router.clone(), "GET", "/metrics").await;
-        assert_eq!(status, 200);
-        assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending"));
+        for method in ["GET", "POST"] {
+            let (status, _, text) = ask(router.clone(), method, "/metrics").await;
+            assert_eq!(status, 200, "{method} /metrics");
+            assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending"));
+        }
         assert_eq!(ask(router, "GET", "/livez").await.0, 404);
     }
 

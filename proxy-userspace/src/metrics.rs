@@ -83,11 +83,13 @@ impl RestClientMetrics {
     }
 }
 
-/// kube-proxy's `_changes_pending` gauges: the Services changed since the last sync read
-/// them (each once, however often it changed), and the EndpointSlice updates since then
-/// (each one, as kube-proxy counts them). Set by the Kubernetes source as its watchers see changes, zeroed when a
-/// sync takes them; the manifests source knows what changed only when a sync reads the
-/// directory, so they stay 0 with it. Cheap to clone: the source sets the agent's gauges.
+/// kube-proxy's `_changes_pending` gauges, counted as its IPv4 change trackers count them:
+/// the Services it would proxy that changed since the last sync read them (each once,
+/// however often it changed; not headless or ExternalName ones), and the updates of IPv4
+/// and IPv6 EndpointSlices since then (each one). Set by the Kubernetes source as its
+/// watchers see changes, zeroed when a sync takes them; the manifests source knows what
+/// changed only when a sync reads the directory, so they stay 0 with it. Cheap to clone:
+/// the source sets the agent's gauges.
 #[derive(Clone, Debug, Default)]
 pub struct PendingChanges {
     pub services: Gauge,

@@ -18,7 +18,8 @@
 //!   load-balancer and coming back in"), so pods reach every endpoint (C11);
 //! - with [`NodeInfo::localhost_node_ports`], each `nodePort` on `127.0.0.1` too: internal
 //!   scope only, with the cluster endpoints (the socket programs serve it for all of
-//!   `127.0.0.0/8`, to the node's own network namespace alone).
+//!   `127.0.0.0/8`, or 127.0.0.1 alone with `--nodeport-addresses` CIDRs, to the node's own
+//!   network namespace alone).
 //!
 //! Bad input never aborts the translation: the offending object, port or endpoint is left out
 //! and reported in [`Translation::skipped`] with the object's name, and everything else still

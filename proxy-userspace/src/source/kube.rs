@@ -22,7 +22,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::client::ConfigExt;
 use kube::client::retry::RetryPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -152,32 +151,55 @@ pub struct KubeSource {
 struct Pending {
     services: BTreeSet<ObjectKey>,
     slices: BTreeSet<ObjectKey>,
-    /// EndpointSlice events (each update of each slice), which kube-proxy counts as
-    /// pending endpoint changes.
+    /// The changed Services kube-proxy's IPv4 tracker would hold (`proxied`): its pending
+    /// Service changes.
+    proxied_services: BTreeSet<ObjectKey>,
+    /// Updates of IPv4 and IPv6 slices (not FQDN ones, which kube-proxy ignores), each
+    /// counted: its pending endpoint changes.
     slice_events: u64,
     /// A store swapped in a re-list: only a snapshot tells what changed.
     relisted: bool,
 }
 
 impl Pending {
-    fn service_changed(&mut self, meta: &ObjectMeta) {
-        self.services.insert(object_key(meta));
+    fn service_changed(&mut self, service: &Service) {
+        let key = object_key(&service.metadata);
+        if proxied(service) {
+            self.proxied_services.insert(key.clone());
+        }
+        self.services.insert(key);
     }
 
-    fn slice_changed(&mut self, meta: &ObjectMeta) {
-        self.slices.insert(object_key(meta));
-        self.slice_events += 1;
+    fn slice_changed(&mut self, slice: &EndpointSlice) {
+        self.slices.insert(object_key(&slice.metadata));
+        if slice.address_type != "FQDN" {
+            self.slice_events += 1;
+        }
     }
 
     /// kube-proxy's pending-change gauges for what is recorded now.
     fn show(&self, gauges: &PendingChanges) {
         gauges
             .services
-            .set(i64::try_from(self.services.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.proxied_services.len()).unwrap_or(i64::MAX));
         gauges
             .endpoints
             .set(i64::try_from(self.slice_events).unwrap_or(i64::MAX));
     }
+}
+
+/// Whether kube-proxy's IPv4 proxier proxies `service` at all: not ExternalName, not
+/// headless, with an IPv4 cluster IP. Its change tracker drops the changes of any other
+/// (their port maps are empty before and after), so they are never pending there.
+fn proxied(service: &Service) -> bool {
+    let Some(spec) = &service.spec else {
+        return false;
+    };
+    let ips = spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip);
+    spec.type_.as_deref() != Some("ExternalName")
+        && ips
+            .into_iter()
+            .any(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 impl KubeSource {
@@ -302,9 +324,9 @@ fn trim<K: Resource>(object: &mut K) {
 }
 
 /// Where and how a watcher records the objects it saw change.
-struct Track {
+struct Track<K> {
     pending: Arc<Mutex<Pending>>,
-    record: fn(&mut Pending, &ObjectMeta),
+    record: fn(&mut Pending, &K),
     gauges: PendingChanges,
 }
 
@@ -314,7 +336,7 @@ fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: mpsc::Sender<()>,
-    track: Option<Track>,
+    track: Option<Track<K>>,
 ) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -330,7 +352,7 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let object = match &event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => Some(o.meta()),
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => Some(o),
                 Ok(watcher::Event::InitDone) => None,
                 Ok(_) => continue,
                 Err(e) => {
@@ -341,8 +363,8 @@ where
             if let Some(track) = &track {
                 let mut pending = track.pending.lock().unwrap_or_else(|p| p.into_inner());
                 match object {
-                    Some(meta) => {
-                        (track.record)(&mut pending, meta);
+                    Some(object) => {
+                        (track.record)(&mut pending, object);
                         pending.show(&track.gauges);
                     }
                     None => pending.relisted = true,
@@ -389,5 +411,64 @@ mod trim_tests {
                 .and_then(|l| l.get("kubernetes.io/service-name")),
             Some(&"web".to_owned())
         );
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    fn service(spec: serde_json::Value) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": spec,
+        }))
+        .expect("a valid Service")
+    }
+
+    fn slice(address_type: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s-1", "namespace": "default"},
+            "addressType": address_type,
+            "endpoints": [],
+        }))
+        .expect("a valid EndpointSlice")
+    }
+
+    /// As kube-proxy's IPv4 change trackers: Services it does not proxy are never pending;
+    /// FQDN slices are not endpoint changes; every other slice update is one.
+    #[test]
+    fn pending_changes_count_what_kube_proxys_trackers_count() {
+        let mut pending = Pending::default();
+        for spec in [
+            serde_json::json!({"clusterIP": "None"}),
+            serde_json::json!({"type": "ExternalName", "externalName": "db.example.com"}),
+            serde_json::json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"]}),
+        ] {
+            pending.service_changed(&service(spec));
+        }
+        pending.slice_changed(&slice("FQDN"));
+        assert_eq!(
+            (pending.proxied_services.len(), pending.slice_events),
+            (0, 0)
+        );
+        // ...but the delta still reads them.
+        assert_eq!((pending.services.len(), pending.slices.len()), (1, 1));
+
+        let dual =
+            serde_json::json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"]});
+        pending.service_changed(&service(dual));
+        pending.service_changed(&service(serde_json::json!({"clusterIP": "10.96.0.10"})));
+        pending.slice_changed(&slice("IPv4"));
+        pending.slice_changed(&slice("IPv4"));
+        pending.slice_changed(&slice("IPv6"));
+        assert_eq!(
+            (pending.proxied_services.len(), pending.slice_events),
+            (1, 3)
+        );
+
+        let gauges = PendingChanges::default();
+        pending.show(&gauges);
+        assert_eq!((gauges.services.get(), gauges.endpoints.get()), (1, 3));
     }
 }
