@@ -69,6 +69,15 @@ async fn create_web_on_pod_a(
     h: &mut Harness,
     client: &kube::Client,
 ) -> (Api<Service>, Api<EndpointSlice>) {
+    create_web_on_pod_a_within(h, client, common::CONDITION_LIMIT).await
+}
+
+/// [`create_web_on_pod_a`], waiting up to `limit`.
+async fn create_web_on_pod_a_within(
+    h: &mut Harness,
+    client: &kube::Client,
+    limit: std::time::Duration,
+) -> (Api<Service>, Api<EndpointSlice>) {
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     let pp = PostParams::default();
@@ -80,7 +89,7 @@ async fn create_web_on_pod_a(
         .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
         .await
         .expect("create slice");
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    h.wait_for_frontend_within(limit, "10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
     (services, slices)
 }
 
@@ -267,20 +276,10 @@ async fn changes_seen_and_not_yet_synced_show_as_pending() {
     // Changes that follow a sync wait for the rest of this period: long enough to scrape
     // them pending.
     let (_server, client) = agent_on_apiserver_with(&mut h, &["--min-sync-period", "15s"]).await;
-    let services: Api<Service> = Api::namespaced(client.clone(), NS);
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
-    let pp = PostParams::default();
-    services
-        .create(&pp, &service("web", "10.96.0.10", serde_json::json!({})))
-        .await
-        .expect("create svc");
-    slices
-        .create(&pp, &slice("web-1", "web", &["10.244.0.10"]))
-        .await
-        .expect("create slice");
     // The sync after the first may wait out the period.
     let limit = std::time::Duration::from_secs(40);
-    h.wait_for_frontend_within(limit, "10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    let (services, slices) = create_web_on_pod_a_within(&mut h, &client, limit).await;
+    let pp = PostParams::default();
     let pending = |h: &Harness| {
         (
             metric(h, "kubeproxy_sync_proxy_rules_service_changes_pending"),
