@@ -141,9 +141,9 @@ pub async fn serve_metrics(
 pub const PROXY_MODE: &str = "ebpf";
 
 /// The metrics server's routes (any method, as kube-proxy's): `/metrics`, and what
-/// kube-proxy's metrics port serves beside it for tools that look there: `/healthz` (the plain check every Kubernetes
-/// component has: the process answers; the proxy's own health is on the health server)
-/// and `/proxyMode`.
+/// kube-proxy's metrics port serves beside it for tools that look there: `/healthz` (the
+/// plain check every Kubernetes component has: the process answers; the proxy's own
+/// health is on the health server) and `/proxyMode`.
 fn metrics_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", any(metrics_text))
