@@ -83,17 +83,22 @@ impl RestClientMetrics {
     }
 }
 
-/// kube-proxy's `_changes_pending` gauges, counted as its IPv4 change trackers count them:
-/// the Services it would proxy that changed since the last sync read them (each once,
-/// however often it changed; not headless or ExternalName ones), and the updates of IPv4
-/// and IPv6 EndpointSlices since then (each one). Set by the Kubernetes source as its
-/// watchers see changes, zeroed when a sync takes them; the manifests source knows what
-/// changed only when a sync reads the directory, so they stay 0 with it. Cheap to clone:
-/// the source sets the agent's gauges.
+/// kube-proxy's change metrics, counted as its IPv4 change trackers count them.
+///
+/// The Kubernetes source counts at each watch event: every Service event and every event
+/// of an IPv4 or IPv6 EndpointSlice (FQDN slices are ignored, as kube-proxy ignores them)
+/// in the `_total` counters; the Services it would proxy that changed since the last sync
+/// read them (each once, however often it changed; not headless or ExternalName ones), and
+/// the slice updates since then, in the `_pending` gauges, which a sync zeroes. The
+/// manifests source learns what changed only when a sync reads the directory: the sync
+/// then adds the changed objects to the counters, and the gauges stay 0. Cheap to clone:
+/// the source records into the agent's metrics.
 #[derive(Clone, Debug, Default)]
-pub struct PendingChanges {
-    pub services: Gauge,
-    pub endpoints: Gauge,
+pub struct SourceChanges {
+    pub services_total: Counter,
+    pub endpoints_total: Counter,
+    pub services_pending: Gauge,
+    pub endpoints_pending: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,10 +131,8 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub network_programming_duration: Histogram,
-    pub endpoint_changes: Counter,
-    pub service_changes: Counter,
-    /// What the source has seen change and no sync has applied yet.
-    pub changes_pending: PendingChanges,
+    /// What the source has seen change, and what no sync has applied yet.
+    pub changes: SourceChanges,
     pub no_local_endpoints: Family<PolicyLabel, Gauge>,
     pub healthz: Family<CodeLabel, Counter>,
     pub livez: Family<CodeLabel, Counter>,
@@ -170,9 +173,7 @@ impl Metrics {
             last_sync_timestamp: Gauge::default(),
             last_queued_timestamp: Gauge::default(),
             network_programming_duration,
-            endpoint_changes: Counter::default(),
-            service_changes: Counter::default(),
-            changes_pending: PendingChanges::default(),
+            changes: SourceChanges::default(),
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
@@ -231,22 +232,22 @@ impl Metrics {
         m.registry.register(
             "kubeproxy_sync_proxy_rules_endpoint_changes",
             "Cumulative proxy rules EndpointSlice changes",
-            m.endpoint_changes.clone(),
+            m.changes.endpoints_total.clone(),
         );
         m.registry.register(
             "kubeproxy_sync_proxy_rules_service_changes",
             "Cumulative proxy rules Service changes",
-            m.service_changes.clone(),
+            m.changes.services_total.clone(),
         );
         m.registry.register(
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
             "Pending proxy rules Endpoint changes",
-            m.changes_pending.endpoints.clone(),
+            m.changes.endpoints_pending.clone(),
         );
         m.registry.register(
             "kubeproxy_sync_proxy_rules_service_changes_pending",
             "Pending proxy rules Service changes",
-            m.changes_pending.services.clone(),
+            m.changes.services_pending.clone(),
         );
         m.registry.register(
             "kubeproxy_proxy_healthz",
@@ -329,7 +330,7 @@ mod tests {
     #[test]
     fn exposes_kube_proxys_metric_names() {
         let m = Metrics::new();
-        m.endpoint_changes.inc();
+        m.changes.endpoints_total.inc();
         m.healthz
             .get_or_create(&CodeLabel { code: "200".into() })
             .inc();

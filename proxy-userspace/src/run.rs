@@ -590,8 +590,7 @@ async fn start_source(
         }
         Opened::Kube(client) => {
             let events = Events::new(client.clone(), node_name);
-            let kube =
-                KubeSource::start(client, node_name, changed, metrics.changes_pending.clone());
+            let kube = KubeSource::start(client, node_name, changed, metrics.changes.clone());
             tracing::info!("waiting for the initial lists of Services, EndpointSlices and Node");
             kube.wait_until_ready().await?;
             Ok((Source::Kube(kube), Some(events)))
@@ -731,10 +730,12 @@ fn sync_once(
     state.node_seen |= input.node().is_some();
     health.set_node_eligible(node_eligible(input.node(), state.node_seen));
     let node = node_info(&config.node_name, input.node(), &config.node_ports);
-    metrics
-        .service_changes
-        .inc_by(changes.services.len() as u64);
-    metrics.endpoint_changes.inc_by(changes.slices.len() as u64);
+    // The Kubernetes source counts its watch events itself (`SourceChanges`).
+    if matches!(source, Source::Manifests { .. }) {
+        let counted = &metrics.changes;
+        counted.services_total.inc_by(changes.services.len() as u64);
+        counted.endpoints_total.inc_by(changes.slices.len() as u64);
+    }
     let desired = state.translation.state();
     if changes.all {
         state.drops.clear();

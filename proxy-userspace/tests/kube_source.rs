@@ -269,7 +269,8 @@ fn labelled(h: &Harness, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// kube-proxy's `_changes_pending` gauges: what the watchers saw change and no sync has
 /// applied yet, each changed Service once (not a headless one, which kube-proxy does not
 /// track) and each EndpointSlice update (here two slices of one Service, one of them
-/// written twice), back to 0 once a sync takes them.
+/// written twice), back to 0 once a sync takes them; and its `_changes_total` counters,
+/// one per event, before any sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_seen_and_not_yet_synced_show_as_pending() {
     let mut h = Harness::new("pending", &["pod-a", "pod-b"]);
@@ -300,6 +301,13 @@ async fn changes_seen_and_not_yet_synced_show_as_pending() {
         }
     };
     until(&h, (0.0, 0.0), limit);
+    let totals = |h: &Harness| {
+        (
+            metric(h, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            metric(h, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+        )
+    };
+    let before = totals(&h);
 
     services
         .create(&pp, &service("api", "10.96.0.20", serde_json::json!({})))
@@ -325,6 +333,10 @@ async fn changes_seen_and_not_yet_synced_show_as_pending() {
     )
     .await;
     until(&h, (2.0, 3.0), std::time::Duration::from_secs(10));
+    // The counters take every event, as kube-proxy's (the headless Service's too), as they
+    // come.
+    let after = totals(&h);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (3.0, 3.0));
     h.wait_for_frontend(
         "10.96.0.10:80",
         "TCP",

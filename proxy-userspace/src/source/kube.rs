@@ -27,13 +27,14 @@ use kube::client::retry::RetryPolicy;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tower::retry::RetryLayer;
 use tower::{BoxError, ServiceBuilder};
 
 use super::{Delta, ObjectKey, Snapshot, object_key, proxy_label_selector};
-use crate::metrics::{PendingChanges, RestClientMetrics};
+use crate::metrics::{RestClientMetrics, SourceChanges};
 
 /// How to reach the API server.
 #[derive(Clone, Debug, Default)]
@@ -143,7 +144,7 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     pending: Arc<Mutex<Pending>>,
-    gauges: PendingChanges,
+    counted: SourceChanges,
 }
 
 /// What the watchers saw since the agent last read the stores.
@@ -154,8 +155,8 @@ struct Pending {
     /// The changed Services kube-proxy's IPv4 tracker would hold (`proxied`): its pending
     /// Service changes.
     proxied_services: BTreeSet<ObjectKey>,
-    /// Updates of IPv4 and IPv6 slices (not FQDN ones, which kube-proxy ignores), each
-    /// counted: its pending endpoint changes.
+    /// Updates of IPv4 and IPv6 slices (`tracked_slice`), each counted: its pending endpoint
+    /// changes.
     slice_events: u64,
     /// A store swapped in a re-list: only a snapshot tells what changed.
     relisted: bool,
@@ -172,20 +173,26 @@ impl Pending {
 
     fn slice_changed(&mut self, slice: &EndpointSlice) {
         self.slices.insert(object_key(&slice.metadata));
-        if slice.address_type != "FQDN" {
+        if tracked_slice(slice) {
             self.slice_events += 1;
         }
     }
 
     /// kube-proxy's pending-change gauges for what is recorded now.
-    fn show(&self, gauges: &PendingChanges) {
-        gauges
-            .services
+    fn show(&self, counted: &SourceChanges) {
+        counted
+            .services_pending
             .set(i64::try_from(self.proxied_services.len()).unwrap_or(i64::MAX));
-        gauges
-            .endpoints
+        counted
+            .endpoints_pending
             .set(i64::try_from(self.slice_events).unwrap_or(i64::MAX));
     }
+}
+
+/// Whether kube-proxy's endpoint change tracker takes `slice` at all: IPv4 and IPv6 ones,
+/// not FQDN ones.
+fn tracked_slice(slice: &EndpointSlice) -> bool {
+    slice.address_type != "FQDN"
 }
 
 /// Whether kube-proxy's IPv4 proxier proxies `service` at all: not ExternalName, not
@@ -204,12 +211,12 @@ fn proxied(service: &Service) -> bool {
 
 impl KubeSource {
     /// Starts the watchers; every change (and every completed re-list) sends on `changed`,
-    /// and what is pending shows in `gauges`.
+    /// and the changes are counted in `counted`.
     pub fn start(
         client: Client,
         node_name: &str,
         changed: mpsc::Sender<()>,
-        gauges: PendingChanges,
+        counted: SourceChanges,
     ) -> Self {
         let selector = proxy_label_selector();
         let pending = Arc::new(Mutex::new(Pending::default()));
@@ -220,7 +227,9 @@ impl KubeSource {
             Some(Track {
                 pending: pending.clone(),
                 record: Pending::service_changed,
-                gauges: gauges.clone(),
+                tracked: |_| true,
+                total: counted.services_total.clone(),
+                counted: counted.clone(),
             }),
         );
         let slices = spawn_reflector(
@@ -230,7 +239,9 @@ impl KubeSource {
             Some(Track {
                 pending: pending.clone(),
                 record: Pending::slice_changed,
-                gauges: gauges.clone(),
+                tracked: tracked_slice,
+                total: counted.endpoints_total.clone(),
+                counted: counted.clone(),
             }),
         );
         // The Node is read whole at every sync.
@@ -245,7 +256,7 @@ impl KubeSource {
             slices,
             nodes,
             pending,
-            gauges,
+            counted,
         }
     }
 
@@ -264,7 +275,7 @@ impl KubeSource {
     fn take_pending(&self) -> Pending {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let taken = std::mem::take(&mut *pending);
-        pending.show(&self.gauges);
+        pending.show(&self.counted);
         taken
     }
 
@@ -327,7 +338,10 @@ fn trim<K: Resource>(object: &mut K) {
 struct Track<K> {
     pending: Arc<Mutex<Pending>>,
     record: fn(&mut Pending, &K),
-    gauges: PendingChanges,
+    /// Whether kube-proxy's tracker counts the object's events in `total`.
+    tracked: fn(&K) -> bool,
+    total: Counter,
+    counted: SourceChanges,
 }
 
 /// One watcher into one store, in a task of its own. Errors (the API server away, a 410)
@@ -354,6 +368,14 @@ where
             let object = match &event {
                 Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => Some(o),
                 Ok(watcher::Event::InitDone) => None,
+                // A (re-)list's objects: kube-proxy's informer hands each to its tracker
+                // too. Only the snapshot a re-list forces tells what changed.
+                Ok(watcher::Event::InitApply(o)) => {
+                    if let Some(track) = track.as_ref().filter(|t| (t.tracked)(o)) {
+                        track.total.inc();
+                    }
+                    continue;
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!("watching {kind}: {e}; retrying");
@@ -365,7 +387,10 @@ where
                 match object {
                     Some(object) => {
                         (track.record)(&mut pending, object);
-                        pending.show(&track.gauges);
+                        pending.show(&track.counted);
+                        if (track.tracked)(object) {
+                            track.total.inc();
+                        }
                     }
                     None => pending.relisted = true,
                 }
@@ -467,8 +492,14 @@ mod pending_tests {
             (1, 3)
         );
 
-        let gauges = PendingChanges::default();
-        pending.show(&gauges);
-        assert_eq!((gauges.services.get(), gauges.endpoints.get()), (1, 3));
+        let counted = SourceChanges::default();
+        pending.show(&counted);
+        assert_eq!(
+            (
+                counted.services_pending.get(),
+                counted.endpoints_pending.get()
+            ),
+            (1, 3)
+        );
     }
 }
