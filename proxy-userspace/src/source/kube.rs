@@ -202,11 +202,9 @@ fn proxied(service: &Service) -> bool {
     let Some(spec) = &service.spec else {
         return false;
     };
-    let ips = spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip);
+    let mut ips = spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip);
     spec.type_.as_deref() != Some("ExternalName")
-        && ips
-            .into_iter()
-            .any(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+        && ips.any(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 impl KubeSource {
