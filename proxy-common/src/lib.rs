@@ -76,6 +76,7 @@ pub const MAP_SOCK_CONFIG: &str = "ekp_sockcfg_v2";
 pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
 pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
+pub const MAP_NS_FILTER: &str = "ekp_nsfilt_v1";
 /// The hash maps `MAP_BACKENDS` and `MAP_REV_NAT` replaced: same keys (the id) and values.
 /// An agent that finds them pinned copies them into the arrays and unpins them.
 pub const MAP_BACKENDS_V1: &str = "ekp_backend_v1";
@@ -88,7 +89,7 @@ pub const MAP_SOCK_CONFIG_V1: &str = "ekp_sockcfg_v1";
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -104,6 +105,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_FRAGMENTS,
     MAP_SNAT_CURSORS,
     MAP_SNAT_TIME_WAIT,
+    MAP_NS_FILTER,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -665,6 +667,95 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
 }
 
+impl NodeConfig {
+    /// Where a flow whose source port changes (source-NATed, or its client's port held by
+    /// another flow) takes its new port from, host order: the configured range, or the
+    /// default one while none is (a zeroed entry).
+    #[inline(always)]
+    pub fn snat_ports(&self) -> (u16, u16) {
+        if self.snat_port_min != 0 {
+            (self.snat_port_min, self.snat_port_max)
+        } else {
+            (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX)
+        }
+    }
+}
+
+/// Words of a [`NsFilter`]'s bitmap: 65536 bits.
+pub const NS_FILTER_WORDS: usize = 1024;
+/// The entry of `ekp_nsfilt_v1` that `ekp_tcx_in` consults: the (address, port) of every
+/// external-scope frontend.
+pub const NS_FILTER_IN: u32 = 0;
+/// The entry `ekp_tcx_out` consults: the (address, port) of every local backend.
+pub const NS_FILTER_OUT: u32 = 1;
+
+/// A prefilter of the north-south programs on the node's devices, one per direction
+/// (`NS_FILTER_IN`, `NS_FILTER_OUT`): a packet whose (address, port) has no bit set cannot
+/// belong to a Service flow, and passes without the conntrack and frontend lookups, which
+/// cost traffic that is not for a Service (most of a node's) two hash misses in large maps.
+/// A set bit proves nothing: the lookups decide.
+///
+/// Bits are only ever added, by the agent, before the frontends and backends they stand for
+/// are written: a flow that outlives its frontend (its conntrack entry still translates it,
+/// as the kernel's conntrack keeps a NAT flow after kube-proxy's rules are gone) keeps its
+/// bit. Writers copy the whole value while programs read it, so a reader can meet a word
+/// half old, half new; as new bits are a superset of old ones, it never misses a bit that
+/// was set before the write began.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NsFilter {
+    /// Nonzero: the bits are complete and the programs apply the filter. Zero (a new map,
+    /// or from an agent's start until its first sync has written every bit): no packet is
+    /// filtered. Host order.
+    pub armed: u32,
+    pub _pad: u32,
+    pub bits: [u64; NS_FILTER_WORDS],
+}
+
+impl NsFilter {
+    pub const EMPTY: NsFilter = NsFilter {
+        armed: 0,
+        _pad: 0,
+        bits: [0; NS_FILTER_WORDS],
+    };
+
+    /// Whether the bit of (`addr`, `port`) is set; both as the packet carries them (`addr`
+    /// network order as read from memory, `port` as the parsed packet's, the frontend's and
+    /// the backend's entries hold it).
+    #[inline(always)]
+    pub fn has(&self, addr: u32, port: u16) -> bool {
+        let (word, mask) = ns_filter_bit(addr, port);
+        self.bits[word] & mask != 0
+    }
+
+    /// Sets the bit of (`addr`, `port`); whether it was clear.
+    pub fn insert(&mut self, addr: u32, port: u16) -> bool {
+        let (word, mask) = ns_filter_bit(addr, port);
+        let new = self.bits[word] & mask == 0;
+        self.bits[word] |= mask;
+        new
+    }
+
+    /// Sets every bit `other` has; whether any was clear.
+    pub fn absorb(&mut self, other: &NsFilter) -> bool {
+        let mut new = false;
+        for (mine, theirs) in self.bits.iter_mut().zip(other.bits.iter()) {
+            new |= *theirs & !*mine != 0;
+            *mine |= *theirs;
+        }
+        new
+    }
+}
+
+/// The word and bit of (`addr`, `port`) in a [`NsFilter`]: a multiplicative hash of the
+/// pair, whose top 16 bits spread the ports of one address (NodePorts) over the bitmap.
+#[inline(always)]
+pub const fn ns_filter_bit(addr: u32, port: u16) -> (usize, u64) {
+    let pair = ((addr as u64) << 16) | port as u64;
+    let hash = (pair.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize;
+    ((hash >> 6) % NS_FILTER_WORDS, 1u64 << (hash & 63))
+}
+
 /// The data of a `ekp_srcrange_v1` key (an LPM trie: the kernel's key is this behind a
 /// 32-bit prefix length). The prefix covers the rev-NAT id and padding whole
 /// ([`SOURCE_RANGE_PREFIX_BASE`] bits) plus the range's own prefix length over `addr`, so
@@ -750,6 +841,8 @@ const _: () = assert!(SOCK_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NsFilter>() == 8 + 8 * NS_FILTER_WORDS);
+const _: () = assert!(NS_FILTER_WORDS * 64 == 1 << 16);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
@@ -778,6 +871,7 @@ mod user {
     unsafe impl aya::Pod for NatCtKey {}
     unsafe impl aya::Pod for NatCtValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for NsFilter {}
     unsafe impl aya::Pod for LogConfig {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockConfig {}
@@ -790,6 +884,35 @@ mod user {
 mod tests {
     use super::*;
     use core::mem::offset_of;
+
+    /// A filter holds what was inserted, and spreads one address's NodePorts (the default
+    /// range) over its bits about as a random choice would (65536 bits: some 58 pairs
+    /// expected to share one), so that a set bit rarely stands for a port not in use.
+    #[test]
+    fn ns_filter_bits_spread_one_addresss_node_ports() {
+        let node = u32::from_ne_bytes([192, 168, 77, 2]);
+        let mut filter = NsFilter::EMPTY;
+        let fresh = (30000..=32767u16)
+            .filter(|port| filter.insert(node, *port))
+            .count();
+        assert!(fresh > 2650, "only {fresh} distinct bits for 2768 ports");
+        assert!((30000..=32767u16).all(|port| filter.has(node, port)));
+        let set: u32 = filter.bits.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set as usize, fresh);
+        // Pods' addresses with one port.
+        let mut pods = NsFilter::EMPTY;
+        let fresh = (0..=255u8)
+            .flat_map(|b| (1..=16u8).map(move |c| u32::from_ne_bytes([10, 244, c, b])))
+            .filter(|addr| pods.insert(*addr, 8080))
+            .count();
+        assert!(fresh > 4000, "only {fresh} distinct bits for 4096 pods");
+        assert!(!pods.has(node, 8080) || !pods.has(node, 8081));
+        // Absorbing adds what is new, and says whether there was any.
+        let mut both = pods;
+        assert!(both.absorb(&filter));
+        assert!(!both.absorb(&filter) && !both.absorb(&pods));
+        assert!(both.has(node, 30080) && both.has(u32::from_ne_bytes([10, 244, 1, 7]), 8080));
+    }
 
     /// The field offsets are part of the ABI (bpftool users and older pins rely on them).
     #[test]
@@ -842,6 +965,8 @@ mod tests {
         assert_eq!(offset_of!(SnatTimeWait, next_seq), 8);
         assert_eq!(offset_of!(SnatTimeWait, tsval), 12);
         assert_eq!(offset_of!(SockConfig, flags), 8);
+        assert_eq!(offset_of!(NsFilter, armed), 0);
+        assert_eq!(offset_of!(NsFilter, bits), 8);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod log;
 mod maps;
 mod nat;
 mod nodeport;
+mod ns_filter;
 mod parse;
 mod sock;
 mod sock_slot;

@@ -8,7 +8,7 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LOG_RECORDS_BYTES,
-    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SNAT_CURSORS,
+    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue, SNAT_CURSORS,
     SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue, SnatTimeWait, SockConfig,
     SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
@@ -73,6 +73,12 @@ pub static NAT_CT: LruHashMap<NatCtKey, NatCtValue, { DEFAULT_NAT_CT_MAX as usiz
 /// Written by the agent, read by `ekp_tcx_in`.
 #[btf_map(name = "ekp_config_v1")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// The north-south prefilter (`ns_filter`): entry `NS_FILTER_IN` for `ekp_tcx_in`,
+/// `NS_FILTER_OUT` for `ekp_tcx_out`. Written by the agent, read by those two programs at
+/// every packet.
+#[btf_map(name = "ekp_nsfilt_v1")]
+pub static NS_FILTER: Array<NsFilter, 2> = Array::new();
 
 /// The log switch (one entry, key 0): how much the programs log (`LOG_LEVEL_*`, off when
 /// zero). Written by the agent (`run --bpf-log-level`, `bpf-log`), read by every program

@@ -10,8 +10,9 @@
 //!   goes back to the frontend. What `ekp_tcx_in` forwarded there itself is translated
 //!   already and passes at once (`fib::take_forwarded`).
 //!
-//! Both translate ICMP errors about a tracked flow too (`icmp`), and the later fragments of
-//! a datagram whose first fragment they translated (`fragments`).
+//! Both pass at once what the prefilter (`ns_filter`) says no Service flow can use, and
+//! translate ICMP errors about a tracked flow too (`icmp`), and the later fragments of a
+//! datagram whose first fragment they translated (`fragments`).
 //!
 //! `ekp_pod_in` / `ekp_pod_out` are the same on pods' devices, for the host-namespace-only
 //! socket LB: a pod's packets to frontends of the *internal* scope are DNATed (never
@@ -29,13 +30,12 @@ use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
     AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING,
-    CT_FLAG_REPLY, CT_FLAG_SNAT, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, LOG_DROP_MAP_FULL,
-    LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED, LOG_EVENT_FLOW_NO_BACKEND, LOG_EVENT_NEW_FLOW,
-    LOG_EVENT_OUTSIDE_SOURCE_RANGES, LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN,
-    LOG_HOOK_TCX_IN, LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue,
-    NodeConfig, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
-    log_endpoint,
+    CT_FLAG_REPLY, CT_FLAG_SNAT, LOG_DROP_MAP_FULL, LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED,
+    LOG_EVENT_FLOW_NO_BACKEND, LOG_EVENT_NEW_FLOW, LOG_EVENT_OUTSIDE_SOURCE_RANGES,
+    LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN, LOG_HOOK_TCX_IN,
+    LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue, NodeConfig, PROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey, log_endpoint,
 };
 
 use crate::fib::{self, Route};
@@ -45,6 +45,7 @@ use crate::lb::{self, now_secs};
 use crate::log::{log_debug, log_error};
 use crate::maps::{CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
+use crate::ns_filter;
 use crate::parse::{self, Packet};
 use crate::time_wait;
 
@@ -64,7 +65,7 @@ pub fn ekp_tcx_in(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn ekp_tcx_out(ctx: TcContext) -> i32 {
-    match try_tcx_out(&ctx) {
+    match try_tcx_out::<SCOPE_EXTERNAL>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -82,7 +83,7 @@ pub fn ekp_pod_in(ctx: TcContext) -> i32 {
 /// `ekp_tcx_out` for pods' devices: replies of backends to a pod get the frontend back.
 #[classifier]
 pub fn ekp_pod_out(ctx: TcContext) -> i32 {
-    match try_tcx_out(&ctx) {
+    match try_tcx_out::<SCOPE_INTERNAL>(&ctx) {
         Ok(v) | Err(v) => v,
     }
 }
@@ -92,6 +93,10 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
     let Some(pkt) = parse::ipv4_l4(ctx).and_then(fragments::with_ports) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_IN, PASS, DROP).unwrap_or(PASS));
     };
+    // Pods' devices carry Service traffic of every kind and are not filtered.
+    if SCOPE == SCOPE_EXTERNAL && !ns_filter::admits_in(&pkt) {
+        return Ok(PASS);
+    }
     let now = now_secs();
     let key = nat::key_of(&pkt, CT_DIR_IN);
     if let Some(entry) = NAT_CT.get_ptr_mut(&key) {
@@ -120,13 +125,16 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
 }
 
 #[inline(always)]
-fn try_tcx_out(ctx: &TcContext) -> Result<i32, i32> {
+fn try_tcx_out<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
     if fib::take_forwarded(ctx) {
         return Ok(PASS);
     }
     let Some(pkt) = parse::ipv4_l4(ctx).and_then(fragments::with_ports) else {
         return Ok(icmp::translate_error(ctx, CT_DIR_OUT, PASS, DROP).unwrap_or(PASS));
     };
+    if SCOPE == SCOPE_EXTERNAL && !ns_filter::admits_out(&pkt) {
+        return Ok(PASS);
+    }
     let key = nat::key_of(&pkt, CT_DIR_OUT);
     let entry = NAT_CT.get_ptr_mut(&key).ok_or(PASS)?;
     // SAFETY: copied out at once.
@@ -269,13 +277,9 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         _ if snat => return Ok(PASS),
         _ => None,
     };
-    // Where a source-NATed flow, or one whose client port another flow holds, takes its
-    // source port from: the node's SNAT ports if north-south is configured (the array's
-    // entry is zero otherwise), else the default range.
-    let ports = match config {
-        Some(c) if c.snat_port_min != 0 => (c.snat_port_min, c.snat_port_max),
-        _ => (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
-    };
+    // The node's SNAT ports if north-south is configured (the array's entry is zero
+    // otherwise), else the default range.
+    let ports = config.unwrap_or_default().snat_ports();
     let mut forward = NatCtValue {
         saddr: snat_addr.unwrap_or(pkt.saddr),
         daddr: backend.addr,

@@ -26,11 +26,12 @@ use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SERVICES,
-    MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE,
-    MAP_SOURCE_RANGES, NatCtKey, NatCtValue, NodeConfig, RevNatValue, SOCK_FLAG_HOST_ONLY,
-    SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
-    SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT, MAP_REV_NAT_V1,
+    MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
+    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue,
+    NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, ServiceKey,
+    ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    sock_slot_index,
 };
 
 mod logs;
@@ -277,6 +278,8 @@ pub struct Maps {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Written by the north-south programs only; the agent deletes expired entries.
     nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
+    /// The north-south prefilter; `None` in pins of a version without it (`list` of them).
+    ns_filter: Option<Array<MapData, NsFilter>>,
 }
 
 impl Maps {
@@ -300,6 +303,10 @@ impl Maps {
             sock_slots: Array::try_from(Map::Array(open(MAP_SOCK_SLOTS)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
             nat_ct: HashMap::try_from(Map::LruHashMap(open(MAP_NAT_CT)?))?,
+            ns_filter: match maps_dir(pin_dir).join(MAP_NS_FILTER).exists() {
+                true => Some(Array::try_from(Map::Array(open(MAP_NS_FILTER)?))?),
+                false => None,
+            },
         })
     }
 
@@ -317,7 +324,26 @@ impl Maps {
             sock_slots: Array::try_from(take(MAP_SOCK_SLOTS)?)?,
             source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
             nat_ct: HashMap::try_from(take(MAP_NAT_CT)?)?,
+            ns_filter: Some(Array::try_from(take(MAP_NS_FILTER)?)?),
         })
+    }
+
+    /// The prefilter's entry `entry` (`NS_FILTER_IN`, `NS_FILTER_OUT`); `None` without the
+    /// map.
+    pub fn ns_filter(&self, entry: u32) -> Result<Option<NsFilter>> {
+        self.ns_filter
+            .as_ref()
+            .map(|map| map.get(&entry, 0))
+            .transpose()
+            .with_context(|| format!("reading {MAP_NS_FILTER} entry {entry}"))
+    }
+
+    pub fn put_ns_filter(&mut self, entry: u32, filter: &NsFilter) -> Result<()> {
+        self.ns_filter
+            .as_mut()
+            .with_context(|| format!("map {MAP_NS_FILTER} is not pinned"))?
+            .set(entry, filter, 0)
+            .with_context(|| format!("writing {MAP_NS_FILTER} entry {entry}"))
     }
 
     /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors; a
@@ -750,6 +776,7 @@ pub fn load(
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
     adopt_v1_hash_maps(pin_dir, &ebpf)?;
+    disarm_ns_filter(&mut ebpf)?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
     // The north-south programs first: `ekp_tcx_in` is the largest (see `verify`).
     let mut wanted: Vec<&str> = Vec::new();
@@ -939,6 +966,28 @@ fn pinned_devices(pin_dir: &Path, program: &str) -> Result<Vec<String>> {
 }
 
 /// Writes the only entry of the north-south config array.
+/// Turns the north-south prefilter off until the first sync has written every bit it needs
+/// (`sync`'s `NsFilters`), keeping the bits: the pinned filter may lack frontends that an
+/// older agent, which did not know it, wrote since it was last armed.
+fn disarm_ns_filter(ebpf: &mut Ebpf) -> Result<()> {
+    let mut filter: Array<&mut MapData, NsFilter> = ebpf
+        .map_mut(MAP_NS_FILTER)
+        .with_context(|| format!("map {MAP_NS_FILTER} missing from the eBPF object"))?
+        .try_into()?;
+    for entry in [NS_FILTER_IN, NS_FILTER_OUT] {
+        let mut value = filter
+            .get(&entry, 0)
+            .with_context(|| format!("reading {MAP_NS_FILTER} entry {entry}"))?;
+        if value.armed != 0 {
+            value.armed = 0;
+            filter
+                .set(entry, value, 0)
+                .with_context(|| format!("disarming {MAP_NS_FILTER} entry {entry}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
     let map = ebpf
         .map_mut(MAP_CONFIG)

@@ -25,6 +25,7 @@ use crate::dataplane::{MapContents, Maps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, SourceRange, WhenEmpty};
 use crate::stale_udp::StaleUdp;
 
+mod ns_filter;
 pub mod touched;
 
 /// One frontend as programmed.
@@ -981,6 +982,8 @@ pub struct Syncer {
     /// maps and would not find them stale again. Deleted by the next complete sync, unless
     /// a frontend offers the backend again by then.
     affinity_pending: BTreeSet<(u16, u32)>,
+    /// The north-south prefilter's bits, written ahead of what they stand for.
+    ns_filters: ns_filter::NsFilters,
 }
 
 impl Syncer {
@@ -990,7 +993,9 @@ impl Syncer {
         let index = touched::BackendIndex::of(&programmed);
         let stale_udp = StaleUdp::spawn(maps.sock_reverse()?)
             .context("starting the thread that closes stale UDP sockets")?;
+        let ns_filters = ns_filter::NsFilters::adopt(&maps)?;
         Ok(Syncer {
+            ns_filters,
             maps,
             service_entries: service_entries(&programmed),
             programmed,
@@ -1054,6 +1059,10 @@ impl Syncer {
         departed: BTreeSet<(u16, u32)>,
         stale_affinity: BTreeSet<(u16, u32)>,
     ) -> Result<SyncStats> {
+        if let Err(e) = self.ns_filters.before(&mut self.maps, ops) {
+            self.affinity_pending.extend(stale_affinity);
+            return Err(e);
+        }
         // Connected UDP sockets pointed at a departed backend must reconnect (C27). The ids
         // are resolved before the writes, which may delete the backends.
         let departed_udp = udp_pairs(&self.programmed, departed);
@@ -1093,6 +1102,10 @@ impl Syncer {
         self.stale_udp
             .record(without_ids(departed_udp), without_ids(present_udp));
         if let Some(e) = failed {
+            self.affinity_pending.extend(stale_affinity);
+            return Err(e);
+        }
+        if let Err(e) = self.ns_filters.after(&mut self.maps, &self.programmed) {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use proxy_common::{NS_FILTER_IN, NS_FILTER_OUT, NsFilter};
+use proxy_userspace::dataplane::Maps;
 use serde_json::Value;
 use xtask::netns::{self, Cgroup, Netns, Proc};
 
@@ -1074,6 +1076,120 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     for _ in 0..3 {
         let refused = cluster.fails(&cluster.client, None, &node_port);
         assert_eq!(refused["errno"], 111, "{refused}");
+    }
+}
+
+/// The north-south prefilter (`ekp_nsfilt_v1`): `ekp_tcx_in` passes at once a packet
+/// whose destination has no bit in it, `ekp_tcx_out` one whose source has none, so every
+/// external-scope frontend and every local backend must have its bit before it can be
+/// reached: after the first sync (which arms the filter), for a frontend added later, and
+/// after a restart that finds bits missing from the pinned filter (an older agent's writes,
+/// which knew no filter): its first sync sets the bits of all that is programmed. Each time
+/// the filter is compared with what `list` shows, and the NodePorts must answer.
+#[test]
+fn the_prefilter_covers_every_external_frontend_and_local_backend() {
+    let mut cluster = Cluster::new("nsfilter");
+    write_web_with_udp(&cluster);
+    cluster.start_agent(0, None);
+    let both = ["10.244.1.10:8080", "10.244.2.10:8080"];
+    cluster.wait_for_node_port(0, &both);
+    let pin_path = cluster.nodes[0].pin_path.clone();
+    let node_port = format!("192.168.77.11:{NODE_PORT}");
+    wait_until_prefilter_covers_what_is_listed(&pin_path);
+    assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
+
+    // Added while the filter is armed: its bit comes before its slot 0.
+    cluster.write_manifest(
+        "later.yaml",
+        &local_node_port("later", "10.96.0.20", 30090, "10.244.1.10", "node-1"),
+    );
+    cluster.wait_for(0, "192.168.77.11:30090", "external", &["10.244.1.10:8080"]);
+    let counts = cluster.requests("192.168.77.11:30090", 3);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        [&format!("pod-1 {CLIENT}")]
+    );
+    wait_until_prefilter_covers_what_is_listed(&pin_path);
+
+    // The pinned filter armed without a bit: the next agent disarms it as it loads and
+    // arms it after its first sync, with every bit again.
+    if let Some(mut agent) = cluster.nodes[0].agent.take() {
+        agent.kill();
+    }
+    let mut maps = Maps::open_pinned(&pin_path).expect("opening the pinned maps");
+    let mut bare = NsFilter::EMPTY;
+    bare.armed = 1;
+    for entry in [NS_FILTER_IN, NS_FILTER_OUT] {
+        maps.put_ns_filter(entry, &bare)
+            .expect("clearing the pinned filter");
+    }
+    drop(maps);
+    cluster.start_agent(0, None);
+    cluster.wait_for_node_port(0, &both);
+    wait_until_prefilter_covers_what_is_listed(&pin_path);
+    assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
+    cluster.requests("192.168.77.11:30090", 3);
+}
+
+/// Waits (bounded) until the prefilter pinned under `pin_path` is armed with exactly the
+/// bits of the external-scope frontends and local backends `list` shows (the pins are this
+/// test's own, so no earlier bit is in them). A sync may land between reading the list and
+/// reading the filter, and a restarted agent arms the filter only after its first sync:
+/// hence the wait.
+fn wait_until_prefilter_covers_what_is_listed(pin_path: &Path) {
+    let endpoint = |text: &str| -> (u32, u16) {
+        let (addr, port) = text.rsplit_once(':').expect("addr:port");
+        let addr: Ipv4Addr = addr.parse().expect("an IPv4 address");
+        let port: u16 = port.parse().expect("a port");
+        (u32::from_ne_bytes(addr.octets()), port.to_be())
+    };
+    // Bits set in `a` and not in `b`.
+    let beyond = |a: &NsFilter, b: &NsFilter| -> u32 {
+        a.bits
+            .iter()
+            .zip(b.bits.iter())
+            .map(|(x, y)| (x & !y).count_ones())
+            .sum()
+    };
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    loop {
+        let (mut incoming, mut outgoing) = (NsFilter::EMPTY, NsFilter::EMPTY);
+        let listed = list(pin_path).expect("list");
+        for frontend in &listed {
+            if frontend["scope"] == "external" {
+                let (addr, port) = endpoint(frontend["frontend"].as_str().expect("frontend"));
+                incoming.insert(addr, port);
+            }
+            for backend in frontend["backends"].as_array().expect("backends") {
+                if backend["local"] == true {
+                    let (addr, port) = endpoint(backend["address"].as_str().expect("address"));
+                    outgoing.insert(addr, port);
+                }
+            }
+        }
+        let maps = Maps::open_pinned(pin_path).expect("opening the pinned maps");
+        let mut differences = Vec::new();
+        for (entry, want) in [(NS_FILTER_IN, incoming), (NS_FILTER_OUT, outgoing)] {
+            let got = maps
+                .ns_filter(entry)
+                .expect("reading the prefilter")
+                .expect("the prefilter is pinned");
+            let (missing, extra) = (beyond(&want, &got), beyond(&got, &want));
+            if missing != 0 || extra != 0 || got.armed == 0 {
+                differences.push(format!(
+                    "entry {entry}: {missing} bits missing, {extra} extra, armed {}",
+                    got.armed
+                ));
+            }
+        }
+        if differences.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prefilter differs from what is listed: {differences:?}\n{listed:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -2,7 +2,9 @@
 //! were hash maps (`ekp_backend_v1`, `ekp_revnat_v1`) copies them into the arrays that
 //! replaced them while it loads, before any new program is attached, and unpins them; its
 //! clients never notice (BEHAVIOUR C33). The socket config array of that version
-//! (`ekp_sockcfg_v1`) holds nothing to keep: it is unpinned.
+//! (`ekp_sockcfg_v1`) holds nothing to keep: it is unpinned. A pinned north-south
+//! prefilter is turned off as the object loads, since an older agent may have written
+//! frontends it lacks.
 
 mod common;
 
@@ -14,7 +16,7 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use common::{ClientsUnderLoad, Pins, SMALL_MAPS};
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SOCK_CONFIG,
-    MAP_SOCK_CONFIG_V1, PROTO_TCP, RevNatValue,
+    MAP_SOCK_CONFIG_V1, NS_FILTER_IN, NS_FILTER_OUT, NsFilter, PROTO_TCP, RevNatValue,
 };
 use proxy_userspace::dataplane::{self, Maps};
 
@@ -130,6 +132,41 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
         .expect("reading the maps");
     assert_eq!(contents.backends, kept.to_vec(), "the backends array");
     assert_eq!(contents.rev_nat, frontends.to_vec(), "the rev-NAT array");
+}
+
+/// The prefilter's bits are only complete for what the agent that set them wrote: after a
+/// downgrade, the older agent (which does not know the filter) may have added frontends
+/// without bits, which the armed filter would pass untranslated until the newer agent's
+/// first sync. So loading the object disarms it, before any program is attached; the bits
+/// stay (flows of frontends gone since may still use them), and the first sync arms it.
+#[test]
+fn a_pinned_prefilter_is_disarmed_as_the_object_loads_its_bits_kept() {
+    let pins = Pins::new("nsfilter");
+    load(&pins.0);
+    let node = u32::from_ne_bytes([192, 168, 77, 11]);
+    let pod = u32::from_ne_bytes([10, 244, 1, 10]);
+    let mut armed = [NsFilter::EMPTY, NsFilter::EMPTY];
+    armed[0].insert(node, 30080u16.to_be());
+    armed[1].insert(pod, 8080u16.to_be());
+    let mut maps = Maps::open_pinned(&pins.0).expect("opening the pinned maps");
+    for (entry, filter) in [NS_FILTER_IN, NS_FILTER_OUT].into_iter().zip(&mut armed) {
+        filter.armed = 1;
+        maps.put_ns_filter(entry, filter)
+            .expect("arming the pinned filter");
+    }
+    drop(maps);
+
+    load(&pins.0);
+
+    let maps = Maps::open_pinned(&pins.0).expect("opening the pinned maps");
+    for (entry, before) in [NS_FILTER_IN, NS_FILTER_OUT].into_iter().zip(&armed) {
+        let after = maps
+            .ns_filter(entry)
+            .expect("reading the filter")
+            .expect("the filter is pinned");
+        assert_eq!(after.armed, 0, "entry {entry} still armed");
+        assert_eq!(after.bits, before.bits, "entry {entry} lost bits");
+    }
 }
 
 /// A pin under an old name whose entries are not the old layout is not read (a batch read

@@ -1,0 +1,237 @@
+//! The bits of the north-south prefilter (`proxy_common::NsFilter`, map `ekp_nsfilt_v1`),
+//! written before the frontends and backends they stand for.
+//!
+//! `ekp_tcx_in` passes at once a packet whose destination (address, port) has no bit in
+//! the incoming filter, `ekp_tcx_out` one whose source has none in the outgoing filter.
+//! So the incoming filter holds every external-scope frontend, the outgoing one every local
+//! backend, each set before the write that makes it reachable. Bits are never cleared: a
+//! flow whose frontend or backend went keeps being translated from its conntrack entries
+//! (as the kernel's conntrack keeps NAT flows after kube-proxy's rules are gone), and a
+//! stale bit only costs its packets the lookups. An agent starts with the filter off
+//! (`dataplane::start`) and arms it once its first complete sync has covered all that is
+//! programmed.
+
+use anyhow::Result;
+use proxy_common::{NS_FILTER_IN, NS_FILTER_OUT, NsFilter, SCOPE_EXTERNAL};
+
+use super::{Op, Programmed};
+use crate::abi;
+use crate::dataplane::Maps;
+use crate::model::{BackendAddr, FrontendKey};
+
+/// The filters as written, and whether they are armed.
+pub struct NsFilters {
+    incoming: Box<NsFilter>,
+    outgoing: Box<NsFilter>,
+    armed: bool,
+}
+
+impl NsFilters {
+    /// Starts from the pinned bits (those of earlier runs stay), not armed.
+    pub fn adopt(maps: &Maps) -> Result<Self> {
+        let pinned = |entry| -> Result<Box<NsFilter>> {
+            Ok(Box::new(maps.ns_filter(entry)?.unwrap_or(NsFilter::EMPTY)))
+        };
+        Ok(NsFilters {
+            incoming: pinned(NS_FILTER_IN)?,
+            outgoing: pinned(NS_FILTER_OUT)?,
+            armed: false,
+        })
+    }
+
+    /// Before `ops` are written: an armed filter gets the bits they need first.
+    pub fn before(&mut self, maps: &mut Maps, ops: &[Op]) -> Result<()> {
+        if !self.armed {
+            return Ok(());
+        }
+        let (grew_in, grew_out) = self.grow(ops);
+        if grew_in {
+            maps.put_ns_filter(NS_FILTER_IN, &self.incoming)?;
+        }
+        if grew_out {
+            maps.put_ns_filter(NS_FILTER_OUT, &self.outgoing)?;
+        }
+        Ok(())
+    }
+
+    /// After a sync wrote all it wanted: a filter not armed yet gets the bits of all that is
+    /// programmed, then is armed. Two writes, so that no reader sees it armed with bits
+    /// half copied.
+    pub fn after(&mut self, maps: &mut Maps, programmed: &Programmed) -> Result<()> {
+        if self.armed {
+            return Ok(());
+        }
+        self.cover(programmed);
+        for armed in [0, 1] {
+            self.incoming.armed = armed;
+            self.outgoing.armed = armed;
+            maps.put_ns_filter(NS_FILTER_IN, &self.incoming)?;
+            maps.put_ns_filter(NS_FILTER_OUT, &self.outgoing)?;
+        }
+        self.armed = true;
+        tracing::debug!("north-south prefilter armed");
+        Ok(())
+    }
+
+    /// Sets the bits of the frontends and local backends `ops` write; whether each filter
+    /// grew.
+    fn grow(&mut self, ops: &[Op]) -> (bool, bool) {
+        let (mut grew_in, mut grew_out) = (false, false);
+        for op in ops {
+            match op {
+                Op::PutFrontend { frontend, .. } => grew_in |= self.add_frontend(frontend),
+                Op::PutBackend {
+                    backend,
+                    local: true,
+                    ..
+                } => grew_out |= self.add_backend(backend),
+                _ => {}
+            }
+        }
+        (grew_in, grew_out)
+    }
+
+    /// Sets the bits of every programmed frontend and local backend.
+    fn cover(&mut self, programmed: &Programmed) {
+        for frontend in programmed.frontends.keys() {
+            self.add_frontend(frontend);
+        }
+        for id in &programmed.local_backends {
+            if let Some(backend) = programmed.backends.get(id) {
+                self.add_backend(backend);
+            }
+        }
+    }
+
+    fn add_frontend(&mut self, frontend: &FrontendKey) -> bool {
+        let key = abi::service_key(frontend, 0);
+        key.scope == SCOPE_EXTERNAL && self.incoming.insert(key.addr, key.port)
+    }
+
+    fn add_backend(&mut self, backend: &BackendAddr) -> bool {
+        let value = abi::backend_value(backend, true);
+        self.outgoing.insert(value.addr, value.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Protocol, Scope};
+    use crate::sync::empty_frontend;
+    use proxy_common::ServiceValue;
+
+    fn filters() -> NsFilters {
+        NsFilters {
+            incoming: Box::new(NsFilter::EMPTY),
+            outgoing: Box::new(NsFilter::EMPTY),
+            armed: true,
+        }
+    }
+
+    fn frontend(addr: [u8; 4], port: u16, scope: Scope) -> FrontendKey {
+        FrontendKey {
+            addr: Ipv4Addr::from(addr),
+            port,
+            proto: Protocol::Tcp,
+            scope,
+        }
+    }
+
+    fn backend(addr: [u8; 4], port: u16) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::from(addr),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// The (address, port) a packet carries, as the programs see it.
+    fn wire(addr: [u8; 4], port: u16) -> (u32, u16) {
+        (u32::from_ne_bytes(addr), port.to_be())
+    }
+
+    fn has(filter: &NsFilter, (addr, port): (u32, u16)) -> bool {
+        filter.has(addr, port)
+    }
+
+    fn bits(filter: &NsFilter) -> u32 {
+        filter.bits.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// A plan's external frontends get incoming bits, its local backends outgoing ones;
+    /// internal frontends (the socket programs' business) and remote backends (whose
+    /// replies come in, to the SNAT address) none. The bits are the packet's view.
+    #[test]
+    fn a_plan_sets_the_bits_of_external_frontends_and_local_backends() {
+        let node_port = frontend([192, 168, 77, 11], 30080, Scope::External);
+        let cluster_ip = frontend([10, 96, 0, 10], 80, Scope::Internal);
+        let put_frontend = |frontend| Op::PutFrontend {
+            frontend,
+            count: 1,
+            rev_nat_id: 1,
+            flags: 1,
+            affinity_timeout: 0,
+            affinity_id: 0,
+        };
+        let ops = [
+            Op::PutBackend {
+                id: 1,
+                backend: backend([10, 244, 1, 10], 8080),
+                local: true,
+            },
+            Op::PutBackend {
+                id: 2,
+                backend: backend([10, 244, 2, 10], 8080),
+                local: false,
+            },
+            put_frontend(cluster_ip),
+            put_frontend(node_port),
+        ];
+        let mut f = filters();
+        assert_eq!(f.grow(&ops), (true, true));
+        assert!(has(&f.incoming, wire([192, 168, 77, 11], 30080)));
+        assert!(has(&f.outgoing, wire([10, 244, 1, 10], 8080)));
+        assert_eq!((bits(&f.incoming), bits(&f.outgoing)), (1, 1));
+        // The same plan again adds nothing, and deletions clear nothing.
+        assert_eq!(f.grow(&ops), (false, false));
+        let deletions = [
+            Op::DeleteFrontend {
+                frontend: node_port,
+            },
+            Op::DeleteBackend { id: 1 },
+        ];
+        assert_eq!(f.grow(&deletions), (false, false));
+        assert_eq!((bits(&f.incoming), bits(&f.outgoing)), (1, 1));
+    }
+
+    /// Arming covers what is programmed, whatever the plan that came before wrote.
+    #[test]
+    fn arming_covers_every_programmed_external_frontend_and_local_backend() {
+        let mut programmed = Programmed::default();
+        for key in [
+            frontend([192, 168, 77, 11], 30080, Scope::External),
+            frontend([203, 0, 113, 7], 443, Scope::External),
+            frontend([10, 96, 0, 10], 80, Scope::Internal),
+        ] {
+            programmed
+                .frontends
+                .insert(key, empty_frontend(&ServiceValue::default()));
+        }
+        programmed
+            .backends
+            .insert(1, backend([10, 244, 1, 10], 8080));
+        programmed
+            .backends
+            .insert(2, backend([10, 244, 2, 10], 8080));
+        programmed.local_backends.insert(1);
+        let mut f = filters();
+        f.cover(&programmed);
+        assert!(has(&f.incoming, wire([192, 168, 77, 11], 30080)));
+        assert!(has(&f.incoming, wire([203, 0, 113, 7], 443)));
+        assert!(has(&f.outgoing, wire([10, 244, 1, 10], 8080)));
+        assert_eq!((bits(&f.incoming), bits(&f.outgoing)), (2, 1));
+    }
+}
