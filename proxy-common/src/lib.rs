@@ -681,8 +681,10 @@ impl NodeConfig {
     }
 }
 
-/// Words of a [`NsFilter`]'s bitmap: 65536 bits.
+/// Words of a [`NsFilter`]'s bitmap.
 pub const NS_FILTER_WORDS: usize = 1024;
+/// Bits of a [`NsFilter`]'s bitmap.
+pub const NS_FILTER_BITS: u32 = NS_FILTER_WORDS as u32 * 64;
 /// The entry of `ekp_nsfilt_v1` that `ekp_tcx_in` consults: the (address, port) of every
 /// external-scope frontend.
 pub const NS_FILTER_IN: u32 = 0;
@@ -842,7 +844,7 @@ const _: () = assert!(core::mem::size_of::<NatCtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatCtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<NsFilter>() == 8 + 8 * NS_FILTER_WORDS);
-const _: () = assert!(NS_FILTER_WORDS * 64 == 1 << 16);
+const _: () = assert!(NS_FILTER_BITS == 1 << 16);
 const _: () = assert!(core::mem::size_of::<LogConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<LogRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);

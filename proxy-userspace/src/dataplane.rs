@@ -28,9 +28,9 @@ use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
     MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT, MAP_REV_NAT_V1,
     MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue,
-    NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, ServiceKey,
-    ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
+    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey,
+    NatCtValue, NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT,
+    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
     sock_slot_index,
 };
 
@@ -1191,9 +1191,11 @@ pub struct MapFill {
 }
 
 /// Entries and capacity of every pinned map under `pin_dir`: arrays count as full, except
-/// the socket slot table, whose entries are the slots sockets hold, and the id-indexed
-/// arrays, whose entries are the ids in use. The socket pin storage is left out:
-/// socket-local storage has neither a capacity nor keys to count.
+/// the socket slot table, whose entries are the slots sockets hold, the id-indexed
+/// arrays, whose entries are the ids in use, and the north-south prefilter, whose entries
+/// are its bits set, of the bits of both directions (how much traffic it cannot send on
+/// at once). The socket pin storage is left out: socket-local storage has neither a
+/// capacity nor keys to count.
 pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
     let mut fills = Vec::new();
     for name in ALL_MAPS {
@@ -1217,6 +1219,21 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
         } else if name == MAP_REV_NAT {
             let map = MapData::from_pin(&path)?;
             held_entries(&map, |f: &RevNatValue| f.addr != 0)?.len() as u64
+        } else if name == MAP_NS_FILTER {
+            let filter: Array<MapData, NsFilter> =
+                Array::try_from(Map::Array(MapData::from_pin(&path)?))?;
+            let mut bits = 0;
+            for entry in [NS_FILTER_IN, NS_FILTER_OUT] {
+                let value = filter
+                    .get(&entry, 0)
+                    .with_context(|| format!("reading {name} entry {entry}"))?;
+                bits += value
+                    .bits
+                    .iter()
+                    .map(|w| u64::from(w.count_ones()))
+                    .sum::<u64>();
+            }
+            bits
         } else if is_array {
             u64::from(info.max_entries())
         } else {
@@ -1224,10 +1241,14 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
             bpf_sys::count_keys(fd.as_fd(), info.key_size())
                 .with_context(|| format!("counting the entries of {name}"))?
         };
+        let capacity = match name {
+            MAP_NS_FILTER => info.max_entries() * NS_FILTER_BITS,
+            _ => info.max_entries(),
+        };
         fills.push(MapFill {
             map: name.to_owned(),
             entries,
-            capacity: info.max_entries(),
+            capacity,
         });
     }
     Ok(fills)

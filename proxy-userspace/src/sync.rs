@@ -1059,7 +1059,11 @@ impl Syncer {
         departed: BTreeSet<(u16, u32)>,
         stale_affinity: BTreeSet<(u16, u32)>,
     ) -> Result<SyncStats> {
-        if let Err(e) = self.ns_filters.before(&mut self.maps, ops) {
+        let maps = &mut self.maps;
+        if let Err(e) = self
+            .ns_filters
+            .before(ops, |entry, filter| maps.put_ns_filter(entry, filter))
+        {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
@@ -1105,7 +1109,10 @@ impl Syncer {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
-        if let Err(e) = self.ns_filters.after(&mut self.maps, &self.programmed) {
+        let maps = &mut self.maps;
+        if let Err(e) = self.ns_filters.after(&self.programmed, |entry, filter| {
+            maps.put_ns_filter(entry, filter)
+        }) {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }

@@ -1095,8 +1095,12 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     cluster.wait_for_node_port(0, &both);
     let pin_path = cluster.nodes[0].pin_path.clone();
     let node_port = format!("192.168.77.11:{NODE_PORT}");
-    wait_until_prefilter_covers_what_is_listed(&pin_path);
+    let bits = wait_until_prefilter_covers_what_is_listed(&pin_path);
     assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
+    // `list --maps` counts the bits set, of both directions' 65536.
+    let fill = common::map_fill(&pin_path, proxy_common::MAP_NS_FILTER);
+    assert_eq!(fill["entries"], bits, "{fill}");
+    assert_eq!(fill["capacity"], 2 * 65536, "{fill}");
 
     // Added while the filter is armed: its bit comes before its slot 0.
     cluster.write_manifest(
@@ -1135,8 +1139,8 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
 /// bits of the external-scope frontends and local backends `list` shows (the pins are this
 /// test's own, so no earlier bit is in them). A sync may land between reading the list and
 /// reading the filter, and a restarted agent arms the filter only after its first sync:
-/// hence the wait.
-fn wait_until_prefilter_covers_what_is_listed(pin_path: &Path) {
+/// hence the wait. Returns how many bits are set in both.
+fn wait_until_prefilter_covers_what_is_listed(pin_path: &Path) -> u32 {
     let endpoint = |text: &str| -> (u32, u16) {
         let (addr, port) = text.rsplit_once(':').expect("addr:port");
         let addr: Ipv4Addr = addr.parse().expect("an IPv4 address");
@@ -1169,6 +1173,8 @@ fn wait_until_prefilter_covers_what_is_listed(pin_path: &Path) {
         }
         let maps = Maps::open_pinned(pin_path).expect("opening the pinned maps");
         let mut differences = Vec::new();
+        let set = |f: &NsFilter| f.bits.iter().map(|w| w.count_ones()).sum::<u32>();
+        let bits = set(&incoming) + set(&outgoing);
         for (entry, want) in [(NS_FILTER_IN, incoming), (NS_FILTER_OUT, outgoing)] {
             let got = maps
                 .ns_filter(entry)
@@ -1183,7 +1189,7 @@ fn wait_until_prefilter_covers_what_is_listed(pin_path: &Path) {
             }
         }
         if differences.is_empty() {
-            return;
+            return bits;
         }
         assert!(
             Instant::now() < deadline,

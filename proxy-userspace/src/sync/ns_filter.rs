@@ -19,11 +19,14 @@ use crate::abi;
 use crate::dataplane::Maps;
 use crate::model::{BackendAddr, FrontendKey};
 
-/// The filters as written, and whether they are armed.
+/// The filters, and whether they are armed.
 pub struct NsFilters {
     incoming: Box<NsFilter>,
     outgoing: Box<NsFilter>,
     armed: bool,
+    /// Whether the incoming, the outgoing filter has bits its map entry lacks (a write
+    /// failed): written at the next sync, grown or not.
+    unwritten: (bool, bool),
 }
 
 impl NsFilters {
@@ -36,20 +39,30 @@ impl NsFilters {
             incoming: pinned(NS_FILTER_IN)?,
             outgoing: pinned(NS_FILTER_OUT)?,
             armed: false,
+            unwritten: (false, false),
         })
     }
 
-    /// Before `ops` are written: an armed filter gets the bits they need first.
-    pub fn before(&mut self, maps: &mut Maps, ops: &[Op]) -> Result<()> {
+    /// Before `ops` are written: an armed filter gets the bits they need first, through
+    /// `write` (entry, value).
+    pub fn before(
+        &mut self,
+        ops: &[Op],
+        mut write: impl FnMut(u32, &NsFilter) -> Result<()>,
+    ) -> Result<()> {
         if !self.armed {
             return Ok(());
         }
         let (grew_in, grew_out) = self.grow(ops);
-        if grew_in {
-            maps.put_ns_filter(NS_FILTER_IN, &self.incoming)?;
+        self.unwritten.0 |= grew_in;
+        self.unwritten.1 |= grew_out;
+        if self.unwritten.0 {
+            write(NS_FILTER_IN, &self.incoming)?;
+            self.unwritten.0 = false;
         }
-        if grew_out {
-            maps.put_ns_filter(NS_FILTER_OUT, &self.outgoing)?;
+        if self.unwritten.1 {
+            write(NS_FILTER_OUT, &self.outgoing)?;
+            self.unwritten.1 = false;
         }
         Ok(())
     }
@@ -57,7 +70,11 @@ impl NsFilters {
     /// After a sync wrote all it wanted: a filter not armed yet gets the bits of all that is
     /// programmed, then is armed. Two writes, so that no reader sees it armed with bits
     /// half copied.
-    pub fn after(&mut self, maps: &mut Maps, programmed: &Programmed) -> Result<()> {
+    pub fn after(
+        &mut self,
+        programmed: &Programmed,
+        mut write: impl FnMut(u32, &NsFilter) -> Result<()>,
+    ) -> Result<()> {
         if self.armed {
             return Ok(());
         }
@@ -65,10 +82,11 @@ impl NsFilters {
         for armed in [0, 1] {
             self.incoming.armed = armed;
             self.outgoing.armed = armed;
-            maps.put_ns_filter(NS_FILTER_IN, &self.incoming)?;
-            maps.put_ns_filter(NS_FILTER_OUT, &self.outgoing)?;
+            write(NS_FILTER_IN, &self.incoming)?;
+            write(NS_FILTER_OUT, &self.outgoing)?;
         }
         self.armed = true;
+        self.unwritten = (false, false);
         tracing::debug!("north-south prefilter armed");
         Ok(())
     }
@@ -128,6 +146,7 @@ mod tests {
             incoming: Box::new(NsFilter::EMPTY),
             outgoing: Box::new(NsFilter::EMPTY),
             armed: true,
+            unwritten: (false, false),
         }
     }
 
@@ -161,6 +180,17 @@ mod tests {
         filter.bits.iter().map(|w| w.count_ones()).sum()
     }
 
+    fn put_frontend(frontend: FrontendKey) -> Op {
+        Op::PutFrontend {
+            frontend,
+            count: 1,
+            rev_nat_id: 1,
+            flags: 1,
+            affinity_timeout: 0,
+            affinity_id: 0,
+        }
+    }
+
     /// A plan's external frontends get incoming bits, its local backends outgoing ones;
     /// internal frontends (the socket programs' business) and remote backends (whose
     /// replies come in, to the SNAT address) none. The bits are the packet's view.
@@ -168,14 +198,6 @@ mod tests {
     fn a_plan_sets_the_bits_of_external_frontends_and_local_backends() {
         let node_port = frontend([192, 168, 77, 11], 30080, Scope::External);
         let cluster_ip = frontend([10, 96, 0, 10], 80, Scope::Internal);
-        let put_frontend = |frontend| Op::PutFrontend {
-            frontend,
-            count: 1,
-            rev_nat_id: 1,
-            flags: 1,
-            affinity_timeout: 0,
-            affinity_id: 0,
-        };
         let ops = [
             Op::PutBackend {
                 id: 1,
@@ -233,5 +255,67 @@ mod tests {
         assert!(has(&f.incoming, wire([203, 0, 113, 7], 443)));
         assert!(has(&f.outgoing, wire([10, 244, 1, 10], 8080)));
         assert_eq!((bits(&f.incoming), bits(&f.outgoing)), (2, 1));
+    }
+
+    /// Arming writes each entry twice: its bits with the filter off, then on, so that no
+    /// program sees it on with bits half copied. Once armed, arming writes nothing.
+    #[test]
+    fn arming_writes_the_bits_before_it_turns_the_filter_on() {
+        let mut programmed = Programmed::default();
+        let node_port = frontend([192, 168, 77, 11], 30080, Scope::External);
+        programmed
+            .frontends
+            .insert(node_port, empty_frontend(&ServiceValue::default()));
+        programmed
+            .backends
+            .insert(1, backend([10, 244, 1, 10], 8080));
+        programmed.local_backends.insert(1);
+        let mut f = filters();
+        f.armed = false;
+        let mut writes = Vec::new();
+        let mut record = |entry: u32, filter: &NsFilter| {
+            writes.push((entry, filter.armed, bits(filter)));
+            Ok(())
+        };
+        f.after(&programmed, &mut record).expect("arming");
+        f.after(&programmed, &mut record).expect("armed already");
+        assert_eq!(
+            writes,
+            [
+                (NS_FILTER_IN, 0, 1),
+                (NS_FILTER_OUT, 0, 1),
+                (NS_FILTER_IN, 1, 1),
+                (NS_FILTER_OUT, 1, 1)
+            ]
+        );
+    }
+
+    /// Once armed, a plan's new bits are written before it; bits a failed write left out
+    /// are written at the next sync, even one that adds none; an unarmed filter writes
+    /// nothing before a plan (arming covers it).
+    #[test]
+    fn new_bits_go_out_before_the_plan_and_a_failed_write_is_made_again() {
+        let ops = [put_frontend(frontend(
+            [192, 168, 77, 11],
+            30080,
+            Scope::External,
+        ))];
+        let mut f = filters();
+        let failed = f.before(&ops, |_, _| Err(anyhow::anyhow!("the map refused")));
+        assert!(failed.is_err());
+        let mut writes = Vec::new();
+        let mut record = |entry: u32, filter: &NsFilter| {
+            writes.push((entry, filter.armed, bits(filter)));
+            Ok(())
+        };
+        f.before(&[], &mut record).expect("the retry");
+        f.before(&ops, &mut record).expect("nothing new");
+        assert_eq!(writes, [(NS_FILTER_IN, 0, 1)]);
+
+        let mut unarmed = filters();
+        unarmed.armed = false;
+        unarmed
+            .before(&ops, |_, _| panic!("written while unarmed"))
+            .expect("nothing to write");
     }
 }
