@@ -965,7 +965,6 @@ fn pinned_devices(pin_dir: &Path, program: &str) -> Result<Vec<String>> {
     Ok(devices)
 }
 
-/// Writes the only entry of the north-south config array.
 /// Turns the north-south prefilter off until the first sync has written every bit it needs
 /// (`sync`'s `NsFilters`), keeping the bits: the pinned filter may lack frontends that an
 /// older agent, which did not know it, wrote since it was last armed.
@@ -988,6 +987,7 @@ fn disarm_ns_filter(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Writes the only entry of the north-south config array.
 fn write_node_config(ebpf: &mut Ebpf, config: NodeConfig) -> Result<()> {
     let map = ebpf
         .map_mut(MAP_CONFIG)
