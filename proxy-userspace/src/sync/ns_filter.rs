@@ -180,6 +180,23 @@ mod tests {
         filter.bits.iter().map(|w| w.count_ones()).sum()
     }
 
+    /// A mirror holding `frontends` and `backends` (id, address, local).
+    fn programmed(frontends: &[FrontendKey], backends: &[(u32, BackendAddr, bool)]) -> Programmed {
+        let mut programmed = Programmed::default();
+        for key in frontends {
+            programmed
+                .frontends
+                .insert(*key, empty_frontend(&ServiceValue::default()));
+        }
+        for (id, backend, local) in backends {
+            programmed.backends.insert(*id, *backend);
+            if *local {
+                programmed.local_backends.insert(*id);
+            }
+        }
+        programmed
+    }
+
     fn put_frontend(frontend: FrontendKey) -> Op {
         Op::PutFrontend {
             frontend,
@@ -232,23 +249,17 @@ mod tests {
     /// Arming covers what is programmed, whatever the plan that came before wrote.
     #[test]
     fn arming_covers_every_programmed_external_frontend_and_local_backend() {
-        let mut programmed = Programmed::default();
-        for key in [
-            frontend([192, 168, 77, 11], 30080, Scope::External),
-            frontend([203, 0, 113, 7], 443, Scope::External),
-            frontend([10, 96, 0, 10], 80, Scope::Internal),
-        ] {
-            programmed
-                .frontends
-                .insert(key, empty_frontend(&ServiceValue::default()));
-        }
-        programmed
-            .backends
-            .insert(1, backend([10, 244, 1, 10], 8080));
-        programmed
-            .backends
-            .insert(2, backend([10, 244, 2, 10], 8080));
-        programmed.local_backends.insert(1);
+        let programmed = programmed(
+            &[
+                frontend([192, 168, 77, 11], 30080, Scope::External),
+                frontend([203, 0, 113, 7], 443, Scope::External),
+                frontend([10, 96, 0, 10], 80, Scope::Internal),
+            ],
+            &[
+                (1, backend([10, 244, 1, 10], 8080), true),
+                (2, backend([10, 244, 2, 10], 8080), false),
+            ],
+        );
         let mut f = filters();
         f.cover(&programmed);
         assert!(has(&f.incoming, wire([192, 168, 77, 11], 30080)));
@@ -261,15 +272,10 @@ mod tests {
     /// program sees it on with bits half copied. Once armed, arming writes nothing.
     #[test]
     fn arming_writes_the_bits_before_it_turns_the_filter_on() {
-        let mut programmed = Programmed::default();
-        let node_port = frontend([192, 168, 77, 11], 30080, Scope::External);
-        programmed
-            .frontends
-            .insert(node_port, empty_frontend(&ServiceValue::default()));
-        programmed
-            .backends
-            .insert(1, backend([10, 244, 1, 10], 8080));
-        programmed.local_backends.insert(1);
+        let programmed = programmed(
+            &[frontend([192, 168, 77, 11], 30080, Scope::External)],
+            &[(1, backend([10, 244, 1, 10], 8080), true)],
+        );
         let mut f = filters();
         f.armed = false;
         let mut writes = Vec::new();
