@@ -690,19 +690,29 @@ pub const NS_FILTER_BITS: u32 = NS_FILTER_WORDS as u32 * 64;
 pub const NS_FILTER_IN: u32 = 0;
 /// The entry `ekp_tcx_out` consults: the (address, port) of every local backend.
 pub const NS_FILTER_OUT: u32 = 1;
+/// The entry `ekp_tcx_in` consults too, written by the programs alone: the SNAT (address,
+/// port) of every source-NATed flow they created, where its replies come back. Marked when
+/// the flow is created, whatever the SNAT address or range is later (the Node's address
+/// moved, another `--snat-port-range`), so its replies are admitted as long as they come.
+/// Its `armed` word means nothing.
+pub const NS_FILTER_SNAT: u32 = 2;
+/// Entries of `ekp_nsfilt_v1`.
+pub const NS_FILTER_ENTRIES: u32 = 3;
 
-/// A prefilter of the north-south programs on the node's devices, one per direction
-/// (`NS_FILTER_IN`, `NS_FILTER_OUT`): a packet whose (address, port) has no bit set cannot
+/// A prefilter of the north-south programs on the node's devices (`NS_FILTER_IN`,
+/// `NS_FILTER_OUT`, `NS_FILTER_SNAT`): a packet whose (address, port) has no bit set cannot
 /// belong to a Service flow, and passes without the conntrack and frontend lookups, which
 /// cost traffic that is not for a Service (most of a node's) two hash misses in large maps.
 /// A set bit proves nothing: the lookups decide.
 ///
-/// Bits are only ever added, by the agent, before the frontends and backends they stand for
-/// are written: a flow that outlives its frontend (its conntrack entry still translates it,
-/// as the kernel's conntrack keeps a NAT flow after kube-proxy's rules are gone) keeps its
-/// bit. Writers copy the whole value while programs read it, so a reader can meet a word
-/// half old, half new; as new bits are a superset of old ones, it never misses a bit that
-/// was set before the write began.
+/// Bits are only ever added: by the agent (one process per node: its chart's rollout
+/// stops the old agent before it starts the new one) to the in and out entries, before the
+/// frontends and backends they stand for are written, and by the programs to the SNAT
+/// entry, with atomic operations. A flow that outlives its frontend (its conntrack entry
+/// still translates it, as the kernel's conntrack keeps a NAT flow after kube-proxy's rules
+/// are gone) keeps its bit. The agent copies the whole value while programs read it, so a
+/// reader can meet a word half old, half new; as new bits are a superset of old ones, it
+/// never misses a bit that was set before the write began.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NsFilter {
@@ -894,26 +904,29 @@ mod tests {
     fn ns_filter_bits_spread_one_addresss_node_ports() {
         let node = u32::from_ne_bytes([192, 168, 77, 2]);
         let mut filter = NsFilter::EMPTY;
+        // Ports as packets carry them, network order.
         let fresh = (30000..=32767u16)
-            .filter(|port| filter.insert(node, *port))
+            .filter(|port| filter.insert(node, port.to_be()))
             .count();
         assert!(fresh > 2650, "only {fresh} distinct bits for 2768 ports");
-        assert!((30000..=32767u16).all(|port| filter.has(node, port)));
+        assert!((30000..=32767u16).all(|port| filter.has(node, port.to_be())));
         let set: u32 = filter.bits.iter().map(|w| w.count_ones()).sum();
         assert_eq!(set as usize, fresh);
         // Pods' addresses with one port.
         let mut pods = NsFilter::EMPTY;
         let fresh = (0..=255u8)
             .flat_map(|b| (1..=16u8).map(move |c| u32::from_ne_bytes([10, 244, c, b])))
-            .filter(|addr| pods.insert(*addr, 8080))
+            .filter(|addr| pods.insert(*addr, 8080u16.to_be()))
             .count();
         assert!(fresh > 4000, "only {fresh} distinct bits for 4096 pods");
-        assert!(!pods.has(node, 8080) || !pods.has(node, 8081));
         // Absorbing adds what is new, and says whether there was any.
         let mut both = pods;
         assert!(both.absorb(&filter));
         assert!(!both.absorb(&filter) && !both.absorb(&pods));
-        assert!(both.has(node, 30080) && both.has(u32::from_ne_bytes([10, 244, 1, 7]), 8080));
+        assert!(
+            both.has(node, 30080u16.to_be())
+                && both.has(u32::from_ne_bytes([10, 244, 1, 7]), 8080u16.to_be())
+        );
     }
 
     /// The field offsets are part of the ABI (bpftool users and older pins rely on them).

@@ -8,9 +8,9 @@ use proxy_common::{
     AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
     DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LOG_RECORDS_BYTES,
-    LogConfig, LogRecord, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue, SNAT_CURSORS,
-    SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue, SnatTimeWait, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
+    LogConfig, LogRecord, NS_FILTER_ENTRIES, NatCtKey, NatCtValue, NodeConfig, NsFilter,
+    RevNatValue, SNAT_CURSORS, SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue,
+    SnatTimeWait, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
 
 /// Frontends (slot 0) and their backend slots. Written by the agent, read by all programs.
@@ -74,11 +74,11 @@ pub static NAT_CT: LruHashMap<NatCtKey, NatCtValue, { DEFAULT_NAT_CT_MAX as usiz
 #[btf_map(name = "ekp_config_v1")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
-/// The north-south prefilter (`ns_filter`): entry `NS_FILTER_IN` for `ekp_tcx_in`,
-/// `NS_FILTER_OUT` for `ekp_tcx_out`. Written by the agent, read by those two programs at
-/// every packet.
+/// The north-south prefilter (`ns_filter`): entries `NS_FILTER_IN` and `NS_FILTER_SNAT`
+/// for `ekp_tcx_in`, `NS_FILTER_OUT` for `ekp_tcx_out`, read by them at every packet. The
+/// agent writes the first two, `ekp_tcx_in` marks the third.
 #[btf_map(name = "ekp_nsfilt_v1")]
-pub static NS_FILTER: Array<NsFilter, 2> = Array::new();
+pub static NS_FILTER: Array<NsFilter, { NS_FILTER_ENTRIES as usize }> = Array::new();
 
 /// The log switch (one entry, key 0): how much the programs log (`LOG_LEVEL_*`, off when
 /// zero). Written by the agent (`run --bpf-log-level`, `bpf-log`), read by every program

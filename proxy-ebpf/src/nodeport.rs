@@ -311,6 +311,9 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         );
         return Err(DROP);
     }
+    if snat && SCOPE == SCOPE_EXTERNAL {
+        ns_filter::mark_snat(forward.saddr, forward.sport);
+    }
     log_debug!(
         LOG_EVENT_NEW_FLOW,
         hook::<SCOPE>(),

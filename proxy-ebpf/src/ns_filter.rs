@@ -4,28 +4,27 @@
 //! maps too large to stay in the caches. One bit per (address, port) that a Service flow can
 //! use, in an array the verifier indexes directly, sends the rest on at once.
 
-use proxy_common::{NS_FILTER_IN, NS_FILTER_OUT, NsFilter};
+use core::intrinsics::{AtomicOrdering, atomic_or};
 
-use crate::maps::{CONFIG, NS_FILTER};
+use proxy_common::{NS_FILTER_IN, NS_FILTER_OUT, NS_FILTER_SNAT, NsFilter, ns_filter_bit};
+
+use crate::maps::NS_FILTER;
 use crate::parse::Packet;
 
 /// Whether `pkt`, arriving on a node's device, may belong to a north-south flow: its
 /// destination is an external-scope frontend's (address, port) (a new flow, or the original
-/// direction of a tracked one), or a port of the SNAT range at the SNAT address (the reply
-/// of a flow source-NATed to a remote backend: the range `nodeport` takes its ports from).
-/// An unarmed filter admits everything.
+/// direction of a tracked one), or the SNAT (address, port) of a flow these programs
+/// source-NATed (its reply, [`mark_snat`]). An unarmed filter admits everything.
 #[inline(always)]
 pub fn admits_in(pkt: &Packet) -> bool {
     if admits(NS_FILTER_IN, pkt.daddr, pkt.dport) {
         return true;
     }
-    // SAFETY: copied out at once.
-    let Some(config) = CONFIG.get_ptr(0).map(|c| unsafe { *c }) else {
-        return false;
-    };
-    let (min, max) = config.snat_ports();
-    let port = u16::from_be(pkt.dport);
-    config.snat_addr != 0 && config.snat_addr == pkt.daddr && port >= min && port <= max
+    // SAFETY: a pointer to an entry of an array map, valid for the program's run; one word
+    // of it is read in place (the entry is 8 KiB).
+    NS_FILTER
+        .get_ptr(NS_FILTER_SNAT)
+        .is_some_and(|marks| unsafe { &*marks }.has(pkt.daddr, pkt.dport))
 }
 
 /// Whether `pkt`, leaving by a node's device, may be the reply of a north-south flow to a
@@ -33,6 +32,24 @@ pub fn admits_in(pkt: &Packet) -> bool {
 #[inline(always)]
 pub fn admits_out(pkt: &Packet) -> bool {
     admits(NS_FILTER_OUT, pkt.saddr, pkt.sport)
+}
+
+/// Marks the SNAT (address, port) of a new source-NATed flow, before its first packet goes
+/// out, so that the replies to it are admitted whatever the SNAT address and range are by
+/// then. Atomic: two CPUs marking ports of one word at once both land.
+#[inline(always)]
+pub fn mark_snat(addr: u32, port: u16) {
+    let Some(marks) = NS_FILTER.get_ptr_mut(NS_FILTER_SNAT) else {
+        return;
+    };
+    let (word, mask) = ns_filter_bit(addr, port);
+    // SAFETY: a pointer to an entry of an array map, valid for the program's run, and an
+    // aligned word within it (map values start 8-byte aligned, `bits` at offset 8, `word`
+    // below `NS_FILTER_WORDS`); only the address is computed before the atomic update.
+    unsafe {
+        let word = (&raw mut (*marks).bits).cast::<u64>().add(word);
+        atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask);
+    }
 }
 
 #[inline(always)]

@@ -28,10 +28,10 @@ use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
     MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT, MAP_REV_NAT_V1,
     MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey,
-    NatCtValue, NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT,
-    ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey,
-    sock_slot_index,
+    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_ENTRIES, NS_FILTER_IN,
+    NS_FILTER_OUT, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY,
+    SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
+    SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -336,6 +336,12 @@ impl Maps {
             .map(|map| map.get(&entry, 0))
             .transpose()
             .with_context(|| format!("reading {MAP_NS_FILTER} entry {entry}"))
+    }
+
+    /// The keys of the north-south conntrack map, as the agent arms the prefilter (entries
+    /// that go meanwhile are skipped).
+    pub fn conntrack_keys(&self) -> Result<Vec<NatCtKey>> {
+        Ok(self.nat_ct.keys().filter_map(|k| k.ok()).collect())
     }
 
     pub fn put_ns_filter(&mut self, entry: u32, filter: &NsFilter) -> Result<()> {
@@ -1193,7 +1199,7 @@ pub struct MapFill {
 /// Entries and capacity of every pinned map under `pin_dir`: arrays count as full, except
 /// the socket slot table, whose entries are the slots sockets hold, the id-indexed
 /// arrays, whose entries are the ids in use, and the north-south prefilter, whose entries
-/// are its bits set, of the bits of both directions (how much traffic it cannot send on
+/// are its bits set, of the bits of all its entries (how much traffic it cannot send on
 /// at once). The socket pin storage is left out: socket-local storage has neither a
 /// capacity nor keys to count.
 pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
@@ -1223,7 +1229,7 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
             let filter: Array<MapData, NsFilter> =
                 Array::try_from(Map::Array(MapData::from_pin(&path)?))?;
             let mut bits = 0;
-            for entry in [NS_FILTER_IN, NS_FILTER_OUT] {
+            for entry in 0..NS_FILTER_ENTRIES {
                 let value = filter
                     .get(&entry, 0)
                     .with_context(|| format!("reading {name} entry {entry}"))?;

@@ -1109,12 +1109,18 @@ impl Syncer {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
-        let maps = &mut self.maps;
-        if let Err(e) = self.ns_filters.after(&self.programmed, |entry, filter| {
-            maps.put_ns_filter(entry, filter)
-        }) {
-            self.affinity_pending.extend(stale_affinity);
-            return Err(e);
+        if !self.ns_filters.armed() {
+            let maps = &mut self.maps;
+            let armed = maps.conntrack_keys().and_then(|flows| {
+                self.ns_filters
+                    .arm(&self.programmed, &flows, |entry, filter| {
+                        maps.put_ns_filter(entry, filter)
+                    })
+            });
+            if let Err(e) = armed {
+                self.affinity_pending.extend(stale_affinity);
+                return Err(e);
+            }
         }
         let mut stale_affinity = stale_affinity;
         if !self.affinity_pending.is_empty() {

@@ -22,8 +22,9 @@ use prog_test_run::{
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
     CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
-    CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, NatCtKey,
-    NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
+    MAP_NS_FILTER, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NsFilter, PROTO_TCP,
+    PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SnatTimeWait,
     TIME_WAIT_FLAG_TIMESTAMP,
 };
@@ -139,6 +140,87 @@ fn dnat_to_a_local_backend_keeps_the_client_address_and_egress_restores_the_fron
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(out.packet, reply.bytes(), "ingress leaves the reply alone");
         assert_eq!(dp.ct_entries().len(), 2, "one entry per direction");
+    });
+}
+
+/// Writes the prefilter's `entry`, armed, with the bits of `pairs` (address, port).
+fn prefilter(dp: &mut Datapath, entry: u32, pairs: &[(Ipv4Addr, u16)]) {
+    let mut filter = NsFilter {
+        armed: 1,
+        ..NsFilter::EMPTY
+    };
+    for (addr, port) in pairs {
+        filter.insert(u32::from_ne_bytes(addr.octets()), port.to_be());
+    }
+    let map = dp.ebpf_mut().map_mut(MAP_NS_FILTER).expect("the prefilter");
+    let mut map: aya::maps::Array<_, NsFilter> = aya::maps::Array::try_from(map).expect("array");
+    map.set(entry, filter, 0).expect("writing the prefilter");
+}
+
+/// Armed, the prefilter decides before any lookup: a packet to a frontend whose bit is
+/// missing passes untouched and starts no flow, a local backend's reply without its bit
+/// leaves untranslated. With the bits, the flows are translated, and the reply of a
+/// source-NATed flow is admitted by the mark its first packet left on its SNAT port, also
+/// once the node's SNAT address has moved on (its replies still come to the old one).
+#[test]
+fn an_armed_prefilter_passes_what_has_no_bit_and_admits_replies_to_marked_snat_ports() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        prefilter(&mut dp, NS_FILTER_IN, &[]);
+        prefilter(&mut dp, NS_FILTER_OUT, &[]);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&syn.bytes());
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(
+            out.packet,
+            syn.bytes(),
+            "no bit: the NodePort is not looked at"
+        );
+        assert!(dp.ct_entries().is_empty(), "no flow started");
+
+        prefilter(&mut dp, NS_FILTER_IN, &[(NODE, NODE_PORT)]);
+        let out = dp.ingress(&syn.bytes());
+        let (saddr, snat_port, daddr, dport) = tuple_of(&out.packet);
+        assert_eq!((saddr, daddr, dport), (NODE, REMOTE_POD, POD_PORT));
+        dp.snat(Ipv4Addr::new(192, 0, 2, 99), 61000, 65535);
+        let reply = syn
+            .with_tuple(NODE, snat_port, REMOTE_POD, POD_PORT)
+            .reply();
+        let out = dp.ingress(&reply.bytes());
+        assert_frame(
+            &out.packet,
+            &reply.with_tuple(NODE, NODE_PORT, CLIENT, CLIENT_PORT),
+            "the reply to the marked SNAT port, after the SNAT address moved",
+        );
+    });
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
+        prefilter(&mut dp, NS_FILTER_IN, &[(NODE, NODE_PORT)]);
+        prefilter(&mut dp, NS_FILTER_OUT, &[]);
+        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&syn.bytes());
+        assert_frame(
+            &out.packet,
+            &syn.with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT),
+            "client -> NodePort, DNAT to the local pod",
+        );
+        let reply = syn
+            .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
+            .reply();
+        let out = dp.egress(&reply.bytes());
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_eq!(
+            out.packet,
+            reply.bytes(),
+            "no bit: the reply is not looked at"
+        );
+        prefilter(&mut dp, NS_FILTER_OUT, &[(LOCAL_POD, POD_PORT)]);
+        let out = dp.egress(&reply.bytes());
+        assert_frame(
+            &out.packet,
+            &reply.with_tuple(NODE, NODE_PORT, CLIENT, CLIENT_PORT),
+            "local pod -> client, with the backend's bit",
+        );
     });
 }
 

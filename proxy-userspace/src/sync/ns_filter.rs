@@ -2,17 +2,19 @@
 //! written before the frontends and backends they stand for.
 //!
 //! `ekp_tcx_in` passes at once a packet whose destination (address, port) has no bit in
-//! the incoming filter, `ekp_tcx_out` one whose source has none in the outgoing filter.
-//! So the incoming filter holds every external-scope frontend, the outgoing one every local
-//! backend, each set before the write that makes it reachable. Bits are never cleared: a
-//! flow whose frontend or backend went keeps being translated from its conntrack entries
-//! (as the kernel's conntrack keeps NAT flows after kube-proxy's rules are gone), and a
-//! stale bit only costs its packets the lookups. An agent starts with the filter off
-//! (`dataplane::start`) and arms it once its first complete sync has covered all that is
-//! programmed.
+//! the incoming filter (nor in the SNAT marks the programs keep themselves), `ekp_tcx_out`
+//! one whose source has none in the outgoing filter. So the incoming filter holds every
+//! external-scope frontend, the outgoing one every local backend, each set before the write
+//! that makes it reachable, armed or not. Bits are never cleared: a flow whose frontend or
+//! backend went keeps being translated from its conntrack entries (as the kernel's
+//! conntrack keeps NAT flows after kube-proxy's rules are gone), and a stale bit only costs
+//! its packets the lookups. An agent finds the filter off (`dataplane::load` turns it off)
+//! and arms it once its first complete sync has written everything, with the bits of all
+//! that is programmed and of every flow in the conntrack map: flows of an agent that kept
+//! no filter (an older version) are served too.
 
 use anyhow::Result;
-use proxy_common::{NS_FILTER_IN, NS_FILTER_OUT, NsFilter, SCOPE_EXTERNAL};
+use proxy_common::{CT_DIR_OUT, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NsFilter, SCOPE_EXTERNAL};
 
 use super::{Op, Programmed};
 use crate::abi;
@@ -43,16 +45,17 @@ impl NsFilters {
         })
     }
 
-    /// Before `ops` are written: an armed filter gets the bits they need first, through
-    /// `write` (entry, value).
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Before `ops` are written: the bits they need go first, through `write` (entry,
+    /// value). Armed or not: a failed arming may have left an entry armed in the map.
     pub fn before(
         &mut self,
         ops: &[Op],
         mut write: impl FnMut(u32, &NsFilter) -> Result<()>,
     ) -> Result<()> {
-        if !self.armed {
-            return Ok(());
-        }
         let (grew_in, grew_out) = self.grow(ops);
         self.unwritten.0 |= grew_in;
         self.unwritten.1 |= grew_out;
@@ -67,18 +70,16 @@ impl NsFilters {
         Ok(())
     }
 
-    /// After a sync wrote all it wanted: a filter not armed yet gets the bits of all that is
-    /// programmed, then is armed. Two writes, so that no reader sees it armed with bits
-    /// half copied.
-    pub fn after(
+    /// After a sync wrote all it wanted, a filter not armed yet: sets the bits of all that
+    /// is `programmed` and of the conntrack map's `flows`, then arms it. Two writes per
+    /// entry, so that no reader sees it armed with bits half copied.
+    pub fn arm(
         &mut self,
         programmed: &Programmed,
+        flows: &[NatCtKey],
         mut write: impl FnMut(u32, &NsFilter) -> Result<()>,
     ) -> Result<()> {
-        if self.armed {
-            return Ok(());
-        }
-        self.cover(programmed);
+        self.cover(programmed, flows);
         for armed in [0, 1] {
             self.incoming.armed = armed;
             self.outgoing.armed = armed;
@@ -87,7 +88,7 @@ impl NsFilters {
         }
         self.armed = true;
         self.unwritten = (false, false);
-        tracing::debug!("north-south prefilter armed");
+        tracing::debug!(flows = flows.len(), "north-south prefilter armed");
         Ok(())
     }
 
@@ -109,14 +110,22 @@ impl NsFilters {
         (grew_in, grew_out)
     }
 
-    /// Sets the bits of every programmed frontend and local backend.
-    fn cover(&mut self, programmed: &Programmed) {
+    /// Sets the bits of every programmed frontend and local backend, and of every flow's
+    /// entry as its hook looks it up: the destination at ingress, the source at egress.
+    fn cover(&mut self, programmed: &Programmed, flows: &[NatCtKey]) {
         for frontend in programmed.frontends.keys() {
             self.add_frontend(frontend);
         }
         for id in &programmed.local_backends {
             if let Some(backend) = programmed.backends.get(id) {
                 self.add_backend(backend);
+            }
+        }
+        for key in flows {
+            if key.dir == CT_DIR_OUT {
+                self.outgoing.insert(key.saddr, key.sport);
+            } else {
+                self.incoming.insert(key.daddr, key.dport);
             }
         }
     }
@@ -141,11 +150,26 @@ mod tests {
     use crate::sync::empty_frontend;
     use proxy_common::ServiceValue;
 
+    /// Armed filters with no bit, as the map holds them.
     fn filters() -> NsFilters {
+        let armed = NsFilter {
+            armed: 1,
+            ..NsFilter::EMPTY
+        };
+        NsFilters {
+            incoming: Box::new(armed),
+            outgoing: Box::new(armed),
+            armed: true,
+            unwritten: (false, false),
+        }
+    }
+
+    /// Filters as an agent finds them after the load turned them off.
+    fn unarmed() -> NsFilters {
         NsFilters {
             incoming: Box::new(NsFilter::EMPTY),
             outgoing: Box::new(NsFilter::EMPTY),
-            armed: true,
+            armed: false,
             unwritten: (false, false),
         }
     }
@@ -261,7 +285,7 @@ mod tests {
             ],
         );
         let mut f = filters();
-        f.cover(&programmed);
+        f.cover(&programmed, &[]);
         assert!(has(&f.incoming, wire([192, 168, 77, 11], 30080)));
         assert!(has(&f.incoming, wire([203, 0, 113, 7], 443)));
         assert!(has(&f.outgoing, wire([10, 244, 1, 10], 8080)));
@@ -276,29 +300,48 @@ mod tests {
             &[frontend([192, 168, 77, 11], 30080, Scope::External)],
             &[(1, backend([10, 244, 1, 10], 8080), true)],
         );
-        let mut f = filters();
-        f.armed = false;
+        // Flows the conntrack map holds, of frontends and backends no longer programmed
+        // (an older agent's): the client -> frontend entry is looked up at ingress by its
+        // destination, the local backend's reply entry at egress by its source.
+        let flow = |(saddr, sport): (u32, u16), (daddr, dport): (u32, u16), dir| NatCtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto: proxy_common::PROTO_TCP,
+            dir,
+            _pad: [0; 2],
+        };
+        let client = wire([198, 51, 100, 7], 40000);
+        let flows = [
+            flow(client, wire([203, 0, 113, 9], 443), proxy_common::CT_DIR_IN),
+            flow(wire([10, 244, 1, 11], 9090), client, CT_DIR_OUT),
+        ];
+        let mut f = unarmed();
         let mut writes = Vec::new();
-        let mut record = |entry: u32, filter: &NsFilter| {
+        f.arm(&programmed, &flows, |entry: u32, filter: &NsFilter| {
             writes.push((entry, filter.armed, bits(filter)));
             Ok(())
-        };
-        f.after(&programmed, &mut record).expect("arming");
-        f.after(&programmed, &mut record).expect("armed already");
+        })
+        .expect("arming");
+        assert!(f.armed());
         assert_eq!(
             writes,
             [
-                (NS_FILTER_IN, 0, 1),
-                (NS_FILTER_OUT, 0, 1),
-                (NS_FILTER_IN, 1, 1),
-                (NS_FILTER_OUT, 1, 1)
+                (NS_FILTER_IN, 0, 2),
+                (NS_FILTER_OUT, 0, 2),
+                (NS_FILTER_IN, 1, 2),
+                (NS_FILTER_OUT, 1, 2)
             ]
         );
+        assert!(has(&f.incoming, wire([203, 0, 113, 9], 443)));
+        assert!(has(&f.outgoing, wire([10, 244, 1, 11], 9090)));
+        assert!(!has(&f.incoming, client) && !has(&f.outgoing, client));
     }
 
-    /// Once armed, a plan's new bits are written before it; bits a failed write left out
-    /// are written at the next sync, even one that adds none; an unarmed filter writes
-    /// nothing before a plan (arming covers it).
+    /// A plan's new bits are written before it; bits a failed write left out are written
+    /// at the next sync, even one that adds none. Unarmed too: a failed arming may have
+    /// left an entry armed in the map.
     #[test]
     fn new_bits_go_out_before_the_plan_and_a_failed_write_is_made_again() {
         let ops = [put_frontend(frontend(
@@ -316,12 +359,7 @@ mod tests {
         };
         f.before(&[], &mut record).expect("the retry");
         f.before(&ops, &mut record).expect("nothing new");
-        assert_eq!(writes, [(NS_FILTER_IN, 0, 1)]);
-
-        let mut unarmed = filters();
-        unarmed.armed = false;
-        unarmed
-            .before(&ops, |_, _| panic!("written while unarmed"))
-            .expect("nothing to write");
+        unarmed().before(&ops, &mut record).expect("unarmed");
+        assert_eq!(writes, [(NS_FILTER_IN, 1, 1), (NS_FILTER_IN, 0, 1)]);
     }
 }

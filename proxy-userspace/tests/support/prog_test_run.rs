@@ -338,8 +338,8 @@ impl Datapath {
     }
 
     /// The loaded object, for the maps the helpers above leave in it (bpf_log.rs: the log
-    /// switch and aya-log's ring buffer).
-    #[allow(dead_code)] // used by bpf_log.rs only
+    /// switch and aya-log's ring buffer; tcx_packets.rs: the prefilter).
+    #[allow(dead_code)] // used by bpf_log.rs and tcx_packets.rs only
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
