@@ -747,16 +747,6 @@ impl NsFilter {
         self.bits[word] |= mask;
         new
     }
-
-    /// Sets every bit `other` has; whether any was clear.
-    pub fn absorb(&mut self, other: &NsFilter) -> bool {
-        let mut new = false;
-        for (mine, theirs) in self.bits.iter_mut().zip(other.bits.iter()) {
-            new |= *theirs & !*mine != 0;
-            *mine |= *theirs;
-        }
-        new
-    }
 }
 
 /// The word and bit of (`addr`, `port`) in a [`NsFilter`]: a multiplicative hash of the
@@ -919,14 +909,7 @@ mod tests {
             .filter(|addr| pods.insert(*addr, 8080u16.to_be()))
             .count();
         assert!(fresh > 4000, "only {fresh} distinct bits for 4096 pods");
-        // Absorbing adds what is new, and says whether there was any.
-        let mut both = pods;
-        assert!(both.absorb(&filter));
-        assert!(!both.absorb(&filter) && !both.absorb(&pods));
-        assert!(
-            both.has(node, 30080u16.to_be())
-                && both.has(u32::from_ne_bytes([10, 244, 1, 7]), 8080u16.to_be())
-        );
+        assert!(pods.has(u32::from_ne_bytes([10, 244, 1, 7]), 8080u16.to_be()));
     }
 
     /// The field offsets are part of the ABI (bpftool users and older pins rely on them).
