@@ -980,8 +980,9 @@ fn pinned_devices(pin_dir: &Path, program: &str) -> Result<Vec<String>> {
 }
 
 /// Turns the north-south prefilter off until the first sync has written every bit it needs
-/// (`sync`'s `NsFilters`), keeping the bits: the pinned filter may lack frontends that an
-/// older agent, which did not know it, wrote since it was last armed.
+/// (`sync`'s `NsFilters`, whose bits then replace these): the pinned filter may lack
+/// frontends that an older agent, which did not know it, wrote since it was last armed. Only
+/// the flag changes here.
 fn disarm_ns_filter(ebpf: &mut Ebpf) -> Result<()> {
     let mut filter: Array<&mut MapData, NsFilter> = ebpf
         .map_mut(MAP_NS_FILTER)

@@ -993,7 +993,7 @@ impl Syncer {
         let index = touched::BackendIndex::of(&programmed);
         let stale_udp = StaleUdp::spawn(maps.sock_reverse()?)
             .context("starting the thread that closes stale UDP sockets")?;
-        let ns_filters = ns_filter::NsFilters::adopt(&maps)?;
+        let ns_filters = ns_filter::NsFilters::unarmed();
         Ok(Syncer {
             ns_filters,
             maps,

@@ -1126,22 +1126,43 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     );
     wait_until_prefilter_covers_what_is_listed(&pin_path, true);
 
-    // The pinned filter armed without a bit: the next agent disarms it as it loads and
-    // arms it after its first sync, with every bit again.
+    // The pinned filter armed without a bit of what is there, and with the bit of a local
+    // backend long gone: the next agent disarms it as it loads and arms it after its first
+    // sync with every bit again, and without the stale one (the outgoing bits of flows are
+    // those of local backends listed, so nothing else can set it).
     if let Some(mut agent) = cluster.nodes[0].agent.take() {
         agent.kill();
     }
+    let gone = (u32::from_ne_bytes([10, 244, 1, 99]), 8080u16.to_be());
     let mut maps = Maps::open_pinned(&pin_path).expect("opening the pinned maps");
+    let outgoing = maps
+        .ns_filter(NS_FILTER_OUT)
+        .expect("reading the prefilter")
+        .expect("the prefilter is pinned");
+    assert!(
+        !outgoing.has(gone.0, gone.1),
+        "the gone backend's bit is one of the listed backends' (a collision): choose another"
+    );
     let mut bare = NsFilter::EMPTY;
     bare.armed = 1;
-    for entry in [NS_FILTER_IN, NS_FILTER_OUT] {
-        maps.put_ns_filter(entry, &bare)
-            .expect("clearing the pinned filter");
-    }
+    maps.put_ns_filter(NS_FILTER_IN, &bare)
+        .expect("clearing the pinned filter");
+    bare.insert(gone.0, gone.1);
+    maps.put_ns_filter(NS_FILTER_OUT, &bare)
+        .expect("clearing the pinned filter");
     drop(maps);
     cluster.start_agent(0, None);
     cluster.wait_for_node_port(0, &both);
     wait_until_prefilter_covers_what_is_listed(&pin_path, false);
+    let outgoing = Maps::open_pinned(&pin_path)
+        .expect("opening the pinned maps")
+        .ns_filter(NS_FILTER_OUT)
+        .expect("reading the prefilter")
+        .expect("the prefilter is pinned");
+    assert!(
+        !outgoing.has(gone.0, gone.1),
+        "the bit of a backend gone before the restart is still set"
+    );
     assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
     cluster.requests("192.168.77.11:30090", 3);
 }

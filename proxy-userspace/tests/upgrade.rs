@@ -137,8 +137,8 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
 /// The prefilter's bits are only complete for what the agent that set them wrote: after a
 /// downgrade, the older agent (which does not know the filter) may have added frontends
 /// without bits, which the armed filter would pass untranslated until the newer agent's
-/// first sync. So loading the object disarms it, before any program is attached; the bits
-/// stay (flows of frontends gone since may still use them), and the first sync arms it.
+/// first sync. So loading the object disarms it, before any program is attached, and
+/// changes nothing else; the first sync arms it with bits of its own.
 #[test]
 fn a_pinned_prefilter_is_disarmed_as_the_object_loads_its_bits_kept() {
     let pins = Pins::new("nsfilter");

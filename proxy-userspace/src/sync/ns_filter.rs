@@ -5,20 +5,21 @@
 //! the incoming filter (nor in the SNAT marks the programs keep themselves), `ekp_tcx_out`
 //! one whose source has none in the outgoing filter. So the incoming filter holds every
 //! external-scope frontend, the outgoing one every local backend, each set before the write
-//! that makes it reachable, armed or not. Bits are never cleared: a flow whose frontend or
-//! backend went keeps being translated from its conntrack entries (as the kernel's
-//! conntrack keeps NAT flows after kube-proxy's rules are gone), and a stale bit only costs
-//! its packets the lookups. An agent finds the filter off (`dataplane::load` turns it off)
-//! and arms it once its first complete sync has written everything, with the bits of all
-//! that is programmed and of every flow in the conntrack map: flows of an agent that kept
-//! no filter (an older version) are served too.
+//! that makes it reachable, armed or not. An agent finds the filter off (`dataplane::load`
+//! turns it off) and arms it once its first complete sync has written everything, with the
+//! bits of all that is programmed and of every flow in the conntrack map, and no other: a
+//! flow whose frontend or backend went keeps being translated from its conntrack entries
+//! (as the kernel's conntrack keeps NAT flows after kube-proxy's rules are gone), flows of
+//! an agent that kept no filter (an older version) are served too, and the bits of what
+//! went and of flows that ended are gone. While it runs, the agent only adds bits (a stale
+//! bit only costs its packets the lookups; which are stale is known only from a walk of the
+//! conntrack map): they are cleared when the next agent starts.
 
 use anyhow::Result;
 use proxy_common::{CT_DIR_OUT, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NsFilter, SCOPE_EXTERNAL};
 
 use super::{Op, Programmed};
 use crate::abi;
-use crate::dataplane::Maps;
 use crate::model::{BackendAddr, FrontendKey};
 
 /// The filters, and whether they are armed.
@@ -32,17 +33,16 @@ pub struct NsFilters {
 }
 
 impl NsFilters {
-    /// Starts from the pinned bits (those of earlier runs stay), not armed.
-    pub fn adopt(maps: &Maps) -> Result<Self> {
-        let pinned = |entry| -> Result<Box<NsFilter>> {
-            Ok(Box::new(maps.ns_filter(entry)?.unwrap_or(NsFilter::EMPTY)))
-        };
-        Ok(NsFilters {
-            incoming: pinned(NS_FILTER_IN)?,
-            outgoing: pinned(NS_FILTER_OUT)?,
+    /// No bit, not armed. The pinned bits are not adopted: they may stand for frontends,
+    /// backends and flows long gone, and the filter is off until [`NsFilters::arm`] sets
+    /// the bits of what is there.
+    pub fn unarmed() -> Self {
+        NsFilters {
+            incoming: Box::new(NsFilter::EMPTY),
+            outgoing: Box::new(NsFilter::EMPTY),
             armed: false,
             unwritten: (false, false),
-        })
+        }
     }
 
     pub fn armed(&self) -> bool {
@@ -160,16 +160,6 @@ mod tests {
             incoming: Box::new(armed),
             outgoing: Box::new(armed),
             armed: true,
-            unwritten: (false, false),
-        }
-    }
-
-    /// Filters as an agent finds them after the load turned them off.
-    fn unarmed() -> NsFilters {
-        NsFilters {
-            incoming: Box::new(NsFilter::EMPTY),
-            outgoing: Box::new(NsFilter::EMPTY),
-            armed: false,
             unwritten: (false, false),
         }
     }
@@ -317,7 +307,7 @@ mod tests {
             flow(client, wire([203, 0, 113, 9], 443), proxy_common::CT_DIR_IN),
             flow(wire([10, 244, 1, 11], 9090), client, CT_DIR_OUT),
         ];
-        let mut f = unarmed();
+        let mut f = NsFilters::unarmed();
         let mut writes = Vec::new();
         f.arm(&programmed, &flows, |entry: u32, filter: &NsFilter| {
             writes.push((entry, filter.armed, bits(filter)));
@@ -359,7 +349,9 @@ mod tests {
         };
         f.before(&[], &mut record).expect("the retry");
         f.before(&ops, &mut record).expect("nothing new");
-        unarmed().before(&ops, &mut record).expect("unarmed");
+        NsFilters::unarmed()
+            .before(&ops, &mut record)
+            .expect("unarmed");
         assert_eq!(writes, [(NS_FILTER_IN, 1, 1), (NS_FILTER_IN, 0, 1)]);
     }
 }
