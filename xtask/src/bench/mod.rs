@@ -90,8 +90,10 @@ impl Mode {
 }
 
 /// The latency measurements: ekp-bench's client modes from the mode's client to the
-/// ClusterIP, and new TCP connections from the external client to the NodePort, of a port
-/// whose endpoints are on the node and of one whose endpoints are on another node.
+/// ClusterIP; new TCP connections from the same client to the pod addresses themselves,
+/// which no Service translates but every mode's hooks or rules still see; and new TCP
+/// connections from the external client to the NodePort, of a port whose endpoints are on
+/// the node and of one whose endpoints are on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Metric {
     Connect,
@@ -99,6 +101,7 @@ pub enum Metric {
     Rr,
     Udp,
     UdpRr,
+    PodConnect,
     NodePortConnect,
     NodePortCrr,
     RemoteConnect,
@@ -106,12 +109,13 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    pub const ALL: [Metric; 10] = [
         Metric::Connect,
         Metric::Crr,
         Metric::Rr,
         Metric::Udp,
         Metric::UdpRr,
+        Metric::PodConnect,
         Metric::NodePortConnect,
         Metric::NodePortCrr,
         Metric::RemoteConnect,
@@ -126,6 +130,7 @@ impl Metric {
             Metric::Rr => "rr",
             Metric::Udp => "udp",
             Metric::UdpRr => "udp_rr",
+            Metric::PodConnect => "pod_connect",
             Metric::NodePortConnect => "nodeport_connect",
             Metric::NodePortCrr => "nodeport_crr",
             Metric::RemoteConnect => "remote_connect",
@@ -141,6 +146,7 @@ impl Metric {
             Metric::Rr => "TCP request/response, established",
             Metric::Udp => "UDP request/response, new socket",
             Metric::UdpRr => "UDP request/response, one socket",
+            Metric::PodConnect => "TCP connect to a pod address, no Service",
             Metric::NodePortConnect => "NodePort TCP connect, external client",
             Metric::NodePortCrr => "NodePort connect+request+response+close, external client",
             Metric::RemoteConnect => "NodePort TCP connect, endpoint on another node",
@@ -153,7 +159,10 @@ impl Metric {
     /// The `ekp-bench` client mode that measures it.
     pub fn client_mode(self) -> &'static str {
         match self {
-            Metric::Connect | Metric::NodePortConnect | Metric::RemoteConnect => "connect",
+            Metric::Connect
+            | Metric::PodConnect
+            | Metric::NodePortConnect
+            | Metric::RemoteConnect => "connect",
             Metric::Crr | Metric::NodePortCrr | Metric::RemoteCrr => "crr",
             Metric::Rr => "rr",
             Metric::Udp => "udp",
@@ -170,6 +179,13 @@ impl Metric {
                 | Metric::RemoteConnect
                 | Metric::RemoteCrr
         )
+    }
+
+    /// Sent to the pod addresses in every mode: traffic that is not for a Service (in
+    /// `iptables` mode it still walks `KUBE-SERVICES`, whose rules match the Services'
+    /// addresses one after the other, before it leaves untranslated).
+    pub fn is_untranslated(self) -> bool {
+        self == Metric::PodConnect
     }
 
     /// Sent to the NodePort whose endpoints are on another node (source-NATed).

@@ -231,8 +231,9 @@ fn metric_pick(metric: &'static str, p: &'static str) -> impl Fn(&Value) -> Opti
     move |v: &Value| v[metric][p].as_f64()
 }
 
-/// `latency.png`: TCP connect and connect+request+response+close to the ClusterIP, and
-/// connect+request+response+close to the NodePort from outside, p50 and p99, per mode.
+/// `latency.png`: TCP connect and connect+request+response+close to the ClusterIP, TCP
+/// connect to a pod address (no Service), and connect+request+response+close to the
+/// NodePort from outside, p50 and p99, per mode.
 pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
     let modes = ["ebpf", "iptables", "nftables", "direct"];
     let picks = [
@@ -245,6 +246,14 @@ pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
         (
             "TCP connect+request+response+close, p99",
             metric_pick("crr", "p99_us"),
+        ),
+        (
+            "TCP connect to a pod address, no Service, p50",
+            metric_pick("pod_connect", "p50_us"),
+        ),
+        (
+            "TCP connect to a pod address, no Service, p99",
+            metric_pick("pod_connect", "p99_us"),
         ),
         (
             "NodePort: TCP connect+request+response+close, p50",
@@ -269,7 +278,7 @@ pub fn latency_chart(path: &Path, results: &Value) -> Result<()> {
             pick,
         })
         .collect();
-    render(path, (3, 2), &panels, results)
+    render(path, (4, 2), &panels, results)
 }
 
 /// `programming.png`: programming from empty and one endpoint change, per mode.

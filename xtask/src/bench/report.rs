@@ -397,7 +397,11 @@ pub fn markdown(results: &Value) -> String {
          socket-level translation by this project; `iptables`, `nftables`: the rules kube-proxy \
          writes, DNAT at the client's OUTPUT hook; `direct`: the client connects to the pod \
          addresses (the floor; each connection to one of the measured Service's two endpoints \
-         at random, as the Service's translation spreads them). NodePort, from an external client through the node: `ebpf`: this \
+         at random, as the Service's translation spreads them). TCP connect to a pod address, \
+         no Service: the same client in every mode connects to the pod addresses, what each \
+         mode costs traffic that is not for a Service (its first packet still passes the \
+         rules, which in `iptables` mode match the Services' addresses one after the other). \
+         NodePort, from an external client through the node: `ebpf`: this \
          project's TCX programs on the node's device; `iptables`, `nftables`: the same rules, \
          DNAT at PREROUTING and masquerade (`externalTrafficPolicy: Cluster`); `direct`: the \
          external client connects to the pod addresses, routed by the node. `hooks`: as `direct`, \

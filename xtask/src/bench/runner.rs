@@ -365,8 +365,8 @@ fn pod(name: &str) -> Ipv4Addr {
 }
 
 /// Where `metric`'s probes (`ekp-bench wait`) send in `mode`: the measured Service's
-/// ClusterIP or NodePort, or for `direct` and `hooks` its first endpoint itself (latency
-/// batches: `batch_targets`).
+/// ClusterIP or NodePort, or for `direct` and `hooks` (and in every mode for a metric that
+/// is not for a Service) its first endpoint itself (latency batches: `batch_targets`).
 fn target(mode: Mode, metric: Metric) -> SocketAddr {
     target_via(mode, metric, 0)
 }
@@ -382,7 +382,7 @@ fn target_via(mode: Mode, metric: Metric, direct_to: usize) -> SocketAddr {
     if metric.is_node_port() {
         return topology::node_port_target(mode, pod);
     }
-    if mode.is_untranslated() {
+    if mode.is_untranslated() || metric.is_untranslated() {
         SocketAddr::V4(SocketAddrV4::new(pod, TARGET_PORT))
     } else {
         SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT))
@@ -390,10 +390,11 @@ fn target_via(mode: Mode, metric: Metric, direct_to: usize) -> SocketAddr {
 }
 
 /// Where `metric`'s latency batches send in `mode`, comma-separated: `target`, except that
-/// `direct` and `hooks` spread over both of the measured Service's endpoints, as the
-/// translating modes do, so that every mode meets the same servers and per-destination state.
+/// what goes to the pod addresses (`direct` and `hooks`, a metric that is not for a
+/// Service) spreads over both of the measured Service's endpoints, as the translating modes
+/// do, so that every mode meets the same servers and per-destination state.
 fn batch_targets(mode: Mode, metric: Metric) -> String {
-    if !mode.is_untranslated() {
+    if !mode.is_untranslated() && !metric.is_untranslated() {
         return target(mode, metric).to_string();
     }
     [0, 1]
@@ -752,13 +753,14 @@ impl<'a> Runner<'a> {
             };
             let errors: u64 = result.latency.values().map(|l| l.errors).sum();
             println!(
-                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  udp rr {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs  remote connect {:>7.1} µs  crr {:>7.1} µs{}",
+                "  p50 {:<9} connect {:>7.1} µs  crr {:>7.1} µs  rr {:>7.1} µs  udp {:>7.1} µs  udp rr {:>7.1} µs  pod connect {:>7.1} µs  nodeport connect {:>7.1} µs  crr {:>7.1} µs  remote connect {:>7.1} µs  crr {:>7.1} µs{}",
                 mode.name(),
                 p50(Metric::Connect),
                 p50(Metric::Crr),
                 p50(Metric::Rr),
                 p50(Metric::Udp),
                 p50(Metric::UdpRr),
+                p50(Metric::PodConnect),
                 p50(Metric::NodePortConnect),
                 p50(Metric::NodePortCrr),
                 p50(Metric::RemoteConnect),
@@ -997,5 +999,22 @@ mod tests {
         assert!(another_round(4, 10, s(40), 1, Some(s(20))));
         // Never more than asked, however much is left.
         assert!(!another_round(3, 3, s(3), 5, Some(s(600))));
+    }
+
+    /// The translating modes send to the Service, except for the metric that is not for a
+    /// Service, which every mode sends to both pods, as `direct` does with the others.
+    #[test]
+    fn every_mode_sends_the_metric_without_a_service_to_the_pods() {
+        let pods = format!(
+            "{},{}",
+            SocketAddrV4::new(pod("pod-a"), TARGET_PORT),
+            SocketAddrV4::new(pod("pod-b"), TARGET_PORT)
+        );
+        let vip = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT).to_string();
+        for mode in Mode::ALL {
+            assert_eq!(batch_targets(mode, Metric::PodConnect), pods, "{mode:?}");
+            let connect = if mode.is_untranslated() { &pods } else { &vip };
+            assert_eq!(&batch_targets(mode, Metric::Connect), connect, "{mode:?}");
+        }
     }
 }
