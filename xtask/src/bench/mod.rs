@@ -90,8 +90,8 @@ impl Mode {
 }
 
 /// The latency measurements: ekp-bench's client modes from the mode's client to the
-/// ClusterIP; new TCP connections from the same client to the pod addresses themselves,
-/// which no Service translates but every mode's hooks or rules still see; and new TCP
+/// ClusterIP; new TCP connections from the same client to the pod addresses themselves, on
+/// a port no Service exposes, which every mode's hooks or rules still see; and new TCP
 /// connections from the external client to the NodePort, of a port whose endpoints are on
 /// the node and of one whose endpoints are on another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -181,7 +181,7 @@ impl Metric {
         )
     }
 
-    /// Sent to the pod addresses in every mode: traffic that is not for a Service (in
+    /// Sent to the pods' `POD_PORT` in every mode: traffic that is not for a Service (in
     /// `iptables` mode it still walks `KUBE-SERVICES`, whose rules match the Services'
     /// addresses one after the other, before it leaves untranslated).
     pub fn is_untranslated(self) -> bool {

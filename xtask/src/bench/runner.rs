@@ -18,7 +18,8 @@ use super::manifests;
 use super::nftables;
 use super::progstats;
 use super::scenario::{
-    self, MEASURED_NAME, MEASURED_VIP, REMOTE_ENDPOINTS, SERVICE_PORT, Service, TARGET_PORT,
+    self, MEASURED_NAME, MEASURED_VIP, POD_PORT, REMOTE_ENDPOINTS, SERVICE_PORT, Service,
+    TARGET_PORT,
 };
 use super::topology::{self, EXTERNAL_DEVICE, PODS, REMOTE_DEVICE, Topology};
 use super::{Metric, Mode, check_interrupted};
@@ -382,7 +383,9 @@ fn target_via(mode: Mode, metric: Metric, direct_to: usize) -> SocketAddr {
     if metric.is_node_port() {
         return topology::node_port_target(mode, pod);
     }
-    if mode.is_untranslated() || metric.is_untranslated() {
+    if metric.is_untranslated() {
+        SocketAddr::V4(SocketAddrV4::new(pod, POD_PORT))
+    } else if mode.is_untranslated() {
         SocketAddr::V4(SocketAddrV4::new(pod, TARGET_PORT))
     } else {
         SocketAddr::V4(SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT))
@@ -1001,11 +1004,17 @@ mod tests {
         assert!(!another_round(3, 3, s(3), 5, Some(s(600))));
     }
 
-    /// The translating modes send to the Service, except for the metric that is not for a
-    /// Service, which every mode sends to both pods, as `direct` does with the others.
+    /// The translating modes send to the Service, `direct` and `hooks` to both pods, except
+    /// for the metric that is not for a Service, which every mode sends to both pods' port
+    /// that no Service exposes.
     #[test]
     fn every_mode_sends_the_metric_without_a_service_to_the_pods() {
         let pods = format!(
+            "{},{}",
+            SocketAddrV4::new(pod("pod-a"), POD_PORT),
+            SocketAddrV4::new(pod("pod-b"), POD_PORT)
+        );
+        let direct = format!(
             "{},{}",
             SocketAddrV4::new(pod("pod-a"), TARGET_PORT),
             SocketAddrV4::new(pod("pod-b"), TARGET_PORT)
@@ -1013,7 +1022,11 @@ mod tests {
         let vip = SocketAddrV4::new(MEASURED_VIP, SERVICE_PORT).to_string();
         for mode in Mode::ALL {
             assert_eq!(batch_targets(mode, Metric::PodConnect), pods, "{mode:?}");
-            let connect = if mode.is_untranslated() { &pods } else { &vip };
+            let connect = if mode.is_untranslated() {
+                &direct
+            } else {
+                &vip
+            };
             assert_eq!(&batch_targets(mode, Metric::Connect), connect, "{mode:?}");
         }
     }

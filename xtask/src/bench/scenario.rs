@@ -45,6 +45,12 @@ pub const EXTERNAL_NODE_PORT: u16 = 30081;
 pub const REMOTE_SERVICE_PORT: u16 = 82;
 pub const REMOTE_TARGET_PORT: u16 = 8082;
 pub const REMOTE_NODE_PORT: u16 = 30082;
+/// A TCP port of the pods that no Service exposes: the one the metric without a Service
+/// connects to. The `iptables` and `nftables` ClusterIP clients connect to the pods' target
+/// port through the Service address, from which their kernel derives a TCP timestamp offset
+/// other than the pod address's: on one port, a SYN of one stream met the TIME_WAIT socket
+/// of the other's connection with the same 4-tuple, was not accepted and was sent again.
+pub const POD_PORT: u16 = 8083;
 /// The `remote` port's endpoints: pods of another node, whose pod CIDR (10.244.1.0/24) is
 /// inside the cluster CIDR.
 pub const REMOTE_ENDPOINTS: [Ipv4Addr; 2] =

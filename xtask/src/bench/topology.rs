@@ -47,7 +47,7 @@ use xtask::netns::{self, Cgroup, Netns, Proc};
 
 use super::Mode;
 use super::scenario::{
-    EXTERNAL_NODE_PORT, EXTERNAL_TARGET_PORT, REMOTE_ENDPOINTS, REMOTE_NODE_PORT,
+    EXTERNAL_NODE_PORT, EXTERNAL_TARGET_PORT, POD_PORT, REMOTE_ENDPOINTS, REMOTE_NODE_PORT,
     REMOTE_TARGET_PORT, SERVICE_CIDR, TARGET_PORT,
 };
 
@@ -231,6 +231,8 @@ impl Topology {
                 &TARGET_PORT.to_string(),
                 "--tcp",
                 &EXTERNAL_TARGET_PORT.to_string(),
+                "--tcp",
+                &POD_PORT.to_string(),
                 "--udp",
                 &TARGET_PORT.to_string(),
             ]);
