@@ -1099,11 +1099,7 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
     // The flows source-NATed to pod-2 marked their SNAT ports, where the replies come
     // back; `list --maps` counts the bits set, of the three entries' 65536.
-    let marks = Maps::open_pinned(&pin_path)
-        .expect("opening the pinned maps")
-        .ns_filter(NS_FILTER_SNAT)
-        .expect("reading the SNAT marks")
-        .expect("the prefilter is pinned");
+    let marks = pinned_filter(&pin_path, NS_FILTER_SNAT);
     let marked: u32 = marks.bits.iter().map(|w| w.count_ones()).sum();
     assert!(marked > 0, "no SNAT port marked");
     let fill = common::map_fill(&pin_path, proxy_common::MAP_NS_FILTER);
@@ -1134,15 +1130,11 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
         agent.kill();
     }
     let gone = (u32::from_ne_bytes([10, 244, 1, 99]), 8080u16.to_be());
-    let mut maps = Maps::open_pinned(&pin_path).expect("opening the pinned maps");
-    let outgoing = maps
-        .ns_filter(NS_FILTER_OUT)
-        .expect("reading the prefilter")
-        .expect("the prefilter is pinned");
     assert!(
-        !outgoing.has(gone.0, gone.1),
+        !pinned_filter(&pin_path, NS_FILTER_OUT).has(gone.0, gone.1),
         "the gone backend's bit is one of the listed backends' (a collision): choose another"
     );
+    let mut maps = Maps::open_pinned(&pin_path).expect("opening the pinned maps");
     let mut bare = NsFilter::EMPTY;
     bare.armed = 1;
     maps.put_ns_filter(NS_FILTER_IN, &bare)
@@ -1154,17 +1146,21 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     cluster.start_agent(0, None);
     cluster.wait_for_node_port(0, &both);
     wait_until_prefilter_covers_what_is_listed(&pin_path, false);
-    let outgoing = Maps::open_pinned(&pin_path)
-        .expect("opening the pinned maps")
-        .ns_filter(NS_FILTER_OUT)
-        .expect("reading the prefilter")
-        .expect("the prefilter is pinned");
     assert!(
-        !outgoing.has(gone.0, gone.1),
+        !pinned_filter(&pin_path, NS_FILTER_OUT).has(gone.0, gone.1),
         "the bit of a backend gone before the restart is still set"
     );
     assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
     cluster.requests("192.168.77.11:30090", 3);
+}
+
+/// Entry `entry` of the prefilter pinned under `pin_path`.
+fn pinned_filter(pin_path: &Path, entry: u32) -> NsFilter {
+    Maps::open_pinned(pin_path)
+        .expect("opening the pinned maps")
+        .ns_filter(entry)
+        .expect("reading the prefilter")
+        .expect("the prefilter is pinned")
 }
 
 /// Waits (bounded) until the prefilter pinned under `pin_path` is armed with the bits of
