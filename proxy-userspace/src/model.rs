@@ -262,6 +262,9 @@ pub struct NodeInfo {
     /// The IPv4 addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`
     /// applied to the node's addresses), sorted; one NodePort frontend per address.
     pub node_port_addresses: Vec<Ipv4Addr>,
+    /// The Node's own IPv4 addresses (every `InternalIP` and `ExternalIP`), sorted: an
+    /// endpoint at one of them is served on this node whatever its `nodeName` says.
+    pub own_addresses: Vec<Ipv4Addr>,
     /// ClusterIPs are served to traffic from outside the node too (`--external-clusterip`):
     /// each ClusterIP frontend gets an external-scope twin, as kube-proxy's rules match a
     /// ClusterIP whatever the packet's source.
@@ -280,9 +283,9 @@ pub struct NodeInfo {
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// The backends (among those the frontends use) whose endpoint runs on this node
-    /// (`nodeName` is this node's name). The north-south programs source-NAT traffic to the
-    /// others so that their replies come back through this node (C08), and keep the
-    /// client's address for these (C10).
+    /// (`nodeName` is this node's name, or the address is one of the node's own). The
+    /// north-south programs source-NAT traffic to the others so that their replies come
+    /// back through this node (C08), and keep the client's address for these (C10).
     pub local_backends: BTreeSet<BackendAddr>,
 }
 

@@ -881,8 +881,8 @@ fn sync_once(
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
     note_node(&config.node_name, input.node(), &mut state.node_known);
-    let addresses =
-        node_info(&config.node_name, input.node(), &NodePortAddresses::All).node_port_addresses;
+    let base = node_info(&config.node_name, input.node(), &config.node_ports);
+    let addresses = base.own_addresses.clone();
     let node = NodeInfo {
         external_cluster_ips: config.external_cluster_ips,
         socket_external_ips: if config.socket_lb_external_ips {
@@ -893,7 +893,7 @@ fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Cha
         localhost_node_ports: config
             .node_ports
             .serve_loopback(config.localhost_node_ports),
-        ..node_info(&config.node_name, input.node(), &config.node_ports)
+        ..base
     };
     state.node_addresses = addresses;
     if state.full {

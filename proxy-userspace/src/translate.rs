@@ -209,6 +209,7 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
             })
     };
     let all = of_type("InternalIP").chain(of_type("ExternalIP"));
+    let own: BTreeSet<Ipv4Addr> = all.clone().collect();
     let addresses: BTreeSet<Ipv4Addr> = match node_ports {
         NodePortAddresses::All => all.collect(),
         NodePortAddresses::Primary => all.take(1).collect(),
@@ -224,6 +225,7 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
         name: name.to_owned(),
         zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
         node_port_addresses: addresses.into_iter().collect(),
+        own_addresses: own.into_iter().collect(),
         ..NodeInfo::default()
     }
 }
@@ -276,9 +278,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
     }
 }
 
-/// The backends in use (lingering ones included) whose endpoint runs on this node: the
-/// north-south programs keep the client's address for these and source-NAT traffic to the
-/// others (C08, C10).
+/// The backends in use (lingering ones included) whose endpoint is served on this node
+/// (`Endpoint::on_node`): the north-south programs keep the client's address for these and
+/// source-NAT traffic to the others (C08, C10).
 fn local_backends(state: &DesiredState, endpoints: &EndpointIndex) -> BTreeSet<BackendAddr> {
     let in_use: BTreeSet<BackendAddr> = state
         .frontends
@@ -288,7 +290,7 @@ fn local_backends(state: &DesiredState, endpoints: &EndpointIndex) -> BTreeSet<B
     endpoints
         .values()
         .flatten()
-        .filter(|e| e.endpoint.local)
+        .filter(|e| e.endpoint.on_node)
         .map(|e| BackendAddr {
             addr: e.endpoint.addr,
             port: e.endpoint.port,
@@ -308,6 +310,11 @@ struct Endpoint {
     terminating: bool,
     /// `nodeName` is this node: a candidate for traffic policy `Local`.
     local: bool,
+    /// Served on this node: `local`, or at one of the node's own addresses without saying
+    /// so (the API server's endpoints, a hand-written slice's). Traffic to it must not be
+    /// source-NATed to the node's address: the stack drops a packet that arrives from one
+    /// of its own addresses.
+    on_node: bool,
     /// `hints.forZones` seen from this node's zone.
     zone_hint: Hint,
     /// `hints.forNodes` seen from this node.
@@ -485,13 +492,15 @@ fn slice_endpoints(
         };
         let conditions = endpoint.conditions.as_ref();
         let hints = endpoint.hints.as_ref();
+        let local = endpoint.node_name.as_deref() == Some(node.name.as_str());
         endpoints.push(Endpoint {
             addr,
             port: 0,
             ready: conditions.and_then(|c| c.ready).unwrap_or(true),
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
+            local,
+            on_node: local || node.own_addresses.contains(&addr),
             zone_hint: Hint::read(
                 hints
                     .and_then(|h| h.for_zones.as_ref())
@@ -1309,6 +1318,7 @@ mod tests {
             name: "n1".into(),
             zone: Some("zone-a".into()),
             node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+            own_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
             external_cluster_ips: false,
             socket_external_ips: SocketExternalIps::All,
             localhost_node_ports: false,
@@ -2947,11 +2957,47 @@ mod tests {
                     .on("n1"),
                 BTreeSet::new(),
             ),
+            (
+                "an endpoint at the node's own address is local, whatever its nodeName says",
+                slice("default", "web-1", "web")
+                    .port("http", 8080, "TCP")
+                    .ready("192.0.2.1")
+                    .ready("10.0.0.1")
+                    .on("n2"),
+                BTreeSet::from([BackendAddr {
+                    addr: Ipv4Addr::new(192, 0, 2, 1),
+                    port: 8080,
+                    proto: Protocol::Tcp,
+                }]),
+            ),
         ];
         for (case, endpoints, want) in cases {
             let t = translate(slice::from_ref(&service), &[endpoints], &n1());
             assert_eq!(t.state.local_backends, want, "{case}");
         }
+    }
+
+    /// An endpoint at the node's own address without `nodeName` (the API server's, a
+    /// hand-written slice's) is served on this node, so its traffic is not source-NATed;
+    /// but traffic policy `Local` goes by `nodeName` alone, as kube-proxy's does.
+    #[test]
+    fn an_endpoint_at_the_node_address_is_no_local_policy_endpoint_without_its_node_name() {
+        let service = web()
+            .type_("NodePort")
+            .target_port(IntOrString::Int(6443))
+            .node_port(30443)
+            .external_traffic_policy("Local");
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 6443, "TCP")
+            .ready("192.0.2.1");
+        assert_eq!(
+            clean(slice::from_ref(&service), slice::from_ref(&endpoints)),
+            [
+                "int 10.96.0.10:80/TCP -> 192.0.2.1:6443/TCP",
+                "ext 192.0.2.1:30443/TCP -> (drop)",
+                "int 192.0.2.1:30443/TCP -> 192.0.2.1:6443/TCP",
+            ]
+        );
     }
 
     #[test]
@@ -3685,6 +3731,7 @@ mod tests {
                 name: "n1".into(),
                 zone: Some("zone-a".into()),
                 node_port_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
+                own_addresses: vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(192, 0, 2, 1)],
                 external_cluster_ips: false,
                 socket_external_ips: SocketExternalIps::default(),
                 localhost_node_ports: false,
@@ -3794,6 +3841,7 @@ mod tests {
                 name: "n1".into(),
                 zone: None,
                 node_port_addresses: vec![],
+                own_addresses: vec![],
                 external_cluster_ips: false,
                 socket_external_ips: SocketExternalIps::default(),
                 localhost_node_ports: false,

@@ -1154,6 +1154,72 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     cluster.requests("192.168.77.11:30090", 3);
 }
 
+/// A Service without selector whose one endpoint is node-1's own address, with no
+/// `nodeName`: a daemon on the host, as hand-written slices give them (the API server's
+/// endpoints look the same).
+const HOST_ENDPOINT: &str = "apiVersion: v1
+kind: Service
+metadata: {name: host-daemon, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{name: https, port: 443, targetPort: 9443, nodePort: 30443, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: host-daemon-1
+  namespace: default
+  labels: {kubernetes.io/service-name: host-daemon}
+addressType: IPv4
+ports: [{name: https, port: 9443, protocol: TCP}]
+endpoints:
+  - addresses: [192.168.77.11]
+    conditions: {ready: true}
+";
+
+/// An endpoint at a node's own address without `nodeName` is served on that node: its
+/// NodePort there keeps the client's address, where source-NAT to the node's own address
+/// would make a packet the stack drops (a martian: it arrives from one of the node's
+/// addresses). Through the other node it is an endpoint elsewhere, source-NATed.
+#[test]
+fn an_endpoint_at_a_node_address_without_node_name_answers_through_both_nodes() {
+    let mut cluster = Cluster::new("hostep");
+    let mut serve = cluster.nodes[0]
+        .ns
+        .command(PEER, None)
+        .expect("server command");
+    serve.args(["serve", "--name", "host-1", "--tcp", "9443", "--echo-peer"]);
+    let _server = Proc::spawn_ready(serve, "host-1", "ready")
+        .unwrap_or_else(|e| panic!("starting the node's server: {e:#}"));
+    cluster.write_manifest("svc.yaml", HOST_ENDPOINT);
+    cluster.write_node_manifests();
+    cluster.start_agents();
+    let backend = ["192.168.77.11:9443"];
+    cluster.wait_for(0, "192.168.77.11:30443", "external", &backend);
+    cluster.wait_for(1, "192.168.77.12:30443", "external", &backend);
+    let local = |i: usize| -> Value {
+        list(&cluster.nodes[i].pin_path)
+            .expect("list")
+            .iter()
+            .find(|f| f["frontend"] == "10.96.0.30:443")
+            .map(|f| f["backends"][0]["local"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        (local(0), local(1)),
+        (Value::Bool(true), Value::Bool(false))
+    );
+    assert_eq!(
+        cluster.requests("192.168.77.11:30443", 3),
+        [(format!("host-1 {CLIENT}"), 3)].into()
+    );
+    assert_eq!(
+        cluster.requests("192.168.77.12:30443", 3),
+        [("host-1 192.168.77.12".to_owned(), 3)].into()
+    );
+}
+
 /// Entry `entry` of the prefilter pinned under `pin_path`.
 fn pinned_filter(pin_path: &Path, entry: u32) -> NsFilter {
     Maps::open_pinned(pin_path)

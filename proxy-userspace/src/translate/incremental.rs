@@ -602,7 +602,7 @@ fn translate_group(
         local: endpoints
             .values()
             .flatten()
-            .filter(|e| e.endpoint.local)
+            .filter(|e| e.endpoint.on_node)
             .map(|e| BackendAddr {
                 addr: e.endpoint.addr,
                 port: e.endpoint.port,

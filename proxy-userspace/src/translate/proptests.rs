@@ -329,6 +329,12 @@ pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
         any::<bool>(),
         socket_external_ips(),
         any::<bool>(),
+        // Addresses endpoints may have (`address`): endpoints served on the node whatever
+        // their `nodeName`.
+        proptest::sample::subsequence(
+            vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 3)],
+            0..=2,
+        ),
     )
         .prop_map(
             |(
@@ -337,10 +343,12 @@ pub(super) fn node() -> impl Strategy<Value = NodeInfo> {
                 external_cluster_ips,
                 socket_external_ips,
                 localhost_node_ports,
+                own_addresses,
             )| NodeInfo {
                 name: "n1".to_owned(),
                 zone,
                 node_port_addresses,
+                own_addresses,
                 external_cluster_ips,
                 socket_external_ips,
                 localhost_node_ports,
