@@ -18,6 +18,10 @@
 //! translated. The error must reach the flow's other end in that end's terms, or the
 //! client never learns its path MTU, nor that the port is closed.
 //!
+//! An error is about a flow only if it goes to the quoted packet's source (every error does,
+//! RFC 792) and quotes a first fragment (a later one has data where the ports would be):
+//! others pass untouched, as Linux's conntrack ignores them.
+//!
 //! The quoted packet travelled opposite to the error, so the quoted 5-tuple, reversed, is the
 //! tuple a normal packet of the error's direction carries: its conntrack entry at this hook
 //! holds the rewrite. The error gets it inside out: its outer destination becomes the
@@ -67,6 +71,8 @@ const IPV4_NO_OPTIONS: u8 = 0x45;
 const ETH_P_IP: u16 = 0x0800;
 /// More-fragments flag and fragment offset (host order).
 const IP_MF_OFFSET: u16 = 0x3fff;
+/// Fragment offset alone (host order).
+const IP_OFFSET: u16 = 0x1fff;
 
 /// An ICMP error about a TCP or UDP packet. Addresses and ports in network order.
 struct IcmpError {
@@ -118,7 +124,10 @@ pub fn translate_error(ctx: &TcContext, dir: u8, pass: i32, drop: i32) -> Option
 }
 
 /// An unfragmented IPv4 ICMP destination-unreachable or time-exceeded message without IP
-/// options, quoting an IPv4 TCP or UDP header without options; `None` for anything else.
+/// options, quoting an IPv4 TCP or UDP header without options, of a packet that was not a
+/// later fragment (whose bytes where ports would be are data), and sent to that packet's
+/// source, as every error is (RFC 792; Linux's conntrack ignores one sent elsewhere, which
+/// only someone who learnt a flow's tuple would send); `None` for anything else.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<IcmpError> {
     let ethertype: u16 = ctx.load(12).ok()?;
@@ -140,11 +149,18 @@ fn parse(ctx: &TcContext) -> Option<IcmpError> {
     }
     let inner: [u8; 20] = ctx.load(INNER_IP_OFF).ok()?;
     let inner_proto = inner[9];
-    if inner[0] != IPV4_NO_OPTIONS || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+    let inner_frag_off = u16::from_be_bytes([inner[6], inner[7]]);
+    if inner[0] != IPV4_NO_OPTIONS
+        || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP)
+        || inner_frag_off & IP_OFFSET != 0
+    {
+        return None;
+    }
+    let word = |b: &[u8; 20], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if word(&outer, 16) != word(&inner, 12) {
         return None;
     }
     let ports: [u16; 2] = ctx.load(INNER_SPORT_OFF).ok()?;
-    let word = |b: &[u8; 20], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     Some(IcmpError {
         saddr: word(&outer, 12),
         daddr: word(&outer, 16),

@@ -16,8 +16,9 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
-    TCX_NEXT, checksum, hex, icmp_error, icmp_tuples, ifindex, in_private_netns, ip, mac_of,
-    parse_mac, segment_options, syn_options, tuple_of, verify_checksums, verify_icmp_checksums,
+    TCX_NEXT, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples, ifindex,
+    in_private_netns, ip, mac_of, parse_mac, segment_options, syn_options, tuple_of,
+    verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
@@ -384,10 +385,23 @@ fn a_slot_naming_an_empty_backend_entry_leaves_the_packet_untranslated() {
 fn without_dont_fragment(frame: &[u8]) -> Vec<u8> {
     let mut frame = frame.to_vec();
     frame[20] &= !0x40;
+    redo_ip_checksum(&mut frame);
+    frame
+}
+
+/// `frame` (IPv4 without options) as a later fragment at `offset` (8-byte units), IP
+/// checksum redone: the bytes after its header stay, as if they were data.
+fn as_later_fragment(frame: &[u8], offset: u16) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[20..22].copy_from_slice(&offset.to_be_bytes());
+    redo_ip_checksum(&mut frame);
+    frame
+}
+
+fn redo_ip_checksum(frame: &mut [u8]) {
     frame[24..26].copy_from_slice(&[0, 0]);
     let csum = checksum(0, &frame[14..34]);
     frame[24..26].copy_from_slice(&csum.to_be_bytes());
-    frame
 }
 
 #[test]
@@ -2133,11 +2147,31 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
             );
         }
 
-        // Errors quoting a flow nobody tracks, and an echo request, pass untouched.
+        // Errors quoting a flow nobody tracks, and an echo request, pass untouched. So do
+        // errors that quote the tracked flow but cannot be about it: one sent elsewhere
+        // than to the quoted packet's source (someone who learnt the flow's tuple), and
+        // one quoting a later fragment, whose bytes where the ports would be are data
+        // (here the ports themselves, so that they would match).
         let stranger = Frame::tcp(NODE, 40001, REMOTE_POD, POD_PORT);
         let untracked = icmp_error(REMOTE_POD, NODE, 3, 3, [0; 4], &stranger, 8);
         let echo = icmp_error(CLIENT, NODE, 8, 0, [0, 1, 0, 1], &syn, 8);
-        for (what, frame) in [("untracked", untracked), ("echo", echo)] {
+        let elsewhere = icmp_error(
+            REMOTE_POD,
+            Ipv4Addr::new(192, 0, 2, 99),
+            3,
+            3,
+            [0; 4],
+            &sent,
+            8,
+        );
+        let later = as_later_fragment(&sent.bytes(), 185);
+        let later_fragment = icmp_error_quoting(REMOTE_POD, NODE, 3, 3, [0; 4], &later, 8);
+        for (what, frame) in [
+            ("untracked", untracked),
+            ("echo", echo),
+            ("sent elsewhere", elsewhere),
+            ("quoting a later fragment", later_fragment),
+        ] {
             let out = dp.ingress(&frame);
             assert_eq!((out.verdict, &out.packet), (TCX_NEXT, &frame), "{what}");
             let out = dp.egress(&frame);
