@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use crate::dataplane::MapSizes;
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, Skipped};
-use crate::sync::Programmed;
+use crate::sync::{Programmed, ProgrammedFrontend};
 
 /// Usable entries per map the agent writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +99,7 @@ pub fn fit(
         let services_growth = usize::from(current.is_none())
             + frontend.slotted().count().saturating_sub(current_slots);
         let rev_nat_growth = usize::from(current.is_none());
-        // Ranges are replaced whole (new ones before old ones go): count all of them.
-        let source_ranges_growth = frontend.source_ranges.len();
+        let source_ranges_growth = new_ranges(programmed, current, frontend);
         let full = if peak.services + services_growth > capacity.services {
             Some(("services", capacity.services))
         } else if peak.backends.len() + new_backends.len() > capacity.backends {
@@ -217,8 +216,7 @@ pub fn fits_whole(
                 .count()
                 .saturating_sub(current.map_or(0, |p| p.slots.len()));
         rev_nat += usize::from(current.is_none());
-        // As `fit` counts them: new ones are written before old ones go.
-        source_ranges += frontend.source_ranges.len();
+        source_ranges += new_ranges(programmed, current, frontend);
         new_backends.extend(frontend.slotted().filter(|b| !is_programmed(b)));
     }
     services <= capacity.services
@@ -227,12 +225,32 @@ pub fn fits_whole(
         && source_ranges <= capacity.source_ranges
 }
 
+/// How many of `frontend`'s source ranges a sync writes: those the trie does not hold
+/// under its rev-NAT id yet (all of them for a frontend not programmed), before the ones it
+/// stops using go. Those it holds already are not written again, and take no more room.
+fn new_ranges(
+    programmed: &Programmed,
+    current: Option<&ProgrammedFrontend>,
+    frontend: &Frontend,
+) -> usize {
+    match current.map(|p| p.rev_nat_id).filter(|id| *id != 0) {
+        Some(id) => frontend
+            .source_ranges
+            .iter()
+            .filter(|range| !programmed.source_ranges.contains(&(id, **range)))
+            .count(),
+        None => frontend.source_ranges.len(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::{FrontendKey, FrontendKind, Protocol, Scope, ServicePortName, WhenEmpty};
+    use crate::model::{
+        FrontendKey, FrontendKind, Protocol, Scope, ServicePortName, SourceRange, WhenEmpty,
+    };
     use crate::sync::plan;
 
     fn frontend(host: u8, backends: &[u8]) -> Frontend {
@@ -321,6 +339,51 @@ mod tests {
         assert!(fits_whole(
             &mirror, entries, &after, &touched, known, &ROOMY
         ));
+    }
+
+    /// A plan writes only the ranges the trie lacks: with the trie over half full,
+    /// frontends that keep their ranges still take new backends; a frontend that adds
+    /// ranges beyond the room left keeps what it has.
+    #[test]
+    fn source_ranges_in_the_trie_already_take_no_more_room() {
+        let range = |a: u8, b: u8| SourceRange {
+            addr: Ipv4Addr::new(203, 0, a, b),
+            prefix: 32,
+        };
+        let ranged = |host: u8, backends: &[u8], ranges: &[u8]| Frontend {
+            source_ranges: ranges.iter().map(|r| range(*r, host)).collect(),
+            ..frontend(host, backends)
+        };
+        let mirror = programmed(&desired(&[
+            ranged(1, &[1], &[1, 2]),
+            ranged(2, &[2], &[1, 2]),
+        ]));
+        assert_eq!(mirror.source_ranges.len(), 4);
+        let cap = Capacity {
+            source_ranges: 5,
+            ..ROOMY
+        };
+        let after = desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[3], &[1, 2])]);
+        assert_eq!(fit(&mirror, &after, &cap), (after.clone(), vec![]));
+        let touched: BTreeSet<FrontendKey> = [frontend(2, &[]).key].into();
+        let known = |b: &BackendAddr| mirror.backends.values().any(|x| x == b);
+        let entries = crate::sync::service_entries(&mirror);
+        assert!(fits_whole(&mirror, entries, &after, &touched, known, &cap));
+
+        // Two new ranges where one is left: frontend 2 keeps its two (and its backend).
+        let grown = desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[3], &[1, 2, 3, 4])]);
+        assert!(!fits_whole(&mirror, entries, &grown, &touched, known, &cap));
+        let (fitted, skipped) = fit(&mirror, &grown, &cap);
+        assert_eq!(
+            fitted,
+            desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[2], &[1, 2])])
+        );
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            skipped[0].reason.contains("4 source ranges do not fit"),
+            "{}",
+            skipped[0].reason
+        );
     }
 
     #[test]
