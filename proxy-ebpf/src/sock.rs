@@ -33,8 +33,8 @@ use proxy_common::{
     ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
     LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4,
     LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_FLAG_HOST_ONLY,
-    SOCK_FLAG_LOOPBACK_EXACT, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
-    ServiceKey, SockRevNatKey, SockRevNatValue, is_loopback, log_endpoint,
+    SOCK_FLAG_LOOPBACK_EXACT, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey, SockRevNatKey,
+    SockRevNatValue, is_loopback, log_endpoint,
 };
 
 use crate::log::{log_debug, log_error};
@@ -248,9 +248,11 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
     // earlier ones went to, while the frontend still has it: kube-proxy's conntrack keeps a
     // UDP flow (a socket's source port) on its backend, and a protocol with state across
     // datagrams (QUIC, SIP) needs one server. So does a UDP socket that connects again to
-    // the same frontend. Session affinity decides by itself.
+    // the same frontend. With session affinity too: affinity chooses a new flow's backend
+    // (the socket's first datagram), the flow keeps it, also while it lingers (its affinity
+    // entries gone) and past the affinity timeout, as the conntrack entry outlives both.
     // The socket's slot holds the pin of one frontend; its storage those of the others.
-    let pinning = proto == PROTO_UDP && frontend.flags & SVC_FLAG_AFFINITY == 0;
+    let pinning = proto == PROTO_UDP;
     let slot_pin = if pinning {
         sock_slot::pinned(cookie, rev_value)
     } else {

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{BackgroundClient, Harness, answers, service, slice};
+use common::{BackgroundClient, Harness, answers, service, slice, slice_with_conditions};
 use xtask::netns::Proc;
 
 const VIP: &str = "10.96.0.10";
@@ -282,6 +282,60 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
             after_change[i]
         );
     }
+}
+
+/// With session affinity too, an unconnected UDP socket's datagrams stay on the backend
+/// its first one went to while that backend terminates (still serving: it lingers, and its
+/// affinity entries go), as kube-proxy's conntrack keeps a UDP flow on its endpoint until
+/// it stops serving.
+#[test]
+fn an_unconnected_udp_socket_of_an_affinity_service_keeps_its_lingering_backend() {
+    let mut h = Harness::new("udpaff", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest(
+        "dns-svc.yaml",
+        &(service("dns", VIP, &[("dns", 53, "UDP")]) + "  sessionAffinity: ClientIP\n"),
+    );
+    const READY: &str = "{ready: true}";
+    const TERMINATING: &str = "{ready: false, serving: true, terminating: true}";
+    let pods = ["10.244.0.10", "10.244.0.11"];
+    let endpoints = |conditions: [&str; 2]| {
+        let list = [(pods[0], conditions[0]), (pods[1], conditions[1])];
+        slice_with_conditions("dns-1", "dns", &[("dns", 5353, "UDP")], &list)
+    };
+    h.write_manifest("dns-eps.yaml", &endpoints([READY, READY]));
+    h.start_agent();
+    wait_for_udp_frontend(&mut h, VIP, &pods);
+
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "600",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let client = h.spawn_client("aff", &args);
+    client.wait_for_lines(40);
+    let first = answers(&client.lines_now());
+    assert_one_backend(0, "10.96.0.10:53", &first);
+    let on_b = first.keys().all(|answer| answer.starts_with("pod-b"));
+    let (kept, other) = if on_b { (1, 0) } else { (0, 1) };
+    let mut conditions = [READY; 2];
+    conditions[kept] = TERMINATING;
+    h.write_manifest("dns-eps.yaml", &endpoints(conditions));
+    wait_for_udp_frontend(&mut h, VIP, &[pods[other]]);
+    let after_change = client.lines_so_far();
+    let lines = client.lines();
+    assert_answered_through(&lines, 600, "10.96.0.10:53");
+    assert_eq!(
+        answers(&lines).keys().collect::<Vec<_>>(),
+        first.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        after_change < 500,
+        "the change came too late to judge ({after_change} answers before it)"
+    );
 }
 
 /// A UDP Service `name` on `vip`:53 with `pods`' port 5353 as endpoints.
