@@ -172,7 +172,8 @@ struct RunArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     min_sync_period: Duration,
 
-    /// Full re-sync interval even without changes (kube-proxy's --sync-period).
+    /// Everything is read, translated and diffed again at least this often, whether changes
+    /// come or not (kube-proxy's --sync-period).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
 

@@ -445,9 +445,17 @@ pub async fn run(config: Config) -> Result<()> {
         }
     };
     // The first sync, the periodic one and a retry translate and diff everything; a change
-    // only what it touched.
+    // only what it touched, unless the last full sync is a sync period ago: changes that
+    // come more often than that must not put off the periodic one for good.
+    let mut last_full = Instant::now();
+    // Whether the source stopped reporting changes (the manifests watcher ended): the
+    // periodic syncs then read everything.
+    let mut source_ended = false;
     loop {
         let started = Instant::now();
+        if state.full {
+            last_full = started;
+        }
         pod_devices = serve_pod_devices(&mut programs, &pod_devices);
         let ok = sync_once(
             &config,
@@ -471,8 +479,16 @@ pub async fn run(config: Config) -> Result<()> {
                 link_events = None;
             }
             tokio::select! {
-                _ = changed_rx.recv() => {
-                    state.full = false;
+                changed = changed_rx.recv(), if !source_ended => {
+                    if changed.is_none() {
+                        tracing::error!(
+                            "the source stopped reporting changes: everything is read again \
+                             at every --sync-period only"
+                        );
+                        source_ended = true;
+                        continue;
+                    }
+                    state.full = last_full.elapsed() >= config.sync_period;
                     break false;
                 }
                 _ = tokio::time::sleep_until(deadline) => {

@@ -155,6 +155,51 @@ fn an_idle_agent_queues_no_sync_and_an_edit_queues_one() {
     }
 }
 
+/// Changes that come more often than `--sync-period` do not put the periodic full sync off:
+/// one runs while they keep coming, as kube-proxy's full sync runs by the time since the
+/// last one.
+#[test]
+fn a_full_sync_runs_every_sync_period_while_changes_keep_coming() {
+    let mut h = Harness::new("fullsync", &["pod-a"]);
+    start_with_web_and(&mut h, &["--sync-period", "2s"]);
+    let metrics = h.served_address("metrics");
+    let full_syncs = || {
+        let (_, text) = get(&metrics, "/metrics");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} ",
+                )
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let at_start = full_syncs();
+    // A change every 200 ms, each well within the 2 s a sync waits for the next idle
+    // full one; the agent batches them at its 100 ms minimum period. 30 of them are 6 s:
+    // three sync periods.
+    for i in 0..30u16 {
+        if full_syncs() > at_start {
+            return;
+        }
+        h.write_manifest(
+            "eps.yaml",
+            &slice(
+                "web-1",
+                "web",
+                &[("http", 8080 + i % 2, "TCP")],
+                &[("10.244.0.10", true)],
+            ),
+        );
+        // The pace of the changes, which is what this test is about.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!(
+        "no full sync in 6 s of changes every 200 ms with --sync-period 2s; log:\n{}",
+        h.agent_log()
+    );
+}
+
 /// Waits until the scraped sample whose line starts with `prefix` is at least `least`.
 fn wait_for_sample(metrics_addr: &str, prefix: &str, least: f64) {
     let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
