@@ -1537,10 +1537,14 @@ mod bpf_sys {
         match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
             Ok(_) => Ok(()),
             Err(e) => {
-                // The kernel sets `count` to the elements written before the failing one.
+                // The kernel sets `count` to the elements written before the failing one,
+                // fewer than all. An error before its loop (no write permission, an LSM)
+                // leaves `count` as given: none were written. (So does a failure to copy
+                // `count` back after all were: counted as none, they are written again.)
                 let done = u32::from_ne_bytes([attr.0[32], attr.0[33], attr.0[34], attr.0[35]]);
+                let done = if done >= count { 0 } else { done };
                 Err((
-                    (done as usize).min(keys.len()),
+                    done as usize,
                     anyhow::Error::new(e).context("BPF_MAP_UPDATE_BATCH"),
                 ))
             }
@@ -1605,13 +1609,18 @@ mod tests {
 
     /// A hash map of `max_entries` u32 -> u64 entries, created with `BPF_MAP_CREATE`.
     fn hash_map(max_entries: u32) -> OwnedFd {
+        hash_map_with(max_entries, 0)
+    }
+
+    /// [`hash_map`] with `map_flags`.
+    fn hash_map_with(max_entries: u32, map_flags: u32) -> OwnedFd {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             panic!("this test creates a BPF map, which needs root (CAP_BPF): run it as root");
         }
         // struct { __u32 map_type, key_size, value_size, max_entries, map_flags; ... }
         let mut attr = [0u32; 32];
-        attr[..4].copy_from_slice(&[1 /* BPF_MAP_TYPE_HASH */, 4, 8, max_entries]);
+        attr[..5].copy_from_slice(&[1 /* BPF_MAP_TYPE_HASH */, 4, 8, max_entries, map_flags]);
         // SAFETY: attr is a zeroed bpf_attr with the map_create fields set.
         let fd = unsafe {
             libc::syscall(
@@ -1649,5 +1658,11 @@ mod tests {
                 .expect_err("a full map refuses the fourth key");
         assert_eq!(written, 2, "{error:#}");
         assert_eq!(contents(&map), [(7, 70), (8, 81), (9, 90)]);
+        // Refused before the kernel's loop (a descriptor without write permission: a
+        // read-only map's, BPF_F_RDONLY): none written, whatever `count` still says.
+        let read_only = hash_map_with(3, 1 << 3);
+        let (written, error) = bpf_sys::update_batch(read_only.as_fd(), &[7u32, 8], &[70u64, 80])
+            .expect_err("a read-only descriptor refuses writes");
+        assert_eq!(written, 0, "{error:#}");
     }
 }
