@@ -164,15 +164,8 @@ fn a_full_sync_runs_every_sync_period_while_changes_keep_coming() {
     start_with_web_and(&mut h, &["--sync-period", "2s"]);
     let metrics = h.served_address("metrics");
     let full_syncs = || {
-        let (_, text) = get(&metrics, "/metrics");
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} ",
-                )
-            })
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
+        let count = "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} ";
+        sample(&metrics, count).unwrap_or(0.0)
     };
     let at_start = full_syncs();
     // A change every 200 ms, each well within the 2 s a sync waits for the next idle
@@ -200,15 +193,19 @@ fn a_full_sync_runs_every_sync_period_while_changes_keep_coming() {
     );
 }
 
+/// The value of the scraped sample whose line starts with `prefix`.
+fn sample(metrics_addr: &str, prefix: &str) -> Option<f64> {
+    let (_, text) = get(metrics_addr, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
 /// Waits until the scraped sample whose line starts with `prefix` is at least `least`.
 fn wait_for_sample(metrics_addr: &str, prefix: &str, least: f64) {
     let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
     loop {
-        let (_, text) = get(metrics_addr, "/metrics");
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok());
+        let value = sample(metrics_addr, prefix);
         if value.is_some_and(|v| v >= least) {
             return;
         }
@@ -226,15 +223,9 @@ fn the_conntrack_collectors_passes_show_on_metrics() {
     let mut h = Harness::new("ctgc", &["pod-a"]);
     start_with_web_and(&mut h, &["--conntrack-gc-interval", "200ms"]);
     let metrics = h.served_address("metrics");
-    let passes = || {
-        let (_, text) = get(&metrics, "/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix("ebpf_kube_proxy_conntrack_gc_runs_total "))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let passes = || sample(&metrics, "ebpf_kube_proxy_conntrack_gc_runs_total ").unwrap_or(0.0);
     let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
-    while passes() < 2 {
+    while passes() < 2.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "no two collector passes within {:?}; log:\n{}",

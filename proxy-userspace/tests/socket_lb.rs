@@ -11,6 +11,15 @@ use xtask::netns::Proc;
 const VIP: &str = "10.96.0.10";
 /// A second Service's address.
 const VIP2: &str = "10.96.0.11";
+/// A client whose one socket asks the UDP Service at `VIP` 600 times, every 5 ms.
+const KEPT_SOCKET: [&str; 6] = [
+    "udp",
+    "10.96.0.10:53",
+    "600",
+    "--keep-socket",
+    "--every-ms",
+    "5",
+];
 /// ENETUNREACH: the client namespace has no route for an untranslated Service address.
 const ENETUNREACH: i64 = 101;
 const ECONNREFUSED: i64 = 111;
@@ -248,15 +257,7 @@ fn an_unconnected_udp_socket_keeps_its_backend() {
 
     // Four sockets, each asking every 5 ms; pod-a (.10) and pod-b (.11) join while they do,
     // taking slots 1 and 2 and moving both backends two slots up.
-    let args = [
-        "udp",
-        "10.96.0.10:53",
-        "600",
-        "--keep-socket",
-        "--every-ms",
-        "5",
-    ];
-    let clients = spawn_clients(&h, "pin", 4, &args);
+    let clients = spawn_clients(&h, "pin", 4, &KEPT_SOCKET);
     for client in &clients {
         client.wait_for_lines(40);
     }
@@ -307,15 +308,7 @@ fn an_unconnected_udp_socket_of_an_affinity_service_keeps_its_lingering_backend(
     h.start_agent();
     wait_for_udp_frontend(&mut h, VIP, &pods);
 
-    let args = [
-        "udp",
-        "10.96.0.10:53",
-        "600",
-        "--keep-socket",
-        "--every-ms",
-        "5",
-    ];
-    let client = h.spawn_client("aff", &args);
+    let client = h.spawn_client("aff", &KEPT_SOCKET);
     client.wait_for_lines(40);
     let first = answers(&client.lines_now());
     assert_one_backend(0, "10.96.0.10:53", &first);
