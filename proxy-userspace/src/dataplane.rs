@@ -863,18 +863,33 @@ pub fn start(
     }
     let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
     detach_other_devices(pin_dir, &TCX_PROGRAMS, devices)?;
+    // The devices there are: one named that is not (created later at boot, being created
+    // again) gets the programs when it appears (`Programs::serve_north_south`), as while
+    // running, instead of failing the start. Listed before attaching: a device created
+    // again in between has another ifindex, and is served again at the next look.
+    let present: Vec<(String, u32)> = devices::links()?
+        .into_iter()
+        .filter(|(d, _)| devices.contains(d))
+        .collect();
+    for missing in devices
+        .iter()
+        .filter(|d| !present.iter().any(|(p, _)| p == *d))
+    {
+        tracing::warn!(
+            device = %missing,
+            "no such device: its north-south programs are attached when it appears"
+        );
+    }
     if let Some(north_south) = north_south {
         write_node_config(&mut ebpf, north_south.node_config)?;
         if !tcx_loaded {
             load_tc(&mut ebpf, &TCX_HOOKS)?;
             tcx_loaded = true;
         }
-        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &north_south.devices)?;
+        let names: Vec<String> = present.iter().map(|(d, _)| d.clone()).collect();
+        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &names)?;
     }
-    let node_ifindex = devices::links()?
-        .into_iter()
-        .filter(|(d, _)| devices.contains(d))
-        .collect();
+    let node_ifindex = present.into_iter().collect();
     // Pod links of a previous run are swapped to the new programs like the others
     // (`Programs::attach_pod_devices` then serves the pods that came since).
     let pod_programs = POD_HOOKS.map(|(name, _)| name);

@@ -102,3 +102,37 @@ fn a_named_device_created_again_gets_its_programs_again() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A named device that does not exist when the agent starts (created later at boot) does
+/// not stop the start: the agent serves the rest and attaches the programs to the device
+/// when it appears.
+#[test]
+fn a_named_device_missing_at_start_gets_its_programs_when_it_appears() {
+    let mut h = Harness::new("latedev", &["pod-a"]);
+    h.start_agent_in_node(&["--devices", "up8"]);
+    h.wait_for_ready_starts(1);
+    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
+    assert!(
+        !pin.exists(),
+        "a link pinned for a device that is not there"
+    );
+    add(&h);
+    let created = ifindex(&h, "up8");
+    let attached_to = || {
+        pin.exists()
+            .then(|| {
+                bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"]
+                    .as_u64()
+            })
+            .flatten()
+    };
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while attached_to() != Some(created) {
+        assert!(
+            Instant::now() < deadline,
+            "up8 (ifindex {created}) never got ekp_tcx_in; log:\n{}",
+            h.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
