@@ -262,8 +262,9 @@ pub struct NodeInfo {
     /// The IPv4 addresses NodePorts are served on (kube-proxy's `--nodeport-addresses`
     /// applied to the node's addresses), sorted; one NodePort frontend per address.
     pub node_port_addresses: Vec<Ipv4Addr>,
-    /// The Node's own IPv4 addresses (every `InternalIP` and `ExternalIP`), sorted: an
-    /// endpoint at one of them is served on this node whatever its `nodeName` says.
+    /// The Node's own IPv4 addresses, every `InternalIP` and then every `ExternalIP`, in the
+    /// Node's order (the first one a device carries is the SNAT address, as Cilium picks
+    /// it): an endpoint at one of them is served on this node whatever its `nodeName` says.
     pub own_addresses: Vec<Ipv4Addr>,
     /// ClusterIPs are served to traffic from outside the node too (`--external-clusterip`):
     /// each ClusterIP frontend gets an external-scope twin, as kube-proxy's rules match a

@@ -368,7 +368,7 @@ pub async fn run(config: Config) -> Result<()> {
         snapshot.node.as_deref(),
         &NodePortAddresses::All,
     )
-    .node_port_addresses;
+    .own_addresses;
     // The first sync starts from this translation.
     state.full = true;
     let input = Input::Whole(snapshot);

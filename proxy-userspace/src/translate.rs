@@ -209,7 +209,12 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
             })
     };
     let all = of_type("InternalIP").chain(of_type("ExternalIP"));
-    let own: BTreeSet<Ipv4Addr> = all.clone().collect();
+    let mut own: Vec<Ipv4Addr> = Vec::new();
+    for addr in all.clone() {
+        if !own.contains(&addr) {
+            own.push(addr);
+        }
+    }
     let addresses: BTreeSet<Ipv4Addr> = match node_ports {
         NodePortAddresses::All => all.collect(),
         NodePortAddresses::Primary => all.take(1).collect(),
@@ -225,7 +230,7 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
         name: name.to_owned(),
         zone: label(&node.metadata, LABEL_TOPOLOGY_ZONE).map(str::to_owned),
         node_port_addresses: addresses.into_iter().collect(),
-        own_addresses: own.into_iter().collect(),
+        own_addresses: own,
         ..NodeInfo::default()
     }
 }
@@ -3736,6 +3741,30 @@ mod tests {
                 socket_external_ips: SocketExternalIps::default(),
                 localhost_node_ports: false,
             }
+        );
+    }
+
+    /// The node's own addresses keep the Node's order, InternalIPs first (the first one a
+    /// device carries is the SNAT address), whatever sorts first; each once.
+    #[test]
+    fn node_info_keeps_the_own_addresses_internal_first() {
+        let node = node_object(
+            &[
+                ("ExternalIP", "5.6.7.8"),
+                ("InternalIP", "10.0.0.5"),
+                ("Hostname", "n1"),
+                ("InternalIP", "10.0.0.4"),
+                ("ExternalIP", "10.0.0.5"),
+            ],
+            None,
+        );
+        assert_eq!(
+            node_info("n1", Some(&node), &NodePortAddresses::All).own_addresses,
+            [
+                Ipv4Addr::new(10, 0, 0, 5),
+                Ipv4Addr::new(10, 0, 0, 4),
+                Ipv4Addr::new(5, 6, 7, 8),
+            ]
         );
     }
 
