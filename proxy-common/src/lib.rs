@@ -84,6 +84,10 @@ pub const MAP_REV_NAT_V1: &str = "ekp_revnat_v1";
 /// The socket config array `MAP_SOCK_CONFIG` replaced (the cookie alone, 0 when not
 /// host-only). It holds nothing to keep: an agent that finds it pinned unpins it.
 pub const MAP_SOCK_CONFIG_V1: &str = "ekp_sockcfg_v1";
+/// The sockets' storage `MAP_SOCK_STATE` had this name before it held flags beside the
+/// pins. No program of this version reads it: an agent that finds it pinned unpins it
+/// (its sockets choose a backend again once, for Services beyond the one in their slot).
+pub const MAP_SOCK_PINS_V1: &str = "ekp_sk_pin_v1";
 /// The programs' log records (`LogRecord`): a ring buffer per loaded object, read by the
 /// agent that loaded it, never pinned (so not in `ALL_MAPS`).
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";

@@ -27,11 +27,11 @@ use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
     MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT, MAP_REV_NAT_V1,
-    MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS,
-    MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_ENTRIES, NS_FILTER_IN,
-    NS_FILTER_OUT, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue, SOCK_FLAG_HOST_ONLY,
-    SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig, SockRevNatKey, SockRevNatValue,
-    SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_PINS_V1, MAP_SOCK_REV_NAT,
+    MAP_SOCK_SLOTS, MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_ENTRIES,
+    NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue,
+    SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig,
+    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod logs;
@@ -927,7 +927,7 @@ pub fn start(
 }
 
 /// Writes the only entry of the socket programs' config array, and unpins the array it
-/// replaced (`_v1`).
+/// replaced (`_v1`) and the sockets' storage under its older name.
 fn write_sock_config(ebpf: &mut Ebpf, pin_dir: &Path, sock: SockSettings) -> Result<()> {
     let map = ebpf
         .map_mut(MAP_SOCK_CONFIG)
@@ -949,15 +949,18 @@ fn write_sock_config(ebpf: &mut Ebpf, pin_dir: &Path, sock: SockSettings) -> Res
     array
         .set(0, config, 0)
         .with_context(|| format!("writing {MAP_SOCK_CONFIG}"))?;
-    // The older version's array holds nothing to keep; its programs keep their reference
+    // The older versions' maps hold nothing to keep; their programs keep their reference
     // until their links are swapped.
-    let old_pin = maps_dir(pin_dir).join(MAP_SOCK_CONFIG_V1);
-    match fs::remove_file(&old_pin) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("unpinning {}", old_pin.display()))
+    for old in [MAP_SOCK_CONFIG_V1, MAP_SOCK_PINS_V1] {
+        let old_pin = maps_dir(pin_dir).join(old);
+        match fs::remove_file(&old_pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("unpinning {}", old_pin.display()));
+            }
+            _ => {}
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 /// Unpins the links of `programs` on `devices`.

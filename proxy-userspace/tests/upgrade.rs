@@ -16,7 +16,8 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use common::{ClientsUnderLoad, Pins, SMALL_MAPS};
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_BACKENDS_V1, MAP_REV_NAT, MAP_REV_NAT_V1, MAP_SOCK_CONFIG,
-    MAP_SOCK_CONFIG_V1, NS_FILTER_IN, NS_FILTER_OUT, NsFilter, PROTO_TCP, RevNatValue,
+    MAP_SOCK_CONFIG_V1, MAP_SOCK_PINS_V1, NS_FILTER_IN, NS_FILTER_OUT, NsFilter, PROTO_TCP,
+    RevNatValue,
 };
 use proxy_userspace::dataplane::{self, Maps};
 
@@ -203,8 +204,10 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     assert!(!contents.backends.is_empty() && !contents.rev_nat.is_empty());
     pin_v1_entries(&h.pin_path, MAP_BACKENDS_V1, &contents.backends);
     pin_v1_entries(&h.pin_path, MAP_REV_NAT_V1, &contents.rev_nat);
-    // The socket config of that version: the cookie alone.
+    // The socket config of that version: the cookie alone; and a map under the sockets'
+    // storage's older name (an array here: only its name matters).
     pin_v1_map(&h.pin_path, MAP_SOCK_CONFIG_V1, "array", (4, 8), 1);
+    pin_v1_map(&h.pin_path, MAP_SOCK_PINS_V1, "array", (4, 8), 1);
     for new in [MAP_BACKENDS, MAP_REV_NAT, MAP_SOCK_CONFIG] {
         std::fs::remove_file(h.pin_path.join("maps").join(new)).expect("unpinning an array");
     }
@@ -213,7 +216,12 @@ fn c33_an_upgrade_from_the_hash_maps_loses_no_connection() {
     h.wait_for_log("copied the entries of an older version's map");
     h.wait_for_ready_starts(2);
     let mark = clients.so_far();
-    for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1, MAP_SOCK_CONFIG_V1] {
+    for old in [
+        MAP_BACKENDS_V1,
+        MAP_REV_NAT_V1,
+        MAP_SOCK_CONFIG_V1,
+        MAP_SOCK_PINS_V1,
+    ] {
         assert!(
             !h.pin_path.join("maps").join(old).exists(),
             "{old} is still pinned"
