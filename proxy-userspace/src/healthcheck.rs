@@ -50,9 +50,10 @@ const ENDPOINT_WEIGHT: HeaderName = HeaderName::from_static("x-load-balancing-en
 type ServiceName = (String, String);
 
 /// The addresses health-check servers listen on: all of them (`0.0.0.0`) when
-/// `--nodeport-addresses` names no IPv4 CIDR, else the node's NodePort addresses.
+/// `--nodeport-addresses` matches every address (no IPv4 CIDR, or a `/0`, as kube-proxy's
+/// `MatchAll`), else the node's NodePort addresses.
 pub fn listen_addresses(node_ports: &NodePortAddresses, node: &NodeInfo) -> Vec<Ipv4Addr> {
-    if *node_ports == NodePortAddresses::All {
+    if node_ports.match_all() {
         vec![Ipv4Addr::UNSPECIFIED]
     } else {
         node.node_port_addresses.clone()
@@ -287,10 +288,34 @@ fn serve(
 }
 
 /// Binds now, so that a taken port is known in this sync.
+/// A listener on `addr`, bound even when no interface has the address (`IP_FREEBIND`): the
+/// Node may list one that no interface carries (a cloud's ExternalIP, translated on its
+/// way in), or not yet, and that must not keep the health check closed on the others
+/// (kube-proxy binds the interfaces' addresses alone). It answers once the address is
+/// there.
 fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    listener.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(listener).with_context(|| format!("serving {addr}"))
+    use std::os::fd::AsRawFd;
+    let binding = || format!("binding {addr}");
+    let socket = tokio::net::TcpSocket::new_v4().with_context(binding)?;
+    socket.set_reuseaddr(true).with_context(binding)?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, an int option of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(binding);
+    }
+    socket.bind(addr).with_context(binding)?;
+    socket
+        .listen(1024)
+        .with_context(|| format!("serving {addr}"))
 }
 
 /// kube-proxy's `hcHandler.ServeHTTP`, for any method and path.
@@ -420,6 +445,12 @@ mod tests {
             listen_addresses(&NodePortAddresses::All, &node),
             [Ipv4Addr::UNSPECIFIED]
         );
+        // A /0 among the CIDRs matches every address, as no CIDR does.
+        let everything = NodePortAddresses::parse(&["0.0.0.0/0", "10.0.0.0/8"]).expect("valid");
+        assert_eq!(
+            listen_addresses(&everything, &node),
+            [Ipv4Addr::UNSPECIFIED]
+        );
         for node_ports in [
             NodePortAddresses::Within(vec![(Ipv4Addr::new(192, 0, 2, 0), 24)]),
             NodePortAddresses::Primary,
@@ -429,6 +460,18 @@ mod tests {
                 [Ipv4Addr::new(192, 0, 2, 1)]
             );
         }
+    }
+
+    /// An address the Node lists but no interface has (here a documentation address no
+    /// test namespace holds) does not keep the port from opening.
+    #[tokio::test]
+    async fn an_address_no_interface_has_is_bound_anyway() {
+        let absent = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 251), 0));
+        let listener = bind(absent).expect("bound with IP_FREEBIND");
+        assert_eq!(
+            listener.local_addr().expect("its address").ip(),
+            absent.ip()
+        );
     }
 
     #[tokio::test]
