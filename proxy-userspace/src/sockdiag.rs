@@ -96,6 +96,21 @@ pub struct Pass {
     pub destroyed: usize,
     /// Namespaces the agent was not allowed to enter (`setns` needs `CAP_SYS_ADMIN`).
     pub denied: usize,
+    /// Namespaces where the kernel cannot destroy a socket (`SOCK_DESTROY` needs
+    /// `CONFIG_INET_DIAG_DESTROY`).
+    pub unsupported: usize,
+}
+
+impl Pass {
+    /// Counts a namespace whose visit failed with `e`, where the failure is one the
+    /// operator must hear of (the others are logged at debug level).
+    fn failed(&mut self, e: &io::Error) {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            self.denied += 1;
+        } else if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.unsupported += 1;
+        }
+    }
 }
 
 /// Namespaces visited at once: a thread each (`setns` changes only the calling thread),
@@ -136,9 +151,7 @@ pub fn destroy_udp_sockets(
                     Ok(n) => pass.destroyed += n,
                     Err(e) => {
                         tracing::debug!(namespace = %ns.display(), "sock_diag: {e}");
-                        if e.kind() == io::ErrorKind::PermissionDenied {
-                            pass.denied += 1;
-                        }
+                        pass.failed(&e);
                     }
                 }
             }
@@ -386,6 +399,22 @@ fn destroy(diag: &OwnedFd, socket: &UdpSocket) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused `setns` and a kernel without socket destroy are counted, each once per
+    /// namespace, for the warnings; other failures are not.
+    #[test]
+    fn a_pass_counts_the_failures_an_operator_must_hear_of() {
+        let mut pass = Pass::default();
+        for errno in [
+            libc::EPERM,
+            libc::EOPNOTSUPP,
+            libc::EOPNOTSUPP,
+            libc::ENOENT,
+        ] {
+            pass.failed(&io::Error::from_raw_os_error(errno));
+        }
+        assert_eq!((pass.denied, pass.unsupported, pass.destroyed), (1, 2, 0));
+    }
 
     #[test]
     fn layouts_match_the_kernel_uapi() {

@@ -106,7 +106,7 @@ impl StaleUdp {
 
 /// The worker: waits for departures, closes their sockets, forever.
 fn run(shared: &Shared, reverse: &SockReverse) {
-    let mut warned = false;
+    let (mut warned_denied, mut warned_unsupported) = (false, false);
     loop {
         let scanned = {
             let mut pending = shared.pending();
@@ -146,13 +146,22 @@ fn run(shared: &Shared, reverse: &SockReverse) {
             departures = scanned.len(),
             "connected UDP sockets of departed backends closed"
         );
-        if pass.denied > 0 && !warned {
-            warned = true;
+        if pass.denied > 0 && !warned_denied {
+            warned_denied = true;
             tracing::warn!(
                 namespaces = pass.denied,
                 "not allowed to enter network namespaces (setns needs CAP_SYS_ADMIN): \
                  connected UDP sockets in them keep sending to removed backends until \
                  they reconnect"
+            );
+        }
+        if pass.unsupported > 0 && !warned_unsupported {
+            warned_unsupported = true;
+            tracing::warn!(
+                namespaces = pass.unsupported,
+                "the kernel cannot destroy sockets (SOCK_DESTROY needs \
+                 CONFIG_INET_DIAG_DESTROY): connected UDP sockets keep sending to removed \
+                 backends until they reconnect"
             );
         }
     }
