@@ -586,7 +586,7 @@ impl Programs {
             }
             let names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
             detach_pins(&self.pin_dir, &TCX_PROGRAMS, &names)?;
-            attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &names)?;
+            attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &stale)?;
             self.node_ifindex.extend(stale);
         }
         self.north_south = wanted.cloned();
@@ -609,19 +609,18 @@ impl Programs {
         let programs = POD_HOOKS.map(|(name, _)| name);
         detach_other_devices(&self.pin_dir, &programs, &names)?;
         self.pod_ifindex.retain(|d, _| names.contains(d));
-        let stale: Vec<String> = links
+        let stale: Vec<(String, u32)> = links
             .iter()
             .filter(|(d, index)| self.pod_ifindex.get(d) != Some(index))
-            .map(|(d, _)| d.clone())
+            .cloned()
             .collect();
         if !stale.is_empty() {
             // A pin for a device we did not attach in this run (or that was recreated):
             // attach anew rather than adopt a link the kernel may have detached.
-            detach_pins(&self.pin_dir, &programs, &stale)?;
+            let stale_names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
+            detach_pins(&self.pin_dir, &programs, &stale_names)?;
             attach_tc(&mut self.ebpf, &self.pin_dir, &POD_HOOKS, &stale)?;
-            for (d, index) in links.iter().filter(|(d, _)| stale.contains(d)) {
-                self.pod_ifindex.insert(d.clone(), *index);
-            }
+            self.pod_ifindex.extend(stale);
         }
         Ok(names)
     }
@@ -886,8 +885,7 @@ pub fn start(
             load_tc(&mut ebpf, &TCX_HOOKS)?;
             tcx_loaded = true;
         }
-        let names: Vec<String> = present.iter().map(|(d, _)| d.clone()).collect();
-        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &names)?;
+        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &present)?;
     }
     let node_ifindex = present.into_iter().collect();
     // Pod links of a previous run are swapped to the new programs like the others
@@ -905,8 +903,7 @@ pub fn start(
             .into_iter()
             .filter(|(d, _)| pinned.contains(d) && devices::matches(pod_devices, d))
             .collect();
-        let adopt: Vec<String> = present.iter().map(|(d, _)| d.clone()).collect();
-        attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &adopt)?;
+        attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &present)?;
         pod_ifindex.extend(present);
     }
     resizes.commit(&mut ebpf, pin_dir)?;
@@ -1154,24 +1151,36 @@ fn attach_tc(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     hooks: &[(&str, TcAttachType)],
-    devices: &[String],
+    devices: &[(String, u32)],
 ) -> Result<()> {
     for &(name, hook) in hooks {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?
             .try_into()?;
-        for device in devices {
+        for (device, ifindex) in devices {
             let link_pin = links_dir(pin_dir).join(tcx_link_name(name, device));
             if link_pin.exists() {
                 let link = bpf_sys::obj_get(&link_pin)?;
-                match bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd()) {
+                // The pin names a device, the link holds one: the device may have been
+                // renamed while no agent ran, and another have taken its name.
+                let on = bpf_sys::link_tcx_ifindex(link.as_fd());
+                let adopted = match on {
+                    Ok(on) if on == *ifindex => {
+                        bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd())
+                    }
+                    Ok(on) => Err(anyhow::anyhow!(
+                        "it is on the device of ifindex {on}, {device} is {ifindex}"
+                    )),
+                    Err(e) => Err(e),
+                };
+                match adopted {
                     Ok(()) => {
                         tracing::info!(program = name, device = %device, link = %link_pin.display(), "adopted pinned link");
                         continue;
                     }
                     Err(e) => {
-                        tracing::warn!(program = name, device = %device, "pinned link cannot be updated ({e:#}); attaching anew");
+                        tracing::warn!(program = name, device = %device, "pinned link not adopted ({e:#}); attaching anew");
                         fs::remove_file(&link_pin)
                             .with_context(|| format!("unpinning {}", link_pin.display()))?;
                     }
@@ -1572,8 +1581,25 @@ mod bpf_sys {
     /// The id of the cgroup a cgroup link is attached to (0: its cgroup was removed), from
     /// `BPF_OBJ_GET_INFO_BY_FD`.
     pub fn link_cgroup_id(link: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
-        // struct bpf_link_info { __u32 type, id, prog_id; union { ...;
-        //     struct { __u64 cgroup_id; __u32 attach_type; } cgroup; ... }; }
+        // union member: struct { __u64 cgroup_id; __u32 attach_type; } cgroup;
+        const BPF_LINK_TYPE_CGROUP: u32 = 3;
+        let info = link_info(link, BPF_LINK_TYPE_CGROUP, "cgroup")?;
+        let mut cgroup_id = [0u8; 8];
+        cgroup_id.copy_from_slice(&info[16..24]);
+        Ok(u64::from_ne_bytes(cgroup_id))
+    }
+
+    /// The ifindex of the device a TCX link is attached to (0: the device is gone).
+    pub fn link_tcx_ifindex(link: std::os::fd::BorrowedFd<'_>) -> Result<u32> {
+        // union member: struct { __u32 ifindex; __u32 attach_type; } tcx;
+        const BPF_LINK_TYPE_TCX: u32 = 11;
+        let info = link_info(link, BPF_LINK_TYPE_TCX, "TCX")?;
+        Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
+    }
+
+    /// A link's `struct bpf_link_info` (`BPF_OBJ_GET_INFO_BY_FD`), checked to be of
+    /// `wanted` type: { __u32 type, id, prog_id; union { ... } } (the union at byte 16).
+    fn link_info(link: std::os::fd::BorrowedFd<'_>, wanted: u32, kind: &str) -> Result<[u8; 64]> {
         #[repr(C, align(8))]
         struct Info([u8; 64]);
         let mut info = Info([0; 64]);
@@ -1583,14 +1609,11 @@ mod bpf_sys {
         attr.0[4..8].copy_from_slice(&(info.0.len() as u32).to_ne_bytes());
         attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-        const BPF_LINK_TYPE_CGROUP: u32 = 3;
         let link_type = u32::from_ne_bytes([info.0[0], info.0[1], info.0[2], info.0[3]]);
-        if link_type != BPF_LINK_TYPE_CGROUP {
-            bail!("not a cgroup link (type {link_type})");
+        if link_type != wanted {
+            bail!("not a {kind} link (type {link_type})");
         }
-        let mut cgroup_id = [0u8; 8];
-        cgroup_id.copy_from_slice(&info.0[16..24]);
-        Ok(u64::from_ne_bytes(cgroup_id))
+        Ok(info.0)
     }
 
     /// Atomically replaces the program behind a link.

@@ -136,3 +136,40 @@ fn a_named_device_missing_at_start_gets_its_programs_when_it_appears() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A named device renamed while no agent runs, and its name taken by another device: the
+/// next agent finds the pinned link on the renamed one, and attaches the programs to the
+/// device that has the name now instead of adopting it.
+#[test]
+fn a_pinned_link_on_a_device_renamed_meanwhile_is_not_adopted() {
+    let mut h = Harness::new("renamed", &["pod-a"]);
+    add(&h);
+    h.start_agent_in_node(&["--devices", "up8"]);
+    h.wait_for_ready_starts(1);
+    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
+    let attached_to = || {
+        bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"].as_u64()
+    };
+    let first = ifindex(&h, "up8");
+    assert_eq!(attached_to(), Some(first));
+
+    h.stop_agent();
+    h.topo
+        .node
+        .ip(&["link", "set", "up8", "name", "up8x"])
+        .expect("renaming the device");
+    h.topo
+        .node
+        .ip(&["link", "add", "up8", "type", "veth", "peer", "name", "up8q"])
+        .expect("another device under the name");
+    let second = ifindex(&h, "up8");
+    assert_ne!(first, second);
+    h.start_agent_in_node(&["--devices", "up8"]);
+    h.wait_for_ready_starts(2);
+    assert_eq!(
+        attached_to(),
+        Some(second),
+        "the programs stayed on the renamed device; log:\n{}",
+        h.agent_log()
+    );
+}
