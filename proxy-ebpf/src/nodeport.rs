@@ -214,6 +214,15 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     };
     // SAFETY: copied out at once.
     let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PASS)? };
+    // A NodePort's (node address, port) is also a source the node's own connections and
+    // those masqueraded to its address may take (masquerade draws from 1024-65535): their
+    // replies come here, and the kernel's conntrack, behind these programs, takes them
+    // back. kube-proxy's rules see only a connection's first packet (NEW), never those
+    // replies; so only a TCP connection's first segment starts a flow here.
+    if pkt.proto == PROTO_TCP && frontend.flags & SVC_FLAG_NODE_PORT != 0 && !pkt.opens_connection()
+    {
+        return Ok(PASS);
+    }
     // SAFETY: copied out at once.
     let config: Option<NodeConfig> = CONFIG.get_ptr(0).map(|c| unsafe { *c });
     if frontend.count == 0 {

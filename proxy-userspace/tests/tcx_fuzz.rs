@@ -13,7 +13,9 @@
 //!   is no live entry (it never starts a flow). A first fragment is translated as a whole
 //!   packet is, and leaves its ports in the fragments map;
 //! - a translatable frame neither tracked (no conntrack entry under its key before the run)
-//!   nor to a frontend: byte-identical, `TCX_NEXT`, and no conntrack entry created;
+//!   nor to a frontend: byte-identical, `TCX_NEXT`, and no conntrack entry created; so is an
+//!   untracked TCP segment to a NodePort other than a connection's first (a SYN without
+//!   ACK): it may be a reply to a connection masqueraded to the node's address;
 //! - to a frontend without backends: byte-identical and dropped (`SVC_FLAG_DROP_EMPTY`),
 //!   byte-identical and `TCX_NEXT` (a node address: the kernel refuses it), or, on an
 //!   address the node does not own, turned into exactly the ICMP port unreachable that
@@ -193,6 +195,14 @@ fn frontends() -> Vec<(Frontend, Vec<u32>)> {
             vec![1, 2, 3],
         ),
     ]
+}
+
+/// Whether a TCP frame (IPv4 without options, as translatable ones are) is a connection's
+/// first segment: SYN without ACK.
+fn opens_connection(frame: &[u8]) -> bool {
+    frame
+        .get(14 + 20 + 13)
+        .is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 /// What a frontend without backends does with a packet (docs/decisions.md, C06/C12).
@@ -587,6 +597,7 @@ enum Seen {
     RejectedByKernel,
     NotTranslatable,
     NotOurs,
+    NotFirstSegment,
     RefusedDropped,
     RefusedPassed,
     RefusedAnswered,
@@ -604,6 +615,9 @@ impl Seen {
             Seen::RejectedByKernel => "rejected by BPF_PROG_TEST_RUN (too short)",
             Seen::NotTranslatable => "not translatable: unchanged",
             Seen::NotOurs => "no frontend, no flow: unchanged",
+            Seen::NotFirstSegment => {
+                "to a NodePort, no flow, not a connection's first segment: unchanged"
+            }
             Seen::RefusedDropped => "frontend without backends: dropped",
             Seen::RefusedPassed => "frontend without backends: passed on",
             Seen::RefusedAnswered => "frontend without backends: answered with ICMP",
@@ -804,6 +818,17 @@ impl Fuzzer {
                 None => {
                     unchanged(TCX_NEXT, "no frontend and no flow")?;
                     Some(Seen::NotOurs)
+                }
+                Some((fe, _))
+                    if tuple.proto == PROTO_TCP
+                        && fe.flags & SVC_FLAG_NODE_PORT != 0
+                        && !opens_connection(input) =>
+                {
+                    unchanged(
+                        TCX_NEXT,
+                        "a TCP segment to a NodePort other than a connection's first",
+                    )?;
+                    Some(Seen::NotFirstSegment)
                 }
                 Some((fe, backends)) if backends.is_empty() => match refusal(fe) {
                     Refusal::Pass => {
@@ -1619,6 +1644,7 @@ fn random_and_mutated_packets_change_only_service_traffic_and_keep_checksums_val
                 Seen::RejectedByKernel,
                 Seen::NotTranslatable,
                 Seen::NotOurs,
+                Seen::NotFirstSegment,
                 Seen::RefusedDropped,
                 Seen::RefusedPassed,
                 Seen::RefusedAnswered,

@@ -16,7 +16,7 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
-    TCX_NEXT, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples, ifindex,
+    TCP_SYN, TCX_NEXT, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples, ifindex,
     in_private_netns, ip, mac_of, parse_mac, segment_options, syn_options, tuple_of,
     verify_checksums, verify_icmp_checksums,
 };
@@ -141,6 +141,47 @@ fn dnat_to_a_local_backend_keeps_the_client_address_and_egress_restores_the_fron
         assert_eq!(out.verdict, TCX_NEXT);
         assert_eq!(out.packet, reply.bytes(), "ingress leaves the reply alone");
         assert_eq!(dp.ct_entries().len(), 2, "one entry per direction");
+    });
+}
+
+/// The node's own connections and those masqueraded to its address may take a NodePort's
+/// port as their source: their replies (a SYN-ACK, data, a RST) reach the NodePort with no
+/// flow of ours, and go on untouched to the kernel's conntrack, which takes them back.
+/// Only a connection's first segment, a SYN without ACK, starts a flow there.
+#[test]
+fn only_a_connections_first_segment_starts_a_flow_at_a_node_port() {
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        let server = Ipv4Addr::new(203, 0, 113, 50);
+        let syn_ack = Frame {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Frame::tcp(server, 443, NODE, NODE_PORT)
+        };
+        let data = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn_ack.clone()
+        };
+        let reset = Frame {
+            tcp_flags: TCP_RST,
+            ..syn_ack.clone()
+        };
+        for (what, frame) in [("SYN-ACK", &syn_ack), ("data", &data), ("RST", &reset)] {
+            let out = dp.ingress(&frame.bytes());
+            assert_eq!(
+                (out.verdict, out.packet),
+                (TCX_NEXT, frame.bytes()),
+                "a {what} to the NodePort without a flow"
+            );
+        }
+        assert!(dp.ct_entries().is_empty(), "{:?}", dp.ct_entries());
+        let syn = Frame::tcp(server, 443, NODE, NODE_PORT);
+        let out = dp.ingress(&syn.bytes());
+        assert_eq!(
+            tuple_of(&out.packet).2,
+            REMOTE_POD,
+            "a SYN starts a flow, to the backend"
+        );
+        assert_eq!(dp.ct_entries().len(), 2);
     });
 }
 
@@ -1529,28 +1570,27 @@ fn a_destinations_snat_ports_come_round_again_only_after_the_whole_range() {
     });
 }
 
+/// A UDP flow whose backend left goes on to a live one (kube-proxy deletes a removed
+/// endpoint's UDP conntrack entries, and the next datagram is balanced again). A TCP
+/// segment of such a flow is no connection's first: at a NodePort it goes on untouched.
 #[test]
 fn a_flow_whose_backend_left_is_balanced_again() {
     in_private_netns(|| {
-        let mut dp = datapath_with(PROTO_TCP, LOCAL_ID);
-        let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
-        assert_eq!(tuple_of(&dp.ingress(&syn.bytes()).packet).2, LOCAL_POD);
+        let mut dp = datapath_with(PROTO_UDP, LOCAL_ID);
+        let query = Frame::udp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        assert_eq!(tuple_of(&dp.ingress(&query.bytes()).packet).2, LOCAL_POD);
 
         // The agent replaces the backend (slots first, then the backend goes).
         let replacement = Ipv4Addr::new(10, 244, 1, 12);
-        dp.backend(4, replacement, POD_PORT, PROTO_TCP, BACKEND_FLAG_LOCAL);
-        dp.frontend(node_port(PROTO_TCP, 0), &[4]);
+        dp.backend(4, replacement, POD_PORT, PROTO_UDP, BACKEND_FLAG_LOCAL);
+        dp.frontend(node_port(PROTO_UDP, 0), &[4]);
         dp.remove_backend(LOCAL_ID);
 
-        let next = Frame {
-            tcp_flags: TCP_ACK,
-            ..syn.clone()
-        };
-        let out = dp.ingress(&next.bytes());
+        let out = dp.ingress(&query.bytes());
         assert_eq!(out.verdict, TCX_NEXT);
         assert_frame(
             &out.packet,
-            &next.with_tuple(CLIENT, CLIENT_PORT, replacement, POD_PORT),
+            &query.with_tuple(CLIENT, CLIENT_PORT, replacement, POD_PORT),
             "the flow moves to the live backend",
         );
     });
@@ -1838,8 +1878,10 @@ fn a_reply_tuple_held_by_a_live_flow_gives_a_newcomer_another_source_port() {
             "the second flow's replies"
         );
 
-        // The first flow's entry evicted, its reply entry left: its next packet tracks it
-        // anew under the client's own port, which its own reply entry holds.
+        // The first flow's entry evicted, its reply entry left: its next segment is no
+        // connection's first and goes on untouched (at a NodePort only a SYN starts a
+        // flow); a SYN from that port tracks it anew under the client's own port, which its
+        // own reply entry holds.
         let first = ct_key(CLIENT, CLIENT_PORT, NODE, NODE_PORT, PROTO_TCP, CT_DIR_IN);
         dp.nat_ct
             .remove(&first)
@@ -1849,6 +1891,8 @@ fn a_reply_tuple_held_by_a_live_flow_gives_a_newcomer_another_source_port() {
             ..to_node_port.clone()
         };
         let out = dp.ingress(&ack.bytes());
+        assert_eq!((out.verdict, out.packet), (TCX_NEXT, ack.bytes()));
+        let out = dp.ingress(&to_node_port.bytes());
         assert_eq!(
             tuple_of(&out.packet),
             (CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
