@@ -72,6 +72,31 @@ fn add(h: &Harness) {
         .expect("the device");
 }
 
+/// The ifindex of the device `ekp_tcx_in`'s link pinned for `up8` is on; `None` when no
+/// link is pinned.
+fn up8_link_on(h: &Harness) -> Option<u64> {
+    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
+    pin.exists()
+        .then(|| {
+            bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"]
+                .as_u64()
+        })
+        .flatten()
+}
+
+/// Waits (bounded) until `ekp_tcx_in`'s link for `up8` is on the device of `ifindex`.
+fn wait_until_up8_served(h: &Harness, ifindex: u64) {
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while up8_link_on(h) != Some(ifindex) {
+        assert!(
+            Instant::now() < deadline,
+            "up8 (ifindex {ifindex}) never got ekp_tcx_in; log:\n{}",
+            h.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The kernel detaches a device's TCX links when the device is deleted; a named device
 /// created again under its name gets the programs again, without a restart.
 #[test]
@@ -80,27 +105,14 @@ fn a_named_device_created_again_gets_its_programs_again() {
     add(&h);
     h.start_agent_in_node(&["--devices", "up8"]);
     h.wait_for_ready_starts(1);
-    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
-    let attached_to = || {
-        bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"].as_u64()
-    };
-    assert_eq!(attached_to(), Some(ifindex(&h, "up8")));
+    assert_eq!(up8_link_on(&h), Some(ifindex(&h, "up8")));
 
     h.topo
         .node
         .ip(&["link", "del", "up8"])
         .expect("deleting the device");
     add(&h);
-    let recreated = ifindex(&h, "up8");
-    let deadline = Instant::now() + CONDITION_LIMIT;
-    while attached_to() != Some(recreated) {
-        assert!(
-            Instant::now() < deadline,
-            "the recreated up8 (ifindex {recreated}) never got ekp_tcx_in back; log:\n{}",
-            h.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_up8_served(&h, ifindex(&h, "up8"));
 }
 
 /// A named device that does not exist when the agent starts (created later at boot) does
@@ -111,30 +123,13 @@ fn a_named_device_missing_at_start_gets_its_programs_when_it_appears() {
     let mut h = Harness::new("latedev", &["pod-a"]);
     h.start_agent_in_node(&["--devices", "up8"]);
     h.wait_for_ready_starts(1);
-    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
-    assert!(
-        !pin.exists(),
+    assert_eq!(
+        up8_link_on(&h),
+        None,
         "a link pinned for a device that is not there"
     );
     add(&h);
-    let created = ifindex(&h, "up8");
-    let attached_to = || {
-        pin.exists()
-            .then(|| {
-                bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"]
-                    .as_u64()
-            })
-            .flatten()
-    };
-    let deadline = Instant::now() + CONDITION_LIMIT;
-    while attached_to() != Some(created) {
-        assert!(
-            Instant::now() < deadline,
-            "up8 (ifindex {created}) never got ekp_tcx_in; log:\n{}",
-            h.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_up8_served(&h, ifindex(&h, "up8"));
 }
 
 /// A named device renamed while no agent runs, and its name taken by another device: the
@@ -146,12 +141,8 @@ fn a_pinned_link_on_a_device_renamed_meanwhile_is_not_adopted() {
     add(&h);
     h.start_agent_in_node(&["--devices", "up8"]);
     h.wait_for_ready_starts(1);
-    let pin = h.pin_path.join("links").join("ekp_tcx_in@up8");
-    let attached_to = || {
-        bpftool_json(&["link", "show", "pinned", pin.to_str().expect("utf-8")])["ifindex"].as_u64()
-    };
     let first = ifindex(&h, "up8");
-    assert_eq!(attached_to(), Some(first));
+    assert_eq!(up8_link_on(&h), Some(first));
 
     h.stop_agent();
     h.topo
@@ -167,7 +158,7 @@ fn a_pinned_link_on_a_device_renamed_meanwhile_is_not_adopted() {
     h.start_agent_in_node(&["--devices", "up8"]);
     h.wait_for_ready_starts(2);
     assert_eq!(
-        attached_to(),
+        up8_link_on(&h),
         Some(second),
         "the programs stayed on the renamed device; log:\n{}",
         h.agent_log()
