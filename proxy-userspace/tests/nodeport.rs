@@ -1082,10 +1082,11 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
 /// The north-south prefilter (`ekp_nsfilt_v1`): `ekp_tcx_in` passes at once a packet
 /// whose destination has no bit in it, `ekp_tcx_out` one whose source has none, so every
 /// external-scope frontend and every local backend must have its bit before it can be
-/// reached: after the first sync (which arms the filter), for a frontend added later, and
-/// after a restart that finds bits missing from the pinned filter (an older agent's writes,
-/// which knew no filter): its first sync sets the bits of all that is programmed. Each time
-/// the filter is compared with what `list` shows, and the NodePorts must answer.
+/// reached: after the first sync (which arms the filter), for a frontend added later over a
+/// local backend new to the filter, and after a restart that finds bits missing from the
+/// pinned filter (an older agent's writes, which knew no filter) and a stale one: its first
+/// sync sets the bits of all that is programmed, and no others. Each time the filter is
+/// compared with what `list` shows, and the NodePorts must answer.
 #[test]
 fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     let mut cluster = Cluster::new("nsfilter");
