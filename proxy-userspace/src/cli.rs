@@ -417,9 +417,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
                 pod_devices: args.pod_devices.clone(),
             };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+            run::runtime()
                 .context("starting the async runtime")?
                 .block_on(run::run(config))
         }

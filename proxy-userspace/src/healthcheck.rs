@@ -87,8 +87,8 @@ impl Server {
 
     /// Listens on `addresses` from now on: binds those it lacks (all or none), then stops
     /// those no longer wanted. A listener it keeps is not bound again: a stopped one closes
-    /// its socket only once its task runs, after this sync, so binding its address anew
-    /// here would find it still in use.
+    /// its socket only when its task next runs, maybe after this sync, so binding its
+    /// address anew here could find it still in use.
     fn move_to(&mut self, addresses: &[Ipv4Addr]) -> Result<()> {
         let new = addresses
             .iter()

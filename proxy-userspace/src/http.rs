@@ -101,13 +101,14 @@ const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Called with the error of every failed bind (the first included).
 pub type BindFailed = Box<dyn Fn(&str) + Send + 'static>;
 
+/// Serves `/healthz` and `/livez` on `addr` (see [`serve`]).
 pub async fn serve_health(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     on_failure: OnBindFailure,
     failed: BindFailed,
-) -> Result<()> {
+) -> Result<Option<SocketAddr>> {
     serve(
         addr,
         health_router(health, metrics),
@@ -126,12 +127,13 @@ fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
         .with_state(AppState { health, metrics })
 }
 
+/// Serves `/metrics` and its neighbours on `addr` (see [`serve`]).
 pub async fn serve_metrics(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     on_failure: OnBindFailure,
-) -> Result<()> {
+) -> Result<Option<SocketAddr>> {
     let app = metrics_router(health, metrics);
     serve(addr, app, "metrics", on_failure, Box::new(|_| {})).await
 }
@@ -153,19 +155,21 @@ fn metrics_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
         .with_state(AppState { health, metrics })
 }
 
-/// Binds `addr` now (port 0 is resolved and logged), then serves in the background. A taken
-/// port is handled as `on_failure` says.
+/// Binds `addr` now (port 0 is resolved and logged), then serves in the background; the
+/// address bound, `None` while a taken port is tried again. A taken port is handled as
+/// `on_failure` says.
 async fn serve(
     addr: SocketAddr,
     app: Router,
     what: &'static str,
     on_failure: OnBindFailure,
     failed: BindFailed,
-) -> Result<()> {
+) -> Result<Option<SocketAddr>> {
     let error = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
+            let bound = listener.local_addr().ok();
             tokio::spawn(serve_on(listener, app, what));
-            return Ok(());
+            return Ok(bound);
         }
         Err(e) if on_failure == OnBindFailure::Exit => {
             return Err(e).with_context(|| format!("binding the {what} server to {addr}"));
@@ -194,7 +198,7 @@ async fn serve(
             }
         }
     });
-    Ok(())
+    Ok(None)
 }
 
 async fn serve_on(listener: tokio::net::TcpListener, app: Router, what: &'static str) {
@@ -491,5 +495,49 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_564_800 + 3_723);
         assert_eq!(rfc3339(Some(t)), "2026-11-25T01:02:03Z");
         assert_eq!(rfc3339(None), "0001-01-01T00:00:00Z");
+    }
+
+    /// A sync does not yield to the runtime until it is done. On the agent's runtime the
+    /// health server answers meanwhile: this test blocks the `block_on` thread the way a
+    /// sync does until a client on another thread has its answer. On a runtime whose tasks
+    /// share that thread, the answer never comes.
+    #[test]
+    fn the_health_server_answers_while_a_sync_holds_the_run_loop() {
+        use std::io::{Read, Write};
+        let runtime = crate::run::runtime().expect("the agent's runtime");
+        let (health, metrics) = state();
+        runtime.block_on(async {
+            let addr = serve_health(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                health,
+                metrics,
+                OnBindFailure::Exit,
+                Box::new(|_| {}),
+            )
+            .await
+            .expect("serving healthz")
+            .expect("a bound address");
+            let (answered, answer) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let ask = || -> std::io::Result<String> {
+                    let mut stream = std::net::TcpStream::connect(addr)?;
+                    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                    stream.write_all(
+                        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    )?;
+                    let mut text = String::new();
+                    stream.read_to_string(&mut text)?;
+                    Ok(text)
+                };
+                let _ = answered.send(ask());
+            });
+            // Blocks this thread without yielding, as `sync_once` does.
+            let text = answer
+                .recv_timeout(Duration::from_secs(30))
+                .expect("no answer from /healthz in 30 s while the run loop's thread was busy")
+                .expect("asking /healthz");
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            assert!(text.contains("\"nodeEligible\": true"), "{text}");
+        });
     }
 }
