@@ -36,8 +36,10 @@
 //! - The cluster IPs are `spec.clusterIPs` if set, else `spec.clusterIP` (hand-written
 //!   manifests may carry either); the first IPv4 one is served, since a Service has one cluster
 //!   IP per family. A Service is headless when its primary cluster IP is `None` or empty.
-//! - An address listed in several slices is categorized per copy and then de-duplicated, so it
-//!   is a backend if any copy is usable. (kube-proxy keeps an arbitrary copy.)
+//! - An address listed twice for a service port (in one slice or in several) is one endpoint:
+//!   a copy that is not terminating wins over one that is, as in kube-proxy; between copies
+//!   alike in that, where kube-proxy's choice is undefined, the more usable one (see
+//!   `one_copy_each`).
 //! - Two Services with the same namespace and name (only possible in manifests, e.g. one
 //!   without `namespace` and one in `default`) are taken in the order of their content, so
 //!   that the result never depends on the order of the input.
@@ -327,7 +329,8 @@ struct Endpoint {
 }
 
 /// One kind of topology hint of an endpoint, seen from this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Ordered only so that copies of an endpoint are chosen from the same way every time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Hint {
     /// The endpoint carries no hint of this kind.
     Absent,
@@ -919,11 +922,12 @@ impl Views {
     /// The views of the endpoints on the slice ports with this service port's name and
     /// protocol.
     fn of(endpoints: &[PortEndpoint], port_name: &str, proto: Protocol) -> Self {
-        let candidates: Vec<Endpoint> = endpoints
-            .iter()
-            .filter(|e| e.port_name == port_name && e.proto == proto)
-            .map(|e| e.endpoint)
-            .collect();
+        let candidates = one_copy_each(
+            endpoints
+                .iter()
+                .filter(|e| e.port_name == port_name && e.proto == proto)
+                .map(|e| e.endpoint),
+        );
         let usable_anywhere = candidates
             .iter()
             .any(|e| e.ready || (e.serving && e.terminating));
@@ -967,6 +971,39 @@ impl Views {
             .copied()
             .collect()
     }
+}
+
+/// One copy of each address and port, as kube-proxy's `EndpointSliceCache` keeps one. An
+/// address is listed twice while the EndpointSlice controller moves it from one slice to
+/// another, or when the pod network has given a terminating pod's address to a new pod
+/// before the old Pod object is gone. A copy that is not terminating wins over one that is
+/// (the new pod, not the old one: kube-proxy since kubernetes#135593). Between copies alike
+/// in that, kube-proxy's choice is undefined; here the more usable one wins, whatever the
+/// order of the slices.
+fn one_copy_each(endpoints: impl Iterator<Item = Endpoint>) -> Vec<Endpoint> {
+    let preference = |e: &Endpoint| {
+        (
+            !e.terminating,
+            e.ready,
+            e.serving,
+            e.local,
+            e.on_node,
+            e.zone_hint,
+            e.node_hint,
+        )
+    };
+    let mut chosen: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    for endpoint in endpoints {
+        chosen
+            .entry((endpoint.addr, endpoint.port))
+            .and_modify(|kept| {
+                if preference(&endpoint) > preference(kept) {
+                    *kept = endpoint;
+                }
+            })
+            .or_insert(endpoint);
+    }
+    chosen.into_values().collect()
 }
 
 fn backend_list(endpoints: Vec<&Endpoint>, proto: Protocol) -> Vec<BackendAddr> {
@@ -1950,6 +1987,48 @@ mod tests {
         assert_eq!(
             clean(&[web()], &endpoints),
             ["int 10.96.0.10:80/TCP -> 10.0.0.1:80/TCP"]
+        );
+    }
+
+    /// The pod network gave a terminating pod's address to a new pod that is not ready
+    /// yet (kubernetes#135266): the address is the new pod's, so the old pod's serving
+    /// copy must not make it a backend. kube-proxy keeps the copy that is not terminating.
+    #[test]
+    fn an_address_reused_while_its_old_pod_terminates_is_the_new_pods() {
+        let endpoints = [
+            slice("default", "web-1", "web")
+                .port("http", 80, "TCP")
+                .serving_terminating("10.0.0.5"),
+            slice("default", "web-2", "web")
+                .port("http", 80, "TCP")
+                .not_ready("10.0.0.5"),
+        ];
+        assert_eq!(
+            clean(&[web()], &endpoints),
+            ["int 10.96.0.10:80/TCP -> (refuse)"]
+        );
+        // The order of the slices does not matter.
+        let reversed = [endpoints[1].clone(), endpoints[0].clone()];
+        assert_eq!(
+            clean(&[web()], &reversed),
+            ["int 10.96.0.10:80/TCP -> (refuse)"]
+        );
+    }
+
+    /// The same with `internalTrafficPolicy: Local`: the old pod was on this node, the new
+    /// one is ready on another, so this node has no local endpoint (a DROP).
+    #[test]
+    fn a_reused_address_is_not_local_because_its_old_pod_was() {
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .serving_terminating("10.0.0.5")
+            .on("n1")
+            .ready("10.0.0.5")
+            .on("n2");
+        let local = web().internal_traffic_policy("Local");
+        assert_eq!(
+            clean(&[local], &[endpoints]),
+            ["int 10.96.0.10:80/TCP -> (drop)"]
         );
     }
 
