@@ -157,6 +157,10 @@ impl Cache {
     /// Brings the parsed files and their merge up to date with `dir`. Returns the keys of
     /// the objects that changed since the last read (`None`: unknown), and what could not
     /// be read.
+    ///
+    /// A directory that cannot be read changes nothing: what was read last stays (as a
+    /// failed list leaves kube-proxy's caches alone), so that a directory swapped for a
+    /// new one, or a moment without file descriptors, does not take every Service away.
     fn read(&mut self, dir: &Path) -> (Option<BTreeSet<Key>>, Vec<Skipped>) {
         let mut skipped = Vec::new();
         let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
@@ -167,9 +171,16 @@ impl Cache {
             Err(e) => {
                 skipped.push(Skipped {
                     object: format!("directory {}", dir.display()),
-                    reason: format!("cannot be read: {e}"),
+                    reason: format!("cannot be read: {e}; what was read last is kept"),
                 });
-                Vec::new()
+                let Some(merged) = &self.merged else {
+                    // Nothing read yet: there is nothing to keep.
+                    self.merged = Some(self.merge(&[]));
+                    return (None, skipped);
+                };
+                skipped.extend(self.files.values().flat_map(|(_, c)| c.skipped.clone()));
+                skipped.extend(merged.duplicates.iter().cloned());
+                return (Some(BTreeSet::new()), skipped);
             }
         };
         files.sort();
@@ -259,8 +270,17 @@ impl Cache {
         {
             self.parses += 1;
         }
-        let old = std::mem::replace(entry, (stamp, parse_file(file)));
-        Some(old.1)
+        match parse_file(file) {
+            Ok(contents) => Some(std::mem::replace(entry, (stamp, contents)).1),
+            // Listed but not readable (removed meanwhile, or its permissions changing):
+            // its objects as last read stay until it reads again or is gone from the
+            // directory, reported meanwhile; the unknown stamp has it read again next time.
+            Err(error) => {
+                entry.0 = FileStamp::unknown();
+                entry.1.skipped = vec![error];
+                None
+            }
+        }
     }
 }
 
@@ -345,18 +365,21 @@ impl FileStamp {
     }
 }
 
-/// Parses one manifest file.
-fn parse_file(file: &Path) -> FileContents {
+/// Parses one manifest file; `Err`: it cannot be read at all (a file read whole whose
+/// bytes are not UTF-8 can: its content is the problem, as with a YAML syntax error).
+fn parse_file(file: &Path) -> Result<FileContents, Skipped> {
     let mut contents = FileContents::default();
+    let unreadable = |e: std::io::Error| Skipped {
+        object: format!("file {}", file.display()),
+        reason: format!("cannot be read: {e}"),
+    };
     let text = match fs::read_to_string(file) {
-        Ok(t) => t,
-        Err(e) => {
-            contents.skipped.push(Skipped {
-                object: format!("file {}", file.display()),
-                reason: format!("cannot be read: {e}"),
-            });
-            return contents;
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            contents.skipped.push(unreadable(e));
+            return Ok(contents);
         }
+        Err(e) => return Err(unreadable(e)),
     };
     let name = file.display().to_string();
     let origin = format!("{name} document 1");
@@ -364,7 +387,7 @@ fn parse_file(file: &Path) -> FileContents {
         && let Some(objects) = json_objects(&text, &origin)
     {
         contents.objects = objects;
-        return contents;
+        return Ok(contents);
     }
     for (index, doc) in parse_documents(&text, &name, &mut contents.skipped) {
         let origin = format!("{name} document {}", index + 1);
@@ -372,7 +395,7 @@ fn parse_file(file: &Path) -> FileContents {
             contents.objects.push((object, origin.clone()));
         }
     }
-    contents
+    Ok(contents)
 }
 
 /// A JSON file whose objects all read cleanly (one object or a `kind: List` of them).
@@ -899,6 +922,58 @@ endpoints:
             keys(&changed.expect("patched")),
             vec![(("default".into(), "web-abc".into()), false)]
         );
+    }
+
+    /// A directory swapped for a new one (`mv`, as deploy tools do it), or read while it
+    /// cannot be, changes nothing: the Services stay until it reads again.
+    #[test]
+    fn a_directory_that_cannot_be_read_keeps_what_was_read_last() {
+        let parent = tempdir::TempDir::new();
+        let dir = parent.path().join("manifests");
+        fs::create_dir(&dir).expect("create the manifests directory");
+        fs::write(dir.join("a.yaml"), SERVICE).expect("write");
+        fs::write(dir.join("b.yaml"), SLICE).expect("write");
+        let mut cache = Cache::default();
+        assert!(cache.delta(&dir, "node").is_none());
+
+        let away = parent.path().join("away");
+        fs::rename(&dir, &away).expect("move the directory away");
+        let delta = cache.delta(&dir, "node").expect("nothing changed");
+        assert!(delta.services.is_empty(), "{:?}", delta.services);
+        assert!(delta.slices.is_empty(), "{:?}", delta.slices);
+        assert_eq!(delta.skipped.len(), 1, "{:?}", delta.skipped);
+        assert!(delta.skipped[0].object.starts_with("directory "));
+        let (objects, _) = cache.load(&dir);
+        assert_eq!((objects.services.len(), objects.slices.len()), (1, 1));
+
+        fs::rename(&away, &dir).expect("move it back");
+        let delta = cache.delta(&dir, "node").expect("patched");
+        assert!(delta.services.is_empty() && delta.slices.is_empty());
+        assert!(delta.skipped.is_empty(), "{:?}", delta.skipped);
+    }
+
+    /// A file listed but then not readable (removed in between, out of descriptors) keeps
+    /// its objects as last read, reported, until it is gone from the listing. Reading it
+    /// is called here as `read` calls it after a listing, which no test can time.
+    #[test]
+    fn a_listed_file_that_cannot_be_read_keeps_its_objects_until_it_is_gone() {
+        let dir = dir_with(&[("a.yaml", SERVICE), ("b.yaml", SLICE)]);
+        let mut cache = Cache::default();
+        let (objects, skipped) = cache.load(dir.path());
+        assert_eq!((objects.services.len(), skipped.len()), (1, 0));
+
+        let file = dir.path().join("a.yaml");
+        fs::remove_file(&file).expect("remove");
+        assert!(cache.refresh(&file).is_none(), "its objects did not change");
+        let (_, contents) = &cache.files[&file];
+        assert_eq!(contents.objects.len(), 1);
+        assert_eq!(contents.skipped.len(), 1, "{:?}", contents.skipped);
+        assert!(contents.skipped[0].reason.starts_with("cannot be read"));
+
+        // The next listing no longer has it: its objects go.
+        let (objects, skipped) = cache.load(dir.path());
+        assert_eq!((objects.services.len(), objects.slices.len()), (0, 1));
+        assert!(skipped.is_empty(), "{skipped:?}");
     }
 
     #[test]
