@@ -174,7 +174,7 @@ struct RunArgs {
 
     /// Everything is read, translated and diffed again at least this often, whether changes
     /// come or not (kube-proxy's --sync-period).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_sync_period)]
     sync_period: Duration,
 
     /// How often the north-south conntrack entries of ended or expired flows are deleted
@@ -312,6 +312,16 @@ impl BpfLogLevel {
             BpfLogLevel::Error => "error",
             BpfLogLevel::Debug => "debug",
         }
+    }
+}
+
+/// `--sync-period`: more than 0, as kube-proxy validates it. A full sync queued again as
+/// soon as one ends would keep the agent busy, and its health timeout (twice the period)
+/// would be 0.
+fn parse_sync_period(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be greater than 0".into()),
+        period => Ok(period),
     }
 }
 
@@ -536,6 +546,9 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("1h").is_err());
         assert!(parse_duration("s").is_err());
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_sync_period("0s").is_err());
+        assert_eq!(parse_sync_period("1m"), Ok(Duration::from_secs(60)));
     }
 
     #[test]

@@ -1376,6 +1376,30 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         },
     );
 
+    // kubeadm's ConfigMap says `syncPeriod: 0s`, which kube-proxy reads as its default.
+    let set = "zero-sync-periods";
+    let args = [
+        REQUIRED,
+        &[
+            "--set",
+            "config.minSyncPeriod=0ms",
+            "--set",
+            "config.syncPeriod=0s",
+        ],
+    ]
+    .concat();
+    let r = chart.render_set(&mut checks, set, &args);
+    with(
+        &mut checks,
+        "zero-sync-periods: 0 leaves both periods at the agent's defaults, as kube-proxy's configuration does",
+        &r,
+        |r| {
+            let args = r.args()?;
+            let given: Vec<&String> = args.iter().filter(|a| a.contains("sync-period")).collect();
+            expect_eq("sync period flags", given, Vec::new())
+        },
+    );
+
     // --- 5. log level, health port and address, metrics off -----------------------------
     let set = "logging-and-health";
     let args = [

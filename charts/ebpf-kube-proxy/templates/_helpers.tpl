@@ -90,8 +90,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}
 - "--metrics-bind-address="
 {{- end }}
+{{- /* 0 means the default, as in kube-proxy's configuration (kubeadm writes 0s). */}}
+{{- if not (regexMatch "^0+(ms|s|m)?$" (toString $c.minSyncPeriod)) }}
 - {{ printf "--min-sync-period=%s" $c.minSyncPeriod | quote }}
+{{- end }}
+{{- if not (regexMatch "^0+(ms|s|m)?$" (toString $c.syncPeriod)) }}
 - {{ printf "--sync-period=%s" $c.syncPeriod | quote }}
+{{- end }}
 {{- /* Flags other issues add to the agent: passed only when set. */}}
 {{- range $key, $flag := dict "services" "--map-size-services" "backends" "--map-size-backends" "revNat" "--map-size-rev-nat" "sockRevNat" "--map-size-sock-rev-nat" "affinity" "--map-size-affinity" "natCt" "--map-size-nat-ct" "sourceRanges" "--map-size-source-ranges" }}
 {{- $size := index $c.mapSizes $key }}
