@@ -1192,7 +1192,8 @@ fn attach_tc(
                     hook,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .with_context(|| format!("attaching {name} to device {device} (TCX)"))?;
+                .with_context(|| format!("attaching {name} to device {device} (TCX)"))
+                .map_err(explain_tcx)?;
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(&link_pin)
                 .with_context(|| format!("pinning link {}", link_pin.display()))?;
@@ -1200,6 +1201,19 @@ fn attach_tc(
         }
     }
     Ok(())
+}
+
+/// Adds to a failed TCX attach what a kernel before 6.6 lacks (the `tcx` link) and what
+/// serves without it.
+fn explain_tcx(error: anyhow::Error) -> anyhow::Error {
+    const TCX: aya::util::KernelVersion = aya::util::KernelVersion::new(6, 6, 0);
+    match aya::util::KernelVersion::current() {
+        Ok(kernel) if kernel < TCX => error.context(format!(
+            "the north-south programs attach as TCX links, which Linux has since 6.6; this \
+             kernel is {kernel}. `--devices=` (empty) serves ClusterIPs only, without them"
+        )),
+        _ => error,
+    }
 }
 
 /// Unpins (and so detaches) the links of `programs` on devices not in `devices`: the

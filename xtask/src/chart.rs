@@ -1533,6 +1533,22 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 validate(&raw, &docs)
             },
         );
+        // Pods of these DaemonSets on nodes the chart leaves out would stay Pending, and
+        // the rollout the README waits for would never finish.
+        checks.check(
+            &format!("extras/{name}: left out of the nodes the chart leaves out"),
+            || {
+                let raw = fs::read_to_string(chart.dir.join("extras").join(name))?;
+                let docs = parse_stream(&raw)?;
+                let extra = docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .context("no DaemonSet")?;
+                let chart = chart.render(REQUIRED)?;
+                let affinity = |d: &Value| d["spec"]["template"]["spec"]["affinity"].clone();
+                expect_eq("affinity", affinity(extra), affinity(chart.daemonset()?))
+            },
+        );
     }
 
     Ok(checks)
