@@ -35,7 +35,8 @@ use proxy_common::{
     LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN, LOG_HOOK_TCX_IN,
     LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue, NodeConfig, PROTO_TCP,
     SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey, log_endpoint,
+    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    log_endpoint,
 };
 
 use crate::fib::{self, Route};
@@ -214,12 +215,15 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
     };
     // SAFETY: copied out at once.
     let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PASS)? };
-    // A NodePort's (node address, port) is also a source the node's own connections and
-    // those masqueraded to its address may take (masquerade draws from 1024-65535): their
-    // replies come here, and the kernel's conntrack, behind these programs, takes them
-    // back. kube-proxy's rules see only a connection's first packet (NEW), never those
-    // replies; so only a TCP connection's first segment starts a flow here.
-    if pkt.proto == PROTO_TCP && frontend.flags & SVC_FLAG_NODE_PORT != 0 && !pkt.opens_connection()
+    // A NodePort's (node address, port), or an externalIP's or LB IP's that is a node
+    // address, is also a source the node's own connections and those masqueraded to its
+    // address may take (masquerade draws from 1024-65535): their replies come here, and the
+    // kernel's conntrack, behind these programs, takes them back. kube-proxy's rules see
+    // only a connection's first packet (NEW), never those replies; so only a TCP
+    // connection's first segment starts a flow here.
+    if pkt.proto == PROTO_TCP
+        && frontend.flags & (SVC_FLAG_NODE_PORT | SVC_FLAG_NODE_ADDRESS) != 0
+        && !pkt.opens_connection()
     {
         return Ok(PASS);
     }

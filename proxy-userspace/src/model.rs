@@ -214,6 +214,8 @@ pub struct Frontend {
     /// `loadBalancerSourceRanges` of an external-scope LB IP frontend, sorted and
     /// de-duplicated: new flows from other clients are dropped (C22). Empty: no filter.
     pub source_ranges: Vec<SourceRange>,
+    /// The address is one of the node's own (`SVC_FLAG_NODE_ADDRESS`).
+    pub at_node_address: bool,
 }
 
 impl Frontend {

@@ -1245,6 +1245,7 @@ mod tests {
             affinity_timeout: None,
             affinity_group: None,
             source_ranges: Vec::new(),
+            at_node_address: false,
         }
     }
 

@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::Key;
 use proxy_common::{
     BackendValue, MAP_BACKENDS, MAP_REV_NAT, MAP_SERVICES, RevNatValue, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_ADDRESS, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 
 use crate::abi;
@@ -919,6 +920,9 @@ fn slot0_settings(frontend: &Frontend) -> (u16, u32) {
     if !frontend.source_ranges.is_empty() {
         flags |= SVC_FLAG_SOURCE_RANGES;
     }
+    if frontend.at_node_address {
+        flags |= SVC_FLAG_NODE_ADDRESS;
+    }
     (flags, frontend.affinity_timeout.unwrap_or(0))
 }
 
@@ -1239,7 +1243,9 @@ mod tests {
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
 
-    use proxy_common::{BackendValue, RevNatValue, SVC_FLAG_CLUSTER_IP, ServiceKey};
+    use proxy_common::{
+        BackendValue, RevNatValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, ServiceKey,
+    };
 
     use super::*;
     use crate::model::{Frontend, FrontendKind, Protocol, Scope, ServicePortName};
@@ -1285,6 +1291,7 @@ mod tests {
             affinity_timeout: None,
             affinity_group: None,
             source_ranges: Vec::new(),
+            at_node_address: false,
         }
     }
 
@@ -2019,6 +2026,15 @@ mod tests {
         assert_eq!(
             slot0_settings(&served),
             (SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY, 10800)
+        );
+        let at_node = Frontend {
+            kind: FrontendKind::ExternalIp,
+            at_node_address: true,
+            ..frontend(1, &[2])
+        };
+        assert_eq!(
+            slot0_settings(&at_node),
+            (SVC_FLAG_EXTERNAL_IP | SVC_FLAG_NODE_ADDRESS, 0)
         );
     }
 

@@ -778,6 +778,7 @@ fn add_service(
                 scope: Scope::Internal,
             }),
             source_ranges: Vec::new(),
+            at_node_address: node.own_addresses.contains(&addr),
         };
 
         let cluster_ip_frontend = frontend(
@@ -1727,6 +1728,7 @@ mod tests {
             affinity_timeout: None,
             affinity_group: None,
             source_ranges: Vec::new(),
+            at_node_address: false,
         };
         assert_eq!(t.state.frontends, BTreeMap::from([(key, want)]));
         assert!(t.skipped.is_empty());
@@ -2504,6 +2506,46 @@ mod tests {
             .external_ips(&["198.51.100.10"])
             .ingress("203.0.113.10", "")
             .external_traffic_policy(external_traffic_policy)
+    }
+
+    /// An externalIP or LB IP that is one of the node's addresses is marked so (its port
+    /// is also a source of the node's connections); a NodePort always is one.
+    #[test]
+    fn frontends_at_the_nodes_own_addresses_are_marked() {
+        let service = svc("default", "web")
+            .type_("LoadBalancer")
+            .cluster_ip("10.96.0.10")
+            .port("http", 80, "TCP")
+            .node_port(30080)
+            .external_ips(&["192.0.2.1", "198.51.100.10"])
+            .ingress("192.0.2.1", "")
+            .ingress("203.0.113.10", "");
+        let endpoints = slice("default", "web-1", "web")
+            .port("http", 80, "TCP")
+            .ready("10.0.0.1");
+        let t = translate(&[service], &[endpoints], &n1());
+        let mut marked: Vec<String> = t
+            .state
+            .frontends
+            .values()
+            .filter(|f| f.key.scope == Scope::External)
+            .map(|f| {
+                format!(
+                    "{} {}:{} {}",
+                    f.kind, f.key.addr, f.key.port, f.at_node_address
+                )
+            })
+            .collect();
+        marked.sort();
+        assert_eq!(
+            marked,
+            [
+                "ExternalIP 192.0.2.1:80 true",
+                "ExternalIP 198.51.100.10:80 false",
+                "LoadBalancer 203.0.113.10:80 false",
+                "NodePort 192.0.2.1:30080 true",
+            ]
+        );
     }
 
     fn only(scope: &str, rows: Vec<String>) -> Vec<String> {

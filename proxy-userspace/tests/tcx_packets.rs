@@ -26,8 +26,8 @@ use proxy_common::{
     CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
     MAP_NS_FILTER, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NsFilter, PROTO_TCP,
     PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SnatTimeWait,
-    TIME_WAIT_FLAG_TIMESTAMP,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SnatTimeWait, TIME_WAIT_FLAG_TIMESTAMP,
 };
 
 /// This node's address: NodePorts are served on it, remote backends see it as source.
@@ -182,6 +182,56 @@ fn only_a_connections_first_segment_starts_a_flow_at_a_node_port() {
             "a SYN starts a flow, to the backend"
         );
         assert_eq!(dp.ct_entries().len(), 2);
+    });
+}
+
+/// An externalIP or LoadBalancer IP that is one of the node's addresses is as much a source
+/// of the node's connections as a NodePort: replies to them pass, a SYN starts a flow.
+/// One the node does not carry keeps picking a flow up mid-stream.
+#[test]
+fn only_a_connections_first_segment_starts_a_flow_at_a_node_address() {
+    in_private_netns(|| {
+        let server = Ipv4Addr::new(203, 0, 113, 50);
+        for kind in [SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER] {
+            for (addr, flags) in [(NODE, kind | SVC_FLAG_NODE_ADDRESS), (EXTERNAL_IP, kind)] {
+                let mut dp = Datapath::load();
+                dp.backend(REMOTE_ID, REMOTE_POD, POD_PORT, PROTO_TCP, 0);
+                let frontend = Frontend {
+                    addr,
+                    port: 50051,
+                    proto: PROTO_TCP,
+                    rev_nat_id: 7,
+                    flags,
+                    affinity_timeout: 0,
+                    affinity_id: 0,
+                };
+                dp.frontend(frontend, &[REMOTE_ID]);
+                dp.snat(NODE, 61000, 65535);
+                let syn_ack = Frame {
+                    tcp_flags: TCP_SYN | TCP_ACK,
+                    ..Frame::tcp(server, 443, addr, 50051)
+                };
+                let out = dp.ingress(&syn_ack.bytes());
+                if addr == NODE {
+                    assert_eq!(
+                        (out.verdict, out.packet),
+                        (TCX_NEXT, syn_ack.bytes()),
+                        "a SYN-ACK to the node's address, flags {flags:#x}"
+                    );
+                    assert!(dp.ct_entries().is_empty(), "{:?}", dp.ct_entries());
+                    let syn = Frame::tcp(server, 443, addr, 50051);
+                    let out = dp.ingress(&syn.bytes());
+                    assert_eq!(tuple_of(&out.packet).2, REMOTE_POD, "a SYN starts a flow");
+                } else {
+                    assert_eq!(
+                        tuple_of(&out.packet).2,
+                        REMOTE_POD,
+                        "mid-stream at an address no node carries, flags {flags:#x}"
+                    );
+                }
+                assert_eq!(dp.ct_entries().len(), 2);
+            }
+        }
     });
 }
 

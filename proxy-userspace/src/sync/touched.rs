@@ -401,6 +401,7 @@ mod tests {
             lingering: lingering.into_iter().collect(),
             affinity_timeout: affinity.then_some(60),
             affinity_group: affinity.then_some(key),
+            at_node_address: false,
         }
     }
 
