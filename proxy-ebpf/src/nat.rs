@@ -159,8 +159,19 @@ fn restamp(entry: *mut NatCtValue, held: &NatCtValue, now: u32) -> bool {
 /// both FINs: one FIN is a half-close, the other side may still send). At most once a
 /// second per flow (or when a flag changes) the partner entry is refreshed too — and
 /// recreated if the LRU evicted it — so that both directions expire together.
+///
+/// False when another flow holds the partner's key: this flow's partner went (evicted,
+/// or the client reopened from its port) and a new flow took its tuple. This flow is then
+/// over: its entry is deleted, and its packets must not be translated into the other one
+/// (Linux's conntrack cannot hold two flows with one tuple either).
 #[inline(always)]
-pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Packet, now: u32) {
+pub fn touch(
+    key: &NatCtKey,
+    entry: *mut NatCtValue,
+    seen: &NatCtValue,
+    pkt: &Packet,
+    now: u32,
+) -> bool {
     let from_backend = seen.flags & CT_FLAG_REPLY != 0;
     let mut add = 0;
     if from_backend {
@@ -181,7 +192,7 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
     }
     let flags = seen.flags | add;
     if seen.last_seen == now && flags == seen.flags {
-        return;
+        return true;
     }
     // SAFETY: a map value pointer, valid for this program run; racing writers store the
     // same kind of refresh, and add their flags atomically.
@@ -190,27 +201,40 @@ pub fn touch(key: &NatCtKey, entry: *mut NatCtValue, seen: &NatCtValue, pkt: &Pa
     let mut updated = *seen;
     updated.last_seen = now;
     updated.flags = flags;
-    let partner_key = pair_key(key, &updated);
-    let expected = pair_value(key, &updated);
+    refresh_partner(key, &updated, add, now)
+}
+
+/// `touch`'s refresh of the partner entry of the flow whose entry under `key` is now
+/// `updated`; false when a stranger holds the partner's key (our entry is then deleted).
+/// A BPF subprogram: inlined into `ekp_tcx_in`, it grew that program's stack past what its
+/// deepest call chain may have.
+#[inline(never)]
+fn refresh_partner(key: &NatCtKey, updated: &NatCtValue, add: u16, now: u32) -> bool {
+    let partner_key = pair_key(key, updated);
+    let expected = pair_value(key, updated);
     match NAT_CT.get_ptr_mut(&partner_key) {
         Some(partner) => {
-            // SAFETY: as above.
+            // SAFETY: a map value pointer, valid for this program run, copied out at once.
             let p = unsafe { *partner };
-            // Refresh only our own partner; a stranger under that key (the port was
-            // reused after this flow expired) keeps its entry.
+            // Refresh only our own partner; a stranger under that key keeps its entry.
             if p.saddr == expected.saddr
                 && p.daddr == expected.daddr
                 && p.sport == expected.sport
                 && p.dport == expected.dport
             {
+                // SAFETY: as above; racing writers store the same kind of refresh.
                 unsafe { (*partner).last_seen = now };
                 add_flags(partner, add);
+            } else {
+                let _ = NAT_CT.remove(key);
+                return false;
             }
         }
         None => {
             let _ = NAT_CT.insert(&partner_key, &expected, u64::from(BPF_NOEXIST));
         }
     }
+    true
 }
 
 /// Why `create` could not record a flow.

@@ -112,7 +112,11 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         let reopened = seen.flags & CT_FLAG_CLOSING != 0 && pkt.opens_connection();
         let followed = !reopened && !seen.expired(pkt.proto, now) && nat::backend_alive(&seen);
         if is_reply || followed {
-            nat::touch(&key, entry, &seen, &pkt, now);
+            // Another flow holds its partner's key: the packet goes on untouched (the node
+            // resets a TCP segment); with the entry gone, the next one is a new flow's.
+            if !nat::touch(&key, entry, &seen, &pkt, now) {
+                return Ok(PASS);
+            }
             time_wait::remember_fin(ctx, &pkt, &key, &seen);
             return translate::<SCOPE>(ctx, &pkt, &seen);
         }
@@ -140,7 +144,10 @@ fn try_tcx_out<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
     let entry = NAT_CT.get_ptr_mut(&key).ok_or(PASS)?;
     // SAFETY: copied out at once.
     let seen = unsafe { *entry };
-    nat::touch(&key, entry, &seen, &pkt, now_secs());
+    // Another flow holds its partner's key: on untouched (see `nat::touch`).
+    if !nat::touch(&key, entry, &seen, &pkt, now_secs()) {
+        return Ok(PASS);
+    }
     fragments::remember(&pkt);
     nat::rewrite(ctx, &pkt, &seen).map_err(|_| DROP)?;
     Ok(PASS)

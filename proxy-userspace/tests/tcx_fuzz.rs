@@ -607,6 +607,7 @@ enum Seen {
     FragmentWithoutFlow,
     TooBigAnswered,
     TooBigDropped,
+    PartnerTaken,
 }
 
 impl Seen {
@@ -627,6 +628,9 @@ impl Seen {
             Seen::FragmentWithoutFlow => "later fragment, no live flow: unchanged",
             Seen::TooBigAnswered => "source-NATed, too big for the next hop: answered with ICMP",
             Seen::TooBigDropped => "source-NATed, too big for the next hop: dropped",
+            Seen::PartnerTaken => {
+                "tracked, but another flow holds its partner's key: unchanged, flow ended"
+            }
         }
     }
 }
@@ -682,6 +686,29 @@ impl Fuzzer {
         self.dp.nat_ct.get(key, 0).ok()
     }
 
+    /// Whether another flow holds the key of the partner of `entry` (stored under `key`):
+    /// the programs then end the flow instead of translating into the other one (when they
+    /// look at the partner, at most once a second: `nat::touch`).
+    fn partner_taken(&self, key: &NatCtKey, entry: &NatCtValue) -> bool {
+        let dir = if entry.flags & (CT_FLAG_REPLY | CT_FLAG_SNAT) != 0 {
+            CT_DIR_IN
+        } else {
+            CT_DIR_OUT
+        };
+        let partner = NatCtKey {
+            saddr: entry.daddr,
+            daddr: entry.saddr,
+            sport: entry.dport,
+            dport: entry.sport,
+            proto: key.proto,
+            dir,
+            _pad: [0; 2],
+        };
+        self.ct(&partner).is_some_and(|p| {
+            (p.saddr, p.daddr, p.sport, p.dport) != (key.daddr, key.saddr, key.dport, key.sport)
+        })
+    }
+
     fn frontend(&self, daddr: Ipv4Addr, dport: u16, proto: u8) -> Option<&(Frontend, Vec<u32>)> {
         self.frontends
             .iter()
@@ -700,7 +727,10 @@ impl Fuzzer {
         });
         let tuple = parsed.map(|(t, _)| t);
         let before = tuple.and_then(|t| self.ct(&t.ct_key(hook.dir())));
-        match self.check(hook, ifindex, input, parsed, before) {
+        let partner_taken = tuple
+            .zip(before)
+            .is_some_and(|(t, e)| self.partner_taken(&t.ct_key(hook.dir()), &e));
+        match self.check(hook, ifindex, input, parsed, before, partner_taken) {
             Ok((seen, outcome)) => {
                 *self.stats.outcomes.entry((class, hook, seen)).or_default() += 1;
                 outcome
@@ -741,6 +771,7 @@ impl Fuzzer {
         input: &[u8],
         parsed: Option<(Tuple, Part)>,
         before: Option<NatCtValue>,
+        partner_taken: bool,
     ) -> Result<(Seen, Option<Outcome>), Violation> {
         let out = match self.dp.try_run(hook.program(), input, ifindex) {
             Ok(out) => out,
@@ -785,6 +816,11 @@ impl Fuzzer {
             return Ok((Seen::NotTranslatable, Some(out)));
         };
         let key = tuple.ct_key(hook.dir());
+        // Its flow ended for the flow that holds its partner's key: passed on untouched.
+        if partner_taken && self.ct(&key).is_none() {
+            unchanged(TCX_NEXT, "a flow whose partner's key another flow holds")?;
+            return Ok((Seen::PartnerTaken, Some(out)));
+        }
         if part == Part::Later {
             let follows = before.map_or(Some(false), |e| follows(hook, &tuple, &e));
             let followed = match follows {

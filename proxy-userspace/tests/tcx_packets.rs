@@ -235,6 +235,58 @@ fn only_a_connections_first_segment_starts_a_flow_at_a_node_address() {
     });
 }
 
+/// A flow whose reply entry the LRU evicted, and whose source port a new flow took since,
+/// is over: its next segment must not land in the new flow's tuple at the backend (two
+/// connections sharing it), and the new flow keeps working.
+#[test]
+fn a_flow_whose_tuple_another_took_is_not_translated_into_it() {
+    in_private_netns(|| {
+        let mut dp = datapath_with(PROTO_TCP, REMOTE_ID);
+        dp.snat(NODE, 61000, 61000);
+        let a_syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&a_syn.bytes());
+        assert_eq!(tuple_of(&out.packet), (NODE, 61000, REMOTE_POD, POD_PORT));
+        // The LRU evicts entries one by one: A's reply entry goes.
+        let reply_key = ct_key(REMOTE_POD, POD_PORT, NODE, 61000, PROTO_TCP, CT_DIR_IN);
+        dp.nat_ct.remove(&reply_key).expect("A's reply entry");
+        let other = Ipv4Addr::new(198, 51, 100, 8);
+        let c2_syn = Frame::tcp(other, 40001, NODE, NODE_PORT);
+        let out = dp.ingress(&c2_syn.bytes());
+        assert_eq!(
+            tuple_of(&out.packet),
+            (NODE, 61000, REMOTE_POD, POD_PORT),
+            "a new flow takes the port"
+        );
+
+        // A's next segment, a second after its entry was last refreshed (the partner is
+        // looked at once a second).
+        let a_key = ct_key(CLIENT, CLIENT_PORT, NODE, NODE_PORT, PROTO_TCP, CT_DIR_IN);
+        let mut a = dp.nat_ct.get(&a_key, 0).expect("A's entry");
+        a.last_seen -= 1;
+        dp.nat_ct.insert(a_key, a, 0).expect("ageing A's entry");
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            payload: b"late".to_vec(),
+            ..a_syn.clone()
+        };
+        let out = dp.ingress(&ack.bytes());
+        assert_eq!(
+            (out.verdict, out.packet),
+            (TCX_NEXT, ack.bytes()),
+            "A's segment goes on untouched (the node resets it)"
+        );
+        assert!(dp.nat_ct.get(&a_key, 0).is_err(), "A's entry is gone");
+
+        // The new flow's reply still reaches its client.
+        let reply = Frame {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Frame::tcp(REMOTE_POD, POD_PORT, NODE, 61000)
+        };
+        let out = dp.ingress(&reply.bytes());
+        assert_eq!(tuple_of(&out.packet), (NODE, NODE_PORT, other, 40001));
+    });
+}
+
 /// Writes the prefilter's `entry`, armed, with the bits of `pairs` (address, port).
 fn prefilter(dp: &mut Datapath, entry: u32, pairs: &[(Ipv4Addr, u16)]) {
     let mut filter = NsFilter {
