@@ -454,7 +454,6 @@ async fn an_api_server_down_at_start_fails_no_health_check() {
     let mut h = Harness::new("listhealth", &["pod-a"]);
     let _servers = h.serve(&[8080], &[]);
     let (mut server, client, kubeconfig) = stand_in_down(&h).await;
-    let started = std::time::Instant::now();
     h.start_agent_with(&[
         "--kubeconfig".as_ref(),
         kubeconfig.as_os_str(),
@@ -462,9 +461,9 @@ async fn an_api_server_down_at_start_fails_no_health_check() {
         "500ms".as_ref(),
     ]);
     let healthz = h.served_address("healthz");
-    // Past the health timeout, with nothing listed yet.
-    let past_timeout = std::time::Duration::from_millis(1500);
-    tokio::time::sleep(past_timeout.saturating_sub(started.elapsed())).await;
+    // Past the health timeout, counted from when the agent serves its health, with
+    // nothing listed yet.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(
         !h.agent_log().contains("datapath ready"),
         "{}",
@@ -714,9 +713,15 @@ impl Blackhole {
             .output()
             .expect("running nft");
         for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            // Only a killed run's: another test process running now keeps its own.
+            let run_gone = |table: &&str| {
+                let pid = table[BLACKHOLE_TABLES.len()..].split('_').next();
+                pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists())
+            };
             if let Some(old) = line
                 .strip_prefix("table inet ")
                 .filter(|t| t.starts_with(BLACKHOLE_TABLES))
+                .filter(run_gone)
             {
                 let _ = std::process::Command::new("nft")
                     .args(["delete", "table", "inet", old])

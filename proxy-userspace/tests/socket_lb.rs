@@ -799,10 +799,22 @@ fn a_second_run_adopts_the_pins_and_keeps_serving() {
         Some(&10)
     );
 
-    // Restarted: the same ids (rev-NAT, backend) are adopted, not re-created.
+    // Restarted: the same ids (rev-NAT, backend) are adopted, not re-created. The pinned
+    // maps list `web` before the new run has done anything: the check waits for its start,
+    // then for a Service added after it, so that its first sync is behind.
     h.start_agent();
-    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
-    assert_eq!(h.list().expect("list"), before);
+    h.wait_for_ready_starts(2);
+    h.write_manifest(
+        "marker.yaml",
+        &service("marker", "10.96.0.12", &[("http", 80, "TCP")]),
+    );
+    h.wait_for_frontend("10.96.0.12:80", "TCP", Some(&[]));
+    let web_entries = |list: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        list.into_iter()
+            .filter(|f| f["frontend"] != "10.96.0.12:80")
+            .collect()
+    };
+    assert_eq!(web_entries(h.list().expect("list")), web_entries(before));
     assert_eq!(
         answers(&h.client(&["tcp", "10.96.0.10:80", "10"])).get("pod-a"),
         Some(&10)
@@ -847,7 +859,13 @@ fn c34_bad_manifests_are_named_and_the_good_service_keeps_working() {
         ["10.96.0.10:80"],
         "only the good Service is programmed"
     );
-    // Each problem is reported once, not at every sync.
+    // Each problem is reported once, not at every sync: a later sync (a Service added)
+    // says nothing of it again.
+    h.write_manifest(
+        "later.yaml",
+        &service("later", "10.96.0.12", &[("http", 80, "TCP")]),
+    );
+    h.wait_for_frontend("10.96.0.12:80", "TCP", Some(&[]));
     let log = h.agent_log();
     assert_eq!(log.matches("Service default/bad-ip").count(), 1, "{log}");
 }
