@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 
 use crate::dataplane::MapSizes;
-use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, Skipped};
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, Skipped, SourceRange};
 use crate::sync::{Programmed, ProgrammedFrontend};
 
 /// Usable entries per map the agent writes.
@@ -123,12 +123,24 @@ pub fn fit(
             "Service {}/{}",
             frontend.service.namespace, frontend.service.name
         );
-        match current {
-            // Already programmed: it keeps the backends it has rather than lose service.
+        let (kept, kept_lingering, p) = match current {
+            // Already programmed, and only its new source ranges do not fit (the maps
+            // before that one have room): it takes its backends, and keeps the ranges it
+            // has.
+            Some(p) if map == "source ranges" => {
+                peak.services += services_growth;
+                peak.backends.extend(new_backends);
+                (frontend.backends.clone(), frontend.lingering.clone(), p)
+            }
+            // Already programmed: it keeps the backends it has and still wants rather than
+            // lose service. Those that left go (their endpoints may be gone, their address
+            // given to another pod): that takes no room, and frees their entries for the
+            // next sync, which then has room for the new ones.
             Some(p) => {
                 let kept: Vec<BackendAddr> = (1..=p.count)
                     .filter_map(|slot| p.slots.get(&slot))
                     .filter_map(|id| programmed.backends.get(id))
+                    .filter(|b| frontend.backends.binary_search(b).is_ok())
                     .copied()
                     .collect();
                 // The lingering ones it has that still linger: nothing new is written.
@@ -141,49 +153,53 @@ pub fn fit(
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let (what, wanted, has) = if map == "source ranges" {
-                    let has = programmed
-                        .source_ranges
-                        .iter()
-                        .filter(|(id, _)| *id == p.rev_nat_id)
-                        .count();
-                    ("source ranges", frontend.source_ranges.len(), has)
-                } else {
-                    ("backends", frontend.backends.len(), kept.len())
-                };
+                (kept, kept_lingering, p)
+            }
+            None => {
                 skipped.push(Skipped {
                     object,
                     reason: format!(
-                        "frontend {} ({}): {wanted} {what} do not fit, the {map} map is full \
-                         ({entries} entries); keeping the {has} it has",
-                        frontend.key, frontend.kind,
+                        "frontend {} ({}) not programmed: the {map} map is full ({entries} \
+                         entries)",
+                        frontend.key, frontend.kind
                     ),
                 });
-                // And the source ranges it has: the new ones may be what did not fit.
-                let kept_ranges = programmed
-                    .source_ranges
-                    .iter()
-                    .filter(|(id, _)| *id == p.rev_nat_id)
-                    .map(|(_, range)| *range)
-                    .collect();
-                fitted.frontends.insert(
-                    frontend.key,
-                    Frontend {
-                        backends: kept,
-                        lingering: kept_lingering,
-                        source_ranges: kept_ranges,
-                        ..frontend.clone()
-                    },
-                );
+                continue;
             }
-            None => skipped.push(Skipped {
-                object,
-                reason: format!(
-                    "frontend {} ({}) not programmed: the {map} map is full ({entries} entries)",
-                    frontend.key, frontend.kind
-                ),
-            }),
-        }
+        };
+        // The source ranges it has: the new ones may be what did not fit.
+        let kept_ranges: Vec<SourceRange> = programmed
+            .source_ranges
+            .iter()
+            .filter(|(id, _)| *id == p.rev_nat_id)
+            .map(|(_, range)| *range)
+            .collect();
+        let (what, wanted, has) = if map == "source ranges" {
+            (
+                "source ranges",
+                frontend.source_ranges.len(),
+                kept_ranges.len(),
+            )
+        } else {
+            ("backends", frontend.backends.len(), kept.len())
+        };
+        skipped.push(Skipped {
+            object,
+            reason: format!(
+                "frontend {} ({}): {wanted} {what} do not fit, the {map} map is full \
+                 ({entries} entries); keeping the {has} it has",
+                frontend.key, frontend.kind,
+            ),
+        });
+        fitted.frontends.insert(
+            frontend.key,
+            Frontend {
+                backends: kept,
+                lingering: kept_lingering,
+                source_ranges: kept_ranges,
+                ..frontend.clone()
+            },
+        );
     }
     (fitted, skipped)
 }
@@ -371,13 +387,14 @@ mod tests {
         let entries = crate::sync::service_entries(&mirror);
         assert!(fits_whole(&mirror, entries, &after, &touched, known, &cap));
 
-        // Two new ranges where one is left: frontend 2 keeps its two (and its backend).
+        // Two new ranges where one is left: frontend 2 keeps its two, and takes its new
+        // backend (the backend and services maps have room).
         let grown = desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[3], &[1, 2, 3, 4])]);
         assert!(!fits_whole(&mirror, entries, &grown, &touched, known, &cap));
         let (fitted, skipped) = fit(&mirror, &grown, &cap);
         assert_eq!(
             fitted,
-            desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[2], &[1, 2])])
+            desired(&[ranged(1, &[1], &[1, 2]), ranged(2, &[3], &[1, 2])])
         );
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(
@@ -486,6 +503,30 @@ mod tests {
             skipped[0].reason
         );
         assert!(skipped[0].reason.contains("keeping the 2 it has"));
+    }
+
+    /// With the backends map full, a rollout that replaces endpoints must not leave the
+    /// frontend on the ones that left for good.
+    #[test]
+    fn a_frontend_that_cannot_grow_drops_the_backends_that_left_and_grows_at_the_next_sync() {
+        let cap = Capacity {
+            backends: 3,
+            ..ROOMY
+        };
+        let mut mirror = programmed(&desired(&[frontend(1, &[1, 2, 3])]));
+        let want = desired(&[frontend(1, &[2, 4, 5])]);
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, desired(&[frontend(1, &[2])]));
+        assert!(
+            skipped[0].reason.contains("keeping the 1 it has"),
+            "{skipped:?}"
+        );
+        for op in plan(&mirror, &fitted).expect("plan") {
+            mirror.apply(&op);
+        }
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, want);
+        assert!(skipped.is_empty(), "{skipped:?}");
     }
 
     #[test]
