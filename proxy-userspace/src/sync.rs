@@ -407,6 +407,9 @@ pub fn plan(programmed: &Programmed, desired: &DesiredState) -> Result<Vec<Op>> 
     let mut used_rev_nat: BTreeSet<u16> = programmed.rev_nat_ids.clone();
     let mut rev_nat_cursor = 1;
     used_rev_nat.extend(programmed.frontends.values().map(|f| f.rev_nat_id));
+    // Ranges a sync that failed midway left under a deleted frontend's id: given to a new
+    // frontend, the id would let their clients through its filter until they are deleted.
+    used_rev_nat.extend(programmed.source_ranges.iter().map(|(id, _)| *id));
     let mut assigned = Vec::with_capacity(desired.frontends.len());
     for (key, frontend) in &desired.frontends {
         let current = programmed.frontends.get(key).filter(|f| f.flags != 0);
@@ -1685,6 +1688,22 @@ mod tests {
     }
 
     // ---- ids -------------------------------------------------------------------------------
+
+    /// A sync that failed after deleting a frontend's rev-NAT entry, before its source
+    /// ranges, leaves them under the id; a new frontend does not get it.
+    #[test]
+    fn a_rev_nat_id_only_left_source_ranges_name_is_not_given_out() {
+        let mut mirror = Programmed::default();
+        let range = SourceRange::new(Ipv4Addr::new(203, 0, 113, 0), 24);
+        mirror.source_ranges.insert((1, range));
+        sync(&mut mirror, &desired(&[frontend(1, &[1])]));
+        assert_eq!(mirror.frontends[&fkey(1)].rev_nat_id, 2);
+        assert!(
+            mirror.source_ranges.is_empty(),
+            "the orphans are deleted: {:?}",
+            mirror.source_ranges
+        );
+    }
 
     #[test]
     fn ids_stay_put_and_new_ids_fill_the_smallest_hole() {
