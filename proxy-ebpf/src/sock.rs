@@ -415,38 +415,37 @@ fn translate_reverse<const V6: bool>(ctx: &SockAddrContext) {
         port: unsafe { (*sa).user_port } as u16,
         _pad: [0; 2],
     };
+    // Only while the frontend still exists: a deleted Service's old translation must not
+    // keep relabelling traffic. The socket may have reached a loopback NodePort, kept at
+    // 127.0.0.1, at any address of 127.0.0.0/8 (`translate_forward`). A dead one is left
+    // where it is, for `sock_release` to free: the agent's closing of connected UDP
+    // sockets of departed backends finds the socket's translation there.
+    // (An entry of the array that holds no frontend has address 0, which matches none.)
+    let live = |entry: &SockRevNatValue| {
+        // SAFETY: copied out at once.
+        REV_NAT
+            .get_ptr(u32::from(entry.rev_nat_id))
+            .map(|f| unsafe { *f })
+            .is_some_and(|f| {
+                f.port == entry.port
+                    && (f.addr == entry.addr
+                        || (f.addr == LOOPBACK_FRONTEND_ADDR && is_loopback(entry.addr)))
+            })
+    };
     // The socket's slot first: `translate_forward` writes the LRU only when the slot was
-    // not available.
-    let slotted = sock_slot::recall(key.cookie, key.addr, key.port);
-    // Then the LRU, for a socket that wrote there (`sock_state`): not for the sockets that
-    // never had a translation, every server among them.
+    // not available. Then the LRU, for a socket that wrote there (`sock_state`): not for
+    // the sockets that never had a translation, every server among them. A dead
+    // translation in the slot does not hide a live one in the LRU.
+    let slotted = sock_slot::recall(key.cookie, key.addr, key.port).filter(|e| live(e));
     let Some(entry) = slotted.or_else(|| {
         // SAFETY: copied out at once.
         sock_state::in_lru(ctx)
             .then(|| SOCK_REV_NAT.get_ptr(&key).map(|e| unsafe { *e }))
             .flatten()
+            .filter(|e| live(e))
     }) else {
         return;
     };
-    // Only while the frontend still exists: a deleted Service's old translation must not
-    // keep relabelling traffic. The socket may have reached a loopback NodePort, kept at
-    // 127.0.0.1, at any address of 127.0.0.0/8 (`translate_forward`).
-    // (An entry of the array that holds no frontend has address 0, which matches none.)
-    // SAFETY: copied out at once.
-    let live = REV_NAT
-        .get_ptr(u32::from(entry.rev_nat_id))
-        .map(|f| unsafe { *f })
-        .is_some_and(|f| {
-            f.port == entry.port
-                && (f.addr == entry.addr
-                    || (f.addr == LOOPBACK_FRONTEND_ADDR && is_loopback(entry.addr)))
-        });
-    if !live {
-        if slotted.is_none() || !sock_slot::forget(key.cookie) {
-            let _ = SOCK_REV_NAT.remove(&key);
-        }
-        return;
-    }
     set_user_addr::<V6>(sa, entry.addr);
     // SAFETY: the port is writable in every reverse hook.
     unsafe { (*sa).user_port = u32::from(entry.port) };

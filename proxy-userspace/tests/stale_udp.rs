@@ -202,6 +202,53 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }
 
+/// A connected socket of a Service that is deleted keeps its translation in its slot until
+/// it closes: the agent's closing of such sockets finds them by it. Its answers are no
+/// longer relabelled as the deleted Service's (they show the backend). Without
+/// `CAP_SYS_ADMIN` the agent cannot close the socket, so it lives on to show both.
+#[test]
+fn a_deleted_services_translation_stays_in_the_slot_until_the_socket_closes() {
+    let mut h = Harness::new("staleudpdel", &["pod-a"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
+    );
+    dns_on(&h, "10.244.0.10");
+    let caps: Vec<&str> = CHART_CAPABILITIES
+        .into_iter()
+        .filter(|c| *c != "sys_admin")
+        .collect();
+    h.start_agent_with_capabilities(&caps);
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
+    let args = [
+        "udp",
+        DNS,
+        "1000000",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let client = h.spawn_client("deleted", &args);
+    client.wait_for_lines(5);
+    assert_eq!(h.map_entries("ekp_sk_slot_v1"), 1, "the socket's slot");
+
+    h.remove_manifest("svc.yaml");
+    h.wait_for_frontend("10.96.0.10:53", "UDP", None);
+    let lines = client.lines_after(client.lines_so_far(), 20);
+    let last = lines.last().expect("answers");
+    assert_eq!(last["answer"], "pod-a", "{last}");
+    assert_eq!(last["peer"], "10.244.0.10:5353", "not relabelled: {last}");
+    assert_eq!(
+        h.map_entries("ekp_sk_slot_v1"),
+        1,
+        "the slot is kept while the socket lives"
+    );
+    drop(client);
+    assert_eq!(h.map_entries("ekp_sk_slot_v1"), 0, "freed at the close");
+}
+
 /// Two resolvers asking the DNS Service every 5 ms, each on one kept socket, connected and
 /// unconnected, once both have answers.
 fn kept_sockets(h: &Harness) -> [BackgroundClient; 2] {
