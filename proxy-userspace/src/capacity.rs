@@ -98,7 +98,9 @@ pub fn fit(
             .collect();
         let services_growth = usize::from(current.is_none())
             + frontend.slotted().count().saturating_sub(current_slots);
-        let rev_nat_growth = usize::from(current.is_none());
+        // A frontend whose id has no entry (one the array had no room for) takes a new one.
+        let rev_nat_growth =
+            usize::from(current.is_none_or(|p| !programmed.rev_nat_ids.contains(&p.rev_nat_id)));
         let source_ranges_growth = new_ranges(programmed, current, frontend);
         let full = if peak.services + services_growth > capacity.services {
             Some(("services", capacity.services))

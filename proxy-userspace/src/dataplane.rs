@@ -263,6 +263,8 @@ pub struct MapContents {
     pub rev_nat: Vec<(u16, RevNatValue)>,
     /// (rev-NAT id, range) of every `loadBalancerSourceRanges` entry.
     pub source_ranges: Vec<(u16, SourceRange)>,
+    /// The rev-NAT array's size: it has room for ids below it.
+    pub rev_nat_room: u32,
 }
 
 /// Typed handles on the maps the agent writes or cleans.
@@ -378,6 +380,7 @@ impl Maps {
                 .filter_map(|r| r.ok())
                 .filter_map(|key| abi::source_range_of(key.prefix_len(), key.data()))
                 .collect(),
+            rev_nat_room: self.rev_nat.len(),
         })
     }
 

@@ -216,7 +216,14 @@ impl Programmed {
                     .frontends
                     .entry(frontend)
                     .or_insert_with(|| empty_frontend(value));
-                f.rev_nat_id = value.rev_nat_id;
+                // An id the rev-NAT array has no room for (it was made smaller than the
+                // ids in use, `--map-size-rev-nat`) is taken for none: the next plan gives
+                // the frontend one it has room for.
+                f.rev_nat_id = if u32::from(value.rev_nat_id) < contents.rev_nat_room {
+                    value.rev_nat_id
+                } else {
+                    0
+                };
                 f.flags = value.flags;
                 f.affinity_timeout = value.affinity_timeout;
                 f.affinity_id = value.affinity_id;
@@ -1454,6 +1461,7 @@ mod tests {
                     .keys()
                     .filter_map(|(prefix_len, data)| abi::source_range_of(*prefix_len, *data))
                     .collect(),
+                rev_nat_room: u32::from(u16::MAX) + 1,
             }
         }
 
@@ -1943,6 +1951,7 @@ mod tests {
                 (7, abi::rev_nat_value(&fkey(7))),
             ],
             source_ranges: Vec::new(),
+            rev_nat_room: 1024,
         };
         let adopted = Programmed::from_maps(&contents);
         assert_eq!(
@@ -1993,6 +2002,34 @@ mod tests {
         );
     }
 
+    /// A restart with a smaller rev-NAT array (`--map-size-rev-nat`): a frontend whose id
+    /// it has no room for gets a new one, rather than every sync failing at its write.
+    #[test]
+    fn a_rev_nat_id_the_array_has_no_room_for_is_replaced() {
+        let contents = MapContents {
+            services: vec![slot_0(&fkey(1), 1, 40), slot(&fkey(1), 1, 1, 40)],
+            backends: vec![(1, abi::backend_value(&backend(1), false))],
+            rev_nat: Vec::new(),
+            source_ranges: Vec::new(),
+            rev_nat_room: 32,
+        };
+        let adopted = Programmed::from_maps(&contents);
+        let ops = plan(&adopted, &desired(&[frontend(1, &[1])])).expect("plan");
+        let ids: Vec<u16> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutRevNat { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [1], "{ops:?}");
+        let mut mirror = adopted;
+        for op in &ops {
+            mirror.apply(op);
+        }
+        assert_eq!(mirror.frontends[&fkey(1)].rev_nat_id, 1);
+    }
+
     #[test]
     fn adoption_completes_a_half_written_frontend_that_is_still_wanted() {
         // The sync that created frontend 1 stopped before slot 0.
@@ -2001,6 +2038,7 @@ mod tests {
             backends: vec![(1, abi::backend_value(&backend(1), false))],
             rev_nat: vec![(5, abi::rev_nat_value(&fkey(1)))],
             source_ranges: Vec::new(),
+            rev_nat_room: 1024,
         };
         let mut maps = FakeMaps {
             services: contents.services.iter().copied().collect(),
