@@ -77,6 +77,18 @@ pub fn first_ipv4(device: &str) -> Result<Option<Ipv4Addr>> {
         .map(|(_, a)| a))
 }
 
+/// This network namespace's IPv4 addresses, loopback ones aside; sorted.
+pub fn local_ipv4() -> Result<Vec<Ipv4Addr>> {
+    let mut addresses: Vec<Ipv4Addr> = ipv4_addresses()?
+        .into_iter()
+        .map(|(_, a)| a)
+        .filter(|a| !a.is_loopback())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
 /// Every (device, IPv4 address) of this network namespace, in the kernel's order.
 fn ipv4_addresses() -> Result<Vec<(String, Ipv4Addr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();

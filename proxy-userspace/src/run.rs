@@ -907,6 +907,19 @@ fn sync_once(
     }
 }
 
+/// The addresses externalIPs are served on to this node's processes and pods: the Node's
+/// own, and those its devices carry that the Node does not list (a keepalived or kube-vip
+/// address, a second interface the kubelet does not report). Traffic to any of them ends on
+/// this node, where nothing else would serve the Service (`safety`).
+fn socket_external_ips(node_addresses: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let mut addresses = node_addresses.to_vec();
+    match devices::local_ipv4() {
+        Ok(local) => addresses.extend(local.into_iter().filter(|a| !node_addresses.contains(a))),
+        Err(e) => tracing::warn!("reading this node's addresses: {e:#}"),
+    }
+    addresses
+}
+
 /// Translates `input` into `state.translation`: everything afresh on a full sync, else
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
@@ -918,7 +931,7 @@ fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Cha
         socket_external_ips: if config.socket_lb_external_ips {
             SocketExternalIps::All
         } else {
-            SocketExternalIps::OwnAddresses(addresses.clone())
+            SocketExternalIps::OwnAddresses(socket_external_ips(&addresses))
         },
         localhost_node_ports: config
             .node_ports

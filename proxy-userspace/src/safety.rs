@@ -4,7 +4,8 @@
 //! a public DNS server) and kube-proxy then captures every pod's traffic to it. At the socket
 //! layer that capture would be silent and node-wide, so by default an externalIP frontend is
 //! only served to processes and pods of this node (the internal scope) when the address
-//! belongs to this node. Traffic from pods to other externalIPs leaves the node as addressed
+//! belongs to this node (the Node lists it, or a device of the node carries it). Traffic
+//! from pods to other externalIPs leaves the node as addressed
 //! and is served where it arrives (the north-south path of the node that owns the address).
 //! `--socket-lb-external-ips` restores kube-proxy's behaviour.
 
@@ -16,7 +17,8 @@ use std::net::Ipv4Addr;
 /// win it and then be dropped, leaving the ClusterIP served by no one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketExternalIps {
-    /// Only those on one of these addresses of this node: the agent's default.
+    /// Only those on one of these addresses of this node (the Node's and its devices'):
+    /// the agent's default.
     OwnAddresses(Vec<Ipv4Addr>),
     /// Every one, as kube-proxy does (`--socket-lb-external-ips`).
     All,

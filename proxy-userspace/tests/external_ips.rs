@@ -121,3 +121,23 @@ spec:
     let answered = answers(&h.client(&["tcp", "10.96.0.10:80", "5"]));
     assert_eq!(answered.get("pod-a"), Some(&5), "{answered:?}");
 }
+
+/// An externalIP on an address this node's devices carry but its Node object does not list
+/// (a keepalived or kube-vip address): traffic to it ends on this node anyway, so its pods
+/// are served there, as kube-proxy serves them.
+#[test]
+fn an_external_ip_on_an_address_the_node_carries_unlisted_is_served_to_its_pods() {
+    let mut h = Harness::new("extiplocal", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    setup(&h);
+    h.topo
+        .node
+        .ip(&["addr", "add", "198.51.100.7/32", "dev", "lo"])
+        .expect("adding an address to the node");
+    h.start_agent_in_node(&[]);
+    h.wait_for_frontend("198.51.100.7:80", "TCP", Some(&["10.244.0.10:8080"]));
+    assert_eq!(
+        answers(&h.client(&["tcp", "198.51.100.7:80", "5"])).get("pod-a"),
+        Some(&5)
+    );
+}
