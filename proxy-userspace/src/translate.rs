@@ -294,16 +294,36 @@ fn local_backends(state: &DesiredState, endpoints: &EndpointIndex) -> BTreeSet<B
         .values()
         .flat_map(|f| f.slotted().copied())
         .collect();
+    served_here(endpoints)
+        .into_iter()
+        .filter(|b| in_use.contains(b))
+        .collect()
+}
+
+/// The endpoints served on this node, as backends. Of an address listed twice for a service
+/// port, the copy that port keeps (`one_copy_each`) says where it is, as for the frontends.
+fn served_here(endpoints: &EndpointIndex) -> BTreeSet<BackendAddr> {
     endpoints
         .values()
-        .flatten()
-        .filter(|e| e.endpoint.on_node)
-        .map(|e| BackendAddr {
-            addr: e.endpoint.addr,
-            port: e.endpoint.port,
-            proto: e.proto,
+        .flat_map(|list| {
+            let ports: BTreeSet<(&str, Protocol)> = list
+                .iter()
+                .map(|e| (e.port_name.as_str(), e.proto))
+                .collect();
+            ports.into_iter().flat_map(move |(name, proto)| {
+                let copies = list
+                    .iter()
+                    .filter(move |e| e.port_name == name && e.proto == proto)
+                    .map(|e| e.endpoint);
+                one_copy_each(copies).into_iter().map(move |e| (e, proto))
+            })
         })
-        .filter(|b| in_use.contains(b))
+        .filter(|(e, _)| e.on_node)
+        .map(|(e, proto)| BackendAddr {
+            addr: e.addr,
+            port: e.port,
+            proto,
+        })
         .collect()
 }
 
@@ -2029,8 +2049,17 @@ mod tests {
             .on("n2");
         let local = web().internal_traffic_policy("Local");
         assert_eq!(
-            clean(&[local], &[endpoints]),
+            clean(&[local], std::slice::from_ref(&endpoints)),
             ["int 10.96.0.10:80/TCP -> (drop)"]
+        );
+        // Nor is it a local backend of a `Cluster` frontend (north-south traffic to it is
+        // source-NATed, so that the new pod's replies come back through this node).
+        let t = translate(&[web()], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.10:80/TCP -> 10.0.0.5:80/TCP"]);
+        assert!(
+            t.state.local_backends.is_empty(),
+            "{:?}",
+            t.state.local_backends
         );
     }
 

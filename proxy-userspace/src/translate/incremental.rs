@@ -599,16 +599,7 @@ fn translate_group(
         frontends: state.frontends.into_values().collect(),
         skipped,
         ignored,
-        local: endpoints
-            .values()
-            .flatten()
-            .filter(|e| e.endpoint.on_node)
-            .map(|e| BackendAddr {
-                addr: e.endpoint.addr,
-                port: e.endpoint.port,
-                proto: e.proto,
-            })
-            .collect(),
+        local: served_here(&endpoints),
     }
 }
 
