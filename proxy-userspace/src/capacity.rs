@@ -4,8 +4,9 @@
 //! fails. Writing blindly would stop a sync halfway at whatever object happened to come
 //! first, every time. So frontends are admitted up front, with the peak usage of a sync in
 //! mind (new entries are written before old ones are deleted): frontends that are already
-//! programmed come first and keep at least what they have, new ones are admitted in key
-//! order while they fit, and each one that does not is named with the map that is full.
+//! programmed come first and keep what they have of what they still want, new ones are
+//! admitted in key order while they fit, and each one that does not is named with the map
+//! that is full.
 //! Deletions in the same sync free room for the next one, which then admits what was left
 //! out.
 
@@ -62,7 +63,7 @@ pub fn fit(
             .map(|f| usize::from(f.flags != 0) + f.slots.len())
             .sum(),
         backends: programmed.backends.values().copied().collect(),
-        rev_nat: programmed.rev_nat_ids.len(),
+        rev_nat: rev_nat_ids_taken(programmed),
         source_ranges: programmed.source_ranges.len(),
     };
     let is_programmed = |f: &&Frontend| {
@@ -98,9 +99,7 @@ pub fn fit(
             .collect();
         let services_growth = usize::from(current.is_none())
             + frontend.slotted().count().saturating_sub(current_slots);
-        // A frontend whose id has no entry (one the array had no room for) takes a new one.
-        let rev_nat_growth =
-            usize::from(current.is_none_or(|p| !programmed.rev_nat_ids.contains(&p.rev_nat_id)));
+        let rev_nat_growth = usize::from(needs_rev_nat_id(current));
         let source_ranges_growth = new_ranges(programmed, current, frontend);
         let full = if peak.services + services_growth > capacity.services {
             Some(("services", capacity.services))
@@ -125,13 +124,27 @@ pub fn fit(
             "Service {}/{}",
             frontend.service.namespace, frontend.service.name
         );
+        let not_programmed = Skipped {
+            object: object.clone(),
+            reason: format!(
+                "frontend {} ({}) not programmed: the {map} map is full ({entries} entries)",
+                frontend.key, frontend.kind
+            ),
+        };
         let (kept, kept_lingering, p) = match current {
+            // Already programmed, but with an id the rev-NAT array has no room for (it was
+            // made smaller), and none left to give it: it cannot stay.
+            Some(_) if rev_nat_growth == 1 && peak.rev_nat + 1 > capacity.rev_nat => {
+                skipped.push(not_programmed);
+                continue;
+            }
             // Already programmed, and only its new source ranges do not fit (the maps
             // before that one have room): it takes its backends, and keeps the ranges it
             // has.
             Some(p) if map == "source ranges" => {
                 peak.services += services_growth;
                 peak.backends.extend(new_backends);
+                peak.rev_nat += rev_nat_growth;
                 (frontend.backends.clone(), frontend.lingering.clone(), p)
             }
             // Already programmed: it keeps the backends it has and still wants rather than
@@ -139,17 +152,19 @@ pub fn fit(
             // given to another pod): that takes no room, and frees their entries for the
             // next sync, which then has room for the new ones.
             Some(p) => {
+                peak.rev_nat += rev_nat_growth;
                 let kept: Vec<BackendAddr> = (1..=p.count)
                     .filter_map(|slot| p.slots.get(&slot))
                     .filter_map(|id| programmed.backends.get(id))
                     .filter(|b| frontend.backends.binary_search(b).is_ok())
                     .copied()
                     .collect();
-                // The lingering ones it has that still linger: nothing new is written.
+                // Those it has that linger now (a draining pod among them, live until
+                // now): they fill slots it has, nothing new is written.
                 let kept_lingering: Vec<BackendAddr> = p
                     .slots
-                    .range(p.count.saturating_add(1)..)
-                    .filter_map(|(_, id)| programmed.backends.get(id))
+                    .values()
+                    .filter_map(|id| programmed.backends.get(id))
                     .filter(|b| frontend.lingering.contains(b) && !kept.contains(b))
                     .copied()
                     .collect::<BTreeSet<_>>()
@@ -158,14 +173,7 @@ pub fn fit(
                 (kept, kept_lingering, p)
             }
             None => {
-                skipped.push(Skipped {
-                    object,
-                    reason: format!(
-                        "frontend {} ({}) not programmed: the {map} map is full ({entries} \
-                         entries)",
-                        frontend.key, frontend.kind
-                    ),
-                });
+                skipped.push(not_programmed);
                 continue;
             }
         };
@@ -220,7 +228,7 @@ pub fn fits_whole(
     capacity: &Capacity,
 ) -> bool {
     let mut services = service_entries;
-    let mut rev_nat = programmed.rev_nat_ids.len();
+    let mut rev_nat = rev_nat_ids_taken(programmed);
     let mut source_ranges = programmed.source_ranges.len();
     let mut new_backends: BTreeSet<&BackendAddr> = BTreeSet::new();
     for frontend in touched.iter().filter_map(|k| desired.frontends.get(k)) {
@@ -233,7 +241,7 @@ pub fn fits_whole(
                 .slotted()
                 .count()
                 .saturating_sub(current.map_or(0, |p| p.slots.len()));
-        rev_nat += usize::from(current.is_none());
+        rev_nat += usize::from(needs_rev_nat_id(current));
         source_ranges += new_ranges(programmed, current, frontend);
         new_backends.extend(frontend.slotted().filter(|b| !is_programmed(b)));
     }
@@ -241,6 +249,22 @@ pub fn fits_whole(
         && programmed.backends.len() + new_backends.len() <= capacity.backends
         && rev_nat <= capacity.rev_nat
         && source_ranges <= capacity.source_ranges
+}
+
+/// The rev-NAT ids a plan will not give out (`sync::plan`): those of the entries, of the
+/// frontends, and of source ranges a failed sync left.
+fn rev_nat_ids_taken(programmed: &Programmed) -> usize {
+    let mut ids = programmed.rev_nat_ids.clone();
+    ids.extend(programmed.frontends.values().map(|f| f.rev_nat_id));
+    ids.extend(programmed.source_ranges.iter().map(|(id, _)| *id));
+    ids.remove(&0);
+    ids.len()
+}
+
+/// Whether a plan gives the frontend programmed as `current` a new rev-NAT id: a new
+/// frontend, or one whose id the rev-NAT array has no room for (`Programmed::from_maps`).
+fn needs_rev_nat_id(current: Option<&ProgrammedFrontend>) -> bool {
+    current.is_none_or(|p| p.rev_nat_id == 0)
 }
 
 /// How many of `frontend`'s source ranges a sync writes: those the trie does not hold
@@ -529,6 +553,72 @@ mod tests {
         let (fitted, skipped) = fit(&mirror, &want, &cap);
         assert_eq!(fitted, want);
         assert!(skipped.is_empty(), "{skipped:?}");
+    }
+
+    /// A backend that moves from live to lingering (its pod drains) keeps its slot when
+    /// the frontend cannot grow: it takes no new room.
+    #[test]
+    fn a_frontend_that_cannot_grow_keeps_a_backend_that_now_lingers() {
+        let cap = Capacity {
+            backends: 3,
+            ..ROOMY
+        };
+        let mirror = programmed(&desired(&[frontend(1, &[1, 2, 3])]));
+        let draining = |backends: &[u8], lingering: &[u8]| Frontend {
+            lingering: frontend(0, lingering).backends,
+            ..frontend(1, backends)
+        };
+        let (fitted, skipped) = fit(&mirror, &desired(&[draining(&[1, 2, 4], &[3])]), &cap);
+        assert_eq!(fitted, desired(&[draining(&[1, 2], &[3])]));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+    }
+
+    /// Rev-NAT ids a plan does not give out count as used: those only a failed sync's
+    /// leftover source ranges name, and none is left for a frontend whose id the array (made
+    /// smaller) has no room for.
+    #[test]
+    fn rev_nat_ids_a_plan_will_not_give_out_count_as_used() {
+        let cap = Capacity {
+            rev_nat: 2,
+            ..ROOMY
+        };
+        let mut mirror = programmed(&desired(&[frontend(1, &[1])]));
+        let range = SourceRange::new(Ipv4Addr::new(203, 0, 113, 0), 24);
+        mirror.source_ranges.insert((2, range));
+        let both = desired(&[frontend(1, &[1]), frontend(2, &[2])]);
+        let (fitted, skipped) = fit(&mirror, &both, &cap);
+        assert_eq!(fitted, desired(&[frontend(1, &[1])]));
+        assert!(
+            skipped[0].reason.contains("the rev-NAT map is full"),
+            "{skipped:?}"
+        );
+
+        // Three frontends programmed, restarted with room for two ids: the one whose id the
+        // array lost and that finds none free goes (named), and the plan writes only ids
+        // the array has.
+        let mut mirror = programmed(&desired(&[
+            frontend(1, &[1]),
+            frontend(2, &[2]),
+            frontend(3, &[3]),
+        ]));
+        for key in [frontend(2, &[]).key, frontend(3, &[]).key] {
+            let f = mirror.frontends.get_mut(&key).expect("programmed");
+            mirror.rev_nat_ids.remove(&f.rev_nat_id);
+            f.rev_nat_id = 0;
+        }
+        let all = desired(&[frontend(1, &[1]), frontend(2, &[2]), frontend(3, &[3])]);
+        let (fitted, skipped) = fit(&mirror, &all, &cap);
+        assert_eq!(fitted, desired(&[frontend(1, &[1]), frontend(2, &[2])]));
+        assert!(skipped[0].object.contains("svc-3"), "{skipped:?}");
+        let ops = plan(&mirror, &fitted).expect("plan");
+        let ids: Vec<u16> = ops
+            .iter()
+            .filter_map(|op| match op {
+                crate::sync::Op::PutRevNat { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [2], "{ops:?}");
     }
 
     #[test]
