@@ -177,11 +177,13 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
+        // In a parent of its own: the watch on the parent would see other tests' entries
+        // in the temporary directory.
         let guard =
             Dir(std::env::temp_dir().join(format!("ekp-file-events-{}", std::process::id())));
-        let dir = guard.0.clone();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&guard.0);
+        let dir = guard.0.join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
         let mut events = FileEvents::watch(&dir).unwrap();
         let file = dir.join("a.yaml");
 

@@ -71,7 +71,7 @@ use proxy_common::{
     CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP,
     CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN, FragmentKey, NatCtKey,
     NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT,
 };
 use proxy_userspace::conntrack_gc;
 
@@ -174,7 +174,16 @@ fn frontends() -> Vec<(Frontend, Vec<u32>)> {
         ),
         // No endpoints on node addresses (C06): passed on for the kernel to refuse.
         (fe(NODE, 30091, PROTO_UDP, 6, SVC_FLAG_NODE_PORT), vec![]),
-        (fe(NODE, 8081, PROTO_TCP, 9, SVC_FLAG_EXTERNAL_IP), vec![]),
+        (
+            fe(
+                NODE,
+                8081,
+                PROTO_TCP,
+                9,
+                SVC_FLAG_EXTERNAL_IP | SVC_FLAG_NODE_ADDRESS,
+            ),
+            vec![],
+        ),
         // No endpoints on an address the node does not own: dropped.
         (
             fe(EMPTY_EXTERNAL_IP, 443, PROTO_TCP, 7, SVC_FLAG_EXTERNAL_IP),
@@ -617,7 +626,7 @@ impl Seen {
             Seen::NotTranslatable => "not translatable: unchanged",
             Seen::NotOurs => "no frontend, no flow: unchanged",
             Seen::NotFirstSegment => {
-                "to a NodePort, no flow, not a connection's first segment: unchanged"
+                "to a NodePort or node address, no flow, not a first segment: unchanged"
             }
             Seen::RefusedDropped => "frontend without backends: dropped",
             Seen::RefusedPassed => "frontend without backends: passed on",
@@ -857,7 +866,7 @@ impl Fuzzer {
                 }
                 Some((fe, _))
                     if tuple.proto == PROTO_TCP
-                        && fe.flags & SVC_FLAG_NODE_PORT != 0
+                        && fe.flags & (SVC_FLAG_NODE_PORT | SVC_FLAG_NODE_ADDRESS) != 0
                         && !opens_connection(input) =>
                 {
                     unchanged(

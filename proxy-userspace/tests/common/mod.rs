@@ -484,9 +484,9 @@ pub fn ensure_bpffs() {
     *done = true;
 }
 
-/// The traffic of a restart test: 3000 TCP connections to the `web` Service of
-/// [`Harness::write_web_with_dns`] one a millisecond, and one connected UDP socket sending
-/// 300 requests to its DNS port, one every 10 ms.
+/// The traffic of a restart test: a TCP connection to the `web` Service of
+/// [`Harness::write_web_with_dns`] every millisecond, and one connected UDP socket sending a
+/// request to its DNS port every 10 ms, until the test ends.
 pub struct ClientsUnderLoad {
     tcp: BackgroundClient,
     udp: BackgroundClient,
@@ -592,9 +592,9 @@ impl BackgroundClient {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// How many requests it has reported so far.
+    /// How many requests it has reported so far (complete lines, as `lines_now` reads).
     pub fn lines_so_far(&self) -> usize {
-        fs::read_to_string(&self.output).map_or(0, |s| s.lines().count())
+        fs::read_to_string(&self.output).map_or(0, |s| s.matches('\n').count())
     }
 
     /// Waits (bounded) until it has reported `more` requests after the first `mark`, then
