@@ -39,8 +39,8 @@ pub const SVC_FLAG_DROP_EMPTY: u16 = 1 << 5;
 /// its client address matches an entry of `ekp_srcrange_v1` under this frontend's rev-NAT
 /// id; others are dropped, as kube-proxy's firewall chain does.
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
-/// The frontend's address is one of this node's own (an externalIP or LoadBalancer IP a
-/// node carries; a NodePort's always is, `SVC_FLAG_NODE_PORT`): the node's own connections
+/// The frontend's address is one of this node's own (an externalIP or LoadBalancer IP the
+/// Node object lists; a NodePort's always is, `SVC_FLAG_NODE_PORT`): the node's own connections
 /// and those masqueraded to it take source ports from it, so replies to them reach the
 /// frontend, and only a TCP connection's first segment may start a flow there.
 pub const SVC_FLAG_NODE_ADDRESS: u16 = 1 << 7;

@@ -1212,8 +1212,9 @@ fn explain_tcx(error: anyhow::Error) -> anyhow::Error {
     const TCX: aya::util::KernelVersion = aya::util::KernelVersion::new(6, 6, 0);
     match aya::util::KernelVersion::current() {
         Ok(kernel) if kernel < TCX => error.context(format!(
-            "the north-south programs attach as TCX links, which Linux has since 6.6; this \
-             kernel is {kernel}. `--devices=` (empty) serves ClusterIPs only, without them"
+            "the programs of the node's and pods' devices attach as TCX links, which Linux \
+             has since 6.6; this kernel is {kernel}. With `--devices=` (empty) and no \
+             `--pod-devices`, the socket programs alone serve ClusterIPs"
         )),
         _ => error,
     }

@@ -6,8 +6,8 @@
 //! renamed in or out, its mode changed (it may become readable), or the directory itself
 //! removed or moved. Opens and reads are not, so the agent's own reading of the directory
 //! wakes nothing; and a file being written wakes the loop once it is closed, not at its
-//! first write. The descriptor is read on the main loop's own thread: a change reaches the
-//! sync without a hop through a watcher thread.
+//! first write. The descriptor is read by a task on the runtime's worker thread, which wakes
+//! the loop through its channel (the loop's own thread may be busy with a sync).
 //!
 //! The watch is on the directory, not its path: once the directory is removed or moved
 //! away, it would see nothing of a new one put at the path (`mv manifests manifests.old;

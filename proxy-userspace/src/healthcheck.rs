@@ -171,7 +171,7 @@ impl HealthCheckServers {
                     }
                     Err(e) => {
                         // Closed, and opened afresh at the next sync (its listeners close
-                        // once their tasks run: binding them again now would fail).
+                        // once their tasks run: binding them again now could fail).
                         self.open.remove(&service);
                         self.record_failure(service, check, &e);
                         continue;
