@@ -112,13 +112,16 @@ fn try_tcx_in<const SCOPE: u8>(ctx: &TcContext) -> Result<i32, i32> {
         let reopened = seen.flags & CT_FLAG_CLOSING != 0 && pkt.opens_connection();
         let followed = !reopened && !seen.expired(pkt.proto, now) && nat::backend_alive(&seen);
         if is_reply || followed {
-            // Another flow holds its partner's key: the packet goes on untouched (the node
-            // resets a TCP segment); with the entry gone, the next one is a new flow's.
-            if !nat::touch(&key, entry, &seen, &pkt, now) {
+            if nat::touch(&key, entry, &seen, &pkt, now) {
+                time_wait::remember_fin(ctx, &pkt, &key, &seen);
+                return translate::<SCOPE>(ctx, &pkt, &seen);
+            }
+            // Another flow holds its partner's key, and this entry is gone. A reply, to
+            // the node's SNAT port, goes on untouched (the node resets it); a client's
+            // packet is looked at as a new flow's (a SYN starts one).
+            if is_reply {
                 return Ok(PASS);
             }
-            time_wait::remember_fin(ctx, &pkt, &key, &seen);
-            return translate::<SCOPE>(ctx, &pkt, &seen);
         }
     }
     // A later fragment only follows its first fragment's flow: it has no L4 header to
