@@ -521,6 +521,14 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                     pod_devices = serve_pod_devices(&mut programs, &pod_devices);
                     follow_devices(&config, &state.node_addresses, &mut programs);
+                    // An address that moved here or away (a keepalived or kube-vip
+                    // failover) changes which externalIPs the node's pods are served.
+                    if !config.socket_lb_external_ips
+                        && devices::local_ipv4().is_ok_and(|now| now != state.device_addresses)
+                    {
+                        state.full = last_full.elapsed() >= config.sync_period;
+                        break false;
+                    }
                 }
                 _ = sigterm.recv() => break true,
                 _ = sigint.recv() => break true,
@@ -668,6 +676,9 @@ struct LoopState {
     drops: BTreeMap<FrontendKey, ServicePortName>,
     /// The Node's IPv4 addresses at the last sync, for device detection.
     node_addresses: Vec<Ipv4Addr>,
+    /// This node's devices' IPv4 addresses at the last sync (`socket_external_ips`): a
+    /// change is synced at once.
+    device_addresses: Vec<Ipv4Addr>,
     /// Whether the last sync had this node's Node object (`None` before the first).
     node_known: Option<bool>,
     /// Whether any sync had it: its disappearance is then its deletion.
@@ -911,12 +922,16 @@ fn sync_once(
 /// own, and those its devices carry that the Node does not list (a keepalived or kube-vip
 /// address, a second interface the kubelet does not report). Traffic to any of them ends on
 /// this node, where nothing else would serve the Service (`safety`).
-fn socket_external_ips(node_addresses: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+fn socket_external_ips(
+    node_addresses: &[Ipv4Addr],
+    device_addresses: &[Ipv4Addr],
+) -> Vec<Ipv4Addr> {
     let mut addresses = node_addresses.to_vec();
-    match devices::local_ipv4() {
-        Ok(local) => addresses.extend(local.into_iter().filter(|a| !node_addresses.contains(a))),
-        Err(e) => tracing::warn!("reading this node's addresses: {e:#}"),
-    }
+    addresses.extend(
+        device_addresses
+            .iter()
+            .filter(|a| !node_addresses.contains(a)),
+    );
     addresses
 }
 
@@ -931,7 +946,14 @@ fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Cha
         socket_external_ips: if config.socket_lb_external_ips {
             SocketExternalIps::All
         } else {
-            SocketExternalIps::OwnAddresses(socket_external_ips(&addresses))
+            state.device_addresses = devices::local_ipv4().unwrap_or_else(|e| {
+                tracing::warn!("reading this node's addresses: {e:#}");
+                Vec::new()
+            });
+            SocketExternalIps::OwnAddresses(socket_external_ips(
+                &addresses,
+                &state.device_addresses,
+            ))
         },
         localhost_node_ports: config
             .node_ports

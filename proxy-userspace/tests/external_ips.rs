@@ -134,10 +134,17 @@ fn an_external_ip_on_an_address_the_node_carries_unlisted_is_served_to_its_pods(
         .node
         .ip(&["addr", "add", "198.51.100.7/32", "dev", "lo"])
         .expect("adding an address to the node");
-    h.start_agent_in_node(&[]);
+    // No periodic sync within the test: only the address change itself can sync it.
+    h.start_agent_in_node(&["--sync-period", "10m"]);
     h.wait_for_frontend("198.51.100.7:80", "TCP", Some(&["10.244.0.10:8080"]));
     assert_eq!(
         answers(&h.client(&["tcp", "198.51.100.7:80", "5"])).get("pod-a"),
         Some(&5)
     );
+    // The address moves away (a failover): the node's pods are no longer served there.
+    h.topo
+        .node
+        .ip(&["addr", "del", "198.51.100.7/32", "dev", "lo"])
+        .expect("removing the address");
+    h.wait_for_frontend("198.51.100.7:80", "TCP", None);
 }
