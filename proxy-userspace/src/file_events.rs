@@ -168,22 +168,28 @@ mod tests {
         }
     }
 
+    /// A test's parent directory, removed however the test ends.
+    struct Parent(std::path::PathBuf);
+
+    impl Drop for Parent {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A `manifests` directory in a parent of its own (`tag`): the watch on the parent
+    /// would see other tests' entries in the temporary directory.
+    fn manifests_dir(tag: &str) -> (Parent, std::path::PathBuf) {
+        let parent = Parent(std::env::temp_dir().join(format!("{tag}-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&parent.0);
+        let dir = parent.0.join("manifests");
+        std::fs::create_dir_all(&dir).unwrap();
+        (parent, dir)
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn writes_renames_and_removals_wake_it_and_reading_does_not() {
-        /// Removed however the test ends.
-        struct Dir(std::path::PathBuf);
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        // In a parent of its own: the watch on the parent would see other tests' entries
-        // in the temporary directory.
-        let guard =
-            Dir(std::env::temp_dir().join(format!("ekp-file-events-{}", std::process::id())));
-        let _ = std::fs::remove_dir_all(&guard.0);
-        let dir = guard.0.join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
+        let (_parent, dir) = manifests_dir("ekp-file-events");
         let mut events = FileEvents::watch(&dir).unwrap();
         let file = dir.join("a.yaml");
 
@@ -221,23 +227,13 @@ mod tests {
     /// old one, wherever it went, no longer.
     #[tokio::test(flavor = "current_thread")]
     async fn a_directory_swapped_at_its_path_is_followed() {
-        /// Removed however the test ends.
-        struct Dir(std::path::PathBuf);
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let guard = Dir(std::env::temp_dir().join(format!("ekp-file-swap-{}", std::process::id())));
-        let _ = std::fs::remove_dir_all(&guard.0);
-        let dir = guard.0.join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
+        let (parent, dir) = manifests_dir("ekp-file-swap");
         let mut events = FileEvents::watch(&dir).unwrap();
 
-        let old = guard.0.join("manifests.old");
+        let old = parent.0.join("manifests.old");
         std::fs::rename(&dir, &old).unwrap();
         assert!(changed(&mut events).await, "the directory moved away");
-        let new = guard.0.join("manifests.new");
+        let new = parent.0.join("manifests.new");
         std::fs::create_dir(&new).unwrap();
         std::fs::write(new.join("a.yaml"), "kind: Service\n").unwrap();
         std::fs::rename(&new, &dir).unwrap();
