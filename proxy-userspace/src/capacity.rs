@@ -12,6 +12,8 @@
 
 use std::collections::BTreeSet;
 
+use proxy_common::SVC_FLAG_SOURCE_RANGES;
+
 use crate::dataplane::MapSizes;
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, Skipped, SourceRange};
 use crate::sync::{Programmed, ProgrammedFrontend};
@@ -184,6 +186,23 @@ pub fn fit(
             .filter(|(id, _)| *id == p.rev_nat_id)
             .map(|(_, range)| *range)
             .collect();
+        // A frontend that filters its clients must not open up because its ranges are
+        // gone (a smaller trie at a restart copies what it has room for): it is left out,
+        // named, until they fit, as one that is not programmed.
+        if kept_ranges.is_empty()
+            && !frontend.source_ranges.is_empty()
+            && p.flags & SVC_FLAG_SOURCE_RANGES != 0
+        {
+            skipped.push(Skipped {
+                object,
+                reason: format!(
+                    "frontend {} ({}) not programmed: its source ranges are not in the \
+                     trie and the {map} map is full ({entries} entries)",
+                    frontend.key, frontend.kind
+                ),
+            });
+            continue;
+        }
         let (what, wanted, has) = if map == "source ranges" {
             (
                 "source ranges",
@@ -619,6 +638,30 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, [2], "{ops:?}");
+    }
+
+    /// A restart with a smaller source-range trie copies what it has room for: an LB
+    /// frontend whose ranges all stayed behind is left out rather than opened to every
+    /// client.
+    #[test]
+    fn a_filtered_frontend_whose_ranges_are_gone_is_not_opened() {
+        let range = |b: u8| SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24);
+        let ranged = |host: u8, ranges: &[u8]| Frontend {
+            source_ranges: ranges.iter().map(|r| range(*r)).collect(),
+            ..frontend(host, &[host])
+        };
+        let want = desired(&[ranged(1, &[1]), ranged(2, &[2])]);
+        let mut mirror = programmed(&want);
+        // Frontend 2's range was not copied into the smaller trie, which is full.
+        let id = mirror.frontends[&frontend(2, &[]).key].rev_nat_id;
+        mirror.source_ranges.remove(&(id, range(2)));
+        let cap = Capacity {
+            source_ranges: 1,
+            ..ROOMY
+        };
+        let (fitted, skipped) = fit(&mirror, &want, &cap);
+        assert_eq!(fitted, desired(&[ranged(1, &[1])]));
+        assert!(skipped[0].reason.contains("not programmed"), "{skipped:?}");
     }
 
     #[test]
