@@ -20,7 +20,7 @@
 //! programs use, and it takes the pin.
 //!
 //! A smaller map takes what fits: arrays their ids below the new size, the services hash
-//! map until it is full, the source-range trie until it is full, LRU maps their most
+//! map whole frontends while they fit, the source-range trie until it is full, LRU maps their most
 //! recently copied entries. What did not fit is named in a warning; the first sync fits
 //! the Services to the new size (and reports those left out), and the flows and sockets
 //! left out are treated as new.
@@ -207,7 +207,7 @@ impl Resizes {
 /// Copies `old`'s entries into the fresh map `new` of the same kind: (copied, left out).
 fn copy_entries(name: &str, old: &MapData, pin: &Path, new: &mut Map) -> Result<(usize, usize)> {
     match (name, new) {
-        (MAP_SERVICES, Map::HashMap(new)) => copy_hash::<ServiceKey, ServiceValue>(old, new),
+        (MAP_SERVICES, Map::HashMap(new)) => copy_services(old, new),
         (MAP_SOCK_REV_NAT, Map::LruHashMap(new)) => {
             copy_hash::<SockRevNatKey, SockRevNatValue>(old, new)
         }
@@ -245,6 +245,41 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(old: &MapData, new: &MapData) -> Result<(
         Err((done, e)) if is_full(&e) => Ok((done, keys.len() - done)),
         Err((_, e)) => Err(e),
     }
+}
+
+/// The services map's entries into a fresh one, whole frontends only (slot 0 and all its
+/// slots, in frontend order, while they fit): a half-copied one would leave a connection
+/// without a backend at a missing slot, and its holes would make the first sync write new
+/// keys into the full map.
+fn copy_services(old: &MapData, new: &MapData) -> Result<(usize, usize)> {
+    check_sizes::<ServiceKey, ServiceValue>(new)?;
+    let (keys, values) = entries::<ServiceKey, ServiceValue>(old)?;
+    let capacity = new.info()?.max_entries() as usize;
+    let (keys, values, left_out) = whole_frontends(keys, values, capacity);
+    bpf_sys::update_batch(new.fd().as_fd(), &keys, &values).map_err(|(_, e)| e)?;
+    Ok((keys.len(), left_out))
+}
+
+/// The entries of the frontends that fit in `capacity`, whole, in frontend order; and how
+/// many entries were left out.
+fn whole_frontends(
+    keys: Vec<ServiceKey>,
+    values: Vec<ServiceValue>,
+    capacity: usize,
+) -> (Vec<ServiceKey>, Vec<ServiceValue>, usize) {
+    let frontend = |k: &ServiceKey| (k.addr, k.port, k.proto, k.scope);
+    let mut entries: Vec<(ServiceKey, ServiceValue)> = keys.into_iter().zip(values).collect();
+    entries.sort_by_key(|(k, _)| (frontend(k), k.slot));
+    let (mut kept_keys, mut kept_values, mut left_out) = (Vec::new(), Vec::new(), 0);
+    for group in entries.chunk_by(|a, b| frontend(&a.0) == frontend(&b.0)) {
+        if kept_keys.len() + group.len() <= capacity {
+            kept_keys.extend(group.iter().map(|(k, _)| *k));
+            kept_values.extend(group.iter().map(|(_, v)| *v));
+        } else {
+            left_out += group.len();
+        }
+    }
+    (kept_keys, kept_values, left_out)
 }
 
 fn is_full(e: &anyhow::Error) -> bool {
@@ -318,6 +353,47 @@ fn add_missing<K: aya::Pod, V: aya::Pod>(old: &MapData, new: &mut Map) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frontends of a services map that shrinks are copied whole or not at all.
+    #[test]
+    fn a_smaller_services_map_takes_whole_frontends() {
+        let entry = |frontend: u8, slot: u16| {
+            (
+                ServiceKey {
+                    addr: u32::from(frontend),
+                    port: 80,
+                    slot,
+                    proto: 6,
+                    scope: 1,
+                    _pad: [0; 2],
+                },
+                ServiceValue {
+                    count: 2,
+                    ..ServiceValue::default()
+                },
+            )
+        };
+        // Three frontends of three entries each (slot 0 and two slots), shuffled.
+        let all: Vec<_> = [
+            (2, 1),
+            (1, 0),
+            (3, 2),
+            (1, 2),
+            (2, 0),
+            (3, 0),
+            (1, 1),
+            (3, 1),
+            (2, 2),
+        ]
+        .into_iter()
+        .map(|(f, slot)| entry(f, slot))
+        .collect();
+        let (keys, values): (Vec<_>, Vec<_>) = all.into_iter().unzip();
+        let (kept, _, left_out) = whole_frontends(keys, values, 7);
+        let kept: Vec<(u32, u16)> = kept.iter().map(|k| (k.addr, k.slot)).collect();
+        assert_eq!(kept, [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]);
+        assert_eq!(left_out, 3);
+    }
 
     /// A pin directory of this test's own, removed on drop.
     struct PinDir(PathBuf);
