@@ -285,10 +285,10 @@ impl Input {
 
 /// The runtime `run` runs on. A sync runs on the thread that calls `block_on` and does not
 /// yield until it is done (programming 30000 Services from empty took 0.89 s in the
-/// benchmark); the tasks it spawns (the health and
-/// metrics servers, the healthCheckNodePort servers, the watchers) run on a worker thread
-/// of their own, so that the kubelet's probes and the load balancers' health checks are
-/// answered during a sync as kube-proxy's goroutines answer them.
+/// benchmark); the tasks it spawns (the health and metrics servers, the healthCheckNodePort
+/// servers, the watchers) run on a worker thread of their own, so that the kubelet's probes
+/// and the load balancers' health checks are answered during a sync as kube-proxy's
+/// goroutines answer them.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
