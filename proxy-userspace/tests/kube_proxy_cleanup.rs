@@ -498,6 +498,7 @@ fn a_failing_removal_exits_non_zero_and_the_other_backends_are_still_cleaned() {
     // An iptables-nft-restore that always fails, found first on PATH.
     let dir = std::env::temp_dir().join(format!("{}-bin", node.ns.name()));
     std::fs::create_dir_all(&dir).expect("creating the fake tool directory");
+    let _removed = RemovedOnDrop(dir.clone());
     let fake = dir.join("iptables-nft-restore");
     std::fs::write(
         &fake,
@@ -518,7 +519,6 @@ fn a_failing_removal_exits_non_zero_and_the_other_backends_are_still_cleaned() {
         .stdin(Stdio::null())
         .output()
         .expect("running the agent");
-    let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -541,4 +541,13 @@ fn a_failing_removal_exits_non_zero_and_the_other_backends_are_still_cleaned() {
             .ok("nft", &["list", "tables"], None)
             .contains("kube-proxy")
     );
+}
+
+/// A directory removed with everything in it on drop, also when the test panics.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

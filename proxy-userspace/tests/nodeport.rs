@@ -92,9 +92,6 @@ impl Cluster {
         }
         ensure_bpffs();
         let prefix = netns::unique_prefix(&format!("ekpt-{tag}"));
-        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
-        fs::create_dir_all(&manifests).expect("creating the manifests directory");
-
         let fabric = Netns::create(&format!("{prefix}-fab")).expect("fabric namespace");
         ip(&fabric, "link add br0 type bridge");
         ip(&fabric, "link set br0 up");
@@ -157,6 +154,10 @@ impl Cluster {
                 cgroup,
             });
         }
+        // Last, when nothing that could fail is left: a panic above would leak it (the
+        // namespaces, servers and cgroups before it remove themselves).
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        fs::create_dir_all(&manifests).expect("creating the manifests directory");
         Cluster {
             prefix,
             manifests,

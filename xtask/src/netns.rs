@@ -168,6 +168,10 @@ impl Drop for Cgroup {
     }
 }
 
+/// How long [`Proc::spawn_ready`] waits for a child's ready line: far more than any server
+/// here takes to bind (milliseconds), so that only a hung child meets it.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A child process that is killed and reaped on drop.
 pub struct Proc {
     pub child: Child,
@@ -175,8 +179,20 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `command` with stdout piped and waits until it prints `ready_line` (bounded).
-    pub fn spawn_ready(mut command: Command, label: &str, ready_line: &str) -> Result<Self> {
+    /// Spawns `command` with stdout piped and waits until its first line is `ready_line`,
+    /// for at most [`READY_TIMEOUT`]: a child that hangs before it is ready is killed (on
+    /// drop) and named, rather than hanging the test run.
+    pub fn spawn_ready(command: Command, label: &str, ready_line: &str) -> Result<Self> {
+        Self::spawn_ready_within(command, label, ready_line, READY_TIMEOUT)
+    }
+
+    /// [`Proc::spawn_ready`] with another bound.
+    fn spawn_ready_within(
+        mut command: Command,
+        label: &str,
+        ready_line: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
         command.stdout(Stdio::piped()).stdin(Stdio::null());
         let child = command
             .spawn()
@@ -186,13 +202,22 @@ impl Proc {
             label: label.to_owned(),
         };
         let stdout: ChildStdout = proc.child.stdout.take().context("stdout was piped")?;
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line.trim() == ready_line => Ok(proc),
-            other => {
+        // The read blocks; on a thread of its own, it ends when the child prints a line or
+        // closes its stdout (killed on the way out of here when it timed out).
+        let (sender, first_line) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(BufReader::new(stdout).lines().next());
+        });
+        match first_line.recv_timeout(timeout) {
+            Ok(Some(Ok(line))) if line.trim() == ready_line => Ok(proc),
+            Ok(other) => {
                 let status = proc.child.try_wait().ok().flatten();
                 bail!("{label} did not become ready (first line {other:?}, exit {status:?})")
             }
+            Err(_) => bail!(
+                "{label} printed no line within {timeout:?}: {}",
+                cmd::display(&command)
+            ),
         }
     }
 
@@ -365,4 +390,40 @@ pub fn unique_prefix(tag: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that never prints its ready line fails the start within the bound, and is
+    /// killed, instead of hanging the test that started it.
+    #[test]
+    fn a_child_that_never_gets_ready_fails_within_the_bound() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "sleep 60"]);
+        let started = Instant::now();
+        let error =
+            Proc::spawn_ready_within(command, "sleeper", "ready", Duration::from_millis(200))
+                .err()
+                .expect("a silent child must not count as ready");
+        assert!(
+            error.to_string().contains("sleeper printed no line within"),
+            "{error:#}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_child_that_prints_its_ready_line_is_ready() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo ready; sleep 60"]);
+        let proc = Proc::spawn_ready_within(command, "server", "ready", Duration::from_secs(30))
+            .expect("ready");
+        drop(proc);
+    }
 }
