@@ -87,9 +87,9 @@ struct RunArgs {
     #[arg(long)]
     master: Option<String>,
 
-    /// NodePorts are served on this node's addresses within these CIDRs, comma-separated,
-    /// or on its primary address only with `primary` (kube-proxy's flag) [default: every
-    /// IPv4 address of the Node object].
+    /// NodePorts are served on this node's addresses (its devices' and its Node object's)
+    /// within these CIDRs, comma-separated, or on its primary address only with `primary`
+    /// (kube-proxy's flag) [default: every IPv4 address of the devices and the Node].
     #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
     nodeport_addresses: Vec<String>,
 

@@ -8,6 +8,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 
+use crate::kube_proxy_cleanup::IPVS_DUMMY;
+
 /// Where the kernel keeps the host's ephemeral port range (per network namespace).
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
@@ -77,12 +79,14 @@ pub fn first_ipv4(device: &str) -> Result<Option<Ipv4Addr>> {
         .map(|(_, a)| a))
 }
 
-/// This network namespace's IPv4 addresses, loopback ones aside; sorted.
+/// This network namespace's IPv4 addresses, loopback ones and those of kube-proxy's IPVS
+/// dummy device aside (it carries every Service address of an IPVS-mode node not yet
+/// cleaned up; kube-proxy leaves them out of its node addresses too); sorted.
 pub fn local_ipv4() -> Result<Vec<Ipv4Addr>> {
     let mut addresses: Vec<Ipv4Addr> = ipv4_addresses()?
         .into_iter()
+        .filter(|(device, a)| !a.is_loopback() && device != IPVS_DUMMY)
         .map(|(_, a)| a)
-        .filter(|a| !a.is_loopback())
         .collect();
     addresses.sort();
     addresses.dedup();

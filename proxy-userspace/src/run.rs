@@ -381,6 +381,7 @@ pub async fn run(config: Config) -> Result<()> {
         &config.node_name,
         snapshot.node.as_deref(),
         &NodePortAddresses::All,
+        &[],
     )
     .own_addresses;
     // The first sync starts from this translation.
@@ -522,10 +523,9 @@ pub async fn run(config: Config) -> Result<()> {
                     pod_devices = serve_pod_devices(&mut programs, &pod_devices);
                     follow_devices(&config, &state.node_addresses, &mut programs);
                     // An address that moved here or away (a keepalived or kube-vip
-                    // failover) changes which externalIPs the node's pods are served.
-                    if !config.socket_lb_external_ips
-                        && devices::local_ipv4().is_ok_and(|now| now != state.device_addresses)
-                    {
+                    // failover, a second NIC) changes where NodePorts are served, and
+                    // which externalIPs the node's pods are.
+                    if devices::local_ipv4().is_ok_and(|now| now != state.device_addresses) {
                         state.full = last_full.elapsed() >= config.sync_period;
                         break false;
                     }
@@ -770,7 +770,12 @@ fn sync_once(
     let prepare_started = std::time::Instant::now();
     state.node_seen |= input.node().is_some();
     health.set_node_eligible(node_eligible(input.node(), state.node_seen));
-    let node = node_info(&config.node_name, input.node(), &config.node_ports);
+    let node = node_info(
+        &config.node_name,
+        input.node(),
+        &config.node_ports,
+        &state.device_addresses,
+    );
     // The Kubernetes source counts its watch events itself (`SourceChanges`).
     if matches!(source, Source::Manifests { .. }) {
         let counted = &metrics.changes;
@@ -939,17 +944,27 @@ fn socket_external_ips(
 /// only what changed.
 fn translate_input(config: &Config, state: &mut LoopState, input: &Input) -> Changes {
     note_node(&config.node_name, input.node(), &mut state.node_known);
-    let base = node_info(&config.node_name, input.node(), &config.node_ports);
+    // A failed read (EMFILE, say) keeps the last one: an empty list would withdraw the
+    // NodePorts and externalIPs on the devices' addresses until the next sync.
+    match devices::local_ipv4() {
+        Ok(addresses) => state.device_addresses = addresses,
+        Err(e) => tracing::warn!(
+            "reading this node's addresses: {e:#}; the last ones read are kept ({})",
+            state.device_addresses.len()
+        ),
+    }
+    let base = node_info(
+        &config.node_name,
+        input.node(),
+        &config.node_ports,
+        &state.device_addresses,
+    );
     let addresses = base.own_addresses.clone();
     let node = NodeInfo {
         external_cluster_ips: config.external_cluster_ips,
         socket_external_ips: if config.socket_lb_external_ips {
             SocketExternalIps::All
         } else {
-            state.device_addresses = devices::local_ipv4().unwrap_or_else(|e| {
-                tracing::warn!("reading this node's addresses: {e:#}");
-                Vec::new()
-            });
             SocketExternalIps::OwnAddresses(socket_external_ips(
                 &addresses,
                 &state.device_addresses,

@@ -187,16 +187,33 @@ impl NodePortAddresses {
 /// zone, so no zone hints, and no NodePort addresses).
 ///
 /// The NodePort addresses are the node's IPv4 `InternalIP` and `ExternalIP` addresses that
-/// `--nodeport-addresses` admits: all, those within its CIDRs, or the primary one
-/// (kube-proxy's `GetNodeHostIPs`: the first `InternalIP` of the family, else the first
-/// `ExternalIP`). Unlike kube-proxy, which matches the host's interface addresses, this
-/// reads the Node object, so translate stays pure, and follows its changes (kube-proxy
-/// takes the primary address once, at start); addresses that are not parsable IPv4 ones
-/// are left out. Sorted and de-duplicated.
-pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses) -> NodeInfo {
+/// `--nodeport-addresses` admits among the host's and the Node's: all, those within its
+/// CIDRs, or the primary one (kube-proxy's `GetNodeHostIPs`: the first `InternalIP` of the
+/// family, else the first `ExternalIP`). kube-proxy matches the host's interface addresses
+/// (`--dst-type LOCAL` without CIDRs, the devices' addresses within them), so
+/// `host_addresses` (the devices' IPv4 addresses, loopback ones aside: read by the caller,
+/// so that translate stays pure) count as much as the Node's; the Node's count even where
+/// no device carries them (a cloud's ExternalIP, translated on its way in). The primary
+/// address follows the Node's changes (kube-proxy takes it once, at start). Addresses that
+/// are not parsable IPv4 ones are left out. Sorted and de-duplicated.
+pub fn node_info(
+    name: &str,
+    node: Option<&Node>,
+    node_ports: &NodePortAddresses,
+    host_addresses: &[Ipv4Addr],
+) -> NodeInfo {
+    let within = |addr: &Ipv4Addr| match node_ports {
+        NodePortAddresses::All => true,
+        NodePortAddresses::Primary => false,
+        NodePortAddresses::Within(cidrs) => cidrs
+            .iter()
+            .any(|&(network, prefix)| cidr_contains(network, prefix, *addr)),
+    };
+    let on_devices = host_addresses.iter().copied().filter(within);
     let Some(node) = node else {
         return NodeInfo {
             name: name.to_owned(),
+            node_port_addresses: on_devices.collect::<BTreeSet<_>>().into_iter().collect(),
             ..NodeInfo::default()
         };
     };
@@ -218,15 +235,8 @@ pub fn node_info(name: &str, node: Option<&Node>, node_ports: &NodePortAddresses
         }
     }
     let addresses: BTreeSet<Ipv4Addr> = match node_ports {
-        NodePortAddresses::All => all.collect(),
         NodePortAddresses::Primary => all.take(1).collect(),
-        NodePortAddresses::Within(cidrs) => all
-            .filter(|&addr| {
-                cidrs
-                    .iter()
-                    .any(|&(network, prefix)| cidr_contains(network, prefix, addr))
-            })
-            .collect(),
+        _ => all.filter(within).chain(on_devices).collect(),
     };
     NodeInfo {
         name: name.to_owned(),
@@ -3881,7 +3891,7 @@ mod tests {
     #[test]
     fn node_info_reads_the_ipv4_node_addresses_and_the_zone() {
         assert_eq!(
-            node_info("n1", Some(&typical_node()), &NodePortAddresses::All),
+            node_info("n1", Some(&typical_node()), &NodePortAddresses::All, &[]),
             NodeInfo {
                 name: "n1".into(),
                 zone: Some("zone-a".into()),
@@ -3909,7 +3919,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            node_info("n1", Some(&node), &NodePortAddresses::All).own_addresses,
+            node_info("n1", Some(&node), &NodePortAddresses::All, &[]).own_addresses,
             [
                 Ipv4Addr::new(10, 0, 0, 5),
                 Ipv4Addr::new(10, 0, 0, 4),
@@ -3955,7 +3965,7 @@ mod tests {
         ];
         for (case, node_ports, want) in cases {
             assert_eq!(
-                node_info("n1", Some(&typical_node()), &node_ports).node_port_addresses,
+                node_info("n1", Some(&typical_node()), &node_ports, &[]).node_port_addresses,
                 want,
                 "{case}"
             );
@@ -3971,8 +3981,57 @@ mod tests {
             None,
         );
         assert_eq!(
-            node_info("n1", Some(&external_only), &NodePortAddresses::Primary).node_port_addresses,
+            node_info("n1", Some(&external_only), &NodePortAddresses::Primary, &[])
+                .node_port_addresses,
             [Ipv4Addr::new(203, 0, 113, 9)]
+        );
+    }
+
+    /// kube-proxy serves NodePorts on the host's interface addresses (`--dst-type LOCAL`,
+    /// or those within `--nodeport-addresses`): a second NIC's address or a kube-vip
+    /// address that the Node does not list serves them too, also before the Node is read;
+    /// `primary` stays the Node's.
+    #[test]
+    fn node_info_serves_nodeports_on_the_hosts_addresses_too() {
+        let internal = Ipv4Addr::new(10, 1, 0, 5);
+        let external = Ipv4Addr::new(192, 0, 2, 1);
+        let second_nic = Ipv4Addr::new(172, 16, 3, 4);
+        let host = [internal, second_nic];
+        let within = |cidrs: &[&str]| NodePortAddresses::parse(cidrs).expect("valid");
+        let cases: [(&str, NodePortAddresses, Vec<Ipv4Addr>); 4] = [
+            ("all", within(&[]), vec![internal, second_nic, external]),
+            (
+                "a CIDR holding only the NIC",
+                within(&["172.16.0.0/12"]),
+                vec![second_nic],
+            ),
+            (
+                "a CIDR holding only the Node's",
+                within(&["10.0.0.0/8"]),
+                vec![internal],
+            ),
+            ("primary", NodePortAddresses::Primary, vec![internal]),
+        ];
+        for (case, node_ports, want) in cases {
+            assert_eq!(
+                node_info("n1", Some(&typical_node()), &node_ports, &host).node_port_addresses,
+                want,
+                "{case}"
+            );
+        }
+        assert_eq!(
+            node_info("n1", None, &within(&["172.16.0.0/12"]), &host).node_port_addresses,
+            [second_nic],
+            "without a Node object"
+        );
+        assert_eq!(
+            node_info("n1", None, &NodePortAddresses::Primary, &host).node_port_addresses,
+            Vec::<Ipv4Addr>::new()
+        );
+        // The Node's own addresses (SNAT, devices) are still the Node's alone.
+        assert_eq!(
+            node_info("n1", Some(&typical_node()), &within(&[]), &host).own_addresses,
+            [internal, external]
         );
     }
 
@@ -4006,16 +4065,16 @@ mod tests {
     fn node_info_without_zone_label_or_node_object() {
         let unlabelled = node_object(&[("InternalIP", "10.1.0.5")], None);
         assert_eq!(
-            node_info("n1", Some(&unlabelled), &NodePortAddresses::All).zone,
+            node_info("n1", Some(&unlabelled), &NodePortAddresses::All, &[]).zone,
             None
         );
         let empty_label = node_object(&[("InternalIP", "10.1.0.5")], Some(""));
         assert_eq!(
-            node_info("n1", Some(&empty_label), &NodePortAddresses::All).zone,
+            node_info("n1", Some(&empty_label), &NodePortAddresses::All, &[]).zone,
             None
         );
         assert_eq!(
-            node_info("n1", None, &NodePortAddresses::All),
+            node_info("n1", None, &NodePortAddresses::All, &[]),
             NodeInfo {
                 name: "n1".into(),
                 zone: None,

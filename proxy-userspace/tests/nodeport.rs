@@ -784,6 +784,15 @@ fn load_balancer_external_ip_and_node_port_cases() {
         std::collections::BTreeMap::from([(format!("pod-2 {CLIENT}"), 10)])
     );
 
+    // NodePorts are served on every address of the node's devices, as kube-proxy's
+    // `--dst-type LOCAL`: one the Node does not list (a second address on eth0), added
+    // while the agent runs.
+    ip(&node1.ns, "addr add 192.168.77.111/24 dev eth0");
+    cluster.wait_for(0, "192.168.77.111:30080", "external", &both);
+    let node1 = &cluster.nodes[0];
+    let counts = cluster.requests("192.168.77.111:30080", 30);
+    assert_both_pods_served(&counts, CLIENT);
+
     // C09: node1 itself to its own NodePort: both pods.
     let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "192.168.77.11:30080", 30);
     let pods: std::collections::BTreeSet<&str> =

@@ -101,6 +101,7 @@ fn scale_phases_of_a_sync() {
                 "bench-node",
                 snapshot.node.as_deref(),
                 &NodePortAddresses::All,
+                &[],
             );
             time("translate (whole)", || {
                 translation.update(&snapshot.services, &snapshot.slices, &node)
@@ -109,7 +110,12 @@ fn scale_phases_of_a_sync() {
             let delta = time("delta", || {
                 cache.delta(&dir, "bench-node").expect("patched")
             });
-            let node = node_info("bench-node", delta.node.as_deref(), &NodePortAddresses::All);
+            let node = node_info(
+                "bench-node",
+                delta.node.as_deref(),
+                &NodePortAddresses::All,
+                &[],
+            );
             time("translate (delta)", || translation.apply(&delta, &node))
         };
         let desired = translation.state();
