@@ -485,10 +485,17 @@ impl Maps {
     }
 }
 
-/// Deleting what is already gone is success: the goal state is reached.
+/// Deleting what is already gone is success: the goal state is reached. aya reports a
+/// hash map's or trie's missing key as the delete syscall's ENOENT (an LRU entry evicted
+/// since it was listed, a key deleted by hand with bpftool).
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -1723,5 +1730,23 @@ mod tests {
         let (written, error) = bpf_sys::update_batch(read_only.as_fd(), &[7u32, 8], &[70u64, 80])
             .expect_err("a read-only descriptor refuses writes");
         assert_eq!(written, 0, "{error:#}");
+    }
+
+    /// A delete of a key that is gone (an LRU entry evicted since it was listed) reaches
+    /// the goal: it must not fail the sync. Other errors still do.
+    #[test]
+    fn deleting_a_missing_key_is_success() {
+        let fd = hash_map(4);
+        let mut map: HashMap<MapData, u32, u64> =
+            HashMap::try_from(Map::HashMap(MapData::from_fd(fd).expect("the map")))
+                .expect("a hash map");
+        map.insert(7, 70, 0).expect("inserting");
+        ignore_missing(map.remove(&7)).expect("deleting a key that is there");
+        ignore_missing(map.remove(&7)).expect("deleting it again");
+        let other = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert!(ignore_missing(Err(other)).is_err());
     }
 }
