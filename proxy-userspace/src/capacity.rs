@@ -155,11 +155,17 @@ pub fn fit(
             // next sync, which then has room for the new ones.
             Some(p) => {
                 peak.rev_nat += rev_nat_growth;
-                let kept: Vec<BackendAddr> = (1..=p.count)
-                    .filter_map(|slot| p.slots.get(&slot))
+                // Any slot counts, a lingering one too: a backend live again (a pod ready
+                // again) fills the slot it has. Sorted and once each, as the slots must be
+                // (a failed sync may have left them otherwise).
+                let kept: Vec<BackendAddr> = p
+                    .slots
+                    .values()
                     .filter_map(|id| programmed.backends.get(id))
                     .filter(|b| frontend.backends.binary_search(b).is_ok())
                     .copied()
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
                     .collect();
                 // Those it has that linger now (a draining pod among them, live until
                 // now): they fill slots it has, nothing new is written.
@@ -590,6 +596,31 @@ mod tests {
         let (fitted, skipped) = fit(&mirror, &desired(&[draining(&[1, 2, 4], &[3])]), &cap);
         assert_eq!(fitted, desired(&[draining(&[1, 2], &[3])]));
         assert_eq!(skipped.len(), 1, "{skipped:?}");
+    }
+
+    /// ... and one that lingered and is live again (its pod ready again) stays too, in the
+    /// slot it has: dropped, its flows would be cut and its UDP sockets closed.
+    #[test]
+    fn a_frontend_that_cannot_grow_keeps_a_backend_live_again() {
+        let cap = Capacity {
+            backends: 3,
+            ..ROOMY
+        };
+        let draining = |backends: &[u8], lingering: &[u8]| Frontend {
+            lingering: frontend(0, lingering).backends,
+            ..frontend(1, backends)
+        };
+        let mirror = programmed(&desired(&[draining(&[1, 3], &[2])]));
+        let (fitted, skipped) = fit(&mirror, &desired(&[frontend(1, &[1, 2, 3, 4])]), &cap);
+        assert_eq!(fitted, desired(&[frontend(1, &[1, 2, 3])]));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            !plan(&mirror, &fitted)
+                .expect("plan")
+                .iter()
+                .any(|op| matches!(op, crate::sync::Op::DeleteBackend { .. })),
+            "no backend departs"
+        );
     }
 
     /// Rev-NAT ids a plan does not give out count as used: those only a failed sync's
