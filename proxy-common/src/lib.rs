@@ -231,7 +231,9 @@ pub const CT_FLAG_REPLY: u16 = 1 << 0;
 /// The flow is source-NATed to the node's address (a remote backend behind an
 /// `externalTrafficPolicy: Cluster` frontend); both of its entries are looked up at ingress.
 pub const CT_FLAG_SNAT: u16 = 1 << 1;
-/// A reply was seen: the backend answered (TCP: the connection got past the handshake).
+/// A reply was seen: the backend answered (TCP: the connection got past the handshake: a
+/// segment without SYN from the backend, or from the client after the backend's SYN-ACK,
+/// as Linux's conntrack calls a connection established at the client's ACK).
 pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 2;
 /// The TCP flow is closing: a RST was seen, or a FIN in each direction
 /// (`CT_FLAG_FIN_CLIENT` and `CT_FLAG_FIN_BACKEND`). Its entries then live
@@ -253,6 +255,11 @@ pub const CT_FLAG_FIN_BACKEND_FIRST: u16 = 1 << 6;
 /// stamp it read, so that of two CPUs claiming the entry at that moment only one succeeds.
 /// The new flow's insert replaces the whole entry right after.
 pub const CT_FLAG_CLAIM: u16 = 1 << 7;
+/// The backend answered a TCP flow's SYN (its SYN-ACK), and the handshake is not over: the
+/// flow keeps `CT_LIFETIME_TCP_SYN` until a segment without SYN follows. A SYN-ACK alone
+/// does not establish a flow: a flood of SYNs from spoofed addresses, which the backend
+/// answers and nobody acknowledges, must not hold SNAT ports and conntrack room for hours.
+pub const CT_FLAG_BACKEND_SYN: u16 = 1 << 8;
 
 /// Idle lifetimes of a conntrack entry in seconds (Cilium's defaults): after this long
 /// without a packet, a new packet with the same tuple starts a new flow (a new backend) and

@@ -20,14 +20,15 @@ use aya_ebpf::bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST};
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLAIM, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND,
-    CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
-    CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
+    CT_DIR_IN, CT_DIR_OUT, CT_FLAG_BACKEND_SYN, CT_FLAG_CLAIM, CT_FLAG_CLOSING,
+    CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, PROTO_TCP,
+    SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
 use crate::maps::{BACKENDS, NAT_CT, SNAT_CURSOR};
-use crate::parse::{Packet, TCP_FIN, TCP_RST};
+use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::time_wait::{self, Judged, Stamp};
 
 /// The conntrack key of `pkt` as seen by the hook `dir`.
@@ -174,7 +175,13 @@ pub fn touch(
 ) -> bool {
     let from_backend = seen.flags & CT_FLAG_REPLY != 0;
     let mut add = 0;
-    if from_backend {
+    // TCP is past its handshake at a segment without SYN from the backend, or from the
+    // client once the backend's SYN-ACK came (Linux's ESTABLISHED at the client's ACK).
+    // (`tcp_flags` is 0 for other protocols.)
+    let syn = pkt.tcp_flags & TCP_SYN != 0;
+    if from_backend && syn {
+        add |= CT_FLAG_BACKEND_SYN;
+    } else if from_backend || (!syn && seen.flags & CT_FLAG_BACKEND_SYN != 0) {
         add |= CT_FLAG_SEEN_REPLY;
     }
     if pkt.tcp_flags & TCP_FIN != 0 {

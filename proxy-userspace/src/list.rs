@@ -9,9 +9,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use proxy_common::{
-    CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
-    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
-    PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, seconds_since,
+    CT_DIR_OUT, CT_FLAG_BACKEND_SYN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND,
+    CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
+    NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY,
+    seconds_since,
 };
 
 use crate::abi;
@@ -235,6 +236,7 @@ fn listed_flow(key: &NatCtKey, value: &NatCtValue, now: u32) -> ListedFlow {
     let idle = seconds_since(value.last_seen, now);
     let flags = [
         (CT_FLAG_SNAT, "snat"),
+        (CT_FLAG_BACKEND_SYN, "backend-syn"),
         (CT_FLAG_SEEN_REPLY, "seen-reply"),
         (CT_FLAG_FIN_CLIENT, "client-fin"),
         (CT_FLAG_FIN_BACKEND, "backend-fin"),

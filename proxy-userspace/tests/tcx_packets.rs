@@ -21,11 +21,11 @@ use prog_test_run::{
     verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST,
-    CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING,
-    CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP, CT_LIFETIME_TCP_SYN,
-    MAP_NS_FILTER, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NsFilter, PROTO_TCP,
-    PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
+    BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_BACKEND_SYN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND,
+    CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT,
+    CT_LIFETIME_CLOSING, CT_LIFETIME_NONTCP, CT_LIFETIME_SNAT_CLOSING, CT_LIFETIME_TCP,
+    CT_LIFETIME_TCP_SYN, MAP_NS_FILTER, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue,
+    NsFilter, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_IP,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     SnatTimeWait, TIME_WAIT_FLAG_TIMESTAMP,
 };
@@ -419,9 +419,16 @@ fn c08_dnat_and_snat_to_a_remote_backend_and_the_reply_goes_back_to_the_client()
                     .unwrap_or_else(|| panic!("no entry {k:?} in {entries:?}"))
             };
             assert_eq!(get(&forward).flags & CT_FLAG_SNAT, CT_FLAG_SNAT);
+            // The backend answered: a SYN-ACK, which does not end TCP's handshake yet.
+            let answered = if proto == PROTO_TCP {
+                CT_FLAG_BACKEND_SYN
+            } else {
+                CT_FLAG_SEEN_REPLY
+            };
+            let recorded = CT_FLAG_SNAT | CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY | CT_FLAG_BACKEND_SYN;
             assert_eq!(
-                get(&backward).flags & (CT_FLAG_SNAT | CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY),
-                CT_FLAG_SNAT | CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY
+                get(&backward).flags & recorded,
+                CT_FLAG_SNAT | CT_FLAG_REPLY | answered
             );
         });
     }
@@ -1267,6 +1274,45 @@ fn snat_ports_never_collide_and_exhaustion_drops_only_the_new_flow() {
     });
 }
 
+/// SYNs from spoofed addresses, which the backend answers and no one acknowledges, hold
+/// their SNAT ports for the SYN lifetime only, as Linux's conntrack keeps SYN_RECV entries
+/// for 60 s: a SYN-ACK alone does not make the flow an established one (6 h).
+#[test]
+fn a_handshake_the_client_never_completes_frees_its_snat_port_after_the_syn_lifetime() {
+    in_private_netns(|| {
+        let mut dp = snat_datapath(PROTO_TCP, 61000, 61001);
+        for client in [
+            Ipv4Addr::new(198, 51, 100, 1),
+            Ipv4Addr::new(198, 51, 100, 2),
+        ] {
+            let syn = Frame::tcp(client, CLIENT_PORT, NODE, NODE_PORT);
+            let out = dp.ingress(&syn.bytes());
+            assert_eq!(out.verdict, TCX_NEXT);
+            let (_, port, _, _) = tuple_of(&out.packet);
+            let syn_ack = syn.with_tuple(NODE, port, REMOTE_POD, POD_PORT).reply();
+            assert_eq!(dp.ingress(&syn_ack.bytes()).verdict, TCX_NEXT);
+        }
+        let entries = dp.ct_entries();
+        assert_eq!(entries.len(), 4, "{entries:?}");
+        assert!(
+            entries
+                .iter()
+                .all(|(_, v)| v.lifetime(PROTO_TCP) == CT_LIFETIME_TCP_SYN),
+            "{entries:?}"
+        );
+        // A minute and a bit later, the half-open flows have expired: a new client gets a
+        // port.
+        for (key, mut value) in entries {
+            value.last_seen -= CT_LIFETIME_TCP_SYN + 2;
+            dp.nat_ct.insert(key, value, 0).expect("ageing an entry");
+        }
+        let newcomer = Frame::tcp(Ipv4Addr::new(198, 51, 100, 3), CLIENT_PORT, NODE, NODE_PORT);
+        let out = dp.ingress(&newcomer.bytes());
+        assert_eq!(out.verdict, TCX_NEXT, "the newcomer's SYN is not dropped");
+        assert_eq!(tuple_of(&out.packet).2, REMOTE_POD);
+    });
+}
+
 #[test]
 fn an_expired_flow_gives_its_snat_port_back() {
     in_private_netns(|| {
@@ -1718,12 +1764,34 @@ fn conntrack_records_replies_each_sides_fin_and_closing_on_both_entries() {
             .with_tuple(CLIENT, CLIENT_PORT, LOCAL_POD, POD_PORT)
             .reply();
         dp.egress(&reply.bytes());
-        // The refresh of the partner happens at most once a second; the reply's own entry
-        // records it at once.
+        // The backend's SYN-ACK does not end the handshake (a spoofed client's SYN is
+        // answered too, and never acknowledged): the flow keeps its SYN lifetime.
+        let all = flags();
         assert!(
-            flags().contains(&(CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY)),
-            "{:?}",
-            flags()
+            all.contains(&(CT_FLAG_REPLY | CT_FLAG_BACKEND_SYN)),
+            "{all:?}"
+        );
+        assert!(
+            all.iter().all(|f| f & CT_FLAG_SEEN_REPLY == 0),
+            "a SYN-ACK alone establishes nothing: {all:?}"
+        );
+        // The client's ACK does, on both entries (a flag that changes refreshes the
+        // partner at once).
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        dp.ingress(&ack.bytes());
+        let all = flags();
+        assert!(
+            all.len() == 2 && all.iter().all(|f| f & CT_FLAG_SEEN_REPLY != 0),
+            "established at the client's ACK: {all:?}"
+        );
+        assert!(
+            dp.ct_entries()
+                .iter()
+                .all(|(_, v)| v.lifetime(PROTO_TCP) == CT_LIFETIME_TCP),
+            "{all:?}"
         );
 
         let fin = Frame {
@@ -1823,7 +1891,7 @@ fn a_syn_on_a_closed_flows_tuple_starts_a_new_flow() {
         // A retransmitted SYN of the live flow stays on it.
         dp.ingress(&syn.bytes());
         assert!(
-            flags().contains(&(CT_FLAG_REPLY | CT_FLAG_SEEN_REPLY)),
+            flags().contains(&(CT_FLAG_REPLY | CT_FLAG_BACKEND_SYN)),
             "the flow is still the answered one: {:?}",
             flags()
         );
