@@ -427,6 +427,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
                 pod_devices: args.pod_devices.clone(),
             };
+            run::raise_open_files_limit();
             run::runtime()
                 .context("starting the async runtime")?
                 .block_on(run::run(config))

@@ -38,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::oneshot;
 
 use crate::events::Events;
-use crate::http::Health;
+use crate::http::{self, ConnectionLimits, Health};
 use crate::metrics::{HealthCheckLabel, Metrics};
 use crate::model::NodeInfo;
 use crate::translate::{HealthCheck, NodePortAddresses};
@@ -97,7 +97,7 @@ impl Server {
             .collect::<Result<Vec<_>>>()?;
         self.listeners.retain(|a, _| addresses.contains(a));
         for (addr, listener) in new {
-            let stop = serve(listener, self.app.clone(), &self.state);
+            let stop = serve(listener, self.app.clone());
             self.listeners.insert(addr, stop);
         }
         Ok(())
@@ -253,7 +253,7 @@ impl HealthCheckServers {
         let listeners = addresses
             .iter()
             .zip(listeners)
-            .map(|(&addr, listener)| (addr, serve(listener, app.clone(), &state)))
+            .map(|(&addr, listener)| (addr, serve(listener, app.clone())))
             .collect();
         Ok(Server {
             port: check.port,
@@ -265,25 +265,18 @@ impl HealthCheckServers {
 }
 
 /// Serves `app` on `listener` until the returned sender is dropped (or used).
-fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    state: &ServiceState,
-) -> oneshot::Sender<()> {
+fn serve(listener: tokio::net::TcpListener, app: Router) -> oneshot::Sender<()> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let service = format!("{}/{}", state.namespace, state.name);
-    tokio::spawn(async move {
-        let shutdown = async {
-            // A send or a drop of the sender: either means stop.
-            let _ = stop_rx.await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!("health check server of Service {service} stopped: {e}");
-        }
-    });
+    let stop = async {
+        // A send or a drop of the sender: either means stop.
+        let _ = stop_rx.await;
+    };
+    tokio::spawn(http::serve_connections(
+        listener,
+        app,
+        ConnectionLimits::DEFAULT,
+        stop,
+    ));
     stop_tx
 }
 

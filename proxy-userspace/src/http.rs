@@ -206,8 +206,68 @@ async fn serve_on(listener: tokio::net::TcpListener, app: Router, what: &'static
         Ok(bound) => tracing::info!("serving {what} on http://{bound}"),
         Err(e) => tracing::info!("serving {what} (address unknown: {e})"),
     }
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("{what} server stopped: {e}");
+    serve_connections(
+        listener,
+        app,
+        ConnectionLimits::DEFAULT,
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// How long the health, metrics and health-check-NodePort servers give a client.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// To send a request's headers.
+    pub header_read: Duration,
+    /// To stay connected at all, requests and idle time together.
+    pub lifetime: Duration,
+}
+
+impl ConnectionLimits {
+    /// Probes (kubelet, cloud load balancers, Prometheus) send one small request at once,
+    /// most on a new connection each time.
+    pub const DEFAULT: Self = ConnectionLimits {
+        header_read: Duration::from_secs(10),
+        lifetime: Duration::from_secs(60),
+    };
+}
+
+/// Serves `app` on `listener` until `stop` completes, each connection on a task of its
+/// own and within `limits`: without them (axum's `serve` sets none) a client that opens
+/// connections and never finishes a request (the health ports listen on every address,
+/// reachable like a NodePort) keeps each open for good, until the agent runs out of file
+/// descriptors and with them its watches and binds. An accept that fails (EMFILE) is
+/// tried again shortly, as axum does.
+pub async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut stop => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // Dropped at the end of its lifetime: the socket closes.
+            let _ = tokio::time::timeout(limits.lifetime, connection).await;
+        });
     }
 }
 
@@ -495,6 +555,56 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_564_800 + 3_723);
         assert_eq!(rfc3339(Some(t)), "2026-11-25T01:02:03Z");
         assert_eq!(rfc3339(None), "0001-01-01T00:00:00Z");
+    }
+
+    /// A client that never finishes its request's headers, or keeps its connection open,
+    /// is cut off within the limits; a whole request is answered.
+    #[test]
+    fn slow_and_idle_clients_are_cut_off_and_a_whole_request_is_answered() {
+        use std::io::{Read, Write};
+        let runtime = crate::run::runtime().expect("the agent's runtime");
+        let (health, metrics) = state();
+        let limits = ConnectionLimits {
+            header_read: Duration::from_millis(300),
+            lifetime: Duration::from_secs(2),
+        };
+        let addr = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("binding");
+            let addr = listener.local_addr().expect("its address");
+            let app = health_router(health, metrics);
+            tokio::spawn(serve_connections(
+                listener,
+                app,
+                limits,
+                std::future::pending(),
+            ));
+            addr
+        });
+        // Waits (bounded, far beyond the limits) for the server to close the connection;
+        // what it sent before.
+        let until_closed = |stream: &mut std::net::TcpStream| -> String {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("a read timeout");
+            let mut text = Vec::new();
+            stream
+                .read_to_end(&mut text)
+                .expect("the server closes the connection within 30 s");
+            String::from_utf8_lossy(&text).into_owned()
+        };
+        let mut slow = std::net::TcpStream::connect(addr).expect("connecting");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .expect("half a request");
+        let sent = until_closed(&mut slow);
+        assert!(!sent.contains("200 OK"), "{sent}");
+
+        let mut idle = std::net::TcpStream::connect(addr).expect("connecting");
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("a request, then nothing (keep-alive)");
+        let sent = until_closed(&mut idle);
+        assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
     }
 
     /// A sync does not yield to the runtime until it is done. On the agent's runtime the

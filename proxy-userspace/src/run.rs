@@ -297,6 +297,32 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for
+/// kube-proxy: a soft limit of 1024 (a common default) is soon met by the health-check
+/// servers' clients, and every watch, map and bind shares it.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: an out pointer to a live rlimit, then the same struct read back.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    };
+    if !raised {
+        tracing::warn!(
+            "raising the open files limit to {}: {}",
+            limit.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     for (map, capacity) in map_capacities(&config.map_sizes) {
@@ -1220,6 +1246,30 @@ mod scale;
 mod tests {
     use super::*;
     use crate::model::{DesiredState, Frontend, FrontendKind, Protocol, Scope, WhenEmpty};
+
+    /// The soft limit on open files is raised to the hard one (this test lowers this test
+    /// process's first, and leaves it raised).
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        let read = || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: an out pointer to a live rlimit.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+            limit
+        };
+        let hard = read().rlim_max;
+        let lowered = libc::rlimit {
+            rlim_cur: hard.min(1024) - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: a pointer to a live rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        raise_open_files_limit();
+        assert_eq!(read().rlim_cur, hard);
+    }
 
     /// A slice whose last change the EndpointSlice controller stamped at `trigger`.
     fn triggered_at(trigger: &str) -> Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
