@@ -1,5 +1,5 @@
 //! `/healthz` and `/livez` (kube-proxy's semantics, probed by cloud load balancers and the
-//! kubelet) and the metrics server: `/metrics`, and beside it what kube-proxy's metrics
+//! kubelet), `/readyz` (the first sync done) and the metrics server: `/metrics`, and beside it what kube-proxy's metrics
 //! port also answers, `/healthz` (the process is up) and `/proxyMode`.
 //!
 //! Health follows kube-proxy's proxier health server: the agent is unhealthy when an update
@@ -124,6 +124,7 @@ fn health_router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", any(healthz))
         .route("/livez", any(livez))
+        .route("/readyz", any(readyz))
         .with_state(AppState { health, metrics })
 }
 
@@ -333,6 +334,22 @@ async fn livez(State(app): State<AppState>) -> Response {
     json(code, health_body(healthy, last, now, None))
 }
 
+/// `/readyz` (this agent's; kube-proxy has none, and its DaemonSets no readiness probe):
+/// `/livez` once a sync has succeeded. Healthy while starting, `/livez` is 200 while the
+/// agent cannot reach the API server or load its programs, and so is a readiness probe on
+/// it: a broken install or upgrade would look Ready and roll on to every node.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let now = SystemTime::now();
+    let (healthy, _, last) = app.health.status(now);
+    let ready = healthy && last.is_some();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, health_body(ready, last, now, None))
+}
+
 /// The generic `/healthz` of Kubernetes components (k8s.io/apiserver's root handler) with
 /// its one check, `ping`: `ok`; with `?verbose`, each check (`?exclude=ping` marks it
 /// excluded, other names are reported as matching nothing) and `healthz check passed`.
@@ -474,6 +491,21 @@ mod tests {
             .await
             .expect("a body");
         (status, kind, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `/readyz` waits for the first successful sync (`/livez` is 200 before it), and
+    /// fails with `/livez` when an update waits too long.
+    #[tokio::test]
+    async fn readyz_is_200_only_after_a_sync_and_while_healthy() {
+        let (health, metrics) = state();
+        let router = health_router(health.clone(), metrics);
+        assert_eq!(ask(router.clone(), "GET", "/livez").await.0, 200);
+        assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);
+        health.updated(SystemTime::now());
+        assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 200);
+        health.queued(SystemTime::now() - Duration::from_secs(61));
+        assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);
+        assert_eq!(ask(router, "GET", "/livez").await.0, 503);
     }
 
     fn state() -> (Arc<Health>, Arc<Metrics>) {

@@ -1257,7 +1257,10 @@ mod tests {
                 rlim_max: 0,
             };
             // SAFETY: an out pointer to a live rlimit.
-            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+            assert_eq!(
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+                0
+            );
             limit
         };
         let hard = read().rlim_max;

@@ -96,6 +96,8 @@ fn c30_healthz_and_livez_are_200_once_synced_and_metrics_use_kube_proxy_names() 
     );
     let (code, body) = get(&healthz, "/livez");
     assert_eq!(code, 200, "{body}");
+    let (code, body) = get(&healthz, "/readyz");
+    assert_eq!(code, 200, "synced: ready: {body}");
 
     let metrics = h.served_address("metrics");
     let (code, text) = get(&metrics, "/metrics");

@@ -954,7 +954,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     );
     with(
         &mut checks,
-        "defaults: liveness and readiness /livez on port 10256",
+        "defaults: liveness /livez, readiness /readyz on port 10256",
         &r,
         |r| {
             let agent = r.agent()?;
@@ -969,7 +969,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 &port["containerPort"],
                 &json!(10256),
             )?;
-            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/livez")] {
+            for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
                 expect_eq(
                     probe,
                     &agent[probe]["httpGet"],
@@ -1456,7 +1456,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             expect_eq(
                 "readinessProbe",
                 &agent["readinessProbe"]["httpGet"],
-                &json!({"host": "127.0.0.1", "path": "/livez", "port": "healthz"}),
+                &json!({"host": "127.0.0.1", "path": "/readyz", "port": "healthz"}),
             )?;
             // livenessProbe.enabled=false: none.
             expect_eq("livenessProbe", &agent["livenessProbe"], &Value::Null)
@@ -1547,6 +1547,30 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 let chart = chart.render(REQUIRED)?;
                 let affinity = |d: &Value| d["spec"]["template"]["spec"]["affinity"].clone();
                 expect_eq("affinity", affinity(extra), affinity(chart.daemonset()?))
+            },
+        );
+        // The containers that touch the node (not the `done` sleeper) run as the chart's
+        // agent does under SELinux: container_t may not use its netfilter or bpffs.
+        checks.check(
+            &format!("extras/{name}: the node's SELinux type for what touches the node"),
+            || {
+                let raw = fs::read_to_string(chart.dir.join("extras").join(name))?;
+                let docs = parse_stream(&raw)?;
+                let extra = docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .context("no DaemonSet")?;
+                let chart = chart.render(REQUIRED)?;
+                let wanted = &chart.agent()?["securityContext"]["seLinuxOptions"];
+                let spec = &extra["spec"]["template"]["spec"];
+                for c in spec["initContainers"].as_array().into_iter().flatten() {
+                    expect_eq(
+                        &format!("{}: seLinuxOptions", c["name"]),
+                        &c["securityContext"]["seLinuxOptions"],
+                        wanted,
+                    )?;
+                }
+                Ok(())
             },
         );
     }
