@@ -360,7 +360,9 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
+    let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (changed_tx, mut changed_rx) =
+        queue_changes(health.clone(), metrics.clone(), listening.clone());
     // A source that cannot be opened (no such directory, no usable kubeconfig) stops the
     // start before anything is pinned.
     let opened = open_source(&config, &metrics).await?;
@@ -393,6 +395,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigint.recv() => return Ok(()),
     };
     health.queued(SystemTime::now());
+    listening.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(events) = &events {
         events.starting();
         let _ = node_events.set(events.clone());
@@ -623,6 +626,33 @@ async fn open_source(config: &Config, metrics: &Metrics) -> Result<Opened> {
 /// Starts following the opened source; returns once it has a first state to read (the
 /// Kubernetes source: its initial lists), with where events are recorded (the Kubernetes
 /// source only).
+/// The source's "something changed" signals, each marked as a queued update (`/livez`'s
+/// wait, `last_queued_timestamp`) when it comes, once `listening` (the initial lists are
+/// in: until then an API server that cannot be reached fails no probe), and passed on to
+/// the loop. This runs on the runtime's worker thread, as the watchers do, and so marks
+/// while a sync holds the loop's thread: a sync that never ends shows in `/livez`, as with
+/// kube-proxy, whose event handlers queue the update.
+fn queue_changes(
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
+) -> (mpsc::Sender<()>, mpsc::Receiver<()>) {
+    let (source_tx, mut source_rx) = mpsc::channel::<()>(1);
+    let (loop_tx, loop_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        while source_rx.recv().await.is_some() {
+            if listening.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = SystemTime::now();
+                health.queued(now);
+                metrics.last_queued_timestamp.set(unix_seconds(now));
+            }
+            // A full channel already holds a pending "changed".
+            let _ = loop_tx.try_send(());
+        }
+    });
+    (source_tx, loop_rx)
+}
+
 async fn start_source(
     opened: Opened,
     node_name: &str,
@@ -1272,6 +1302,26 @@ mod tests {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
         raise_open_files_limit();
         assert_eq!(read().rlim_cur, hard);
+    }
+
+    /// A change counts as queued when it comes, whatever the loop does (here: nothing),
+    /// once the initial lists are in; the source's end reaches the loop.
+    #[tokio::test]
+    async fn a_change_is_queued_when_it_comes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let listening = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = queue_changes(health.clone(), Arc::default(), listening.clone());
+        let later = || SystemTime::now() + Duration::from_secs(61);
+        tx.send(()).await.expect("sending");
+        rx.recv().await.expect("passed on");
+        assert!(health.status(later()).0, "before the initial lists: not counted");
+        listening.store(true, Ordering::Relaxed);
+        tx.send(()).await.expect("sending");
+        rx.recv().await.expect("passed on");
+        assert!(!health.status(later()).0, "queued when it came");
+        drop(tx);
+        assert!(rx.recv().await.is_none(), "the source's end reaches the loop");
     }
 
     /// A slice whose last change the EndpointSlice controller stamped at `trigger`.
