@@ -168,7 +168,7 @@ struct RunArgs {
     node_name: Option<String>,
 
     /// Changes are batched; syncs are at least this far apart (kube-proxy's
-    /// --min-sync-period). Accepts e.g. 1s, 250ms.
+    /// --min-sync-period), at most --sync-period. Go's form, e.g. 250ms, 1m30s.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     min_sync_period: Duration,
 
@@ -325,20 +325,63 @@ fn parse_sync_period(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The longest duration a flag takes: beyond it, the periods' sums would overflow the
+/// clock's arithmetic, and no period means anything.
+const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration as Go writes one, the form of kube-proxy's flags and of its configuration
+/// file (`1m0s`, `1h30m`, `1.5s`, `250ms`; units `ns`, `us`/`µs`, `ms`, `s`, `m`, `h`),
+/// or a bare number of seconds; not negative, at most [`LONGEST`].
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?} (use ms, s or m)")),
+    let invalid = || format!("invalid duration {s:?} (e.g. 1m30s, 250ms, 1.5s)");
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Some(Duration::from_secs(seconds))
+            .filter(|d| *d <= LONGEST)
+            .ok_or_else(|| format!("duration {s:?} is longer than a year"));
     }
+    let is_number = |c: char| c.is_ascii_digit() || c == '.';
+    let (mut rest, mut nanos) = (s, 0u128);
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let unit_at = rest.find(|c: char| !is_number(c)).ok_or_else(invalid)?;
+        let (number, tail) = rest.split_at(unit_at);
+        let next_at = tail.find(is_number).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(next_at);
+        let per_unit: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return Err(invalid()),
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(invalid());
+        }
+        let digits = |d: &str| -> Result<u128, String> {
+            if d.is_empty() {
+                Ok(0)
+            } else {
+                d.parse::<u128>().map_err(|_| invalid())
+            }
+        };
+        // Go keeps the fraction's digits down to a nanosecond.
+        let fraction = &fraction[..fraction.len().min(18)];
+        let scale = 10u128.pow(fraction.len() as u32);
+        let fraction = digits(fraction)? * per_unit / scale;
+        nanos = digits(whole)?
+            .checked_mul(per_unit)
+            .and_then(|n| n.checked_add(fraction))
+            .and_then(|n| n.checked_add(nanos))
+            .filter(|n| *n <= LONGEST.as_nanos())
+            .ok_or_else(|| format!("duration {s:?} is longer than a year"))?;
+        rest = next;
+    }
+    Ok(Duration::from_nanos(nanos as u64))
 }
 
 pub fn main() -> ExitCode {
@@ -382,6 +425,15 @@ fn dispatch(cli: Cli) -> Result<()> {
                         .context("reading the hostname for the node name (use --hostname-override)")
                 },
             )?;
+            // kube-proxy's validation: a minimum above the period would hold every change
+            // longer than the health timeout (twice the period) allows.
+            if args.min_sync_period > args.sync_period {
+                bail!(
+                    "--min-sync-period ({:?}) must not exceed --sync-period ({:?})",
+                    args.min_sync_period,
+                    args.sync_period
+                );
+            }
             let source = match args.manifests {
                 Some(dir) => run::SourceConfig::Manifests(dir),
                 None => run::SourceConfig::Kube(crate::source::kube::Connection {
@@ -545,11 +597,67 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("1h").is_err());
-        assert!(parse_duration("s").is_err());
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        // Go's form, as kube-proxy's configuration file writes durations.
+        for (text, want) in [
+            ("1m0s", Duration::from_secs(60)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1.5s", Duration::from_millis(1500)),
+            (".5s", Duration::from_millis(500)),
+            ("2h45m30.25s", Duration::from_millis(9_930_250)),
+            ("100us", Duration::from_micros(100)),
+            ("100µs", Duration::from_micros(100)),
+            ("7ns", Duration::from_nanos(7)),
+            ("0", Duration::ZERO),
+            ("8760h", Duration::from_secs(365 * 24 * 3600)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "s",
+            "1x",
+            "-1s",
+            "1.s.",
+            ".s",
+            "1 s",
+            "1s ",
+            "1d",
+            "8761h",
+            "99999999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
         assert!(parse_sync_period("0s").is_err());
         assert_eq!(parse_sync_period("1m"), Ok(Duration::from_secs(60)));
+    }
+
+    /// kube-proxy refuses a minimum sync period above the sync period.
+    #[test]
+    fn a_min_sync_period_above_the_sync_period_is_refused() {
+        use clap::Parser;
+        let run = |min: &str, period: &str| {
+            let argv = [
+                "ebpf-kube-proxy",
+                "run",
+                "--manifests",
+                "/nonexistent",
+                "--node-name",
+                "n1",
+                "--cgroup",
+                "/nonexistent",
+                "--min-sync-period",
+                min,
+                "--sync-period",
+                period,
+            ];
+            dispatch(Cli::try_parse_from(argv).expect("valid flags"))
+        };
+        let error = run("5m", "30s").expect_err("refused");
+        assert!(
+            error.to_string().contains("must not exceed --sync-period"),
+            "{error:#}"
+        );
     }
 
     #[test]

@@ -1315,13 +1315,19 @@ mod tests {
         let later = || SystemTime::now() + Duration::from_secs(61);
         tx.send(()).await.expect("sending");
         rx.recv().await.expect("passed on");
-        assert!(health.status(later()).0, "before the initial lists: not counted");
+        assert!(
+            health.status(later()).0,
+            "before the initial lists: not counted"
+        );
         listening.store(true, Ordering::Relaxed);
         tx.send(()).await.expect("sending");
         rx.recv().await.expect("passed on");
         assert!(!health.status(later()).0, "queued when it came");
         drop(tx);
-        assert!(rx.recv().await.is_none(), "the source's end reaches the loop");
+        assert!(
+            rx.recv().await.is_none(),
+            "the source's end reaches the loop"
+        );
     }
 
     /// A slice whose last change the EndpointSlice controller stamped at `trigger`.

@@ -1266,7 +1266,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             "cgroup": {"hostRoot": "/sys/fs/cgroup/unified"},
             "config": {
                 "minSyncPeriod": "250ms",
-                "syncPeriod": "1m",
+                "syncPeriod": "1m30s",
                 "mapSizes": {"services": 131072, "backends": 1048576, "revNat": 65536,
                              "sockRevNat": 262144, "affinity": 32768, "natCt": 524288,
                              "sourceRanges": 1024},
@@ -1300,7 +1300,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                 "--healthz-bind-address=0.0.0.0:10256",
                 "--metrics-bind-address=127.0.0.1:10249",
                 "--min-sync-period=250ms",
-                "--sync-period=1m",
+                "--sync-period=1m30s",
                 "--map-size-affinity=32768",
                 "--map-size-backends=1048576",
                 "--map-size-nat-ct=524288",
@@ -1382,7 +1382,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         REQUIRED,
         &[
             "--set",
-            "config.minSyncPeriod=0ms",
+            "config.minSyncPeriod=0m0s",
             "--set",
             "config.syncPeriod=0s",
         ],
@@ -1500,6 +1500,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         "bpf.autoMount.enabled=1",
         "logLevel=verbose",
         "config.syncPeriod=30",
+        "config.syncPeriod=1d",
         "config.mapSizes.services=-1",
         // Ids index the backends array from 1: one entry holds none.
         "config.mapSizes.backends=1",

@@ -91,10 +91,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - "--metrics-bind-address="
 {{- end }}
 {{- /* 0 means the default, as in kube-proxy's configuration (kubeadm writes 0s). */}}
-{{- if not (regexMatch "^0+(ms|s|m)?$" (toString $c.minSyncPeriod)) }}
+{{- $zero := "^((0+([.]0*)?|[.]0+)(ns|us|µs|μs|ms|s|m|h)?)+$" }}
+{{- if not (regexMatch $zero (toString $c.minSyncPeriod)) }}
 - {{ printf "--min-sync-period=%s" $c.minSyncPeriod | quote }}
 {{- end }}
-{{- if not (regexMatch "^0+(ms|s|m)?$" (toString $c.syncPeriod)) }}
+{{- if not (regexMatch $zero (toString $c.syncPeriod)) }}
 - {{ printf "--sync-period=%s" $c.syncPeriod | quote }}
 {{- end }}
 {{- /* Flags other issues add to the agent: passed only when set. */}}
