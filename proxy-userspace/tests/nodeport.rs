@@ -585,6 +585,7 @@ fn node_port_reaches_both_nodes_pods_local_policy_keeps_the_client_ended_flows_g
     assert_eq!(
         client_flow["flags"],
         serde_json::json!([
+            "backend-syn",
             "seen-reply",
             "client-fin",
             "backend-fin",
