@@ -885,7 +885,10 @@ fn add_service(
 }
 
 /// Keeps the first claim on a frontend; a second one by another service port is reported
-/// instead of overwriting it, a repeated one by the same service port is redundant.
+/// instead of overwriting it, a repeated one by the same service port is redundant. A
+/// Service address (ClusterIP, externalIP, LB IP) beats a NodePort whatever the order:
+/// kube-proxy matches those before it looks at NodePorts (KUBE-NODEPORTS is the last rule
+/// of KUBE-SERVICES; nftables's `service-ips` map comes before `service-nodeports`).
 fn insert_frontend(
     state: &mut DesiredState,
     frontend: Frontend,
@@ -897,6 +900,18 @@ fn insert_frontend(
             slot.insert(frontend);
         }
         Entry::Occupied(taken) if taken.get().service == frontend.service => {}
+        Entry::Occupied(mut taken)
+            if taken.get().kind == FrontendKind::NodePort
+                && frontend.kind != FrontendKind::NodePort =>
+        {
+            let reason = format!("{} is already served by {}", frontend.key, frontend.service);
+            let lost = taken.insert(frontend);
+            let mut object = format!("Service {}/{}", lost.service.namespace, lost.service.name);
+            if !lost.service.port.is_empty() {
+                object = format!("{object} port {}", lost.service.port);
+            }
+            skipped.push(skip(&object, reason));
+        }
         Entry::Occupied(taken) => {
             let reason = format!(
                 "{} is already served by {}",
@@ -3542,6 +3557,40 @@ mod tests {
                 "Service shop/web port http: 192.0.2.1:30080/TCP is already served by default/web:http"
             ]
         );
+    }
+
+    /// A Service address on a node address, on a port some NodePort has (k3s's ServiceLB
+    /// writes node addresses as LB IPs), is served as that address, whichever Service's
+    /// name sorts first: kube-proxy matches Service addresses before NodePorts. The
+    /// incremental translation picks the same winner.
+    #[test]
+    fn a_service_address_beats_a_node_port_on_the_same_key() {
+        let services = [
+            web().type_("NodePort").node_port(30080),
+            svc("shop", "ext")
+                .cluster_ip("10.96.0.11")
+                .port("http", 30080, "TCP")
+                .external_ips(&["192.0.2.1"]),
+        ];
+        let t = translate(&services, &[], &n1());
+        assert_eq!(
+            kinds(&t),
+            [
+                "int 10.96.0.10:80/TCP ClusterIP",
+                "int 10.96.0.11:30080/TCP ClusterIP",
+                "ext 192.0.2.1:30080/TCP ExternalIP",
+                "int 192.0.2.1:30080/TCP ExternalIP",
+            ]
+        );
+        assert_eq!(
+            skipped(&t),
+            ["Service default/web port http: 192.0.2.1:30080/TCP is already served by shop/ext:http"]
+        );
+        let arcs: Vec<std::sync::Arc<Service>> =
+            services.iter().cloned().map(std::sync::Arc::new).collect();
+        let mut incremental = incremental::Incremental::default();
+        incremental.update(&arcs, &[], &n1());
+        assert_eq!(incremental.state(), &t.state);
     }
 
     #[test]

@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::*;
-use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, NodeInfo, Skipped};
+use crate::model::{
+    BackendAddr, DesiredState, Frontend, FrontendKey, FrontendKind, NodeInfo, Skipped,
+};
 use crate::source::{Delta, ObjectKey, object_key};
 
 /// (namespace, Service name); the name is empty for objects without one (they translate to
@@ -362,11 +364,7 @@ impl Incremental {
         };
         let mut taken = BTreeMap::new();
         for f in &group.alone.frontends {
-            let winner = self
-                .claims
-                .get(&f.key)
-                .and_then(|c| c.first())
-                .filter(|w| *w != key);
+            let winner = self.winner(&f.key).filter(|w| *w != key);
             if let Some(winner) = winner
                 && let Some(frontend) = self
                     .groups
@@ -380,6 +378,22 @@ impl Incremental {
             return group.alone.clone();
         }
         translate_group(&group.services, &group.slices, node, &taken)
+    }
+
+    /// The group whose frontend under `key` is served, as `translate` picks it: the first
+    /// claimant in order, except that a Service address's claim beats a NodePort's.
+    fn winner(&self, key: &FrontendKey) -> Option<&GroupKey> {
+        let claimants = self.claims.get(key)?;
+        let kind = |g: &GroupKey| {
+            self.groups
+                .get(g)
+                .and_then(|g| g.alone.frontends.iter().find(|f| f.key == *key))
+                .map(|f| f.kind)
+        };
+        claimants
+            .iter()
+            .find(|g| kind(g).is_some_and(|k| k != FrontendKind::NodePort))
+            .or_else(|| claimants.first())
     }
 
     /// Takes a part out of the result.
