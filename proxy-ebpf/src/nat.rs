@@ -506,8 +506,8 @@ enum Claim {
     Closed,
     /// One whose backend holds nothing that would turn the new flow's SYN away
     /// ([`Judged::Nothing`]): its TCP flow closed two seconds ago or more without the
-    /// backend's TIME_WAIT (a RST, or the client's FIN first), or the backend's TIME_WAIT
-    /// takes the SYN.
+    /// backend's TIME_WAIT (the client's FIN first, then the backend's), or the backend's
+    /// TIME_WAIT takes the SYN.
     Reusable,
 }
 

@@ -14,8 +14,9 @@
 //! the socket will take, and to keep it from one it would turn away (`nat::allocate_port`).
 //! The kernel's NAT does the same from its conntrack entries (a tuple in TIME_WAIT is
 //! reused when the new SYN's sequence number has advanced), without the timestamps. A port
-//! whose flow closed without the backend's TIME_WAIT (a RST, or the client's FIN first)
-//! goes again [`REUSE_AFTER`] seconds after the close ([`judge`]).
+//! whose flow closed without the backend's TIME_WAIT (the client's FIN first) goes again
+//! [`REUSE_AFTER`] seconds after the close ([`judge`]); one closed by a RST when its flow
+//! expires.
 
 use core::ffi::c_void;
 
@@ -23,8 +24,9 @@ use aya_ebpf::bindings::{__sk_buff, BPF_ANY};
 use aya_ebpf::helpers::generated::{bpf_loop, bpf_skb_load_bytes};
 use aya_ebpf::programs::TcContext;
 use proxy_common::{
-    CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue,
-    PROTO_TCP, SnatTimeWait, TIME_WAIT_FLAG_TIMESTAMP,
+    CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT,
+    CT_FLAG_REPLY, CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, SnatTimeWait,
+    TIME_WAIT_FLAG_TIMESTAMP,
 };
 
 use crate::maps::SNAT_TIME_WAIT;
@@ -84,8 +86,8 @@ impl Stamp {
 /// ([`judge`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Judged {
-    /// Nothing: the flow closed [`REUSE_AFTER`] seconds ago or more without the backend's
-    /// TIME_WAIT, or the backend's TIME_WAIT takes the SYN (by its record).
+    /// Nothing: the flow closed (both FINs, the client's first) [`REUSE_AFTER`] seconds ago
+    /// or more, or the backend's TIME_WAIT takes the SYN (by its record).
     Nothing,
     /// Its TIME_WAIT turns the SYN away (by its record).
     TurnsAway,
@@ -149,7 +151,13 @@ extern "C" fn ekp_judge_port(
     let (flags, age) = (flags_age as u16, (flags_age >> 32) as u32);
     let closed = flags & IN_TIME_WAIT;
     if closed == CT_FLAG_CLOSING {
-        return if age >= REUSE_AFTER {
+        // Only a close both sides made (a FIN each, the client's first). A RST's sequence
+        // number is not checked here: a stray or forged one that the peers ignore leaves
+        // the connection alive, and its port must not go to another flow while it may
+        // still send; such a port goes when the flow expires, as Linux's NAT keeps a
+        // reset tuple for its conntrack entry's 10 s.
+        let both_fins = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND;
+        return if flags & both_fins == both_fins && age >= REUSE_AFTER {
             JUDGED_NOTHING
         } else {
             JUDGED_UNKNOWN

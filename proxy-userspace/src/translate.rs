@@ -3584,7 +3584,9 @@ mod tests {
         );
         assert_eq!(
             skipped(&t),
-            ["Service default/web port http: 192.0.2.1:30080/TCP is already served by shop/ext:http"]
+            [
+                "Service default/web port http: 192.0.2.1:30080/TCP is already served by shop/ext:http"
+            ]
         );
         let arcs: Vec<std::sync::Arc<Service>> =
             services.iter().cloned().map(std::sync::Arc::new).collect();

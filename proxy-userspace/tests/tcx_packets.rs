@@ -1538,7 +1538,8 @@ fn the_clients_last_fin_is_recorded_for_the_backends_time_wait() {
 /// it takes the SYN: a newer timestamp, or without timestamps a sequence number past the
 /// old connection's. A record that says the socket turns the SYN away keeps the port from
 /// it even when no other port is left; a record of another client is not used. A port
-/// whose connection closed without the backend's TIME_WAIT goes after two seconds.
+/// whose connection both sides closed without the backend's TIME_WAIT goes after two
+/// seconds; one reset, when its flow expires.
 #[test]
 fn a_port_in_the_backends_time_wait_goes_to_a_syn_it_takes() {
     let record = |flags, next_seq, tsval| SnatTimeWait {
@@ -1613,22 +1614,31 @@ fn a_port_in_the_backends_time_wait_goes_to_a_syn_it_takes() {
             }
         });
     }
-    // Closed without the backend's TIME_WAIT (a RST, or the client's FIN first): the
+    // Closed without the backend's TIME_WAIT by both FINs, the client's first: the
     // backend holds nothing a SYN could meet, and the port goes again once the close is
-    // two seconds of the clock old, before the 10 s its entries live.
-    for (age, taken) in [(2, true), (1, false)] {
+    // two seconds of the clock old, before the 10 s its entries live. Closed by a RST,
+    // whose sequence number nothing checked (a forged one the peers ignored leaves the
+    // connection alive): only once its entries expired.
+    let fins = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND;
+    for (how, flags, age, taken) in [
+        ("both FINs", fins, 2, true),
+        ("both FINs", fins, 1, false),
+        ("a RST", 0, 2, false),
+        ("a RST", 0, CT_LIFETIME_CLOSING - 1, false),
+        ("a RST", 0, CT_LIFETIME_CLOSING + 2, true),
+    ] {
         in_private_netns(move || {
             let mut dp = snat_datapath(PROTO_TCP, 61000, 61000);
-            let (key, reset) = snat_reply(
+            let (key, closed) = snat_reply(
                 PROTO_TCP,
                 61000,
-                CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
+                CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | flags,
                 conntrack_gc::now_secs() - age,
             );
-            dp.nat_ct.insert(key, reset, 0).expect("writing");
+            dp.nat_ct.insert(key, closed, 0).expect("writing");
             let out = dp.ingress(&Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT).bytes());
             let want = if taken { TCX_NEXT } else { TC_ACT_SHOT };
-            assert_eq!(out.verdict, want, "closed {age} s ago");
+            assert_eq!(out.verdict, want, "closed by {how} {age} s ago");
         });
     }
     // A record of another client on that port is not this flow's.
