@@ -69,7 +69,12 @@ impl BackendIndex {
         }
     }
 
+    /// (Id 0 is never one: index 0 of the array holds nothing. A value there, written by
+    /// something else, must not underflow the count when it is deleted.)
     fn take_id(&mut self, id: u32) {
+        if id == 0 {
+            return;
+        }
         if id > self.max_id {
             self.holes.extend(self.max_id + 1..id);
             self.max_id = id;
@@ -79,6 +84,9 @@ impl BackendIndex {
     }
 
     fn free_id(&mut self, id: u32) {
+        if id == 0 {
+            return;
+        }
         if id < self.max_id {
             self.holes.insert(id);
         } else if id == self.max_id {
@@ -346,6 +354,25 @@ mod tests {
 
     use super::*;
     use crate::model::{Frontend, FrontendKind, Protocol, Scope, ServicePortName, WhenEmpty};
+
+    /// Index 0 of the backends array is never an id: a value found there (a foreign write)
+    /// and then deleted leaves the free ids as they were.
+    #[test]
+    fn id_0_is_never_counted() {
+        let mut index = BackendIndex {
+            ids: HashMap::new(),
+            refs: HashMap::new(),
+            max_id: 0,
+            holes: BTreeSet::new(),
+        };
+        index.take_id(0);
+        index.take_id(1);
+        index.free_id(0);
+        assert_eq!(index.next_free(1), Some(2));
+        index.free_id(1);
+        index.free_id(0);
+        assert_eq!(index.next_free(1), Some(1));
+    }
 
     fn backend(n: u8) -> BackendAddr {
         BackendAddr {
