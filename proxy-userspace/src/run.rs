@@ -495,6 +495,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Whether the source stopped reporting changes (the manifests watcher ended): the
     // periodic syncs then read everything.
     let mut source_ended = false;
+    let mut failed_in_a_row = 0u32;
     loop {
         let started = Instant::now();
         if state.full {
@@ -511,10 +512,15 @@ pub async fn run(config: Config) -> Result<()> {
             &mut health_check_servers,
         );
         follow_devices(&config, &state.node_addresses, &mut programs);
+        failed_in_a_row = if ok {
+            0
+        } else {
+            failed_in_a_row.saturating_add(1)
+        };
         let wait = if ok {
             config.sync_period
         } else {
-            config.min_sync_period.max(Duration::from_secs(1))
+            retry_after(config.min_sync_period, config.sync_period, failed_in_a_row)
         };
         let deadline = tokio::time::Instant::now() + wait;
         let mut link_events_failed = false;
@@ -626,6 +632,21 @@ async fn open_source(config: &Config, metrics: &Metrics) -> Result<Opened> {
 /// Starts following the opened source; returns once it has a first state to read (the
 /// Kubernetes source: its initial lists), with where events are recorded (the Kubernetes
 /// source only).
+/// How long after its `failures`-th failure in a row a sync is tried again (a full one):
+/// the minimum period (at least a second), doubled at each failure up to the sync period.
+/// A write the kernel keeps refusing (EPERM, ENOMEM) would otherwise have the agent read,
+/// translate and fit every Service every second, a core's worth at 30000 Services;
+/// kube-proxy waits a sync period after a failed restore. Changes still wake the loop.
+fn retry_after(min_sync_period: Duration, sync_period: Duration, failures: u32) -> Duration {
+    let first = min_sync_period.max(Duration::from_secs(1));
+    first
+        .saturating_mul(
+            1u32.checked_shl(failures.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        )
+        .min(sync_period.max(first))
+}
+
 /// The source's "something changed" signals, each marked as a queued update (`/livez`'s
 /// wait, `last_queued_timestamp`) when it comes, once `listening` (the initial lists are
 /// in: until then an API server that cannot be reached fails no probe), and passed on to
@@ -1302,6 +1323,20 @@ mod tests {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
         raise_open_files_limit();
         assert_eq!(read().rlim_cur, hard);
+    }
+
+    /// Failed syncs are tried again after the minimum period (at least a second), doubled
+    /// at each failure in a row up to the sync period.
+    #[test]
+    fn failed_syncs_back_off_up_to_the_sync_period() {
+        let secs = Duration::from_secs;
+        let waits: Vec<Duration> = (1..=7)
+            .map(|n| retry_after(Duration::from_millis(100), secs(30), n))
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30].map(secs));
+        assert_eq!(retry_after(secs(5), secs(30), 1), secs(5));
+        assert_eq!(retry_after(secs(1), secs(30), 40), secs(30));
+        assert_eq!(retry_after(secs(1), secs(30), u32::MAX), secs(30));
     }
 
     /// A change counts as queued when it comes, whatever the loop does (here: nothing),
