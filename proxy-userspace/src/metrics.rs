@@ -157,10 +157,10 @@ impl Metrics {
     pub fn new() -> Self {
         // kube-proxy's buckets: 1 ms .. ~16 s.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        // kube-proxy's buckets: 0, 0.25 and 0.5 s, every second to 59 s, every 5 s to
-        // 115 s, every 30 s to 5 minutes.
+        // kube-proxy's buckets (`NetworkProgrammingLatency`): 0.25 and 0.5 s, every second
+        // to 59 s, every 5 s to 115 s, every 30 s to 5 minutes.
         let network_programming_duration = Histogram::new(
-            [0.0, 0.25, 0.5]
+            [0.25, 0.5]
                 .into_iter()
                 .chain((1..=59).map(f64::from))
                 .chain((0..12).map(|i| f64::from(60 + 5 * i)))
@@ -375,6 +375,12 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        // kube-proxy's first programming bucket is 0.25 s.
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"}")
+                && !text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.0\"}"),
+            "{text}"
+        );
     }
 
     #[test]
