@@ -1149,11 +1149,9 @@ fn cluster_ipv4(spec: &ServiceSpec, object: &str, skipped: &mut Vec<Skipped>) ->
     for ip in listed_cluster_ips(spec) {
         match (parse_ip_sloppy(ip), chosen) {
             // The API server allocates from the Service CIDR; a manifest may say anything,
-            // and a frontend at 0.0.0.0 or on loopback would take the node's and pods'
-            // connections to their own host.
-            (Some(IpAddr::V4(addr)), _) if special_address(addr).is_some() => {
-                let range = special_address(addr).unwrap_or_default();
-                skipped.push(skip(object, format!("clusterIP {ip:?} may not be {range}")));
+            // and a frontend at 0.0.0.0 would take every `connect(0.0.0.0)` (this host).
+            (Some(IpAddr::V4(addr)), _) if addr.is_unspecified() => {
+                skipped.push(skip(object, format!("clusterIP {ip:?} may not be 0.0.0.0")));
             }
             (Some(IpAddr::V4(addr)), None) => chosen = Some(addr),
             (Some(IpAddr::V4(addr)), Some(first)) if addr != first => {
@@ -1226,14 +1224,14 @@ fn load_balancer_ipv4s(
                 continue;
             }
         }
+        // (One on loopback is served to the node's processes, as kube-proxy's OUTPUT rules
+        // do; one at 0.0.0.0 would take every `connect(0.0.0.0)`.)
         match parse_ip_sloppy(ip) {
-            Some(IpAddr::V4(addr)) => match special_address(addr) {
-                None => addresses.push(addr),
-                Some(range) => skipped.push(skip(
-                    object,
-                    format!("loadBalancer ingress IP {ip:?} may not be {range}"),
-                )),
-            },
+            Some(IpAddr::V4(addr)) if addr.is_unspecified() => skipped.push(skip(
+                object,
+                format!("loadBalancer ingress IP {ip:?} may not be 0.0.0.0"),
+            )),
+            Some(IpAddr::V4(addr)) => addresses.push(addr),
             Some(IpAddr::V6(_)) => {}
             None => skipped.push(skip(
                 object,

@@ -110,15 +110,14 @@ fn c34_each_bad_object_is_reported_once_by_name_and_the_good_service_still_trans
             ],
         ),
         (
-            "cluster and LB IPs at special addresses: not served (they would take the \
-             node's and pods' connections to their own host); the valid LB IP is",
+            "cluster and LB IPs at 0.0.0.0: not served (they would take every \
+             connect(0.0.0.0)); the valid LB IP is",
             vec![
                 http("special-cluster", "0.0.0.0"),
                 http("special-lb", "10.96.0.24")
                     .type_("LoadBalancer")
                     .allocate_load_balancer_node_ports(false)
                     .ingress("0.0.0.0", "")
-                    .ingress("127.0.0.53", "")
                     .ingress("203.0.113.8", ""),
             ],
             vec![],
@@ -129,9 +128,8 @@ fn c34_each_bad_object_is_reported_once_by_name_and_the_good_service_still_trans
                 "int 203.0.113.8:80/TCP -> (refuse)",
             ],
             vec![
-                r#"Service default/special-cluster: clusterIP "0.0.0.0" may not be unspecified (0.0.0.0)"#,
-                r#"Service default/special-lb: loadBalancer ingress IP "0.0.0.0" may not be unspecified (0.0.0.0)"#,
-                r#"Service default/special-lb: loadBalancer ingress IP "127.0.0.53" may not be in the loopback range (127.0.0.0/8)"#,
+                r#"Service default/special-cluster: clusterIP "0.0.0.0" may not be 0.0.0.0"#,
+                r#"Service default/special-lb: loadBalancer ingress IP "0.0.0.0" may not be 0.0.0.0"#,
             ],
         ),
         (
