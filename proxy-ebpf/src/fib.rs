@@ -22,7 +22,7 @@ use aya_ebpf::bindings::{
     bpf_fib_lookup, bpf_redir_neigh,
 };
 use aya_ebpf::helpers::generated::{
-    bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
+    bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_vlan_pop,
 };
 use aya_ebpf::programs::TcContext;
 
@@ -185,6 +185,7 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
             csum::decrement_ttl(ctx)?;
             ctx.store(ETH_DST_OFF, dmac, 0)?;
             ctx.store(ETH_SRC_OFF, smac, 0)?;
+            untag(ctx);
             mark_forwarded(ctx);
             // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
             Ok(Some(unsafe { bpf_redirect(*ifindex, 0) } as i32))
@@ -200,6 +201,7 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
             let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
             nh.nh_family = u32::from(AF_INET);
             nh.__bindgen_anon_1.ipv4_nh = *next_hop;
+            untag(ctx);
             mark_forwarded(ctx);
             // SAFETY: nh lives on the stack and has the size passed.
             Ok(Some(unsafe {
@@ -207,6 +209,22 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
             } as i32))
         }
         Route::TooBig(_) | Route::Stack => Ok(None),
+    }
+}
+
+/// Drops the VLAN tag a forwarded packet came in with. The kernel moves a received frame's
+/// tag into the skb before tc runs, so a packet of a VLAN device's network arrives at the
+/// parent device's program looking untagged, and a redirect keeps the tag: it would leave
+/// the egress device on that VLAN. Routed, it leaves as the route says (a VLAN device
+/// adds its own tag). Packet pointers are void after it; nothing reads the packet since.
+#[inline(always)]
+fn untag(ctx: &TcContext) {
+    // SAFETY: the context is a valid __sk_buff; `vlan_present` is readable by tc programs,
+    // and the helper takes the skb.
+    unsafe {
+        if (*ctx.skb.skb).vlan_present != 0 {
+            bpf_skb_vlan_pop(ctx.skb.skb);
+        }
     }
 }
 
