@@ -5,7 +5,8 @@
 //! checksum, in the first fragment, already accounts for their new addresses.
 //!
 //! A later fragment that finds nothing (it overtook its first, or its datagram is not ours)
-//! passes untouched, as every fragment did before.
+//! passes untouched, as every fragment did before. A first fragment clears what an earlier
+//! datagram with the same key left.
 
 use proxy_common::{FragmentKey, FragmentPorts};
 
@@ -24,9 +25,15 @@ fn key(pkt: &Packet) -> FragmentKey {
 }
 
 /// `pkt` with its ports: for a later fragment, those its first fragment left; `None` when
-/// it left none.
+/// it left none. A first fragment forgets what an earlier datagram with the same key left
+/// (IP ids count per address pair and come round): its later fragments are its own, and
+/// must not take another datagram's ports when it is not translated (Cilium records every
+/// first fragment for the same reason).
 #[inline(always)]
 pub fn with_ports(pkt: Packet) -> Option<Packet> {
+    if pkt.fragment == Fragment::First {
+        let _ = FRAGMENTS.remove(&key(&pkt));
+    }
     if pkt.fragment != Fragment::Later {
         return Some(pkt);
     }

@@ -954,6 +954,37 @@ fn later_fragments_follow_their_first_fragments_translation_both_ways() {
             "a later fragment started a flow"
         );
     });
+    // A datagram of the same client to a port of no Service, whose IP id comes round to
+    // one translated before (ids count per address pair and wrap): its later fragment is
+    // not given the old datagram's ports, and passes untouched with its first.
+    in_private_netns(|| {
+        let dp = datapath_with(PROTO_UDP, LOCAL_ID);
+        let request = Frame {
+            id: 0x4242,
+            payload: (0..100u8).collect(),
+            ..Frame::udp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+        };
+        let (first, later) = fragments_of(&request.bytes(), 48);
+        dp.ingress(&first);
+        dp.ingress(&later);
+        let to_the_host = Frame {
+            payload: (100..200u8).collect(),
+            ..Frame::udp(CLIENT, CLIENT_PORT, NODE, 5353)
+        };
+        let to_the_host = Frame {
+            id: 0x4242,
+            ..to_the_host
+        };
+        let (first, later) = fragments_of(&to_the_host.bytes(), 48);
+        for (fragment, which) in [(&first, "first"), (&later, "later")] {
+            let out = dp.ingress(fragment);
+            assert_eq!(out.verdict, TCX_NEXT, "{which}");
+            assert!(
+                out.packet == *fragment,
+                "the {which} fragment of a datagram to the host changed"
+            );
+        }
+    });
 }
 
 fn fix_ip_checksum(frame: &mut [u8]) {
