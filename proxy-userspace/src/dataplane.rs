@@ -1351,6 +1351,25 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Whether a mount made at `target` would be seen outside this mount namespace: the mount
+/// `target` is on (the longest mount point that holds it, in `mountinfo`'s text) is a
+/// shared one (`shared:N` among its optional fields). A slave (`master:N` alone, a
+/// container's HostToContainer) or private one keeps it to itself.
+fn mount_is_shared(mountinfo: &str, target: &Path) -> bool {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // "<id> <parent> <major:minor> <root> <mount point> <options> [optional...] - ..."
+            let (left, _) = line.split_once(" - ")?;
+            let mut fields = left.split_whitespace();
+            let point = Path::new(fields.nth(4)?);
+            let shared = fields.skip(1).any(|f| f.starts_with("shared:"));
+            target.starts_with(point).then_some((point, shared))
+        })
+        .max_by_key(|(point, _)| point.components().count())
+        .is_some_and(|(_, shared)| shared)
+}
+
 /// The cgroup v2 mount point (from /proc/self/mountinfo), the default attach point.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
@@ -1378,6 +1397,22 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         return Ok(());
     }
     if pin_dir.starts_with(bpffs) && probe.starts_with(bpffs) && probe == bpffs {
+        // In a container whose /sys/fs/bpf is not shared with the host (no Bidirectional
+        // propagation), the mount stays the container's: the pins, and with them the
+        // links, go when it stops, and every restart leaves the node untranslated until
+        // the new agent attaches (Cilium warns likewise).
+        let shared = fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| mount_is_shared(&m, bpffs))
+            .unwrap_or(true);
+        if !shared {
+            tracing::warn!(
+                "/sys/fs/bpf is not a bpf filesystem, and one mounted here would not reach \
+                 the host (its mount is not shared: a container without Bidirectional \
+                 mount propagation): the pinned programs and maps will not outlive this \
+                 process. Mount bpffs at /sys/fs/bpf on the host (the chart's \
+                 bpf.autoMount does)."
+            );
+        }
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: valid NUL-terminated strings; no data argument.
@@ -1730,6 +1765,23 @@ mod tests {
         let (written, error) = bpf_sys::update_batch(read_only.as_fd(), &[7u32, 8], &[70u64, 80])
             .expect_err("a read-only descriptor refuses writes");
         assert_eq!(written, 0, "{error:#}");
+    }
+
+    /// A mount at /sys/fs/bpf reaches the host only from a shared mount: in a container
+    /// with HostToContainer propagation (a slave) it would stay the container's.
+    #[test]
+    fn a_mount_is_shared_only_under_a_shared_mount() {
+        let host = "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                    1 0 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n";
+        assert!(mount_is_shared(host, Path::new("/sys/fs/bpf")));
+        let container = "500 400 0:21 / /sys ro,nosuid master:7 - sysfs sysfs rw\n\
+                         510 500 0:21 /fs/bpf /sys/fs/bpf rw master:7 - sysfs sysfs rw\n\
+                         400 300 0:50 / / rw shared:90 - overlay overlay rw\n";
+        assert!(!mount_is_shared(container, Path::new("/sys/fs/bpf")));
+        let bidirectional = "510 500 0:21 /fs/bpf /sys/fs/bpf rw shared:7 master:7 - sysfs sysfs rw\n\
+                             500 400 0:21 / /sys ro master:7 - sysfs sysfs rw\n";
+        assert!(mount_is_shared(bidirectional, Path::new("/sys/fs/bpf")));
+        assert!(!mount_is_shared("", Path::new("/sys/fs/bpf")));
     }
 
     /// A delete of a key that is gone (an LRU entry evicted since it was listed) reaches
