@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -314,7 +314,7 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 /// kube-proxy's `hcHandler.ServeHTTP`, for any method and path.
 async fn answer(State(state): State<HandlerState>) -> Response {
     let count = state.service.local_endpoints.load(Ordering::Relaxed);
-    let (healthy, _, _) = state.health.status(SystemTime::now());
+    let (healthy, _, _) = state.health.status(Instant::now());
     let code = if count > 0 && healthy {
         StatusCode::OK
     } else {
@@ -499,11 +499,11 @@ mod tests {
 
         // An agent that is not keeping up fails every check, endpoints or not.
         servers.sync(&[check("web", port, 1)], &loopback, &metrics);
-        health.queued(SystemTime::now() - Duration::from_secs(120));
+        health.queued(Instant::now() - Duration::from_secs(120));
         let (code, _, body) = get(port, "/").await.expect("served");
         assert_eq!(code, 503);
         assert!(body.contains("\"serviceProxyHealthy\": false"), "{body}");
-        health.updated(SystemTime::now());
+        health.updated(std::time::SystemTime::now());
 
         servers.sync(&[], &loopback, &metrics);
         wait_closed(port).await;

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -21,7 +21,10 @@ use axum::routing::any;
 
 use crate::metrics::{CodeLabel, Metrics};
 
-/// What the health endpoints report, updated by the sync loop.
+/// What the health endpoints report, updated by the sync loop. How long an update has
+/// waited is measured on the monotonic clock (as Go's `time.Sub` does for kube-proxy): a
+/// step of the wall clock (NTP at boot) must neither fail the probes nor hide a stuck
+/// loop. The wall clock only dates the last update in the bodies.
 #[derive(Debug)]
 pub struct Health {
     timeout: Duration,
@@ -31,7 +34,7 @@ pub struct Health {
 #[derive(Debug, Default)]
 struct HealthState {
     last_updated: Option<SystemTime>,
-    oldest_pending: Option<SystemTime>,
+    oldest_pending: Option<Instant>,
     node_eligible: bool,
 }
 
@@ -51,7 +54,7 @@ impl Health {
     }
 
     /// A change is waiting to be applied (only the oldest pending one counts).
-    pub fn queued(&self, at: SystemTime) {
+    pub fn queued(&self, at: Instant) {
         let mut s = self.lock();
         s.oldest_pending.get_or_insert(at);
     }
@@ -68,12 +71,11 @@ impl Health {
     }
 
     /// (healthy, node eligible, last updated) at `now`.
-    pub fn status(&self, now: SystemTime) -> (bool, bool, Option<SystemTime>) {
+    pub fn status(&self, now: Instant) -> (bool, bool, Option<SystemTime>) {
         let s = self.lock();
         let stale = s
             .oldest_pending
-            .and_then(|q| now.duration_since(q).ok())
-            .is_some_and(|waited| waited > self.timeout);
+            .is_some_and(|q| now.saturating_duration_since(q) > self.timeout);
         (!stale, s.node_eligible, s.last_updated)
     }
 }
@@ -301,7 +303,7 @@ fn health_body(
 
 async fn healthz(State(app): State<AppState>) -> Response {
     let now = SystemTime::now();
-    let (healthy, eligible, last) = app.health.status(now);
+    let (healthy, eligible, last) = app.health.status(Instant::now());
     let code = if healthy && eligible {
         StatusCode::OK
     } else {
@@ -319,7 +321,7 @@ async fn healthz(State(app): State<AppState>) -> Response {
 
 async fn livez(State(app): State<AppState>) -> Response {
     let now = SystemTime::now();
-    let (healthy, _, last) = app.health.status(now);
+    let (healthy, _, last) = app.health.status(Instant::now());
     let code = if healthy {
         StatusCode::OK
     } else {
@@ -340,7 +342,7 @@ async fn livez(State(app): State<AppState>) -> Response {
 /// it: a broken install or upgrade would look Ready and roll on to every node.
 async fn readyz(State(app): State<AppState>) -> Response {
     let now = SystemTime::now();
-    let (healthy, _, last) = app.health.status(now);
+    let (healthy, _, last) = app.health.status(Instant::now());
     let ready = healthy && last.is_some();
     let code = if ready {
         StatusCode::OK
@@ -429,7 +431,8 @@ mod tests {
 
     #[test]
     fn c30_unhealthy_only_when_an_update_waits_longer_than_the_timeout() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = Instant::now();
+        let synced = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let health = Health::new(Duration::from_secs(60));
         assert!(health.status(t0).0, "nothing queued: healthy");
         health.queued(t0);
@@ -444,10 +447,10 @@ mod tests {
         // A later queueing does not reset the oldest pending time.
         health.queued(t0 + Duration::from_secs(30));
         assert!(!health.status(t0 + Duration::from_secs(61)).0);
-        health.updated(t0 + Duration::from_secs(62));
+        health.updated(synced);
         assert_eq!(
             health.status(t0 + Duration::from_secs(500)),
-            (true, true, Some(t0 + Duration::from_secs(62)))
+            (true, true, Some(synced))
         );
         health.set_node_eligible(false);
         assert!(!health.status(t0 + Duration::from_secs(500)).1);
@@ -503,7 +506,7 @@ mod tests {
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);
         health.updated(SystemTime::now());
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 200);
-        health.queued(SystemTime::now() - Duration::from_secs(61));
+        health.queued(Instant::now() - Duration::from_secs(61));
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);
         assert_eq!(ask(router, "GET", "/livez").await.0, 503);
     }

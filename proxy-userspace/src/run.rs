@@ -394,7 +394,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
-    health.queued(SystemTime::now());
+    health.queued(std::time::Instant::now());
     listening.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(events) = &events {
         events.starting();
@@ -572,9 +572,10 @@ pub async fn run(config: Config) -> Result<()> {
         if stop {
             break;
         }
-        let now = SystemTime::now();
-        health.queued(now);
-        metrics.last_queued_timestamp.set(unix_seconds(now));
+        health.queued(std::time::Instant::now());
+        metrics
+            .last_queued_timestamp
+            .set(unix_seconds(SystemTime::now()));
         // Bounded frequency: batch whatever else changes until the minimum period is over.
         sleep_until(started + config.min_sync_period).await;
         while changed_rx.try_recv().is_ok() {}
@@ -663,9 +664,10 @@ fn queue_changes(
     tokio::spawn(async move {
         while source_rx.recv().await.is_some() {
             if listening.load(std::sync::atomic::Ordering::Relaxed) {
-                let now = SystemTime::now();
-                health.queued(now);
-                metrics.last_queued_timestamp.set(unix_seconds(now));
+                health.queued(std::time::Instant::now());
+                metrics
+                    .last_queued_timestamp
+                    .set(unix_seconds(SystemTime::now()));
             }
             // A full channel already holds a pending "changed".
             let _ = loop_tx.try_send(());
@@ -1347,7 +1349,7 @@ mod tests {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let listening = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = queue_changes(health.clone(), Arc::default(), listening.clone());
-        let later = || SystemTime::now() + Duration::from_secs(61);
+        let later = || std::time::Instant::now() + Duration::from_secs(61);
         tx.send(()).await.expect("sending");
         rx.recv().await.expect("passed on");
         assert!(
