@@ -651,7 +651,7 @@ fn unmarked_lru(pin_dir: &Path) -> Result<bool> {
     let info = aya::maps::MapInfo::from_pin(&lru)
         .with_context(|| format!("reading map info of {}", lru.display()))?;
     let fd = info.fd()?;
-    let entries = bpf_sys::count_keys(fd.as_fd(), info.key_size())
+    let entries = bpf_sys::count_keys(fd.as_fd(), info.key_size(), 1)
         .with_context(|| format!("counting the entries of {}", lru.display()))?;
     Ok(entries > 0)
 }
@@ -1305,7 +1305,7 @@ pub fn map_fill(pin_dir: &Path) -> Result<Vec<MapFill>> {
             u64::from(info.max_entries())
         } else {
             let fd = info.fd()?;
-            bpf_sys::count_keys(fd.as_fd(), info.key_size())
+            bpf_sys::count_keys(fd.as_fd(), info.key_size(), info.max_entries().into())
                 .with_context(|| format!("counting the entries of {name}"))?
         };
         let capacity = match name {
@@ -1496,14 +1496,17 @@ mod bpf_sys {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
-    /// Counts a hash map's keys by walking them with `BPF_MAP_GET_NEXT_KEY`. Entries that
-    /// come and go meanwhile (LRU maps in use) make this an estimate, as any dump is.
-    pub fn count_keys(map: std::os::fd::BorrowedFd<'_>, key_size: u32) -> Result<u64> {
+    /// Counts a hash map's keys by walking them with `BPF_MAP_GET_NEXT_KEY`, up to `limit`.
+    /// Entries that come and go meanwhile (LRU maps in use) make this an estimate, as any
+    /// dump is: when the key the walk stands on goes, the kernel starts it again from the
+    /// first bucket, and the count could pass the map's capacity and the walk go on while
+    /// entries churn. `limit` (the capacity, or 1 for "any?") ends it.
+    pub fn count_keys(map: std::os::fd::BorrowedFd<'_>, key_size: u32, limit: u64) -> Result<u64> {
         let mut key = vec![0u8; key_size as usize];
         let mut next = vec![0u8; key_size as usize];
         let mut count = 0u64;
         let mut first = true;
-        loop {
+        while count < limit {
             let mut attr = Attr([0; 128]);
             // struct { __u32 map_fd; __u32 pad; __aligned_u64 key; __aligned_u64 next_key; }
             attr.0[..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
@@ -1520,6 +1523,7 @@ mod bpf_sys {
                 Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
             }
         }
+        Ok(count)
     }
 
     /// Deletes `key` from a hash map and returns the value it held (kernel 5.14+ for hash
@@ -1782,6 +1786,15 @@ mod tests {
                              500 400 0:21 / /sys ro master:7 - sysfs sysfs rw\n";
         assert!(mount_is_shared(bidirectional, Path::new("/sys/fs/bpf")));
         assert!(!mount_is_shared("", Path::new("/sys/fs/bpf")));
+    }
+
+    /// The count of a map's keys stops at its limit (the capacity, or 1 to ask "any?").
+    #[test]
+    fn a_key_count_stops_at_its_limit() {
+        let fd = hash_map(8);
+        bpf_sys::update_batch(fd.as_fd(), &[1u32, 2, 3, 4, 5], &[0u64; 5]).expect("writing");
+        let count = |limit| bpf_sys::count_keys(fd.as_fd(), 4, limit).expect("counting");
+        assert_eq!((count(100), count(3), count(1), count(0)), (5, 3, 1, 0));
     }
 
     /// A delete of a key that is gone (an LRU entry evicted since it was listed) reaches
