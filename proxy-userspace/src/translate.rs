@@ -271,16 +271,19 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
     });
 
     let mut state = DesiredState::default();
+    let mut node_ports = Vec::new();
     for service in ordered {
         add_service(
             service,
             &endpoints,
             node,
             &mut state,
+            &mut node_ports,
             &mut skipped,
             &mut ignored,
         );
     }
+    claim_node_ports(&mut state, node_ports, &mut skipped);
 
     state.local_backends = local_backends(&state, &endpoints);
 
@@ -708,6 +711,7 @@ fn add_service(
     index: &EndpointIndex,
     node: &NodeInfo,
     state: &mut DesiredState,
+    node_ports: &mut Vec<(Frontend, String)>,
     skipped: &mut Vec<Skipped>,
     ignored: &mut Vec<Skipped>,
 ) {
@@ -857,7 +861,7 @@ fn add_service(
             // translated, it would reach the Service from any neighbour (CVE-2020-8558's
             // kind). The node's own processes still reach it.
             if !addr.is_loopback() {
-                insert_frontend(state, from_outside, &port_object, skipped);
+                claim(state, node_ports, from_outside, &port_object, skipped);
             }
             // Pods and the node itself: kube-proxy's EXT chain short-circuits them to the
             // cluster endpoints whatever the policies (C11). An externalIP they are not
@@ -866,7 +870,7 @@ fn add_service(
                 continue;
             }
             let from_inside = frontend(addr, port, Scope::Internal, kind, &views.cluster);
-            insert_frontend(state, from_inside, &port_object, skipped);
+            claim(state, node_ports, from_inside, &port_object, skipped);
         }
         // The node's own processes reaching a NodePort on a loopback address: kube-proxy
         // sends them to the cluster endpoints like the rest of the node's traffic (C11).
@@ -879,16 +883,43 @@ fn add_service(
                 FrontendKind::NodePort,
                 &views.cluster,
             );
-            insert_frontend(state, from_node, &port_object, skipped);
+            claim(state, node_ports, from_node, &port_object, skipped);
         }
     }
 }
 
-/// Keeps the first claim on a frontend; a second one by another service port is reported
-/// instead of overwriting it, a repeated one by the same service port is redundant. A
-/// Service address (ClusterIP, externalIP, LB IP) beats a NodePort whatever the order:
+/// [`insert_frontend`], except that a NodePort's frontend waits in `node_ports` until every
+/// Service's addresses have claimed theirs ([`claim_node_ports`]): a Service address
+/// (ClusterIP, externalIP, LB IP) beats a NodePort on a node address whatever the order, as
 /// kube-proxy matches those before it looks at NodePorts (KUBE-NODEPORTS is the last rule
 /// of KUBE-SERVICES; nftables's `service-ips` map comes before `service-nodeports`).
+fn claim(
+    state: &mut DesiredState,
+    node_ports: &mut Vec<(Frontend, String)>,
+    frontend: Frontend,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) {
+    if frontend.kind == FrontendKind::NodePort {
+        node_ports.push((frontend, object.to_owned()));
+    } else {
+        insert_frontend(state, frontend, object, skipped);
+    }
+}
+
+/// The NodePort frontends [`claim`] kept back, claimed in the order they came.
+fn claim_node_ports(
+    state: &mut DesiredState,
+    node_ports: Vec<(Frontend, String)>,
+    skipped: &mut Vec<Skipped>,
+) {
+    for (frontend, object) in node_ports {
+        insert_frontend(state, frontend, &object, skipped);
+    }
+}
+
+/// Keeps the first claim on a frontend; a second one by another service port is reported
+/// instead of overwriting it, a repeated one by the same service port is redundant.
 fn insert_frontend(
     state: &mut DesiredState,
     frontend: Frontend,
@@ -900,18 +931,6 @@ fn insert_frontend(
             slot.insert(frontend);
         }
         Entry::Occupied(taken) if taken.get().service == frontend.service => {}
-        Entry::Occupied(mut taken)
-            if taken.get().kind == FrontendKind::NodePort
-                && frontend.kind != FrontendKind::NodePort =>
-        {
-            let reason = format!("{} is already served by {}", frontend.key, frontend.service);
-            let lost = taken.insert(frontend);
-            let mut object = format!("Service {}/{}", lost.service.namespace, lost.service.name);
-            if !lost.service.port.is_empty() {
-                object = format!("{object} port {}", lost.service.port);
-            }
-            skipped.push(skip(&object, reason));
-        }
         Entry::Occupied(taken) => {
             let reason = format!(
                 "{} is already served by {}",
@@ -3578,9 +3597,15 @@ mod tests {
     fn a_service_address_beats_a_node_port_on_the_same_key() {
         let services = [
             web().type_("NodePort").node_port(30080),
+            svc("default", "dns")
+                .type_("NodePort")
+                .cluster_ip("10.96.0.12")
+                .port("", 53, "UDP")
+                .node_port(30053),
             svc("shop", "ext")
                 .cluster_ip("10.96.0.11")
                 .port("http", 30080, "TCP")
+                .port("", 30053, "UDP")
                 .external_ips(&["192.0.2.1"]),
         ];
         let t = translate(&services, &[], &n1());
@@ -3588,15 +3613,13 @@ mod tests {
             kinds(&t),
             [
                 "int 10.96.0.10:80/TCP ClusterIP",
+                "int 10.96.0.11:30053/UDP ClusterIP",
                 "int 10.96.0.11:30080/TCP ClusterIP",
+                "int 10.96.0.12:53/UDP ClusterIP",
+                "ext 192.0.2.1:30053/UDP ExternalIP",
+                "int 192.0.2.1:30053/UDP ExternalIP",
                 "ext 192.0.2.1:30080/TCP ExternalIP",
                 "int 192.0.2.1:30080/TCP ExternalIP",
-            ]
-        );
-        assert_eq!(
-            skipped(&t),
-            [
-                "Service default/web port http: 192.0.2.1:30080/TCP is already served by shop/ext:http"
             ]
         );
         let arcs: Vec<std::sync::Arc<Service>> =
@@ -3604,6 +3627,16 @@ mod tests {
         let mut incremental = incremental::Incremental::default();
         incremental.update(&arcs, &[], &n1());
         assert_eq!(incremental.state(), &t.state);
+        let incremental_skipped: Vec<String> =
+            incremental.skipped().map(ToString::to_string).collect();
+        assert_eq!(
+            skipped(&t),
+            [
+                "Service default/dns port 53: 192.0.2.1:30053/UDP is already served by shop/ext",
+                "Service default/web port http: 192.0.2.1:30080/TCP is already served by shop/ext:http",
+            ]
+        );
+        assert_eq!(incremental_skipped, skipped(&t));
     }
 
     #[test]

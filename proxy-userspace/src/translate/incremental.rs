@@ -384,11 +384,14 @@ impl Incremental {
     /// claimant in order, except that a Service address's claim beats a NodePort's.
     fn winner(&self, key: &FrontendKey) -> Option<&GroupKey> {
         let claimants = self.claims.get(key)?;
+        if claimants.len() == 1 {
+            return claimants.first();
+        }
+        // (A part's frontends are sorted by key.)
         let kind = |g: &GroupKey| {
-            self.groups
-                .get(g)
-                .and_then(|g| g.alone.frontends.iter().find(|f| f.key == *key))
-                .map(|f| f.kind)
+            let frontends = &self.groups.get(g)?.alone.frontends;
+            let at = frontends.binary_search_by_key(key, |f| f.key).ok()?;
+            Some(frontends[at].kind)
         };
         claimants
             .iter()
@@ -592,16 +595,19 @@ fn translate_group(
         ..DesiredState::default()
     };
     // `sort` put them in translate's order.
+    let mut node_ports = Vec::new();
     for service in services {
         add_service(
             service,
             &endpoints,
             node,
             &mut state,
+            &mut node_ports,
             &mut skipped,
             &mut ignored,
         );
     }
+    claim_node_ports(&mut state, node_ports, &mut skipped);
     for key in taken.keys() {
         state.frontends.remove(key);
     }
