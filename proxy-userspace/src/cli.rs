@@ -325,6 +325,18 @@ fn parse_sync_period(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// kube-proxy's validation: a minimum sync period above the sync period would hold every
+/// change longer than the health timeout (twice the period) allows.
+fn check_sync_periods(min_sync_period: Duration, sync_period: Duration) -> Result<()> {
+    if min_sync_period > sync_period {
+        bail!(
+            "--min-sync-period ({min_sync_period:?}) must not exceed --sync-period \
+             ({sync_period:?})"
+        );
+    }
+    Ok(())
+}
+
 /// The longest duration a flag takes: beyond it, the periods' sums would overflow the
 /// clock's arithmetic, and no period means anything.
 const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -425,15 +437,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                         .context("reading the hostname for the node name (use --hostname-override)")
                 },
             )?;
-            // kube-proxy's validation: a minimum above the period would hold every change
-            // longer than the health timeout (twice the period) allows.
-            if args.min_sync_period > args.sync_period {
-                bail!(
-                    "--min-sync-period ({:?}) must not exceed --sync-period ({:?})",
-                    args.min_sync_period,
-                    args.sync_period
-                );
-            }
+            check_sync_periods(args.min_sync_period, args.sync_period)?;
             let source = match args.manifests {
                 Some(dir) => run::SourceConfig::Manifests(dir),
                 None => run::SourceConfig::Kube(crate::source::kube::Connection {
@@ -635,29 +639,14 @@ mod tests {
     /// kube-proxy refuses a minimum sync period above the sync period.
     #[test]
     fn a_min_sync_period_above_the_sync_period_is_refused() {
-        use clap::Parser;
-        let run = |min: &str, period: &str| {
-            let argv = [
-                "ebpf-kube-proxy",
-                "run",
-                "--manifests",
-                "/nonexistent",
-                "--node-name",
-                "n1",
-                "--cgroup",
-                "/nonexistent",
-                "--min-sync-period",
-                min,
-                "--sync-period",
-                period,
-            ];
-            dispatch(Cli::try_parse_from(argv).expect("valid flags"))
-        };
-        let error = run("5m", "30s").expect_err("refused");
+        let secs = Duration::from_secs;
+        let error = check_sync_periods(secs(300), secs(30)).expect_err("refused");
         assert!(
             error.to_string().contains("must not exceed --sync-period"),
             "{error:#}"
         );
+        check_sync_periods(secs(30), secs(30)).expect("equal periods are valid");
+        check_sync_periods(Duration::ZERO, secs(30)).expect("no minimum is valid");
     }
 
     #[test]

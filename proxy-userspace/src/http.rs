@@ -598,27 +598,27 @@ mod tests {
     fn slow_and_idle_clients_are_cut_off_and_a_whole_request_is_answered() {
         use std::io::{Read, Write};
         let runtime = crate::run::runtime().expect("the agent's runtime");
-        let (health, metrics) = state();
-        let limits = ConnectionLimits {
-            header_read: Duration::from_millis(300),
-            lifetime: Duration::from_secs(2),
+        let hour = Duration::from_secs(3600);
+        // A server with these limits; its address.
+        let serve = |limits: ConnectionLimits| {
+            let (health, metrics) = state();
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await
+                    .expect("binding");
+                let addr = listener.local_addr().expect("its address");
+                let app = health_router(health, metrics);
+                tokio::spawn(serve_connections(
+                    listener,
+                    app,
+                    limits,
+                    std::future::pending(),
+                ));
+                addr
+            })
         };
-        let addr = runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .await
-                .expect("binding");
-            let addr = listener.local_addr().expect("its address");
-            let app = health_router(health, metrics);
-            tokio::spawn(serve_connections(
-                listener,
-                app,
-                limits,
-                std::future::pending(),
-            ));
-            addr
-        });
-        // Waits (bounded, far beyond the limits) for the server to close the connection;
-        // what it sent before.
+        // Waits (bounded, far beyond the limit under test, far below the other) for the
+        // server to close the connection; what it sent before.
         let until_closed = |stream: &mut std::net::TcpStream| -> String {
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
@@ -629,12 +629,22 @@ mod tests {
                 .expect("the server closes the connection within 30 s");
             String::from_utf8_lossy(&text).into_owned()
         };
+        // The header limit alone closes a request never finished.
+        let addr = serve(ConnectionLimits {
+            header_read: Duration::from_millis(300),
+            lifetime: hour,
+        });
         let mut slow = std::net::TcpStream::connect(addr).expect("connecting");
         slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             .expect("half a request");
         let sent = until_closed(&mut slow);
         assert!(!sent.contains("200 OK"), "{sent}");
 
+        // The lifetime alone closes a kept-alive connection, after its answer.
+        let addr = serve(ConnectionLimits {
+            header_read: hour,
+            lifetime: Duration::from_secs(2),
+        });
         let mut idle = std::net::TcpStream::connect(addr).expect("connecting");
         idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .expect("a request, then nothing (keep-alive)");

@@ -90,7 +90,7 @@ impl Cluster {
         if let Err(e) = netns::require_privileges() {
             panic!("privileged test `{tag}` cannot run: {e:#}");
         }
-        ensure_bpffs();
+        common::ensure_bpffs();
         let prefix = netns::unique_prefix(&format!("ekpt-{tag}"));
         let fabric = Netns::create(&format!("{prefix}-fab")).expect("fabric namespace");
         ip(&fabric, "link add br0 type bridge");
@@ -457,21 +457,6 @@ fn conntrack_entries(pin_path: &Path) -> u64 {
     fill["entries"]
         .as_u64()
         .unwrap_or_else(|| panic!("no entry count in {fill}"))
-}
-
-/// Mounts bpffs at /sys/fs/bpf when it is not there (the agents would race to do it).
-fn ensure_bpffs() {
-    let fs_type = Command::new("stat")
-        .args(["-f", "-c", "%T", "/sys/fs/bpf"])
-        .output()
-        .expect("stat /sys/fs/bpf");
-    if String::from_utf8_lossy(&fs_type.stdout).trim() != "bpf_fs" {
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting bpffs at /sys/fs/bpf failed");
-    }
 }
 
 fn service(policy: &str) -> String {
@@ -1120,7 +1105,7 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
     let pin_path = cluster.nodes[0].pin_path.clone();
     let node_port = format!("192.168.77.11:{NODE_PORT}");
     let bits = wait_until_prefilter_covers_what_is_listed(&pin_path, true);
-    assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
+    assert_both_pods_served(&cluster.requests(&node_port, 30), CLIENT);
     // The flows source-NATed to pod-2 marked their SNAT ports, where the replies come
     // back; `list --maps` counts the bits set, of the three entries' 65536.
     let marks = pinned_filter(&pin_path, NS_FILTER_SNAT);
@@ -1174,7 +1159,7 @@ fn the_prefilter_covers_every_external_frontend_and_local_backend() {
         !pinned_filter(&pin_path, NS_FILTER_OUT).has(gone.0, gone.1),
         "the bit of a backend gone before the restart is still set"
     );
-    assert_both_pods_served(&cluster.requests(&node_port, 12), CLIENT);
+    assert_both_pods_served(&cluster.requests(&node_port, 30), CLIENT);
     cluster.requests("192.168.77.11:30090", 3);
 }
 

@@ -1563,8 +1563,13 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
                     .context("no DaemonSet")?;
                 let chart = chart.render(REQUIRED)?;
                 let wanted = &chart.agent()?["securityContext"]["seLinuxOptions"];
+                expect_eq("the agent's SELinux type", &wanted["type"], &json!("spc_t"))?;
                 let spec = &extra["spec"]["template"]["spec"];
-                for c in spec["initContainers"].as_array().into_iter().flatten() {
+                let init = spec["initContainers"]
+                    .as_array()
+                    .filter(|c| !c.is_empty())
+                    .context("no init container")?;
+                for c in init {
                     expect_eq(
                         &format!("{}: seLinuxOptions", c["name"]),
                         &c["securityContext"]["seLinuxOptions"],
