@@ -502,7 +502,7 @@ pub async fn run(config: Config) -> Result<()> {
             last_full = started;
         }
         pod_devices = serve_pod_devices(&mut programs, &pod_devices);
-        let ok = sync_once(
+        let synced = sync_once(
             &config,
             &source,
             &mut syncer,
@@ -512,18 +512,22 @@ pub async fn run(config: Config) -> Result<()> {
             &mut health_check_servers,
         );
         follow_devices(&config, &state.node_addresses, &mut programs);
-        failed_in_a_row = if ok {
-            0
-        } else {
-            failed_in_a_row.saturating_add(1)
+        failed_in_a_row = match synced {
+            Synced::Failed => failed_in_a_row.saturating_add(1),
+            Synced::Done | Synced::RoomMade => 0,
         };
-        let wait = if ok {
-            config.sync_period
-        } else {
-            retry_after(config.min_sync_period, config.sync_period, failed_in_a_row)
+        let wait = match synced {
+            Synced::Done => config.sync_period,
+            Synced::RoomMade => retry_after(config.min_sync_period, config.sync_period, 1),
+            Synced::Failed => {
+                retry_after(config.min_sync_period, config.sync_period, failed_in_a_row)
+            }
         };
         let deadline = tokio::time::Instant::now() + wait;
         let mut link_events_failed = false;
+        // A change the source reports is queued when it comes (`queue_changes`); a periodic
+        // or retried sync is no queued update, as in kube-proxy; an address that moved is.
+        let mut addresses_moved = false;
         let stop = loop {
             if link_events_failed {
                 link_events = None;
@@ -562,6 +566,7 @@ pub async fn run(config: Config) -> Result<()> {
                     // which externalIPs the node's pods are.
                     if devices::local_ipv4().is_ok_and(|now| now != state.device_addresses) {
                         state.full = last_full.elapsed() >= config.sync_period;
+                        addresses_moved = true;
                         break false;
                     }
                 }
@@ -572,10 +577,12 @@ pub async fn run(config: Config) -> Result<()> {
         if stop {
             break;
         }
-        health.queued(std::time::Instant::now());
-        metrics
-            .last_queued_timestamp
-            .set(unix_seconds(SystemTime::now()));
+        if addresses_moved {
+            health.queued(std::time::Instant::now());
+            metrics
+                .last_queued_timestamp
+                .set(unix_seconds(SystemTime::now()));
+        }
         // Bounded frequency: batch whatever else changes until the minimum period is over.
         sleep_until(started + config.min_sync_period).await;
         while changed_rx.try_recv().is_ok() {}
@@ -801,8 +808,19 @@ fn update_health_checks(
     }
 }
 
-/// One sync. Returns false when the next one should come soon: writing the maps failed, or
-/// something did not fit and this sync's deletions may have made room.
+/// How a sync ended, and so when the next one comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Synced {
+    /// Everything fits: the next sync at the next change or `--sync-period`.
+    Done,
+    /// Something did not fit and this sync's deletions may have made room: again after the
+    /// minimum period (at least a second).
+    RoomMade,
+    /// Writing the maps failed: again after a wait that grows ([`retry_after`]).
+    Failed,
+}
+
+/// One sync.
 fn sync_once(
     config: &Config,
     source: &Source,
@@ -811,7 +829,7 @@ fn sync_once(
     metrics: &Metrics,
     health: &Health,
     health_check_servers: &mut HealthCheckServers,
-) -> bool {
+) -> Synced {
     let started = std::time::Instant::now();
     // A primed sync's reading and translating came before it; they count in its duration.
     let mut ahead = Duration::ZERO;
@@ -981,7 +999,7 @@ fn sync_once(
                     .set(n as i64);
             }
             // Deletions may have made room for what did not fit: look again soon.
-            let retry_soon = !over_capacity.is_empty() && stats.writes > 0;
+            let room_made = !over_capacity.is_empty() && stats.writes > 0;
             if stats.writes > 0 {
                 tracing::info!(
                     writes = stats.writes,
@@ -992,12 +1010,16 @@ fn sync_once(
             } else {
                 tracing::debug!("in sync");
             }
-            !retry_soon
+            if room_made {
+                Synced::RoomMade
+            } else {
+                Synced::Done
+            }
         }
         Err(e) => {
             metrics.sync_failures.inc();
             tracing::error!("sync failed, retrying: {e:#}");
-            false
+            Synced::Failed
         }
     }
 }
