@@ -112,8 +112,9 @@ struct RunArgs {
     external_clusterip: bool,
 
     /// Capacity (max_entries) of the services map: one entry per frontend plus one per
-    /// backend slot. A map pinned with another size (any of these) is replaced at start by
-    /// one of the new size holding its entries, as the new programs attach.
+    /// backend slot; a NodePort has two frontends (both scopes) on each node address (the
+    /// devices' and the Node's). A map pinned with another size (any of these) is replaced
+    /// at start by one of the new size holding its entries, as the new programs attach.
     #[arg(long, default_value_t = proxy_common::DEFAULT_SERVICES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_services: u32,
 

@@ -10,9 +10,9 @@
 //! without the node's eligibility), 503 otherwise.
 //!
 //! Addresses: kube-proxy listens on all addresses unless `--nodeport-addresses` is set, then
-//! on the node's addresses in those CIDRs; here those are the Node object's addresses that
-//! NodePorts are served on (see `translate::node_info`). When they change, the servers are
-//! reopened on the new ones.
+//! on the node's addresses in those CIDRs; here those are the addresses NodePorts are served
+//! on (the devices' and the Node object's, see `translate::node_info`). When they change,
+//! the servers are reopened on the new ones.
 //!
 //! A port that cannot be bound (taken by another process, or by two Services in a
 //! hand-written manifest) does not stop anything: it is logged once while it lasts, counted
@@ -20,8 +20,8 @@
 //! sync, like kube-proxy does; with the Kubernetes source it is also recorded, as
 //! kube-proxy records it, as a `FailedToStartServiceHealthcheck` warning event on the
 //! Service (once per distinct error while it lasts; see `events`). Closing is asynchronous
-//! (the server stops accepting and closes idle connections at once, in-flight requests
-//! finish), so a port handed from one Service to another in the same sync may fail once and
+//! (the server stops accepting and closes its connections, an answer under way first;
+//! `http::serve_connections`), so a port handed from one Service to another in the same sync may fail once and
 //! be bound at the next sync.
 
 use std::collections::BTreeMap;

@@ -241,7 +241,10 @@ impl ConnectionLimits {
 /// connections and never finishes a request (the health ports listen on every address,
 /// reachable like a NodePort) keeps each open for good, until the agent runs out of file
 /// descriptors and with them its watches and binds. An accept that fails (EMFILE) is
-/// tried again shortly, as axum does.
+/// tried again shortly, as axum does. At `stop` the open connections end too, gracefully
+/// (a request being answered is answered), as Go's `Server.Close` ends kube-proxy's: a
+/// health-check server whose Service went must not answer for it on a kept-alive
+/// connection.
 pub async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -249,6 +252,8 @@ pub async fn serve_connections(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    // Dropped when this returns: every connection's `stopped` then completes.
+    let (_stopping, stopped) = tokio::sync::watch::channel(());
     loop {
         let accepted = tokio::select! {
             () = &mut stop => return,
@@ -263,13 +268,22 @@ pub async fn serve_connections(
             }
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             // Dropped at the end of its lifetime: the socket closes.
-            let _ = tokio::time::timeout(limits.lifetime, connection).await;
+            let _ = tokio::time::timeout(limits.lifetime, async move {
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stopped.changed() => connection.as_mut().graceful_shutdown(),
+                }
+                let _ = connection.await;
+            })
+            .await;
         });
     }
 }
@@ -650,6 +664,69 @@ mod tests {
             .expect("a request, then nothing (keep-alive)");
         let sent = until_closed(&mut idle);
         assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+    }
+
+    /// A server that stops closes its kept-alive connections too: a health-check server
+    /// whose Service went must not go on answering for it.
+    #[test]
+    fn a_stopped_server_closes_its_open_connections() {
+        use std::io::{Read, Write};
+        let runtime = crate::run::runtime().expect("the agent's runtime");
+        let (health, metrics) = state();
+        let hour = Duration::from_secs(3600);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let addr = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("binding");
+            let addr = listener.local_addr().expect("its address");
+            let limits = ConnectionLimits {
+                header_read: hour,
+                lifetime: hour,
+            };
+            let stop = async {
+                let _ = stopped.await;
+            };
+            tokio::spawn(serve_connections(
+                listener,
+                health_router(health, metrics),
+                limits,
+                stop,
+            ));
+            addr
+        });
+        let mut client = std::net::TcpStream::connect(addr).expect("connecting");
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("a read timeout");
+        // One whole answer on the connection, which stays open (keep-alive).
+        client
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("a request");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        let whole = |answer: &[u8]| {
+            let text = String::from_utf8_lossy(answer);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            head.lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .is_some_and(|n| body.len() >= n)
+        };
+        while !whole(&answer) {
+            let n = client.read(&mut buf).expect("the answer");
+            assert!(n > 0, "closed before the answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        stop.send(()).expect("stopping the server");
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .expect("the stopped server closes the connection within 30 s");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 
     /// A sync does not yield to the runtime until it is done. On the agent's runtime the

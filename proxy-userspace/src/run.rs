@@ -1202,8 +1202,9 @@ fn note_node(name: &str, node: Option<&Node>, known: &mut Option<bool>) {
     match (*known, now) {
         (_, false) => tracing::warn!(
             node = name,
-            "no Node object named {name:?}: NodePorts are served on no address and topology \
-             hints are not followed until it appears (is --node-name right?)"
+            "no Node object named {name:?}: NodePorts are served on the devices' addresses \
+             only (on none with --nodeport-addresses primary) and topology hints are not \
+             followed until it appears (is --node-name right?)"
         ),
         (Some(false), true) => tracing::info!(node = name, "the Node object {name:?} appeared"),
         (_, true) => {}
