@@ -367,10 +367,17 @@ mod tests {
 
     /// A port free on loopback right now.
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
+        let [port] = free_ports();
+        port
+    }
+
+    /// `N` distinct free ports: each bound until all are known (two binds in turn could
+    /// hand out one port twice).
+    fn free_ports<const N: usize>() -> [u16; N] {
+        let listeners: Vec<std::net::TcpListener> = (0..N)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+            .collect();
+        std::array::from_fn(|i| listeners[i].local_addr().expect("its address").port())
     }
 
     /// `GET path` on 127.0.0.1:port: (status, headers, body), or the connect error.
@@ -515,7 +522,7 @@ mod tests {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let metrics = Metrics::new();
         let mut servers = HealthCheckServers::new(health, None);
-        let (first, second) = (free_port(), free_port());
+        let [first, second] = free_ports();
         let loopback = [Ipv4Addr::LOCALHOST];
         servers.sync(&[check("web", first, 1)], &loopback, &metrics);
         assert_eq!(get(first, "/").await.expect("served").0, 200);
@@ -560,8 +567,9 @@ mod tests {
         let mut servers = HealthCheckServers::new(health, None);
         let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = squatter.local_addr().expect("addr").port();
+        let other = free_port();
         let loopback = [Ipv4Addr::LOCALHOST];
-        let checks = [check("web", port, 1), check("api", free_port(), 1)];
+        let checks = [check("web", port, 1), check("api", other, 1)];
 
         servers.sync(&checks, &loopback, &metrics);
         assert_eq!(gauge(&metrics, "failed"), 1);

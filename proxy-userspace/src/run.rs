@@ -305,22 +305,29 @@ pub fn raise_open_files_limit() {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: an out pointer to a live rlimit, then the same struct read back.
-    let raised = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
-        {
-            return;
-        }
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    // SAFETY: an out pointer to a live rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let Some(raised) = raised(limit) else {
+        return;
     };
-    if !raised {
+    // SAFETY: a pointer to a live rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         tracing::warn!(
             "raising the open files limit to {}: {}",
-            limit.rlim_max,
+            raised.rlim_cur,
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// `limit` with its soft limit raised to the hard one; `None` when it is there already.
+fn raised(limit: libc::rlimit) -> Option<libc::rlimit> {
+    (limit.rlim_cur < limit.rlim_max).then_some(libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        ..limit
+    })
 }
 
 pub async fn run(config: Config) -> Result<()> {
@@ -1323,31 +1330,23 @@ mod tests {
     use super::*;
     use crate::model::{DesiredState, Frontend, FrontendKind, Protocol, Scope, WhenEmpty};
 
-    /// The soft limit on open files is raised to the hard one (this test lowers this test
-    /// process's first, and leaves it raised).
+    /// The soft limit on open files is raised to the hard one, and left alone there.
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_one() {
-        let read = || {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: an out pointer to a live rlimit.
-            assert_eq!(
-                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-                0
-            );
-            limit
-        };
-        let hard = read().rlim_max;
-        let lowered = libc::rlimit {
-            rlim_cur: hard.min(1024) - 1,
+        let limit = |soft, hard| libc::rlimit {
+            rlim_cur: soft,
             rlim_max: hard,
         };
-        // SAFETY: a pointer to a live rlimit.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
-        raise_open_files_limit();
-        assert_eq!(read().rlim_cur, hard);
+        let soft_and_hard = |l: Option<libc::rlimit>| l.map(|l| (l.rlim_cur, l.rlim_max));
+        assert_eq!(
+            soft_and_hard(raised(limit(1024, 524_288))),
+            Some((524_288, 524_288))
+        );
+        assert_eq!(soft_and_hard(raised(limit(4096, 4096))), None);
+        assert_eq!(
+            soft_and_hard(raised(limit(1024, libc::RLIM_INFINITY))),
+            Some((libc::RLIM_INFINITY, libc::RLIM_INFINITY))
+        );
     }
 
     /// Failed syncs are tried again after the minimum period (at least a second), doubled
