@@ -90,7 +90,9 @@ pub fn route(
     ttl: u8,
 ) -> Route {
     if ttl <= 1 {
-        // The stack sends the ICMP time exceeded.
+        // To the stack, which does not forward it: rewritten to a node address as its
+        // source, it is a martian there, and is dropped without an ICMP time exceeded (as
+        // the README says; kube-proxy's forwarding sends one).
         return Route::Stack;
     }
     let mut lookup = MaybeUninit::<bpf_fib_lookup>::uninit();
