@@ -118,15 +118,15 @@ impl Pass {
 const NAMESPACES_AT_ONCE: usize = 16;
 
 /// Destroys, in every network namespace, the connected UDP sockets whose peer is one of
-/// `backends` and for which `translated(socket)` says the socket programs chose that
-/// backend. Namespaces that cannot be entered are skipped (logged at debug level; those
-/// refused for want of privilege are counted).
+/// `backends` (any, with `None`) and for which `translated(socket)` says the socket
+/// programs chose that backend. Namespaces that cannot be entered are skipped (logged at
+/// debug level; those refused for want of privilege are counted).
 pub fn destroy_udp_sockets(
-    backends: &BTreeSet<(Ipv4Addr, u16)>,
+    backends: Option<&BTreeSet<(Ipv4Addr, u16)>>,
     translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
 ) -> Pass {
     let mut pass = Pass::default();
-    if backends.is_empty() {
+    if backends.is_some_and(BTreeSet::is_empty) {
         return pass;
     }
     let namespaces = network_namespaces();
@@ -163,7 +163,7 @@ pub fn destroy_udp_sockets(
 /// [`destroy_udp_sockets`] in the network namespace at `ns`, from a thread of its own.
 fn destroy_in(
     ns: &PathBuf,
-    backends: &BTreeSet<(Ipv4Addr, u16)>,
+    backends: Option<&BTreeSet<(Ipv4Addr, u16)>>,
     translated: &(dyn Fn(&UdpSocket) -> bool + Sync),
 ) -> io::Result<usize> {
     enter(ns)?;
@@ -176,7 +176,7 @@ fn destroy_in(
         Err(e) => tracing::debug!(namespace = %ns.display(), "sock_diag, AF_INET6: {e}"),
     }
     for socket in sockets {
-        if backends.contains(&socket.peer) && translated(&socket) {
+        if backends.is_none_or(|b| b.contains(&socket.peer)) && translated(&socket) {
             match destroy(&diag, &socket) {
                 Ok(()) => destroyed += 1,
                 // Closed since the dump (a resolver's socket per query): nothing to do, and
@@ -499,7 +499,7 @@ mod tests {
             true
         };
         let ns = PathBuf::from("/proc/thread-self/ns/net");
-        let destroyed = destroy_in(&ns, &BTreeSet::from([peer]), &translated)
+        let destroyed = destroy_in(&ns, Some(&BTreeSet::from([peer])), &translated)
             .expect("the pass goes on past the closed socket");
         assert_eq!(destroyed, 1);
         let closed = closed

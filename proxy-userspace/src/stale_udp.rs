@@ -12,6 +12,13 @@
 //! it writes the backend into the frontend's slots again. Each departure carries a
 //! generation, so a pair that departs, returns and departs again while the worker scans is
 //! scanned once more rather than marked done.
+//!
+//! Departures live in memory. An agent that stopped before its worker got to them (killed
+//! mid-rollout, or without the privilege to enter namespaces) leaves sockets on backends
+//! that left; the maps it pinned no longer say which. So after a restart, once the first
+//! sync is written, one sweep closes every connected UDP socket the programs translated to
+//! a backend its frontend no longer has, as kube-proxy's conntrack cleanup looks at every
+//! UDP flow at its first sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -29,16 +36,33 @@ pub type Departure = (u16, BackendAddr);
 struct Pending {
     departures: BTreeMap<Departure, u64>,
     generation: u64,
+    /// A sweep to make: every (rev-NAT id, UDP backend) pair the slots hold, kept up to
+    /// date by later syncs until the sweep is done.
+    sweep: Option<BTreeSet<Departure>>,
 }
 
 impl Pending {
     fn depart(&mut self, departure: Departure) {
+        if let Some(present) = &mut self.sweep {
+            present.remove(&departure);
+        }
         self.generation += 1;
         self.departures.insert(departure, self.generation);
     }
 
     fn cancel(&mut self, departure: &Departure) {
+        if let Some(present) = &mut self.sweep {
+            present.insert(*departure);
+        }
         self.departures.remove(departure);
+    }
+
+    /// Whether a sweep closes a socket translated to `pair`: one is under way and the
+    /// slots do not hold the pair.
+    fn swept(&self, pair: &Departure) -> bool {
+        self.sweep
+            .as_ref()
+            .is_some_and(|present| !present.contains(pair))
     }
 
     /// Whether `departure` is still pending as recorded in `generation`.
@@ -102,23 +126,32 @@ impl StaleUdp {
             self.shared.wake.notify_one();
         }
     }
+
+    /// Asks for one sweep ([module docs](self)): `present` is every (rev-NAT id, UDP
+    /// backend) pair the frontends' slots hold, lingering ones included.
+    pub fn sweep(&self, present: BTreeSet<Departure>) {
+        self.shared.pending().sweep = Some(present);
+        self.shared.wake.notify_one();
+    }
 }
 
 /// The worker: waits for departures, closes their sockets, forever.
 fn run(shared: &Shared, reverse: &SockReverse) {
     let (mut warned_denied, mut warned_unsupported) = (false, false);
     loop {
-        let scanned = {
+        let (scanned, sweeping) = {
             let mut pending = shared.pending();
-            while pending.departures.is_empty() {
+            while pending.departures.is_empty() && pending.sweep.is_none() {
                 pending = shared
                     .wake
                     .wait(pending)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            pending.departures.clone()
+            (pending.departures.clone(), pending.sweep.is_some())
         };
-        let peers: BTreeSet<_> = scanned.keys().map(|(_, b)| (b.addr, b.port)).collect();
+        // A sweep looks at every connected UDP socket; departures at those of their peers.
+        let peers: Option<BTreeSet<_>> =
+            (!sweeping).then(|| scanned.keys().map(|(_, b)| (b.addr, b.port)).collect());
         let still_departed = |socket: &sockdiag::UdpSocket| {
             let Some(entry) = reverse.frontend_of(
                 socket.cookie,
@@ -135,12 +168,24 @@ fn run(shared: &Shared, reverse: &SockReverse) {
                     proto: Protocol::Udp,
                 },
             );
-            scanned
-                .get(&departure)
-                .is_some_and(|generation| shared.pending().holds(&departure, *generation))
+            let pending = shared.pending();
+            pending.swept(&departure)
+                || scanned
+                    .get(&departure)
+                    .is_some_and(|generation| pending.holds(&departure, *generation))
         };
-        let pass = sockdiag::destroy_udp_sockets(&peers, &still_departed);
-        shared.pending().done(&scanned);
+        let pass = sockdiag::destroy_udp_sockets(peers.as_ref(), &still_departed);
+        {
+            let mut pending = shared.pending();
+            pending.done(&scanned);
+            if sweeping {
+                pending.sweep = None;
+                tracing::info!(
+                    destroyed = pass.destroyed,
+                    "swept the connected UDP sockets of backends that left while no agent ran"
+                );
+            }
+        }
         tracing::info!(
             destroyed = pass.destroyed,
             departures = scanned.len(),
@@ -211,6 +256,21 @@ mod tests {
         assert!(pending.holds(&departure(1, 11), scanned[&departure(1, 11)]));
         pending.done(&scanned);
         assert_eq!(recorded(&pending), [departure(1, 10), departure(1, 12)]);
+    }
+
+    /// A sweep closes what the slots do not hold, as later syncs change them: a pair written
+    /// again is kept, one that departs is closed (and recorded).
+    #[test]
+    fn a_sweep_follows_the_syncs_after_it() {
+        let mut pending = Pending::default();
+        assert!(!pending.swept(&departure(1, 10)), "no sweep asked");
+        pending.sweep = Some([departure(1, 10), departure(1, 11)].into());
+        assert!(!pending.swept(&departure(1, 10)));
+        assert!(pending.swept(&departure(1, 12)), "not in the slots");
+        pending.cancel(&departure(1, 12));
+        assert!(!pending.swept(&departure(1, 12)), "written by a later sync");
+        pending.depart(departure(1, 11));
+        assert!(pending.swept(&departure(1, 11)), "departed since");
     }
 
     #[test]

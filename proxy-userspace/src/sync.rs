@@ -998,6 +998,9 @@ pub struct Syncer {
     affinity_pending: BTreeSet<(u16, u32)>,
     /// The north-south prefilter's bits, written ahead of what they stand for.
     ns_filters: ns_filter::NsFilters,
+    /// The maps held what an earlier run wrote, and no sync has completed since: the first
+    /// that does asks the stale-UDP worker for a sweep (`stale_udp`).
+    sweep_due: bool,
 }
 
 impl Syncer {
@@ -1009,6 +1012,7 @@ impl Syncer {
             .context("starting the thread that closes stale UDP sockets")?;
         let ns_filters = ns_filter::NsFilters::unarmed();
         Ok(Syncer {
+            sweep_due: !programmed.frontends.is_empty(),
             ns_filters,
             maps,
             service_entries: service_entries(&programmed),
@@ -1122,6 +1126,16 @@ impl Syncer {
         if let Some(e) = failed {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
+        }
+        if self.sweep_due {
+            self.sweep_due = false;
+            let slotted = self
+                .programmed
+                .frontends
+                .values()
+                .flat_map(|f| f.slots.values().map(|id| (f.rev_nat_id, *id)));
+            self.stale_udp
+                .sweep(without_ids(udp_pairs(&self.programmed, slotted)).collect());
         }
         if !self.ns_filters.armed() {
             let maps = &mut self.maps;

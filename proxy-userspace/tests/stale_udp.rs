@@ -202,6 +202,64 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }
 
+/// An agent that could not close a connected socket whose backend left (here: no
+/// `CAP_SYS_ADMIN`; as well: killed before its worker got there) leaves it sending to the
+/// removed backend; the maps it pinned no longer say that backend left. The next agent's
+/// first sync sweeps every such socket, and the client moves to the live backend.
+#[test]
+fn a_restarted_agent_closes_the_sockets_its_predecessor_could_not() {
+    let mut h = Harness::new("staleudpsweep", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    h.write_manifest(
+        "svc.yaml",
+        &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
+    );
+    dns_on(&h, "10.244.0.10");
+    let caps: Vec<&str> = CHART_CAPABILITIES
+        .into_iter()
+        .filter(|c| *c != "sys_admin")
+        .collect();
+    h.start_agent_with_capabilities(&caps);
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
+    let args = [
+        "udp",
+        DNS,
+        "1000000",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "5",
+    ];
+    let connected = h.spawn_client("connected", &args);
+    connected.wait_for_lines(20);
+    dns_on(&h, "10.244.0.11");
+    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
+    h.wait_for_log("setns needs CAP_SYS_ADMIN");
+    let stuck = connected.lines_after(connected.lines_so_far(), 20);
+    assert!(
+        stuck.iter().all(|l| l["answer"] == "pod-a"),
+        "the first agent could not close the socket: {stuck:?}"
+    );
+
+    h.stop_agent();
+    h.start_agent();
+    let lines = settled_on(&connected, "pod-b");
+    let (after, errors) = after_switch(&lines, "pod-b");
+    assert!(
+        after
+            .iter()
+            .all(|l| l["ok"] != true || l["answer"] == "pod-b"),
+        "back to the removed backend: {after:?}"
+    );
+    assert_eq!(errors.len(), 1, "destroyed once: {errors:?}");
+    let errno = errors[0]["errno"].as_i64();
+    assert!(
+        errno == Some(ECONNABORTED) || errno == Some(EDESTADDRREQ),
+        "{errors:?}"
+    );
+    h.wait_for_log("swept the connected UDP sockets");
+}
+
 /// A connected socket of a Service that is deleted keeps its translation in its slot until
 /// it closes: the agent's closing of such sockets finds them by it. Its answers are no
 /// longer relabelled as the deleted Service's (they show the backend). Without
