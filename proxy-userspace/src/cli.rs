@@ -345,8 +345,10 @@ const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A duration as Go writes one, the form of kube-proxy's flags and of its configuration
 /// file (`1m0s`, `1h30m`, `1.5s`, `250ms`; units `ns`, `us`/`µs`, `ms`, `s`, `m`, `h`),
 /// or a bare number of seconds; not negative, at most [`LONGEST`].
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let invalid = || format!("invalid duration {s:?} (e.g. 1m30s, 250ms, 1.5s)");
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {text:?} (e.g. 1m30s, 250ms, 1.5s)");
+    // (Go takes a sign; a negative duration is no period.)
+    let s = text.strip_prefix('+').unwrap_or(text);
     if let Ok(seconds) = s.parse::<u64>() {
         return Some(Duration::from_secs(seconds))
             .filter(|d| *d <= LONGEST)
@@ -615,6 +617,7 @@ mod tests {
             ("7ns", Duration::from_nanos(7)),
             ("0", Duration::ZERO),
             ("8760h", Duration::from_secs(365 * 24 * 3600)),
+            ("+1s", Duration::from_secs(1)),
         ] {
             assert_eq!(parse_duration(text), Ok(want), "{text}");
         }
