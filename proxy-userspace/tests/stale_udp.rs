@@ -202,19 +202,14 @@ fn c27_without_sys_admin_the_agent_warns_that_it_cannot_close_the_sockets() {
     assert!(after.iter().all(|l| l["answer"] == "pod-b"), "{after:?}");
 }
 
-/// An agent that could not close a connected socket whose backend left (here: no
-/// `CAP_SYS_ADMIN`; as well: killed before its worker got there) leaves it sending to the
-/// removed backend; the maps it pinned no longer say that backend left. The next agent's
-/// first sync sweeps every such socket, and the client moves to the live backend.
-#[test]
-fn a_restarted_agent_closes_the_sockets_its_predecessor_could_not() {
-    let mut h = Harness::new("staleudpsweep", &["pod-a", "pod-b"]);
-    let _servers = h.serve(&[], &[5353]);
+/// The DNS Service on pod-a, an agent without `CAP_SYS_ADMIN` (it cannot close sockets in
+/// other namespaces), and a resolver asking the Service every 5 ms on one connected socket.
+fn connected_client_without_sys_admin(h: &mut Harness, name: &str) -> BackgroundClient {
     h.write_manifest(
         "svc.yaml",
         &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
     );
-    dns_on(&h, "10.244.0.10");
+    dns_on(h, "10.244.0.10");
     let caps: Vec<&str> = CHART_CAPABILITIES
         .into_iter()
         .filter(|c| *c != "sys_admin")
@@ -230,7 +225,18 @@ fn a_restarted_agent_closes_the_sockets_its_predecessor_could_not() {
         "--every-ms",
         "5",
     ];
-    let connected = h.spawn_client("connected", &args);
+    h.spawn_client(name, &args)
+}
+
+/// An agent that could not close a connected socket whose backend left (here: no
+/// `CAP_SYS_ADMIN`; as well: killed before its worker got there) leaves it sending to the
+/// removed backend; the maps it pinned no longer say that backend left. The next agent's
+/// first sync sweeps every such socket, and the client moves to the live backend.
+#[test]
+fn a_restarted_agent_closes_the_sockets_its_predecessor_could_not() {
+    let mut h = Harness::new("staleudpsweep", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[], &[5353]);
+    let connected = connected_client_without_sys_admin(&mut h, "connected");
     connected.wait_for_lines(20);
     dns_on(&h, "10.244.0.11");
     h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.11:5353"]));
@@ -268,27 +274,7 @@ fn a_restarted_agent_closes_the_sockets_its_predecessor_could_not() {
 fn a_deleted_services_translation_stays_in_the_slot_until_the_socket_closes() {
     let mut h = Harness::new("staleudpdel", &["pod-a"]);
     let _servers = h.serve(&[], &[5353]);
-    h.write_manifest(
-        "svc.yaml",
-        &service("dns", "10.96.0.10", &[("dns", 53, "UDP")]),
-    );
-    dns_on(&h, "10.244.0.10");
-    let caps: Vec<&str> = CHART_CAPABILITIES
-        .into_iter()
-        .filter(|c| *c != "sys_admin")
-        .collect();
-    h.start_agent_with_capabilities(&caps);
-    h.wait_for_frontend("10.96.0.10:53", "UDP", Some(&["10.244.0.10:5353"]));
-    let args = [
-        "udp",
-        DNS,
-        "1000000",
-        "--connected",
-        "--keep-socket",
-        "--every-ms",
-        "5",
-    ];
-    let client = h.spawn_client("deleted", &args);
+    let client = connected_client_without_sys_admin(&mut h, "deleted");
     client.wait_for_lines(5);
     assert_eq!(h.map_entries("ekp_sk_slot_v1"), 1, "the socket's slot");
 

@@ -1539,15 +1539,10 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         checks.check(
             &format!("extras/{name}: left out of the nodes the chart leaves out"),
             || {
-                let raw = fs::read_to_string(chart.dir.join("extras").join(name))?;
-                let docs = parse_stream(&raw)?;
-                let extra = docs
-                    .iter()
-                    .find(|d| d["kind"] == "DaemonSet")
-                    .context("no DaemonSet")?;
+                let extra = extra_daemonset(&chart.dir, name)?;
                 let chart = chart.render(REQUIRED)?;
                 let affinity = |d: &Value| d["spec"]["template"]["spec"]["affinity"].clone();
-                expect_eq("affinity", affinity(extra), affinity(chart.daemonset()?))
+                expect_eq("affinity", affinity(&extra), affinity(chart.daemonset()?))
             },
         );
         // The containers that touch the node (not the `done` sleeper) run as the chart's
@@ -1555,12 +1550,7 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         checks.check(
             &format!("extras/{name}: the node's SELinux type for what touches the node"),
             || {
-                let raw = fs::read_to_string(chart.dir.join("extras").join(name))?;
-                let docs = parse_stream(&raw)?;
-                let extra = docs
-                    .iter()
-                    .find(|d| d["kind"] == "DaemonSet")
-                    .context("no DaemonSet")?;
+                let extra = extra_daemonset(&chart.dir, name)?;
                 let chart = chart.render(REQUIRED)?;
                 let wanted = &chart.agent()?["securityContext"]["seLinuxOptions"];
                 expect_eq("the agent's SELinux type", &wanted["type"], &json!("spc_t"))?;
@@ -1582,6 +1572,15 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
     }
 
     Ok(checks)
+}
+
+/// The DaemonSet of the manifest `extras/<name>` beside the chart in `dir`.
+fn extra_daemonset(dir: &Path, name: &str) -> Result<Value> {
+    let raw = fs::read_to_string(dir.join("extras").join(name))?;
+    parse_stream(&raw)?
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .context("no DaemonSet")
 }
 
 #[cfg(test)]
