@@ -22,8 +22,8 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{
     CT_DIR_IN, CT_DIR_OUT, CT_FLAG_BACKEND_SYN, CT_FLAG_CLAIM, CT_FLAG_CLOSING,
     CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_BACKEND_FIRST, CT_FLAG_FIN_CLIENT, CT_FLAG_REPLY,
-    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, PROTO_TCP,
-    SNAT_CURSORS, SNAT_PORT_RETRIES, seconds_since,
+    CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, CT_LIFETIME_CLOSING, NatCtKey, NatCtValue, SNAT_CURSORS,
+    SNAT_PORT_RETRIES, seconds_since,
 };
 
 use crate::csum::{self, RewriteError};
