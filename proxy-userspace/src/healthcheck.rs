@@ -21,8 +21,8 @@
 //! kube-proxy records it, as a `FailedToStartServiceHealthcheck` warning event on the
 //! Service (once per distinct error while it lasts; see `events`). Closing is asynchronous
 //! (the server stops accepting and closes its connections, an answer under way first;
-//! `http::serve_connections`), so a port handed from one Service to another in the same sync may fail once and
-//! be bound at the next sync.
+//! `http::serve_connections`), so a port handed from one Service to another in the same
+//! sync may fail once and be bound at the next sync.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -510,7 +510,7 @@ mod tests {
         let (code, _, body) = get(port, "/").await.expect("served");
         assert_eq!(code, 503);
         assert!(body.contains("\"serviceProxyHealthy\": false"), "{body}");
-        health.updated(std::time::SystemTime::now());
+        health.updated(Instant::now(), std::time::SystemTime::now());
 
         servers.sync(&[], &loopback, &metrics);
         wait_closed(port).await;

@@ -1,6 +1,7 @@
 //! `/healthz` and `/livez` (kube-proxy's semantics, probed by cloud load balancers and the
-//! kubelet), `/readyz` (the first sync done) and the metrics server: `/metrics`, and beside it what kube-proxy's metrics
-//! port also answers, `/healthz` (the process is up) and `/proxyMode`.
+//! kubelet), `/readyz` (the first sync done) and the metrics server: `/metrics`, and beside
+//! it what kube-proxy's metrics port also answers, `/healthz` (the process is up) and
+//! `/proxyMode`.
 //!
 //! Health follows kube-proxy's proxier health server: the agent is unhealthy when an update
 //! has been queued and not applied for longer than the health timeout (2 x sync period);
@@ -59,11 +60,14 @@ impl Health {
         s.oldest_pending.get_or_insert(at);
     }
 
-    /// Everything queued so far is applied.
-    pub fn updated(&self, at: SystemTime) {
+    /// What was queued up to `read` (when the sync read its source) is applied, at `at`. A
+    /// change queued since is still waiting: the sync did not see it.
+    pub fn updated(&self, read: Instant, at: SystemTime) {
         let mut s = self.lock();
         s.last_updated = Some(at);
-        s.oldest_pending = None;
+        if s.oldest_pending.is_some_and(|q| q <= read) {
+            s.oldest_pending = None;
+        }
     }
 
     pub fn set_node_eligible(&self, eligible: bool) {
@@ -241,8 +245,8 @@ impl ConnectionLimits {
 /// connections and never finishes a request (the health ports listen on every address,
 /// reachable like a NodePort) keeps each open for good, until the agent runs out of file
 /// descriptors and with them its watches and binds. An accept that fails (EMFILE) is
-/// tried again shortly, as axum does. At `stop` the open connections end too, gracefully
-/// (a request being answered is answered), as Go's `Server.Close` ends kube-proxy's: a
+/// tried again shortly, as axum does. At `stop` the open connections end too, as Go's
+/// `Server.Close` ends kube-proxy's, but an answer under way is finished first: a
 /// health-check server whose Service went must not answer for it on a kept-alive
 /// connection.
 pub async fn serve_connections(
@@ -461,7 +465,13 @@ mod tests {
         // A later queueing does not reset the oldest pending time.
         health.queued(t0 + Duration::from_secs(30));
         assert!(!health.status(t0 + Duration::from_secs(61)).0);
-        health.updated(synced);
+        // A sync that read its source before the first change did not apply it.
+        health.updated(t0 - Duration::from_secs(1), synced);
+        assert!(
+            !health.status(t0 + Duration::from_secs(61)).0,
+            "still waiting"
+        );
+        health.updated(t0 + Duration::from_secs(62), synced);
         assert_eq!(
             health.status(t0 + Duration::from_secs(500)),
             (true, true, Some(synced))
@@ -518,7 +528,7 @@ mod tests {
         let router = health_router(health.clone(), metrics);
         assert_eq!(ask(router.clone(), "GET", "/livez").await.0, 200);
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);
-        health.updated(SystemTime::now());
+        health.updated(Instant::now(), SystemTime::now());
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 200);
         health.queued(Instant::now() - Duration::from_secs(61));
         assert_eq!(ask(router.clone(), "GET", "/readyz").await.0, 503);

@@ -412,6 +412,7 @@ pub async fn run(config: Config) -> Result<()> {
         started: Some(SystemTime::now()),
         ..LoopState::default()
     };
+    let read_at = std::time::Instant::now();
     let (snapshot, read) = timed(|| source.snapshot(&config.node_name));
     let node_addresses = node_info(
         &config.node_name,
@@ -427,6 +428,7 @@ pub async fn run(config: Config) -> Result<()> {
     state.primed = Some(Primed {
         input,
         changes,
+        read_at,
         read,
         translate,
     });
@@ -792,6 +794,8 @@ struct LoopState {
 struct Primed {
     input: Input,
     changes: Changes,
+    /// When the source was read: a change queued later is not in `input`.
+    read_at: std::time::Instant,
     read: Duration,
     translate: Duration,
 }
@@ -843,6 +847,7 @@ fn sync_once(
     let Primed {
         input,
         changes,
+        read_at,
         read,
         translate,
     } = match state.primed.take() {
@@ -866,6 +871,7 @@ fn sync_once(
             Primed {
                 input,
                 changes,
+                read_at: started,
                 read,
                 translate,
             }
@@ -979,7 +985,7 @@ fn sync_once(
     match result {
         Ok(stats) => {
             let now = SystemTime::now();
-            health.updated(now);
+            health.updated(read_at, now);
             metrics.last_sync_timestamp.set(unix_seconds(now));
             observe_programming_latency(&changes.new_slices, state.started, now, metrics);
             // Like kube-proxy, after the rules are in place.

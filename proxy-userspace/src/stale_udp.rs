@@ -15,7 +15,7 @@
 //!
 //! Departures live in memory. An agent that stopped before its worker got to them (killed
 //! mid-rollout, or without the privilege to enter namespaces) leaves sockets on backends
-//! that left; the maps it pinned no longer say which. So after a restart, once the first
+//! that left; the maps it pinned no longer say which. So at every start, once the first
 //! sync is written, one sweep closes every connected UDP socket the programs translated to
 //! a backend its frontend no longer has, as kube-proxy's conntrack cleanup looks at every
 //! UDP flow at its first sync.
@@ -124,6 +124,16 @@ impl StaleUdp {
         }
         if pending.generation != before {
             self.shared.wake.notify_one();
+        }
+    }
+
+    /// Counts `pairs`, about to be written into slots, as present for a sweep under way (none
+    /// otherwise): written and offered before the sync records them, they must not have a
+    /// socket connected through them meanwhile closed.
+    pub fn present_ahead(&self, pairs: impl IntoIterator<Item = Departure>) {
+        let mut pending = self.shared.pending();
+        if let Some(present) = &mut pending.sweep {
+            present.extend(pairs);
         }
     }
 
@@ -271,6 +281,23 @@ mod tests {
         assert!(!pending.swept(&departure(1, 12)), "written by a later sync");
         pending.depart(departure(1, 11));
         assert!(pending.swept(&departure(1, 11)), "departed since");
+    }
+
+    /// Pairs a sync is about to write count as present for a sweep under way, before the
+    /// sync records them (a socket may connect through them in between).
+    #[test]
+    fn pairs_about_to_be_written_are_present_for_a_sweep() {
+        let stale = StaleUdp {
+            shared: Arc::new(Shared::default()),
+        };
+        stale.present_ahead([departure(1, 10)]);
+        assert!(stale.shared.pending().sweep.is_none(), "no sweep asked");
+        stale.sweep([departure(1, 11)].into());
+        stale.present_ahead([departure(1, 10)]);
+        let pending = stale.shared.pending();
+        assert!(!pending.swept(&departure(1, 10)));
+        assert!(!pending.swept(&departure(1, 11)));
+        assert!(pending.swept(&departure(1, 12)));
     }
 
     #[test]

@@ -998,8 +998,8 @@ pub struct Syncer {
     affinity_pending: BTreeSet<(u16, u32)>,
     /// The north-south prefilter's bits, written ahead of what they stand for.
     ns_filters: ns_filter::NsFilters,
-    /// The maps held what an earlier run wrote, and no sync has completed since: the first
-    /// that does asks the stale-UDP worker for a sweep (`stale_udp`).
+    /// No sync has completed since the start: the first that does asks the stale-UDP worker
+    /// for a sweep (`stale_udp`). On maps new to this node it finds no socket translated.
     sweep_due: bool,
 }
 
@@ -1012,7 +1012,8 @@ impl Syncer {
             .context("starting the thread that closes stale UDP sockets")?;
         let ns_filters = ns_filter::NsFilters::unarmed();
         Ok(Syncer {
-            sweep_due: !programmed.frontends.is_empty(),
+            // Also when no frontend is left: the last UDP Service may have gone.
+            sweep_due: true,
             ns_filters,
             maps,
             service_entries: service_entries(&programmed),
@@ -1088,6 +1089,31 @@ impl Syncer {
         // Connected UDP sockets pointed at a departed backend must reconnect (C27). The ids
         // are resolved before the writes, which may delete the backends.
         let departed_udp = udp_pairs(&self.programmed, departed);
+        // A sweep under way must not close a socket that a slot written now serves: it
+        // counts these pairs as present before the programs can offer them.
+        let added: BTreeMap<u32, BackendAddr> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::PutBackend { id, backend, .. } => Some((*id, *backend)),
+                _ => None,
+            })
+            .collect();
+        self.stale_udp.present_ahead(ops.iter().filter_map(|op| {
+            match op {
+                Op::PutSlot {
+                    backend_id,
+                    rev_nat_id,
+                    ..
+                } => self
+                    .programmed
+                    .backends
+                    .get(backend_id)
+                    .or_else(|| added.get(backend_id))
+                    .filter(|b| b.proto == crate::model::Protocol::Udp)
+                    .map(|b| (*rev_nat_id, *b)),
+                _ => None,
+            }
+        }));
         let writes: Vec<MapWrite> = ops.iter().map(Op::encode).collect();
         let mut applied = 0;
         let mut failed = None;

@@ -184,7 +184,7 @@ impl NodePortAddresses {
 }
 
 /// What translate needs from this node's Node object (`None` when it is not known yet: no
-/// zone, so no zone hints, and no NodePort addresses).
+/// zone, so no zone hints, and NodePorts on the devices' addresses only).
 ///
 /// The NodePort addresses are the node's IPv4 `InternalIP` and `ExternalIP` addresses that
 /// `--nodeport-addresses` admits among the host's and the Node's: all, those within its

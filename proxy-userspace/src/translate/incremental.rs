@@ -366,12 +366,10 @@ impl Incremental {
         for f in &group.alone.frontends {
             let winner = self.winner(&f.key).filter(|w| *w != key);
             if let Some(winner) = winner
-                && let Some(frontend) = self
-                    .groups
-                    .get(winner)
-                    .and_then(|w| w.alone.frontends.iter().find(|wf| wf.key == f.key))
+                && let Some(frontends) = self.groups.get(winner).map(|w| &w.alone.frontends)
+                && let Ok(at) = frontends.binary_search_by_key(&f.key, |wf| wf.key)
             {
-                taken.insert(f.key, frontend.clone());
+                taken.insert(f.key, frontends[at].clone());
             }
         }
         if taken.is_empty() {
