@@ -190,17 +190,22 @@ fn run(shared: &Shared, reverse: &SockReverse) {
             pending.done(&scanned);
             if sweeping {
                 pending.sweep = None;
-                tracing::info!(
-                    destroyed = pass.destroyed,
-                    "swept the connected UDP sockets of backends that left while no agent ran"
-                );
+                let swept = "swept the connected UDP sockets of backends that left while no \
+                             agent ran";
+                if pass.destroyed > 0 {
+                    tracing::info!(destroyed = pass.destroyed, "{swept}");
+                } else {
+                    tracing::debug!("{swept}: none");
+                }
             }
         }
-        tracing::info!(
-            destroyed = pass.destroyed,
-            departures = scanned.len(),
-            "connected UDP sockets of departed backends closed"
-        );
+        if !scanned.is_empty() {
+            tracing::info!(
+                destroyed = pass.destroyed,
+                departures = scanned.len(),
+                "connected UDP sockets of departed backends closed"
+            );
+        }
         if pass.denied > 0 && !warned_denied {
             warned_denied = true;
             tracing::warn!(
