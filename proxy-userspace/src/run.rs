@@ -646,9 +646,6 @@ async fn open_source(config: &Config, metrics: &Metrics) -> Result<Opened> {
     }
 }
 
-/// Starts following the opened source; returns once it has a first state to read (the
-/// Kubernetes source: its initial lists), with where events are recorded (the Kubernetes
-/// source only).
 /// How long after its `failures`-th failure in a row a sync is tried again (a full one):
 /// the minimum period (at least a second), doubled at each failure up to the sync period.
 /// A write the kernel keeps refusing (EPERM, ENOMEM) would otherwise have the agent read,
@@ -692,6 +689,9 @@ fn queue_changes(
     (source_tx, loop_rx)
 }
 
+/// Starts following the opened source; returns once it has a first state to read (the
+/// Kubernetes source: its initial lists), with where events are recorded (the Kubernetes
+/// source only).
 async fn start_source(
     opened: Opened,
     node_name: &str,
