@@ -1104,11 +1104,9 @@ impl Syncer {
                     backend_id,
                     rev_nat_id,
                     ..
-                } => self
-                    .programmed
-                    .backends
+                } => added
                     .get(backend_id)
-                    .or_else(|| added.get(backend_id))
+                    .or_else(|| self.programmed.backends.get(backend_id))
                     .filter(|b| b.proto == crate::model::Protocol::Udp)
                     .map(|b| (*rev_nat_id, *b)),
                 _ => None,
