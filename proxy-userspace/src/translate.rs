@@ -186,10 +186,10 @@ impl NodePortAddresses {
 /// What translate needs from this node's Node object (`None` when it is not known yet: no
 /// zone, so no zone hints, and NodePorts on the devices' addresses only).
 ///
-/// The NodePort addresses are the node's IPv4 `InternalIP` and `ExternalIP` addresses that
-/// `--nodeport-addresses` admits among the host's and the Node's: all, those within its
-/// CIDRs, or the primary one (kube-proxy's `GetNodeHostIPs`: the first `InternalIP` of the
-/// family, else the first `ExternalIP`). kube-proxy matches the host's interface addresses
+/// The NodePort addresses are those `--nodeport-addresses` admits among the host's IPv4
+/// addresses and the Node's `InternalIP` and `ExternalIP` ones: all, those within its
+/// CIDRs, or the primary one (kube-proxy's `GetNodeHostIPs`: the Node's first `InternalIP`
+/// of the family, else its first `ExternalIP`). kube-proxy matches the host's interface addresses
 /// (`--dst-type LOCAL` without CIDRs, the devices' addresses within them), so
 /// `host_addresses` (the devices' IPv4 addresses, loopback ones aside: read by the caller,
 /// so that translate stays pure) count as much as the Node's; the Node's count even where
