@@ -428,64 +428,15 @@ fn init_logging(format: LogFormat) {
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let cgroup = match args.cgroup {
-                Some(c) => c,
-                None => dataplane::cgroup2_root()?,
-            };
-            let node_name = node_name(
-                args.node_name.as_deref(),
+            let config = run_config(
+                *args,
+                cli.pin_path,
                 std::env::var("NODE_NAME").ok().as_deref(),
                 || {
                     std::fs::read_to_string("/proc/sys/kernel/hostname")
                         .context("reading the hostname for the node name (use --hostname-override)")
                 },
             )?;
-            check_sync_periods(args.min_sync_period, args.sync_period)?;
-            let source = match args.manifests {
-                Some(dir) => run::SourceConfig::Manifests(dir),
-                None => run::SourceConfig::Kube(crate::source::kube::Connection {
-                    kubeconfig: args.kubeconfig,
-                    master: args.master,
-                }),
-            };
-            let config = run::Config {
-                source,
-                cgroup,
-                pin_dir: cli.pin_path,
-                node_name,
-                min_sync_period: args.min_sync_period,
-                sync_period: args.sync_period,
-                conntrack_gc_interval: args.conntrack_gc_interval,
-                map_sizes: dataplane::MapSizes {
-                    services: args.map_size_services,
-                    backends: args.map_size_backends,
-                    rev_nat: args.map_size_rev_nat,
-                    sock_rev_nat: args.map_size_sock_rev_nat,
-                    affinity: args.map_size_affinity,
-                    nat_ct: args.map_size_nat_ct,
-                    source_ranges: args.map_size_source_ranges,
-                },
-                node_ports: NodePortAddresses::parse(&args.nodeport_addresses)
-                    .map_err(|e| anyhow!("--nodeport-addresses: {e}"))?,
-                socket_lb_external_ips: args.socket_lb_external_ips,
-                external_cluster_ips: args.external_clusterip,
-                localhost_node_ports: args.localhost_nodeports,
-                healthz_bind: args.healthz_bind_address.0,
-                metrics_bind: args.metrics_bind_address.0,
-                bind_address_hard_fail: args.bind_address_hard_fail,
-                bpf_log_level: args.bpf_log_level.raw(),
-                north_south: north_south(
-                    args.devices.clone(),
-                    args.snat_address,
-                    args.snat_port_range,
-                )
-                .map(|ns| run::NorthSouthConfig {
-                    node_port_range: args.nodeport_range,
-                    ..ns
-                }),
-                socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
-                pod_devices: args.pod_devices.clone(),
-            };
             run::raise_open_files_limit();
             run::runtime()
                 .context("starting the async runtime")?
@@ -544,6 +495,82 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `ebpf-kube-proxy <argv>` (the program's name first) would run with: every flag of
+/// `run` parsed and checked as at its start, nothing started. `node_env` stands for
+/// `$NODE_NAME`. The chart's checks put the agent's rendered arguments through it, so that a
+/// flag the chart writes and the agent refuses fails a test, not a rollout.
+pub fn run_config_from<I, T>(argv: I, node_env: Option<&str>) -> Result<run::Config>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(argv)?;
+    let Command::Run(args) = cli.command else {
+        bail!("not a `run` command line");
+    };
+    run_config(*args, cli.pin_path, node_env, || {
+        bail!("no node name: give NODE_NAME or --hostname-override")
+    })
+}
+
+/// `run`'s flags as the agent's configuration; `hostname` is read only when neither
+/// `--hostname-override` nor `node_env` names the node.
+fn run_config(
+    args: RunArgs,
+    pin_dir: PathBuf,
+    node_env: Option<&str>,
+    hostname: impl FnOnce() -> Result<String>,
+) -> Result<run::Config> {
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => dataplane::cgroup2_root()?,
+    };
+    let node_name = node_name(args.node_name.as_deref(), node_env, hostname)?;
+    check_sync_periods(args.min_sync_period, args.sync_period)?;
+    let source = match args.manifests {
+        Some(dir) => run::SourceConfig::Manifests(dir),
+        None => run::SourceConfig::Kube(crate::source::kube::Connection {
+            kubeconfig: args.kubeconfig,
+            master: args.master,
+        }),
+    };
+    Ok(run::Config {
+        source,
+        cgroup,
+        pin_dir,
+        node_name,
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        conntrack_gc_interval: args.conntrack_gc_interval,
+        map_sizes: dataplane::MapSizes {
+            services: args.map_size_services,
+            backends: args.map_size_backends,
+            rev_nat: args.map_size_rev_nat,
+            sock_rev_nat: args.map_size_sock_rev_nat,
+            affinity: args.map_size_affinity,
+            nat_ct: args.map_size_nat_ct,
+            source_ranges: args.map_size_source_ranges,
+        },
+        node_ports: NodePortAddresses::parse(&args.nodeport_addresses)
+            .map_err(|e| anyhow!("--nodeport-addresses: {e}"))?,
+        socket_lb_external_ips: args.socket_lb_external_ips,
+        external_cluster_ips: args.external_clusterip,
+        localhost_node_ports: args.localhost_nodeports,
+        healthz_bind: args.healthz_bind_address.0,
+        metrics_bind: args.metrics_bind_address.0,
+        bind_address_hard_fail: args.bind_address_hard_fail,
+        bpf_log_level: args.bpf_log_level.raw(),
+        north_south: north_south(args.devices, args.snat_address, args.snat_port_range).map(|ns| {
+            run::NorthSouthConfig {
+                node_port_range: args.nodeport_range,
+                ..ns
+            }
+        }),
+        socket_lb_host_namespace_only: args.socket_lb_host_namespace_only,
+        pod_devices: args.pod_devices,
+    })
 }
 
 /// This node's name as kube-proxy's `GetHostname` makes it: the flag, else `$NODE_NAME`,

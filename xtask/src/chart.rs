@@ -39,7 +39,7 @@ const RELEASE: &str = "ebpf-kube-proxy";
 const NAMESPACE: &str = "kube-system";
 /// Required values, as an EKS user would pass them.
 const EKS_HOST: &str = "0123456789ABCDEF0123456789ABCDEF.gr7.us-west-2.eks.amazonaws.com";
-const REQUIRED: &[&str] = &[
+pub const REQUIRED: &[&str] = &[
     "--set",
     "k8sServiceHost=0123456789ABCDEF0123456789ABCDEF.gr7.us-west-2.eks.amazonaws.com",
     "--set",
@@ -223,6 +223,22 @@ fn ensure_kubernetes_validate() -> Result<()> {
     );
     println!("setup: {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} ready");
     Ok(())
+}
+
+/// The agent container's command line (command, then args) in the chart under `root`
+/// rendered with the helm arguments `args` (`--set ...`; [`REQUIRED`] is not added): what
+/// proxy-userspace's `chart_flags` test puts through the agent's own parser.
+pub fn agent_command_line(root: &Path, args: &[&str]) -> Result<Vec<String>> {
+    let chart = Chart {
+        dir: root.join(CHART),
+        scratch: std::env::temp_dir(),
+    };
+    let rendered = chart.render(args)?;
+    let agent = rendered.agent()?;
+    Ok(strings(&agent["command"])
+        .into_iter()
+        .chain(strings(&agent["args"]))
+        .collect())
 }
 
 /// Counts named checks; a failed check is reported and the others still run.
