@@ -196,15 +196,36 @@ impl Metric {
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_stop_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// SIGINT sets a flag instead of killing us, so that the loops stop and `Drop` cleans up.
-fn install_sigint_handler() {
-    let handler: extern "C" fn(libc::c_int) = on_sigint;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+/// SIGINT, SIGTERM (a timeout's `kill`) and SIGHUP (a closed terminal) set a flag instead of
+/// killing us while this lives, so that the loops stop and `Drop` removes the namespaces,
+/// cgroups and pins and stops the agent and servers. Dropped, they kill again (`cargo
+/// xtask test` goes on after its `--quick` run).
+struct StopSignals;
+
+impl StopSignals {
+    const ALL: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    fn catch() -> Self {
+        let handler: extern "C" fn(libc::c_int) = on_stop_signal;
+        for signal in Self::ALL {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+        }
+        StopSignals
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for signal in Self::ALL {
+            // SAFETY: restores the default disposition.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
+    }
 }
 
 pub fn check_interrupted() -> Result<()> {
@@ -541,7 +562,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     netns::require_privileges()?;
     let (iptables, iptables_restore) = iptables_binaries(&options.iptables);
     require_tools(iptables_restore)?;
-    install_sigint_handler();
+    let _stop_signals = StopSignals::catch();
     let bins = build(root, options.release, iptables_restore)?;
     // The budget is the run's: the build before it depends on what was built already.
     let started = Instant::now();

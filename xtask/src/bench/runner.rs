@@ -150,6 +150,14 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// How long a change (programming from empty, an endpoint change) may take to answer once
+/// it is made (the agent started, a restore or `nft -f` returned): a hang guard.
+const CHANGE_LIMIT: Duration = Duration::from_secs(900);
+
+/// How long the NodePorts, programmed with the ClusterIP, may take to answer before the
+/// rounds: a hang guard.
+const NODEPORT_CHECK_LIMIT: Duration = Duration::from_secs(10);
+
 /// A child that is killed and reaped on drop.
 struct Guarded(Child);
 
@@ -186,8 +194,11 @@ impl Waiter {
         Ok(Waiter { child, stdout })
     }
 
-    /// Waits for the answer; `alive` is polled meanwhile (the agent may die).
-    fn finish(mut self, mut alive: impl FnMut() -> Result<()>) -> Result<u64> {
+    /// Waits for the answer, at most `limit` from now (a hang guard, started once the
+    /// change is made: a restore may take minutes); `alive` is polled meanwhile (the agent
+    /// may die).
+    fn finish(mut self, limit: Duration, mut alive: impl FnMut() -> Result<()>) -> Result<u64> {
+        let give_up = Instant::now() + limit;
         loop {
             check_interrupted()?;
             if let Some(status) = self.child.0.try_wait()? {
@@ -201,6 +212,9 @@ impl Waiter {
                 return v["seen_ns"].as_u64().context("no seen_ns");
             }
             alive()?;
+            if Instant::now() > give_up {
+                bail!("the change never took effect: no answer within {limit:?}");
+            }
             std::thread::sleep(Duration::from_micros(500));
         }
     }
@@ -509,41 +523,44 @@ impl<'a> Runner<'a> {
     }
 
     fn waiter(&self, mode: Mode, answer: &str) -> Result<Waiter> {
-        self.waiter_for(mode, Metric::Crr, answer, 900_000)
+        self.waiter_for(mode, Metric::Crr, answer)
     }
 
-    /// `ekp-bench wait` from `metric`'s client to its target, giving up after `limit_ms`.
-    fn waiter_for(
-        &self,
-        mode: Mode,
-        metric: Metric,
-        answer: &str,
-        limit_ms: u64,
-    ) -> Result<Waiter> {
+    /// `ekp-bench wait` from `metric`'s client to its target; [`Waiter::finish`] gives up.
+    fn waiter_for(&self, mode: Mode, metric: Metric, answer: &str) -> Result<Waiter> {
         let mut command = self.client(mode, metric, &self.bins.bench)?;
         command.args([
             "wait",
             &target(mode, metric).to_string(),
             "--answer",
             answer,
+            // Its own limit only guards against an orphan: `finish` gives up first.
             "--limit-ms",
-            &limit_ms.to_string(),
+            "86400000",
         ]);
         Waiter::spawn(command)
     }
 
     pub fn run(&mut self) -> Result<Vec<PointResult>> {
         let mut results = Vec::new();
-        for &n in &self.settings.services.clone() {
+        let services = self.settings.services.clone();
+        for (i, &n) in services.iter().enumerate() {
             check_interrupted()?;
-            results.push(self.point(n)?);
+            results.push(self.point(n, services.len() - i - 1)?);
         }
         self.agent.stop();
         Ok(results)
     }
 
-    fn point(&mut self, n: usize) -> Result<PointResult> {
+    /// Everything measured at `n` Services, with `later` Ns still to come after it.
+    fn point(&mut self, n: usize, later: usize) -> Result<PointResult> {
         let started = Instant::now();
+        // This N's share of what is left of the budget, the Ns to come having theirs: the
+        // rounds at small Ns leave the large ones (whose programming is long) their time.
+        let share_ends = self
+            .settings
+            .deadline
+            .map(|d| started + d.saturating_duration_since(started) / (later as u32 + 1));
         println!("\n== N = {n} Services");
         let measured_pods = [pod("pod-a"), pod("pod-b")];
         let mut services = scenario::services(n, &measured_pods);
@@ -577,7 +594,7 @@ impl<'a> Runner<'a> {
         // the rounds leave room for when the run has a budget.
         let longest = self.endpoint_changes(&mut services, 0, 2, None)?;
         let counted_changes = longest * self.settings.changes as u32;
-        let rounds = self.latency(n, &mut modes, counted_changes)?;
+        let rounds = self.latency(n, &mut modes, share_ends, counted_changes)?;
         if self.settings.modes.contains(&Mode::Ebpf) {
             self.program_run_time(modes.get_mut(&Mode::Ebpf).expect("all modes"))?;
         }
@@ -619,7 +636,7 @@ impl<'a> Runner<'a> {
                 let t0 = monotonic_ns();
                 self.agent.start(services.len(), command)?;
                 let agent = &mut self.agent;
-                let seen = waiter.finish(|| agent.alive())?;
+                let seen = waiter.finish(CHANGE_LIMIT, || agent.alive())?;
                 agent.last_sync = Instant::now();
                 seen - t0
             }
@@ -638,7 +655,7 @@ impl<'a> Runner<'a> {
                 restore.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
                 run_with_input(&mut restore, &text)?;
                 result.load_ms = Some(ms(monotonic_ns() - t0));
-                waiter.finish(|| Ok(()))? - t0
+                waiter.finish(CHANGE_LIMIT, || Ok(()))? - t0
             }
             Mode::Nftables => {
                 let mut delete = self.in_client(mode, "nft")?;
@@ -652,7 +669,7 @@ impl<'a> Runner<'a> {
                 load.args(["-f", "-"]);
                 run_with_input(&mut load, &text)?;
                 result.load_ms = Some(ms(monotonic_ns() - t0));
-                waiter.finish(|| Ok(()))? - t0
+                waiter.finish(CHANGE_LIMIT, || Ok(()))? - t0
             }
             Mode::Direct | Mode::Hooks => return Ok(0.0),
         };
@@ -661,13 +678,14 @@ impl<'a> Runner<'a> {
     }
 
     /// Rounds; in each, every metric is measured in every mode (in a rotating order), one
-    /// batch each. Returns how many rounds ran: fewer than asked when the budget ran out
-    /// (see [`another_round`]), leaving room for what comes after the rounds besides the
-    /// statistics pass (`after`).
+    /// batch each. Returns how many rounds ran: fewer than asked when this N's share of the
+    /// budget (`share_ends`) ran out (see [`another_round`]), leaving room for what comes
+    /// after the rounds besides the statistics pass (`after`).
     fn latency(
         &mut self,
         n: usize,
         modes: &mut BTreeMap<Mode, ModeResult>,
+        share_ends: Option<Instant>,
         after: Duration,
     ) -> Result<usize> {
         // Programming waited for the ClusterIP; the NodePorts come from the same sync or
@@ -678,15 +696,17 @@ impl<'a> Runner<'a> {
             .collect();
         for &mode in &selected {
             for metric in [Metric::NodePortCrr, Metric::RemoteCrr] {
-                let waiter = self.waiter_for(mode, metric, "any", 10_000)?;
+                let waiter = self.waiter_for(mode, metric, "any")?;
                 let agent = &mut self.agent;
-                waiter.finish(|| agent.alive()).with_context(|| {
-                    format!(
-                        "N={n} {}: the NodePort {} never answered",
-                        mode.name(),
-                        target(mode, metric)
-                    )
-                })?;
+                waiter
+                    .finish(NODEPORT_CHECK_LIMIT, || agent.alive())
+                    .with_context(|| {
+                        format!(
+                            "N={n} {}: the NodePort {} never answered",
+                            mode.name(),
+                            target(mode, metric)
+                        )
+                    })?;
             }
         }
         let s = self.settings;
@@ -698,7 +718,7 @@ impl<'a> Runner<'a> {
             rounds,
             t.elapsed(),
             selected.len(),
-            s.deadline.map(|d| {
+            share_ends.map(|d| {
                 d.saturating_duration_since(Instant::now())
                     .saturating_sub(after)
             }),
@@ -912,7 +932,7 @@ impl<'a> Runner<'a> {
                         let t0 = monotonic_ns();
                         manifests::write_measured_slice(&self.agent.manifests, &new)?;
                         let agent = &mut self.agent;
-                        let seen = waiter.finish(|| agent.alive())?;
+                        let seen = waiter.finish(CHANGE_LIMIT, || agent.alive())?;
                         agent.last_sync = Instant::now();
                         seen - t0
                     }
@@ -932,7 +952,7 @@ impl<'a> Runner<'a> {
                         let mut restore = self.in_client(mode, &self.bins.iptables_restore)?;
                         restore.args(["-w", "5", "-W", "100000", "--noflush", "--counters"]);
                         run_with_input(&mut restore, &text)?;
-                        waiter.finish(|| Ok(()))? - t0
+                        waiter.finish(CHANGE_LIMIT, || Ok(()))? - t0
                     }
                     Mode::Nftables => {
                         let text = nftables::partial(&old, &new);
@@ -941,7 +961,7 @@ impl<'a> Runner<'a> {
                         let mut load = self.in_client(mode, "nft")?;
                         load.args(["-f", "-"]);
                         run_with_input(&mut load, &text)?;
-                        waiter.finish(|| Ok(()))? - t0
+                        waiter.finish(CHANGE_LIMIT, || Ok(()))? - t0
                     }
                     Mode::Direct | Mode::Hooks => continue,
                 };

@@ -152,13 +152,6 @@ pub fn remote_target(mode: Mode, pod: Ipv4Addr) -> std::net::SocketAddr {
     }
 }
 
-/// Writes a sysctl inside `ns` (/proc/sys/net is per network namespace).
-fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
-    let mut command = ns.command("sysctl", None)?;
-    command.args(["-q", "-w", &format!("{key}={value}")]);
-    cmd::output(&mut command).map(|_| ())
-}
-
 impl Topology {
     pub fn create(prefix: &str, ekp_bench: &Path, cpu: Option<usize>) -> Result<Self> {
         let cgroups = Mode::ALL
@@ -172,7 +165,7 @@ impl Topology {
         node.ip(&["link", "set", "br0", "up"])?;
         // Refuse untranslated Service traffic at once (see above).
         node.ip(&["route", "add", "local", SERVICE_CIDR, "dev", "lo"])?;
-        sysctl(&node, "net.ipv4.icmp_ratelimit", "0")?;
+        node.sysctl("net.ipv4.icmp_ratelimit", "0")?;
         let mut index = 0;
         let mut pods = Vec::new();
         for pod in &PODS {
@@ -395,7 +388,7 @@ fn attach_external(prefix: &str, client: &Client) -> Result<Netns> {
         EXTERNAL_DEVICE,
     ])?;
     node.ip(&["link", "set", EXTERNAL_DEVICE, "up"])?;
-    sysctl(node, "net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv4.ip_forward", "1")?;
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&[
         "addr",
