@@ -70,11 +70,10 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
         ns.ip(&["route", "add", "10.96.0.0/16", "via", "10.244.0.1"])
             .expect("route to the Service range");
     }
-    run(
-        &h.topo.node,
-        "sysctl",
-        &["-q", "-w", "net.ipv4.ip_forward=1"],
-    );
+    h.topo
+        .node
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on the node");
     // The sidecar: Service traffic redirected to a local listener, Istio-style.
     let mut sidecar = h
         .topo

@@ -66,12 +66,6 @@ fn ip(ns: &Netns, args: &str) {
         .unwrap_or_else(|e| panic!("ip -n {} {args:?}: {e:#}", ns.name()));
 }
 
-fn sysctl(ns: &Netns, setting: &str) {
-    let mut command = ns.command("sysctl", None).expect("sysctl command");
-    command.args(["-q", "-w", setting]);
-    xtask::cmd::output(&mut command).unwrap_or_else(|e| panic!("sysctl {setting}: {e:#}"));
-}
-
 /// Puts a veth between `ns` (as `inner`) and `host` (as `outer`, enslaved to `bridge`).
 fn veth(host: &Netns, outer: &str, bridge: &str, ns: &Netns, inner: &str) {
     ip(
@@ -116,7 +110,7 @@ impl Cluster {
                 &ns,
                 &format!("route add 10.244.{other}.0/24 via 192.168.77.1{other}"),
             );
-            sysctl(&ns, "net.ipv4.ip_forward=1");
+            ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
 
             let pod = Netns::create(&format!("{prefix}-p{i}")).expect("pod namespace");
             ip(&pod, "link set lo up");
@@ -125,7 +119,8 @@ impl Cluster {
             ip(&pod, &format!("route add 10.244.0.0/16 via 10.244.{i}.1"));
             ip(&pod, &format!("route add 192.168.77.0/24 via 10.244.{i}.1"));
             // Port-unreachable errors are tested one per request, not rate-limited.
-            sysctl(&pod, "net.ipv4.icmp_ratelimit=0");
+            pod.sysctl("net.ipv4.icmp_ratelimit", "0")
+                .expect("no ICMP rate limit");
             let mut serve = pod.command(PEER, None).expect("server command");
             serve.args([
                 "serve",

@@ -89,11 +89,7 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     external.ip(&["link", "set", "eth0", "up"])?;
     // The node forwards between ext0 and the pods' bridge, and the pods answer external
     // clients through their node, as pods do through their default route.
-    cmd::output(
-        topo.node
-            .command("sysctl", None)?
-            .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
-    )?;
+    topo.node.sysctl("net.ipv4.ip_forward", "1")?;
     for pod in &topo.pods {
         pod.ns.ip(&[
             "route",

@@ -114,6 +114,30 @@ impl Netns {
         }
         Ok(command)
     }
+
+    /// Sets the sysctl `key` (e.g. `net.ipv4.ip_forward`) in this namespace, from a thread
+    /// that joins it: `/proc/sys/net` shows the opening thread's namespace. No `sysctl`
+    /// binary (procps) needed.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let ns_fd = self.file.try_clone()?;
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let written = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<()> {
+                    // SAFETY: a plain syscall on an open descriptor; it moves only this
+                    // thread, which ends after the write.
+                    if unsafe { libc::setns(ns_fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
+                })
+                .join()
+        });
+        match written {
+            Ok(result) => result.with_context(|| format!("sysctl {key}={value} in {}", self.name)),
+            Err(_) => bail!("sysctl {key}={value} in {}: the thread panicked", self.name),
+        }
+    }
 }
 
 impl Drop for Netns {
