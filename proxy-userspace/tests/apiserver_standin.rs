@@ -982,6 +982,27 @@ async fn outage_then_restart_resumes_the_watch_without_relisting() {
     );
 }
 
+/// A stopped stand-in refuses connections and keeps its port: a socket of another test
+/// cannot take it before the restart, which would then fail.
+#[tokio::test]
+async fn a_stopped_stand_in_refuses_connections_and_keeps_its_port() {
+    let (mut server, _client) = standin().await;
+    within("the server to stop", server.stop()).await;
+    let refused = tokio::net::TcpStream::connect(server.address())
+        .await
+        .expect_err("nothing listens while stopped");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let taken = std::net::TcpListener::bind(server.address()).expect_err("the port is held");
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    server
+        .restart()
+        .await
+        .expect("serving again on the same address");
+    tokio::net::TcpStream::connect(server.address())
+        .await
+        .expect("answered after the restart");
+}
+
 /// events.k8s.io/v1 as an event recorder uses it: a create with every required field, then
 /// merge patches that only move the series; a v1 event missing a required field, or a
 /// patch that changes anything else, is refused as the apiserver refuses it.

@@ -57,7 +57,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::DeleteOptions;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch as signal};
 use tokio::task::JoinHandle;
 
@@ -198,6 +198,10 @@ pub struct ApiServer {
     shared: Arc<Shared>,
     address: SocketAddr,
     serving: Option<Serving>,
+    /// While stopped, a socket bound to `address` and not listening: connections are
+    /// refused, and no other socket (another test's client) can take the port before
+    /// [`ApiServer::restart`] listens on it again.
+    held: Option<TcpSocket>,
 }
 
 struct Serving {
@@ -219,13 +223,14 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
         });
         // Loopback only: the stand-in has no authentication.
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let address = listener.local_addr()?;
-        let serving = Some(serve(listener, shared.clone()));
+        let socket = port_socket((Ipv4Addr::LOCALHOST, 0).into())?;
+        let address = socket.local_addr()?;
+        let serving = Some(serve(socket.listen(1024)?, shared.clone()));
         Ok(ApiServer {
             shared,
             address,
             serving,
+            held: None,
         })
     }
 
@@ -339,6 +344,10 @@ preferences: {{}}
     /// them while the apiserver is away.
     pub async fn stop(&mut self) {
         self.shared.write(|store| store.stopping = true);
+        if self.serving.is_some() && self.held.is_none() {
+            // Bound beside the listener (SO_REUSEPORT), it keeps the port once that closes.
+            self.held = Some(port_socket(self.address).expect("holding the stand-in's port"));
+        }
         if let Some(Serving { stop, task }) = self.serving.take() {
             let _ = stop.send(());
             let _ = task.await;
@@ -356,18 +365,32 @@ preferences: {{}}
             shared: self.shared.clone(),
             address,
             serving: Some(serve(listener, self.shared.clone())),
+            held: None,
         })
     }
 
     /// Serves again on the same address after [`ApiServer::stop`].
     pub async fn restart(&mut self) -> io::Result<()> {
         if self.serving.is_none() {
-            let listener = TcpListener::bind(self.address).await?;
+            let socket = match self.held.take() {
+                Some(socket) => socket,
+                None => port_socket(self.address)?,
+            };
+            let listener = socket.listen(1024)?;
             self.shared.write(|store| store.stopping = false);
             self.serving = Some(serve(listener, self.shared.clone()));
         }
         Ok(())
     }
+}
+
+/// A TCP socket bound to `address` with SO_REUSEPORT, so that a second one can hold the
+/// port while the first still listens.
+fn port_socket(address: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    Ok(socket)
 }
 
 impl Drop for ApiServer {
