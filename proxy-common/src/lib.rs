@@ -8,8 +8,9 @@
 //! a Service is a set of entries in one hash map, slot 0 describing the frontend and slots
 //! `1..=count` naming backends by id.
 //!
-//! Map names carry the `ekp_` prefix and a `_v1` suffix: an incompatible layout change gets
-//! new maps (and new pins) instead of misreading old ones. The kernel cuts object names at
+//! Map names carry the `ekp_` prefix and a version suffix (`_v1`, `_v2`): an incompatible
+//! layout change raises it, so that it gets new maps (and new pins) instead of misreading
+//! old ones. The kernel cuts object names at
 //! 15 characters, so they stay short.
 #![no_std]
 

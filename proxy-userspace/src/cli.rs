@@ -128,7 +128,8 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::DEFAULT_REV_NAT_MAX, value_parser = clap::value_parser!(u32).range(2..))]
     map_size_rev_nat: u32,
 
-    /// Capacity of the socket rev-NAT LRU (one per translated socket and backend).
+    /// Capacity of the socket rev-NAT LRU: the socket translations the socket slots cannot
+    /// hold (a slot another live socket holds, an unconnected UDP socket's earlier backends).
     #[arg(long, default_value_t = proxy_common::DEFAULT_SOCK_REV_NAT_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_sock_rev_nat: u32,
 
@@ -146,7 +147,7 @@ struct RunArgs {
     #[arg(long, default_value_t = proxy_common::DEFAULT_SOURCE_RANGES_MAX, value_parser = clap::value_parser!(u32).range(1..))]
     map_size_source_ranges: u32,
 
-    /// `/healthz` and `/livez` address; empty disables (kube-proxy's flag).
+    /// `/healthz`, `/livez` and `/readyz` address; empty disables (kube-proxy's flag).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: BindAddress,
 
@@ -192,8 +193,8 @@ struct RunArgs {
     devices: Option<Vec<String>>,
 
     /// Address that traffic to backends on other nodes is source-NATed to, so that their
-    /// replies come back through this node [default: the Node's first address found on a
-    /// device, else the first IPv4 address of the first device].
+    /// replies come back through this node [default: with detected devices, the Node's first
+    /// address found on one; else the first IPv4 address of the first device].
     #[arg(long)]
     snat_address: Option<std::net::Ipv4Addr>,
 
@@ -206,7 +207,7 @@ struct RunArgs {
 
     /// Pods' devices (host side), comma-separated names or prefixes ending in `*` (e.g.
     /// `lxc*,cali*`), that get the per-packet programs of --socket-lb-host-namespace-only.
-    /// Devices that appear later are attached at the next sync.
+    /// Devices that appear later are attached when the kernel announces them.
     #[arg(
         long,
         value_delimiter = ',',
@@ -218,8 +219,9 @@ struct RunArgs {
     /// net.ipv4.ip_local_port_range, or reserve the ports it shares with it in
     /// net.ipv4.ip_local_reserved_ports, and clear of the NodePort range (a warning says
     /// when it is not). An endpoint on another node takes new connections only as fast as
-    /// the range lasts through its TIME_WAIT (60 s, after the connections it closes first):
-    /// about 75 a second with the default.
+    /// the range lasts: a port goes again 2 s after its connection closed (10 s after a RST),
+    /// through the endpoint's TIME_WAIT only to a SYN it takes: some 2000 a second with the
+    /// default (a UDP flow, or a SYN never answered, holds its port for 60 s).
     #[arg(long, default_value = "61000-65535", value_parser = crate::devices::parse_port_range)]
     snat_port_range: (u16, u16),
 
