@@ -142,11 +142,8 @@ pub fn fit(
             }
             // Already programmed, and only its new source ranges do not fit (the maps
             // before that one have room): it takes its backends, and keeps the ranges it
-            // has.
+            // has (below).
             Some(p) if map == "source ranges" => {
-                peak.services += services_growth;
-                peak.backends.extend(new_backends);
-                peak.rev_nat += rev_nat_growth;
                 (frontend.backends.clone(), frontend.lingering.clone(), p)
             }
             // Already programmed: it keeps the backends it has and still wants rather than
@@ -154,7 +151,6 @@ pub fn fit(
             // given to another pod): that takes no room, and frees their entries for the
             // next sync, which then has room for the new ones.
             Some(p) => {
-                peak.rev_nat += rev_nat_growth;
                 // Any slot counts, a lingering one too: a backend live again (a pod ready
                 // again) fills the slot it has. Sorted and once each, as the slots must be
                 // (a failed sync may have left them otherwise).
@@ -185,11 +181,13 @@ pub fn fit(
                 continue;
             }
         };
-        // The source ranges it has: the new ones may be what did not fit.
+        // The source ranges it has and still wants: the new ones may be what did not fit;
+        // one the Service no longer lists goes (a revoked range must not stay open), which
+        // also makes room for the new ones at the next sync.
         let kept_ranges: Vec<SourceRange> = programmed
             .source_ranges
             .iter()
-            .filter(|(id, _)| *id == p.rev_nat_id)
+            .filter(|(id, range)| *id == p.rev_nat_id && frontend.source_ranges.contains(range))
             .map(|(_, range)| *range)
             .collect();
         // A frontend that filters its clients must not open up because its ranges are
@@ -209,6 +207,11 @@ pub fn fit(
             });
             continue;
         }
+        if map == "source ranges" {
+            peak.services += services_growth;
+            peak.backends.extend(new_backends);
+        }
+        peak.rev_nat += rev_nat_growth;
         let (what, wanted, has) = if map == "source ranges" {
             (
                 "source ranges",
@@ -692,6 +695,37 @@ mod tests {
         };
         let (fitted, skipped) = fit(&mirror, &want, &cap);
         assert_eq!(fitted, desired(&[ranged(1, &[1])]));
+        assert!(skipped[0].reason.contains("not programmed"), "{skipped:?}");
+    }
+
+    /// A Service's ranges changed while the trie is full: the frontend keeps only the
+    /// ranges it still lists (the new ones wait for the room the revoked ones free), so a
+    /// revoked range never stays open; with none left, it is left out until they fit.
+    #[test]
+    fn a_full_trie_never_keeps_a_range_the_service_revoked() {
+        let range = |b: u8| SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24);
+        let ranged = |host: u8, ranges: &[u8]| Frontend {
+            source_ranges: ranges.iter().map(|r| range(*r)).collect(),
+            ..frontend(host, &[host])
+        };
+        let mirror = programmed(&desired(&[ranged(1, &[1, 2])]));
+        let cap = Capacity {
+            source_ranges: 2,
+            ..ROOMY
+        };
+        let (fitted, skipped) = fit(&mirror, &desired(&[ranged(1, &[1, 3])]), &cap);
+        assert_eq!(fitted, desired(&[ranged(1, &[1])]));
+        assert!(skipped[0].reason.contains("keeping the 1"), "{skipped:?}");
+        // What that sync writes frees the room the next one needs.
+        let mut next = mirror.clone();
+        for op in plan(&next, &fitted).expect("plan") {
+            next.apply(&op);
+        }
+        let want = desired(&[ranged(1, &[1, 3])]);
+        assert_eq!(fit(&next, &want, &cap), (want.clone(), vec![]));
+
+        let (fitted, skipped) = fit(&mirror, &desired(&[ranged(1, &[3, 4])]), &cap);
+        assert_eq!(fitted, desired(&[]));
         assert!(skipped[0].reason.contains("not programmed"), "{skipped:?}");
     }
 

@@ -759,7 +759,8 @@ fn serve_pod_devices(programs: &mut dataplane::Programs, before: &[String]) -> V
 /// What the loop remembers between syncs.
 #[derive(Default)]
 struct LoopState {
-    reported: BTreeSet<Skipped>,
+    /// What is skipped, with the metric series it counts in.
+    reported: BTreeMap<Skipped, SkipLabel>,
     /// Objects left out on purpose (IPv6 only), already noted at debug level.
     ignored: BTreeSet<Skipped>,
     /// The translation, kept up to date change by change.
@@ -1249,33 +1250,41 @@ fn node_eligible(node: Option<&Node>, seen: bool) -> bool {
 
 /// Logs each problem once while it lasts, and says when it is gone.
 fn report_skipped(
-    reported: &mut BTreeSet<Skipped>,
+    reported: &mut BTreeMap<Skipped, SkipLabel>,
     current: BTreeSet<Skipped>,
     over_capacity: &BTreeSet<Skipped>,
     metrics: &Metrics,
 ) {
-    for s in current.difference(reported) {
+    for s in current.iter().filter(|s| !reported.contains_key(s)) {
         tracing::error!("skipped {}: {}", s.object, s.reason);
     }
-    for s in reported.difference(&current) {
+    for s in reported.keys().filter(|s| !current.contains(s)) {
         tracing::info!("no longer skipped: {}", s.object);
     }
-    let label = |s: &Skipped| SkipLabel {
-        kind: object_kind(&s.object),
-        reason: if over_capacity.contains(s) {
-            "capacity"
-        } else {
-            "invalid"
-        }
-        .into(),
-    };
-    // Series that drop to zero are set to zero, not left at their last value.
-    let mut counts: BTreeMap<SkipLabel, i64> = reported.iter().map(|s| (label(s), 0)).collect();
-    for s in &current {
-        *counts.entry(label(s)).or_default() += 1;
+    let current: BTreeMap<Skipped, SkipLabel> = current
+        .into_iter()
+        .map(|s| {
+            let label = SkipLabel {
+                kind: object_kind(&s.object),
+                reason: if over_capacity.contains(&s) {
+                    "capacity"
+                } else {
+                    "invalid"
+                }
+                .into(),
+            };
+            (s, label)
+        })
+        .collect();
+    // Series that drop to zero are set to zero, not left at their last value: the series
+    // each object was counted in before (a capacity skip is no longer in `over_capacity`
+    // once room is made).
+    let mut counts: BTreeMap<&SkipLabel, i64> = reported.values().map(|l| (l, 0)).collect();
+    for label in current.values() {
+        *counts.entry(label).or_default() += 1;
     }
     for (label, n) in counts {
-        metrics.skipped_objects.get_or_create(&label).set(n);
+        metrics.skipped_objects.get_or_create(label).set(n);
     }
     *reported = current;
 }
@@ -1536,5 +1545,33 @@ mod tests {
             (gauge(&metrics, "internal"), gauge(&metrics, "external")),
             (1, 1)
         );
+    }
+
+    /// An object skipped for want of room counts under `capacity`; once room is made, that
+    /// series drops to 0 (the object is no longer among the over-capacity ones, which once
+    /// made it zero the `invalid` series instead).
+    #[test]
+    fn a_capacity_skip_that_ends_zeroes_its_own_series() {
+        let metrics = Metrics::new();
+        let series = |reason: &str| {
+            metrics
+                .skipped_objects
+                .get_or_create(&SkipLabel {
+                    kind: "Service".into(),
+                    reason: reason.into(),
+                })
+                .get()
+        };
+        let web = Skipped {
+            object: "Service default/web".into(),
+            reason: "the services map is full".into(),
+        };
+        let mut reported = BTreeMap::new();
+        let full = BTreeSet::from([web]);
+        report_skipped(&mut reported, full.clone(), &full, &metrics);
+        assert_eq!((series("capacity"), series("invalid")), (1, 0));
+        report_skipped(&mut reported, BTreeSet::new(), &BTreeSet::new(), &metrics);
+        assert_eq!((series("capacity"), series("invalid")), (0, 0));
+        assert!(reported.is_empty());
     }
 }
