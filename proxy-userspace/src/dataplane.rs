@@ -1386,6 +1386,45 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The pin directory, locked (`flock`) for one agent while it runs: two agents writing
+/// one set of maps would hand out backend and rev-NAT ids from two mirrors of them, each
+/// overwriting what the other wrote, until a restart (a renamed release's DaemonSet
+/// starting while the old one's pods still run). The lock goes with the process.
+pub struct PinDirLock {
+    _dir: fs::File,
+}
+
+/// Locks `pin_dir` (made first, on a bpf filesystem mounted if needed); when another
+/// agent holds it, `waiting` is called and the lock waited for.
+pub fn lock_pin_dir(pin_dir: &Path, waiting: impl FnOnce()) -> Result<PinDirLock> {
+    ensure_bpffs(pin_dir)?;
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    let lock = |operation| {
+        // SAFETY: a plain syscall on an open descriptor.
+        if unsafe { libc::flock(dir.as_raw_fd(), operation) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    match lock(libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            waiting();
+            loop {
+                match lock(libc::LOCK_EX) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e).context("locking the pin directory"),
+                }
+            }
+        }
+        Err(e) => return Err(e).context("locking the pin directory"),
+    }
+    Ok(PinDirLock { _dir: dir })
+}
+
 /// Pins need a bpf filesystem. Like Cilium, mount one at /sys/fs/bpf when it is missing.
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let bpffs = Path::new("/sys/fs/bpf");

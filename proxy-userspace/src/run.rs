@@ -374,6 +374,31 @@ pub async fn run(config: Config) -> Result<()> {
     // start before anything is pinned.
     let opened = open_source(&config, &metrics).await?;
 
+    // One agent per pin directory. The wait is on a thread of its own (left behind if a
+    // signal stops this agent first), so that a waiting agent still stops when told to.
+    let _pin_lock = {
+        let pin_dir = config.pin_dir.clone();
+        let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("ekp-pin-lock".into())
+            .spawn(move || {
+                let locked = dataplane::lock_pin_dir(&pin_dir, || {
+                    tracing::warn!(
+                        pin_path = %pin_dir.display(),
+                        "another ebpf-kube-proxy holds the pin directory: waiting for it to \
+                         stop (two agents must not share one)"
+                    );
+                });
+                let _ = locked_tx.send(locked);
+            })
+            .context("starting the thread that locks the pin directory")?;
+        tokio::select! {
+            locked = locked_rx => locked.context("the pin directory's lock thread ended")??,
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
+        }
+    };
+
     // The kernel verifies the programs on a thread of its own while this one waits for the
     // Kubernetes source's initial lists, or reads the manifests, and translates the
     // Services (two cores: a start at 10000 Services takes the longer of the two, not

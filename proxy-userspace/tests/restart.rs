@@ -70,3 +70,22 @@ fn c33_sigkill_and_restart_loses_no_connection_and_applies_changes_made_while_do
         );
     }
 }
+
+/// Two agents on one pin directory would hand out backend and rev-NAT ids from two mirrors
+/// of the maps, each overwriting the other's writes: a second one (a renamed release's
+/// DaemonSet starting while the old one's pods still run) waits until the first stops,
+/// then takes over.
+#[test]
+fn a_second_agent_on_the_same_pins_waits_for_the_first_to_stop() {
+    let mut h = Harness::new("pin-lock", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[5353]);
+    h.write_web_with_dns("10.96.0.10");
+    h.start_agent();
+    h.wait_for_ready_starts(1);
+    let _second = h.spawn_second_agent();
+    h.wait_for_log("another ebpf-kube-proxy holds the pin directory");
+    h.stop_agent();
+    h.wait_for_ready_starts(2);
+    let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
+}

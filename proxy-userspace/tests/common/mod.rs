@@ -56,13 +56,13 @@ impl Harness {
         self.start_agent_with(&["--manifests".as_ref(), manifests.as_os_str()]);
     }
 
-    /// Starts `ebpf-kube-proxy run <source_args>` (e.g. `--kubeconfig FILE`), attached to the
-    /// test cgroup, with this test's pins and loopback-only HTTP endpoints.
     /// The running agent's process id.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|a| a.child.id())
     }
 
+    /// Starts `ebpf-kube-proxy run <source_args>` (e.g. `--kubeconfig FILE`), attached to the
+    /// test cgroup, with this test's pins and loopback-only HTTP endpoints.
     pub fn start_agent_with(&mut self, source_args: &[&std::ffi::OsStr]) {
         self.spawn_agent(Command::new(AGENT), source_args);
     }
@@ -99,7 +99,25 @@ impl Harness {
 
     /// The test's own arguments come last: the agent takes the last value of a repeated
     /// flag (as kube-proxy does), so a test may replace a default below.
-    fn spawn_agent(&mut self, mut command: Command, source_args: &[&std::ffi::OsStr]) {
+    fn spawn_agent(&mut self, command: Command, source_args: &[&std::ffi::OsStr]) {
+        let log = self.agent_log_path();
+        self.agent = Some(self.spawn_agent_logging_to(command, source_args, &log));
+    }
+
+    /// A second agent beside the harness's own, on the same manifests, pins and cgroup,
+    /// logging into the same log: killed when the returned process is dropped.
+    pub fn spawn_second_agent(&self) -> Proc {
+        let manifests = self.manifests.clone();
+        let source: [&std::ffi::OsStr; 2] = ["--manifests".as_ref(), manifests.as_os_str()];
+        self.spawn_agent_logging_to(Command::new(AGENT), &source, &self.agent_log_path())
+    }
+
+    fn spawn_agent_logging_to(
+        &self,
+        mut command: Command,
+        source_args: &[&std::ffi::OsStr],
+        log: &Path,
+    ) -> Proc {
         command
             .arg("--pin-path")
             .arg(&self.pin_path)
@@ -127,10 +145,10 @@ impl Harness {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.agent_log_path())
+            .open(log)
             .expect("creating the agent log");
         command.stderr(log);
-        self.agent = Some(Proc::spawn(command, "ebpf-kube-proxy").expect("starting the agent"));
+        Proc::spawn(command, "ebpf-kube-proxy").expect("starting the agent")
     }
 
     fn agent_log_path(&self) -> PathBuf {
