@@ -657,33 +657,43 @@ fn unmarked_lru(pin_dir: &Path) -> Result<bool> {
 }
 
 /// Copies what the backends and rev-NAT hash maps of an older version (`_v1`) hold into the
-/// arrays that replaced them, then unpins them: when the new programs are attached (`start`),
-/// they find every id the attached ones knew, so that no connection sees a moment without
-/// its backend (C33), and the agent adopts the same ids. The old programs keep their maps
-/// until their links are swapped; no one writes those meanwhile (the agent is this process).
-/// A `_v1` map is the truth when it is there: arrays pinned beside it (left by a newer agent
-/// before a downgrade) are overwritten whole.
-fn adopt_v1_hash_maps(pin_dir: &Path, ebpf: &Ebpf) -> Result<()> {
-    adopt_v1_hash_map::<u32, BackendValue>(
+/// arrays that replaced them: when the new programs are attached (`start`), they find every
+/// id the attached ones knew, so that no connection sees a moment without its backend
+/// (C33), and the agent adopts the same ids. The old programs keep their maps until their
+/// links are swapped; no one writes those meanwhile (the agent is this process). Returns
+/// their pins, which `start` removes once the new programs are attached: a start that
+/// fails before leaves them to the version rolled back to (or to the next try, which copies
+/// them again). A `_v1` map is the truth when it is there: arrays pinned beside it (left by
+/// a newer agent before a downgrade) are overwritten whole.
+fn adopt_v1_hash_maps(pin_dir: &Path, ebpf: &Ebpf) -> Result<Vec<PathBuf>> {
+    let backends = adopt_v1_hash_map::<u32, BackendValue>(
         pin_dir,
         ebpf,
         MAP_BACKENDS_V1,
         MAP_BACKENDS,
         u32::from,
     )?;
-    adopt_v1_hash_map::<u16, RevNatValue>(pin_dir, ebpf, MAP_REV_NAT_V1, MAP_REV_NAT, u32::from)
+    let rev_nat = adopt_v1_hash_map::<u16, RevNatValue>(
+        pin_dir,
+        ebpf,
+        MAP_REV_NAT_V1,
+        MAP_REV_NAT,
+        u32::from,
+    )?;
+    Ok(backends.into_iter().chain(rev_nat).collect())
 }
 
+/// The pin of the `_v1` map copied, if there was one.
 fn adopt_v1_hash_map<K: aya::Pod, V: aya::Pod + Default>(
     pin_dir: &Path,
     ebpf: &Ebpf,
     old_name: &str,
     new_name: &str,
     index: impl Fn(K) -> u32,
-) -> Result<()> {
+) -> Result<Option<PathBuf>> {
     let old_pin = maps_dir(pin_dir).join(old_name);
     if !old_pin.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let old = MapData::from_pin(&old_pin)
         .with_context(|| format!("opening pinned map {}", old_pin.display()))?;
@@ -718,14 +728,13 @@ fn adopt_v1_hash_map<K: aya::Pod, V: aya::Pod + Default>(
     }
     let indexes: Vec<u32> = (0..size).collect();
     put_array_batch(new, &indexes, &values, new_name).map_err(|(_, e)| e)?;
-    fs::remove_file(&old_pin).with_context(|| format!("unpinning {}", old_pin.display()))?;
     tracing::info!(
         from = old_name,
         to = new_name,
         entries = copied,
         "copied the entries of an older version's map into the array that replaces it"
     );
-    Ok(())
+    Ok(Some(old_pin))
 }
 
 /// The socket programs' settings.
@@ -751,6 +760,9 @@ pub struct Loaded {
     /// Pinned maps of another size than asked: copied into the new ones and replaced by
     /// them as the programs are attached.
     resizes: resize::Resizes,
+    /// An older version's maps, copied into their replacements: unpinned once the programs
+    /// are attached.
+    adopted_v1: Vec<PathBuf>,
 }
 
 /// Loads the object, reusing pinned maps of the sizes asked (`resize` plans the others), and
@@ -798,7 +810,7 @@ pub fn load(
         .map_max_entries(MAP_NAT_CT, sizes.nat_ct)
         .map_max_entries(MAP_SOURCE_RANGES, sizes.source_ranges);
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-    adopt_v1_hash_maps(pin_dir, &ebpf)?;
+    let adopted_v1 = adopt_v1_hash_maps(pin_dir, &ebpf)?;
     disarm_ns_filter(&mut ebpf)?;
     logs::set_loaded_level(&mut ebpf, bpf_log_level)?;
     // The north-south programs first: `ekp_tcx_in` is the largest (see `verify`).
@@ -816,6 +828,7 @@ pub fn load(
         tcx_loaded: north_south,
         pod_loaded: pod_programs,
         resizes,
+        adopted_v1,
     })
 }
 
@@ -836,6 +849,7 @@ pub fn start(
         mut tcx_loaded,
         pod_loaded,
         resizes,
+        adopted_v1,
     } = loaded;
     let log_forwarder = logs::forward(&mut ebpf);
     write_sock_config(&mut ebpf, pin_dir, sock)?;
@@ -917,6 +931,9 @@ pub fn start(
         pod_ifindex.extend(present);
     }
     resizes.commit(&mut ebpf, pin_dir)?;
+    for old_pin in adopted_v1 {
+        fs::remove_file(&old_pin).with_context(|| format!("unpinning {}", old_pin.display()))?;
+    }
     let maps = Maps::take(&mut ebpf)?;
     Ok((
         maps,

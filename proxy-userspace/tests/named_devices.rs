@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::{CONDITION_LIMIT, Harness, bpftool_json};
 use serde_json::Value;
 
-/// Attached and pinned at start, adopted by the next start (the same link), and detached
-/// when the device leaves `--devices`.
+/// Attached and pinned at start, adopted by the next start (the same link, now running that
+/// start's program), and detached when the device leaves `--devices`.
 #[test]
 fn a_device_named_like_a_vlan_is_served_adopted_and_released() {
     let mut h = Harness::new("dotdev", &["pod-a"]);
@@ -33,17 +33,28 @@ fn a_device_named_like_a_vlan_is_served_adopted_and_released() {
         let link = bpftool_json(&["link", "show", "pinned", path.to_str().expect("utf-8")]);
         assert_eq!(link["type"], "tcx", "{pin}: {link}");
     }
-    let inode = || {
-        fs::metadata(links.join(pins[0]))
-            .expect("the pinned link")
-            .ino()
+    // The pin's inode, the link's id and the id of the program it runs.
+    let pinned = || {
+        let path = links.join(pins[0]);
+        let link = bpftool_json(&["link", "show", "pinned", path.to_str().expect("utf-8")]);
+        let inode = fs::metadata(&path).expect("the pinned link").ino();
+        (inode, link["id"].clone(), link["prog_id"].clone())
     };
-    let attached = inode();
+    let (inode, link, program) = pinned();
 
     h.stop_agent();
     h.start_agent_in_node(&["--devices", "up7.7"]);
     h.wait_for_ready_starts(2);
-    assert_eq!(inode(), attached, "the second start replaced the link");
+    let (inode_after, link_after, program_after) = pinned();
+    assert_eq!(
+        (inode_after, link_after),
+        (inode, link),
+        "the second start replaced the link"
+    );
+    assert_ne!(
+        program_after, program,
+        "the second start left its predecessor's program on the link"
+    );
 
     h.stop_agent();
     h.start_agent_in_node(&["--devices", ""]);

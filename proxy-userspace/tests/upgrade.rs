@@ -1,6 +1,7 @@
 //! Privileged: an agent that finds the pins of a version whose backends and rev-NAT maps
 //! were hash maps (`ekp_backend_v1`, `ekp_revnat_v1`) copies them into the arrays that
-//! replaced them while it loads, before any new program is attached, and unpins them; its
+//! replaced them while it loads, before any new program is attached, and unpins them once
+//! its programs are attached (a start that fails before leaves them to a rollback); its
 //! clients never notice (BEHAVIOUR C33). The socket config array of that version
 //! (`ekp_sockcfg_v1`) holds nothing to keep: it is unpinned. A pinned north-south
 //! prefilter is turned off as the object loads, since an older agent may have written
@@ -118,13 +119,15 @@ fn an_older_versions_hash_maps_are_copied_into_the_arrays_before_the_programs_at
     ];
     pin_v1_entries::<u16, RevNatValue>(&pins.0, MAP_REV_NAT_V1, &frontends);
 
-    // The upgrade: load only (what `run` does before it attaches anything).
+    // The upgrade: load only (what `run` does before it attaches anything). The old maps
+    // stay pinned until the new programs are attached (C33 below): a start that fails
+    // here leaves them to the version rolled back to.
     load(&pins.0);
 
     for old in [MAP_BACKENDS_V1, MAP_REV_NAT_V1] {
         assert!(
-            !pins.0.join("maps").join(old).exists(),
-            "{old} is still pinned"
+            pins.0.join("maps").join(old).exists(),
+            "{old} was unpinned before any program was attached"
         );
     }
     let contents = Maps::open_pinned(&pins.0)
