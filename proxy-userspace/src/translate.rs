@@ -978,8 +978,9 @@ struct Views {
     local: Backends,
     /// The endpoints whose existing flows keep going to them, sorted: kube-proxy never
     /// deletes a TCP conntrack entry, and deletes a UDP one only once its endpoint is no
-    /// longer serving, whatever the topology, policies or terminating state say
-    /// (`CleanStaleEntries`). The endpoint's removal from the slice ends both here.
+    /// longer serving while another of the service port is (a port without a serving
+    /// endpoint keeps all its flows), whatever the topology, policies or terminating state
+    /// say (`CleanStaleEntries`). The endpoint's removal from the slice ends both here.
     kept: Vec<BackendAddr>,
 }
 
@@ -1002,9 +1003,10 @@ impl Views {
         } else {
             WhenEmpty::Refuse
         };
+        let serving_anywhere = candidates.iter().any(|e| e.serving);
         let kept = candidates
             .iter()
-            .filter(|e| proto == Protocol::Tcp || e.serving)
+            .filter(|e| proto == Protocol::Tcp || e.serving || !serving_anywhere)
             .collect();
         Views {
             cluster: Backends {
@@ -2928,7 +2930,7 @@ mod tests {
     /// Endpoints that take no new flow keep the flows they have, as kube-proxy leaves their
     /// conntrack entries (its `CleanStaleEntries` looks at neither the terminating state,
     /// nor the policies, nor the topology): a TCP endpoint while it is listed at all, a UDP
-    /// one while it is serving.
+    /// one while it is serving, or while no endpoint of its port is.
     #[test]
     fn endpoints_without_new_flows_linger_for_the_flows_they_have() {
         let endpoints = slice("default", "web-1", "web")
@@ -2985,11 +2987,25 @@ mod tests {
             .serving_terminating("10.0.1.3")
             .terminating_not_serving("10.0.1.4")
             .not_ready("10.0.1.5");
-        let t = translate(&[dns], &[endpoints], &n1());
+        let t = translate(std::slice::from_ref(&dns), &[endpoints], &n1());
         assert_eq!(rows(&t), ["int 10.96.0.53:53/UDP -> 10.0.1.1:5353/UDP"]);
         assert_eq!(
             lingering_rows(&t),
             ["int 10.96.0.53:53/UDP ~ 10.0.1.2:5353/UDP, 10.0.1.3:5353/UDP"]
+        );
+
+        // A UDP port without a serving endpoint (a single pod whose readiness fails): new
+        // flows are refused, and every listed endpoint keeps its flows, as kube-proxy
+        // clears no conntrack entry of a Service without serving endpoints.
+        let endpoints = slice("default", "dns-1", "dns")
+            .port("dns", 5353, "UDP")
+            .not_ready("10.0.1.5")
+            .terminating_not_serving("10.0.1.4");
+        let t = translate(&[dns], &[endpoints], &n1());
+        assert_eq!(rows(&t), ["int 10.96.0.53:53/UDP -> (refuse)"]);
+        assert_eq!(
+            lingering_rows(&t),
+            ["int 10.96.0.53:53/UDP ~ 10.0.1.4:5353/UDP, 10.0.1.5:5353/UDP"]
         );
     }
 
