@@ -181,15 +181,22 @@ pub fn fit(
                 continue;
             }
         };
-        // The source ranges it has and still wants: the new ones may be what did not fit;
-        // one the Service no longer lists goes (a revoked range must not stay open), which
-        // also makes room for the new ones at the next sync.
-        let kept_ranges: Vec<SourceRange> = programmed
-            .source_ranges
-            .iter()
-            .filter(|(id, range)| *id == p.rev_nat_id && frontend.source_ranges.contains(range))
-            .map(|(_, range)| *range)
-            .collect();
+        // Its source ranges: all it lists when the trie has room for the new ones (another
+        // map is the full one); else those it has and still lists, the new ones being what
+        // did not fit. A range the Service no longer lists goes (a revoked range must not
+        // stay open), which also makes room for the new ones at the next sync.
+        let ranges_fit = map != "source ranges"
+            && peak.source_ranges + source_ranges_growth <= capacity.source_ranges;
+        let kept_ranges: Vec<SourceRange> = if ranges_fit {
+            frontend.source_ranges.clone()
+        } else {
+            programmed
+                .source_ranges
+                .iter()
+                .filter(|(id, range)| *id == p.rev_nat_id && frontend.source_ranges.contains(range))
+                .map(|(_, range)| *range)
+                .collect()
+        };
         // A frontend that filters its clients must not open up because its ranges are
         // gone (a smaller trie at a restart copies what it has room for): it is left out,
         // named, until they fit, as one that is not programmed.
@@ -200,8 +207,8 @@ pub fn fit(
             skipped.push(Skipped {
                 object,
                 reason: format!(
-                    "frontend {} ({}) not programmed: its source ranges are not in the \
-                     trie and the {map} map is full ({entries} entries)",
+                    "frontend {} ({}) not programmed: none of the source ranges it lists is \
+                     in the trie, and the {map} map is full ({entries} entries)",
                     frontend.key, frontend.kind
                 ),
             });
@@ -210,6 +217,9 @@ pub fn fit(
         if map == "source ranges" {
             peak.services += services_growth;
             peak.backends.extend(new_backends);
+        }
+        if ranges_fit {
+            peak.source_ranges += source_ranges_growth;
         }
         peak.rev_nat += rev_nat_growth;
         let (what, wanted, has) = if map == "source ranges" {
@@ -700,7 +710,8 @@ mod tests {
 
     /// A Service's ranges changed while the trie is full: the frontend keeps only the
     /// ranges it still lists (the new ones wait for the room the revoked ones free), so a
-    /// revoked range never stays open; with none left, it is left out until they fit.
+    /// revoked range never stays open; with none left, it is left out until they fit. When
+    /// another map is the full one, it takes the ranges it lists now.
     #[test]
     fn a_full_trie_never_keeps_a_range_the_service_revoked() {
         let range = |b: u8| SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24);
@@ -727,6 +738,22 @@ mod tests {
         let (fitted, skipped) = fit(&mirror, &desired(&[ranged(1, &[3, 4])]), &cap);
         assert_eq!(fitted, desired(&[]));
         assert!(skipped[0].reason.contains("not programmed"), "{skipped:?}");
+
+        // The services map full (a new backend does not fit) while the trie has room: the
+        // frontend keeps its backends and takes the ranges it lists now.
+        let mirror = programmed(&desired(&[ranged(1, &[1])]));
+        let cap = Capacity {
+            services: 2,
+            source_ranges: 2,
+            ..ROOMY
+        };
+        let grown = Frontend {
+            backends: frontend(1, &[1, 2]).backends,
+            ..ranged(1, &[2])
+        };
+        let (fitted, skipped) = fit(&mirror, &desired(&[grown]), &cap);
+        assert_eq!(fitted, desired(&[ranged(1, &[2])]));
+        assert!(skipped[0].reason.contains("keeping the 1"), "{skipped:?}");
     }
 
     #[test]

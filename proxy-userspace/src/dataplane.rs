@@ -1412,34 +1412,51 @@ pub struct PinDirLock {
 }
 
 /// Locks `pin_dir` (made first, on a bpf filesystem mounted if needed); when another
-/// agent holds it, `waiting` is called and the lock waited for.
+/// agent holds it, `waiting` is called (once) and the lock waited for.
 pub fn lock_pin_dir(pin_dir: &Path, waiting: impl FnOnce()) -> Result<PinDirLock> {
-    ensure_bpffs(pin_dir)?;
-    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
-    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    let lock = |operation| {
-        // SAFETY: a plain syscall on an open descriptor.
-        if unsafe { libc::flock(dir.as_raw_fd(), operation) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    match lock(libc::LOCK_EX | libc::LOCK_NB) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            waiting();
-            loop {
-                match lock(libc::LOCK_EX) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e).context("locking the pin directory"),
+    use std::os::unix::fs::MetadataExt;
+    let mut waiting = Some(waiting);
+    loop {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let dir =
+            fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+        let lock = |operation| {
+            // SAFETY: a plain syscall on an open descriptor.
+            if unsafe { libc::flock(dir.as_raw_fd(), operation) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        match lock(libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                if let Some(waiting) = waiting.take() {
+                    waiting();
+                }
+                loop {
+                    match lock(libc::LOCK_EX) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e).context("locking the pin directory"),
+                    }
                 }
             }
+            Err(e) => return Err(e).context("locking the pin directory"),
         }
-        Err(e) => return Err(e).context("locking the pin directory"),
+        // The lock is the directory's, not its path's: one removed meanwhile (`cleanup`
+        // while the other agent ran) is no longer what a third agent would lock.
+        let held = dir.metadata()?;
+        match fs::metadata(pin_dir) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                return Ok(PinDirLock { _dir: dir });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_dir.display())),
+        }
     }
-    Ok(PinDirLock { _dir: dir })
 }
 
 /// Pins need a bpf filesystem. Like Cilium, mount one at /sys/fs/bpf when it is missing.

@@ -196,7 +196,7 @@ pub struct Frontend {
     /// Endpoints of the Service port that take no new flow here but keep the flows they
     /// have, as kube-proxy leaves their conntrack entries: for TCP every endpoint still
     /// listed, for UDP every serving one (draining, not ready, or left out by topology or a
-    /// `Local` policy). Sorted, de-duplicated, none of them in `backends`; internal scope
+    /// `Local` policy), every listed one while none serves. Sorted, de-duplicated, none of them in `backends`; internal scope
     /// only (see `translate`).
     pub lingering: Vec<BackendAddr>,
     /// What to do while `backends` is empty. Always `Refuse` when there are backends, so

@@ -1,7 +1,7 @@
 //! The chart's agent command line, rendered by helm, put through the agent's own parser
 //! and checks (`cli::run_config_from`): a flag the chart writes that the agent refuses, or
 //! reads otherwise than the values mean, fails here rather than in a rollout. Needs the
-//! helm `cargo xtask setup` installs (`cargo xtask test` runs it first).
+//! helm that `cargo xtask chart-test` installs (`cargo xtask test` runs it first).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ fn agent_config(set: &[&str]) -> Config {
     let helm = xtask::chart::helm();
     assert!(
         helm.exists(),
-        "{} is missing: `cargo xtask setup` installs helm",
+        "{} is missing: `cargo xtask chart-test` installs helm",
         helm.display()
     );
     let args: Vec<&str> = xtask::chart::REQUIRED.iter().chain(set).copied().collect();

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Harness, service, slice};
+use std::os::fd::AsRawFd;
+
+use common::{Harness, Pins, service, slice};
+use proxy_userspace::dataplane;
 
 #[test]
 fn c33_sigkill_and_restart_loses_no_connection_and_applies_changes_made_while_down() {
@@ -88,4 +91,35 @@ fn a_second_agent_on_the_same_pins_waits_for_the_first_to_stop() {
     h.wait_for_ready_starts(2);
     let both = ["10.244.0.10:8080", "10.244.0.11:8080"];
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
+}
+
+/// The lock is the directory's: an agent that waited while the directory was removed
+/// (`cleanup` under the running agent) and got the lock of the removed one locks the
+/// directory now at the path, so that a third agent cannot take it beside it.
+#[test]
+fn the_pin_lock_follows_a_directory_removed_while_an_agent_waited() {
+    let pins = Pins::new("pin-relock");
+    let first =
+        dataplane::lock_pin_dir(&pins.0, || panic!("nobody holds it yet")).expect("the first lock");
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let path = pins.0.clone();
+    let second = std::thread::spawn(move || {
+        dataplane::lock_pin_dir(&path, || {
+            let _ = waiting_tx.send(());
+        })
+    });
+    waiting_rx
+        .recv_timeout(common::CONDITION_LIMIT)
+        .expect("the second waits");
+    std::fs::remove_dir_all(&pins.0).expect("removing the pin directory");
+    drop(first);
+    let _second = second
+        .join()
+        .expect("the second lock's thread")
+        .expect("the second lock");
+    // A third finds the directory at the path locked.
+    let dir = std::fs::File::open(&pins.0).expect("the directory at the path");
+    // SAFETY: a plain syscall on an open descriptor.
+    let locked = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, -1, "the directory at the path is not locked");
 }

@@ -359,12 +359,12 @@ preferences: {{}}
     /// catch up on when it returns. Keep it alive until the end of the test (dropping any
     /// instance ends the open watches of all).
     pub async fn replica(&self) -> io::Result<ApiServer> {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let address = listener.local_addr()?;
+        let socket = port_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let address = socket.local_addr()?;
         Ok(ApiServer {
             shared: self.shared.clone(),
             address,
-            serving: Some(serve(listener, self.shared.clone())),
+            serving: Some(serve(socket.listen(1024)?, self.shared.clone())),
             held: None,
         })
     }

@@ -202,28 +202,44 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 
 /// SIGINT, SIGTERM (a timeout's `kill`) and SIGHUP (a closed terminal) set a flag instead of
 /// killing us while this lives, so that the loops stop and `Drop` removes the namespaces,
-/// cgroups and pins and stops the agent and servers. Dropped, they kill again (`cargo
-/// xtask test` goes on after its `--quick` run).
-struct StopSignals;
+/// cgroups and pins and stops the agent and servers. A signal ignored before (SIGHUP under
+/// `nohup`) stays ignored; dropped, each gets back what it had (`cargo xtask test` goes on
+/// after its `--quick` run).
+struct StopSignals {
+    previous: Vec<(libc::c_int, libc::sigaction)>,
+}
 
 impl StopSignals {
-    const ALL: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-
     fn catch() -> Self {
         let handler: extern "C" fn(libc::c_int) = on_stop_signal;
-        for signal in Self::ALL {
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+        let mut previous = Vec::new();
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: sigaction on zeroed structs; the handler only stores to an atomic,
+            // which is async-signal-safe.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(signal, std::ptr::null(), &mut old) != 0
+                    || old.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
+                let mut new: libc::sigaction = std::mem::zeroed();
+                new.sa_sigaction = handler as libc::sighandler_t;
+                libc::sigemptyset(&mut new.sa_mask);
+                if libc::sigaction(signal, &new, std::ptr::null_mut()) == 0 {
+                    previous.push((signal, old));
+                }
+            }
         }
-        StopSignals
+        StopSignals { previous }
     }
 }
 
 impl Drop for StopSignals {
     fn drop(&mut self) {
-        for signal in Self::ALL {
-            // SAFETY: restores the default disposition.
-            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        for (signal, old) in &self.previous {
+            // SAFETY: restores the disposition read in `catch`.
+            unsafe { libc::sigaction(*signal, old, std::ptr::null_mut()) };
         }
     }
 }

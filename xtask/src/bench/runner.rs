@@ -179,6 +179,16 @@ struct Waiter {
 impl Waiter {
     fn spawn(mut command: Command) -> Result<Self> {
         command.stdout(Stdio::piped()).stdin(Stdio::null());
+        // Killed with the bench, however it ends (its own limit is a day).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = Guarded(
             command
                 .spawn()
