@@ -375,14 +375,19 @@ fn c27_a_draining_backend_keeps_its_sockets_until_it_stops_serving() {
         &pod_a_as("{ready: false, serving: false, terminating: true}"),
     );
     h.wait_for_log(closing);
-    let from = clients.each_ref().map(|c| c.lines_so_far());
-    for (i, (client, from)) in clients.iter().zip(from).enumerate() {
-        client.wait_for_lines(from + 100);
-        let lines = client.lines_now();
-        let moved = lines
+    // Where each client's lines left pod-a: after its last answer from there.
+    let moved_at = |lines: &[Value]| {
+        lines
             .iter()
             .rposition(|l| l["answer"] == "pod-a")
-            .map_or(0, |i| i + 1);
+            .map_or(0, |i| i + 1)
+    };
+    for (i, client) in clients.iter().enumerate() {
+        // 100 answers after the move, counted from there (an answer from pod-a may still
+        // have been on its way when the agent logged the close), and the close's error.
+        client.wait_for_lines(moved_at(&client.lines_now()) + 110);
+        let lines = client.lines_now();
+        let moved = moved_at(&lines);
         let (after, errors): (Vec<&Value>, Vec<&Value>) =
             lines[moved..].iter().partition(|l| l["ok"] == true);
         assert!(
