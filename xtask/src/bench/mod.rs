@@ -225,6 +225,8 @@ impl StopSignals {
                 }
                 let mut new: libc::sigaction = std::mem::zeroed();
                 new.sa_sigaction = handler as libc::sighandler_t;
+                // As `signal` set it: system calls the signal interrupts go on.
+                new.sa_flags = libc::SA_RESTART;
                 libc::sigemptyset(&mut new.sa_mask);
                 if libc::sigaction(signal, &new, std::ptr::null_mut()) == 0 {
                     previous.push((signal, old));
