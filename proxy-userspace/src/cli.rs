@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         conntrack: bool,
     },
-    /// Detach and unpin everything ebpf-kube-proxy created under --pin-path.
+    /// Detach and unpin everything ebpf-kube-proxy created under --pin-path (refused while
+    /// an agent runs on it).
     Cleanup,
     /// Remove what kube-proxy left in the kernel (its iptables chains and the jumps to them,
     /// its nftables tables, the IPVS dummy interface), as `kube-proxy --cleanup` does; IPVS
@@ -472,6 +473,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup => {
+            // An agent that runs would write maps it no longer finds pinned, and leave its
+            // links behind when it stops.
+            let Some(_lock) = dataplane::try_lock_pin_dir(&cli.pin_path)? else {
+                bail!(
+                    "an agent runs on {} (it holds the pin directory's lock): stop it first",
+                    cli.pin_path.display()
+                );
+            };
             let removed = dataplane::cleanup(&cli.pin_path)?;
             for path in &removed {
                 println!("removed {}", path.display());

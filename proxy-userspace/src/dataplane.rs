@@ -1408,7 +1408,28 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// overwriting what the other wrote, until a restart (a renamed release's DaemonSet
 /// starting while the old one's pods still run). The lock goes with the process.
 pub struct PinDirLock {
-    _dir: fs::File,
+    _dir: Option<fs::File>,
+}
+
+/// Locks `pin_dir` if no agent holds it; `None` when one does. A missing directory gives a
+/// lock of nothing: there is nothing to guard.
+pub fn try_lock_pin_dir(pin_dir: &Path) -> Result<Option<PinDirLock>> {
+    let dir = match fs::File::open(pin_dir) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some(PinDirLock { _dir: None }));
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", pin_dir.display())),
+    };
+    // SAFETY: a plain syscall on an open descriptor.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(PinDirLock { _dir: Some(dir) }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(e).context("locking the pin directory")
 }
 
 /// Locks `pin_dir` (made first, on a bpf filesystem mounted if needed); when another
@@ -1450,7 +1471,7 @@ pub fn lock_pin_dir(pin_dir: &Path, waiting: impl FnOnce()) -> Result<PinDirLock
         let held = dir.metadata()?;
         match fs::metadata(pin_dir) {
             Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
-                return Ok(PinDirLock { _dir: dir });
+                return Ok(PinDirLock { _dir: Some(dir) });
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

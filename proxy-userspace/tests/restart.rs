@@ -123,3 +123,38 @@ fn the_pin_lock_follows_a_directory_removed_while_an_agent_waited() {
     let locked = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     assert_eq!(locked, -1, "the directory at the path is not locked");
 }
+
+/// `cleanup` under a running agent would unpin the maps it writes and leave its links
+/// behind once it stops: refused while the agent holds the pin directory, done once it
+/// stopped.
+#[test]
+fn cleanup_is_refused_while_an_agent_runs() {
+    let mut h = Harness::new("cleanup-refused", &["pod-a"]);
+    h.write_web_with_dns("10.96.0.10");
+    h.start_agent();
+    h.wait_for_ready_starts(1);
+    let pin_path = h.pin_path.clone();
+    let cleanup = || {
+        std::process::Command::new(common::AGENT)
+            .arg("--pin-path")
+            .arg(&pin_path)
+            .arg("cleanup")
+            .output()
+            .expect("running cleanup")
+    };
+    let refused = cleanup();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("an agent runs on"),
+        "{refused:?}"
+    );
+    assert!(h.pin_path.join("maps").exists(), "the maps were unpinned");
+    h.stop_agent();
+    let done = cleanup();
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        !h.pin_path.exists(),
+        "{} still exists",
+        h.pin_path.display()
+    );
+}
