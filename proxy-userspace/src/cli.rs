@@ -473,8 +473,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cleanup => {
-            // An agent that runs would write maps it no longer finds pinned, and leave its
-            // links behind when it stops.
+            // Under a running agent, the maps it writes would be unpinned, and its programs
+            // would detach when it stops (its links no longer pinned), leaving the node
+            // untranslated until the next start.
             let Some(_lock) = dataplane::try_lock_pin_dir(&cli.pin_path)? else {
                 bail!(
                     "an agent runs on {} (it holds the pin directory's lock): stop it first",
