@@ -684,16 +684,24 @@ mod tests {
         assert_eq!(ids, [2], "{ops:?}");
     }
 
+    /// The range 203.0.`b`.0/24.
+    fn range(b: u8) -> SourceRange {
+        SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24)
+    }
+
+    /// Frontend `host` (backend `host`) filtering its clients to the [`range`]s `ranges`.
+    fn ranged(host: u8, ranges: &[u8]) -> Frontend {
+        Frontend {
+            source_ranges: ranges.iter().map(|r| range(*r)).collect(),
+            ..frontend(host, &[host])
+        }
+    }
+
     /// A restart with a smaller source-range trie copies what it has room for: an LB
     /// frontend whose ranges all stayed behind is left out rather than opened to every
     /// client.
     #[test]
     fn a_filtered_frontend_whose_ranges_are_gone_is_not_opened() {
-        let range = |b: u8| SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24);
-        let ranged = |host: u8, ranges: &[u8]| Frontend {
-            source_ranges: ranges.iter().map(|r| range(*r)).collect(),
-            ..frontend(host, &[host])
-        };
         let want = desired(&[ranged(1, &[1]), ranged(2, &[2])]);
         let mut mirror = programmed(&want);
         // Frontend 2's range was not copied into the smaller trie, which is full.
@@ -714,11 +722,6 @@ mod tests {
     /// another map is the full one, it takes the ranges it lists now.
     #[test]
     fn a_full_trie_never_keeps_a_range_the_service_revoked() {
-        let range = |b: u8| SourceRange::new(Ipv4Addr::new(203, 0, b, 0), 24);
-        let ranged = |host: u8, ranges: &[u8]| Frontend {
-            source_ranges: ranges.iter().map(|r| range(*r)).collect(),
-            ..frontend(host, &[host])
-        };
         let mirror = programmed(&desired(&[ranged(1, &[1, 2])]));
         let cap = Capacity {
             source_ranges: 2,
