@@ -1466,8 +1466,8 @@ pub fn lock_pin_dir(pin_dir: &Path, waiting: impl FnOnce()) -> Result<PinDirLock
             }
             Err(e) => return Err(e).context("locking the pin directory"),
         }
-        // The lock is the directory's, not its path's: one removed meanwhile (`cleanup`
-        // while the other agent ran) is no longer what a third agent would lock.
+        // The lock is the directory's, not its path's: one removed meanwhile (by hand, or by
+        // an older version's `cleanup`) is no longer what a third agent would lock.
         let held = dir.metadata()?;
         match fs::metadata(pin_dir) {
             Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {

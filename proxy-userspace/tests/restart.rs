@@ -93,9 +93,9 @@ fn a_second_agent_on_the_same_pins_waits_for_the_first_to_stop() {
     h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&both));
 }
 
-/// The lock is the directory's: an agent that waited while the directory was removed
-/// (`cleanup` under the running agent) and got the lock of the removed one locks the
-/// directory now at the path, so that a third agent cannot take it beside it.
+/// The lock is the directory's: an agent that waited while the directory was removed (by
+/// hand, or by a `cleanup` of a version before the lock) and got the lock of the removed
+/// one locks the directory now at the path, so that a third agent cannot take it beside it.
 #[test]
 fn the_pin_lock_follows_a_directory_removed_while_an_agent_waited() {
     let pins = Pins::new("pin-relock");
@@ -124,8 +124,8 @@ fn the_pin_lock_follows_a_directory_removed_while_an_agent_waited() {
     assert_eq!(locked, -1, "the directory at the path is not locked");
 }
 
-/// `cleanup` under a running agent would unpin the maps it writes and leave its links
-/// behind once it stops: refused while the agent holds the pin directory, done once it
+/// `cleanup` under a running agent would unpin the maps it writes, and its programs would
+/// detach when it stops: refused while the agent holds the pin directory, done once it
 /// stopped.
 #[test]
 fn cleanup_is_refused_while_an_agent_runs() {
