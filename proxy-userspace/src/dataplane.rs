@@ -596,8 +596,8 @@ impl Programs {
             }
             let names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
             detach_pins(&self.pin_dir, &TCX_PROGRAMS, &names)?;
-            attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &stale)?;
-            self.node_ifindex.extend(stale);
+            let attached = attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &stale)?;
+            self.node_ifindex.extend(attached);
         }
         self.north_south = wanted.cloned();
         Ok(true)
@@ -629,10 +629,14 @@ impl Programs {
             // attach anew rather than adopt a link the kernel may have detached.
             let stale_names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
             detach_pins(&self.pin_dir, &programs, &stale_names)?;
-            attach_tc(&mut self.ebpf, &self.pin_dir, &POD_HOOKS, &stale)?;
-            self.pod_ifindex.extend(stale);
+            let attached = attach_tc(&mut self.ebpf, &self.pin_dir, &POD_HOOKS, &stale)?;
+            self.pod_ifindex.extend(attached);
         }
-        Ok(names)
+        // Less those gone while attaching.
+        Ok(names
+            .into_iter()
+            .filter(|d| self.pod_ifindex.contains_key(d))
+            .collect())
     }
 }
 
@@ -890,7 +894,7 @@ pub fn start(
     // again) gets the programs when it appears (`Programs::serve_north_south`), as while
     // running, instead of failing the start. Listed before attaching: a device created
     // again in between has another ifindex, and is served again at the next look.
-    let present: Vec<(String, u32)> = devices::links()?
+    let mut present: Vec<(String, u32)> = devices::links()?
         .into_iter()
         .filter(|(d, _)| devices.contains(d))
         .collect();
@@ -909,7 +913,7 @@ pub fn start(
             load_tc(&mut ebpf, &TCX_HOOKS)?;
             tcx_loaded = true;
         }
-        attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &present)?;
+        present = attach_tc(&mut ebpf, pin_dir, &TCX_HOOKS, &present)?;
     }
     let node_ifindex = present.into_iter().collect();
     // Pod links of a previous run are swapped to the new programs like the others
@@ -927,8 +931,7 @@ pub fn start(
             .into_iter()
             .filter(|(d, _)| pinned.contains(d) && devices::matches(pod_devices, d))
             .collect();
-        attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &present)?;
-        pod_ifindex.extend(present);
+        pod_ifindex.extend(attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &present)?);
     }
     resizes.commit(&mut ebpf, pin_dir)?;
     for old_pin in adopted_v1 {
@@ -1174,18 +1177,27 @@ fn adopt_or_attach_cgroup(
 /// before us still sees the untranslated packets). A pinned link is adopted with
 /// `BPF_LINK_UPDATE`, as the cgroup links are; one the kernel detached (its device went
 /// away and came back) is replaced by a new one.
+///
+/// Returns the devices that got every program. One that went away since it was listed (a
+/// pod deleted meanwhile) is left out with a warning rather than failing the rest: its
+/// links are gone with it, and a device created again under its name is served at the
+/// next look, as one that appears is.
 fn attach_tc(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     hooks: &[(&str, TcAttachType)],
     devices: &[(String, u32)],
-) -> Result<()> {
+) -> Result<Vec<(String, u32)>> {
+    let mut gone = BTreeSet::new();
     for &(name, hook) in hooks {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?
             .try_into()?;
         for (device, ifindex) in devices {
+            if gone.contains(device) {
+                continue;
+            }
             let link_pin = links_dir(pin_dir).join(tcx_link_name(name, device));
             if link_pin.exists() {
                 let link = bpf_sys::obj_get(&link_pin)?;
@@ -1213,21 +1225,35 @@ fn attach_tc(
                     }
                 }
             }
-            let id = program
-                .attach_with_options(
-                    device,
-                    hook,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .with_context(|| format!("attaching {name} to device {device} (TCX)"))
-                .map_err(explain_tcx)?;
+            let attached = program.attach_with_options(
+                device,
+                hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            );
+            let id = match attached {
+                Ok(id) => id,
+                Err(e) if !devices::still_present(device, *ifindex) => {
+                    tracing::warn!(program = name, device = %device, "device gone while attaching ({e}): left out");
+                    gone.insert(device.clone());
+                    continue;
+                }
+                Err(e) => {
+                    let e = anyhow::Error::new(e)
+                        .context(format!("attaching {name} to device {device} (TCX)"));
+                    return Err(explain_tcx(e));
+                }
+            };
             let link: FdLink = program.take_link(id)?.try_into()?;
             link.pin(&link_pin)
                 .with_context(|| format!("pinning link {}", link_pin.display()))?;
             tracing::info!(program = name, device = %device, "attached");
         }
     }
-    Ok(())
+    Ok(devices
+        .iter()
+        .filter(|(d, _)| !gone.contains(d))
+        .cloned()
+        .collect())
 }
 
 /// Adds to a failed TCX attach what a kernel before 6.6 lacks (the `tcx` link) and what
@@ -1907,5 +1933,61 @@ mod tests {
             io_error: std::io::Error::from_raw_os_error(libc::EPERM),
         });
         assert!(ignore_missing(Err(other)).is_err());
+    }
+
+    /// A device that goes away between the listing and the attach (a pod deleted meanwhile)
+    /// is left out, and the others are still served. Run in a network namespace of the
+    /// test thread's own, whose loopback stands in for a device that is there.
+    #[test]
+    fn a_device_gone_while_attaching_is_left_out() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test loads and attaches BPF programs, which needs root: run it as root");
+        }
+        let pin_dir = Path::new("/sys/fs/bpf").join(format!("ekpt-gone-{}", std::process::id()));
+        struct Remove<'a>(&'a Path);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(self.0);
+            }
+        }
+        ensure_bpffs(&pin_dir).expect("bpffs");
+        fs::create_dir_all(links_dir(&pin_dir)).expect("creating the pin directory");
+        let _remove = Remove(&pin_dir);
+        let attached = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: unshare affects this thread only, which ends with the test.
+                    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                        panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+                    }
+                    let mut ebpf = EbpfLoader::new().load(OBJECT).expect("loading the object");
+                    load_tc(&mut ebpf, &TCX_HOOKS).expect("loading the TCX programs");
+                    let lo = devices::links()
+                        .expect("listing links")
+                        .into_iter()
+                        .find(|(d, _)| d == "lo")
+                        .expect("a namespace has its loopback");
+                    let gone = ("ekpt-gone0".to_owned(), lo.1 + 100);
+                    let attached = attach_tc(&mut ebpf, &pin_dir, &TCX_HOOKS, &[gone, lo.clone()])
+                        .expect("a gone device must not fail the attach");
+                    (attached, lo)
+                })
+                .join()
+                .expect("the attaching thread")
+        });
+        let (attached, lo) = attached;
+        assert_eq!(attached, [lo]);
+        let mut pins: Vec<String> = fs::read_dir(links_dir(&pin_dir))
+            .expect("reading the links directory")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        pins.sort();
+        assert_eq!(pins, ["ekp_tcx_in@lo", "ekp_tcx_out@lo"]);
     }
 }

@@ -158,6 +158,16 @@ pub fn links() -> Result<Vec<(String, u32)>> {
     Ok(names)
 }
 
+/// Whether the device `name` is still the one of `ifindex`: false once it is gone, or was
+/// created again under its name (another ifindex).
+pub fn still_present(name: &str, ifindex: u32) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) == ifindex }
+}
+
 /// Whether `device` is named by one of `patterns`: a name, or a prefix ending in `*`.
 pub fn matches(patterns: &[String], device: &str) -> bool {
     patterns.iter().any(|p| match p.strip_suffix('*') {
