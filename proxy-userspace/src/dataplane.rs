@@ -34,8 +34,10 @@ use proxy_common::{
     SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
+mod foreign;
 mod logs;
 mod resize;
+pub use foreign::Foreign;
 pub use logs::{
     Level as LogLevel, LogReader, Message as LogMessage, pinned_level as pinned_bpf_log_level,
     set_pinned_level as set_bpf_log_level,
@@ -601,6 +603,25 @@ impl Programs {
         }
         self.north_south = wanted.cloned();
         Ok(true)
+    }
+
+    /// Programs of ours that this process did not attach, on `cgroup` (the one it attached
+    /// to) and the devices it serves: another agent's (see `foreign`).
+    pub fn foreign(&self, cgroup: &Path) -> Result<Vec<Foreign>> {
+        let ours: BTreeSet<u32> = SOCK_PROGRAMS
+            .iter()
+            .chain(&TCX_PROGRAMS)
+            .chain(POD_HOOKS.iter().map(|(name, _)| name))
+            .filter_map(|name| self.ebpf.program(name)?.info().ok())
+            .map(|info| info.id())
+            .collect();
+        let devices: Vec<(String, u32)> = self
+            .node_ifindex
+            .iter()
+            .chain(&self.pod_ifindex)
+            .map(|(d, i)| (d.clone(), *i))
+            .collect();
+        foreign::find(cgroup, &devices, &ours)
     }
 
     /// Attaches the pod programs to every device matching `--pod-devices` that does not
@@ -1600,6 +1621,37 @@ mod bpf_sys {
             Err(std::io::Error::last_os_error())
         } else {
             Ok(rc)
+        }
+    }
+
+    /// The ids of the programs attached at `target` (a cgroup's descriptor, or an ifindex
+    /// for TCX) for `attach_type` (`BPF_PROG_QUERY`); `flags` may ask for the effective
+    /// ones, a cgroup's ancestors' included.
+    pub fn prog_query(target: u32, attach_type: u32, flags: u32) -> Result<Vec<u32>> {
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        let mut ids = vec![0u32; 64];
+        loop {
+            let mut attr = Attr([0; 128]);
+            // struct { __u32 target_fd (or target_ifindex), attach_type, query_flags,
+            //          attach_flags; __aligned_u64 prog_ids; __u32 prog_cnt; ... }
+            attr.0[..4].copy_from_slice(&target.to_ne_bytes());
+            attr.0[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+            attr.0[8..12].copy_from_slice(&flags.to_ne_bytes());
+            attr.0[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+            attr.0[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+            let result = bpf(BPF_PROG_QUERY, &mut attr);
+            let count = u32::from_ne_bytes([attr.0[24], attr.0[25], attr.0[26], attr.0[27]]);
+            match result {
+                Ok(_) => {
+                    ids.truncate(count as usize);
+                    return Ok(ids);
+                }
+                // More than room for: `prog_cnt` says how many; attached meanwhile, more.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    ids = vec![0u32; count as usize + 64];
+                }
+                Err(e) => return Err(e).context("BPF_PROG_QUERY"),
+            }
         }
     }
 

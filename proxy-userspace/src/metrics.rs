@@ -144,6 +144,9 @@ pub struct Metrics {
     pub conntrack_gc_runs: Counter,
     pub conntrack_gc_deleted: Counter,
     pub conntrack_entries: Gauge,
+    /// Programs of ours that another agent attached where this one's run
+    /// (`dataplane::Foreign`).
+    pub foreign_programs: Gauge,
     pub rest_client: RestClientMetrics,
 }
 
@@ -185,6 +188,7 @@ impl Metrics {
             conntrack_gc_runs: Counter::default(),
             conntrack_gc_deleted: Counter::default(),
             conntrack_entries: Gauge::default(),
+            foreign_programs: Gauge::default(),
             rest_client: RestClientMetrics::new(),
             registry: Registry::default(),
         };
@@ -298,6 +302,12 @@ impl Metrics {
             "ebpf_kube_proxy_conntrack_entries",
             "North-south conntrack entries left after the collector's last pass",
             m.conntrack_entries.clone(),
+        );
+        m.registry.register(
+            "ebpf_kube_proxy_foreign_programs",
+            "Programs of ebpf-kube-proxy that another agent or pin directory attached to this \
+             agent's cgroup or devices, at the last look",
+            m.foreign_programs.clone(),
         );
         m.registry.register(
             "rest_client_requests",

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -530,10 +530,12 @@ pub async fn run(config: Config) -> Result<()> {
     // periodic syncs then read everything.
     let mut source_ended = false;
     let mut failed_in_a_row = 0u32;
+    let mut foreign = Vec::new();
     loop {
         let started = Instant::now();
         if state.full {
             last_full = started;
+            look_for_foreign(&programs, &config.cgroup, &metrics, &mut foreign);
         }
         pod_devices = serve_pod_devices(&mut programs, &pod_devices);
         let synced = sync_once(
@@ -762,6 +764,40 @@ async fn link_changed(events: Option<&LinkEvents>) -> std::io::Result<()> {
         Some(events) => events.changed().await,
         None => std::future::pending().await,
     }
+}
+
+/// Looks for programs of ours that another agent attached where this one's run (see
+/// `dataplane::Foreign`), at the first sync and the full ones after it: counted in a
+/// metric, and each logged when first found.
+fn look_for_foreign(
+    programs: &dataplane::Programs,
+    cgroup: &Path,
+    metrics: &Metrics,
+    seen: &mut Vec<dataplane::Foreign>,
+) {
+    let found = match programs.foreign(cgroup) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!("looking for other agents' programs failed: {e:#}");
+            return;
+        }
+    };
+    metrics.foreign_programs.set(found.len() as i64);
+    for f in found.iter().filter(|f| !seen.contains(f)) {
+        tracing::warn!(
+            program = %f.program,
+            id = f.id,
+            at = %f.at,
+            "another agent's program is attached here (another pin directory): it translates \
+             from maps this agent does not update. Once that agent has stopped, remove it \
+             with `ebpf-kube-proxy --pin-path <its directory> cleanup`, or detach its link \
+             (`bpftool link`)"
+        );
+    }
+    if found.is_empty() && !seen.is_empty() {
+        tracing::info!("no other agent's programs are attached here any more");
+    }
+    *seen = found;
 }
 
 /// Attaches the pod programs to pods' devices that appeared since `before` (logged), and

@@ -1082,6 +1082,51 @@ fn node_port_survives_sigkill_restarts_and_devices_follow_the_flag() {
     }
 }
 
+/// An agent on another pin directory (a changed `bpf.pinPath`) finds the first agent's
+/// programs on the node's device as well as on the cgroup: `ekp_tcx_in` and `ekp_tcx_out`
+/// on eth0 run before its own, from maps it does not update.
+#[test]
+fn an_agent_finds_another_pin_directorys_programs_on_its_devices() {
+    let mut cluster = Cluster::new("npforeign");
+    write_web_with_udp(&cluster);
+    cluster.start_agent(0, Some("eth0"));
+    cluster.wait_for_ready_starts(0, 1);
+    let first_pins = cluster.nodes[0].pin_path.clone();
+    let _first = StoppedWithPins(cluster.nodes[0].agent.take(), first_pins.clone());
+    cluster.nodes[0].pin_path = PathBuf::from(format!("{}-second", first_pins.display()));
+    cluster.start_agent(0, Some("eth0"));
+    let log = || fs::read_to_string(&cluster.nodes[0].log).unwrap_or_default();
+    let named = |program: &str, at: &str| {
+        log().lines().any(|l| {
+            l.contains("another agent's program is attached here")
+                && l.contains(&format!("program={program} "))
+                && l.contains(&format!("at={at}"))
+        })
+    };
+    let deadline = Instant::now() + CONDITION_LIMIT;
+    while !(named("ekp_tcx_in", "eth0 ingress") && named("ekp_tcx_out", "eth0 egress")) {
+        assert!(
+            Instant::now() < deadline,
+            "the second agent never named the first's TCX programs; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(named("ekp_connect4", "cgroup "), "{}", log());
+}
+
+/// An agent stopped and its pins removed (its programs detached) when dropped.
+struct StoppedWithPins(Option<Proc>, PathBuf);
+
+impl Drop for StoppedWithPins {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.0.take() {
+            agent.terminate();
+        }
+        common::cleanup_pins(&self.1);
+    }
+}
+
 /// The north-south prefilter (`ekp_nsfilt_v1`): `ekp_tcx_in` passes at once a packet
 /// whose destination has no bit in it, `ekp_tcx_out` one whose source has none, so every
 /// external-scope frontend and every local backend must have its bit before it can be

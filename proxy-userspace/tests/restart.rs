@@ -158,3 +158,93 @@ fn cleanup_is_refused_while_an_agent_runs() {
         h.pin_path.display()
     );
 }
+
+/// Two agents on two pin directories (a changed `bpf.pinPath`, a renamed release) both
+/// translate, and the lock on a directory cannot tell. The second finds the first's
+/// programs on its cgroup, names each in its log and counts them in a metric; its full
+/// syncs look again, and the count drops once those programs are gone.
+#[test]
+fn an_agent_finds_the_programs_another_pin_directory_attached() {
+    let mut h = Harness::new("foreign", &["pod-a"]);
+    h.write_web_with_dns("10.96.0.10");
+    h.start_agent();
+    h.wait_for_ready_starts(1);
+
+    let other = Pins::new("foreign-other");
+    let log = Removed(std::env::temp_dir().join(format!(
+        "{}.log",
+        other.0.file_name().and_then(|n| n.to_str()).unwrap_or("foreign")
+    )));
+    let _second = h.spawn_agent_on(&other.0, &log.0, &["--sync-period", "1s"]);
+    let read = || std::fs::read_to_string(&log.0).unwrap_or_default();
+    let found = "another agent's program is attached here";
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+        while !done(&read()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second agent never {what}; its log:\n{}",
+                read()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // The socket programs; the kernel keeps 15 bytes of a name.
+    let programs = [
+        "ekp_connect4",
+        "ekp_sendmsg4",
+        "ekp_recvmsg4",
+        "ekp_getpeer4",
+        "ekp_connect6",
+        "ekp_recvmsg6",
+        "ekp_getpeer6",
+        "ekp_sock_releas",
+    ];
+    wait_for("named the first agent's programs", &|log| {
+        log.lines().filter(|l| l.contains(found)).count() >= programs.len()
+    });
+    let text = read();
+    let named: Vec<&str> = text.lines().filter(|l| l.contains(found)).collect();
+    assert_eq!(named.len(), programs.len(), "{named:#?}");
+    for program in programs {
+        assert!(
+            named
+                .iter()
+                .any(|l| l.contains(&format!("program={program} "))),
+            "{program} not named: {named:#?}"
+        );
+    }
+    let metrics = common::address_after(&text, "serving metrics on http://");
+    let foreign = || {
+        let (_, text) = common::http_get(&metrics, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("ebpf_kube_proxy_foreign_programs "))
+            .map(|v| v.trim().to_owned())
+    };
+    assert_eq!(foreign().as_deref(), Some("8"));
+
+    // The first agent stopped and its pins removed (its links with them): gone at the
+    // second's next full sync.
+    h.stop_agent();
+    common::cleanup_pins(&h.pin_path);
+    wait_for("saw the programs go", &|log| {
+        log.contains("no other agent's programs are attached here any more")
+    });
+    assert_eq!(foreign().as_deref(), Some("0"));
+}
+
+/// A file removed when the test ends.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of {} ---\n{}",
+                self.0.display(),
+                std::fs::read_to_string(&self.0).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

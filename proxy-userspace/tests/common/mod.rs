@@ -101,26 +101,36 @@ impl Harness {
     /// flag (as kube-proxy does), so a test may replace a default below.
     fn spawn_agent(&mut self, command: Command, source_args: &[&std::ffi::OsStr]) {
         let log = self.agent_log_path();
-        self.agent = Some(self.spawn_agent_logging_to(command, source_args, &log));
+        let pins = self.pin_path.clone();
+        self.agent = Some(self.spawn_agent_logging_to(command, &pins, source_args, &log));
     }
 
     /// A second agent beside the harness's own, on the same manifests, pins and cgroup,
     /// logging into the same log: killed when the returned process is dropped.
     pub fn spawn_second_agent(&self) -> Proc {
+        self.spawn_agent_on(&self.pin_path, &self.agent_log_path(), &[])
+    }
+
+    /// An agent beside the harness's own, on the same manifests and cgroup, with the pins
+    /// under `pin_path`, logging into `log`, with `extra` arguments: killed when the
+    /// returned process is dropped.
+    pub fn spawn_agent_on(&self, pin_path: &Path, log: &Path, extra: &[&str]) -> Proc {
         let manifests = self.manifests.clone();
-        let source: [&std::ffi::OsStr; 2] = ["--manifests".as_ref(), manifests.as_os_str()];
-        self.spawn_agent_logging_to(Command::new(AGENT), &source, &self.agent_log_path())
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        self.spawn_agent_logging_to(Command::new(AGENT), pin_path, &args, log)
     }
 
     fn spawn_agent_logging_to(
         &self,
         mut command: Command,
+        pin_path: &Path,
         source_args: &[&std::ffi::OsStr],
         log: &Path,
     ) -> Proc {
         command
             .arg("--pin-path")
-            .arg(&self.pin_path)
+            .arg(pin_path)
             .arg("run")
             .arg("--cgroup")
             .arg(self.topo.cgroup.path())
@@ -247,13 +257,7 @@ impl Harness {
     pub fn served_address(&self, what: &str) -> String {
         let needle = format!("serving {what} on http://");
         self.wait_for_log(&needle);
-        let log = self.agent_log();
-        let start = log.find(&needle).map(|i| i + needle.len()).unwrap_or(0);
-        log[start..]
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_owned()
+        address_after(&self.agent_log(), &needle)
     }
 
     pub fn stop_agent(&mut self) {
@@ -392,6 +396,17 @@ impl Drop for Harness {
         let _ = fs::remove_file(self.agent_log_path());
         // The topology (namespaces, cgroup) drops after this.
     }
+}
+
+/// What follows the first `needle` in `log`, up to the next space: the address in a line
+/// such as "serving metrics on http://127.0.0.1:PORT".
+pub fn address_after(log: &str, needle: &str) -> String {
+    let start = log.find(needle).map(|i| i + needle.len()).unwrap_or(0);
+    log[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// `ebpf-kube-proxy list <view> -o json` on the pins under `pin_path` (`view`: `--maps`,
