@@ -598,6 +598,10 @@ impl Programs {
             }
             let names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
             detach_pins(&self.pin_dir, &TCX_PROGRAMS, &names)?;
+            // Recorded again only if attached (a device may go while it is).
+            for device in &names {
+                self.node_ifindex.remove(device);
+            }
             let attached = attach_tc(&mut self.ebpf, &self.pin_dir, &TCX_HOOKS, &stale)?;
             self.node_ifindex.extend(attached);
         }
@@ -650,6 +654,10 @@ impl Programs {
             // attach anew rather than adopt a link the kernel may have detached.
             let stale_names: Vec<String> = stale.iter().map(|(d, _)| d.clone()).collect();
             detach_pins(&self.pin_dir, &programs, &stale_names)?;
+            // Recorded again only if attached (a device may go while it is).
+            for device in &stale_names {
+                self.pod_ifindex.remove(device);
+            }
             let attached = attach_tc(&mut self.ebpf, &self.pin_dir, &POD_HOOKS, &stale)?;
             self.pod_ifindex.extend(attached);
         }
@@ -1253,7 +1261,7 @@ fn attach_tc(
             );
             let id = match attached {
                 Ok(id) => id,
-                Err(e) if !devices::still_present(device, *ifindex) => {
+                Err(e) if devices::gone(device, *ifindex) => {
                     tracing::warn!(program = name, device = %device, "device gone while attaching ({e}): left out");
                     gone.insert(device.clone());
                     continue;
@@ -1653,6 +1661,35 @@ mod bpf_sys {
                 Err(e) => return Err(e).context("BPF_PROG_QUERY"),
             }
         }
+    }
+
+    /// The name of the program `id` as the kernel keeps it; `None` if it is gone. Opening
+    /// a program by id (`BPF_PROG_GET_FD_BY_ID`) needs `CAP_SYS_ADMIN`.
+    pub fn prog_name(id: u32) -> Result<Option<String>> {
+        const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 prog_id; __u32 next_id; __u32 open_flags; }
+        attr.0[..4].copy_from_slice(&id.to_ne_bytes());
+        let fd = match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+            // SAFETY: the kernel returned a new file descriptor that we now own.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e).context("BPF_PROG_GET_FD_BY_ID"),
+        };
+        // struct bpf_prog_info up to `name` (char[16] at byte 64); the kernel fills what
+        // `info_len` asks for.
+        #[repr(C, align(8))]
+        struct Info([u8; 80]);
+        let mut info = Info([0; 80]);
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+        attr.0[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(info.0.len() as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+        let name = &info.0[64..80];
+        let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        Ok(Some(String::from_utf8_lossy(&name[..len]).into_owned()))
     }
 
     /// Opens a pinned object.

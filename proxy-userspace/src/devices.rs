@@ -158,14 +158,18 @@ pub fn links() -> Result<Vec<(String, u32)>> {
     Ok(names)
 }
 
-/// Whether the device `name` is still the one of `ifindex`: false once it is gone, or was
-/// created again under its name (another ifindex).
-pub fn still_present(name: &str, ifindex: u32) -> bool {
+/// Whether the device of `ifindex` no longer has the name `name`: it is gone (`ENODEV`),
+/// or was created again under its name (another ifindex). Not when the name could not be
+/// looked up for another reason (no file descriptor left, say).
+pub fn gone(name: &str, ifindex: u32) -> bool {
     let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
+        return true;
     };
     // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
-    unsafe { libc::if_nametoindex(name.as_ptr()) == ifindex }
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV),
+        now => now != ifindex,
+    }
 }
 
 /// Whether `device` is named by one of `patterns`: a name, or a prefix ending in `*`.

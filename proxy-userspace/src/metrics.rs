@@ -306,7 +306,7 @@ impl Metrics {
         m.registry.register(
             "ebpf_kube_proxy_foreign_programs",
             "Programs of ebpf-kube-proxy that another agent or pin directory attached to this \
-             agent's cgroup or devices, at the last look",
+             agent's cgroup, its ancestors or its devices, at the last look that succeeded",
             m.foreign_programs.clone(),
         );
         m.registry.register(

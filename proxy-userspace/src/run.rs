@@ -530,7 +530,7 @@ pub async fn run(config: Config) -> Result<()> {
     // periodic syncs then read everything.
     let mut source_ended = false;
     let mut failed_in_a_row = 0u32;
-    let mut foreign = Vec::new();
+    let mut foreign = ForeignSeen::default();
     loop {
         let started = Instant::now();
         if state.full {
@@ -766,38 +766,70 @@ async fn link_changed(events: Option<&LinkEvents>) -> std::io::Result<()> {
     }
 }
 
+/// What the looks for other agents' programs found (`look_for_foreign`).
+#[derive(Default)]
+struct ForeignSeen {
+    /// The programs found at the last look that succeeded.
+    ids: BTreeSet<u32>,
+    /// Why the last look failed, if it did.
+    failed: Option<String>,
+}
+
 /// Looks for programs of ours that another agent attached where this one's run (see
 /// `dataplane::Foreign`), at the first sync and the full ones after it: counted in a
-/// metric, and each logged when first found.
+/// metric, each logged when first found, a failure logged when it is new.
 fn look_for_foreign(
     programs: &dataplane::Programs,
     cgroup: &Path,
     metrics: &Metrics,
-    seen: &mut Vec<dataplane::Foreign>,
+    seen: &mut ForeignSeen,
 ) {
     let found = match programs.foreign(cgroup) {
         Ok(found) => found,
         Err(e) => {
-            tracing::warn!("looking for other agents' programs failed: {e:#}");
+            let e = format!("{e:#}");
+            if seen.failed.as_ref() != Some(&e) {
+                tracing::warn!(
+                    "looking for other agents' programs failed (ebpf_kube_proxy_foreign_programs \
+                     keeps the last count): {e}"
+                );
+            }
+            seen.failed = Some(e);
             return;
         }
     };
+    seen.failed = None;
     metrics.foreign_programs.set(found.len() as i64);
-    for f in found.iter().filter(|f| !seen.contains(f)) {
+    for f in found.iter().filter(|f| !seen.ids.contains(&f.id)) {
         tracing::warn!(
             program = %f.program,
             id = f.id,
-            at = %f.at,
+            at = %places(&f.at),
             "another agent's program is attached here (another pin directory): it translates \
              from maps this agent does not update. Once that agent has stopped, remove it \
-             with `ebpf-kube-proxy --pin-path <its directory> cleanup`, or detach its link \
+             with `ebpf-kube-proxy --pin-path <its directory> cleanup`, or detach its links \
              (`bpftool link`)"
         );
     }
-    if found.is_empty() && !seen.is_empty() {
+    if found.is_empty() && !seen.ids.is_empty() {
         tracing::info!("no other agent's programs are attached here any more");
     }
-    *seen = found;
+    seen.ids = found.iter().map(|f| f.id).collect();
+}
+
+/// The first few of `at`, and how many more (a program on every pod's device).
+fn places(at: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut s = at
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if at.len() > SHOWN {
+        s.push_str(&format!(" and {} more", at.len() - SHOWN));
+    }
+    s
 }
 
 /// Attaches the pod programs to pods' devices that appeared since `before` (logged), and

@@ -1091,9 +1091,11 @@ fn an_agent_finds_another_pin_directorys_programs_on_its_devices() {
     write_web_with_udp(&cluster);
     cluster.start_agent(0, Some("eth0"));
     cluster.wait_for_ready_starts(0, 1);
-    let first_pins = cluster.nodes[0].pin_path.clone();
-    let _first = StoppedWithPins(cluster.nodes[0].agent.take(), first_pins.clone());
-    cluster.nodes[0].pin_path = PathBuf::from(format!("{}-second", first_pins.display()));
+    // The second agent logs into a file of its own: the first's full syncs look too.
+    let node = &mut cluster.nodes[0];
+    let _first = StoppedWithPins(node.agent.take(), node.pin_path.clone(), node.log.clone());
+    node.pin_path = PathBuf::from(format!("{}-second", node.pin_path.display()));
+    node.log = PathBuf::from(format!("{}-second", node.log.display()));
     cluster.start_agent(0, Some("eth0"));
     let log = || fs::read_to_string(&cluster.nodes[0].log).unwrap_or_default();
     let named = |program: &str, at: &str| {
@@ -1115,8 +1117,9 @@ fn an_agent_finds_another_pin_directorys_programs_on_its_devices() {
     assert!(named("ekp_connect4", "cgroup "), "{}", log());
 }
 
-/// An agent stopped and its pins removed (its programs detached) when dropped.
-struct StoppedWithPins(Option<Proc>, PathBuf);
+/// An agent stopped, its pins removed (its programs detached) and its log removed when
+/// dropped.
+struct StoppedWithPins(Option<Proc>, PathBuf, PathBuf);
 
 impl Drop for StoppedWithPins {
     fn drop(&mut self) {
@@ -1124,6 +1127,7 @@ impl Drop for StoppedWithPins {
             agent.terminate();
         }
         common::cleanup_pins(&self.1);
+        let _ = fs::remove_file(&self.2);
     }
 }
 

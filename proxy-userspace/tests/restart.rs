@@ -171,24 +171,10 @@ fn an_agent_finds_the_programs_another_pin_directory_attached() {
     h.wait_for_ready_starts(1);
 
     let other = Pins::new("foreign-other");
-    let log = Removed(std::env::temp_dir().join(format!(
-        "{}.log",
-        other.0.file_name().and_then(|n| n.to_str()).unwrap_or("foreign")
-    )));
-    let _second = h.spawn_agent_on(&other.0, &log.0, &["--sync-period", "1s"]);
-    let read = || std::fs::read_to_string(&log.0).unwrap_or_default();
+    let log = Log::beside(&other);
+    let agent = std::process::Command::new(common::AGENT);
+    let _second = h.spawn_agent_on(agent, &other.0, &log.0, &["--sync-period", "1s"]);
     let found = "another agent's program is attached here";
-    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
-        let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
-        while !done(&read()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the second agent never {what}; its log:\n{}",
-                read()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    };
     // The socket programs; the kernel keeps 15 bytes of a name.
     let programs = [
         "ekp_connect4",
@@ -200,50 +186,116 @@ fn an_agent_finds_the_programs_another_pin_directory_attached() {
         "ekp_getpeer6",
         "ekp_sock_releas",
     ];
-    wait_for("named the first agent's programs", &|log| {
-        log.lines().filter(|l| l.contains(found)).count() >= programs.len()
+    log.wait_for("named the first agent's programs", &|text| {
+        text.lines().filter(|l| l.contains(found)).count() >= programs.len()
     });
-    let text = read();
+    let text = log.read();
     let named: Vec<&str> = text.lines().filter(|l| l.contains(found)).collect();
     assert_eq!(named.len(), programs.len(), "{named:#?}");
+    let cgroup = format!("at=cgroup {}", h.topo.cgroup.path().display());
     for program in programs {
         assert!(
             named
                 .iter()
-                .any(|l| l.contains(&format!("program={program} "))),
-            "{program} not named: {named:#?}"
+                .any(|l| l.contains(&format!("program={program} ")) && l.contains(&cgroup)),
+            "{program} not named on {cgroup}: {named:#?}"
         );
     }
     let metrics = common::address_after(&text, "serving metrics on http://");
-    let foreign = || {
-        let (_, text) = common::http_get(&metrics, "/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix("ebpf_kube_proxy_foreign_programs "))
-            .map(|v| v.trim().to_owned())
-    };
-    assert_eq!(foreign().as_deref(), Some("8"));
+    assert_eq!(
+        sample(&metrics, "ebpf_kube_proxy_foreign_programs "),
+        Some(8.0)
+    );
 
     // The first agent stopped and its pins removed (its links with them): gone at the
     // second's next full sync.
     h.stop_agent();
     common::cleanup_pins(&h.pin_path);
-    wait_for("saw the programs go", &|log| {
-        log.contains("no other agent's programs are attached here any more")
+    log.wait_for("saw the programs go", &|text| {
+        text.contains("no other agent's programs are attached here any more")
     });
-    assert_eq!(foreign().as_deref(), Some("0"));
+    assert_eq!(
+        sample(&metrics, "ebpf_kube_proxy_foreign_programs "),
+        Some(0.0)
+    );
 }
 
-/// A file removed when the test ends.
-struct Removed(std::path::PathBuf);
+/// Without `CAP_SYS_ADMIN` the agent cannot name the programs attached beside its own
+/// (`BPF_PROG_GET_FD_BY_ID`): it says so once, however many full syncs look again.
+#[test]
+fn without_sys_admin_the_look_for_other_agents_programs_fails_once() {
+    let mut h = Harness::new("foreign-noadm", &["pod-a"]);
+    h.write_web_with_dns("10.96.0.10");
+    h.start_agent();
+    h.wait_for_ready_starts(1);
 
-impl Drop for Removed {
+    let other = Pins::new("foreign-noadm-other");
+    let log = Log::beside(&other);
+    let agent = common::agent_with_capabilities(&["bpf", "net_admin", "perfmon"]);
+    let _second = h.spawn_agent_on(agent, &other.0, &log.0, &["--sync-period", "1s"]);
+    let failed = "looking for other agents' programs failed";
+    log.wait_for("said it could not look", &|text| text.contains(failed));
+    let metrics = common::address_after(&log.read(), "serving metrics on http://");
+    // Three more full syncs, a second apart, looked again.
+    let full_syncs = "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} ";
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    while sample(&metrics, full_syncs).unwrap_or(0.0) < 4.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no four full syncs: {:?}",
+            sample(&metrics, full_syncs)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let text = log.read();
+    assert_eq!(text.matches(failed).count(), 1, "{text}");
+    assert!(text.contains("needs CAP_SYS_ADMIN"), "{text}");
+}
+
+/// The value of the first metrics sample whose line starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    let (_, text) = common::http_get(metrics, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The log of an agent beside the harness's, removed when the test ends (and shown if it
+/// failed).
+struct Log(std::path::PathBuf);
+
+impl Log {
+    /// A log named after the pin directory `pins`.
+    fn beside(pins: &Pins) -> Self {
+        let name = pins
+            .0
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("agent");
+        Log(std::env::temp_dir().join(format!("{name}.log")))
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds for the log's text.
+    fn wait_for(&self, what: &str, done: &dyn Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+        while !done(&self.read()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second agent never {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Log {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "--- log of {} ---\n{}",
-                self.0.display(),
-                std::fs::read_to_string(&self.0).unwrap_or_default()
-            );
+            eprintln!("--- log of {} ---\n{}", self.0.display(), self.read());
         }
         let _ = std::fs::remove_file(&self.0);
     }

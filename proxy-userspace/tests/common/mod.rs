@@ -71,14 +71,11 @@ impl Harness {
     /// e.g. `net_admin`): the bounding set a container runtime would give it. Root in the
     /// host's user namespace, as in the chart.
     pub fn start_agent_with_capabilities(&mut self, caps: &[&str]) {
-        let bounding: String = std::iter::once("-all".to_owned())
-            .chain(caps.iter().map(|c| format!("+{c}")))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut command = Command::new("setpriv");
-        command.args(["--bounding-set", &bounding, AGENT]);
         let manifests = self.manifests.clone();
-        self.spawn_agent(command, &["--manifests".as_ref(), manifests.as_os_str()]);
+        self.spawn_agent(
+            agent_with_capabilities(caps),
+            &["--manifests".as_ref(), manifests.as_os_str()],
+        );
     }
 
     /// Starts the agent on the manifests directory inside the node namespace (whose bridge
@@ -108,17 +105,25 @@ impl Harness {
     /// A second agent beside the harness's own, on the same manifests, pins and cgroup,
     /// logging into the same log: killed when the returned process is dropped.
     pub fn spawn_second_agent(&self) -> Proc {
-        self.spawn_agent_on(&self.pin_path, &self.agent_log_path(), &[])
+        let log = self.agent_log_path();
+        self.spawn_agent_on(Command::new(AGENT), &self.pin_path, &log, &[])
     }
 
-    /// An agent beside the harness's own, on the same manifests and cgroup, with the pins
-    /// under `pin_path`, logging into `log`, with `extra` arguments: killed when the
-    /// returned process is dropped.
-    pub fn spawn_agent_on(&self, pin_path: &Path, log: &Path, extra: &[&str]) -> Proc {
+    /// An agent (`command`: [`AGENT`], or [`agent_with_capabilities`]) beside the
+    /// harness's own, on the same manifests and cgroup, with the pins under `pin_path`,
+    /// logging into `log`, with `extra` arguments: killed when the returned process is
+    /// dropped.
+    pub fn spawn_agent_on(
+        &self,
+        command: Command,
+        pin_path: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Proc {
         let manifests = self.manifests.clone();
         let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.as_os_str()];
         args.extend(extra.iter().map(std::ffi::OsStr::new));
-        self.spawn_agent_logging_to(Command::new(AGENT), pin_path, &args, log)
+        self.spawn_agent_logging_to(command, pin_path, &args, log)
     }
 
     fn spawn_agent_logging_to(
@@ -396,6 +401,18 @@ impl Drop for Harness {
         let _ = fs::remove_file(self.agent_log_path());
         // The topology (namespaces, cgroup) drops after this.
     }
+}
+
+/// The agent's command with only the capabilities `caps` (as `setpriv` names them, e.g.
+/// `net_admin`) in its bounding set: what a container runtime would give it.
+pub fn agent_with_capabilities(caps: &[&str]) -> Command {
+    let bounding: String = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut command = Command::new("setpriv");
+    command.args(["--bounding-set", &bounding, AGENT]);
+    command
 }
 
 /// What follows the first `needle` in `log`, up to the next space: the address in a line
