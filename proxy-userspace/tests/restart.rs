@@ -175,17 +175,8 @@ fn an_agent_finds_the_programs_another_pin_directory_attached() {
     let agent = std::process::Command::new(common::AGENT);
     let _second = h.spawn_agent_on(agent, &other.0, &log.0, &["--sync-period", "1s"]);
     let found = "another agent's program is attached here";
-    // The socket programs; the kernel keeps 15 bytes of a name.
-    let programs = [
-        "ekp_connect4",
-        "ekp_sendmsg4",
-        "ekp_recvmsg4",
-        "ekp_getpeer4",
-        "ekp_connect6",
-        "ekp_recvmsg6",
-        "ekp_getpeer6",
-        "ekp_sock_releas",
-    ];
+    // The socket programs; the kernel keeps 15 bytes of a name (`ekp_sock_releas`).
+    let programs = dataplane::SOCK_PROGRAMS.map(|name| name.get(..15).unwrap_or(name));
     log.wait_for("named the first agent's programs", &|text| {
         text.lines().filter(|l| l.contains(found)).count() >= programs.len()
     });
@@ -204,7 +195,7 @@ fn an_agent_finds_the_programs_another_pin_directory_attached() {
     let metrics = common::address_after(&text, "serving metrics on http://");
     assert_eq!(
         sample(&metrics, "ebpf_kube_proxy_foreign_programs "),
-        Some(8.0)
+        Some(programs.len() as f64)
     );
 
     // The first agent stopped and its pins removed (its links with them): gone at the
