@@ -88,6 +88,14 @@ struct RunArgs {
     #[arg(long)]
     master: Option<String>,
 
+    /// An API server connection that brings nothing for this long is given up and the
+    /// request made again: a list or a watch's start that is never answered, a watch with
+    /// neither events nor the bookmarks the API server sends about every minute (a frozen
+    /// API server, a load balancer holding connections to one). kube-proxy's client finds
+    /// those with HTTP/2 pings; this one speaks HTTP/1.1. 0: never.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    api_read_timeout: Duration,
+
     /// NodePorts are served on this node's addresses (its devices' and its Node object's)
     /// within these CIDRs, comma-separated, or on its primary address only with `primary`
     /// (kube-proxy's flag) [default: every IPv4 address of the devices and the Node].
@@ -546,6 +554,7 @@ fn run_config(
         None => run::SourceConfig::Kube(crate::source::kube::Connection {
             kubeconfig: args.kubeconfig,
             master: args.master,
+            read_timeout: Some(args.api_read_timeout).filter(|t| !t.is_zero()),
         }),
     };
     Ok(run::Config {

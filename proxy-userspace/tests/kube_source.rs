@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
-use support::apiserver::{ApiResource, ApiServer};
+use support::apiserver::{ApiResource, ApiServer, Options};
 
 const NS: &str = "default";
 
@@ -800,4 +800,176 @@ async fn a_silently_dead_api_connection_is_dropped_and_the_watch_resumed() {
         now.iter().all(|p| !ports.contains(p)),
         "connections {ports:?} outlived the blackhole: {now:?}"
     );
+}
+
+/// The API server freezes (a stopped process, a load balancer holding connections to
+/// one): its kernel keeps the connections alive, so TCP keepalive finds nothing, but no
+/// byte comes. After `--api-read-timeout` the agent gives its connection up and asks
+/// again; once the server answers, a change made meanwhile is applied. Without the
+/// timeout an idle watch waits for its idle timeout (295 s), beyond this test's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_api_server_is_given_up_after_the_read_timeout() {
+    let mut h = Harness::new("frozenapi", &["pod-a", "pod-b"]);
+    let _servers = h.serve(&[8080], &[]);
+    // Bookmarks well within the read timeout, as the API server's (a minute) are within
+    // the default 2 minutes: a watch that is not frozen is never given up.
+    let options = Options {
+        bookmark_interval: std::time::Duration::from_millis(500),
+    };
+    let server = ApiServer::start_with(options)
+        .await
+        .expect("starting the API stand-in");
+    let client = server.client().await;
+    let proxy = FreezingProxy::start(server.address()).await;
+    let kubeconfig = h.manifests.join("kubeconfig");
+    let yaml = server
+        .kubeconfig_yaml()
+        .replace(&server.url(), &format!("http://{}", proxy.address));
+    std::fs::write(&kubeconfig, yaml).expect("writing the kubeconfig");
+    h.start_agent_with(&[
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--api-read-timeout".as_ref(),
+        "2s".as_ref(),
+    ]);
+    create_web_on_pod_a(&mut h, &client).await;
+
+    // Longer than the read timeout, with the bookmarks flowing: nothing given up.
+    let quiet = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    server
+        .wait_for(ApiResource::EndpointSlices, |a| a.open_watches > 0)
+        .await;
+    tokio::time::sleep_until(quiet).await;
+    let gave_up = h.agent_log().matches("; retrying").count();
+    assert_eq!(gave_up, 0, "{}", h.agent_log());
+
+    proxy.freeze();
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+    // A watch gives its connection up, while the server is still frozen.
+    let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
+    while h.agent_log().matches("; retrying").count() == gave_up {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no watch gave its frozen connection up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let accepted = proxy.accepted();
+    proxy.thaw();
+    h.wait_for_frontend(
+        "10.96.0.10:80",
+        "TCP",
+        Some(&["10.244.0.10:8080", "10.244.0.11:8080"]),
+    );
+    assert!(
+        proxy.accepted() > accepted,
+        "the change came without a new connection"
+    );
+}
+
+/// A TCP proxy in front of the API stand-in that can freeze: while frozen it accepts
+/// nothing (the kernel still completes handshakes into its backlog) and moves no byte
+/// either way, as a stopped API server process does; every kernel keeps its connections
+/// alive. Dropping it closes everything.
+struct FreezingProxy {
+    address: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy");
+        let address = listener.local_addr().expect("the proxy's address");
+        let (frozen, thawed) = tokio::sync::watch::channel(false);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            // Dropped with this task: the connections' pumps end with it.
+            let mut pumps = tokio::task::JoinSet::new();
+            loop {
+                wait_thawed(&mut thawed.clone()).await;
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_in, client_out) = client.into_split();
+                let (server_in, server_out) = server.into_split();
+                pumps.spawn(pump(client_in, server_out, thawed.clone()));
+                pumps.spawn(pump(server_in, client_out, thawed.clone()));
+            }
+        });
+        FreezingProxy {
+            address,
+            frozen,
+            accepted,
+            task,
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` while the proxy is not frozen; stops at the end of `from`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        wait_thawed(&mut frozen).await;
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            // Frozen while waiting: read nothing more until thawed.
+            _ = frozen.changed() => continue,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Returns once the proxy is not frozen.
+async fn wait_thawed(frozen: &mut tokio::sync::watch::Receiver<bool>) {
+    while *frozen.borrow_and_update() {
+        if frozen.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -44,6 +44,9 @@ pub struct Connection {
     /// Overrides the server address (kube-proxy's `--master`): with kube-proxy replaced, the
     /// `kubernetes` Service is served by this agent, so it must not depend on it.
     pub master: Option<String>,
+    /// How long a connection may bring nothing (`--api-read-timeout`) when the kubeconfig
+    /// sets no read timeout; `None`: forever.
+    pub read_timeout: Option<Duration>,
 }
 
 /// Builds a client from the connection settings; its requests are counted in `rest`.
@@ -60,6 +63,11 @@ pub async fn client(conn: &Connection, rest: RestClientMetrics) -> Result<Client
             .await
             .context("no kubeconfig (--kubeconfig, KUBECONFIG) and not running in a cluster")?,
     };
+    if config.read_timeout.is_none() {
+        config.read_timeout = conn.read_timeout;
+        // Counted from the request, not from when its pooled connection went idle.
+        config.reset_reader_on_write = true;
+    }
     if let Some(master) = &conn.master {
         config.cluster_url = master
             .parse()
