@@ -205,8 +205,9 @@ fn live_backend(
 /// A slot found missing means the agent shrank the frontend after `frontend` was read: it
 /// lowers the count in slot 0 before it deletes the slots above it. Slot 0 is read again
 /// and a slot picked under the count it holds now, whose slots all exist; only a second
-/// rewrite within that instant leaves the caller without a backend (it then leaves the
-/// connection untranslated, as Cilium does at a missing slot).
+/// rewrite within that instant, or the frontend's last backend going then (count 0),
+/// leaves the caller without a backend (it then leaves the connection untranslated, as
+/// Cilium does at a missing slot; docs/decisions.md).
 #[inline(always)]
 fn random_backend(key: &mut ServiceKey, frontend: &ServiceValue) -> Option<u32> {
     if let Some(id) = random_slot(key, frontend.count) {
