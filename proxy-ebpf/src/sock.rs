@@ -188,7 +188,13 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
         (false, true) => LOG_HOOK_CONNECT6,
     };
     let sa = ctx.sock_addr;
-    let addr = user_addr::<V6>(sa).ok_or(PROCEED)?;
+    // 0.0.0.0 is the node's loopback to the kernel (`ip_route_output` takes 127.0.0.1 for
+    // it before any hook sees a packet): kube-proxy's DNAT finds a localhost NodePort
+    // there, and the socket's peer is 127.0.0.1.
+    let addr = match user_addr::<V6>(sa).ok_or(PROCEED)? {
+        0 => LOOPBACK_FRONTEND_ADDR,
+        addr => addr,
+    };
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let (proto, port) = unsafe { ((*sa).protocol, (*sa).user_port) };
     let proto = proto as u8;

@@ -813,9 +813,13 @@ fn load_balancer_external_ip_and_node_port_cases() {
     // Localhost NodePorts (kube-proxy's `--iptables-localhost-nodeports`): node1's own
     // processes reach the NodePort on any loopback address, past the host process bound to
     // its port, and see the address they asked for as their peer; the `Local` Service's
-    // too, through the cluster endpoints. A pod's loopback is its own: nothing listens on
-    // its 127.0.0.1:30080, refused.
-    for to in ["127.0.0.1:30080", "127.0.0.2:30080"] {
+    // too, through the cluster endpoints. 0.0.0.0 is 127.0.0.1 to the kernel, the peer
+    // too. A pod's loopback is its own: nothing listens on its 127.0.0.1:30080, refused.
+    for (to, peer) in [
+        ("127.0.0.1:30080", "127.0.0.1:30080"),
+        ("127.0.0.2:30080", "127.0.0.2:30080"),
+        ("0.0.0.0:30080", "127.0.0.1:30080"),
+    ] {
         let lines = cluster.attempts(&node1.ns, Some(&node1.cgroup), to, 30);
         let pods: std::collections::BTreeSet<&str> = lines
             .iter()
@@ -823,7 +827,7 @@ fn load_balancer_external_ip_and_node_port_cases() {
             .collect();
         assert_eq!(pods, ["pod-1", "pod-2"].into(), "{to}: {lines:?}");
         for line in &lines {
-            assert_eq!(line["peer"], to, "{line}");
+            assert_eq!(line["peer"], peer, "{line}");
         }
     }
     let counts = cluster.requests_from(&node1.ns, Some(&node1.cgroup), "127.0.0.1:30082", 5);
