@@ -59,6 +59,10 @@ enum Command {
         /// Print what would be removed and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Clean up even though no agent serves this node from --pin-path (kube-proxy's
+        /// rules may be all that serves its Services).
+        #[arg(long)]
+        without_agent: bool,
     },
     /// Switch the eBPF programs' logging at run time, in the pinned `ekp_log_v1` map: `off`,
     /// `error` (unusual events), `debug` (every translated connection and new flow). The
@@ -501,7 +505,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::CleanupIptables { dry_run } => kube_proxy_cleanup::run(dry_run),
+        Command::CleanupIptables {
+            dry_run,
+            without_agent,
+        } => {
+            // Until an agent serves the node, kube-proxy's rules are what serves its
+            // Services (a node the chart leaves out, an agent that cannot start there).
+            if !without_agent {
+                dataplane::agent_serves(&cli.pin_path).map_err(|why| {
+                    anyhow!(
+                        "{why}: kube-proxy's rules may be all that serves this node's \
+                         Services, so they stay (--without-agent removes them anyway)"
+                    )
+                })?;
+            }
+            kube_proxy_cleanup::run(dry_run)
+        }
         Command::BpfLog { level } => {
             if let Some(level) = level {
                 dataplane::set_bpf_log_level(&cli.pin_path, level.raw())?;

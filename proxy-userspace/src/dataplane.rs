@@ -1487,6 +1487,33 @@ pub fn try_lock_pin_dir(pin_dir: &Path) -> Result<Option<PinDirLock>> {
     Err(e).context("locking the pin directory")
 }
 
+/// Whether an agent serves this node from `pin_dir`: one runs (it holds the directory's
+/// lock), and the socket programs are attached (their links pinned: by this agent's start,
+/// once the source's first lists are in, just before its first sync; or by an earlier
+/// run, serving from the pinned maps meanwhile). Reads files only: no BPF capability
+/// needed. `Err` says what is missing.
+pub fn agent_serves(pin_dir: &Path) -> std::result::Result<(), String> {
+    match try_lock_pin_dir(pin_dir) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Err(format!(
+                "no ebpf-kube-proxy agent runs on {} (nothing holds its lock)",
+                pin_dir.display()
+            ));
+        }
+        Err(e) => return Err(format!("{e:#}")),
+    }
+    let link = links_dir(pin_dir).join(SOCK_PROGRAMS[0]);
+    if !link.exists() {
+        return Err(format!(
+            "the agent on {} has not attached its programs yet (no {})",
+            pin_dir.display(),
+            link.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Locks `pin_dir` (made first, on a bpf filesystem mounted if needed); when another
 /// agent holds it, `waiting` is called (once) and the lock waited for.
 pub fn lock_pin_dir(pin_dir: &Path, waiting: impl FnOnce()) -> Result<PinDirLock> {

@@ -335,9 +335,10 @@ impl Node {
         }
     }
 
-    /// `ebpf-kube-proxy cleanup-iptables <args>` in the namespace.
+    /// `ebpf-kube-proxy cleanup-iptables --without-agent <args>` in the namespace (no
+    /// agent serves it; restart.rs tests the refusal).
     fn cleanup(&self, args: &[&str]) -> Output {
-        let mut all = vec!["cleanup-iptables"];
+        let mut all = vec!["cleanup-iptables", "--without-agent"];
         all.extend_from_slice(args);
         self.exec(AGENT, &all, None)
     }
@@ -514,7 +515,7 @@ fn a_failing_removal_exits_non_zero_and_the_other_backends_are_still_cleaned() {
     );
     let mut command = node.ns.command(AGENT, None).expect("preparing the agent");
     let out = command
-        .arg("cleanup-iptables")
+        .args(["cleanup-iptables", "--without-agent"])
         .env("PATH", &path)
         .stdin(Stdio::null())
         .output()

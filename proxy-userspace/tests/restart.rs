@@ -159,6 +159,51 @@ fn cleanup_is_refused_while_an_agent_runs() {
     );
 }
 
+/// `cleanup-iptables` removes kube-proxy's rules only where an agent serves the node (its
+/// rules may be all the node has): refused while nothing holds the pin directory, or while
+/// something holds it but no programs are attached; done while the agent runs; refused
+/// again once it stopped, unless `--without-agent`. Run in the node's namespace, which
+/// holds nothing of kube-proxy's: nothing is removed either way.
+#[test]
+fn cleanup_iptables_runs_only_where_an_agent_serves() {
+    let mut h = Harness::new("cleanup-iptables", &["pod-a"]);
+    h.write_web_with_dns("10.96.0.10");
+    let cleanup = |h: &Harness, extra: &[&str]| {
+        let mut command = h
+            .topo
+            .node
+            .command(common::AGENT, None)
+            .expect("a command in the node's namespace");
+        command
+            .arg("--pin-path")
+            .arg(&h.pin_path)
+            .arg("cleanup-iptables")
+            .args(extra);
+        command.output().expect("running cleanup-iptables")
+    };
+    let refused = |out: std::process::Output, why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "not refused for {why:?}: {out:?}"
+        );
+    };
+    refused(cleanup(&h, &[]), "no ebpf-kube-proxy agent runs");
+    {
+        let _held = dataplane::lock_pin_dir(&h.pin_path, || panic!("nobody holds it yet"))
+            .expect("locking the pin directory");
+        refused(cleanup(&h, &[]), "has not attached its programs");
+    }
+    h.start_agent();
+    h.wait_for_ready_starts(1);
+    let served = cleanup(&h, &[]);
+    assert!(served.status.success(), "{served:?}");
+    h.stop_agent();
+    refused(cleanup(&h, &[]), "no ebpf-kube-proxy agent runs");
+    let forced = cleanup(&h, &["--without-agent"]);
+    assert!(forced.status.success(), "{forced:?}");
+}
+
 /// Two agents on two pin directories (a changed `bpf.pinPath`, a renamed release) both
 /// translate, and the lock on a directory cannot tell. The second finds the first's
 /// programs on its cgroup, names each in its log and counts them in a metric; its full

@@ -1513,6 +1513,8 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         "k8sServicePort=abc",
         "k8sServiceHost=https://api.example.com",
         "securityContext.privileged=yes",
+        // The template looks for SYS_ADMIN by that name (allowPrivilegeEscalation).
+        "securityContext.capabilities={BPF,NET_ADMIN,PERFMON,CAP_SYS_ADMIN}",
         "bpf.autoMount.enabled=1",
         "logLevel=verbose",
         "config.syncPeriod=30",
@@ -1586,6 +1588,36 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
             },
         );
     }
+    // The rule cleanup asks the agent's pin directory whether an agent serves the node.
+    checks.check(
+        "extras/cleanup-kube-proxy-rules.yaml: looks at the chart's pin path, mounted",
+        || {
+            let extra = extra_daemonset(&chart.dir, "cleanup-kube-proxy-rules.yaml")?;
+            let values: Value =
+                serde_yaml_ng::from_str(&fs::read_to_string(chart.dir.join("values.yaml"))?)?;
+            let pin_path = values["bpf"]["pinPath"].as_str().context("bpf.pinPath")?;
+            let spec = &extra["spec"]["template"]["spec"];
+            let cleanup = spec["initContainers"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["name"] == "cleanup"))
+                .context("no cleanup init container")?;
+            let command: Vec<&str> = cleanup["command"]
+                .as_array()
+                .context("no command")?
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            ensure!(
+                command.windows(2).any(|w| w == ["--pin-path", pin_path]),
+                "the command {command:?} does not name {pin_path}"
+            );
+            let mounted = cleanup["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
+            ensure!(mounted, "/sys/fs/bpf is not mounted into the cleanup");
+            Ok(())
+        },
+    );
 
     Ok(checks)
 }
