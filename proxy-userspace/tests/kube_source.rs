@@ -762,6 +762,17 @@ impl Drop for Blackhole {
     }
 }
 
+/// Puts pod-b beside pod-a in `web`'s slice `web-1`.
+async fn add_pod_b_to_web(client: kube::Client) {
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    replace_slice(
+        &slices,
+        "web-1",
+        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
+    )
+    .await;
+}
+
 /// The agent's connections to the API server die without a word (no FIN, no RST: a load
 /// balancer's failover, a lost NAT entry). TCP keepalive fails them within about 30 s and
 /// the watchers connect again, so a change made meanwhile is applied; without keepalive
@@ -781,13 +792,7 @@ async fn a_silently_dead_api_connection_is_dropped_and_the_watch_resumed() {
     );
     let _blackhole = Blackhole::between(&h, server.address(), &ports);
 
-    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
-    replace_slice(
-        &slices,
-        "web-1",
-        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
-    )
-    .await;
+    add_pod_b_to_web(client).await;
     h.wait_for_frontend_within(
         std::time::Duration::from_secs(120),
         "10.96.0.10:80",
@@ -844,13 +849,7 @@ async fn a_frozen_api_server_is_given_up_after_the_read_timeout() {
     assert_eq!(gave_up, 0, "{}", h.agent_log());
 
     proxy.freeze();
-    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
-    replace_slice(
-        &slices,
-        "web-1",
-        slice("web-1", "web", &["10.244.0.10", "10.244.0.11"]),
-    )
-    .await;
+    add_pod_b_to_web(client).await;
     // A watch gives its connection up, while the server is still frozen.
     let deadline = std::time::Instant::now() + common::CONDITION_LIMIT;
     while h.agent_log().matches("; retrying").count() == gave_up {
