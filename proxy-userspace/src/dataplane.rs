@@ -1703,18 +1703,9 @@ mod bpf_sys {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(e).context("BPF_PROG_GET_FD_BY_ID"),
         };
-        // struct bpf_prog_info up to `name` (char[16] at byte 64); the kernel fills what
-        // `info_len` asks for.
-        #[repr(C, align(8))]
-        struct Info([u8; 80]);
-        let mut info = Info([0; 80]);
-        let mut attr = Attr([0; 128]);
-        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-        attr.0[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-        attr.0[4..8].copy_from_slice(&(info.0.len() as u32).to_ne_bytes());
-        attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-        let name = &info.0[64..80];
+        // struct bpf_prog_info up to `name` (char[16] at byte 64).
+        let info = obj_info::<80>(fd.as_fd())?;
+        let name = &info[64..80];
         let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
         Ok(Some(String::from_utf8_lossy(&name[..len]).into_owned()))
     }
@@ -1900,19 +1891,26 @@ mod bpf_sys {
     /// A link's `struct bpf_link_info` (`BPF_OBJ_GET_INFO_BY_FD`), checked to be of
     /// `wanted` type: { __u32 type, id, prog_id; union { ... } } (the union at byte 16).
     fn link_info(link: std::os::fd::BorrowedFd<'_>, wanted: u32, kind: &str) -> Result<[u8; 64]> {
-        #[repr(C, align(8))]
-        struct Info([u8; 64]);
-        let mut info = Info([0; 64]);
-        let mut attr = Attr([0; 128]);
-        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-        attr.0[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
-        attr.0[4..8].copy_from_slice(&(info.0.len() as u32).to_ne_bytes());
-        attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-        let link_type = u32::from_ne_bytes([info.0[0], info.0[1], info.0[2], info.0[3]]);
+        let info = obj_info::<64>(link)?;
+        let link_type = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
         if link_type != wanted {
             bail!("not a {kind} link (type {link_type})");
         }
+        Ok(info)
+    }
+
+    /// The first `N` bytes of an object's info struct (`BPF_OBJ_GET_INFO_BY_FD`; the
+    /// kernel fills what `info_len` asks for).
+    fn obj_info<const N: usize>(fd: std::os::fd::BorrowedFd<'_>) -> Result<[u8; N]> {
+        #[repr(C, align(8))]
+        struct Info<const N: usize>([u8; N]);
+        let mut info = Info([0; N]);
+        let mut attr = Attr([0; 128]);
+        // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+        attr.0[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        attr.0[4..8].copy_from_slice(&(N as u32).to_ne_bytes());
+        attr.0[8..16].copy_from_slice(&(info.0.as_mut_ptr() as u64).to_ne_bytes());
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
         Ok(info.0)
     }
 
