@@ -11,12 +11,18 @@
 //! whatever it would do (an ICMP error, or the martian drop). A packet larger than the
 //! egress MTU is the caller's to answer (`Route::TooBig`): the stack would drop it as a
 //! martian too, without telling its sender. The lookup checks the size only when it found
-//! the next hop's MAC; towards one not resolved yet, `bpf_check_mtu` does.
+//! the next hop's MAC; towards one not resolved yet, `bpf_check_mtu` does. Neither looks
+//! into a GSO packet (merged segments, from GRO or a local sender's TSO) unless asked
+//! (`BPF_MTU_CHK_SEGS`): its segments must each fit the egress MTU, as the kernel's own
+//! forwarding checks (`ip_exceeds_mtu`), or they are dropped further on unanswered.
 
 use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED;
+use aya_ebpf::bindings::bpf_check_mtu_flags::BPF_MTU_CHK_SEGS;
+use aya_ebpf::bindings::bpf_check_mtu_ret::{
+    BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG,
+};
 use aya_ebpf::bindings::{
     BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     bpf_fib_lookup, bpf_redir_neigh,
@@ -106,7 +112,8 @@ pub fn route(
         (*params).l4_protocol = proto;
         (*params).sport = sport;
         (*params).dport = dport;
-        // tot_len 0: the kernel checks the skb against the egress MTU itself (GSO-aware).
+        // tot_len 0: the kernel checks the skb's length against the egress MTU itself
+        // (a GSO packet's passes whole: see `too_big_for`).
         (*params).__bindgen_anon_3.ipv4_src = saddr;
         (*params).__bindgen_anon_4.ipv4_dst = daddr;
         (*params).ifindex = (*ctx.skb.skb).ifindex;
@@ -115,18 +122,24 @@ pub fn route(
     // SAFETY: zeroed and filled above.
     let params = unsafe { &*params };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        },
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // The lookup checked the whole packet's length, which passes any GSO packet.
+            // SAFETY: the context is a valid __sk_buff.
+            if unsafe { (*ctx.skb.skb).gso_size } != 0
+                && let Some(mtu) = too_big_for(ctx, params.ifindex)
+            {
+                return Route::TooBig(mtu);
+            }
+            Route::Resolved {
+                ifindex: params.ifindex,
+                smac: params.smac,
+                dmac: params.dmac,
+            }
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             // The kernel checks the size only once the next hop's MAC is known.
-            let mut mtu = 0u32;
-            // SAFETY: `mtu` lives on the stack; a plain helper call on this program's skb.
-            let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), params.ifindex, &mut mtu, 0, 0) };
-            if rc == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) && exceeds(ctx, mtu) {
-                return Route::TooBig(mtu as u16);
+            if let Some(mtu) = too_big_for(ctx, params.ifindex) {
+                return Route::TooBig(mtu);
             }
             Route::Unresolved {
                 ifindex: params.ifindex,
@@ -165,6 +178,28 @@ unsafe fn zero(params: *mut bpf_fib_lookup) {
         // memset again.
         unsafe { core::ptr::write_volatile(first.add(i), 0) };
     }
+}
+
+/// The MTU of device `ifindex` if the packet, or one of its segments if it is a GSO
+/// packet, does not fit it.
+#[inline(always)]
+fn too_big_for(ctx: &TcContext, ifindex: u32) -> Option<u16> {
+    let mut mtu = 0u32;
+    // SAFETY: `mtu` lives on the stack; a plain helper call on this program's skb. (An
+    // error, such as a GSO packet whose transport header the kernel has not set, is no
+    // answer: the packet goes on as before.)
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.as_ptr(),
+            ifindex,
+            &mut mtu,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    let too_big = (rc == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) && exceeds(ctx, mtu))
+        || rc == i64::from(BPF_MTU_CHK_RET_SEGS_TOOBIG);
+    too_big.then_some(mtu as u16)
 }
 
 /// Whether the packet is larger than `mtu` allows, its Ethernet header and a VLAN tag

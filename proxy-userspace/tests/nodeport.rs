@@ -1395,6 +1395,93 @@ fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
     );
 }
 
+/// A source-NATed flow's GSO packets (the client's TCP merges its segments; veths pass
+/// them merged) are checked segment by segment against the next hop's MTU, as the kernel's
+/// own forwarding checks them: node1 reaches node2's pods over a link of MTU 1000, and the
+/// client, whose segments are 1448 bytes, learns that path MTU from an ICMP fragmentation
+/// needed and gets its answer. First, as the control, the same request forwarded to the
+/// pod's own address by node1's stack. (The length check alone passes a GSO packet whole,
+/// and these veths deliver its segments: the client would get its answer, never the MTU.)
+#[test]
+fn source_nated_gso_segments_too_big_for_the_next_hop_get_fragmentation_needed() {
+    const LINK_MTU: u32 = 1000;
+    let mut cluster = Cluster::new("npgso");
+    let (node_1, node_2) = (&cluster.nodes[0].ns, &cluster.nodes[1].ns);
+    ip(
+        node_1,
+        &format!(
+            "link add n12 mtu {LINK_MTU} type veth peer name n21 netns {} mtu {LINK_MTU}",
+            node_2.name()
+        ),
+    );
+    ip(node_1, "addr add 10.99.0.1/30 dev n12");
+    ip(node_1, "link set n12 up");
+    ip(node_2, "addr add 10.99.0.2/30 dev n21");
+    ip(node_2, "link set n21 up");
+    ip(node_1, "route replace 10.244.2.0/24 via 10.99.0.2 dev n12");
+    // node2 answers what arrives on n21 out of eth0: no reverse-path filter in the way.
+    for key in ["all", "n21"] {
+        node_2
+            .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")
+            .expect("rp_filter");
+    }
+    cluster.write_manifest("svc.yaml", &service("Cluster"));
+    cluster.write_manifest("eps.yaml", &web_endpoints(false, Some("{ready: true}")));
+    cluster.write_node_manifests();
+    cluster.start_agents();
+    cluster.wait_for_node_port(0, &["10.244.2.10:8080"]);
+
+    ip(&cluster.client, "route add 10.244.2.0/24 via 192.168.77.11");
+    let direct = large_request(&cluster.client, "10.244.2.10:8080");
+    assert_eq!(
+        direct,
+        Ok(("pod-2 192.168.77.100".to_owned(), LINK_MTU)),
+        "the control: node1's forwarding tells the client the path MTU"
+    );
+    let through_node_port = large_request(&cluster.client, "192.168.77.11:30080");
+    assert_eq!(
+        through_node_port,
+        Ok(("pod-2 192.168.77.11".to_owned(), LINK_MTU)),
+        "the answer (source-NATed) and the client's path MTU to the NodePort\n{}",
+        cluster.logs()
+    );
+}
+
+/// One HTTP request with a 12 KB head from `ns` to `to` (the first flight of a fresh
+/// connection: one GSO packet of 1448-byte segments, all in the initial window): the
+/// answer's body and the connection's path MTU (`IP_MTU`) once it is read.
+fn large_request(ns: &Netns, to: &str) -> Result<(String, u32), String> {
+    let to: std::net::SocketAddr = to.parse().expect("an address");
+    ns.run(|| {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let mut stream = std::net::TcpStream::connect_timeout(&to, CONDITION_LIMIT)?;
+        stream.set_read_timeout(Some(CONDITION_LIMIT))?;
+        let head = format!("GET / HTTP/1.0\r\nX-Pad: {}\r\n\r\n", "x".repeat(12 * 1024));
+        stream.write_all(head.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let mut mtu: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `mtu` and `len` are this frame's, of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                (&raw mut mtu).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+        Ok((body.to_owned(), mtu as u32))
+    })
+    .map_err(|e| format!("{to}: {e:#}"))
+}
+
 /// `web`'s EndpointSlice with its TCP and UDP ports: pod-2 with `pod_2` conditions, after
 /// pod-1 (ready) if `pod_1`.
 fn web_endpoints(pod_1: bool, pod_2: Option<&str>) -> String {

@@ -119,23 +119,30 @@ impl Netns {
     /// that joins it: `/proc/sys/net` shows the opening thread's namespace. No `sysctl`
     /// binary (procps) needed.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let ns_fd = self.file.try_clone()?;
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-        let written = std::thread::scope(|scope| {
+        self.run(|| fs::write(&path, value).with_context(|| format!("writing {}", path.display())))
+            .with_context(|| format!("sysctl {key}={value} in {}", self.name))
+    }
+
+    /// Runs `f` on a thread of its own that joins this namespace and ends with `f`: the
+    /// sockets `f` opens, and what it reads of `/proc/sys/net`, are this namespace's.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let ns_fd = self.file.try_clone()?;
+        let ran = std::thread::scope(|scope| {
             scope
-                .spawn(|| -> Result<()> {
+                .spawn(move || -> Result<T> {
                     // SAFETY: a plain syscall on an open descriptor; it moves only this
-                    // thread, which ends after the write.
+                    // thread, which ends after `f`.
                     if unsafe { libc::setns(ns_fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         return Err(std::io::Error::last_os_error()).context("setns");
                     }
-                    fs::write(&path, value).with_context(|| format!("writing {}", path.display()))
+                    f()
                 })
                 .join()
         });
-        match written {
-            Ok(result) => result.with_context(|| format!("sysctl {key}={value} in {}", self.name)),
-            Err(_) => bail!("sysctl {key}={value} in {}: the thread panicked", self.name),
+        match ran {
+            Ok(result) => result,
+            Err(_) => bail!("a thread in namespace {} panicked", self.name),
         }
     }
 }
