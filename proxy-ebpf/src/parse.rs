@@ -128,6 +128,20 @@ fn linear(ctx: &TcContext, len: usize) -> Option<usize> {
     Some(ctx.data())
 }
 
+/// The length of the IPv4 datagram in `ctx` whose header says `tot_len` (network order)
+/// and `proto`. A BIG TCP packet (TCP segments merged past 64 KiB, by GRO where the device's
+/// `gro_ipv4_max_size` allows, or by a local sender's TSO) says 0: its length is the
+/// packet's, as the kernel reads it (`iph_totlen`).
+#[inline(always)]
+pub fn datagram_len(ctx: &TcContext, tot_len: u16, proto: u8) -> usize {
+    let tot_len = usize::from(u16::from_be(tot_len));
+    // SAFETY: the context is a valid __sk_buff.
+    if tot_len == 0 && proto == PROTO_TCP && unsafe { (*ctx.skb.skb).gso_size } != 0 {
+        return (ctx.len() as usize).saturating_sub(IP_OFF);
+    }
+    tot_len
+}
+
 /// Parses an IPv4 TCP or UDP packet without IP options whose headers are all within the
 /// packet and within the IP total length; `None` for anything else. A later fragment has
 /// ports 0 (see `Fragment::Later`).
@@ -143,7 +157,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     if ip.ver_ihl != IPV4_NO_OPTIONS {
         return None;
     }
-    let tot_len = usize::from(u16::from_be(ip.tot_len));
+    let tot_len = datagram_len(ctx, ip.tot_len, ip.proto);
     // The IP datagram must be in the frame (trailing Ethernet padding is fine).
     if IP_OFF + tot_len > ctx.len() as usize {
         return None;

@@ -31,7 +31,7 @@ use proxy_common::{
 
 use crate::maps::SNAT_TIME_WAIT;
 use crate::nat;
-use crate::parse::{IP_OFF, L4_OFF, Packet, TCP_FIN};
+use crate::parse::{self, IP_OFF, L4_OFF, Packet, TCP_FIN};
 
 /// What a TCP segment tells a TIME_WAIT socket ([`read_stamp`]). The SNAT port search
 /// starts with an unread one ([`Stamp::unread`]), which [`judge`] reads the first time the
@@ -290,7 +290,7 @@ pub fn read_stamp(ctx: &TcContext, stamp: &mut Stamp) {
 #[inline(always)]
 fn read(ctx: &TcContext, stamp: &mut Stamp) -> Option<()> {
     // Only the fields used, each loaded on its own.
-    let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?);
+    let tot_len = parse::datagram_len(ctx, ctx.load::<u16>(IP_OFF + 2).ok()?, PROTO_TCP);
     let seq = u32::from_be(ctx.load::<u32>(L4_OFF + 4).ok()?);
     let [offset, flags] = ctx.load::<[u8; 2]>(L4_OFF + 12).ok()?;
     let words = offset >> 4;
@@ -298,7 +298,7 @@ fn read(ctx: &TcContext, stamp: &mut Stamp) -> Option<()> {
     if header_len < TCP_HLEN {
         return None;
     }
-    let payload = usize::from(tot_len).checked_sub(L4_OFF - IP_OFF + header_len)?;
+    let payload = tot_len.checked_sub(L4_OFF - IP_OFF + header_len)?;
     let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
     stamp.seq = seq;
     stamp.next_seq = seq.wrapping_add(payload as u32).wrapping_add(control);

@@ -130,6 +130,8 @@ impl Cluster {
                 "8080",
                 "--udp",
                 "5353",
+                "--sink",
+                "9000",
                 "--echo-peer",
             ]);
             let server = Proc::spawn_ready(serve, &format!("pod-{i}"), "ready")
@@ -1445,6 +1447,106 @@ fn source_nated_gso_segments_too_big_for_the_next_hop_get_fragmentation_needed()
         "the answer (source-NATed) and the client's path MTU to the NodePort\n{}",
         cluster.logs()
     );
+}
+
+/// BIG TCP: a client whose device sends TCP segments merged past 64 KiB (their IPv4 total
+/// length 0, as GRO makes them on a NIC whose `gro_ipv4_max_size` allows) uploads 16 MiB
+/// through a NodePort to the node's own pod. Its merged packets are translated like any
+/// other; read with their total length, they passed untranslated to node1's stack, which
+/// has nothing on the NodePort and resets the connection.
+#[test]
+fn big_tcp_packets_through_a_node_port_are_translated() {
+    const BIG: u32 = 185_000;
+    const UPLOAD: usize = 16 << 20;
+    let mut cluster = Cluster::new("npbig");
+    cluster.write_manifest(
+        "sink.yaml",
+        &local_node_port("sink", "10.96.0.90", 30090, "10.244.1.10", "node-1")
+            .replace("8080", "9000"),
+    );
+    cluster.write_node_manifests();
+    cluster.start_agents();
+    cluster.wait_for(0, "192.168.77.11:30090", "external", &["10.244.1.10:9000"]);
+    // The client's TCP sends packets up to its device's size; the fabric's bridge port to
+    // node1 passes them on merged only up to its own.
+    set_gso_ipv4_max_size(&cluster.client, "eth0", BIG);
+    set_gso_ipv4_max_size(&cluster.fabric, "p-n1", BIG);
+
+    let uploaded = cluster.client.run(|| {
+        use std::io::{Read, Write};
+        let to: std::net::SocketAddr = "192.168.77.11:30090".parse()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&to, CONDITION_LIMIT)?;
+        stream.set_read_timeout(Some(CONDITION_LIMIT))?;
+        stream.set_write_timeout(Some(CONDITION_LIMIT))?;
+        stream.write_all(&vec![b'x'; UPLOAD])?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    });
+    assert_eq!(
+        uploaded.map_err(|e| format!("{e:#}")),
+        Ok(UPLOAD.to_string()),
+        "the pod read the whole upload\n{}",
+        cluster.logs()
+    );
+}
+
+/// Sets `device`'s `gso_ipv4_max_size` in `ns` (rtnetlink `IFLA_GSO_IPV4_MAX_SIZE`, Linux
+/// 6.3; iproute2 learnt it in 6.3 too, later than some distributions ship).
+fn set_gso_ipv4_max_size(ns: &Netns, device: &str, size: u32) {
+    const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
+    let device = std::ffi::CString::new(device).expect("a device name");
+    ns.run(|| {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(device.as_ptr()) };
+        if index == 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // nlmsghdr, ifinfomsg (AF_UNSPEC, the device's index), one u32 attribute.
+        let mut request = Vec::with_capacity(40);
+        request.extend_from_slice(&40u32.to_ne_bytes());
+        request.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+        request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        request.extend_from_slice(&[0; 8]);
+        request.extend_from_slice(&[0; 4]);
+        request.extend_from_slice(&(index as i32).to_ne_bytes());
+        request.extend_from_slice(&[0; 8]);
+        request.extend_from_slice(&8u16.to_ne_bytes());
+        request.extend_from_slice(&IFLA_GSO_IPV4_MAX_SIZE.to_ne_bytes());
+        request.extend_from_slice(&size.to_ne_bytes());
+        // SAFETY: sending a buffer of the length passed.
+        if unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let mut ack = [0u8; 1024];
+        // SAFETY: receiving into a buffer of the length passed.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+        if n < 20 {
+            return Err(anyhow::anyhow!("no acknowledgement ({n})"));
+        }
+        // NLMSG_ERROR: the error code (0 or -errno) follows the header.
+        let error = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+        if error != 0 {
+            return Err(std::io::Error::from_raw_os_error(-error).into());
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("gso_ipv4_max_size {size} on {device:?}: {e:#}"));
 }
 
 /// One HTTP request with a 12 KB head from `ns` to `to` (the first flight of a fresh

@@ -7,7 +7,8 @@
 //!   `ready` once all sockets are bound, so callers wait for that instead of sleeping.
 //!   `--echo-peer` appends the client address the server saw to the TCP answer
 //!   (`NAME ADDR`), for tests of source NAT. An HTTP/1.1 request keeps the connection open
-//!   for the next one.
+//!   for the next one. `--sink PORT` reads each TCP connection to its end and answers with
+//!   the number of bytes it read, for uploads.
 //! - `tcp ADDR:PORT COUNT`, `udp ADDR:PORT COUNT [--connected]`: make COUNT requests (a
 //!   new socket each) and print one JSON line per request: what answered, the peer address
 //!   the application saw (getpeername / recvfrom), or the error and its errno.
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         Some("tcp") => client(&args[1..], &mut tcp_request),
         Some("udp") => udp(&args[1..]),
         _ => Err(
-            "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--echo-peer] | \
+            "usage: ekp-peer serve --name NAME [--tcp PORT]... [--udp PORT]... [--sink PORT]... [--echo-peer] | \
                   tcp ADDR:PORT[,...] COUNT [--keep-connection] | udp ADDR:PORT[,...] COUNT [--connected] [--keep-socket [--reconnect]] [--size N]"
                 .into(),
         ),
@@ -86,7 +87,7 @@ fn udp(args: &[String]) -> Result<(), String> {
 
 fn serve(args: &[String]) -> Result<(), String> {
     let mut name = None;
-    let (mut tcp_ports, mut udp_ports) = (Vec::new(), Vec::new());
+    let (mut tcp_ports, mut udp_ports, mut sink_ports) = (Vec::new(), Vec::new(), Vec::new());
     let mut echo_peer = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -99,6 +100,7 @@ fn serve(args: &[String]) -> Result<(), String> {
             "--name" => name = Some(value.clone()),
             "--tcp" => tcp_ports.push(parse_port(value)?),
             "--udp" => udp_ports.push(parse_port(value)?),
+            "--sink" => sink_ports.push(parse_port(value)?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -111,6 +113,11 @@ fn serve(args: &[String]) -> Result<(), String> {
         threads.push(std::thread::spawn(move || {
             serve_tcp(listener, &name, echo_peer)
         }));
+    }
+    for port in sink_ports {
+        let listener =
+            TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind tcp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || serve_sink(listener)));
     }
     for port in udp_ports {
         let socket =
@@ -138,6 +145,16 @@ fn serve_tcp(listener: TcpListener, name: &str, echo_peer: bool) {
         };
         std::thread::spawn(move || {
             let _ = answer_http(stream, &answer);
+        });
+    }
+}
+
+fn serve_sink(listener: TcpListener) {
+    for mut stream in listener.incoming().flatten() {
+        std::thread::spawn(move || -> std::io::Result<()> {
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            let read = std::io::copy(&mut stream, &mut std::io::sink())?;
+            stream.write_all(read.to_string().as_bytes())
         });
     }
 }
