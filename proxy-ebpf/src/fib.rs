@@ -7,10 +7,10 @@
 //! unless `accept_local`). So these packets are routed here with `bpf_fib_lookup` and
 //! redirected to the egress of the device it names, TTL decremented as a router does.
 //! When the lookup cannot give a next hop (forwarding disabled, no route, a local
-//! destination, TTL expiring) the packet goes to the stack as it is, which then does
-//! whatever it would do (an ICMP error, or the martian drop). A packet larger than the
-//! egress MTU is the caller's to answer (`Route::TooBig`): the stack would drop it as a
-//! martian too, without telling its sender. The lookup checks the size only when it found
+//! destination) the packet goes to the stack as it is, which then does whatever it would
+//! do (an ICMP error, or the martian drop). A packet whose TTL ends here, or larger than
+//! the egress MTU, is the caller's to answer (`Route::Expired`, `Route::TooBig`): the stack
+//! would drop it as a martian too, without telling its sender. The lookup checks the size only when it found
 //! the next hop's MAC; towards one not resolved yet, `bpf_check_mtu` does. Neither looks
 //! into a GSO packet (merged segments, from GRO or a local sender's TSO) unless asked
 //! (`BPF_MTU_CHK_SEGS`): its segments must each fit the egress MTU, as the kernel's own
@@ -80,27 +80,29 @@ pub enum Route {
     Unresolved { ifindex: u32, nh: u32 },
     /// Larger than the egress device's MTU (this value).
     TooBig(u16),
-    /// To the stack as it is: no route, forwarding disabled, a local destination, or a TTL
-    /// that ends here (the stack then sends its own ICMP error, or drops).
+    /// Routed, but its TTL ends here: no router forwards it (`ip_forward` checks the TTL
+    /// before the MTU, and so does `route`).
+    Expired,
+    /// To the stack as it is: no route, forwarding disabled, or a local destination (the
+    /// stack then sends its own ICMP error, or drops).
     Stack,
 }
 
-/// Looks up where a packet with this tuple (network order) goes. It depends on the tuple
-/// and the packet's length only, so it may run before the rewrite: a packet too big for
-/// the way out is then still as its sender sent it.
+/// Looks up where a packet with this tuple (network order) and TTL goes. It depends on
+/// the tuple, the TTL and the packet's length only, so it may run before the rewrite: a
+/// packet the caller answers is then still as its sender sent it.
 #[inline(always)]
-pub fn route(
-    ctx: &TcContext,
-    proto: u8,
-    (saddr, daddr, sport, dport): (u32, u32, u16, u16),
-    ttl: u8,
-) -> Route {
-    if ttl <= 1 {
-        // To the stack, which does not forward it: rewritten to a node address as its
-        // source, it is a martian there, and is dropped without an ICMP time exceeded (as
-        // the README says; kube-proxy's forwarding sends one).
-        return Route::Stack;
+pub fn route(ctx: &TcContext, proto: u8, tuple: (u32, u32, u16, u16), ttl: u8) -> Route {
+    match lookup(ctx, proto, tuple) {
+        Route::Stack => Route::Stack,
+        _ if ttl <= 1 => Route::Expired,
+        routed => routed,
     }
+}
+
+/// [`route`] but for the TTL.
+#[inline(always)]
+fn lookup(ctx: &TcContext, proto: u8, (saddr, daddr, sport, dport): (u32, u32, u16, u16)) -> Route {
     let mut lookup = MaybeUninit::<bpf_fib_lookup>::uninit();
     let params = lookup.as_mut_ptr();
     // SAFETY: `params` points to this function's own, properly aligned `bpf_fib_lookup`,
@@ -245,7 +247,7 @@ pub fn send(ctx: &TcContext, route: &Route) -> Result<Option<i32>, RewriteError>
                 bpf_redirect_neigh(*ifindex, &mut nh, size_of::<bpf_redir_neigh>() as i32, 0)
             } as i32))
         }
-        Route::TooBig(_) | Route::Stack => Ok(None),
+        Route::TooBig(_) | Route::Expired | Route::Stack => Ok(None),
     }
 }
 

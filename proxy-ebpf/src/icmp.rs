@@ -8,9 +8,10 @@
 //! came in on (Cilium's `tail_no_service_ipv4`); the node's stack cannot answer for an
 //! address it does not have.
 //!
-//! **Too big** (`too_big`): a source-NATed packet that does not fit the next hop's MTU
-//! cannot go to the stack (see `fib`), so the sender is answered with "fragmentation
-//! needed" the same way, as the router the node is for that flow would answer.
+//! **Too big** (`too_big`), **time exceeded** (`time_exceeded`): a source-NATed packet
+//! that does not fit the next hop's MTU, or whose TTL ends here, cannot go to the stack
+//! (see `fib`), so the sender is answered with "fragmentation needed" or "time exceeded"
+//! the same way, as the router the node is for that flow would answer.
 //!
 //! **Errors about translated flows** (Cilium's ICMP handling in `lib/nat.h`): a
 //! "destination unreachable" (port unreachable, fragmentation needed, ...) or "time
@@ -55,6 +56,8 @@ const QUOTE_LEN: usize = 28;
 /// An answer (`answer`): Ethernet, IPv4, ICMP header, the quote.
 const ANSWER_LEN: usize = IP_OFF + 20 + ICMP_HLEN + QUOTE_LEN;
 const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Time exceeded: the TTL ran out in transit.
+const ICMP_EXC_TTL: u8 = 0;
 /// ICMP header: type, code, checksum, 4 bytes that depend on the type.
 const ICMP_HLEN: usize = 8;
 const ICMP_CSUM_OFF: usize = L4_OFF + 2;
@@ -233,7 +236,7 @@ fn set_inner_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> Result<(),
 /// it back out of the device it arrived on (see [`answer`]).
 #[inline(always)]
 pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteError> {
-    answer(ctx, pkt, ICMP_PORT_UNREACH, 0, drop)
+    answer(ctx, pkt, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), 0, drop)
 }
 
 /// Turns `pkt`, too big for the next hop's `mtu`, into an ICMP "fragmentation needed"
@@ -242,24 +245,33 @@ pub fn reject(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteEr
 /// translation. `pkt` must not be rewritten yet: its sender matches the quote to its flow.
 #[inline(always)]
 pub fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16, drop: i32) -> Result<i32, RewriteError> {
-    answer(ctx, pkt, ICMP_FRAG_NEEDED, mtu, drop)
+    answer(ctx, pkt, (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED), mtu, drop)
 }
 
-/// Turns `pkt` into an ICMP destination unreachable (`code`; `mtu` for fragmentation
-/// needed, else 0) from its destination to its source, quoting its IPv4 header and 8
-/// bytes, and sends it back out of the device it arrived on. RSTs and packets from
-/// addresses that cannot be answered (0.0.0.0, broadcast, multicast) are dropped instead.
+/// Turns `pkt`, whose TTL ends at this node on its way to be forwarded, into an ICMP time
+/// exceeded from the address it was sent to, back to its sender, as a router's forwarding
+/// answers (a traceroute's probe). `pkt` must not be rewritten yet (see [`too_big`]).
+#[inline(always)]
+pub fn time_exceeded(ctx: &TcContext, pkt: &Packet, drop: i32) -> Result<i32, RewriteError> {
+    answer(ctx, pkt, (ICMP_TIME_EXCEEDED, ICMP_EXC_TTL), 0, drop)
+}
+
+/// Turns `pkt` into an ICMP error (`kind`: type and code; `mtu` for fragmentation needed,
+/// else 0) from its destination to its source, quoting its IPv4 header and 8 bytes, and
+/// sends it back out of the device it arrived on. RSTs, fragments after the first (RFC
+/// 1122 3.2.2, as the kernel's `icmp_send`) and packets from addresses that cannot be
+/// answered (0.0.0.0, broadcast, multicast) are dropped instead.
 #[inline(always)]
 fn answer(
     ctx: &TcContext,
     pkt: &Packet,
-    code: u8,
+    (icmp_type, code): (u8, u8),
     mtu: u16,
     drop: i32,
 ) -> Result<i32, RewriteError> {
     let source = u32::from_be(pkt.saddr);
     let unanswerable = source == 0 || source == u32::MAX || source >> 28 == 0xe;
-    if unanswerable || pkt.tcp_flags & TCP_RST != 0 {
+    if unanswerable || pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
         return Ok(drop);
     }
     let mut frame = [0u8; ANSWER_LEN];
@@ -281,7 +293,7 @@ fn answer(
     let ip_csum = checksum(&frame[ip..ip + 20]);
     frame[ip + 10..ip + 12].copy_from_slice(&ip_csum.to_be_bytes());
     let icmp = L4_OFF;
-    frame[icmp] = ICMP_DEST_UNREACH;
+    frame[icmp] = icmp_type;
     frame[icmp + 1] = code;
     // Unused but for fragmentation needed: the next-hop MTU in the last two of the four.
     frame[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());

@@ -174,12 +174,14 @@ fn translate<const SCOPE: u8>(
         nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
         return Ok(PASS);
     }
-    // Routed before the rewrite, so that a packet too big for the way out is answered
-    // about as its sender sent it.
+    // Routed before the rewrite, so that a packet too big for the way out, or whose TTL
+    // ends here, is answered about as its sender sent it.
     let tuple = (entry.saddr, entry.daddr, entry.sport, entry.dport);
     let route = fib::route(ctx, pkt.proto, tuple, pkt.ttl);
-    if let Route::TooBig(mtu) = route {
-        return Err(too_big::<SCOPE>(ctx, pkt, mtu));
+    match route {
+        Route::TooBig(mtu) => return Err(too_big::<SCOPE>(ctx, pkt, mtu)),
+        Route::Expired => return Err(icmp::time_exceeded(ctx, pkt, DROP).unwrap_or(DROP)),
+        _ => {}
     }
     nat::rewrite(ctx, pkt, entry).map_err(|_| DROP)?;
     let redirected = fib::send(ctx, &route).map_err(|_| DROP)?;

@@ -616,6 +616,8 @@ enum Seen {
     FragmentWithoutFlow,
     TooBigAnswered,
     TooBigDropped,
+    ExpiredAnswered,
+    ExpiredDropped,
     PartnerTaken,
 }
 
@@ -637,6 +639,8 @@ impl Seen {
             Seen::FragmentWithoutFlow => "later fragment, no live flow: unchanged",
             Seen::TooBigAnswered => "source-NATed, too big for the next hop: answered with ICMP",
             Seen::TooBigDropped => "source-NATed, too big for the next hop: dropped",
+            Seen::ExpiredAnswered => "source-NATed, TTL ends here: answered with ICMP",
+            Seen::ExpiredDropped => "source-NATed, TTL ends here: dropped",
             Seen::PartnerTaken => {
                 "tracked, but another flow holds its partner's key: unchanged, flow ended"
             }
@@ -846,6 +850,11 @@ impl Fuzzer {
                 return Ok((Seen::FragmentWithoutFlow, Some(out)));
             }
             let entry = before.expect("followed: an entry");
+            if expires(hook, input, &entry) {
+                let seen =
+                    check_expired(input, &tuple, false, &out).map_err(|why| fail(why, &out))?;
+                return Ok((seen, Some(out)));
+            }
             if self.too_big(hook, input, &entry) {
                 let seen =
                     check_too_big(input, &tuple, false, &out).map_err(|why| fail(why, &out))?;
@@ -922,6 +931,10 @@ impl Fuzzer {
             ));
         };
         check_entry(&self.frontends, hook, &tuple, &entry).map_err(|why| fail(why, &out))?;
+        if expires(hook, input, &entry) {
+            let seen = check_expired(input, &tuple, true, &out).map_err(|why| fail(why, &out))?;
+            return Ok((seen, Some(out)));
+        }
         if self.too_big(hook, input, &entry) {
             let seen = check_too_big(input, &tuple, true, &out).map_err(|why| fail(why, &out))?;
             return Ok((seen, Some(out)));
@@ -949,19 +962,12 @@ impl Fuzzer {
         Ok((seen, Some(out)))
     }
 
-    /// Whether `input`, of the flow `entry` (at ingress), is a source-NATed packet that the
-    /// FIB sends out of the pod network's veth (a destination in one of its subnets, TTL
-    /// above 1; from any device, forwarding is on; the next hop's MAC known or not) but that
-    /// is larger than the veth's 1500-byte MTU allows (Ethernet header and a VLAN tag
-    /// beside: the kernel's `is_skb_forwardable`).
+    /// Whether `input`, of the flow `entry`, is a source-NATed packet the FIB forwards
+    /// ([`routed`]) with a TTL above 1 but that is larger than the pod network veth's
+    /// 1500-byte MTU allows (Ethernet header and a VLAN tag beside: the kernel's
+    /// `is_skb_forwardable`).
     fn too_big(&self, hook: Hook, input: &[u8], entry: &NatCtValue) -> bool {
-        let [a, b, c, _] = entry.daddr.to_ne_bytes();
-        let routed = [a, b, c] == [10, 244, 2] || [a, b, c] == [198, 51, 100];
-        hook == Hook::In
-            && entry.flags & CT_FLAG_SNAT != 0
-            && input[IP_OFF + 8] > 1
-            && routed
-            && input.len() > 1500 + 14 + 4
+        routed(hook, entry) && input[IP_OFF + 8] > 1 && input.len() > 1500 + 14 + 4
     }
 
     /// `out` is `input` rewritten as `entry` says, and nothing else changed.
@@ -1019,16 +1025,60 @@ impl Fuzzer {
     }
 }
 
-/// A packet too big for the next hop (`Fuzzer::too_big`): with don't-fragment and an
-/// answerable source, answered with ICMP fragmentation needed (next-hop MTU 1500) from the
-/// address it was sent to, quoting it as it came (`has_l4`: a first fragment or a whole
-/// packet, whose TCP flags say whether it is a RST); else dropped unchanged.
+/// Whether `entry`'s packets at this hook are source-NATed ones the FIB sends out of the
+/// pod network's veth (a destination in one of its subnets; from any device, forwarding is
+/// on; the next hop's MAC known or not).
+fn routed(hook: Hook, entry: &NatCtValue) -> bool {
+    let [a, b, c, _] = entry.daddr.to_ne_bytes();
+    hook == Hook::In
+        && entry.flags & CT_FLAG_SNAT != 0
+        && ([a, b, c] == [10, 244, 2] || [a, b, c] == [198, 51, 100])
+}
+
+/// Whether `input`, of the flow `entry`, is a source-NATed packet the FIB forwards
+/// ([`routed`]) whose TTL ends here.
+fn expires(hook: Hook, input: &[u8], entry: &NatCtValue) -> bool {
+    routed(hook, entry) && input[IP_OFF + 8] <= 1
+}
+
+/// Whether the program may answer `input` with an ICMP error: it carries its L4 header
+/// (`has_l4`: a first fragment or a whole packet, RFC 1122 3.2.2), is no RST, and comes
+/// from an address that can be answered.
+fn answerable_error(input: &[u8], tuple: &Tuple, has_l4: bool) -> bool {
+    has_l4 && answerable(input, tuple)
+}
+
+/// A packet whose TTL ends here (`expires`): answered with ICMP time exceeded from the
+/// address it was sent to, quoting it as it came, if it is answerable; else dropped
+/// unchanged.
+fn check_expired(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Result<Seen, String> {
+    if answerable_error(input, tuple, has_l4) {
+        let want = icmp_error_quoting(tuple.daddr, tuple.saddr, 11, 0, [0; 4], input, 8);
+        if out.verdict != TC_ACT_REDIRECT || out.packet != want {
+            return Err(format!(
+                "TTL ends here: not answered with time exceeded (verdict {}); want:\n{}",
+                out.verdict,
+                hex(&want)
+            ));
+        }
+        return Ok(Seen::ExpiredAnswered);
+    }
+    if out.verdict != TC_ACT_SHOT || out.packet != input {
+        return Err(format!(
+            "TTL ends here, not answerable: verdict {} where a drop was due, or the packet \
+             changed",
+            out.verdict
+        ));
+    }
+    Ok(Seen::ExpiredDropped)
+}
+
+/// A packet too big for the next hop (`Fuzzer::too_big`): with don't-fragment, if it is
+/// answerable, answered with ICMP fragmentation needed (next-hop MTU 1500) from the address
+/// it was sent to, quoting it as it came; else dropped unchanged.
 fn check_too_big(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Result<Seen, String> {
     let dont_fragment = input[IP_OFF + 6] & 0x40 != 0;
-    let source = u32::from(tuple.saddr);
-    let rst = has_l4 && tuple.proto == PROTO_TCP && input[L4_OFF + 13] & 0x04 != 0;
-    let answerable = !(rst || source == 0 || source == u32::MAX || source >> 28 == 0xe);
-    if dont_fragment && answerable {
+    if dont_fragment && answerable_error(input, tuple, has_l4) {
         let want = icmp_error_quoting(tuple.daddr, tuple.saddr, 3, 4, [0, 0, 0x05, 0xdc], input, 8);
         if out.verdict != TC_ACT_REDIRECT || out.packet != want {
             return Err(format!(
@@ -1696,6 +1746,7 @@ fn random_and_mutated_packets_change_only_service_traffic_and_keep_checksums_val
                 Seen::NewFlow,
                 Seen::TrackedFlow,
                 Seen::FragmentFollowed,
+                Seen::ExpiredAnswered,
             ] {
                 assert!(
                     stats.count(seen) > 0,

@@ -477,6 +477,65 @@ fn snat_forwarding_redirects_to_the_next_hop_with_its_mac_and_the_ttl_decremente
     });
 }
 
+/// A source-NATed packet whose TTL ends at this node is answered with ICMP time exceeded
+/// from the address it was sent to, quoting it as it came, as kube-proxy's path (DNAT, then
+/// the kernel's forwarding) answers a traceroute's probe; the next one, with a TTL to
+/// spare, is forwarded. A RST is not answered (nor is a later fragment, by the fuzzer).
+#[test]
+fn a_source_nated_packet_whose_ttl_ends_here_gets_time_exceeded() {
+    in_private_netns(|| {
+        ip(&[
+            "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
+        ]);
+        ip(&["link", "set", "ekp0", "up"]);
+        ip(&["link", "set", "ekp1", "up"]);
+        ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            .expect("enabling forwarding in the test namespace");
+        let (dp, dev) = (datapath_with(PROTO_TCP, REMOTE_ID), ifindex("ekp0"));
+
+        let probe = Frame {
+            ttl: 1,
+            ..Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT)
+        };
+        let out = dp.run("ekp_tcx_in", &probe.bytes(), dev);
+        assert_eq!(
+            out.verdict, TC_ACT_REDIRECT,
+            "the answer goes back out of the device the packet came in on"
+        );
+        assert_eq!(
+            out.packet,
+            icmp_error(NODE, CLIENT, 11, 0, [0; 4], &probe, 8),
+            "ICMP time exceeded quoting the untranslated packet:\n{}",
+            hex(&out.packet)
+        );
+        verify_icmp_checksums(&out.packet);
+
+        let next = Frame {
+            ttl: 2,
+            ..probe.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &next.bytes(), dev);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded");
+        let (_, snat_port, _, _) = tuple_of(&out.packet);
+        assert_eq!(
+            (tuple_of(&out.packet), out.packet[14 + 8]),
+            ((NODE, snat_port, REMOTE_POD, POD_PORT), 1),
+            "source-NATed, its TTL decremented"
+        );
+
+        let rst = Frame {
+            tcp_flags: TCP_RST,
+            ..probe.clone()
+        };
+        let out = dp.run("ekp_tcx_in", &rst.bytes(), dev);
+        assert_eq!(
+            out.verdict, TC_ACT_SHOT,
+            "a RST whose TTL ends here: dropped"
+        );
+    });
+}
+
 /// A frontend whose count names a slot the agent has deleted: the agent lowers the count
 /// before it deletes slots, so a program meets this only between its read of slot 0 and its
 /// read of the slot. It reads slot 0 again and picks once more, instead of leaving the
