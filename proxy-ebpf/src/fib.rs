@@ -9,12 +9,13 @@
 //! When the lookup cannot give a next hop (forwarding disabled, no route, a local
 //! destination) the packet goes to the stack as it is, which then does whatever it would
 //! do (an ICMP error, or the martian drop). A packet whose TTL ends here, or larger than
-//! the egress MTU, is the caller's to answer (`Route::Expired`, `Route::TooBig`): the stack
-//! would drop it as a martian too, without telling its sender. The lookup checks the size only when it found
-//! the next hop's MAC; towards one not resolved yet, `bpf_check_mtu` does. Neither looks
-//! into a GSO packet (merged segments, from GRO or a local sender's TSO) unless asked
-//! (`BPF_MTU_CHK_SEGS`): its segments must each fit the egress MTU, as the kernel's own
-//! forwarding checks (`ip_exceeds_mtu`), or they are dropped further on unanswered.
+//! the egress MTU, is the caller's to answer (`Route::Expired`, `Route::TooBig`): the
+//! stack would drop it as a martian too, without telling its sender. The lookup checks the
+//! size only when it found the next hop's MAC; towards one not resolved yet,
+//! `bpf_check_mtu` does. Neither looks into a GSO packet (merged segments, from GRO or a
+//! local sender's TSO) unless asked (`BPF_MTU_CHK_SEGS`): its segments must each fit the
+//! egress MTU, as the kernel's own forwarding checks (`ip_exceeds_mtu`), or they are
+//! dropped further on unanswered.
 
 use core::mem::{MaybeUninit, size_of};
 
@@ -78,7 +79,8 @@ pub enum Route {
     },
     /// Out of device `ifindex`, once the kernel has resolved the next hop `nh`.
     Unresolved { ifindex: u32, nh: u32 },
-    /// Larger than the egress device's MTU (this value).
+    /// Larger than the egress device's MTU (this value), or, for a GSO packet, one of its
+    /// segments is.
     TooBig(u16),
     /// Routed, but its TTL ends here: no router forwards it (`ip_forward` checks the TTL
     /// before the MTU, and so does `route`).
@@ -152,8 +154,11 @@ fn lookup(ctx: &TcContext, proto: u8, (saddr, daddr, sport, dport): (u32, u32, u
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             // SAFETY: the lookup wrote the union's output member.
             let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-            // The kernel also says so for a device that is down (`is_skb_forwardable`).
-            if exceeds(ctx, u32::from(mtu)) {
+            // The kernel also says so for a device that is down (`is_skb_forwardable`), and
+            // for a GSO packet only then: it passes the length check whole.
+            // SAFETY: the context is a valid __sk_buff.
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            if !gso && exceeds(ctx, u32::from(mtu)) {
                 Route::TooBig(mtu)
             } else {
                 Route::Stack
@@ -265,15 +270,4 @@ fn untag(ctx: &TcContext) {
             bpf_skb_vlan_pop(ctx.skb.skb);
         }
     }
-}
-
-/// [`route`] and [`send`] for a packet already rewritten to `tuple`.
-#[inline(always)]
-pub fn redirect(
-    ctx: &TcContext,
-    proto: u8,
-    tuple: (u32, u32, u16, u16),
-    ttl: u8,
-) -> Result<Option<i32>, RewriteError> {
-    send(ctx, &route(ctx, proto, tuple, ttl))
 }

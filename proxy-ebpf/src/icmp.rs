@@ -43,7 +43,7 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{CT_FLAG_SNAT, NatCtKey, NatCtValue, PROTO_TCP, PROTO_UDP};
 
 use crate::csum::RewriteError;
-use crate::fib;
+use crate::fib::{self, Route};
 use crate::maps::NAT_CT;
 use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, L4_OFF, Packet, TCP_RST};
 
@@ -53,8 +53,14 @@ const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 /// What an error quotes of the packet it is about: its IPv4 header and 8 bytes (RFC 792).
 const QUOTE_LEN: usize = 28;
-/// An answer (`answer`): Ethernet, IPv4, ICMP header, the quote.
+/// An answer (`answer`): Ethernet, IPv4, ICMP header, the quote; then, past the IPv4
+/// datagram, the fill word (`fill_word`).
 const ANSWER_LEN: usize = IP_OFF + 20 + ICMP_HLEN + QUOTE_LEN;
+const FILL_LEN: usize = 2;
+/// Where a TCP and a UDP header keep their checksum: the skb's `csum_offset` when the
+/// kernel left the checksum to a device (`CHECKSUM_PARTIAL`).
+const TCP_CHECK_OFF: usize = 16;
+const UDP_CHECK_OFF: usize = 6;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// Time exceeded: the TTL ran out in transit.
 const ICMP_EXC_TTL: u8 = 0;
@@ -120,7 +126,15 @@ pub fn translate_error(ctx: &TcContext, dir: u8, pass: i32, drop: i32) -> Option
     } else {
         error.saddr
     };
-    match fib::redirect(ctx, PROTO_ICMP, (saddr, entry.daddr, 0, 0), error.ttl) {
+    let route = fib::route(ctx, PROTO_ICMP, (saddr, entry.daddr, 0, 0), error.ttl);
+    // Its TTL ends here: dropped, as the kernel's forwarding drops it (no ICMP error answers
+    // an ICMP error, RFC 1122 3.2.2). One too big goes to the stack, which fragments it if
+    // its source is not a node address (ICMP errors leave don't-fragment clear) and drops
+    // it as a martian if it is.
+    if let Route::Expired = route {
+        return Some(drop);
+    }
+    match fib::send(ctx, &route) {
         Ok(verdict) => Some(verdict.unwrap_or(pass)),
         Err(_) => Some(drop),
     }
@@ -274,7 +288,7 @@ fn answer(
     if unanswerable || pkt.tcp_flags & TCP_RST != 0 || !pkt.has_l4_header() {
         return Ok(drop);
     }
-    let mut frame = [0u8; ANSWER_LEN];
+    let mut frame = [0u8; ANSWER_LEN + FILL_LEN];
     // Back to the sender: the Ethernet addresses swapped. Read straight into the frame (as
     // the quote below), not into copies beside it: this runs on the stack of the caller's
     // call chain, 512 bytes in all.
@@ -297,20 +311,45 @@ fn answer(
     frame[icmp + 1] = code;
     // Unused but for fragmentation needed: the next-hop MTU in the last two of the four.
     frame[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
-    load_into(ctx, IP_OFF, &mut frame[INNER_IP_OFF..])?;
-    let icmp_csum = checksum(&frame[icmp..]);
+    load_into(ctx, IP_OFF, &mut frame[INNER_IP_OFF..ANSWER_LEN])?;
+    let icmp_csum = checksum(&frame[icmp..ANSWER_LEN]);
     frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
+    let fill = fill_word(&frame, pkt.proto);
+    frame[ANSWER_LEN..].copy_from_slice(&fill.to_be_bytes());
 
     // SAFETY: the context is a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a plain helper call on this program's skb.
-    if unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, ANSWER_LEN as u32, 0) } != 0 {
+    let len = (ANSWER_LEN + FILL_LEN) as u32;
+    if unsafe { bpf_skb_change_tail(ctx.as_ptr() as *mut __sk_buff, len, 0) } != 0 {
         return Ok(drop);
     }
     ctx.store(0, &frame, 0)?;
     fib::mark_forwarded(ctx);
     // SAFETY: a plain helper call; returns TC_ACT_REDIRECT.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The word an answer ends with, past its IPv4 datagram (which receivers trim off), so
+/// that a checksum offload cannot spoil it. The packet the answer is made of keeps its
+/// checksum state: where it was `CHECKSUM_PARTIAL` (segments merged by GRO, a local
+/// sender's packet across a veth or from virtio-net), the device it goes out of, or
+/// `skb_checksum_help`, sums everything from the old L4 header's start (the ICMP header's
+/// now) to the end and writes the result at its old checksum offset: into the quoted
+/// header's TTL and protocol (TCP) or the ICMP header's MTU field (UDP). The answer's ICMP
+/// message sums to zero, so with the one's complement of the word there as the last word,
+/// the result written is that word itself, unchanged (or 0xffff for 0, which
+/// `skb_checksum_help` never writes: the same in the checksum's arithmetic, and only in an
+/// unused field). No BPF helper can clear the state.
+#[inline(always)]
+fn fill_word(frame: &[u8; ANSWER_LEN + FILL_LEN], proto: u8) -> u16 {
+    let at = L4_OFF
+        + if proto == PROTO_TCP {
+            TCP_CHECK_OFF
+        } else {
+            UDP_CHECK_OFF
+        };
+    !u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
 /// Copies `dst.len()` bytes of the packet from `offset` into `dst` (a length the compiler

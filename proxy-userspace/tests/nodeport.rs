@@ -1404,11 +1404,23 @@ fn large_udp_datagrams_cross_a_node_port_in_fragments_both_ways() {
 /// needed and gets its answer. First, as the control, the same request forwarded to the
 /// pod's own address by node1's stack. (The length check alone passes a GSO packet whole,
 /// and these veths deliver its segments: the client would get its answer, never the MTU.)
+/// node1's eth0 fills in checksums itself, as a device without checksum offload: the
+/// answer, made of a packet whose checksum was left to the device, must come through that.
 #[test]
 fn source_nated_gso_segments_too_big_for_the_next_hop_get_fragmentation_needed() {
     const LINK_MTU: u32 = 1000;
     let mut cluster = Cluster::new("npgso");
+    assert_eq!(
+        ethtool_value(&cluster.client, "eth0", ETHTOOL_GTSO, None),
+        1,
+        "the client's device merges TCP segments (TSO), or the test proves nothing"
+    );
     let (node_1, node_2) = (&cluster.nodes[0].ns, &cluster.nodes[1].ns);
+    assert_eq!(
+        ethtool_value(node_1, "eth0", ETHTOOL_STXCSUM, Some(0)),
+        0,
+        "node1's eth0 without checksum offload"
+    );
     ip(
         node_1,
         &format!(
@@ -1493,14 +1505,15 @@ fn big_tcp_packets_through_a_node_port_are_translated() {
 }
 
 /// Sets `device`'s `gso_ipv4_max_size` in `ns` (rtnetlink `IFLA_GSO_IPV4_MAX_SIZE`, Linux
-/// 6.3; iproute2 learnt it in 6.3 too, later than some distributions ship).
+/// 6.3; iproute2 learnt it in 6.3 too, later than some distributions ship) and checks that
+/// the device reports it.
 fn set_gso_ipv4_max_size(ns: &Netns, device: &str, size: u32) {
     const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
-    let device = std::ffi::CString::new(device).expect("a device name");
-    ns.run(|| {
+    let name = std::ffi::CString::new(device).expect("a device name");
+    let reported = ns.run(|| {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         // SAFETY: a NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(device.as_ptr()) };
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
         if index == 0 {
             return Err(std::io::Error::last_os_error().into());
         }
@@ -1517,36 +1530,126 @@ fn set_gso_ipv4_max_size(ns: &Netns, device: &str, size: u32) {
         }
         // SAFETY: a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // nlmsghdr, ifinfomsg (AF_UNSPEC, the device's index), one u32 attribute.
-        let mut request = Vec::with_capacity(40);
-        request.extend_from_slice(&40u32.to_ne_bytes());
-        request.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
-        request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-        request.extend_from_slice(&[0; 8]);
-        request.extend_from_slice(&[0; 4]);
-        request.extend_from_slice(&(index as i32).to_ne_bytes());
-        request.extend_from_slice(&[0; 8]);
-        request.extend_from_slice(&8u16.to_ne_bytes());
-        request.extend_from_slice(&IFLA_GSO_IPV4_MAX_SIZE.to_ne_bytes());
-        request.extend_from_slice(&size.to_ne_bytes());
-        // SAFETY: sending a buffer of the length passed.
-        if unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) } < 0 {
+        // One request and its first answer: nlmsghdr, ifinfomsg (AF_UNSPEC, the device's
+        // index), then the attributes.
+        let exchange = |kind: u16, flags: u16, attribute: Option<u32>| -> anyhow::Result<Vec<u8>> {
+            let mut request = Vec::with_capacity(40);
+            let len: u32 = if attribute.is_some() { 40 } else { 32 };
+            request.extend_from_slice(&len.to_ne_bytes());
+            request.extend_from_slice(&kind.to_ne_bytes());
+            request.extend_from_slice(&(libc::NLM_F_REQUEST as u16 | flags).to_ne_bytes());
+            request.extend_from_slice(&[0; 8]);
+            request.extend_from_slice(&[0; 4]);
+            request.extend_from_slice(&(index as i32).to_ne_bytes());
+            request.extend_from_slice(&[0; 8]);
+            if let Some(value) = attribute {
+                request.extend_from_slice(&8u16.to_ne_bytes());
+                request.extend_from_slice(&IFLA_GSO_IPV4_MAX_SIZE.to_ne_bytes());
+                request.extend_from_slice(&value.to_ne_bytes());
+            }
+            // SAFETY: sending a buffer of the length passed.
+            if unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) } < 0
+            {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut answer = vec![0u8; 8192];
+            // SAFETY: receiving into a buffer of the length passed.
+            let n =
+                unsafe { libc::recv(fd.as_raw_fd(), answer.as_mut_ptr().cast(), answer.len(), 0) };
+            if n < 20 {
+                return Err(anyhow::anyhow!("no answer ({n})"));
+            }
+            answer.truncate(n as usize);
+            let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+            // NLMSG_ERROR: the error code (0 or -errno) follows the header.
+            if kind == libc::NLMSG_ERROR as u16 {
+                let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
+                if error != 0 {
+                    return Err(std::io::Error::from_raw_os_error(-error).into());
+                }
+            }
+            Ok(answer)
+        };
+        exchange(libc::RTM_NEWLINK, libc::NLM_F_ACK as u16, Some(size))?;
+        let link = exchange(libc::RTM_GETLINK, 0, None)?;
+        // The attributes, each 4-byte aligned, after the two headers.
+        let mut at = 32;
+        while at + 4 <= link.len() {
+            let len = usize::from(u16::from_ne_bytes([link[at], link[at + 1]]));
+            let kind = u16::from_ne_bytes([link[at + 2], link[at + 3]]);
+            if len < 4 || at + len > link.len() {
+                break;
+            }
+            if kind == IFLA_GSO_IPV4_MAX_SIZE && len == 8 {
+                let value = &link[at + 4..at + 8];
+                return Ok(Some(u32::from_ne_bytes([
+                    value[0], value[1], value[2], value[3],
+                ])));
+            }
+            at += (len + 3) & !3;
+        }
+        Ok(None)
+    });
+    assert_eq!(
+        reported.map_err(|e| format!("{e:#}")),
+        Ok(Some(size)),
+        "{device}'s gso_ipv4_max_size after setting it"
+    );
+}
+
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// An ethtool value of `device` in `ns` (`SIOCETHTOOL`, no ethtool binary needed): reads it
+/// with `cmd`, or sets it to `set` with `cmd` and reads it back (with the matching get).
+fn ethtool_value(ns: &Netns, device: &str, cmd: u32, set: Option<u32>) -> u32 {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    #[repr(C)]
+    struct Value {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut Value,
+        _rest: [u8; 16],
+    }
+    let call = |cmd: u32, data: u32| -> anyhow::Result<u32> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        let mut ack = [0u8; 1024];
-        // SAFETY: receiving into a buffer of the length passed.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
-        if n < 20 {
-            return Err(anyhow::anyhow!("no acknowledgement ({n})"));
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut value = Value { cmd, data };
+        let mut request = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: &mut value,
+            _rest: [0; 16],
+        };
+        request.name[..device.len()].copy_from_slice(device.as_bytes());
+        // SAFETY: `request` names a device and points to `value`, both alive for the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL, &mut request) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
         }
-        // NLMSG_ERROR: the error code (0 or -errno) follows the header.
-        let error = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
-        if error != 0 {
-            return Err(std::io::Error::from_raw_os_error(-error).into());
+        Ok(value.data)
+    };
+    ns.run(|| {
+        if let Some(data) = set {
+            call(cmd, data)?;
+            let get = match cmd {
+                ETHTOOL_STXCSUM => ETHTOOL_GTXCSUM,
+                other => anyhow::bail!("no get known for ethtool command {other:#x}"),
+            };
+            return call(get, 0);
         }
-        Ok(())
+        call(cmd, 0)
     })
-    .unwrap_or_else(|e| panic!("gso_ipv4_max_size {size} on {device:?}: {e:#}"));
+    .unwrap_or_else(|e| panic!("ethtool command {cmd:#x} on {device}: {e:#}"))
 }
 
 /// One HTTP request with a 12 KB head from `ns` to `to` (the first flight of a fresh

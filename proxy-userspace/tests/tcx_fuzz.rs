@@ -64,7 +64,7 @@ use std::time::Instant;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN,
-    TCX_NEXT, checksum, hex, icmp_error_quoting, ifindex, in_private_netns, ip, pseudo_header_sum,
+    TCX_NEXT, answer_to, checksum, hex, ifindex, in_private_netns, ip, pseudo_header_sum,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST,
@@ -890,8 +890,7 @@ impl Fuzzer {
                         Some(Seen::RefusedPassed)
                     }
                     Refusal::Answer if answerable(input, &tuple) => {
-                        let want =
-                            icmp_error_quoting(tuple.daddr, tuple.saddr, 3, 3, [0; 4], input, 8);
+                        let want = answer_to(tuple.daddr, tuple.saddr, (3, 3), [0; 4], input);
                         if out.verdict != TC_ACT_REDIRECT || out.packet != want {
                             return Err(fail(
                                 format!(
@@ -1053,7 +1052,7 @@ fn answerable_error(input: &[u8], tuple: &Tuple, has_l4: bool) -> bool {
 /// unchanged.
 fn check_expired(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Result<Seen, String> {
     if answerable_error(input, tuple, has_l4) {
-        let want = icmp_error_quoting(tuple.daddr, tuple.saddr, 11, 0, [0; 4], input, 8);
+        let want = answer_to(tuple.daddr, tuple.saddr, (11, 0), [0; 4], input);
         if out.verdict != TC_ACT_REDIRECT || out.packet != want {
             return Err(format!(
                 "TTL ends here: not answered with time exceeded (verdict {}); want:\n{}",
@@ -1079,7 +1078,7 @@ fn check_expired(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Re
 fn check_too_big(input: &[u8], tuple: &Tuple, has_l4: bool, out: &Outcome) -> Result<Seen, String> {
     let dont_fragment = input[IP_OFF + 6] & 0x40 != 0;
     if dont_fragment && answerable_error(input, tuple, has_l4) {
-        let want = icmp_error_quoting(tuple.daddr, tuple.saddr, 3, 4, [0, 0, 0x05, 0xdc], input, 8);
+        let want = answer_to(tuple.daddr, tuple.saddr, (3, 4), [0, 0, 0x05, 0xdc], input);
         if out.verdict != TC_ACT_REDIRECT || out.packet != want {
             return Err(format!(
                 "too big for the next hop, don't-fragment set: not answered with fragmentation \

@@ -16,8 +16,8 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, TCX_NEXT, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples, ifindex,
-    in_private_netns, ip, mac_of, parse_mac, segment_options, syn_options, tuple_of,
+    TCP_SYN, TCX_NEXT, answer_to, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples,
+    ifindex, in_private_netns, ip, mac_of, parse_mac, segment_options, syn_options, tuple_of,
     verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
@@ -505,7 +505,7 @@ fn a_source_nated_packet_whose_ttl_ends_here_gets_time_exceeded() {
         );
         assert_eq!(
             out.packet,
-            icmp_error(NODE, CLIENT, 11, 0, [0; 4], &probe, 8),
+            answer_to(NODE, CLIENT, (11, 0), [0; 4], &probe.bytes()),
             "ICMP time exceeded quoting the untranslated packet:\n{}",
             hex(&out.packet)
         );
@@ -675,7 +675,7 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
         );
         assert_eq!(
             out.packet,
-            icmp_error(NODE, CLIENT, 3, 4, mtu, &big, 8),
+            answer_to(NODE, CLIENT, (3, 4), mtu, &big.bytes()),
             "ICMP fragmentation needed (MTU 1000) quoting the untranslated packet:\n{}",
             hex(&out.packet)
         );
@@ -715,7 +715,7 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
             assert_eq!(out.verdict, TC_ACT_REDIRECT);
             assert_eq!(
                 out.packet,
-                icmp_error(NODE, REMOTE_POD, 3, 4, mtu, &big, 8),
+                answer_to(NODE, REMOTE_POD, (3, 4), mtu, &big.bytes()),
                 "ICMP fragmentation needed to the backend of {client}'s flow:\n{}",
                 hex(&out.packet)
             );
@@ -1129,7 +1129,7 @@ fn c06_frontend_without_endpoints_is_refused() {
                 "an externalIP the node does not own, protocol {}",
                 syn.proto
             );
-            let want = icmp_error(EXTERNAL_IP, CLIENT, 3, 3, [0; 4], &syn, 8);
+            let want = answer_to(EXTERNAL_IP, CLIENT, (3, 3), [0; 4], &syn.bytes());
             assert!(
                 out.packet == want,
                 "port unreachable, protocol {}\n got:\n{}\nwant:\n{}",

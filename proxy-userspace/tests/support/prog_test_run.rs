@@ -656,6 +656,24 @@ pub fn icmp_error_quoting(
     frame
 }
 
+/// What the programs answer the TCP or UDP packet `quoted` with (`icmp.rs`, `answer`):
+/// [`icmp_error_quoting`] with 8 bytes of it, then, past the IPv4 datagram, the one's
+/// complement of the word a checksum offload writes over (at the quoted packet's L4
+/// checksum offset past the ICMP header's start).
+pub fn answer_to(
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    (icmp_type, code): (u8, u8),
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = icmp_error_quoting(saddr, daddr, icmp_type, code, rest, quoted, 8);
+    let at = 14 + 20 + if quoted[14 + 9] == 6 { 16 } else { 6 };
+    let word = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    frame.extend_from_slice(&(!word).to_be_bytes());
+    frame
+}
+
 /// Verifies an ICMP error frame's checksums: the outer IPv4 header, the ICMP message and the
 /// quoted IPv4 header; panics naming the first one that is wrong.
 #[allow(dead_code)] // used by tcx_packets.rs only
