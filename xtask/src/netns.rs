@@ -21,7 +21,8 @@ use anyhow::{Context, Result, bail};
 use crate::cmd;
 
 /// Fails with a clear message unless we are root with the kernel features the privileged
-/// tests need (network namespaces, veth/bridge come with `ip`, cgroup v2, BPF syscall).
+/// tests need (network namespaces, veth/bridge come with `ip`, cgroup v2, BTF, Linux 6.6
+/// for TCX links, a bpf(2) that works).
 pub fn require_privileges() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -36,6 +37,42 @@ pub fn require_privileges() -> Result<()> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!("kernel without BTF (/sys/kernel/btf/vmlinux): the eBPF programs need it");
     }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < (6, 6) {
+        bail!(
+            "Linux {} is older than 6.6: the north-south programs attach as TCX links",
+            release.trim()
+        );
+    }
+    probe_bpf().context("the bpf(2) syscall is not usable (seccomp, lockdown, or no CAP_BPF?)")
+}
+
+/// Creates (and closes) a one-element array map: whether bpf(2) works here at all.
+fn probe_bpf() -> Result<()> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // `union bpf_attr` for BPF_MAP_CREATE: type, key size, value size, entries; the rest 0.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 4, 1]);
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of `attr`, which lives through the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a descriptor this call just got and nothing else holds.
+    unsafe { libc::close(fd as libc::c_int) };
     Ok(())
 }
 
