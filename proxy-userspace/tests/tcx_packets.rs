@@ -434,16 +434,25 @@ fn c08_dnat_and_snat_to_a_remote_backend_and_the_reply_goes_back_to_the_client()
     }
 }
 
+/// A device `ekp0` towards the pod network (10.244.2.1/24) in the test's namespace, with
+/// forwarding on; its ifindex.
+fn pod_network_device() -> u32 {
+    ip(&[
+        "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
+    ]);
+    ip(&["link", "set", "ekp0", "up"]);
+    ip(&["link", "set", "ekp1", "up"]);
+    ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+        .expect("enabling forwarding in the test namespace");
+    ifindex("ekp0")
+}
+
 #[test]
 fn snat_forwarding_redirects_to_the_next_hop_with_its_mac_and_the_ttl_decremented() {
     in_private_netns(|| {
-        // A device towards the pod network, with a neighbour entry for the remote pod.
-        ip(&[
-            "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
-        ]);
-        ip(&["link", "set", "ekp0", "up"]);
-        ip(&["link", "set", "ekp1", "up"]);
-        ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
+        // With a neighbour entry for the remote pod.
+        let dev = pod_network_device();
         ip(&[
             "neigh",
             "add",
@@ -455,9 +464,6 @@ fn snat_forwarding_redirects_to_the_next_hop_with_its_mac_and_the_ttl_decremente
             "nud",
             "permanent",
         ]);
-        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-            .expect("enabling forwarding in the test namespace");
-        let dev = ifindex("ekp0");
 
         let dp = datapath_with(PROTO_TCP, REMOTE_ID);
         let syn = Frame::tcp(CLIENT, CLIENT_PORT, NODE, NODE_PORT);
@@ -484,15 +490,7 @@ fn snat_forwarding_redirects_to_the_next_hop_with_its_mac_and_the_ttl_decremente
 #[test]
 fn a_source_nated_packet_whose_ttl_ends_here_gets_time_exceeded() {
     in_private_netns(|| {
-        ip(&[
-            "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
-        ]);
-        ip(&["link", "set", "ekp0", "up"]);
-        ip(&["link", "set", "ekp1", "up"]);
-        ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
-        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-            .expect("enabling forwarding in the test namespace");
-        let (dp, dev) = (datapath_with(PROTO_TCP, REMOTE_ID), ifindex("ekp0"));
+        let (dp, dev) = (datapath_with(PROTO_TCP, REMOTE_ID), pod_network_device());
 
         let probe = Frame {
             ttl: 1,
