@@ -30,9 +30,12 @@
 //!   launders corruption), a zero UDP checksum stays zero. A flow to a local backend keeps
 //!   the client's port, or takes one of the range when another flow holds its reply tuple;
 //! - but a source-NATed packet at ingress that the FIB sends out of the pod network's veth
-//!   and that is larger than its MTU: turned into exactly the ICMP fragmentation needed
-//!   (MTU 1500) that answers it as it came, and redirected, if it has don't-fragment set and
-//!   can be answered; else byte-identical and dropped;
+//!   whose TTL ends here: turned into exactly the ICMP time exceeded that answers it as it
+//!   came (with the fill word the programs' answers end with), and redirected, if it can be
+//!   answered (not a later fragment, a RST, or from a source that is no unicast address);
+//!   else byte-identical and dropped; and one with TTL to spare that is larger than the
+//!   veth's MTU: the same with ICMP fragmentation needed (MTU 1500), if it also has
+//!   don't-fragment set;
 //! - the verdict is `TCX_NEXT`, `TC_ACT_SHOT`, or `TC_ACT_REDIRECT` for a source-NATed
 //!   packet at ingress; `BPF_PROG_TEST_RUN` fails only with `EINVAL`, and only for a frame
 //!   shorter than its network header (counted as rejected by the kernel).
