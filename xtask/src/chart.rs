@@ -1527,6 +1527,13 @@ fn run_checks(root: &Path, chart: &Chart) -> Result<Checks> {
         "bpf.pinPath=/var/run/ekp",
         "logLevl=debug",
         "config.nodePortAddresses={primary,10.0.0.0/8}",
+        // What the agent's parsers refuse at start (a crashloop): refused at install.
+        "config.nodePortAddresses={10.0.0.0/33}",
+        "config.nodePortAddresses={256.0.0.0/8}",
+        "config.nodePortAddresses={fd00::/129}",
+        "healthz.bindAddress=256.1.1.1",
+        "config.nodePortRange=30000-70000",
+        "config.snatPortRange=0-100",
     ];
     for bad in wrong_types {
         checks.check(&format!("schema rejects {bad}"), || {
