@@ -128,9 +128,9 @@ pub fn translate_error(ctx: &TcContext, dir: u8, pass: i32, drop: i32) -> Option
     };
     let route = fib::route(ctx, PROTO_ICMP, (saddr, entry.daddr, 0, 0), error.ttl);
     // Its TTL ends here: dropped, as the kernel's forwarding drops it (no ICMP error answers
-    // an ICMP error, RFC 1122 3.2.2). One too big goes to the stack, which fragments it if
-    // its source is not a node address (ICMP errors leave don't-fragment clear) and drops
-    // it as a martian if it is.
+    // an ICMP error, RFC 1122 3.2.2). One too big goes to the stack, which drops it as a
+    // martian if its source is a node address, and otherwise forwards it as the kernel
+    // would (fragmented unless it has don't-fragment set, which Linux's errors leave clear).
     if let Route::Expired = route {
         return Some(drop);
     }
@@ -330,17 +330,18 @@ fn answer(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// The word an answer ends with, past its IPv4 datagram (which receivers trim off), so
-/// that a checksum offload cannot spoil it. The packet the answer is made of keeps its
+/// The word an answer ends with, past its IPv4 datagram (which a receiver trims off), so
+/// that a checksum fill cannot spoil it. The packet the answer is made of keeps its
 /// checksum state: where it was `CHECKSUM_PARTIAL` (segments merged by GRO, a local
-/// sender's packet across a veth or from virtio-net), the device it goes out of, or
+/// sender's packet across a veth or from virtio-net), a device that fills in checksums, or
 /// `skb_checksum_help`, sums everything from the old L4 header's start (the ICMP header's
 /// now) to the end and writes the result at its old checksum offset: into the quoted
 /// header's TTL and protocol (TCP) or the ICMP header's MTU field (UDP). The answer's ICMP
 /// message sums to zero, so with the one's complement of the word there as the last word,
 /// the result written is that word itself, unchanged (or 0xffff for 0, which
 /// `skb_checksum_help` never writes: the same in the checksum's arithmetic, and only in an
-/// unused field). No BPF helper can clear the state.
+/// unused field). No BPF helper can clear the state. A Linux router that trims the word
+/// off before a fill defeats it (`docs/decisions.md`, north-south).
 #[inline(always)]
 fn fill_word(frame: &[u8; ANSWER_LEN + FILL_LEN], proto: u8) -> u16 {
     let at = L4_OFF

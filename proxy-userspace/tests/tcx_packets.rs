@@ -16,9 +16,9 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, TCX_NEXT, answer_to, checksum, hex, icmp_error, icmp_error_quoting, icmp_tuples,
-    ifindex, in_private_netns, ip, mac_of, parse_mac, segment_options, syn_options, tuple_of,
-    verify_checksums, verify_icmp_checksums,
+    TCP_SYN, TCX_NEXT, answer_to, assert_checksum_fill_keeps, checksum, hex, icmp_error,
+    icmp_error_quoting, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac,
+    segment_options, syn_options, tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_FLAG_BACKEND_SYN, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND,
@@ -508,6 +508,7 @@ fn a_source_nated_packet_whose_ttl_ends_here_gets_time_exceeded() {
             hex(&out.packet)
         );
         verify_icmp_checksums(&out.packet);
+        assert_checksum_fill_keeps(&out.packet);
 
         let next = Frame {
             ttl: 2,
@@ -678,6 +679,7 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
             hex(&out.packet)
         );
         verify_icmp_checksums(&out.packet);
+        assert_checksum_fill_keeps(&out.packet);
 
         // Without don't-fragment it would have to be fragmented, which a program cannot do.
         let out = dp.run(
@@ -718,6 +720,7 @@ fn a_source_nated_packet_too_big_for_the_next_hop_gets_fragmentation_needed() {
                 hex(&out.packet)
             );
             verify_icmp_checksums(&out.packet);
+            assert_checksum_fill_keeps(&out.packet);
             let fits = Frame {
                 payload: vec![0x62; 900],
                 ..big.clone()
@@ -1136,6 +1139,8 @@ fn c06_frontend_without_endpoints_is_refused() {
                 hex(&want)
             );
             verify_icmp_checksums(&out.packet);
+            // UDP: 0 in the unused field, which a fill turns into 0xffff.
+            assert_checksum_fill_keeps(&out.packet);
         }
         let rst = Frame {
             tcp_flags: 0x04,

@@ -674,6 +674,27 @@ pub fn answer_to(
     frame
 }
 
+/// Checks that an answer of the programs (`answer_to`) comes through a checksum fill of the
+/// packet it was made of unchanged (`CHECKSUM_PARTIAL`: `skb_checksum_help` sums from the
+/// old L4 header's start, the ICMP header's now, to the end, and writes the result, 0xffff
+/// for 0, at the old checksum's offset: 16 for TCP, 6 for UDP). 0xffff over 0 counts as
+/// unchanged: the same in the checksum's arithmetic.
+#[allow(dead_code)] // used by tcx_packets.rs only
+pub fn assert_checksum_fill_keeps(frame: &[u8]) {
+    let quoted_proto = frame[14 + 20 + 8 + 9];
+    let at = 14 + 20 + if quoted_proto == 6 { 16 } else { 6 };
+    let filled = match checksum(0, &frame[14 + 20..]) {
+        0 => 0xffff,
+        sum => sum,
+    };
+    let there = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    assert!(
+        filled == there || (there == 0 && filled == 0xffff),
+        "a checksum fill writes {filled:#06x} over {there:#06x} at byte {at}:\n{}",
+        hex(frame)
+    );
+}
+
 /// Verifies an ICMP error frame's checksums: the outer IPv4 header, the ICMP message and the
 /// quoted IPv4 header; panics naming the first one that is wrong.
 #[allow(dead_code)] // used by tcx_packets.rs only
