@@ -219,26 +219,36 @@ pub fn touch(
 fn refresh_partner(key: &NatCtKey, updated: &NatCtValue, add: u16, now: u32) -> bool {
     let partner_key = pair_key(key, updated);
     let expected = pair_value(key, updated);
+    // Whether the entry under the partner's key is this flow's (a stranger's keeps it).
+    let ours = |p: &NatCtValue| {
+        p.saddr == expected.saddr
+            && p.daddr == expected.daddr
+            && p.sport == expected.sport
+            && p.dport == expected.dport
+    };
     match NAT_CT.get_ptr_mut(&partner_key) {
-        Some(partner) => {
-            // SAFETY: a map value pointer, valid for this program run, copied out at once.
-            let p = unsafe { *partner };
-            // Refresh only our own partner; a stranger under that key keeps its entry.
-            if p.saddr == expected.saddr
-                && p.daddr == expected.daddr
-                && p.sport == expected.sport
-                && p.dport == expected.dport
+        // SAFETY: a map value pointer, valid for this program run, copied out at once.
+        Some(partner) if ours(&unsafe { *partner }) => {
+            // SAFETY: as above; racing writers store the same kind of refresh.
+            unsafe { (*partner).last_seen = now };
+            add_flags(partner, add);
+        }
+        Some(_) => {
+            let _ = NAT_CT.remove(key);
+            return false;
+        }
+        None => {
+            // Refused when another CPU put an entry there since the lookup: this flow's
+            // other direction recreating it too, or a new flow that took the tuple.
+            if NAT_CT
+                .insert(&partner_key, &expected, u64::from(BPF_NOEXIST))
+                .is_err()
+                // SAFETY: as above.
+                && NAT_CT.get_ptr(&partner_key).is_some_and(|p| !ours(&unsafe { *p }))
             {
-                // SAFETY: as above; racing writers store the same kind of refresh.
-                unsafe { (*partner).last_seen = now };
-                add_flags(partner, add);
-            } else {
                 let _ = NAT_CT.remove(key);
                 return false;
             }
-        }
-        None => {
-            let _ = NAT_CT.insert(&partner_key, &expected, u64::from(BPF_NOEXIST));
         }
     }
     true
