@@ -796,6 +796,10 @@ pub struct Loaded {
     /// An older version's maps, copied into their replacements: unpinned once the programs
     /// are attached.
     adopted_v1: Vec<PathBuf>,
+    /// Where the sockets' storage this load created goes: pinned once the programs are
+    /// attached, so that a start that stops before leaves its absence to tell the next
+    /// start that the LRU's entries are unmarked (`unmarked_lru`).
+    sock_state_pin: Option<PathBuf>,
 }
 
 /// Loads the object, reusing pinned maps of the sizes asked (`resize` plans the others), and
@@ -824,12 +828,15 @@ pub fn load(
     if unmarked != 0 {
         tracing::info!(
             "the socket rev-NAT LRU holds entries from an older version, which did not mark \
-             their sockets: the reverse hooks look every socket up there until the next start"
+             their sockets: the reverse hooks look every socket up there until a start \
+             after this one's"
         );
     }
+    let sock_state_pin = Some(maps_dir(pin_dir).join(MAP_SOCK_STATE)).filter(|p| !p.exists());
     let mut loader = EbpfLoader::new();
     for (name, path) in &pin_paths {
-        if !resizes.replaces(name) {
+        let created_here = *name == MAP_SOCK_STATE && sock_state_pin.is_some();
+        if !resizes.replaces(name) && !created_here {
             loader.map_pin_path(name, path.as_path());
         }
     }
@@ -862,6 +869,7 @@ pub fn load(
         pod_loaded: pod_programs,
         resizes,
         adopted_v1,
+        sock_state_pin,
     })
 }
 
@@ -883,6 +891,7 @@ pub fn start(
         pod_loaded,
         resizes,
         adopted_v1,
+        sock_state_pin,
     } = loaded;
     let log_forwarder = logs::forward(&mut ebpf);
     write_sock_config(&mut ebpf, pin_dir, sock)?;
@@ -963,6 +972,12 @@ pub fn start(
         pod_ifindex.extend(attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &present)?);
     }
     resizes.commit(&mut ebpf, pin_dir)?;
+    if let Some(pin) = sock_state_pin {
+        ebpf.map(MAP_SOCK_STATE)
+            .with_context(|| format!("map {MAP_SOCK_STATE} missing from the eBPF object"))?
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+    }
     for old_pin in adopted_v1 {
         fs::remove_file(&old_pin).with_context(|| format!("unpinning {}", old_pin.display()))?;
     }

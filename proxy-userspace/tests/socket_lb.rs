@@ -626,6 +626,77 @@ fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_e
     );
 }
 
+/// The same when the first start after the upgrade stops before it attaches its programs
+/// (here: stopped while it waits for an API server that never answers, its programs
+/// loaded): the sockets' storage it created is not pinned, so the start after it still
+/// finds the LRU's entries unmarked, and the socket keeps its peer.
+#[test]
+fn an_upgrade_whose_first_start_stops_before_attaching_still_finds_unmarked_lru_entries() {
+    const UNMARKED: &str = "from an older version";
+    let (mut h, _servers) = web_and_dns_running("unmarked-stop");
+    hold_every_slot(&h);
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "1000000",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "100",
+    ];
+    let client = h.spawn_client("kept", &args);
+    client.wait_for_lines(3);
+    assert_eq!(
+        h.map_entries("ekp_sk_rnat_v1"),
+        1,
+        "the translation is in the LRU"
+    );
+
+    h.stop_agent();
+    let state = h.pin_path.join("maps/ekp_sk_state_v1");
+    std::fs::remove_file(&state).expect("unpinning the sockets' storage");
+    // Nothing listens on port 1 of the loopback: the lists never come.
+    let kubeconfig = h.manifests.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n\
+         current-context: x\n",
+    )
+    .expect("writing the kubeconfig");
+    h.start_agent_with(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()]);
+    // The first start's line, then this one's.
+    h.wait_for_log_times("programs loaded and verified", 2);
+    h.stop_agent();
+    assert_eq!(
+        h.agent_log()
+            .matches("attached program=\"ekp_connect4\"")
+            .count(),
+        1,
+        "the start meant to stop attached its programs:\n{}",
+        h.agent_log()
+    );
+    assert!(
+        !state.exists(),
+        "a start that attached nothing pinned the sockets' storage"
+    );
+
+    h.start_agent();
+    h.wait_for_ready_starts(2);
+    assert_eq!(
+        h.agent_log().matches(UNMARKED).count(),
+        2,
+        "the stopped start and the one after it both look every socket up:\n{}",
+        h.agent_log()
+    );
+    assert!(
+        state.exists(),
+        "a start that attached its programs pins the storage"
+    );
+    let lines = client.lines_after(client.lines_so_far(), 20);
+    assert_answered_through(&lines, lines.len(), "10.96.0.10:53");
+}
+
 /// All `n` requests were answered, and the application saw `frontend` as their peer.
 fn assert_answered_through(lines: &[serde_json::Value], n: usize, frontend: &str) {
     assert_eq!(answers(lines).values().sum::<usize>(), n, "{lines:?}");

@@ -192,11 +192,17 @@ impl Harness {
 
     /// Waits until the agent's log says "datapath ready" `n` times (once per start).
     pub fn wait_for_ready_starts(&self, n: usize) {
+        self.wait_for_log_times("datapath ready", n);
+    }
+
+    /// Waits until the agent's log (appended to at every start) contains `needle` `n`
+    /// times.
+    pub fn wait_for_log_times(&self, needle: &str, n: usize) {
         let deadline = Instant::now() + CONDITION_LIMIT;
-        while self.agent_log().matches("datapath ready").count() < n {
+        while self.agent_log().matches(needle).count() < n {
             assert!(
                 Instant::now() < deadline,
-                "the agent never became ready for the {n}th time; log:\n{}",
+                "the agent never logged {needle:?} for the {n}th time; log:\n{}",
                 self.agent_log()
             );
             std::thread::sleep(Duration::from_millis(20));
