@@ -226,9 +226,22 @@ fn refresh_partner(key: &NatCtKey, updated: &NatCtValue, add: u16, now: u32) -> 
             && p.sport == expected.sport
             && p.dport == expected.dport
     };
-    match NAT_CT.get_ptr_mut(&partner_key) {
-        // SAFETY: a map value pointer, valid for this program run, copied out at once.
-        Some(partner) if ours(&unsafe { *partner }) => {
+    let partner = match NAT_CT.get_ptr_mut(&partner_key) {
+        Some(partner) => Some(partner),
+        None if NAT_CT
+            .insert(&partner_key, &expected, u64::from(BPF_NOEXIST))
+            .is_ok() =>
+        {
+            return true;
+        }
+        // Refused (but for want of room) when another CPU put an entry there since the
+        // lookup: this flow's packet there recreating it too, or a new flow that took the
+        // tuple.
+        None => NAT_CT.get_ptr_mut(&partner_key),
+    };
+    match partner {
+        // SAFETY: a map value pointer, valid for this program run, read in place.
+        Some(partner) if ours(unsafe { &*partner }) => {
             // SAFETY: as above; racing writers store the same kind of refresh.
             unsafe { (*partner).last_seen = now };
             add_flags(partner, add);
@@ -237,19 +250,8 @@ fn refresh_partner(key: &NatCtKey, updated: &NatCtValue, add: u16, now: u32) -> 
             let _ = NAT_CT.remove(key);
             return false;
         }
-        None => {
-            // Refused when another CPU put an entry there since the lookup: this flow's
-            // other direction recreating it too, or a new flow that took the tuple.
-            if NAT_CT
-                .insert(&partner_key, &expected, u64::from(BPF_NOEXIST))
-                .is_err()
-                // SAFETY: as above.
-                && NAT_CT.get_ptr(&partner_key).is_some_and(|p| !ours(&unsafe { *p }))
-            {
-                let _ = NAT_CT.remove(key);
-                return false;
-            }
-        }
+        // No room: the next refresh tries again.
+        None => {}
     }
     true
 }

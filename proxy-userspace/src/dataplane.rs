@@ -796,9 +796,9 @@ pub struct Loaded {
     /// An older version's maps, copied into their replacements: unpinned once the programs
     /// are attached.
     adopted_v1: Vec<PathBuf>,
-    /// Where the sockets' storage this load created goes: pinned once the programs are
-    /// attached, so that a start that stops before leaves its absence to tell the next
-    /// start that the LRU's entries are unmarked (`unmarked_lru`).
+    /// Where the sockets' storage this load created goes: pinned once the socket programs
+    /// are attached, so that a start that stops before leaves its absence to tell the
+    /// next start that the LRU's entries are unmarked (`unmarked_lru`).
     sock_state_pin: Option<PathBuf>,
 }
 
@@ -828,8 +828,8 @@ pub fn load(
     if unmarked != 0 {
         tracing::info!(
             "the socket rev-NAT LRU holds entries from an older version, which did not mark \
-             their sockets: the reverse hooks look every socket up there until a start \
-             after this one's"
+             their sockets: the reverse hooks look every socket up there until the agent \
+             starts again after this start"
         );
     }
     let sock_state_pin = Some(maps_dir(pin_dir).join(MAP_SOCK_STATE)).filter(|p| !p.exists());
@@ -926,6 +926,14 @@ pub fn start(
             })
         })?;
     }
+    // The socket programs, the storage's only users, are attached: from here a failed
+    // start leaves the next one the storage they mark the sockets in.
+    if let Some(pin) = sock_state_pin {
+        ebpf.map(MAP_SOCK_STATE)
+            .with_context(|| format!("map {MAP_SOCK_STATE} missing from the eBPF object"))?
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+    }
     let devices = north_south.map_or(&[][..], |ns| ns.devices.as_slice());
     detach_other_devices(pin_dir, &TCX_PROGRAMS, devices)?;
     // The devices there are: one named that is not (created later at boot, being created
@@ -972,12 +980,6 @@ pub fn start(
         pod_ifindex.extend(attach_tc(&mut ebpf, pin_dir, &POD_HOOKS, &present)?);
     }
     resizes.commit(&mut ebpf, pin_dir)?;
-    if let Some(pin) = sock_state_pin {
-        ebpf.map(MAP_SOCK_STATE)
-            .with_context(|| format!("map {MAP_SOCK_STATE} missing from the eBPF object"))?
-            .pin(&pin)
-            .with_context(|| format!("pinning {}", pin.display()))?;
-    }
     for old_pin in adopted_v1 {
         fs::remove_file(&old_pin).with_context(|| format!("unpinning {}", old_pin.display()))?;
     }
