@@ -590,28 +590,7 @@ fn connected_sockets_use_their_slot_or_else_the_lru() {
 /// keeps its translation in the LRU; it must still see the Service as its peer.
 #[test]
 fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_entries() {
-    let (mut h, _servers) = web_and_dns_running("unmarked");
-    hold_every_slot(&h);
-    let args = [
-        "udp",
-        "10.96.0.10:53",
-        "1000000",
-        "--connected",
-        "--keep-socket",
-        "--every-ms",
-        "100",
-    ];
-    let client = h.spawn_client("kept", &args);
-    client.wait_for_lines(3);
-    assert_eq!(
-        h.map_entries("ekp_sk_rnat_v1"),
-        1,
-        "the translation is in the LRU"
-    );
-
-    h.stop_agent();
-    let state = h.pin_path.join("maps/ekp_sk_state_v1");
-    std::fs::remove_file(&state).expect("unpinning the sockets' storage");
+    let (mut h, _servers, client, _state) = unmarked_lru_entry_left("unmarked");
     h.start_agent();
     h.wait_for_log("from an older version");
     h.wait_for_ready_starts(2);
@@ -633,28 +612,7 @@ fn a_connected_socket_keeps_its_peer_across_an_upgrade_that_finds_unmarked_lru_e
 #[test]
 fn an_upgrade_whose_first_start_stops_before_attaching_still_finds_unmarked_lru_entries() {
     const UNMARKED: &str = "from an older version";
-    let (mut h, _servers) = web_and_dns_running("unmarked-stop");
-    hold_every_slot(&h);
-    let args = [
-        "udp",
-        "10.96.0.10:53",
-        "1000000",
-        "--connected",
-        "--keep-socket",
-        "--every-ms",
-        "100",
-    ];
-    let client = h.spawn_client("kept", &args);
-    client.wait_for_lines(3);
-    assert_eq!(
-        h.map_entries("ekp_sk_rnat_v1"),
-        1,
-        "the translation is in the LRU"
-    );
-
-    h.stop_agent();
-    let state = h.pin_path.join("maps/ekp_sk_state_v1");
-    std::fs::remove_file(&state).expect("unpinning the sockets' storage");
+    let (mut h, _servers, client, state) = unmarked_lru_entry_left("unmarked-stop");
     // Nothing listens on port 1 of the loopback: the lists never come.
     let kubeconfig = h.manifests.join("kubeconfig");
     std::fs::write(
@@ -693,6 +651,37 @@ fn an_upgrade_whose_first_start_stops_before_attaching_still_finds_unmarked_lru_
     );
     let lines = client.lines_after(client.lines_so_far(), 20);
     assert_answered_through(&lines, lines.len(), "10.96.0.10:53");
+}
+
+/// A connected UDP socket (whose slot another socket holds) with its translation in the
+/// socket rev-NAT LRU, then the agent stopped and the sockets' storage unpinned: what an
+/// agent of a version before the storage leaves. Returns the socket's client and the
+/// storage's pin path.
+fn unmarked_lru_entry_left(
+    tag: &str,
+) -> (Harness, Vec<Proc>, BackgroundClient, std::path::PathBuf) {
+    let (mut h, servers) = web_and_dns_running(tag);
+    hold_every_slot(&h);
+    let args = [
+        "udp",
+        "10.96.0.10:53",
+        "1000000",
+        "--connected",
+        "--keep-socket",
+        "--every-ms",
+        "100",
+    ];
+    let client = h.spawn_client("kept", &args);
+    client.wait_for_lines(3);
+    assert_eq!(
+        h.map_entries("ekp_sk_rnat_v1"),
+        1,
+        "the translation is in the LRU"
+    );
+    h.stop_agent();
+    let state = h.pin_path.join("maps/ekp_sk_state_v1");
+    std::fs::remove_file(&state).expect("unpinning the sockets' storage");
+    (h, servers, client, state)
 }
 
 /// All `n` requests were answered, and the application saw `frontend` as their peer.
