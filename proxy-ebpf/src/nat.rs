@@ -234,9 +234,9 @@ fn refresh_partner(key: &NatCtKey, updated: &NatCtValue, add: u16, now: u32) -> 
         {
             return true;
         }
-        // Refused (but for want of room) when another CPU put an entry there since the
-        // lookup: this flow's packet there recreating it too, or a new flow that took the
-        // tuple.
+        // Refused (unless for want of room) when another CPU put an entry there since the
+        // lookup: another packet of this flow recreating it too, or a new flow that took
+        // the tuple.
         None => NAT_CT.get_ptr_mut(&partner_key),
     };
     match partner {
