@@ -83,6 +83,9 @@ pub const MAP_FRAGMENTS: &str = "ekp_frag_v1";
 pub const MAP_SNAT_CURSORS: &str = "ekp_snat_cur_v1";
 pub const MAP_SNAT_TIME_WAIT: &str = "ekp_snat_tw_v1";
 pub const MAP_NS_FILTER: &str = "ekp_nsfilt_v1";
+/// The ClusterIPs of the Services served (key: the address, network order; value: 1),
+/// whose other ports and protocols are refused (`CLUSTER_IPS_MAX`).
+pub const MAP_CLUSTER_IPS: &str = "ekp_cip_v1";
 /// The hash maps `MAP_BACKENDS` and `MAP_REV_NAT` replaced: same keys (the id) and values.
 /// An agent that finds them pinned copies them into the arrays and unpins them.
 pub const MAP_BACKENDS_V1: &str = "ekp_backend_v1";
@@ -99,7 +102,7 @@ pub const MAP_SOCK_PINS_V1: &str = "ekp_sk_pin_v1";
 pub const MAP_LOG_RECORDS: &str = "ekp_logbuf_v1";
 
 /// Every map the agent pins, for adoption and cleanup.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REV_NAT,
@@ -116,6 +119,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_SNAT_CURSORS,
     MAP_SNAT_TIME_WAIT,
     MAP_NS_FILTER,
+    MAP_CLUSTER_IPS,
 ];
 
 /// eBPF log levels (`LogConfig::level`): what the programs write to their log ring buffer.
@@ -157,6 +161,9 @@ pub const LOG_EVENT_OUTSIDE_SOURCE_RANGES: u8 = 6;
 pub const LOG_EVENT_FLOW_DROPPED: u8 = 7;
 /// A new flow translated: [client, frontend, new source, new destination]; the backend id.
 pub const LOG_EVENT_NEW_FLOW: u8 = 8;
+/// A connection or datagram to a ClusterIP on a port or protocol its Service does not
+/// define, refused: [destination, errno (0 on a pod's device: answered with ICMP)].
+pub const LOG_EVENT_UNDEFINED_PORT: u8 = 9;
 
 /// `LOG_EVENT_FLOW_NO_BACKEND`'s verdicts.
 pub const LOG_REFUSAL_DROPPED: u64 = 0;
@@ -218,6 +225,10 @@ pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16384;
 /// One entry per fragmented datagram in flight through the north-south programs (Cilium's
 /// default for its fragments map).
 pub const FRAGMENTS_MAX: u32 = 8192;
+/// Room for every ClusterIP in `MAP_CLUSTER_IPS`: each has a frontend, and frontends have
+/// 16-bit rev-NAT ids. Fixed; the map is not preallocated, so only the entries in use
+/// take memory.
+pub const CLUSTER_IPS_MAX: u32 = 65536;
 
 /// Which TCX program looks a north-south conntrack entry up (`NatCtKey::dir`): the one on
 /// the node's devices' ingress, or the one on their egress.

@@ -2,14 +2,15 @@
 //! must equal its `MAP_*` constants (the agent opens the maps by those names). Capacities are
 //! defaults: the agent sets the real `max_entries` at load time.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SkStorage};
 use aya_ebpf::macros::btf_map;
 use proxy_common::{
-    AffinityKey, AffinityValue, BackendValue, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
-    DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REV_NAT_MAX,
-    DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts, LOG_RECORDS_BYTES,
-    LogConfig, LogRecord, NS_FILTER_ENTRIES, NatCtKey, NatCtValue, NodeConfig, NsFilter,
-    RevNatValue, SNAT_CURSORS, SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, BackendValue, CLUSTER_IPS_MAX, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_NAT_CT_MAX, DEFAULT_REV_NAT_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REV_NAT_MAX, DEFAULT_SOURCE_RANGES_MAX, FRAGMENTS_MAX, FragmentKey, FragmentPorts,
+    LOG_RECORDS_BYTES, LogConfig, LogRecord, NS_FILTER_ENTRIES, NatCtKey, NatCtValue, NodeConfig,
+    NsFilter, RevNatValue, SNAT_CURSORS, SNAT_TIME_WAIT_MAX, SOCK_SLOTS, ServiceKey, ServiceValue,
     SnatTimeWait, SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SockState, SourceRangeKey,
 };
 
@@ -17,6 +18,18 @@ use proxy_common::{
 #[btf_map(name = "ekp_svc_v1")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX as usize }> =
     HashMap::new();
+
+/// ClusterIP -> 1, for every Service served: a connection or datagram to one of them that
+/// no frontend takes (another port or protocol) is refused, as kube-proxy's nftables mode
+/// rejects it, instead of leaving the node for an address nothing serves. Written by the
+/// agent after the frontends, read by the socket programs and `ekp_pod_in` on a miss.
+#[btf_map(name = "ekp_cip_v1")]
+pub static CLUSTER_IPS: HashMap<
+    u32,
+    u8,
+    { CLUSTER_IPS_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Backend id -> backend address (an entry with address 0 is none: `lb::backend`).
 /// Written by the agent, read by all programs. An array, not a hash map: the agent hands

@@ -32,11 +32,11 @@ use proxy_common::{
     AFFINITY_CLIENT_ADDR, BACKEND_FLAG_LOCAL, BackendValue, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING,
     CT_FLAG_REPLY, CT_FLAG_SNAT, LOG_DROP_MAP_FULL, LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED,
     LOG_EVENT_FLOW_NO_BACKEND, LOG_EVENT_NEW_FLOW, LOG_EVENT_OUTSIDE_SOURCE_RANGES,
-    LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_HOOK_POD_IN, LOG_HOOK_TCX_IN,
-    LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue, NodeConfig, PROTO_TCP,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE, SVC_FLAG_DROP_EMPTY,
-    SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
-    log_endpoint,
+    LOG_EVENT_SLOT_MISSING, LOG_EVENT_TOO_BIG, LOG_EVENT_UNDEFINED_PORT, LOG_HOOK_POD_IN,
+    LOG_HOOK_TCX_IN, LOG_REFUSAL_DROPPED, LOG_REFUSAL_ICMP, LOG_REFUSAL_PASSED, NatCtValue,
+    NodeConfig, PROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_PREFIX_BASE,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_ADDRESS, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, SourceRangeKey, log_endpoint,
 };
 
 use crate::fib::{self, Route};
@@ -44,7 +44,7 @@ use crate::fragments;
 use crate::icmp;
 use crate::lb::{self, now_secs};
 use crate::log::{log_debug, log_error};
-use crate::maps::{CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
+use crate::maps::{CLUSTER_IPS, CONFIG, NAT_CT, SERVICES, SOURCE_RANGES};
 use crate::nat::{self, CreateError};
 use crate::ns_filter;
 use crate::parse::{self, Packet};
@@ -225,8 +225,11 @@ fn new_flow<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet, now: u32) -> Result<
         scope: SCOPE,
         _pad: [0; 2],
     };
+    let Some(frontend) = SERVICES.get_ptr(&key) else {
+        return Err(undefined_port::<SCOPE>(ctx, pkt));
+    };
     // SAFETY: copied out at once.
-    let frontend = unsafe { *SERVICES.get_ptr(&key).ok_or(PASS)? };
+    let frontend = unsafe { *frontend };
     // A NodePort's (node address, port), or an externalIP's or LB IP's that is a node
     // address, is also a source the node's own connections and those masqueraded to its
     // address may take (masquerade draws from 1024-65535): their replies come here, and the
@@ -388,6 +391,26 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// A packet no frontend takes. On a pod's device, one to a ClusterIP on a port or
+/// protocol its Service does not define is refused with ICMP port unreachable, as the
+/// socket programs refuse it (`sock::undefined_port`) and kube-proxy's nftables mode
+/// rejects it; anything else passes. On the node's devices such a packet comes from
+/// outside (`--external-clusterip`) and is passed: the prefilter sends it on before any
+/// lookup, as everything that is no external-scope frontend's.
+#[inline(always)]
+fn undefined_port<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet) -> i32 {
+    if SCOPE != SCOPE_INTERNAL || CLUSTER_IPS.get_ptr(&pkt.daddr).is_none() {
+        return PASS;
+    }
+    log_debug!(
+        LOG_EVENT_UNDEFINED_PORT,
+        hook::<SCOPE>(),
+        0,
+        [destination(pkt), 0]
+    );
+    icmp::reject(ctx, pkt, DROP).unwrap_or(DROP)
 }
 
 /// A frontend without usable backends. `SVC_FLAG_DROP_EMPTY` (a `Local` policy with no

@@ -31,14 +31,14 @@ use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr};
 use aya_ebpf::programs::{SockAddrContext, SockContext};
 use proxy_common::{
     ECONNREFUSED, EHOSTUNREACH, LOG_EVENT_SLOT_MISSING, LOG_EVENT_SOCK_NO_BACKEND,
-    LOG_EVENT_SOCK_TRANSLATED, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_SENDMSG4,
-    LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, SOCK_FLAG_HOST_ONLY,
-    SOCK_FLAG_LOOPBACK_EXACT, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT, ServiceKey, SockRevNatKey,
-    SockRevNatValue, is_loopback, log_endpoint,
+    LOG_EVENT_SOCK_TRANSLATED, LOG_EVENT_UNDEFINED_PORT, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6,
+    LOG_HOOK_SENDMSG4, LOOPBACK_FRONTEND_ADDR, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, SVC_FLAG_DROP_EMPTY, SVC_FLAG_NODE_PORT,
+    ServiceKey, SockRevNatKey, SockRevNatValue, is_loopback, log_endpoint,
 };
 
 use crate::log::{log_debug, log_error};
-use crate::maps::{REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
+use crate::maps::{CLUSTER_IPS, REV_NAT, SERVICES, SOCK_CONFIG, SOCK_REV_NAT};
 use crate::sock_slot::{Pin, Remembered};
 use crate::{lb, sock_slot, sock_state};
 
@@ -174,7 +174,29 @@ pub fn ekp_sock_release(ctx: SockContext) -> i32 {
     PROCEED
 }
 
-/// Frontend -> backend. Anything that is not a known frontend proceeds untouched.
+/// A destination no frontend takes: a ClusterIP on a port or protocol its Service does not
+/// define is refused, as kube-proxy's nftables mode rejects it (its `cluster-ips` set),
+/// rather than sent off the node to an address nothing serves; anything else proceeds.
+/// A BPF subprogram: inlined, LLVM's reuse of registers across the frontend's lookup made
+/// code the verifier refused.
+#[inline(never)]
+fn undefined_port(hook: u8, addr: u32, port: u16, proto: u8) -> i32 {
+    if CLUSTER_IPS.get_ptr(&addr).is_none() {
+        return PROCEED;
+    }
+    // SAFETY: bpf_set_retval is allowed in sock_addr programs.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    log_debug!(
+        LOG_EVENT_UNDEFINED_PORT,
+        hook,
+        0,
+        [log_endpoint(addr, port, proto), ECONNREFUSED as u64]
+    );
+    FAIL
+}
+
+/// Frontend -> backend. A ClusterIP's undefined port is refused (`undefined_port`);
+/// anything else that is not a known frontend proceeds untouched.
 ///
 /// `SENDMSG`: the `sendmsg4` hook (unconnected UDP: a datagram may move a socket's pin);
 /// `V6`: the `connect6` hook, whose IPv4 address is a mapped one.
@@ -241,7 +263,7 @@ fn translate_forward<const SENDMSG: bool, const V6: bool>(
             }
             found
         }
-        None => return Err(PROCEED),
+        None => return Err(undefined_port(hook, addr, port, proto)),
     };
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -26,12 +27,12 @@ use crate::model::SourceRange;
 use crate::{abi, devices};
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_BACKENDS_V1, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT, MAP_REV_NAT_V1,
-    MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_PINS_V1, MAP_SOCK_REV_NAT,
-    MAP_SOCK_SLOTS, MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS, NS_FILTER_ENTRIES,
-    NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NodeConfig, NsFilter, RevNatValue,
-    SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue, SockConfig,
-    SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
+    MAP_BACKENDS_V1, MAP_CLUSTER_IPS, MAP_CONFIG, MAP_NAT_CT, MAP_NS_FILTER, MAP_REV_NAT,
+    MAP_REV_NAT_V1, MAP_SERVICES, MAP_SOCK_CONFIG, MAP_SOCK_CONFIG_V1, MAP_SOCK_PINS_V1,
+    MAP_SOCK_REV_NAT, MAP_SOCK_SLOTS, MAP_SOCK_STATE, MAP_SOURCE_RANGES, NS_FILTER_BITS,
+    NS_FILTER_ENTRIES, NS_FILTER_IN, NS_FILTER_OUT, NatCtKey, NatCtValue, NodeConfig, NsFilter,
+    RevNatValue, SOCK_FLAG_HOST_ONLY, SOCK_FLAG_LOOPBACK_EXACT, ServiceKey, ServiceValue,
+    SockConfig, SockRevNatKey, SockRevNatValue, SockSlot, SourceRangeKey, sock_slot_index,
 };
 
 mod foreign;
@@ -284,6 +285,8 @@ pub struct Maps {
     nat_ct: HashMap<MapData, NatCtKey, NatCtValue>,
     /// The north-south prefilter; `None` in pins of a version without it (`list` of them).
     ns_filter: Option<Array<MapData, NsFilter>>,
+    /// The served ClusterIPs (`sync::cluster_ips`); `None` in pins of a version without it.
+    cluster_ips: Option<HashMap<MapData, u32, u8>>,
 }
 
 impl Maps {
@@ -311,6 +314,10 @@ impl Maps {
                 true => Some(Array::try_from(Map::Array(open(MAP_NS_FILTER)?))?),
                 false => None,
             },
+            cluster_ips: match maps_dir(pin_dir).join(MAP_CLUSTER_IPS).exists() {
+                true => Some(HashMap::try_from(Map::HashMap(open(MAP_CLUSTER_IPS)?))?),
+                false => None,
+            },
         })
     }
 
@@ -329,6 +336,7 @@ impl Maps {
             source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
             nat_ct: HashMap::try_from(take(MAP_NAT_CT)?)?,
             ns_filter: Some(Array::try_from(take(MAP_NS_FILTER)?)?),
+            cluster_ips: Some(HashMap::try_from(take(MAP_CLUSTER_IPS)?)?),
         })
     }
 
@@ -362,6 +370,33 @@ impl Maps {
             .with_context(|| format!("map {MAP_NS_FILTER} is not pinned"))?
             .set(entry, filter, 0)
             .with_context(|| format!("writing {MAP_NS_FILTER} entry {entry}"))
+    }
+
+    /// The served ClusterIPs the map holds (none without the map).
+    pub fn cluster_ips(&self) -> Result<Vec<Ipv4Addr>> {
+        let Some(map) = &self.cluster_ips else {
+            return Ok(Vec::new());
+        };
+        map.keys()
+            .map(|k| k.map(abi::addr_from_net))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {MAP_CLUSTER_IPS}"))
+    }
+
+    pub fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.cluster_ips
+            .as_mut()
+            .with_context(|| format!("map {MAP_CLUSTER_IPS} is not pinned"))?
+            .insert(abi::addr_to_net(addr), 1, 0)
+            .with_context(|| format!("writing ClusterIP {addr} to {MAP_CLUSTER_IPS}"))
+    }
+
+    pub fn delete_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let Some(map) = self.cluster_ips.as_mut() else {
+            return Ok(());
+        };
+        ignore_missing(map.remove(&abi::addr_to_net(addr)))
+            .with_context(|| format!("deleting ClusterIP {addr} from {MAP_CLUSTER_IPS}"))
     }
 
     /// Reads every entry. Entries that vanish mid-iteration are skipped, not errors; a

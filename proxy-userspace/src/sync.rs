@@ -26,6 +26,7 @@ use crate::dataplane::{MapContents, Maps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendKey, SourceRange, WhenEmpty};
 use crate::stale_udp::StaleUdp;
 
+mod cluster_ips;
 mod ns_filter;
 pub mod touched;
 
@@ -998,6 +999,8 @@ pub struct Syncer {
     affinity_pending: BTreeSet<(u16, u32)>,
     /// The north-south prefilter's bits, written ahead of what they stand for.
     ns_filters: ns_filter::NsFilters,
+    /// The served ClusterIPs, written after the frontends that make them so.
+    cluster_ips: cluster_ips::ClusterIps,
     /// No sync has completed since the start: the first that does asks the stale-UDP worker
     /// for a sweep (`stale_udp`). On maps new to this node it finds no socket translated.
     sweep_due: bool,
@@ -1011,7 +1014,9 @@ impl Syncer {
         let stale_udp = StaleUdp::spawn(maps.sock_reverse()?)
             .context("starting the thread that closes stale UDP sockets")?;
         let ns_filters = ns_filter::NsFilters::unarmed();
+        let cluster_ips = cluster_ips::ClusterIps::adopt(&programmed, maps.cluster_ips()?);
         Ok(Syncer {
+            cluster_ips,
             // Also when no frontend is left: the last UDP Service may have gone.
             sweep_due: true,
             ns_filters,
@@ -1116,6 +1121,16 @@ impl Syncer {
         let mut applied = 0;
         let mut failed = None;
         while applied < ops.len() {
+            let maps = &mut self.maps;
+            let before = self
+                .cluster_ips
+                .before(&self.programmed, &ops[applied], |addr| {
+                    maps.delete_cluster_ip(addr)
+                });
+            if let Err(e) = before {
+                failed = Some(e);
+                break;
+            }
             let run = applied..applied + batch_len(&writes[applied..]);
             let (written, error) = self.write_run(&writes[run]);
             for op in &ops[applied..applied + written] {
@@ -1127,6 +1142,12 @@ impl Syncer {
                 break;
             }
         }
+        // After the frontends they follow, also those of a sync that failed halfway.
+        let maps = &mut self.maps;
+        let marked = self.cluster_ips.write(|addr, wanted| match wanted {
+            true => maps.put_cluster_ip(addr),
+            false => maps.delete_cluster_ip(addr),
+        });
         let present = ops[..applied].iter().filter_map(|op| match op {
             Op::PutSlot {
                 backend_id,
@@ -1147,7 +1168,7 @@ impl Syncer {
         };
         self.stale_udp
             .record(without_ids(departed_udp), without_ids(present_udp));
-        if let Some(e) = failed {
+        if let Some(e) = failed.or(marked.err()) {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
@@ -1206,9 +1227,18 @@ impl Syncer {
                 .and_then(|k| p.frontends.get(k))
                 .map_or(0, frontend_entries)
         };
+        let cluster_ip = |p: &Programmed| {
+            op.frontend()
+                .is_some_and(|k| cluster_ips::is_cluster_ip(p, k))
+        };
+        let was = cluster_ip(&self.programmed);
         self.service_entries -= entries(&self.programmed);
         self.programmed.apply(op);
         self.service_entries += entries(&self.programmed);
+        if let Some(key) = op.frontend() {
+            let is = cluster_ip(&self.programmed);
+            self.cluster_ips.frontend_written(key, was, is);
+        }
     }
 
     /// Writes `run` (see [`batch_len`]): several puts to one map in one syscall, which

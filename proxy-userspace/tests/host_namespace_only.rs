@@ -19,6 +19,7 @@ use common::{Harness, answers};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
+const ECONNREFUSED: i64 = 111;
 /// Waiting for a condition gives up after this long; it is a hang guard, not a timing.
 const CONDITION_LIMIT: Duration = Duration::from_secs(20);
 
@@ -146,6 +147,17 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
             .all(|l| l["ok"] == true && l["peer"] == "10.96.0.10:53"),
         "{lines:?}"
     );
+
+    // A port or protocol the Service does not define is refused on the pod's device (ICMP
+    // port unreachable), as the socket programs refuse it.
+    for args in [
+        &["tcp", "10.96.0.10:81", "3"][..],
+        &["udp", "10.96.0.10:80", "3", "--connected"][..],
+    ] {
+        for line in h.client(args) {
+            assert_eq!(line["errno"], ECONNREFUSED, "{args:?}: {line}");
+        }
+    }
 
     // Hairpin: pod-a through its own Service reaches itself too (from the Service address,
     // which its stack accepts, where its own address would be dropped), and pod-b.

@@ -746,6 +746,45 @@ fn c18_no_endpoints_means_econnrefused_for_tcp_and_udp() {
     }
 }
 
+/// kube-proxy's nftables mode rejects traffic to a ClusterIP that no port of its Service
+/// takes (its `cluster-ips` set), where it would otherwise leave the node for an address
+/// nothing serves: refused at once here too, TCP and UDP, while the Service is served, and
+/// the address nobody's again once it is gone.
+#[test]
+fn a_cluster_ips_undefined_ports_are_refused_while_its_service_is_served() {
+    let mut h = Harness::new("undef", &["pod-a"]);
+    let _servers = h.serve(&[8080], &[]);
+    web(&h, &[("10.244.0.10", true)]);
+    h.start_agent();
+    h.wait_for_frontend("10.96.0.10:80", "TCP", Some(&["10.244.0.10:8080"]));
+    h.wait_for_map_entries(proxy_common::MAP_CLUSTER_IPS, 1);
+
+    let served = answers(&h.client(&["tcp", "10.96.0.10:80", "3"]));
+    assert_eq!(served.keys().collect::<Vec<_>>(), ["pod-a"], "{served:?}");
+    for args in [
+        &["tcp", "10.96.0.10:81", "3"][..],
+        // The Service's port for another protocol (C05).
+        &["udp", "10.96.0.10:80", "3"][..],
+        &["udp", "10.96.0.10:80", "3", "--connected"][..],
+    ] {
+        for line in h.client(args) {
+            assert_eq!(line["ok"], false, "{args:?}: {line}");
+            assert_eq!(line["errno"], ECONNREFUSED, "{args:?}: {line}");
+        }
+    }
+    // Another address is none of the programs' business.
+    for line in h.client(&["tcp", "10.96.0.11:81", "1"]) {
+        assert_eq!(line["errno"], ENETUNREACH, "{line}");
+    }
+
+    h.remove_manifest("web-svc.yaml");
+    h.wait_for_frontend("10.96.0.10:80", "TCP", None);
+    for line in h.client(&["tcp", "10.96.0.10:81", "3"]) {
+        assert_eq!(line["errno"], ENETUNREACH, "{line}");
+    }
+    assert_eq!(h.map_entries(proxy_common::MAP_CLUSTER_IPS), 0);
+}
+
 #[test]
 fn c04_tcp_and_udp_on_one_port_reach_their_own_backends() {
     let mut h = Harness::new("proto", &["pod-a", "pod-b"]);

@@ -23,10 +23,10 @@ use aya::maps::{Array, MapData, RingBuf};
 use proxy_common::{
     LOG_DROP_MAP_FULL, LOG_DROP_NO_FREE_PORT, LOG_EVENT_FLOW_DROPPED, LOG_EVENT_FLOW_NO_BACKEND,
     LOG_EVENT_NEW_FLOW, LOG_EVENT_OUTSIDE_SOURCE_RANGES, LOG_EVENT_SLOT_MISSING,
-    LOG_EVENT_SOCK_NO_BACKEND, LOG_EVENT_SOCK_TRANSLATED, LOG_EVENT_TOO_BIG, LOG_HOOK_CONNECT4,
-    LOG_HOOK_CONNECT6, LOG_HOOK_POD_IN, LOG_HOOK_SENDMSG4, LOG_HOOK_TCX_IN, LOG_LEVEL_ERROR,
-    LOG_REFUSAL_DROPPED, LOG_REFUSAL_PASSED, LogConfig, LogRecord, MAP_LOG, MAP_LOG_RECORDS,
-    PROTO_TCP, PROTO_UDP,
+    LOG_EVENT_SOCK_NO_BACKEND, LOG_EVENT_SOCK_TRANSLATED, LOG_EVENT_TOO_BIG,
+    LOG_EVENT_UNDEFINED_PORT, LOG_HOOK_CONNECT4, LOG_HOOK_CONNECT6, LOG_HOOK_POD_IN,
+    LOG_HOOK_SENDMSG4, LOG_HOOK_TCX_IN, LOG_LEVEL_ERROR, LOG_REFUSAL_DROPPED, LOG_REFUSAL_PASSED,
+    LogConfig, LogRecord, MAP_LOG, MAP_LOG_RECORDS, PROTO_TCP, PROTO_UDP,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -283,6 +283,14 @@ fn words(record: &LogRecord) -> String {
             Address(a2),
             Address(a3)
         ),
+        LOG_EVENT_UNDEFINED_PORT => format!(
+            "{hook}: {} is not a port of the ClusterIP's Service: {}",
+            Endpoint(a0),
+            match a1 {
+                0 => "refused with ICMP port unreachable".to_string(),
+                errno => format!("failed with errno {errno}"),
+            }
+        ),
         other => format!("{hook}: a log record of an unknown kind ({other})"),
     }
 }
@@ -366,6 +374,26 @@ mod tests {
                     [frontend, 111, 0, 0],
                 ),
                 "connect4: 10.96.0.10:80/TCP has no usable backend: failed with errno 111",
+            ),
+            (
+                text(
+                    LOG_EVENT_UNDEFINED_PORT,
+                    LOG_HOOK_SENDMSG4,
+                    0,
+                    [dns, 111, 0, 0],
+                ),
+                "sendmsg4: 10.96.0.20:53/UDP is not a port of the ClusterIP's Service: failed \
+                 with errno 111",
+            ),
+            (
+                text(
+                    LOG_EVENT_UNDEFINED_PORT,
+                    LOG_HOOK_POD_IN,
+                    0,
+                    [frontend, 0, 0, 0],
+                ),
+                "pod_in: 10.96.0.10:80/TCP is not a port of the ClusterIP's Service: refused \
+                 with ICMP port unreachable",
             ),
             (
                 text(LOG_EVENT_SLOT_MISSING, LOG_HOOK_SENDMSG4, 7, [dns, 2, 3, 0]),

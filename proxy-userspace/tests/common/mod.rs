@@ -315,6 +315,20 @@ impl Harness {
             .unwrap_or_else(|| panic!("{map}: no entry count"))
     }
 
+    /// Waits until the pinned map `map` holds `n` entries.
+    pub fn wait_for_map_entries(&self, map: &str, n: u64) {
+        let deadline = Instant::now() + CONDITION_LIMIT;
+        let mut entries = self.map_entries(map);
+        while entries != n {
+            assert!(
+                Instant::now() < deadline,
+                "{map} never held {n} entries; it holds {entries}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            entries = self.map_entries(map);
+        }
+    }
+
     /// Waits until `list` shows `frontend` (e.g. "10.96.0.10:80", "TCP") with exactly
     /// `backends` (addr:port, any order); an empty slice waits for "no backends", and
     /// `None` waits for the frontend to be gone.
