@@ -383,12 +383,13 @@ impl Maps {
             .with_context(|| format!("reading {MAP_CLUSTER_IPS}"))
     }
 
-    pub fn put_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<()> {
-        self.cluster_ips
-            .as_mut()
-            .with_context(|| format!("map {MAP_CLUSTER_IPS} is not pinned"))?
-            .insert(abi::addr_to_net(addr), 1, 0)
-            .with_context(|| format!("writing ClusterIP {addr} to {MAP_CLUSTER_IPS}"))
+    /// Writes served ClusterIPs in order, in one syscall (as `put_services`).
+    pub fn put_cluster_ips(&mut self, addrs: &[Ipv4Addr]) -> Batch {
+        let Some(map) = &self.cluster_ips else {
+            return Err((0, anyhow!("map {MAP_CLUSTER_IPS} is not pinned")));
+        };
+        let keys: Vec<u32> = addrs.iter().copied().map(abi::addr_to_net).collect();
+        put_batch(map, &keys, &vec![1u8; keys.len()], "served ClusterIPs")
     }
 
     pub fn delete_cluster_ip(&mut self, addr: Ipv4Addr) -> Result<()> {

@@ -1121,15 +1121,12 @@ impl Syncer {
         let mut applied = 0;
         let mut failed = None;
         while applied < ops.len() {
-            let maps = &mut self.maps;
-            let before = self
-                .cluster_ips
-                .before(&self.programmed, &ops[applied], |addr| {
-                    maps.delete_cluster_ip(addr)
-                });
-            if let Err(e) = before {
-                failed = Some(e);
-                break;
+            if let Some(addr) = self.cluster_ips.before(&self.programmed, &ops[applied]) {
+                if let Err(e) = self.maps.delete_cluster_ip(addr) {
+                    failed = Some(e);
+                    break;
+                }
+                self.cluster_ips.wrote(addr, false);
             }
             let run = applied..applied + batch_len(&writes[applied..]);
             let (written, error) = self.write_run(&writes[run]);
@@ -1143,11 +1140,7 @@ impl Syncer {
             }
         }
         // After the frontends they follow, also those of a sync that failed halfway.
-        let maps = &mut self.maps;
-        let marked = self.cluster_ips.write(|addr, wanted| match wanted {
-            true => maps.put_cluster_ip(addr),
-            false => maps.delete_cluster_ip(addr),
-        });
+        let marked = self.write_cluster_ips();
         let present = ops[..applied].iter().filter_map(|op| match op {
             Op::PutSlot {
                 backend_id,
@@ -1217,6 +1210,27 @@ impl Syncer {
             frontends: self.programmed.frontends.len(),
             backends: self.programmed.backends.len(),
         })
+    }
+
+    /// Makes the served ClusterIPs those of the programmed frontends: the new ones in one
+    /// syscall, the ones gone one by one.
+    fn write_cluster_ips(&mut self) -> Result<()> {
+        let (puts, deletes) = self.cluster_ips.due();
+        if !puts.is_empty() {
+            let batch = self.maps.put_cluster_ips(&puts);
+            let done = batch
+                .as_ref()
+                .map_or_else(|(done, _)| *done, |()| puts.len());
+            for addr in &puts[..done] {
+                self.cluster_ips.wrote(*addr, true);
+            }
+            batch.map_err(|(_, e)| e)?;
+        }
+        for addr in deletes {
+            self.maps.delete_cluster_ip(addr)?;
+            self.cluster_ips.wrote(addr, false);
+        }
+        Ok(())
     }
 
     /// Records a written op in the mirror, the backend index and the entry count.

@@ -150,11 +150,14 @@ fn host_namespace_only_leaves_pods_to_their_sidecars_and_devices() {
 
     // A port or protocol the Service does not define is refused on the pod's device (ICMP
     // port unreachable), as the socket programs refuse it.
+    h.wait_for_map_entries(proxy_common::MAP_CLUSTER_IPS, 1);
     for args in [
         &["tcp", "10.96.0.10:81", "3"][..],
         &["udp", "10.96.0.10:80", "3", "--connected"][..],
     ] {
-        for line in h.client(args) {
+        let lines = h.client(args);
+        assert_eq!(lines.len(), 3, "{args:?}: {lines:?}");
+        for line in lines {
             assert_eq!(line["errno"], ECONNREFUSED, "{args:?}: {line}");
         }
     }

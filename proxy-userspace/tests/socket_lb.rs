@@ -767,7 +767,9 @@ fn a_cluster_ips_undefined_ports_are_refused_while_its_service_is_served() {
         &["udp", "10.96.0.10:80", "3"][..],
         &["udp", "10.96.0.10:80", "3", "--connected"][..],
     ] {
-        for line in h.client(args) {
+        let lines = h.client(args);
+        assert_eq!(lines.len(), 3, "{args:?}: {lines:?}");
+        for line in lines {
             assert_eq!(line["ok"], false, "{args:?}: {line}");
             assert_eq!(line["errno"], ECONNREFUSED, "{args:?}: {line}");
         }
@@ -779,7 +781,9 @@ fn a_cluster_ips_undefined_ports_are_refused_while_its_service_is_served() {
 
     h.remove_manifest("web-svc.yaml");
     h.wait_for_frontend("10.96.0.10:80", "TCP", None);
-    for line in h.client(&["tcp", "10.96.0.10:81", "3"]) {
+    let lines = h.client(&["tcp", "10.96.0.10:81", "3"]);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in lines {
         assert_eq!(line["errno"], ENETUNREACH, "{line}");
     }
     assert_eq!(h.map_entries(proxy_common::MAP_CLUSTER_IPS), 0);

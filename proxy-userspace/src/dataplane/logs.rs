@@ -287,7 +287,7 @@ fn words(record: &LogRecord) -> String {
             "{hook}: {} is not a port of the ClusterIP's Service: {}",
             Endpoint(a0),
             match a1 {
-                0 => "refused with ICMP port unreachable".to_string(),
+                0 => "refused (ICMP port unreachable, where it can be answered)".to_string(),
                 errno => format!("failed with errno {errno}"),
             }
         ),
@@ -393,7 +393,7 @@ mod tests {
                     [frontend, 0, 0, 0],
                 ),
                 "pod_in: 10.96.0.10:80/TCP is not a port of the ClusterIP's Service: refused \
-                 with ICMP port unreachable",
+                 (ICMP port unreachable, where it can be answered)",
             ),
             (
                 text(LOG_EVENT_SLOT_MISSING, LOG_HOOK_SENDMSG4, 7, [dns, 2, 3, 0]),

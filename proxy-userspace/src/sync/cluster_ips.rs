@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
 use proxy_common::SVC_FLAG_CLUSTER_IP;
 
 use super::{Op, Programmed};
@@ -27,9 +26,7 @@ pub struct ClusterIps {
     frontends: BTreeMap<Ipv4Addr, usize>,
     /// The addresses the map holds.
     written: BTreeSet<Ipv4Addr>,
-    /// Addresses whose entry may differ from `frontends`: written at the next [`write`].
-    ///
-    /// [`write`]: ClusterIps::write
+    /// Addresses whose entry may differ from `frontends` ([`ClusterIps::due`]).
     due: BTreeSet<Ipv4Addr>,
 }
 
@@ -44,7 +41,7 @@ pub fn is_cluster_ip(programmed: &Programmed, key: &FrontendKey) -> bool {
 
 impl ClusterIps {
     /// The entries the map holds (`written`), to be made those of `programmed`'s ClusterIP
-    /// frontends at the next [`ClusterIps::write`].
+    /// frontends by the next writes [`ClusterIps::due`].
     pub fn adopt(programmed: &Programmed, written: impl IntoIterator<Item = Ipv4Addr>) -> Self {
         let mut frontends = BTreeMap::new();
         for key in programmed.frontends.keys() {
@@ -79,57 +76,60 @@ impl ClusterIps {
         self.due.insert(key.addr);
     }
 
-    /// Before `op` is written: the slot 0 of the last ClusterIP frontend on an address
-    /// takes the address with it, deleted first through `delete`.
-    pub fn before(
-        &mut self,
-        programmed: &Programmed,
-        op: &Op,
-        delete: impl FnOnce(Ipv4Addr) -> Result<()>,
-    ) -> Result<()> {
-        let Op::DeleteFrontend { frontend } = op else {
-            return Ok(());
+    /// Before `op` is written: the address whose last ClusterIP frontend it takes away
+    /// (deleting its slot 0, or rewriting it as another kind's), to be deleted from the map
+    /// first. The address stays due, so that it is put back if `op` then fails.
+    pub fn before(&mut self, programmed: &Programmed, op: &Op) -> Option<Ipv4Addr> {
+        let (frontend, stays) = match op {
+            Op::DeleteFrontend { frontend } => (frontend, false),
+            Op::PutFrontend {
+                frontend, flags, ..
+            } => (frontend, flags & SVC_FLAG_CLUSTER_IP != 0),
+            _ => return None,
         };
-        let last = is_cluster_ip(programmed, frontend)
+        let last = !stays
+            && is_cluster_ip(programmed, frontend)
             && self.frontends.get(&frontend.addr) == Some(&1)
             && self.written.contains(&frontend.addr);
         if last {
-            delete(frontend.addr)?;
-            self.written.remove(&frontend.addr);
+            self.due.insert(frontend.addr);
         }
-        Ok(())
+        last.then_some(frontend.addr)
     }
 
-    /// Writes the entries that differ from the frontends through `write` (address, whether
-    /// it is wanted): puts an address that has some, deletes one that has none. An address
-    /// whose write fails stays due.
-    pub fn write(&mut self, mut write: impl FnMut(Ipv4Addr, bool) -> Result<()>) -> Result<()> {
-        while let Some(addr) = self.due.first().copied() {
-            let wanted = self.frontends.contains_key(&addr);
-            if wanted != self.written.contains(&addr) {
-                write(addr, wanted)?;
-                if wanted {
-                    self.written.insert(addr);
-                } else {
-                    self.written.remove(&addr);
-                }
+    /// The writes that make the map hold the addresses of the programmed ClusterIP
+    /// frontends: the addresses to put, and those to delete (each recorded by
+    /// [`ClusterIps::wrote`] once written; the others stay due).
+    pub fn due(&mut self) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+        let ClusterIps {
+            frontends,
+            written,
+            due,
+        } = self;
+        let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+        due.retain(|addr| {
+            match (frontends.contains_key(addr), written.contains(addr)) {
+                (true, false) => puts.push(*addr),
+                (false, true) => deletes.push(*addr),
+                _ => return false,
             }
-            self.due.remove(&addr);
-        }
-        Ok(())
+            true
+        });
+        (puts, deletes)
     }
 
-    /// The addresses the map holds.
-    #[cfg(test)]
-    fn written(&self) -> &BTreeSet<Ipv4Addr> {
-        &self.written
+    /// `addr` was put in the map (`present`) or deleted from it.
+    pub fn wrote(&mut self, addr: Ipv4Addr, present: bool) {
+        if present {
+            self.written.insert(addr);
+        } else {
+            self.written.remove(&addr);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
     use proxy_common::{SVC_FLAG_EXTERNAL_IP, SVC_FLAG_NODE_PORT};
 
     use super::*;
@@ -156,14 +156,42 @@ mod tests {
         }
     }
 
-    /// Writes what is due, recording the map's writes in `log`.
-    fn write(ips: &mut ClusterIps, log: &RefCell<Vec<String>>) {
-        ips.write(|a, wanted| {
-            let verb = if wanted { "put" } else { "delete" };
-            log.borrow_mut().push(format!("{verb} {a}"));
-            Ok(())
-        })
-        .expect("writes succeed");
+    /// Writes what is due, as the syncer does, recording the map's writes in `log`.
+    fn write(ips: &mut ClusterIps, log: &mut Vec<String>) {
+        let (puts, deletes) = ips.due();
+        for addr in puts {
+            log.push(format!("put {addr}"));
+            ips.wrote(addr, true);
+        }
+        for addr in deletes {
+            log.push(format!("delete {addr}"));
+            ips.wrote(addr, false);
+        }
+    }
+
+    /// `op` written to the frontend `key` of `p`: `before` (its delete recorded in `log`),
+    /// then the mirror's change to `is_cluster_ip` (`None`: the write failed).
+    fn written(
+        ips: &mut ClusterIps,
+        p: &mut Programmed,
+        op: &Op,
+        after: Option<Option<ProgrammedFrontend>>,
+        log: &mut Vec<String>,
+    ) {
+        if let Some(addr) = ips.before(p, op) {
+            log.push(format!("delete {addr} before"));
+            ips.wrote(addr, false);
+        }
+        let Some(after) = after else {
+            return;
+        };
+        let key = *op.frontend().expect("a frontend's op");
+        let was = is_cluster_ip(p, &key);
+        match after {
+            Some(f) => p.frontends.insert(key, f),
+            None => p.frontends.remove(&key),
+        };
+        ips.frontend_written(&key, was, is_cluster_ip(p, &key));
     }
 
     #[test]
@@ -183,13 +211,10 @@ mod tests {
         slots_only.slots.insert(1, 7);
         p.frontends.insert(half_deleted, slots_only);
         let mut ips = ClusterIps::adopt(&p, []);
-        let log = RefCell::new(Vec::new());
-        write(&mut ips, &log);
-        assert_eq!(log.into_inner(), ["put 10.96.0.1"]);
-        assert_eq!(
-            ips.written().iter().copied().collect::<Vec<_>>(),
-            [cip.addr]
-        );
+        let mut log = Vec::new();
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["put 10.96.0.1"]);
+        assert_eq!(ips.due(), (vec![], vec![]), "nothing left to write");
     }
 
     #[test]
@@ -199,74 +224,86 @@ mod tests {
         p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
         let gone = Ipv4Addr::new(10, 96, 0, 9);
         let mut ips = ClusterIps::adopt(&p, [cip.addr, gone]);
-        let log = RefCell::new(Vec::new());
-        write(&mut ips, &log);
-        assert_eq!(log.into_inner(), ["delete 10.96.0.9"]);
+        let mut log = Vec::new();
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["delete 10.96.0.9"]);
     }
 
     #[test]
-    fn an_address_goes_with_its_last_port_and_protocol() {
-        let mut ips = ClusterIps::adopt(&Programmed::default(), []);
-        let tcp = key(1, 53, Protocol::Tcp, Scope::Internal);
-        let udp = key(1, 53, Protocol::Udp, Scope::Internal);
-        let log = RefCell::new(Vec::new());
-        ips.frontend_written(&tcp, false, true);
-        ips.frontend_written(&udp, false, true);
-        write(&mut ips, &log);
-        // Slot writes to a frontend that stays change nothing.
-        ips.frontend_written(&tcp, true, true);
-        ips.frontend_written(&tcp, true, false);
-        write(&mut ips, &log);
-        ips.frontend_written(&udp, true, false);
-        write(&mut ips, &log);
-        assert_eq!(log.into_inner(), ["put 10.96.0.1", "delete 10.96.0.1"]);
-        assert!(ips.written().is_empty());
-    }
-
-    #[test]
-    fn the_last_frontends_slot_0_takes_its_address_first() {
+    fn an_address_goes_with_its_last_port_and_protocol_just_before_its_slot_0() {
         let mut p = Programmed::default();
+        let mut ips = ClusterIps::adopt(&p, []);
         let tcp = key(1, 53, Protocol::Tcp, Scope::Internal);
         let udp = key(1, 53, Protocol::Udp, Scope::Internal);
-        p.frontends.insert(tcp, frontend(SVC_FLAG_CLUSTER_IP));
-        p.frontends.insert(udp, frontend(SVC_FLAG_CLUSTER_IP));
-        let mut ips = ClusterIps::adopt(&p, []);
-        let log = RefCell::new(Vec::new());
-        write(&mut ips, &log);
-        let delete = |p: &Programmed, ips: &mut ClusterIps, k: FrontendKey| {
-            let op = Op::DeleteFrontend { frontend: k };
-            ips.before(p, &op, |a| {
-                log.borrow_mut().push(format!("delete {a} before"));
-                Ok(())
-            })
-            .expect("delete succeeds");
-        };
-        // Not the last: the address stays.
-        delete(&p, &mut ips, tcp);
-        p.frontends.remove(&tcp);
-        ips.frontend_written(&tcp, true, false);
-        write(&mut ips, &log);
-        // The last: deleted before its slot 0, and nothing is left to write after it.
-        delete(&p, &mut ips, udp);
-        p.frontends.remove(&udp);
-        ips.frontend_written(&udp, true, false);
-        write(&mut ips, &log);
-        assert_eq!(
-            log.into_inner(),
-            ["put 10.96.0.1", "delete 10.96.0.1 before"]
-        );
-        assert!(ips.written().is_empty());
+        let mut log = Vec::new();
+        for k in [tcp, udp] {
+            let put = Op::PutFrontend {
+                frontend: k,
+                count: 0,
+                rev_nat_id: 1,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                affinity_id: 0,
+            };
+            let f = frontend(SVC_FLAG_CLUSTER_IP);
+            written(&mut ips, &mut p, &put, Some(Some(f)), &mut log);
+        }
+        write(&mut ips, &mut log);
+        // Another protocol of the address left: the address stays.
+        let delete_tcp = Op::DeleteFrontend { frontend: tcp };
+        written(&mut ips, &mut p, &delete_tcp, Some(None), &mut log);
+        write(&mut ips, &mut log);
+        // The last: deleted before its slot 0, nothing left to write after it.
+        let delete_udp = Op::DeleteFrontend { frontend: udp };
+        written(&mut ips, &mut p, &delete_udp, Some(None), &mut log);
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["put 10.96.0.1", "delete 10.96.0.1 before"]);
     }
 
     #[test]
-    fn a_failed_write_is_tried_again_at_the_next() {
+    fn a_last_frontend_rewritten_as_another_kind_takes_its_address_first() {
+        let mut p = Programmed::default();
+        let cip = key(1, 80, Protocol::Tcp, Scope::Internal);
+        p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
+        let mut ips = ClusterIps::adopt(&p, [cip.addr]);
+        let mut log = Vec::new();
+        write(&mut ips, &mut log);
+        let as_external_ip = Op::PutFrontend {
+            frontend: cip,
+            count: 0,
+            rev_nat_id: 1,
+            flags: SVC_FLAG_EXTERNAL_IP,
+            affinity_timeout: 0,
+            affinity_id: 0,
+        };
+        let f = frontend(SVC_FLAG_EXTERNAL_IP);
+        written(&mut ips, &mut p, &as_external_ip, Some(Some(f)), &mut log);
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["delete 10.96.0.1 before"]);
+    }
+
+    #[test]
+    fn an_address_deleted_before_a_slot_0_delete_that_failed_is_put_back() {
+        let mut p = Programmed::default();
+        let cip = key(1, 80, Protocol::Tcp, Scope::Internal);
+        p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
+        let mut ips = ClusterIps::adopt(&p, [cip.addr]);
+        let mut log = Vec::new();
+        write(&mut ips, &mut log);
+        let delete = Op::DeleteFrontend { frontend: cip };
+        written(&mut ips, &mut p, &delete, None, &mut log);
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["delete 10.96.0.1 before", "put 10.96.0.1"]);
+    }
+
+    #[test]
+    fn a_put_not_recorded_as_written_stays_due() {
         let mut ips = ClusterIps::adopt(&Programmed::default(), []);
         ips.frontend_written(&key(1, 80, Protocol::Tcp, Scope::Internal), false, true);
-        let failed = ips.write(|_, _| Err(anyhow::anyhow!("EPERM")));
-        assert!(failed.is_err());
-        assert!(ips.written().is_empty());
-        let log = RefCell::new(Vec::new());
-        write(&mut ips, &log);
-        assert_eq!(log.into_inner(), ["put 10.96.0.1"]);
+        let failed = ips.due();
+        assert_eq!(failed, (vec![Ipv4Addr::new(10, 96, 0, 1)], vec![]));
+        let mut log = Vec::new();
+        write(&mut ips, &mut log);
+        assert_eq!(log, ["put 10.96.0.1"]);
     }
 }
