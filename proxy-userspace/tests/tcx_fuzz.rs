@@ -67,7 +67,7 @@ use std::time::Instant;
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN,
-    TCX_NEXT, answer_to, checksum, hex, ifindex, in_private_netns, ip, pseudo_header_sum,
+    TCX_NEXT, answer_to, checksum, forwarding_device, hex, in_private_netns, pseudo_header_sum,
 };
 use proxy_common::{
     BACKEND_FLAG_LOCAL, CT_DIR_IN, CT_DIR_OUT, CT_FLAG_CLOSING, CT_FLAG_FIN_BACKEND_FIRST,
@@ -1614,32 +1614,13 @@ fn env_u64(name: &str) -> Option<u64> {
 /// with a neighbour entry for one pod and one client (FIB success: redirect with MACs) and
 /// none for the others (`bpf_redirect_neigh`); forwarding on.
 fn pod_network_device() -> u32 {
-    ip(&[
-        "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
-    ]);
-    ip(&["link", "set", "ekp0", "up"]);
-    ip(&["link", "set", "ekp1", "up"]);
-    ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
-    ip(&["addr", "add", "198.51.100.1/24", "dev", "ekp0"]);
-    for (addr, mac) in [
-        ("10.244.2.20", "02:00:00:00:02:20"),
-        ("198.51.100.7", "02:00:00:00:00:07"),
-    ] {
-        ip(&[
-            "neigh",
-            "add",
-            addr,
-            "lladdr",
-            mac,
-            "dev",
-            "ekp0",
-            "nud",
-            "permanent",
-        ]);
-    }
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-        .expect("enabling forwarding in the test namespace");
-    ifindex("ekp0")
+    forwarding_device(
+        &["10.244.2.1/24", "198.51.100.1/24"],
+        &[
+            ("10.244.2.20", "02:00:00:00:02:20"),
+            ("198.51.100.7", "02:00:00:00:00:07"),
+        ],
+    )
 }
 
 #[test]

@@ -16,8 +16,8 @@ use proxy_userspace::{conntrack_gc, dataplane};
 
 use prog_test_run::{
     Datapath, Frame, Frontend, Outcome, TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST,
-    TCP_SYN, TCX_NEXT, answer_to, assert_checksum_fill_keeps, checksum, hex, icmp_error,
-    icmp_error_quoting, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac,
+    TCP_SYN, TCX_NEXT, answer_to, assert_checksum_fill_keeps, checksum, forwarding_device, hex,
+    icmp_error, icmp_error_quoting, icmp_tuples, ifindex, in_private_netns, ip, mac_of, parse_mac,
     segment_options, syn_options, tuple_of, verify_checksums, verify_icmp_checksums,
 };
 use proxy_common::{
@@ -437,15 +437,7 @@ fn c08_dnat_and_snat_to_a_remote_backend_and_the_reply_goes_back_to_the_client()
 /// A device `ekp0` towards the pod network (10.244.2.1/24) in the test's namespace, with
 /// forwarding on; its ifindex.
 fn pod_network_device() -> u32 {
-    ip(&[
-        "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
-    ]);
-    ip(&["link", "set", "ekp0", "up"]);
-    ip(&["link", "set", "ekp1", "up"]);
-    ip(&["addr", "add", "10.244.2.1/24", "dev", "ekp0"]);
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-        .expect("enabling forwarding in the test namespace");
-    ifindex("ekp0")
+    forwarding_device(&["10.244.2.1/24"], &[])
 }
 
 #[test]

@@ -76,6 +76,37 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// A veth `ekp0` (peer `ekp1`) in the test's namespace with `addrs` (`a.b.c.d/len`) and
+/// permanent `neighbours` (address, MAC) on it, and forwarding on: the way to a pod network
+/// for the programs' route lookups. Its ifindex.
+pub fn forwarding_device(addrs: &[&str], neighbours: &[(&str, &str)]) -> u32 {
+    ip(&[
+        "link", "add", "ekp0", "type", "veth", "peer", "name", "ekp1",
+    ]);
+    ip(&["link", "set", "ekp0", "up"]);
+    ip(&["link", "set", "ekp1", "up"]);
+    for addr in addrs {
+        ip(&["addr", "add", addr, "dev", "ekp0"]);
+    }
+    for (addr, mac) in neighbours {
+        let neigh = [
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            mac,
+            "dev",
+            "ekp0",
+            "nud",
+            "permanent",
+        ];
+        ip(&neigh);
+    }
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+        .expect("enabling forwarding in the test namespace");
+    ifindex("ekp0")
+}
+
 /// ifindex of a device in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("no NUL in a device name");
