@@ -26,6 +26,8 @@ pub struct Binaries {
 }
 
 const CLUSTER_IP: &str = "10.96.0.80:80";
+/// A port of the ClusterIP that its Service does not define.
+const UNDEFINED_PORT: &str = "10.96.0.80:81";
 /// The node's address towards the external client (the Node's InternalIP in the example).
 const NODE_IP: &str = "192.168.200.1";
 const EXTERNAL_CLIENT: &str = "192.168.200.2";
@@ -172,6 +174,22 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
         bail!("not every pod answered through the NodePort: {tally:?}");
     }
 
+    step(&format!(
+        "a TCP connection from the client pod to {UNDEFINED_PORT}, a port the Service does not \
+         define: refused at once, as kube-proxy's nftables mode rejects it"
+    ));
+    let mut client = topo.client.ns.command(&bins.peer, Some(&topo.cgroup))?;
+    client.args(["tcp", UNDEFINED_PORT, "1"]);
+    let out = cmd::output(&mut client)?;
+    print!("  {out}");
+    let refused = out.lines().all(|line| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .is_ok_and(|v| v["errno"] == libc::ECONNREFUSED)
+    });
+    if out.lines().count() != 1 || !refused {
+        bail!("a connection to {UNDEFINED_PORT} was not refused: {out}");
+    }
+
     step("ebpf-kube-proxy list");
     let list = cmd::output(
         Command::new(&bins.agent)
@@ -214,7 +232,10 @@ pub fn run(root: &Path, bins: &Binaries) -> Result<()> {
     drop(leftovers);
     drop(external);
     drop(topo);
-    println!("demo finished: both pods answered through the ClusterIP and the NodePort");
+    println!(
+        "demo finished: both pods answered through the ClusterIP and the NodePort, and the \
+         undefined port was refused"
+    );
     Ok(())
 }
 
