@@ -397,8 +397,8 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 /// protocol its Service does not define is refused with ICMP port unreachable, as the
 /// socket programs refuse it (`sock::undefined_port`) and kube-proxy's nftables mode
 /// rejects it; anything else passes. On the node's devices such a packet comes from
-/// outside (`--external-clusterip`) and is passed: the prefilter sends it on before any
-/// lookup, as everything that is no external-scope frontend's.
+/// outside (`--external-clusterip`) and is passed, not looked up: the prefilter sends most
+/// of it on before this point anyway, and a lookup here would cost the rest.
 #[inline(always)]
 fn undefined_port<const SCOPE: u8>(ctx: &TcContext, pkt: &Packet) -> i32 {
     if SCOPE != SCOPE_INTERNAL || CLUSTER_IPS.get_ptr(&pkt.daddr).is_none() {

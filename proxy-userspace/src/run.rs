@@ -1099,6 +1099,7 @@ fn sync_once(
                     proxy_common::MAP_SOURCE_RANGES,
                     programmed.source_ranges.len(),
                 ),
+                (proxy_common::MAP_CLUSTER_IPS, syncer.cluster_ip_entries()),
             ] {
                 metrics
                     .map_entries

@@ -1128,7 +1128,8 @@ impl Syncer {
                 }
                 self.cluster_ips.wrote(addr, false);
             }
-            let run = applied..applied + batch_len(&writes[applied..]);
+            let len = run_len(&self.programmed, &ops[applied..], &writes[applied..]);
+            let run = applied..applied + len;
             let (written, error) = self.write_run(&writes[run]);
             for op in &ops[applied..applied + written] {
                 self.mirror(op);
@@ -1161,7 +1162,14 @@ impl Syncer {
         };
         self.stale_udp
             .record(without_ids(departed_udp), without_ids(present_udp));
-        if let Some(e) = failed.or(marked.err()) {
+        let failed = match (failed, marked) {
+            (Some(e), Err(also)) => {
+                tracing::warn!("writing the served ClusterIPs also failed: {also:#}");
+                Some(e)
+            }
+            (failed, marked) => failed.or(marked.err()),
+        };
+        if let Some(e) = failed {
             self.affinity_pending.extend(stale_affinity);
             return Err(e);
         }
@@ -1212,10 +1220,14 @@ impl Syncer {
         })
     }
 
-    /// Makes the served ClusterIPs those of the programmed frontends: the new ones in one
-    /// syscall, the ones gone one by one.
+    /// Makes the served ClusterIPs those of the programmed frontends: the ones gone one by
+    /// one (first: a put that keeps failing must not keep them), the new ones in one syscall.
     fn write_cluster_ips(&mut self) -> Result<()> {
         let (puts, deletes) = self.cluster_ips.due();
+        for addr in deletes {
+            self.maps.delete_cluster_ip(addr)?;
+            self.cluster_ips.wrote(addr, false);
+        }
         if !puts.is_empty() {
             let batch = self.maps.put_cluster_ips(&puts);
             let done = batch
@@ -1226,11 +1238,12 @@ impl Syncer {
             }
             batch.map_err(|(_, e)| e)?;
         }
-        for addr in deletes {
-            self.maps.delete_cluster_ip(addr)?;
-            self.cluster_ips.wrote(addr, false);
-        }
         Ok(())
+    }
+
+    /// Entries of the served ClusterIPs' map.
+    pub fn cluster_ip_entries(&self) -> usize {
+        self.cluster_ips.written_count()
     }
 
     /// Records a written op in the mirror, the backend index and the entry count.
@@ -1312,6 +1325,16 @@ impl Syncer {
 /// The keys and values of a run of puts, as `put` takes them apart.
 fn puts<K, V>(run: &[MapWrite], put: impl Fn(&MapWrite) -> Option<(K, V)>) -> (Vec<K>, Vec<V>) {
     run.iter().filter_map(put).unzip()
+}
+
+/// How many of `ops` (encoded as `writes`), from the first, one write takes: a batch
+/// (`batch_len`), cut before an op that takes a ClusterIP frontend away, since
+/// `ClusterIps::before` must see the frontends as they are just before that op.
+fn run_len(programmed: &Programmed, ops: &[Op], writes: &[MapWrite]) -> usize {
+    let len = batch_len(writes);
+    (1..len)
+        .find(|&i| cluster_ips::takes_away(programmed, &ops[i]).is_some())
+        .unwrap_or(len)
 }
 
 /// How many of `writes`, from the first, one syscall writes: a run of puts to the services,
@@ -1589,6 +1612,43 @@ mod tests {
     }
 
     // ---- write order -----------------------------------------------------------------------
+
+    #[test]
+    fn an_op_that_takes_a_cluster_ip_frontend_away_starts_a_run() {
+        let mut programmed = Programmed::default();
+        let (taken, other) = (fkey(1), fkey(2));
+        for key in [taken, other] {
+            programmed.frontends.insert(
+                key,
+                ProgrammedFrontend {
+                    rev_nat_id: 1,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    affinity_timeout: 0,
+                    affinity_id: 0,
+                    count: 0,
+                    slots: BTreeMap::new(),
+                },
+            );
+        }
+        let put = |frontend, flags| Op::PutFrontend {
+            frontend,
+            count: 0,
+            rev_nat_id: 1,
+            flags,
+            affinity_timeout: 0,
+            affinity_id: 0,
+        };
+        let ops = [
+            put_slot(2, 1, 1, 1),
+            put(other, SVC_FLAG_CLUSTER_IP),
+            put(taken, SVC_FLAG_EXTERNAL_IP),
+            put(other, SVC_FLAG_CLUSTER_IP),
+        ];
+        let writes: Vec<MapWrite> = ops.iter().map(Op::encode).collect();
+        assert_eq!(batch_len(&writes), 4, "one batch of services puts");
+        assert_eq!(run_len(&programmed, &ops, &writes), 2);
+        assert_eq!(run_len(&programmed, &ops[2..], &writes[2..]), 2);
+    }
 
     #[test]
     fn a_batch_is_a_run_of_puts_to_one_map() {

@@ -243,8 +243,32 @@ fn step(what: &str) {
     println!("\n==> {what}");
 }
 
-/// Waits (bounded) until `list` shows the Service with both backends.
+/// Waits (bounded) until `list` shows the Service with both backends, and `list --maps`
+/// its ClusterIP among the served ones (written just after the frontend).
 fn wait_until_listed(agent_bin: &Path, pin_path: &Path, agent: &mut Proc) -> Result<()> {
+    wait_for_list(agent_bin, pin_path, agent, &[], |text| {
+        text.contains("\"10.96.0.80:80\"")
+            && text.contains("10.244.0.10:80")
+            && text.contains("10.244.0.11:80")
+    })?;
+    wait_for_list(agent_bin, pin_path, agent, &["--maps"], |text| {
+        serde_json::from_str::<serde_json::Value>(text).is_ok_and(|maps| {
+            maps.as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["map"] == "ekp_cip_v1" && m["entries"] == 1)
+        })
+    })
+}
+
+/// Waits (bounded) until `list <view> -o json` prints what `done` looks for.
+fn wait_for_list(
+    agent_bin: &Path,
+    pin_path: &Path,
+    agent: &mut Proc,
+    view: &[&str],
+    done: impl Fn(&str) -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = agent.child.try_wait()? {
@@ -253,18 +277,17 @@ fn wait_until_listed(agent_bin: &Path, pin_path: &Path, agent: &mut Proc) -> Res
         let out = Command::new(agent_bin)
             .arg("--pin-path")
             .arg(pin_path)
-            .args(["list", "-o", "json"])
+            .arg("list")
+            .args(view)
+            .args(["-o", "json"])
             .output()
             .context("running ebpf-kube-proxy list")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        if text.contains("\"10.96.0.80:80\"")
-            && text.contains("10.244.0.10:80")
-            && text.contains("10.244.0.11:80")
-        {
+        if done(&text) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the Service never appeared in `list`: {text}");
+            bail!("`list {}` never showed the Service: {text}", view.join(" "));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -6,8 +6,8 @@
 //!
 //! An address is in the map while a ClusterIP frontend of the internal scope has its slot 0
 //! programmed there, and the map follows the frontends: an address is written after the
-//! write that made it a ClusterIP, and deleted just before the write that removes its last
-//! frontend's slot 0. So no port of a Service is refused while it is served, and none of an
+//! write that made it a ClusterIP, and deleted just before the write that takes its last
+//! ClusterIP frontend away (its slot 0 deleted, or rewritten as another kind's). So no port of a Service is refused while it is served, and none of an
 //! address left without frontends. The frontends are counted per address as their writes
 //! are mirrored, so a sync's work follows the change, not the number of Services.
 
@@ -37,6 +37,20 @@ pub fn is_cluster_ip(programmed: &Programmed, key: &FrontendKey) -> bool {
             .frontends
             .get(key)
             .is_some_and(|f| f.flags & SVC_FLAG_CLUSTER_IP != 0)
+}
+
+/// The ClusterIP frontend `op` takes away, if it does: the delete of its slot 0, or a
+/// rewrite of it as another kind's. Such an op starts a run of writes of its own, so that
+/// [`ClusterIps::before`] sees the frontends as they are just before it.
+pub fn takes_away<'a>(programmed: &Programmed, op: &'a Op) -> Option<&'a FrontendKey> {
+    let (frontend, stays) = match op {
+        Op::DeleteFrontend { frontend } => (frontend, false),
+        Op::PutFrontend {
+            frontend, flags, ..
+        } => (frontend, flags & SVC_FLAG_CLUSTER_IP != 0),
+        _ => return None,
+    };
+    (!stays && is_cluster_ip(programmed, frontend)).then_some(frontend)
 }
 
 impl ClusterIps {
@@ -78,23 +92,22 @@ impl ClusterIps {
 
     /// Before `op` is written: the address whose last ClusterIP frontend it takes away
     /// (deleting its slot 0, or rewriting it as another kind's), to be deleted from the map
-    /// first. The address stays due, so that it is put back if `op` then fails.
+    /// first. The address stays due, so that it is put back if `op` then fails. `op` must
+    /// be written on its own or first in its run of writes ([`takes_away`]): later in a run,
+    /// `programmed` would not show the writes before it.
     pub fn before(&mut self, programmed: &Programmed, op: &Op) -> Option<Ipv4Addr> {
-        let (frontend, stays) = match op {
-            Op::DeleteFrontend { frontend } => (frontend, false),
-            Op::PutFrontend {
-                frontend, flags, ..
-            } => (frontend, flags & SVC_FLAG_CLUSTER_IP != 0),
-            _ => return None,
-        };
-        let last = !stays
-            && is_cluster_ip(programmed, frontend)
-            && self.frontends.get(&frontend.addr) == Some(&1)
-            && self.written.contains(&frontend.addr);
+        let frontend = takes_away(programmed, op)?;
+        let last =
+            self.frontends.get(&frontend.addr) == Some(&1) && self.written.contains(&frontend.addr);
         if last {
             self.due.insert(frontend.addr);
         }
         last.then_some(frontend.addr)
+    }
+
+    /// The addresses the map holds, counted (the map-fill metric).
+    pub fn written_count(&self) -> usize {
+        self.written.len()
     }
 
     /// The writes that make the map hold the addresses of the programmed ClusterIP
@@ -153,6 +166,18 @@ mod tests {
             affinity_id: 0,
             count: 0,
             slots: BTreeMap::new(),
+        }
+    }
+
+    /// The write of `key`'s slot 0 with `flags` (no backends).
+    fn put_frontend(key: FrontendKey, flags: u16) -> Op {
+        Op::PutFrontend {
+            frontend: key,
+            count: 0,
+            rev_nat_id: 1,
+            flags,
+            affinity_timeout: 0,
+            affinity_id: 0,
         }
     }
 
@@ -237,14 +262,7 @@ mod tests {
         let udp = key(1, 53, Protocol::Udp, Scope::Internal);
         let mut log = Vec::new();
         for k in [tcp, udp] {
-            let put = Op::PutFrontend {
-                frontend: k,
-                count: 0,
-                rev_nat_id: 1,
-                flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0,
-                affinity_id: 0,
-            };
+            let put = put_frontend(k, SVC_FLAG_CLUSTER_IP);
             let f = frontend(SVC_FLAG_CLUSTER_IP);
             written(&mut ips, &mut p, &put, Some(Some(f)), &mut log);
         }
@@ -268,14 +286,7 @@ mod tests {
         let mut ips = ClusterIps::adopt(&p, [cip.addr]);
         let mut log = Vec::new();
         write(&mut ips, &mut log);
-        let as_external_ip = Op::PutFrontend {
-            frontend: cip,
-            count: 0,
-            rev_nat_id: 1,
-            flags: SVC_FLAG_EXTERNAL_IP,
-            affinity_timeout: 0,
-            affinity_id: 0,
-        };
+        let as_external_ip = put_frontend(cip, SVC_FLAG_EXTERNAL_IP);
         let f = frontend(SVC_FLAG_EXTERNAL_IP);
         written(&mut ips, &mut p, &as_external_ip, Some(Some(f)), &mut log);
         write(&mut ips, &mut log);
