@@ -7,9 +7,10 @@
 //! An address is in the map while a ClusterIP frontend of the internal scope has its slot 0
 //! programmed there, and the map follows the frontends: an address is written after the
 //! write that made it a ClusterIP, and deleted just before the write that takes its last
-//! ClusterIP frontend away (its slot 0 deleted, or rewritten as another kind's). So no port of a Service is refused while it is served, and none of an
-//! address left without frontends. The frontends are counted per address as their writes
-//! are mirrored, so a sync's work follows the change, not the number of Services.
+//! ClusterIP frontend away (its slot 0 deleted, or rewritten as another kind's). So no
+//! port of a Service is refused while it is served, and none of an address left without
+//! frontends. The frontends are counted per address as their writes are mirrored, so a
+//! sync's work follows the change, not the number of Services.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -181,6 +182,16 @@ mod tests {
         }
     }
 
+    /// One ClusterIP frontend programmed, its address in the map, nothing due.
+    fn one_cluster_ip_in_the_map() -> (Programmed, FrontendKey, ClusterIps) {
+        let mut p = Programmed::default();
+        let cip = key(1, 80, Protocol::Tcp, Scope::Internal);
+        p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
+        let mut ips = ClusterIps::adopt(&p, [cip.addr]);
+        assert_eq!(ips.due(), (vec![], vec![]));
+        (p, cip, ips)
+    }
+
     /// Writes what is due, as the syncer does, recording the map's writes in `log`.
     fn write(ips: &mut ClusterIps, log: &mut Vec<String>) {
         let (puts, deletes) = ips.due();
@@ -280,12 +291,8 @@ mod tests {
 
     #[test]
     fn a_last_frontend_rewritten_as_another_kind_takes_its_address_first() {
-        let mut p = Programmed::default();
-        let cip = key(1, 80, Protocol::Tcp, Scope::Internal);
-        p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
-        let mut ips = ClusterIps::adopt(&p, [cip.addr]);
+        let (mut p, cip, mut ips) = one_cluster_ip_in_the_map();
         let mut log = Vec::new();
-        write(&mut ips, &mut log);
         let as_external_ip = put_frontend(cip, SVC_FLAG_EXTERNAL_IP);
         let f = frontend(SVC_FLAG_EXTERNAL_IP);
         written(&mut ips, &mut p, &as_external_ip, Some(Some(f)), &mut log);
@@ -295,12 +302,8 @@ mod tests {
 
     #[test]
     fn an_address_deleted_before_a_slot_0_delete_that_failed_is_put_back() {
-        let mut p = Programmed::default();
-        let cip = key(1, 80, Protocol::Tcp, Scope::Internal);
-        p.frontends.insert(cip, frontend(SVC_FLAG_CLUSTER_IP));
-        let mut ips = ClusterIps::adopt(&p, [cip.addr]);
+        let (mut p, cip, mut ips) = one_cluster_ip_in_the_map();
         let mut log = Vec::new();
-        write(&mut ips, &mut log);
         let delete = Op::DeleteFrontend { frontend: cip };
         written(&mut ips, &mut p, &delete, None, &mut log);
         write(&mut ips, &mut log);
