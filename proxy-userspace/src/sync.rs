@@ -1616,33 +1616,21 @@ mod tests {
     #[test]
     fn an_op_that_takes_a_cluster_ip_frontend_away_starts_a_run() {
         let mut programmed = Programmed::default();
-        let (taken, other) = (fkey(1), fkey(2));
-        for key in [taken, other] {
-            programmed.frontends.insert(
-                key,
-                ProgrammedFrontend {
-                    rev_nat_id: 1,
-                    flags: SVC_FLAG_CLUSTER_IP,
-                    affinity_timeout: 0,
-                    affinity_id: 0,
-                    count: 0,
-                    slots: BTreeMap::new(),
-                },
-            );
-        }
-        let put = |frontend, flags| Op::PutFrontend {
-            frontend,
+        programmed.apply(&put_frontend(1, 0, 1));
+        programmed.apply(&put_frontend(2, 0, 2));
+        let as_external_ip = Op::PutFrontend {
+            frontend: fkey(1),
             count: 0,
             rev_nat_id: 1,
-            flags,
+            flags: SVC_FLAG_EXTERNAL_IP,
             affinity_timeout: 0,
             affinity_id: 0,
         };
         let ops = [
-            put_slot(2, 1, 1, 1),
-            put(other, SVC_FLAG_CLUSTER_IP),
-            put(taken, SVC_FLAG_EXTERNAL_IP),
-            put(other, SVC_FLAG_CLUSTER_IP),
+            put_slot(2, 1, 1, 2),
+            put_frontend(2, 1, 2),
+            as_external_ip,
+            put_frontend(2, 1, 2),
         ];
         let writes: Vec<MapWrite> = ops.iter().map(Op::encode).collect();
         assert_eq!(batch_len(&writes), 4, "one batch of services puts");
